@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything diffpipe needs to build and test, idempotently:
+#   - Debian packages (Open MPI, Boost, nlohmann-json, ICU, libpng, GoogleTest, Google Benchmark, ccache, ninja)
+#   - LibTorch from PyPI's `torch` package at a pinned version (CMake finds it via torch.utils.cmake_prefix_path).
+# The product never runs Python; Python only hosts LibTorch's C++ libraries.
+set -euo pipefail
+TORCH_VERSION="${DIFFPIPE_TORCH_VERSION:-2.11.0}"
+
+pkgs=(build-essential cmake ninja-build ccache pkg-config git
+      libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev
+      libgtest-dev libgmock-dev libbenchmark-dev python3-pip)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "[install] apt packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+have=$($PY -c 'import torch;print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ "$have" != "$TORCH_VERSION" ]; then
+  echo "[install] torch==$TORCH_VERSION from PyPI (LibTorch C++ libraries)"
+  $PY -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+# numpy is only for reference tools/tests, never for the product.
+$PY -c 'import numpy' 2>/dev/null || $PY -m pip install --quiet --disable-pip-version-check numpy
+echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"

@@ -1,0 +1,49 @@
+// CLIPTextModel (transformers) on ATen: learned position embeddings, pre-LN blocks, causal mask,
+// quick_gelu/gelu, final layer norm, pooled output at the first end-of-text token; optional clip_skip.
+// Loads text_encoder/config.json + model.safetensors. Thread-safety: forward() is const; concurrent calls
+// are safe (ATen ops are reentrant) but the stage workers call it from one thread.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+
+#include "diffpipe/stages/weights.h"
+
+namespace diffpipe {
+
+struct ClipTextConfig {
+  int64_t vocab_size = 49408;
+  int64_t hidden_size = 768;
+  int64_t intermediate_size = 3072;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 12;
+  int64_t max_position_embeddings = 77;
+  double layer_norm_eps = 1e-5;
+  std::string hidden_act = "quick_gelu";  // or "gelu"
+  int64_t eos_token_id = 49407;
+  int64_t projection_dim = 0;  // > 0: CLIPTextModelWithProjection's text_projection is present
+  static ClipTextConfig load(const std::string& config_json);
+};
+
+struct ClipTextOutput {
+  at::Tensor last_hidden_state;  // [B, L, D] (after the final layer norm; with clip_skip, of the earlier layer)
+  at::Tensor pooled;             // [B, D] at the first end-of-text token of the full model
+};
+
+class ClipTextModel {
+ public:
+  ClipTextModel(const ClipTextConfig& cfg, const Weights& w);
+  static std::shared_ptr<ClipTextModel> load(const std::string& dir, const DeviceSpec& spec);
+
+  // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
+  ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0) const;
+  const ClipTextConfig& config() const { return cfg_; }
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+  ClipTextConfig cfg_;
+};
+
+}  // namespace diffpipe

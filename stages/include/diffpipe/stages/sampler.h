@@ -1,0 +1,80 @@
+// Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral,
+// DPM-Solver++ 2M (optionally with Karras sigmas) and PNDM/PLMS. Each request owns its Sampler, so requests
+// at different steps and with different samplers share one UNet call (the denoiser batches them).
+// Thread-safety: a Sampler is used by one thread at a time; SchedulerConfig is immutable.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace diffpipe {
+
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM };
+
+// Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
+struct SchedulerConfig {
+  std::string class_name = "DDIMScheduler";
+  int64_t num_train_timesteps = 1000;
+  double beta_start = 0.00085, beta_end = 0.012;
+  std::string beta_schedule = "scaled_linear";  // linear | scaled_linear | squaredcos_cap_v2
+  std::vector<double> trained_betas;              // overrides the schedule when non-empty
+  std::string prediction_type = "epsilon";        // epsilon | v_prediction | sample
+  std::string timestep_spacing;                   // leading | linspace | trailing ("" = the class default)
+  int64_t steps_offset = 0;
+  bool set_alpha_to_one = false;
+  bool clip_sample = false;
+  double clip_sample_range = 1.0;
+  bool rescale_betas_zero_snr = false;
+  bool use_karras_sigmas = false;
+  bool skip_prk_steps = true;
+  int64_t solver_order = 2;
+  std::string algorithm_type = "dpmsolver++";
+  std::string solver_type = "midpoint";
+  bool lower_order_final = true;
+  bool euler_at_final = false;
+  std::string final_sigmas_type = "zero";
+  std::string interpolation_type = "linear";
+  // Loads and validates (unsupported values are errors naming the key).
+  static SchedulerConfig load(const std::string& path);
+};
+
+// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms).
+// Sets *karras for dpmpp_2m_karras. Throws listing the valid names.
+SamplerKind parse_sampler_name(const std::string& name, bool* karras);
+// The kind a config's _class_name denotes.
+SamplerKind sampler_kind_of_class(const std::string& class_name);
+const char* sampler_kind_name(SamplerKind k);
+
+// Noise for the sampler step `step` of this request (stochastic samplers only): a tensor shaped like the sample.
+using StepNoise = std::function<at::Tensor(int step, const at::Tensor& like)>;
+
+class Sampler {
+ public:
+  virtual ~Sampler() = default;
+  // Builds a sampler for `steps` inference steps. `karras` forces Karras sigmas (DPM-Solver++).
+  static std::unique_ptr<Sampler> create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras = false);
+
+  // Number of UNet evaluations (PNDM with skip_prk_steps makes steps + 1).
+  int num_calls() const { return static_cast<int>(timesteps_.size()); }
+  // The timestep fed to the UNet at call i (may be fractional for Euler).
+  double timestep(int i) const { return timesteps_.at(i); }
+  const std::vector<double>& timesteps() const { return timesteps_; }
+  const std::vector<double>& sigmas() const { return sigmas_; }  // empty for DDIM/PNDM
+  virtual double init_noise_sigma() const { return 1.0; }
+  virtual at::Tensor scale_model_input(const at::Tensor& sample, int i) const { (void)i; return sample; }
+  // One step: call index i, model output for the sample; returns the next sample.
+  virtual at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const StepNoise& noise) = 0;
+  virtual SamplerKind kind() const = 0;
+
+ protected:
+  std::vector<double> timesteps_;
+  std::vector<double> sigmas_;
+};
+
+// alphas_cumprod of a config as a float32 tensor [num_train_timesteps] (diffusers' computation).
+at::Tensor alphas_cumprod(const SchedulerConfig& cfg);
+
+}  // namespace diffpipe

@@ -1,0 +1,59 @@
+// UNet2DConditionModel (diffusers) for the Stable Diffusion 1.x/2.x family, on ATen.
+// Blocks: CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D.
+// attention_head_dim means the number of heads (the diffusers SD quirk), an int or one per block.
+// Loads unet/config.json + diffusion_pytorch_model.safetensors; every shape is checked against the config.
+// Thread-safety: forward() is const and reentrant.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diffpipe/stages/weights.h"
+
+namespace diffpipe {
+
+struct UNetConfig {
+  int64_t in_channels = 4, out_channels = 4;
+  std::vector<int64_t> block_out_channels;
+  std::vector<std::string> down_block_types, up_block_types;
+  std::string mid_block_type = "UNetMidBlock2DCrossAttn";  // "" = no mid block
+  std::vector<int64_t> layers_per_block;                   // per down block
+  std::vector<int64_t> heads;                              // per down block (num_attention_heads or attention_head_dim)
+  std::vector<int64_t> cross_attention_dim;                // per down block
+  std::vector<int64_t> transformer_layers_per_block;       // per down block
+  bool use_linear_projection = false, upcast_attention = false;
+  bool flip_sin_to_cos = true;
+  double freq_shift = 0;
+  int64_t norm_num_groups = 32;
+  double norm_eps = 1e-5;
+  double mid_block_scale_factor = 1.0;
+  int64_t downsample_padding = 1;
+  int64_t sample_size = 64;
+  static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
+};
+
+class UNet2DConditionModel {
+ public:
+  UNet2DConditionModel(const UNetConfig& cfg, const Weights& w);
+  static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec);
+
+  // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
+  // encoder_hidden_states: [B, L, cross_attention_dim]. Returns the noise (or v) prediction [B, C_out, H, W].
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps,
+                     const at::Tensor& encoder_hidden_states) const;
+  const UNetConfig& config() const { return cfg_; }
+  int64_t downscale() const;  // 2^(number of downsamplers): H and W must be multiples of this
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+  UNetConfig cfg_;
+};
+
+// diffusers' get_timestep_embedding: t: [B] -> [B, dim] (float32).
+at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, bool flip_sin_to_cos, double freq_shift,
+                              double scale = 1.0, double max_period = 10000.0);
+
+}  // namespace diffpipe

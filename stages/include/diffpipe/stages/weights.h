@@ -1,0 +1,49 @@
+// A model's parameters by their diffusers/transformers key, loaded from one safetensors file, checked
+// against the shapes the config implies. Owns: the tensors (moved to the requested device and dtype).
+// Thread-safety: built on one thread at load time, then read-only.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace diffpipe {
+
+struct DeviceSpec {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;  // floating parameters are converted to this
+};
+
+class Weights {
+ public:
+  // Loads every tensor of a safetensors file. Floating tensors become spec.dtype on spec.device.
+  static Weights load(const std::string& path, const DeviceSpec& spec);
+  // Wraps tensors already in memory (tests, training).
+  static Weights from_map(std::map<std::string, at::Tensor> tensors, const std::string& origin);
+
+  // The tensor `prefix + key` with exactly `shape`; throws naming the file, the key and both shapes.
+  at::Tensor get(const std::string& key, const std::vector<int64_t>& shape) const;
+  bool has(const std::string& key) const;
+  Weights sub(const std::string& prefix) const;  // keys relative to prefix + "."
+  // Keys present in the file but never read (checked after a model is built).
+  std::vector<std::string> unused() const;
+  const std::string& origin() const { return state_->origin; }
+  // Renames keys (legacy checkpoints): the first occurrence of `from` in each key becomes `to`.
+  void rename_part(const std::string& from, const std::string& to);
+
+ private:
+  struct State {
+    std::string origin;
+    std::map<std::string, at::Tensor> tensors;
+    std::set<std::string> used;
+  };
+  std::shared_ptr<State> state_;
+  std::string prefix_;
+};
+
+std::string shape_str(at::IntArrayRef s);
+
+}  // namespace diffpipe

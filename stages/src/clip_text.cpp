@@ -1,0 +1,115 @@
+#include "diffpipe/stages/clip_text.h"
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/log.h"
+#include "nn.h"
+
+namespace diffpipe {
+
+ClipTextConfig ClipTextConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  ClipTextConfig c;
+  c.vocab_size = j.integer("vocab_size", c.vocab_size);
+  c.hidden_size = j.integer("hidden_size", c.hidden_size);
+  c.intermediate_size = j.integer("intermediate_size", c.intermediate_size);
+  c.num_hidden_layers = j.integer("num_hidden_layers", c.num_hidden_layers);
+  c.num_attention_heads = j.integer("num_attention_heads", c.num_attention_heads);
+  c.max_position_embeddings = j.integer("max_position_embeddings", c.max_position_embeddings);
+  c.layer_norm_eps = j.number("layer_norm_eps", c.layer_norm_eps);
+  c.hidden_act = j.string("hidden_act", c.hidden_act);
+  c.eos_token_id = j.integer("eos_token_id", c.eos_token_id);
+  c.projection_dim = j.integer("projection_dim", 0);
+  if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
+    j.fail("hidden_act", "unsupported activation '" + c.hidden_act + "' (supported: quick_gelu, gelu)");
+  if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0)
+    j.fail("num_attention_heads", "hidden_size " + std::to_string(c.hidden_size) + " is not divisible by " +
+                                      std::to_string(c.num_attention_heads) + " heads");
+  if (c.num_hidden_layers <= 0) j.fail("num_hidden_layers", "must be positive");
+  return c;
+}
+
+struct ClipTextModel::Impl {
+  struct Layer {
+    nn::LayerNorm ln1, ln2;
+    nn::Linear q, k, v, o, fc1, fc2;
+  };
+  at::Tensor token_embedding, position_embedding;
+  std::vector<Layer> layers;
+  nn::LayerNorm final_ln;
+};
+
+ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(c) {
+  auto impl = std::make_shared<Impl>();
+  const Weights w = w0.has("text_model.embeddings.token_embedding.weight") ? w0.sub("text_model") : w0;
+  const int64_t D = c.hidden_size, F = c.intermediate_size;
+  impl->token_embedding = w.get("embeddings.token_embedding.weight", {c.vocab_size, D});
+  impl->position_embedding = w.get("embeddings.position_embedding.weight", {c.max_position_embeddings, D});
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const Weights l = w.sub("encoder.layers." + std::to_string(i));
+    Impl::Layer L;
+    L.ln1 = nn::LayerNorm(l, "layer_norm1", D, c.layer_norm_eps);
+    L.ln2 = nn::LayerNorm(l, "layer_norm2", D, c.layer_norm_eps);
+    L.q = nn::Linear(l, "self_attn.q_proj", D, D);
+    L.k = nn::Linear(l, "self_attn.k_proj", D, D);
+    L.v = nn::Linear(l, "self_attn.v_proj", D, D);
+    L.o = nn::Linear(l, "self_attn.out_proj", D, D);
+    L.fc1 = nn::Linear(l, "mlp.fc1", D, F);
+    L.fc2 = nn::Linear(l, "mlp.fc2", F, D);
+    impl->layers.push_back(std::move(L));
+  }
+  impl->final_ln = nn::LayerNorm(w, "final_layer_norm", D, c.layer_norm_eps);
+  impl_ = impl;
+}
+
+std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const DeviceSpec& spec) {
+  const auto cfg = ClipTextConfig::load(path_join(dir, "config.json"));
+  const Weights w = Weights::load(path_join(dir, "model.safetensors"), spec);
+  auto m = std::make_shared<ClipTextModel>(cfg, w);
+  for (const auto& k : w.unused())
+    if (k.find("position_ids") == std::string::npos && k.find("text_projection") == std::string::npos)
+      DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
+  return m;
+}
+
+ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip) const {
+  const Impl& m = *impl_;
+  DP_CHECK(input_ids.dim() == 2, "text encoder: input_ids must be [batch, length]");
+  const int64_t B = input_ids.size(0), L = input_ids.size(1), D = cfg_.hidden_size, H = cfg_.num_attention_heads;
+  DP_CHECK(L <= cfg_.max_position_embeddings, "text encoder: ", L, " tokens exceed max_position_embeddings ",
+           cfg_.max_position_embeddings);
+  DP_CHECK(clip_skip >= 0 && clip_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", clip_skip,
+           " must be in [0, ", cfg_.num_hidden_layers, ")");
+  const at::Tensor ids = input_ids.to(m.token_embedding.device(), at::kLong);
+  DP_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < cfg_.vocab_size),
+           "text encoder: token id out of range [0, ", cfg_.vocab_size, ")");
+  at::Tensor x = at::embedding(m.token_embedding, ids) + m.position_embedding.slice(0, 0, L).unsqueeze(0);
+  // causal mask [L, L]: -inf above the diagonal
+  at::Tensor mask = at::full({L, L}, -std::numeric_limits<float>::infinity(), x.options()).triu(1);
+  auto run_layer = [&](const Impl::Layer& l, const at::Tensor& h) {
+    at::Tensor r = h;
+    at::Tensor y = l.ln1(h);
+    auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D / H}).transpose(1, 2); };
+    at::Tensor a = nn::attention(heads(l.q(y)), heads(l.k(y)), heads(l.v(y)), mask, false);
+    a = a.transpose(1, 2).reshape({B, L, D});
+    at::Tensor h2 = r + l.o(a);
+    y = l.fc1(l.ln2(h2));
+    y = cfg_.hidden_act == "quick_gelu" ? y * at::sigmoid(1.702 * y) : at::gelu(y);
+    return h2 + l.fc2(y);
+  };
+  const int64_t n = static_cast<int64_t>(m.layers.size());
+  at::Tensor skipped;
+  for (int64_t i = 0; i < n; ++i) {
+    x = run_layer(m.layers[i], x);
+    if (clip_skip > 0 && i == n - 1 - clip_skip) skipped = x;
+  }
+  ClipTextOutput out;
+  const at::Tensor last = m.final_ln(x);
+  out.last_hidden_state = clip_skip > 0 ? m.final_ln(skipped) : last;
+  // pooled: first end-of-text position (legacy configs with eos_token_id == 2 use argmax of the ids)
+  at::Tensor pos = cfg_.eos_token_id == 2 ? ids.argmax(-1) : (ids == cfg_.eos_token_id).to(at::kInt).argmax(-1);
+  out.pooled = last.reshape({B * L, D}).index_select(0, at::arange(B, ids.options()) * L + pos);
+  return out;
+}
+
+}  // namespace diffpipe

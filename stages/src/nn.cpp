@@ -1,0 +1,20 @@
+#include "nn.h"
+
+#include <cmath>
+
+namespace diffpipe::nn {
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     bool upcast) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  const auto in_dtype = q.scalar_type();
+  const bool up = upcast && in_dtype != at::kFloat;
+  at::Tensor qq = up ? q.to(at::kFloat) : q, kk = up ? k.to(at::kFloat) : k;
+  at::Tensor scores = at::matmul(qq * scale, kk.transpose(-1, -2));  // [B, H, Lq, Lk]
+  if (mask.defined()) scores = scores + mask.to(scores.scalar_type());
+  at::Tensor probs = at::softmax(scores, -1);
+  if (up) probs = probs.to(in_dtype);
+  return at::matmul(probs, v);  // [B, H, Lq, D]
+}
+
+}  // namespace diffpipe::nn

@@ -1,0 +1,68 @@
+// Private building blocks for the model code: parameter holders with diffusers names, loaded (and shape
+// checked) at construction, applied with ATen functional ops. Include only from stages/src.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "diffpipe/stages/weights.h"
+
+namespace diffpipe::nn {
+
+struct Linear {
+  at::Tensor weight, bias;  // weight: [out, in]
+  Linear() = default;
+  Linear(const Weights& w, const std::string& name, int64_t in, int64_t out, bool has_bias = true) {
+    weight = w.get(name + ".weight", {out, in});
+    if (has_bias) bias = w.get(name + ".bias", {out});
+  }
+  at::Tensor operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
+};
+
+struct Conv2d {
+  at::Tensor weight, bias;  // weight: [out, in, k, k]
+  int64_t stride = 1, padding = 0;
+  Conv2d() = default;
+  Conv2d(const Weights& w, const std::string& name, int64_t in, int64_t out, int64_t k, int64_t stride_ = 1,
+         int64_t padding_ = 0)
+      : stride(stride_), padding(padding_) {
+    weight = w.get(name + ".weight", {out, in, k, k});
+    bias = w.get(name + ".bias", {out});
+  }
+  at::Tensor operator()(const at::Tensor& x) const {
+    return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+  }
+};
+
+struct GroupNorm {
+  at::Tensor weight, bias;
+  int64_t groups = 32;
+  double eps = 1e-5;
+  GroupNorm() = default;
+  GroupNorm(const Weights& w, const std::string& name, int64_t groups_, int64_t channels, double eps_)
+      : groups(groups_), eps(eps_) {
+    weight = w.get(name + ".weight", {channels});
+    bias = w.get(name + ".bias", {channels});
+  }
+  at::Tensor operator()(const at::Tensor& x) const { return at::group_norm(x, groups, weight, bias, eps); }
+};
+
+struct LayerNorm {
+  at::Tensor weight, bias;
+  double eps = 1e-5;
+  LayerNorm() = default;
+  LayerNorm(const Weights& w, const std::string& name, int64_t dim, double eps_) : eps(eps_) {
+    weight = w.get(name + ".weight", {dim});
+    bias = w.get(name + ".bias", {dim});
+  }
+  at::Tensor operator()(const at::Tensor& x) const {
+    return at::layer_norm(x, {weight.size(0)}, weight, bias, eps);
+  }
+};
+
+// Scaled dot-product attention. q: [B, H, Lq, D], k/v: [B, H, Lk, D]; mask (optional) added to the scores.
+// upcast: compute scores and softmax in float32 (diffusers' upcast_attention / upcast_softmax).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     bool upcast);
+
+}  // namespace diffpipe::nn

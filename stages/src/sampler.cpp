@@ -1,0 +1,475 @@
+#include "diffpipe/stages/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+
+namespace diffpipe {
+
+SchedulerConfig SchedulerConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  SchedulerConfig c;
+  c.class_name = j.string("_class_name", c.class_name);
+  (void)sampler_kind_of_class(c.class_name);  // validates
+  c.num_train_timesteps = j.integer("num_train_timesteps", c.num_train_timesteps);
+  c.beta_start = j.number("beta_start", c.beta_start);
+  c.beta_end = j.number("beta_end", c.beta_end);
+  c.beta_schedule = j.string("beta_schedule", c.beta_schedule);
+  if (j.has("trained_betas")) {
+    if (!j.json()["trained_betas"].is_array()) j.fail("trained_betas", "expected a list of numbers");
+    for (const auto& b : j.json()["trained_betas"]) {
+      if (!b.is_number()) j.fail("trained_betas", "expected a list of numbers");
+      c.trained_betas.push_back(b.get<double>());
+    }
+    if (static_cast<int64_t>(c.trained_betas.size()) != c.num_train_timesteps)
+      j.fail("trained_betas", "needs num_train_timesteps entries");
+  }
+  c.prediction_type = j.string("prediction_type", c.prediction_type);
+  c.timestep_spacing = j.string("timestep_spacing", "");
+  c.steps_offset = j.integer("steps_offset", 0);
+  c.set_alpha_to_one = j.boolean("set_alpha_to_one", false);
+  c.clip_sample = j.boolean("clip_sample", false);
+  c.clip_sample_range = j.number("clip_sample_range", 1.0);
+  c.rescale_betas_zero_snr = j.boolean("rescale_betas_zero_snr", false);
+  c.use_karras_sigmas = j.boolean("use_karras_sigmas", false);
+  c.skip_prk_steps = j.boolean("skip_prk_steps", c.class_name == "PNDMScheduler" ? false : true);
+  c.solver_order = j.integer("solver_order", 2);
+  c.algorithm_type = j.string("algorithm_type", c.algorithm_type);
+  c.solver_type = j.string("solver_type", c.solver_type);
+  c.lower_order_final = j.boolean("lower_order_final", true);
+  c.euler_at_final = j.boolean("euler_at_final", false);
+  c.final_sigmas_type = j.string("final_sigmas_type", "zero");
+  c.interpolation_type = j.string("interpolation_type", "linear");
+  if (c.num_train_timesteps < 2) j.fail("num_train_timesteps", "must be at least 2");
+  if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2")
+    j.fail("beta_schedule", "unsupported '" + c.beta_schedule + "' (supported: linear, scaled_linear, squaredcos_cap_v2)");
+  if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" && c.prediction_type != "sample")
+    j.fail("prediction_type", "unsupported '" + c.prediction_type + "' (supported: epsilon, v_prediction, sample)");
+  if (!c.timestep_spacing.empty() && c.timestep_spacing != "leading" && c.timestep_spacing != "linspace" &&
+      c.timestep_spacing != "trailing")
+    j.fail("timestep_spacing", "unsupported '" + c.timestep_spacing + "' (supported: leading, linspace, trailing)");
+  if (j.boolean("thresholding", false)) j.fail("thresholding", "dynamic thresholding is not supported");
+  if (c.algorithm_type != "dpmsolver++")
+    j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++)");
+  if (c.solver_type != "midpoint" && c.solver_type != "heun")
+    j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun)");
+  if (c.solver_order != 1 && c.solver_order != 2) j.fail("solver_order", "supported: 1 or 2");
+  if (c.final_sigmas_type != "zero" && c.final_sigmas_type != "sigma_min")
+    j.fail("final_sigmas_type", "unsupported '" + c.final_sigmas_type + "' (supported: zero, sigma_min)");
+  if (c.interpolation_type != "linear")
+    j.fail("interpolation_type", "unsupported '" + c.interpolation_type + "' (supported: linear)");
+  for (const char* k : {"use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+                        "use_dynamic_shifting"})
+    if (j.boolean(k, false)) j.fail(k, "not supported");
+  if (j.has("timestep_type") && j.string("timestep_type") != "discrete") j.fail("timestep_type", "supported: discrete");
+  if (j.has("variance_type") && c.class_name == "DPMSolverMultistepScheduler")
+    j.fail("variance_type", "learned variance is not supported");
+  return c;
+}
+
+SamplerKind sampler_kind_of_class(const std::string& n) {
+  if (n == "DDIMScheduler") return SamplerKind::DDIM;
+  if (n == "EulerDiscreteScheduler") return SamplerKind::Euler;
+  if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
+  if (n == "DPMSolverMultistepScheduler") return SamplerKind::DPMSolverMultistep;
+  if (n == "PNDMScheduler") return SamplerKind::PNDM;
+  DP_FAIL("scheduler class '", n,
+          "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+          "DPMSolverMultistepScheduler, PNDMScheduler)");
+}
+
+SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
+  *karras = false;
+  if (n == "ddim") return SamplerKind::DDIM;
+  if (n == "euler") return SamplerKind::Euler;
+  if (n == "euler_a" || n == "euler_ancestral") return SamplerKind::EulerAncestral;
+  if (n == "dpmpp_2m" || n == "dpm++2m") return SamplerKind::DPMSolverMultistep;
+  if (n == "dpmpp_2m_karras") {
+    *karras = true;
+    return SamplerKind::DPMSolverMultistep;
+  }
+  if (n == "pndm" || n == "plms") return SamplerKind::PNDM;
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm)");
+}
+
+const char* sampler_kind_name(SamplerKind k) {
+  switch (k) {
+    case SamplerKind::DDIM: return "ddim";
+    case SamplerKind::Euler: return "euler";
+    case SamplerKind::EulerAncestral: return "euler_a";
+    case SamplerKind::DPMSolverMultistep: return "dpmpp_2m";
+    case SamplerKind::PNDM: return "pndm";
+  }
+  return "?";
+}
+
+at::Tensor alphas_cumprod(const SchedulerConfig& c) {
+  const int64_t N = c.num_train_timesteps;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor betas;
+  if (!c.trained_betas.empty()) {
+    betas = at::tensor(c.trained_betas, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
+  } else if (c.beta_schedule == "linear") {
+    betas = at::linspace(c.beta_start, c.beta_end, N, f32);
+  } else if (c.beta_schedule == "scaled_linear") {
+    betas = at::linspace(std::sqrt(c.beta_start), std::sqrt(c.beta_end), N, f32).pow(2);
+  } else {  // squaredcos_cap_v2
+    std::vector<double> b(N);
+    auto abar = [](double t) { return std::pow(std::cos((t + 0.008) / 1.008 * M_PI / 2), 2); };
+    for (int64_t i = 0; i < N; ++i)
+      b[i] = std::min(1 - abar(double(i + 1) / N) / abar(double(i) / N), 0.999);
+    betas = at::tensor(b, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
+  }
+  if (c.rescale_betas_zero_snr) {
+    at::Tensor sq = at::cumprod(1.0 - betas, 0).sqrt();
+    at::Tensor a0 = sq[0].clone(), aT = sq[-1].clone();
+    sq = (sq - aT) * (a0 / (a0 - aT));
+    at::Tensor bar = sq.pow(2);
+    at::Tensor alphas = at::cat({bar.slice(0, 0, 1), bar.slice(0, 1) / bar.slice(0, 0, -1)});
+    betas = 1.0 - alphas;
+  }
+  return at::cumprod(1.0 - betas, 0);
+}
+
+namespace {
+
+std::vector<float> to_vec(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kFloat).contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+std::string spacing_of(const SchedulerConfig& c, const char* class_default) {
+  return c.timestep_spacing.empty() ? class_default : c.timestep_spacing;
+}
+
+// Integer timesteps as DDIM/PNDM compute them (descending for DDIM; PNDM reorders itself).
+std::vector<int64_t> int_timesteps(const SchedulerConfig& c, int steps, const std::string& spacing) {
+  const int64_t N = c.num_train_timesteps;
+  std::vector<int64_t> t;
+  if (spacing == "linspace") {
+    for (int i = steps - 1; i >= 0; --i)
+      t.push_back(static_cast<int64_t>(std::nearbyint(steps == 1 ? 0.0 : double(N - 1) * i / (steps - 1))));
+  } else if (spacing == "leading") {
+    const int64_t ratio = N / steps;
+    for (int i = steps - 1; i >= 0; --i) t.push_back(int64_t(i) * ratio + c.steps_offset);
+  } else {  // trailing
+    const double ratio = double(N) / steps;
+    for (double v = double(N); v > 0; v -= ratio) t.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
+  }
+  return t;
+}
+
+double interp(double x, const std::vector<float>& fp) {  // np.interp(x, arange(len(fp)), fp)
+  const int64_t n = static_cast<int64_t>(fp.size());
+  if (x <= 0) return fp[0];
+  if (x >= n - 1) return fp[n - 1];
+  const int64_t j = static_cast<int64_t>(std::floor(x));
+  const double slope = (double(fp[j + 1]) - double(fp[j]));
+  return slope * (x - double(j)) + double(fp[j]);
+}
+
+std::vector<double> karras(double sigma_min, double sigma_max, int n) {
+  const double rho = 7.0, lo = std::pow(sigma_min, 1 / rho), hi = std::pow(sigma_max, 1 / rho);
+  std::vector<double> s(n);
+  for (int i = 0; i < n; ++i) {
+    const double ramp = n == 1 ? 0.0 : double(i) / (n - 1);
+    s[i] = std::pow(hi + ramp * (lo - hi), rho);
+  }
+  return s;
+}
+
+double sigma_to_t(double sigma, const std::vector<float>& log_sigmas) {
+  const double ls = std::log(std::max(sigma, 1e-10));
+  const int64_t n = static_cast<int64_t>(log_sigmas.size());
+  // low_idx: last index with log_sigma >= log_sigmas[i] (cumsum(dists >= 0).argmax), clipped to n - 2
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += (ls - log_sigmas[i]) >= 0;
+  int64_t low = std::max<int64_t>(count - 1, 0);
+  low = std::min(low, n - 2);
+  const double lo = log_sigmas[low], hi = log_sigmas[low + 1];
+  double w = (lo - ls) / (lo - hi);
+  w = std::min(std::max(w, 0.0), 1.0);
+  return (1 - w) * low + w * (low + 1);
+}
+
+at::Tensor predicted_x0_from_eps_sigma(const SchedulerConfig& c, const at::Tensor& sample, const at::Tensor& out,
+                                       double sigma) {
+  if (c.prediction_type == "epsilon") return sample - sigma * out;
+  if (c.prediction_type == "v_prediction") return out * (-sigma / std::sqrt(sigma * sigma + 1)) + sample / (sigma * sigma + 1);
+  return out;
+}
+
+// ---------------------------------------------------------------- DDIM (eta = 0)
+class DDIMSampler : public Sampler {
+ public:
+  DDIMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
+    ac_ = to_vec(alphas_cumprod(c));
+    final_ = c.set_alpha_to_one ? 1.0f : ac_[0];
+    for (auto t : int_timesteps(c, steps, spacing_of(c, "leading"))) timesteps_.push_back(double(t));
+  }
+  SamplerKind kind() const override { return SamplerKind::DDIM; }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+    const int64_t t = static_cast<int64_t>(timesteps_.at(i));
+    const int64_t prev = t - c_.num_train_timesteps / steps_;
+    const double a = ac_.at(t), a_prev = prev >= 0 ? ac_.at(prev) : final_, b = 1 - a;
+    at::Tensor x0, eps;
+    if (c_.prediction_type == "epsilon") {
+      x0 = (x - std::sqrt(b) * e) / std::sqrt(a);
+      eps = e;
+    } else if (c_.prediction_type == "sample") {
+      x0 = e;
+      eps = (x - std::sqrt(a) * x0) / std::sqrt(b);
+    } else {
+      x0 = std::sqrt(a) * x - std::sqrt(b) * e;
+      eps = std::sqrt(a) * e + std::sqrt(b) * x;
+    }
+    if (c_.clip_sample) x0 = x0.clamp(-c_.clip_sample_range, c_.clip_sample_range);
+    return std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
+  }
+
+ private:
+  SchedulerConfig c_;
+  int steps_;
+  std::vector<float> ac_;
+  float final_;
+};
+
+// ---------------------------------------------------------------- PNDM (PLMS, skip_prk_steps)
+class PNDMSampler : public Sampler {
+ public:
+  PNDMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
+    DP_CHECK(c.skip_prk_steps, "PNDM: skip_prk_steps = false (Runge-Kutta warm-up) is not supported");
+    ac_ = to_vec(alphas_cumprod(c));
+    final_ = c.set_alpha_to_one ? 1.0f : ac_[0];
+    const std::string sp = spacing_of(c, "leading");
+    std::vector<int64_t> asc;
+    if (sp == "linspace") {
+      for (int i = 0; i < steps; ++i)
+        asc.push_back(static_cast<int64_t>(std::nearbyint(steps == 1 ? 0.0 : double(c.num_train_timesteps - 1) * i / (steps - 1))));
+    } else if (sp == "leading") {
+      const int64_t r = c.num_train_timesteps / steps;
+      for (int i = 0; i < steps; ++i) asc.push_back(int64_t(i) * r + c.steps_offset);
+    } else {
+      auto d = int_timesteps(c, steps, "trailing");
+      asc.assign(d.rbegin(), d.rend());
+    }
+    // plms: [t0 .. t_{n-2}, t_{n-2}, t_{n-1}] reversed
+    std::vector<int64_t> plms(asc.begin(), asc.end() - 1);
+    if (asc.size() >= 2) plms.push_back(asc[asc.size() - 2]);
+    plms.push_back(asc.back());
+    for (auto it = plms.rbegin(); it != plms.rend(); ++it) timesteps_.push_back(double(*it));
+  }
+  SamplerKind kind() const override { return SamplerKind::PNDM; }
+  at::Tensor step(const at::Tensor& e_in, int i, const at::Tensor& x_in, const StepNoise&) override {
+    int64_t t = static_cast<int64_t>(timesteps_.at(i));
+    const int64_t ratio = c_.num_train_timesteps / steps_;
+    int64_t prev = t - ratio;
+    at::Tensor e = e_in, x = x_in;
+    if (counter_ != 1) {
+      if (ets_.size() > 3) ets_.erase(ets_.begin(), ets_.end() - 3);
+      ets_.push_back(e_in);
+    } else {
+      prev = t;
+      t = t + ratio;
+    }
+    const size_t n = ets_.size();
+    if (n == 1 && counter_ == 0) {
+      cur_sample_ = x;
+    } else if (n == 1 && counter_ == 1) {
+      e = (e + ets_[0]) / 2;
+      x = cur_sample_;
+      cur_sample_ = at::Tensor();
+    } else if (n == 2) {
+      e = (3 * ets_[1] - ets_[0]) / 2;
+    } else if (n == 3) {
+      e = (23 * ets_[2] - 16 * ets_[1] + 5 * ets_[0]) / 12;
+    } else {
+      e = (1.0 / 24) * (55 * ets_[n - 1] - 59 * ets_[n - 2] + 37 * ets_[n - 3] - 9 * ets_[n - 4]);
+    }
+    const double a = ac_.at(t), a_prev = prev >= 0 ? ac_.at(prev) : final_, b = 1 - a, b_prev = 1 - a_prev;
+    if (c_.prediction_type == "v_prediction") e = std::sqrt(a) * e + std::sqrt(b) * x;
+    DP_CHECK(c_.prediction_type != "sample", "PNDM: prediction_type 'sample' is not supported");
+    const double sample_coeff = std::sqrt(a_prev / a);
+    const double denom = a * std::sqrt(b_prev) + std::sqrt(a * b * a_prev);
+    ++counter_;
+    return sample_coeff * x - (a_prev - a) * e / denom;
+  }
+
+ private:
+  SchedulerConfig c_;
+  int steps_;
+  std::vector<float> ac_;
+  float final_;
+  int counter_ = 0;
+  std::vector<at::Tensor> ets_;
+  at::Tensor cur_sample_;
+};
+
+// ---------------------------------------------------------------- Euler / Euler ancestral
+class EulerSampler : public Sampler {
+ public:
+  EulerSampler(const SchedulerConfig& c, int steps, bool ancestral) : c_(c), ancestral_(ancestral) {
+    at::Tensor ac = alphas_cumprod(c);
+    if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
+    const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
+    std::vector<float> log_sigmas(full.size());
+    for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+    const std::string sp = spacing_of(c, "linspace");
+    const int64_t N = c.num_train_timesteps;
+    std::vector<double> ts;
+    if (sp == "linspace") {
+      for (int i = steps - 1; i >= 0; --i)
+        ts.push_back(float(i == steps - 1 ? double(N - 1) : (steps == 1 ? 0.0 : double(N - 1) / (steps - 1) * i)));
+    } else if (sp == "leading") {
+      const int64_t r = N / steps;
+      for (int i = steps - 1; i >= 0; --i) ts.push_back(float(double(int64_t(i) * r) + c.steps_offset));
+    } else {
+      const double r = double(N) / steps;
+      for (double v = double(N); v > 0; v -= r) ts.push_back(float(std::nearbyint(v) - 1));
+    }
+    std::vector<double> sig;
+    for (double t : ts) sig.push_back(interp(t, full));
+    if (c.use_karras_sigmas && !ancestral) {
+      sig = karras(sig.back(), sig.front(), steps);
+      ts.clear();
+      for (double s : sig) ts.push_back(float(sigma_to_t(s, log_sigmas)));
+    }
+    for (double s : sig) sigmas_.push_back(double(float(s)));
+    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? double(float(sig.back())) : 0.0);
+    timesteps_ = ts;
+    const double mx = *std::max_element(sigmas_.begin(), sigmas_.end());
+    init_sigma_ = (sp == "linspace" || sp == "trailing") ? mx : std::sqrt(mx * mx + 1);
+  }
+  SamplerKind kind() const override { return ancestral_ ? SamplerKind::EulerAncestral : SamplerKind::Euler; }
+  double init_noise_sigma() const override { return init_sigma_; }
+  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
+    const double s = sigmas_.at(i);
+    return x / std::sqrt(s * s + 1);
+  }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise& noise) override {
+    const double sigma = sigmas_.at(i), next = sigmas_.at(i + 1);
+    at::Tensor x0 = predicted_x0_from_eps_sigma(c_, x, e, sigma);
+    at::Tensor derivative = (x - x0) / sigma;
+    if (!ancestral_) return x + derivative * (next - sigma);
+    const double up = std::sqrt(next * next * (sigma * sigma - next * next) / (sigma * sigma));
+    const double down = std::sqrt(next * next - up * up);
+    at::Tensor prev = x + derivative * (down - sigma);
+    DP_CHECK(static_cast<bool>(noise), "euler_a: a noise source is required");
+    return prev + noise(i, x) * up;
+  }
+
+ private:
+  SchedulerConfig c_;
+  bool ancestral_;
+  double init_sigma_ = 1.0;
+};
+
+// ---------------------------------------------------------------- DPM-Solver++ (multistep, order <= 2)
+class DPMSolverSampler : public Sampler {
+ public:
+  DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas) : c_(c) {
+    at::Tensor ac = alphas_cumprod(c);
+    if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
+    const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
+    std::vector<float> log_sigmas(full.size());
+    for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+    const int64_t last = c.num_train_timesteps;  // lambda_min_clipped = -inf
+    const std::string sp = spacing_of(c, "linspace");
+    std::vector<int64_t> ts;
+    if (sp == "linspace") {
+      for (int i = steps; i >= 1; --i)  // linspace(0, last-1, steps+1).round()[::-1][:-1]
+        ts.push_back(static_cast<int64_t>(std::nearbyint(double(last - 1) * i / steps)));
+    } else if (sp == "leading") {
+      const int64_t r = last / (steps + 1);
+      for (int i = steps; i >= 1; --i) ts.push_back(int64_t(i) * r + c.steps_offset);
+    } else {
+      const double r = double(c.num_train_timesteps) / steps;
+      for (double v = double(last); v > 0; v -= r) ts.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
+    }
+    std::vector<double> sig;
+    if (karras_sigmas || c.use_karras_sigmas) {
+      sig = karras(full.front(), full.back(), steps);
+      ts.clear();
+      for (double s : sig) ts.push_back(static_cast<int64_t>(std::nearbyint(sigma_to_t(s, log_sigmas))));
+    } else {
+      for (int64_t t : ts) sig.push_back(full.at(t));
+    }
+    for (double s : sig) sigmas_.push_back(double(float(s)));
+    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? double(float(sig.back())) : 0.0);
+    for (auto t : ts) timesteps_.push_back(double(t));
+    outputs_.resize(c.solver_order);
+  }
+  SamplerKind kind() const override { return SamplerKind::DPMSolverMultistep; }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+    const int n = num_calls();
+    const bool lower_final = i == n - 1 && (c_.euler_at_final || (c_.lower_order_final && n < 15) ||
+                                            c_.final_sigmas_type == "zero");
+    // convert_model_output (dpmsolver++): the data prediction x0
+    const double sigma = sigmas_.at(i);
+    double alpha_t, sigma_t;
+    alpha_sigma(sigma, &alpha_t, &sigma_t);
+    at::Tensor x0;
+    if (c_.prediction_type == "epsilon") x0 = (x - sigma_t * e) / alpha_t;
+    else if (c_.prediction_type == "v_prediction") x0 = alpha_t * x - sigma_t * e;
+    else x0 = e;
+    for (size_t k = 0; k + 1 < outputs_.size(); ++k) outputs_[k] = outputs_[k + 1];
+    outputs_.back() = x0;
+    at::Tensor out;
+    if (c_.solver_order == 1 || lower_order_nums_ < 1 || lower_final) {
+      double at_, st_, as_, ss_;
+      alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
+      alpha_sigma(sigmas_.at(i), &as_, &ss_);
+      const double h = (std::log(at_) - std::log(st_)) - (std::log(as_) - std::log(ss_));
+      out = (st_ / ss_) * x - (at_ * (std::exp(-h) - 1.0)) * x0;
+    } else {
+      double at_, st_, a0, s0, a1, s1;
+      alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
+      alpha_sigma(sigmas_.at(i), &a0, &s0);
+      alpha_sigma(sigmas_.at(i - 1), &a1, &s1);
+      const double lt = std::log(at_) - std::log(st_), l0 = std::log(a0) - std::log(s0),
+                   l1 = std::log(a1) - std::log(s1);
+      const double h = lt - l0, h0 = l0 - l1, r0 = h0 / h;
+      const at::Tensor& m0 = outputs_[outputs_.size() - 1];
+      const at::Tensor& m1 = outputs_[outputs_.size() - 2];
+      at::Tensor D1 = (1.0 / r0) * (m0 - m1);
+      if (c_.solver_type == "midpoint")
+        out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 - 0.5 * (at_ * (std::exp(-h) - 1.0)) * D1;
+      else
+        out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 + (at_ * ((std::exp(-h) - 1.0) / h + 1.0)) * D1;
+    }
+    if (lower_order_nums_ < c_.solver_order) ++lower_order_nums_;
+    return out;
+  }
+
+ private:
+  static void alpha_sigma(double sigma, double* a, double* s) {
+    *a = 1.0 / std::sqrt(sigma * sigma + 1);
+    *s = sigma * *a;
+  }
+  SchedulerConfig c_;
+  std::vector<at::Tensor> outputs_;
+  int lower_order_nums_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas) {
+  DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "sampler: steps must be in [1, ", cfg.num_train_timesteps,
+           "], got ", steps);
+  switch (kind) {
+    case SamplerKind::DDIM: return std::make_unique<DDIMSampler>(cfg, steps);
+    case SamplerKind::PNDM: return std::make_unique<PNDMSampler>(cfg, steps);
+    case SamplerKind::Euler: {
+      SchedulerConfig c = cfg;
+      c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;
+      return std::make_unique<EulerSampler>(c, steps, false);
+    }
+    case SamplerKind::EulerAncestral: return std::make_unique<EulerSampler>(cfg, steps, true);
+    case SamplerKind::DPMSolverMultistep: return std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas);
+  }
+  DP_FAIL("sampler: unknown kind");
+}
+
+}  // namespace diffpipe

@@ -1,0 +1,245 @@
+#include "diffpipe/stages/unet.h"
+
+#include <cmath>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/log.h"
+#include "unet_blocks.h"
+
+namespace diffpipe {
+
+namespace {
+template <typename T>
+std::vector<T> reversed(std::vector<T> v) {
+  std::reverse(v.begin(), v.end());
+  return v;
+}
+}  // namespace
+
+UNetConfig UNetConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  UNetConfig c;
+  c.in_channels = j.integer("in_channels", 4);
+  c.out_channels = j.integer("out_channels", 4);
+  c.block_out_channels = j.int_list("block_out_channels");
+  c.down_block_types = j.string_list("down_block_types");
+  c.up_block_types = j.string_list("up_block_types");
+  const size_t n = c.block_out_channels.size();
+  if (n == 0) j.fail("block_out_channels", "must not be empty");
+  if (c.down_block_types.size() != n) j.fail("down_block_types", "needs one entry per block_out_channels entry");
+  if (c.up_block_types.size() != n) j.fail("up_block_types", "needs one entry per block_out_channels entry");
+  for (const auto& t : c.down_block_types)
+    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
+      j.fail("down_block_types", "unsupported block type '" + t + "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+  for (const auto& t : c.up_block_types)
+    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
+      j.fail("up_block_types", "unsupported block type '" + t + "' (supported: CrossAttnUpBlock2D, UpBlock2D)");
+  c.mid_block_type = j.string("mid_block_type", "UNetMidBlock2DCrossAttn");
+  if (c.mid_block_type != "UNetMidBlock2DCrossAttn")
+    j.fail("mid_block_type", "unsupported mid block '" + c.mid_block_type + "' (supported: UNetMidBlock2DCrossAttn)");
+  c.layers_per_block = j.int_or_list("layers_per_block", n, 2);
+  // diffusers: num_attention_heads = num_attention_heads or attention_head_dim
+  c.heads = j.has("num_attention_heads") ? j.int_or_list("num_attention_heads", n, 8)
+                                         : j.int_or_list("attention_head_dim", n, 8);
+  c.cross_attention_dim = j.int_or_list("cross_attention_dim", n, 1280);
+  c.transformer_layers_per_block = j.int_or_list("transformer_layers_per_block", n, 1);
+  c.use_linear_projection = j.boolean("use_linear_projection", false);
+  c.upcast_attention = j.boolean("upcast_attention", false);
+  c.flip_sin_to_cos = j.boolean("flip_sin_to_cos", true);
+  c.freq_shift = j.number("freq_shift", 0);
+  c.norm_num_groups = j.integer("norm_num_groups", 32);
+  c.norm_eps = j.number("norm_eps", 1e-5);
+  c.mid_block_scale_factor = j.number("mid_block_scale_factor", 1.0);
+  c.downsample_padding = j.integer("downsample_padding", 1);
+  c.sample_size = j.integer("sample_size", 64);
+  // Values this implementation does not support are rejected rather than ignored.
+  auto require = [&](const char* key, const nlohmann::json& allowed) {
+    if (j.has(key) && j.json()[key] != allowed)
+      j.fail(key, "unsupported value " + j.json()[key].dump() + " (supported: " + allowed.dump() + ")");
+  };
+  require("act_fn", "silu");
+  require("time_embedding_type", "positional");
+  require("class_embed_type", nullptr);
+  require("num_class_embeds", nullptr);
+  require("addition_embed_type", nullptr);
+  require("encoder_hid_dim", nullptr);
+  require("time_cond_proj_dim", nullptr);
+  require("time_embedding_dim", nullptr);
+  require("timestep_post_act", nullptr);
+  require("time_embedding_act_fn", nullptr);
+  require("resnet_time_scale_shift", "default");
+  require("resnet_skip_time_act", false);
+  require("resnet_out_scale_factor", 1.0);
+  require("only_cross_attention", false);
+  require("dual_cross_attention", false);
+  require("center_input_sample", false);
+  require("conv_in_kernel", 3);
+  require("conv_out_kernel", 3);
+  require("attention_type", "default");
+  require("cross_attention_norm", nullptr);
+  require("class_embeddings_concat", false);
+  require("reverse_transformer_layers_per_block", nullptr);
+  for (size_t i = 0; i < n; ++i) {
+    if (c.block_out_channels[i] % c.norm_num_groups != 0)
+      j.fail("block_out_channels", "channels " + std::to_string(c.block_out_channels[i]) +
+                                       " are not divisible by norm_num_groups " + std::to_string(c.norm_num_groups));
+    if (c.heads[i] <= 0 || c.block_out_channels[i] % c.heads[i] != 0)
+      j.fail("attention_head_dim", "block " + std::to_string(i) + ": " + std::to_string(c.block_out_channels[i]) +
+                                       " channels are not divisible by " + std::to_string(c.heads[i]) + " heads");
+  }
+  return c;
+}
+
+at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, bool flip_sin_to_cos, double freq_shift,
+                              double scale, double max_period) {
+  const int64_t half = dim / 2;
+  at::Tensor exponent = at::arange(0, half, t.options().dtype(at::kFloat)) * (-std::log(max_period));
+  exponent = exponent / (static_cast<double>(half) - freq_shift);
+  at::Tensor emb = t.to(at::kFloat).unsqueeze(1) * at::exp(exponent).unsqueeze(0);
+  emb = emb * scale;
+  emb = flip_sin_to_cos ? at::cat({at::cos(emb), at::sin(emb)}, -1) : at::cat({at::sin(emb), at::cos(emb)}, -1);
+  if (dim % 2 == 1) emb = at::constant_pad_nd(emb, {0, 1, 0, 0}, 0);
+  return emb;
+}
+
+struct UNet2DConditionModel::Impl {
+  struct Block {
+    std::vector<nn::ResnetBlock2D> resnets;
+    std::vector<nn::Transformer2DModel> attentions;  // empty for DownBlock2D / UpBlock2D
+    bool has_sampler = false;
+    nn::Downsample2D down;
+    nn::Upsample2D up;
+  };
+  nn::Conv2d conv_in, conv_out;
+  nn::Linear time_linear_1, time_linear_2;
+  std::vector<Block> down, up;
+  nn::ResnetBlock2D mid_res0, mid_res1;
+  nn::Transformer2DModel mid_attn;
+  nn::GroupNorm conv_norm_out;
+};
+
+UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w) : cfg_(c) {
+  auto m = std::make_shared<Impl>();
+  const auto& boc = c.block_out_channels;
+  const size_t n = boc.size();
+  const int64_t temb = boc[0] * 4, G = c.norm_num_groups;
+  m->conv_in = nn::Conv2d(w, "conv_in", c.in_channels, boc[0], 3, 1, 1);
+  m->time_linear_1 = nn::Linear(w, "time_embedding.linear_1", boc[0], temb);
+  m->time_linear_2 = nn::Linear(w, "time_embedding.linear_2", temb, temb);
+  int64_t out_ch = boc[0];
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t in_ch = out_ch;
+    out_ch = boc[i];
+    const bool final_block = i == n - 1, attn = c.down_block_types[i] == "CrossAttnDownBlock2D";
+    const Weights bw = w.sub("down_blocks." + std::to_string(i));
+    Impl::Block b;
+    for (int64_t j = 0; j < c.layers_per_block[i]; ++j) {
+      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? in_ch : out_ch, out_ch, temb, G,
+                             c.norm_eps, 1.0);
+      if (attn)
+        b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.heads[i],
+                                  c.transformer_layers_per_block[i], c.cross_attention_dim[i], G,
+                                  c.use_linear_projection, c.upcast_attention);
+    }
+    if (!final_block) {
+      b.has_sampler = true;
+      b.down = nn::Downsample2D(bw.sub("downsamplers.0"), out_ch, c.downsample_padding);
+    }
+    m->down.push_back(std::move(b));
+  }
+  const Weights mw = w.sub("mid_block");
+  m->mid_res0 = nn::ResnetBlock2D(mw.sub("resnets.0"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
+                                  c.mid_block_scale_factor);
+  m->mid_attn = nn::Transformer2DModel(mw.sub("attentions.0"), boc[n - 1], c.heads[n - 1],
+                                       c.transformer_layers_per_block[n - 1], c.cross_attention_dim[n - 1], G,
+                                       c.use_linear_projection, c.upcast_attention);
+  m->mid_res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
+                                  c.mid_block_scale_factor);
+  const auto rboc = reversed(boc), rheads = reversed(c.heads), rlayers = reversed(c.layers_per_block),
+             rcross = reversed(c.cross_attention_dim), rtl = reversed(c.transformer_layers_per_block);
+  out_ch = rboc[0];
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t prev_out = out_ch;
+    out_ch = rboc[i];
+    const int64_t in_ch = rboc[std::min(i + 1, n - 1)];
+    const bool final_block = i == n - 1, attn = c.up_block_types[i] == "CrossAttnUpBlock2D";
+    const Weights bw = w.sub("up_blocks." + std::to_string(i));
+    Impl::Block b;
+    const int64_t layers = rlayers[i] + 1;
+    for (int64_t j = 0; j < layers; ++j) {
+      const int64_t skip = j == layers - 1 ? in_ch : out_ch;
+      const int64_t res_in = j == 0 ? prev_out : out_ch;
+      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), res_in + skip, out_ch, temb, G, c.norm_eps, 1.0);
+      if (attn)
+        b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rheads[i], rtl[i], rcross[i], G,
+                                  c.use_linear_projection, c.upcast_attention);
+    }
+    if (!final_block) {
+      b.has_sampler = true;
+      b.up = nn::Upsample2D(bw.sub("upsamplers.0"), out_ch);
+    }
+    m->up.push_back(std::move(b));
+  }
+  m->conv_norm_out = nn::GroupNorm(w, "conv_norm_out", G, boc[0], c.norm_eps);
+  m->conv_out = nn::Conv2d(w, "conv_out", boc[0], c.out_channels, 3, 1, 1);
+  impl_ = m;
+}
+
+std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::string& dir, const DeviceSpec& spec) {
+  const auto cfg = UNetConfig::load(path_join(dir, "config.json"));
+  const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  auto m = std::make_shared<UNet2DConditionModel>(cfg, w);
+  for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
+  return m;
+}
+
+int64_t UNet2DConditionModel::downscale() const {
+  return int64_t(1) << (cfg_.block_out_channels.size() - 1);
+}
+
+at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
+                                         const at::Tensor& context) const {
+  const Impl& m = *impl_;
+  DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
+           ", H, W], got ", shape_str(sample.sizes()));
+  const int64_t B = sample.size(0);
+  DP_CHECK(context.dim() == 3 && context.size(0) == B, "unet: encoder_hidden_states must be [", B,
+           ", L, D], got ", shape_str(context.sizes()));
+  at::Tensor t = timesteps.to(sample.device());
+  if (t.dim() == 0) t = t.reshape({1});
+  if (t.size(0) == 1 && B > 1) t = t.expand({B});
+  DP_CHECK(t.dim() == 1 && t.size(0) == B, "unet: need one timestep or one per sample, got ", shape_str(t.sizes()));
+  // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
+  at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
+                         .to(sample.scalar_type());
+  at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
+  at::Tensor x = m.conv_in(sample);
+  std::vector<at::Tensor> skips{x};
+  for (const auto& b : m.down) {
+    for (size_t j = 0; j < b.resnets.size(); ++j) {
+      x = b.resnets[j](x, emb);
+      if (!b.attentions.empty()) x = b.attentions[j](x, context);
+      skips.push_back(x);
+    }
+    if (b.has_sampler) {
+      x = b.down(x);
+      skips.push_back(x);
+    }
+  }
+  x = m.mid_res0(x, emb);
+  x = m.mid_attn(x, context);
+  x = m.mid_res1(x, emb);
+  for (const auto& b : m.up) {
+    for (size_t j = 0; j < b.resnets.size(); ++j) {
+      at::Tensor s = skips.back();
+      skips.pop_back();
+      x = b.resnets[j](at::cat({x, s}, 1), emb);
+      if (!b.attentions.empty()) x = b.attentions[j](x, context);
+    }
+    if (b.has_sampler) x = b.up(x, skips.back().sizes().slice(2));  // upsample to the next skip's size
+  }
+  return m.conv_out(at::silu(m.conv_norm_out(x)));
+}
+
+}  // namespace diffpipe

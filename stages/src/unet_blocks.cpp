@@ -1,0 +1,149 @@
+#include "unet_blocks.h"
+
+#include "diffpipe/runtime/error.h"
+
+namespace diffpipe::nn {
+
+ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t temb_channels, int64_t groups,
+                             double eps, double output_scale)
+    : output_scale_factor(output_scale) {
+  norm1 = GroupNorm(w, "norm1", groups, in, eps);
+  conv1 = Conv2d(w, "conv1", in, out, 3, 1, 1);
+  if (temb_channels > 0) time_emb_proj = Linear(w, "time_emb_proj", temb_channels, out);
+  norm2 = GroupNorm(w, "norm2", groups, out, eps);
+  conv2 = Conv2d(w, "conv2", out, out, 3, 1, 1);
+  has_shortcut = in != out;
+  if (has_shortcut) conv_shortcut = Conv2d(w, "conv_shortcut", in, out, 1, 1, 0);
+}
+
+at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
+  at::Tensor h = conv1(at::silu(norm1(x)));
+  if (time_emb_proj.weight.defined() && temb.defined()) h = h + time_emb_proj(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);
+  h = conv2(at::silu(norm2(h)));
+  at::Tensor s = has_shortcut ? conv_shortcut(x) : x;
+  at::Tensor out = s + h;
+  return output_scale_factor == 1.0 ? out : out / output_scale_factor;
+}
+
+CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads_,
+                               int64_t dim_head, bool qkv_bias, bool upcast_)
+    : heads(heads_), upcast(upcast_) {
+  const int64_t inner = heads * dim_head;
+  to_q = Linear(w, "to_q", query_dim, inner, qkv_bias);
+  to_k = Linear(w, "to_k", context_dim, inner, qkv_bias);
+  to_v = Linear(w, "to_v", context_dim, inner, qkv_bias);
+  to_out = Linear(w, "to_out.0", inner, query_dim, true);
+}
+
+at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context) const {
+  const int64_t B = x.size(0), N = x.size(1), L = context.size(1);
+  at::Tensor q = to_q(x), k = to_k(context), v = to_v(context);
+  const int64_t inner = q.size(-1), D = inner / heads;
+  q = q.view({B, N, heads, D}).transpose(1, 2);
+  k = k.view({B, L, heads, D}).transpose(1, 2);
+  v = v.view({B, L, heads, D}).transpose(1, 2);
+  at::Tensor o = attention(q, k, v, at::Tensor(), true /* diffusers upcasts the softmax */ || upcast);
+  return to_out(o.transpose(1, 2).reshape({B, N, inner}));
+}
+
+BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head,
+                                             int64_t context_dim, bool upcast) {
+  norm1 = LayerNorm(w, "norm1", dim, 1e-5);
+  attn1 = CrossAttention(w.sub("attn1"), dim, dim, heads, dim_head, false, upcast);
+  norm2 = LayerNorm(w, "norm2", dim, 1e-5);
+  attn2 = CrossAttention(w.sub("attn2"), dim, context_dim, heads, dim_head, false, upcast);
+  norm3 = LayerNorm(w, "norm3", dim, 1e-5);
+  const int64_t inner = dim * 4;
+  ff_proj = Linear(w, "ff.net.0.proj", dim, inner * 2);
+  ff_out = Linear(w, "ff.net.2", inner, dim);
+}
+
+at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Tensor& context) const {
+  at::Tensor y = norm1(x0);
+  at::Tensor x = x0 + attn1(y, y);
+  x = x + attn2(norm2(x), context);
+  auto parts = ff_proj(norm3(x)).chunk(2, -1);  // GEGLU
+  return x + ff_out(parts[0] * at::gelu(parts[1]));
+}
+
+Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers,
+                                       int64_t context_dim, int64_t groups, bool use_linear_projection,
+                                       bool upcast)
+    : linear(use_linear_projection) {
+  DP_CHECK(heads > 0 && channels % heads == 0, w.origin(), ": ", channels, " channels are not divisible by ", heads,
+           " attention heads");
+  const int64_t dim_head = channels / heads, inner = heads * dim_head;
+  norm = GroupNorm(w, "norm", groups, channels, 1e-6);
+  if (linear) {
+    proj_in_linear = Linear(w, "proj_in", channels, inner);
+    proj_out_linear = Linear(w, "proj_out", inner, channels);
+  } else {
+    proj_in_conv = Conv2d(w, "proj_in", channels, inner, 1);
+    proj_out_conv = Conv2d(w, "proj_out", inner, channels, 1);
+  }
+  for (int64_t i = 0; i < layers; ++i)
+    blocks.emplace_back(w.sub("transformer_blocks." + std::to_string(i)), inner, heads, dim_head, context_dim,
+                        upcast);
+}
+
+at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor& context) const {
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  at::Tensor h = norm(x);
+  int64_t inner;
+  if (!linear) {
+    h = proj_in_conv(h);
+    inner = h.size(1);
+    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, inner});
+  } else {
+    inner = h.size(1);
+    h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B, H * W, inner}));
+    inner = h.size(2);
+  }
+  for (const auto& b : blocks) h = b(h, context);
+  if (!linear) {
+    h = proj_out_conv(h.reshape({B, H, W, inner}).permute({0, 3, 1, 2}).contiguous());
+  } else {
+    h = proj_out_linear(h);
+    h = h.reshape({B, H, W, h.size(2)}).permute({0, 3, 1, 2}).contiguous();
+  }
+  return h + x;
+}
+
+Downsample2D::Downsample2D(const Weights& w, int64_t channels, int64_t padding_) : padding(padding_) {
+  conv = Conv2d(w, "conv", channels, channels, 3, 2, padding);
+}
+
+at::Tensor Downsample2D::operator()(const at::Tensor& x) const {
+  if (padding == 0) return conv(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
+  return conv(x);
+}
+
+Upsample2D::Upsample2D(const Weights& w, int64_t channels) { conv = Conv2d(w, "conv", channels, channels, 3, 1, 1); }
+
+at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) const {
+  at::Tensor in = x.scalar_type() == at::kBFloat16 ? x.to(at::kFloat) : x;
+  std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2}
+                                               : std::vector<int64_t>(size.begin(), size.end());
+  at::Tensor up = at::upsample_nearest2d(in, out_size);
+  if (x.scalar_type() == at::kBFloat16) up = up.to(at::kBFloat16);
+  return conv(up);
+}
+
+SpatialSelfAttention::SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps) {
+  group_norm = GroupNorm(w, "group_norm", groups, channels, eps);
+  to_q = Linear(w, "to_q", channels, channels);
+  to_k = Linear(w, "to_k", channels, channels);
+  to_v = Linear(w, "to_v", channels, channels);
+  to_out = Linear(w, "to_out.0", channels, channels);
+}
+
+at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x) const {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor h = group_norm(x).view({B, C, H * W}).transpose(1, 2);  // [B, HW, C]
+  at::Tensor q = to_q(h).unsqueeze(1), k = to_k(h).unsqueeze(1), v = to_v(h).unsqueeze(1);
+  at::Tensor o = attention(q, k, v, at::Tensor(), true).squeeze(1);
+  o = to_out(o).transpose(1, 2).reshape({B, C, H, W});
+  return o + x;
+}
+
+}  // namespace diffpipe::nn

@@ -1,0 +1,78 @@
+// Private: ResnetBlock2D, Transformer2DModel (BasicTransformerBlock with GEGLU), Down/Upsample2D, and the
+// VAE's single-head spatial attention. Names follow diffusers so keys map one to one.
+#pragma once
+#include "nn.h"
+
+namespace diffpipe::nn {
+
+struct ResnetBlock2D {
+  GroupNorm norm1, norm2;
+  Conv2d conv1, conv2, conv_shortcut;
+  Linear time_emb_proj;  // absent (undefined) when temb_channels == 0
+  bool has_shortcut = false;
+  double output_scale_factor = 1.0;
+  ResnetBlock2D() = default;
+  ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps,
+                double output_scale);
+  // x: [B, in, H, W], temb: [B, temb_channels] or undefined -> [B, out, H, W]
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& temb) const;
+};
+
+struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
+  Linear to_q, to_k, to_v, to_out;
+  int64_t heads = 1;
+  bool upcast = false;
+  CrossAttention() = default;
+  CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads, int64_t dim_head,
+                 bool qkv_bias, bool upcast);
+  // x: [B, N, query_dim], context: [B, L, context_dim] (or x itself)
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
+};
+
+struct BasicTransformerBlock {
+  LayerNorm norm1, norm2, norm3;
+  CrossAttention attn1, attn2;
+  Linear ff_proj, ff_out;  // ff.net.0.proj (GEGLU, dim -> 2*inner), ff.net.2 (inner -> dim)
+  BasicTransformerBlock() = default;
+  BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head, int64_t context_dim,
+                        bool upcast);
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
+};
+
+struct Transformer2DModel {
+  GroupNorm norm;
+  Conv2d proj_in_conv, proj_out_conv;
+  Linear proj_in_linear, proj_out_linear;
+  bool linear = false;
+  std::vector<BasicTransformerBlock> blocks;
+  Transformer2DModel() = default;
+  Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers, int64_t context_dim,
+                     int64_t groups, bool use_linear_projection, bool upcast);
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;  // x: [B, C, H, W]
+};
+
+struct Downsample2D {
+  Conv2d conv;
+  int64_t padding = 1;
+  Downsample2D() = default;
+  Downsample2D(const Weights& w, int64_t channels, int64_t padding);
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+struct Upsample2D {
+  Conv2d conv;
+  Upsample2D() = default;
+  Upsample2D(const Weights& w, int64_t channels);
+  // nearest x2 (or to `size` when given), then a 3x3 conv
+  at::Tensor operator()(const at::Tensor& x, at::IntArrayRef size = {}) const;
+};
+
+struct SpatialSelfAttention {  // the VAE mid-block Attention (group_norm, one head, residual)
+  GroupNorm group_norm;
+  Linear to_q, to_k, to_v, to_out;
+  SpatialSelfAttention() = default;
+  SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps);
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+}  // namespace diffpipe::nn

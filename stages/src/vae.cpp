@@ -1,0 +1,198 @@
+#include "diffpipe/stages/vae.h"
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/log.h"
+#include "unet_blocks.h"
+
+namespace diffpipe {
+
+VaeConfig VaeConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  VaeConfig c;
+  c.in_channels = j.integer("in_channels", 3);
+  c.out_channels = j.integer("out_channels", 3);
+  c.latent_channels = j.integer("latent_channels", 4);
+  c.block_out_channels = j.int_list("block_out_channels");
+  if (c.block_out_channels.empty()) j.fail("block_out_channels", "must not be empty");
+  c.layers_per_block = j.integer("layers_per_block", 1);
+  c.norm_num_groups = j.integer("norm_num_groups", 32);
+  c.scaling_factor = j.number("scaling_factor", 0.18215);
+  c.shift_factor = j.number("shift_factor", 0.0);
+  c.use_quant_conv = j.boolean("use_quant_conv", true);
+  c.use_post_quant_conv = j.boolean("use_post_quant_conv", true);
+  c.mid_block_add_attention = j.boolean("mid_block_add_attention", true);
+  if (j.has("act_fn") && j.string("act_fn") != "silu") j.fail("act_fn", "unsupported activation (supported: silu)");
+  if (j.has("down_block_types"))
+    for (const auto& t : j.string_list("down_block_types"))
+      if (t != "DownEncoderBlock2D") j.fail("down_block_types", "unsupported block type '" + t + "'");
+  if (j.has("up_block_types"))
+    for (const auto& t : j.string_list("up_block_types"))
+      if (t != "UpDecoderBlock2D") j.fail("up_block_types", "unsupported block type '" + t + "'");
+  if (j.has("down_block_types") && j.string_list("down_block_types").size() != c.block_out_channels.size())
+    j.fail("down_block_types", "needs one entry per block_out_channels entry");
+  if (j.has("up_block_types") && j.string_list("up_block_types").size() != c.block_out_channels.size())
+    j.fail("up_block_types", "needs one entry per block_out_channels entry");
+  if (j.has("latents_mean") || j.has("latents_std")) j.fail("latents_mean", "per-channel latent statistics are not supported");
+  for (auto ch : c.block_out_channels)
+    if (ch % c.norm_num_groups != 0)
+      j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by norm_num_groups");
+  return c;
+}
+
+struct AutoencoderKL::Impl {
+  struct Mid {
+    nn::ResnetBlock2D res0, res1;
+    bool has_attn = false;
+    nn::SpatialSelfAttention attn;
+    at::Tensor operator()(const at::Tensor& x) const {
+      at::Tensor h = res0(x, at::Tensor());
+      if (has_attn) h = attn(h);
+      return res1(h, at::Tensor());
+    }
+  };
+  struct Block {
+    std::vector<nn::ResnetBlock2D> resnets;
+    bool has_sampler = false;
+    nn::Downsample2D down;
+    nn::Upsample2D up;
+  };
+  bool has_encoder = false;
+  nn::Conv2d enc_conv_in, enc_conv_out, quant_conv;
+  std::vector<Block> enc_blocks;
+  Mid enc_mid;
+  nn::GroupNorm enc_norm_out;
+  nn::Conv2d post_quant_conv, dec_conv_in, dec_conv_out;
+  std::vector<Block> dec_blocks;
+  Mid dec_mid;
+  nn::GroupNorm dec_norm_out;
+  bool use_quant_conv = true, use_post_quant_conv = true;
+};
+
+AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_encoder) : cfg_(c) {
+  Weights w = w0;
+  // Legacy attention names (pre-0.14 diffusers / original checkpoints converted without renaming).
+  for (const char* part : {"encoder.mid_block.attentions.0.", "decoder.mid_block.attentions.0."}) {
+    const std::string p(part);
+    if (w.has(p + "query.weight")) {
+      w.rename_part(p + "query.", p + "to_q.");
+      w.rename_part(p + "key.", p + "to_k.");
+      w.rename_part(p + "value.", p + "to_v.");
+      w.rename_part(p + "proj_attn.", p + "to_out.0.");
+    }
+  }
+  auto m = std::make_shared<Impl>();
+  const auto& boc = c.block_out_channels;
+  const size_t n = boc.size();
+  const int64_t G = c.norm_num_groups, L = c.latent_channels;
+  const double eps = 1e-6;
+  auto make_mid = [&](const Weights& mw, int64_t ch) {
+    Impl::Mid mid;
+    mid.res0 = nn::ResnetBlock2D(mw.sub("resnets.0"), ch, ch, 0, G, eps, 1.0);
+    mid.has_attn = c.mid_block_add_attention;
+    if (mid.has_attn) mid.attn = nn::SpatialSelfAttention(mw.sub("attentions.0"), ch, G, eps);
+    mid.res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), ch, ch, 0, G, eps, 1.0);
+    return mid;
+  };
+  m->use_quant_conv = c.use_quant_conv;
+  m->use_post_quant_conv = c.use_post_quant_conv;
+  m->has_encoder = with_encoder;
+  if (with_encoder) {
+    const Weights e = w.sub("encoder");
+    m->enc_conv_in = nn::Conv2d(e, "conv_in", c.in_channels, boc[0], 3, 1, 1);
+    int64_t out = boc[0];
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t in = out;
+      out = boc[i];
+      Impl::Block b;
+      const Weights bw = e.sub("down_blocks." + std::to_string(i));
+      for (int64_t j = 0; j < c.layers_per_block; ++j)
+        b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? in : out, out, 0, G, eps, 1.0);
+      if (i + 1 < n) {
+        b.has_sampler = true;
+        b.down = nn::Downsample2D(bw.sub("downsamplers.0"), out, 0);
+      }
+      m->enc_blocks.push_back(std::move(b));
+    }
+    m->enc_mid = make_mid(e.sub("mid_block"), boc[n - 1]);
+    m->enc_norm_out = nn::GroupNorm(e, "conv_norm_out", G, boc[n - 1], eps);
+    m->enc_conv_out = nn::Conv2d(e, "conv_out", boc[n - 1], 2 * L, 3, 1, 1);
+    if (c.use_quant_conv) m->quant_conv = nn::Conv2d(w, "quant_conv", 2 * L, 2 * L, 1);
+  }
+  if (c.use_post_quant_conv) m->post_quant_conv = nn::Conv2d(w, "post_quant_conv", L, L, 1);
+  const Weights d = w.sub("decoder");
+  m->dec_conv_in = nn::Conv2d(d, "conv_in", L, boc[n - 1], 3, 1, 1);
+  m->dec_mid = make_mid(d.sub("mid_block"), boc[n - 1]);
+  int64_t out = boc[n - 1];
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t prev = out;
+    out = boc[n - 1 - i];
+    Impl::Block b;
+    const Weights bw = d.sub("up_blocks." + std::to_string(i));
+    for (int64_t j = 0; j < c.layers_per_block + 1; ++j)
+      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? prev : out, out, 0, G, eps, 1.0);
+    if (i + 1 < n) {
+      b.has_sampler = true;
+      b.up = nn::Upsample2D(bw.sub("upsamplers.0"), out);
+    }
+    m->dec_blocks.push_back(std::move(b));
+  }
+  m->dec_norm_out = nn::GroupNorm(d, "conv_norm_out", G, boc[0], eps);
+  m->dec_conv_out = nn::Conv2d(d, "conv_out", boc[0], c.out_channels, 3, 1, 1);
+  impl_ = m;
+}
+
+std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const DeviceSpec& spec, bool with_encoder) {
+  const auto cfg = VaeConfig::load(path_join(dir, "config.json"));
+  const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  auto m = std::make_shared<AutoencoderKL>(cfg, w, with_encoder);
+  if (with_encoder)
+    for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
+  return m;
+}
+
+bool AutoencoderKL::has_encoder() const { return impl_->has_encoder; }
+
+GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
+  const Impl& m = *impl_;
+  DP_CHECK(m.has_encoder, "vae: loaded without its encoder");
+  DP_CHECK(image.dim() == 4 && image.size(1) == cfg_.in_channels, "vae: image must be [B, ", cfg_.in_channels,
+           ", H, W], got ", shape_str(image.sizes()));
+  DP_CHECK(image.size(2) % downscale() == 0 && image.size(3) % downscale() == 0, "vae: image size ", image.size(2),
+           "x", image.size(3), " is not a multiple of ", downscale());
+  at::Tensor x = m.enc_conv_in(image);
+  for (const auto& b : m.enc_blocks) {
+    for (const auto& r : b.resnets) x = r(x, at::Tensor());
+    if (b.has_sampler) x = b.down(x);
+  }
+  x = m.enc_mid(x);
+  x = m.enc_conv_out(at::silu(m.enc_norm_out(x)));
+  if (m.use_quant_conv) x = m.quant_conv(x);
+  auto parts = x.chunk(2, 1);
+  return {parts[0], at::clamp(parts[1], -30.0, 20.0)};
+}
+
+at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
+  const Impl& m = *impl_;
+  DP_CHECK(latents.dim() == 4 && latents.size(1) == cfg_.latent_channels, "vae: latents must be [B, ",
+           cfg_.latent_channels, ", h, w], got ", shape_str(latents.sizes()));
+  at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
+  x = m.dec_conv_in(x);
+  x = m.dec_mid(x);
+  for (const auto& b : m.dec_blocks) {
+    for (const auto& r : b.resnets) x = r(x, at::Tensor());
+    if (b.has_sampler) x = b.up(x);
+  }
+  return m.dec_conv_out(at::silu(m.dec_norm_out(x)));
+}
+
+at::Tensor AutoencoderKL::decode_scaled(const at::Tensor& latents) const {
+  return decode(latents / cfg_.scaling_factor + cfg_.shift_factor);
+}
+
+at::Tensor to_uint8_hwc(const at::Tensor& images) {
+  at::Tensor x = at::clamp(images.to(at::kFloat) / 2 + 0.5, 0.0, 1.0);
+  return at::round(x * 255.0).to(at::kByte).permute({0, 2, 3, 1}).contiguous().to(at::kCPU);
+}
+
+}  // namespace diffpipe

@@ -1,0 +1,2 @@
+#include "diffpipe/stages/sampler.h"
+#include "test_util.h"

@@ -1,0 +1,2 @@
+#include "diffpipe/stages/tokenizer.h"
+#include "test_util.h"
