@@ -9,6 +9,7 @@
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
+#include "diffpipe/stages/stages.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -76,4 +77,62 @@ TEST(Golden, VaeDecodeAndEncode) {
   auto enc = vae->encode(g["vae.image"]);
   EXPECT_LE(rel_err(enc.mean, g["vae.encoded_mean"]), 1e-4);
   EXPECT_LE(rel_err(enc.logvar, g["vae.encoded_logvar"]), 1e-4);
+}
+
+// The whole StableDiffusionPipeline loop for every sampler listed in golden.json.
+TEST(Golden, PipelineLoopEverySampler) {
+  DP_REQUIRE_GOLDEN(dir);
+  Golden g(dir);
+  SdModel model = SdModel::load(dir + "/model", kCpu);
+  const auto prompts = g.meta.at("prompts").get<std::vector<std::string>>();
+  const int steps = g.meta.at("num_inference_steps").get<int>();
+  const double guidance = g.meta.at("guidance_scale").get<double>();
+  const std::string negative = g.meta.value("negative_prompt", std::string());
+  ASSERT_FALSE(g.meta.at("schedulers").empty());
+  for (auto it = g.meta.at("schedulers").begin(); it != g.meta.at("schedulers").end(); ++it) {
+    const std::string name = it.key();
+    SCOPED_TRACE("sampler " + name);
+    model.scheduler = SchedulerConfig::load(dir + "/model/scheduler/" + name + ".json");
+    std::vector<GenerationParams> params(prompts.size());
+    std::vector<const GenerationParams*> ptrs;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      params[i].prompt = prompts[i];
+      params[i].negative_prompt = negative;
+      params[i].steps = steps;
+      params[i].guidance = guidance;
+      ptrs.push_back(&params[i]);
+    }
+    auto emb = TextEncodeStage(model).run(ptrs);
+    const at::Tensor noise = g["pipeline.initial_noise"];
+    std::vector<DenoiseState> states;
+    for (size_t i = 0; i < prompts.size(); ++i)
+      states.push_back(make_denoise_state(model, params[i], emb[i], i, noise[i]));
+    // schedule
+    const at::Tensor gts = g["pipeline." + name + ".timesteps"].to(at::kDouble);
+    ASSERT_EQ(states[0].total_steps(), gts.size(0));
+    for (int k = 0; k < gts.size(0); ++k)
+      EXPECT_LT(std::abs(states[0].sampler->timestep(k) - gts[k].item<double>()), 1.0) << "timestep " << k;
+    if (g.t.count("pipeline." + name + ".sigmas")) {
+      const at::Tensor gs = g["pipeline." + name + ".sigmas"].to(at::kDouble);
+      ASSERT_EQ(states[0].sampler->sigmas().size(), static_cast<size_t>(gs.size(0)));
+      at::Tensor ours = at::tensor(states[0].sampler->sigmas(), at::TensorOptions().dtype(at::kDouble));
+      EXPECT_LE(rel_err(ours, gs), 1e-6);
+    }
+    DenoiseStage denoise(model);
+    std::vector<DenoiseState*> batch;
+    for (auto& s : states) batch.push_back(&s);
+    while (!states[0].done()) denoise.step(batch);
+    at::Tensor latents = at::stack({states[0].latents, states[1].latents});
+    const double lat_err = rel_err(latents, g["pipeline." + name + ".final_latents"]);
+    EXPECT_LE(lat_err, 1e-3);
+    at::Tensor img = DecodeStage(model).run_uint8({states[0].latents, states[1].latents});
+    at::Tensor ref = g["pipeline." + name + ".image_uint8"];
+    ASSERT_EQ(img.sizes(), ref.sizes());
+    at::Tensor diff = (img.to(at::kInt) - ref.to(at::kInt)).abs();
+    EXPECT_LE(diff.max().item<int>(), 255);
+    const double within1 = (diff <= 1).to(at::kDouble).mean().item<double>();
+    EXPECT_GE(within1, 0.99) << "fraction of 8-bit values within +-1";
+    std::printf("[golden] %-10s final latents rel err %.2e, image values within +-1: %.4f, max diff %d\n",
+                name.c_str(), lat_err, within1, diff.max().item<int>());
+  }
 }

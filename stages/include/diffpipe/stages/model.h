@@ -1,0 +1,44 @@
+// A Stable Diffusion model folder in the diffusers layout (model_index.json, tokenizer/, text_encoder/,
+// unet/, vae/, scheduler/), loaded component by component so a rank loads only the stages it runs.
+// validate() checks files and configs without loading weights (cheap; every rank runs it at start-up).
+// Thread-safety: immutable after load; models are shared read-only between stage threads.
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/tokenizer.h"
+#include "diffpipe/stages/unet.h"
+#include "diffpipe/stages/vae.h"
+
+namespace diffpipe {
+
+enum Component : unsigned { kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kAllComponents = 7 };
+
+struct SdModel {
+  std::string dir;
+  DeviceSpec spec;
+  std::shared_ptr<ClipTokenizer> tokenizer;
+  std::shared_ptr<ClipTextModel> text_encoder;
+  std::shared_ptr<UNet2DConditionModel> unet;
+  std::shared_ptr<AutoencoderKL> vae;
+  SchedulerConfig scheduler;
+  // Configs (always loaded, small): enough to plan shapes on any rank.
+  ClipTextConfig text_config;
+  UNetConfig unet_config;
+  VaeConfig vae_config;
+
+  // Checks the folder: model_index.json, each component's config and weights file present and parseable,
+  // cross-component shapes consistent (cross_attention_dim == text hidden size, latent channels).
+  static void validate(const std::string& dir);
+  static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents);
+
+  int64_t latent_factor() const { return int64_t(1) << (vae_config.block_out_channels.size() - 1); }
+  // Image size must be a multiple of this (VAE factor x UNet downsampling).
+  int64_t size_multiple() const;
+  int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
+};
+
+}  // namespace diffpipe

@@ -1,0 +1,87 @@
+// The three pipeline stages, each with one job, each batching whatever requests it is handed:
+//   TextEncodeStage: prompts -> embeddings (conditional and, with guidance, unconditional)
+//   DenoiseStage:    one UNet call over many requests, each at its own step, with its own sampler
+//   DecodeStage:     latents -> 8-bit images
+// A request's result depends only on its own inputs (seed, prompt, settings), never on batch neighbours,
+// up to the kernel batch-invariance documented in docs/. Thread-safety: a stage object is used by one
+// worker thread; the models it holds are shared read-only.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <vector>
+
+#include "diffpipe/runtime/image.h"
+#include "diffpipe/stages/model.h"
+#include "diffpipe/stages/request.h"
+
+namespace diffpipe {
+
+struct Embeddings {
+  at::Tensor cond;    // [L, D]
+  at::Tensor uncond;  // [L, D]; undefined when guidance <= 1
+};
+
+class TextEncodeStage {
+ public:
+  explicit TextEncodeStage(const SdModel& model) : model_(model) {}
+  // One text-encoder call over every prompt (and negative prompt where needed) of the batch.
+  std::vector<Embeddings> run(const std::vector<const GenerationParams*>& batch) const;
+
+ private:
+  const SdModel& model_;
+};
+
+// Per-request denoising state: the latents, the request's own sampler, and its position in the loop.
+struct DenoiseState {
+  uint64_t id = 0;
+  double guidance = 7.5;
+  uint64_t seed = 0;
+  at::Tensor cond, uncond;  // [L, D]
+  at::Tensor latents;       // [C, h, w], float32
+  std::unique_ptr<Sampler> sampler;
+  int step = 0;             // next UNet call index
+  bool done() const { return step >= sampler->num_calls(); }
+  int total_steps() const { return sampler->num_calls(); }
+};
+
+// Resolves the sampler and size of `p` against the model and validates them (errors name the field).
+struct ResolvedParams {
+  SamplerKind kind;
+  bool karras = false;
+  int width = 0, height = 0;
+};
+ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
+
+// Initial state: noise from the request's seed (counter-based) x init_noise_sigma, or `initial_noise`
+// ([C, h, w]) when given (tests use the reference's noise).
+DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
+                                uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor());
+
+// Counter-based standard normal noise for (seed, stream), shaped `shape`, float32 on the CPU.
+at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape);
+
+class DenoiseStage {
+ public:
+  explicit DenoiseStage(const SdModel& model) : model_(model) {}
+  // Advances every state by one step with ONE UNet call: rows [uncond_i, cond_i] for guided requests,
+  // [cond_i] otherwise; each row with its own timestep. States must not be done().
+  void step(const std::vector<DenoiseState*>& batch) const;
+
+ private:
+  const SdModel& model_;
+};
+
+class DecodeStage {
+ public:
+  explicit DecodeStage(const SdModel& model) : model_(model) {}
+  // latents: each [C, h, w] (float32) -> RGB images, one VAE call for the batch (same-size latents).
+  std::vector<Image> run(const std::vector<at::Tensor>& latents) const;
+  // The same as uint8 HWC tensors [H, W, 3] (for comparisons).
+  at::Tensor run_uint8(const std::vector<at::Tensor>& latents) const;
+
+ private:
+  const SdModel& model_;
+};
+
+}  // namespace diffpipe

@@ -1,0 +1,63 @@
+#include "diffpipe/stages/model.h"
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
+
+namespace diffpipe {
+
+namespace {
+std::string weights_file(const std::string& dir, const char* name) {
+  const std::string p = path_join(dir, name);
+  DP_CHECK(file_exists(p), p, ": weights file not found");
+  return p;
+}
+}  // namespace
+
+void SdModel::validate(const std::string& dir) {
+  DP_CHECK(dir_exists(dir), dir, ": model folder not found");
+  const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+  for (const char* c : {"tokenizer", "text_encoder", "unet", "vae", "scheduler"})
+    if (!index.has(c)) index.fail(c, "component missing from model_index.json");
+  const auto tcfg = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  const auto ucfg = UNetConfig::load(path_join(dir, "unet/config.json"));
+  const auto vcfg = VaeConfig::load(path_join(dir, "vae/config.json"));
+  (void)SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  for (const char* f : {"tokenizer/vocab.json", "tokenizer/merges.txt"})
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+  // Opening validates each safetensors header (cheap: the data is mapped, not read).
+  SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
+  SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
+  SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
+  for (auto d : ucfg.cross_attention_dim)
+    DP_CHECK(d == tcfg.hidden_size, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
+             " does not match the text encoder's hidden_size ", tcfg.hidden_size);
+  DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
+           path_join(dir, "unet/config.json"), ": in/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
+           " do not match the VAE's latent_channels ", vcfg.latent_channels);
+}
+
+SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
+  validate(dir);
+  SdModel m;
+  m.dir = dir;
+  m.spec = spec;
+  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
+  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
+  m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  if (components & kTextEncoder) {
+    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
+  }
+  if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
+  if (components & (kVae | kVaeEncoder))
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), spec, (components & kVaeEncoder) != 0);
+  return m;
+}
+
+int64_t SdModel::size_multiple() const {
+  return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));
+}
+
+}  // namespace diffpipe

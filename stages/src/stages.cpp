@@ -1,0 +1,149 @@
+#include "diffpipe/stages/stages.h"
+
+#include <cstring>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/philox.h"
+
+namespace diffpipe {
+
+std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationParams*>& batch) const {
+  DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
+  std::vector<Embeddings> out(batch.size());
+  if (batch.empty()) return out;
+  const int L = model_.tokenizer->max_length();
+  // Rows: cond prompts, then negative prompts of the guided requests. clip_skip groups run separately.
+  std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
+  for (size_t i = 0; i < batch.size(); ++i) {
+    groups[batch[i]->clip_skip].push_back({i, false});
+    if (batch[i]->uses_cfg()) groups[batch[i]->clip_skip].push_back({i, true});
+  }
+  for (const auto& [skip, rows] : groups) {
+    std::vector<int64_t> ids;
+    ids.reserve(rows.size() * L);
+    for (const auto& [i, uncond] : rows) {
+      auto t = model_.tokenizer->encode(uncond ? batch[i]->negative_prompt : batch[i]->prompt);
+      ids.insert(ids.end(), t.begin(), t.end());
+    }
+    at::Tensor input = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({(int64_t)rows.size(), L});
+    at::Tensor h = model_.text_encoder->forward(input.to(model_.spec.device), skip).last_hidden_state;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const auto& [i, uncond] = rows[r];
+      (uncond ? out[i].uncond : out[i].cond) = h[r];
+    }
+  }
+  return out;
+}
+
+ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
+  ResolvedParams r;
+  r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
+  DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
+           model.scheduler.num_train_timesteps, "], got ", p.steps);
+  DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
+  DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
+           model.text_config.num_hidden_layers, "), got ", p.clip_skip);
+  r.width = p.width > 0 ? p.width : static_cast<int>(model.default_size());
+  r.height = p.height > 0 ? p.height : static_cast<int>(model.default_size());
+  const int64_t m = model.size_multiple();
+  DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
+           " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
+  DP_CHECK(p.height >= 0 && r.height % m == 0, "height: ", r.height, " is not a positive multiple of ", m,
+           " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
+  DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
+  return r;
+}
+
+at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape) {
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  philox_normal(seed, stream, t.data_ptr<float>(), t.numel());
+  return t;
+}
+
+DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
+                                const at::Tensor& initial_noise) {
+  const ResolvedParams r = resolve_params(model, p);
+  DenoiseState s;
+  s.id = id;
+  s.guidance = p.guidance;
+  s.seed = p.seed;
+  s.cond = emb.cond;
+  s.uncond = emb.uncond;
+  DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
+  DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
+  s.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);
+  const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
+  at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
+                                             : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
+  DP_CHECK(noise.dim() == 3 && noise.size(0) == C, "denoise: initial noise must be [", C, ", h, w]");
+  s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
+  return s;
+}
+
+void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
+  DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
+  if (batch.empty()) return;
+  std::vector<at::Tensor> xs, ctx;
+  std::vector<double> ts;
+  for (DenoiseState* s : batch) {
+    DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
+    at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
+    const double t = s->sampler->timestep(s->step);
+    if (s->guidance > 1.0) {
+      xs.push_back(in);
+      ctx.push_back(s->uncond);
+      ts.push_back(t);
+    }
+    xs.push_back(in);
+    ctx.push_back(s->cond);
+    ts.push_back(t);
+  }
+  const auto dt = model_.spec.dtype;
+  at::Tensor x = at::stack(xs).to(dt);
+  at::Tensor c = at::stack(ctx).to(dt);
+  at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat).to(x.device());
+  at::Tensor e = model_.unet->forward(x, t, c).to(at::kFloat);  // [rows, C, h, w]
+  int64_t row = 0;
+  for (DenoiseState* s : batch) {
+    at::Tensor eps;
+    if (s->guidance > 1.0) {
+      at::Tensor eu = e[row], ec = e[row + 1];
+      eps = eu + s->guidance * (ec - eu);
+      row += 2;
+    } else {
+      eps = e[row];
+      row += 1;
+    }
+    const uint64_t seed = s->seed;
+    StepNoise noise = [seed](int step, const at::Tensor& like) {
+      return seeded_noise(seed, 1 + static_cast<uint64_t>(step), like.sizes()).to(like.device());
+    };
+    // Samplers work on [1, C, h, w] as diffusers does.
+    s->latents = s->sampler->step(eps.unsqueeze(0), s->step, s->latents.unsqueeze(0), noise).squeeze(0);
+    ++s->step;
+  }
+}
+
+at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const {
+  DP_CHECK(model_.vae, "decode stage: VAE not loaded");
+  DP_CHECK(!latents.empty(), "decode stage: empty batch");
+  at::Tensor z = at::stack(latents).to(model_.spec.device, model_.spec.dtype);
+  return to_uint8_hwc(model_.vae->decode_scaled(z));
+}
+
+std::vector<Image> DecodeStage::run(const std::vector<at::Tensor>& latents) const {
+  at::Tensor u8 = run_uint8(latents);
+  std::vector<Image> out;
+  for (int64_t b = 0; b < u8.size(0); ++b) {
+    Image im;
+    im.height = static_cast<int>(u8.size(1));
+    im.width = static_cast<int>(u8.size(2));
+    im.channels = 3;
+    im.pixels.resize(u8[b].numel());
+    std::memcpy(im.pixels.data(), u8[b].contiguous().data_ptr<uint8_t>(), im.pixels.size());
+    out.push_back(std::move(im));
+  }
+  return out;
+}
+
+}  // namespace diffpipe
