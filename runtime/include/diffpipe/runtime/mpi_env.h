@@ -1,0 +1,31 @@
+// MPI start-up and shutdown for the whole process, and DP_MPI_CHECK. diffpipe initialises MPI only when the
+// process was started by a launcher (mpirun sets OMPI_COMM_WORLD_SIZE / PMI variables); a plain run is one
+// rank with no MPI at all. Call init() once on the main thread before any transport; finalize() at exit.
+#pragma once
+#include <string>
+
+namespace diffpipe::mpi {
+
+struct World {
+  bool active = false;  // MPI initialised
+  int rank = 0, size = 1, local_rank = 0;
+};
+
+bool launched_by_mpirun();        // environment says so
+World init(int* argc, char*** argv);  // idempotent
+const World& world();
+void finalize();                  // no-op without MPI
+[[noreturn]] void abort(int code);  // MPI_Abort when active, else std::exit
+void barrier();
+
+std::string error_string(int code);
+
+}  // namespace diffpipe::mpi
+
+#define DP_MPI_CHECK(call)                                                                          \
+  do {                                                                                              \
+    int _rc = (call);                                                                               \
+    if (_rc != 0 /* MPI_SUCCESS */)                                                                 \
+      throw ::diffpipe::Error(::diffpipe::detail::cat(__FILE__, ":", __LINE__, ": ", #call, " failed: ", \
+                                                      ::diffpipe::mpi::error_string(_rc)));          \
+  } while (0)

@@ -1,0 +1,65 @@
+#include "diffpipe/runtime/mpi_env.h"
+
+#include <mpi.h>
+
+#include <cstdlib>
+#include <mutex>
+
+#include "diffpipe/runtime/error.h"
+
+namespace diffpipe::mpi {
+
+namespace {
+World g_world;
+bool g_inited = false;
+int env_int(const char* name, int def) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : def;
+}
+}  // namespace
+
+bool launched_by_mpirun() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
+}
+
+std::string error_string(int code) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(code, buf, &len) != MPI_SUCCESS) return "MPI error " + std::to_string(code);
+  return std::string(buf, len);
+}
+
+World init(int* argc, char*** argv) {
+  if (g_inited) return g_world;
+  g_inited = true;
+  if (!launched_by_mpirun()) return g_world;
+  int provided = 0;
+  DP_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+  DP_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI provides thread level ", provided,
+           " but diffpipe needs at least MPI_THREAD_SERIALIZED");
+  g_world.active = true;
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_world.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &g_world.size);
+  g_world.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", env_int("MPI_LOCALRANKID", 0));
+  return g_world;
+}
+
+const World& world() { return g_world; }
+
+void finalize() {
+  if (g_world.active) {
+    MPI_Finalize();
+    g_world.active = false;
+  }
+}
+
+void abort(int code) {
+  if (g_world.active) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+void barrier() {
+  if (g_world.active) DP_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+}
+
+}  // namespace diffpipe::mpi
