@@ -20,3 +20,29 @@ struct GenerationParams {
 };
 
 }  // namespace diffpipe
+
+#include <nlohmann/json.hpp>
+
+namespace diffpipe {
+
+inline nlohmann::json params_to_json(const GenerationParams& p) {
+  return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
+          {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
+          {"height", p.height}, {"clip_skip", p.clip_skip}};
+}
+
+inline GenerationParams params_from_json(const nlohmann::json& j) {
+  GenerationParams p;
+  p.prompt = j.at("prompt").get<std::string>();
+  p.negative_prompt = j.value("negative_prompt", std::string());
+  p.steps = j.value("steps", p.steps);
+  p.guidance = j.value("guidance", p.guidance);
+  p.sampler = j.value("sampler", std::string());
+  p.seed = j.value("seed", uint64_t(0));
+  p.width = j.value("width", 0);
+  p.height = j.value("height", 0);
+  p.clip_skip = j.value("clip_skip", 0);
+  return p;
+}
+
+}  // namespace diffpipe

@@ -1,0 +1,8 @@
+// The diffpipe subcommands. Each takes the arguments after its name and returns the process exit code.
+#pragma once
+
+namespace diffpipe::apps {
+
+int generate_main(int argc, char** argv);
+
+}  // namespace diffpipe::apps

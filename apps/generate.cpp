@@ -1,0 +1,200 @@
+// `diffpipe generate`: prompts -> PNG files + one JSON line per image (out/images.jsonl and stdout).
+// Runs as one process (every stage on threads) or under mpirun with a derived or given placement.
+#include <ATen/Parallel.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include "cli.h"
+#include "commands.h"
+#include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/stages/model.h"
+
+namespace diffpipe::apps {
+
+namespace {
+
+const char* kHelp =
+    "usage: [mpirun -np N] diffpipe generate --model DIR (--prompt TEXT | --prompts FILE) [options]\n"
+    "  --model DIR            Stable Diffusion 1.x/2.x folder in the diffusers layout\n"
+    "  --prompt TEXT          a prompt (repeatable)\n"
+    "  --prompts FILE         one prompt per line ('#' lines and blank lines skipped)\n"
+    "  --negative-prompt TEXT negative prompt (default: empty)\n"
+    "  --steps N              inference steps (default 25)\n"
+    "  --guidance G           classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)\n"
+    "  --sampler NAME         ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | pndm (default: the model's)\n"
+    "  --seed S               seed of each prompt's first image; image k uses S + k (default 0)\n"
+    "  --width W --height H   image size, multiples of the model's latent factor x UNet downsampling\n"
+    "  --images N             images per prompt (default 1)\n"
+    "  --clip-skip K          use the text encoder's K-th layer from the end (default 0)\n"
+    "  --out DIR              output folder (default out/)\n"
+    "  --pipeline FILE        placement of stages on ranks (TOML; default: derived from the rank count)\n"
+    "  --device cpu|cuda      default device of every rank (default cpu)\n"
+    "  --dtype float32|float16|bfloat16  default dtype (GPU only for 16-bit; default float32)\n"
+    "  --transport mpi|nccl   transport between ranks (default mpi)\n"
+    "  --max-batch N          per-stage batch limit when no pipeline file is given (default 8)\n"
+    "  --threads N            CPU threads per rank (default: cores / ranks on the node)\n"
+    "  --timeout S            fail when nothing progresses for S seconds (default 600)\n"
+    "  --no-contact-sheet     do not write out/contact_sheet.png\n"
+    "  --quiet                no JSON lines on stdout\n"
+    "  --inject-failure STAGE:REQUEST[:crash]   testing aid: fail (or crash) there\n";
+
+std::vector<std::string> read_prompts(const std::string& path) {
+  DP_CHECK(file_exists(path), path, ": prompts file not found");
+  std::ifstream f(path);
+  std::vector<std::string> out;
+  std::string line;
+  while (std::getline(f, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    const auto a = line.find_first_not_of(" \t");
+    if (a == std::string::npos || line[a] == '#') continue;
+    out.push_back(line.substr(a));
+  }
+  DP_CHECK(!out.empty(), path, ": no prompts (one per line; '#' starts a comment)");
+  return out;
+}
+
+void make_dirs(const std::string& dir) {
+  std::string cur;
+  for (size_t i = 0; i <= dir.size(); ++i) {
+    if (i == dir.size() || dir[i] == '/') {
+      if (!cur.empty()) ::mkdir(cur.c_str(), 0755);
+    }
+    if (i < dir.size()) cur += dir[i];
+  }
+  DP_CHECK(dir_exists(dir), dir, ": cannot create output folder");
+}
+
+}  // namespace
+
+int generate_main(int argc, char** argv) {
+  for (int i = 0; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--help")) {
+      std::fputs(kHelp, stdout);
+      return 0;
+    }
+  cli::Args a("generate", argc, argv,
+              {"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler", "seed", "width",
+               "height", "images", "clip-skip", "out", "pipeline", "device", "dtype", "transport", "max-batch",
+               "threads", "timeout", "inject-failure"},
+              {"no-contact-sheet", "quiet"});
+  const auto& world = mpi::world();
+  const bool lead = world.rank == 0;
+  DP_CHECK(a.has("model"), "generate: --model DIR is required");
+  DP_CHECK(a.has("prompt") || a.has("prompts"), "generate: give --prompt TEXT or --prompts FILE");
+
+  // Requests (validated on every rank, so a bad file fails all ranks with one message).
+  std::vector<GenerationParams> requests;
+  Placement placement;
+  RunOptions opts;
+  run_on_all_ranks_or_fail([&] {
+    std::vector<std::string> prompts = a.all("prompt");
+    if (a.has("prompts"))
+      for (auto& p : read_prompts(a.str("prompts"))) prompts.push_back(p);
+    const int64_t images = a.integer("images", 1);
+    DP_CHECK(images >= 1 && images <= 100000, "generate: --images must be in [1, 100000]");
+    GenerationParams base;
+    base.negative_prompt = a.str("negative-prompt");
+    base.steps = static_cast<int>(a.integer("steps", 25));
+    base.guidance = a.number("guidance", 7.5);
+    base.sampler = a.str("sampler");
+    base.width = static_cast<int>(a.integer("width", 0));
+    base.height = static_cast<int>(a.integer("height", 0));
+    base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
+    DP_CHECK(a.integer("width", 0) >= 0 && a.integer("height", 0) >= 0, "generate: --width/--height must be positive");
+    if (!base.sampler.empty()) {
+      bool k;
+      (void)parse_sampler_name(base.sampler, &k);
+    }
+    const uint64_t seed = a.u64("seed", 0);
+    for (const auto& p : prompts)
+      for (int64_t k = 0; k < images; ++k) {
+        GenerationParams g = base;
+        g.prompt = p;
+        g.seed = seed + static_cast<uint64_t>(k);
+        requests.push_back(g);
+      }
+    RankSpec defaults;
+    defaults.device = a.str("device", "cpu");
+    defaults.dtype = a.str("dtype", "float32");
+    if (a.has("pipeline")) {
+      placement = Placement::load(a.str("pipeline"), world.size);
+    } else {
+      placement = Placement::derive(world.size, defaults);
+      placement.transport = a.str("transport", "mpi");
+      const int mb = static_cast<int>(a.integer("max-batch", 8));
+      for (auto& s : placement.stages) s.max_batch = mb;
+      placement.validate("command line");
+    }
+    SdModel::validate(a.str("model"));
+    opts.model_dir = a.str("model");
+    opts.placement = placement;
+    opts.timeout_s = a.number("timeout", 600);
+    DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
+    opts.inject_failure = a.str("inject-failure");
+  });
+
+  int threads = static_cast<int>(a.integer("threads", 0));
+  if (threads <= 0) {
+    const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    const int local = ls ? std::max(1, std::atoi(ls)) : 1;
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
+  }
+  at::set_num_threads(threads);
+
+  const std::string out_dir = a.str("out", "out");
+  std::ofstream jsonl;
+  if (lead) {
+    std::fputs(placement.describe().c_str(), stderr);
+    make_dirs(out_dir);
+    jsonl.open(path_join(out_dir, "images.jsonl"), std::ios::app);
+    DP_CHECK(jsonl.good(), path_join(out_dir, "images.jsonl"), ": cannot open for writing");
+  }
+  std::shared_ptr<Transport> transport;
+  if (world.size == 1) transport = make_inproc_world(1)[0];
+  else if (placement.transport == "nccl") transport = make_nccl_transport(world.local_rank);
+  else transport = make_mpi_transport();
+
+  const bool quiet = a.flag("quiet");
+  std::vector<Image> sheet(requests.size());
+  const auto stats = run_pipeline(opts, *transport, requests, [&](GeneratedImage&& gi) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "img-%05llu-seed%llu.png", static_cast<unsigned long long>(gi.index),
+                  static_cast<unsigned long long>(gi.params.seed));
+    write_png(path_join(out_dir, name), gi.image);
+    nlohmann::json j = params_to_json(gi.params);
+    j["index"] = gi.index;
+    j["file"] = path_join(out_dir, name);
+    j["width"] = gi.image.width;
+    j["height"] = gi.image.height;
+    j["latency_s"] = gi.latency_s;
+    j["denoise_rank"] = gi.denoise_rank;
+    const std::string line = j.dump();
+    jsonl << line << "\n";
+    jsonl.flush();
+    if (!quiet) std::printf("%s\n", line.c_str());
+    sheet[gi.index] = std::move(gi.image);
+  });
+  transport.reset();
+  if (lead) {
+    if (!a.flag("no-contact-sheet") && requests.size() > 1) {
+      bool same = true;
+      for (const auto& im : sheet) same = same && im.width == sheet[0].width && im.height == sheet[0].height;
+      if (same) {
+        const int cols = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(sheet.size()))));
+        write_png(path_join(out_dir, "contact_sheet.png"), contact_sheet(sheet, cols));
+      }
+    }
+    std::fprintf(stderr, "diffpipe: %zu image(s) in %.2f s (%.3f images/s) -> %s\n", stats.images, stats.wall_s,
+                 stats.images / std::max(stats.wall_s, 1e-9), out_dir.c_str());
+  }
+  return 0;
+}
+
+}  // namespace diffpipe::apps

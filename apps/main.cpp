@@ -1,0 +1,48 @@
+// diffpipe: text-to-image pipelines across ranks. `diffpipe <command> --help` for each command.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "commands.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/log.h"
+#include "diffpipe/runtime/mpi_env.h"
+
+namespace {
+void usage() {
+  std::fprintf(stderr,
+               "usage: diffpipe <command> [options]\n"
+               "commands:\n"
+               "  generate   text -> images, on one process or across ranks started by mpirun\n"
+               "run 'diffpipe <command> --help' for its options\n");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace diffpipe;
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  int rc = 0;
+  try {
+    const auto w = mpi::init(&argc, &argv);
+    if (w.size > 1) set_log_rank(w.rank);
+    if (cmd == "generate") {
+      rc = apps::generate_main(argc - 2, argv + 2);
+    } else {
+      std::fprintf(stderr, "diffpipe: unknown command '%s'\n", cmd.c_str());
+      usage();
+      rc = 2;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "diffpipe: error: %s\n", e.what());
+    std::fflush(stderr);
+    if (mpi::world().active && mpi::world().size > 1) mpi::abort(1);  // bring every rank down
+    mpi::finalize();
+    return 1;
+  }
+  mpi::finalize();
+  return rc;
+}

@@ -1,0 +1,46 @@
+// Placement: which ranks run which stage (several ranks for one stage = replicas), per-stage batch limits,
+// the transport, and each rank's device and dtype. Derived from the world size, or read from a pipeline
+// file (TOML subset, see docs/cluster.md) and validated in one place. Immutable after construction.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace diffpipe {
+
+enum class StageKind { Encode = 0, Denoise = 1, Decode = 2 };
+constexpr int kNumStages = 3;
+const char* stage_name(StageKind s);
+
+struct StageSpec {
+  std::vector<int> ranks;     // replicas
+  int max_batch = 8;          // requests per stage call (denoise: per UNet call)
+  int max_inflight = 0;       // per replica: requests queued or running; 0 = 2 x max_batch
+  double batch_wait_ms = 2;   // encoder/decoder: how long to wait to fill a batch
+  int inflight_limit() const { return max_inflight > 0 ? max_inflight : 2 * max_batch; }
+};
+
+struct RankSpec {
+  std::string device = "cpu";    // cpu | cuda (the GPU of the rank's local rank)
+  std::string dtype = "float32"; // float32 | float16 | bfloat16
+};
+
+struct Placement {
+  int world_size = 1;
+  std::string transport = "mpi";  // mpi | nccl (a 1-rank world always runs in-process)
+  StageSpec stages[kNumStages];
+  std::vector<RankSpec> ranks;
+
+  // 1 rank: every stage in one process (threads); 2: {encode, decode} + {denoise}; 3: one rank per stage;
+  // more: extra denoise replicas (encode = 0, decode = last, denoise = the rest).
+  static Placement derive(int world_size, const RankSpec& defaults = {});
+  // Reads and validates a pipeline file for a world of `world_size` ranks; errors name the file and field.
+  static Placement load(const std::string& path, int world_size);
+  void validate(const std::string& origin) const;
+
+  const StageSpec& stage(StageKind s) const { return stages[static_cast<int>(s)]; }
+  StageSpec& stage(StageKind s) { return stages[static_cast<int>(s)]; }
+  std::vector<StageKind> stages_on(int rank) const;
+  std::string describe() const;  // printed at start-up
+};
+
+}  // namespace diffpipe

@@ -1,0 +1,468 @@
+#include "diffpipe/cluster/pipeline_runner.h"
+
+#include <mpi.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "diffpipe/runtime/blocking_queue.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/log.h"
+#include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/stages/stages.h"
+
+namespace diffpipe {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+void run_on_all_ranks_or_fail(const std::function<void()>& step) {
+  std::string err;
+  try {
+    step();
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  if (!mpi::world().active) {
+    if (!err.empty()) throw Error(err);
+    return;
+  }
+  const int me = mpi::world().rank;
+  int mine = err.empty() ? INT32_MAX : me, first = INT32_MAX;
+  DP_MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  if (first == INT32_MAX) return;
+  int len = me == first ? static_cast<int>(err.size()) : 0;
+  DP_MPI_CHECK(MPI_Bcast(&len, 1, MPI_INT, first, MPI_COMM_WORLD));
+  std::string msg(len, '\0');
+  if (me == first) msg = err;
+  DP_MPI_CHECK(MPI_Bcast(msg.data(), len, MPI_CHAR, first, MPI_COMM_WORLD));
+  throw Error(msg);
+}
+
+namespace {
+
+struct Injection {
+  int stage = -1;
+  uint64_t request = 0;
+  bool crash = false;
+};
+
+Injection parse_injection(const std::string& s) {
+  Injection inj;
+  if (s.empty()) return inj;
+  const auto a = s.find(':');
+  DP_CHECK(a != std::string::npos, "--inject-failure: expected STAGE:REQUEST[:crash], got '", s, "'");
+  const std::string st = s.substr(0, a);
+  std::string rest = s.substr(a + 1);
+  const auto b = rest.find(':');
+  if (b != std::string::npos) {
+    DP_CHECK(rest.substr(b + 1) == "crash", "--inject-failure: the third part may only be 'crash'");
+    inj.crash = true;
+    rest = rest.substr(0, b);
+  }
+  for (int k = 0; k < kNumStages; ++k)
+    if (st == stage_name(static_cast<StageKind>(k))) inj.stage = k;
+  DP_CHECK(inj.stage >= 0, "--inject-failure: unknown stage '", st, "'");
+  inj.request = std::stoull(rest);
+  return inj;
+}
+
+// One rank's workers, inboxes and (on rank 0) coordinator.
+class RankNode {
+ public:
+  RankNode(const RunOptions& o, Transport& t, const SdModel& model)
+      : opts_(o), t_(t), model_(model), inj_(parse_injection(o.inject_failure)) {}
+
+  RunStats run(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
+    const auto t0 = Clock::now();
+    touch();
+    const int me = t_.rank();
+    for (StageKind s : opts_.placement.stages_on(me)) {
+      switch (s) {
+        case StageKind::Encode: threads_.emplace_back([this] { guarded(StageKind::Encode, [this] { encode_loop(); }); }); break;
+        case StageKind::Denoise: threads_.emplace_back([this] { guarded(StageKind::Denoise, [this] { denoise_loop(); }); }); break;
+        case StageKind::Decode: threads_.emplace_back([this] { guarded(StageKind::Decode, [this] { decode_loop(); }); }); break;
+      }
+    }
+    if (me == 0)
+      threads_.emplace_back([&] {
+        try {
+          coordinate(requests, on_result);
+        } catch (const std::exception& e) {
+          set_failure(std::string("coordinator: ") + e.what());
+        }
+      });
+    std::string failure;
+    try {
+      dispatch();
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    stop_ = true;
+    for (auto& q : inbox_) q.close();
+    coord_inbox_.close();
+    for (auto& th : threads_) th.join();
+    if (failure.empty()) failure = get_failure();
+    if (!failure.empty()) {
+      if (me == 0)  // tell everyone, so no rank waits for work that will never come
+        for (int r = 1; r < t_.size(); ++r) {
+          Message a;
+          a.kind = MsgKind::Abort;
+          a.fields = {{"why", failure}};
+          t_.send(r, a);
+        }
+      try {
+        t_.flush(2000ms);
+      } catch (...) {
+      }
+      throw Error(failure);
+    }
+    t_.flush(std::chrono::milliseconds(static_cast<int64_t>(opts_.timeout_s * 1000)));
+    RunStats st;
+    st.wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    st.images = images_done_;
+    for (int k = 0; k < kNumStages; ++k) st.busy_s[k] = busy_[k].load() / 1e6;
+    return st;
+  }
+
+ private:
+  // ---- failure bookkeeping
+  void set_failure(const std::string& what) {
+    std::lock_guard<std::mutex> lk(fail_mu_);
+    if (failure_.empty()) failure_ = what;
+    failed_ = true;
+  }
+  std::string get_failure() {
+    std::lock_guard<std::mutex> lk(fail_mu_);
+    return failure_;
+  }
+  void touch() { last_activity_us_ = now_us(); }
+  static int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+  }
+
+  // Runs a worker loop; an exception fails the request it was on and the whole job (issue: one failure
+  // ends every rank). The error goes to the coordinator, naming rank, stage and request.
+  void guarded(StageKind s, const std::function<void()>& loop) {
+    try {
+      loop();
+    } catch (const std::exception& e) {
+      const std::string what = detail::cat("rank ", t_.rank(), ", stage ", stage_name(s), ", request ",
+                                           current_[static_cast<int>(s)].load(), ": ", e.what());
+      DP_LOG(Error, what);
+      Message m;
+      m.kind = MsgKind::Error;
+      m.fields = {{"what", what}};
+      try {
+        t_.send(0, m);
+      } catch (...) {
+      }
+      set_failure(what);
+    }
+  }
+
+  void maybe_inject(StageKind s, uint64_t req) {
+    if (inj_.stage != static_cast<int>(s) || inj_.request != req) return;
+    if (inj_.crash) {
+      std::fprintf(stderr, "[diffpipe] rank %d: injected crash in stage %s on request %llu\n", t_.rank(),
+                   stage_name(s), static_cast<unsigned long long>(req));
+      std::fflush(stderr);
+      std::abort();
+    }
+    DP_FAIL("injected failure");
+  }
+
+  // ---- dispatcher (the rank's main thread): routes incoming messages to the local inboxes
+  void dispatch() {
+    const int64_t timeout_us = static_cast<int64_t>(opts_.timeout_s * 1e6);
+    while (true) {
+      if (failed_) throw Error(get_failure());
+      auto m = t_.recv(50ms);
+      if (!m) {
+        if (now_us() - last_activity_us_.load() > timeout_us && t_.rank() != 0)
+          DP_FAIL("rank ", t_.rank(), ": no message and no work for ", opts_.timeout_s,
+                  " s (is rank 0 alive?); stages here: ", stages_here());
+        continue;
+      }
+      touch();
+      switch (m->kind) {
+        case MsgKind::Encode: inbox_[0].push(std::move(*m)); break;
+        case MsgKind::Denoise: inbox_[1].push(std::move(*m)); break;
+        case MsgKind::Decode: inbox_[2].push(std::move(*m)); break;
+        case MsgKind::Result:
+        case MsgKind::Error: coord_inbox_.push(std::move(*m)); break;
+        case MsgKind::Shutdown: return;
+        case MsgKind::Abort:
+          DP_FAIL("rank ", t_.rank(), ": stopped because the job failed: ", m->fields.value("why", std::string("?")));
+        default: DP_FAIL("rank ", t_.rank(), ": unexpected message kind ", static_cast<int>(m->kind), " from rank ", m->src);
+      }
+    }
+  }
+  std::string stages_here() const {
+    std::string s;
+    for (auto k : opts_.placement.stages_on(t_.rank())) s += std::string(s.empty() ? "" : ", ") + stage_name(k);
+    return s;
+  }
+
+  // Pops one message, then whatever else arrives within the batch wait, up to max_batch.
+  std::vector<Message> take_batch(BlockingQueue<Message>& q, const StageSpec& spec) {
+    std::vector<Message> batch;
+    auto first = q.pop(50ms);
+    if (!first) return batch;
+    batch.push_back(std::move(*first));
+    const auto deadline = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(spec.batch_wait_ms * 1000));
+    while (static_cast<int>(batch.size()) < spec.max_batch) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      auto n = left.count() > 0 ? q.pop(left) : q.try_pop();
+      if (!n) break;
+      batch.push_back(std::move(*n));
+    }
+    return batch;
+  }
+
+  void add_busy(StageKind s, Clock::time_point since) {
+    busy_[static_cast<int>(s)] += std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - since).count();
+    touch();
+  }
+
+  // ---- stage workers
+  void encode_loop() {
+    TextEncodeStage stage(model_);
+    const auto& spec = opts_.placement.stage(StageKind::Encode);
+    while (!stop_) {
+      auto batch = take_batch(inbox_[0], spec);
+      if (batch.empty()) continue;
+      const auto t0 = Clock::now();
+      std::vector<GenerationParams> params;
+      for (const auto& m : batch) {
+        current_[0] = m.request;
+        params.push_back(params_from_json(m.fields.at("params")));
+        maybe_inject(StageKind::Encode, m.request);
+      }
+      std::vector<const GenerationParams*> ptrs;
+      for (const auto& p : params) ptrs.push_back(&p);
+      auto embs = stage.run(ptrs);
+      add_busy(StageKind::Encode, t0);
+      for (size_t i = 0; i < batch.size(); ++i) {
+        Message out;
+        out.kind = MsgKind::Denoise;
+        out.request = batch[i].request;
+        out.fields = batch[i].fields;
+        out.tensors.push_back(embs[i].cond.contiguous());
+        if (embs[i].uncond.defined()) out.tensors.push_back(embs[i].uncond.contiguous());
+        t_.send(batch[i].fields.at("route").at(1).get<int>(), std::move(out));
+      }
+    }
+  }
+
+  struct Active {
+    DenoiseState state;
+    nlohmann::json fields;
+  };
+
+  void denoise_loop() {
+    DenoiseStage stage(model_);
+    const auto& spec = opts_.placement.stage(StageKind::Denoise);
+    std::vector<Active> active;
+    auto admit = [&](Message m) {
+      current_[1] = m.request;
+      maybe_inject(StageKind::Denoise, m.request);
+      const GenerationParams p = params_from_json(m.fields.at("params"));
+      Embeddings e;
+      DP_CHECK(!m.tensors.empty(), "denoise: no embeddings received");
+      e.cond = m.tensors[0].to(model_.spec.device, model_.spec.dtype);
+      if (m.tensors.size() > 1) e.uncond = m.tensors[1].to(model_.spec.device, model_.spec.dtype);
+      active.push_back({make_denoise_state(model_, p, e, m.request), std::move(m.fields)});
+    };
+    while (!stop_) {
+      if (active.empty()) {
+        auto m = inbox_[1].pop(50ms);
+        if (!m) continue;
+        admit(std::move(*m));
+      }
+      while (static_cast<int>(active.size()) < spec.max_batch) {  // new requests join at the next iteration
+        auto m = inbox_[1].try_pop();
+        if (!m) break;
+        admit(std::move(*m));
+      }
+      const auto t0 = Clock::now();
+      std::vector<DenoiseState*> batch;
+      for (auto& a : active) batch.push_back(&a.state);
+      current_[1] = active.front().state.id;
+      stage.step(batch);
+      add_busy(StageKind::Denoise, t0);
+      for (auto it = active.begin(); it != active.end();) {  // finished requests leave at once
+        if (!it->state.done()) {
+          ++it;
+          continue;
+        }
+        Message out;
+        out.kind = MsgKind::Decode;
+        out.request = it->state.id;
+        out.fields = std::move(it->fields);
+        out.fields["denoise_rank"] = t_.rank();
+        out.tensors.push_back(it->state.latents.contiguous());
+        const int dst = out.fields.at("route").at(2).get<int>();
+        t_.send(dst, std::move(out));
+        it = active.erase(it);
+      }
+    }
+  }
+
+  void decode_loop() {
+    DecodeStage stage(model_);
+    const auto& spec = opts_.placement.stage(StageKind::Decode);
+    while (!stop_) {
+      auto batch = take_batch(inbox_[2], spec);
+      if (batch.empty()) continue;
+      // group by latent shape (one VAE call per shape)
+      std::map<std::vector<int64_t>, std::vector<size_t>> groups;
+      for (size_t i = 0; i < batch.size(); ++i) groups[batch[i].tensors.at(0).sizes().vec()].push_back(i);
+      for (const auto& [shape, idx] : groups) {
+        const auto t0 = Clock::now();
+        std::vector<at::Tensor> lat;
+        for (size_t i : idx) {
+          current_[2] = batch[i].request;
+          maybe_inject(StageKind::Decode, batch[i].request);
+          lat.push_back(batch[i].tensors[0].to(model_.spec.device, at::kFloat));
+        }
+        at::Tensor imgs = stage.run_uint8(lat).cpu();
+        add_busy(StageKind::Decode, t0);
+        for (size_t k = 0; k < idx.size(); ++k) {
+          Message out;
+          out.kind = MsgKind::Result;
+          out.request = batch[idx[k]].request;
+          out.fields = std::move(batch[idx[k]].fields);
+          out.tensors.push_back(imgs[k].contiguous());
+          t_.send(0, std::move(out));
+        }
+      }
+    }
+  }
+
+  // ---- coordinator (rank 0)
+  void coordinate(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
+    const auto& P = opts_.placement;
+    std::map<int, int> load[kNumStages];
+    for (int s = 0; s < kNumStages; ++s)
+      for (int r : P.stages[s].ranks) load[s][r] = 0;
+    struct Outstanding {
+      int route[kNumStages];
+      Clock::time_point admitted;
+    };
+    std::map<uint64_t, Outstanding> outstanding;
+    size_t next = 0, done = 0;
+    auto last_progress = Clock::now();
+    auto least = [&](int s) {
+      int best = -1;
+      for (auto& [r, l] : load[s])
+        if (best < 0 || l < load[s][best]) best = r;
+      return best;
+    };
+    while (done < requests.size()) {
+      if (stop_) return;
+      // admission: bounded in-flight work per denoise replica
+      while (next < requests.size()) {
+        const int d = least(1);
+        if (load[1][d] >= P.stage(StageKind::Denoise).inflight_limit()) break;
+        Outstanding o;
+        o.route[0] = least(0);
+        o.route[1] = d;
+        o.route[2] = least(2);
+        o.admitted = Clock::now();
+        for (int s = 0; s < kNumStages; ++s) ++load[s][o.route[s]];
+        Message m;
+        m.kind = MsgKind::Encode;
+        m.request = next;
+        m.fields = {{"params", params_to_json(requests[next])}, {"route", {o.route[0], o.route[1], o.route[2]}}};
+        outstanding[next] = o;
+        t_.send(o.route[0], std::move(m));
+        ++next;
+      }
+      auto m = coord_inbox_.pop(50ms);
+      if (!m) {
+        const double idle = std::chrono::duration<double>(Clock::now() - last_progress).count();
+        if (idle > opts_.timeout_s) {
+          std::string pending;
+          for (auto& [id, o] : outstanding)
+            pending += detail::cat(pending.empty() ? "" : "; ", "request ", id, " (encode rank ", o.route[0],
+                                   ", denoise rank ", o.route[1], ", decode rank ", o.route[2], ")");
+          DP_FAIL("no progress for ", opts_.timeout_s, " s; waiting on ", pending);
+        }
+        continue;
+      }
+      last_progress = Clock::now();
+      if (m->kind == MsgKind::Error) DP_FAIL(m->fields.value("what", std::string("unknown error")));
+      // Result
+      auto it = outstanding.find(m->request);
+      DP_CHECK(it != outstanding.end(), "result for unknown request ", m->request, " from rank ", m->src);
+      GeneratedImage gi;
+      gi.index = m->request;
+      gi.params = params_from_json(m->fields.at("params"));
+      gi.denoise_rank = m->fields.value("denoise_rank", -1);
+      gi.latency_s = std::chrono::duration<double>(Clock::now() - it->second.admitted).count();
+      const at::Tensor img = m->tensors.at(0).contiguous();
+      gi.image.height = static_cast<int>(img.size(0));
+      gi.image.width = static_cast<int>(img.size(1));
+      gi.image.channels = 3;
+      gi.image.pixels.resize(img.numel());
+      std::memcpy(gi.image.pixels.data(), img.data_ptr<uint8_t>(), img.numel());
+      for (int s = 0; s < kNumStages; ++s) --load[s][it->second.route[s]];
+      outstanding.erase(it);
+      on_result(std::move(gi));
+      ++done;
+      images_done_ = done;
+    }
+    for (int r = 0; r < t_.size(); ++r) {
+      Message s;
+      s.kind = MsgKind::Shutdown;
+      t_.send(r, s);
+    }
+  }
+
+  const RunOptions& opts_;
+  Transport& t_;
+  const SdModel& model_;
+  Injection inj_;
+  BlockingQueue<Message> inbox_[kNumStages];
+  BlockingQueue<Message> coord_inbox_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stop_{false}, failed_{false};
+  std::mutex fail_mu_;
+  std::string failure_;
+  std::atomic<uint64_t> current_[kNumStages] = {0, 0, 0};
+  std::atomic<int64_t> busy_[kNumStages] = {0, 0, 0};
+  std::atomic<int64_t> last_activity_us_{0};
+  std::atomic<size_t> images_done_{0};
+};
+
+}  // namespace
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result) {
+  // Each rank loads only what its stages need; a load failure anywhere fails every rank with one message.
+  SdModel model;
+  const int me = transport.rank();
+  const RankSpec& rs = opts.placement.ranks.at(me);
+  run_on_all_ranks_or_fail([&] {
+    DeviceSpec spec;
+    if (rs.device == "cuda") {
+      const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+      DP_CHECK(n > 0, "rank ", me, ": device \"cuda\" requested but no GPU is visible");
+      spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(mpi::world().local_rank % n));
+    }
+    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    unsigned comps = 0;
+    for (auto s : opts.placement.stages_on(me))
+      comps |= s == StageKind::Encode ? kTextEncoder : s == StageKind::Denoise ? kUNet : kVae;
+    model = SdModel::load(opts.model_dir, spec, comps);
+    if (me == 0)
+      for (const auto& p : requests) (void)resolve_params(model, p);  // bad settings fail before any work
+  });
+  RankNode node(opts, transport, model);
+  return node.run(requests, on_result);
+}
+
+}  // namespace diffpipe
