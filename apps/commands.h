@@ -4,5 +4,6 @@
 namespace diffpipe::apps {
 
 int generate_main(int argc, char** argv);
+int init_model_main(int argc, char** argv);
 
 }  // namespace diffpipe::apps

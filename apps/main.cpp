@@ -14,6 +14,7 @@ void usage() {
                "usage: diffpipe <command> [options]\n"
                "commands:\n"
                "  generate   text -> images, on one process or across ranks started by mpirun\n"
+               "  init-model write a randomly initialised tiny model (diffusers layout)\n"
                "run 'diffpipe <command> --help' for its options\n");
 }
 }  // namespace
@@ -31,11 +32,17 @@ int main(int argc, char** argv) {
     if (w.size > 1) set_log_rank(w.rank);
     if (cmd == "generate") {
       rc = apps::generate_main(argc - 2, argv + 2);
+    } else if (cmd == "init-model") {
+      rc = apps::init_model_main(argc - 2, argv + 2);
     } else {
       std::fprintf(stderr, "diffpipe: unknown command '%s'\n", cmd.c_str());
       usage();
       rc = 2;
     }
+  } catch (const AgreedError& e) {  // every rank has it: one message, clean exit code 1 everywhere
+    if (mpi::world().rank == 0) std::fprintf(stderr, "diffpipe: error: %s\n", e.what());
+    mpi::finalize();
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "diffpipe: error: %s\n", e.what());
     std::fflush(stderr);

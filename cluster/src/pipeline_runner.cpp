@@ -38,7 +38,7 @@ void run_on_all_ranks_or_fail(const std::function<void()>& step) {
   std::string msg(len, '\0');
   if (me == first) msg = err;
   DP_MPI_CHECK(MPI_Bcast(msg.data(), len, MPI_CHAR, first, MPI_COMM_WORLD));
-  throw Error(msg);
+  throw AgreedError(msg);
 }
 
 namespace {

@@ -1,9 +1,11 @@
 #include "diffpipe/stages/weights.h"
 
+#include <cmath>
 #include <sstream>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/philox.h"
 #include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
 
@@ -42,9 +44,37 @@ Weights Weights::from_map(std::map<std::string, at::Tensor> tensors, const std::
   return w;
 }
 
+Weights Weights::initializer(uint64_t seed, const DeviceSpec& spec) {
+  Weights w = from_map({}, "<random init, seed " + std::to_string(seed) + ">");
+  w.state_->create = true;
+  w.state_->seed = seed;
+  w.state_->spec = spec;
+  return w;
+}
+
 at::Tensor Weights::get(const std::string& key, const std::vector<int64_t>& shape) const {
   const std::string full = prefix_ + key;
   auto it = state_->tensors.find(full);
+  if (it == state_->tensors.end() && state_->create) {
+    // stream: a hash of the key, so each tensor's values do not depend on creation order
+    uint64_t h = 1469598103934665603ull;
+    for (char c : full) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ull;
+    at::Tensor t;
+    const bool is_bias = full.size() >= 5 && full.compare(full.size() - 5, 5, ".bias") == 0;
+    if (is_bias) {
+      t = at::zeros(shape, at::TensorOptions().dtype(at::kFloat));
+    } else if (shape.size() == 1) {
+      t = at::ones(shape, at::TensorOptions().dtype(at::kFloat));
+    } else {
+      t = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+      philox_normal(state_->seed, h, t.data_ptr<float>(), t.numel());
+      int64_t fan_in = 1;
+      for (size_t d = 1; d < shape.size(); ++d) fan_in *= shape[d];
+      const bool embedding = full.find("embedding") != std::string::npos;
+      t.mul_(embedding ? 0.02 : 1.0 / std::sqrt(static_cast<double>(fan_in)));
+    }
+    it = state_->tensors.emplace(full, t.to(state_->spec.device, state_->spec.dtype)).first;
+  }
   DP_CHECK(it != state_->tensors.end(), state_->origin, ": missing tensor '", full, "' (expected shape ",
            shape_str(shape), ")");
   at::Tensor t = it->second;

@@ -14,6 +14,12 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// An error every rank raised together (start-up agreement): rank 0 reports it, the others stay quiet.
+class AgreedError : public Error {
+ public:
+  explicit AgreedError(const std::string& what) : Error(what) {}
+};
+
 namespace detail {
 template <typename... Args>
 std::string cat(Args&&... args) {

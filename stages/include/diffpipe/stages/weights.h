@@ -24,6 +24,13 @@ class Weights {
   // Wraps tensors already in memory (tests, training).
   static Weights from_map(std::map<std::string, at::Tensor> tensors, const std::string& origin);
 
+  // An empty set that creates every tensor a model asks for, initialised from `seed` (counter-based, so
+  // the same seed gives the same weights anywhere): 1-D "weight" -> ones, "bias" -> zeros, embeddings
+  // N(0, 0.02), other weights N(0, 1/fan_in). Building a model on it yields a complete random model whose
+  // keys and shapes come from the model code itself (see all()).
+  static Weights initializer(uint64_t seed, const DeviceSpec& spec = {});
+  const std::map<std::string, at::Tensor>& all() const { return state_->tensors; }
+
   // The tensor `prefix + key` with exactly `shape`; throws naming the file, the key and both shapes.
   at::Tensor get(const std::string& key, const std::vector<int64_t>& shape) const;
   bool has(const std::string& key) const;
@@ -39,6 +46,9 @@ class Weights {
     std::string origin;
     std::map<std::string, at::Tensor> tensors;
     std::set<std::string> used;
+    bool create = false;  // initializer mode
+    uint64_t seed = 0;
+    DeviceSpec spec;
   };
   std::shared_ptr<State> state_;
   std::string prefix_;

@@ -1,0 +1,169 @@
+#include "diffpipe/stages/model_writer.h"
+
+#include <sys/stat.h>
+
+#include <fstream>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/unet.h"
+#include "diffpipe/stages/vae.h"
+
+namespace diffpipe {
+
+namespace {
+void mkdir_p(const std::string& dir) {
+  std::string cur;
+  for (size_t i = 0; i <= dir.size(); ++i) {
+    if ((i == dir.size() || dir[i] == '/') && !cur.empty()) ::mkdir(cur.c_str(), 0755);
+    if (i < dir.size()) cur += dir[i];
+  }
+  DP_CHECK(dir_exists(dir), dir, ": cannot create folder");
+}
+
+std::string byte_symbol(int b) {  // bytes_to_unicode, as UTF-8
+  static const std::vector<std::string> table = [] {
+    std::vector<int> cp(256, -1);
+    for (int x = '!'; x <= '~'; ++x) cp[x] = x;
+    for (int x = 0xA1; x <= 0xAC; ++x) cp[x] = x;
+    for (int x = 0xAE; x <= 0xFF; ++x) cp[x] = x;
+    int n = 0;
+    for (int x = 0; x < 256; ++x)
+      if (cp[x] < 0) cp[x] = 256 + n++;
+    std::vector<std::string> out(256);
+    for (int x = 0; x < 256; ++x) {
+      const int c = cp[x];
+      std::string s;
+      if (c < 0x80) s += static_cast<char>(c);
+      else {
+        s += static_cast<char>(0xC0 | (c >> 6));
+        s += static_cast<char>(0x80 | (c & 0x3F));
+      }
+      out[x] = s;
+    }
+    return out;
+  }();
+  return table[b];
+}
+}  // namespace
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    DP_CHECK(f.good(), tmp, ": cannot open for writing");
+    f << j.dump(2) << "\n";
+    DP_CHECK(f.good(), tmp, ": write failed");
+  }
+  DP_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, path, ": rename failed");
+}
+
+int64_t write_clip_tokenizer(const std::string& dir, const std::vector<std::string>& merges) {
+  mkdir_p(dir);
+  nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
+  int64_t id = 0;
+  for (int b = 0; b < 256; ++b) vocab[byte_symbol(b)] = id++;
+  for (int b = 0; b < 256; ++b) vocab[byte_symbol(b) + "</w>"] = id++;
+  for (const auto& m : merges) {
+    const auto sp = m.find(' ');
+    DP_CHECK(sp != std::string::npos, "tokenizer merge '", m, "' needs two symbols");
+    const std::string merged = m.substr(0, sp) + m.substr(sp + 1);
+    if (!vocab.contains(merged)) vocab[merged] = id++;
+  }
+  vocab["<|startoftext|>"] = id++;
+  vocab["<|endoftext|>"] = id++;
+  {
+    std::ofstream f(path_join(dir, "vocab.json"));
+    f << vocab.dump() << "\n";
+  }
+  {
+    std::ofstream f(path_join(dir, "merges.txt"));
+    f << "#version: 0.2\n";
+    for (const auto& m : merges) f << m << "\n";
+  }
+  write_json(path_join(dir, "tokenizer_config.json"),
+             {{"bos_token", "<|startoftext|>"}, {"eos_token", "<|endoftext|>"}, {"pad_token", "<|endoftext|>"},
+              {"unk_token", "<|endoftext|>"}, {"model_max_length", 77}, {"tokenizer_class", "CLIPTokenizer"}});
+  return id;
+}
+
+void write_component(const std::string& dir, const nlohmann::json& config, const std::string& weights_name,
+                     const std::map<std::string, at::Tensor>& weights) {
+  mkdir_p(dir);
+  write_json(path_join(dir, "config.json"), config);
+  std::map<std::string, at::Tensor> cpu;
+  for (const auto& [k, v] : weights) cpu[k] = v.detach().to(at::kCPU).contiguous();
+  save_safetensors(path_join(dir, weights_name), cpu, {{"format", "pt"}});
+}
+
+void write_random_model(const std::string& dir, const RandomModelOptions& o) {
+  mkdir_p(dir);
+  write_json(path_join(dir, "model_index.json"),
+             {{"_class_name", "StableDiffusionPipeline"},
+              {"text_encoder", {"transformers", "CLIPTextModel"}},
+              {"tokenizer", {"transformers", "CLIPTokenizer"}},
+              {"unet", {"diffusers", "UNet2DConditionModel"}},
+              {"vae", {"diffusers", "AutoencoderKL"}},
+              {"scheduler", {"diffusers", o.scheduler_class}}});
+  const int64_t vocab = write_clip_tokenizer(path_join(dir, "tokenizer"));
+  // text encoder
+  nlohmann::json tc = {{"architectures", {"CLIPTextModel"}}, {"model_type", "clip_text_model"},
+                       {"vocab_size", vocab}, {"hidden_size", 32}, {"intermediate_size", 64},
+                       {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"max_position_embeddings", 77},
+                       {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5}, {"bos_token_id", vocab - 2},
+                       {"eos_token_id", vocab - 1}, {"pad_token_id", vocab - 1}};
+  {
+    Weights w = Weights::initializer(o.seed * 3 + 1);
+    ClipTextConfig cfg;
+    cfg.vocab_size = vocab;
+    cfg.hidden_size = 32;
+    cfg.intermediate_size = 64;
+    cfg.num_hidden_layers = 2;
+    cfg.num_attention_heads = 4;
+    cfg.eos_token_id = vocab - 1;
+    ClipTextModel m(cfg, w.sub("text_model"));
+    write_component(path_join(dir, "text_encoder"), tc, "model.safetensors", w.all());
+  }
+  nlohmann::json uc = {{"_class_name", "UNet2DConditionModel"}, {"in_channels", 4}, {"out_channels", 4},
+                       {"block_out_channels", {32, 64}},
+                       {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
+                       {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
+                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"layers_per_block", 1},
+                       {"attention_head_dim", 4}, {"cross_attention_dim", 32}, {"norm_num_groups", 32},
+                       {"norm_eps", 1e-5}, {"flip_sin_to_cos", true}, {"freq_shift", 0}, {"sample_size", 8},
+                       {"act_fn", "silu"}, {"use_linear_projection", false}, {"upcast_attention", false}};
+  {
+    const std::string p = path_join(dir, "unet");
+    mkdir_p(p);
+    write_json(path_join(p, "config.json"), uc);
+    const UNetConfig cfg = UNetConfig::load(path_join(p, "config.json"));
+    Weights w = Weights::initializer(o.seed * 3 + 2);
+    UNet2DConditionModel m(cfg, w);
+    write_component(p, uc, "diffusion_pytorch_model.safetensors", w.all());
+  }
+  nlohmann::json vc = {{"_class_name", "AutoencoderKL"}, {"in_channels", 3}, {"out_channels", 3},
+                       {"latent_channels", 4}, {"block_out_channels", {32, 64}}, {"layers_per_block", 1},
+                       {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D"}},
+                       {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D"}}, {"norm_num_groups", 32},
+                       {"act_fn", "silu"}, {"scaling_factor", 0.18215}, {"sample_size", 16}};
+  {
+    const std::string p = path_join(dir, "vae");
+    mkdir_p(p);
+    write_json(path_join(p, "config.json"), vc);
+    const VaeConfig cfg = VaeConfig::load(path_join(p, "config.json"));
+    Weights w = Weights::initializer(o.seed * 3 + 3);
+    AutoencoderKL m(cfg, w, true);
+    write_component(p, vc, "diffusion_pytorch_model.safetensors", w.all());
+  }
+  const std::string sp = path_join(dir, "scheduler");
+  mkdir_p(sp);
+  write_json(path_join(sp, "scheduler_config.json"),
+             {{"_class_name", o.scheduler_class}, {"num_train_timesteps", 1000}, {"beta_start", 0.00085},
+              {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"}, {"clip_sample", false},
+              {"set_alpha_to_one", false}, {"steps_offset", 1}, {"prediction_type", o.prediction_type},
+              {"timestep_spacing", o.timestep_spacing}, {"skip_prk_steps", true}});
+}
+
+}  // namespace diffpipe

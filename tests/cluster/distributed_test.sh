@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Distributed pipeline tests: launches mpirun itself with 1..5 ranks.
+#   distributed_test.sh DIFFPIPE_BIN MODEL|random|golden WORKDIR
+# Checks: identical images across rank counts and a pipeline file (float32, CPU, same batches and threads),
+# clean shutdown (every rank exits 0), failure propagation (a thrown error and a crash end every rank
+# non-zero within a bounded time, naming rank, stage and request), and bad pipeline files.
+# Exit 77 = skipped (reference folder absent).
+set -u
+BIN=$1; MODEL=$2; WORK=$3
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN="mpirun --oversubscribe"
+rm -rf "$WORK"; mkdir -p "$WORK"
+fails=0; passed=0
+ok()   { echo "ok: $*"; passed=$((passed+1)); }
+bad()  { echo "FAIL: $*"; fails=$((fails+1)); }
+
+if [ "$MODEL" = random ]; then
+  MODEL=$WORK/model
+  "$BIN" init-model --out "$MODEL" --seed 7 || { echo "FAIL: init-model"; exit 1; }
+  STEPS=6
+elif [ "$MODEL" = golden ]; then
+  MODEL=${DIFFPIPE_GOLDEN:-$(dirname "$0")/../../../shared/golden/tiny-sd}/model
+  [ -d "$MODEL" ] || { echo "SKIP: reference folder $MODEL is absent (set DIFFPIPE_GOLDEN)"; exit 77; }
+  STEPS=8
+fi
+printf 'a red circle at the top left\na blue square\n# a comment\n\na green triangle on a black background\n' > "$WORK/prompts.txt"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps $STEPS --seed 11 --threads 1 --quiet --timeout 60)
+
+# 1) identical images for every rank count (max_batch 1: every stage sees the same batches)
+for np in 1 2 3 4 5; do
+  out=$WORK/np$np
+  if timeout 300 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --max-batch 1 --out "$out" 2> "$WORK/np$np.log"; then
+    n=$(ls "$out"/img-*.png 2>/dev/null | wc -l)
+    [ "$n" = 6 ] && ok "np=$np clean exit, 6 images" || bad "np=$np wrote $n images"
+  else
+    bad "np=$np exit code $?"; tail -5 "$WORK/np$np.log"
+  fi
+done
+for np in 2 3 4 5; do
+  same=1
+  for f in "$WORK"/np1/img-*.png; do cmp -s "$f" "$WORK/np$np/$(basename "$f")" || { same=0; echo "  differs: np$np $(basename "$f")"; }; done
+  [ $same = 1 ] && ok "np=$np images byte-identical to the single-process run" || bad "np=$np images differ"
+done
+
+# 2) a pipeline file: 4 ranks, two denoise replicas, encoder and decoder sharing rank 0
+cat > "$WORK/pipeline.toml" <<'TOML'
+transport = "mpi"   # CPU ranks
+[encode]
+ranks = [0]
+max_batch = 1
+[denoise]
+ranks = [1, 2, 3]
+max_batch = 1
+[decode]
+ranks = [0]
+max_batch = 1
+TOML
+if timeout 300 $MPIRUN -np 4 "$BIN" "${COMMON[@]}" --pipeline "$WORK/pipeline.toml" --out "$WORK/pf" 2> "$WORK/pf.log"; then
+  same=1
+  for f in "$WORK"/np1/img-*.png; do cmp -s "$f" "$WORK/pf/$(basename "$f")" || same=0; done
+  [ $same = 1 ] && ok "pipeline file: images identical" || bad "pipeline file: images differ"
+  grep -q '"denoise_rank":3' "$WORK/pf/images.jsonl" && ok "pipeline file: replicas share the work" || bad "replica 3 got no work"
+else
+  bad "pipeline file run failed"; tail -5 "$WORK/pf.log"
+fi
+
+# 3) failure propagation: a thrown error on rank 1 (denoise) and a crash on the decoder
+expect_failure() {  # name np inject expected-text
+  local name=$1 np=$2 inj=$3 want=$4
+  local t0=$(date +%s)
+  timeout 120 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --inject-failure "$inj" --out "$WORK/$name" > "$WORK/$name.log" 2>&1
+  local rc=$? dt=$(( $(date +%s) - t0 ))
+  if [ $rc = 0 ]; then bad "$name: exit 0 despite the injected failure"
+  elif [ $rc = 124 ]; then bad "$name: hung (killed by timeout)"
+  elif ! grep -q "$want" "$WORK/$name.log"; then bad "$name: message lacks '$want'"; tail -5 "$WORK/$name.log"
+  else ok "$name: every rank stopped (rc $rc) in ${dt}s, message names '$want'"; fi
+}
+expect_failure fail-throw 3 denoise:1 "rank 1, stage denoise, request 1"
+expect_failure fail-crash 3 decode:2:crash "stage decode on request 2"
+expect_failure fail-encode-np1 1 encode:0 "rank 0, stage encode, request 0"
+
+# 4) bad pipeline files: a clear message, non-zero exit, no hang
+bad_pipeline() {  # name np content expected-text
+  local name=$1 np=$2 content=$3 want=$4
+  printf '%s\n' "$content" > "$WORK/$name.toml"
+  timeout 60 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --pipeline "$WORK/$name.toml" --out "$WORK/$name" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  if [ $rc = 0 ] || [ $rc = 124 ]; then bad "$name: rc $rc"
+  elif [ "$(grep -c "diffpipe: error" "$WORK/$name.log")" != 1 ]; then bad "$name: expected one error message"
+  elif grep -q "$want" "$WORK/$name.log"; then ok "$name: rejected ('$want')"
+  else bad "$name: message lacks '$want'"; cat "$WORK/$name.log" | tail -3; fi
+}
+bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[upscale]\nranks=[1]' "unknown stage or key 'upscale'"
+bad_pipeline rank-range 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[5]\n[decode]\nranks=[0]' "rank 5 is out of range"
+bad_pipeline no-rank 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[]\n[decode]\nranks=[1]' "stage 'denoise' has no rank"
+bad_pipeline extra-ranks 3 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]' "more ranks than needed: rank(s) 2"
+bad_pipeline syntax 2 $'[encode]\nranks = [0\n' "syntax.toml:2: expected ',' or ']'"
+
+# 5) a bad model folder fails every rank with one message
+timeout 60 $MPIRUN -np 3 "$BIN" generate --model "$WORK/no-such-model" --prompt x --out "$WORK/nm" > "$WORK/nm.log" 2>&1
+rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "no-such-model: model folder not found" "$WORK/nm.log"; } \
+  && ok "missing model folder rejected on all ranks" || bad "missing model folder: rc $rc"
+
+echo "$passed passed, $fails failed"
+[ $fails = 0 ]
