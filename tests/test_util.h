@@ -8,7 +8,7 @@
 
 #include "diffpipe/runtime/json_config.h"
 
-namespace diffpipe::testing {
+namespace diffpipe::test {
 
 // The reference folder: $DIFFPIPE_GOLDEN or ../shared/golden/tiny-sd beside the source tree.
 inline std::string golden_dir() {
@@ -17,7 +17,7 @@ inline std::string golden_dir() {
 }
 
 #define DP_REQUIRE_GOLDEN(dir)                                                                            \
-  const std::string dir = ::diffpipe::testing::golden_dir();                                             \
+  const std::string dir = ::diffpipe::test::golden_dir();                                             \
   if (!::diffpipe::dir_exists(dir + "/model"))                                                           \
   GTEST_SKIP() << "reference folder " << dir << " is absent (set DIFFPIPE_GOLDEN to a folder in the "     \
                << "shared/golden layout to run this test)"
@@ -37,4 +37,4 @@ inline std::string scratch_dir(const std::string& name) {
   return d;
 }
 
-}  // namespace diffpipe::testing
+}  // namespace diffpipe::test

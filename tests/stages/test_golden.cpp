@@ -13,7 +13,7 @@
 #include "test_util.h"
 
 using namespace diffpipe;
-using diffpipe::testing::rel_err;
+using diffpipe::test::rel_err;
 
 namespace {
 struct Golden {

@@ -1,2 +1,119 @@
+// Sampler schedules and steps: exact algebra on constructed inputs (golden checks are in test_golden.cpp).
+#include <fstream>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/stages/model_writer.h"
 #include "diffpipe/stages/sampler.h"
 #include "test_util.h"
+
+using namespace diffpipe;
+
+namespace {
+SchedulerConfig sd_config(const std::string& spacing, const std::string& prediction = "epsilon") {
+  SchedulerConfig c;
+  c.steps_offset = 1;
+  c.timestep_spacing = spacing;
+  c.prediction_type = prediction;
+  return c;
+}
+std::vector<double> ints(std::initializer_list<int> v) { return std::vector<double>(v.begin(), v.end()); }
+}  // namespace
+
+TEST(Sampler, TimestepSpacings) {
+  EXPECT_EQ(Sampler::create(SamplerKind::DDIM, sd_config("leading"), 4)->timesteps(), ints({751, 501, 251, 1}));
+  EXPECT_EQ(Sampler::create(SamplerKind::DDIM, sd_config("trailing"), 4)->timesteps(), ints({999, 749, 499, 249}));
+  EXPECT_EQ(Sampler::create(SamplerKind::DDIM, sd_config("linspace"), 4)->timesteps(), ints({999, 666, 333, 0}));
+  // PNDM (PLMS): one extra call, the second timestep repeated
+  EXPECT_EQ(Sampler::create(SamplerKind::PNDM, sd_config("leading"), 4)->timesteps(), ints({751, 501, 501, 251, 1}));
+  // DPM-Solver: linspace over steps + 1 points, the last dropped
+  EXPECT_EQ(Sampler::create(SamplerKind::DPMSolverMultistep, sd_config("linspace"), 4)->timesteps(),
+            ints({999, 749, 500, 250}));
+}
+
+TEST(Sampler, EulerSigmasAndInitNoise) {
+  auto s = Sampler::create(SamplerKind::Euler, sd_config("leading"), 10);
+  const auto& sig = s->sigmas();
+  ASSERT_EQ(sig.size(), 11u);
+  EXPECT_EQ(sig.back(), 0.0);
+  for (size_t i = 1; i < sig.size(); ++i) EXPECT_LT(sig[i], sig[i - 1]);
+  EXPECT_NEAR(s->init_noise_sigma(), std::sqrt(sig[0] * sig[0] + 1), 1e-9);  // leading spacing
+  auto lin = Sampler::create(SamplerKind::Euler, sd_config("linspace"), 10);
+  EXPECT_NEAR(lin->init_noise_sigma(), lin->sigmas()[0], 1e-9);
+}
+
+TEST(Sampler, KarrasSigmasFollowTheRhoSchedule) {
+  auto s = Sampler::create(SamplerKind::DPMSolverMultistep, sd_config("linspace"), 8, /*karras=*/true);
+  const auto& sig = s->sigmas();
+  ASSERT_EQ(sig.size(), 9u);
+  const double smax = sig.front(), smin = sig[7], rho = 7;
+  for (int i = 0; i < 8; ++i) {
+    const double want = std::pow(std::pow(smax, 1 / rho) + i / 7.0 * (std::pow(smin, 1 / rho) - std::pow(smax, 1 / rho)), rho);
+    EXPECT_NEAR(sig[i], want, want * 1e-6) << i;
+  }
+  EXPECT_GT(smax, 10.0);  // sqrt((1 - a_999) / a_999) of SD's schedule is about 14.6
+  EXPECT_LT(smin, 0.05);
+  const auto& ts = s->timesteps();
+  for (size_t i = 1; i < ts.size(); ++i) EXPECT_LE(ts[i], ts[i - 1]);
+}
+
+// With the exact noise as the model output, deterministic samplers reproduce the forward process exactly:
+// DDIM maps x_t = sqrt(a_t) x0 + sqrt(1-a_t) e to sqrt(a_prev) x0 + sqrt(1-a_prev) e.
+TEST(Sampler, DdimIsExactForExactEpsilonAndV) {
+  for (const std::string pred : {"epsilon", "v_prediction", "sample"}) {
+    SchedulerConfig c = sd_config("leading", pred);
+    auto s = Sampler::create(SamplerKind::DDIM, c, 10);
+    const at::Tensor ac = alphas_cumprod(c).to(at::kDouble);
+    at::Tensor x0 = at::randn({1, 4, 8, 8}, at::kDouble), e = at::randn({1, 4, 8, 8}, at::kDouble);
+    const int t = static_cast<int>(s->timestep(0)), prev = static_cast<int>(s->timestep(1));
+    const double a = ac[t].item<double>(), ap = ac[prev].item<double>();
+    at::Tensor x = std::sqrt(a) * x0 + std::sqrt(1 - a) * e;
+    at::Tensor out = pred == "epsilon" ? e : pred == "v_prediction" ? std::sqrt(a) * e - std::sqrt(1 - a) * x0 : x0;
+    at::Tensor next = s->step(out.to(at::kFloat), 0, x.to(at::kFloat), nullptr);
+    at::Tensor want = std::sqrt(ap) * x0 + std::sqrt(1 - ap) * e;
+    EXPECT_LE(test::rel_err(next, want), 1e-5) << pred;
+  }
+}
+
+TEST(Sampler, EulerAncestralUsesTheRequestsNoise) {
+  auto run = [](int seed_offset) {
+    auto s = Sampler::create(SamplerKind::EulerAncestral, sd_config("leading"), 5);
+    at::Tensor x = at::ones({1, 4, 4, 4}) * s->init_noise_sigma();
+    StepNoise noise = [&](int step, const at::Tensor& like) {
+      return at::full(like.sizes(), 0.1 * (step + 1 + seed_offset));
+    };
+    for (int i = 0; i < s->num_calls(); ++i) x = s->step(at::zeros_like(x), i, x, noise);
+    return x;
+  };
+  EXPECT_TRUE(at::equal(run(0), run(0)));
+  EXPECT_FALSE(at::allclose(run(0), run(1)));
+  auto s = Sampler::create(SamplerKind::EulerAncestral, sd_config("leading"), 5);
+  EXPECT_THROW(s->step(at::zeros({1, 1}), 0, at::zeros({1, 1}), nullptr), Error);
+}
+
+TEST(Sampler, NamesAndConfigErrors) {
+  bool karras = false;
+  EXPECT_EQ(parse_sampler_name("dpmpp_2m_karras", &karras), SamplerKind::DPMSolverMultistep);
+  EXPECT_TRUE(karras);
+  try {
+    parse_sampler_name("heun", &karras);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown sampler 'heun' (valid: ddim"), std::string::npos);
+  }
+  const std::string dir = test::scratch_dir("sched");
+  write_json(dir + "/a.json", {{"_class_name", "LMSDiscreteScheduler"}});
+  write_json(dir + "/b.json", {{"_class_name", "DDIMScheduler"}, {"thresholding", true}});
+  write_json(dir + "/c.json", {{"_class_name", "DDIMScheduler"}, {"prediction_type", "flow"}});
+  auto err = [](const std::string& p) {
+    try {
+      SchedulerConfig::load(p);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(err(dir + "/a.json").find("'LMSDiscreteScheduler' is not supported"), std::string::npos);
+  EXPECT_NE(err(dir + "/b.json").find("b.json: key 'thresholding'"), std::string::npos);
+  EXPECT_NE(err(dir + "/c.json").find("c.json: key 'prediction_type': unsupported 'flow'"), std::string::npos);
+  EXPECT_THROW(Sampler::create(SamplerKind::DDIM, SchedulerConfig{}, 0), Error);
+}

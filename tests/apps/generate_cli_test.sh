@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# diffpipe generate as a user runs it: outputs on success; on bad input a message naming the file, key or
+# value, a non-zero exit, and no crash (exit codes >= 128 are signals and fail the test).
+set -u
+BIN=$1; WORK=$2
+rm -rf "$WORK"; mkdir -p "$WORK"
+fails=0; passed=0
+ok()  { echo "ok: $*"; passed=$((passed+1)); }
+bad() { echo "FAIL: $*"; fails=$((fails+1)); }
+"$BIN" init-model --out "$WORK/m" --seed 3 2>/dev/null || { echo "FAIL: init-model"; exit 1; }
+
+# success: PNGs, one JSON line per image (stdout and images.jsonl), a contact sheet
+if "$BIN" generate --model "$WORK/m" --prompt "a red circle" --prompt "a blue square" --images 2 --steps 4 \
+     --sampler euler_a --width 24 --height 16 --out "$WORK/out" > "$WORK/stdout" 2> "$WORK/stderr"; then
+  n_png=$(ls "$WORK"/out/img-*.png | wc -l); n_json=$(wc -l < "$WORK/out/images.jsonl"); n_out=$(grep -c '"file"' "$WORK/stdout")
+  [ "$n_png" = 4 ] && [ "$n_json" = 4 ] && [ "$n_out" = 4 ] && [ -f "$WORK/out/contact_sheet.png" ] \
+    && ok "4 PNGs, 4 JSON lines, contact sheet" || bad "outputs: $n_png png, $n_json jsonl, $n_out stdout"
+  grep -q '"prompt":"a blue square".*"seed":1' "$WORK/out/images.jsonl" && grep -q '"width":24' "$WORK/out/images.jsonl" \
+    && ok "JSON lines carry prompt, seed and settings" || bad "JSON line content"
+  head -c 8 "$WORK/out/img-00000-seed0.png" | od -c | grep -q 'P   N   G' && ok "PNG signature" || bad "not a PNG"
+else
+  bad "generate failed: $(tail -3 "$WORK/stderr")"
+fi
+# the same seed gives the same image; guidance 1 works
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 4 --sampler euler_a --width 24 --height 16 \
+  --out "$WORK/again" --quiet 2>/dev/null
+cmp -s "$WORK/out/img-00001-seed1.png" "$WORK/again/img-00001-seed1.png" && ok "same seed, same bytes" || bad "seed not reproducible"
+
+expect_error() {  # name expected-text args...
+  local name=$1 want=$2; shift 2
+  "$BIN" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  if [ $rc = 0 ]; then bad "$name: exit 0"
+  elif [ $rc -ge 128 ]; then bad "$name: crashed (rc $rc)"
+  elif grep -qF -- "$want" "$WORK/$name.log"; then ok "$name: rc $rc, '$want'"
+  else bad "$name: message lacks '$want': $(head -2 "$WORK/$name.log")"; fi
+}
+G=(generate --prompt x --steps 2 --out "$WORK/err")
+expect_error no-model "no-such-dir: model folder not found" "${G[@]}" --model "$WORK/no-such-dir"
+expect_error width "width: 18 is not a positive multiple of 4" "${G[@]}" --model "$WORK/m" --width 18
+expect_error sampler "unknown sampler 'lms'" "${G[@]}" --model "$WORK/m" --sampler lms
+expect_error option "unknown option --stepz" "${G[@]}" --model "$WORK/m" --stepz 3
+expect_error steps-value "--steps expects an integer, got 'ten'" "${G[@]}" --model "$WORK/m" --steps ten
+expect_error steps-range "steps: must be in [1, 1000]" "${G[@]}" --model "$WORK/m" --steps 5000
+expect_error prompts-file "missing.txt: prompts file not found" generate --model "$WORK/m" --prompts "$WORK/missing.txt"
+expect_error no-prompt "give --prompt TEXT or --prompts FILE" generate --model "$WORK/m"
+expect_error command "unknown command 'paint'" paint
+cp -r "$WORK/m" "$WORK/m-trunc"
+truncate -s 100000 "$WORK/m-trunc/unet/diffusion_pytorch_model.safetensors"
+expect_error truncated "unet/diffusion_pytorch_model.safetensors: tensor" "${G[@]}" --model "$WORK/m-trunc"
+cp -r "$WORK/m" "$WORK/m-cfg"
+sed -i 's/"CrossAttnDownBlock2D"/"SimpleCrossAttnDownBlock2D"/' "$WORK/m-cfg/unet/config.json"
+expect_error block-type "unsupported block type 'SimpleCrossAttnDownBlock2D'" "${G[@]}" --model "$WORK/m-cfg"
+echo "$passed passed, $fails failed"
+[ $fails = 0 ]

@@ -1,0 +1,105 @@
+#include <fstream>
+
+#include "diffpipe/cluster/placement.h"
+#include "diffpipe/cluster/toml.h"
+#include "diffpipe/runtime/error.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+
+namespace {
+std::string err_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+std::string file_with(const std::string& name, const std::string& text) {
+  const std::string p = test::scratch_dir("placement-" + name) + "/pipeline.toml";
+  std::ofstream(p) << text;
+  return p;
+}
+}  // namespace
+
+TEST(Placement, DerivedFromWorldSize) {
+  auto p1 = Placement::derive(1);
+  EXPECT_EQ(p1.stages_on(0).size(), 3u);
+  auto p2 = Placement::derive(2);
+  EXPECT_EQ(p2.stage(StageKind::Encode).ranks, std::vector<int>{0});
+  EXPECT_EQ(p2.stage(StageKind::Decode).ranks, std::vector<int>{0});
+  EXPECT_EQ(p2.stage(StageKind::Denoise).ranks, std::vector<int>{1});
+  auto p3 = Placement::derive(3);
+  EXPECT_EQ(p3.stage(StageKind::Decode).ranks, std::vector<int>{2});
+  auto p6 = Placement::derive(6);
+  EXPECT_EQ(p6.stage(StageKind::Denoise).ranks, (std::vector<int>{1, 2, 3, 4}));
+  EXPECT_EQ(p6.stage(StageKind::Decode).ranks, std::vector<int>{5});
+  for (int n = 1; n <= 8; ++n) EXPECT_NO_THROW(Placement::derive(n).validate("derived")) << n;
+  EXPECT_NE(p3.describe().find("rank 1 [cpu, float32]: denoise"), std::string::npos) << p3.describe();
+}
+
+TEST(Placement, FileWithReplicasDevicesAndLimits) {
+  const auto p = Placement::load(file_with("ok", R"(
+transport = "nccl"
+device = "cuda"
+dtype = "float16"
+[encode]
+ranks = [0]
+max_batch = 16
+[denoise]
+ranks = [1, 2]   # two replicas
+max_batch = 4
+max_inflight = 6
+[decode]
+ranks = [3]
+batch_wait_ms = 5.5
+[rank.3]
+dtype = "float32"
+)"), 4);
+  EXPECT_EQ(p.transport, "nccl");
+  EXPECT_EQ(p.stage(StageKind::Encode).max_batch, 16);
+  EXPECT_EQ(p.stage(StageKind::Denoise).ranks, (std::vector<int>{1, 2}));
+  EXPECT_EQ(p.stage(StageKind::Denoise).inflight_limit(), 6);
+  EXPECT_EQ(p.stage(StageKind::Encode).inflight_limit(), 32);
+  EXPECT_DOUBLE_EQ(p.stage(StageKind::Decode).batch_wait_ms, 5.5);
+  EXPECT_EQ(p.ranks[1].dtype, "float16");
+  EXPECT_EQ(p.ranks[3].dtype, "float32");
+  EXPECT_EQ(p.ranks[3].device, "cuda");
+}
+
+TEST(Placement, BadFilesGiveClearErrors) {
+  const std::string base = "[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n";
+  auto load = [&](const std::string& name, const std::string& text, int n) {
+    return err_of([&] { Placement::load(file_with(name, text), n); });
+  };
+  EXPECT_NE(load("unknown", base + "[upscale]\nranks=[1]\n", 2).find("unknown stage or key 'upscale'"), std::string::npos);
+  EXPECT_NE(load("range", base, 1).find("stage 'denoise': rank 1 is out of range [0, 1)"), std::string::npos);
+  EXPECT_NE(load("missing", "[encode]\nranks=[0]\n[decode]\nranks=[0]\n", 1).find("stage 'denoise' has no rank"),
+            std::string::npos);
+  EXPECT_NE(load("extra", base, 4).find("more ranks than needed: rank(s) 2, 3 of 4"), std::string::npos);
+  EXPECT_NE(load("dup", "[encode]\nranks=[0, 0]\n[denoise]\nranks=[0]\n[decode]\nranks=[0]\n", 1).find("listed twice"),
+            std::string::npos);
+  EXPECT_NE(load("key", base + "[rank.1]\ngpu = 3\n", 2).find("[rank.1] unknown key 'gpu'"), std::string::npos);
+  EXPECT_NE(load("batch", "[encode]\nranks=[0]\nmax_batch=0\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n", 2)
+                .find("max_batch 0 must be in [1, 4096]"),
+            std::string::npos);
+  EXPECT_NE(load("dtype", base + "[rank.0]\ndtype = \"float16\"\n", 2).find("needs device = \"cuda\""), std::string::npos);
+  EXPECT_NE(load("ncclcpu", "transport = \"nccl\"\n" + base, 2).find("transport nccl needs every rank on device"),
+            std::string::npos);
+  EXPECT_NE(load("transport", "transport = \"tcp\"\n" + base, 2).find("transport 'tcp' is not supported"),
+            std::string::npos);
+}
+
+TEST(Toml, SubsetAndErrorsWithLineNumbers) {
+  auto j = parse_toml("a = 1\nb = \"x # not a comment\" # comment\n[t.u]\nc = [1, 2.5, true, \"s\"]\nd = -3e2\n", "f");
+  EXPECT_EQ(j["a"], 1);
+  EXPECT_EQ(j["b"], "x # not a comment");
+  EXPECT_EQ(j["t"]["u"]["c"][1], 2.5);
+  EXPECT_EQ(j["t"]["u"]["d"], -300.0);
+  EXPECT_NE(err_of([] { parse_toml("a = 1\na = 2\n", "f.toml"); }).find("f.toml:2: duplicate key 'a'"), std::string::npos);
+  EXPECT_NE(err_of([] { parse_toml("x\n", "f.toml"); }).find("f.toml:1: expected 'key = value'"), std::string::npos);
+  EXPECT_NE(err_of([] { parse_toml("[a]\n[a]\n", "f.toml"); }).find("f.toml:2: table [a] defined twice"), std::string::npos);
+  EXPECT_NE(err_of([] { parse_toml("k = bare\n", "f.toml"); }).find("f.toml:1: cannot parse value 'bare'"), std::string::npos);
+  EXPECT_NE(err_of([] { parse_toml("k = \"open\n", "f.toml"); }).find("unterminated string"), std::string::npos);
+}
