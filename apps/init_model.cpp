@@ -16,10 +16,11 @@ int init_model_main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i)
     if (!std::strcmp(argv[i], "--help")) {
       std::puts("usage: diffpipe init-model --out DIR [--seed S] [--prediction-type epsilon|v_prediction]\n"
-                "                           [--timestep-spacing leading|linspace|trailing] [--scheduler CLASS]");
+                "                           [--timestep-spacing leading|linspace|trailing] [--scheduler CLASS]\n"
+                "                           [--preset tiny|sd15] [--save-dtype float32|float16]");
       return 0;
     }
-  cli::Args a("init-model", argc, argv, {"out", "seed", "prediction-type", "timestep-spacing", "scheduler"}, {});
+  cli::Args a("init-model", argc, argv, {"out", "seed", "prediction-type", "timestep-spacing", "scheduler", "preset", "save-dtype"}, {});
   DP_CHECK(a.has("out"), "init-model: --out DIR is required");
   DP_CHECK(mpi::world().size == 1, "init-model: run it as one process");
   RandomModelOptions o;
@@ -27,9 +28,13 @@ int init_model_main(int argc, char** argv) {
   o.prediction_type = a.str("prediction-type", o.prediction_type);
   o.timestep_spacing = a.str("timestep-spacing", o.timestep_spacing);
   o.scheduler_class = a.str("scheduler", o.scheduler_class);
+  o.preset = a.str("preset", o.preset);
+  const std::string sd = a.str("save-dtype", "float32");
+  DP_CHECK(sd == "float32" || sd == "float16", "init-model: --save-dtype must be float32 or float16");
+  o.save_dtype = sd == "float16" ? at::kHalf : at::kFloat;
   write_random_model(a.str("out"), o);
   SdModel::validate(a.str("out"));  // what we wrote must load
-  std::fprintf(stderr, "diffpipe: wrote a random tiny model (seed %llu) to %s\n",
+  std::fprintf(stderr, "diffpipe: wrote a random %s model (seed %llu) to %s\n", o.preset.c_str(),
                static_cast<unsigned long long>(o.seed), a.str("out").c_str());
   return 0;
 }

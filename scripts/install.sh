@@ -7,7 +7,7 @@ set -euo pipefail
 TORCH_VERSION="${DIFFPIPE_TORCH_VERSION:-2.11.0}"
 
 pkgs=(build-essential cmake ninja-build ccache pkg-config git
-      libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev
+      libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev zlib1g-dev
       libgtest-dev libgmock-dev libbenchmark-dev python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do

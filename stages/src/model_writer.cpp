@@ -90,11 +90,12 @@ int64_t write_clip_tokenizer(const std::string& dir, const std::vector<std::stri
 }
 
 void write_component(const std::string& dir, const nlohmann::json& config, const std::string& weights_name,
-                     const std::map<std::string, at::Tensor>& weights) {
+                     const std::map<std::string, at::Tensor>& weights, at::ScalarType dtype) {
   mkdir_p(dir);
   write_json(path_join(dir, "config.json"), config);
   std::map<std::string, at::Tensor> cpu;
-  for (const auto& [k, v] : weights) cpu[k] = v.detach().to(at::kCPU).contiguous();
+  for (const auto& [k, v] : weights)
+    cpu[k] = v.detach().to(at::kCPU, at::isFloatingType(v.scalar_type()) ? dtype : v.scalar_type()).contiguous();
   save_safetensors(path_join(dir, weights_name), cpu, {{"format", "pt"}});
 }
 
@@ -108,32 +109,46 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
               {"vae", {"diffusers", "AutoencoderKL"}},
               {"scheduler", {"diffusers", o.scheduler_class}}});
   const int64_t vocab = write_clip_tokenizer(path_join(dir, "tokenizer"));
+  const bool big = o.preset == "sd15";
+  DP_CHECK(big || o.preset == "tiny", "init-model: unknown preset '", o.preset, "' (tiny or sd15)");
+  const int64_t D = big ? 768 : 32, layers = big ? 12 : 2, heads = big ? 12 : 4;
   // text encoder
   nlohmann::json tc = {{"architectures", {"CLIPTextModel"}}, {"model_type", "clip_text_model"},
-                       {"vocab_size", vocab}, {"hidden_size", 32}, {"intermediate_size", 64},
-                       {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"max_position_embeddings", 77},
+                       {"vocab_size", vocab}, {"hidden_size", D}, {"intermediate_size", 4 * D},
+                       {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"max_position_embeddings", 77},
                        {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5}, {"bos_token_id", vocab - 2},
                        {"eos_token_id", vocab - 1}, {"pad_token_id", vocab - 1}};
   {
     Weights w = Weights::initializer(o.seed * 3 + 1);
     ClipTextConfig cfg;
     cfg.vocab_size = vocab;
-    cfg.hidden_size = 32;
-    cfg.intermediate_size = 64;
-    cfg.num_hidden_layers = 2;
-    cfg.num_attention_heads = 4;
+    cfg.hidden_size = D;
+    cfg.intermediate_size = 4 * D;
+    cfg.num_hidden_layers = layers;
+    cfg.num_attention_heads = heads;
     cfg.eos_token_id = vocab - 1;
     ClipTextModel m(cfg, w.sub("text_model"));
-    write_component(path_join(dir, "text_encoder"), tc, "model.safetensors", w.all());
+    write_component(path_join(dir, "text_encoder"), tc, "model.safetensors", w.all(), o.save_dtype);
   }
   nlohmann::json uc = {{"_class_name", "UNet2DConditionModel"}, {"in_channels", 4}, {"out_channels", 4},
-                       {"block_out_channels", {32, 64}},
-                       {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-                       {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"layers_per_block", 1},
-                       {"attention_head_dim", 4}, {"cross_attention_dim", 32}, {"norm_num_groups", 32},
-                       {"norm_eps", 1e-5}, {"flip_sin_to_cos", true}, {"freq_shift", 0}, {"sample_size", 8},
+                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"cross_attention_dim", D},
+                       {"norm_num_groups", 32}, {"norm_eps", 1e-5}, {"flip_sin_to_cos", true}, {"freq_shift", 0},
                        {"act_fn", "silu"}, {"use_linear_projection", false}, {"upcast_attention", false}};
+  if (big) {
+    uc["block_out_channels"] = {320, 640, 1280, 1280};
+    uc["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"};
+    uc["up_block_types"] = {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
+    uc["layers_per_block"] = 2;
+    uc["attention_head_dim"] = 8;
+    uc["sample_size"] = 64;
+  } else {
+    uc["block_out_channels"] = {32, 64};
+    uc["down_block_types"] = {"CrossAttnDownBlock2D", "DownBlock2D"};
+    uc["up_block_types"] = {"UpBlock2D", "CrossAttnUpBlock2D"};
+    uc["layers_per_block"] = 1;
+    uc["attention_head_dim"] = 4;
+    uc["sample_size"] = 8;
+  }
   {
     const std::string p = path_join(dir, "unet");
     mkdir_p(p);
@@ -141,13 +156,24 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
     const UNetConfig cfg = UNetConfig::load(path_join(p, "config.json"));
     Weights w = Weights::initializer(o.seed * 3 + 2);
     UNet2DConditionModel m(cfg, w);
-    write_component(p, uc, "diffusion_pytorch_model.safetensors", w.all());
+    write_component(p, uc, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
   }
   nlohmann::json vc = {{"_class_name", "AutoencoderKL"}, {"in_channels", 3}, {"out_channels", 3},
-                       {"latent_channels", 4}, {"block_out_channels", {32, 64}}, {"layers_per_block", 1},
-                       {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D"}},
-                       {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D"}}, {"norm_num_groups", 32},
-                       {"act_fn", "silu"}, {"scaling_factor", 0.18215}, {"sample_size", 16}};
+                       {"latent_channels", 4}, {"norm_num_groups", 32}, {"act_fn", "silu"},
+                       {"scaling_factor", 0.18215}};
+  if (big) {
+    vc["block_out_channels"] = {128, 256, 512, 512};
+    vc["layers_per_block"] = 2;
+    vc["down_block_types"] = std::vector<std::string>(4, "DownEncoderBlock2D");
+    vc["up_block_types"] = std::vector<std::string>(4, "UpDecoderBlock2D");
+    vc["sample_size"] = 512;
+  } else {
+    vc["block_out_channels"] = {32, 64};
+    vc["layers_per_block"] = 1;
+    vc["down_block_types"] = std::vector<std::string>(2, "DownEncoderBlock2D");
+    vc["up_block_types"] = std::vector<std::string>(2, "UpDecoderBlock2D");
+    vc["sample_size"] = 16;
+  }
   {
     const std::string p = path_join(dir, "vae");
     mkdir_p(p);
@@ -155,7 +181,7 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
     const VaeConfig cfg = VaeConfig::load(path_join(p, "config.json"));
     Weights w = Weights::initializer(o.seed * 3 + 3);
     AutoencoderKL m(cfg, w, true);
-    write_component(p, vc, "diffusion_pytorch_model.safetensors", w.all());
+    write_component(p, vc, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
   }
   const std::string sp = path_join(dir, "scheduler");
   mkdir_p(sp);

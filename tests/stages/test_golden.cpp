@@ -30,7 +30,23 @@ struct Golden {
     return it->second;
   }
 };
-const DeviceSpec kCpu{};
+// DIFFPIPE_TEST_DEVICE=cuda and DIFFPIPE_TEST_DTYPE=float16|bfloat16 run the same checks on a GPU, with the
+// README's 16-bit module tolerance (2e-2); float32 uses 1e-4.
+DeviceSpec test_spec() {
+  DeviceSpec s;
+  const char* d = std::getenv("DIFFPIPE_TEST_DEVICE");
+  const char* t = std::getenv("DIFFPIPE_TEST_DTYPE");
+  if (d && std::string(d) == "cuda") s.device = at::Device(at::kCUDA, 0);
+  if (t && std::string(t) == "float16") s.dtype = at::kHalf;
+  if (t && std::string(t) == "bfloat16") s.dtype = at::kBFloat16;
+  return s;
+}
+const DeviceSpec kCpu = test_spec();
+const bool k16 = kCpu.dtype != at::kFloat;
+const double kModuleTol = k16 ? 2e-2 : 1e-4;
+at::Tensor in(const at::Tensor& t) {  // an input on the test device, floating inputs in the test dtype
+  return at::isFloatingType(t.scalar_type()) ? t.to(kCpu.device, kCpu.dtype) : t.to(kCpu.device);
+}
 }  // namespace
 
 TEST(Golden, TokenizerMatchesEveryCase) {
@@ -50,33 +66,43 @@ TEST(Golden, TextEncoder) {
   DP_REQUIRE_GOLDEN(dir);
   Golden g(dir);
   auto te = ClipTextModel::load(dir + "/model/text_encoder", kCpu);
-  auto out = te->forward(g["text_encoder.input_ids"]);
-  EXPECT_LE(rel_err(out.last_hidden_state, g["text_encoder.last_hidden_state"]), 1e-4);
-  EXPECT_LE(rel_err(out.pooled, g["text_encoder.pooler_output"]), 1e-4);
+  auto out = te->forward(in(g["text_encoder.input_ids"]));
+  const double e1 = rel_err(out.last_hidden_state, g["text_encoder.last_hidden_state"]);
+  const double e2 = rel_err(out.pooled, g["text_encoder.pooler_output"]);
+  std::printf("[golden] text encoder rel err: last_hidden_state %.2e, pooled %.2e\n", e1, e2);
+  EXPECT_LE(e1, kModuleTol);
+  EXPECT_LE(e2, kModuleTol);
 }
 
 TEST(Golden, UNetPerSampleAndScalarTimesteps) {
   DP_REQUIRE_GOLDEN(dir);
   Golden g(dir);
   auto unet = UNet2DConditionModel::load(dir + "/model/unet", kCpu);
-  at::Tensor out = unet->forward(g["unet.sample"], g["unet.timesteps"], g["unet.encoder_hidden_states"]);
-  EXPECT_LE(rel_err(out, g["unet.out"]), 1e-4);
-  at::Tensor out250 = unet->forward(g["unet.sample"], at::scalar_tensor(250, at::kLong), g["unet.encoder_hidden_states"]);
-  EXPECT_LE(rel_err(out250, g["unet.out_scalar_t250"]), 1e-4);
+  at::Tensor out = unet->forward(in(g["unet.sample"]), in(g["unet.timesteps"]), in(g["unet.encoder_hidden_states"]));
+  const double e1 = rel_err(out, g["unet.out"]);
+  EXPECT_LE(e1, kModuleTol);
+  at::Tensor out250 = unet->forward(in(g["unet.sample"]), in(at::scalar_tensor(250, at::kLong)),
+                                    in(g["unet.encoder_hidden_states"]));
+  const double e2 = rel_err(out250, g["unet.out_scalar_t250"]);
+  EXPECT_LE(e2, kModuleTol);
   // Each sample's result must not depend on its batch neighbours beyond rounding.
-  at::Tensor one = unet->forward(g["unet.sample"].slice(0, 1, 2), g["unet.timesteps"].slice(0, 1, 2),
-                                 g["unet.encoder_hidden_states"].slice(0, 1, 2));
-  EXPECT_LE(rel_err(one, g["unet.out"].slice(0, 1, 2)), 1e-4);
+  at::Tensor one = unet->forward(in(g["unet.sample"].slice(0, 1, 2)), in(g["unet.timesteps"].slice(0, 1, 2)),
+                                 in(g["unet.encoder_hidden_states"].slice(0, 1, 2)));
+  EXPECT_LE(rel_err(one, g["unet.out"].slice(0, 1, 2)), kModuleTol);
+  std::printf("[golden] unet rel err: per-sample timesteps %.2e, scalar t=250 %.2e\n", e1, e2);
 }
 
 TEST(Golden, VaeDecodeAndEncode) {
   DP_REQUIRE_GOLDEN(dir);
   Golden g(dir);
   auto vae = AutoencoderKL::load(dir + "/model/vae", kCpu);
-  EXPECT_LE(rel_err(vae->decode(g["vae.latents"]), g["vae.decoded"]), 1e-4);
-  auto enc = vae->encode(g["vae.image"]);
-  EXPECT_LE(rel_err(enc.mean, g["vae.encoded_mean"]), 1e-4);
-  EXPECT_LE(rel_err(enc.logvar, g["vae.encoded_logvar"]), 1e-4);
+  const double e1 = rel_err(vae->decode(in(g["vae.latents"])), g["vae.decoded"]);
+  auto enc = vae->encode(in(g["vae.image"]));
+  const double e2 = rel_err(enc.mean, g["vae.encoded_mean"]), e3 = rel_err(enc.logvar, g["vae.encoded_logvar"]);
+  std::printf("[golden] vae rel err: decode %.2e, encode mean %.2e, logvar %.2e\n", e1, e2, e3);
+  EXPECT_LE(e1, kModuleTol);
+  EXPECT_LE(e2, kModuleTol);
+  EXPECT_LE(e3, kModuleTol);
 }
 
 // The whole StableDiffusionPipeline loop for every sampler listed in golden.json.
@@ -124,14 +150,15 @@ TEST(Golden, PipelineLoopEverySampler) {
     while (!states[0].done()) denoise.step(batch);
     at::Tensor latents = at::stack({states[0].latents, states[1].latents});
     const double lat_err = rel_err(latents, g["pipeline." + name + ".final_latents"]);
-    EXPECT_LE(lat_err, 1e-3);
+    // float32: the README's 1e-3; 16-bit: a loose guard (the figures are recorded in docs/results.md)
+    EXPECT_LE(lat_err, k16 ? 0.1 : 1e-3);
     at::Tensor img = DecodeStage(model).run_uint8({states[0].latents, states[1].latents});
     at::Tensor ref = g["pipeline." + name + ".image_uint8"];
     ASSERT_EQ(img.sizes(), ref.sizes());
     at::Tensor diff = (img.to(at::kInt) - ref.to(at::kInt)).abs();
     EXPECT_LE(diff.max().item<int>(), 255);
     const double within1 = (diff <= 1).to(at::kDouble).mean().item<double>();
-    EXPECT_GE(within1, 0.99) << "fraction of 8-bit values within +-1";
+    if (!k16) EXPECT_GE(within1, 0.99) << "fraction of 8-bit values within +-1";
     std::printf("[golden] %-10s final latents rel err %.2e, image values within +-1: %.4f, max diff %d\n",
                 name.c_str(), lat_err, within1, diff.max().item<int>());
   }

@@ -18,15 +18,19 @@ int64_t write_clip_tokenizer(const std::string& dir, const std::vector<std::stri
 void write_json(const std::string& path, const nlohmann::json& j);
 // config.json + weights file in `dir` (created).
 void write_component(const std::string& dir, const nlohmann::json& config, const std::string& weights_name,
-                     const std::map<std::string, at::Tensor>& weights);
+                     const std::map<std::string, at::Tensor>& weights, at::ScalarType dtype = at::kFloat);
 
 struct RandomModelOptions {
   uint64_t seed = 0;
   std::string prediction_type = "epsilon";
   std::string timestep_spacing = "leading";
   std::string scheduler_class = "DDIMScheduler";
+  std::string preset = "tiny";          // tiny | sd15 (Stable Diffusion 1.5's architecture, for speed tests)
+  at::ScalarType save_dtype = at::kFloat;
 };
-// A complete tiny SD-1.x-style model (text hidden 32, UNet [32, 64], VAE [32, 64]: 16x16 images).
+// A complete SD-1.x-style model with random weights. tiny: text hidden 32, UNet [32, 64], VAE [32, 64]
+// (16x16 images); sd15: the SD 1.5 architecture (text 768 x 12 layers, UNet [320, 640, 1280, 1280], VAE
+// [128, 256, 512, 512]: 512x512 images).
 void write_random_model(const std::string& dir, const RandomModelOptions& o);
 
 }  // namespace diffpipe

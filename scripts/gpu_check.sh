@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
+#   bash scripts/gpu_check.sh        (expects .gpu/golden/tiny-sd and .gpu/deps.tar.xz carried along)
+# Libraries the GPU image lacks (ICU, libpng, nlohmann-json, GoogleTest headers) come from .gpu/deps.tar.xz,
+# built from this project's Debian machine; the reference folder from .gpu/golden.
+set -u
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+LOG=$OUT/gpu_log.txt
+exec > >(tee -a "$LOG") 2>&1
+step() { echo; echo "=== $* ($(date +%T))"; }
+ROOT=$PWD
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN="mpirun --oversubscribe"
+step "machine"; nvidia-smi -L; nproc; python3 -c 'import torch;print(torch.__version__, torch.cuda.get_device_name(0))'
+step "deps"
+tar -C .gpu -xJf .gpu/deps.tar.xz
+DEPS=$ROOT/.gpu/deps
+export LD_LIBRARY_PATH=$DEPS/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+ZL=$(ls /usr/lib/x86_64-linux-gnu/libz.so /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)
+TP=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
+step "configure + build"
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$TP;$DEPS" \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DZLIB_LIBRARY="$ZL" -DZLIB_INCLUDE_DIR="$DEPS/include" > "$OUT/configure.log" 2>&1 \
+  || { tail -40 "$OUT/configure.log"; exit 1; }
+grep -E "diffpipe:" "$OUT/configure.log"
+cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$OUT/build.log" | head -60; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+B=build-gpu
+export DIFFPIPE_GOLDEN=$ROOT/.gpu/golden/tiny-sd
+step "golden checks: cpu float32, cuda float32, cuda float16, cuda bfloat16"
+timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 | grep -E "golden\]|OK|FAILED|PASSED"
+for dt in float32 float16 bfloat16; do
+  echo "--- cuda $dt"
+  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 \
+    | grep -E "golden\]|OK|FAILED|PASSED|Failure|Which|rel_err"
+done
+step "transport suite: NCCL self-send (1 rank), MPI (2 ranks)"
+timeout 120 $MPIRUN -np 1 $B/tests/test_transport 2>&1 | grep -E "OK|FAILED|PASSED|SKIPPED \]" | grep -v "^\[  SKIPPED" | head -30
+timeout 120 $MPIRUN -np 2 $B/tests/test_transport 2>&1 | grep -E "PASSED|FAILED" | head -4
+step "transport benchmarks"
+timeout 120 $MPIRUN -np 1 $B/benchmarks/bench_transport --transport nccl --device cuda --iters 200
+timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cuda --iters 200
+timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cpu --iters 200
+step "pipeline on the GPU: 1 rank vs 3 processes sharing the GPU (MPI transport), float16, reference model"
+G=$DIFFPIPE_GOLDEN/model
+for np in 1 3; do
+  timeout 180 $MPIRUN -np $np $B/apps/diffpipe generate --model $G --prompt "a photo of a cat" --prompt "a red circle" \
+    --images 3 --steps 12 --device cuda --dtype float16 --max-batch 1 --out $OUT/gpu-np$np --quiet --no-contact-sheet 2>&1 | tail -2
+done
+same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f) && same=$((same+1)); done
+echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
+rm -rf $OUT/gpu-np1 $OUT/gpu-np3
+step "pipeline throughput: SD 1.5 architecture (random weights), 512x512, float16"
+t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"
+for np in 1 3; do
+  echo "--- $np rank(s)"
+  timeout 240 $MPIRUN -np $np $B/benchmarks/bench_pipeline --model /tmp/sd15 --requests 8 --steps 20 --device cuda \
+    --dtype float16 --max-batch 8
+done
+step "done"
