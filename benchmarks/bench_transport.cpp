@@ -27,7 +27,8 @@ int main(int argc, char** argv) {
     if (!mpi::world().active) t = make_inproc_world(1)[0];
     else if (transport == "nccl") t = make_nccl_transport(mpi::world().local_rank);
     else t = make_mpi_transport();
-    const at::Device dev = device == "cuda" ? at::Device(at::kCUDA, mpi::world().local_rank) : at::Device(at::kCPU);
+    const int ngpu = device == "cuda" ? std::max<int>(1, at::detail::getCUDAHooks().getNumGPUs()) : 1;
+    const at::Device dev = device == "cuda" ? at::Device(at::kCUDA, mpi::world().local_rank % ngpu) : at::Device(at::kCPU);
     const int me = t->rank(), peer = t->size() > 1 ? 1 - me : me;
     if (me > 1) {
       mpi::barrier();

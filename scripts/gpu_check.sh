@@ -39,9 +39,10 @@ step "transport suite: NCCL self-send (1 rank), MPI (2 ranks)"
 timeout 120 $MPIRUN -np 1 $B/tests/test_transport 2>&1 | grep -E "OK|FAILED|PASSED|SKIPPED \]" | grep -v "^\[  SKIPPED" | head -30
 timeout 120 $MPIRUN -np 2 $B/tests/test_transport 2>&1 | grep -E "PASSED|FAILED" | head -4
 step "transport benchmarks"
-timeout 120 $MPIRUN -np 1 $B/benchmarks/bench_transport --transport nccl --device cuda --iters 200
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] || timeout 120 $MPIRUN -np 1 $B/benchmarks/bench_transport --transport nccl --device cuda --iters 200
 timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cuda --iters 200
-timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cpu --iters 200
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] || timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cpu --iters 200
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && { step "done (quick)"; exit 0; }
 step "pipeline on the GPU: 1 rank vs 3 processes sharing the GPU (MPI transport), float16, reference model"
 G=$DIFFPIPE_GOLDEN/model
 for np in 1 3; do

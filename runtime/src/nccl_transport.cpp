@@ -46,7 +46,11 @@ ncclDataType_t nccl_type(at::ScalarType t) {
 
 class NcclTransport : public MpiTransport {
  public:
-  explicit NcclTransport(int device) : device_(device) {
+  explicit NcclTransport(int device) {
+    int n = 0;
+    DP_CUDA_CHECK(cudaGetDeviceCount(&n));
+    DP_CHECK(n > 0, "NCCL transport: no CUDA device");
+    device_ = device % n;  // several ranks per node share the node's GPUs round-robin
     DP_CUDA_CHECK(cudaSetDevice(device_));
     for (int c = 0; c < 2; ++c) {
       ncclUniqueId id;

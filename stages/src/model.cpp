@@ -37,8 +37,19 @@ void SdModel::validate(const std::string& dir) {
            " do not match the VAE's latent_channels ", vcfg.latent_channels);
 }
 
+// On a GPU, "float32" means float32 (no TF32 in cuDNN convolutions or cuBLAS), and 16-bit matrix products
+// accumulate without reduced-precision split-K reductions: the reference outputs are float32.
+static void configure_cuda_numerics() {
+  auto& ctx = at::globalContext();
+  ctx.setAllowTF32CuDNN(false);
+  ctx.setFloat32MatmulPrecision("highest");
+  ctx.setAllowFP16ReductionCuBLAS(false);
+  ctx.setAllowBF16ReductionCuBLAS(false);
+}
+
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
   validate(dir);
+  if (spec.device.is_cuda()) configure_cuda_numerics();
   SdModel m;
   m.dir = dir;
   m.spec = spec;
@@ -51,8 +62,12 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
-  if (components & (kVae | kVaeEncoder))
-    m.vae = AutoencoderKL::load(path_join(dir, "vae"), spec, (components & kVaeEncoder) != 0);
+  m.vae_dtype = m.vae_config.force_upcast ? at::kFloat : spec.dtype;
+  if (components & (kVae | kVaeEncoder)) {
+    DeviceSpec vspec = spec;
+    vspec.dtype = m.vae_dtype;
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0);
+  }
   return m;
 }
 

@@ -127,7 +127,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
 at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const {
   DP_CHECK(model_.vae, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
-  at::Tensor z = at::stack(latents).to(model_.spec.device, model_.spec.dtype);
+  at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
   return to_uint8_hwc(model_.vae->decode_scaled(z));
 }
 

@@ -22,6 +22,7 @@ VaeConfig VaeConfig::load(const std::string& path) {
   c.use_quant_conv = j.boolean("use_quant_conv", true);
   c.use_post_quant_conv = j.boolean("use_post_quant_conv", true);
   c.mid_block_add_attention = j.boolean("mid_block_add_attention", true);
+  c.force_upcast = j.boolean("force_upcast", true);
   if (j.has("act_fn") && j.string("act_fn") != "silu") j.fail("act_fn", "unsupported activation (supported: silu)");
   if (j.has("down_block_types"))
     for (const auto& t : j.string_list("down_block_types"))

@@ -62,7 +62,8 @@ struct MpiLikeHarness {
   static void run(const RankProgram& fn) {
     auto& t = transport();
     if (!t) t = kNccl ? make_nccl_transport(mpi::world().local_rank) : make_mpi_transport();
-    const at::Device dev = kNccl ? at::Device(at::kCUDA, mpi::world().local_rank) : at::Device(at::kCPU);
+    const int ngpu = kNccl ? std::max<int>(1, at::detail::getCUDAHooks().getNumGPUs()) : 1;
+    const at::Device dev = kNccl ? at::Device(at::kCUDA, mpi::world().local_rank % ngpu) : at::Device(at::kCPU);
     std::string err;
     try {
       fn(*t, dev);

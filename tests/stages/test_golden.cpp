@@ -95,7 +95,9 @@ TEST(Golden, UNetPerSampleAndScalarTimesteps) {
 TEST(Golden, VaeDecodeAndEncode) {
   DP_REQUIRE_GOLDEN(dir);
   Golden g(dir);
-  auto vae = AutoencoderKL::load(dir + "/model/vae", kCpu);
+  SdModel model = SdModel::load(dir + "/model", kCpu, kVae | kVaeEncoder);
+  auto vae = model.vae;
+  auto in = [&](const at::Tensor& t) { return t.to(kCpu.device, model.vae_dtype); };
   const double e1 = rel_err(vae->decode(in(g["vae.latents"])), g["vae.decoded"]);
   auto enc = vae->encode(in(g["vae.image"]));
   const double e2 = rel_err(enc.mean, g["vae.encoded_mean"]), e3 = rel_err(enc.logvar, g["vae.encoded_logvar"]);

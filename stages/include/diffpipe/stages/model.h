@@ -25,6 +25,7 @@ struct SdModel {
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
   SchedulerConfig scheduler;
+  at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.
   ClipTextConfig text_config;
   UNetConfig unet_config;

@@ -20,6 +20,7 @@ struct VaeConfig {
   double scaling_factor = 0.18215;
   double shift_factor = 0.0;
   bool use_quant_conv = true, use_post_quant_conv = true, mid_block_add_attention = true;
+  bool force_upcast = true;  // run in float32 when the pipeline is float16/bfloat16
   static VaeConfig load(const std::string& config_json);
 };
 
