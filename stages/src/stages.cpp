@@ -101,7 +101,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
   const auto dt = model_.spec.dtype;
   at::Tensor x = at::stack(xs).to(dt);
   at::Tensor c = at::stack(ctx).to(dt);
-  at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat).to(x.device());
+  at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);  // stays on the CPU
   at::Tensor e = model_.unet->forward(x, t, c).to(at::kFloat);  // [rows, C, h, w]
   int64_t row = 0;
   for (DenoiseState* s : batch) {

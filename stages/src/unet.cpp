@@ -206,13 +206,15 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   const int64_t B = sample.size(0);
   DP_CHECK(context.dim() == 3 && context.size(0) == B, "unet: encoder_hidden_states must be [", B,
            ", L, D], got ", shape_str(context.sizes()));
-  at::Tensor t = timesteps.to(sample.device());
+  // The sinusoidal embedding is computed on the CPU in float32 (tiny, and identical on every device: GPU sin/cos
+  // of arguments up to ~1000 rad differ from the CPU's by enough to move a float32 UNet output by ~1e-3).
+  at::Tensor t = timesteps.to(at::kCPU);
   if (t.dim() == 0) t = t.reshape({1});
   if (t.size(0) == 1 && B > 1) t = t.expand({B});
   DP_CHECK(t.dim() == 1 && t.size(0) == B, "unet: need one timestep or one per sample, got ", shape_str(t.sizes()));
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
   at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
-                         .to(sample.scalar_type());
+                         .to(sample.device(), sample.scalar_type());
   at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
   at::Tensor x = m.conv_in(sample);
   std::vector<at::Tensor> skips{x};
