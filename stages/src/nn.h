@@ -30,6 +30,12 @@ struct Conv2d {
     bias = w.get(name + ".bias", {out});
   }
   at::Tensor operator()(const at::Tensor& x) const {
+    if (weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0) {
+      // 1x1: a matrix product over channels. LibTorch's NCHW 1x1 convolution gives results that depend on the
+      // intra-op thread count when the batch has more than one sample; this form does not.
+      at::Tensor y = at::linear(x.permute({0, 2, 3, 1}), weight.flatten(1), bias);  // [B, H, W, out]
+      return y.permute({0, 3, 1, 2}).contiguous();
+    }
     return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
   }
 };

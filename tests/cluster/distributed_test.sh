@@ -24,7 +24,7 @@ elif [ "$MODEL" = golden ]; then
   STEPS=8
 fi
 printf 'a red circle at the top left\na blue square\n# a comment\n\na green triangle on a black background\n' > "$WORK/prompts.txt"
-COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps $STEPS --seed 11 --threads 1 --quiet --timeout 60)
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps $STEPS --seed 11 --quiet --timeout 60)
 
 # 1) identical images for every rank count (max_batch 1: every stage sees the same batches)
 for np in 1 2 3 4 5; do

@@ -1,6 +1,8 @@
 // Model folder loading: bad input gives errors naming the file, key or value; a random tiny model made by
 // the project loads and generates; batch composition does not change a request's result beyond the
 // documented kernel deviation.
+#include <ATen/Parallel.h>
+
 #include <fstream>
 
 #include "diffpipe/runtime/error.h"
@@ -196,4 +198,24 @@ TEST(Model, BatchCompositionDeviationIsTiny) {
   for (int i = 0; i < 4; ++i) worst = std::max(worst, test::rel_err(batched[i], alone[i]));
   std::printf("[batch invariance] max relative latent deviation, alone vs batch of 4: %.3g\n", worst);
   EXPECT_LE(worst, 1e-5);
+}
+
+// The whole loop (text encoder, UNet with CFG, sampler, VAE) gives the same bytes with 1 and 2 intra-op
+// threads, so images do not depend on how many ranks share a node.
+TEST(Model, ResultsIndependentOfThreadCount) {
+  SdModel m = SdModel::load(fresh_model("threads"), DeviceSpec{});
+  std::vector<GenerationParams> ps(2);
+  ps[0].prompt = "a red circle";
+  ps[1].prompt = "a green square";
+  for (auto& p : ps) p.steps = 4, p.seed = 9;
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  auto a = run(m, ps, 2);
+  auto ia = DecodeStage(m).run_uint8({a[0], a[1]});
+  at::set_num_threads(2);
+  auto b = run(m, ps, 2);
+  auto ib = DecodeStage(m).run_uint8({b[0], b[1]});
+  at::set_num_threads(before);
+  EXPECT_TRUE(at::equal(a[0], b[0]) && at::equal(a[1], b[1])) << "latents depend on the thread count";
+  EXPECT_TRUE(at::equal(ia, ib)) << "images depend on the thread count";
 }
