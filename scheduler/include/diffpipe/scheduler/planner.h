@@ -1,0 +1,74 @@
+// The coordinator's planning function over request state, with no model and no threads: a bounded
+// admission queue (a full queue rejects), priorities with aging (no starvation), per-request deadlines and
+// cancellation in any state, least-loaded routing to each stage's replicas, and a bound on in-flight work per
+// denoise replica so a fast stage cannot flood a slow one. The runtime feeds it events and executes its
+// decisions; tests drive it for hundreds of simulated steps. Not thread-safe: the coordinator thread owns it.
+#pragma once
+#include <map>
+#include <optional>
+#include <vector>
+
+#include "diffpipe/scheduler/lifecycle.h"
+
+namespace diffpipe::sched {
+
+struct PlannerConfig {
+  size_t queue_capacity = 1024;       // waiting requests; more are rejected
+  std::vector<int> replicas[3];       // encode, denoise, decode ranks
+  int denoise_inflight_limit = 16;    // per denoise replica: routed and not yet out of denoising
+  int encode_inflight_limit = 64;     // per encode replica
+  int decode_inflight_limit = 64;     // per decode replica: handed over and not yet done
+  double aging_per_s = 1.0;           // priority points gained per second of waiting
+};
+
+struct Admission {
+  uint64_t id;
+  int route[3];
+};
+
+// What the runtime must do about requests that ended while routed somewhere (cancel/deadline).
+struct Drop {
+  uint64_t id;
+  RequestState state;  // Cancelled or TimedOut
+  int rank;            // where it is now (-1: it was still queued)
+};
+
+class Planner {
+ public:
+  explicit Planner(PlannerConfig cfg);
+
+  // Returns false (and records nothing) when the queue is full or the id is already known.
+  bool submit(uint64_t id, int priority, int total_steps, double now, double deadline_s = 0);
+  // Admissions to make now: highest effective priority first (priority + aging x wait), each routed to the
+  // least-loaded replica of every stage, while the chosen denoise replica is under its in-flight limit.
+  std::vector<Admission> admit(double now);
+  // Events from the runtime.
+  void on_encoded(uint64_t id, double now);               // Encoding -> Denoising
+  void on_step(uint64_t id, int step, double now);        // progress inside denoising
+  void on_denoised(uint64_t id, double now);              // Denoising -> Decoding (frees the denoise slot)
+  void on_done(uint64_t id, double now);                  // Decoding -> Done
+  void on_failed(uint64_t id, const std::string& why, double now);
+  // Cancellation (any state) and deadlines: returns what to drop where.
+  std::optional<Drop> cancel(uint64_t id, const std::string& why, double now);
+  std::vector<Drop> expire(double now);
+
+  const RequestInfo& info(uint64_t id) const;
+  bool known(uint64_t id) const { return reqs_.count(id) != 0; }
+  size_t queued() const { return queue_.size(); }
+  size_t active() const;  // admitted and not final
+  bool all_final() const;
+  int load(int stage, int rank) const;
+  const PlannerConfig& config() const { return cfg_; }
+
+ private:
+  RequestInfo& get(uint64_t id);
+  int stage_of(RequestState s) const;  // the stage whose load the request counts against (-1: none)
+  void release(RequestInfo& r);        // drops its load everywhere
+  void finish(RequestInfo& r, RequestState to, const std::string& why, double now);
+  PlannerConfig cfg_;
+  std::map<uint64_t, RequestInfo> reqs_;
+  std::vector<uint64_t> queue_;  // waiting ids
+  std::map<int, int> load_[3];   // rank -> requests counted against it
+};
+
+}  // namespace diffpipe::sched
