@@ -39,11 +39,15 @@ const char* kHelp =
     "  --dtype float32|float16|bfloat16  default dtype (GPU only for 16-bit; default float32)\n"
     "  --transport mpi|nccl   transport between ranks (default mpi)\n"
     "  --max-batch N          per-stage batch limit when no pipeline file is given (default 8)\n"
+    "  --batching MODE        denoiser batching without a pipeline file: step (default) | static | single\n"
+    "  --priority P           scheduling priority of these requests (higher first; waiting requests age)\n"
+    "  --deadline S           drop a request not finished S seconds after it arrived (status \"timed out\")\n"
     "  --threads N            CPU threads per rank (default: cores / ranks on the node)\n"
     "  --timeout S            fail when nothing progresses for S seconds (default 600)\n"
     "  --no-contact-sheet     do not write out/contact_sheet.png\n"
     "  --quiet                no JSON lines on stdout\n"
-    "  --inject-failure STAGE:REQUEST[:crash]   testing aid: fail (or crash) there\n";
+    "  --inject-failure STAGE:REQUEST[:crash]   testing aid: fail (or crash) there\n"
+    "  --cancel-at REQUEST:S  testing aid: cancel request REQUEST S seconds after start (repeatable)\n";
 
 std::vector<std::string> read_prompts(const std::string& path) {
   DP_CHECK(file_exists(path), path, ": prompts file not found");
@@ -82,7 +86,7 @@ int generate_main(int argc, char** argv) {
   cli::Args a("generate", argc, argv,
               {"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler", "seed", "width",
                "height", "images", "clip-skip", "out", "pipeline", "device", "dtype", "transport", "max-batch",
-               "threads", "timeout", "inject-failure"},
+               "threads", "timeout", "inject-failure", "priority", "deadline", "batching", "cancel-at"},
               {"no-contact-sheet", "quiet"});
   const auto& world = mpi::world();
   const bool lead = world.rank == 0;
@@ -130,6 +134,7 @@ int generate_main(int argc, char** argv) {
       placement.transport = a.str("transport", "mpi");
       const int mb = static_cast<int>(a.integer("max-batch", 8));
       for (auto& s : placement.stages) s.max_batch = mb;
+      placement.stage(StageKind::Denoise).batching = a.str("batching", "step");
       placement.validate("command line");
     }
     SdModel::validate(a.str("model"));
@@ -138,6 +143,18 @@ int generate_main(int argc, char** argv) {
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
     opts.inject_failure = a.str("inject-failure");
+    RequestMeta rm;
+    rm.priority = static_cast<int>(a.integer("priority", 0));
+    rm.deadline_s = a.number("deadline", 0);
+    DP_CHECK(rm.deadline_s >= 0, "generate: --deadline must be >= 0 seconds");
+    opts.meta.assign(requests.size(), rm);
+    for (const auto& c : a.all("cancel-at")) {  // testing aid: REQUEST:SECONDS
+      const auto colon = c.find(':');
+      DP_CHECK(colon != std::string::npos, "generate: --cancel-at expects REQUEST:SECONDS, got '", c, "'");
+      const size_t id = std::stoul(c.substr(0, colon));
+      DP_CHECK(id < requests.size(), "generate: --cancel-at: no request ", id);
+      opts.meta[id].cancel_at_s = std::stod(c.substr(colon + 1));
+    }
   });
 
   int threads = static_cast<int>(a.integer("threads", 0));
@@ -164,12 +181,24 @@ int generate_main(int argc, char** argv) {
   const bool quiet = a.flag("quiet");
   std::vector<Image> sheet(requests.size());
   const auto stats = run_pipeline(opts, *transport, requests, [&](GeneratedImage&& gi) {
+    if (gi.status != "done") {
+      nlohmann::json j = params_to_json(gi.params);
+      j["index"] = gi.index;
+      j["status"] = gi.status;
+      j["reason"] = gi.reason;
+      const std::string line = j.dump();
+      jsonl << line << "\n";
+      jsonl.flush();
+      if (!quiet) std::printf("%s\n", line.c_str());
+      return;
+    }
     char name[64];
     std::snprintf(name, sizeof(name), "img-%05llu-seed%llu.png", static_cast<unsigned long long>(gi.index),
                   static_cast<unsigned long long>(gi.params.seed));
     write_png(path_join(out_dir, name), gi.image);
     nlohmann::json j = params_to_json(gi.params);
     j["index"] = gi.index;
+    j["status"] = "done";
     j["file"] = path_join(out_dir, name);
     j["width"] = gi.image.width;
     j["height"] = gi.image.height;
@@ -184,9 +213,13 @@ int generate_main(int argc, char** argv) {
   transport.reset();
   if (lead) {
     if (!a.flag("no-contact-sheet") && requests.size() > 1) {
-      bool same = true;
+      std::vector<Image> done;
+      for (auto& im : sheet)
+        if (im.width > 0) done.push_back(std::move(im));
+      sheet.swap(done);
+      bool same = !sheet.empty();
       for (const auto& im : sheet) same = same && im.width == sheet[0].width && im.height == sheet[0].height;
-      if (same) {
+      if (same && sheet.size() > 1) {
         const int cols = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(sheet.size()))));
         write_png(path_join(out_dir, "contact_sheet.png"), contact_sheet(sheet, cols));
       }

@@ -5,12 +5,15 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "diffpipe/runtime/blocking_queue.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/scheduler/planner.h"
+#include "diffpipe/scheduler/step_batcher.h"
 #include "diffpipe/stages/stages.h"
 
 namespace diffpipe {
@@ -192,7 +195,13 @@ class RankNode {
         case MsgKind::Denoise: inbox_[1].push(std::move(*m)); break;
         case MsgKind::Decode: inbox_[2].push(std::move(*m)); break;
         case MsgKind::Result:
+        case MsgKind::Progress:
         case MsgKind::Error: coord_inbox_.push(std::move(*m)); break;
+        case MsgKind::Cancel: {
+          std::lock_guard<std::mutex> lk(cancel_mu_);
+          cancelled_.insert(m->request);
+          break;
+        }
         case MsgKind::Shutdown: return;
         case MsgKind::Abort:
           DP_FAIL("rank ", t_.rank(), ": stopped because the job failed: ", m->fields.value("why", std::string("?")));
@@ -228,11 +237,29 @@ class RankNode {
   }
 
   // ---- stage workers
+  bool is_cancelled(uint64_t id) {
+    std::lock_guard<std::mutex> lk(cancel_mu_);
+    return cancelled_.count(id) != 0;
+  }
+  void progress(uint64_t id, const char* event) {
+    Message p;
+    p.kind = MsgKind::Progress;
+    p.request = id;
+    p.fields = {{"event", event}};
+    t_.send(0, std::move(p));
+  }
+  static double meta_num(const nlohmann::json& f, const char* k, double def) {
+    return f.contains("meta") ? f["meta"].value(k, def) : def;
+  }
+
   void encode_loop() {
     TextEncodeStage stage(model_);
     const auto& spec = opts_.placement.stage(StageKind::Encode);
     while (!stop_) {
-      auto batch = take_batch(inbox_[0], spec);
+      auto all = take_batch(inbox_[0], spec);
+      std::vector<Message> batch;
+      for (auto& m : all)
+        if (!is_cancelled(m.request)) batch.push_back(std::move(m));
       if (batch.empty()) continue;
       const auto t0 = Clock::now();
       std::vector<GenerationParams> params;
@@ -252,6 +279,7 @@ class RankNode {
         out.fields = batch[i].fields;
         out.tensors.push_back(embs[i].cond.contiguous());
         if (embs[i].uncond.defined()) out.tensors.push_back(embs[i].uncond.contiguous());
+        progress(batch[i].request, "encoded");
         t_.send(batch[i].fields.at("route").at(1).get<int>(), std::move(out));
       }
     }
@@ -262,11 +290,17 @@ class RankNode {
     nlohmann::json fields;
   };
 
+  // Continuous step-level batching (or static / single, per the placement): one UNet call per iteration over
+  // the requests the StepBatcher picks; new requests join at the next iteration, finished ones leave at once.
   void denoise_loop() {
     DenoiseStage stage(model_);
     const auto& spec = opts_.placement.stage(StageKind::Denoise);
-    std::vector<Active> active;
+    sched::StepBatcher batcher(sched::parse_batch_mode(spec.batching), spec.max_batch);
+    std::map<uint64_t, Active> states;
+    const auto start = Clock::now();
+    auto now_s = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
     auto admit = [&](Message m) {
+      if (is_cancelled(m.request)) return;
       current_[1] = m.request;
       maybe_inject(StageKind::Denoise, m.request);
       const GenerationParams p = params_from_json(m.fields.at("params"));
@@ -274,39 +308,47 @@ class RankNode {
       DP_CHECK(!m.tensors.empty(), "denoise: no embeddings received");
       e.cond = m.tensors[0].to(model_.spec.device, model_.spec.dtype);
       if (m.tensors.size() > 1) e.uncond = m.tensors[1].to(model_.spec.device, model_.spec.dtype);
-      active.push_back({make_denoise_state(model_, p, e, m.request), std::move(m.fields)});
+      const int prio = static_cast<int>(meta_num(m.fields, "priority", 0));
+      states.emplace(m.request, Active{make_denoise_state(model_, p, e, m.request), std::move(m.fields)});
+      batcher.add(m.request, prio, now_s());
     };
     while (!stop_) {
-      if (active.empty()) {
+      if (states.empty()) {
         auto m = inbox_[1].pop(50ms);
         if (!m) continue;
         admit(std::move(*m));
       }
-      while (static_cast<int>(active.size()) < spec.max_batch) {  // new requests join at the next iteration
-        auto m = inbox_[1].try_pop();
-        if (!m) break;
-        admit(std::move(*m));
+      while (auto m = inbox_[1].try_pop()) admit(std::move(*m));
+      for (auto it = states.begin(); it != states.end();) {  // cancellation at any step
+        if (is_cancelled(it->first)) {
+          batcher.cancel(it->first);
+          it = states.erase(it);
+        } else {
+          ++it;
+        }
       }
+      const std::vector<uint64_t> run = batcher.plan(now_s());
+      if (run.empty()) continue;
       const auto t0 = Clock::now();
       std::vector<DenoiseState*> batch;
-      for (auto& a : active) batch.push_back(&a.state);
-      current_[1] = active.front().state.id;
+      for (uint64_t id : run) batch.push_back(&states.at(id).state);
+      current_[1] = run.front();
       stage.step(batch);
       add_busy(StageKind::Denoise, t0);
-      for (auto it = active.begin(); it != active.end();) {  // finished requests leave at once
-        if (!it->state.done()) {
-          ++it;
-          continue;
-        }
+      for (uint64_t id : run) {
+        Active& a = states.at(id);
+        if (!a.state.done()) continue;
+        batcher.finished(id);
         Message out;
         out.kind = MsgKind::Decode;
-        out.request = it->state.id;
-        out.fields = std::move(it->fields);
+        out.request = id;
+        out.fields = std::move(a.fields);
         out.fields["denoise_rank"] = t_.rank();
-        out.tensors.push_back(it->state.latents.contiguous());
+        out.tensors.push_back(a.state.latents.contiguous());
         const int dst = out.fields.at("route").at(2).get<int>();
+        progress(id, "denoised");
         t_.send(dst, std::move(out));
-        it = active.erase(it);
+        states.erase(id);
       }
     }
   }
@@ -315,7 +357,10 @@ class RankNode {
     DecodeStage stage(model_);
     const auto& spec = opts_.placement.stage(StageKind::Decode);
     while (!stop_) {
-      auto batch = take_batch(inbox_[2], spec);
+      auto all = take_batch(inbox_[2], spec);
+      std::vector<Message> batch;
+      for (auto& m : all)
+        if (!is_cancelled(m.request)) batch.push_back(std::move(m));
       if (batch.empty()) continue;
       // group by latent shape (one VAE call per shape)
       std::map<std::vector<int64_t>, std::vector<size_t>> groups;
@@ -342,78 +387,129 @@ class RankNode {
     }
   }
 
-  // ---- coordinator (rank 0)
+  // ---- coordinator (rank 0): the Planner decides, this loop executes and feeds it events
   void coordinate(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
     const auto& P = opts_.placement;
-    std::map<int, int> load[kNumStages];
-    for (int s = 0; s < kNumStages; ++s)
-      for (int r : P.stages[s].ranks) load[s][r] = 0;
-    struct Outstanding {
-      int route[kNumStages];
-      Clock::time_point admitted;
-    };
-    std::map<uint64_t, Outstanding> outstanding;
-    size_t next = 0, done = 0;
+    sched::PlannerConfig pc;
+    for (int s = 0; s < kNumStages; ++s) pc.replicas[s] = P.stages[s].ranks;
+    pc.queue_capacity = P.queue_capacity;
+    pc.encode_inflight_limit = P.stage(StageKind::Encode).inflight_limit() * 4;
+    pc.denoise_inflight_limit = P.stage(StageKind::Denoise).inflight_limit();
+    pc.decode_inflight_limit = 1 << 30;  // decode work is bounded by what the denoisers release
+    sched::Planner planner(pc);
+    const size_t n = requests.size();
+    auto meta = [&](size_t i) { return i < opts_.meta.size() ? opts_.meta[i] : RequestMeta{}; };
+    std::vector<size_t> order(n);
+    for (size_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return meta(a).arrival_s < meta(b).arrival_s; });
+    std::vector<bool> cancel_sent(n, false);
+    size_t next = 0, finished = 0;
+    const auto start = Clock::now();
+    auto now_s = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
     auto last_progress = Clock::now();
-    auto least = [&](int s) {
-      int best = -1;
-      for (auto& [r, l] : load[s])
-        if (best < 0 || l < load[s][best]) best = r;
-      return best;
+    auto report = [&](uint64_t id, const std::string& status, const std::string& reason) {
+      GeneratedImage gi;
+      gi.index = id;
+      gi.params = requests[id];
+      gi.status = status;
+      gi.reason = reason;
+      gi.latency_s = now_s() - meta(id).arrival_s;
+      on_result(std::move(gi));
+      ++finished;
     };
-    while (done < requests.size()) {
+    auto drop = [&](const sched::Drop& d) {  // tell every rank on its route (it may be in flight between them)
+      const auto& info = planner.info(d.id);
+      std::set<int> ranks(info.route, info.route + 3);
+      for (int r : ranks) {
+        if (r < 0) continue;
+        Message c;
+        c.kind = MsgKind::Cancel;
+        c.request = d.id;
+        t_.send(r, c);
+      }
+      report(d.id, sched::state_name(d.state), info.reason);
+    };
+    while (finished < n) {
       if (stop_) return;
-      // admission: bounded in-flight work per denoise replica
-      while (next < requests.size()) {
-        const int d = least(1);
-        if (load[1][d] >= P.stage(StageKind::Denoise).inflight_limit()) break;
-        Outstanding o;
-        o.route[0] = least(0);
-        o.route[1] = d;
-        o.route[2] = least(2);
-        o.admitted = Clock::now();
-        for (int s = 0; s < kNumStages; ++s) ++load[s][o.route[s]];
+      const double now = now_s();
+      // arrivals (open loop): a full queue rejects or holds the source back
+      while (next < n && meta(order[next]).arrival_s <= now) {
+        const size_t id = order[next];
+        const RequestMeta m = meta(id);
+        const double deadline = m.deadline_s > 0 ? m.arrival_s + m.deadline_s : 0;
+        if (planner.submit(id, m.priority, requests[id].steps, now, deadline)) {
+          ++next;
+        } else if (opts_.reject_when_full) {
+          ++next;
+          report(id, "rejected", "admission queue full");
+        } else {
+          break;
+        }
+      }
+      for (size_t i = 0; i < n; ++i) {
+        const RequestMeta m = meta(i);
+        if (m.cancel_at_s < 0 || cancel_sent[i] || now < m.cancel_at_s || !planner.known(i)) continue;
+        cancel_sent[i] = true;
+        if (auto d = planner.cancel(i, "cancelled by the client", now)) drop(*d);
+      }
+      for (const auto& d : planner.expire(now)) drop(d);
+      for (const auto& a : planner.admit(now)) {
         Message m;
         m.kind = MsgKind::Encode;
-        m.request = next;
-        m.fields = {{"params", params_to_json(requests[next])}, {"route", {o.route[0], o.route[1], o.route[2]}}};
-        outstanding[next] = o;
-        t_.send(o.route[0], std::move(m));
-        ++next;
+        m.request = a.id;
+        const RequestMeta rm = meta(a.id);
+        m.fields = {{"params", params_to_json(requests[a.id])},
+                    {"route", {a.route[0], a.route[1], a.route[2]}},
+                    {"meta", {{"priority", rm.priority}}}};
+        t_.send(a.route[0], std::move(m));
       }
-      auto m = coord_inbox_.pop(50ms);
-      if (!m) {
+      auto msg = coord_inbox_.pop(10ms);
+      if (!msg) {
         const double idle = std::chrono::duration<double>(Clock::now() - last_progress).count();
-        if (idle > opts_.timeout_s) {
+        if (idle > opts_.timeout_s && planner.active() > 0) {
           std::string pending;
-          for (auto& [id, o] : outstanding)
-            pending += detail::cat(pending.empty() ? "" : "; ", "request ", id, " (encode rank ", o.route[0],
-                                   ", denoise rank ", o.route[1], ", decode rank ", o.route[2], ")");
+          for (size_t i = 0; i < n; ++i) {
+            if (!planner.known(i)) continue;
+            const auto& r = planner.info(i);
+            if (sched::is_final(r.state) || r.state == sched::RequestState::Queued) continue;
+            pending += detail::cat(pending.empty() ? "" : "; ", "request ", i, " ", sched::state_name(r.state),
+                                   " (encode rank ", r.route[0], ", denoise rank ", r.route[1], ", decode rank ",
+                                   r.route[2], ")");
+          }
           DP_FAIL("no progress for ", opts_.timeout_s, " s; waiting on ", pending);
         }
         continue;
       }
       last_progress = Clock::now();
-      if (m->kind == MsgKind::Error) DP_FAIL(m->fields.value("what", std::string("unknown error")));
+      if (msg->kind == MsgKind::Error) DP_FAIL(msg->fields.value("what", std::string("unknown error")));
+      DP_CHECK(msg->request < n && planner.known(msg->request), "message for unknown request ", msg->request,
+               " from rank ", msg->src);
+      const uint64_t id = msg->request;
+      if (sched::is_final(planner.info(id).state)) continue;  // cancelled or timed out meanwhile
+      if (msg->kind == MsgKind::Progress) {
+        const std::string ev = msg->fields.value("event", std::string());
+        if (ev == "encoded") planner.on_encoded(id, now_s());
+        else if (ev == "denoised") planner.on_denoised(id, now_s());
+        continue;
+      }
       // Result
-      auto it = outstanding.find(m->request);
-      DP_CHECK(it != outstanding.end(), "result for unknown request ", m->request, " from rank ", m->src);
+      if (planner.info(id).state == sched::RequestState::Encoding) planner.on_encoded(id, now_s());  // progress may trail
+      if (planner.info(id).state == sched::RequestState::Denoising) planner.on_denoised(id, now_s());
+      planner.on_done(id, now_s());
       GeneratedImage gi;
-      gi.index = m->request;
-      gi.params = params_from_json(m->fields.at("params"));
-      gi.denoise_rank = m->fields.value("denoise_rank", -1);
-      gi.latency_s = std::chrono::duration<double>(Clock::now() - it->second.admitted).count();
-      const at::Tensor img = m->tensors.at(0).contiguous();
+      gi.index = id;
+      gi.params = params_from_json(msg->fields.at("params"));
+      gi.denoise_rank = msg->fields.value("denoise_rank", -1);
+      gi.latency_s = now_s() - meta(id).arrival_s;
+      const at::Tensor img = msg->tensors.at(0).contiguous();
       gi.image.height = static_cast<int>(img.size(0));
       gi.image.width = static_cast<int>(img.size(1));
       gi.image.channels = 3;
       gi.image.pixels.resize(img.numel());
       std::memcpy(gi.image.pixels.data(), img.data_ptr<uint8_t>(), img.numel());
-      for (int s = 0; s < kNumStages; ++s) --load[s][it->second.route[s]];
-      outstanding.erase(it);
       on_result(std::move(gi));
-      ++done;
-      images_done_ = done;
+      ++finished;
+      ++images_done_;
     }
     for (int r = 0; r < t_.size(); ++r) {
       Message s;
@@ -436,6 +532,8 @@ class RankNode {
   std::atomic<int64_t> busy_[kNumStages] = {0, 0, 0};
   std::atomic<int64_t> last_activity_us_{0};
   std::atomic<size_t> images_done_{0};
+  std::mutex cancel_mu_;
+  std::set<uint64_t> cancelled_;
 };
 
 }  // namespace

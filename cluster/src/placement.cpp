@@ -50,6 +50,7 @@ void Placement::validate(const std::string& origin) const {
     const auto& st = stages[s];
     const char* name = stage_name(static_cast<StageKind>(s));
     DP_CHECK(!st.ranks.empty(), origin, ": stage '", name, "' has no rank");
+    DP_CHECK(queue_capacity >= 1, origin, ": queue_capacity must be >= 1");
     std::set<int> seen;
     for (int r : st.ranks) {
       DP_CHECK(r >= 0 && r < world_size, origin, ": stage '", name, "': rank ", r, " is out of range [0, ",
@@ -62,6 +63,8 @@ void Placement::validate(const std::string& origin) const {
     DP_CHECK(st.max_inflight >= 0, origin, ": stage '", name, "': max_inflight must be >= 0");
     DP_CHECK(st.batch_wait_ms >= 0 && st.batch_wait_ms <= 60000, origin, ": stage '", name,
              "': batch_wait_ms must be in [0, 60000]");
+    DP_CHECK(st.batching == "step" || st.batching == "static" || st.batching == "single", origin, ": stage '", name,
+             "': batching '", st.batching, "' (step, static or single)");
   }
   std::vector<int> idle;
   for (int r = 0; r < world_size; ++r)
@@ -97,12 +100,17 @@ Placement Placement::load(const std::string& path, int world_size) {
     return o[k].get<std::string>();
   };
   for (auto& [k, v] : j.items()) {
-    if (k == "transport" || k == "device" || k == "dtype" || k == "rank") continue;
+    if (k == "transport" || k == "device" || k == "dtype" || k == "rank" || k == "queue_capacity") continue;
     if (k == "encode" || k == "denoise" || k == "decode") continue;
-    DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode; keys: transport, device, dtype; "
-            "tables: [rank.N])");
+    DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode; keys: transport, device, dtype, "
+            "queue_capacity; tables: [rank.N])");
   }
   p.transport = get_str(j, "transport", "", "mpi");
+  if (j.contains("queue_capacity")) {
+    DP_CHECK(j["queue_capacity"].is_number_integer() && j["queue_capacity"].get<int64_t>() >= 1, path,
+             ": queue_capacity must be a positive integer");
+    p.queue_capacity = j["queue_capacity"].get<size_t>();
+  }
   defaults.device = get_str(j, "device", "", "cpu");
   defaults.dtype = get_str(j, "dtype", "", "float32");
   p.ranks.assign(world_size, defaults);
@@ -122,11 +130,14 @@ Placement Placement::load(const std::string& path, int world_size) {
       } else if (k == "max_batch" || k == "max_inflight") {
         DP_CHECK(v.is_number_integer(), path, ": [", name, "] ", k, " must be an integer");
         (k == "max_batch" ? st.max_batch : st.max_inflight) = v.get<int>();
+      } else if (k == "batching") {
+        DP_CHECK(v.is_string(), path, ": [", name, "] batching must be a string");
+        st.batching = v.get<std::string>();
       } else if (k == "batch_wait_ms") {
         DP_CHECK(v.is_number(), path, ": [", name, "] batch_wait_ms must be a number");
         st.batch_wait_ms = v.get<double>();
       } else {
-        DP_FAIL(path, ": [", name, "] unknown key '", k, "' (ranks, max_batch, max_inflight, batch_wait_ms)");
+        DP_FAIL(path, ": [", name, "] unknown key '", k, "' (ranks, max_batch, max_inflight, batch_wait_ms, batching)");
       }
     }
   }
@@ -163,7 +174,11 @@ std::string Placement::describe() const {
   os << "placement: " << world_size << " rank(s), transport " << (world_size == 1 ? "inproc" : transport) << "\n";
   for (int r = 0; r < world_size; ++r) {
     os << "  rank " << r << " [" << ranks[r].device << ", " << ranks[r].dtype << "]:";
-    for (auto s : stages_on(r)) os << " " << stage_name(s) << "(max_batch " << stage(s).max_batch << ")";
+    for (auto s : stages_on(r)) {
+      os << " " << stage_name(s) << "(max_batch " << stage(s).max_batch;
+      if (s == StageKind::Denoise) os << ", " << stage(s).batching << " batching";
+      os << ")";
+    }
     if (r == 0) os << " +coordinator";
     os << "\n";
   }

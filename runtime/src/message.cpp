@@ -14,6 +14,8 @@ const char* msg_kind_name(MsgKind k) {
     case MsgKind::Error: return "error";
     case MsgKind::Shutdown: return "shutdown";
     case MsgKind::Abort: return "abort";
+    case MsgKind::Progress: return "progress";
+    case MsgKind::Cancel: return "cancel";
     case MsgKind::Test: return "test";
   }
   return "?";

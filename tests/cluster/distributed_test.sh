@@ -96,7 +96,25 @@ bad_pipeline no-rank 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[]\n[decode]\nran
 bad_pipeline extra-ranks 3 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]' "more ranks than needed: rank(s) 2"
 bad_pipeline syntax 2 $'[encode]\nranks = [0\n' "syntax.toml:2: expected ',' or ']'"
 
-# 5) a bad model folder fails every rank with one message
+# 5) cancellation and deadlines across ranks: the rest finish, every rank exits 0
+if timeout 120 $MPIRUN -np 3 "$BIN" generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 3 --steps 40 \
+     --max-batch 2 --cancel-at 1:0 --cancel-at 4:0.3 --out "$WORK/cancel" --quiet 2> "$WORK/cancel.log"; then
+  nc=$(grep -c '"status":"cancelled"' "$WORK/cancel/images.jsonl"); nd=$(grep -c '"status":"done"' "$WORK/cancel/images.jsonl")
+  [ "$nc" -ge 1 ] && [ $((nc + nd)) = 9 ] && ok "cancellation: $nc cancelled, $nd done, all ranks exit 0" \
+    || bad "cancellation: $nc cancelled, $nd done"
+else
+  bad "cancellation run failed"; tail -5 "$WORK/cancel.log"
+fi
+if timeout 120 $MPIRUN -np 3 "$BIN" generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 4 --steps 30 \
+     --max-batch 1 --deadline 0.05 --out "$WORK/deadline" --quiet 2> "$WORK/deadline.log"; then
+  nt=$(grep -c '"status":"timed out"' "$WORK/deadline/images.jsonl"); n=$(wc -l < "$WORK/deadline/images.jsonl")
+  [ "$nt" -ge 1 ] && [ "$n" = 12 ] && grep -q '"reason":"deadline passed while' "$WORK/deadline/images.jsonl" \
+    && ok "deadlines: $nt of 12 timed out with a reason" || bad "deadlines: $nt timed out of $n lines"
+else
+  bad "deadline run failed"; tail -5 "$WORK/deadline.log"
+fi
+
+# 6) a bad model folder fails every rank with one message
 timeout 60 $MPIRUN -np 3 "$BIN" generate --model "$WORK/no-such-model" --prompt x --out "$WORK/nm" > "$WORK/nm.log" 2>&1
 rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "no-such-model: model folder not found" "$WORK/nm.log"; } \
   && ok "missing model folder rejected on all ranks" || bad "missing model folder: rc $rc"

@@ -15,18 +15,30 @@
 
 namespace diffpipe {
 
+// Scheduling attributes of one request (same order as the requests; empty = defaults for all).
+struct RequestMeta {
+  int priority = 0;         // higher first; waiting requests age, so none starves
+  double arrival_s = 0;     // seconds after start when the request arrives (open-loop load)
+  double deadline_s = 0;    // seconds after arrival; 0 = none. Past it the request is dropped as timed out
+  double cancel_at_s = -1;  // testing aid: cancel this many seconds after start (< 0: never)
+};
+
 struct RunOptions {
   std::string model_dir;
   Placement placement;
   double timeout_s = 600;      // no progress for this long = failure (names what is stuck)
   std::string inject_failure;  // testing aid: "STAGE:REQUEST" throws there, "STAGE:REQUEST:crash" aborts the process
+  std::vector<RequestMeta> meta;
+  bool reject_when_full = false;  // open-loop load: a full admission queue rejects (else arrivals wait)
 };
 
 struct GeneratedImage {
   uint64_t index = 0;  // position in the request list
   GenerationParams params;
-  Image image;
-  double latency_s = 0;  // admission to result
+  std::string status = "done";  // done | cancelled | timed out | rejected
+  std::string reason;           // why it is not done
+  Image image;                  // empty unless done
+  double latency_s = 0;         // arrival to result
   int denoise_rank = -1;
 };
 

@@ -16,6 +16,7 @@ struct StageSpec {
   int max_batch = 8;          // requests per stage call (denoise: per UNet call)
   int max_inflight = 0;       // per replica: requests queued or running; 0 = 2 x max_batch
   double batch_wait_ms = 2;   // encoder/decoder: how long to wait to fill a batch
+  std::string batching = "step";  // denoise: step (continuous, step-level) | static (request-level) | single
   int inflight_limit() const { return max_inflight > 0 ? max_inflight : 2 * max_batch; }
 };
 
@@ -27,6 +28,7 @@ struct RankSpec {
 struct Placement {
   int world_size = 1;
   std::string transport = "mpi";  // mpi | nccl (a 1-rank world always runs in-process)
+  size_t queue_capacity = 1024;   // coordinator's admission queue (requests waiting to be admitted)
   StageSpec stages[kNumStages];
   std::vector<RankSpec> ranks;
 

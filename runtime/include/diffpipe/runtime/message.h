@@ -19,6 +19,8 @@ enum class MsgKind : int32_t {
   Error = 5,     // any -> coordinator: {rank, stage, request, what}
   Shutdown = 6,  // coordinator -> all: drain and exit
   Abort = 7,     // coordinator -> all: exit non-zero now
+  Progress = 8,  // stage -> coordinator: {event: "encoded" | "denoised"}
+  Cancel = 9,    // coordinator -> the ranks on a request's route: drop it
   Test = 100,    // transport tests
 };
 const char* msg_kind_name(MsgKind k);
