@@ -40,6 +40,8 @@ const char* kHelp =
     "  --transport mpi|nccl   transport between ranks (default mpi)\n"
     "  --max-batch N          per-stage batch limit when no pipeline file is given (default 8)\n"
     "  --batching MODE        denoiser batching without a pipeline file: step (default) | static | single\n"
+    "  --batch-invariant      CPU: a request's image is byte-identical whatever its batch (slower batching;\n"
+    "                         without it a few 8-bit values may differ by 1)\n"
     "  --priority P           scheduling priority of these requests (higher first; waiting requests age)\n"
     "  --deadline S           drop a request not finished S seconds after it arrived (status \"timed out\")\n"
     "  --threads N            CPU threads per rank (default: cores / ranks on the node)\n"
@@ -87,7 +89,7 @@ int generate_main(int argc, char** argv) {
               {"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler", "seed", "width",
                "height", "images", "clip-skip", "out", "pipeline", "device", "dtype", "transport", "max-batch",
                "threads", "timeout", "inject-failure", "priority", "deadline", "batching", "cancel-at"},
-              {"no-contact-sheet", "quiet"});
+              {"no-contact-sheet", "quiet", "batch-invariant"});
   const auto& world = mpi::world();
   const bool lead = world.rank == 0;
   DP_CHECK(a.has("model"), "generate: --model DIR is required");
@@ -135,6 +137,7 @@ int generate_main(int argc, char** argv) {
       const int mb = static_cast<int>(a.integer("max-batch", 8));
       for (auto& s : placement.stages) s.max_batch = mb;
       placement.stage(StageKind::Denoise).batching = a.str("batching", "step");
+      placement.batch_invariant = !a.flag("batch-invariant");
       placement.validate("command line");
     }
     SdModel::validate(a.str("model"));

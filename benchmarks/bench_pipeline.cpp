@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   mpi::init(&argc, &argv);
   std::string model_dir, device = "cpu", dtype = "float32", transport = "mpi";
   int n = 16, steps = 20, max_batch = 8, size = 0;
+  bool batch_invariant = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--model") model_dir = v;
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
     else if (k == "--max-batch") max_batch = std::stoi(v);
     else if (k == "--transport") transport = v;
     else if (k == "--size") size = std::stoi(v);
+    else if (k == "--batch-invariant") batch_invariant = v != "0";
   }
   const auto& w = mpi::world();
   try {
@@ -60,6 +62,7 @@ int main(int argc, char** argv) {
       DeviceSpec spec;
       if (device == "cuda") spec.device = at::Device(at::kCUDA, 0);
       spec.dtype = dtype == "float16" ? at::kHalf : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+      spec.batch_invariant = batch_invariant;
       SdModel m = SdModel::load(model_dir, spec);
       TextEncodeStage enc(m);
       DenoiseStage den(m);
@@ -81,6 +84,7 @@ int main(int argc, char** argv) {
     opts.model_dir = model_dir;
     opts.placement = Placement::derive(w.size, rs);
     opts.placement.transport = transport;
+    opts.placement.batch_invariant = batch_invariant;
     for (auto& s : opts.placement.stages) s.max_batch = max_batch;
     std::shared_ptr<Transport> t = w.size == 1 ? make_inproc_world(1)[0]
                                    : transport == "nccl" ? make_nccl_transport(w.local_rank)
@@ -121,8 +125,9 @@ int main(int argc, char** argv) {
       }
       std::sort(lat.begin(), lat.end());
       const double seq_tp = n / seq_s, pipe_tp = n / st.wall_s;
-      std::printf("model %s, %d requests x %d steps (ddim, guidance 7.5), %s %s, %d rank(s), max_batch %d\n",
-                  model_dir.c_str(), n, steps, device.c_str(), dtype.c_str(), w.size, max_batch);
+      std::printf("model %s, %d requests x %d steps (ddim, guidance 7.5), %s %s, %d rank(s), max_batch %d, "
+                  "batch-invariant %s\n", model_dir.c_str(), n, steps, device.c_str(), dtype.c_str(), w.size, max_batch,
+                  batch_invariant && device != "cuda" ? "on" : "off");
       std::printf("sequential (1 process, batch 1, no overlap): %.3f s, %.3f images/s\n", seq_s, seq_tp);
       std::printf("pipeline   (%s): %.3f s, %.3f images/s, latency p50 %.3f s p95 %.3f s\n",
                   w.size == 1 ? "stages on threads" : "stages on ranks", st.wall_s, pipe_tp, lat[lat.size() / 2],

@@ -552,6 +552,7 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
       spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(mpi::world().local_rank % n));
     }
     spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    spec.batch_invariant = opts.placement.batch_invariant;
     unsigned comps = 0;
     for (auto s : opts.placement.stages_on(me))
       comps |= s == StageKind::Encode ? kTextEncoder : s == StageKind::Denoise ? kUNet : kVae;

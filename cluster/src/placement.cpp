@@ -100,12 +100,18 @@ Placement Placement::load(const std::string& path, int world_size) {
     return o[k].get<std::string>();
   };
   for (auto& [k, v] : j.items()) {
-    if (k == "transport" || k == "device" || k == "dtype" || k == "rank" || k == "queue_capacity") continue;
+    if (k == "transport" || k == "device" || k == "dtype" || k == "rank" || k == "queue_capacity" ||
+        k == "batch_invariant")
+      continue;
     if (k == "encode" || k == "denoise" || k == "decode") continue;
     DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode; keys: transport, device, dtype, "
-            "queue_capacity; tables: [rank.N])");
+            "queue_capacity, batch_invariant; tables: [rank.N])");
   }
   p.transport = get_str(j, "transport", "", "mpi");
+  if (j.contains("batch_invariant")) {
+    DP_CHECK(j["batch_invariant"].is_boolean(), path, ": batch_invariant must be true or false");
+    p.batch_invariant = j["batch_invariant"].get<bool>();
+  }
   if (j.contains("queue_capacity")) {
     DP_CHECK(j["queue_capacity"].is_number_integer() && j["queue_capacity"].get<int64_t>() >= 1, path,
              ": queue_capacity must be a positive integer");

@@ -3,6 +3,7 @@
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/safetensors.h"
+#include "nn.h"
 
 namespace diffpipe {
 
@@ -50,6 +51,7 @@ static void configure_cuda_numerics() {
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
   validate(dir);
   if (spec.device.is_cuda()) configure_cuda_numerics();
+  nn::set_batch_invariant(spec.batch_invariant && !spec.device.is_cuda());
   SdModel m;
   m.dir = dir;
   m.spec = spec;

@@ -29,6 +29,7 @@ struct Placement {
   int world_size = 1;
   std::string transport = "mpi";  // mpi | nccl (a 1-rank world always runs in-process)
   size_t queue_capacity = 1024;   // coordinator's admission queue (requests waiting to be admitted)
+  bool batch_invariant = false;   // CPU ranks: results independent of batch composition (costs speed)
   StageSpec stages[kNumStages];
   std::vector<RankSpec> ranks;
 

@@ -15,6 +15,9 @@ namespace diffpipe {
 struct DeviceSpec {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // floating parameters are converted to this
+  // CPU only: run batch-size-dependent kernels sample by sample so results do not depend on batch neighbours
+  // (see stages/src/nn.h). Off by default: at small shapes it costs much of batching's speed.
+  bool batch_invariant = false;
 };
 
 class Weights {
