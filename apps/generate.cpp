@@ -137,7 +137,7 @@ int generate_main(int argc, char** argv) {
       const int mb = static_cast<int>(a.integer("max-batch", 8));
       for (auto& s : placement.stages) s.max_batch = mb;
       placement.stage(StageKind::Denoise).batching = a.str("batching", "step");
-      placement.batch_invariant = !a.flag("batch-invariant");
+      placement.batch_invariant = a.flag("batch-invariant");
       placement.validate("command line");
     }
     SdModel::validate(a.str("model"));

@@ -13,6 +13,12 @@ bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                      bool upcast) {
+  if (batch_invariant() && q.size(0) > 1) {  // one sample at a time (see nn.h)
+    std::vector<at::Tensor> outs;
+    for (int64_t i = 0; i < q.size(0); ++i)
+      outs.push_back(attention(q.slice(0, i, i + 1), k.slice(0, i, i + 1), v.slice(0, i, i + 1), mask, upcast));
+    return at::cat(outs);
+  }
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   const auto in_dtype = q.scalar_type();
   const bool up = upcast && in_dtype != at::kFloat;

@@ -25,7 +25,7 @@ struct Linear {
     if (has_bias) bias = w.get(name + ".bias", {out});
   }
   at::Tensor operator()(const at::Tensor& x) const {
-    if (x.dim() == 2 && x.size(0) > 1 && batch_invariant()) {  // [B, in]: one row at a time
+    if (x.dim() >= 2 && x.size(0) > 1 && batch_invariant()) {  // [B, ..., in]: one sample at a time
       std::vector<at::Tensor> rows;
       for (int64_t i = 0; i < x.size(0); ++i) rows.push_back(at::linear(x.slice(0, i, i + 1), weight, bias));
       return at::cat(rows);
