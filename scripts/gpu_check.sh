@@ -8,6 +8,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 LOG=$OUT/gpu_log.txt
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $* ($(date +%T))"; }
+# GPU_CHECK_PARTS: which parts to run after the build (default: all)
+PARTS=${GPU_CHECK_PARTS:-golden,transport,pipeline,sd15,scheduler}
+want() { case ",$PARTS," in *",$1,"*) return 0;; *) return 1;; esac; }
 ROOT=$PWD
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 MPIRUN="mpirun --oversubscribe"
@@ -28,6 +31,7 @@ cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED"
 echo "build: $(( $(date +%s) - t0 )) s"
 B=build-gpu
 export DIFFPIPE_GOLDEN=$ROOT/.gpu/golden/tiny-sd
+if want golden; then
 step "golden checks: cpu float32, cuda float32, cuda float16, cuda bfloat16"
 timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 | grep -E "golden\]|OK|FAILED|PASSED"
 for dt in float32 float16 bfloat16; do
@@ -35,14 +39,17 @@ for dt in float32 float16 bfloat16; do
   DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 \
     | grep -E "golden\]|OK|FAILED|PASSED|Failure|Which|rel_err"
 done
+fi
+if want transport; then
 step "transport suite: NCCL self-send (1 rank), MPI (2 ranks)"
 timeout 120 $MPIRUN -np 1 $B/tests/test_transport 2>&1 | grep -E "OK|FAILED|PASSED|SKIPPED \]" | grep -v "^\[  SKIPPED" | head -30
 timeout 120 $MPIRUN -np 2 $B/tests/test_transport 2>&1 | grep -E "PASSED|FAILED" | head -4
 step "transport benchmarks"
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] || timeout 120 $MPIRUN -np 1 $B/benchmarks/bench_transport --transport nccl --device cuda --iters 200
+timeout 120 $MPIRUN -np 1 $B/benchmarks/bench_transport --transport nccl --device cuda --iters 200
 timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cuda --iters 200
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] || timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cpu --iters 200
-[ "${GPU_CHECK_QUICK:-0}" = 1 ] && { step "done (quick)"; exit 0; }
+timeout 120 $MPIRUN -np 2 $B/benchmarks/bench_transport --transport mpi --device cpu --iters 200
+fi
+if want pipeline; then
 step "pipeline on the GPU: 1 rank vs 3 processes sharing the GPU (MPI transport), float16, reference model"
 G=$DIFFPIPE_GOLDEN/model
 for np in 1 3; do
@@ -52,11 +59,20 @@ done
 same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f) && same=$((same+1)); done
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
-step "pipeline throughput: SD 1.5 architecture (random weights), 512x512, float16"
+fi
+if want sd15 || want scheduler; then
 t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"
+fi
+if want sd15; then
+step "pipeline throughput: SD 1.5 architecture (random weights), 512x512, float16"
 for np in 1 3; do
   echo "--- $np rank(s)"
   timeout 240 $MPIRUN -np $np $B/benchmarks/bench_pipeline --model /tmp/sd15 --requests 8 --steps 20 --device cuda \
     --dtype float16 --max-batch 8
 done
+fi
+if want scheduler; then
+step "scheduler: Poisson arrivals, step vs static vs one-at-a-time, SD 1.5 architecture 512x512 float16"
+timeout 400 $B/benchmarks/bench_scheduler --model /tmp/sd15 --requests 24 --device cuda --dtype float16 --rates 0.5,1,2,4
+fi
 step "done"
