@@ -335,6 +335,19 @@ class RankNode {
       current_[1] = run.front();
       stage.step(batch);
       add_busy(StageKind::Denoise, t0);
+      {  // one progress message per iteration: where each request is (step k of N)
+        Message p;
+        p.kind = MsgKind::Progress;
+        p.request = run.front();
+        nlohmann::json ids = nlohmann::json::array(), steps = nlohmann::json::array(), totals = nlohmann::json::array();
+        for (uint64_t id : run) {
+          ids.push_back(id);
+          steps.push_back(states.at(id).state.step);
+          totals.push_back(states.at(id).state.total_steps());
+        }
+        p.fields = {{"event", "steps"}, {"ids", ids}, {"steps", steps}, {"totals", totals}};
+        t_.send(0, std::move(p));
+      }
       for (uint64_t id : run) {
         Active& a = states.at(id);
         if (!a.state.done()) continue;
@@ -485,16 +498,35 @@ class RankNode {
       DP_CHECK(msg->request < n && planner.known(msg->request), "message for unknown request ", msg->request,
                " from rank ", msg->src);
       const uint64_t id = msg->request;
-      if (sched::is_final(planner.info(id).state)) continue;  // cancelled or timed out meanwhile
+      // Messages from different ranks may arrive out of order (an encoder's "encoded" after the denoiser's
+      // steps): bring the request up to the stage the message proves it reached.
+      auto reach = [&](uint64_t rid, sched::RequestState target) {
+        const auto st = planner.info(rid).state;
+        if (sched::is_final(st)) return false;
+        if (st == sched::RequestState::Encoding && target != sched::RequestState::Encoding) planner.on_encoded(rid, now_s());
+        if (planner.info(rid).state == sched::RequestState::Denoising && target == sched::RequestState::Decoding)
+          planner.on_denoised(rid, now_s());
+        return true;
+      };
       if (msg->kind == MsgKind::Progress) {
         const std::string ev = msg->fields.value("event", std::string());
-        if (ev == "encoded") planner.on_encoded(id, now_s());
-        else if (ev == "denoised") planner.on_denoised(id, now_s());
+        if (ev == "encoded") {
+          reach(id, sched::RequestState::Denoising);
+        } else if (ev == "denoised") {
+          reach(id, sched::RequestState::Decoding);
+        } else if (ev == "steps") {
+          const auto& ids = msg->fields.at("ids");
+          const auto& steps = msg->fields.at("steps");
+          for (size_t k = 0; k < ids.size(); ++k) {
+            const uint64_t rid = ids[k].get<uint64_t>();
+            if (!planner.known(rid) || !reach(rid, sched::RequestState::Denoising)) continue;
+            if (planner.info(rid).state == sched::RequestState::Denoising && steps[k].get<int>() > planner.info(rid).step)
+              planner.on_step(rid, steps[k].get<int>(), now_s(), msg->fields.at("totals")[k].get<int>());
+          }
+        }
         continue;
       }
-      // Result
-      if (planner.info(id).state == sched::RequestState::Encoding) planner.on_encoded(id, now_s());  // progress may trail
-      if (planner.info(id).state == sched::RequestState::Denoising) planner.on_denoised(id, now_s());
+      if (!reach(id, sched::RequestState::Decoding)) continue;  // cancelled or timed out meanwhile
       planner.on_done(id, now_s());
       GeneratedImage gi;
       gi.index = id;

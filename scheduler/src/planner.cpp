@@ -105,9 +105,10 @@ void Planner::on_encoded(uint64_t id, double now) {
   --load_[0][r.route[0]];
 }
 
-void Planner::on_step(uint64_t id, int step, double now) {
+void Planner::on_step(uint64_t id, int step, double now, int total) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return;
+  if (total > 0) r.total_steps = total;
   DP_CHECK(r.state == RequestState::Denoising, "planner: request ", id, " reported step ", step, " while ",
            state_name(r.state));
   DP_CHECK(step > r.step && step <= r.total_steps, "planner: request ", id, " step ", step, " after ", r.step, " of ",

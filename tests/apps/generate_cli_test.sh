@@ -26,6 +26,12 @@ fi
   --out "$WORK/again" --quiet 2>/dev/null
 cmp -s "$WORK/out/img-00001-seed1.png" "$WORK/again/img-00001-seed1.png" && ok "same seed, same bytes" || bad "seed not reproducible"
 
+# every sampler through the whole pipeline (PLMS makes steps + 1 model calls)
+for s in ddim euler euler_a dpmpp_2m dpmpp_2m_karras pndm; do
+  "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 3 --sampler $s --out "$WORK/s-$s" --quiet 2> "$WORK/s-$s.log" \
+    && [ "$(ls "$WORK/s-$s"/img-*.png | wc -l)" = 2 ] && ok "sampler $s" || bad "sampler $s: $(tail -1 "$WORK/s-$s.log")"
+done
+
 expect_error() {  # name expected-text args...
   local name=$1 want=$2; shift 2
   "$BIN" "$@" > "$WORK/$name.log" 2>&1

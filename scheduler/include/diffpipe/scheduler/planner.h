@@ -44,7 +44,9 @@ class Planner {
   std::vector<Admission> admit(double now);
   // Events from the runtime.
   void on_encoded(uint64_t id, double now);               // Encoding -> Denoising
-  void on_step(uint64_t id, int step, double now);        // progress inside denoising
+  // Progress inside denoising: `step` of `total` model calls (the denoiser knows the exact count, e.g. PLMS
+  // makes steps + 1 calls); total <= 0 keeps the count given at submit.
+  void on_step(uint64_t id, int step, double now, int total = 0);
   void on_denoised(uint64_t id, double now);              // Denoising -> Decoding (frees the denoise slot)
   void on_done(uint64_t id, double now);                  // Decoding -> Done
   void on_failed(uint64_t id, const std::string& why, double now);
