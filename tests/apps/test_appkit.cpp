@@ -1,0 +1,111 @@
+// The dataset generator, the analytic fidelity checker and the metrics (FID on Gaussians with known distance).
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "diffpipe/runtime/error.h"
+#include "fidelity.h"
+#include "metrics.h"
+#include "shapes.h"
+
+using namespace diffpipe;
+
+TEST(Shapes, DeterministicCaptionsRoundTrip) {
+  for (uint64_t i = 0; i < 300; ++i) {
+    const data::Scene s = data::sample_scene(7, i);
+    const std::string c = data::caption(s);
+    const data::Scene p = data::parse_caption(c);
+    ASSERT_EQ(data::caption(p), c);
+    ASSERT_EQ(data::caption(data::sample_scene(7, i)), c) << "not deterministic";
+  }
+  EXPECT_NE(data::caption(data::sample_scene(7, 0)), data::caption(data::sample_scene(8, 0)));
+  EXPECT_EQ(data::caption(data::parse_caption("a small red circle at the top left on a black background")),
+            "a small red circle at the top left on a black background");
+  EXPECT_THROW(data::parse_caption("a red elephant at the top left on a black background"), Error);
+  EXPECT_THROW(data::parse_caption("a small red circle"), Error);
+}
+
+TEST(Shapes, DatasetCoversTheGrammar) {
+  std::set<int> colors, shapes, positions, backgrounds, counts;
+  for (uint64_t i = 0; i < 2000; ++i) {
+    auto s = data::sample_scene(1, i);
+    backgrounds.insert(s.background);
+    counts.insert(static_cast<int>(s.objects.size()));
+    for (auto& o : s.objects) {
+      colors.insert(o.color);
+      shapes.insert(o.shape);
+      positions.insert(o.position);
+    }
+  }
+  EXPECT_EQ(colors.size(), data::kColors.size());
+  EXPECT_EQ(shapes.size(), data::kShapes.size());
+  EXPECT_EQ(positions.size(), data::kPositions.size());
+  EXPECT_EQ(backgrounds.size(), data::kBackgrounds.size());
+  EXPECT_EQ(counts, (std::set<int>{1, 2}));
+}
+
+// The checker must accept the ground truth (at 64 and 32 px) and reject wrong captions.
+TEST(Fidelity, GroundTruthScoresHighWrongCaptionsLow) {
+  std::vector<std::vector<data::ObjectVerdict>> right, right32, wrong;
+  for (uint64_t i = 0; i < 300; ++i) {
+    const data::Scene s = data::sample_scene(3, i);
+    const Image im = data::render(s);
+    right.push_back(data::check_image(im, s));
+    right32.push_back(data::check_image(data::downsample(im, 2), s));
+    data::Scene w = s;
+    for (auto& o : w.objects) {
+      o.color = (o.color + 1) % static_cast<int>(data::kColors.size());
+      o.shape = (o.shape + 1) % static_cast<int>(data::kShapes.size());
+      if (w.objects.size() == 1) o.position = (o.position + 1) % static_cast<int>(data::kPositions.size());
+    }
+    wrong.push_back(data::check_image(im, w));
+  }
+  const auto r = data::summarize(right), r32 = data::summarize(right32), x = data::summarize(wrong);
+  std::printf("[fidelity] ground truth 64px colour %.3f shape %.3f position %.3f; 32px %.3f %.3f %.3f; wrong captions "
+              "%.3f %.3f %.3f\n", r.color, r.shape, r.position, r32.color, r32.shape, r32.position, x.color, x.shape,
+              x.position);
+  EXPECT_GE(r.color, 0.99);
+  EXPECT_GE(r.shape, 0.97);
+  EXPECT_GE(r.position, 0.99);
+  EXPECT_GE(r32.color, 0.97);
+  EXPECT_GE(r32.shape, 0.85);
+  EXPECT_LE(x.color, 0.02);
+  EXPECT_LE(x.shape, 0.10);
+}
+
+TEST(Metrics, FrechetDistanceOfKnownGaussians) {
+  // diagonal covariances: closed form sum (mu1-mu2)^2 + s1 + s2 - 2 sqrt(s1 s2)
+  metrics::Gaussian a{at::tensor({0.0, 1.0, 2.0}, at::kDouble), at::diag(at::tensor({1.0, 4.0, 9.0}, at::kDouble))};
+  metrics::Gaussian b{at::tensor({1.0, 1.0, 0.0}, at::kDouble), at::diag(at::tensor({4.0, 1.0, 1.0}, at::kDouble))};
+  const double want = (1 + 0 + 4) + (1 + 4 - 4) + (4 + 1 - 4) + (9 + 1 - 6);
+  EXPECT_NEAR(metrics::frechet_distance(a, b), want, 1e-9);
+  EXPECT_NEAR(metrics::frechet_distance(a, a), 0.0, 1e-9);
+  // a general SPD pair against the symmetric form tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)
+  at::manual_seed(0);
+  at::Tensor m1 = at::randn({5, 5}, at::kDouble), m2 = at::randn({5, 5}, at::kDouble);
+  at::Tensor s1 = at::matmul(m1, m1.t()) + at::eye(5, at::kDouble), s2 = at::matmul(m2, m2.t()) + at::eye(5, at::kDouble);
+  auto sym_sqrt = [](const at::Tensor& s) {
+    auto [w, v] = at::linalg_eigh(s);
+    return at::matmul(v * w.clamp_min(0).sqrt().unsqueeze(0), v.t());
+  };
+  const at::Tensor r1 = sym_sqrt(s1);
+  const double tr = sym_sqrt(at::matmul(at::matmul(r1, s2), r1)).trace().item<double>();
+  metrics::Gaussian g1{at::zeros({5}, at::kDouble), s1}, g2{at::zeros({5}, at::kDouble), s2};
+  EXPECT_NEAR(metrics::frechet_distance(g1, g2), s1.trace().item<double>() + s2.trace().item<double>() - 2 * tr, 1e-6);
+  // singular covariances take the eps retry path and stay finite
+  metrics::Gaussian z{at::zeros({3}, at::kDouble), at::zeros({3, 3}, at::kDouble)};
+  EXPECT_TRUE(std::isfinite(metrics::frechet_distance(z, z)));
+}
+
+TEST(Metrics, FittedGaussiansApproachTheClosedForm) {
+  at::manual_seed(1);
+  at::Tensor x = at::randn({20000, 4}, at::kDouble), y = at::randn({20000, 4}, at::kDouble) * 2 + 1;
+  const double d = metrics::frechet_distance(metrics::fit_gaussian(x), metrics::fit_gaussian(y));
+  EXPECT_NEAR(d, 4 * 1 + 4 * (1 + 4 - 2 * 2), 0.15);  // |mu|^2 = 4, per dim 1 + 4 - 2*sqrt(4)
+}
+
+TEST(Metrics, ClipScore) {
+  at::Tensor t = at::tensor({1.0, 0.0, 1.0, 0.0}, at::kDouble).view({2, 2});
+  at::Tensor i = at::tensor({1.0, 0.0, -1.0, 0.0}, at::kDouble).view({2, 2});
+  EXPECT_NEAR(metrics::clip_score(t, i), 50.0, 1e-9);  // cos 1 -> 100, cos -1 -> 0
+}
