@@ -15,6 +15,8 @@ void usage() {
                "commands:\n"
                "  generate   text -> images, on one process or across ranks started by mpirun\n"
                "  init-model write a randomly initialised tiny model (diffusers layout)\n"
+               "  data       write the synthetic shapes dataset (PNGs + captions)\n"
+               "  eval       score images: fidelity (colour/shape/position against the caption)\n"
                "run 'diffpipe <command> --help' for its options\n");
 }
 }  // namespace
@@ -32,6 +34,10 @@ int main(int argc, char** argv) {
     if (w.size > 1) set_log_rank(w.rank);
     if (cmd == "generate") {
       rc = apps::generate_main(argc - 2, argv + 2);
+    } else if (cmd == "data") {
+      rc = apps::data_main(argc - 2, argv + 2);
+    } else if (cmd == "eval") {
+      rc = apps::eval_main(argc - 2, argv + 2);
     } else if (cmd == "init-model") {
       rc = apps::init_model_main(argc - 2, argv + 2);
     } else {

@@ -32,6 +32,15 @@ for s in ddim euler euler_a dpmpp_2m dpmpp_2m_karras pndm; do
     && [ "$(ls "$WORK/s-$s"/img-*.png | wc -l)" = 2 ] && ok "sampler $s" || bad "sampler $s: $(tail -1 "$WORK/s-$s.log")"
 done
 
+# dataset + fidelity: the ground truth scores 1.0; random-model images score low
+"$BIN" data --out "$WORK/real" --count 40 --seed 5 2>/dev/null && [ "$(ls "$WORK"/real/real-*.png | wc -l)" = 40 ] \
+  && ok "data: 40 images" || bad "data command"
+f=$("$BIN" eval fidelity --images "$WORK/real" 2>&1)
+echo "$f" | grep -q '"colour":1.0' && echo "$f" | grep -q '"position":1.0' && ok "eval fidelity on ground truth: $f" || bad "eval fidelity: $f"
+"$BIN" generate --model "$WORK/m" --prompt "a small red circle at the top left on a black background" \
+  --steps 2 --out "$WORK/gen-fid" --quiet 2>/dev/null
+g=$("$BIN" eval fidelity --images "$WORK/gen-fid" 2>&1) && ok "eval fidelity on generated images: $g" || bad "eval fidelity generated: $g"
+
 expect_error() {  # name expected-text args...
   local name=$1 want=$2; shift 2
   "$BIN" "$@" > "$WORK/$name.log" 2>&1
@@ -57,5 +66,9 @@ expect_error truncated "unet/diffusion_pytorch_model.safetensors: tensor" "${G[@
 cp -r "$WORK/m" "$WORK/m-cfg"
 sed -i 's/"CrossAttnDownBlock2D"/"SimpleCrossAttnDownBlock2D"/' "$WORK/m-cfg/unet/config.json"
 expect_error block-type "unsupported block type 'SimpleCrossAttnDownBlock2D'" "${G[@]}" --model "$WORK/m-cfg"
+expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
+expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
+echo '{"prompt": "a red elephant at the top on a black background", "file": "x.png"}' > "$WORK/bad.jsonl"; mkdir -p "$WORK/badeval"; mv "$WORK/bad.jsonl" "$WORK/badeval/images.jsonl"
+expect_error eval-caption "unknown word 'elephant'" eval fidelity --images "$WORK/badeval"
 echo "$passed passed, $fails failed"
 [ $fails = 0 ]
