@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <sstream>
 
 #include "diffpipe/runtime/error.h"
@@ -67,64 +68,106 @@ bool is_space(UChar32 c) {
   return bidi == U_WHITE_SPACE_NEUTRAL || bidi == U_BLOCK_SEPARATOR || bidi == U_SEGMENT_SEPARATOR;
 }
 
-// HTML named character references most likely in prompts (Python's html.unescape knows the full HTML5
-// list; these cover what prompt text uses). Unknown names are left as they are, as Python does.
-const std::map<std::string, UChar32>& named_entities() {
-  static const std::map<std::string, UChar32> m = {
-      {"amp", '&'},     {"lt", '<'},       {"gt", '>'},      {"quot", '"'},     {"apos", '\''},
-      {"nbsp", 0xA0},   {"copy", 0xA9},    {"reg", 0xAE},    {"trade", 0x2122}, {"hellip", 0x2026},
-      {"mdash", 0x2014}, {"ndash", 0x2013}, {"lsquo", 0x2018}, {"rsquo", 0x2019}, {"ldquo", 0x201C},
-      {"rdquo", 0x201D}, {"deg", 0xB0},     {"times", 0xD7},  {"divide", 0xF7},  {"middot", 0xB7},
-      {"laquo", 0xAB},  {"raquo", 0xBB},   {"euro", 0x20AC}, {"pound", 0xA3},   {"yen", 0xA5},
-      {"cent", 0xA2},   {"sect", 0xA7},    {"para", 0xB6},   {"bull", 0x2022},  {"eacute", 0xE9},
-      {"egrave", 0xE8}, {"aacute", 0xE1},  {"agrave", 0xE0}, {"uuml", 0xFC},    {"ouml", 0xF6},
-      {"auml", 0xE4},   {"szlig", 0xDF},   {"ccedil", 0xE7}, {"ntilde", 0xF1},  {"iuml", 0xEF},
+// The HTML5 named character references and Python's numeric remapping tables (generated from Python's html
+// module), so that html_unescape() matches Python's html.unescape exactly.
+const std::unordered_map<std::string, std::string>& named_entities() {
+  static const std::unordered_map<std::string, std::string> m = {
+#include "html_entities.inc"
   };
   return m;
+}
+const std::unordered_map<uint32_t, std::string>& remapped_charrefs() {
+  static const std::unordered_map<uint32_t, std::string> m = {
+#include "html_charrefs.inc"
+  };
+  return m;
+}
+bool invalid_codepoint(uint32_t c) {
+  static const std::vector<uint32_t> v = {
+#include "html_invalid_codepoints.inc"
+  };
+  return std::binary_search(v.begin(), v.end(), c);
 }
 
 }  // namespace
 
-std::string ClipTokenizer::html_unescape(const std::string& s) {
+// Python's html.unescape: the pattern &(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?) replaced by
+// _replace_charref (numeric references with the HTML5 remapping; named references by exact name, else by the
+// longest known prefix, else left as they are). Works on code points, as Python's str does.
+std::string ClipTokenizer::html_unescape(const std::string& text) {
+  if (text.find('&') == std::string::npos) return text;
+  const std::vector<UChar32> cp = code_points(text);
   std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size();) {
-    if (s[i] != '&') {
-      out.push_back(s[i++]);
+  auto put = [&](size_t a, size_t b) {
+    for (size_t k = a; k < b; ++k) append_utf8(out, cp[k]);
+  };
+  size_t i = 0;
+  while (i < cp.size()) {
+    if (cp[i] != '&') {
+      append_utf8(out, cp[i++]);
       continue;
     }
     size_t j = i + 1;
-    if (j < s.size() && s[j] == '#') {
-      // numeric: &#123; or &#x7B; (the semicolon is optional, as in Python)
-      size_t k = j + 1;
-      bool hex = k < s.size() && (s[k] == 'x' || s[k] == 'X');
-      if (hex) ++k;
-      size_t start = k;
-      uint64_t v = 0;
-      while (k < s.size() && (hex ? std::isxdigit(static_cast<unsigned char>(s[k])) : std::isdigit(static_cast<unsigned char>(s[k])))) {
-        if (v < 0x110000) v = v * (hex ? 16 : 10) + (std::isdigit(static_cast<unsigned char>(s[k])) ? s[k] - '0' : (std::tolower(s[k]) - 'a' + 10));
+    if (j < cp.size() && cp[j] == '#') {
+      const bool hex = j + 1 < cp.size() && (cp[j + 1] == 'x' || cp[j + 1] == 'X');
+      size_t k = j + (hex ? 2 : 1), start = k;
+      auto is_digit = [&](UChar32 c) {
+        return (c >= '0' && c <= '9') || (hex && ((c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')));
+      };
+      uint64_t num = 0;
+      while (k < cp.size() && is_digit(cp[k])) {
+        const UChar32 c = cp[k];
+        const int d = c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+        if (num <= 0x7FFFFFFF) num = num * (hex ? 16 : 10) + d;  // anything larger is invalid anyway
         ++k;
       }
-      if (k > start) {
-        if (k < s.size() && s[k] == ';') ++k;
-        UChar32 c = (v == 0 || v >= 0x110000 || (v >= 0xD800 && v <= 0xDFFF)) ? 0xFFFD : static_cast<UChar32>(v);
-        append_utf8(out, c);
-        i = k;
+      if (k == start) {  // "&#" without digits: not a reference
+        append_utf8(out, cp[i++]);
         continue;
       }
-      out.push_back(s[i++]);
+      if (k < cp.size() && cp[k] == ';') ++k;
+      auto it = remapped_charrefs().find(static_cast<uint32_t>(num));
+      if (it != remapped_charrefs().end()) out += it->second;
+      else if ((num >= 0xD800 && num <= 0xDFFF) || num > 0x10FFFF) append_utf8(out, 0xFFFD);
+      else if (!invalid_codepoint(static_cast<uint32_t>(num))) append_utf8(out, static_cast<UChar32>(num));
+      i = k;
       continue;
     }
     size_t k = j;
-    while (k < s.size() && std::isalnum(static_cast<unsigned char>(s[k])) && k - j < 32) ++k;
-    const std::string name = s.substr(j, k - j);
-    auto it = named_entities().find(name);
-    if (it != named_entities().end() && k < s.size() && s[k] == ';') {
-      append_utf8(out, it->second);
-      i = k + 1;
-    } else {
-      out.push_back(s[i++]);
+    while (k < cp.size() && k - j < 32 && cp[k] != '\t' && cp[k] != '\n' && cp[k] != '\f' && cp[k] != ' ' &&
+           cp[k] != '<' && cp[k] != '&' && cp[k] != '#' && cp[k] != ';')
+      ++k;
+    if (k == j) {
+      append_utf8(out, cp[i++]);
+      continue;
     }
+    if (k < cp.size() && cp[k] == ';') ++k;
+    std::string name;
+    for (size_t q = j; q < k; ++q) append_utf8(name, cp[q]);
+    const auto& ents = named_entities();
+    auto it = ents.find(name);
+    if (it != ents.end()) {
+      out += it->second;
+      i = k;
+      continue;
+    }
+    bool replaced = false;
+    for (size_t x = k - j - 1; x > 1; --x) {  // longest known prefix of the name
+      std::string pre;
+      for (size_t q = j; q < j + x; ++q) append_utf8(pre, cp[q]);
+      auto p = ents.find(pre);
+      if (p != ents.end()) {
+        out += p->second;
+        put(j + x, k);
+        replaced = true;
+        break;
+      }
+    }
+    if (!replaced) {
+      out += '&';
+      put(j, k);
+    }
+    i = k;
   }
   return out;
 }

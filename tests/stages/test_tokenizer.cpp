@@ -9,7 +9,11 @@ using namespace diffpipe;
 
 TEST(Tokenizer, NormalizeUnescapesTwiceCollapsesAndLowercases) {
   EXPECT_EQ(ClipTokenizer::normalize("  A&amp;amp;B \t\n C&#233;&#x41;  "), "a&b céa");
-  EXPECT_EQ(ClipTokenizer::normalize("&lt;b&gt; &unknown; &amp"), "<b> &unknown; &amp");
+  // Python's html.unescape, cases computed with it: '& &x € � � ¬it; � x'
+  EXPECT_EQ(ClipTokenizer::html_unescape("&amp &ampx &#128; &#0; &#x110000; &notit; &#xd800; &#1;x"),
+            "& &x \u20ac \ufffd \ufffd \u00acit; \ufffd x");
+  EXPECT_EQ(ClipTokenizer::html_unescape("&unknown; &#; & &Eacute;&hearts;&NotNestedGreaterGreater;"),
+            "&unknown; &#; & \u00c9\u2665\u2aa2\u0338");
   EXPECT_EQ(ClipTokenizer::normalize("ÄÖÜ ΣΑΣ"), "äöü σας");  // final sigma, as Python's str.lower()
 }
 
