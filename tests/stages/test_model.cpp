@@ -10,6 +10,7 @@
 #include "diffpipe/stages/model.h"
 #include "diffpipe/stages/model_writer.h"
 #include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/unet.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -241,4 +242,51 @@ TEST(Model, BatchCompositionDeviationWithoutInvariance) {
   at::Tensor a = DecodeStage(m).run_uint8(alone), b = DecodeStage(m).run_uint8(batched);
   at::Tensor d = (a.to(at::kInt) - b.to(at::kInt)).abs();
   EXPECT_LE(d.max().item<int>(), 1);
+}
+
+// SD 2.x-style UNet options: heads as a list, linear projections, upcast attention, two transformer layers
+// per block, a different cross-attention width. The linear-projection model must equal the 1x1-conv one when
+// given the same weights reshaped (the two layouts diffusers uses for proj_in/proj_out).
+TEST(Model, UNetSd2OptionsAndProjectionEquivalence) {
+  const std::string dir = test::scratch_dir("unet-sd2");
+  nlohmann::json c = {{"_class_name", "UNet2DConditionModel"}, {"in_channels", 4}, {"out_channels", 4},
+                      {"block_out_channels", {32, 64}}, {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
+                      {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}}, {"layers_per_block", 1},
+                      {"attention_head_dim", {2, 4}}, {"cross_attention_dim", 48}, {"transformer_layers_per_block", 2},
+                      {"use_linear_projection", false}, {"upcast_attention", true}, {"norm_num_groups", 32}};
+  write_json(dir + "/conv.json", c);
+  c["use_linear_projection"] = true;
+  write_json(dir + "/linear.json", c);
+  const UNetConfig conv_cfg = UNetConfig::load(dir + "/conv.json"), lin_cfg = UNetConfig::load(dir + "/linear.json");
+  EXPECT_EQ(conv_cfg.heads, (std::vector<int64_t>{2, 4}));
+  Weights w = Weights::initializer(11);
+  UNet2DConditionModel conv(conv_cfg, w);
+  EXPECT_TRUE(w.has("down_blocks.0.attentions.0.transformer_blocks.1.attn2.to_k.weight"));
+  EXPECT_EQ(w.all().at("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight").sizes(),
+            (std::vector<int64_t>{32, 48}));
+  std::map<std::string, at::Tensor> lin_w;
+  for (const auto& [k, v] : w.all())
+    lin_w[k] = (k.find("proj_in.weight") != std::string::npos || k.find("proj_out.weight") != std::string::npos)
+                   ? v.flatten(1)
+                   : v;
+  UNet2DConditionModel lin(lin_cfg, Weights::from_map(lin_w, "linear"));
+  at::manual_seed(3);
+  at::Tensor x = at::randn({2, 4, 8, 8}), t = at::tensor({10.0, 700.0}), ctx = at::randn({2, 77, 48});
+  at::Tensor a = conv.forward(x, t, ctx), b = lin.forward(x, t, ctx);
+  EXPECT_EQ(a.sizes(), (std::vector<int64_t>{2, 4, 8, 8}));
+  EXPECT_LE(test::rel_err(a, b), 1e-5);
+  // 1x1-conv-shaped [C, C, 1, 1] weights are accepted for a linear layer (as for legacy VAE attention
+  // checkpoints) and mean the same; any other mismatch is an error naming both shapes.
+  UNet2DConditionModel from_conv(lin_cfg, Weights::from_map(w.all(), "conv-weights"));
+  EXPECT_LE(test::rel_err(from_conv.forward(x, t, ctx), a), 1e-5);
+  std::map<std::string, at::Tensor> bad_w = lin_w;
+  bad_w["down_blocks.0.attentions.0.proj_in.weight"] = at::zeros({32, 16});
+  try {
+    UNet2DConditionModel bad(lin_cfg, Weights::from_map(bad_w, "bad"));
+    FAIL() << "a wrongly shaped projection was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("proj_in.weight' has shape [32, 16] but the config implies [32, 32]"),
+              std::string::npos)
+        << e.what();
+  }
 }
