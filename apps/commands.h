@@ -7,5 +7,6 @@ int generate_main(int argc, char** argv);
 int init_model_main(int argc, char** argv);
 int data_main(int argc, char** argv);
 int eval_main(int argc, char** argv);
+int train_main(int argc, char** argv);
 
 }  // namespace diffpipe::apps

@@ -16,6 +16,7 @@ void usage() {
                "  generate   text -> images, on one process or across ranks started by mpirun\n"
                "  init-model write a randomly initialised tiny model (diffusers layout)\n"
                "  data       write the synthetic shapes dataset (PNGs + captions)\n"
+               "  train      train diffpipe's own model, one module at a time\n"
                "  eval       score images: fidelity (colour/shape/position against the caption)\n"
                "run 'diffpipe <command> --help' for its options\n");
 }
@@ -36,6 +37,8 @@ int main(int argc, char** argv) {
       rc = apps::generate_main(argc - 2, argv + 2);
     } else if (cmd == "data") {
       rc = apps::data_main(argc - 2, argv + 2);
+    } else if (cmd == "train") {
+      rc = apps::train_main(argc - 2, argv + 2);
     } else if (cmd == "eval") {
       rc = apps::eval_main(argc - 2, argv + 2);
     } else if (cmd == "init-model") {

@@ -37,6 +37,7 @@ struct ClipTextModel::Impl {
   at::Tensor token_embedding, position_embedding;
   std::vector<Layer> layers;
   nn::LayerNorm final_ln;
+  nn::Linear projection;  // text_projection (no bias), when projection_dim > 0 and present
 };
 
 ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(c) {
@@ -59,6 +60,9 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(
     impl->layers.push_back(std::move(L));
   }
   impl->final_ln = nn::LayerNorm(w, "final_layer_norm", D, c.layer_norm_eps);
+  if (c.projection_dim > 0 && (w0.has("text_projection.weight") || w0.has("text_model.text_projection.weight") ||
+                               w.has("text_projection.weight")))
+    impl->projection = nn::Linear(w0.has("text_projection.weight") ? w0 : w, "text_projection", D, c.projection_dim, false);
   impl_ = impl;
 }
 
@@ -70,6 +74,11 @@ std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const
     if (k.find("position_ids") == std::string::npos && k.find("text_projection") == std::string::npos)
       DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
   return m;
+}
+
+at::Tensor ClipTextModel::text_embeds(const at::Tensor& input_ids) const {
+  DP_CHECK(impl_->projection.weight.defined(), "text encoder: no text_projection in this checkpoint");
+  return impl_->projection(forward(input_ids).pooled);
 }
 
 ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip) const {

@@ -38,6 +38,9 @@ class ClipTextModel {
 
   // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
   ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0) const;
+  // CLIPTextModelWithProjection's text_embeds: pooled @ text_projection^T ([B, projection_dim]); needs
+  // projection_dim > 0 and the text_projection.weight tensor.
+  at::Tensor text_embeds(const at::Tensor& input_ids) const;
   const ClipTextConfig& config() const { return cfg_; }
 
  private:

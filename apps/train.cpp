@@ -1,0 +1,404 @@
+// `diffpipe train`: trains diffpipe's own small model, one module at a time, into a diffusers-layout folder.
+//   train vae   | text | unet | sr  --model DIR [--steps N] [--batch B] [--lr LR] [--seed S] [--resume]
+//   train all   --model DIR        (every module in order, default steps)
+// Each module checkpoints to DIR/<module>/checkpoint.safetensors (weights + AdamW moments + step) every
+// --save-every steps and resumes from it with --resume. Progress: step, loss, elapsed, on stderr.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "bpe.h"
+#include "cli.h"
+#include "commands.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/philox.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/model_writer.h"
+#include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/super_res.h"
+#include "diffpipe/stages/tokenizer.h"
+#include "diffpipe/stages/unet.h"
+#include "diffpipe/stages/vae.h"
+#include "image_tower.h"
+#include "shapes.h"
+
+namespace diffpipe::apps {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+constexpr uint64_t kTrainSeed = 0;  // held-out evaluation uses other seeds
+
+// AdamW over a named parameter set, with its moments saved in checkpoints.
+struct AdamW {
+  double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.0;
+  int64_t step = 0;
+  std::map<std::string, at::Tensor> m, v;
+  void update(const std::map<std::string, at::Tensor>& params, double lr_now) {
+    at::NoGradGuard ng;
+    ++step;
+    const double c1 = 1 - std::pow(b1, step), c2 = 1 - std::pow(b2, step);
+    for (const auto& [k, p] : params) {
+      if (!p.requires_grad() || !p.grad().defined()) continue;
+      at::Tensor g = p.grad();
+      auto& mk = m[k];
+      auto& vk = v[k];
+      if (!mk.defined()) {
+        mk = at::zeros_like(p);
+        vk = at::zeros_like(p);
+      }
+      mk.mul_(b1).add_(g, 1 - b1);
+      vk.mul_(b2).addcmul_(g, g, 1 - b2);
+      if (wd > 0 && p.dim() > 1) p.mul_(1 - lr_now * wd);
+      p.addcdiv_(mk / c1, (vk / c2).sqrt().add_(eps), -lr_now);
+      p.mutable_grad().zero_();
+    }
+  }
+};
+
+std::map<std::string, at::Tensor> trainable(const Weights& w) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [k, t] : w.all()) {
+    t.requires_grad_(true);
+    out[k] = t;
+  }
+  return out;
+}
+
+void save_checkpoint(const std::string& path, const std::map<std::string, at::Tensor>& params, const AdamW& opt) {
+  std::map<std::string, at::Tensor> all;
+  for (const auto& [k, t] : params) all["param." + k] = t.detach();
+  for (const auto& [k, t] : opt.m) all["adam_m." + k] = t;
+  for (const auto& [k, t] : opt.v) all["adam_v." + k] = t;
+  save_safetensors(path, all, {{"step", std::to_string(opt.step)}});
+}
+
+// Restores parameters and optimizer state; returns the step reached.
+int64_t load_checkpoint(const std::string& path, std::map<std::string, at::Tensor>& params, AdamW& opt) {
+  auto file = SafetensorsFile::open(path);
+  at::NoGradGuard ng;
+  for (auto& [k, p] : params) {
+    DP_CHECK(file->has("param." + k), path, ": checkpoint lacks parameter '", k, "'");
+    p.copy_(tensor_from_view(file, file->get("param." + k)));
+    if (file->has("adam_m." + k)) {
+      opt.m[k] = tensor_from_view(file, file->get("adam_m." + k)).clone();
+      opt.v[k] = tensor_from_view(file, file->get("adam_v." + k)).clone();
+    }
+  }
+  auto it = file->metadata().find("step");
+  DP_CHECK(it != file->metadata().end(), path, ": checkpoint has no step");
+  opt.step = std::stoll(it->second);
+  return opt.step;
+}
+
+std::map<std::string, at::Tensor> strip(const std::map<std::string, at::Tensor>& params) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [k, t] : params) out[k] = t.detach().clone();
+  return out;
+}
+
+// Images of scenes [index, index + n) of `seed` as [n, 3, size, size] in [-1, 1], and their captions.
+at::Tensor scene_batch(uint64_t seed, uint64_t index, int n, int size, std::vector<std::string>* captions = nullptr) {
+  at::Tensor out = at::empty({n, 3, size, size});
+  for (int i = 0; i < n; ++i) {
+    const data::Scene s = data::sample_scene(seed, index + i);
+    Image im = data::render(s);
+    if (size != 64) im = data::downsample(im, 64 / size);
+    at::Tensor t = at::from_blob(im.pixels.data(), {size, size, 3}, at::kByte).to(at::kFloat);
+    out[i] = t.permute({2, 0, 1}) / 127.5 - 1.0;
+    if (captions) captions->push_back(data::caption(s));
+  }
+  return out;
+}
+
+struct Loop {
+  std::string name;
+  int64_t steps;
+  int64_t log_every = 50, save_every = 500;
+  Clock::time_point t0 = Clock::now();
+  double avg = 0;
+  void log(int64_t step, double loss) {
+    avg = step <= 1 ? loss : 0.98 * avg + 0.02 * loss;
+    if (step % log_every == 0 || step == steps)
+      std::fprintf(stderr, "[train %s] step %lld/%lld loss %.5f (avg %.5f) %.1f s\n", name.c_str(),
+                   static_cast<long long>(step), static_cast<long long>(steps), loss, avg,
+                   std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+};
+
+double cosine_lr(double lr, int64_t step, int64_t steps) {
+  const int64_t warm = std::min<int64_t>(100, steps / 10 + 1);
+  if (step < warm) return lr * (step + 1) / warm;
+  return lr * (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * double(step - warm) / std::max<int64_t>(1, steps - warm))));
+}
+
+struct Opts {
+  std::string model;
+  int64_t steps, batch;
+  double lr;
+  bool resume;
+  int64_t save_every;
+};
+
+// ------------------------------------------------------------------ VAE
+nlohmann::json vae_config(double scaling) {
+  return {{"_class_name", "AutoencoderKL"}, {"in_channels", 3}, {"out_channels", 3}, {"latent_channels", 4},
+          {"block_out_channels", {32, 64, 64}}, {"layers_per_block", 1},
+          {"down_block_types", std::vector<std::string>(3, "DownEncoderBlock2D")},
+          {"up_block_types", std::vector<std::string>(3, "UpDecoderBlock2D")}, {"norm_num_groups", 32},
+          {"act_fn", "silu"}, {"scaling_factor", scaling}, {"sample_size", 32}, {"force_upcast", true}};
+}
+
+void train_vae(const Opts& o) {
+  const std::string dir = path_join(o.model, "vae");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  write_json(path_join(dir, "config.json"), vae_config(1.0));
+  const VaeConfig cfg = VaeConfig::load(path_join(dir, "config.json"));
+  Weights w = Weights::initializer(101);
+  AutoencoderKL vae(cfg, w, true);
+  auto params = trainable(w);
+  AdamW opt;
+  const std::string ck = path_join(dir, "checkpoint.safetensors");
+  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
+  Loop loop{"vae", o.steps};
+  for (int64_t step = start; step < o.steps; ++step) {
+    at::Tensor x = scene_batch(kTrainSeed, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 32);
+    auto g = vae.encode(x);
+    at::Tensor z = g.mean + at::exp(0.5 * g.logvar) * at::randn_like(g.mean);
+    at::Tensor rec = vae.decode(z);
+    at::Tensor kl = 0.5 * (g.mean.pow(2) + g.logvar.exp() - 1 - g.logvar).mean();
+    at::Tensor loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl;
+    loss.backward();
+    opt.update(params, cosine_lr(o.lr, step, o.steps));
+    loop.log(step + 1, loss.item<double>());
+    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+  }
+  save_checkpoint(ck, params, opt);
+  // scaling factor: 1 / std of the latent means (SD's convention), measured on 512 training images
+  at::NoGradGuard ng;
+  at::Tensor lat = vae.encode(scene_batch(kTrainSeed, 0, 512, 32)).mean;
+  const double scaling = 1.0 / lat.std().item<double>();
+  write_component(dir, vae_config(scaling), "diffusion_pytorch_model.safetensors", strip(params));
+  std::fprintf(stderr, "[train vae] done: scaling_factor %.5f\n", scaling);
+}
+
+// ------------------------------------------------------------------ text encoder + image tower (CLIP-style)
+void train_text(const Opts& o) {
+  const std::string tok_dir = path_join(o.model, "tokenizer"), te_dir = path_join(o.model, "text_encoder"),
+                    it_dir = path_join(o.model, "image_encoder");
+  const int64_t vocab = write_clip_tokenizer(tok_dir, data::train_bpe(data::vocabulary_words()));
+  const ClipTokenizer tok = ClipTokenizer::load(tok_dir);
+  for (const auto& w : data::vocabulary_words())
+    DP_CHECK(tok.encode_untruncated(w).size() == 3, "tokenizer: word '", w, "' is not a single token");
+  const int64_t D = 64, P = 64;
+  nlohmann::json tc = {{"architectures", {"CLIPTextModelWithProjection"}}, {"model_type", "clip_text_model"},
+                       {"vocab_size", vocab}, {"hidden_size", D}, {"intermediate_size", 4 * D},
+                       {"num_hidden_layers", 3}, {"num_attention_heads", 4}, {"max_position_embeddings", 77},
+                       {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5}, {"bos_token_id", tok.bos_id()},
+                       {"eos_token_id", tok.eos_id()}, {"pad_token_id", tok.pad_id()}, {"projection_dim", P}};
+  std::system(("mkdir -p '" + te_dir + "' '" + it_dir + "'").c_str());
+  write_json(path_join(te_dir, "config.json"), tc);
+  const ClipTextConfig tcfg = ClipTextConfig::load(path_join(te_dir, "config.json"));
+  Weights tw = Weights::initializer(202);
+  tw.get("text_projection.weight", {P, D});
+  ClipTextModel te(tcfg, tw);
+  ImageTowerConfig icfg;
+  icfg.projection_dim = P;
+  nlohmann::json ic = {{"channels", icfg.channels}, {"projection_dim", P}, {"image_size", icfg.image_size}};
+  write_json(path_join(it_dir, "config.json"), ic);
+  Weights iw = Weights::initializer(203);
+  ImageTower tower(icfg, iw);
+  auto tparams = trainable(tw);
+  auto iparams = trainable(iw);
+  std::map<std::string, at::Tensor> params;
+  for (auto& [k, v] : tparams) params["text." + k] = v;
+  for (auto& [k, v] : iparams) params["image." + k] = v;
+  at::Tensor logit_scale = at::full({1}, std::log(1 / 0.07)).requires_grad_(true);
+  params["logit_scale"] = logit_scale;
+  AdamW opt;
+  const std::string ck = path_join(te_dir, "checkpoint.safetensors");
+  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
+  Loop loop{"text", o.steps};
+  for (int64_t step = start; step < o.steps; ++step) {
+    std::vector<std::string> caps;
+    at::Tensor x = scene_batch(kTrainSeed + 1, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 64, &caps);
+    std::vector<int64_t> ids;
+    for (const auto& c : caps) {
+      auto t = tok.encode(c);
+      ids.insert(ids.end(), t.begin(), t.end());
+    }
+    at::Tensor input = at::tensor(ids, at::kLong).view({o.batch, 77});
+    at::Tensor te_emb = te.text_embeds(input), im_emb = tower.embed(x);
+    te_emb = te_emb / te_emb.norm(2, 1, true);
+    im_emb = im_emb / im_emb.norm(2, 1, true);
+    at::Tensor logits = at::matmul(im_emb, te_emb.t()) * logit_scale.clamp_max(std::log(100.0)).exp();
+    // identical captions in a batch are positives too
+    at::Tensor same = at::zeros({o.batch, o.batch});
+    for (int64_t i = 0; i < o.batch; ++i)
+      for (int64_t j = 0; j < o.batch; ++j) same[i][j] = caps[i] == caps[j] ? 1.0 : 0.0;
+    at::Tensor target = same / same.sum(1, true);
+    at::Tensor loss = -(target * at::log_softmax(logits, 1)).sum(1).mean() - (target * at::log_softmax(logits.t(), 1)).sum(1).mean();
+    loss = loss / 2;
+    loss.backward();
+    opt.update(params, cosine_lr(o.lr, step, o.steps));
+    loop.log(step + 1, loss.item<double>());
+    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+  }
+  save_checkpoint(ck, params, opt);
+  std::map<std::string, at::Tensor> named;  // transformers' layout: text_model.* plus text_projection
+  for (auto& [k, v] : strip(tparams)) named[k == "text_projection.weight" ? k : "text_model." + k] = v;
+  write_component(te_dir, tc, "model.safetensors", named);
+  write_component(it_dir, ic, "model.safetensors", strip(iparams));
+}
+
+// ------------------------------------------------------------------ denoiser
+void train_unet(const Opts& o) {
+  const DeviceSpec cpu{};
+  auto vae = AutoencoderKL::load(path_join(o.model, "vae"), cpu, true);
+  auto te = ClipTextModel::load(path_join(o.model, "text_encoder"), cpu);
+  const ClipTokenizer tok = ClipTokenizer::load(path_join(o.model, "tokenizer"));
+  const std::string dir = path_join(o.model, "unet"), sdir = path_join(o.model, "scheduler");
+  std::system(("mkdir -p '" + dir + "' '" + sdir + "'").c_str());
+  nlohmann::json sc = {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000}, {"beta_start", 0.00085},
+                       {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"}, {"clip_sample", false},
+                       {"set_alpha_to_one", false}, {"steps_offset", 1}, {"prediction_type", "epsilon"},
+                       {"timestep_spacing", "leading"}};
+  write_json(path_join(sdir, "scheduler_config.json"), sc);
+  nlohmann::json uc = {{"_class_name", "UNet2DConditionModel"}, {"in_channels", 4}, {"out_channels", 4},
+                       {"block_out_channels", {64, 128}},
+                       {"down_block_types", {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"}},
+                       {"up_block_types", {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"}},
+                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"layers_per_block", 1},
+                       {"attention_head_dim", 4}, {"cross_attention_dim", te->config().hidden_size},
+                       {"norm_num_groups", 32}, {"norm_eps", 1e-5}, {"flip_sin_to_cos", true}, {"freq_shift", 0},
+                       {"sample_size", 8}, {"act_fn", "silu"}, {"use_linear_projection", false}};
+  write_json(path_join(dir, "config.json"), uc);
+  const UNetConfig cfg = UNetConfig::load(path_join(dir, "config.json"));
+  Weights w = Weights::initializer(303);
+  UNet2DConditionModel unet(cfg, w);
+  auto params = trainable(w);
+  const at::Tensor ac = alphas_cumprod(SchedulerConfig::load(path_join(sdir, "scheduler_config.json")));
+  const double scaling = vae->config().scaling_factor;
+  std::map<std::string, at::Tensor> emb_cache;
+  auto embed = [&](const std::string& c) {
+    auto it = emb_cache.find(c);
+    if (it != emb_cache.end()) return it->second;
+    at::NoGradGuard ng;
+    auto ids = tok.encode(c);
+    at::Tensor e = te->forward(at::tensor(ids, at::kLong).view({1, 77})).last_hidden_state[0];
+    emb_cache[c] = e;
+    return e;
+  };
+  AdamW opt;
+  opt.wd = 0.01;
+  const std::string ck = path_join(dir, "checkpoint.safetensors");
+  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
+  Loop loop{"unet", o.steps};
+  std::mt19937_64 rng(start + 7);
+  for (int64_t step = start; step < o.steps; ++step) {
+    std::vector<std::string> caps;
+    at::Tensor x = scene_batch(kTrainSeed + 2, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 32, &caps);
+    at::Tensor lat;
+    {
+      at::NoGradGuard ng;
+      lat = vae->encode(x).mean * scaling;
+    }
+    std::vector<at::Tensor> ctx;
+    for (auto& c : caps) ctx.push_back(embed(rng() % 10 == 0 ? std::string() : c));  // 10 % caption dropout
+    at::Tensor t = at::randint(0, 1000, {o.batch}, at::kLong);
+    at::Tensor a = ac.index_select(0, t).view({o.batch, 1, 1, 1});
+    at::Tensor eps = at::randn_like(lat);
+    at::Tensor noisy = a.sqrt() * lat + (1 - a).sqrt() * eps;
+    at::Tensor pred = unet.forward(noisy, t, at::stack(ctx));
+    at::Tensor loss = (pred - eps).pow(2).mean();
+    loss.backward();
+    opt.update(params, cosine_lr(o.lr, step, o.steps));
+    loop.log(step + 1, loss.item<double>());
+    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+  }
+  save_checkpoint(ck, params, opt);
+  write_component(dir, uc, "diffusion_pytorch_model.safetensors", strip(params));
+  write_json(path_join(o.model, "model_index.json"),
+             {{"_class_name", "StableDiffusionPipeline"}, {"text_encoder", {"transformers", "CLIPTextModelWithProjection"}},
+              {"tokenizer", {"transformers", "CLIPTokenizer"}}, {"unet", {"diffusers", "UNet2DConditionModel"}},
+              {"vae", {"diffusers", "AutoencoderKL"}}, {"scheduler", {"diffusers", "DDIMScheduler"}},
+              {"super_resolution", {"diffpipe", "SuperResolution"}}, {"image_encoder", {"diffpipe", "ImageTower"}}});
+}
+
+// ------------------------------------------------------------------ super-resolution 32 -> 64
+void train_sr(const Opts& o) {
+  const std::string dir = path_join(o.model, "super_resolution");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  nlohmann::json c = {{"_class_name", "SuperResolution"}, {"scale", 2}, {"channels", 32}, {"layers", 4}};
+  write_json(path_join(dir, "config.json"), c);
+  const SuperResConfig cfg = SuperResConfig::load(path_join(dir, "config.json"));
+  Weights w = Weights::initializer(404);
+  SuperResolution sr(cfg, w);
+  auto params = trainable(w);
+  {  // start as nearest upsampling: the residual branch's last layer at zero
+    at::NoGradGuard ng;
+    params.at("convs." + std::to_string(cfg.layers - 1) + ".weight").zero_();
+  }
+  AdamW opt;
+  const std::string ck = path_join(dir, "checkpoint.safetensors");
+  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
+  Loop loop{"sr", o.steps};
+  for (int64_t step = start; step < o.steps; ++step) {
+    at::Tensor hi = scene_batch(kTrainSeed + 3, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 64);
+    at::Tensor lo = at::avg_pool2d(hi, {2, 2});
+    at::Tensor loss = (sr.forward(lo) - hi).abs().mean();
+    loss.backward();
+    opt.update(params, cosine_lr(o.lr, step, o.steps));
+    loop.log(step + 1, loss.item<double>());
+    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+  }
+  save_checkpoint(ck, params, opt);
+  write_component(dir, c, "diffusion_pytorch_model.safetensors", strip(params));
+}
+
+}  // namespace
+
+int train_main(int argc, char** argv) {
+  const char* help =
+      "usage: diffpipe train vae|text|unet|sr|all --model DIR [--steps N] [--batch B] [--lr LR] [--resume]\n"
+      "                      [--save-every N] [--threads N]\n"
+      "  trains one module of diffpipe's own model into DIR (diffusers layout); unet needs vae and text first\n";
+  if (argc < 1 || !std::strcmp(argv[0], "--help")) {
+    std::fputs(help, argc < 1 ? stderr : stdout);
+    return argc < 1 ? 2 : 0;
+  }
+  const std::string what = argv[0];
+  cli::Args a("train " + what, argc - 1, argv + 1, {"model", "steps", "batch", "lr", "save-every", "threads", "seed"},
+              {"resume"});
+  DP_CHECK(a.has("model"), "train: --model DIR is required");
+  if (a.has("threads")) at::set_num_threads(static_cast<int>(a.integer("threads", 2)));
+  at::manual_seed(static_cast<uint64_t>(a.integer("seed", 0)));
+  std::system(("mkdir -p '" + a.str("model") + "'").c_str());
+  auto opts = [&](int64_t steps, int64_t batch, double lr) {
+    Opts o{a.str("model"), a.integer("steps", steps), a.integer("batch", batch), a.number("lr", lr), a.flag("resume"),
+           a.integer("save-every", 500)};
+    DP_CHECK(o.steps >= 1 && o.batch >= 2 && o.lr > 0, "train: --steps >= 1, --batch >= 2, --lr > 0");
+    return o;
+  };
+  const auto t0 = Clock::now();
+  if (what == "vae" || what == "all") train_vae(opts(1500, 32, 2e-3));
+  if (what == "text" || what == "all") train_text(opts(1500, 64, 2e-3));
+  if (what == "sr" || what == "all") train_sr(opts(800, 16, 2e-3));
+  if (what == "unet" || what == "all") train_unet(opts(4000, 64, 1e-3));
+  DP_CHECK(what == "vae" || what == "text" || what == "unet" || what == "sr" || what == "all", "train: unknown module '",
+           what, "' (vae, text, unet, sr, all)");
+  std::fprintf(stderr, "diffpipe: train %s finished in %.1f s\n", what.c_str(),
+               std::chrono::duration<double>(Clock::now() - t0).count());
+  return 0;
+}
+
+}  // namespace diffpipe::apps

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Retrains the shipped default model (models/shapes-sd) from scratch on the CPU, module by module.
+# Steps and batch sizes are the ones recorded in models/shapes-sd/MODEL_CARD.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-models/shapes-sd}
+B=./build/apps/diffpipe
+$B train vae  --model "$OUT" --steps 600  --batch 32 --lr 2e-3
+$B train text --model "$OUT" --steps 1200 --batch 64 --lr 2e-3
+$B train sr   --model "$OUT" --steps 600  --batch 16 --lr 2e-3
+$B train unet --model "$OUT" --steps 2500 --batch 64 --lr 1e-3
+rm -f "$OUT"/*/checkpoint.safetensors
