@@ -1,5 +1,7 @@
 // `diffpipe data`: writes the synthetic shapes dataset (PNGs + images.jsonl in generate's format).
 // `diffpipe eval fidelity`: checks generated images against their captions (colour, shape, position).
+#include <ATen/core/grad_mode.h>
+
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -9,7 +11,11 @@
 #include "commands.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/tokenizer.h"
 #include "fidelity.h"
+#include "image_tower.h"
+#include "metrics.h"
 #include "shapes.h"
 
 namespace diffpipe::apps {
@@ -55,26 +61,18 @@ int data_main(int argc, char** argv) {
   return 0;
 }
 
-int eval_main(int argc, char** argv) {
-  const char* help =
-      "usage: diffpipe eval fidelity --images DIR\n"
-      "  DIR/images.jsonl (written by generate or data): each image is checked against its prompt\n"
-      "  (colour, shape, position of every object); prints the fractions correct as JSON\n";
-  if (argc < 1 || wants_help(argc, argv, help)) {
-    std::fputs(help, argc < 1 ? stderr : stdout);
-    return argc < 1 ? 2 : 0;
-  }
-  const std::string what = argv[0];
-  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (this build has: fidelity)");
-  cli::Args a("eval fidelity", argc - 1, argv + 1, {"images"}, {});
-  DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
-  const std::string index = path_join(a.str("images"), "images.jsonl");
+namespace {
+struct Entry {
+  std::string prompt, file;
+};
+// The finished images listed in DIR/images.jsonl (generate's or data's format).
+std::vector<Entry> read_index(const std::string& dir, size_t* skipped = nullptr) {
+  const std::string index = path_join(dir, "images.jsonl");
   DP_CHECK(file_exists(index), index, ": file not found (run generate or data with --out DIR first)");
   std::ifstream in(index);
   std::string line;
   int lineno = 0;
-  std::vector<std::vector<data::ObjectVerdict>> verdicts;
-  size_t skipped = 0;
+  std::vector<Entry> out;
   while (std::getline(in, line)) {
     ++lineno;
     if (line.empty()) continue;
@@ -85,16 +83,87 @@ int eval_main(int argc, char** argv) {
       DP_FAIL(index, ":", lineno, ": not JSON: ", e.what());
     }
     if (j.value("status", std::string("done")) != "done") {
-      ++skipped;
+      if (skipped) ++*skipped;
       continue;
     }
     DP_CHECK(j.contains("prompt") && j.contains("file"), index, ":", lineno, ": needs 'prompt' and 'file'");
-    const data::Scene s = data::parse_caption(j["prompt"].get<std::string>());
-    const Image im = read_png(j["file"].get<std::string>());
-    DP_CHECK(im.width == im.height, j["file"].get<std::string>(), ": images must be square");
-    verdicts.push_back(data::check_image(im, s));
+    out.push_back({j["prompt"].get<std::string>(), j["file"].get<std::string>()});
   }
-  DP_CHECK(!verdicts.empty(), index, ": no finished images");
+  DP_CHECK(!out.empty(), index, ": no finished images");
+  return out;
+}
+
+at::Tensor load_images(const std::vector<Entry>& es) {  // [N, 3, H, W] in [-1, 1]
+  std::vector<at::Tensor> ts;
+  for (const auto& e : es) {
+    Image im = read_png(e.file);
+    at::Tensor t = at::from_blob(im.pixels.data(), {im.height, im.width, 3}, at::kByte).to(at::kFloat);
+    ts.push_back(t.permute({2, 0, 1}) / 127.5 - 1.0);
+  }
+  return at::stack(ts);
+}
+
+at::Tensor tower_features(const ImageTower& tower, const at::Tensor& images) {
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < images.size(0); i += 64) out.push_back(tower.features(images.slice(0, i, i + 64)));
+  return at::cat(out);
+}
+}  // namespace
+
+int eval_main(int argc, char** argv) {
+  const char* help =
+      "usage: diffpipe eval fidelity --images DIR\n"
+      "       diffpipe eval clip-score --images DIR --model MODEL\n"
+      "       diffpipe eval fid --real DIR --generated DIR --model MODEL\n"
+      "  DIR/images.jsonl (written by generate or data) lists images and prompts.\n"
+      "  fidelity: each image checked against its prompt (colour, shape, position of every object).\n"
+      "  clip-score: 100 * max(cos(text, image), 0) averaged, with MODEL's text encoder and image_encoder.\n"
+      "  fid: Frechet distance between Gaussians fitted to MODEL's image_encoder features of the two sets.\n";
+  if (argc < 1 || wants_help(argc, argv, help)) {
+    std::fputs(help, argc < 1 ? stderr : stdout);
+    return argc < 1 ? 2 : 0;
+  }
+  const std::string what = argv[0];
+  if (what == "clip-score" || what == "fid") {
+    cli::Args a("eval " + what, argc - 1, argv + 1, {"images", "model", "real", "generated"}, {});
+    DP_CHECK(a.has("model"), "eval ", what, ": --model MODEL is required (its image_encoder/ gives the features)");
+    const std::string model = a.str("model");
+    at::NoGradGuard ng;
+    const auto tower = ImageTower::load(path_join(model, "image_encoder"), DeviceSpec{});
+    if (what == "clip-score") {
+      DP_CHECK(a.has("images"), "eval clip-score: --images DIR is required");
+      const auto es = read_index(a.str("images"));
+      const auto tok = ClipTokenizer::load(path_join(model, "tokenizer"));
+      const auto te = ClipTextModel::load(path_join(model, "text_encoder"), DeviceSpec{});
+      std::vector<int64_t> ids;
+      for (const auto& e : es) {
+        auto t = tok.encode(e.prompt);
+        ids.insert(ids.end(), t.begin(), t.end());
+      }
+      const at::Tensor text = te->text_embeds(at::tensor(ids, at::kLong).view({static_cast<int64_t>(es.size()), tok.max_length()}));
+      const at::Tensor img = tower->embed(load_images(es));
+      std::printf("%s\n", nlohmann::json{{"images", es.size()}, {"clip_score", metrics::clip_score(text, img)}}.dump().c_str());
+      return 0;
+    }
+    DP_CHECK(a.has("real") && a.has("generated"), "eval fid: --real DIR and --generated DIR are required");
+    const auto real = read_index(a.str("real")), gen = read_index(a.str("generated"));
+    const at::Tensor fr = tower_features(*tower, load_images(real)), fg = tower_features(*tower, load_images(gen));
+    const double fid = metrics::frechet_distance(metrics::fit_gaussian(fr), metrics::fit_gaussian(fg));
+    std::printf("%s\n", nlohmann::json{{"real", real.size()}, {"generated", gen.size()}, {"features", fr.size(1)},
+                                       {"fid", fid}}.dump().c_str());
+    return 0;
+  }
+  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid)");
+  cli::Args a("eval fidelity", argc - 1, argv + 1, {"images"}, {});
+  DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
+  size_t skipped = 0;
+  std::vector<std::vector<data::ObjectVerdict>> verdicts;
+  for (const auto& e : read_index(a.str("images"), &skipped)) {
+    const data::Scene sc = data::parse_caption(e.prompt);
+    const Image im = read_png(e.file);
+    DP_CHECK(im.width == im.height, e.file, ": images must be square");
+    verdicts.push_back(data::check_image(im, sc));
+  }
   const auto sum = data::summarize(verdicts);
   std::printf("%s\n", nlohmann::json{{"images", verdicts.size()}, {"objects", sum.objects}, {"colour", sum.color},
                                      {"shape", sum.shape}, {"position", sum.position}, {"skipped", skipped}}

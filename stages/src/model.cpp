@@ -30,6 +30,10 @@ void SdModel::validate(const std::string& dir) {
   SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
+  if (dir_exists(path_join(dir, "super_resolution"))) {
+    (void)SuperResConfig::load(path_join(dir, "super_resolution/config.json"));
+    SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
+  }
   for (auto d : ucfg.cross_attention_dim)
     DP_CHECK(d == tcfg.hidden_size, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
              " does not match the text encoder's hidden_size ", tcfg.hidden_size);
@@ -69,9 +73,12 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     DeviceSpec vspec = spec;
     vspec.dtype = m.vae_dtype;
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0);
+    if (m.has_super_resolution()) m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
   }
   return m;
 }
+
+bool SdModel::has_super_resolution() const { return dir_exists(path_join(dir, "super_resolution")); }
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

@@ -128,7 +128,9 @@ at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const 
   DP_CHECK(model_.vae, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
-  return to_uint8_hwc(model_.vae->decode_scaled(z));
+  at::Tensor img = model_.vae->decode_scaled(z);
+  if (model_.super_res) img = model_.super_res->forward(img.clamp(-1.0, 1.0));  // the super-resolution stage
+  return to_uint8_hwc(img);
 }
 
 std::vector<Image> DecodeStage::run(const std::vector<at::Tensor>& latents) const {

@@ -41,6 +41,28 @@ echo "$f" | grep -q '"colour":1.0' && echo "$f" | grep -q '"position":1.0' && ok
   --steps 2 --out "$WORK/gen-fid" --quiet 2>/dev/null
 g=$("$BIN" eval fidelity --images "$WORK/gen-fid" 2>&1) && ok "eval fidelity on generated images: $g" || bad "eval fidelity generated: $g"
 
+# training: a few steps of every module, checkpoint + resume, and the result loads and generates at 2x size
+T="$WORK/trained"
+for m in vae text sr; do
+  "$BIN" train $m --model "$T" --steps 3 --batch 4 --save-every 2 2> "$WORK/train-$m.log" || bad "train $m: $(tail -1 "$WORK/train-$m.log")"
+done
+"$BIN" train unet --model "$T" --steps 2 --batch 4 --save-every 1 2> "$WORK/train-unet.log" || bad "train unet: $(tail -1 "$WORK/train-unet.log")"
+"$BIN" train unet --model "$T" --steps 4 --batch 4 --resume 2> "$WORK/train-resume.log" \
+  && grep -q "step 4/4" "$WORK/train-resume.log" && ! grep -q "step 1/4" "$WORK/train-resume.log" \
+  && ok "train: every module, resumed from the checkpoint at step 2" || bad "train resume: $(tail -2 "$WORK/train-resume.log")"
+if "$BIN" generate --model "$T" --prompt "a small red circle at the top left on a black background" --steps 3 \
+     --out "$WORK/trained-out" --quiet 2> "$WORK/trained-gen.log"; then
+  grep -q '"width":64' "$WORK/trained-out/images.jsonl" && ok "trained model generates 32 px, super-resolved to 64 px" \
+    || bad "super-resolution: $(cat "$WORK/trained-out/images.jsonl")"
+  "$BIN" eval clip-score --images "$WORK/trained-out" --model "$T" > "$WORK/cs.json" && grep -q clip_score "$WORK/cs.json" \
+    && ok "eval clip-score: $(cat "$WORK/cs.json")" || bad "eval clip-score"
+else
+  bad "generate with the trained model: $(tail -2 "$WORK/trained-gen.log")"
+fi
+"$BIN" data --out "$WORK/real-b" --count 40 --seed 6 2>/dev/null
+"$BIN" eval fid --real "$WORK/real" --generated "$WORK/real-b" --model "$T" > "$WORK/fid.json" && grep -q '"fid"' "$WORK/fid.json" \
+  && ok "eval fid: $(cat "$WORK/fid.json")" || bad "eval fid: $(cat "$WORK/fid.json")"
+
 expect_error() {  # name expected-text args...
   local name=$1 want=$2; shift 2
   "$BIN" "$@" > "$WORK/$name.log" 2>&1

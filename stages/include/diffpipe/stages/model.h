@@ -9,6 +9,7 @@
 
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/super_res.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
@@ -24,6 +25,7 @@ struct SdModel {
   std::shared_ptr<ClipTextModel> text_encoder;
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
+  std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (loaded with the VAE): enlarges decoded images
   SchedulerConfig scheduler;
   at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.
@@ -40,6 +42,7 @@ struct SdModel {
   // Image size must be a multiple of this (VAE factor x UNet downsampling).
   int64_t size_multiple() const;
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
+  bool has_super_resolution() const;  // the folder has super_resolution/
 };
 
 }  // namespace diffpipe
