@@ -12,6 +12,7 @@
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "fidelity.h"
 #include "image_tower.h"
@@ -153,7 +154,33 @@ int eval_main(int argc, char** argv) {
                                        {"fid", fid}}.dump().c_str());
     return 0;
   }
-  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid)");
+  if (what == "reconstruct") {  // the autoencoder (+ super-resolution) alone: an upper bound for generation
+    cli::Args a("eval reconstruct", argc - 1, argv + 1, {"images", "model", "out"}, {});
+    DP_CHECK(a.has("images") && a.has("model") && a.has("out"), "eval reconstruct: --images DIR --model MODEL --out DIR");
+    at::NoGradGuard ng;
+    SdModel m = SdModel::load(a.str("model"), DeviceSpec{}, kVae | kVaeEncoder);
+    const auto es = read_index(a.str("images"));
+    const std::string out = a.str("out");
+    DP_CHECK(std::system(("mkdir -p '" + out + "'").c_str()) == 0, out, ": cannot create");
+    std::ofstream jl(path_join(out, "images.jsonl"));
+    const int64_t base = m.default_size();
+    for (size_t i = 0; i < es.size(); ++i) {
+      at::Tensor x = load_images({es[i]});
+      if (x.size(2) != base) x = at::avg_pool2d(x, {x.size(2) / base, x.size(2) / base});
+      at::Tensor lat = m.vae->encode(x).mean * m.vae_config.scaling_factor;
+      at::Tensor img = DecodeStage(m).run_uint8({lat[0]})[0];
+      Image im;
+      im.height = static_cast<int>(img.size(0));
+      im.width = static_cast<int>(img.size(1));
+      im.pixels.assign(img.data_ptr<uint8_t>(), img.data_ptr<uint8_t>() + img.numel());
+      const std::string f = path_join(out, "rec-" + std::to_string(i) + ".png");
+      write_png(f, im);
+      jl << nlohmann::json{{"prompt", es[i].prompt}, {"file", f}, {"status", "done"}}.dump() << "\n";
+    }
+    std::fprintf(stderr, "diffpipe: reconstructed %zu images into %s\n", es.size(), out.c_str());
+    return 0;
+  }
+  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid, reconstruct)");
   cli::Args a("eval fidelity", argc - 1, argv + 1, {"images"}, {});
   DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
   size_t skipped = 0;
