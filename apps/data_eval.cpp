@@ -44,7 +44,7 @@ int data_main(int argc, char** argv) {
   const uint64_t seed = a.u64("seed", 0);
   DP_CHECK(count >= 1 && count <= 10000000, "data: --count must be in [1, 10000000]");
   DP_CHECK(size == 64 || size == 32 || size == 16, "data: --size must be 64, 32 or 16");
-  DP_CHECK(std::system(("mkdir -p '" + out + "'").c_str()) == 0 && dir_exists(out), out, ": cannot create folder");
+  make_dirs(out);
   std::ofstream jl(path_join(out, "images.jsonl"));
   DP_CHECK(jl.good(), path_join(out, "images.jsonl"), ": cannot open for writing");
   for (int64_t i = first; i < first + count; ++i) {
@@ -161,7 +161,7 @@ int eval_main(int argc, char** argv) {
     SdModel m = SdModel::load(a.str("model"), DeviceSpec{}, kVae | kVaeEncoder);
     const auto es = read_index(a.str("images"));
     const std::string out = a.str("out");
-    DP_CHECK(std::system(("mkdir -p '" + out + "'").c_str()) == 0, out, ": cannot create");
+    make_dirs(out);
     std::ofstream jl(path_join(out, "images.jsonl"));
     const int64_t base = m.default_size();
     for (size_t i = 0; i < es.size(); ++i) {

@@ -66,16 +66,6 @@ std::vector<std::string> read_prompts(const std::string& path) {
   return out;
 }
 
-void make_dirs(const std::string& dir) {
-  std::string cur;
-  for (size_t i = 0; i <= dir.size(); ++i) {
-    if (i == dir.size() || dir[i] == '/') {
-      if (!cur.empty()) ::mkdir(cur.c_str(), 0755);
-    }
-    if (i < dir.size()) cur += dir[i];
-  }
-  DP_CHECK(dir_exists(dir), dir, ": cannot create output folder");
-}
 
 }  // namespace
 

@@ -160,7 +160,7 @@ nlohmann::json vae_config(double scaling) {
 
 void train_vae(const Opts& o) {
   const std::string dir = path_join(o.model, "vae");
-  std::system(("mkdir -p '" + dir + "'").c_str());
+  make_dirs(dir);
   write_json(path_join(dir, "config.json"), vae_config(1.0));
   const VaeConfig cfg = VaeConfig::load(path_join(dir, "config.json"));
   Weights w = Weights::initializer(101);
@@ -205,7 +205,8 @@ void train_text(const Opts& o) {
                        {"num_hidden_layers", 3}, {"num_attention_heads", 4}, {"max_position_embeddings", 77},
                        {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5}, {"bos_token_id", tok.bos_id()},
                        {"eos_token_id", tok.eos_id()}, {"pad_token_id", tok.pad_id()}, {"projection_dim", P}};
-  std::system(("mkdir -p '" + te_dir + "' '" + it_dir + "'").c_str());
+  make_dirs(te_dir);
+  make_dirs(it_dir);
   write_json(path_join(te_dir, "config.json"), tc);
   const ClipTextConfig tcfg = ClipTextConfig::load(path_join(te_dir, "config.json"));
   Weights tw = Weights::initializer(202);
@@ -267,7 +268,8 @@ void train_unet(const Opts& o) {
   auto te = ClipTextModel::load(path_join(o.model, "text_encoder"), cpu);
   const ClipTokenizer tok = ClipTokenizer::load(path_join(o.model, "tokenizer"));
   const std::string dir = path_join(o.model, "unet"), sdir = path_join(o.model, "scheduler");
-  std::system(("mkdir -p '" + dir + "' '" + sdir + "'").c_str());
+  make_dirs(dir);
+  make_dirs(sdir);
   nlohmann::json sc = {{"_class_name", "DDIMScheduler"}, {"num_train_timesteps", 1000}, {"beta_start", 0.00085},
                        {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"}, {"clip_sample", false},
                        {"set_alpha_to_one", false}, {"steps_offset", 1}, {"prediction_type", "epsilon"},
@@ -337,7 +339,7 @@ void train_unet(const Opts& o) {
 // ------------------------------------------------------------------ super-resolution 32 -> 64
 void train_sr(const Opts& o) {
   const std::string dir = path_join(o.model, "super_resolution");
-  std::system(("mkdir -p '" + dir + "'").c_str());
+  make_dirs(dir);
   nlohmann::json c = {{"_class_name", "SuperResolution"}, {"scale", 2}, {"channels", 32}, {"layers", 4}};
   write_json(path_join(dir, "config.json"), c);
   const SuperResConfig cfg = SuperResConfig::load(path_join(dir, "config.json"));
@@ -382,7 +384,7 @@ int train_main(int argc, char** argv) {
   DP_CHECK(a.has("model"), "train: --model DIR is required");
   if (a.has("threads")) at::set_num_threads(static_cast<int>(a.integer("threads", 2)));
   at::manual_seed(static_cast<uint64_t>(a.integer("seed", 0)));
-  std::system(("mkdir -p '" + a.str("model") + "'").c_str());
+  make_dirs(a.str("model"));
   auto opts = [&](int64_t steps, int64_t batch, double lr) {
     Opts o{a.str("model"), a.integer("steps", steps), a.integer("batch", batch), a.number("lr", lr), a.flag("resume"),
            a.integer("save-every", 500)};

@@ -215,18 +215,19 @@ class RankNode {
     return s;
   }
 
-  // Pops one message, then whatever else arrives within the batch wait, up to max_batch.
+  // Pops one message, then whatever else arrives within the batch wait, up to max_batch; cancelled requests
+  // are dropped on the way.
   std::vector<Message> take_batch(BlockingQueue<Message>& q, const StageSpec& spec) {
     std::vector<Message> batch;
     auto first = q.pop(50ms);
     if (!first) return batch;
-    batch.push_back(std::move(*first));
+    if (!is_cancelled(first->request)) batch.push_back(std::move(*first));
     const auto deadline = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(spec.batch_wait_ms * 1000));
     while (static_cast<int>(batch.size()) < spec.max_batch) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       auto n = left.count() > 0 ? q.pop(left) : q.try_pop();
       if (!n) break;
-      batch.push_back(std::move(*n));
+      if (!is_cancelled(n->request)) batch.push_back(std::move(*n));
     }
     return batch;
   }
@@ -256,10 +257,7 @@ class RankNode {
     TextEncodeStage stage(model_);
     const auto& spec = opts_.placement.stage(StageKind::Encode);
     while (!stop_) {
-      auto all = take_batch(inbox_[0], spec);
-      std::vector<Message> batch;
-      for (auto& m : all)
-        if (!is_cancelled(m.request)) batch.push_back(std::move(m));
+      auto batch = take_batch(inbox_[0], spec);
       if (batch.empty()) continue;
       const auto t0 = Clock::now();
       std::vector<GenerationParams> params;
@@ -370,10 +368,7 @@ class RankNode {
     DecodeStage stage(model_);
     const auto& spec = opts_.placement.stage(StageKind::Decode);
     while (!stop_) {
-      auto all = take_batch(inbox_[2], spec);
-      std::vector<Message> batch;
-      for (auto& m : all)
-        if (!is_cancelled(m.request)) batch.push_back(std::move(m));
+      auto batch = take_batch(inbox_[2], spec);
       if (batch.empty()) continue;
       // group by latent shape (one VAE call per shape)
       std::map<std::vector<int64_t>, std::vector<size_t>> groups;

@@ -31,6 +31,15 @@ std::string path_join(const std::string& a, const std::string& b) {
   return a + "/" + b;
 }
 
+void make_dirs(const std::string& dir) {
+  std::string cur;
+  for (size_t i = 0; i <= dir.size(); ++i) {
+    if ((i == dir.size() || dir[i] == '/') && !cur.empty()) ::mkdir(cur.c_str(), 0755);
+    if (i < dir.size()) cur += dir[i];
+  }
+  DP_CHECK(dir_exists(dir), dir, ": cannot create folder");
+}
+
 JsonConfig JsonConfig::load(const std::string& path) {
   DP_CHECK(file_exists(path), path, ": file not found");
   const std::string text = read_text_file(path);

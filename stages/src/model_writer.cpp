@@ -14,14 +14,6 @@
 namespace diffpipe {
 
 namespace {
-void mkdir_p(const std::string& dir) {
-  std::string cur;
-  for (size_t i = 0; i <= dir.size(); ++i) {
-    if ((i == dir.size() || dir[i] == '/') && !cur.empty()) ::mkdir(cur.c_str(), 0755);
-    if (i < dir.size()) cur += dir[i];
-  }
-  DP_CHECK(dir_exists(dir), dir, ": cannot create folder");
-}
 
 std::string byte_symbol(int b) {  // bytes_to_unicode, as UTF-8
   static const std::vector<std::string> table = [] {
@@ -61,7 +53,7 @@ void write_json(const std::string& path, const nlohmann::json& j) {
 }
 
 int64_t write_clip_tokenizer(const std::string& dir, const std::vector<std::string>& merges) {
-  mkdir_p(dir);
+  make_dirs(dir);
   nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
   int64_t id = 0;
   for (int b = 0; b < 256; ++b) vocab[byte_symbol(b)] = id++;
@@ -91,7 +83,7 @@ int64_t write_clip_tokenizer(const std::string& dir, const std::vector<std::stri
 
 void write_component(const std::string& dir, const nlohmann::json& config, const std::string& weights_name,
                      const std::map<std::string, at::Tensor>& weights, at::ScalarType dtype) {
-  mkdir_p(dir);
+  make_dirs(dir);
   write_json(path_join(dir, "config.json"), config);
   std::map<std::string, at::Tensor> cpu;
   for (const auto& [k, v] : weights)
@@ -100,7 +92,7 @@ void write_component(const std::string& dir, const nlohmann::json& config, const
 }
 
 void write_random_model(const std::string& dir, const RandomModelOptions& o) {
-  mkdir_p(dir);
+  make_dirs(dir);
   write_json(path_join(dir, "model_index.json"),
              {{"_class_name", "StableDiffusionPipeline"},
               {"text_encoder", {"transformers", "CLIPTextModel"}},
@@ -151,7 +143,7 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
   }
   {
     const std::string p = path_join(dir, "unet");
-    mkdir_p(p);
+    make_dirs(p);
     write_json(path_join(p, "config.json"), uc);
     const UNetConfig cfg = UNetConfig::load(path_join(p, "config.json"));
     Weights w = Weights::initializer(o.seed * 3 + 2);
@@ -176,7 +168,7 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
   }
   {
     const std::string p = path_join(dir, "vae");
-    mkdir_p(p);
+    make_dirs(p);
     write_json(path_join(p, "config.json"), vc);
     const VaeConfig cfg = VaeConfig::load(path_join(p, "config.json"));
     Weights w = Weights::initializer(o.seed * 3 + 3);
@@ -184,7 +176,7 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
     write_component(p, vc, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
   }
   const std::string sp = path_join(dir, "scheduler");
-  mkdir_p(sp);
+  make_dirs(sp);
   write_json(path_join(sp, "scheduler_config.json"),
              {{"_class_name", o.scheduler_class}, {"num_train_timesteps", 1000}, {"beta_start", 0.00085},
               {"beta_end", 0.012}, {"beta_schedule", "scaled_linear"}, {"clip_sample", false},

@@ -46,5 +46,7 @@ std::string read_text_file(const std::string& path);
 bool file_exists(const std::string& path);
 bool dir_exists(const std::string& path);
 std::string path_join(const std::string& a, const std::string& b);
+// Creates `dir` and its parents; throws naming the folder when it cannot.
+void make_dirs(const std::string& dir);
 
 }  // namespace diffpipe
