@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "commands.h"
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/stages.h"
@@ -97,9 +98,7 @@ std::vector<Entry> read_index(const std::string& dir, size_t* skipped = nullptr)
 at::Tensor load_images(const std::vector<Entry>& es) {  // [N, 3, H, W] in [-1, 1]
   std::vector<at::Tensor> ts;
   for (const auto& e : es) {
-    Image im = read_png(e.file);
-    at::Tensor t = at::from_blob(im.pixels.data(), {im.height, im.width, 3}, at::kByte).to(at::kFloat);
-    ts.push_back(t.permute({2, 0, 1}) / 127.5 - 1.0);
+    ts.push_back(image_to_chw(read_png(e.file)));
   }
   return at::stack(ts);
 }
@@ -168,11 +167,7 @@ int eval_main(int argc, char** argv) {
       at::Tensor x = load_images({es[i]});
       if (x.size(2) != base) x = at::avg_pool2d(x, {x.size(2) / base, x.size(2) / base});
       at::Tensor lat = m.vae->encode(x).mean * m.vae_config.scaling_factor;
-      at::Tensor img = DecodeStage(m).run_uint8({lat[0]})[0];
-      Image im;
-      im.height = static_cast<int>(img.size(0));
-      im.width = static_cast<int>(img.size(1));
-      im.pixels.assign(img.data_ptr<uint8_t>(), img.data_ptr<uint8_t>() + img.numel());
+      const Image im = DecodeStage(m).run({lat[0]})[0];
       const std::string f = path_join(out, "rec-" + std::to_string(i) + ".png");
       write_png(f, im);
       jl << nlohmann::json{{"prompt", es[i].prompt}, {"file", f}, {"status", "done"}}.dump() << "\n";

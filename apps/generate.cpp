@@ -173,34 +173,31 @@ int generate_main(int argc, char** argv) {
 
   const bool quiet = a.flag("quiet");
   std::vector<Image> sheet(requests.size());
+  auto emit = [&](const nlohmann::json& j) {  // one JSON line per request, flushed as it finishes
+    const std::string line = j.dump();
+    jsonl << line << "\n";
+    jsonl.flush();
+    if (!quiet) std::printf("%s\n", line.c_str());
+  };
   const auto stats = run_pipeline(opts, *transport, requests, [&](GeneratedImage&& gi) {
+    nlohmann::json j = params_to_json(gi.params);
+    j["index"] = gi.index;
+    j["status"] = gi.status;
     if (gi.status != "done") {
-      nlohmann::json j = params_to_json(gi.params);
-      j["index"] = gi.index;
-      j["status"] = gi.status;
       j["reason"] = gi.reason;
-      const std::string line = j.dump();
-      jsonl << line << "\n";
-      jsonl.flush();
-      if (!quiet) std::printf("%s\n", line.c_str());
+      emit(j);
       return;
     }
     char name[64];
     std::snprintf(name, sizeof(name), "img-%05llu-seed%llu.png", static_cast<unsigned long long>(gi.index),
                   static_cast<unsigned long long>(gi.params.seed));
     write_png(path_join(out_dir, name), gi.image);
-    nlohmann::json j = params_to_json(gi.params);
-    j["index"] = gi.index;
-    j["status"] = "done";
     j["file"] = path_join(out_dir, name);
     j["width"] = gi.image.width;
     j["height"] = gi.image.height;
     j["latency_s"] = gi.latency_s;
     j["denoise_rank"] = gi.denoise_rank;
-    const std::string line = j.dump();
-    jsonl << line << "\n";
-    jsonl.flush();
-    if (!quiet) std::printf("%s\n", line.c_str());
+    emit(j);
     sheet[gi.index] = std::move(gi.image);
   });
   transport.reset();

@@ -113,8 +113,7 @@ at::Tensor scene_batch(uint64_t seed, uint64_t index, int n, int size, std::vect
     const data::Scene s = data::sample_scene(seed, index + i);
     Image im = data::render(s);
     if (size != 64) im = data::downsample(im, 64 / size);
-    at::Tensor t = at::from_blob(im.pixels.data(), {size, size, 3}, at::kByte).to(at::kFloat);
-    out[i] = t.permute({2, 0, 1}) / 127.5 - 1.0;
+    out[i] = image_to_chw(im);
     if (captions) captions->push_back(data::caption(s));
   }
   return out;

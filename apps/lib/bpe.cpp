@@ -2,6 +2,8 @@
 
 #include <map>
 
+#include "diffpipe/stages/tokenizer.h"
+
 namespace diffpipe::data {
 
 std::vector<std::string> train_bpe(const std::vector<std::string>& words) {
@@ -23,18 +25,7 @@ std::vector<std::string> train_bpe(const std::vector<std::string>& words) {
       if (it->second > best->second) best = it;  // ties: the first in text order (std::map order)
     const auto [a, b] = best->first;
     merges.push_back(a + " " + b);
-    for (auto& s : seqs) {
-      std::vector<std::string> out;
-      for (size_t i = 0; i < s.size();) {
-        if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
-          out.push_back(a + b);
-          i += 2;
-        } else {
-          out.push_back(s[i++]);
-        }
-      }
-      s.swap(out);
-    }
+    for (auto& s : seqs) s = ClipTokenizer::merge_pair(s, a, b);
   }
   return merges;
 }

@@ -3,13 +3,13 @@
 #include <mpi.h>
 
 #include <atomic>
-#include <cstring>
 #include <mutex>
 #include <set>
 #include <thread>
 
 #include "diffpipe/runtime/blocking_queue.h"
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/scheduler/planner.h"
@@ -528,12 +528,7 @@ class RankNode {
       gi.params = params_from_json(msg->fields.at("params"));
       gi.denoise_rank = msg->fields.value("denoise_rank", -1);
       gi.latency_s = now_s() - meta(id).arrival_s;
-      const at::Tensor img = msg->tensors.at(0).contiguous();
-      gi.image.height = static_cast<int>(img.size(0));
-      gi.image.width = static_cast<int>(img.size(1));
-      gi.image.channels = 3;
-      gi.image.pixels.resize(img.numel());
-      std::memcpy(gi.image.pixels.data(), img.data_ptr<uint8_t>(), img.numel());
+      gi.image = image_from_uint8_hwc(msg->tensors.at(0));
       on_result(std::move(gi));
       ++finished;
       ++images_done_;

@@ -59,6 +59,24 @@ TensorBytes tensor_to_bytes(const std::string& name, const at::Tensor& t) {
   return b;
 }
 
+Image image_from_uint8_hwc(const at::Tensor& hwc) {
+  DP_CHECK(hwc.dim() == 3 && hwc.size(2) == 3 && hwc.scalar_type() == at::kByte,
+           "image: expected a uint8 [H, W, 3] tensor");
+  const at::Tensor c = hwc.to(at::kCPU).contiguous();
+  Image im;
+  im.height = static_cast<int>(c.size(0));
+  im.width = static_cast<int>(c.size(1));
+  im.channels = 3;
+  im.pixels.assign(c.data_ptr<uint8_t>(), c.data_ptr<uint8_t>() + c.numel());
+  return im;
+}
+
+at::Tensor image_to_chw(const Image& im) {
+  DP_CHECK(im.channels == 3, "image: expected RGB");
+  at::Tensor t = at::from_blob(const_cast<uint8_t*>(im.pixels.data()), {im.height, im.width, 3}, at::kByte);
+  return t.to(at::kFloat).permute({2, 0, 1}) / 127.5 - 1.0;
+}
+
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   auto f = SafetensorsFile::open(path);
   std::map<std::string, at::Tensor> out;

@@ -1,9 +1,9 @@
 #include "diffpipe/stages/stages.h"
 
-#include <cstring>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/philox.h"
+#include "diffpipe/runtime/torch_tensor.h"
 
 namespace diffpipe {
 
@@ -136,15 +136,7 @@ at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const 
 std::vector<Image> DecodeStage::run(const std::vector<at::Tensor>& latents) const {
   at::Tensor u8 = run_uint8(latents);
   std::vector<Image> out;
-  for (int64_t b = 0; b < u8.size(0); ++b) {
-    Image im;
-    im.height = static_cast<int>(u8.size(1));
-    im.width = static_cast<int>(u8.size(2));
-    im.channels = 3;
-    im.pixels.resize(u8[b].numel());
-    std::memcpy(im.pixels.data(), u8[b].contiguous().data_ptr<uint8_t>(), im.pixels.size());
-    out.push_back(std::move(im));
-  }
+  for (int64_t b = 0; b < u8.size(0); ++b) out.push_back(image_from_uint8_hwc(u8[b]));
   return out;
 }
 

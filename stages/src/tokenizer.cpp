@@ -289,6 +289,20 @@ ClipTokenizer ClipTokenizer::load(const std::string& dir) {
   return t;
 }
 
+std::vector<std::string> ClipTokenizer::merge_pair(const std::vector<std::string>& symbols, const std::string& a,
+                                                   const std::string& b) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < symbols.size();) {
+    if (i + 1 < symbols.size() && symbols[i] == a && symbols[i + 1] == b) {
+      out.push_back(a + b);
+      i += 2;
+    } else {
+      out.push_back(symbols[i++]);
+    }
+  }
+  return out;
+}
+
 std::vector<std::string> ClipTokenizer::bpe(const std::string& token) const {
   {
     std::lock_guard<std::mutex> lk(cache_->mu);
@@ -315,18 +329,7 @@ std::vector<std::string> ClipTokenizer::bpe(const std::string& token) const {
       }
     }
     if (best == INT32_MAX) break;
-    // merge every occurrence of the best pair, left to right
-    const std::string a = word[best_i], b = word[best_i + 1];
-    std::vector<std::string> merged;
-    for (size_t i = 0; i < word.size();) {
-      if (i + 1 < word.size() && word[i] == a && word[i + 1] == b) {
-        merged.push_back(a + b);
-        i += 2;
-      } else {
-        merged.push_back(word[i++]);
-      }
-    }
-    word.swap(merged);
+    word = merge_pair(word, word[best_i], word[best_i + 1]);
   }
   std::lock_guard<std::mutex> lk(cache_->mu);
   if (cache_->words.size() < 100000) cache_->words.emplace(token, word);

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/safetensors.h"
 
 namespace diffpipe {
@@ -18,6 +19,10 @@ DType from_scalar_type(at::ScalarType t);
 at::Tensor tensor_from_view(const std::shared_ptr<SafetensorsFile>& file, const TensorView& v);
 // Contiguous CPU copy of `t` as raw bytes.
 TensorBytes tensor_to_bytes(const std::string& name, const at::Tensor& t);
+
+// 8-bit RGB image <-> tensors: [H, W, 3] uint8 (any device) -> Image; Image -> [3, H, W] float32 in [-1, 1].
+Image image_from_uint8_hwc(const at::Tensor& hwc);
+at::Tensor image_to_chw(const Image& im);
 
 // Loads every tensor of a file (convenience for tests and tools).
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path);

@@ -31,6 +31,9 @@ class ClipTokenizer {
   // Text normalisation (public for tests): html-unescape twice, whitespace collapse + strip, lowercase.
   static std::string normalize(const std::string& text);
   static std::string html_unescape(const std::string& text);
+  // One BPE merge: every occurrence of the adjacent pair (a, b) in `symbols`, left to right, becomes a + b.
+  static std::vector<std::string> merge_pair(const std::vector<std::string>& symbols, const std::string& a,
+                                             const std::string& b);
   // CLIP's pre-tokenizer split (after normalisation).
   static std::vector<std::string> split(const std::string& normalized);
 
