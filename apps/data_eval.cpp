@@ -157,7 +157,7 @@ int eval_main(int argc, char** argv) {
     cli::Args a("eval reconstruct", argc - 1, argv + 1, {"images", "model", "out"}, {});
     DP_CHECK(a.has("images") && a.has("model") && a.has("out"), "eval reconstruct: --images DIR --model MODEL --out DIR");
     at::NoGradGuard ng;
-    SdModel m = SdModel::load(a.str("model"), DeviceSpec{}, kVae | kVaeEncoder);
+    SdModel m = SdModel::load(a.str("model"), DeviceSpec{}, kVae | kVaeEncoder | kSuperRes);
     const auto es = read_index(a.str("images"));
     const std::string out = a.str("out");
     make_dirs(out);
@@ -167,7 +167,7 @@ int eval_main(int argc, char** argv) {
       at::Tensor x = load_images({es[i]});
       if (x.size(2) != base) x = at::avg_pool2d(x, {x.size(2) / base, x.size(2) / base});
       at::Tensor lat = m.vae->encode(x).mean * m.vae_config.scaling_factor;
-      const Image im = DecodeStage(m).run({lat[0]})[0];
+      const Image im = decode_final(m, {lat[0]})[0];
       const std::string f = path_join(out, "rec-" + std::to_string(i) + ".png");
       write_png(f, im);
       jl << nlohmann::json{{"prompt", es[i].prompt}, {"file", f}, {"status", "done"}}.dump() << "\n";

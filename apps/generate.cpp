@@ -131,6 +131,8 @@ int generate_main(int argc, char** argv) {
       placement.validate("command line");
     }
     SdModel::validate(a.str("model"));
+    placement.match_model(dir_exists(path_join(a.str("model"), "super_resolution")),
+                          a.has("pipeline") ? a.str("pipeline") : "command line");
     opts.model_dir = a.str("model");
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);

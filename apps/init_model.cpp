@@ -17,10 +17,12 @@ int init_model_main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--help")) {
       std::puts("usage: diffpipe init-model --out DIR [--seed S] [--prediction-type epsilon|v_prediction]\n"
                 "                           [--timestep-spacing leading|linspace|trailing] [--scheduler CLASS]\n"
-                "                           [--preset tiny|sd15] [--save-dtype float32|float16]");
+                "                           [--preset tiny|sd15] [--save-dtype float32|float16]\n"
+                "                           [--super-resolution]   (adds a random 2x super_resolution/ stage)");
       return 0;
     }
-  cli::Args a("init-model", argc, argv, {"out", "seed", "prediction-type", "timestep-spacing", "scheduler", "preset", "save-dtype"}, {});
+  cli::Args a("init-model", argc, argv, {"out", "seed", "prediction-type", "timestep-spacing", "scheduler", "preset", "save-dtype"},
+              {"super-resolution"});
   DP_CHECK(a.has("out"), "init-model: --out DIR is required");
   DP_CHECK(mpi::world().size == 1, "init-model: run it as one process");
   RandomModelOptions o;
@@ -29,6 +31,7 @@ int init_model_main(int argc, char** argv) {
   o.timestep_spacing = a.str("timestep-spacing", o.timestep_spacing);
   o.scheduler_class = a.str("scheduler", o.scheduler_class);
   o.preset = a.str("preset", o.preset);
+  o.super_resolution = a.flag("super-resolution");
   const std::string sd = a.str("save-dtype", "float32");
   DP_CHECK(sd == "float32" || sd == "float16", "init-model: --save-dtype must be float32 or float16");
   o.save_dtype = sd == "float16" ? at::kHalf : at::kFloat;

@@ -66,12 +66,11 @@ int main(int argc, char** argv) {
       SdModel m = SdModel::load(model_dir, spec);
       TextEncodeStage enc(m);
       DenoiseStage den(m);
-      DecodeStage dec(m);
       auto run_one = [&](const GenerationParams& p) {
         auto e = enc.run({&p});
         DenoiseState s = make_denoise_state(m, p, e[0]);
         while (!s.done()) den.step({&s});
-        return dec.run({s.latents})[0];
+        return decode_final(m, {s.latents})[0];
       };
       run_one(reqs[0]);  // warm-up
       const auto t0 = Clock::now();

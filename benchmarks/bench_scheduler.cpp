@@ -23,7 +23,7 @@ using namespace diffpipe;
 namespace {
 struct RunResult {
   double throughput = 0, p50 = 0, p95 = 0, p99 = 0, wall = 0;
-  double busy[kNumStages] = {0, 0, 0};
+  double busy[kNumStages] = {};
   std::vector<Image> images;
   size_t done = 0;
 };

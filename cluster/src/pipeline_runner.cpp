@@ -9,6 +9,7 @@
 
 #include "diffpipe/runtime/blocking_queue.h"
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
@@ -87,6 +88,7 @@ class RankNode {
         case StageKind::Encode: threads_.emplace_back([this] { guarded(StageKind::Encode, [this] { encode_loop(); }); }); break;
         case StageKind::Denoise: threads_.emplace_back([this] { guarded(StageKind::Denoise, [this] { denoise_loop(); }); }); break;
         case StageKind::Decode: threads_.emplace_back([this] { guarded(StageKind::Decode, [this] { decode_loop(); }); }); break;
+        case StageKind::Upscale: threads_.emplace_back([this] { guarded(StageKind::Upscale, [this] { upscale_loop(); }); }); break;
       }
     }
     if (me == 0)
@@ -194,6 +196,7 @@ class RankNode {
         case MsgKind::Encode: inbox_[0].push(std::move(*m)); break;
         case MsgKind::Denoise: inbox_[1].push(std::move(*m)); break;
         case MsgKind::Decode: inbox_[2].push(std::move(*m)); break;
+        case MsgKind::Upscale: inbox_[3].push(std::move(*m)); break;
         case MsgKind::Result:
         case MsgKind::Progress:
         case MsgKind::Error: coord_inbox_.push(std::move(*m)); break;
@@ -381,14 +384,47 @@ class RankNode {
           maybe_inject(StageKind::Decode, batch[i].request);
           lat.push_back(batch[i].tensors[0].to(model_.spec.device, at::kFloat));
         }
-        at::Tensor imgs = stage.run_uint8(lat).cpu();
+        at::Tensor imgs = stage.run_uint8(lat);
         add_busy(StageKind::Decode, t0);
+        for (size_t k = 0; k < idx.size(); ++k) {
+          Message out;
+          out.request = batch[idx[k]].request;
+          out.fields = std::move(batch[idx[k]].fields);
+          out.tensors.push_back(imgs[k].contiguous());
+          const int up = out.fields.at("route").at(3).get<int>();  // -1: no super-resolution, the image is final
+          out.kind = up >= 0 ? MsgKind::Upscale : MsgKind::Result;
+          if (up >= 0) progress(out.request, "decoded");
+          t_.send(up >= 0 ? up : 0, std::move(out));
+        }
+      }
+    }
+  }
+
+  // Super-resolution of decoded images (cascade models): batches same-size images into one call.
+  void upscale_loop() {
+    UpscaleStage stage(model_);
+    const auto& spec = opts_.placement.stage(StageKind::Upscale);
+    while (!stop_) {
+      auto batch = take_batch(inbox_[3], spec);
+      if (batch.empty()) continue;
+      std::map<std::vector<int64_t>, std::vector<size_t>> groups;
+      for (size_t i = 0; i < batch.size(); ++i) groups[batch[i].tensors.at(0).sizes().vec()].push_back(i);
+      for (const auto& [shape, idx] : groups) {
+        const auto t0 = Clock::now();
+        std::vector<at::Tensor> imgs;
+        for (size_t i : idx) {
+          current_[3] = batch[i].request;
+          maybe_inject(StageKind::Upscale, batch[i].request);
+          imgs.push_back(batch[i].tensors[0]);
+        }
+        at::Tensor big = stage.run_uint8(at::stack(imgs));
+        add_busy(StageKind::Upscale, t0);
         for (size_t k = 0; k < idx.size(); ++k) {
           Message out;
           out.kind = MsgKind::Result;
           out.request = batch[idx[k]].request;
           out.fields = std::move(batch[idx[k]].fields);
-          out.tensors.push_back(imgs[k].contiguous());
+          out.tensors.push_back(big[k].contiguous());
           t_.send(0, std::move(out));
         }
       }
@@ -399,6 +435,7 @@ class RankNode {
   void coordinate(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
     const auto& P = opts_.placement;
     sched::PlannerConfig pc;
+    static_assert(kNumStages == sched::kPlannedStages, "the planner plans every stage");
     for (int s = 0; s < kNumStages; ++s) pc.replicas[s] = P.stages[s].ranks;
     pc.queue_capacity = P.queue_capacity;
     pc.encode_inflight_limit = P.stage(StageKind::Encode).inflight_limit() * 4;
@@ -427,7 +464,7 @@ class RankNode {
     };
     auto drop = [&](const sched::Drop& d) {  // tell every rank on its route (it may be in flight between them)
       const auto& info = planner.info(d.id);
-      std::set<int> ranks(info.route, info.route + 3);
+      std::set<int> ranks(info.route, info.route + kNumStages);
       for (int r : ranks) {
         if (r < 0) continue;
         Message c;
@@ -467,7 +504,7 @@ class RankNode {
         m.request = a.id;
         const RequestMeta rm = meta(a.id);
         m.fields = {{"params", params_to_json(requests[a.id])},
-                    {"route", {a.route[0], a.route[1], a.route[2]}},
+                    {"route", {a.route[0], a.route[1], a.route[2], a.route[3]}},
                     {"meta", {{"priority", rm.priority}}}};
         t_.send(a.route[0], std::move(m));
       }
@@ -482,7 +519,7 @@ class RankNode {
             if (sched::is_final(r.state) || r.state == sched::RequestState::Queued) continue;
             pending += detail::cat(pending.empty() ? "" : "; ", "request ", i, " ", sched::state_name(r.state),
                                    " (encode rank ", r.route[0], ", denoise rank ", r.route[1], ", decode rank ",
-                                   r.route[2], ")");
+                                   r.route[2], r.route[3] >= 0 ? detail::cat(", upscale rank ", r.route[3]) : "", ")");
           }
           DP_FAIL("no progress for ", opts_.timeout_s, " s; waiting on ", pending);
         }
@@ -499,8 +536,10 @@ class RankNode {
         const auto st = planner.info(rid).state;
         if (sched::is_final(st)) return false;
         if (st == sched::RequestState::Encoding && target != sched::RequestState::Encoding) planner.on_encoded(rid, now_s());
-        if (planner.info(rid).state == sched::RequestState::Denoising && target == sched::RequestState::Decoding)
+        if (planner.info(rid).state == sched::RequestState::Denoising && target != sched::RequestState::Denoising)
           planner.on_denoised(rid, now_s());
+        if (planner.info(rid).state == sched::RequestState::Decoding && target == sched::RequestState::Upscaling)
+          planner.on_decoded(rid, now_s());
         return true;
       };
       if (msg->kind == MsgKind::Progress) {
@@ -509,6 +548,8 @@ class RankNode {
           reach(id, sched::RequestState::Denoising);
         } else if (ev == "denoised") {
           reach(id, sched::RequestState::Decoding);
+        } else if (ev == "decoded") {
+          reach(id, sched::RequestState::Upscaling);
         } else if (ev == "steps") {
           const auto& ids = msg->fields.at("ids");
           const auto& steps = msg->fields.at("steps");
@@ -550,8 +591,8 @@ class RankNode {
   std::atomic<bool> stop_{false}, failed_{false};
   std::mutex fail_mu_;
   std::string failure_;
-  std::atomic<uint64_t> current_[kNumStages] = {0, 0, 0};
-  std::atomic<int64_t> busy_[kNumStages] = {0, 0, 0};
+  std::atomic<uint64_t> current_[kNumStages] = {};
+  std::atomic<int64_t> busy_[kNumStages] = {};
   std::atomic<int64_t> last_activity_us_{0};
   std::atomic<size_t> images_done_{0};
   std::mutex cancel_mu_;
@@ -566,7 +607,9 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
   SdModel model;
   const int me = transport.rank();
   const RankSpec& rs = opts.placement.ranks.at(me);
+  RunOptions o = opts;  // the upscale stage exists only for models with super-resolution
   run_on_all_ranks_or_fail([&] {
+    o.placement.match_model(dir_exists(path_join(opts.model_dir, "super_resolution")), "placement");
     DeviceSpec spec;
     if (rs.device == "cuda") {
       const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
@@ -576,13 +619,13 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
     spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
     spec.batch_invariant = opts.placement.batch_invariant;
     unsigned comps = 0;
-    for (auto s : opts.placement.stages_on(me))
-      comps |= s == StageKind::Encode ? kTextEncoder : s == StageKind::Denoise ? kUNet : kVae;
+    for (auto s : o.placement.stages_on(me))
+      comps |= s == StageKind::Encode ? kTextEncoder : s == StageKind::Denoise ? kUNet : s == StageKind::Decode ? kVae : kSuperRes;
     model = SdModel::load(opts.model_dir, spec, comps);
     if (me == 0)
       for (const auto& p : requests) (void)resolve_params(model, p);  // bad settings fail before any work
   });
-  RankNode node(opts, transport, model);
+  RankNode node(o, transport, model);
   return node.run(requests, on_result);
 }
 

@@ -14,6 +14,7 @@ const char* stage_name(StageKind s) {
     case StageKind::Encode: return "encode";
     case StageKind::Denoise: return "denoise";
     case StageKind::Decode: return "decode";
+    case StageKind::Upscale: return "upscale";
   }
   return "?";
 }
@@ -37,7 +38,19 @@ Placement Placement::derive(int n, const RankSpec& defaults) {
     dec = {n - 1};
     for (int r = 1; r < n - 1; ++r) den.push_back(r);
   }
+  p.stage(StageKind::Upscale).ranks = dec;
   return p;
+}
+
+void Placement::match_model(bool has_super_resolution, const std::string& origin) {
+  if (has_super_resolution) {
+    if (stage(StageKind::Upscale).ranks.empty()) stage(StageKind::Upscale).ranks = stage(StageKind::Decode).ranks;
+    return;
+  }
+  DP_CHECK(!upscale_placed, origin, ": [upscale] places a super-resolution stage, but the model has no "
+           "super_resolution/ folder (remove the table)");
+  stage(StageKind::Upscale).ranks.clear();
+  validate(origin);  // a rank that only upscaled would now run nothing
 }
 
 void Placement::validate(const std::string& origin) const {
@@ -49,6 +62,7 @@ void Placement::validate(const std::string& origin) const {
   for (int s = 0; s < kNumStages; ++s) {
     const auto& st = stages[s];
     const char* name = stage_name(static_cast<StageKind>(s));
+    if (s == static_cast<int>(StageKind::Upscale) && st.ranks.empty()) continue;  // a model without super-resolution
     DP_CHECK(!st.ranks.empty(), origin, ": stage '", name, "' has no rank");
     DP_CHECK(queue_capacity >= 1, origin, ": queue_capacity must be >= 1");
     std::set<int> seen;
@@ -103,8 +117,8 @@ Placement Placement::load(const std::string& path, int world_size) {
     if (k == "transport" || k == "device" || k == "dtype" || k == "rank" || k == "queue_capacity" ||
         k == "batch_invariant")
       continue;
-    if (k == "encode" || k == "denoise" || k == "decode") continue;
-    DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode; keys: transport, device, dtype, "
+    if (k == "encode" || k == "denoise" || k == "decode" || k == "upscale") continue;
+    DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode, upscale; keys: transport, device, dtype, "
             "queue_capacity, batch_invariant; tables: [rank.N])");
   }
   p.transport = get_str(j, "transport", "", "mpi");
@@ -120,8 +134,13 @@ Placement Placement::load(const std::string& path, int world_size) {
   defaults.device = get_str(j, "device", "", "cpu");
   defaults.dtype = get_str(j, "dtype", "", "float32");
   p.ranks.assign(world_size, defaults);
+  p.upscale_placed = j.contains("upscale");
   for (int s = 0; s < kNumStages; ++s) {
     const char* name = stage_name(static_cast<StageKind>(s));
+    if (s == static_cast<int>(StageKind::Upscale) && !p.upscale_placed) {  // optional: defaults to the decode ranks
+      p.stages[s] = p.stages[static_cast<int>(StageKind::Decode)];
+      continue;
+    }
     DP_CHECK(j.contains(name), path, ": stage '", name, "' has no rank (add a [", name, "] table with ranks = [...])");
     const auto& t = j[name];
     DP_CHECK(t.is_object(), path, ": '", name, "' must be a table");

@@ -16,6 +16,7 @@ const char* msg_kind_name(MsgKind k) {
     case MsgKind::Abort: return "abort";
     case MsgKind::Progress: return "progress";
     case MsgKind::Cancel: return "cancel";
+    case MsgKind::Upscale: return "upscale";
     case MsgKind::Test: return "test";
   }
   return "?";

@@ -7,11 +7,12 @@
 namespace diffpipe::sched {
 
 Planner::Planner(PlannerConfig cfg) : cfg_(std::move(cfg)) {
-  for (int s = 0; s < 3; ++s) {
-    DP_CHECK(!cfg_.replicas[s].empty(), "planner: stage ", s, " has no replica");
+  for (int s = 0; s < kPlannedStages; ++s) {
+    DP_CHECK(s == 3 || !cfg_.replicas[s].empty(), "planner: stage ", s, " has no replica");
     for (int r : cfg_.replicas[s]) load_[s][r] = 0;
   }
-  DP_CHECK(cfg_.denoise_inflight_limit >= 1 && cfg_.encode_inflight_limit >= 1 && cfg_.decode_inflight_limit >= 1,
+  DP_CHECK(cfg_.denoise_inflight_limit >= 1 && cfg_.encode_inflight_limit >= 1 && cfg_.decode_inflight_limit >= 1 &&
+               cfg_.upscale_inflight_limit >= 1,
            "planner: in-flight limits must be >= 1");
 }
 
@@ -56,12 +57,14 @@ std::vector<Admission> Planner::admit(double now) {
     if (ra.arrival_s != rb.arrival_s) return ra.arrival_s < rb.arrival_s;
     return a < b;
   });
-  const int limits[3] = {cfg_.encode_inflight_limit, cfg_.denoise_inflight_limit, cfg_.decode_inflight_limit};
+  const int limits[kPlannedStages] = {cfg_.encode_inflight_limit, cfg_.denoise_inflight_limit,
+                                     cfg_.decode_inflight_limit, cfg_.upscale_inflight_limit};
   size_t taken = 0;
   for (; taken < queue_.size(); ++taken) {
-    Admission a{queue_[taken], {-1, -1, -1}};
+    Admission a{queue_[taken], {-1, -1, -1, -1}};
     bool ok = true;
-    for (int s = 0; s < 3 && ok; ++s) {
+    for (int s = 0; s < kPlannedStages && ok; ++s) {
+      if (cfg_.replicas[s].empty()) continue;
       int best = -1;
       for (int r : cfg_.replicas[s])
         if (best < 0 || load_[s][r] < load_[s][best]) best = r;
@@ -70,9 +73,9 @@ std::vector<Admission> Planner::admit(double now) {
     }
     if (!ok) break;  // the head waits: admitting lower-priority work around it would starve it
     RequestInfo& r = reqs_.at(a.id);
-    for (int s = 0; s < 3; ++s) {
-      ++load_[s][a.route[s]];
+    for (int s = 0; s < kPlannedStages; ++s) {
       r.route[s] = a.route[s];
+      if (a.route[s] >= 0) ++load_[s][a.route[s]];
     }
     r.transition(RequestState::Encoding, now);
     out.push_back(a);
@@ -85,24 +88,28 @@ int Planner::stage_of(RequestState s) const {
   switch (s) {
     case RequestState::Encoding: return 0;
     case RequestState::Denoising: return 1;
-    case RequestState::Decoding:
-    case RequestState::Upscaling: return 2;
+    case RequestState::Decoding: return 2;
+    case RequestState::Upscaling: return 3;
     default: return -1;
   }
 }
 
-// Loads held per state: Encoding holds encode+denoise+decode; Denoising holds denoise+decode; Decoding decode.
+void Planner::unload(RequestInfo& r, int stage) {
+  if (r.route[stage] >= 0) --load_[stage][r.route[stage]];
+}
+
+// Loads held per state: a request holds its own stage and every later one on its route (Encoding holds all).
 void Planner::release(RequestInfo& r) {
   const int s = stage_of(r.state);
   if (s < 0) return;
-  for (int k = s; k < 3; ++k) --load_[k][r.route[k]];
+  for (int k = s; k < kPlannedStages; ++k) unload(r, k);
 }
 
 void Planner::on_encoded(uint64_t id, double now) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return;  // cancelled meanwhile: the runtime drops it downstream
   r.transition(RequestState::Denoising, now);
-  --load_[0][r.route[0]];
+  unload(r, 0);
 }
 
 void Planner::on_step(uint64_t id, int step, double now, int total) {
@@ -122,14 +129,22 @@ void Planner::on_denoised(uint64_t id, double now) {
   if (is_final(r.state)) return;
   r.transition(RequestState::Decoding, now);
   r.step = r.total_steps;
-  --load_[1][r.route[1]];
+  unload(r, 1);
+}
+
+void Planner::on_decoded(uint64_t id, double now) {
+  RequestInfo& r = get(id);
+  if (is_final(r.state)) return;
+  DP_CHECK(r.route[3] >= 0, "planner: request ", id, " decoded for upscaling, but no upscale stage is planned");
+  r.transition(RequestState::Upscaling, now);
+  unload(r, 2);
 }
 
 void Planner::on_done(uint64_t id, double now) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return;
+  release(r);
   r.transition(RequestState::Done, now);
-  --load_[2][r.route[2]];
 }
 
 void Planner::finish(RequestInfo& r, RequestState to, const std::string& why, double now) {

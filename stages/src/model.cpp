@@ -69,12 +69,12 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
   m.vae_dtype = m.vae_config.force_upcast ? at::kFloat : spec.dtype;
-  if (components & (kVae | kVaeEncoder)) {
-    DeviceSpec vspec = spec;
-    vspec.dtype = m.vae_dtype;
+  DeviceSpec vspec = spec;  // the decoder side (VAE, super-resolution) runs in the VAE's dtype
+  vspec.dtype = m.vae_dtype;
+  if (components & (kVae | kVaeEncoder))
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0);
-    if (m.has_super_resolution()) m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
-  }
+  if ((components & kSuperRes) && m.has_super_resolution())
+    m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
   return m;
 }
 

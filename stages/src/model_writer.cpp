@@ -8,6 +8,7 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/super_res.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
 
@@ -93,13 +94,14 @@ void write_component(const std::string& dir, const nlohmann::json& config, const
 
 void write_random_model(const std::string& dir, const RandomModelOptions& o) {
   make_dirs(dir);
-  write_json(path_join(dir, "model_index.json"),
-             {{"_class_name", "StableDiffusionPipeline"},
-              {"text_encoder", {"transformers", "CLIPTextModel"}},
-              {"tokenizer", {"transformers", "CLIPTokenizer"}},
-              {"unet", {"diffusers", "UNet2DConditionModel"}},
-              {"vae", {"diffusers", "AutoencoderKL"}},
-              {"scheduler", {"diffusers", o.scheduler_class}}});
+  nlohmann::json index = {{"_class_name", "StableDiffusionPipeline"},
+                          {"text_encoder", {"transformers", "CLIPTextModel"}},
+                          {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                          {"unet", {"diffusers", "UNet2DConditionModel"}},
+                          {"vae", {"diffusers", "AutoencoderKL"}},
+                          {"scheduler", {"diffusers", o.scheduler_class}}};
+  if (o.super_resolution) index["super_resolution"] = {"diffpipe", "SuperResolution"};
+  write_json(path_join(dir, "model_index.json"), index);
   const int64_t vocab = write_clip_tokenizer(path_join(dir, "tokenizer"));
   const bool big = o.preset == "sd15";
   DP_CHECK(big || o.preset == "tiny", "init-model: unknown preset '", o.preset, "' (tiny or sd15)");
@@ -141,15 +143,18 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
     uc["attention_head_dim"] = 4;
     uc["sample_size"] = 8;
   }
-  {
-    const std::string p = path_join(dir, "unet");
+  // A diffusers-style component (config.json + diffusion_pytorch_model.safetensors) whose weights are the ones
+  // the module's constructor draws from the initializer.
+  auto random_component = [&](const std::string& name, const nlohmann::json& config, uint64_t seed, auto build) {
+    const std::string p = path_join(dir, name);
     make_dirs(p);
-    write_json(path_join(p, "config.json"), uc);
-    const UNetConfig cfg = UNetConfig::load(path_join(p, "config.json"));
-    Weights w = Weights::initializer(o.seed * 3 + 2);
-    UNet2DConditionModel m(cfg, w);
-    write_component(p, uc, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
-  }
+    write_json(path_join(p, "config.json"), config);
+    Weights w = Weights::initializer(seed);
+    build(path_join(p, "config.json"), w);
+    write_component(p, config, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
+  };
+  random_component("unet", uc, o.seed * 3 + 2,
+                   [](const std::string& c, Weights& w) { UNet2DConditionModel(UNetConfig::load(c), w); });
   nlohmann::json vc = {{"_class_name", "AutoencoderKL"}, {"in_channels", 3}, {"out_channels", 3},
                        {"latent_channels", 4}, {"norm_num_groups", 32}, {"act_fn", "silu"},
                        {"scaling_factor", 0.18215}};
@@ -166,15 +171,12 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
     vc["up_block_types"] = std::vector<std::string>(2, "UpDecoderBlock2D");
     vc["sample_size"] = 16;
   }
-  {
-    const std::string p = path_join(dir, "vae");
-    make_dirs(p);
-    write_json(path_join(p, "config.json"), vc);
-    const VaeConfig cfg = VaeConfig::load(path_join(p, "config.json"));
-    Weights w = Weights::initializer(o.seed * 3 + 3);
-    AutoencoderKL m(cfg, w, true);
-    write_component(p, vc, "diffusion_pytorch_model.safetensors", w.all(), o.save_dtype);
-  }
+  random_component("vae", vc, o.seed * 3 + 3,
+                   [](const std::string& c, Weights& w) { AutoencoderKL(VaeConfig::load(c), w, true); });
+  if (o.super_resolution)  // an Imagen-style cascade: decoded images are enlarged 2x by the upscale stage
+    random_component("super_resolution", {{"_class_name", "SuperResolution"}, {"scale", 2}, {"channels", 8}, {"layers", 2}},
+                     o.seed * 3 + 4,
+                     [](const std::string& c, Weights& w) { SuperResolution(SuperResConfig::load(c), w); });
   const std::string sp = path_join(dir, "scheduler");
   make_dirs(sp);
   write_json(path_join(sp, "scheduler_config.json"),

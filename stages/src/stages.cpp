@@ -128,13 +128,24 @@ at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const 
   DP_CHECK(model_.vae, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
-  at::Tensor img = model_.vae->decode_scaled(z);
-  if (model_.super_res) img = model_.super_res->forward(img.clamp(-1.0, 1.0));  // the super-resolution stage
-  return to_uint8_hwc(img);
+  return to_uint8_hwc(model_.vae->decode_scaled(z));
 }
 
-std::vector<Image> DecodeStage::run(const std::vector<at::Tensor>& latents) const {
-  at::Tensor u8 = run_uint8(latents);
+at::Tensor UpscaleStage::run_uint8(const at::Tensor& images) const {
+  DP_CHECK(model_.super_res, "upscale stage: super-resolution not loaded (the model has no super_resolution/)");
+  DP_CHECK(images.dim() == 4 && images.size(3) == 3 && images.scalar_type() == at::kByte,
+           "upscale stage: images must be uint8 [B, H, W, 3], got ", images.sizes());
+  at::Tensor x = images.to(model_.spec.device).permute({0, 3, 1, 2}).to(model_.vae_dtype) / 127.5 - 1.0;
+  return to_uint8_hwc(model_.super_res->forward(x));
+}
+
+at::Tensor decode_final_uint8(const SdModel& model, const std::vector<at::Tensor>& latents) {
+  at::Tensor img = DecodeStage(model).run_uint8(latents);
+  return model.super_res ? UpscaleStage(model).run_uint8(img) : img;
+}
+
+std::vector<Image> decode_final(const SdModel& model, const std::vector<at::Tensor>& latents) {
+  at::Tensor u8 = decode_final_uint8(model, latents).cpu();
   std::vector<Image> out;
   for (int64_t b = 0; b < u8.size(0); ++b) out.push_back(image_from_uint8_hwc(u8[b]));
   return out;

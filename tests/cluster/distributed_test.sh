@@ -76,6 +76,32 @@ else
   bad "pipeline file run failed"; tail -5 "$WORK/pf.log"
 fi
 
+# 2b) a cascade model (random weights + a 2x super_resolution/): the upscale stage on its own rank gives the
+# images of one process, enlarged; its failures name the stage; a model without super-resolution rejects [upscale]
+if [ "$2" = random ]; then
+  SRM=$WORK/model-sr
+  "$BIN" init-model --out "$SRM" --seed 7 --super-resolution 2> /dev/null || bad "init-model --super-resolution"
+  SRC=(generate --model "$SRM" --prompts "$WORK/prompts.txt" --steps 4 --seed 11 --quiet --timeout 60 --max-batch 1)
+  printf '[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[2]\n[upscale]\nranks=[3]\n' > "$WORK/sr.toml"
+  timeout 300 $MPIRUN -np 1 "$BIN" "${SRC[@]}" --out "$WORK/sr1" 2> "$WORK/sr1.log" || bad "cascade np=1 failed"
+  if timeout 300 $MPIRUN -np 4 "$BIN" "${SRC[@]}" --pipeline "$WORK/sr.toml" --out "$WORK/sr4" > "$WORK/sr4.log" 2>&1; then
+    same=1
+    for f in "$WORK"/sr1/img-*.png; do cmp -s "$f" "$WORK/sr4/$(basename "$f")" || same=0; done
+    width=$(od -An -tu1 -j18 -N2 "$WORK/sr4/img-00000-seed11.png" | awk '{print $1 * 256 + $2}')
+    [ $same = 1 ] && [ "$width" = 32 ] && grep -q "rank 3 \[cpu, float32\]: upscale" "$WORK/sr4.log" \
+      && ok "cascade: upscale stage on rank 3, 32-px images identical to one process" \
+      || bad "cascade: identical=$same width=$width"; grep -q "upscale" "$WORK/sr4.log" || tail -3 "$WORK/sr4.log"
+  else
+    bad "cascade np=4 failed"; tail -5 "$WORK/sr4.log"
+  fi
+  timeout 120 $MPIRUN -np 4 "$BIN" "${SRC[@]}" --pipeline "$WORK/sr.toml" --inject-failure upscale:1 --out "$WORK/srf" > "$WORK/srf.log" 2>&1
+  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "rank 3, stage upscale, request 1" "$WORK/srf.log"; } \
+    && ok "cascade: a failure in the upscale stage stops every rank (rc $rc)" || bad "cascade failure: rc $rc"
+  timeout 60 $MPIRUN -np 4 "$BIN" "${COMMON[@]}" --pipeline "$WORK/sr.toml" --out "$WORK/srn" > "$WORK/srn.log" 2>&1
+  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "sr.toml: \[upscale\] places a super-resolution stage, but the model has no" "$WORK/srn.log"; } \
+    && ok "[upscale] for a model without super-resolution rejected" || { bad "[upscale] without super-resolution: rc $rc"; tail -3 "$WORK/srn.log"; }
+fi
+
 # 3) failure propagation: a thrown error on rank 1 (denoise) and a crash on the decoder
 expect_failure() {  # name np inject expected-text
   local name=$1 np=$2 inj=$3 want=$4
@@ -102,7 +128,7 @@ bad_pipeline() {  # name np content expected-text
   elif grep -q "$want" "$WORK/$name.log"; then ok "$name: rejected ('$want')"
   else bad "$name: message lacks '$want'"; cat "$WORK/$name.log" | tail -3; fi
 }
-bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[upscale]\nranks=[1]' "unknown stage or key 'upscale'"
+bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[prior]\nranks=[1]' "unknown stage or key 'prior'"
 bad_pipeline rank-range 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[5]\n[decode]\nranks=[0]' "rank 5 is out of range"
 bad_pipeline no-rank 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[]\n[decode]\nranks=[1]' "stage 'denoise' has no rank"
 bad_pipeline extra-ranks 3 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]' "more ranks than needed: rank(s) 2"

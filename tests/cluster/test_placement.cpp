@@ -25,13 +25,19 @@ std::string file_with(const std::string& name, const std::string& text) {
 
 TEST(Placement, DerivedFromWorldSize) {
   auto p1 = Placement::derive(1);
+  EXPECT_EQ(p1.stages_on(0).size(), 4u);  // encode, denoise, decode, upscale
+  p1.match_model(false, "derived");        // a model without super-resolution has no upscale stage
   EXPECT_EQ(p1.stages_on(0).size(), 3u);
+  EXPECT_FALSE(p1.upscales());
+  p1.match_model(true, "derived");
+  EXPECT_EQ(p1.stage(StageKind::Upscale).ranks, std::vector<int>{0});
   auto p2 = Placement::derive(2);
   EXPECT_EQ(p2.stage(StageKind::Encode).ranks, std::vector<int>{0});
   EXPECT_EQ(p2.stage(StageKind::Decode).ranks, std::vector<int>{0});
   EXPECT_EQ(p2.stage(StageKind::Denoise).ranks, std::vector<int>{1});
   auto p3 = Placement::derive(3);
   EXPECT_EQ(p3.stage(StageKind::Decode).ranks, std::vector<int>{2});
+  EXPECT_EQ(p3.stage(StageKind::Upscale).ranks, std::vector<int>{2}) << "upscale runs where decode does";
   auto p6 = Placement::derive(6);
   EXPECT_EQ(p6.stage(StageKind::Denoise).ranks, (std::vector<int>{1, 2, 3, 4}));
   EXPECT_EQ(p6.stage(StageKind::Decode).ranks, std::vector<int>{5});
@@ -66,6 +72,27 @@ dtype = "float32"
   EXPECT_EQ(p.ranks[1].dtype, "float16");
   EXPECT_EQ(p.ranks[3].dtype, "float32");
   EXPECT_EQ(p.ranks[3].device, "cuda");
+  EXPECT_FALSE(p.upscale_placed);
+  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, std::vector<int>{3}) << "no [upscale] table: on the decode ranks";
+}
+
+TEST(Placement, UpscaleStageOnItsOwnRanks) {
+  const std::string text = "[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[upscale]\nranks=[2, 3]\n"
+                           "max_batch = 2\n";
+  auto p = Placement::load(file_with("upscale", text), 4);
+  EXPECT_TRUE(p.upscale_placed);
+  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, (std::vector<int>{2, 3}));
+  EXPECT_EQ(p.stage(StageKind::Upscale).max_batch, 2);
+  EXPECT_NE(p.describe().find("rank 2 [cpu, float32]: upscale(max_batch 2)"), std::string::npos) << p.describe();
+  p.match_model(true, "f");
+  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, (std::vector<int>{2, 3}));
+  EXPECT_NE(err_of([&] { p.match_model(false, "pipe.toml"); })
+                .find("pipe.toml: [upscale] places a super-resolution stage, but the model has no super_resolution/"),
+            std::string::npos);
+  // without the table a rank that would only upscale is idle
+  EXPECT_NE(err_of([&] { Placement::load(file_with("upscale-idle", text.substr(0, text.find("[upscale]"))), 4); })
+                .find("more ranks than needed: rank(s) 2, 3 of 4"),
+            std::string::npos);
 }
 
 TEST(Placement, BadFilesGiveClearErrors) {
@@ -73,7 +100,9 @@ TEST(Placement, BadFilesGiveClearErrors) {
   auto load = [&](const std::string& name, const std::string& text, int n) {
     return err_of([&] { Placement::load(file_with(name, text), n); });
   };
-  EXPECT_NE(load("unknown", base + "[upscale]\nranks=[1]\n", 2).find("unknown stage or key 'upscale'"), std::string::npos);
+  EXPECT_NE(load("unknown", base + "[prior]\nranks=[1]\n", 2).find("unknown stage or key 'prior'"), std::string::npos);
+  EXPECT_NE(load("upscale-range", base + "[upscale]\nranks=[5]\n", 2).find("stage 'upscale': rank 5 is out of range"),
+            std::string::npos);
   EXPECT_NE(load("range", base, 1).find("stage 'denoise': rank 1 is out of range [0, 1)"), std::string::npos);
   EXPECT_NE(load("missing", "[encode]\nranks=[0]\n[decode]\nranks=[0]\n", 1).find("stage 'denoise' has no rank"),
             std::string::npos);

@@ -75,6 +75,36 @@ TEST(Planner, PrioritiesWithAgingAndLeastLoadedRouting) {
   EXPECT_EQ(p.load(1, a[0].route[1]), 1);
 }
 
+TEST(Planner, UpscaleStageRoutesAndReleasesItsLoad) {
+  Planner plain(cfg(1, 4));
+  plain.submit(1, 0, 5, 0);
+  EXPECT_EQ(plain.admit(0).at(0).route[3], -1) << "no upscale replicas: the stage is not on the route";
+  plain.on_encoded(1, 0);
+  plain.on_denoised(1, 0);
+  EXPECT_THROW(plain.on_decoded(1, 0), Error);
+
+  PlannerConfig c = cfg(1, 4);
+  c.replicas[3] = {5, 6};
+  c.upscale_inflight_limit = 1;
+  Planner p(c);
+  for (uint64_t id = 1; id <= 3; ++id) p.submit(id, 0, 5, 0);
+  auto a = p.admit(0);
+  ASSERT_EQ(a.size(), 2u) << "two upscale replicas with room for one request each";
+  EXPECT_NE(a[0].route[3], a[1].route[3]);
+  EXPECT_EQ(p.load(3, 5), 1);
+  p.on_encoded(1, 1);
+  p.on_denoised(1, 2);
+  p.on_decoded(1, 3);
+  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
+  EXPECT_EQ(p.load(2, c.replicas[2][0]), 1) << "request 2 still holds the decoder";
+  auto d = p.cancel(2, "client", 3);  // cancelled while encoding: every stage's load is released
+  ASSERT_TRUE(d.has_value());
+  EXPECT_EQ(p.load(2, c.replicas[2][0]), 0);
+  p.on_done(1, 4);
+  EXPECT_EQ(p.load(3, 5) + p.load(3, 6), 0);
+  EXPECT_EQ(p.admit(4).size(), 1u) << "request 3 admitted once upscale room is free";
+}
+
 // Hundreds of simulated steps: random arrivals, step counts, priorities, cancellations and deadlines over 3
 // denoise replicas each with a StepBatcher. Invariants are checked at every tick.
 TEST(Planner, SimulationInvariants) {

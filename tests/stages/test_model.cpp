@@ -174,7 +174,7 @@ TEST(Model, EverySamplerAndVPrediction) {
     auto lat = run(m, {p}, 1);
     EXPECT_EQ(lat[0].sizes(), (std::vector<int64_t>{4, 8, 12})) << s;
     EXPECT_TRUE(at::isfinite(lat[0]).all().item<bool>()) << s;
-    auto img = DecodeStage(m).run({lat[0]});
+    auto img = decode_final(m, {lat[0]});
     EXPECT_EQ(img[0].width, 24);
     EXPECT_EQ(img[0].height, 16);
   }

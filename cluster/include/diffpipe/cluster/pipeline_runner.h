@@ -45,7 +45,7 @@ struct GeneratedImage {
 struct RunStats {
   double wall_s = 0;
   size_t images = 0;
-  double busy_s[kNumStages] = {0, 0, 0};  // summed over this rank's replicas
+  double busy_s[kNumStages] = {};  // summed over this rank's replicas
 };
 
 // Blocks until all requests are done (rank 0 calls on_result for each, on the coordinator thread) and every

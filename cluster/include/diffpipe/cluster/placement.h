@@ -7,8 +7,9 @@
 
 namespace diffpipe {
 
-enum class StageKind { Encode = 0, Denoise = 1, Decode = 2 };
-constexpr int kNumStages = 3;
+// Upscale (super-resolution, Imagen-style cascade) runs only for models with a super_resolution/ folder.
+enum class StageKind { Encode = 0, Denoise = 1, Decode = 2, Upscale = 3 };
+constexpr int kNumStages = 4;
 const char* stage_name(StageKind s);
 
 struct StageSpec {
@@ -32,13 +33,18 @@ struct Placement {
   bool batch_invariant = false;   // CPU ranks: results independent of batch composition (costs speed)
   StageSpec stages[kNumStages];
   std::vector<RankSpec> ranks;
+  bool upscale_placed = false;    // the pipeline file has an [upscale] table (else upscale runs on the decode ranks)
 
   // 1 rank: every stage in one process (threads); 2: {encode, decode} + {denoise}; 3: one rank per stage;
-  // more: extra denoise replicas (encode = 0, decode = last, denoise = the rest).
+  // more: extra denoise replicas (encode = 0, decode = last, denoise = the rest). Upscale runs where decode does.
   static Placement derive(int world_size, const RankSpec& defaults = {});
   // Reads and validates a pipeline file for a world of `world_size` ranks; errors name the file and field.
   static Placement load(const std::string& path, int world_size);
   void validate(const std::string& origin) const;
+  // Fits the placement to the model: without super-resolution the upscale stage is dropped (an [upscale]
+  // table in a pipeline file is then an error naming `origin`); idempotent.
+  void match_model(bool has_super_resolution, const std::string& origin);
+  bool upscales() const { return !stage(StageKind::Upscale).ranks.empty(); }
 
   const StageSpec& stage(StageKind s) const { return stages[static_cast<int>(s)]; }
   StageSpec& stage(StageKind s) { return stages[static_cast<int>(s)]; }

@@ -15,12 +15,13 @@ enum class MsgKind : int32_t {
   Encode = 1,    // coordinator -> encoder: a request to encode (header: params, route)
   Denoise = 2,   // encoder -> denoiser: embeddings [cond, (uncond)]
   Decode = 3,    // denoiser -> decoder: final latents [C, h, w]
-  Result = 4,    // decoder -> coordinator: image uint8 [H, W, 3]
+  Result = 4,    // decoder (or upscaler) -> coordinator: image uint8 [H, W, 3]
   Error = 5,     // any -> coordinator: {rank, stage, request, what}
   Shutdown = 6,  // coordinator -> all: drain and exit
   Abort = 7,     // coordinator -> all: exit non-zero now
   Progress = 8,  // stage -> coordinator: {event: "encoded" | "denoised"}
   Cancel = 9,    // coordinator -> the ranks on a request's route: drop it
+  Upscale = 10,  // decoder -> upscaler: base-resolution image uint8 [h, w, 3]
   Test = 100,    // transport tests
 };
 const char* msg_kind_name(MsgKind k);

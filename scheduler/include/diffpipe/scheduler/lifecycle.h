@@ -25,7 +25,7 @@ struct RequestInfo {
   int step = 0;              // denoising steps done
   std::string reason;        // why it failed / was cancelled / timed out
   double admitted_s = -1, finished_s = -1;
-  int route[3] = {-1, -1, -1};  // encode, denoise, decode ranks
+  int route[4] = {-1, -1, -1, -1};  // encode, denoise, decode, upscale ranks (-1: the stage is not used)
 
   // Applies a transition; throws diffpipe::Error naming the request and both states when illegal.
   void transition(RequestState to, double now, const std::string& why = "");

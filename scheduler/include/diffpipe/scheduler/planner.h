@@ -12,18 +12,21 @@
 
 namespace diffpipe::sched {
 
+constexpr int kPlannedStages = 4;  // encode, denoise, decode, upscale (optional: no replicas = not used)
+
 struct PlannerConfig {
   size_t queue_capacity = 1024;       // waiting requests; more are rejected
-  std::vector<int> replicas[3];       // encode, denoise, decode ranks
+  std::vector<int> replicas[kPlannedStages];  // encode, denoise, decode, upscale ranks
   int denoise_inflight_limit = 16;    // per denoise replica: routed and not yet out of denoising
   int encode_inflight_limit = 64;     // per encode replica
   int decode_inflight_limit = 64;     // per decode replica: handed over and not yet done
+  int upscale_inflight_limit = 1 << 30;  // per upscale replica
   double aging_per_s = 1.0;           // priority points gained per second of waiting
 };
 
 struct Admission {
   uint64_t id;
-  int route[3];
+  int route[kPlannedStages];  // -1 for an unused stage
 };
 
 // What the runtime must do about requests that ended while routed somewhere (cancel/deadline).
@@ -48,7 +51,9 @@ class Planner {
   // makes steps + 1 calls); total <= 0 keeps the count given at submit.
   void on_step(uint64_t id, int step, double now, int total = 0);
   void on_denoised(uint64_t id, double now);              // Denoising -> Decoding (frees the denoise slot)
-  void on_done(uint64_t id, double now);                  // Decoding -> Done
+  void on_decoded(uint64_t id, double now);               // Decoding -> Upscaling (with an upscale stage)
+  void on_done(uint64_t id, double now);                  // Decoding | Upscaling -> Done
+  bool upscales() const { return !cfg_.replicas[3].empty(); }
   void on_failed(uint64_t id, const std::string& why, double now);
   // Cancellation (any state) and deadlines: returns what to drop where.
   std::optional<Drop> cancel(uint64_t id, const std::string& why, double now);
@@ -70,7 +75,8 @@ class Planner {
   PlannerConfig cfg_;
   std::map<uint64_t, RequestInfo> reqs_;
   std::vector<uint64_t> queue_;  // waiting ids
-  std::map<int, int> load_[3];   // rank -> requests counted against it
+  void unload(RequestInfo& r, int stage);  // drops its load on one stage (if routed there)
+  std::map<int, int> load_[kPlannedStages];  // rank -> requests counted against it
 };
 
 }  // namespace diffpipe::sched

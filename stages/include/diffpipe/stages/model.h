@@ -16,7 +16,11 @@
 
 namespace diffpipe {
 
-enum Component : unsigned { kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kAllComponents = 7 };
+// kSuperRes loads super_resolution/ when the folder has one (a no-op otherwise).
+enum Component : unsigned {
+  kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16,
+  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes
+};
 
 struct SdModel {
   std::string dir;
@@ -25,7 +29,7 @@ struct SdModel {
   std::shared_ptr<ClipTextModel> text_encoder;
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
-  std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (loaded with the VAE): enlarges decoded images
+  std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
   SchedulerConfig scheduler;
   at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.

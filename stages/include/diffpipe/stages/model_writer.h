@@ -27,6 +27,7 @@ struct RandomModelOptions {
   std::string scheduler_class = "DDIMScheduler";
   std::string preset = "tiny";          // tiny | sd15 (Stable Diffusion 1.5's architecture, for speed tests)
   at::ScalarType save_dtype = at::kFloat;
+  bool super_resolution = false;        // also a random super_resolution/ (2x): a cascade model
 };
 // A complete SD-1.x-style model with random weights. tiny: text hidden 32, UNet [32, 64], VAE [32, 64]
 // (16x16 images); sd15: the SD 1.5 architecture (text 768 x 12 layers, UNet [320, 640, 1280, 1280], VAE

@@ -1,7 +1,9 @@
-// The three pipeline stages, each with one job, each batching whatever requests it is handed:
+// The pipeline stages, each with one job, each batching whatever requests it is handed:
 //   TextEncodeStage: prompts -> embeddings (conditional and, with guidance, unconditional)
 //   DenoiseStage:    one UNet call over many requests, each at its own step, with its own sampler
-//   DecodeStage:     latents -> 8-bit images
+//   DecodeStage:     latents -> 8-bit images at the base resolution (VAE decoder)
+//   UpscaleStage:    8-bit images -> 8-bit images enlarged by the model's super_resolution/ (cascade models)
+// The upscaler takes the 8-bit base image, so a result is the same whether it crosses ranks or not.
 // A request's result depends only on its own inputs (seed, prompt, settings), never on batch neighbours,
 // up to the kernel batch-invariance documented in docs/. Thread-safety: a stage object is used by one
 // worker thread; the models it holds are shared read-only.
@@ -75,13 +77,26 @@ class DenoiseStage {
 class DecodeStage {
  public:
   explicit DecodeStage(const SdModel& model) : model_(model) {}
-  // latents: each [C, h, w] (float32) -> RGB images, one VAE call for the batch (same-size latents).
-  std::vector<Image> run(const std::vector<at::Tensor>& latents) const;
-  // The same as uint8 HWC tensors [H, W, 3] (for comparisons).
+  // latents: each [C, h, w] (float32) -> base-resolution RGB images, one VAE call for the batch (same-size
+  // latents), as uint8 HWC tensors [B, H, W, 3].
   at::Tensor run_uint8(const std::vector<at::Tensor>& latents) const;
 
  private:
   const SdModel& model_;
 };
+
+class UpscaleStage {
+ public:
+  explicit UpscaleStage(const SdModel& model) : model_(model) {}
+  // images: uint8 [B, H, W, 3] (any device) -> uint8 [B, s*H, s*W, 3], one super-resolution call.
+  at::Tensor run_uint8(const at::Tensor& images) const;
+
+ private:
+  const SdModel& model_;
+};
+
+// Decode, then upscale when the model has super-resolution loaded: what the pipeline delivers, in-process.
+at::Tensor decode_final_uint8(const SdModel& model, const std::vector<at::Tensor>& latents);
+std::vector<Image> decode_final(const SdModel& model, const std::vector<at::Tensor>& latents);
 
 }  // namespace diffpipe
