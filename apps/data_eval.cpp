@@ -17,6 +17,7 @@
 #include "diffpipe/stages/tokenizer.h"
 #include "fidelity.h"
 #include "image_tower.h"
+#include "inception.h"
 #include "metrics.h"
 #include "shapes.h"
 
@@ -103,9 +104,15 @@ at::Tensor load_images(const std::vector<Entry>& es) {  // [N, 3, H, W] in [-1, 
   return at::stack(ts);
 }
 
-at::Tensor tower_features(const ImageTower& tower, const at::Tensor& images) {
+// FID features of the images listed in DIR: the supplied Inception-v3's pool3 (2048-d) or the model's image tower.
+at::Tensor fid_features(const std::vector<Entry>& es, const FidInception* inception, const ImageTower* tower) {
   std::vector<at::Tensor> out;
-  for (int64_t i = 0; i < images.size(0); i += 64) out.push_back(tower.features(images.slice(0, i, i + 64)));
+  for (size_t i = 0; i < es.size(); i += 32) {
+    const std::vector<Entry> part(es.begin() + static_cast<std::ptrdiff_t>(i),
+                                  es.begin() + static_cast<std::ptrdiff_t>(std::min(es.size(), i + 32)));
+    const at::Tensor x = load_images(part);
+    out.push_back(inception ? inception->features(x) : tower->features(x));
+  }
   return at::cat(out);
 }
 }  // namespace
@@ -114,43 +121,62 @@ int eval_main(int argc, char** argv) {
   const char* help =
       "usage: diffpipe eval fidelity --images DIR\n"
       "       diffpipe eval clip-score --images DIR --model MODEL\n"
-      "       diffpipe eval fid --real DIR --generated DIR --model MODEL\n"
+      "       diffpipe eval fid --real DIR --generated DIR (--model MODEL | --inception FILE)\n"
+      "       diffpipe eval features --images DIR (--model MODEL | --inception FILE) --out FILE.safetensors\n"
       "  DIR/images.jsonl (written by generate or data) lists images and prompts.\n"
       "  fidelity: each image checked against its prompt (colour, shape, position of every object).\n"
       "  clip-score: 100 * max(cos(text, image), 0) averaged, with MODEL's text encoder and image_encoder.\n"
-      "  fid: Frechet distance between Gaussians fitted to MODEL's image_encoder features of the two sets.\n";
+      "  fid: Frechet distance between Gaussians fitted to features of the two sets: pytorch-fid's Inception-v3\n"
+      "       (pool3, 2048-d) from a safetensors FILE with torchvision key names, or MODEL's image_encoder.\n"
+      "  features: the features fid uses, saved as tensor 'features' [N, D].\n";
   if (argc < 1 || wants_help(argc, argv, help)) {
     std::fputs(help, argc < 1 ? stderr : stdout);
     return argc < 1 ? 2 : 0;
   }
   const std::string what = argv[0];
-  if (what == "clip-score" || what == "fid") {
-    cli::Args a("eval " + what, argc - 1, argv + 1, {"images", "model", "real", "generated"}, {});
-    DP_CHECK(a.has("model"), "eval ", what, ": --model MODEL is required (its image_encoder/ gives the features)");
+  if (what == "clip-score") {
+    cli::Args a("eval clip-score", argc - 1, argv + 1, {"images", "model"}, {});
+    DP_CHECK(a.has("model"), "eval clip-score: --model MODEL is required (its text_encoder/ and image_encoder/)");
+    DP_CHECK(a.has("images"), "eval clip-score: --images DIR is required");
     const std::string model = a.str("model");
     at::NoGradGuard ng;
     const auto tower = ImageTower::load(path_join(model, "image_encoder"), DeviceSpec{});
-    if (what == "clip-score") {
-      DP_CHECK(a.has("images"), "eval clip-score: --images DIR is required");
-      const auto es = read_index(a.str("images"));
-      const auto tok = ClipTokenizer::load(path_join(model, "tokenizer"));
-      const auto te = ClipTextModel::load(path_join(model, "text_encoder"), DeviceSpec{});
-      std::vector<int64_t> ids;
-      for (const auto& e : es) {
-        auto t = tok.encode(e.prompt);
-        ids.insert(ids.end(), t.begin(), t.end());
-      }
-      const at::Tensor text = te->text_embeds(at::tensor(ids, at::kLong).view({static_cast<int64_t>(es.size()), tok.max_length()}));
-      const at::Tensor img = tower->embed(load_images(es));
-      std::printf("%s\n", nlohmann::json{{"images", es.size()}, {"clip_score", metrics::clip_score(text, img)}}.dump().c_str());
+    const auto es = read_index(a.str("images"));
+    const auto tok = ClipTokenizer::load(path_join(model, "tokenizer"));
+    const auto te = ClipTextModel::load(path_join(model, "text_encoder"), DeviceSpec{});
+    std::vector<int64_t> ids;
+    for (const auto& e : es) {
+      auto t = tok.encode(e.prompt);
+      ids.insert(ids.end(), t.begin(), t.end());
+    }
+    const at::Tensor text = te->text_embeds(at::tensor(ids, at::kLong).view({static_cast<int64_t>(es.size()), tok.max_length()}));
+    const at::Tensor img = tower->embed(load_images(es));
+    std::printf("%s\n", nlohmann::json{{"images", es.size()}, {"clip_score", metrics::clip_score(text, img)}}.dump().c_str());
+    return 0;
+  }
+  if (what == "fid" || what == "features") {
+    cli::Args a("eval " + what, argc - 1, argv + 1, {"images", "model", "real", "generated", "inception", "out"}, {});
+    DP_CHECK(a.has("model") != a.has("inception"), "eval ", what,
+             ": give one feature extractor: --inception FILE (Inception-v3, safetensors) or --model MODEL (its image_encoder/)");
+    at::NoGradGuard ng;
+    std::shared_ptr<FidInception> inception;
+    std::shared_ptr<ImageTower> tower;
+    if (a.has("inception")) inception = FidInception::load(a.str("inception"));
+    else tower = ImageTower::load(path_join(a.str("model"), "image_encoder"), DeviceSpec{});
+    const std::string extractor = inception ? "inception-v3 pool3" : "image tower";
+    if (what == "features") {
+      DP_CHECK(a.has("images") && a.has("out"), "eval features: --images DIR and --out FILE are required");
+      const at::Tensor f = fid_features(read_index(a.str("images")), inception.get(), tower.get());
+      save_safetensors(a.str("out"), {{"features", f.contiguous()}}, {{"extractor", extractor}});
+      std::printf("%s\n", nlohmann::json{{"images", f.size(0)}, {"features", f.size(1)}, {"out", a.str("out")}}.dump().c_str());
       return 0;
     }
     DP_CHECK(a.has("real") && a.has("generated"), "eval fid: --real DIR and --generated DIR are required");
     const auto real = read_index(a.str("real")), gen = read_index(a.str("generated"));
-    const at::Tensor fr = tower_features(*tower, load_images(real)), fg = tower_features(*tower, load_images(gen));
+    const at::Tensor fr = fid_features(real, inception.get(), tower.get()), fg = fid_features(gen, inception.get(), tower.get());
     const double fid = metrics::frechet_distance(metrics::fit_gaussian(fr), metrics::fit_gaussian(fg));
     std::printf("%s\n", nlohmann::json{{"real", real.size()}, {"generated", gen.size()}, {"features", fr.size(1)},
-                                       {"fid", fid}}.dump().c_str());
+                                       {"extractor", extractor}, {"fid", fid}}.dump().c_str());
     return 0;
   }
   if (what == "reconstruct") {  // the autoencoder (+ super-resolution) alone: an upper bound for generation
@@ -175,7 +201,7 @@ int eval_main(int argc, char** argv) {
     std::fprintf(stderr, "diffpipe: reconstructed %zu images into %s\n", es.size(), out.c_str());
     return 0;
   }
-  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid, reconstruct)");
+  DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid, features, reconstruct)");
   cli::Args a("eval fidelity", argc - 1, argv + 1, {"images"}, {});
   DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
   size_t skipped = 0;

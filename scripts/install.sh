@@ -26,6 +26,13 @@ if [ "$have" != "$TORCH_VERSION" ]; then
   echo "[install] torch==$TORCH_VERSION from PyPI (LibTorch C++ libraries)"
   $PY -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
-# numpy is only for reference tools/tests, never for the product.
+# Reference packages for tests and tools only, never for the product: numpy; pytorch-fid (its Inception-v3
+# for the FID reference test) with the torchvision that matches the pinned torch, scipy, Pillow, safetensors.
 $PY -c 'import numpy' 2>/dev/null || $PY -m pip install --quiet --disable-pip-version-check numpy
+if ! $PY -c 'import torchvision, pytorch_fid, scipy, PIL, safetensors' 2>/dev/null; then
+  echo "[install] reference packages for tests: torchvision, pytorch-fid, scipy, pillow, safetensors"
+  $PY -m pip install --quiet --disable-pip-version-check --no-deps "torchvision==${DIFFPIPE_TORCHVISION_VERSION:-0.26.0}" \
+      "pytorch-fid==0.3.0" && $PY -m pip install --quiet --disable-pip-version-check scipy pillow safetensors \
+    || echo "[install] warning: reference packages unavailable; tests/apps/inception_reference_test.sh will skip"
+fi
 echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"

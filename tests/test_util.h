@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <functional>
 #include <string>
 
+#include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 
 namespace diffpipe::test {
@@ -27,6 +29,16 @@ inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor x = a.to(at::kDouble).cpu(), y = b.to(at::kDouble).cpu();
   const double denom = std::max(y.abs().max().item<double>(), 1e-30);
   return (x - y).abs().max().item<double>() / denom;
+}
+
+// The message of the diffpipe::Error that f throws ("" when it throws none).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // A scratch directory unique to the test.

@@ -1,14 +1,18 @@
 // The dataset generator, the analytic fidelity checker and the metrics (FID on Gaussians with known distance).
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "diffpipe/runtime/error.h"
 #include "fidelity.h"
+#include "inception.h"
 #include "metrics.h"
 #include "shapes.h"
+#include "test_util.h"
 
 using namespace diffpipe;
+using test::error_of;
 
 TEST(Shapes, DeterministicCaptionsRoundTrip) {
   for (uint64_t i = 0; i < 300; ++i) {
@@ -108,4 +112,33 @@ TEST(Metrics, ClipScore) {
   at::Tensor t = at::tensor({1.0, 0.0, 1.0, 0.0}, at::kDouble).view({2, 2});
   at::Tensor i = at::tensor({1.0, 0.0, -1.0, 0.0}, at::kDouble).view({2, 2});
   EXPECT_NEAR(metrics::clip_score(t, i), 50.0, 1e-9);  // cos 1 -> 100, cos -1 -> 0
+}
+
+// The FID Inception-v3 with random weights: every tensor it reads has torchvision's name and shape, the
+// output is the 2048-d pool3 vector, and a file that lacks a tensor or has a foreign one is rejected by name.
+// (Numbers against pytorch-fid itself: tests/apps/inception_reference_test.sh.)
+TEST(Inception, ArchitectureKeysShapesAndErrors) {
+  Weights w = Weights::initializer(5);
+  FidInception net(w);
+  EXPECT_EQ(w.all().size(), 94u * 5) << "94 conv+batch-norm units, 5 tensors each";
+  EXPECT_EQ(w.all().at("Mixed_7c.branch3x3dbl_3b.conv.weight").sizes(), (at::IntArrayRef{384, 384, 3, 1}));
+  EXPECT_EQ(w.all().at("Mixed_6e.branch7x7dbl_5.conv.weight").sizes(), (at::IntArrayRef{192, 192, 1, 7}));
+  at::NoGradGuard ng;
+  const at::Tensor x = at::rand({2, 3, 64, 64}) * 2 - 1;
+  const at::Tensor f = net.features(x);
+  EXPECT_EQ(f.sizes(), (at::IntArrayRef{2, FidInception::kFeatures}));
+  EXPECT_TRUE(at::isfinite(f).all().item<bool>());
+  EXPECT_TRUE((f >= 0).all().item<bool>()) << "pool3 follows a ReLU";
+  EXPECT_TRUE(at::allclose(net.features(x.slice(0, 1, 2)), f.slice(0, 1, 2), 1e-4, 1e-5)) << "per image";
+  auto missing = w.all();
+  missing.erase("Mixed_6a.branch3x3.bn.running_var");
+  EXPECT_NE(error_of([&] { FidInception(Weights::from_map(missing, "inc.safetensors")); })
+                .find("inc.safetensors: missing tensor 'Mixed_6a.branch3x3.bn.running_var'"),
+            std::string::npos);
+  auto extra = w.all();
+  extra["Mixed_8a.conv.weight"] = at::zeros({1});
+  extra["fc.weight"] = at::zeros({1008, 2048});  // the classifier is allowed and ignored
+  EXPECT_NE(error_of([&] { FidInception(Weights::from_map(extra, "inc.safetensors")); })
+                .find("unexpected tensor 'Mixed_8a.conv.weight'"),
+            std::string::npos);
 }

@@ -8,14 +8,6 @@
 using namespace diffpipe;
 
 namespace {
-std::string err_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 std::string file_with(const std::string& name, const std::string& text) {
   const std::string p = test::scratch_dir("placement-" + name) + "/pipeline.toml";
   std::ofstream(p) << text;
@@ -86,11 +78,11 @@ TEST(Placement, UpscaleStageOnItsOwnRanks) {
   EXPECT_NE(p.describe().find("rank 2 [cpu, float32]: upscale(max_batch 2)"), std::string::npos) << p.describe();
   p.match_model(true, "f");
   EXPECT_EQ(p.stage(StageKind::Upscale).ranks, (std::vector<int>{2, 3}));
-  EXPECT_NE(err_of([&] { p.match_model(false, "pipe.toml"); })
+  EXPECT_NE(test::error_of([&] { p.match_model(false, "pipe.toml"); })
                 .find("pipe.toml: [upscale] places a super-resolution stage, but the model has no super_resolution/"),
             std::string::npos);
   // without the table a rank that would only upscale is idle
-  EXPECT_NE(err_of([&] { Placement::load(file_with("upscale-idle", text.substr(0, text.find("[upscale]"))), 4); })
+  EXPECT_NE(test::error_of([&] { Placement::load(file_with("upscale-idle", text.substr(0, text.find("[upscale]"))), 4); })
                 .find("more ranks than needed: rank(s) 2, 3 of 4"),
             std::string::npos);
 }
@@ -98,7 +90,7 @@ TEST(Placement, UpscaleStageOnItsOwnRanks) {
 TEST(Placement, BadFilesGiveClearErrors) {
   const std::string base = "[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n";
   auto load = [&](const std::string& name, const std::string& text, int n) {
-    return err_of([&] { Placement::load(file_with(name, text), n); });
+    return test::error_of([&] { Placement::load(file_with(name, text), n); });
   };
   EXPECT_NE(load("unknown", base + "[prior]\nranks=[1]\n", 2).find("unknown stage or key 'prior'"), std::string::npos);
   EXPECT_NE(load("upscale-range", base + "[upscale]\nranks=[5]\n", 2).find("stage 'upscale': rank 5 is out of range"),
@@ -126,9 +118,9 @@ TEST(Toml, SubsetAndErrorsWithLineNumbers) {
   EXPECT_EQ(j["b"], "x # not a comment");
   EXPECT_EQ(j["t"]["u"]["c"][1], 2.5);
   EXPECT_EQ(j["t"]["u"]["d"], -300.0);
-  EXPECT_NE(err_of([] { parse_toml("a = 1\na = 2\n", "f.toml"); }).find("f.toml:2: duplicate key 'a'"), std::string::npos);
-  EXPECT_NE(err_of([] { parse_toml("x\n", "f.toml"); }).find("f.toml:1: expected 'key = value'"), std::string::npos);
-  EXPECT_NE(err_of([] { parse_toml("[a]\n[a]\n", "f.toml"); }).find("f.toml:2: table [a] defined twice"), std::string::npos);
-  EXPECT_NE(err_of([] { parse_toml("k = bare\n", "f.toml"); }).find("f.toml:1: cannot parse value 'bare'"), std::string::npos);
-  EXPECT_NE(err_of([] { parse_toml("k = \"open\n", "f.toml"); }).find("unterminated string"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("a = 1\na = 2\n", "f.toml"); }).find("f.toml:2: duplicate key 'a'"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("x\n", "f.toml"); }).find("f.toml:1: expected 'key = value'"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("[a]\n[a]\n", "f.toml"); }).find("f.toml:2: table [a] defined twice"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("k = bare\n", "f.toml"); }).find("f.toml:1: cannot parse value 'bare'"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("k = \"open\n", "f.toml"); }).find("unterminated string"), std::string::npos);
 }
