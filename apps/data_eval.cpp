@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
@@ -206,17 +207,24 @@ int eval_main(int argc, char** argv) {
   DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
   size_t skipped = 0;
   std::vector<std::vector<data::ObjectVerdict>> verdicts;
+  std::map<std::string, std::vector<std::vector<data::ObjectVerdict>>> by_kind;  // one small / one large / two
   for (const auto& e : read_index(a.str("images"), &skipped)) {
     const data::Scene sc = data::parse_caption(e.prompt);
     const Image im = read_png(e.file);
     DP_CHECK(im.width == im.height, e.file, ": images must be square");
     verdicts.push_back(data::check_image(im, sc));
+    const std::string kind = sc.objects.size() > 1 ? "two objects" : sc.objects[0].size == 0 ? "one small" : "one large";
+    by_kind[kind].push_back(verdicts.back());
   }
-  const auto sum = data::summarize(verdicts);
-  std::printf("%s\n", nlohmann::json{{"images", verdicts.size()}, {"objects", sum.objects}, {"colour", sum.color},
-                                     {"shape", sum.shape}, {"position", sum.position}, {"skipped", skipped}}
-                          .dump()
-                          .c_str());
+  auto summary = [](const std::vector<std::vector<data::ObjectVerdict>>& v) {
+    const auto s = data::summarize(v);
+    return nlohmann::json{{"objects", s.objects}, {"colour", s.color}, {"shape", s.shape}, {"position", s.position}};
+  };
+  nlohmann::json out = summary(verdicts);
+  out["images"] = verdicts.size();
+  out["skipped"] = skipped;
+  for (const auto& [kind, v] : by_kind) out["by_kind"][kind] = summary(v);
+  std::printf("%s\n", out.dump().c_str());
   return 0;
 }
 

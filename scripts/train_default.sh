@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-models/shapes-sd}
 B=${DIFFPIPE_BIN:-./build/apps/diffpipe}
-$B train vae  --model "$OUT" --steps 1500 --batch 32 --lr 2e-3
-$B train text --model "$OUT" --steps 1200 --batch 64 --lr 2e-3
+$B train vae  --model "$OUT" --steps 2000 --batch 32 --lr 2e-3
+$B train text --model "$OUT" --steps 1500 --batch 64 --lr 2e-3
 $B train sr   --model "$OUT" --steps 600  --batch 16 --lr 2e-3
-$B train unet --model "$OUT" --steps 1500 --batch 64 --lr 1e-3
+$B train unet --model "$OUT" --steps 6000 --batch 64 --lr 1e-3
 rm -f "$OUT"/*/checkpoint.safetensors
