@@ -11,5 +11,5 @@ MODEL=${1:-models/shapes-sd}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 rm -rf out
 mpirun --oversubscribe -np 3 ./build/apps/diffpipe generate --model "$MODEL" --prompts scripts/demo_prompts.txt \
-  --images 2 --steps 25 --seed 1 --out out --quiet
+  --images 2 --steps 25 --guidance 5 --seed 1 --out out --quiet
 echo "images: out/img-*.png, index: out/images.jsonl, contact sheet: out/contact_sheet.png"

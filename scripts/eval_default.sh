@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Evaluates a trained shapes model (default models/shapes-sd) on 256 held-out captions:
-# fidelity (colour/shape/position), CLIP score of generated vs real images of the same captions, and FID
-# against held-out real images next to the real-vs-real floor. Prints one JSON line per figure.
+# Evaluates a trained shapes model (default models/shapes-sd) on 256 held-out captions (seed 1000):
+# fidelity (colour/shape/position), CLIP score of generated vs real images of the same captions, and FID of the
+# generated set against a second held-out real set (seed 2000) next to the floor: the real images of the same
+# captions against that set. Prints one JSON line per figure. GUIDANCE (default 5, the model card's setting),
+# STEPS (25) and N (256) can be set in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-M=${1:-models/shapes-sd}; OUT=${2:-build/eval}; N=${N:-256}; STEPS=${STEPS:-25}
+M=${1:-models/shapes-sd}; OUT=${2:-build/eval}; N=${N:-256}; STEPS=${STEPS:-25}; GUIDANCE=${GUIDANCE:-5}
 B=${DIFFPIPE_BIN:-./build/apps/diffpipe}
 rm -rf "$OUT"; mkdir -p "$OUT"
 $B data --out "$OUT/real" --count "$N" --seed 1000 2>/dev/null
 $B data --out "$OUT/real2" --count "$N" --seed 2000 2>/dev/null
 grep -o '"prompt":"[^"]*"' "$OUT/real/images.jsonl" | sed 's/"prompt":"\(.*\)"/\1/' > "$OUT/prompts.txt"
-$B generate --model "$M" --prompts "$OUT/prompts.txt" --steps "$STEPS" --seed 1000 --out "$OUT/gen" --quiet \
+$B generate --model "$M" --prompts "$OUT/prompts.txt" --steps "$STEPS" --guidance "$GUIDANCE" --seed 1000 --out "$OUT/gen" --quiet \
   --no-contact-sheet 2> "$OUT/generate.log"
 echo "{\"metric\":\"fidelity generated\", \"value\":$($B eval fidelity --images "$OUT/gen")}"
 echo "{\"metric\":\"fidelity real\", \"value\":$($B eval fidelity --images "$OUT/real")}"
 echo "{\"metric\":\"clip-score generated\", \"value\":$($B eval clip-score --images "$OUT/gen" --model "$M")}"
 echo "{\"metric\":\"clip-score real\", \"value\":$($B eval clip-score --images "$OUT/real" --model "$M")}"
-echo "{\"metric\":\"fid generated vs real\", \"value\":$($B eval fid --real "$OUT/real" --generated "$OUT/gen" --model "$M")}"
-echo "{\"metric\":\"fid real vs real (floor)\", \"value\":$($B eval fid --real "$OUT/real" --generated "$OUT/real2" --model "$M")}"
+echo "{\"metric\":\"fid generated vs held-out real\", \"value\":$($B eval fid --real "$OUT/real2" --generated "$OUT/gen" --model "$M")}"
+echo "{\"metric\":\"fid real vs held-out real (floor)\", \"value\":$($B eval fid --real "$OUT/real2" --generated "$OUT/real" --model "$M")}"
