@@ -530,18 +530,8 @@ class RankNode {
       DP_CHECK(msg->request < n && planner.known(msg->request), "message for unknown request ", msg->request,
                " from rank ", msg->src);
       const uint64_t id = msg->request;
-      // Messages from different ranks may arrive out of order (an encoder's "encoded" after the denoiser's
-      // steps): bring the request up to the stage the message proves it reached.
-      auto reach = [&](uint64_t rid, sched::RequestState target) {
-        const auto st = planner.info(rid).state;
-        if (sched::is_final(st)) return false;
-        if (st == sched::RequestState::Encoding && target != sched::RequestState::Encoding) planner.on_encoded(rid, now_s());
-        if (planner.info(rid).state == sched::RequestState::Denoising && target != sched::RequestState::Denoising)
-          planner.on_denoised(rid, now_s());
-        if (planner.info(rid).state == sched::RequestState::Decoding && target == sched::RequestState::Upscaling)
-          planner.on_decoded(rid, now_s());
-        return true;
-      };
+      // a message proves the request reached a stage; earlier events from other ranks may still be in flight
+      auto reach = [&](uint64_t rid, sched::RequestState target) { return planner.reach(rid, target, now_s()); };
       if (msg->kind == MsgKind::Progress) {
         const std::string ev = msg->fields.value("event", std::string());
         if (ev == "encoded") {

@@ -147,6 +147,15 @@ void Planner::on_done(uint64_t id, double now) {
   r.transition(RequestState::Done, now);
 }
 
+bool Planner::reach(uint64_t id, RequestState target, double now) {
+  RequestInfo& r = get(id);
+  if (is_final(r.state)) return false;
+  if (r.state == RequestState::Encoding && target != RequestState::Encoding) on_encoded(id, now);
+  if (r.state == RequestState::Denoising && target != RequestState::Denoising) on_denoised(id, now);
+  if (r.state == RequestState::Decoding && target == RequestState::Upscaling) on_decoded(id, now);
+  return true;
+}
+
 void Planner::finish(RequestInfo& r, RequestState to, const std::string& why, double now) {
   release(r);
   queue_.erase(std::remove(queue_.begin(), queue_.end(), r.id), queue_.end());

@@ -105,6 +105,24 @@ TEST(Planner, UpscaleStageRoutesAndReleasesItsLoad) {
   EXPECT_EQ(p.admit(4).size(), 1u) << "request 3 admitted once upscale room is free";
 }
 
+TEST(Planner, OutOfOrderEventsReachTheirStage) {
+  PlannerConfig c = cfg(1, 4);
+  c.replicas[3] = {9};
+  Planner p(c);
+  p.submit(1, 0, 5, 0);
+  p.submit(2, 0, 5, 0);
+  p.admit(0);
+  EXPECT_TRUE(p.reach(1, RequestState::Upscaling, 1)) << "a 'decoded' before 'encoded' and 'denoised' arrived";
+  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
+  EXPECT_EQ(p.load(0, 0) + p.load(1, 1) + p.load(2, 2), 3) << "only request 2 still holds encode, denoise, decode";
+  EXPECT_EQ(p.load(3, 9), 2) << "both hold the upscaler";
+  EXPECT_TRUE(p.reach(1, RequestState::Denoising, 1)) << "a late step report changes nothing";
+  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
+  p.cancel(2, "client", 2);
+  EXPECT_FALSE(p.reach(2, RequestState::Decoding, 2)) << "events for an ended request are dropped";
+  EXPECT_EQ(p.info(2).state, RequestState::Cancelled);
+}
+
 // Hundreds of simulated steps: random arrivals, step counts, priorities, cancellations and deadlines over 3
 // denoise replicas each with a StepBatcher. Invariants are checked at every tick.
 TEST(Planner, SimulationInvariants) {

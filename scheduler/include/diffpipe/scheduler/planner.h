@@ -53,6 +53,10 @@ class Planner {
   void on_denoised(uint64_t id, double now);              // Denoising -> Decoding (frees the denoise slot)
   void on_decoded(uint64_t id, double now);               // Decoding -> Upscaling (with an upscale stage)
   void on_done(uint64_t id, double now);                  // Decoding | Upscaling -> Done
+  // Events from different ranks may arrive out of order (an encoder's "encoded" after the denoiser's steps):
+  // brings the request forward to `target` (Denoising, Decoding or Upscaling) through the events it skipped.
+  // Returns false when the request already ended (cancelled or timed out meanwhile): drop the event.
+  bool reach(uint64_t id, RequestState target, double now);
   bool upscales() const { return !cfg_.replicas[3].empty(); }
   void on_failed(uint64_t id, const std::string& why, double now);
   // Cancellation (any state) and deadlines: returns what to drop where.
