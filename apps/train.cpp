@@ -418,7 +418,7 @@ int train_main(int argc, char** argv) {
   if (what == "vae" || what == "all") train_vae(opts(2000, 32, 2e-3));
   if (what == "text" || what == "all") train_text(opts(1500, 64, 2e-3));
   if (what == "sr" || what == "all") train_sr(opts(600, 16, 2e-3));
-  if (what == "unet" || what == "all") train_unet(opts(6000, 64, 1e-3));
+  if (what == "unet" || what == "all") train_unet(opts(9000, 64, 1e-3));  // shipped: 6000, then resumed to 9000
   DP_CHECK(what == "vae" || what == "text" || what == "unet" || what == "sr" || what == "all", "train: unknown module '",
            what, "' (vae, text, unet, sr, all)");
   std::fprintf(stderr, "diffpipe: train %s finished in %.1f s\n", what.c_str(),
