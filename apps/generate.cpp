@@ -131,7 +131,7 @@ int generate_main(int argc, char** argv) {
       placement.validate("command line");
     }
     SdModel::validate(a.str("model"));
-    placement.match_model(dir_exists(path_join(a.str("model"), "super_resolution")),
+    placement.match_model(SdModel::has_super_resolution(a.str("model")),
                           a.has("pipeline") ? a.str("pipeline") : "command line");
     opts.model_dir = a.str("model");
     opts.placement = placement;

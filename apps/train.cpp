@@ -119,26 +119,12 @@ at::Tensor scene_batch(uint64_t seed, uint64_t index, int n, int size, std::vect
   return out;
 }
 
-struct Loop {
-  std::string name;
-  int64_t steps;
-  int64_t log_every = 50, save_every = 500;
-  Clock::time_point t0 = Clock::now();
-  double avg = 0;
-  void log(int64_t step, double loss) {
-    avg = step <= 1 ? loss : 0.98 * avg + 0.02 * loss;
-    if (step % log_every == 0 || step == steps)
-      std::fprintf(stderr, "[train %s] step %lld/%lld loss %.5f (avg %.5f) %.1f s\n", name.c_str(),
-                   static_cast<long long>(step), static_cast<long long>(steps), loss, avg,
-                   std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-};
-
 double cosine_lr(double lr, int64_t step, int64_t steps) {
   const int64_t warm = std::min<int64_t>(100, steps / 10 + 1);
   if (step < warm) return lr * (step + 1) / warm;
   return lr * (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * double(step - warm) / std::max<int64_t>(1, steps - warm))));
 }
+
 
 struct Opts {
   std::string model;
@@ -146,6 +132,42 @@ struct Opts {
   double lr;
   bool resume;
   int64_t save_every;
+};
+
+// One module's optimisation: AdamW over `params` (resumed from DIR/checkpoint.safetensors with --resume), the
+// cosine schedule, a checkpoint every save_every steps and at the end, progress and loss on stderr.
+class Trainer {
+ public:
+  Trainer(std::string name, const Opts& o, const std::string& dir, std::map<std::string, at::Tensor>& params,
+          double weight_decay = 0)
+      : name_(std::move(name)), o_(o), ck_(path_join(dir, "checkpoint.safetensors")), params_(params) {
+    opt_.wd = weight_decay;
+    start_ = o.resume && file_exists(ck_) ? load_checkpoint(ck_, params_, opt_) : 0;
+  }
+  int64_t start() const { return start_; }  // the first step to run
+  // Backward pass, update, progress line every 50 steps, checkpoint every save_every steps.
+  void step(int64_t step, const at::Tensor& loss) {
+    loss.backward();
+    opt_.update(params_, cosine_lr(o_.lr, step, o_.steps));
+    const double l = loss.item<double>();
+    avg_ = step == 0 ? l : 0.98 * avg_ + 0.02 * l;
+    if ((step + 1) % 50 == 0 || step + 1 == o_.steps)
+      std::fprintf(stderr, "[train %s] step %lld/%lld loss %.5f (avg %.5f) %.1f s\n", name_.c_str(),
+                   static_cast<long long>(step + 1), static_cast<long long>(o_.steps), l, avg_,
+                   std::chrono::duration<double>(Clock::now() - t0_).count());
+    if ((step + 1) % o_.save_every == 0) save_checkpoint(ck_, params_, opt_);
+  }
+  void finish() { save_checkpoint(ck_, params_, opt_); }
+
+ private:
+  std::string name_;
+  const Opts& o_;
+  std::string ck_;
+  std::map<std::string, at::Tensor>& params_;
+  AdamW opt_;
+  int64_t start_ = 0;
+  double avg_ = 0;
+  Clock::time_point t0_ = Clock::now();
 };
 
 // ------------------------------------------------------------------ VAE
@@ -165,11 +187,8 @@ void train_vae(const Opts& o) {
   Weights w = Weights::initializer(101);
   AutoencoderKL vae(cfg, w, true);
   auto params = trainable(w);
-  AdamW opt;
-  const std::string ck = path_join(dir, "checkpoint.safetensors");
-  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
-  Loop loop{"vae", o.steps};
-  for (int64_t step = start; step < o.steps; ++step) {
+  Trainer tr("vae", o, dir, params);
+  for (int64_t step = tr.start(); step < o.steps; ++step) {
     at::Tensor x = scene_batch(kTrainSeed, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 32);
     auto g = vae.encode(x);
     at::Tensor z = g.mean + at::exp(0.5 * g.logvar) * at::randn_like(g.mean);
@@ -181,12 +200,9 @@ void train_vae(const Opts& o) {
     at::Tensor wgt = 1 + 4 * fg;
     wgt = wgt / wgt.mean();
     at::Tensor loss = (wgt * (rec - x).abs()).mean() + (wgt * (rec - x).pow(2)).mean() + 1e-4 * kl;
-    loss.backward();
-    opt.update(params, cosine_lr(o.lr, step, o.steps));
-    loop.log(step + 1, loss.item<double>());
-    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+    tr.step(step, loss);
   }
-  save_checkpoint(ck, params, opt);
+  tr.finish();
   // scaling factor: 1 / std of the latent means (SD's convention), measured on 512 training images
   at::NoGradGuard ng;
   at::Tensor lat = vae.encode(scene_batch(kTrainSeed, 0, 512, 32)).mean;
@@ -231,11 +247,8 @@ void train_text(const Opts& o) {
   for (auto& [k, v] : iparams) params["image." + k] = v;
   at::Tensor logit_scale = at::full({1}, std::log(1 / 0.07)).requires_grad_(true);
   params["logit_scale"] = logit_scale;
-  AdamW opt;
-  const std::string ck = path_join(te_dir, "checkpoint.safetensors");
-  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
-  Loop loop{"text", o.steps};
-  for (int64_t step = start; step < o.steps; ++step) {
+  Trainer tr("text", o, te_dir, params);
+  for (int64_t step = tr.start(); step < o.steps; ++step) {
     std::vector<std::string> caps;
     at::Tensor x = scene_batch(kTrainSeed + 1, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 64, &caps);
     std::vector<int64_t> ids;
@@ -255,12 +268,9 @@ void train_text(const Opts& o) {
     at::Tensor target = same / same.sum(1, true);
     at::Tensor loss = -(target * at::log_softmax(logits, 1)).sum(1).mean() - (target * at::log_softmax(logits.t(), 1)).sum(1).mean();
     loss = loss / 2;
-    loss.backward();
-    opt.update(params, cosine_lr(o.lr, step, o.steps));
-    loop.log(step + 1, loss.item<double>());
-    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+    tr.step(step, loss);
   }
-  save_checkpoint(ck, params, opt);
+  tr.finish();
   std::map<std::string, at::Tensor> named;  // transformers' layout: text_model.* plus text_projection
   for (auto& [k, v] : strip(tparams)) named[k == "text_projection.weight" ? k : "text_model." + k] = v;
   write_component(te_dir, tc, "model.safetensors", named);
@@ -307,11 +317,8 @@ void train_unet(const Opts& o) {
     emb_cache[c] = e;
     return e;
   };
-  AdamW opt;
-  opt.wd = 0.01;
-  const std::string ck = path_join(dir, "checkpoint.safetensors");
-  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
-  Loop loop{"unet", o.steps};
+  Trainer tr("unet", o, dir, params, /*weight_decay=*/0.01);
+  const int64_t start = tr.start();
   std::mt19937_64 rng(start + 7);
   // scenes are deterministic (about 21k distinct), so each one's latent is encoded once and cached by caption
   std::map<std::string, at::Tensor> lat_cache;
@@ -344,12 +351,9 @@ void train_unet(const Opts& o) {
     at::Tensor noisy = a.sqrt() * lat + (1 - a).sqrt() * eps;
     at::Tensor pred = unet.forward(noisy, t, at::stack(ctx));
     at::Tensor loss = ((pred - eps).pow(2).mean({1, 2, 3}) * snr_weight.index_select(0, t)).mean();
-    loss.backward();
-    opt.update(params, cosine_lr(o.lr, step, o.steps));
-    loop.log(step + 1, loss.item<double>());
-    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+    tr.step(step, loss);
   }
-  save_checkpoint(ck, params, opt);
+  tr.finish();
   write_component(dir, uc, "diffusion_pytorch_model.safetensors", strip(params));
   write_json(path_join(o.model, "model_index.json"),
              {{"_class_name", "StableDiffusionPipeline"}, {"text_encoder", {"transformers", "CLIPTextModelWithProjection"}},
@@ -372,20 +376,14 @@ void train_sr(const Opts& o) {
     at::NoGradGuard ng;
     params.at("convs." + std::to_string(cfg.layers - 1) + ".weight").zero_();
   }
-  AdamW opt;
-  const std::string ck = path_join(dir, "checkpoint.safetensors");
-  int64_t start = o.resume && file_exists(ck) ? load_checkpoint(ck, params, opt) : 0;
-  Loop loop{"sr", o.steps};
-  for (int64_t step = start; step < o.steps; ++step) {
+  Trainer tr("sr", o, dir, params);
+  for (int64_t step = tr.start(); step < o.steps; ++step) {
     at::Tensor hi = scene_batch(kTrainSeed + 3, static_cast<uint64_t>(step * o.batch), static_cast<int>(o.batch), 64);
     at::Tensor lo = at::avg_pool2d(hi, {2, 2});
     at::Tensor loss = (sr.forward(lo) - hi).abs().mean();
-    loss.backward();
-    opt.update(params, cosine_lr(o.lr, step, o.steps));
-    loop.log(step + 1, loss.item<double>());
-    if ((step + 1) % o.save_every == 0) save_checkpoint(ck, params, opt);
+    tr.step(step, loss);
   }
-  save_checkpoint(ck, params, opt);
+  tr.finish();
   write_component(dir, c, "diffusion_pytorch_model.safetensors", strip(params));
 }
 

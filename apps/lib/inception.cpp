@@ -17,12 +17,12 @@ struct Conv {
 Conv conv(const Weights& w, const std::string& name, int64_t in, int64_t out, int64_t kh, int64_t kw,
           int64_t stride = 1, int64_t ph = 0, int64_t pw = 0) {
   const Weights c = w.sub(name);
-  const at::Tensor k = c.get("conv.weight", {out, in, kh, kw}).to(at::kDouble);
+  const at::Tensor k0 = c.get("conv.weight", {out, in, kh, kw}), k = k0.to(at::kDouble);
   const at::Tensor g = c.get("bn.weight", {out}).to(at::kDouble), beta = c.get("bn.bias", {out}).to(at::kDouble);
   const at::Tensor mean = c.get("bn.running_mean", {out}).to(at::kDouble);
   const at::Tensor var = c.get("bn.running_var", {out}).to(at::kDouble);
   const at::Tensor scale = g / at::sqrt(var + 1e-3);
-  const auto dt = c.get("conv.weight", {out, in, kh, kw}).scalar_type();
+  const auto dt = k0.scalar_type();
   Conv r;
   r.w = (k * scale.view({out, 1, 1, 1})).to(dt);
   r.b = (beta - mean * scale).to(dt);

@@ -9,7 +9,6 @@
 
 #include "diffpipe/runtime/blocking_queue.h"
 #include "diffpipe/runtime/error.h"
-#include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
@@ -367,68 +366,65 @@ class RankNode {
     }
   }
 
-  void decode_loop() {
-    DecodeStage stage(model_);
-    const auto& spec = opts_.placement.stage(StageKind::Decode);
+  // The decoder and the upscaler: batches of requests whose first tensors share a shape go through `run` in one
+  // call (one VAE / super-resolution call per shape); `emit` sends each request on with its row of the result.
+  void grouped_loop(StageKind s, const std::function<at::Tensor(std::vector<at::Tensor>&)>& run,
+                    const std::function<void(Message&&, at::Tensor)>& emit) {
+    const int k = static_cast<int>(s);
+    const auto& spec = opts_.placement.stage(s);
     while (!stop_) {
-      auto batch = take_batch(inbox_[2], spec);
+      auto batch = take_batch(inbox_[k], spec);
       if (batch.empty()) continue;
-      // group by latent shape (one VAE call per shape)
       std::map<std::vector<int64_t>, std::vector<size_t>> groups;
       for (size_t i = 0; i < batch.size(); ++i) groups[batch[i].tensors.at(0).sizes().vec()].push_back(i);
       for (const auto& [shape, idx] : groups) {
         const auto t0 = Clock::now();
-        std::vector<at::Tensor> lat;
+        std::vector<at::Tensor> inputs;
         for (size_t i : idx) {
-          current_[2] = batch[i].request;
-          maybe_inject(StageKind::Decode, batch[i].request);
-          lat.push_back(batch[i].tensors[0].to(model_.spec.device, at::kFloat));
+          current_[k] = batch[i].request;
+          maybe_inject(s, batch[i].request);
+          inputs.push_back(batch[i].tensors[0]);
         }
-        at::Tensor imgs = stage.run_uint8(lat);
-        add_busy(StageKind::Decode, t0);
-        for (size_t k = 0; k < idx.size(); ++k) {
-          Message out;
-          out.request = batch[idx[k]].request;
-          out.fields = std::move(batch[idx[k]].fields);
-          out.tensors.push_back(imgs[k].contiguous());
-          const int up = out.fields.at("route").at(3).get<int>();  // -1: no super-resolution, the image is final
-          out.kind = up >= 0 ? MsgKind::Upscale : MsgKind::Result;
-          if (up >= 0) progress(out.request, "decoded");
-          t_.send(up >= 0 ? up : 0, std::move(out));
-        }
+        at::Tensor out = run(inputs);
+        add_busy(s, t0);
+        for (size_t j = 0; j < idx.size(); ++j) emit(std::move(batch[idx[j]]), out[static_cast<int64_t>(j)].contiguous());
       }
     }
   }
 
-  // Super-resolution of decoded images (cascade models): batches same-size images into one call.
+  void decode_loop() {
+    DecodeStage stage(model_);
+    grouped_loop(
+        StageKind::Decode,
+        [&](std::vector<at::Tensor>& lat) {
+          for (auto& l : lat) l = l.to(model_.spec.device, at::kFloat);
+          return stage.run_uint8(lat);
+        },
+        [&](Message&& in, at::Tensor image) {
+          Message out;
+          out.request = in.request;
+          out.fields = std::move(in.fields);
+          out.tensors.push_back(image);
+          const int up = out.fields.at("route").at(3).get<int>();  // -1: no super-resolution, the image is final
+          out.kind = up >= 0 ? MsgKind::Upscale : MsgKind::Result;
+          if (up >= 0) progress(out.request, "decoded");
+          t_.send(up >= 0 ? up : 0, std::move(out));
+        });
+  }
+
+  // Super-resolution of decoded images (cascade models).
   void upscale_loop() {
     UpscaleStage stage(model_);
-    const auto& spec = opts_.placement.stage(StageKind::Upscale);
-    while (!stop_) {
-      auto batch = take_batch(inbox_[3], spec);
-      if (batch.empty()) continue;
-      std::map<std::vector<int64_t>, std::vector<size_t>> groups;
-      for (size_t i = 0; i < batch.size(); ++i) groups[batch[i].tensors.at(0).sizes().vec()].push_back(i);
-      for (const auto& [shape, idx] : groups) {
-        const auto t0 = Clock::now();
-        std::vector<at::Tensor> imgs;
-        for (size_t i : idx) {
-          current_[3] = batch[i].request;
-          maybe_inject(StageKind::Upscale, batch[i].request);
-          imgs.push_back(batch[i].tensors[0]);
-        }
-        at::Tensor big = stage.run_uint8(at::stack(imgs));
-        add_busy(StageKind::Upscale, t0);
-        for (size_t k = 0; k < idx.size(); ++k) {
+    grouped_loop(
+        StageKind::Upscale, [&](std::vector<at::Tensor>& imgs) { return stage.run_uint8(at::stack(imgs)); },
+        [&](Message&& in, at::Tensor image) {
           Message out;
           out.kind = MsgKind::Result;
-          out.request = batch[idx[k]].request;
-          out.fields = std::move(batch[idx[k]].fields);
-          out.tensors.push_back(big[k].contiguous());
+          out.request = in.request;
+          out.fields = std::move(in.fields);
+          out.tensors.push_back(image);
           t_.send(0, std::move(out));
-        }
-      }
-    }
+        });
   }
 
   // ---- coordinator (rank 0): the Planner decides, this loop executes and feeds it events
@@ -599,7 +595,7 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
   const RankSpec& rs = opts.placement.ranks.at(me);
   RunOptions o = opts;  // the upscale stage exists only for models with super-resolution
   run_on_all_ranks_or_fail([&] {
-    o.placement.match_model(dir_exists(path_join(opts.model_dir, "super_resolution")), "placement");
+    o.placement.match_model(SdModel::has_super_resolution(opts.model_dir), "placement");
     DeviceSpec spec;
     if (rs.device == "cuda") {
       const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());

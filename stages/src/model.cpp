@@ -30,7 +30,7 @@ void SdModel::validate(const std::string& dir) {
   SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
-  if (dir_exists(path_join(dir, "super_resolution"))) {
+  if (has_super_resolution(dir)) {
     (void)SuperResConfig::load(path_join(dir, "super_resolution/config.json"));
     SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
   }
@@ -78,7 +78,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   return m;
 }
 
-bool SdModel::has_super_resolution() const { return dir_exists(path_join(dir, "super_resolution")); }
+bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

@@ -46,7 +46,8 @@ struct SdModel {
   // Image size must be a multiple of this (VAE factor x UNet downsampling).
   int64_t size_multiple() const;
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
-  bool has_super_resolution() const;  // the folder has super_resolution/
+  bool has_super_resolution() const { return has_super_resolution(dir); }
+  static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
 };
 
 }  // namespace diffpipe
