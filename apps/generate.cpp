@@ -1,6 +1,7 @@
 // `diffpipe generate`: prompts -> PNG files + one JSON line per image (out/images.jsonl and stdout).
 // Runs as one process (every stage on threads) or under mpirun with a derived or given placement.
 #include <ATen/Parallel.h>
+#include <mpi.h>
 #include <sys/stat.h>
 
 #include <chrono>
@@ -11,9 +12,11 @@
 #include "cli.h"
 #include "commands.h"
 #include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/runtime/cpu_allocator.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/runtime/profile.h"
 #include "diffpipe/stages/model.h"
 
 namespace diffpipe::apps {
@@ -45,6 +48,8 @@ const char* kHelp =
     "  --priority P           scheduling priority of these requests (higher first; waiting requests age)\n"
     "  --deadline S           drop a request not finished S seconds after it arrived (status \"timed out\")\n"
     "  --threads N            CPU threads per rank (default: cores / ranks on the node)\n"
+    "  --cpu-cache-mb N       free CPU memory kept for reuse between steps, per rank (default 2048; 0: none)\n"
+    "  --profile              print where each rank's time went (text encoder, UNet, sampler, VAE, transport, idle)\n"
     "  --timeout S            fail when nothing progresses for S seconds (default 600)\n"
     "  --no-contact-sheet     do not write out/contact_sheet.png\n"
     "  --quiet                no JSON lines on stdout\n"
@@ -67,6 +72,47 @@ std::vector<std::string> read_prompts(const std::string& path) {
 }
 
 
+// `--profile`: every rank's time by part (profile sections) and each of its stage threads' idle time, gathered
+// to rank 0 and printed there on stderr.
+void print_profile(const RunStats& st, const Placement& placement) {
+  const auto& world = mpi::world();
+  const profile::Totals t = profile::totals();
+  std::vector<double> mine{st.wall_s};
+  for (double s : t.seconds) mine.push_back(s);
+  for (double b : st.busy_s) mine.push_back(b);
+  const size_t n = mine.size();
+  std::vector<double> all(n * world.size);
+  if (world.active && world.size > 1)
+    DP_MPI_CHECK(MPI_Gather(mine.data(), static_cast<int>(n), MPI_DOUBLE, all.data(), static_cast<int>(n), MPI_DOUBLE,
+                            0, MPI_COMM_WORLD));
+  else
+    all = mine;
+  if (world.rank != 0) return;
+  std::string out = "diffpipe: profile (seconds, % of the rank's wall time; idle = a stage thread waiting for work)\n";
+  for (int r = 0; r < world.size; ++r) {
+    const double* v = all.data() + r * n;
+    const double wall = std::max(v[0], 1e-9);
+    char buf[128];
+    std::snprintf(buf, sizeof(buf), "  rank %d: wall %.3f", r, wall);
+    out += buf;
+    for (int k = 0; k < profile::kSections; ++k) {
+      if (v[1 + k] <= 0) continue;
+      std::snprintf(buf, sizeof(buf), " | %s %.3f (%.1f%%)", profile::section_name(static_cast<profile::Section>(k)),
+                    v[1 + k], 100 * v[1 + k] / wall);
+      out += buf;
+    }
+    std::string idle;
+    for (StageKind s : placement.stages_on(r)) {
+      const double busy = v[1 + profile::kSections + static_cast<int>(s)];
+      std::snprintf(buf, sizeof(buf), "%s%s %.3f (%.1f%%)", idle.empty() ? "" : ", ", stage_name(s),
+                    std::max(0.0, wall - busy), 100 * std::max(0.0, wall - busy) / wall);
+      idle += buf;
+    }
+    out += " | idle: " + (idle.empty() ? std::string("-") : idle) + "\n";
+  }
+  std::fputs(out.c_str(), stderr);
+}
+
 }  // namespace
 
 int generate_main(int argc, char** argv) {
@@ -78,8 +124,8 @@ int generate_main(int argc, char** argv) {
   cli::Args a("generate", argc, argv,
               {"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler", "seed", "width",
                "height", "images", "clip-skip", "out", "pipeline", "device", "dtype", "transport", "max-batch",
-               "threads", "timeout", "inject-failure", "priority", "deadline", "batching", "cancel-at"},
-              {"no-contact-sheet", "quiet", "batch-invariant"});
+               "threads", "timeout", "inject-failure", "priority", "deadline", "batching", "cancel-at", "cpu-cache-mb"},
+              {"no-contact-sheet", "quiet", "batch-invariant", "profile"});
   const auto& world = mpi::world();
   const bool lead = world.rank == 0;
   DP_CHECK(a.has("model"), "generate: --model DIR is required");
@@ -159,6 +205,13 @@ int generate_main(int argc, char** argv) {
     threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
   }
   at::set_num_threads(threads);
+  if (a.has("cpu-cache-mb")) {
+    const int64_t mb = a.integer("cpu-cache-mb", 0);
+    DP_CHECK(mb >= 0 && mb <= (int64_t(1) << 24), "generate: --cpu-cache-mb must be in [0, 16777216]");
+    cpu_allocator::install(static_cast<size_t>(mb) << 20);
+  }
+  const bool profiling = a.flag("profile");
+  profile::set_enabled(profiling);
 
   const std::string out_dir = a.str("out", "out");
   std::ofstream jsonl;
@@ -203,6 +256,7 @@ int generate_main(int argc, char** argv) {
     sheet[gi.index] = std::move(gi.image);
   });
   transport.reset();
+  if (profiling) print_profile(stats, placement);
   if (lead) {
     if (!a.flag("no-contact-sheet") && requests.size() > 1) {
       std::vector<Image> done;

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "commands.h"
+#include "diffpipe/runtime/cpu_allocator.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
@@ -32,6 +33,7 @@ int main(int argc, char** argv) {
   int rc = 0;
   try {
     const auto w = mpi::init(&argc, &argv);
+    cpu_allocator::install();  // reuse large CPU blocks between steps (see cpu_allocator.h)
     if (w.size > 1) set_log_rank(w.rank);
     if (cmd == "generate") {
       rc = apps::generate_main(argc - 2, argv + 2);

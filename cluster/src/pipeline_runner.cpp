@@ -12,6 +12,7 @@
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/runtime/profile.h"
 #include "diffpipe/scheduler/planner.h"
 #include "diffpipe/scheduler/step_batcher.h"
 #include "diffpipe/stages/stages.h"
@@ -115,7 +116,7 @@ class RankNode {
           Message a;
           a.kind = MsgKind::Abort;
           a.fields = {{"why", failure}};
-          t_.send(r, a);
+          send(r, a);
         }
       try {
         t_.flush(2000ms);
@@ -143,6 +144,11 @@ class RankNode {
     return failure_;
   }
   void touch() { last_activity_us_ = now_us(); }
+  // Every message leaves through here: its hand-over to the transport is the profile's "transport" time.
+  void send(int dst, Message m) {
+    profile::Scope prof(profile::Section::Transport);
+    t_.send(dst, std::move(m));
+  }
   static int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
   }
@@ -160,7 +166,7 @@ class RankNode {
       m.kind = MsgKind::Error;
       m.fields = {{"what", what}};
       try {
-        t_.send(0, m);
+        send(0, m);
       } catch (...) {
       }
       set_failure(what);
@@ -249,7 +255,7 @@ class RankNode {
     p.kind = MsgKind::Progress;
     p.request = id;
     p.fields = {{"event", event}};
-    t_.send(0, std::move(p));
+    send(0, std::move(p));
   }
   static double meta_num(const nlohmann::json& f, const char* k, double def) {
     return f.contains("meta") ? f["meta"].value(k, def) : def;
@@ -280,7 +286,7 @@ class RankNode {
         out.tensors.push_back(embs[i].cond.contiguous());
         if (embs[i].uncond.defined()) out.tensors.push_back(embs[i].uncond.contiguous());
         progress(batch[i].request, "encoded");
-        t_.send(batch[i].fields.at("route").at(1).get<int>(), std::move(out));
+        send(batch[i].fields.at("route").at(1).get<int>(), std::move(out));
       }
     }
   }
@@ -346,7 +352,7 @@ class RankNode {
           totals.push_back(states.at(id).state.total_steps());
         }
         p.fields = {{"event", "steps"}, {"ids", ids}, {"steps", steps}, {"totals", totals}};
-        t_.send(0, std::move(p));
+        send(0, std::move(p));
       }
       for (uint64_t id : run) {
         Active& a = states.at(id);
@@ -360,7 +366,7 @@ class RankNode {
         out.tensors.push_back(a.state.latents.contiguous());
         const int dst = out.fields.at("route").at(2).get<int>();
         progress(id, "denoised");
-        t_.send(dst, std::move(out));
+        send(dst, std::move(out));
         states.erase(id);
       }
     }
@@ -408,7 +414,7 @@ class RankNode {
           const int up = out.fields.at("route").at(3).get<int>();  // -1: no super-resolution, the image is final
           out.kind = up >= 0 ? MsgKind::Upscale : MsgKind::Result;
           if (up >= 0) progress(out.request, "decoded");
-          t_.send(up >= 0 ? up : 0, std::move(out));
+          send(up >= 0 ? up : 0, std::move(out));
         });
   }
 
@@ -423,7 +429,7 @@ class RankNode {
           out.request = in.request;
           out.fields = std::move(in.fields);
           out.tensors.push_back(image);
-          t_.send(0, std::move(out));
+          send(0, std::move(out));
         });
   }
 
@@ -466,7 +472,7 @@ class RankNode {
         Message c;
         c.kind = MsgKind::Cancel;
         c.request = d.id;
-        t_.send(r, c);
+        send(r, c);
       }
       report(d.id, sched::state_name(d.state), info.reason);
     };
@@ -502,7 +508,7 @@ class RankNode {
         m.fields = {{"params", params_to_json(requests[a.id])},
                     {"route", {a.route[0], a.route[1], a.route[2], a.route[3]}},
                     {"meta", {{"priority", rm.priority}}}};
-        t_.send(a.route[0], std::move(m));
+        send(a.route[0], std::move(m));
       }
       auto msg = coord_inbox_.pop(10ms);
       if (!msg) {
@@ -563,7 +569,7 @@ class RankNode {
     for (int r = 0; r < t_.size(); ++r) {
       Message s;
       s.kind = MsgKind::Shutdown;
-      t_.send(r, s);
+      send(r, s);
     }
   }
 
@@ -610,6 +616,19 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
     model = SdModel::load(opts.model_dir, spec, comps);
     if (me == 0)
       for (const auto& p : requests) (void)resolve_params(model, p);  // bad settings fail before any work
+  });
+  RankNode node(o, transport, model);
+  return node.run(requests, on_result);
+}
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
+                      const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result) {
+  RunOptions o = opts;
+  run_on_all_ranks_or_fail([&] {
+    o.placement.match_model(model.has_super_resolution(), "placement");
+    if (transport.rank() == 0)
+      for (const auto& p : requests) (void)resolve_params(model, p);
   });
   RankNode node(o, transport, model);
   return node.run(requests, on_result);

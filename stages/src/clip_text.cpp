@@ -99,7 +99,7 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
     at::Tensor r = h;
     at::Tensor y = l.ln1(h);
     auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D / H}).transpose(1, 2); };
-    at::Tensor a = nn::attention(heads(l.q(y)), heads(l.k(y)), heads(l.v(y)), mask, false);
+    at::Tensor a = nn::attention(heads(l.q(y)), heads(l.k(y)), heads(l.v(y)), mask);
     a = a.transpose(1, 2).reshape({B, L, D});
     at::Tensor h2 = r + l.o(a);
     y = l.fc1(l.ln2(h2));

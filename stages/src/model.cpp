@@ -2,6 +2,7 @@
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/safetensors.h"
 #include "nn.h"
 
@@ -54,7 +55,11 @@ static void configure_cuda_numerics() {
 
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
   validate(dir);
-  if (spec.device.is_cuda()) configure_cuda_numerics();
+  if (spec.device.is_cuda()) {
+    configure_cuda_numerics();
+    const auto index = spec.device.index();
+    profile::set_sync([index] { at::detail::getCUDAHooks().deviceSynchronize(index < 0 ? 0 : index); });
+  }
   nn::set_batch_invariant(spec.batch_invariant && !spec.device.is_cuda());
   SdModel m;
   m.dir = dir;

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <optional>
 
 namespace diffpipe::nn {
 
@@ -11,23 +12,17 @@ std::atomic<bool> g_batch_invariant{false};
 void set_batch_invariant(bool on) { g_batch_invariant = on; }
 bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                     bool upcast) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   if (batch_invariant() && q.size(0) > 1) {  // one sample at a time (see nn.h)
     std::vector<at::Tensor> outs;
     for (int64_t i = 0; i < q.size(0); ++i)
-      outs.push_back(attention(q.slice(0, i, i + 1), k.slice(0, i, i + 1), v.slice(0, i, i + 1), mask, upcast));
+      outs.push_back(attention(q.slice(0, i, i + 1), k.slice(0, i, i + 1), v.slice(0, i, i + 1),
+                               mask.defined() && mask.size(0) > 1 ? mask.slice(0, i, i + 1) : mask));
     return at::cat(outs);
   }
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  const auto in_dtype = q.scalar_type();
-  const bool up = upcast && in_dtype != at::kFloat;
-  at::Tensor qq = up ? q.to(at::kFloat) : q, kk = up ? k.to(at::kFloat) : k;
-  at::Tensor scores = at::matmul(qq * scale, kk.transpose(-1, -2));  // [B, H, Lq, Lk]
-  if (mask.defined()) scores = scores + mask.to(scores.scalar_type());
-  at::Tensor probs = at::softmax(scores, -1);
-  if (up) probs = probs.to(in_dtype);
-  return at::matmul(probs, v);  // [B, H, Lq, D]
+  std::optional<at::Tensor> m;
+  if (mask.defined()) m = mask.to(q.scalar_type());
+  return at::scaled_dot_product_attention(q, k, v, m);  // scale 1/sqrt(D)
 }
 
 }  // namespace diffpipe::nn

@@ -88,8 +88,10 @@ struct LayerNorm {
 };
 
 // Scaled dot-product attention. q: [B, H, Lq, D], k/v: [B, H, Lk, D]; mask (optional) added to the scores.
-// upcast: compute scores and softmax in float32 (diffusers' upcast_attention / upcast_softmax).
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                     bool upcast);
+// LibTorch's fused scaled_dot_product_attention, as diffusers' default processor (AttnProcessor2_0) calls it: a
+// flash kernel on the CPU, flash / memory-efficient kernels on CUDA, never the whole [Lq, Lk] score matrix,
+// softmax accumulated in float32 whatever the input dtype (so diffusers' upcast_attention / upcast_softmax
+// flags, which its fused processor ignores too, need no separate path).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask);
 
 }  // namespace diffpipe::nn

@@ -1,8 +1,10 @@
 #include "diffpipe/stages/stages.h"
 
+#include <optional>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/philox.h"
+#include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
 
 namespace diffpipe {
@@ -11,6 +13,7 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
   if (batch.empty()) return out;
+  profile::Scope prof(profile::Section::TextEncoder);
   const int L = model_.tokenizer->max_length();
   // Rows: cond prompts, then negative prompts of the guided requests. clip_skip groups run separately.
   std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
@@ -83,6 +86,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
 void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
   DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
+  std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx;
   std::vector<double> ts;
   for (DenoiseState* s : batch) {
@@ -102,7 +106,11 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
   at::Tensor x = at::stack(xs).to(dt);
   at::Tensor c = at::stack(ctx).to(dt);
   at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);  // stays on the CPU
+  prof.reset();
+  prof.emplace(profile::Section::UNet);
   at::Tensor e = model_.unet->forward(x, t, c).to(at::kFloat);  // [rows, C, h, w]
+  prof.reset();
+  prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;
   for (DenoiseState* s : batch) {
     at::Tensor eps;
@@ -127,6 +135,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
 at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const {
   DP_CHECK(model_.vae, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
+  profile::Scope prof(profile::Section::Vae);
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
   return to_uint8_hwc(model_.vae->decode_scaled(z));
 }
@@ -135,6 +144,7 @@ at::Tensor UpscaleStage::run_uint8(const at::Tensor& images) const {
   DP_CHECK(model_.super_res, "upscale stage: super-resolution not loaded (the model has no super_resolution/)");
   DP_CHECK(images.dim() == 4 && images.size(3) == 3 && images.scalar_type() == at::kByte,
            "upscale stage: images must be uint8 [B, H, W, 3], got ", images.sizes());
+  profile::Scope prof(profile::Section::Upscale);
   at::Tensor x = images.to(model_.spec.device).permute({0, 3, 1, 2}).to(model_.vae_dtype) / 127.5 - 1.0;
   return to_uint8_hwc(model_.super_res->forward(x));
 }

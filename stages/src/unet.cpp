@@ -45,7 +45,7 @@ UNetConfig UNetConfig::load(const std::string& path) {
   c.cross_attention_dim = j.int_or_list("cross_attention_dim", n, 1280);
   c.transformer_layers_per_block = j.int_or_list("transformer_layers_per_block", n, 1);
   c.use_linear_projection = j.boolean("use_linear_projection", false);
-  c.upcast_attention = j.boolean("upcast_attention", false);
+  c.upcast_attention = j.boolean("upcast_attention", false);  // no effect: fused attention (see nn::attention)
   c.flip_sin_to_cos = j.boolean("flip_sin_to_cos", true);
   c.freq_shift = j.number("freq_shift", 0);
   c.norm_num_groups = j.integer("norm_num_groups", 32);
@@ -140,7 +140,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.heads[i],
                                   c.transformer_layers_per_block[i], c.cross_attention_dim[i], G,
-                                  c.use_linear_projection, c.upcast_attention);
+                                  c.use_linear_projection);
     }
     if (!final_block) {
       b.has_sampler = true;
@@ -153,7 +153,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
                                   c.mid_block_scale_factor);
   m->mid_attn = nn::Transformer2DModel(mw.sub("attentions.0"), boc[n - 1], c.heads[n - 1],
                                        c.transformer_layers_per_block[n - 1], c.cross_attention_dim[n - 1], G,
-                                       c.use_linear_projection, c.upcast_attention);
+                                       c.use_linear_projection);
   m->mid_res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
                                   c.mid_block_scale_factor);
   const auto rboc = reversed(boc), rheads = reversed(c.heads), rlayers = reversed(c.layers_per_block),
@@ -173,7 +173,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
       b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), res_in + skip, out_ch, temb, G, c.norm_eps, 1.0);
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rheads[i], rtl[i], rcross[i], G,
-                                  c.use_linear_projection, c.upcast_attention);
+                                  c.use_linear_projection);
     }
     if (!final_block) {
       b.has_sampler = true;

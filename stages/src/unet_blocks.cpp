@@ -26,8 +26,8 @@ at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb
 }
 
 CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads_,
-                               int64_t dim_head, bool qkv_bias, bool upcast_)
-    : heads(heads_), upcast(upcast_) {
+                               int64_t dim_head, bool qkv_bias)
+    : heads(heads_) {
   const int64_t inner = heads * dim_head;
   to_q = Linear(w, "to_q", query_dim, inner, qkv_bias);
   to_k = Linear(w, "to_k", context_dim, inner, qkv_bias);
@@ -42,16 +42,16 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
   q = q.view({B, N, heads, D}).transpose(1, 2);
   k = k.view({B, L, heads, D}).transpose(1, 2);
   v = v.view({B, L, heads, D}).transpose(1, 2);
-  at::Tensor o = attention(q, k, v, at::Tensor(), true /* diffusers upcasts the softmax */ || upcast);
+  at::Tensor o = attention(q, k, v, at::Tensor());
   return to_out(o.transpose(1, 2).reshape({B, N, inner}));
 }
 
 BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head,
-                                             int64_t context_dim, bool upcast) {
+                                             int64_t context_dim) {
   norm1 = LayerNorm(w, "norm1", dim, 1e-5);
-  attn1 = CrossAttention(w.sub("attn1"), dim, dim, heads, dim_head, false, upcast);
+  attn1 = CrossAttention(w.sub("attn1"), dim, dim, heads, dim_head, false);
   norm2 = LayerNorm(w, "norm2", dim, 1e-5);
-  attn2 = CrossAttention(w.sub("attn2"), dim, context_dim, heads, dim_head, false, upcast);
+  attn2 = CrossAttention(w.sub("attn2"), dim, context_dim, heads, dim_head, false);
   norm3 = LayerNorm(w, "norm3", dim, 1e-5);
   const int64_t inner = dim * 4;
   ff_proj = Linear(w, "ff.net.0.proj", dim, inner * 2);
@@ -67,8 +67,7 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Ten
 }
 
 Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers,
-                                       int64_t context_dim, int64_t groups, bool use_linear_projection,
-                                       bool upcast)
+                                       int64_t context_dim, int64_t groups, bool use_linear_projection)
     : linear(use_linear_projection) {
   DP_CHECK(heads > 0 && channels % heads == 0, w.origin(), ": ", channels, " channels are not divisible by ", heads,
            " attention heads");
@@ -82,8 +81,7 @@ Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64
     proj_out_conv = Conv2d(w, "proj_out", inner, channels, 1);
   }
   for (int64_t i = 0; i < layers; ++i)
-    blocks.emplace_back(w.sub("transformer_blocks." + std::to_string(i)), inner, heads, dim_head, context_dim,
-                        upcast);
+    blocks.emplace_back(w.sub("transformer_blocks." + std::to_string(i)), inner, heads, dim_head, context_dim);
 }
 
 at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor& context) const {
@@ -141,7 +139,7 @@ at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x) const {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor h = group_norm(x).view({B, C, H * W}).transpose(1, 2);  // [B, HW, C]
   at::Tensor q = to_q(h).unsqueeze(1), k = to_k(h).unsqueeze(1), v = to_v(h).unsqueeze(1);
-  at::Tensor o = attention(q, k, v, at::Tensor(), true).squeeze(1);
+  at::Tensor o = attention(q, k, v, at::Tensor()).squeeze(1);
   o = to_out(o).transpose(1, 2).reshape({B, C, H, W});
   return o + x;
 }

@@ -21,10 +21,9 @@ struct ResnetBlock2D {
 struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
   Linear to_q, to_k, to_v, to_out;
   int64_t heads = 1;
-  bool upcast = false;
   CrossAttention() = default;
   CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads, int64_t dim_head,
-                 bool qkv_bias, bool upcast);
+                 bool qkv_bias);
   // x: [B, N, query_dim], context: [B, L, context_dim] (or x itself)
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
 };
@@ -34,8 +33,7 @@ struct BasicTransformerBlock {
   CrossAttention attn1, attn2;
   Linear ff_proj, ff_out;  // ff.net.0.proj (GEGLU, dim -> 2*inner), ff.net.2 (inner -> dim)
   BasicTransformerBlock() = default;
-  BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head, int64_t context_dim,
-                        bool upcast);
+  BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head, int64_t context_dim);
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
 };
 
@@ -47,7 +45,7 @@ struct Transformer2DModel {
   std::vector<BasicTransformerBlock> blocks;
   Transformer2DModel() = default;
   Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers, int64_t context_dim,
-                     int64_t groups, bool use_linear_projection, bool upcast);
+                     int64_t groups, bool use_linear_projection);
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;  // x: [B, C, H, W]
 };
 

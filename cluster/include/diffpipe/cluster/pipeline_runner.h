@@ -53,6 +53,13 @@ struct RunStats {
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result);
 
+// The same with this rank's model already loaded (benchmarks and long-lived servers reuse one load): `model`
+// must hold the components of the stages placed on this rank and outlive the call.
+struct SdModel;
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
+                      const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result);
+
 // Start-up agreement: runs `step` on every rank; if it throws anywhere, every rank throws the message of the
 // lowest failing rank (rank 0 prints it once). Without MPI it just runs `step`.
 void run_on_all_ranks_or_fail(const std::function<void()>& step);

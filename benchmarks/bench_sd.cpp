@@ -1,0 +1,236 @@
+// diffpipe's half of the side-by-side benchmark against diffusers (benchmarks/vs_diffusers.py drives both and
+// compares): one process, model loaded once, then timed rounds of
+//   e2e:  N prompts through the product pipeline (run_pipeline, stages on threads, in-process transport),
+//   loop: the denoising loop of one batch alone (DenoiseStage::step calls: UNet + guidance + sampler),
+//   unet: one UNet forward on a fixed [2N, C, h, w] batch (guidance doubles the rows),
+//   vae:  one VAE decode of a fixed [N, C, h, w] batch.
+// Every input a reference needs (each request's initial noise, the UNet and VAE inputs) and every output
+// (8-bit images, UNet and VAE outputs) go to --out (safetensors), so the driver checks numbers before it
+// compares times. Prints one JSON object on stdout: times per round, the profile of the e2e rounds, peak memory.
+//   bench_sd --model DIR [--size PX] [--steps K] [--images N] [--guidance G] [--sampler ddim] [--rounds R]
+//            [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--threads T] [--parts e2e,loop,unet,vae]
+//            [--cpu-cache-mb N] [--out FILE]
+#include <ATen/Parallel.h>
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <set>
+#include <sstream>
+
+#include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/runtime/cpu_allocator.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/profile.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/runtime/transport.h"
+#include "diffpipe/stages/stages.h"
+
+#ifdef DIFFPIPE_BENCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+using namespace diffpipe;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Options {
+  std::string model, device = "cpu", dtype = "float32", sampler = "ddim", out, parts = "e2e,loop,unet,vae";
+  int size = 0, steps = 6, images = 2, rounds = 2, threads = 0;
+  int64_t cpu_cache_mb = -1;  // -1: diffpipe's default (as `diffpipe generate`); 0: no caching
+  double guidance = 7.5;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    DP_CHECK(i + 1 < argc, "bench_sd: option ", k, " needs a value");
+    const std::string v = argv[i + 1];
+    if (k == "--model") o.model = v;
+    else if (k == "--device") o.device = v;
+    else if (k == "--dtype") o.dtype = v;
+    else if (k == "--sampler") o.sampler = v;
+    else if (k == "--out") o.out = v;
+    else if (k == "--parts") o.parts = v;
+    else if (k == "--size") o.size = std::stoi(v);
+    else if (k == "--steps") o.steps = std::stoi(v);
+    else if (k == "--images") o.images = std::stoi(v);
+    else if (k == "--rounds") o.rounds = std::stoi(v);
+    else if (k == "--threads") o.threads = std::stoi(v);
+    else if (k == "--guidance") o.guidance = std::stod(v);
+    else if (k == "--cpu-cache-mb") o.cpu_cache_mb = std::stoll(v);
+    else DP_FAIL("bench_sd: unknown option ", k);
+  }
+  DP_CHECK(!o.model.empty(), "bench_sd: --model DIR is required");
+  DP_CHECK(o.images >= 1 && o.rounds >= 1 && o.steps >= 1, "bench_sd: --images, --rounds, --steps must be >= 1");
+  return o;
+}
+
+void sync(const at::Device& d) {
+  if (d.is_cuda()) at::detail::getCUDAHooks().deviceSynchronize(d.index() < 0 ? 0 : d.index());
+}
+
+double peak_bytes(const at::Device& d) {
+#ifdef DIFFPIPE_BENCH_CUDA
+  if (d.is_cuda()) return static_cast<double>(c10::cuda::CUDACachingAllocator::getDeviceStats(d.index())
+                                                  .allocated_bytes[0].peak);
+#endif
+  (void)d;
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_maxrss * 1024.0;  // process peak resident set
+}
+
+template <typename F>
+std::vector<double> timed(int rounds, const at::Device& dev, F&& f) {
+  std::vector<double> t;
+  for (int r = 0; r < rounds; ++r) {
+    sync(dev);
+    const auto t0 = Clock::now();
+    f();
+    sync(dev);
+    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return t;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    std::set<std::string> parts;
+    {
+      std::stringstream ss(o.parts);
+      for (std::string p; std::getline(ss, p, ',');) parts.insert(p);
+    }
+    if (o.threads > 0) at::set_num_threads(o.threads);
+    cpu_allocator::install(o.cpu_cache_mb < 0 ? cpu_allocator::kDefaultMaxCached : size_t(o.cpu_cache_mb) << 20);
+    DeviceSpec spec;
+    if (o.device == "cuda") spec.device = at::Device(at::kCUDA, 0);
+    else DP_CHECK(o.device == "cpu", "bench_sd: --device must be cpu or cuda");
+    spec.dtype = o.dtype == "float16" ? at::kHalf : o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    DP_CHECK(o.dtype == "float32" || o.dtype == "float16" || o.dtype == "bfloat16", "bench_sd: unknown --dtype ", o.dtype);
+    const auto t_load = Clock::now();
+    const SdModel model = SdModel::load(o.model, spec);
+    const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+
+    std::vector<GenerationParams> reqs(o.images);
+    for (int i = 0; i < o.images; ++i) {
+      reqs[i].prompt = "a photograph of an astronaut riding a horse, number " + std::to_string(i);
+      reqs[i].steps = o.steps;
+      reqs[i].guidance = o.guidance;
+      reqs[i].sampler = o.sampler;
+      reqs[i].seed = 1000 + i;
+      reqs[i].width = reqs[i].height = o.size;
+    }
+    const ResolvedParams rp = resolve_params(model, reqs[0]);
+    const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
+    const int64_t h = rp.height / f, w = rp.width / f;
+    std::map<std::string, at::Tensor> saved;
+    {
+      std::vector<at::Tensor> noise;
+      for (const auto& p : reqs) noise.push_back(seeded_noise(p.seed, 0, {C, h, w}));
+      saved["noise"] = at::stack(noise);
+    }
+    nlohmann::json res = {{"device", o.device}, {"dtype", o.dtype}, {"threads", at::get_num_threads()},
+                          {"size", rp.width}, {"steps", o.steps}, {"images", o.images}, {"guidance", o.guidance},
+                          {"load_s", load_s}};
+
+    if (parts.count("e2e")) {
+      RunOptions ro;
+      ro.model_dir = o.model;
+      RankSpec rs;
+      rs.device = o.device;
+      rs.dtype = o.dtype;
+      ro.placement = Placement::derive(1, rs);
+      for (auto& s : ro.placement.stages) s.max_batch = std::max(8, o.images);
+      std::vector<Image> images(o.images);
+      std::vector<double> times;
+      profile::Totals best_prof;
+      double best_wall = 1e30;
+      for (int r = 0; r < o.rounds + 1; ++r) {  // round 0 warms up (allocator, kernel selection)
+        auto t = make_inproc_world(1)[0];
+        profile::reset();
+        profile::set_enabled(true);
+        const RunStats st = run_pipeline(ro, *t, model, reqs, [&](GeneratedImage&& g) {
+          DP_CHECK(g.status == "done", "bench_sd: request ", g.index, " ", g.status, ": ", g.reason);
+          images[g.index] = std::move(g.image);
+        });
+        profile::set_enabled(false);
+        if (r == 0) continue;
+        times.push_back(st.wall_s);
+        if (st.wall_s < best_wall) {
+          best_wall = st.wall_s;
+          best_prof = profile::totals();
+          nlohmann::json busy;
+          for (int k = 0; k < kNumStages; ++k) busy[stage_name(static_cast<StageKind>(k))] = st.busy_s[k];
+          res["e2e_busy_s"] = busy;
+        }
+      }
+      res["e2e_s"] = times;
+      nlohmann::json prof;
+      for (int k = 0; k < profile::kSections; ++k)
+        prof[profile::section_name(static_cast<profile::Section>(k))] = best_prof.seconds[k];
+      res["e2e_profile_s"] = prof;
+      std::vector<at::Tensor> u8;
+      for (const auto& im : images)
+        u8.push_back(at::from_blob(const_cast<uint8_t*>(im.pixels.data()), {im.height, im.width, 3}, at::kByte).clone());
+      saved["images"] = at::stack(u8);
+    }
+    if (parts.count("loop")) {  // the denoising loop of all requests in one batch (diffusers' progress-bar rate)
+      TextEncodeStage enc(model);
+      DenoiseStage den(model);
+      std::vector<const GenerationParams*> ptrs;
+      for (const auto& p : reqs) ptrs.push_back(&p);
+      const auto embs = enc.run(ptrs);
+      auto run = [&] {
+        std::vector<DenoiseState> states;
+        for (int i = 0; i < o.images; ++i) states.push_back(make_denoise_state(model, reqs[i], embs[i], i));
+        std::vector<DenoiseState*> batch;
+        for (auto& s : states) batch.push_back(&s);
+        while (!states[0].done()) den.step(batch);
+      };
+      run();  // warm-up
+      const auto t = timed(o.rounds, spec.device, run);
+      nlohmann::json steps_per_s = nlohmann::json::array();
+      for (double s : t) steps_per_s.push_back(o.steps / s);
+      res["loop_s"] = t;
+      res["loop_steps_per_s"] = steps_per_s;
+    }
+    const int64_t rows = o.guidance > 1 ? 2 * o.images : o.images;
+    if (parts.count("unet")) {
+      const int64_t L = model.tokenizer->max_length(), D = model.text_config.hidden_size;
+      at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, L, D});
+      at::Tensor ts = at::full({rows}, 500.0, at::kFloat);
+      saved["unet.sample"] = x;
+      saved["unet.encoder_hidden_states"] = ctx;
+      saved["unet.timesteps"] = ts;
+      const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
+      at::Tensor out = model.unet->forward(xd, ts, cd);  // warm-up
+      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.unet->forward(xd, ts, cd); });
+      saved["unet.out"] = out.to(at::kCPU, at::kFloat);
+    }
+    if (parts.count("vae")) {
+      at::Tensor z = seeded_noise(8, 0, {static_cast<int64_t>(o.images), C, h, w});
+      saved["vae.latents"] = z;
+      const at::Tensor zd = z.to(spec.device, model.vae_dtype);
+      at::Tensor out = model.vae->decode(zd);
+      res["vae_s"] = timed(o.rounds, spec.device, [&] { out = model.vae->decode(zd); });
+      saved["vae.out"] = out.to(at::kCPU, at::kFloat);
+    }
+    res["peak_bytes"] = peak_bytes(spec.device);
+    const auto cs = cpu_allocator::stats();
+    res["cpu_cache"] = {{"hits", cs.hits}, {"misses", cs.misses}, {"cached_bytes", cs.cached_bytes}};
+    res["peak_kind"] = spec.device.is_cuda() ? "cuda allocated" : "process max rss";
+    if (!o.out.empty()) save_safetensors(o.out, saved);
+    std::cout << res.dump() << std::endl;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_sd: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
