@@ -89,6 +89,15 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
            cfg_.max_position_embeddings);
   DP_CHECK(clip_skip >= 0 && clip_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", clip_skip,
            " must be in [0, ", cfg_.num_hidden_layers, ")");
+  if (nn::batch_invariant() && B > 1) {
+    std::vector<at::Tensor> last, pooled;
+    for (int64_t i = 0; i < B; ++i) {
+      ClipTextOutput o = forward(input_ids.slice(0, i, i + 1), clip_skip);
+      last.push_back(o.last_hidden_state);
+      pooled.push_back(o.pooled);
+    }
+    return {at::cat(last), at::cat(pooled)};
+  }
   const at::Tensor ids = input_ids.to(m.token_embedding.device(), at::kLong);
   DP_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < cfg_.vocab_size),
            "text encoder: token id out of range [0, ", cfg_.vocab_size, ")");

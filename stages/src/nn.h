@@ -9,13 +9,23 @@
 
 namespace diffpipe::nn {
 
-// Batch-invariant execution: LibTorch's CPU kernels for 3x3 convolutions and for matrix products with few rows
-// pick blockings that depend on the batch size, so a sample's result changes (by ~1e-5) with its batch
-// neighbours. When enabled, those ops run sample by sample (cheap on the CPU at these shapes), which makes a
-// request's output independent of the batch it shares. Set once at model load from DeviceSpec::batch_invariant
-// (CPU only; off by default).
+// Batch-invariant execution: LibTorch's CPU kernels pick blockings and code paths from the whole tensor's shape
+// (convolutions, matrix products whose row count includes the batch, even where an elementwise op's thread
+// chunks end), and which ones depend on the CPU's instruction set, so a sample's result can change (by ~1e-7
+// to 1e-5) with its batch neighbours. When enabled, every model's forward runs sample by sample: each op then
+// sees the same shapes whatever the batch, on any CPU, so a request's output does not depend on the batch it
+// shares. Set once at model load from DeviceSpec::batch_invariant (CPU only; off by default).
 void set_batch_invariant(bool on);
 bool batch_invariant();
+
+// f(i) -> sample i's result with a leading batch dimension of 1; the results concatenated along dim 0.
+template <typename F>
+at::Tensor per_sample(int64_t batch, F&& f) {
+  std::vector<at::Tensor> outs;
+  outs.reserve(batch);
+  for (int64_t i = 0; i < batch; ++i) outs.push_back(f(i));
+  return at::cat(outs);
+}
 
 struct Linear {
   at::Tensor weight, bias;  // weight: [out, in]
@@ -24,14 +34,7 @@ struct Linear {
     weight = w.get(name + ".weight", {out, in});
     if (has_bias) bias = w.get(name + ".bias", {out});
   }
-  at::Tensor operator()(const at::Tensor& x) const {
-    if (x.dim() >= 2 && x.size(0) > 1 && batch_invariant()) {  // [B, ..., in]: one sample at a time
-      std::vector<at::Tensor> rows;
-      for (int64_t i = 0; i < x.size(0); ++i) rows.push_back(at::linear(x.slice(0, i, i + 1), weight, bias));
-      return at::cat(rows);
-    }
-    return at::linear(x, weight, bias);
-  }
+  at::Tensor operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
 };
 
 struct Conv2d {
@@ -50,12 +53,6 @@ struct Conv2d {
       // intra-op thread count when the batch has more than one sample; this form does not.
       at::Tensor y = at::linear(x.permute({0, 2, 3, 1}), weight.flatten(1), bias);  // [B, H, W, out]
       return y.permute({0, 3, 1, 2}).contiguous();
-    }
-    if (x.size(0) > 1 && batch_invariant()) {
-      std::vector<at::Tensor> outs;
-      for (int64_t i = 0; i < x.size(0); ++i)
-        outs.push_back(at::conv2d(x.slice(0, i, i + 1), weight, bias, {stride, stride}, {padding, padding}));
-      return at::cat(outs);
     }
     return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
   }

@@ -37,6 +37,8 @@ std::shared_ptr<SuperResolution> SuperResolution::load(const std::string& dir, c
 
 at::Tensor SuperResolution::forward(const at::Tensor& x) const {
   DP_CHECK(x.dim() == 4 && x.size(1) == 3, "super-resolution: images must be [B, 3, H, W]");
+  if (nn::batch_invariant() && x.size(0) > 1)
+    return nn::per_sample(x.size(0), [&](int64_t i) { return forward(x.slice(0, i, i + 1)); });
   at::Tensor up = at::upsample_nearest2d(x, {x.size(2) * cfg_.scale, x.size(3) * cfg_.scale});
   at::Tensor h = up;
   for (size_t i = 0; i < impl_->convs.size(); ++i) {

@@ -213,6 +213,10 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   if (t.size(0) == 1 && B > 1) t = t.expand({B});
   DP_CHECK(t.dim() == 1 && t.size(0) == B, "unet: need one timestep or one per sample, got ", shape_str(t.sizes()));
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
+  if (nn::batch_invariant() && B > 1)
+    return nn::per_sample(B, [&](int64_t i) {
+      return forward(sample.slice(0, i, i + 1), t.slice(0, i, i + 1), context.slice(0, i, i + 1));
+    });
   at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
                          .to(sample.device(), sample.scalar_type());
   at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));

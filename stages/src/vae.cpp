@@ -161,6 +161,15 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
            ", H, W], got ", shape_str(image.sizes()));
   DP_CHECK(image.size(2) % downscale() == 0 && image.size(3) % downscale() == 0, "vae: image size ", image.size(2),
            "x", image.size(3), " is not a multiple of ", downscale());
+  if (nn::batch_invariant() && image.size(0) > 1) {
+    std::vector<at::Tensor> means, logvars;
+    for (int64_t i = 0; i < image.size(0); ++i) {
+      GaussianLatent g = encode(image.slice(0, i, i + 1));
+      means.push_back(g.mean);
+      logvars.push_back(g.logvar);
+    }
+    return {at::cat(means), at::cat(logvars)};
+  }
   at::Tensor x = m.enc_conv_in(image);
   for (const auto& b : m.enc_blocks) {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
@@ -177,6 +186,8 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
   const Impl& m = *impl_;
   DP_CHECK(latents.dim() == 4 && latents.size(1) == cfg_.latent_channels, "vae: latents must be [B, ",
            cfg_.latent_channels, ", h, w], got ", shape_str(latents.sizes()));
+  if (nn::batch_invariant() && latents.size(0) > 1)
+    return nn::per_sample(latents.size(0), [&](int64_t i) { return decode(latents.slice(0, i, i + 1)); });
   at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
   x = m.dec_conv_in(x);
   x = m.dec_mid(x);
