@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
       for (std::string p; std::getline(ss, p, ',');) parts.insert(p);
     }
     if (o.threads > 0) at::set_num_threads(o.threads);
-    cpu_allocator::install(o.cpu_cache_mb < 0 ? cpu_allocator::kDefaultMaxCached : size_t(o.cpu_cache_mb) << 20);
+    cpu_allocator::install(o.cpu_cache_mb < 0 ? cpu_allocator::default_bound() : size_t(o.cpu_cache_mb) << 20);
     DeviceSpec spec;
     if (o.device == "cuda") spec.device = at::Device(at::kCUDA, 0);
     else DP_CHECK(o.device == "cpu", "bench_sd: --device must be cpu or cuda");

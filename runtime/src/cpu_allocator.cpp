@@ -3,6 +3,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <map>
@@ -66,18 +67,20 @@ class CachingCpuAllocator final : public c10::Allocator {
  private:
   static void deleter(void* p);
 
+  // A cached block of class cls .. 1.25 cls, or nullptr.
   void* take(size_t cls) {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = free_.find(cls);
-    if (it == free_.end()) {
+    auto it = free_.lower_bound(cls);  // the smallest cached block that fits, if it wastes at most a quarter
+    if (it == free_.end() || it->first > cls + cls / 4) {
       ++st_.misses;
       return nullptr;
     }
     void* p = it->second;
+    const size_t size = it->first;
     free_.erase(it);
-    st_.cached_bytes -= cls;
-    live_[p] = cls;
-    st_.live_bytes += cls;
+    st_.cached_bytes -= size;
+    live_[p] = size;
+    st_.live_bytes += size;
     ++st_.hits;
     return p;
   }
@@ -142,6 +145,14 @@ void CachingCpuAllocator::deleter(void* p) {
 }
 
 }  // namespace
+
+size_t default_bound() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const size_t total = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(8) << 30;
+  const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const size_t local = ls && std::atoi(ls) > 0 ? size_t(std::atoi(ls)) : 1;
+  return total / 4 / local;
+}
 
 void install(size_t max_cached_bytes) {
   std::call_once(g_once, [] {

@@ -1,5 +1,7 @@
 #include "unet_blocks.h"
 
+#include <c10/core/GradMode.h>
+
 #include "diffpipe/runtime/error.h"
 
 namespace diffpipe::nn {
@@ -116,11 +118,40 @@ at::Tensor Downsample2D::operator()(const at::Tensor& x) const {
   return conv(x);
 }
 
-Upsample2D::Upsample2D(const Weights& w, int64_t channels) { conv = Conv2d(w, "conv", channels, channels, 3, 1, 1); }
+Upsample2D::Upsample2D(const Weights& w, int64_t channels) {
+  conv = Conv2d(w, "conv", channels, channels, 3, 1, 1);
+  if (!conv.weight.device().is_cpu()) return;  // GPUs keep the 3x3 form (cuDNN's Winograd kernels)
+  // Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows {i - 1, i} for a = 0 (taps
+  // {0}, {1, 2}) and {i, i + 1} for a = 1 (taps {0, 1}, {2}); columns alike. Over the input padded by one pixel,
+  // phase (a, b) at (i, j) is a 2x2 convolution at padded position (i + a, j + b).
+  c10::AutoGradMode no_grad(false);
+  const at::Tensor k = conv.weight.to(at::kFloat);  // sums in float32, then back to the weights' dtype
+  auto fold = [](const at::Tensor& t, int64_t dim, int64_t a) {  // 3 taps along dim -> the phase's 2
+    return a == 0 ? at::stack({t.select(dim, 0), t.select(dim, 1) + t.select(dim, 2)}, dim)
+                  : at::stack({t.select(dim, 0) + t.select(dim, 1), t.select(dim, 2)}, dim);
+  };
+  std::vector<at::Tensor> phases;
+  for (int64_t a = 0; a < 2; ++a)
+    for (int64_t b = 0; b < 2; ++b) phases.push_back(fold(fold(k, 2, a), 3, b));
+  phase_weight = at::cat(phases, 0).to(conv.weight.scalar_type()).contiguous();
+  phase_bias = conv.bias.repeat({4});
+}
 
 at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) const {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const bool doubled = size.empty() || (size[0] == 2 * H && size[1] == 2 * W);
+  // Training updates conv.weight in place (it requires grad): the phase weights would be stale, so the 3x3 form.
+  if (phase_weight.defined() && doubled && x.device().is_cpu() && !conv.weight.requires_grad()) {
+    at::Tensor out = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0), phase_weight, phase_bias)
+                         .view({B, 4, C, H + 1, W + 1});  // [B, phase, C, H + 1, W + 1]
+    at::Tensor y = at::empty({B, C, H, 2, W, 2}, x.options());
+    for (int64_t a = 0; a < 2; ++a)
+      for (int64_t b = 0; b < 2; ++b)
+        y.select(5, b).select(3, a).copy_(out.select(1, 2 * a + b).slice(2, a, a + H).slice(3, b, b + W));
+    return y.view({B, C, 2 * H, 2 * W});
+  }
   at::Tensor in = x.scalar_type() == at::kBFloat16 ? x.to(at::kFloat) : x;
-  std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{x.size(2) * 2, x.size(3) * 2}
+  std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{H * 2, W * 2}
                                                : std::vector<int64_t>(size.begin(), size.end());
   at::Tensor up = at::upsample_nearest2d(in, out_size);
   if (x.scalar_type() == at::kBFloat16) up = up.to(at::kBFloat16);

@@ -1,7 +1,7 @@
 // A caching allocator for LibTorch's CPU tensors. Every denoising step allocates and frees the same large
 // activations; through malloc each one is a fresh mmap whose pages the kernel faults in and zeroes again
 // (about a fifth of a CPU UNet step). Blocks of 256 KiB and more are kept after free in size classes (at most
-// 12.5 % rounding) and handed out again; blocks of 2 MiB and more are 2 MiB aligned and asked for transparent
+// 12.5 % rounding) and handed out again to requests of their class or up to a quarter smaller; blocks of 2 MiB and more are 2 MiB aligned and asked for transparent
 // huge pages. Smaller blocks go to LibTorch's default allocator. The free cache is bounded: a freed block
 // that would push it over the bound is returned to the system, and a failed allocation empties it and retries.
 // Thread-safe (one mutex, taken only for large blocks). install() is idempotent; the last bound given wins.
@@ -11,9 +11,11 @@
 
 namespace diffpipe::cpu_allocator {
 
-constexpr size_t kDefaultMaxCached = size_t(2) << 30;  // 2 GiB of free blocks (generate --cpu-cache-mb)
+// The default bound: a quarter of the machine's memory shared by the ranks on it (OMPI_COMM_WORLD_LOCAL_SIZE),
+// e.g. 6 GiB for one process on 24 GiB. `generate --cpu-cache-mb` overrides it.
+size_t default_bound();
 
-void install(size_t max_cached_bytes = kDefaultMaxCached);
+void install(size_t max_cached_bytes = default_bound());
 bool installed();
 
 struct Stats {
