@@ -172,10 +172,16 @@ int main(int argc, char** argv) {
         }
       }
       res["e2e_s"] = times;
-      nlohmann::json prof;
-      for (int k = 0; k < profile::kSections; ++k)
-        prof[profile::section_name(static_cast<profile::Section>(k))] = best_prof.seconds[k];
+      nlohmann::json prof, calls, longest;
+      for (int k = 0; k < profile::kSections; ++k) {
+        const char* name = profile::section_name(static_cast<profile::Section>(k));
+        prof[name] = best_prof.seconds[k];
+        calls[name] = best_prof.calls[k];
+        longest[name] = best_prof.max_seconds[k];
+      }
       res["e2e_profile_s"] = prof;
+      res["e2e_profile_calls"] = calls;
+      res["e2e_profile_longest_s"] = longest;
       std::vector<at::Tensor> u8;
       for (const auto& im : images)
         u8.push_back(at::from_blob(const_cast<uint8_t*>(im.pixels.data()), {im.height, im.width, 3}, at::kByte).clone());

@@ -21,6 +21,7 @@ diffpipe itself never runs Python.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,7 +66,7 @@ class Diffusers:
         self.a, self.torch = a, torch
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
         t0 = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=self.dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=self.dtype, safety_checker=None,
                                                        requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -181,11 +182,17 @@ def main():
         theirs["e2e_s"], img = ref.e2e(saved["noise"])
         d = (saved["images"].int() - img.int()).abs()
         within = float((d <= 1).double().mean())
+        mse = float((d.double() ** 2).mean())
+        psnr = 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
         checks["images max |diff|"] = int(d.max())
         checks["images within +-1"] = within
-        need = 0.99 if a.dtype == "float32" else 0.95
-        if within < need:
-            failed.append(f"images differ from diffusers: {within:.4f} of 8-bit values within +-1 (< {need})")
+        checks["images PSNR dB"] = psnr
+        # float32: the golden README's image tolerance. 16-bit: rounding moves whole trajectories a little (the
+        # golden tests see up to 6 levels on 8-bit values), so the same picture is asked for: PSNR >= 30 dB.
+        if a.dtype == "float32" and within < 0.99:
+            failed.append(f"images differ from diffusers: {within:.4f} of 8-bit values within +-1 (< 0.99)")
+        if a.dtype != "float32" and psnr < 30:
+            failed.append(f"images differ from diffusers: PSNR {psnr:.1f} dB (< 30)")
     if "loop" in parts:
         theirs["loop_s"] = ref.loop()
     theirs["peak_bytes"], kind = ref.peak()

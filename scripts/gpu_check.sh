@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
-#   bash scripts/gpu_check.sh        (expects .gpu/golden/tiny-sd and .gpu/deps.tar.xz carried along)
+#   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
+#   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,speed by default; also transport,pipeline,sd15,scheduler)
 # Libraries the GPU image lacks (ICU, libpng, nlohmann-json, GoogleTest headers) come from .gpu/deps.tar.xz,
-# built from this project's Debian machine; the reference folder from .gpu/golden.
+# built from this project's Debian machine; the reference folder from .gpu/golden; diffusers' wheel from .gpu/wheels.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 LOG=$OUT/gpu_log.txt
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $* ($(date +%T))"; }
 # GPU_CHECK_PARTS: which parts to run after the build (default: all)
-PARTS=${GPU_CHECK_PARTS:-golden,transport,pipeline,sd15,scheduler}
+PARTS=${GPU_CHECK_PARTS:-golden,speed}
 want() { case ",$PARTS," in *",$1,"*) return 0;; *) return 1;; esac; }
 ROOT=$PWD
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -60,7 +61,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler; then
+if want sd15 || want scheduler || want speed; then
 t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"
 fi
 if want sd15; then
@@ -74,5 +75,14 @@ fi
 if want scheduler; then
 step "scheduler: Poisson arrivals, step vs static vs one-at-a-time, SD 1.5 architecture 512x512 float16"
 timeout 400 $B/benchmarks/bench_scheduler --model /tmp/sd15 --requests 24 --device cuda --dtype float16 --rates 0.5,1,2,4
+fi
+if want speed; then
+step "vs diffusers (eager and torch.compile): SD 1.5 architecture, 512 px, float16, guidance 7.5"
+pip install --quiet --no-deps .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
+VS="python3 benchmarks/vs_diffusers.py --model /tmp/sd15 --device cuda --dtype float16 --size 512 --bench $B/benchmarks/bench_sd"
+echo "--- batch 1: denoising steps/s with guidance (target >= 105 on an H100), UNet and VAE alone"
+timeout 240 $VS --images 1 --steps 50 --parts loop,unet,vae --rounds 3 --compile --json $OUT/speed_b1.json 2>&1 | grep -v -E "Loading|deprecat|accelerate"
+echo "--- batch 8 x 50 steps: images/s end to end (target >= 1.2x diffusers + torch.compile)"
+timeout 240 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json 2>&1 | grep -v -E "Loading|deprecat|accelerate"
 fi
 step "done"

@@ -8,7 +8,7 @@ TORCH_VERSION="${DIFFPIPE_TORCH_VERSION:-2.11.0}"
 
 pkgs=(build-essential cmake ninja-build ccache pkg-config git
       libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev zlib1g-dev
-      libgtest-dev libgmock-dev libbenchmark-dev python3-pip)
+      libgtest-dev libgmock-dev libbenchmark-dev python3-pip time)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,5 +34,12 @@ if ! $PY -c 'import torchvision, pytorch_fid, scipy, PIL, safetensors' 2>/dev/nu
   $PY -m pip install --quiet --disable-pip-version-check --no-deps "torchvision==${DIFFPIPE_TORCHVISION_VERSION:-0.26.0}" \
       "pytorch-fid==0.3.0" && $PY -m pip install --quiet --disable-pip-version-check scipy pillow safetensors \
     || echo "[install] warning: reference packages unavailable; tests/apps/inception_reference_test.sh will skip"
+fi
+# The side-by-side benchmark's reference (benchmarks/vs_diffusers.py): diffusers + transformers, pinned.
+if ! $PY -c 'import diffusers, transformers' 2>/dev/null; then
+  echo "[install] reference packages for benchmarks: diffusers, transformers"
+  $PY -m pip install --quiet --disable-pip-version-check "diffusers==${DIFFPIPE_DIFFUSERS_VERSION:-0.42.1}" \
+      "transformers==${DIFFPIPE_TRANSFORMERS_VERSION:-5.24.0}" \
+    || echo "[install] warning: diffusers/transformers unavailable; benchmarks/vs_diffusers.py will not run"
 fi
 echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"

@@ -95,8 +95,8 @@ void Placement::validate(const std::string& origin) const {
              "' (cpu or cuda)");
     DP_CHECK(rs.dtype == "float32" || rs.dtype == "float16" || rs.dtype == "bfloat16", origin, ": rank ", r,
              ": dtype '", rs.dtype, "' (float32, float16 or bfloat16)");
-    DP_CHECK(rs.device == "cuda" || rs.dtype == "float32", origin, ": rank ", r, ": dtype ", rs.dtype,
-             " needs device = \"cuda\" (CPU ranks run float32)");
+    DP_CHECK(rs.device == "cuda" || rs.dtype != "float16", origin, ": rank ", r,
+             ": dtype float16 needs device = \"cuda\" (CPU ranks run float32 or bfloat16)");
     if (transport == "nccl")
       DP_CHECK(rs.device == "cuda" || world_size == 1, origin, ": rank ", r,
                ": transport nccl needs every rank on device \"cuda\"");

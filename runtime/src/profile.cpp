@@ -10,6 +10,7 @@ std::atomic<bool> g_on{false};
 std::function<void()> g_sync;
 std::atomic<int64_t> g_ns[kSections];
 std::atomic<int64_t> g_calls[kSections];
+std::atomic<int64_t> g_max_ns[kSections];
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -34,8 +35,12 @@ Scope::Scope(Section s) : section_(static_cast<int>(s)) {
 Scope::~Scope() {
   if (start_ns_ < 0) return;
   if (g_sync) g_sync();
-  g_ns[section_] += now_ns() - start_ns_;
+  const int64_t d = now_ns() - start_ns_;
+  g_ns[section_] += d;
   g_calls[section_] += 1;
+  int64_t m = g_max_ns[section_].load();
+  while (d > m && !g_max_ns[section_].compare_exchange_weak(m, d)) {
+  }
 }
 
 Totals totals() {
@@ -43,6 +48,7 @@ Totals totals() {
   for (int i = 0; i < kSections; ++i) {
     t.seconds[i] = g_ns[i].load() / 1e9;
     t.calls[i] = g_calls[i].load();
+    t.max_seconds[i] = g_max_ns[i].load() / 1e9;
   }
   return t;
 }
@@ -51,6 +57,7 @@ void reset() {
   for (int i = 0; i < kSections; ++i) {
     g_ns[i] = 0;
     g_calls[i] = 0;
+    g_max_ns[i] = 0;
   }
 }
 

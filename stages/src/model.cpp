@@ -1,7 +1,10 @@
 #include "diffpipe/stages/model.h"
 
+#include <fstream>
+
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/safetensors.h"
 #include "nn.h"
@@ -43,6 +46,17 @@ void SdModel::validate(const std::string& dir) {
            " do not match the VAE's latent_channels ", vcfg.latent_channels);
 }
 
+// Native bfloat16 matrix units on this CPU (AMX or AVX-512 BF16, from /proc/cpuinfo's flags): without them
+// LibTorch emulates bfloat16 and it runs slower than float32.
+static bool cpu_has_native_bf16() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("flags", 0) == 0)
+      return line.find(" amx_bf16") != std::string::npos || line.find(" avx512_bf16") != std::string::npos;
+  return false;
+}
+
 // On a GPU, "float32" means float32 (no TF32 in cuDNN convolutions or cuBLAS), and 16-bit matrix products
 // accumulate without reduced-precision split-K reductions: the reference outputs are float32.
 static void configure_cuda_numerics() {
@@ -60,6 +74,11 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     const auto index = spec.device.index();
     profile::set_sync([index] { at::detail::getCUDAHooks().deviceSynchronize(index < 0 ? 0 : index); });
   }
+  DP_CHECK(spec.device.is_cuda() || spec.dtype != at::kHalf, dir, ": float16 runs on GPUs only (CPUs: float32 or bfloat16)");
+  if (!spec.device.is_cuda() && spec.dtype == at::kBFloat16) {
+    static const bool native = cpu_has_native_bf16();
+    if (!native) DP_LOG(Warn, "bfloat16 on a CPU without AMX or AVX-512 BF16: emulated, expect it slower than float32");
+  }
   nn::set_batch_invariant(spec.batch_invariant && !spec.device.is_cuda());
   SdModel m;
   m.dir = dir;
@@ -73,7 +92,8 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
-  m.vae_dtype = m.vae_config.force_upcast ? at::kFloat : spec.dtype;
+  // As diffusers: force_upcast decodes in float32 only under float16 (its range overflows); bfloat16 has float32's.
+  m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;  // the decoder side (VAE, super-resolution) runs in the VAE's dtype
   vspec.dtype = m.vae_dtype;
   if (components & (kVae | kVaeEncoder))

@@ -18,6 +18,15 @@ namespace diffpipe::nn {
 void set_batch_invariant(bool on);
 bool batch_invariant();
 
+// Memory layout: on the CPU, oneDNN's bfloat16 (AMX) convolutions work in channels-last; given NCHW they
+// transpose every input and output, which costs 2-4x the convolution itself (float32 kernels do not gain). So
+// models whose weights are bfloat16 on the CPU keep their activations channels-last: the conv weights are
+// stored so at load, the model's forward converts its input once and returns NCHW. Every block below accepts
+// either layout and keeps its input's.
+inline bool prefers_channels_last(const at::Tensor& weight) {
+  return weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16;
+}
+
 // f(i) -> sample i's result with a leading batch dimension of 1; the results concatenated along dim 0.
 template <typename F>
 at::Tensor per_sample(int64_t batch, F&& f) {
@@ -46,13 +55,20 @@ struct Conv2d {
       : stride(stride_), padding(padding_) {
     weight = w.get(name + ".weight", {out, in, k, k});
     bias = w.get(name + ".bias", {out});
+    if (k > 1 && prefers_channels_last(weight)) weight = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  bool is_pointwise() const { return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0; }
+  // A 1x1 convolution of x [B, C, H, W] as rows [B*H*W, out] (pixel-major). The product runs on a contiguous 2-D
+  // matrix: LibTorch's linear on a permuted 4-D view takes a generic batched path, ~30x slower in bfloat16.
+  at::Tensor pointwise_rows(const at::Tensor& x) const {
+    return at::linear(x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), weight.flatten(1), bias);
   }
   at::Tensor operator()(const at::Tensor& x) const {
-    if (weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0) {
+    if (is_pointwise()) {
       // 1x1: a matrix product over channels. LibTorch's NCHW 1x1 convolution gives results that depend on the
       // intra-op thread count when the batch has more than one sample; this form does not.
-      at::Tensor y = at::linear(x.permute({0, 2, 3, 1}), weight.flatten(1), bias);  // [B, H, W, out]
-      return y.permute({0, 3, 1, 2}).contiguous();
+      const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+      return pointwise_rows(x).view({B, H, W, weight.size(0)}).permute({0, 3, 1, 2}).contiguous(x.suggest_memory_format());
     }
     return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
   }

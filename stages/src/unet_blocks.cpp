@@ -87,26 +87,15 @@ Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64
 }
 
 at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor& context) const {
-  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor h = norm(x);
-  int64_t inner;
-  if (!linear) {
-    h = proj_in_conv(h);
-    inner = h.size(1);
-    h = h.permute({0, 2, 3, 1}).reshape({B, H * W, inner});
-  } else {
-    inner = h.size(1);
-    h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B, H * W, inner}));
-    inner = h.size(2);
-  }
+  // h: [B, H*W, inner] tokens, pixel-major; each projection copies the layout at most once
+  if (!linear) h = proj_in_conv.pointwise_rows(h);
+  else h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B * H * W, C}));
+  h = h.view({B, H * W, h.size(-1)});
   for (const auto& b : blocks) h = b(h, context);
-  if (!linear) {
-    h = proj_out_conv(h.reshape({B, H, W, inner}).permute({0, 3, 1, 2}).contiguous());
-  } else {
-    h = proj_out_linear(h);
-    h = h.reshape({B, H, W, h.size(2)}).permute({0, 3, 1, 2}).contiguous();
-  }
-  return h + x;
+  h = linear ? proj_out_linear(h) : at::linear(h, proj_out_conv.weight.flatten(1), proj_out_conv.bias);
+  return x + h.view({B, H, W, C}).permute({0, 3, 1, 2});  // NCHW like x (its first operand): no separate copy
 }
 
 Downsample2D::Downsample2D(const Weights& w, int64_t channels, int64_t padding_) : padding(padding_) {
@@ -133,7 +122,8 @@ Upsample2D::Upsample2D(const Weights& w, int64_t channels) {
   std::vector<at::Tensor> phases;
   for (int64_t a = 0; a < 2; ++a)
     for (int64_t b = 0; b < 2; ++b) phases.push_back(fold(fold(k, 2, a), 3, b));
-  phase_weight = at::cat(phases, 0).to(conv.weight.scalar_type()).contiguous();
+  phase_weight = at::cat(phases, 0).to(conv.weight.scalar_type()).contiguous(
+      prefers_channels_last(conv.weight) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   phase_bias = conv.bias.repeat({4});
 }
 
@@ -142,20 +132,25 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) con
   const bool doubled = size.empty() || (size[0] == 2 * H && size[1] == 2 * W);
   // Training updates conv.weight in place (it requires grad): the phase weights would be stale, so the 3x3 form.
   if (phase_weight.defined() && doubled && x.device().is_cpu() && !conv.weight.requires_grad()) {
-    at::Tensor out = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0), phase_weight, phase_bias)
-                         .view({B, 4, C, H + 1, W + 1});  // [B, phase, C, H + 1, W + 1]
+    at::Tensor out = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0), phase_weight, phase_bias);
+    if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {  // out: [B, H + 1, W + 1, phase, C] in memory
+      at::Tensor o = out.permute({0, 2, 3, 1}).view({B, H + 1, W + 1, 4, C});
+      at::Tensor y = at::empty({B, H, 2, W, 2, C}, x.options());
+      for (int64_t a = 0; a < 2; ++a)
+        for (int64_t b = 0; b < 2; ++b)
+          y.select(4, b).select(2, a).copy_(o.select(3, 2 * a + b).slice(1, a, a + H).slice(2, b, b + W));
+      return y.view({B, 2 * H, 2 * W, C}).permute({0, 3, 1, 2});  // channels-last [B, C, 2H, 2W]
+    }
+    at::Tensor o = out.view({B, 4, C, H + 1, W + 1});  // [B, phase, C, H + 1, W + 1]
     at::Tensor y = at::empty({B, C, H, 2, W, 2}, x.options());
     for (int64_t a = 0; a < 2; ++a)
       for (int64_t b = 0; b < 2; ++b)
-        y.select(5, b).select(3, a).copy_(out.select(1, 2 * a + b).slice(2, a, a + H).slice(3, b, b + W));
+        y.select(5, b).select(3, a).copy_(o.select(1, 2 * a + b).slice(2, a, a + H).slice(3, b, b + W));
     return y.view({B, C, 2 * H, 2 * W});
   }
-  at::Tensor in = x.scalar_type() == at::kBFloat16 ? x.to(at::kFloat) : x;
   std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{H * 2, W * 2}
                                                : std::vector<int64_t>(size.begin(), size.end());
-  at::Tensor up = at::upsample_nearest2d(in, out_size);
-  if (x.scalar_type() == at::kBFloat16) up = up.to(at::kBFloat16);
-  return conv(up);
+  return conv(at::upsample_nearest2d(x, out_size));
 }
 
 SpatialSelfAttention::SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps) {
@@ -168,11 +163,11 @@ SpatialSelfAttention::SpatialSelfAttention(const Weights& w, int64_t channels, i
 
 at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x) const {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor h = group_norm(x).view({B, C, H * W}).transpose(1, 2);  // [B, HW, C]
+  // h: [B, HW, C], pixel-major (free for channels-last input; one copy for NCHW; see pointwise_rows)
+  at::Tensor h = group_norm(x).permute({0, 2, 3, 1}).reshape({B, H * W, C});
   at::Tensor q = to_q(h).unsqueeze(1), k = to_k(h).unsqueeze(1), v = to_v(h).unsqueeze(1);
   at::Tensor o = attention(q, k, v, at::Tensor()).squeeze(1);
-  o = to_out(o).transpose(1, 2).reshape({B, C, H, W});
-  return o + x;
+  return x + to_out(o).view({B, H, W, C}).permute({0, 3, 1, 2});  // in x's layout
 }
 
 }  // namespace diffpipe::nn

@@ -170,7 +170,8 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
     }
     return {at::cat(means), at::cat(logvars)};
   }
-  at::Tensor x = m.enc_conv_in(image);
+  at::Tensor x = m.enc_conv_in(nn::prefers_channels_last(m.enc_conv_in.weight)
+                                   ? image.contiguous(at::MemoryFormat::ChannelsLast) : image);
   for (const auto& b : m.enc_blocks) {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
     if (b.has_sampler) x = b.down(x);
@@ -178,7 +179,7 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
   x = m.enc_mid(x);
   x = m.enc_conv_out(at::silu(m.enc_norm_out(x)));
   if (m.use_quant_conv) x = m.quant_conv(x);
-  auto parts = x.chunk(2, 1);
+  auto parts = x.contiguous().chunk(2, 1);
   return {parts[0], at::clamp(parts[1], -30.0, 20.0)};
 }
 
@@ -189,13 +190,13 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
   if (nn::batch_invariant() && latents.size(0) > 1)
     return nn::per_sample(latents.size(0), [&](int64_t i) { return decode(latents.slice(0, i, i + 1)); });
   at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
-  x = m.dec_conv_in(x);
+  x = m.dec_conv_in(nn::prefers_channels_last(m.dec_conv_in.weight) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x);
   x = m.dec_mid(x);
   for (const auto& b : m.dec_blocks) {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
     if (b.has_sampler) x = b.up(x);
   }
-  return m.dec_conv_out(at::silu(m.dec_norm_out(x)));
+  return m.dec_conv_out(at::silu(m.dec_norm_out(x))).contiguous();
 }
 
 at::Tensor AutoencoderKL::decode_scaled(const at::Tensor& latents) const {

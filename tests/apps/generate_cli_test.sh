@@ -26,6 +26,25 @@ fi
   --out "$WORK/again" --quiet 2>/dev/null
 cmp -s "$WORK/out/img-00001-seed1.png" "$WORK/again/img-00001-seed1.png" && ok "same seed, same bytes" || bad "seed not reproducible"
 
+# --profile: where the time went, per rank (every part that ran, and each stage thread's idle time)
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 3 --profile --out "$WORK/prof" --quiet \
+  2> "$WORK/prof.log" && grep -q "rank 0: wall .*text encoder .*unet .*sampler .*vae .*idle: encode .*denoise .*decode" \
+  "$WORK/prof.log" && ok "--profile breakdown" || bad "--profile: $(grep -A2 profile "$WORK/prof.log" | head -3)"
+
+# sizes whose attention has many tokens run without materialising L x L scores: the reference model at 512 px is
+# 128 x 128 latents (16,384 tokens; its L x L float32 scores alone would need 68 GB), in bounded memory
+GOLD=${DIFFPIPE_GOLDEN:-}
+if [ -n "$GOLD" ] && [ -d "$GOLD/model" ] && [ -x /usr/bin/time ]; then
+  /usr/bin/time -f "%M" -o "$WORK/big.rss" "$BIN" generate --model "$GOLD/model" --prompt "a cat" --steps 2 \
+    --width 512 --height 512 --out "$WORK/big" --quiet 2> "$WORK/big.log"
+  rss_mb=$(( $(tail -1 "$WORK/big.rss") / 1024 ))
+  w=$(od -An -tu1 -j18 -N2 "$WORK/big/img-00000-seed0.png" 2>/dev/null | awk '{print $1 * 256 + $2}')
+  [ "$w" = 512 ] && [ "$rss_mb" -lt 4096 ] && ok "reference model at 512x512 (128x128 latents): peak RSS $rss_mb MB" \
+    || bad "512x512 on the reference model: width '$w', peak RSS $rss_mb MB: $(tail -2 "$WORK/big.log")"
+else
+  echo "skip: 512x512 check needs DIFFPIPE_GOLDEN (reference folder) and /usr/bin/time"
+fi
+
 # every sampler through the whole pipeline (PLMS makes steps + 1 model calls)
 for s in ddim euler euler_a dpmpp_2m dpmpp_2m_karras pndm; do
   "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 3 --sampler $s --out "$WORK/s-$s" --quiet 2> "$WORK/s-$s.log" \

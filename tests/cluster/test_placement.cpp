@@ -106,6 +106,8 @@ TEST(Placement, BadFilesGiveClearErrors) {
                 .find("max_batch 0 must be in [1, 4096]"),
             std::string::npos);
   EXPECT_NE(load("dtype", base + "[rank.0]\ndtype = \"float16\"\n", 2).find("needs device = \"cuda\""), std::string::npos);
+  // bfloat16 runs on CPU ranks too (AMX / AVX-512 BF16 kernels)
+  EXPECT_EQ(Placement::load(file_with("bf16", base + "[rank.1]\ndtype = \"bfloat16\"\n"), 2).ranks[1].dtype, "bfloat16");
   EXPECT_NE(load("ncclcpu", "transport = \"nccl\"\n" + base, 2).find("transport nccl needs every rank on device"),
             std::string::npos);
   EXPECT_NE(load("transport", "transport = \"tcp\"\n" + base, 2).find("transport 'tcp' is not supported"),

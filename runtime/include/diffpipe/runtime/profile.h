@@ -31,6 +31,7 @@ class Scope {
 
 struct Totals {
   double seconds[kSections] = {};
+  double max_seconds[kSections] = {};  // the longest single call (a first call's warm-up shows here)
   int64_t calls[kSections] = {};
 };
 Totals totals();

@@ -31,7 +31,7 @@ struct SdModel {
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
   SchedulerConfig scheduler;
-  at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 when the VAE config says force_upcast
+  at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 for float16 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.
   ClipTextConfig text_config;
   UNetConfig unet_config;

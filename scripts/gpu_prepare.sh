@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepares .gpu/ (git-ignored) for one call of scripts/gpu_check.sh on the GPU machine, which has no network:
+#   .gpu/deps.tar.xz   headers and libraries its image lacks (ICU, libpng, zlib headers, nlohmann-json, GoogleTest),
+#                      unpacked from this Debian machine's packages
+#   .gpu/golden/       the reference folders (../shared/golden/tiny-sd)
+#   .gpu/wheels/       diffusers' wheel for the side-by-side benchmark (its dependencies are on the machine)
+# Then: run (device tool) with carry [".gpu"] and command "bash scripts/gpu_check.sh".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+G=.gpu
+mkdir -p "$G/debs" "$G/wheels" "$G/golden"
+grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+if [ ! -f "$G/deps.tar.xz" ]; then
+  (cd "$G/debs" && apt-get download libicu-dev libicu72 icu-devtools libpng-dev libpng16-16 zlib1g-dev \
+      nlohmann-json3-dev libgtest-dev libgmock-dev >/dev/null)
+  rm -rf "$G/deps" && mkdir -p "$G/deps"
+  for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/deps-root"; done
+  mv "$G/deps-root/usr/"* "$G/deps/" && rm -rf "$G/deps-root"
+  tar -C "$G" -cJf "$G/deps.tar.xz" deps && rm -rf "$G/deps"
+fi
+GOLDEN=${DIFFPIPE_GOLDEN:-../shared/golden/tiny-sd}
+[ -d "$GOLDEN" ] && rm -rf "$G/golden/tiny-sd" && cp -r "$GOLDEN" "$G/golden/tiny-sd"
+ls "$G"/wheels/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download --quiet --no-deps "diffusers==0.42.1" -d "$G/wheels"
+du -sh "$G"
