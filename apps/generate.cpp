@@ -201,6 +201,9 @@ int generate_main(int argc, char** argv) {
   });
 
   int threads = static_cast<int>(a.integer("threads", 0));
+  const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  DP_CHECK(!a.has("threads") || (a.integer("threads", 0) >= 1 && a.integer("threads", 0) <= 4 * hw),
+           "generate: --threads must be in [1, ", 4 * hw, "] (4 x the ", hw, " cores here), got ", a.str("threads"));
   if (threads <= 0) {
     const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
     const int local = ls ? std::max(1, std::atoi(ls)) : 1;

@@ -201,7 +201,7 @@ int main(int argc, char** argv) {
         while (!states[0].done()) den.step(batch);
       };
       run();  // warm-up
-      const auto t = timed(o.rounds, spec.device, run);
+      const std::vector<double> t = timed(o.rounds, spec.device, run);
       nlohmann::json steps_per_s = nlohmann::json::array();
       for (double s : t) steps_per_s.push_back(o.steps / s);
       res["loop_s"] = t;

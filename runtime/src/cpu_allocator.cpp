@@ -2,6 +2,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -156,6 +157,11 @@ size_t default_bound() {
 
 void install(size_t max_cached_bytes) {
   std::call_once(g_once, [] {
+    // Blocks below kMinCached stay with malloc: keep them off mmap and keep freed heap memory mapped, so the
+    // stage threads' arenas do not fault the same pages in again every step (measured: ~9 % of a bfloat16 UNet
+    // step on a non-main thread with glibc's defaults).
+    mallopt(M_MMAP_THRESHOLD, static_cast<int>(kMinCached));
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
     g_alloc = new CachingCpuAllocator(c10::GetCPUAllocator());  // lives for the process: tensors may outlive main
     c10::SetAllocator(c10::DeviceType::CPU, g_alloc, /*priority=*/1);
   });

@@ -1,5 +1,7 @@
 #include "diffpipe/runtime/json_config.h"
 
+#include <cmath>
+
 #include <sys/stat.h>
 
 #include <fstream>
@@ -138,6 +140,22 @@ std::vector<int64_t> JsonConfig::int_or_list(const std::string& key, size_t n, i
   auto l = int_list(key);
   if (l.size() != n) fail(key, "expected " + std::to_string(n) + " entries (one per block), got " + v.dump());
   return l;
+}
+
+void JsonConfig::at_least(const std::string& key, int64_t value, int64_t lo) const {
+  if (value < lo) fail(key, "must be at least " + std::to_string(lo) + ", got " + std::to_string(value));
+}
+
+void JsonConfig::at_least(const std::string& key, const std::vector<int64_t>& values, int64_t lo) const {
+  for (int64_t v : values) at_least(key, v, lo);
+}
+
+void JsonConfig::positive(const std::string& key, double value) const {
+  if (!(std::isfinite(value) && value > 0)) fail(key, "must be a finite number > 0, got " + std::to_string(value));
+}
+
+void JsonConfig::finite(const std::string& key, double value) const {
+  if (!std::isfinite(value)) fail(key, "must be a finite number");
 }
 
 }  // namespace diffpipe

@@ -26,6 +26,13 @@ ClipTextConfig ClipTextConfig::load(const std::string& path) {
     j.fail("num_attention_heads", "hidden_size " + std::to_string(c.hidden_size) + " is not divisible by " +
                                       std::to_string(c.num_attention_heads) + " heads");
   if (c.num_hidden_layers <= 0) j.fail("num_hidden_layers", "must be positive");
+  j.at_least("vocab_size", c.vocab_size, 1);
+  j.at_least("intermediate_size", c.intermediate_size, 1);
+  j.at_least("max_position_embeddings", c.max_position_embeddings, 1);
+  j.at_least("projection_dim", c.projection_dim, 0);
+  j.positive("layer_norm_eps", c.layer_norm_eps);
+  if (c.eos_token_id < 0 || c.eos_token_id >= c.vocab_size)
+    j.fail("eos_token_id", "must be a token id in [0, vocab_size " + std::to_string(c.vocab_size) + ")");
   return c;
 }
 

@@ -43,6 +43,14 @@ SchedulerConfig SchedulerConfig::load(const std::string& path) {
   c.final_sigmas_type = j.string("final_sigmas_type", "zero");
   c.interpolation_type = j.string("interpolation_type", "linear");
   if (c.num_train_timesteps < 2) j.fail("num_train_timesteps", "must be at least 2");
+  if (c.num_train_timesteps > 100000) j.fail("num_train_timesteps", "must be at most 100000");
+  j.positive("beta_start", c.beta_start);  // a negative or zero beta makes NaN noise levels
+  j.positive("beta_end", c.beta_end);
+  if (c.beta_start >= 1 || c.beta_end >= 1) j.fail("beta_end", "betas must be below 1");
+  for (double b : c.trained_betas)
+    if (!(std::isfinite(b) && b > 0 && b < 1)) j.fail("trained_betas", "every beta must be in (0, 1)");
+  j.at_least("steps_offset", c.steps_offset, 0);
+  j.positive("clip_sample_range", c.clip_sample_range);
   if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2")
     j.fail("beta_schedule", "unsupported '" + c.beta_schedule + "' (supported: linear, scaled_linear, squaredcos_cap_v2)");
   if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" && c.prediction_type != "sample")

@@ -128,7 +128,15 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
     };
     // Samplers work on [1, C, h, w] as diffusers does.
     s->latents = s->sampler->step(eps.unsqueeze(0), s->step, s->latents.unsqueeze(0), noise).squeeze(0);
+    if (!s->first_bad.defined()) s->first_bad = at::full({}, -1, s->latents.options().dtype(at::kLong));
+    const at::Tensor bad = at::isfinite(s->latents).all().logical_not().logical_and(s->first_bad < 0);
+    s->first_bad = at::where(bad, at::full({}, static_cast<int64_t>(s->step), s->first_bad.options()), s->first_bad);
     ++s->step;
+    if (s->done()) {
+      const int64_t k = s->first_bad.item<int64_t>();
+      DP_CHECK(k < 0, "request ", s->id, ": non-finite values (NaN or Inf) in the latents after step ", k + 1, " of ",
+               s->total_steps(), " (the model's weights or settings make the UNet or sampler diverge)");
+    }
   }
 }
 
@@ -137,7 +145,12 @@ at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const 
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
   profile::Scope prof(profile::Section::Vae);
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
-  return to_uint8_hwc(model_.vae->decode_scaled(z));
+  at::Tensor img = model_.vae->decode_scaled(z);
+  const at::Tensor finite = at::isfinite(img).flatten(1).all(1).cpu();  // one flag per image
+  for (int64_t i = 0; i < finite.size(0); ++i)
+    DP_CHECK(finite[i].item<bool>(), "decode: non-finite values (NaN or Inf) in decoded image ", i, " of the batch",
+             " (the VAE's weights or scaling_factor)");
+  return to_uint8_hwc(img);
 }
 
 at::Tensor UpscaleStage::run_uint8(const at::Tensor& images) const {

@@ -80,6 +80,19 @@ UNetConfig UNetConfig::load(const std::string& path) {
   require("cross_attention_norm", nullptr);
   require("class_embeddings_concat", false);
   require("reverse_transformer_layers_per_block", nullptr);
+  // Values that would crash or silently break the forward pass are refused here, naming the key.
+  j.at_least("in_channels", c.in_channels, 1);
+  j.at_least("out_channels", c.out_channels, 1);
+  j.at_least("block_out_channels", c.block_out_channels, 1);
+  j.at_least("layers_per_block", c.layers_per_block, 1);
+  j.at_least("cross_attention_dim", c.cross_attention_dim, 1);
+  j.at_least("transformer_layers_per_block", c.transformer_layers_per_block, 1);
+  j.at_least("norm_num_groups", c.norm_num_groups, 1);
+  j.at_least("sample_size", c.sample_size, 1);
+  j.positive("norm_eps", c.norm_eps);
+  j.positive("mid_block_scale_factor", c.mid_block_scale_factor);
+  j.finite("freq_shift", c.freq_shift);
+  if (c.downsample_padding != 0 && c.downsample_padding != 1) j.fail("downsample_padding", "must be 0 or 1");
   for (size_t i = 0; i < n; ++i) {
     if (c.block_out_channels[i] % c.norm_num_groups != 0)
       j.fail("block_out_channels", "channels " + std::to_string(c.block_out_channels[i]) +

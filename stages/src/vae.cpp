@@ -35,6 +35,14 @@ VaeConfig VaeConfig::load(const std::string& path) {
   if (j.has("up_block_types") && j.string_list("up_block_types").size() != c.block_out_channels.size())
     j.fail("up_block_types", "needs one entry per block_out_channels entry");
   if (j.has("latents_mean") || j.has("latents_std")) j.fail("latents_mean", "per-channel latent statistics are not supported");
+  j.at_least("in_channels", c.in_channels, 1);
+  j.at_least("out_channels", c.out_channels, 1);
+  j.at_least("latent_channels", c.latent_channels, 1);
+  j.at_least("block_out_channels", c.block_out_channels, 1);
+  j.at_least("layers_per_block", c.layers_per_block, 1);
+  j.at_least("norm_num_groups", c.norm_num_groups, 1);
+  j.positive("scaling_factor", c.scaling_factor);  // 0 would divide the latents into inf (black images)
+  j.finite("shift_factor", c.shift_factor);
   for (auto ch : c.block_out_channels)
     if (ch % c.norm_num_groups != 0)
       j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by norm_num_groups");

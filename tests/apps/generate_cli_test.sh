@@ -107,6 +107,19 @@ expect_error truncated "unet/diffusion_pytorch_model.safetensors: tensor" "${G[@
 cp -r "$WORK/m" "$WORK/m-cfg"
 sed -i 's/"CrossAttnDownBlock2D"/"SimpleCrossAttnDownBlock2D"/' "$WORK/m-cfg/unet/config.json"
 expect_error block-type "unsupported block type 'SimpleCrossAttnDownBlock2D'" "${G[@]}" --model "$WORK/m-cfg"
+# config values that crashed (SIGFPE), broke the forward pass or made silent black images are refused at load,
+# naming the file and key (#14)
+cfg_fault() {  # name component/config.json sed-expression expected-text
+  rm -rf "$WORK/m-$1"; cp -r "$WORK/m" "$WORK/m-$1"; sed -i "$3" "$WORK/m-$1/$2"
+  expect_error "cfg-$1" "$4" "${G[@]}" --model "$WORK/m-$1"
+}
+cfg_fault unet-groups unet/config.json 's/"norm_num_groups": *[0-9]*/"norm_num_groups": 0/' "unet/config.json: key 'norm_num_groups': must be at least 1"
+cfg_fault vae-groups vae/config.json 's/"norm_num_groups": *[0-9]*/"norm_num_groups": 0/' "vae/config.json: key 'norm_num_groups': must be at least 1"
+cfg_fault unet-layers unet/config.json 's/"layers_per_block": *[0-9]*/"layers_per_block": -1/' "key 'layers_per_block': must be at least 1"
+cfg_fault unet-eps unet/config.json 's/"norm_eps": *[0-9.e-]*/"norm_eps": -0.5/' "key 'norm_eps': must be a finite number > 0"
+cfg_fault vae-scale vae/config.json 's/"scaling_factor": *[0-9.e-]*/"scaling_factor": 0/' "key 'scaling_factor': must be a finite number > 0"
+cfg_fault beta scheduler/scheduler_config.json 's/"beta_start": *[0-9.e-]*/"beta_start": -0.001/' "key 'beta_start': must be a finite number > 0"
+expect_error threads "--threads must be in [1," "${G[@]}" --model "$WORK/m" --threads 100000
 expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
 expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
 echo '{"prompt": "a red elephant at the top on a black background", "file": "x.png"}' > "$WORK/bad.jsonl"; mkdir -p "$WORK/badeval"; mv "$WORK/bad.jsonl" "$WORK/badeval/images.jsonl"

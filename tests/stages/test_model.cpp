@@ -290,3 +290,29 @@ TEST(Model, UNetSd2OptionsAndProjectionEquivalence) {
         << e.what();
   }
 }
+
+// Non-finite weights never become a "done" black image: the denoiser names the request and the first step whose
+// latents were NaN / Inf; a VAE that makes NaN fails the decode (#14).
+TEST(Model, NonFiniteValuesFailTheRequestNamingTheStep) {
+  const std::string dir = fresh_model("nan");
+  const std::string unet_file = dir + "/unet/diffusion_pytorch_model.safetensors";
+  auto t = load_safetensors(unet_file);
+  for (auto& [k, v] : t) v = v.clone();
+  t.at("conv_out.bias").fill_(std::numeric_limits<float>::quiet_NaN());
+  save_safetensors(unet_file, t);
+  SdModel m = SdModel::load(dir, DeviceSpec{});
+  GenerationParams p;
+  p.prompt = "a red circle";
+  p.steps = 3;
+  const std::string err = test::error_of([&] { run(m, {p}, 1); });
+  expect_contains(err, "request 0: non-finite values (NaN or Inf) in the latents after step 1 of 3");
+
+  const std::string vae_file = dir + "/vae/diffusion_pytorch_model.safetensors";
+  auto v = load_safetensors(vae_file);
+  for (auto& [k, x] : v) x = x.clone();
+  v.at("decoder.conv_out.bias").fill_(std::numeric_limits<float>::infinity());
+  save_safetensors(vae_file, v);
+  SdModel m2 = SdModel::load(dir, DeviceSpec{}, kVae);
+  const std::string derr = test::error_of([&] { DecodeStage(m2).run_uint8({at::zeros({4, 4, 4})}); });
+  expect_contains(derr, "non-finite values (NaN or Inf) in decoded image 0");
+}

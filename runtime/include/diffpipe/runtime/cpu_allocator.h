@@ -4,6 +4,8 @@
 // 12.5 % rounding) and handed out again to requests of their class or up to a quarter smaller; blocks of 2 MiB and more are 2 MiB aligned and asked for transparent
 // huge pages. Smaller blocks go to LibTorch's default allocator. The free cache is bounded: a freed block
 // that would push it over the bound is returned to the system, and a failed allocation empties it and retries.
+// install() also sets glibc's mmap threshold to 256 KiB and its trim threshold to 1 GiB, so smaller blocks are
+// recycled inside malloc's arenas instead of being mapped and unmapped each step.
 // Thread-safe (one mutex, taken only for large blocks). install() is idempotent; the last bound given wins.
 #pragma once
 #include <cstddef>

@@ -34,6 +34,11 @@ class JsonConfig {
   std::vector<int64_t> int_or_list(const std::string& key, size_t n, int64_t def) const;
 
   [[noreturn]] void fail(const std::string& key, const std::string& why) const;
+  // Range checks on values already read, naming the file and key: integers >= lo; finite numbers > 0.
+  void at_least(const std::string& key, int64_t value, int64_t lo) const;
+  void at_least(const std::string& key, const std::vector<int64_t>& values, int64_t lo) const;
+  void positive(const std::string& key, double value) const;
+  void finite(const std::string& key, double value) const;
 
  private:
   const nlohmann::json& at(const std::string& key) const;

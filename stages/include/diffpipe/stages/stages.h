@@ -43,6 +43,7 @@ struct DenoiseState {
   at::Tensor latents;       // [C, h, w], float32
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
+  at::Tensor first_bad;     // int64 scalar on the device: the first call after which latents were not finite, or -1
   bool done() const { return step >= sampler->num_calls(); }
   int total_steps() const { return sampler->num_calls(); }
 };
@@ -67,7 +68,9 @@ class DenoiseStage {
  public:
   explicit DenoiseStage(const SdModel& model) : model_(model) {}
   // Advances every state by one step with ONE UNet call: rows [uncond_i, cond_i] for guided requests,
-  // [cond_i] otherwise; each row with its own timestep. States must not be done().
+  // [cond_i] otherwise; each row with its own timestep. States must not be done(). Latents are checked for NaN /
+  // Inf after every step without a device synchronisation; a request whose latents went non-finite throws
+  // ("non-finite values after step k of N") when its last step is done, never passing a black image on.
   void step(const std::vector<DenoiseState*>& batch) const;
 
  private:
