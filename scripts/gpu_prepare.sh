@@ -16,9 +16,11 @@ if [ ! -f "$G/deps.tar.xz" ]; then
   rm -rf "$G/deps" && mkdir -p "$G/deps"
   for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/deps-root"; done
   mv "$G/deps-root/usr/"* "$G/deps/" && rm -rf "$G/deps-root"
-  tar -C "$G" -cJf "$G/deps.tar.xz" deps && rm -rf "$G/deps"
+  find "$G/deps" -name '*.a' -delete; rm -rf "$G/deps/share/doc" "$G/deps/share/man" "$G/deps/bin" "$G/deps/sbin"
+  tar -C "$G" -cJf "$G/deps.tar.xz" deps && rm -rf "$G/deps" "$G/debs"
 fi
 GOLDEN=${DIFFPIPE_GOLDEN:-../shared/golden/tiny-sd}
 [ -d "$GOLDEN" ] && rm -rf "$G/golden/tiny-sd" && cp -r "$GOLDEN" "$G/golden/tiny-sd"
 ls "$G"/wheels/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download --quiet --no-deps "diffusers==0.42.1" -d "$G/wheels"
-du -sh "$G"
+rm -rf "$G/debs"
+du -sh "$G"  # the device tool carries at most 64 MiB
