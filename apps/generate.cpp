@@ -58,13 +58,41 @@ const char* kHelp =
     "  --inject-failure STAGE:REQUEST[:crash]   testing aid: fail (or crash) there\n"
     "  --cancel-at REQUEST:S  testing aid: cancel request REQUEST S seconds after start (repeatable)\n";
 
+// Byte offset of the first invalid UTF-8 sequence in s, or npos (overlong forms, surrogates and code points
+// above U+10FFFF are invalid, as for JSON output).
+size_t invalid_utf8_at(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    int n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xE ? 2 : (c >> 3) == 0x1E ? 3 : -1;
+    if (n < 0 || (n > 0 && i + n >= s.size())) return i;  // not a lead byte, or cut short
+    uint32_t cp = n == 0 ? c : n == 1 ? (c & 0x1F) : n == 2 ? (c & 0x0F) : (c & 0x07);
+    for (int k = 1; k <= n; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d >> 6) != 0x2) return i;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    const uint32_t min[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < min[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
+    i += n + 1;
+  }
+  return std::string::npos;
+}
+
+void check_utf8(const std::string& text, const std::string& where) {
+  const size_t at = invalid_utf8_at(text);
+  DP_CHECK(at == std::string::npos, where, ": invalid UTF-8 at byte ", at);
+}
+
 std::vector<std::string> read_prompts(const std::string& path) {
-  DP_CHECK(file_exists(path), path, ": prompts file not found");
+  DP_CHECK(!dir_exists(path), path, ": is a folder; --prompts takes a file with one prompt per line");
   std::ifstream f(path);
+  DP_CHECK(f.good(), path, ": prompts file not found or not readable");
   std::vector<std::string> out;
   std::string line;
-  while (std::getline(f, line)) {
+  for (int n = 1; std::getline(f, line); ++n) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    check_utf8(line, path + ":" + std::to_string(n));
     const auto a = line.find_first_not_of(" \t");
     if (a == std::string::npos || line[a] == '#') continue;
     out.push_back(line.substr(a));
@@ -72,7 +100,6 @@ std::vector<std::string> read_prompts(const std::string& path) {
   DP_CHECK(!out.empty(), path, ": no prompts (one per line; '#' starts a comment)");
   return out;
 }
-
 
 // `--profile`: every rank's time by part (profile sections) and each of its stage threads' idle time, gathered
 // to rank 0 and printed there on stderr.
@@ -139,6 +166,8 @@ int generate_main(int argc, char** argv) {
   RunOptions opts;
   run_on_all_ranks_or_fail([&] {
     std::vector<std::string> prompts = a.all("prompt");
+    for (const auto& p : prompts) check_utf8(p, "generate: --prompt");
+    check_utf8(a.str("negative-prompt"), "generate: --negative-prompt");
     if (a.has("prompts"))
       for (auto& p : read_prompts(a.str("prompts"))) prompts.push_back(p);
     const int64_t images = a.integer("images", 1);

@@ -119,6 +119,13 @@ cfg_fault unet-layers unet/config.json 's/"layers_per_block": *[0-9]*/"layers_pe
 cfg_fault unet-eps unet/config.json 's/"norm_eps": *[0-9.e-]*/"norm_eps": -0.5/' "key 'norm_eps': must be a finite number > 0"
 cfg_fault vae-scale vae/config.json 's/"scaling_factor": *[0-9.e-]*/"scaling_factor": 0/' "key 'scaling_factor': must be a finite number > 0"
 cfg_fault beta scheduler/scheduler_config.json 's/"beta_start": *[0-9.e-]*/"beta_start": -0.001/' "key 'beta_start': must be a finite number > 0"
+printf 'a red circle\nok line\nbad \xc3\x28 byte\n' > "$WORK/bad-utf8.txt"
+expect_error utf8-file "bad-utf8.txt:3: invalid UTF-8 at byte 4" generate --model "$WORK/m" --prompts "$WORK/bad-utf8.txt" --out "$WORK/err"
+expect_error utf8-arg "--prompt: invalid UTF-8 at byte 1" generate --model "$WORK/m" --prompt "$(printf 'x\xff')" --out "$WORK/err"
+"$BIN" generate --model "$WORK/m" --prompt "café ☕ 🚀 naïve" --steps 1 --out "$WORK/utf8ok" --quiet 2> "$WORK/utf8ok.log" \
+  && [ -f "$WORK/utf8ok/img-00000-seed0.png" ] && ok "valid multi-byte UTF-8 prompt generates" || bad "valid UTF-8: $(tail -1 "$WORK/utf8ok.log")"
+expect_error prompts-dir "is a folder; --prompts takes a file" generate --model "$WORK/m" --prompts "$WORK" --out "$WORK/err"
+expect_error prompts-empty "/dev/null: no prompts" generate --model "$WORK/m" --prompts /dev/null --out "$WORK/err"
 expect_error threads "--threads must be in [1," "${G[@]}" --model "$WORK/m" --threads 100000
 expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
 expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
