@@ -41,9 +41,10 @@ void SdModel::validate(const std::string& dir) {
   for (auto d : ucfg.cross_attention_dim)
     DP_CHECK(d == tcfg.hidden_size, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
              " does not match the text encoder's hidden_size ", tcfg.hidden_size);
+  // Either file may be the wrong one: name both values.
   DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
-           path_join(dir, "unet/config.json"), ": in/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
-           " do not match the VAE's latent_channels ", vcfg.latent_channels);
+           path_join(dir, "unet/config.json"), " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
+           " and ", path_join(dir, "vae/config.json"), " latent_channels ", vcfg.latent_channels, " disagree");
 }
 
 // Native bfloat16 matrix units on this CPU (AMX or AVX-512 BF16, from /proc/cpuinfo's flags): without them

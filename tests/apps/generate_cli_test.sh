@@ -126,6 +126,7 @@ expect_error utf8-arg "--prompt: invalid UTF-8 at byte 1" generate --model "$WOR
   && [ -f "$WORK/utf8ok/img-00000-seed0.png" ] && ok "valid multi-byte UTF-8 prompt generates" || bad "valid UTF-8: $(tail -1 "$WORK/utf8ok.log")"
 expect_error prompts-dir "is a folder; --prompts takes a file" generate --model "$WORK/m" --prompts "$WORK" --out "$WORK/err"
 expect_error prompts-empty "/dev/null: no prompts" generate --model "$WORK/m" --prompts /dev/null --out "$WORK/err"
+cfg_fault vae-latents vae/config.json 's/"latent_channels": *[0-9]*/"latent_channels": 3/' "vae/config.json latent_channels 3 disagree"
 expect_error threads "--threads must be in [1," "${G[@]}" --model "$WORK/m" --threads 100000
 expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
 expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
