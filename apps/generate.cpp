@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <optional>
+#include <set>
 #include <thread>
 
 #include "cli.h"
@@ -150,15 +152,26 @@ int generate_main(int argc, char** argv) {
       std::fputs(kHelp, stdout);
       return 0;
     }
-  cli::Args a("generate", argc, argv,
-              {"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler", "seed", "width",
-               "height", "images", "clip-skip", "out", "pipeline", "device", "dtype", "transport", "max-batch",
-               "threads", "timeout", "inject-failure", "priority", "deadline", "batching", "cancel-at", "cpu-cache-mb"},
-              {"no-contact-sheet", "quiet", "batch-invariant", "profile"});
+  // Parsed under the start-up agreement: a bad option is reported once (by rank 0), not once per rank.
+  std::optional<cli::Args> parsed;
+  run_on_all_ranks_or_fail([&] {
+    parsed.emplace("generate", argc, argv,
+                   std::set<std::string>{"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler",
+                                         "seed", "width", "height", "images", "clip-skip", "out", "pipeline", "device",
+                                         "dtype", "transport", "max-batch", "threads", "timeout", "inject-failure",
+                                         "priority", "deadline", "batching", "cancel-at", "cpu-cache-mb"},
+                   std::set<std::string>{"no-contact-sheet", "quiet", "batch-invariant", "profile"});
+    DP_CHECK(parsed->has("model"), "generate: --model DIR is required");
+    DP_CHECK(parsed->has("prompt") || parsed->has("prompts"), "generate: give --prompt TEXT or --prompts FILE");
+    const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    const int64_t th = parsed->integer("threads", 1), mb = parsed->integer("cpu-cache-mb", 0);
+    DP_CHECK(th >= 1 && th <= 4 * hw, "generate: --threads must be in [1, ", 4 * hw, "] (4 x the ", hw,
+             " cores here), got ", th);
+    DP_CHECK(mb >= 0 && mb <= (int64_t(1) << 24), "generate: --cpu-cache-mb must be in [0, 16777216], got ", mb);
+  });
+  const cli::Args& a = *parsed;
   const auto& world = mpi::world();
   const bool lead = world.rank == 0;
-  DP_CHECK(a.has("model"), "generate: --model DIR is required");
-  DP_CHECK(a.has("prompt") || a.has("prompts"), "generate: give --prompt TEXT or --prompts FILE");
 
   // Requests (validated on every rank, so a bad file fails all ranks with one message).
   std::vector<GenerationParams> requests;
@@ -230,9 +243,6 @@ int generate_main(int argc, char** argv) {
   });
 
   int threads = static_cast<int>(a.integer("threads", 0));
-  const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  DP_CHECK(!a.has("threads") || (a.integer("threads", 0) >= 1 && a.integer("threads", 0) <= 4 * hw),
-           "generate: --threads must be in [1, ", 4 * hw, "] (4 x the ", hw, " cores here), got ", a.str("threads"));
   if (threads <= 0) {
     const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
     const int local = ls ? std::max(1, std::atoi(ls)) : 1;
@@ -240,9 +250,7 @@ int generate_main(int argc, char** argv) {
   }
   at::set_num_threads(threads);
   if (a.has("cpu-cache-mb")) {
-    const int64_t mb = a.integer("cpu-cache-mb", 0);
-    DP_CHECK(mb >= 0 && mb <= (int64_t(1) << 24), "generate: --cpu-cache-mb must be in [0, 16777216]");
-    cpu_allocator::install(static_cast<size_t>(mb) << 20);
+    cpu_allocator::install(static_cast<size_t>(a.integer("cpu-cache-mb", 0)) << 20);
   }
   const bool profiling = a.flag("profile");
   profile::set_enabled(profiling);

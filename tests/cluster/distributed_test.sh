@@ -157,6 +157,10 @@ fi
 timeout 60 $MPIRUN -np 3 "$BIN" generate --model "$WORK/no-such-model" --prompt x --out "$WORK/nm" > "$WORK/nm.log" 2>&1
 rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "no-such-model: model folder not found" "$WORK/nm.log"; } \
   && ok "missing model folder rejected on all ranks" || bad "missing model folder: rc $rc"
+timeout 60 $MPIRUN -np 3 "$BIN" generate --model "$WORK/no-such-model" --prompt x --stepz 3 > "$WORK/opt.log" 2>&1
+rc=$?; n=$(grep -c "unknown option --stepz" "$WORK/opt.log")
+{ [ $rc != 0 ] && [ $rc != 124 ] && [ "$n" = 1 ]; } && ok "unknown option at np 3: reported once, rc $rc" \
+  || bad "unknown option at np 3: rc $rc, printed $n times"
 
 echo "$passed passed, $fails failed"
 [ $fails = 0 ]
