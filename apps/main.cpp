@@ -1,4 +1,7 @@
 // diffpipe: text-to-image pipelines across ranks. `diffpipe <command> --help` for each command.
+#include <unistd.h>
+
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -10,6 +13,20 @@
 #include "diffpipe/runtime/mpi_env.h"
 
 namespace {
+int g_rank = 0;
+// SIGTERM / SIGINT: say so (rank 0 only, async-signal-safe write) and exit 128 + signal. Finished images are
+// already on disk (written via a temporary name and renamed) with their JSON lines flushed; no graceful
+// drain of in-flight requests yet.
+extern "C" void on_stop_signal(int sig) {
+  if (g_rank == 0) {
+    const char* msg = sig == SIGINT ? "\ndiffpipe: interrupted (SIGINT); unfinished images are not written\n"
+                                    : "\ndiffpipe: terminated (SIGTERM); unfinished images are not written\n";
+    ssize_t n = ::write(2, msg, std::strlen(msg));
+    (void)n;
+  }
+  ::_exit(128 + sig);
+}
+
 void usage() {
   std::fprintf(stderr,
                "usage: diffpipe <command> [options]\n"
@@ -35,6 +52,9 @@ int main(int argc, char** argv) {
     const auto w = mpi::init(&argc, &argv);
     cpu_allocator::install();  // reuse large CPU blocks between steps (see cpu_allocator.h)
     if (w.size > 1) set_log_rank(w.rank);
+    g_rank = w.rank;
+    std::signal(SIGTERM, on_stop_signal);
+    std::signal(SIGINT, on_stop_signal);
     if (cmd == "generate") {
       rc = apps::generate_main(argc - 2, argv + 2);
     } else if (cmd == "data") {

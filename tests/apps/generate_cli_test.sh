@@ -45,6 +45,13 @@ else
   echo "skip: 512x512 check needs DIFFPIPE_GOLDEN (reference folder) and /usr/bin/time"
 fi
 
+# SIGTERM mid-run: a message and exit 143 (128 + 15), no crash
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 500 --steps 50 --out "$WORK/term" --quiet \
+  > /dev/null 2> "$WORK/term.log" &
+pid=$!; sleep 2; kill -TERM $pid; wait $pid; rc=$?
+[ $rc = 143 ] && grep -q "terminated (SIGTERM)" "$WORK/term.log" && ok "SIGTERM: message, rc 143" \
+  || bad "SIGTERM: rc $rc: $(tail -1 "$WORK/term.log")"
+
 # every sampler through the whole pipeline (PLMS makes steps + 1 model calls)
 for s in ddim euler euler_a dpmpp_2m dpmpp_2m_karras pndm; do
   "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 3 --sampler $s --out "$WORK/s-$s" --quiet 2> "$WORK/s-$s.log" \
