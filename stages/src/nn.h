@@ -26,6 +26,10 @@ bool batch_invariant();
 inline bool prefers_channels_last(const at::Tensor& weight) {
   return weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16;
 }
+// A model's input in the layout its first convolution's weights call for (see above).
+inline at::Tensor in_layout_of(const at::Tensor& first_conv_weight, const at::Tensor& x) {
+  return prefers_channels_last(first_conv_weight) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+}
 
 // f(i) -> sample i's result with a leading batch dimension of 1; the results concatenated along dim 0.
 template <typename F>

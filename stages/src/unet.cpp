@@ -233,8 +233,7 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
                          .to(sample.device(), sample.scalar_type());
   at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
-  at::Tensor x = m.conv_in(nn::prefers_channels_last(m.conv_in.weight)
-                               ? sample.contiguous(at::MemoryFormat::ChannelsLast) : sample);
+  at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {
     for (size_t j = 0; j < b.resnets.size(); ++j) {

@@ -133,20 +133,16 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) con
   // Training updates conv.weight in place (it requires grad): the phase weights would be stale, so the 3x3 form.
   if (phase_weight.defined() && doubled && x.device().is_cpu() && !conv.weight.requires_grad()) {
     at::Tensor out = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0), phase_weight, phase_bias);
-    if (x.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {  // out: [B, H + 1, W + 1, phase, C] in memory
-      at::Tensor o = out.permute({0, 2, 3, 1}).view({B, H + 1, W + 1, 4, C});
-      at::Tensor y = at::empty({B, H, 2, W, 2, C}, x.options());
-      for (int64_t a = 0; a < 2; ++a)
-        for (int64_t b = 0; b < 2; ++b)
-          y.select(4, b).select(2, a).copy_(o.select(3, 2 * a + b).slice(1, a, a + H).slice(2, b, b + W));
-      return y.view({B, 2 * H, 2 * W, C}).permute({0, 3, 1, 2});  // channels-last [B, C, 2H, 2W]
-    }
-    at::Tensor o = out.view({B, 4, C, H + 1, W + 1});  // [B, phase, C, H + 1, W + 1]
-    at::Tensor y = at::empty({B, C, H, 2, W, 2}, x.options());
+    // out: [B, 4C, H + 1, W + 1], phase k = 2a + b in channels [kC, (k+1)C); output pixel (2i + a, 2j + b) is
+    // phase (a, b) at (i + a, j + b). Strided views of both, so either memory layout works unchanged.
+    at::Tensor y = at::empty({B, C, 2 * H, 2 * W}, x.options().memory_format(x.suggest_memory_format()));
     for (int64_t a = 0; a < 2; ++a)
-      for (int64_t b = 0; b < 2; ++b)
-        y.select(5, b).select(3, a).copy_(o.select(1, 2 * a + b).slice(2, a, a + H).slice(3, b, b + W));
-    return y.view({B, C, 2 * H, 2 * W});
+      for (int64_t b = 0; b < 2; ++b) {
+        const int64_t k = 2 * a + b;
+        y.slice(2, a, 2 * H, 2).slice(3, b, 2 * W, 2)
+            .copy_(out.slice(1, k * C, (k + 1) * C).slice(2, a, a + H).slice(3, b, b + W));
+      }
+    return y;
   }
   std::vector<int64_t> out_size = size.empty() ? std::vector<int64_t>{H * 2, W * 2}
                                                : std::vector<int64_t>(size.begin(), size.end());

@@ -178,8 +178,7 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
     }
     return {at::cat(means), at::cat(logvars)};
   }
-  at::Tensor x = m.enc_conv_in(nn::prefers_channels_last(m.enc_conv_in.weight)
-                                   ? image.contiguous(at::MemoryFormat::ChannelsLast) : image);
+  at::Tensor x = m.enc_conv_in(nn::in_layout_of(m.enc_conv_in.weight, image));
   for (const auto& b : m.enc_blocks) {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
     if (b.has_sampler) x = b.down(x);
@@ -198,7 +197,7 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
   if (nn::batch_invariant() && latents.size(0) > 1)
     return nn::per_sample(latents.size(0), [&](int64_t i) { return decode(latents.slice(0, i, i + 1)); });
   at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
-  x = m.dec_conv_in(nn::prefers_channels_last(m.dec_conv_in.weight) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x);
+  x = m.dec_conv_in(nn::in_layout_of(m.dec_conv_in.weight, x));
   x = m.dec_mid(x);
   for (const auto& b : m.dec_blocks) {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
