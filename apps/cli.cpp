@@ -1,5 +1,7 @@
 #include "cli.h"
 
+#include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -7,36 +9,80 @@
 #include "diffpipe/runtime/error.h"
 
 namespace diffpipe::cli {
+namespace {
 
-Args::Args(const std::string& command, int argc, char** argv, const std::set<std::string>& value_opts,
-           const std::set<std::string>& flag_opts)
+// The help text, from the same declarations the parser uses.
+std::string format_help(const std::string& usage, const std::vector<Opt>& opts, const std::string& about) {
+  std::string out = "usage: " + usage + "\noptions:\n";
+  auto line = [&](const std::string& left, const std::string& help) {
+    std::string l = "  " + left;
+    std::string h = help;
+    for (size_t pos = h.find('\n'); pos != std::string::npos; pos = h.find('\n', pos + 28))
+      h.replace(pos, 1, "\n" + std::string(27, ' '));
+    out += l.size() < 26 ? l + std::string(27 - l.size(), ' ') + h + "\n" : l + "\n" + std::string(27, ' ') + h + "\n";
+  };
+  for (const auto& o : opts)
+    line("--" + o.name + (o.value.empty() ? "" : " " + o.value), o.help + (o.repeat ? " (repeatable)" : ""));
+  line("-h, --help", "this help");
+  if (!about.empty()) out += about + (about.back() == '\n' ? "" : "\n");
+  return out;
+}
+
+}  // namespace
+
+Args::Args(const std::string& command, const std::string& usage, const std::vector<Opt>& opts, int argc, char** argv,
+           const std::string& about)
     : command_(command) {
-  for (int i = 0; i < argc; ++i) {
-    std::string a = argv[i];
-    DP_CHECK(a.rfind("--", 0) == 0, command_, ": unexpected argument '", a, "' (options start with --)");
-    std::string key = a.substr(2), val;
-    const auto eq = key.find('=');
-    bool inline_val = eq != std::string::npos;
-    if (inline_val) {
-      val = key.substr(eq + 1);
-      key = key.substr(0, eq);
-    }
-    if (flag_opts.count(key)) {
-      DP_CHECK(!inline_val, command_, ": option --", key, " takes no value");
-      flags_.insert(key);
-    } else if (value_opts.count(key)) {
-      if (!inline_val) {
-        DP_CHECK(i + 1 < argc, command_, ": option --", key, " needs a value");
-        val = argv[++i];
-      }
-      values_[key].push_back(val);
+  CLI::App app(about, "diffpipe " + command);
+  app.allow_extras(false);
+  app.positionals_at_end(false);
+  std::map<std::string, std::vector<std::string>> store;
+  std::map<std::string, int64_t> counts;
+  for (const auto& o : opts) {
+    if (o.value.empty()) {
+      app.add_flag("--" + o.name, counts[o.name], o.help);
     } else {
-      std::string known;
-      for (const auto& o : value_opts) known += " --" + o;
-      for (const auto& o : flag_opts) known += " --" + o;
-      DP_FAIL(command_, ": unknown option --", key, " (known:", known, ")");
+      app.add_option("--" + o.name, store[o.name], o.help)->type_name(o.value)->allow_extra_args(false);
     }
   }
+  std::string prog = "diffpipe " + command;
+  std::vector<char*> av{prog.data()};
+  av.insert(av.end(), argv, argv + argc);
+  try {
+    app.parse(static_cast<int>(av.size()), av.data());
+  } catch (const CLI::CallForHelp&) {
+    help_ = true;
+    help_text_ = format_help(usage, opts, about);
+    return;
+  } catch (const CLI::ExtrasError& e) {
+    std::string extra = e.what();  // "The following argument(s) were not expected: --stepz 3"
+    const auto colon = extra.find(": ");
+    extra = colon == std::string::npos ? extra : extra.substr(colon + 2);
+    std::vector<std::string> tokens;  // CLI11 lists them last first
+    for (size_t a = 0, b; a < extra.size(); a = b + 1) {
+      b = extra.find(' ', a);
+      if (b == std::string::npos) b = extra.size();
+      if (b > a) tokens.insert(tokens.begin(), extra.substr(a, b - a));
+    }
+    std::string first = tokens.empty() ? extra : tokens[0];
+    for (const auto& t : tokens)
+      if (t.rfind("-", 0) == 0) {
+        first = t;
+        break;
+      }
+    DP_FAIL(command_, ": ", first.rfind("-", 0) == 0 ? "unknown option " : "unexpected argument '", first,
+            first.rfind("-", 0) == 0 ? "" : "'", " (see '", hint(), " --help')");
+  } catch (const CLI::ParseError& e) {
+    DP_FAIL(command_, ": ", e.what(), " (see '", hint(), " --help')");
+  }
+  for (auto& [k, v] : store)
+    if (!v.empty()) values_[k] = v;
+  for (auto& [k, n] : counts)
+    if (n > 0) flags_[k] = static_cast<int>(n);
+}
+
+std::string Args::hint() const {
+  return command_.rfind("bench_", 0) == 0 ? command_ : "diffpipe " + command_;
 }
 
 std::string Args::str(const std::string& k, const std::string& def) const {

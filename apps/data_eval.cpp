@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -25,22 +26,29 @@
 namespace diffpipe::apps {
 
 namespace {
-bool wants_help(int argc, char** argv, const char* text) {
-  for (int i = 0; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help")) {
-      std::fputs(text, stdout);
-      return true;
-    }
-  return false;
+// Parses a command's options; prints its help and returns nullopt for -h/--help.
+std::optional<cli::Args> parse(const std::string& command, const std::string& usage, const std::vector<cli::Opt>& opts,
+                               int argc, char** argv, const std::string& about = "") {
+  cli::Args a(command, usage, opts, argc, argv, about);
+  if (a.help_requested()) {
+    std::fputs(a.help_text().c_str(), stdout);
+    return std::nullopt;
+  }
+  return a;
 }
 }  // namespace
 
 int data_main(int argc, char** argv) {
-  if (wants_help(argc, argv,
-                 "usage: diffpipe data --out DIR [--count N] [--seed S] [--first I] [--size 64]\n"
-                 "  writes N scenes (samples I..I+N-1 of seed S) as PNGs and DIR/images.jsonl (prompt, file, seed, index)\n"))
-    return 0;
-  cli::Args a("data", argc, argv, {"out", "count", "seed", "first", "size"}, {});
+  const auto parsed = parse("data", "diffpipe data --out DIR [options]",
+                            {{"out", "DIR", "output folder"},
+                             {"count", "N", "scenes to write (default 256)"},
+                             {"seed", "S", "dataset seed (default 0)"},
+                             {"first", "I", "first sample index (default 0)"},
+                             {"size", "PX", "64 (default), 32 or 16"}},
+                            argc, argv,
+                            "writes N scenes (samples I..I+N-1 of seed S) as PNGs and DIR/images.jsonl (prompt, file, seed, index)");
+  if (!parsed) return 0;
+  const cli::Args& a = *parsed;
   DP_CHECK(a.has("out"), "data: --out DIR is required");
   const std::string out = a.str("out");
   const int64_t count = a.integer("count", 256), first = a.integer("first", 0), size = a.integer("size", 64);
@@ -130,13 +138,17 @@ int eval_main(int argc, char** argv) {
       "  fid: Frechet distance between Gaussians fitted to features of the two sets: pytorch-fid's Inception-v3\n"
       "       (pool3, 2048-d) from a safetensors FILE with torchvision key names, or MODEL's image_encoder.\n"
       "  features: the features fid uses, saved as tensor 'features' [N, D].\n";
-  if (argc < 1 || wants_help(argc, argv, help)) {
+  if (argc < 1 || !std::strcmp(argv[0], "--help") || !std::strcmp(argv[0], "-h")) {
     std::fputs(help, argc < 1 ? stderr : stdout);
     return argc < 1 ? 2 : 0;
   }
   const std::string what = argv[0];
   if (what == "clip-score") {
-    cli::Args a("eval clip-score", argc - 1, argv + 1, {"images", "model"}, {});
+    const auto parsed = parse("eval clip-score", "diffpipe eval clip-score --images DIR --model MODEL",
+                              {{"images", "DIR", "folder with images.jsonl"}, {"model", "MODEL", "text_encoder/ and image_encoder/"}},
+                              argc - 1, argv + 1);
+    if (!parsed) return 0;
+    const cli::Args& a = *parsed;
     DP_CHECK(a.has("model"), "eval clip-score: --model MODEL is required (its text_encoder/ and image_encoder/)");
     DP_CHECK(a.has("images"), "eval clip-score: --images DIR is required");
     const std::string model = a.str("model");
@@ -156,7 +168,18 @@ int eval_main(int argc, char** argv) {
     return 0;
   }
   if (what == "fid" || what == "features") {
-    cli::Args a("eval " + what, argc - 1, argv + 1, {"images", "model", "real", "generated", "inception", "out"}, {});
+    const auto parsed = parse("eval " + what,
+                              what == "fid" ? "diffpipe eval fid --real DIR --generated DIR (--model MODEL | --inception FILE)"
+                                            : "diffpipe eval features --images DIR (--model MODEL | --inception FILE) --out FILE",
+                              {{"images", "DIR", "features: folder with images.jsonl"},
+                               {"real", "DIR", "fid: the reference images"},
+                               {"generated", "DIR", "fid: the generated images"},
+                               {"model", "MODEL", "use MODEL's image_encoder/ as the feature extractor"},
+                               {"inception", "FILE", "pytorch-fid's Inception-v3 (safetensors, torchvision key names)"},
+                               {"out", "FILE", "features: where to save them (safetensors)"}},
+                              argc - 1, argv + 1);
+    if (!parsed) return 0;
+    const cli::Args& a = *parsed;
     DP_CHECK(a.has("model") != a.has("inception"), "eval ", what,
              ": give one feature extractor: --inception FILE (Inception-v3, safetensors) or --model MODEL (its image_encoder/)");
     at::NoGradGuard ng;
@@ -181,7 +204,12 @@ int eval_main(int argc, char** argv) {
     return 0;
   }
   if (what == "reconstruct") {  // the autoencoder (+ super-resolution) alone: an upper bound for generation
-    cli::Args a("eval reconstruct", argc - 1, argv + 1, {"images", "model", "out"}, {});
+    const auto parsed = parse("eval reconstruct", "diffpipe eval reconstruct --images DIR --model MODEL --out DIR",
+                              {{"images", "DIR", "folder with images.jsonl"}, {"model", "MODEL", "the model folder"},
+                               {"out", "DIR", "output folder"}},
+                              argc - 1, argv + 1);
+    if (!parsed) return 0;
+    const cli::Args& a = *parsed;
     DP_CHECK(a.has("images") && a.has("model") && a.has("out"), "eval reconstruct: --images DIR --model MODEL --out DIR");
     at::NoGradGuard ng;
     SdModel m = SdModel::load(a.str("model"), DeviceSpec{}, kVae | kVaeEncoder | kSuperRes);
@@ -203,7 +231,10 @@ int eval_main(int argc, char** argv) {
     return 0;
   }
   DP_CHECK(what == "fidelity", "eval: unknown metric '", what, "' (fidelity, clip-score, fid, features, reconstruct)");
-  cli::Args a("eval fidelity", argc - 1, argv + 1, {"images"}, {});
+  const auto parsed = parse("eval fidelity", "diffpipe eval fidelity --images DIR",
+                            {{"images", "DIR", "folder with images.jsonl"}}, argc - 1, argv + 1);
+  if (!parsed) return 0;
+  const cli::Args& a = *parsed;
   DP_CHECK(a.has("images"), "eval fidelity: --images DIR is required");
   size_t skipped = 0;
   std::vector<std::vector<data::ObjectVerdict>> verdicts;

@@ -20,45 +20,52 @@
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/stages/model.h"
+#include "diffpipe/stages/pipeline.h"
 
 namespace diffpipe::apps {
 
 namespace {
 
-const char* kHelp =
-    "usage: [mpirun -np N] diffpipe generate --model DIR (--prompt TEXT | --prompts FILE) [options]\n"
-    "  --model DIR            Stable Diffusion 1.x/2.x folder in the diffusers layout\n"
-    "  --prompt TEXT          a prompt (repeatable)\n"
-    "  --prompts FILE         one prompt per line ('#' lines and blank lines skipped)\n"
-    "  --negative-prompt TEXT negative prompt (default: empty)\n"
-    "  --steps N              inference steps (default 25)\n"
-    "  --guidance G           classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)\n"
-    "  --sampler NAME         ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | pndm (default: the model's)\n"
-    "  --seed S               seed of each prompt's first image; image k uses S + k (default 0)\n"
-    "  --width W --height H   image size, multiples of the model's latent factor x UNet downsampling\n"
-    "  --images N             images per prompt (default 1)\n"
-    "  --clip-skip K          use the text encoder's K-th layer from the end (default 0)\n"
-    "  --out DIR              output folder (default out/)\n"
-    "  --pipeline FILE        placement of stages on ranks (TOML; default: derived from the rank count)\n"
-    "  --device cpu|cuda      default device of every rank (default cpu)\n"
-    "  --dtype float32|float16|bfloat16  default dtype (default float32; float16 on GPUs only; bfloat16 also on\n"
-    "                         CPUs, fast where they have AMX or AVX-512 BF16)\n"
-    "  --transport mpi|nccl   transport between ranks (default mpi)\n"
-    "  --max-batch N          per-stage batch limit when no pipeline file is given (default 8)\n"
-    "  --batching MODE        denoiser batching without a pipeline file: step (default) | static | single\n"
-    "  --batch-invariant      CPU: a request's image is byte-identical whatever its batch (slower batching;\n"
-    "                         without it a few 8-bit values may differ by 1)\n"
-    "  --priority P           scheduling priority of these requests (higher first; waiting requests age)\n"
-    "  --deadline S           drop a request not finished S seconds after it arrived (status \"timed out\")\n"
-    "  --threads N            CPU threads per rank (default: cores / ranks on the node)\n"
-    "  --cpu-cache-mb N       free CPU memory kept for reuse between steps, per rank (default: a quarter\n"
-    "                         of the memory / ranks on the node; 0: none)\n"
-    "  --profile              print where each rank's time went (text encoder, UNet, sampler, VAE, transport, idle)\n"
-    "  --timeout S            fail when nothing progresses for S seconds (default 600)\n"
-    "  --no-contact-sheet     do not write out/contact_sheet.png\n"
-    "  --quiet                no JSON lines on stdout\n"
-    "  --inject-failure STAGE:REQUEST[:crash]   testing aid: fail (or crash) there\n"
-    "  --cancel-at REQUEST:S  testing aid: cancel request REQUEST S seconds after start (repeatable)\n";
+const char* kUsage = "[mpirun -np N] diffpipe generate --model DIR (--prompt TEXT | --prompts FILE) [options]";
+const std::vector<cli::Opt> kOptions = {
+    {"model", "DIR", "Stable Diffusion 1.x/2.x folder in the diffusers layout"},
+    {"prompt", "TEXT", "a prompt", true},
+    {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped)"},
+    {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
+    {"steps", "N", "inference steps (default 25)"},
+    {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
+    {"sampler", "NAME", "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | pndm (default: the model's)"},
+    {"seed", "S", "seed of each prompt's first image; image k uses S + k (default 0)"},
+    {"width", "W", "image width, a multiple of the model's latent factor x UNet downsampling"},
+    {"height", "H", "image height (the same rule)"},
+    {"images", "N", "images per prompt (default 1)"},
+    {"clip-skip", "K", "use the text encoder's K-th layer from the end (default 0)"},
+    {"out", "DIR", "output folder (default out/)"},
+    {"pipeline", "FILE", "placement of stages on ranks (TOML; default: derived from the rank count). With a file,\n"
+                         "--device/--dtype/--transport/--max-batch/--batching/--batch-invariant are\n"
+                         "defaults for what the file does not set"},
+    {"device", "cpu|cuda", "default device of every rank (default cpu)"},
+    {"dtype", "TYPE", "float32 | float16 | bfloat16 (default float32; float16 on GPUs only; bfloat16 also on\n"
+                      "CPUs, fast where they have AMX or AVX-512 BF16)"},
+    {"transport", "mpi|nccl", "transport between ranks (default mpi)"},
+    {"max-batch", "N", "per-stage batch limit when no pipeline file is given (default 8)"},
+    {"batching", "MODE", "denoiser batching without a pipeline file: step (default) | static | single"},
+    {"batch-invariant", "", "CPU: a request's image is byte-identical whatever its batch (slower batching;\n"
+                            "without it a few 8-bit values may differ by 1)"},
+    {"priority", "P", "scheduling priority of these requests (higher first; waiting requests age)"},
+    {"deadline", "S", "drop a request not finished S seconds after it arrived (status \"timed out\")"},
+    {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
+    {"cpu-cache-mb", "N", "free CPU memory kept for reuse between steps, per rank (default: a quarter\n"
+                          "of the memory / ranks on the node; 0: none)"},
+    {"profile", "", "print where each rank's time went (text encoder, UNet, sampler, VAE, transport, idle)"},
+    {"timeout", "S", "fail when nothing progresses for S seconds (default 600)"},
+    {"no-contact-sheet", "", "do not write out/contact_sheet.png"},
+    {"quiet", "", "no JSON lines on stdout"},
+    {"fail-fast", "", "stop the whole job when one request fails (default: it fails alone, the others\n"
+                      "finish, and the run exits non-zero at the end)"},
+    {"inject-failure", "STAGE:REQUEST[:crash]", "testing aid: fail (or crash) there"},
+    {"cancel-at", "REQUEST:S", "testing aid: cancel request REQUEST S seconds after start", true},
+};
 
 // Byte offset of the first invalid UTF-8 sequence in s, or npos (overlong forms, surrogates and code points
 // above U+10FFFF are invalid, as for JSON output).
@@ -133,9 +140,11 @@ void print_profile(const RunStats& st, const Placement& placement) {
       out += buf;
     }
     std::string idle;
-    for (StageKind s : placement.stages_on(r)) {
-      const double busy = v[1 + profile::kSections + static_cast<int>(s)];
-      std::snprintf(buf, sizeof(buf), "%s%s %.3f (%.1f%%)", idle.empty() ? "" : ", ", stage_name(s),
+    for (size_t k = 0; k < placement.stages.size(); ++k) {
+      const auto& ranks = placement.stages[k].spec.ranks;
+      if (std::find(ranks.begin(), ranks.end(), r) == ranks.end()) continue;
+      const double busy = v[1 + profile::kSections + k];
+      std::snprintf(buf, sizeof(buf), "%s%s %.3f (%.1f%%)", idle.empty() ? "" : ", ", placement.stages[k].name.c_str(),
                     std::max(0.0, wall - busy), 100 * std::max(0.0, wall - busy) / wall);
       idle += buf;
     }
@@ -147,20 +156,11 @@ void print_profile(const RunStats& st, const Placement& placement) {
 }  // namespace
 
 int generate_main(int argc, char** argv) {
-  for (int i = 0; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help")) {
-      std::fputs(kHelp, stdout);
-      return 0;
-    }
   // Parsed under the start-up agreement: a bad option is reported once (by rank 0), not once per rank.
   std::optional<cli::Args> parsed;
   run_on_all_ranks_or_fail([&] {
-    parsed.emplace("generate", argc, argv,
-                   std::set<std::string>{"model", "prompt", "prompts", "negative-prompt", "steps", "guidance", "sampler",
-                                         "seed", "width", "height", "images", "clip-skip", "out", "pipeline", "device",
-                                         "dtype", "transport", "max-batch", "threads", "timeout", "inject-failure",
-                                         "priority", "deadline", "batching", "cancel-at", "cpu-cache-mb"},
-                   std::set<std::string>{"no-contact-sheet", "quiet", "batch-invariant", "profile"});
+    parsed.emplace("generate", kUsage, kOptions, argc, argv);
+    if (parsed->help_requested()) return;
     DP_CHECK(parsed->has("model"), "generate: --model DIR is required");
     DP_CHECK(parsed->has("prompt") || parsed->has("prompts"), "generate: give --prompt TEXT or --prompts FILE");
     const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
@@ -169,6 +169,10 @@ int generate_main(int argc, char** argv) {
              " cores here), got ", th);
     DP_CHECK(mb >= 0 && mb <= (int64_t(1) << 24), "generate: --cpu-cache-mb must be in [0, 16777216], got ", mb);
   });
+  if (parsed->help_requested()) {
+    if (mpi::world().rank == 0) std::fputs(parsed->help_text().c_str(), stdout);
+    return 0;
+  }
   const cli::Args& a = *parsed;
   const auto& world = mpi::world();
   const bool lead = world.rank == 0;
@@ -206,28 +210,33 @@ int generate_main(int argc, char** argv) {
         g.seed = seed + static_cast<uint64_t>(k);
         requests.push_back(g);
       }
-    RankSpec defaults;
-    defaults.device = a.str("device", "cpu");
-    defaults.dtype = a.str("dtype", "float32");
+    PlacementDefaults defaults;  // from the command line; a pipeline file's own settings win
+    defaults.rank.device = a.str("device", "cpu");
+    defaults.rank.dtype = a.str("dtype", "float32");
+    defaults.transport = a.str("transport", "mpi");
+    defaults.stage.max_batch = static_cast<int>(a.integer("max-batch", 8));
+    defaults.stage.batching = a.str("batching", "step");
+    defaults.batch_invariant = a.flag("batch-invariant");
+    SdModel::validate(a.str("model"));
+    const auto layout = pipeline_layout(a.str("model"));
     if (a.has("pipeline")) {
-      placement = Placement::load(a.str("pipeline"), world.size);
+      placement = Placement::load(a.str("pipeline"), world.size, layout, defaults);
     } else {
-      placement = Placement::derive(world.size, defaults);
-      placement.transport = a.str("transport", "mpi");
-      const int mb = static_cast<int>(a.integer("max-batch", 8));
-      for (auto& s : placement.stages) s.max_batch = mb;
-      placement.stage(StageKind::Denoise).batching = a.str("batching", "step");
-      placement.batch_invariant = a.flag("batch-invariant");
+      placement = Placement::derive(world.size, defaults.rank, layout);
+      placement.transport = defaults.transport;
+      for (auto& s : placement.stages) {
+        s.spec.max_batch = defaults.stage.max_batch;
+        s.spec.batching = defaults.stage.batching;
+      }
+      placement.batch_invariant = defaults.batch_invariant;
       placement.validate("command line");
     }
-    SdModel::validate(a.str("model"));
-    placement.match_model(SdModel::has_super_resolution(a.str("model")),
-                          a.has("pipeline") ? a.str("pipeline") : "command line");
     opts.model_dir = a.str("model");
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
     opts.inject_failure = a.str("inject-failure");
+    opts.fail_fast = a.flag("fail-fast");
     RequestMeta rm;
     rm.priority = static_cast<int>(a.integer("priority", 0));
     rm.deadline_s = a.number("deadline", 0);
@@ -244,9 +253,7 @@ int generate_main(int argc, char** argv) {
 
   int threads = static_cast<int>(a.integer("threads", 0));
   if (threads <= 0) {
-    const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    const int local = ls ? std::max(1, std::atoi(ls)) : 1;
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world.local_size));
   }
   at::set_num_threads(threads);
   if (a.has("cpu-cache-mb")) {
@@ -314,8 +321,14 @@ int generate_main(int argc, char** argv) {
     }
     std::fprintf(stderr, "diffpipe: %zu image(s) in %.2f s (%.3f images/s) -> %s\n", stats.images, stats.wall_s,
                  stats.images / std::max(stats.wall_s, 1e-9), out_dir.c_str());
+    if (stats.failed > 0)
+      std::fprintf(stderr, "diffpipe: error: %zu request(s) failed (status \"failed\" in %s, with the reason)\n",
+                   stats.failed, path_join(out_dir, "images.jsonl").c_str());
   }
-  return 0;
+  // every rank exits non-zero when a request failed (rank 0 knows; it tells the others)
+  int failed = static_cast<int>(stats.failed);
+  if (world.active && world.size > 1) DP_MPI_CHECK(MPI_Bcast(&failed, 1, MPI_INT, 0, MPI_COMM_WORLD));
+  return failed > 0 ? 1 : 0;
 }
 
 }  // namespace diffpipe::apps

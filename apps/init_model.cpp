@@ -13,16 +13,20 @@
 namespace diffpipe::apps {
 
 int init_model_main(int argc, char** argv) {
-  for (int i = 0; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--help")) {
-      std::puts("usage: diffpipe init-model --out DIR [--seed S] [--prediction-type epsilon|v_prediction]\n"
-                "                           [--timestep-spacing leading|linspace|trailing] [--scheduler CLASS]\n"
-                "                           [--preset tiny|sd15] [--save-dtype float32|float16]\n"
-                "                           [--super-resolution]   (adds a random 2x super_resolution/ stage)");
-      return 0;
-    }
-  cli::Args a("init-model", argc, argv, {"out", "seed", "prediction-type", "timestep-spacing", "scheduler", "preset", "save-dtype"},
-              {"super-resolution"});
+  cli::Args a("init-model", "diffpipe init-model --out DIR [options]",
+              {{"out", "DIR", "where to write the model (diffusers layout)"},
+               {"seed", "S", "weight seed (default 0)"},
+               {"prediction-type", "TYPE", "epsilon | v_prediction"},
+               {"timestep-spacing", "SPACING", "leading | linspace | trailing"},
+               {"scheduler", "CLASS", "scheduler_config.json class (e.g. DDIMScheduler)"},
+               {"preset", "NAME", "tiny (default) | sd15 (SD 1.5 architecture)"},
+               {"save-dtype", "TYPE", "float32 (default) | float16"},
+               {"super-resolution", "", "add a random 2x super_resolution/ stage"}},
+              argc, argv, "writes a randomly initialised model (tests and benchmarks)");
+  if (a.help_requested()) {
+    std::fputs(a.help_text().c_str(), stdout);
+    return 0;
+  }
   DP_CHECK(a.has("out"), "init-model: --out DIR is required");
   DP_CHECK(mpi::world().size == 1, "init-model: run it as one process");
   RandomModelOptions o;

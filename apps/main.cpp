@@ -10,6 +10,8 @@
 #include "diffpipe/runtime/cpu_allocator.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/log.h"
+#include "diffpipe/runtime/message.h"
+
 #include "diffpipe/runtime/mpi_env.h"
 
 namespace {
@@ -36,7 +38,7 @@ void usage() {
                "  data       write the synthetic shapes dataset (PNGs + captions)\n"
                "  train      train diffpipe's own model, one module at a time\n"
                "  eval       score images: fidelity (colour/shape/position against the caption)\n"
-               "run 'diffpipe <command> --help' for its options\n");
+               "run 'diffpipe <command> --help' for its options; 'diffpipe --version' for the version\n");
 }
 }  // namespace
 
@@ -45,6 +47,10 @@ int main(int argc, char** argv) {
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     usage();
     return argc < 2 ? 2 : 0;
+  }
+  if (!std::strcmp(argv[1], "--version")) {
+    std::printf("diffpipe %s (wire format %d)\n", DIFFPIPE_VERSION, static_cast<int>(diffpipe::kWireVersion));
+    return 0;
   }
   const std::string cmd = argv[1];
   int rc = 0;

@@ -35,7 +35,6 @@
 namespace diffpipe::apps {
 
 namespace {
-using Clock = std::chrono::steady_clock;
 constexpr uint64_t kTrainSeed = 0;  // held-out evaluation uses other seeds
 
 // AdamW over a named parameter set, with its moments saved in checkpoints.
@@ -154,7 +153,7 @@ class Trainer {
     if ((step + 1) % 50 == 0 || step + 1 == o_.steps)
       std::fprintf(stderr, "[train %s] step %lld/%lld loss %.5f (avg %.5f) %.1f s\n", name_.c_str(),
                    static_cast<long long>(step + 1), static_cast<long long>(o_.steps), l, avg_,
-                   std::chrono::duration<double>(Clock::now() - t0_).count());
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count());
     if ((step + 1) % o_.save_every == 0) save_checkpoint(ck_, params_, opt_);
   }
   void finish() { save_checkpoint(ck_, params_, opt_); }
@@ -167,7 +166,7 @@ class Trainer {
   AdamW opt_;
   int64_t start_ = 0;
   double avg_ = 0;
-  Clock::time_point t0_ = Clock::now();
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
 };
 
 // ------------------------------------------------------------------ VAE
@@ -394,13 +393,25 @@ int train_main(int argc, char** argv) {
       "usage: diffpipe train vae|text|unet|sr|all --model DIR [--steps N] [--batch B] [--lr LR] [--resume]\n"
       "                      [--save-every N] [--threads N]\n"
       "  trains one module of diffpipe's own model into DIR (diffusers layout); unet needs vae and text first\n";
-  if (argc < 1 || !std::strcmp(argv[0], "--help")) {
+  if (argc < 1 || !std::strcmp(argv[0], "--help") || !std::strcmp(argv[0], "-h")) {
     std::fputs(help, argc < 1 ? stderr : stdout);
     return argc < 1 ? 2 : 0;
   }
   const std::string what = argv[0];
-  cli::Args a("train " + what, argc - 1, argv + 1, {"model", "steps", "batch", "lr", "save-every", "threads", "seed"},
-              {"resume"});
+  cli::Args a("train " + what, "diffpipe train vae|text|unet|sr|all --model DIR [options]",
+              {{"model", "DIR", "the model folder to train into (diffusers layout)"},
+               {"steps", "N", "optimiser steps"},
+               {"batch", "B", "batch size (>= 2)"},
+               {"lr", "LR", "learning rate (AdamW)"},
+               {"resume", "", "continue from the folder's checkpoint"},
+               {"save-every", "N", "checkpoint every N steps (default 500)"},
+               {"threads", "N", "CPU threads"},
+               {"seed", "S", "initialisation seed (default 0)"}},
+              argc - 1, argv + 1, "trains one module of diffpipe's own model into DIR; unet needs vae and text first");
+  if (a.help_requested()) {
+    std::fputs(a.help_text().c_str(), stdout);
+    return 0;
+  }
   DP_CHECK(a.has("model"), "train: --model DIR is required");
   if (a.has("threads")) at::set_num_threads(static_cast<int>(a.integer("threads", 2)));
   at::manual_seed(static_cast<uint64_t>(a.integer("seed", 0)));
@@ -411,7 +422,7 @@ int train_main(int argc, char** argv) {
     DP_CHECK(o.steps >= 1 && o.batch >= 2 && o.lr > 0, "train: --steps >= 1, --batch >= 2, --lr > 0");
     return o;
   };
-  const auto t0 = Clock::now();
+  const auto t0 = std::chrono::steady_clock::now();
   // defaults: the shipped model's recipe (scripts/train_default.sh, models/shapes-sd/MODEL_CARD.md)
   if (what == "vae" || what == "all") train_vae(opts(2000, 32, 2e-3));
   if (what == "text" || what == "all") train_text(opts(1500, 64, 2e-3));
@@ -420,7 +431,7 @@ int train_main(int argc, char** argv) {
   DP_CHECK(what == "vae" || what == "text" || what == "unet" || what == "sr" || what == "all", "train: unknown module '",
            what, "' (vae, text, unet, sr, all)");
   std::fprintf(stderr, "diffpipe: train %s finished in %.1f s\n", what.c_str(),
-               std::chrono::duration<double>(Clock::now() - t0).count());
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;
 }
 

@@ -14,35 +14,47 @@
 #include <cstring>
 #include <thread>
 
+#include "cli.h"
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/stages/stages.h"
 
 using namespace diffpipe;
-using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   mpi::init(&argc, &argv);
   std::string model_dir, device = "cpu", dtype = "float32", transport = "mpi";
   int n = 16, steps = 20, max_batch = 8, size = 0;
   bool batch_invariant = false;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--model") model_dir = v;
-    else if (k == "--requests") n = std::stoi(v);
-    else if (k == "--steps") steps = std::stoi(v);
-    else if (k == "--device") device = v;
-    else if (k == "--dtype") dtype = v;
-    else if (k == "--max-batch") max_batch = std::stoi(v);
-    else if (k == "--transport") transport = v;
-    else if (k == "--size") size = std::stoi(v);
-    else if (k == "--batch-invariant") batch_invariant = v != "0";
-  }
   const auto& w = mpi::world();
   try {
+    cli::Args a("bench_pipeline", "[mpirun -np N] bench_pipeline --model DIR [options]",
+                {{"model", "DIR", "model folder"},
+                 {"requests", "N", "requests (default 16)"},
+                 {"steps", "N", "steps per request (default 20)"},
+                 {"device", "cpu|cuda", "device of every rank (default cpu)"},
+                 {"dtype", "TYPE", "float32 | float16 | bfloat16"},
+                 {"max-batch", "N", "per-stage batch limit (default 8)"},
+                 {"transport", "mpi|nccl", "transport (default mpi)"},
+                 {"size", "PX", "image size (default: the model's)"},
+                 {"batch-invariant", "", "batch-invariant CPU kernels"}},
+                argc - 1, argv + 1, "pipeline throughput against one process running the same requests one by one");
+    if (a.help_requested()) {
+      if (w.rank == 0) std::fputs(a.help_text().c_str(), stdout);
+      mpi::finalize();
+      return 0;
+    }
+    model_dir = a.str("model");
+    n = static_cast<int>(a.integer("requests", n));
+    steps = static_cast<int>(a.integer("steps", steps));
+    device = a.str("device", device);
+    dtype = a.str("dtype", dtype);
+    max_batch = static_cast<int>(a.integer("max-batch", max_batch));
+    transport = a.str("transport", transport);
+    size = static_cast<int>(a.integer("size", size));
+    batch_invariant = a.flag("batch-invariant");
     if (model_dir.empty()) throw std::runtime_error("--model DIR is required");
-    const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-    const int local = ls ? std::max(1, std::atoi(ls)) : 1;
+    const int local = std::max(1, w.local_size);
     const int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local);
     std::vector<GenerationParams> reqs(n);
     for (int i = 0; i < n; ++i) {
@@ -73,9 +85,9 @@ int main(int argc, char** argv) {
         return decode_final(m, {s.latents})[0];
       };
       run_one(reqs[0]);  // warm-up
-      const auto t0 = Clock::now();
+      const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < n; ++i) seq_images[i] = run_one(reqs[i]);
-      seq_s = std::chrono::duration<double>(Clock::now() - t0).count();
+      seq_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     mpi::barrier();
     at::set_num_threads(threads);
@@ -84,7 +96,7 @@ int main(int argc, char** argv) {
     opts.placement = Placement::derive(w.size, rs);
     opts.placement.transport = transport;
     opts.placement.batch_invariant = batch_invariant;
-    for (auto& s : opts.placement.stages) s.max_batch = max_batch;
+    for (auto& s : opts.placement.stages) s.spec.max_batch = max_batch;
     std::shared_ptr<Transport> t = w.size == 1 ? make_inproc_world(1)[0]
                                    : transport == "nccl" ? make_nccl_transport(w.local_rank)
                                                          : make_mpi_transport();
@@ -95,9 +107,9 @@ int main(int argc, char** argv) {
       pipe_images[g.index] = std::move(g.image);
     });
     // per-stage busy time, summed over ranks
-    double busy[kNumStages], total[kNumStages];
-    for (int k = 0; k < kNumStages; ++k) busy[k] = st.busy_s[k];
-    if (w.active) MPI_Reduce(busy, total, kNumStages, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
+    double busy[3] = {}, total[3] = {};  // encode, denoise, decode
+    for (size_t k = 0; k < 3 && k < st.busy_s.size(); ++k) busy[k] = st.busy_s[k];
+    if (w.active) MPI_Reduce(busy, total, 3, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
     else std::memcpy(total, busy, sizeof(busy));
     t.reset();
     if (w.rank == 0) {

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "cli.h"
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/scheduler/step_batcher.h"
 
@@ -23,7 +24,7 @@ using namespace diffpipe;
 namespace {
 struct RunResult {
   double throughput = 0, p50 = 0, p95 = 0, p99 = 0, wall = 0;
-  double busy[kNumStages] = {};
+  double busy[3] = {};  // encode, denoise, decode
   std::vector<Image> images;
   size_t done = 0;
 };
@@ -38,10 +39,10 @@ RunResult run(const std::string& model, const std::vector<GenerationParams>& req
   RunOptions o;
   o.model_dir = model;
   o.placement = Placement::derive(1, rs);
-  for (auto& s : o.placement.stages) s.max_batch = max_batch;
-  o.placement.stage(StageKind::Denoise).batching = mode;
+  for (auto& s : o.placement.stages) s.spec.max_batch = max_batch;
+  o.placement.stage("denoise").batching = mode;
   o.placement.batch_invariant = batch_invariant;
-  o.placement.stage(StageKind::Denoise).max_inflight = 1 << 20;  // open loop: queue at the denoiser
+  o.placement.stage("denoise").max_inflight = 1 << 20;  // open loop: queue at the denoiser
   o.meta.resize(reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i) o.meta[i].arrival_s = arrivals[i];
   auto t = make_inproc_world(1)[0];
@@ -61,7 +62,7 @@ RunResult run(const std::string& model, const std::vector<GenerationParams>& req
   r.p50 = pct(lat, 0.50);
   r.p95 = pct(lat, 0.95);
   r.p99 = pct(lat, 0.99);
-  for (int k = 0; k < kNumStages; ++k) r.busy[k] = st.busy_s[k] / st.wall_s;
+  for (size_t k = 0; k < 3 && k < st.busy_s.size(); ++k) r.busy[k] = st.busy_s[k] / st.wall_s;
   return r;
 }
 }  // namespace
@@ -71,18 +72,29 @@ int main(int argc, char** argv) {
   int n = 32, max_batch = 8;
   unsigned seed = 1;
   bool batch_invariant = false;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--model") model = v;
-    else if (k == "--requests") n = std::stoi(v);
-    else if (k == "--max-batch") max_batch = std::stoi(v);
-    else if (k == "--rates") rates_s = v;
-    else if (k == "--device") device = v;
-    else if (k == "--dtype") dtype = v;
-    else if (k == "--seed") seed = static_cast<unsigned>(std::stoul(v));
-    else if (k == "--batch-invariant") batch_invariant = v != "0";
-  }
   try {
+    cli::Args a("bench_scheduler", "bench_scheduler --model DIR [options]",
+                {{"model", "DIR", "model folder"},
+                 {"requests", "N", "requests (default 32)"},
+                 {"max-batch", "N", "denoiser batch limit (default 8)"},
+                 {"rates", "LIST", "Poisson arrival rates, requests/s (default 0.5,1,2,4)"},
+                 {"device", "cpu|cuda", "device (default cpu)"},
+                 {"dtype", "TYPE", "float32 | float16 | bfloat16"},
+                 {"seed", "S", "seed of the request mix (default 1)"},
+                 {"batch-invariant", "", "batch-invariant CPU kernels"}},
+                argc - 1, argv + 1, "step-level against request-level and single batching under open-loop load");
+    if (a.help_requested()) {
+      std::fputs(a.help_text().c_str(), stdout);
+      return 0;
+    }
+    model = a.str("model");
+    n = static_cast<int>(a.integer("requests", n));
+    max_batch = static_cast<int>(a.integer("max-batch", max_batch));
+    rates_s = a.str("rates", rates_s);
+    device = a.str("device", device);
+    dtype = a.str("dtype", dtype);
+    seed = static_cast<unsigned>(a.u64("seed", seed));
+    batch_invariant = a.flag("batch-invariant");
     if (model.empty()) throw std::runtime_error("--model DIR is required");
     RankSpec rs;
     rs.device = device;

@@ -22,6 +22,7 @@
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/runtime/cpu_allocator.h"
 #include "diffpipe/runtime/error.h"
+#include "cli.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/transport.h"
@@ -32,7 +33,6 @@
 #endif
 
 using namespace diffpipe;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
@@ -43,27 +43,41 @@ struct Options {
   double guidance = 7.5;
 };
 
-Options parse(int argc, char** argv) {
+Options parse(int argc, char** argv, bool* help) {
   Options o;
-  for (int i = 1; i < argc; i += 2) {
-    const std::string k = argv[i];
-    DP_CHECK(i + 1 < argc, "bench_sd: option ", k, " needs a value");
-    const std::string v = argv[i + 1];
-    if (k == "--model") o.model = v;
-    else if (k == "--device") o.device = v;
-    else if (k == "--dtype") o.dtype = v;
-    else if (k == "--sampler") o.sampler = v;
-    else if (k == "--out") o.out = v;
-    else if (k == "--parts") o.parts = v;
-    else if (k == "--size") o.size = std::stoi(v);
-    else if (k == "--steps") o.steps = std::stoi(v);
-    else if (k == "--images") o.images = std::stoi(v);
-    else if (k == "--rounds") o.rounds = std::stoi(v);
-    else if (k == "--threads") o.threads = std::stoi(v);
-    else if (k == "--guidance") o.guidance = std::stod(v);
-    else if (k == "--cpu-cache-mb") o.cpu_cache_mb = std::stoll(v);
-    else DP_FAIL("bench_sd: unknown option ", k);
+  cli::Args a("bench_sd", "bench_sd --model DIR [options]",
+              {{"model", "DIR", "model folder"},
+               {"device", "cpu|cuda", "device (default cpu)"},
+               {"dtype", "TYPE", "float32 | float16 | bfloat16 (default float32)"},
+               {"sampler", "NAME", "sampler (default ddim)"},
+               {"out", "DIR", "save inputs and outputs as safetensors there (for vs_diffusers.py)"},
+               {"parts", "LIST", "comma-separated: e2e, loop, unet, vae (default all)"},
+               {"size", "PX", "image size (default: the model's)"},
+               {"steps", "N", "steps (default 6)"},
+               {"images", "N", "images per batch (default 2)"},
+               {"rounds", "N", "timed rounds after one warm-up (default 2)"},
+               {"threads", "N", "CPU threads (default: all cores)"},
+               {"guidance", "G", "guidance scale (default 7.5)"},
+               {"cpu-cache-mb", "N", "CPU block cache (default: as diffpipe generate; 0: none)"}},
+              argc - 1, argv + 1, "prints one JSON object: times, profile and peak memory of diffpipe's side");
+  *help = a.help_requested();
+  if (*help) {
+    std::fputs(a.help_text().c_str(), stdout);
+    return o;
   }
+  o.model = a.str("model");
+  o.device = a.str("device", o.device);
+  o.dtype = a.str("dtype", o.dtype);
+  o.sampler = a.str("sampler", o.sampler);
+  o.out = a.str("out");
+  o.parts = a.str("parts", o.parts);
+  o.size = static_cast<int>(a.integer("size", o.size));
+  o.steps = static_cast<int>(a.integer("steps", o.steps));
+  o.images = static_cast<int>(a.integer("images", o.images));
+  o.rounds = static_cast<int>(a.integer("rounds", o.rounds));
+  o.threads = static_cast<int>(a.integer("threads", o.threads));
+  o.guidance = a.number("guidance", o.guidance);
+  o.cpu_cache_mb = a.integer("cpu-cache-mb", o.cpu_cache_mb);
   DP_CHECK(!o.model.empty(), "bench_sd: --model DIR is required");
   DP_CHECK(o.images >= 1 && o.rounds >= 1 && o.steps >= 1, "bench_sd: --images, --rounds, --steps must be >= 1");
   return o;
@@ -89,10 +103,10 @@ std::vector<double> timed(int rounds, const at::Device& dev, F&& f) {
   std::vector<double> t;
   for (int r = 0; r < rounds; ++r) {
     sync(dev);
-    const auto t0 = Clock::now();
+    const auto t0 = std::chrono::steady_clock::now();
     f();
     sync(dev);
-    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return t;
 }
@@ -101,7 +115,9 @@ std::vector<double> timed(int rounds, const at::Device& dev, F&& f) {
 
 int main(int argc, char** argv) {
   try {
-    const Options o = parse(argc, argv);
+    bool help = false;
+    const Options o = parse(argc, argv, &help);
+    if (help) return 0;
     std::set<std::string> parts;
     {
       std::stringstream ss(o.parts);
@@ -114,9 +130,9 @@ int main(int argc, char** argv) {
     else DP_CHECK(o.device == "cpu", "bench_sd: --device must be cpu or cuda");
     spec.dtype = o.dtype == "float16" ? at::kHalf : o.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
     DP_CHECK(o.dtype == "float32" || o.dtype == "float16" || o.dtype == "bfloat16", "bench_sd: unknown --dtype ", o.dtype);
-    const auto t_load = Clock::now();
+    const auto t_load = std::chrono::steady_clock::now();
     const SdModel model = SdModel::load(o.model, spec);
-    const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
 
     std::vector<GenerationParams> reqs(o.images);
     for (int i = 0; i < o.images; ++i) {
@@ -147,7 +163,7 @@ int main(int argc, char** argv) {
       rs.device = o.device;
       rs.dtype = o.dtype;
       ro.placement = Placement::derive(1, rs);
-      for (auto& s : ro.placement.stages) s.max_batch = std::max(8, o.images);
+      for (auto& s : ro.placement.stages) s.spec.max_batch = std::max(8, o.images);
       std::vector<Image> images(o.images);
       std::vector<double> times;
       profile::Totals best_prof;
@@ -167,7 +183,8 @@ int main(int argc, char** argv) {
           best_wall = st.wall_s;
           best_prof = profile::totals();
           nlohmann::json busy;
-          for (int k = 0; k < kNumStages; ++k) busy[stage_name(static_cast<StageKind>(k))] = st.busy_s[k];
+          const auto names = ro.placement.stage_names();
+          for (size_t k = 0; k < names.size() && k < st.busy_s.size(); ++k) busy[names[k]] = st.busy_s[k];
           res["e2e_busy_s"] = busy;
         }
       }

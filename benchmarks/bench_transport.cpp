@@ -7,22 +7,30 @@
 #include <cstring>
 #include <string>
 
+#include "cli.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/runtime/transport.h"
 
 using namespace diffpipe;
-using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   mpi::init(&argc, &argv);
   std::string transport = "mpi", device = "cpu";
   int iters = 200;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--transport")) transport = argv[i + 1];
-    else if (!std::strcmp(argv[i], "--device")) device = argv[i + 1];
-    else if (!std::strcmp(argv[i], "--iters")) iters = std::atoi(argv[i + 1]);
-  }
   try {
+    cli::Args a("bench_transport", "[mpirun -np 2] bench_transport [options]",
+                {{"transport", "mpi|nccl", "transport (default mpi)"},
+                 {"device", "cpu|cuda", "where the tensors live (default cpu)"},
+                 {"iters", "N", "round trips per size (default 200)"}},
+                argc - 1, argv + 1);
+    if (a.help_requested()) {
+      if (mpi::world().rank == 0) std::fputs(a.help_text().c_str(), stdout);
+      mpi::finalize();
+      return 0;
+    }
+    transport = a.str("transport", transport);
+    device = a.str("device", device);
+    iters = static_cast<int>(a.integer("iters", iters));
     std::shared_ptr<Transport> t;
     if (!mpi::world().active) t = make_inproc_world(1)[0];
     else if (transport == "nccl") t = make_nccl_transport(mpi::world().local_rank);
@@ -75,9 +83,9 @@ int main(int argc, char** argv) {
         mpi::abort(1);
       }
       for (int i = 0; i < 5; ++i) roundtrip();
-      const auto t0 = Clock::now();
+      const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) roundtrip();
-      const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double hops = peer == me ? 1.0 : 2.0;
       if (me == 0)
         std::printf("%-38s %12.0f %12.1f %12.3f\n", c.name, bytes, dt / iters / hops * 1e6, bytes * hops * iters / dt / 1e9);

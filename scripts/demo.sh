@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: install, build, then generate a few prompts with the stages pipelined over 3 MPI ranks
-# (text encoder | denoiser | decoder + super-resolution) and write out/contact_sheet.png.
+# (text encoder | denoiser | decoder + super-resolution) and write demo-out/contact_sheet.png (its own folder:
+# a user's out/ is never touched).
 #   bash scripts/demo.sh [MODEL_DIR]
 # MODEL_DIR defaults to diffpipe's own model, models/shapes-sd (trained by `diffpipe train`, see its
 # MODEL_CARD.md); nothing is downloaded.
@@ -9,7 +10,8 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh > build.log 2>&1 || { tail -30 build.log; exit 1; }
 MODEL=${1:-models/shapes-sd}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-rm -rf out
+OUT=demo-out
+rm -rf "$OUT"
 mpirun --oversubscribe -np 3 ./build/apps/diffpipe generate --model "$MODEL" --prompts scripts/demo_prompts.txt \
-  --images 2 --steps 25 --guidance 5 --seed 1 --out out --quiet
-echo "images: out/img-*.png, index: out/images.jsonl, contact sheet: out/contact_sheet.png"
+  --images 2 --steps 25 --guidance 5 --seed 1 --out "$OUT" --quiet
+echo "images: $OUT/img-*.png, index: $OUT/images.jsonl, contact sheet: $OUT/contact_sheet.png"

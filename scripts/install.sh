@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything diffpipe needs to build and test, idempotently:
-#   - Debian packages (Open MPI, Boost, nlohmann-json, ICU, libpng, GoogleTest, Google Benchmark, ccache, ninja)
+#   - Debian packages (Open MPI, Boost, nlohmann-json, toml++, CLI11, ICU, libpng, GoogleTest, Google Benchmark,
+#     ccache, ninja)
 #   - LibTorch from PyPI's `torch` package at a pinned version (CMake finds it via torch.utils.cmake_prefix_path).
-# The product never runs Python; Python only hosts LibTorch's C++ libraries.
+# The product never runs Python; Python only hosts LibTorch's C++ libraries and the reference packages tests and
+# benchmarks compare against. They live in a virtual environment inside the project, .venv/ (ignored by git;
+# DIFFPIPE_VENV overrides), since Debian's own python3 refuses `pip install` (PEP 668). The environment sees the
+# base interpreter's packages, so a torch already installed there is used as is.
 set -euo pipefail
 TORCH_VERSION="${DIFFPIPE_TORCH_VERSION:-2.11.0}"
 
 pkgs=(build-essential cmake ninja-build ccache pkg-config git
       libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev zlib1g-dev
-      libgtest-dev libgmock-dev libbenchmark-dev python3-pip time)
+      libgtest-dev libgmock-dev libbenchmark-dev python3-pip python3-venv time libcli11-dev libtomlplusplus-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +24,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${DIFFPIPE_VENV:-$ROOT/.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] virtual environment $VENV"
+  ${PYTHON:-python3} -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
 have=$($PY -c 'import torch;print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ "$have" != "$TORCH_VERSION" ]; then
   echo "[install] torch==$TORCH_VERSION from PyPI (LibTorch C++ libraries)"

@@ -8,49 +8,110 @@
 #include "diffpipe/runtime/error.h"
 
 namespace diffpipe {
+namespace {
 
-const char* stage_name(StageKind s) {
-  switch (s) {
-    case StageKind::Encode: return "encode";
-    case StageKind::Denoise: return "denoise";
-    case StageKind::Decode: return "decode";
-    case StageKind::Upscale: return "upscale";
-  }
-  return "?";
+std::string join(const std::vector<std::string>& v, const char* sep = ", ") {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : sep) + x;
+  return s;
 }
 
-Placement Placement::derive(int n, const RankSpec& defaults) {
+int heavy_index(const std::vector<PipelineStage>& pipeline) {
+  DP_CHECK(!pipeline.empty(), "placement: the pipeline has no stage");
+  for (size_t i = 0; i < pipeline.size(); ++i)
+    if (pipeline[i].heavy) return static_cast<int>(i);
+  return 0;
+}
+
+}  // namespace
+
+Placement Placement::derive(int n, const RankSpec& defaults, const std::vector<PipelineStage>& pipeline) {
   DP_CHECK(n >= 1, "placement: world size must be >= 1");
   Placement p;
   p.world_size = n;
   p.ranks.assign(n, defaults);
-  auto& enc = p.stage(StageKind::Encode).ranks;
-  auto& den = p.stage(StageKind::Denoise).ranks;
-  auto& dec = p.stage(StageKind::Decode).ranks;
-  if (n == 1) {
-    enc = den = dec = {0};
-  } else if (n == 2) {
-    enc = {0};
-    dec = {0};
-    den = {1};
-  } else {
-    enc = {0};
-    dec = {n - 1};
-    for (int r = 1; r < n - 1; ++r) den.push_back(r);
+  const int h = heavy_index(pipeline);
+  for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) {
+    PlacedStage s;
+    s.name = pipeline[i].name;
+    s.heavy = i == h;
+    if (n == 1) {
+      s.spec.ranks = {0};
+    } else if (i == h) {
+      for (int r = 1; r < std::max(2, n - 1); ++r) s.spec.ranks.push_back(r);
+    } else {
+      s.spec.ranks = {i < h || n == 2 ? 0 : n - 1};
+    }
+    p.stages.push_back(std::move(s));
   }
-  p.stage(StageKind::Upscale).ranks = dec;
   return p;
 }
 
-void Placement::match_model(bool has_super_resolution, const std::string& origin) {
-  if (has_super_resolution) {
-    if (stage(StageKind::Upscale).ranks.empty()) stage(StageKind::Upscale).ranks = stage(StageKind::Decode).ranks;
-    return;
+bool Placement::has(const std::string& name) const {
+  return std::any_of(stages.begin(), stages.end(), [&](const PlacedStage& s) { return s.name == name; });
+}
+
+const StageSpec& Placement::stage(const std::string& name) const {
+  for (const auto& s : stages)
+    if (s.name == name) return s.spec;
+  DP_FAIL("placement: no stage '", name, "' (stages: ", join(stage_names()), ")");
+}
+StageSpec& Placement::stage(const std::string& name) {
+  return const_cast<StageSpec&>(static_cast<const Placement&>(*this).stage(name));
+}
+
+std::vector<std::string> Placement::stage_names() const {
+  std::vector<std::string> v;
+  for (const auto& s : stages) v.push_back(s.name);
+  return v;
+}
+
+void Placement::fit(const std::vector<PipelineStage>& pipeline, const std::string& origin) {
+  const int h = heavy_index(pipeline);
+  std::vector<std::string> names;
+  for (const auto& ps : pipeline) names.push_back(ps.name);
+  const bool from_file = std::any_of(stages.begin(), stages.end(), [](const PlacedStage& s) { return s.placed; });
+  std::vector<PlacedStage> out;
+  if (!from_file) {  // derived: re-derive for this pipeline, keeping every stage's limits
+    Placement d = derive(world_size, RankSpec{}, pipeline);
+    for (auto& s : d.stages) {
+      const PlacedStage* old = nullptr;
+      for (const auto& o : stages)
+        if (o.name == s.name) old = &o;
+      if (!old && !stages.empty()) {  // a new stage: the limits of the first stage, default batching
+        s.spec.max_batch = stages.front().spec.max_batch;
+        s.spec.batch_wait_ms = stages.front().spec.batch_wait_ms;
+      }
+      if (old) {
+        std::vector<int> r = s.spec.ranks;
+        s.spec = old->spec;
+        s.spec.ranks = r;
+      }
+      out.push_back(std::move(s));
+    }
+  } else {
+    for (const auto& s : stages)
+      DP_CHECK(std::count(names.begin(), names.end(), s.name), origin, ": [", s.name, "] places stage '", s.name,
+               "', which this model's pipeline (", join(names, " -> "), ") does not have (remove the table)");
+    for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) {
+      const std::string& name = pipeline[i].name;
+      auto it = std::find_if(stages.begin(), stages.end(), [&](const PlacedStage& s) { return s.name == name; });
+      PlacedStage s;
+      if (it != stages.end()) {
+        s = *it;
+      } else {
+        DP_CHECK(i != 0 && i != h, origin, ": stage '", name, "' has no rank (add a [", name,
+                 "] table with ranks = [...])");
+        s.name = name;
+        s.spec = out.back().spec;  // runs where the stage before it does, with its limits
+        s.placed = false;
+      }
+      s.heavy = i == h;
+      out.push_back(std::move(s));
+    }
   }
-  DP_CHECK(!upscale_placed, origin, ": [upscale] places a super-resolution stage, but the model has no "
-           "super_resolution/ folder (remove the table)");
-  stage(StageKind::Upscale).ranks.clear();
-  validate(origin);  // a rank that only upscaled would now run nothing
+  stages = std::move(out);
+  validate(origin);
 }
 
 void Placement::validate(const std::string& origin) const {
@@ -58,13 +119,13 @@ void Placement::validate(const std::string& origin) const {
            "' is not supported (mpi or nccl)");
   DP_CHECK(static_cast<int>(ranks.size()) == world_size, origin, ": ", ranks.size(), " rank entries for ",
            world_size, " ranks");
+  DP_CHECK(queue_capacity >= 1, origin, ": queue_capacity must be >= 1");
+  DP_CHECK(!stages.empty(), origin, ": no stage is placed");
   std::set<int> used;
-  for (int s = 0; s < kNumStages; ++s) {
-    const auto& st = stages[s];
-    const char* name = stage_name(static_cast<StageKind>(s));
-    if (s == static_cast<int>(StageKind::Upscale) && st.ranks.empty()) continue;  // a model without super-resolution
+  for (const auto& ps : stages) {
+    const auto& st = ps.spec;
+    const std::string& name = ps.name;
     DP_CHECK(!st.ranks.empty(), origin, ": stage '", name, "' has no rank");
-    DP_CHECK(queue_capacity >= 1, origin, ": queue_capacity must be >= 1");
     std::set<int> seen;
     for (int r : st.ranks) {
       DP_CHECK(r >= 0 && r < world_size, origin, ": stage '", name, "': rank ", r, " is out of range [0, ",
@@ -80,15 +141,11 @@ void Placement::validate(const std::string& origin) const {
     DP_CHECK(st.batching == "step" || st.batching == "static" || st.batching == "single", origin, ": stage '", name,
              "': batching '", st.batching, "' (step, static or single)");
   }
-  std::vector<int> idle;
+  std::vector<std::string> idle;
   for (int r = 0; r < world_size; ++r)
-    if (!used.count(r)) idle.push_back(r);
-  if (!idle.empty()) {
-    std::ostringstream os;
-    for (size_t i = 0; i < idle.size(); ++i) os << (i ? ", " : "") << idle[i];
-    DP_FAIL(origin, ": more ranks than needed: rank(s) ", os.str(), " of ", world_size,
-            " run no stage (list them under a stage, or start fewer ranks)");
-  }
+    if (!used.count(r)) idle.push_back(std::to_string(r));
+  DP_CHECK(idle.empty(), origin, ": more ranks than needed: rank(s) ", join(idle), " of ", world_size,
+           " run no stage (list them under a stage, or start fewer ranks)");
   for (int r = 0; r < world_size; ++r) {
     const auto& rs = ranks[r];
     DP_CHECK(rs.device == "cpu" || rs.device == "cuda", origin, ": rank ", r, ": device '", rs.device,
@@ -103,7 +160,8 @@ void Placement::validate(const std::string& origin) const {
   }
 }
 
-Placement Placement::load(const std::string& path, int world_size) {
+Placement Placement::load(const std::string& path, int world_size, const std::vector<PipelineStage>& pipeline,
+                          const PlacementDefaults& given, const std::vector<std::string>& known) {
   const nlohmann::json j = load_toml(path);
   RankSpec defaults;
   Placement p;
@@ -113,15 +171,14 @@ Placement Placement::load(const std::string& path, int world_size) {
     DP_CHECK(o[k].is_string(), path, ": ", where, k, " must be a string");
     return o[k].get<std::string>();
   };
+  const std::set<std::string> keys{"transport", "device", "dtype", "rank", "queue_capacity", "batch_invariant"};
   for (auto& [k, v] : j.items()) {
-    if (k == "transport" || k == "device" || k == "dtype" || k == "rank" || k == "queue_capacity" ||
-        k == "batch_invariant")
-      continue;
-    if (k == "encode" || k == "denoise" || k == "decode" || k == "upscale") continue;
-    DP_FAIL(path, ": unknown stage or key '", k, "' (stages: encode, denoise, decode, upscale; keys: transport, device, dtype, "
-            "queue_capacity, batch_invariant; tables: [rank.N])");
+    if (keys.count(k)) continue;
+    DP_CHECK(std::count(known.begin(), known.end(), k), path, ": unknown stage or key '", k, "' (stages: ",
+             join(known), "; keys: transport, device, dtype, queue_capacity, batch_invariant; tables: [rank.N])");
   }
-  p.transport = get_str(j, "transport", "", "mpi");
+  p.transport = get_str(j, "transport", "", given.transport);
+  p.batch_invariant = given.batch_invariant;
   if (j.contains("batch_invariant")) {
     DP_CHECK(j["batch_invariant"].is_boolean(), path, ": batch_invariant must be true or false");
     p.batch_invariant = j["batch_invariant"].get<bool>();
@@ -131,20 +188,19 @@ Placement Placement::load(const std::string& path, int world_size) {
              ": queue_capacity must be a positive integer");
     p.queue_capacity = j["queue_capacity"].get<size_t>();
   }
-  defaults.device = get_str(j, "device", "", "cpu");
-  defaults.dtype = get_str(j, "dtype", "", "float32");
+  defaults.device = get_str(j, "device", "", given.rank.device);
+  defaults.dtype = get_str(j, "dtype", "", given.rank.dtype);
   p.ranks.assign(world_size, defaults);
-  p.upscale_placed = j.contains("upscale");
-  for (int s = 0; s < kNumStages; ++s) {
-    const char* name = stage_name(static_cast<StageKind>(s));
-    if (s == static_cast<int>(StageKind::Upscale) && !p.upscale_placed) {  // optional: defaults to the decode ranks
-      p.stages[s] = p.stages[static_cast<int>(StageKind::Decode)];
-      continue;
-    }
-    DP_CHECK(j.contains(name), path, ": stage '", name, "' has no rank (add a [", name, "] table with ranks = [...])");
+  for (const auto& name : known) {
+    if (!j.contains(name)) continue;
     const auto& t = j[name];
     DP_CHECK(t.is_object(), path, ": '", name, "' must be a table");
-    auto& st = p.stages[s];
+    PlacedStage ps;
+    ps.name = name;
+    ps.placed = true;
+    ps.spec = given.stage;
+    ps.spec.ranks.clear();
+    auto& st = ps.spec;
     for (auto& [k, v] : t.items()) {
       if (k == "ranks") {
         DP_CHECK(v.is_array(), path, ": [", name, "] ranks must be a list of integers");
@@ -165,6 +221,7 @@ Placement Placement::load(const std::string& path, int world_size) {
         DP_FAIL(path, ": [", name, "] unknown key '", k, "' (ranks, max_batch, max_inflight, batch_wait_ms, batching)");
       }
     }
+    p.stages.push_back(std::move(ps));
   }
   if (j.contains("rank")) {
     DP_CHECK(j["rank"].is_object(), path, ": 'rank' must hold [rank.N] tables");
@@ -177,20 +234,25 @@ Placement Placement::load(const std::string& path, int world_size) {
       } catch (...) {
       }
       DP_CHECK(r >= 0 && r < world_size, path, ": [rank.", k, "]: rank out of range [0, ", world_size, ")");
+      DP_CHECK(v.is_object(), path, ": [rank.", k, "] must be a table");
       for (auto& [rk, rv] : v.items())
         DP_CHECK(rk == "device" || rk == "dtype", path, ": [rank.", k, "] unknown key '", rk, "' (device, dtype)");
       p.ranks[r].device = get_str(v, "device", "[rank." + k + "] ", p.ranks[r].device);
       p.ranks[r].dtype = get_str(v, "dtype", "[rank." + k + "] ", p.ranks[r].dtype);
     }
   }
-  p.validate(path);
+  if (p.stages.empty()) {  // nothing placed: every stage still needs a table
+    const std::string first = pipeline.empty() ? std::string("encode") : pipeline.front().name;
+    DP_FAIL(path, ": stage '", first, "' has no rank (add a [", first, "] table with ranks = [...])");
+  }
+  p.fit(pipeline, path);
   return p;
 }
 
-std::vector<StageKind> Placement::stages_on(int rank) const {
-  std::vector<StageKind> out;
-  for (int s = 0; s < kNumStages; ++s)
-    if (std::count(stages[s].ranks.begin(), stages[s].ranks.end(), rank)) out.push_back(static_cast<StageKind>(s));
+std::vector<std::string> Placement::stages_on(int rank) const {
+  std::vector<std::string> out;
+  for (const auto& s : stages)
+    if (std::count(s.spec.ranks.begin(), s.spec.ranks.end(), rank)) out.push_back(s.name);
   return out;
 }
 
@@ -199,9 +261,10 @@ std::string Placement::describe() const {
   os << "placement: " << world_size << " rank(s), transport " << (world_size == 1 ? "inproc" : transport) << "\n";
   for (int r = 0; r < world_size; ++r) {
     os << "  rank " << r << " [" << ranks[r].device << ", " << ranks[r].dtype << "]:";
-    for (auto s : stages_on(r)) {
-      os << " " << stage_name(s) << "(max_batch " << stage(s).max_batch;
-      if (s == StageKind::Denoise) os << ", " << stage(s).batching << " batching";
+    for (const auto& s : stages) {
+      if (!std::count(s.spec.ranks.begin(), s.spec.ranks.end(), r)) continue;
+      os << " " << s.name << "(max_batch " << s.spec.max_batch;
+      if (s.heavy) os << ", " << s.spec.batching << " batching";
       os << ")";
     }
     if (r == 0) os << " +coordinator";

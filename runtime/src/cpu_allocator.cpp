@@ -6,11 +6,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <new>
 #include <unordered_map>
+
+#include "diffpipe/runtime/mpi_env.h"
 
 namespace diffpipe::cpu_allocator {
 
@@ -150,8 +153,7 @@ void CachingCpuAllocator::deleter(void* p) {
 size_t default_bound() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   const size_t total = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(8) << 30;
-  const char* ls = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const size_t local = ls && std::atoi(ls) > 0 ? size_t(std::atoi(ls)) : 1;
+  const size_t local = size_t(std::max(1, mpi::world().local_size));  // ranks sharing this node
   return total / 4 / local;
 }
 

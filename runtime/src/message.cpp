@@ -7,16 +7,15 @@ namespace diffpipe {
 
 const char* msg_kind_name(MsgKind k) {
   switch (k) {
-    case MsgKind::Encode: return "encode";
-    case MsgKind::Denoise: return "denoise";
-    case MsgKind::Decode: return "decode";
+    case MsgKind::Work: return "work";
+    case MsgKind::StageDone: return "stage-done";
+    case MsgKind::Steps: return "steps";
     case MsgKind::Result: return "result";
     case MsgKind::Error: return "error";
     case MsgKind::Shutdown: return "shutdown";
     case MsgKind::Abort: return "abort";
-    case MsgKind::Progress: return "progress";
+    case MsgKind::Failed: return "failed";
     case MsgKind::Cancel: return "cancel";
-    case MsgKind::Upscale: return "upscale";
     case MsgKind::Test: return "test";
   }
   return "?";
@@ -30,6 +29,7 @@ size_t TensorSpec::nbytes() const {
 
 std::vector<uint8_t> encode_header(const Message& m, const std::vector<bool>& via_device) {
   nlohmann::json h;
+  h["v"] = kWireVersion;
   h["k"] = static_cast<int32_t>(m.kind);
   h["r"] = m.request;
   h["s"] = m.step;
@@ -50,6 +50,9 @@ std::vector<TensorSpec> decode_header(const uint8_t* data, size_t n, Message* m)
   nlohmann::json h;
   try {
     h = nlohmann::json::from_cbor(data, data + n);
+    const int32_t v = h.value("v", 0);
+    DP_CHECK(v == kWireVersion, "message from rank ", m->src, ": wire format version ", v, ", this build reads ",
+             kWireVersion, " (every rank must run the same diffpipe build)");
     m->kind = static_cast<MsgKind>(h.at("k").get<int32_t>());
     m->request = h.at("r").get<uint64_t>();
     m->step = h.at("s").get<int32_t>();
@@ -62,7 +65,7 @@ std::vector<TensorSpec> decode_header(const uint8_t* data, size_t n, Message* m)
     }
     return specs;
   } catch (const nlohmann::json::exception& e) {
-    DP_FAIL("malformed message header (", n, " bytes): ", e.what());
+    DP_FAIL("message from rank ", m->src, ": malformed header (", n, " bytes): ", e.what());
   }
 }
 

@@ -12,10 +12,6 @@ namespace diffpipe::mpi {
 namespace {
 World g_world;
 bool g_inited = false;
-int env_int(const char* name, int def) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : def;
-}
 }  // namespace
 
 bool launched_by_mpirun() {
@@ -40,7 +36,11 @@ World init(int* argc, char*** argv) {
   g_world.active = true;
   MPI_Comm_rank(MPI_COMM_WORLD, &g_world.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &g_world.size);
-  g_world.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", env_int("MPI_LOCALRANKID", 0));
+  MPI_Comm node = MPI_COMM_NULL;
+  DP_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_world.rank, MPI_INFO_NULL, &node));
+  MPI_Comm_rank(node, &g_world.local_rank);
+  MPI_Comm_size(node, &g_world.local_size);
+  MPI_Comm_free(&node);
   return g_world;
 }
 

@@ -7,10 +7,7 @@ namespace diffpipe::sched {
 const char* state_name(RequestState s) {
   switch (s) {
     case RequestState::Queued: return "queued";
-    case RequestState::Encoding: return "encoding";
-    case RequestState::Denoising: return "denoising";
-    case RequestState::Decoding: return "decoding";
-    case RequestState::Upscaling: return "upscaling";
+    case RequestState::Running: return "running";
     case RequestState::Done: return "done";
     case RequestState::Failed: return "failed";
     case RequestState::Cancelled: return "cancelled";
@@ -28,11 +25,8 @@ bool can_transition(RequestState from, RequestState to) {
   if (is_final(from)) return false;
   if (to == RequestState::Failed || to == RequestState::Cancelled || to == RequestState::TimedOut) return true;
   switch (from) {
-    case RequestState::Queued: return to == RequestState::Encoding;
-    case RequestState::Encoding: return to == RequestState::Denoising;
-    case RequestState::Denoising: return to == RequestState::Denoising || to == RequestState::Decoding;
-    case RequestState::Decoding: return to == RequestState::Upscaling || to == RequestState::Done;
-    case RequestState::Upscaling: return to == RequestState::Done;
+    case RequestState::Queued: return to == RequestState::Running;
+    case RequestState::Running: return to == RequestState::Running || to == RequestState::Done;
     default: return false;
   }
 }
@@ -40,9 +34,13 @@ bool can_transition(RequestState from, RequestState to) {
 void RequestInfo::transition(RequestState to, double now, const std::string& why) {
   DP_CHECK(can_transition(state, to), "request ", id, ": illegal transition ", state_name(state), " -> ",
            state_name(to));
+  if (to == RequestState::Running) {
+    if (state == RequestState::Queued) admitted_s = now;
+    ++stage;
+    step = 0;
+  }
   state = to;
   if (!why.empty()) reason = why;
-  if (to == RequestState::Encoding) admitted_s = now;
   if (is_final(to)) finished_s = now;
 }
 

@@ -6,14 +6,20 @@
 
 namespace diffpipe::sched {
 
-Planner::Planner(PlannerConfig cfg) : cfg_(std::move(cfg)) {
-  for (int s = 0; s < kPlannedStages; ++s) {
-    DP_CHECK(s == 3 || !cfg_.replicas[s].empty(), "planner: stage ", s, " has no replica");
-    for (int r : cfg_.replicas[s]) load_[s][r] = 0;
+Planner::Planner(PlannerConfig cfg) : cfg_(std::move(cfg)), load_(cfg_.stages.size()) {
+  DP_CHECK(!cfg_.stages.empty(), "planner: the pipeline has no stage");
+  for (size_t s = 0; s < cfg_.stages.size(); ++s) {
+    const auto& st = cfg_.stages[s];
+    DP_CHECK(!st.replicas.empty(), "planner: stage '", st.name, "' has no replica");
+    DP_CHECK(st.inflight_limit >= 1, "planner: stage '", st.name, "': in-flight limit must be >= 1");
+    for (int r : st.replicas) load_[s][r] = 0;
   }
-  DP_CHECK(cfg_.denoise_inflight_limit >= 1 && cfg_.encode_inflight_limit >= 1 && cfg_.decode_inflight_limit >= 1 &&
-               cfg_.upscale_inflight_limit >= 1,
-           "planner: in-flight limits must be >= 1");
+}
+
+int Planner::stage_index(const std::string& name) const {
+  for (size_t s = 0; s < cfg_.stages.size(); ++s)
+    if (cfg_.stages[s].name == name) return static_cast<int>(s);
+  return -1;
 }
 
 bool Planner::submit(uint64_t id, int priority, int total_steps, double now, double deadline_s) {
@@ -40,9 +46,18 @@ const RequestInfo& Planner::info(uint64_t id) const {
   return it->second;
 }
 
+std::string Planner::where(uint64_t id) const {
+  const RequestInfo& r = info(id);
+  if (r.state != RequestState::Running) return state_name(r.state);
+  std::string s = "in " + cfg_.stages.at(r.stage).name;
+  if (r.step > 0) s += detail::cat(" (step ", r.step, " of ", r.total_steps, ")");
+  return s;
+}
+
 int Planner::load(int stage, int rank) const {
-  auto it = load_[stage].find(rank);
-  return it == load_[stage].end() ? 0 : it->second;
+  const auto& m = load_.at(stage);
+  auto it = m.find(rank);
+  return it == m.end() ? 0 : it->second;
 }
 
 std::vector<Admission> Planner::admit(double now) {
@@ -57,66 +72,44 @@ std::vector<Admission> Planner::admit(double now) {
     if (ra.arrival_s != rb.arrival_s) return ra.arrival_s < rb.arrival_s;
     return a < b;
   });
-  const int limits[kPlannedStages] = {cfg_.encode_inflight_limit, cfg_.denoise_inflight_limit,
-                                     cfg_.decode_inflight_limit, cfg_.upscale_inflight_limit};
+  const size_t S = cfg_.stages.size();
   size_t taken = 0;
   for (; taken < queue_.size(); ++taken) {
-    Admission a{queue_[taken], {-1, -1, -1, -1}};
+    Admission a{queue_[taken], std::vector<int>(S, -1)};
     bool ok = true;
-    for (int s = 0; s < kPlannedStages && ok; ++s) {
-      if (cfg_.replicas[s].empty()) continue;
+    for (size_t s = 0; s < S && ok; ++s) {
       int best = -1;
-      for (int r : cfg_.replicas[s])
+      for (int r : cfg_.stages[s].replicas)
         if (best < 0 || load_[s][r] < load_[s][best]) best = r;
-      if (load_[s][best] >= limits[s]) ok = false;
+      if (load_[s][best] >= cfg_.stages[s].inflight_limit) ok = false;
       a.route[s] = best;
     }
     if (!ok) break;  // the head waits: admitting lower-priority work around it would starve it
     RequestInfo& r = reqs_.at(a.id);
-    for (int s = 0; s < kPlannedStages; ++s) {
-      r.route[s] = a.route[s];
-      if (a.route[s] >= 0) ++load_[s][a.route[s]];
-    }
-    r.transition(RequestState::Encoding, now);
-    out.push_back(a);
+    r.route = a.route;
+    for (size_t s = 0; s < S; ++s) ++load_[s][a.route[s]];
+    r.transition(RequestState::Running, now);
+    out.push_back(std::move(a));
   }
   queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(taken));
   return out;
 }
 
-int Planner::stage_of(RequestState s) const {
-  switch (s) {
-    case RequestState::Encoding: return 0;
-    case RequestState::Denoising: return 1;
-    case RequestState::Decoding: return 2;
-    case RequestState::Upscaling: return 3;
-    default: return -1;
-  }
-}
-
 void Planner::unload(RequestInfo& r, int stage) {
-  if (r.route[stage] >= 0) --load_[stage][r.route[stage]];
+  if (stage >= 0 && stage < static_cast<int>(r.route.size()) && r.route[stage] >= 0) --load_[stage][r.route[stage]];
 }
 
-// Loads held per state: a request holds its own stage and every later one on its route (Encoding holds all).
+// Loads held per state: a running request holds its own stage and every later one on its route.
 void Planner::release(RequestInfo& r) {
-  const int s = stage_of(r.state);
-  if (s < 0) return;
-  for (int k = s; k < kPlannedStages; ++k) unload(r, k);
-}
-
-void Planner::on_encoded(uint64_t id, double now) {
-  RequestInfo& r = get(id);
-  if (is_final(r.state)) return;  // cancelled meanwhile: the runtime drops it downstream
-  r.transition(RequestState::Denoising, now);
-  unload(r, 0);
+  if (r.state != RequestState::Running) return;
+  for (int k = r.stage; k < num_stages(); ++k) unload(r, k);
 }
 
 void Planner::on_step(uint64_t id, int step, double now, int total) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return;
   if (total > 0) r.total_steps = total;
-  DP_CHECK(r.state == RequestState::Denoising, "planner: request ", id, " reported step ", step, " while ",
+  DP_CHECK(r.state == RequestState::Running, "planner: request ", id, " reported step ", step, " while ",
            state_name(r.state));
   DP_CHECK(step > r.step && step <= r.total_steps, "planner: request ", id, " step ", step, " after ", r.step, " of ",
            r.total_steps);
@@ -124,35 +117,21 @@ void Planner::on_step(uint64_t id, int step, double now, int total) {
   (void)now;
 }
 
-void Planner::on_denoised(uint64_t id, double now) {
+void Planner::on_stage_done(uint64_t id, int stage, double now) {
   RequestInfo& r = get(id);
-  if (is_final(r.state)) return;
-  r.transition(RequestState::Decoding, now);
-  r.step = r.total_steps;
-  unload(r, 1);
+  DP_CHECK(stage >= 0 && stage < num_stages(), "planner: request ", id, ": no stage ", stage);
+  if (is_final(r.state) || r.state != RequestState::Running || r.stage > stage) return;
+  DP_CHECK(r.stage == stage, "planner: request ", id, " left stage '", cfg_.stages[stage].name, "' while ",
+           where(id));
+  unload(r, stage);
+  r.transition(stage + 1 < num_stages() ? RequestState::Running : RequestState::Done, now);
 }
 
-void Planner::on_decoded(uint64_t id, double now) {
-  RequestInfo& r = get(id);
-  if (is_final(r.state)) return;
-  DP_CHECK(r.route[3] >= 0, "planner: request ", id, " decoded for upscaling, but no upscale stage is planned");
-  r.transition(RequestState::Upscaling, now);
-  unload(r, 2);
-}
-
-void Planner::on_done(uint64_t id, double now) {
-  RequestInfo& r = get(id);
-  if (is_final(r.state)) return;
-  release(r);
-  r.transition(RequestState::Done, now);
-}
-
-bool Planner::reach(uint64_t id, RequestState target, double now) {
+bool Planner::reach(uint64_t id, int stage, double now) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return false;
-  if (r.state == RequestState::Encoding && target != RequestState::Encoding) on_encoded(id, now);
-  if (r.state == RequestState::Denoising && target != RequestState::Denoising) on_denoised(id, now);
-  if (r.state == RequestState::Decoding && target == RequestState::Upscaling) on_decoded(id, now);
+  DP_CHECK(r.state == RequestState::Running, "planner: request ", id, " reached a stage before it was admitted");
+  while (r.stage < stage) on_stage_done(id, r.stage, now);
   return true;
 }
 
@@ -171,8 +150,7 @@ void Planner::on_failed(uint64_t id, const std::string& why, double now) {
 std::optional<Drop> Planner::cancel(uint64_t id, const std::string& why, double now) {
   RequestInfo& r = get(id);
   if (is_final(r.state)) return std::nullopt;
-  const int s = stage_of(r.state);
-  Drop d{id, RequestState::Cancelled, s < 0 ? -1 : r.route[s]};
+  Drop d{id, RequestState::Cancelled, r.state == RequestState::Running ? r.route[r.stage] : -1};
   finish(r, RequestState::Cancelled, why, now);
   return d;
 }
@@ -181,16 +159,16 @@ std::vector<Drop> Planner::expire(double now) {
   std::vector<Drop> out;
   for (auto& [id, r] : reqs_) {
     if (is_final(r.state) || r.deadline_s <= 0 || now < r.deadline_s) continue;
-    const int s = stage_of(r.state);
-    out.push_back({id, RequestState::TimedOut, s < 0 ? -1 : r.route[s]});
-    finish(r, RequestState::TimedOut, detail::cat("deadline passed while ", state_name(r.state)), now);
+    out.push_back({id, RequestState::TimedOut, r.state == RequestState::Running ? r.route[r.stage] : -1});
+    const std::string w = where(id);
+    finish(r, RequestState::TimedOut, "deadline passed while " + w, now);
   }
   return out;
 }
 
 size_t Planner::active() const {
   size_t n = 0;
-  for (const auto& [id, r] : reqs_) n += !is_final(r.state) && r.state != RequestState::Queued;
+  for (const auto& [id, r] : reqs_) n += r.state == RequestState::Running;
   return n;
 }
 

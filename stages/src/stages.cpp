@@ -83,7 +83,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   return s;
 }
 
-void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
+void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_failure) const {
   DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
@@ -134,22 +134,31 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch) const {
     ++s->step;
     if (s->done()) {
       const int64_t k = s->first_bad.item<int64_t>();
-      DP_CHECK(k < 0, "request ", s->id, ": non-finite values (NaN or Inf) in the latents after step ", k + 1, " of ",
-               s->total_steps(), " (the model's weights or settings make the UNet or sampler diverge)");
+      if (k >= 0)
+        s->failure = detail::cat("request ", s->id, ": non-finite values (NaN or Inf) in the latents after step ", k + 1,
+                                 " of ", s->total_steps(),
+                                 " (the model's weights or settings make the UNet or sampler diverge)");
     }
   }
+  if (throw_on_failure)
+    for (DenoiseState* s : batch) DP_CHECK(s->failure.empty(), s->failure);
 }
 
-at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents) const {
+at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents, std::vector<std::string>* failures) const {
   DP_CHECK(model_.vae, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
   profile::Scope prof(profile::Section::Vae);
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
   at::Tensor img = model_.vae->decode_scaled(z);
   const at::Tensor finite = at::isfinite(img).flatten(1).all(1).cpu();  // one flag per image
-  for (int64_t i = 0; i < finite.size(0); ++i)
-    DP_CHECK(finite[i].item<bool>(), "decode: non-finite values (NaN or Inf) in decoded image ", i, " of the batch",
-             " (the VAE's weights or scaling_factor)");
+  if (failures) failures->assign(static_cast<size_t>(finite.size(0)), std::string());
+  for (int64_t i = 0; i < finite.size(0); ++i) {
+    if (finite[i].item<bool>()) continue;
+    const std::string why = detail::cat("decode: non-finite values (NaN or Inf) in decoded image ", i, " of the batch",
+                                        " (the VAE's weights or scaling_factor)");
+    DP_CHECK(failures, why);
+    (*failures)[static_cast<size_t>(i)] = why;
+  }
   return to_uint8_hwc(img);
 }
 

@@ -7,20 +7,22 @@
 set -u
 BIN=$1; WORK=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
-python3 -c 'import torch, torchvision, pytorch_fid, scipy, safetensors, PIL' 2>/dev/null || {
-  echo "SKIP: python3 lacks torch/torchvision/pytorch_fid/scipy/safetensors/PIL (scripts/install.sh installs them)"
+PY=${DIFFPIPE_VENV:-$HERE/../../.venv}/bin/python  # scripts/install.sh's environment
+[ -x "$PY" ] || PY=python3
+$PY -c 'import torch, torchvision, pytorch_fid, scipy, safetensors, PIL' 2>/dev/null || {
+  echo "SKIP: $PY lacks torch/torchvision/pytorch_fid/scipy/safetensors/PIL (scripts/install.sh installs them)"
   exit 77
 }
 rm -rf "$WORK"; mkdir -p "$WORK"
 "$BIN" data --out "$WORK/a" --count 24 --seed 5 2>/dev/null && "$BIN" data --out "$WORK/b" --count 24 --seed 6 2>/dev/null \
   || { echo "FAIL: diffpipe data"; exit 1; }
-python3 "$HERE/../../tools/fid_reference.py" --weights "$WORK/inception.safetensors" --real "$WORK/a" \
+$PY "$HERE/../../tools/fid_reference.py" --weights "$WORK/inception.safetensors" --real "$WORK/a" \
   --generated "$WORK/b" --out "$WORK/ref.json" 2> "$WORK/ref.log" || { echo "FAIL: reference"; tail -5 "$WORK/ref.log"; exit 1; }
 "$BIN" eval features --inception "$WORK/inception.safetensors" --images "$WORK/a" --out "$WORK/features.safetensors" \
   > /dev/null || { echo "FAIL: eval features"; exit 1; }
 "$BIN" eval fid --inception "$WORK/inception.safetensors" --real "$WORK/a" --generated "$WORK/b" > "$WORK/fid.json" \
   || { echo "FAIL: eval fid"; exit 1; }
-python3 - "$WORK" <<'PY'
+$PY - "$WORK" <<'PY'
 import json, sys
 import numpy as np
 from safetensors.numpy import load_file

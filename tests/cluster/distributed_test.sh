@@ -96,10 +96,12 @@ if [ "$2" = random ]; then
     bad "cascade np=4 failed"; tail -5 "$WORK/sr4.log"
   fi
   timeout 120 $MPIRUN -np 4 "$BIN" "${SRC[@]}" --pipeline "$WORK/sr.toml" --inject-failure upscale:1 --out "$WORK/srf" > "$WORK/srf.log" 2>&1
-  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "rank 3, stage upscale, request 1" "$WORK/srf.log"; } \
-    && ok "cascade: a failure in the upscale stage stops every rank (rc $rc)" || bad "cascade failure: rc $rc"
+  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "rank 3, stage upscale, request 1" "$WORK/srf.log" \
+          && grep -q '"status":"failed"' "$WORK/srf/images.jsonl" && [ "$(grep -c '"status":"done"' "$WORK/srf/images.jsonl")" = 2 ]; } \
+    && ok "cascade: a failure in the upscale stage fails that request alone, the run exits non-zero (rc $rc)" \
+    || bad "cascade failure: rc $rc"
   timeout 60 $MPIRUN -np 4 "$BIN" "${COMMON[@]}" --pipeline "$WORK/sr.toml" --out "$WORK/srn" > "$WORK/srn.log" 2>&1
-  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "sr.toml: \[upscale\] places a super-resolution stage, but the model has no" "$WORK/srn.log"; } \
+  rc=$?; { [ $rc != 0 ] && [ $rc != 124 ] && grep -q "sr.toml: \[upscale\] places stage 'upscale', which this model's pipeline (encode -> denoise -> decode) does not have" "$WORK/srn.log"; } \
     && ok "[upscale] for a model without super-resolution rejected" || { bad "[upscale] without super-resolution: rc $rc"; tail -3 "$WORK/srn.log"; }
 fi
 
@@ -117,6 +119,14 @@ expect_failure() {  # name np inject expected-text
 expect_failure fail-throw 3 denoise:1 "rank 1, stage denoise, request 1"
 expect_failure fail-crash 3 decode:2:crash "stage decode on request 2"
 expect_failure fail-encode-np1 1 encode:0 "rank 0, stage encode, request 0"
+# a thrown error fails its request alone: the other five images are written, and the JSON line says why
+nd=$(grep -c '"status":"done"' "$WORK/fail-throw/images.jsonl"); nf=$(grep '"status":"failed"' "$WORK/fail-throw/images.jsonl" | grep -c '"reason":"rank 1, stage denoise, request 1: injected failure"')
+{ [ "$nd" = 5 ] && [ "$nf" = 1 ]; } && ok "per-request failure: 5 done, 1 failed with its reason" || bad "per-request failure: $nd done, $nf failed"
+# --fail-fast keeps the stop-everything behaviour: no rank finishes its other work
+timeout 120 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --inject-failure denoise:0 --fail-fast --max-batch 1 --out "$WORK/ff" > "$WORK/ff.log" 2>&1
+rc=$?; nd=$(grep -c '"status":"done"' "$WORK/ff/images.jsonl" 2>/dev/null || true)
+{ [ $rc != 0 ] && [ $rc != 124 ] && grep -q "rank 1, stage denoise, request 0: injected failure" "$WORK/ff.log" && [ "${nd:-0}" -lt 6 ]; } \
+  && ok "--fail-fast: the job stopped at the first failure (rc $rc, ${nd:-0} of 6 done)" || bad "--fail-fast: rc $rc, ${nd:-0} done"
 
 # 4) bad pipeline files: a clear message, non-zero exit, no hang
 bad_pipeline() {  # name np content expected-text
@@ -133,7 +143,7 @@ bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decod
 bad_pipeline rank-range 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[5]\n[decode]\nranks=[0]' "rank 5 is out of range"
 bad_pipeline no-rank 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[]\n[decode]\nranks=[1]' "stage 'denoise' has no rank"
 bad_pipeline extra-ranks 3 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]' "more ranks than needed: rank(s) 2"
-bad_pipeline syntax 2 $'[encode]\nranks = [0\n' "syntax.toml:2: expected ',' or ']'"
+bad_pipeline syntax 2 $'[encode]\nranks = [0\n' "syntax.toml:3:2: Error while parsing array: encountered end-of-file"
 
 # 5) cancellation and deadlines across ranks: the rest finish, every rank exits 0
 if timeout 120 $MPIRUN -np 3 "$BIN" generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 3 --steps 40 \

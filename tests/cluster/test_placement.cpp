@@ -15,26 +15,40 @@ std::string file_with(const std::string& name, const std::string& text) {
 }
 }  // namespace
 
+namespace {
+std::vector<PipelineStage> with_upscale() {
+  auto p = default_pipeline_layout();
+  p.push_back({"upscale", false});
+  return p;
+}
+}  // namespace
+
 TEST(Placement, DerivedFromWorldSize) {
   auto p1 = Placement::derive(1);
-  EXPECT_EQ(p1.stages_on(0).size(), 4u);  // encode, denoise, decode, upscale
-  p1.match_model(false, "derived");        // a model without super-resolution has no upscale stage
-  EXPECT_EQ(p1.stages_on(0).size(), 3u);
-  EXPECT_FALSE(p1.upscales());
-  p1.match_model(true, "derived");
-  EXPECT_EQ(p1.stage(StageKind::Upscale).ranks, std::vector<int>{0});
+  EXPECT_EQ(p1.stages_on(0), (std::vector<std::string>{"encode", "denoise", "decode"}));
+  EXPECT_FALSE(p1.has("upscale")) << "a model without super-resolution has no upscale stage";
+  p1.fit(with_upscale(), "derived");
+  EXPECT_EQ(p1.stage("upscale").ranks, std::vector<int>{0});
+  p1.fit(default_pipeline_layout(), "derived");
+  EXPECT_FALSE(p1.has("upscale")) << "a derived placement follows the model";
   auto p2 = Placement::derive(2);
-  EXPECT_EQ(p2.stage(StageKind::Encode).ranks, std::vector<int>{0});
-  EXPECT_EQ(p2.stage(StageKind::Decode).ranks, std::vector<int>{0});
-  EXPECT_EQ(p2.stage(StageKind::Denoise).ranks, std::vector<int>{1});
-  auto p3 = Placement::derive(3);
-  EXPECT_EQ(p3.stage(StageKind::Decode).ranks, std::vector<int>{2});
-  EXPECT_EQ(p3.stage(StageKind::Upscale).ranks, std::vector<int>{2}) << "upscale runs where decode does";
+  EXPECT_EQ(p2.stage("encode").ranks, std::vector<int>{0});
+  EXPECT_EQ(p2.stage("decode").ranks, std::vector<int>{0});
+  EXPECT_EQ(p2.stage("denoise").ranks, std::vector<int>{1});
+  auto p3 = Placement::derive(3, {}, with_upscale());
+  EXPECT_EQ(p3.stage("decode").ranks, std::vector<int>{2});
+  EXPECT_EQ(p3.stage("upscale").ranks, std::vector<int>{2}) << "upscale runs where decode does";
   auto p6 = Placement::derive(6);
-  EXPECT_EQ(p6.stage(StageKind::Denoise).ranks, (std::vector<int>{1, 2, 3, 4}));
-  EXPECT_EQ(p6.stage(StageKind::Decode).ranks, std::vector<int>{5});
+  EXPECT_EQ(p6.stage("denoise").ranks, (std::vector<int>{1, 2, 3, 4}));
+  EXPECT_EQ(p6.stage("decode").ranks, std::vector<int>{5});
   for (int n = 1; n <= 8; ++n) EXPECT_NO_THROW(Placement::derive(n).validate("derived")) << n;
   EXPECT_NE(p3.describe().find("rank 1 [cpu, float32]: denoise"), std::string::npos) << p3.describe();
+  // any pipeline: the heavy stage gets the extra ranks, stages before it rank 0, after it the last rank
+  auto p5 = Placement::derive(5, {}, {{"a"}, {"b"}, {"heavy", true}, {"c"}});
+  EXPECT_EQ(p5.stages_on(0), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(p5.stage("heavy").ranks, (std::vector<int>{1, 2, 3}));
+  EXPECT_EQ(p5.stages_on(4), std::vector<std::string>{"c"});
+  EXPECT_NE(p5.describe().find("heavy(max_batch 8, step batching)"), std::string::npos) << p5.describe();
 }
 
 TEST(Placement, FileWithReplicasDevicesAndLimits) {
@@ -46,7 +60,10 @@ dtype = "float16"
 ranks = [0]
 max_batch = 16
 [denoise]
-ranks = [1, 2]   # two replicas
+ranks = [
+  1,
+  2,   # two replicas, over several lines
+]
 max_batch = 4
 max_inflight = 6
 [decode]
@@ -54,36 +71,37 @@ ranks = [3]
 batch_wait_ms = 5.5
 [rank.3]
 dtype = "float32"
-)"), 4);
+)"), 4, with_upscale());
   EXPECT_EQ(p.transport, "nccl");
-  EXPECT_EQ(p.stage(StageKind::Encode).max_batch, 16);
-  EXPECT_EQ(p.stage(StageKind::Denoise).ranks, (std::vector<int>{1, 2}));
-  EXPECT_EQ(p.stage(StageKind::Denoise).inflight_limit(), 6);
-  EXPECT_EQ(p.stage(StageKind::Encode).inflight_limit(), 32);
-  EXPECT_DOUBLE_EQ(p.stage(StageKind::Decode).batch_wait_ms, 5.5);
+  EXPECT_EQ(p.stage("encode").max_batch, 16);
+  EXPECT_EQ(p.stage("denoise").ranks, (std::vector<int>{1, 2}));
+  EXPECT_EQ(p.stage("denoise").inflight_limit(), 6);
+  EXPECT_EQ(p.stage("encode").inflight_limit(), 32);
+  EXPECT_DOUBLE_EQ(p.stage("decode").batch_wait_ms, 5.5);
   EXPECT_EQ(p.ranks[1].dtype, "float16");
   EXPECT_EQ(p.ranks[3].dtype, "float32");
   EXPECT_EQ(p.ranks[3].device, "cuda");
-  EXPECT_FALSE(p.upscale_placed);
-  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, std::vector<int>{3}) << "no [upscale] table: on the decode ranks";
+  EXPECT_EQ(p.stage_names(), (std::vector<std::string>{"encode", "denoise", "decode", "upscale"}));
+  EXPECT_EQ(p.stage("upscale").ranks, std::vector<int>{3}) << "no [upscale] table: on the decode ranks";
 }
 
 TEST(Placement, UpscaleStageOnItsOwnRanks) {
   const std::string text = "[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[upscale]\nranks=[2, 3]\n"
                            "max_batch = 2\n";
-  auto p = Placement::load(file_with("upscale", text), 4);
-  EXPECT_TRUE(p.upscale_placed);
-  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, (std::vector<int>{2, 3}));
-  EXPECT_EQ(p.stage(StageKind::Upscale).max_batch, 2);
+  auto p = Placement::load(file_with("upscale", text), 4, with_upscale());
+  EXPECT_EQ(p.stage("upscale").ranks, (std::vector<int>{2, 3}));
+  EXPECT_EQ(p.stage("upscale").max_batch, 2);
   EXPECT_NE(p.describe().find("rank 2 [cpu, float32]: upscale(max_batch 2)"), std::string::npos) << p.describe();
-  p.match_model(true, "f");
-  EXPECT_EQ(p.stage(StageKind::Upscale).ranks, (std::vector<int>{2, 3}));
-  EXPECT_NE(test::error_of([&] { p.match_model(false, "pipe.toml"); })
-                .find("pipe.toml: [upscale] places a super-resolution stage, but the model has no super_resolution/"),
+  p.fit(with_upscale(), "f");
+  EXPECT_EQ(p.stage("upscale").ranks, (std::vector<int>{2, 3})) << "fit is idempotent";
+  EXPECT_NE(test::error_of([&] { p.fit(default_pipeline_layout(), "pipe.toml"); })
+                .find("pipe.toml: [upscale] places stage 'upscale', which this model's pipeline (encode -> denoise -> "
+                      "decode) does not have"),
             std::string::npos);
   // without the table a rank that would only upscale is idle
-  EXPECT_NE(test::error_of([&] { Placement::load(file_with("upscale-idle", text.substr(0, text.find("[upscale]"))), 4); })
-                .find("more ranks than needed: rank(s) 2, 3 of 4"),
+  EXPECT_NE(test::error_of([&] {
+              Placement::load(file_with("upscale-idle", text.substr(0, text.find("[upscale]"))), 4, with_upscale());
+            }).find("more ranks than needed: rank(s) 2, 3 of 4"),
             std::string::npos);
 }
 
@@ -93,7 +111,8 @@ TEST(Placement, BadFilesGiveClearErrors) {
     return test::error_of([&] { Placement::load(file_with(name, text), n); });
   };
   EXPECT_NE(load("unknown", base + "[prior]\nranks=[1]\n", 2).find("unknown stage or key 'prior'"), std::string::npos);
-  EXPECT_NE(load("upscale-range", base + "[upscale]\nranks=[5]\n", 2).find("stage 'upscale': rank 5 is out of range"),
+  EXPECT_NE(test::error_of([&] { Placement::load(file_with("upscale-range", base + "[upscale]\nranks=[5]\n"), 2, with_upscale()); })
+                .find("stage 'upscale': rank 5 is out of range"),
             std::string::npos);
   EXPECT_NE(load("range", base, 1).find("stage 'denoise': rank 1 is out of range [0, 1)"), std::string::npos);
   EXPECT_NE(load("missing", "[encode]\nranks=[0]\n[decode]\nranks=[0]\n", 1).find("stage 'denoise' has no rank"),
@@ -114,15 +133,20 @@ TEST(Placement, BadFilesGiveClearErrors) {
             std::string::npos);
 }
 
-TEST(Toml, SubsetAndErrorsWithLineNumbers) {
-  auto j = parse_toml("a = 1\nb = \"x # not a comment\" # comment\n[t.u]\nc = [1, 2.5, true, \"s\"]\nd = -3e2\n", "f");
+TEST(Toml, AnyValidTomlAndErrorsWithLineNumbers) {
+  auto j = parse_toml("a = 1\nb = \"x # not a comment\" # comment\n[t.u]\nc = [1, 2.5, true, \"s\"]\nd = -3e2\n"
+                      "e = [\n  1,\n  2,\n]\nf = { g = 3 }\n", "f");
   EXPECT_EQ(j["a"], 1);
   EXPECT_EQ(j["b"], "x # not a comment");
   EXPECT_EQ(j["t"]["u"]["c"][1], 2.5);
   EXPECT_EQ(j["t"]["u"]["d"], -300.0);
-  EXPECT_NE(test::error_of([] { parse_toml("a = 1\na = 2\n", "f.toml"); }).find("f.toml:2: duplicate key 'a'"), std::string::npos);
-  EXPECT_NE(test::error_of([] { parse_toml("x\n", "f.toml"); }).find("f.toml:1: expected 'key = value'"), std::string::npos);
-  EXPECT_NE(test::error_of([] { parse_toml("[a]\n[a]\n", "f.toml"); }).find("f.toml:2: table [a] defined twice"), std::string::npos);
-  EXPECT_NE(test::error_of([] { parse_toml("k = bare\n", "f.toml"); }).find("f.toml:1: cannot parse value 'bare'"), std::string::npos);
-  EXPECT_NE(test::error_of([] { parse_toml("k = \"open\n", "f.toml"); }).find("unterminated string"), std::string::npos);
+  EXPECT_EQ(j["t"]["u"]["e"], nlohmann::json({1, 2})) << "multi-line arrays";
+  EXPECT_EQ(j["t"]["u"]["f"]["g"], 3) << "inline tables";
+  EXPECT_NE(test::error_of([] { parse_toml("a = 1\na = 2\n", "f.toml"); }).find("f.toml:2:"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("x\n", "f.toml"); }).find("f.toml:1:"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("[a]\n[a]\n", "f.toml"); }).find("f.toml:2:"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("k = bare\n", "f.toml"); }).find("f.toml:1:"), std::string::npos);
+  EXPECT_NE(test::error_of([] { parse_toml("k = \"open\n", "f.toml"); }).find("f.toml:1:"), std::string::npos);
+  EXPECT_NE(test::error_of([] { load_toml("/no/such/pipeline.toml"); }).find("/no/such/pipeline.toml: pipeline file not found"),
+            std::string::npos);
 }

@@ -212,6 +212,15 @@ TYPED_TEST(TransportSuite, RecvTimesOutWhenIdle) {
   });
 }
 
+// The node-local rank comes from MPI itself (shared-memory communicator), not from one launcher's variables:
+// on this one machine every rank shares the node, so local ranks are 0..size-1 and local_size is the world.
+TEST(MpiEnv, LocalRankFromTheSharedMemoryCommunicator) {
+  const auto& w = mpi::world();
+  if (!w.active) GTEST_SKIP() << "not started by mpirun";
+  EXPECT_EQ(w.local_size, w.size);
+  EXPECT_EQ(w.local_rank, w.rank) << "one node: the local order follows the world order";
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   mpi::init(&argc, &argv);

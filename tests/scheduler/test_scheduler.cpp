@@ -2,6 +2,7 @@
 // or run twice, limits respected, no starvation, cancellation and deadlines in every state, priorities.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <map>
 #include <random>
 #include <set>
@@ -14,14 +15,24 @@
 using namespace diffpipe;
 using namespace diffpipe::sched;
 
+namespace {
+std::string test_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+}  // namespace
+
 TEST(Lifecycle, LegalAndIllegalTransitions) {
-  EXPECT_TRUE(can_transition(RequestState::Queued, RequestState::Encoding));
-  EXPECT_TRUE(can_transition(RequestState::Denoising, RequestState::Denoising));
-  EXPECT_TRUE(can_transition(RequestState::Decoding, RequestState::Done));
-  EXPECT_TRUE(can_transition(RequestState::Decoding, RequestState::Upscaling));
-  EXPECT_FALSE(can_transition(RequestState::Queued, RequestState::Decoding));
+  EXPECT_TRUE(can_transition(RequestState::Queued, RequestState::Running));
+  EXPECT_TRUE(can_transition(RequestState::Running, RequestState::Running)) << "on to the next stage";
+  EXPECT_TRUE(can_transition(RequestState::Running, RequestState::Done));
+  EXPECT_FALSE(can_transition(RequestState::Queued, RequestState::Done));
   EXPECT_FALSE(can_transition(RequestState::Done, RequestState::Cancelled));
-  for (auto s : {RequestState::Queued, RequestState::Encoding, RequestState::Denoising, RequestState::Decoding})
+  for (auto s : {RequestState::Queued, RequestState::Running})
     for (auto f : {RequestState::Failed, RequestState::Cancelled, RequestState::TimedOut}) EXPECT_TRUE(can_transition(s, f));
   RequestInfo r;
   r.id = 7;
@@ -31,19 +42,25 @@ TEST(Lifecycle, LegalAndIllegalTransitions) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("request 7: illegal transition queued -> done"), std::string::npos);
   }
-  r.transition(RequestState::Encoding, 1.0);
+  r.transition(RequestState::Running, 1.0);
+  EXPECT_EQ(r.stage, 0);
+  r.transition(RequestState::Running, 1.5);
+  EXPECT_EQ(r.stage, 1);
   r.transition(RequestState::Cancelled, 2.0, "user asked");
   EXPECT_EQ(r.reason, "user asked");
   EXPECT_EQ(r.finished_s, 2.0);
+  EXPECT_EQ(r.admitted_s, 1.0);
 }
 
 namespace {
+// Stage indices of the SD-shaped pipelines used here: encode, denoise, decode (and upscale when added).
+constexpr int kEncode = 0, kDenoise = 1, kDecode = 2, kUpscale = 3;
 PlannerConfig cfg(int dn_replicas, int limit, size_t cap = 1000) {
   PlannerConfig c;
-  c.replicas[0] = {0};
-  for (int r = 1; r <= dn_replicas; ++r) c.replicas[1].push_back(r);
-  c.replicas[2] = {dn_replicas + 1};
-  c.denoise_inflight_limit = limit;
+  c.stages.push_back({"encode", {0}, 64});
+  c.stages.push_back({"denoise", {}, limit});
+  for (int r = 1; r <= dn_replicas; ++r) c.stages[kDenoise].replicas.push_back(r);
+  c.stages.push_back({"decode", {dn_replicas + 1}});
   c.queue_capacity = cap;
   return c;
 }
@@ -71,56 +88,86 @@ TEST(Planner, PrioritiesWithAgingAndLeastLoadedRouting) {
   ASSERT_EQ(a.size(), 2u);  // two denoise replicas, limit 1 each
   EXPECT_EQ(a[0].id, 3u);
   EXPECT_EQ(a[1].id, 1u) << "aging must lift the old request above the newer priority-5 one";
-  EXPECT_NE(a[0].route[1], a[1].route[1]) << "least-loaded routing spreads over replicas";
-  EXPECT_EQ(p.load(1, a[0].route[1]), 1);
+  EXPECT_NE(a[0].route[kDenoise], a[1].route[kDenoise]) << "least-loaded routing spreads over replicas";
+  EXPECT_EQ(p.load(kDenoise, a[0].route[kDenoise]), 1);
 }
 
 TEST(Planner, UpscaleStageRoutesAndReleasesItsLoad) {
   Planner plain(cfg(1, 4));
   plain.submit(1, 0, 5, 0);
-  EXPECT_EQ(plain.admit(0).at(0).route[3], -1) << "no upscale replicas: the stage is not on the route";
-  plain.on_encoded(1, 0);
-  plain.on_denoised(1, 0);
-  EXPECT_THROW(plain.on_decoded(1, 0), Error);
+  EXPECT_EQ(plain.admit(0).at(0).route.size(), 3u) << "no upscale stage: not on the route";
+  EXPECT_EQ(plain.stage_index("upscale"), -1);
+  plain.on_stage_done(1, kEncode, 0);
+  plain.on_stage_done(1, kDenoise, 0);
+  plain.on_stage_done(1, kDecode, 0);
+  EXPECT_EQ(plain.info(1).state, RequestState::Done) << "decode is the last stage of this pipeline";
+  EXPECT_THROW(plain.on_stage_done(1, kUpscale, 0), Error);
 
   PlannerConfig c = cfg(1, 4);
-  c.replicas[3] = {5, 6};
-  c.upscale_inflight_limit = 1;
+  c.stages.push_back({"upscale", {5, 6}, 1});
   Planner p(c);
   for (uint64_t id = 1; id <= 3; ++id) p.submit(id, 0, 5, 0);
   auto a = p.admit(0);
   ASSERT_EQ(a.size(), 2u) << "two upscale replicas with room for one request each";
-  EXPECT_NE(a[0].route[3], a[1].route[3]);
-  EXPECT_EQ(p.load(3, 5), 1);
-  p.on_encoded(1, 1);
-  p.on_denoised(1, 2);
-  p.on_decoded(1, 3);
-  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
-  EXPECT_EQ(p.load(2, c.replicas[2][0]), 1) << "request 2 still holds the decoder";
+  EXPECT_NE(a[0].route[kUpscale], a[1].route[kUpscale]);
+  EXPECT_EQ(p.load(kUpscale, 5), 1);
+  p.on_stage_done(1, kEncode, 1);
+  p.on_stage_done(1, kDenoise, 2);
+  p.on_stage_done(1, kDecode, 3);
+  EXPECT_EQ(p.info(1).state, RequestState::Running);
+  EXPECT_EQ(p.info(1).stage, kUpscale);
+  EXPECT_EQ(p.where(1), "in upscale");
+  EXPECT_EQ(p.load(kDecode, c.stages[kDecode].replicas[0]), 1) << "request 2 still holds the decoder";
   auto d = p.cancel(2, "client", 3);  // cancelled while encoding: every stage's load is released
   ASSERT_TRUE(d.has_value());
-  EXPECT_EQ(p.load(2, c.replicas[2][0]), 0);
+  EXPECT_EQ(p.load(kDecode, c.stages[kDecode].replicas[0]), 0);
   p.on_done(1, 4);
-  EXPECT_EQ(p.load(3, 5) + p.load(3, 6), 0);
+  EXPECT_EQ(p.info(1).state, RequestState::Done);
+  EXPECT_EQ(p.load(kUpscale, 5) + p.load(kUpscale, 6), 0);
   EXPECT_EQ(p.admit(4).size(), 1u) << "request 3 admitted once upscale room is free";
 }
 
 TEST(Planner, OutOfOrderEventsReachTheirStage) {
   PlannerConfig c = cfg(1, 4);
-  c.replicas[3] = {9};
+  c.stages.push_back({"upscale", {9}});
   Planner p(c);
   p.submit(1, 0, 5, 0);
   p.submit(2, 0, 5, 0);
   p.admit(0);
-  EXPECT_TRUE(p.reach(1, RequestState::Upscaling, 1)) << "a 'decoded' before 'encoded' and 'denoised' arrived";
-  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
-  EXPECT_EQ(p.load(0, 0) + p.load(1, 1) + p.load(2, 2), 3) << "only request 2 still holds encode, denoise, decode";
-  EXPECT_EQ(p.load(3, 9), 2) << "both hold the upscaler";
-  EXPECT_TRUE(p.reach(1, RequestState::Denoising, 1)) << "a late step report changes nothing";
-  EXPECT_EQ(p.info(1).state, RequestState::Upscaling);
+  EXPECT_TRUE(p.reach(1, kUpscale, 1)) << "a 'decoded' before 'encoded' and 'denoised' arrived";
+  EXPECT_EQ(p.info(1).stage, kUpscale);
+  EXPECT_EQ(p.load(kEncode, 0) + p.load(kDenoise, 1) + p.load(kDecode, 2), 3)
+      << "only request 2 still holds encode, denoise, decode";
+  EXPECT_EQ(p.load(kUpscale, 9), 2) << "both hold the upscaler";
+  EXPECT_TRUE(p.reach(1, kDenoise, 1)) << "a late step report changes nothing";
+  p.on_stage_done(1, kEncode, 1);
+  EXPECT_EQ(p.info(1).stage, kUpscale) << "a late 'encoded' changes nothing";
   p.cancel(2, "client", 2);
-  EXPECT_FALSE(p.reach(2, RequestState::Decoding, 2)) << "events for an ended request are dropped";
+  EXPECT_FALSE(p.reach(2, kDecode, 2)) << "events for an ended request are dropped";
   EXPECT_EQ(p.info(2).state, RequestState::Cancelled);
+}
+
+TEST(Planner, AnyStageListAndPerRequestFailure) {
+  PlannerConfig c;  // a pipeline the SD model never had: nothing in the planner names stages
+  c.stages = {{"a", {0}}, {"b", {1, 2}, 1}, {"c", {0}}, {"d", {3}}, {"e", {0}}};
+  Planner p(c);
+  for (uint64_t id = 0; id < 3; ++id) p.submit(id, 0, 4, 0);
+  auto a = p.admit(0);
+  ASSERT_EQ(a.size(), 2u) << "stage b has two replicas with room for one each";
+  EXPECT_EQ(a[0].route.size(), 5u);
+  p.reach(0, 1, 1);
+  p.on_step(0, 2, 1);
+  EXPECT_EQ(p.where(0), "in b (step 2 of 4)");
+  p.on_failed(1, "stage a, request 1: bad input", 2);
+  EXPECT_EQ(p.info(1).state, RequestState::Failed);
+  EXPECT_EQ(p.info(1).reason, "stage a, request 1: bad input");
+  ASSERT_EQ(p.admit(2).size(), 1u) << "the failed request's slot is free for request 2";
+  for (int s = 0; s < 5; ++s) p.on_stage_done(0, s, 3);
+  EXPECT_EQ(p.info(0).state, RequestState::Done);
+  EXPECT_EQ(p.active(), 1u);
+  PlannerConfig bad;
+  bad.stages = {{"a", {}}};
+  EXPECT_NE(test_error([&] { Planner x(bad); }).find("stage 'a' has no replica"), std::string::npos);
 }
 
 // Hundreds of simulated steps: random arrivals, step counts, priorities, cancellations and deadlines over 3
@@ -170,9 +217,9 @@ TEST(Planner, SimulationInvariants) {
       for (auto it = encode_eta.begin(); it != encode_eta.end();) {
         if (it->second > tick) { ++it; continue; }
         const RequestInfo& r = p.info(it->first);
-        if (r.state == RequestState::Encoding) {
-          p.on_encoded(it->first, now);
-          batchers.at(r.route[1]).add(it->first, r.priority, now);
+        if (r.state == RequestState::Running && r.stage == kEncode) {
+          p.on_stage_done(it->first, kEncode, now);
+          batchers.at(r.route[kDenoise]).add(it->first, r.priority, now);
         }
         it = encode_eta.erase(it);
       }
@@ -184,31 +231,32 @@ TEST(Planner, SimulationInvariants) {
         ASSERT_EQ(uniq.size(), run.size()) << "a request runs twice in one batch";
         for (uint64_t id : run) {
           const RequestInfo& r = p.info(id);
-          ASSERT_EQ(r.state, RequestState::Denoising) << "request " << id << " runs while " << state_name(r.state);
-          ASSERT_EQ(r.route[1], rank);
+          ASSERT_TRUE(r.state == RequestState::Running && r.stage == kDenoise)
+              << "request " << id << " runs while " << p.where(id);
+          ASSERT_EQ(r.route[kDenoise], rank);
           ++steps_run[id];
           p.on_step(id, r.step + 1, now);
           if (--steps_left[id] == 0) {
             b.finished(id);
-            p.on_denoised(id, now);
+            p.on_stage_done(id, kDenoise, now);
             decode_eta[id] = tick + 1;
           }
         }
       }
       for (auto it = decode_eta.begin(); it != decode_eta.end();) {
         if (it->second > tick) { ++it; continue; }
-        if (p.info(it->first).state == RequestState::Decoding) p.on_done(it->first, now);
+        if (p.info(it->first).state == RequestState::Running) p.on_done(it->first, now);
         it = decode_eta.erase(it);
       }
       // invariants: loads match states, limits hold
       int in_denoise[4] = {0, 0, 0, 0};
       for (uint64_t id : submitted) {
         const RequestInfo& r = p.info(id);
-        if (r.state == RequestState::Encoding || r.state == RequestState::Denoising) ++in_denoise[r.route[1]];
+        if (r.state == RequestState::Running && r.stage <= kDenoise) ++in_denoise[r.route[kDenoise]];
       }
       for (int rank = 1; rank <= 3; ++rank) {
-        ASSERT_EQ(p.load(1, rank), in_denoise[rank]) << "tick " << tick;
-        ASSERT_LE(p.load(1, rank), limit);
+        ASSERT_EQ(p.load(kDenoise, rank), in_denoise[rank]) << "tick " << tick;
+        ASSERT_LE(p.load(kDenoise, rank), limit);
       }
     }
     ASSERT_TRUE(p.all_final()) << "requests left unfinished after " << tick << " ticks";

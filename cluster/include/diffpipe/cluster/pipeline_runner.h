@@ -1,17 +1,22 @@
 // Runs this rank's share of a pipeline: the stage workers placed on it (each a thread with its own inbox,
 // so receiving, computing and sending overlap) and, on rank 0, the coordinator that admits requests, routes
 // each to the least-loaded replica of every stage, bounds in-flight work, and collects images.
-// Every blocking wait has a timeout; a failure anywhere ends every rank non-zero with a message naming the
-// rank, stage and request. Call on every rank with the same options; only rank 0's requests are used.
+// The stages are any PipelineDef (stages/stage.h): the runner drives them through the Stage interface only.
+// A request that fails in a stage ends as "failed" with its reason and the others go on (fail_fast: the job
+// stops); a rank that fails or goes silent ends every rank non-zero with a message naming it. Every wait has a
+// deadline on the injected clock. Call on every rank with the same options; only rank 0's requests are used.
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "diffpipe/cluster/clock.h"
 #include "diffpipe/cluster/placement.h"
 #include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/transport.h"
 #include "diffpipe/stages/request.h"
+#include "diffpipe/stages/stage.h"
 
 namespace diffpipe {
 
@@ -30,26 +35,37 @@ struct RunOptions {
   std::string inject_failure;  // testing aid: "STAGE:REQUEST" throws there, "STAGE:REQUEST:crash" aborts the process
   std::vector<RequestMeta> meta;
   bool reject_when_full = false;  // open-loop load: a full admission queue rejects (else arrivals wait)
+  bool fail_fast = false;         // a request's failure stops the whole job (else it fails alone)
+  std::shared_ptr<Clock> clock;   // null = a steady clock started by the run
 };
 
 struct GeneratedImage {
   uint64_t index = 0;  // position in the request list
   GenerationParams params;
-  std::string status = "done";  // done | cancelled | timed out | rejected
+  std::string status = "done";  // done | failed | cancelled | timed out | rejected
   std::string reason;           // why it is not done
   Image image;                  // empty unless done
   double latency_s = 0;         // arrival to result
-  int denoise_rank = -1;
+  std::vector<int> stage_ranks; // the rank that ran each stage (done only)
+  int denoise_rank = -1;        // the rank of the heavy stage (done only)
 };
 
 struct RunStats {
   double wall_s = 0;
-  size_t images = 0;
-  double busy_s[kNumStages] = {};  // summed over this rank's replicas
+  size_t images = 0;               // done (rank 0)
+  size_t failed = 0;               // failed in a stage (rank 0)
+  std::vector<double> busy_s;      // per pipeline stage (placement order), summed over this rank's replicas
 };
 
-// Blocks until all requests are done (rank 0 calls on_result for each, on the coordinator thread) and every
-// rank has shut down cleanly; throws diffpipe::Error on failure.
+// The general form: any pipeline. `validate` (optional) runs on rank 0 for every request before any work.
+RunStats run_stages(const RunOptions& opts, Transport& transport, const PipelineDef& pipeline,
+                    const std::vector<GenerationParams>& requests,
+                    const std::function<void(GeneratedImage&&)>& on_result,
+                    const std::function<void(const GenerationParams&)>& validate = nullptr);
+
+// A model folder's pipeline: each rank loads only what its stages need. Blocks until all requests are done
+// (rank 0 calls on_result for each, on the coordinator thread) and every rank has shut down cleanly; throws
+// diffpipe::Error on failure.
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result);
 

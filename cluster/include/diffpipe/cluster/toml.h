@@ -1,6 +1,5 @@
-// A strict TOML subset for pipeline files: [table] and [table.sub] headers, key = value with strings,
-// integers, floats, booleans and flat arrays of those, # comments. Anything else is an error naming the
-// file and line. Duplicate keys and tables are errors. Result: nested JSON objects.
+// Pipeline files are TOML, read with toml++ (any valid TOML: multi-line arrays, inline tables, ...) and
+// handed on as nested JSON objects. Syntax errors name the file, line and column.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>

@@ -13,7 +13,7 @@
 
 namespace diffpipe::cpu_allocator {
 
-// The default bound: a quarter of the machine's memory shared by the ranks on it (OMPI_COMM_WORLD_LOCAL_SIZE),
+// The default bound: a quarter of the machine's memory shared by the ranks on it (mpi::world().local_size),
 // e.g. 6 GiB for one process on 24 GiB. `generate --cpu-cache-mb` overrides it.
 size_t default_bound();
 

@@ -1,4 +1,4 @@
-// What travels between ranks: a small header (kind, request id, step, free-form fields as JSON) plus tensor
+// What travels between ranks: a small header (format version, kind, request id, step, fields) plus tensor
 // payloads. Every MPI tag lives in the one Tag enum. Header encoding is CBOR (compact, binary-safe).
 // Thread-safety: value type. Tensors are shared (not copied) when a message is moved between threads.
 #pragma once
@@ -11,19 +11,21 @@
 
 namespace diffpipe {
 
+// The kinds of message the pipeline runner exchanges; each has one typed struct with its encoding in
+// cluster/wire.h (nothing reads `fields` by hand). kWireVersion changes whenever any of them changes.
 enum class MsgKind : int32_t {
-  Encode = 1,    // coordinator -> encoder: a request to encode (header: params, route)
-  Denoise = 2,   // encoder -> denoiser: embeddings [cond, (uncond)]
-  Decode = 3,    // denoiser -> decoder: final latents [C, h, w]
-  Result = 4,    // decoder (or upscaler) -> coordinator: image uint8 [H, W, 3]
-  Error = 5,     // any -> coordinator: {rank, stage, request, what}
-  Shutdown = 6,  // coordinator -> all: drain and exit
-  Abort = 7,     // coordinator -> all: exit non-zero now
-  Progress = 8,  // stage -> coordinator: {event: "encoded" | "denoised"}
-  Cancel = 9,    // coordinator -> the ranks on a request's route: drop it
-  Upscale = 10,  // decoder -> upscaler: base-resolution image uint8 [h, w, 3]
-  Test = 100,    // transport tests
+  Work = 1,       // coordinator or stage -> stage: a request for stage k, with the previous stage's tensors
+  StageDone = 2,  // stage -> coordinator: a request left stage k
+  Steps = 3,      // multi-step stage -> coordinator: where each request of one batched call is (step k of N)
+  Result = 4,     // last stage -> coordinator: the image
+  Error = 5,      // any -> coordinator: the rank cannot go on (the job ends)
+  Shutdown = 6,   // coordinator -> all: drain and exit
+  Abort = 7,      // coordinator -> all: exit non-zero now
+  Failed = 8,     // stage -> coordinator: one request failed (the others go on)
+  Cancel = 9,     // coordinator -> the ranks on a request's route: drop it
+  Test = 100,     // transport tests
 };
+constexpr int32_t kWireVersion = 2;
 const char* msg_kind_name(MsgKind k);
 
 // All MPI tags used by diffpipe.

@@ -8,7 +8,10 @@ namespace diffpipe::mpi {
 
 struct World {
   bool active = false;  // MPI initialised
-  int rank = 0, size = 1, local_rank = 0;
+  int rank = 0, size = 1;
+  // This rank among the ranks sharing its node (MPI_Comm_split_type MPI_COMM_TYPE_SHARED: right under mpirun,
+  // srun or any launcher), and how many share it: picks the GPU and divides the cores.
+  int local_rank = 0, local_size = 1;
 };
 
 bool launched_by_mpirun();        // environment says so

@@ -1,14 +1,17 @@
-// Request lifecycle: an explicit state enum and the transitions allowed between states.
-//   Queued -> Encoding -> Denoising (step k of N) -> Decoding [-> Upscaling] -> Done
+// Request lifecycle: an explicit state enum and the transitions allowed between states. The stages a request
+// passes through are the pipeline's (whatever the model folder lists), so the state says where the request is
+// as "running in stage k" rather than naming fixed stages:
+//   Queued -> Running (stage 0) -> Running (stage 1) -> ... -> Running (last stage) -> Done
 //   any non-final state -> Failed | Cancelled | TimedOut (the reason is kept on the request)
 // Pure and torch-free; used by the coordinator's planner and its tests. Not thread-safe: one owner.
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace diffpipe::sched {
 
-enum class RequestState : uint8_t { Queued, Encoding, Denoising, Decoding, Upscaling, Done, Failed, Cancelled, TimedOut };
+enum class RequestState : uint8_t { Queued, Running, Done, Failed, Cancelled, TimedOut };
 
 const char* state_name(RequestState s);
 bool is_final(RequestState s);
@@ -22,12 +25,14 @@ struct RequestInfo {
   double deadline_s = 0;     // absolute; 0 = none
   int total_steps = 0;
   RequestState state = RequestState::Queued;
-  int step = 0;              // denoising steps done
+  int stage = -1;            // while Running: the index of the stage it is in
+  int step = 0;              // steps done in the current multi-step stage
   std::string reason;        // why it failed / was cancelled / timed out
   double admitted_s = -1, finished_s = -1;
-  int route[4] = {-1, -1, -1, -1};  // encode, denoise, decode, upscale ranks (-1: the stage is not used)
+  std::vector<int> route;    // one rank per pipeline stage, set at admission
 
   // Applies a transition; throws diffpipe::Error naming the request and both states when illegal.
+  // Running -> Running moves to the next stage.
   void transition(RequestState to, double now, const std::string& why = "");
 };
 

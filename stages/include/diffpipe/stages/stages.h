@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "diffpipe/runtime/image.h"
@@ -44,6 +45,7 @@ struct DenoiseState {
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   at::Tensor first_bad;     // int64 scalar on the device: the first call after which latents were not finite, or -1
+  std::string failure;      // set by the last step when the latents went non-finite: the request failed
   bool done() const { return step >= sampler->num_calls(); }
   int total_steps() const { return sampler->num_calls(); }
 };
@@ -70,8 +72,9 @@ class DenoiseStage {
   // Advances every state by one step with ONE UNet call: rows [uncond_i, cond_i] for guided requests,
   // [cond_i] otherwise; each row with its own timestep. States must not be done(). Latents are checked for NaN /
   // Inf after every step without a device synchronisation; a request whose latents went non-finite throws
-  // ("non-finite values after step k of N") when its last step is done, never passing a black image on.
-  void step(const std::vector<DenoiseState*>& batch) const;
+  // ("non-finite values after step k of N") when its last step is done, never passing a black image on; with
+  // throw_on_failure false the message is left in the state's `failure` and the other requests go on.
+  void step(const std::vector<DenoiseState*>& batch, bool throw_on_failure = true) const;
 
  private:
   const SdModel& model_;
@@ -81,8 +84,9 @@ class DecodeStage {
  public:
   explicit DecodeStage(const SdModel& model) : model_(model) {}
   // latents: each [C, h, w] (float32) -> base-resolution RGB images, one VAE call for the batch (same-size
-  // latents), as uint8 HWC tensors [B, H, W, 3].
-  at::Tensor run_uint8(const std::vector<at::Tensor>& latents) const;
+  // latents), as uint8 HWC tensors [B, H, W, 3]. A non-finite image throws, or, given `failures`, gets its
+  // message there (one entry per image, empty = fine).
+  at::Tensor run_uint8(const std::vector<at::Tensor>& latents, std::vector<std::string>* failures = nullptr) const;
 
  private:
   const SdModel& model_;

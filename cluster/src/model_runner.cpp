@@ -1,0 +1,42 @@
+// run_pipeline for model folders: each rank loads the components of the stages placed on it, and the folder's
+// registered stages (stages/model_stages.h) become the pipeline run_stages drives.
+#include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/stages/model_stages.h"
+#include "diffpipe/stages/stages.h"
+
+namespace diffpipe {
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result) {
+  SdModel model;
+  const int me = transport.rank();
+  const RankSpec& rs = opts.placement.ranks.at(me);
+  RunOptions o = opts;
+  run_on_all_ranks_or_fail([&] {
+    o.placement.fit(pipeline_layout(opts.model_dir), "placement");
+    DeviceSpec spec;
+    if (rs.device == "cuda") {
+      const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+      DP_CHECK(n > 0, "rank ", me, ": device \"cuda\" requested but no GPU is visible");
+      spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(mpi::world().local_rank % n));
+    }
+    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    spec.batch_invariant = opts.placement.batch_invariant;
+    model = SdModel::load(opts.model_dir, spec, components_for(o.placement.stages_on(me)));
+  });
+  return run_pipeline(o, transport, model, requests, on_result);
+}
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
+                      const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result) {
+  RunOptions o = opts;
+  run_on_all_ranks_or_fail([&] { o.placement.fit(pipeline_layout(model.dir), "placement"); });
+  const PipelineDef pipeline = model_pipeline(model, o.placement.stage_names());
+  return run_stages(o, transport, pipeline, requests, on_result,
+                    [&](const GenerationParams& p) { (void)resolve_params(model, p); });
+}
+
+}  // namespace diffpipe

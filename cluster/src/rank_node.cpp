@@ -1,0 +1,157 @@
+// One rank's share of a run: its dispatcher (the main thread routes incoming messages to the local stage
+// workers' inboxes and the coordinator's), its stage workers, and on rank 0 the coordinator.
+#include <thread>
+
+#include "coordinator.h"
+#include "diffpipe/cluster/wire.h"
+#include "diffpipe/runtime/error.h"
+#include "stage_worker.h"
+
+namespace diffpipe {
+namespace runner {
+namespace {
+
+using namespace std::chrono_literals;
+constexpr double kGraceS = 5;
+
+class RankNode {
+ public:
+  RankNode(const RunOptions& o, Transport& t, const PipelineDef& p, const Clock& c)
+      : ctx_(o, t, p, c), inj_(Injection::parse(o.inject_failure, o.placement.stage_names())) {}
+
+  RunStats run(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
+    const double t0 = ctx_.clock.now();
+    const auto wall0 = std::chrono::steady_clock::now();
+    const int me = ctx_.rank();
+    const Placement& P = ctx_.opts.placement;
+    for (int k = 0; k < static_cast<int>(P.stages.size()); ++k) {
+      const auto& ranks = P.stages[k].spec.ranks;
+      if (std::find(ranks.begin(), ranks.end(), me) == ranks.end()) continue;
+      workers_[k] = std::make_unique<StageWorker>(ctx_, k, P.stages[k].spec, inj_);
+    }
+    if (me == 0) coord_ = std::make_unique<Coordinator>(ctx_, requests, on_result);
+    for (auto& [k, w] : workers_) threads_.emplace_back([w = w.get()] { w->run(); });
+    if (coord_)
+      threads_.emplace_back([this] {
+        try {
+          coord_->run();
+        } catch (const std::exception& e) {
+          ctx_.set_failure(std::string("coordinator: ") + e.what());
+        }
+      });
+    std::string failure;
+    try {
+      dispatch();
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    ctx_.stop = true;
+    for (auto& [k, w] : workers_) w->inbox().close();
+    if (coord_) coord_->inbox().close();
+    for (auto& th : threads_) th.join();
+    if (failure.empty()) failure = ctx_.failure();
+    if (!failure.empty()) {
+      if (me == 0)  // tell everyone, so no rank waits for work that will never come
+        for (int r = 1; r < ctx_.transport.size(); ++r) {
+          try {
+            ctx_.send(r, wire::encode(wire::Abort{failure}));
+          } catch (...) {
+          }
+        }
+      try {
+        ctx_.transport.flush(2000ms);
+      } catch (...) {
+      }
+      throw Error(failure);
+    }
+    ctx_.transport.flush(std::chrono::milliseconds(static_cast<int64_t>(ctx_.opts.timeout_s * 1000)));
+    RunStats st;
+    st.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+    (void)t0;
+    st.images = ctx_.images_done;
+    st.failed = ctx_.failed_requests;
+    for (auto& b : ctx_.busy_us) st.busy_s.push_back(b.load() / 1e6);
+    return st;
+  }
+
+ private:
+  std::string stages_here() const {
+    std::string s;
+    for (const auto& n : ctx_.opts.placement.stages_on(ctx_.rank())) s += (s.empty() ? "" : ", ") + n;
+    return s;
+  }
+
+  // The rank's main thread: routes incoming messages to the local inboxes until Shutdown.
+  void dispatch() {
+    const int me = ctx_.rank();
+    while (true) {
+      if (ctx_.failed()) throw Error(ctx_.failure());
+      auto m = ctx_.transport.recv(50ms);
+      if (!m) {
+        // a few seconds past the coordinator's own deadline, so that its diagnosis (naming the silent rank)
+        // arrives first when rank 0 is alive
+        if (me != 0 && ctx_.clock.now() - ctx_.last_activity() > ctx_.opts.timeout_s + kGraceS)
+          DP_FAIL("rank ", me, ": no message and no work for ", ctx_.opts.timeout_s + kGraceS,
+                  " s (is rank 0 alive?); stages here: ", stages_here());
+        continue;
+      }
+      ctx_.touch();
+      switch (m->kind) {
+        case MsgKind::Work: {
+          const int k = m->fields.is_object() ? m->fields.value("stage", -1) : -1;
+          auto it = workers_.find(k);
+          DP_CHECK(it != workers_.end(), "rank ", me, " received work for stage ", k, " from rank ", m->src,
+                   ", but runs only: ", stages_here());
+          it->second->inbox().push(std::move(*m));
+          break;
+        }
+        case MsgKind::StageDone:
+        case MsgKind::Steps:
+        case MsgKind::Result:
+        case MsgKind::Failed:
+        case MsgKind::Error:
+          DP_CHECK(coord_, "rank ", me, " received a ", msg_kind_name(m->kind), " message from rank ", m->src,
+                   " but only rank 0 coordinates");
+          coord_->inbox().push(std::move(*m));
+          break;
+        case MsgKind::Cancel: ctx_.cancel(wire::decode_cancel(*m).request); break;
+        case MsgKind::Shutdown: return;
+        case MsgKind::Abort: DP_FAIL("rank ", me, ": stopped because the job failed: ", wire::decode_abort(*m).why);
+        default:
+          DP_FAIL("rank ", me, ": unexpected message kind ", static_cast<int>(m->kind), " (",
+                  msg_kind_name(m->kind), ") from rank ", m->src);
+      }
+    }
+  }
+
+  NodeContext ctx_;
+  Injection inj_;
+  std::map<int, std::unique_ptr<StageWorker>> workers_;
+  std::unique_ptr<Coordinator> coord_;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace
+}  // namespace runner
+
+RunStats run_stages(const RunOptions& opts, Transport& transport, const PipelineDef& pipeline,
+                    const std::vector<GenerationParams>& requests,
+                    const std::function<void(GeneratedImage&&)>& on_result,
+                    const std::function<void(const GenerationParams&)>& validate) {
+  std::shared_ptr<Clock> clock = opts.clock ? opts.clock : std::make_shared<SteadyClock>();
+  run_on_all_ranks_or_fail([&] {
+    const auto& placed = opts.placement.stages;
+    std::string have, want;
+    for (const auto& s : placed) have += (have.empty() ? "" : ", ") + s.name;
+    for (const auto& d : pipeline) want += (want.empty() ? "" : ", ") + d.name;
+    DP_CHECK(have == want, "placement: stages (", have, ") do not match the pipeline (", want, ")");
+    for (const auto& d : pipeline) DP_CHECK(d.make, "pipeline: stage '", d.name, "' has no factory");
+    (void)runner::Injection::parse(opts.inject_failure, opts.placement.stage_names());
+    if (transport.rank() == 0 && validate)
+      for (const auto& p : requests) validate(p);  // bad settings fail before any work
+  });
+  runner::RankNode node(opts, transport, pipeline, *clock);
+  return node.run(requests, on_result);
+}
+
+}  // namespace diffpipe

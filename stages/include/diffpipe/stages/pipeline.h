@@ -1,0 +1,22 @@
+// Which stages a model folder's pipeline has, in order, without loading anything (torch-free: placement,
+// planner and command line use it). Stable Diffusion: encode -> denoise -> decode; a folder with
+// super_resolution/ adds upscale. The stages themselves are registered in stages/model_stages.h.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace diffpipe {
+
+struct PipelineStage {
+  std::string name;
+  bool heavy = false;  // the main stage: extra ranks become its replicas
+};
+
+// The folder's pipeline (throws naming the folder when it has none of the known layouts).
+std::vector<PipelineStage> pipeline_layout(const std::string& model_dir);
+// The pipeline of a Stable Diffusion folder without super-resolution (encode, denoise, decode).
+std::vector<PipelineStage> default_pipeline_layout();
+// Every stage name registered for model folders (a pipeline file may place only these).
+std::vector<std::string> known_stage_names();
+
+}  // namespace diffpipe

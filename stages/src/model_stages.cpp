@@ -1,0 +1,223 @@
+#include "diffpipe/stages/model_stages.h"
+
+#include <filesystem>
+#include <map>
+#include <mutex>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/scheduler/step_batcher.h"
+#include "diffpipe/stages/stages.h"
+
+namespace diffpipe {
+namespace {
+
+// prompts -> [cond embedding, (uncond embedding)] per request, one text-encoder call per batch
+class EncodeStage : public OneShotStage {
+ public:
+  EncodeStage(const SdModel& m, const StageConfig& c) : OneShotStage(c), enc_(m) {}
+
+ protected:
+  std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
+    std::vector<const GenerationParams*> ps;
+    for (const auto* r : batch) ps.push_back(&r->params);
+    auto embs = enc_.run(ps);
+    std::vector<StageEvent> out;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      std::vector<at::Tensor> t{embs[i].cond.contiguous()};
+      if (embs[i].uncond.defined()) t.push_back(embs[i].uncond.contiguous());
+      out.push_back(StageEvent::finished(batch[i]->id, std::move(t)));
+    }
+    return out;
+  }
+
+ private:
+  TextEncodeStage enc_;
+};
+
+// embeddings -> final latents [C, h, w]: step-level batching over requests at different steps, one UNet call
+// per iteration; a request whose latents go non-finite fails alone.
+class DenoiseStageImpl : public Stage {
+ public:
+  DenoiseStageImpl(const SdModel& m, const StageConfig& c)
+      : model_(m), den_(m), batcher_(sched::parse_batch_mode(c.batching), c.max_batch) {}
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
+    Embeddings e;
+    e.cond = r.inputs[0].to(model_.spec.device, model_.spec.dtype);
+    if (r.inputs.size() > 1) e.uncond = r.inputs[1].to(model_.spec.device, model_.spec.dtype);
+    states_.emplace(r.id, make_denoise_state(model_, r.params, e, r.id));
+    batcher_.add(r.id, r.priority, now);
+  }
+  void cancel(uint64_t id) override {
+    if (states_.erase(id)) batcher_.cancel(id);
+  }
+  size_t held() const override { return states_.size(); }
+  std::vector<uint64_t> current_batch() const override { return current_; }
+
+  std::vector<StageEvent> step(double now) override {
+    current_ = batcher_.plan(now);
+    std::vector<StageEvent> out;
+    if (current_.empty()) return out;
+    std::vector<DenoiseState*> batch;
+    for (uint64_t id : current_) batch.push_back(&states_.at(id));
+    den_.step(batch, /*throw_on_failure=*/false);
+    for (uint64_t id : current_) {
+      DenoiseState& s = states_.at(id);
+      out.push_back(StageEvent::progress(id, s.step, s.total_steps()));
+      if (!s.done()) continue;
+      batcher_.finished(id);
+      out.push_back(s.failure.empty() ? StageEvent::finished(id, {s.latents.contiguous()})
+                                      : StageEvent::failed(id, s.failure));
+      states_.erase(id);
+    }
+    return out;
+  }
+
+ private:
+  const SdModel& model_;
+  DenoiseStage den_;
+  sched::StepBatcher batcher_;
+  std::map<uint64_t, DenoiseState> states_;
+  std::vector<uint64_t> current_;
+};
+
+// latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch
+class DecodeStageImpl : public OneShotStage {
+ public:
+  DecodeStageImpl(const SdModel& m, const StageConfig& c) : OneShotStage(c), model_(m), dec_(m) {}
+
+ protected:
+  std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
+    std::vector<at::Tensor> lat;
+    for (const auto* r : batch) {
+      DP_CHECK(!r->inputs.empty(), "decode: no latents received");
+      lat.push_back(r->inputs[0].to(model_.spec.device, at::kFloat));
+    }
+    std::vector<std::string> failures;
+    at::Tensor img = dec_.run_uint8(lat, &failures);
+    std::vector<StageEvent> out;
+    for (size_t i = 0; i < batch.size(); ++i)
+      out.push_back(failures[i].empty() ? StageEvent::finished(batch[i]->id, {img[static_cast<int64_t>(i)].contiguous()})
+                                        : StageEvent::failed(batch[i]->id, failures[i]));
+    return out;
+  }
+
+ private:
+  const SdModel& model_;
+  DecodeStage dec_;
+};
+
+// 8-bit images -> 8-bit images enlarged by super_resolution/ (cascade models)
+class UpscaleStageImpl : public OneShotStage {
+ public:
+  UpscaleStageImpl(const SdModel& m, const StageConfig& c) : OneShotStage(c), up_(m) {}
+
+ protected:
+  std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
+    std::vector<at::Tensor> imgs;
+    for (const auto* r : batch) {
+      DP_CHECK(!r->inputs.empty(), "upscale: no image received");
+      imgs.push_back(r->inputs[0]);
+    }
+    at::Tensor up = up_.run_uint8(at::stack(imgs));
+    std::vector<StageEvent> out;
+    for (size_t i = 0; i < batch.size(); ++i)
+      out.push_back(StageEvent::finished(batch[i]->id, {up[static_cast<int64_t>(i)].contiguous()}));
+    return out;
+  }
+
+ private:
+  UpscaleStage up_;
+};
+
+template <class T>
+ModelStage entry(const char* name, const char* consumes, const char* produces, unsigned comps, bool heavy = false) {
+  ModelStage s;
+  s.def.name = name;
+  s.def.consumes = consumes;
+  s.def.produces = produces;
+  s.def.heavy = heavy;
+  s.def.gathers = !heavy;
+  s.def.admission_factor = name == std::string("encode") ? 4 : 0;  // encode runs ahead; later stages are fed
+  s.components = comps;                                             // only what the heavy stage releases
+  s.make = [](const SdModel& m, const StageConfig& c) -> std::unique_ptr<Stage> { return std::make_unique<T>(m, c); };
+  return s;
+}
+
+struct Registry {
+  std::mutex mu;
+  std::map<std::string, ModelStage> stages;
+  std::vector<std::string> order;  // registration order, for messages
+  Registry() {
+    add(entry<EncodeStage>("encode", "prompt", "text embeddings (conditional, unconditional)", kTextEncoder));
+    add(entry<DenoiseStageImpl>("denoise", "text embeddings", "latents", kUNet, /*heavy=*/true));
+    add(entry<DecodeStageImpl>("decode", "latents", "8-bit image", kVae));
+    add(entry<UpscaleStageImpl>("upscale", "8-bit image", "8-bit image, enlarged", kSuperRes));
+  }
+  void add(ModelStage s) {
+    if (!stages.count(s.def.name)) order.push_back(s.def.name);
+    stages[s.def.name] = std::move(s);
+  }
+};
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+
+void register_model_stage(ModelStage s) {
+  DP_CHECK(!s.def.name.empty() && s.make, "register_model_stage: a stage needs a name and a factory");
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lk(r.mu);
+  r.add(std::move(s));
+}
+
+ModelStage find_model_stage(const std::string& name) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lk(r.mu);
+  auto it = r.stages.find(name);
+  if (it == r.stages.end()) {
+    std::string known;
+    for (const auto& n : r.order) known += (known.empty() ? "" : ", ") + n;
+    DP_FAIL("unknown stage '", name, "' (known: ", known, ")");
+  }
+  return it->second;
+}
+
+std::vector<std::string> known_stage_names() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lk(r.mu);
+  return r.order;
+}
+
+std::vector<PipelineStage> default_pipeline_layout() {
+  return {{"encode", false}, {"denoise", true}, {"decode", false}};
+}
+
+std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
+  std::vector<PipelineStage> p = default_pipeline_layout();
+  if (SdModel::has_super_resolution(model_dir)) p.push_back({"upscale", false});
+  return p;
+}
+
+unsigned components_for(const std::vector<std::string>& stages) {
+  unsigned c = 0;
+  for (const auto& s : stages) c |= find_model_stage(s).components;
+  return c;
+}
+
+PipelineDef model_pipeline(const SdModel& model, const std::vector<std::string>& stages) {
+  PipelineDef p;
+  for (const auto& name : stages) {
+    ModelStage s = find_model_stage(name);
+    StageDef d = s.def;
+    auto make = s.make;
+    d.make = [&model, make](const StageConfig& c) { return make(model, c); };
+    p.push_back(std::move(d));
+  }
+  return p;
+}
+
+}  // namespace diffpipe
