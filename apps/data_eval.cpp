@@ -17,11 +17,12 @@
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/tokenizer.h"
-#include "fidelity.h"
-#include "image_tower.h"
-#include "inception.h"
-#include "metrics.h"
-#include "shapes.h"
+#include "diffpipe/train/fidelity.h"
+#include "diffpipe/train/eval.h"
+#include "diffpipe/train/image_tower.h"
+#include "diffpipe/train/inception.h"
+#include "diffpipe/train/metrics.h"
+#include "diffpipe/train/shapes.h"
 
 namespace diffpipe::apps {
 
@@ -73,58 +74,10 @@ int data_main(int argc, char** argv) {
   return 0;
 }
 
-namespace {
-struct Entry {
-  std::string prompt, file;
-};
-// The finished images listed in DIR/images.jsonl (generate's or data's format).
-std::vector<Entry> read_index(const std::string& dir, size_t* skipped = nullptr) {
-  const std::string index = path_join(dir, "images.jsonl");
-  DP_CHECK(file_exists(index), index, ": file not found (run generate or data with --out DIR first)");
-  std::ifstream in(index);
-  std::string line;
-  int lineno = 0;
-  std::vector<Entry> out;
-  while (std::getline(in, line)) {
-    ++lineno;
-    if (line.empty()) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
-      DP_FAIL(index, ":", lineno, ": not JSON: ", e.what());
-    }
-    if (j.value("status", std::string("done")) != "done") {
-      if (skipped) ++*skipped;
-      continue;
-    }
-    DP_CHECK(j.contains("prompt") && j.contains("file"), index, ":", lineno, ": needs 'prompt' and 'file'");
-    out.push_back({j["prompt"].get<std::string>(), j["file"].get<std::string>()});
-  }
-  DP_CHECK(!out.empty(), index, ": no finished images");
-  return out;
-}
-
-at::Tensor load_images(const std::vector<Entry>& es) {  // [N, 3, H, W] in [-1, 1]
-  std::vector<at::Tensor> ts;
-  for (const auto& e : es) {
-    ts.push_back(image_to_chw(read_png(e.file)));
-  }
-  return at::stack(ts);
-}
-
-// FID features of the images listed in DIR: the supplied Inception-v3's pool3 (2048-d) or the model's image tower.
-at::Tensor fid_features(const std::vector<Entry>& es, const FidInception* inception, const ImageTower* tower) {
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < es.size(); i += 32) {
-    const std::vector<Entry> part(es.begin() + static_cast<std::ptrdiff_t>(i),
-                                  es.begin() + static_cast<std::ptrdiff_t>(std::min(es.size(), i + 32)));
-    const at::Tensor x = load_images(part);
-    out.push_back(inception ? inception->features(x) : tower->features(x));
-  }
-  return at::cat(out);
-}
-}  // namespace
+using train::Entry;
+using train::fid_features;
+using train::load_images;
+using train::read_index;
 
 int eval_main(int argc, char** argv) {
   const char* help =

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything diffpipe needs to build and test, idempotently:
-#   - Debian packages (Open MPI, Boost, nlohmann-json, toml++, CLI11, ICU, libpng, GoogleTest, Google Benchmark,
+#   - Debian packages (Open MPI, Boost, nlohmann-json, toml++, CLI11, ICU, libpng, GoogleTest,
 #     ccache, ninja)
 #   - LibTorch from PyPI's `torch` package at a pinned version (CMake finds it via torch.utils.cmake_prefix_path).
 # The product never runs Python; Python only hosts LibTorch's C++ libraries and the reference packages tests and
@@ -12,7 +12,7 @@ TORCH_VERSION="${DIFFPIPE_TORCH_VERSION:-2.11.0}"
 
 pkgs=(build-essential cmake ninja-build ccache pkg-config git
       libopenmpi-dev openmpi-bin libboost-dev nlohmann-json3-dev libicu-dev libpng-dev zlib1g-dev
-      libgtest-dev libgmock-dev libbenchmark-dev python3-pip python3-venv time libcli11-dev libtomlplusplus-dev)
+      libgtest-dev libgmock-dev python3-pip python3-venv time libcli11-dev libtomlplusplus-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -139,5 +139,19 @@ expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
 expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
 echo '{"prompt": "a red elephant at the top on a black background", "file": "x.png"}' > "$WORK/bad.jsonl"; mkdir -p "$WORK/badeval"; mv "$WORK/bad.jsonl" "$WORK/badeval/images.jsonl"
 expect_error eval-caption "unknown word 'elephant'" eval fidelity --images "$WORK/badeval"
+# every command: -h prints help made from its option list (rc 0); an unknown option is an error naming it
+"$BIN" --version | grep -q "^diffpipe [0-9]*\.[0-9]*\.[0-9]*" && ok "--version" || bad "--version"
+for c in generate init-model data "train vae" "eval fid" "eval fidelity" "eval clip-score" "eval features" "eval reconstruct"; do
+  out=$($BIN $c -h 2>&1); rc=$?
+  { [ $rc = 0 ] && echo "$out" | head -1 | grep -q "^usage: .*diffpipe" && echo "$out" | grep -q -- "-h, --help"; } \
+    || bad "'$c -h': rc $rc, $(echo "$out" | head -1)"
+  out=$($BIN $c --no-such-option 1 2>&1); rc=$?
+  { [ $rc = 1 ] && echo "$out" | grep -q "unknown option --no-such-option"; } || bad "'$c --no-such-option': rc $rc: $out"
+done
+ok "-h and unknown options on every subcommand"
+"$BIN" generate --model "$WORK/m" --prompt x --steps many > "$WORK/steps.log" 2>&1
+[ $? = 1 ] && grep -q "generate: --steps expects an integer, got 'many'" "$WORK/steps.log" && ok "malformed number named" \
+  || bad "malformed number: $(cat "$WORK/steps.log")"
+
 echo "$passed passed, $fails failed"
 [ $fails = 0 ]

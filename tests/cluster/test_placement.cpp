@@ -105,6 +105,26 @@ TEST(Placement, UpscaleStageOnItsOwnRanks) {
             std::string::npos);
 }
 
+// Command-line settings are defaults under a pipeline file: what the file sets wins, what it leaves out comes
+// from the command line (never silently dropped).
+TEST(Placement, CommandLineDefaultsUnderAFile) {
+  PlacementDefaults d;
+  d.rank.dtype = "bfloat16";
+  d.transport = "mpi";
+  d.stage.max_batch = 3;
+  d.stage.batching = "static";
+  d.batch_invariant = true;
+  const auto p = Placement::load(file_with("defaults", "[encode]\nranks=[0]\nmax_batch=5\n[denoise]\nranks=[1]\n"
+                                                       "[decode]\nranks=[0]\n[rank.1]\ndtype=\"float32\"\n"),
+                                 2, default_pipeline_layout(), d);
+  EXPECT_EQ(p.stage("encode").max_batch, 5) << "the file wins";
+  EXPECT_EQ(p.stage("denoise").max_batch, 3) << "the command line fills in";
+  EXPECT_EQ(p.stage("denoise").batching, "static");
+  EXPECT_EQ(p.ranks[0].dtype, "bfloat16");
+  EXPECT_EQ(p.ranks[1].dtype, "float32");
+  EXPECT_TRUE(p.batch_invariant);
+}
+
 TEST(Placement, BadFilesGiveClearErrors) {
   const std::string base = "[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n";
   auto load = [&](const std::string& name, const std::string& text, int n) {

@@ -1,4 +1,4 @@
-#include "inception.h"
+#include "diffpipe/train/inception.h"
 
 #include <vector>
 

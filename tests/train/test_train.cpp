@@ -5,10 +5,10 @@
 #include <cmath>
 
 #include "diffpipe/runtime/error.h"
-#include "fidelity.h"
-#include "inception.h"
-#include "metrics.h"
-#include "shapes.h"
+#include "diffpipe/train/fidelity.h"
+#include "diffpipe/train/inception.h"
+#include "diffpipe/train/metrics.h"
+#include "diffpipe/train/shapes.h"
 #include "test_util.h"
 
 using namespace diffpipe;

@@ -1,4 +1,4 @@
-#include "image_tower.h"
+#include "diffpipe/train/image_tower.h"
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "shapes.h"
+#include "diffpipe/train/shapes.h"
 
 namespace diffpipe::data {
 

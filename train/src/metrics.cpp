@@ -1,4 +1,4 @@
-#include "metrics.h"
+#include "diffpipe/train/metrics.h"
 
 #include <cmath>
 

@@ -1,4 +1,4 @@
-#include "bpe.h"
+#include "diffpipe/train/bpe.h"
 
 #include <map>
 

@@ -1,4 +1,4 @@
-#include "shapes.h"
+#include "diffpipe/train/shapes.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "fidelity.h"
+#include "diffpipe/train/fidelity.h"
 
 #include <algorithm>
 #include <cmath>
