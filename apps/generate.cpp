@@ -19,8 +19,10 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/runtime/profile.h"
+#include "diffpipe/runtime/text.h"
 #include "diffpipe/stages/model.h"
 #include "diffpipe/stages/pipeline.h"
+#include "diffpipe/stages/tokenizer.h"
 
 namespace diffpipe::apps {
 
@@ -66,49 +68,6 @@ const std::vector<cli::Opt> kOptions = {
     {"inject-failure", "STAGE:REQUEST[:crash]", "testing aid: fail (or crash) there"},
     {"cancel-at", "REQUEST:S", "testing aid: cancel request REQUEST S seconds after start", true},
 };
-
-// Byte offset of the first invalid UTF-8 sequence in s, or npos (overlong forms, surrogates and code points
-// above U+10FFFF are invalid, as for JSON output).
-size_t invalid_utf8_at(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    int n = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xE ? 2 : (c >> 3) == 0x1E ? 3 : -1;
-    if (n < 0 || (n > 0 && i + n >= s.size())) return i;  // not a lead byte, or cut short
-    uint32_t cp = n == 0 ? c : n == 1 ? (c & 0x1F) : n == 2 ? (c & 0x0F) : (c & 0x07);
-    for (int k = 1; k <= n; ++k) {
-      const auto d = static_cast<unsigned char>(s[i + k]);
-      if ((d >> 6) != 0x2) return i;
-      cp = (cp << 6) | (d & 0x3F);
-    }
-    const uint32_t min[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < min[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
-    i += n + 1;
-  }
-  return std::string::npos;
-}
-
-void check_utf8(const std::string& text, const std::string& where) {
-  const size_t at = invalid_utf8_at(text);
-  DP_CHECK(at == std::string::npos, where, ": invalid UTF-8 at byte ", at);
-}
-
-std::vector<std::string> read_prompts(const std::string& path) {
-  DP_CHECK(!dir_exists(path), path, ": is a folder; --prompts takes a file with one prompt per line");
-  std::ifstream f(path);
-  DP_CHECK(f.good(), path, ": prompts file not found or not readable");
-  std::vector<std::string> out;
-  std::string line;
-  for (int n = 1; std::getline(f, line); ++n) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    check_utf8(line, path + ":" + std::to_string(n));
-    const auto a = line.find_first_not_of(" \t");
-    if (a == std::string::npos || line[a] == '#') continue;
-    out.push_back(line.substr(a));
-  }
-  DP_CHECK(!out.empty(), path, ": no prompts (one per line; '#' starts a comment)");
-  return out;
-}
 
 // `--profile`: every rank's time by part (profile sections) and each of its stage threads' idle time, gathered
 // to rank 0 and printed there on stderr.
@@ -182,11 +141,14 @@ int generate_main(int argc, char** argv) {
   Placement placement;
   RunOptions opts;
   run_on_all_ranks_or_fail([&] {
-    std::vector<std::string> prompts = a.all("prompt");
-    for (const auto& p : prompts) check_utf8(p, "generate: --prompt");
+    std::vector<PromptLine> lines;
+    for (const auto& p : a.all("prompt")) lines.push_back({p, detail::cat("--prompt #", lines.size() + 1)});
+    for (const auto& l : lines) check_utf8(l.text, "generate: " + l.origin);
     check_utf8(a.str("negative-prompt"), "generate: --negative-prompt");
     if (a.has("prompts"))
-      for (auto& p : read_prompts(a.str("prompts"))) prompts.push_back(p);
+      for (auto& l : read_prompts(a.str("prompts"))) lines.push_back(std::move(l));
+    std::vector<std::string> prompts;
+    for (const auto& l : lines) prompts.push_back(l.text);
     const int64_t images = a.integer("images", 1);
     DP_CHECK(images >= 1 && images <= 100000, "generate: --images must be in [1, 100000]");
     GenerationParams base;
@@ -218,6 +180,23 @@ int generate_main(int argc, char** argv) {
     defaults.stage.batching = a.str("batching", "step");
     defaults.batch_invariant = a.flag("batch-invariant");
     SdModel::validate(a.str("model"));
+    {  // prompt lengths in tokens: CLIP reads max_length tokens with its start and end; warn as diffusers does
+      const ClipTokenizer tok = ClipTokenizer::load(path_join(a.str("model"), "tokenizer"));
+      std::vector<PromptLine> all = lines;
+      if (!a.str("negative-prompt").empty()) all.push_back({a.str("negative-prompt"), "--negative-prompt"});
+      for (const auto& l : all) {
+        size_t n = 0;
+        try {
+          n = tok.encode_untruncated(l.text).size();
+        } catch (const std::exception& e) {
+          DP_FAIL("generate: ", l.origin, ": ", describe(e));
+        }
+        if (n > static_cast<size_t>(tok.max_length()) && world.rank == 0)
+          std::fprintf(stderr, "diffpipe: warning: %s: the prompt has %zu tokens; CLIP reads %d (with its start and "
+                       "end tokens), so the last %zu are ignored\n", l.origin.c_str(), n, tok.max_length(),
+                       n - tok.max_length());
+      }
+    }
     const auto layout = pipeline_layout(a.str("model"));
     if (a.has("pipeline")) {
       placement = Placement::load(a.str("pipeline"), world.size, layout, defaults);

@@ -31,7 +31,7 @@ extern "C" void on_stop_signal(int sig) {
 
 void usage() {
   std::fprintf(stderr,
-               "usage: diffpipe <command> [options]\n"
+               "usage: diffpipe [--debug] <command> [options]   (--debug: C++ backtraces in errors)\n"
                "commands:\n"
                "  generate   text -> images, on one process or across ranks started by mpirun\n"
                "  init-model write a randomly initialised tiny model (diffusers layout)\n"
@@ -44,6 +44,12 @@ void usage() {
 
 int main(int argc, char** argv) {
   using namespace diffpipe;
+  if (argc >= 2 && !std::strcmp(argv[1], "--debug")) {  // full LibTorch backtraces in error messages
+    set_debug(true);
+    argv[1] = argv[0];
+    ++argv;
+    --argc;
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
     usage();
     return argc < 2 ? 2 : 0;
@@ -81,7 +87,7 @@ int main(int argc, char** argv) {
     mpi::finalize();
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "diffpipe: error: %s\n", e.what());
+    std::fprintf(stderr, "diffpipe: error: %s\n", describe(e).c_str());
     std::fflush(stderr);
     if (mpi::world().active && mpi::world().size > 1) mpi::abort(1);  // bring every rank down
     mpi::finalize();

@@ -36,14 +36,14 @@ class RankNode {
         try {
           coord_->run();
         } catch (const std::exception& e) {
-          ctx_.set_failure(std::string("coordinator: ") + e.what());
+          ctx_.set_failure(std::string("coordinator: ") + describe(e));
         }
       });
     std::string failure;
     try {
       dispatch();
     } catch (const std::exception& e) {
-      failure = e.what();
+      failure = describe(e);
     }
     ctx_.stop = true;
     for (auto& [k, w] : workers_) w->inbox().close();

@@ -22,7 +22,7 @@ void StageWorker::run() {
     DP_CHECK(stage_, "stage '", def_.name, "': its factory made nothing");
     loop();
   } catch (const std::exception& e) {
-    const std::string what = who(current_) + ": " + e.what();
+    const std::string what = who(current_) + ": " + describe(e);
     DP_LOG(Error, what);
     try {
       ctx_.send(0, wire::encode(wire::Error{ctx_.rank(), what}));
@@ -55,7 +55,7 @@ void StageWorker::accept(Message&& m) {
     held_[w.request] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
     stage_->add(std::move(r), ctx_.clock.now());
   } catch (const std::exception& e) {
-    fail(w.request, e.what());
+    fail(w.request, describe(e));
   }
 }
 
@@ -137,7 +137,7 @@ void StageWorker::loop() {
     } catch (const std::exception& e) {  // the whole call failed: so did each of its requests
       for (uint64_t id : stage_->current_batch()) {
         stage_->cancel(id);
-        if (held_.count(id)) fail(id, e.what());
+        if (held_.count(id)) fail(id, describe(e));
       }
     }
     ctx_.busy_us[k_] += std::chrono::duration_cast<std::chrono::microseconds>(RealClock::now() - t0).count();

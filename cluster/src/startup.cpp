@@ -11,7 +11,7 @@ void run_on_all_ranks_or_fail(const std::function<void()>& step) {
   try {
     step();
   } catch (const std::exception& e) {
-    err = e.what();
+    err = describe(e);
   }
   if (!mpi::world().active) {
     if (!err.empty()) throw Error(err);

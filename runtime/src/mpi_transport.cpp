@@ -17,15 +17,27 @@ MpiTransport::~MpiTransport() { stop(); }
 
 void MpiTransport::start() { thread_ = std::thread([this] { progress_loop(); }); }
 
+// Shutdown has a deadline: sends a stopped or unreachable rank never takes are given up after 5 s (the job is
+// ending with an error then; MPI_Abort follows), instead of waiting for them forever.
 void MpiTransport::stop() {
   if (!thread_.joinable()) return;
   try {
-    flush(std::chrono::milliseconds(10000));
-  } catch (...) {
+    flush(std::chrono::milliseconds(5000));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[diffpipe] rank %d: shutting down without %s\n", rank_, e.what());
+    abandon_ = true;
   }
   stop_ = true;
   out_cv_.notify_all();
   thread_.join();
+}
+
+std::string MpiTransport::unfinished_ranks() const {
+  std::lock_guard<std::mutex> lk(dst_mu_);
+  std::string s;
+  for (const auto& [r, n] : unfinished_)
+    if (n > 0) s += detail::cat(s.empty() ? "" : ", ", n, " to rank ", r);
+  return s;
 }
 
 void MpiTransport::rethrow() const {
@@ -48,6 +60,10 @@ void MpiTransport::send(int dst, Message msg) {
            ")");
   msg.src = rank_;
   ++in_flight_;
+  if (dst != rank_) {
+    std::lock_guard<std::mutex> lk(dst_mu_);
+    ++unfinished_[dst];
+  }
   {
     std::lock_guard<std::mutex> lk(out_mu_);
     outq_.emplace_back(dst, std::move(msg));
@@ -78,7 +94,7 @@ void MpiTransport::flush(std::chrono::milliseconds timeout) {
     rethrow();
     if (std::chrono::steady_clock::now() > deadline)
       DP_FAIL(name(), " transport: rank ", rank_, ": ", in_flight_.load(), " send(s) not completed within ",
-              timeout.count(), " ms (is the receiving rank alive?)");
+              timeout.count(), " ms (", unfinished_ranks(), "; is the receiving rank alive?)");
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
   rethrow();
@@ -175,6 +191,10 @@ void MpiTransport::progress_loop() {
         int done = 0;
         DP_MPI_CHECK(MPI_Testall(static_cast<int>(it->reqs.size()), it->reqs.data(), &done, MPI_STATUSES_IGNORE));
         if (done && device_send_done(*it)) {
+          {
+            std::lock_guard<std::mutex> lk(dst_mu_);
+            --unfinished_[it->dst];
+          }
           it = pending_.erase(it);
           --in_flight_;
           busy = true;
@@ -182,6 +202,7 @@ void MpiTransport::progress_loop() {
           ++it;
         }
       }
+      if (stop_ && abandon_) break;
       if (stop_ && pending_.empty()) {
         std::lock_guard<std::mutex> lk(out_mu_);
         if (outq_.empty()) break;

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -67,6 +68,10 @@ class MpiTransport : public Transport {
   mutable std::mutex err_mu_;
   std::exception_ptr error_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> abandon_{false};  // shutting down with sends a peer never took: give them up
+  mutable std::mutex dst_mu_;
+  std::map<int, int> unfinished_;     // destination rank -> queued or pending sends (for messages)
+  std::string unfinished_ranks() const;
   std::thread thread_;
 };
 

@@ -58,7 +58,7 @@ std::vector<StageEvent> OneShotStage::step(double now) {
         auto ev = checked({r});
         out.push_back(std::move(ev[0]));
       } catch (const std::exception& e) {
-        out.push_back(StageEvent::failed(r->id, e.what()));
+        out.push_back(StageEvent::failed(r->id, describe(e)));
       }
     }
     return out;

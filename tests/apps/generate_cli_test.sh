@@ -128,7 +128,7 @@ cfg_fault vae-scale vae/config.json 's/"scaling_factor": *[0-9.e-]*/"scaling_fac
 cfg_fault beta scheduler/scheduler_config.json 's/"beta_start": *[0-9.e-]*/"beta_start": -0.001/' "key 'beta_start': must be a finite number > 0"
 printf 'a red circle\nok line\nbad \xc3\x28 byte\n' > "$WORK/bad-utf8.txt"
 expect_error utf8-file "bad-utf8.txt:3: invalid UTF-8 at byte 4" generate --model "$WORK/m" --prompts "$WORK/bad-utf8.txt" --out "$WORK/err"
-expect_error utf8-arg "--prompt: invalid UTF-8 at byte 1" generate --model "$WORK/m" --prompt "$(printf 'x\xff')" --out "$WORK/err"
+expect_error utf8-arg "--prompt #1: invalid UTF-8 at byte 1" generate --model "$WORK/m" --prompt "$(printf 'x\xff')" --out "$WORK/err"
 "$BIN" generate --model "$WORK/m" --prompt "café ☕ 🚀 naïve" --steps 1 --out "$WORK/utf8ok" --quiet 2> "$WORK/utf8ok.log" \
   && [ -f "$WORK/utf8ok/img-00000-seed0.png" ] && ok "valid multi-byte UTF-8 prompt generates" || bad "valid UTF-8: $(tail -1 "$WORK/utf8ok.log")"
 expect_error prompts-dir "is a folder; --prompts takes a file" generate --model "$WORK/m" --prompts "$WORK" --out "$WORK/err"
@@ -139,6 +139,16 @@ expect_error eval-metric "unknown metric 'fud'" eval fud --images "$WORK/real"
 expect_error eval-missing "images.jsonl: file not found" eval fidelity --images "$WORK/nothing"
 echo '{"prompt": "a red elephant at the top on a black background", "file": "x.png"}' > "$WORK/bad.jsonl"; mkdir -p "$WORK/badeval"; mv "$WORK/bad.jsonl" "$WORK/badeval/images.jsonl"
 expect_error eval-caption "unknown word 'elephant'" eval fidelity --images "$WORK/badeval"
+# a prompt longer than CLIP reads: a warning naming the line (as diffusers warns), the image is still made
+printf 'a red circle\n%s\n' "$(printf 'a big blue square and %.0s' $(seq 1 20))" > "$WORK/long.txt"
+if "$BIN" generate --model "$WORK/m" --prompts "$WORK/long.txt" --steps 2 --out "$WORK/long" --quiet 2> "$WORK/long.log"; then
+  grep -q "warning: $WORK/long.txt:2: the prompt has [0-9]* tokens; CLIP reads 77" "$WORK/long.log" \
+    && ! grep -q "long.txt:1:" "$WORK/long.log" && ok "long prompt: truncation warning names the line" \
+    || bad "long prompt warning: $(cat "$WORK/long.log")"
+else
+  bad "long prompt run failed: $(tail -2 "$WORK/long.log")"
+fi
+
 # every command: -h prints help made from its option list (rc 0); an unknown option is an error naming it
 "$BIN" --version | grep -q "^diffpipe [0-9]*\.[0-9]*\.[0-9]*" && ok "--version" || bad "--version"
 for c in generate init-model data "train vae" "eval fid" "eval fidelity" "eval clip-score" "eval features" "eval reconstruct"; do

@@ -20,6 +20,12 @@ class AgreedError : public Error {
   explicit AgreedError(const std::string& what) : Error(what) {}
 };
 
+// The message of `e` for people: a LibTorch error loses its C++ backtrace unless debug output is on
+// (`diffpipe --debug ...` or DIFFPIPE_DEBUG=1). Every place that turns an exception into a message uses it.
+std::string describe(const std::exception& e);
+void set_debug(bool on);
+bool debug();
+
 namespace detail {
 template <typename... Args>
 std::string cat(Args&&... args) {
