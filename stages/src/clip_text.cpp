@@ -7,35 +7,6 @@
 
 namespace diffpipe {
 
-ClipTextConfig ClipTextConfig::load(const std::string& path) {
-  const JsonConfig j = JsonConfig::load(path);
-  ClipTextConfig c;
-  c.vocab_size = j.integer("vocab_size", c.vocab_size);
-  c.hidden_size = j.integer("hidden_size", c.hidden_size);
-  c.intermediate_size = j.integer("intermediate_size", c.intermediate_size);
-  c.num_hidden_layers = j.integer("num_hidden_layers", c.num_hidden_layers);
-  c.num_attention_heads = j.integer("num_attention_heads", c.num_attention_heads);
-  c.max_position_embeddings = j.integer("max_position_embeddings", c.max_position_embeddings);
-  c.layer_norm_eps = j.number("layer_norm_eps", c.layer_norm_eps);
-  c.hidden_act = j.string("hidden_act", c.hidden_act);
-  c.eos_token_id = j.integer("eos_token_id", c.eos_token_id);
-  c.projection_dim = j.integer("projection_dim", 0);
-  if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
-    j.fail("hidden_act", "unsupported activation '" + c.hidden_act + "' (supported: quick_gelu, gelu)");
-  if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0)
-    j.fail("num_attention_heads", "hidden_size " + std::to_string(c.hidden_size) + " is not divisible by " +
-                                      std::to_string(c.num_attention_heads) + " heads");
-  if (c.num_hidden_layers <= 0) j.fail("num_hidden_layers", "must be positive");
-  j.at_least("vocab_size", c.vocab_size, 1);
-  j.at_least("intermediate_size", c.intermediate_size, 1);
-  j.at_least("max_position_embeddings", c.max_position_embeddings, 1);
-  j.at_least("projection_dim", c.projection_dim, 0);
-  j.positive("layer_norm_eps", c.layer_norm_eps);
-  if (c.eos_token_id < 0 || c.eos_token_id >= c.vocab_size)
-    j.fail("eos_token_id", "must be a token id in [0, vocab_size " + std::to_string(c.vocab_size) + ")");
-  return c;
-}
-
 struct ClipTextModel::Impl {
   struct Layer {
     nn::LayerNorm ln1, ln2;

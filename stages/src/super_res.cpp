@@ -6,17 +6,6 @@
 
 namespace diffpipe {
 
-SuperResConfig SuperResConfig::load(const std::string& path) {
-  const JsonConfig j = JsonConfig::load(path);
-  SuperResConfig c;
-  c.scale = j.integer("scale", 2);
-  c.channels = j.integer("channels", 32);
-  c.layers = j.integer("layers", 4);
-  if (c.scale < 1 || c.scale > 8) j.fail("scale", "must be in [1, 8]");
-  if (c.channels < 1 || c.layers < 2) j.fail("layers", "need channels >= 1 and layers >= 2");
-  return c;
-}
-
 struct SuperResolution::Impl {
   std::vector<nn::Conv2d> convs;
 };

@@ -7,48 +7,6 @@
 
 namespace diffpipe {
 
-VaeConfig VaeConfig::load(const std::string& path) {
-  const JsonConfig j = JsonConfig::load(path);
-  VaeConfig c;
-  c.in_channels = j.integer("in_channels", 3);
-  c.out_channels = j.integer("out_channels", 3);
-  c.latent_channels = j.integer("latent_channels", 4);
-  c.block_out_channels = j.int_list("block_out_channels");
-  if (c.block_out_channels.empty()) j.fail("block_out_channels", "must not be empty");
-  c.layers_per_block = j.integer("layers_per_block", 1);
-  c.norm_num_groups = j.integer("norm_num_groups", 32);
-  c.scaling_factor = j.number("scaling_factor", 0.18215);
-  c.shift_factor = j.number("shift_factor", 0.0);
-  c.use_quant_conv = j.boolean("use_quant_conv", true);
-  c.use_post_quant_conv = j.boolean("use_post_quant_conv", true);
-  c.mid_block_add_attention = j.boolean("mid_block_add_attention", true);
-  c.force_upcast = j.boolean("force_upcast", true);
-  if (j.has("act_fn") && j.string("act_fn") != "silu") j.fail("act_fn", "unsupported activation (supported: silu)");
-  if (j.has("down_block_types"))
-    for (const auto& t : j.string_list("down_block_types"))
-      if (t != "DownEncoderBlock2D") j.fail("down_block_types", "unsupported block type '" + t + "'");
-  if (j.has("up_block_types"))
-    for (const auto& t : j.string_list("up_block_types"))
-      if (t != "UpDecoderBlock2D") j.fail("up_block_types", "unsupported block type '" + t + "'");
-  if (j.has("down_block_types") && j.string_list("down_block_types").size() != c.block_out_channels.size())
-    j.fail("down_block_types", "needs one entry per block_out_channels entry");
-  if (j.has("up_block_types") && j.string_list("up_block_types").size() != c.block_out_channels.size())
-    j.fail("up_block_types", "needs one entry per block_out_channels entry");
-  if (j.has("latents_mean") || j.has("latents_std")) j.fail("latents_mean", "per-channel latent statistics are not supported");
-  j.at_least("in_channels", c.in_channels, 1);
-  j.at_least("out_channels", c.out_channels, 1);
-  j.at_least("latent_channels", c.latent_channels, 1);
-  j.at_least("block_out_channels", c.block_out_channels, 1);
-  j.at_least("layers_per_block", c.layers_per_block, 1);
-  j.at_least("norm_num_groups", c.norm_num_groups, 1);
-  j.positive("scaling_factor", c.scaling_factor);  // 0 would divide the latents into inf (black images)
-  j.finite("shift_factor", c.shift_factor);
-  for (auto ch : c.block_out_channels)
-    if (ch % c.norm_num_groups != 0)
-      j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by norm_num_groups");
-  return c;
-}
-
 struct AutoencoderKL::Impl {
   struct Mid {
     nn::ResnetBlock2D res0, res1;

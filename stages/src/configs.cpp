@@ -1,0 +1,254 @@
+// The config.json parsers of every model component, in one translation unit with no model code, so the fuzz
+// suite builds them with AddressSanitizer and UndefinedBehaviorSanitizer (tests/fuzz). Each rejects values it
+// does not support or that make no sense, naming the file and the key.
+#include <cmath>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/super_res.h"
+#include "diffpipe/stages/unet.h"
+#include "diffpipe/stages/vae.h"
+
+namespace diffpipe {
+
+ClipTextConfig ClipTextConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  ClipTextConfig c;
+  c.vocab_size = j.integer("vocab_size", c.vocab_size);
+  c.hidden_size = j.integer("hidden_size", c.hidden_size);
+  c.intermediate_size = j.integer("intermediate_size", c.intermediate_size);
+  c.num_hidden_layers = j.integer("num_hidden_layers", c.num_hidden_layers);
+  c.num_attention_heads = j.integer("num_attention_heads", c.num_attention_heads);
+  c.max_position_embeddings = j.integer("max_position_embeddings", c.max_position_embeddings);
+  c.layer_norm_eps = j.number("layer_norm_eps", c.layer_norm_eps);
+  c.hidden_act = j.string("hidden_act", c.hidden_act);
+  c.eos_token_id = j.integer("eos_token_id", c.eos_token_id);
+  c.projection_dim = j.integer("projection_dim", 0);
+  if (c.hidden_act != "quick_gelu" && c.hidden_act != "gelu")
+    j.fail("hidden_act", "unsupported activation '" + c.hidden_act + "' (supported: quick_gelu, gelu)");
+  if (c.hidden_size <= 0 || c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0)
+    j.fail("num_attention_heads", "hidden_size " + std::to_string(c.hidden_size) + " is not divisible by " +
+                                      std::to_string(c.num_attention_heads) + " heads");
+  if (c.num_hidden_layers <= 0) j.fail("num_hidden_layers", "must be positive");
+  j.at_least("vocab_size", c.vocab_size, 1);
+  j.at_least("intermediate_size", c.intermediate_size, 1);
+  j.at_least("max_position_embeddings", c.max_position_embeddings, 1);
+  j.at_least("projection_dim", c.projection_dim, 0);
+  j.positive("layer_norm_eps", c.layer_norm_eps);
+  if (c.eos_token_id < 0 || c.eos_token_id >= c.vocab_size)
+    j.fail("eos_token_id", "must be a token id in [0, vocab_size " + std::to_string(c.vocab_size) + ")");
+  return c;
+}
+
+SchedulerConfig SchedulerConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  SchedulerConfig c;
+  c.class_name = j.string("_class_name", c.class_name);
+  (void)sampler_kind_of_class(c.class_name);  // validates
+  c.num_train_timesteps = j.integer("num_train_timesteps", c.num_train_timesteps);
+  c.beta_start = j.number("beta_start", c.beta_start);
+  c.beta_end = j.number("beta_end", c.beta_end);
+  c.beta_schedule = j.string("beta_schedule", c.beta_schedule);
+  if (j.has("trained_betas")) {
+    if (!j.json()["trained_betas"].is_array()) j.fail("trained_betas", "expected a list of numbers");
+    for (const auto& b : j.json()["trained_betas"]) {
+      if (!b.is_number()) j.fail("trained_betas", "expected a list of numbers");
+      c.trained_betas.push_back(b.get<double>());
+    }
+    if (static_cast<int64_t>(c.trained_betas.size()) != c.num_train_timesteps)
+      j.fail("trained_betas", "needs num_train_timesteps entries");
+  }
+  c.prediction_type = j.string("prediction_type", c.prediction_type);
+  c.timestep_spacing = j.string("timestep_spacing", "");
+  c.steps_offset = j.integer("steps_offset", 0);
+  c.set_alpha_to_one = j.boolean("set_alpha_to_one", false);
+  c.clip_sample = j.boolean("clip_sample", false);
+  c.clip_sample_range = j.number("clip_sample_range", 1.0);
+  c.rescale_betas_zero_snr = j.boolean("rescale_betas_zero_snr", false);
+  c.use_karras_sigmas = j.boolean("use_karras_sigmas", false);
+  c.skip_prk_steps = j.boolean("skip_prk_steps", c.class_name == "PNDMScheduler" ? false : true);
+  c.solver_order = j.integer("solver_order", 2);
+  c.algorithm_type = j.string("algorithm_type", c.algorithm_type);
+  c.solver_type = j.string("solver_type", c.solver_type);
+  c.lower_order_final = j.boolean("lower_order_final", true);
+  c.euler_at_final = j.boolean("euler_at_final", false);
+  c.final_sigmas_type = j.string("final_sigmas_type", "zero");
+  c.interpolation_type = j.string("interpolation_type", "linear");
+  if (c.num_train_timesteps < 2) j.fail("num_train_timesteps", "must be at least 2");
+  if (c.num_train_timesteps > 100000) j.fail("num_train_timesteps", "must be at most 100000");
+  j.positive("beta_start", c.beta_start);  // a negative or zero beta makes NaN noise levels
+  j.positive("beta_end", c.beta_end);
+  if (c.beta_start >= 1 || c.beta_end >= 1) j.fail("beta_end", "betas must be below 1");
+  for (double b : c.trained_betas)
+    if (!(std::isfinite(b) && b > 0 && b < 1)) j.fail("trained_betas", "every beta must be in (0, 1)");
+  j.at_least("steps_offset", c.steps_offset, 0);
+  j.positive("clip_sample_range", c.clip_sample_range);
+  if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2")
+    j.fail("beta_schedule", "unsupported '" + c.beta_schedule + "' (supported: linear, scaled_linear, squaredcos_cap_v2)");
+  if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" && c.prediction_type != "sample")
+    j.fail("prediction_type", "unsupported '" + c.prediction_type + "' (supported: epsilon, v_prediction, sample)");
+  if (!c.timestep_spacing.empty() && c.timestep_spacing != "leading" && c.timestep_spacing != "linspace" &&
+      c.timestep_spacing != "trailing")
+    j.fail("timestep_spacing", "unsupported '" + c.timestep_spacing + "' (supported: leading, linspace, trailing)");
+  if (j.boolean("thresholding", false)) j.fail("thresholding", "dynamic thresholding is not supported");
+  if (c.algorithm_type != "dpmsolver++")
+    j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++)");
+  if (c.solver_type != "midpoint" && c.solver_type != "heun")
+    j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun)");
+  if (c.solver_order != 1 && c.solver_order != 2) j.fail("solver_order", "supported: 1 or 2");
+  if (c.final_sigmas_type != "zero" && c.final_sigmas_type != "sigma_min")
+    j.fail("final_sigmas_type", "unsupported '" + c.final_sigmas_type + "' (supported: zero, sigma_min)");
+  if (c.interpolation_type != "linear")
+    j.fail("interpolation_type", "unsupported '" + c.interpolation_type + "' (supported: linear)");
+  for (const char* k : {"use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+                        "use_dynamic_shifting"})
+    if (j.boolean(k, false)) j.fail(k, "not supported");
+  if (j.has("timestep_type") && j.string("timestep_type") != "discrete") j.fail("timestep_type", "supported: discrete");
+  if (j.has("variance_type") && c.class_name == "DPMSolverMultistepScheduler")
+    j.fail("variance_type", "learned variance is not supported");
+  return c;
+}
+
+SuperResConfig SuperResConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  SuperResConfig c;
+  c.scale = j.integer("scale", 2);
+  c.channels = j.integer("channels", 32);
+  c.layers = j.integer("layers", 4);
+  if (c.scale < 1 || c.scale > 8) j.fail("scale", "must be in [1, 8]");
+  if (c.channels < 1 || c.layers < 2) j.fail("layers", "need channels >= 1 and layers >= 2");
+  return c;
+}
+
+UNetConfig UNetConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  UNetConfig c;
+  c.in_channels = j.integer("in_channels", 4);
+  c.out_channels = j.integer("out_channels", 4);
+  c.block_out_channels = j.int_list("block_out_channels");
+  c.down_block_types = j.string_list("down_block_types");
+  c.up_block_types = j.string_list("up_block_types");
+  const size_t n = c.block_out_channels.size();
+  if (n == 0) j.fail("block_out_channels", "must not be empty");
+  if (c.down_block_types.size() != n) j.fail("down_block_types", "needs one entry per block_out_channels entry");
+  if (c.up_block_types.size() != n) j.fail("up_block_types", "needs one entry per block_out_channels entry");
+  for (const auto& t : c.down_block_types)
+    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
+      j.fail("down_block_types", "unsupported block type '" + t + "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+  for (const auto& t : c.up_block_types)
+    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
+      j.fail("up_block_types", "unsupported block type '" + t + "' (supported: CrossAttnUpBlock2D, UpBlock2D)");
+  c.mid_block_type = j.string("mid_block_type", "UNetMidBlock2DCrossAttn");
+  if (c.mid_block_type != "UNetMidBlock2DCrossAttn")
+    j.fail("mid_block_type", "unsupported mid block '" + c.mid_block_type + "' (supported: UNetMidBlock2DCrossAttn)");
+  c.layers_per_block = j.int_or_list("layers_per_block", n, 2);
+  // diffusers: num_attention_heads = num_attention_heads or attention_head_dim
+  c.heads = j.has("num_attention_heads") ? j.int_or_list("num_attention_heads", n, 8)
+                                         : j.int_or_list("attention_head_dim", n, 8);
+  c.cross_attention_dim = j.int_or_list("cross_attention_dim", n, 1280);
+  c.transformer_layers_per_block = j.int_or_list("transformer_layers_per_block", n, 1);
+  c.use_linear_projection = j.boolean("use_linear_projection", false);
+  c.upcast_attention = j.boolean("upcast_attention", false);  // no effect: fused attention (see nn::attention)
+  c.flip_sin_to_cos = j.boolean("flip_sin_to_cos", true);
+  c.freq_shift = j.number("freq_shift", 0);
+  c.norm_num_groups = j.integer("norm_num_groups", 32);
+  c.norm_eps = j.number("norm_eps", 1e-5);
+  c.mid_block_scale_factor = j.number("mid_block_scale_factor", 1.0);
+  c.downsample_padding = j.integer("downsample_padding", 1);
+  c.sample_size = j.integer("sample_size", 64);
+  // Values this implementation does not support are rejected rather than ignored.
+  auto require = [&](const char* key, const nlohmann::json& allowed) {
+    if (j.has(key) && j.json()[key] != allowed)
+      j.fail(key, "unsupported value " + j.json()[key].dump() + " (supported: " + allowed.dump() + ")");
+  };
+  require("act_fn", "silu");
+  require("time_embedding_type", "positional");
+  require("class_embed_type", nullptr);
+  require("num_class_embeds", nullptr);
+  require("addition_embed_type", nullptr);
+  require("encoder_hid_dim", nullptr);
+  require("time_cond_proj_dim", nullptr);
+  require("time_embedding_dim", nullptr);
+  require("timestep_post_act", nullptr);
+  require("time_embedding_act_fn", nullptr);
+  require("resnet_time_scale_shift", "default");
+  require("resnet_skip_time_act", false);
+  require("resnet_out_scale_factor", 1.0);
+  require("only_cross_attention", false);
+  require("dual_cross_attention", false);
+  require("center_input_sample", false);
+  require("conv_in_kernel", 3);
+  require("conv_out_kernel", 3);
+  require("attention_type", "default");
+  require("cross_attention_norm", nullptr);
+  require("class_embeddings_concat", false);
+  require("reverse_transformer_layers_per_block", nullptr);
+  // Values that would crash or silently break the forward pass are refused here, naming the key.
+  j.at_least("in_channels", c.in_channels, 1);
+  j.at_least("out_channels", c.out_channels, 1);
+  j.at_least("block_out_channels", c.block_out_channels, 1);
+  j.at_least("layers_per_block", c.layers_per_block, 1);
+  j.at_least("cross_attention_dim", c.cross_attention_dim, 1);
+  j.at_least("transformer_layers_per_block", c.transformer_layers_per_block, 1);
+  j.at_least("norm_num_groups", c.norm_num_groups, 1);
+  j.at_least("sample_size", c.sample_size, 1);
+  j.positive("norm_eps", c.norm_eps);
+  j.positive("mid_block_scale_factor", c.mid_block_scale_factor);
+  j.finite("freq_shift", c.freq_shift);
+  if (c.downsample_padding != 0 && c.downsample_padding != 1) j.fail("downsample_padding", "must be 0 or 1");
+  for (size_t i = 0; i < n; ++i) {
+    if (c.block_out_channels[i] % c.norm_num_groups != 0)
+      j.fail("block_out_channels", "channels " + std::to_string(c.block_out_channels[i]) +
+                                       " are not divisible by norm_num_groups " + std::to_string(c.norm_num_groups));
+    if (c.heads[i] <= 0 || c.block_out_channels[i] % c.heads[i] != 0)
+      j.fail("attention_head_dim", "block " + std::to_string(i) + ": " + std::to_string(c.block_out_channels[i]) +
+                                       " channels are not divisible by " + std::to_string(c.heads[i]) + " heads");
+  }
+  return c;
+}
+
+VaeConfig VaeConfig::load(const std::string& path) {
+  const JsonConfig j = JsonConfig::load(path);
+  VaeConfig c;
+  c.in_channels = j.integer("in_channels", 3);
+  c.out_channels = j.integer("out_channels", 3);
+  c.latent_channels = j.integer("latent_channels", 4);
+  c.block_out_channels = j.int_list("block_out_channels");
+  if (c.block_out_channels.empty()) j.fail("block_out_channels", "must not be empty");
+  c.layers_per_block = j.integer("layers_per_block", 1);
+  c.norm_num_groups = j.integer("norm_num_groups", 32);
+  c.scaling_factor = j.number("scaling_factor", 0.18215);
+  c.shift_factor = j.number("shift_factor", 0.0);
+  c.use_quant_conv = j.boolean("use_quant_conv", true);
+  c.use_post_quant_conv = j.boolean("use_post_quant_conv", true);
+  c.mid_block_add_attention = j.boolean("mid_block_add_attention", true);
+  c.force_upcast = j.boolean("force_upcast", true);
+  if (j.has("act_fn") && j.string("act_fn") != "silu") j.fail("act_fn", "unsupported activation (supported: silu)");
+  if (j.has("down_block_types"))
+    for (const auto& t : j.string_list("down_block_types"))
+      if (t != "DownEncoderBlock2D") j.fail("down_block_types", "unsupported block type '" + t + "'");
+  if (j.has("up_block_types"))
+    for (const auto& t : j.string_list("up_block_types"))
+      if (t != "UpDecoderBlock2D") j.fail("up_block_types", "unsupported block type '" + t + "'");
+  if (j.has("down_block_types") && j.string_list("down_block_types").size() != c.block_out_channels.size())
+    j.fail("down_block_types", "needs one entry per block_out_channels entry");
+  if (j.has("up_block_types") && j.string_list("up_block_types").size() != c.block_out_channels.size())
+    j.fail("up_block_types", "needs one entry per block_out_channels entry");
+  if (j.has("latents_mean") || j.has("latents_std")) j.fail("latents_mean", "per-channel latent statistics are not supported");
+  j.at_least("in_channels", c.in_channels, 1);
+  j.at_least("out_channels", c.out_channels, 1);
+  j.at_least("latent_channels", c.latent_channels, 1);
+  j.at_least("block_out_channels", c.block_out_channels, 1);
+  j.at_least("layers_per_block", c.layers_per_block, 1);
+  j.at_least("norm_num_groups", c.norm_num_groups, 1);
+  j.positive("scaling_factor", c.scaling_factor);  // 0 would divide the latents into inf (black images)
+  j.finite("shift_factor", c.shift_factor);
+  for (auto ch : c.block_out_channels)
+    if (ch % c.norm_num_groups != 0)
+      j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by norm_num_groups");
+  return c;
+}
+
+}  // namespace diffpipe
