@@ -100,6 +100,9 @@ expect_error() {  # name expected-text args...
 }
 G=(generate --prompt x --steps 2 --out "$WORK/err")
 expect_error no-model "no-such-dir: model folder not found" "${G[@]}" --model "$WORK/no-such-dir"
+touch "$WORK/a-file"
+expect_error out-is-file "a-file: cannot create folder" generate --model "$WORK/m" --prompt x --steps 2 --out "$WORK/a-file"
+[ ! -e "$WORK/a-file/images.jsonl" ] || bad "out-is-file: wrote into it"
 expect_error width "width: 18 is not a positive multiple of 4" "${G[@]}" --model "$WORK/m" --width 18
 expect_error sampler "unknown sampler 'lms'" "${G[@]}" --model "$WORK/m" --sampler lms
 expect_error option "unknown option --stepz" "${G[@]}" --model "$WORK/m" --stepz 3
