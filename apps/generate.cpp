@@ -21,6 +21,7 @@
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/text.h"
 #include "diffpipe/stages/model.h"
+#include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/pipeline.h"
 #include "diffpipe/stages/tokenizer.h"
 
@@ -61,6 +62,7 @@ const std::vector<cli::Opt> kOptions = {
                           "of the memory / ranks on the node; 0: none)"},
     {"profile", "", "print where each rank's time went (text encoder, UNet, sampler, VAE, transport, idle)"},
     {"timeout", "S", "fail when nothing progresses for S seconds (default 600)"},
+    {"skip-memory-check", "", "run even when the up-front estimate says a rank's memory is too small"},
     {"no-contact-sheet", "", "do not write out/contact_sheet.png"},
     {"quiet", "", "no JSON lines on stdout"},
     {"fail-fast", "", "stop the whole job when one request fails (default: it fails alone, the others\n"
@@ -209,6 +211,33 @@ int generate_main(int argc, char** argv) {
       }
       placement.batch_invariant = defaults.batch_invariant;
       placement.validate("command line");
+    }
+    // Up-front memory estimate for this rank's stages (CPU ranks: against MemAvailable shared by the ranks on the
+    // node): a run that would run out of memory is refused now, with the numbers, instead of dying later.
+    if (!a.flag("skip-memory-check") && placement.ranks.at(world.rank).device == "cpu" && !requests.empty()) {
+      const auto& rs = placement.ranks.at(world.rank);
+      int batch = 1;
+      for (const auto& st : placement.stages)
+        if (std::count(st.spec.ranks.begin(), st.spec.ranks.end(), world.rank))
+          batch = std::max(batch, std::min<int>(st.spec.max_batch, static_cast<int>(requests.size())));
+      const auto here = placement.stages_on(world.rank);
+      const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
+                                                   base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
+      const double avail = available_host_memory() / std::max(1, world.local_size);
+      std::string names;
+      for (const auto& n : here) names += (names.empty() ? "" : ", ") + n;
+      const double gb = 1e9;
+      char buf[512];
+      std::snprintf(buf, sizeof(buf),
+                    "generate: rank %d (%s) needs about %.1f GB for %s images, batch %d%s: weights %.1f GB + "
+                    "activations %.1f GB, but about %.1f GB of memory is available to it (MemAvailable / %d "
+                    "rank(s) on this node); lower --max-batch or --width/--height, use fewer ranks per node, or "
+                    "pass --skip-memory-check",
+                    world.rank, names.c_str(), need.total() / gb,
+                    base.width > 0 || base.height > 0 ? detail::cat(base.width, "x", base.height).c_str() : "default-size",
+                    batch, base.uses_cfg() ? " (x2 UNet rows for guidance)" : "", need.weights / gb,
+                    need.activations / gb, avail / gb, std::max(1, world.local_size));
+      DP_CHECK(avail <= 0 || need.total() <= avail, buf);
     }
     opts.model_dir = a.str("model");
     opts.placement = placement;

@@ -100,6 +100,9 @@ expect_error() {  # name expected-text args...
 }
 G=(generate --prompt x --steps 2 --out "$WORK/err")
 expect_error no-model "no-such-dir: model folder not found" "${G[@]}" --model "$WORK/no-such-dir"
+expect_error memory "needs about" generate --model "$WORK/m" --prompt x --steps 1 --width 8192 --height 8192 --out "$WORK/err"
+grep -q "activations .* GB, but about .* GB of memory is available to it" "$WORK/memory.log" && ok "memory estimate: the numbers and the way out" \
+  || bad "memory estimate message: $(cat "$WORK/memory.log")"
 touch "$WORK/a-file"
 expect_error out-is-file "a-file: cannot create folder" generate --model "$WORK/m" --prompt x --steps 2 --out "$WORK/a-file"
 [ ! -e "$WORK/a-file/images.jsonl" ] || bad "out-is-file: wrote into it"

@@ -1,0 +1,79 @@
+#include "diffpipe/stages/memory.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/stages/model.h"
+
+namespace diffpipe {
+namespace {
+
+// A component's weights in `dtype` (the file may store another one).
+double weight_bytes(const std::string& file, c10::ScalarType dtype) {
+  if (!file_exists(file)) return 0;
+  auto f = SafetensorsFile::open(file);
+  double elems = 0;
+  for (const auto& n : f->names()) elems += static_cast<double>(f->get(n).numel());
+  return elems * static_cast<double>(c10::elementSize(dtype));
+}
+
+}  // namespace
+
+MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::string>& stages, int width, int height,
+                                int max_batch, bool guidance, c10::ScalarType dtype) {
+  const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
+  const VaeConfig v = VaeConfig::load(path_join(dir, "vae/config.json"));
+  const int64_t factor = int64_t(1) << (v.block_out_channels.size() - 1);
+  const double W = width > 0 ? width : static_cast<double>(u.sample_size * factor);
+  const double H = height > 0 ? height : static_cast<double>(u.sample_size * factor);
+  const double bytes = static_cast<double>(c10::elementSize(dtype));
+  const c10::ScalarType vae_dtype = v.force_upcast && dtype == c10::kHalf ? c10::kFloat : dtype;
+  const double vbytes = static_cast<double>(c10::elementSize(vae_dtype));
+  MemoryNeed m;
+  for (const auto& s : stages) {
+    if (s == "encode") {
+      m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
+    } else if (s == "denoise") {
+      m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);
+      // per UNet row at h x w latents: the skip connections of every level (layers + 1 maps of C_l at hw / 4^l)
+      // and a working set of about 12 maps of C_0 at the top level (GEGLU's 8 C_0, residual, norm, concat)
+      const double hw = (W / factor) * (H / factor);
+      double per_px = 12.0 * static_cast<double>(u.block_out_channels[0]);
+      for (size_t l = 0; l < u.block_out_channels.size(); ++l)
+        per_px += static_cast<double>(u.layers_per_block[l] + 1) * static_cast<double>(u.block_out_channels[l]) /
+                  static_cast<double>(int64_t(1) << (2 * l));
+      m.activations += max_batch * (guidance ? 2.0 : 1.0) * hw * per_px * bytes;
+    } else if (s == "decode") {
+      m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype);
+      // the decoder's last levels at full resolution: about 2 maps of C_1 and 4 of C_0
+      const auto& c = v.block_out_channels;
+      const double top = 4.0 * static_cast<double>(c[0]) + 2.0 * static_cast<double>(c.size() > 1 ? c[1] : c[0]);
+      m.activations += max_batch * W * H * top * vbytes;
+    } else if (s == "upscale") {
+      const std::string cfg = path_join(dir, "super_resolution/config.json");
+      if (!file_exists(cfg)) continue;
+      const SuperResConfig sr = SuperResConfig::load(cfg);
+      m.weights += weight_bytes(path_join(dir, "super_resolution/diffusion_pytorch_model.safetensors"), vae_dtype);
+      m.activations += max_batch * W * H * sr.scale * sr.scale * 4.0 * static_cast<double>(sr.channels) * vbytes;
+    }
+  }
+  m.activations *= 1.3;  // allocator slack and short-lived temporaries
+  return m;
+}
+
+double available_host_memory() {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream is(line);
+    std::string key;
+    double kb = 0;
+    if (is >> key >> kb && key == "MemAvailable:") return kb * 1024.0;
+  }
+  return 0;
+}
+
+}  // namespace diffpipe
