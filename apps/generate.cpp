@@ -13,6 +13,7 @@
 
 #include "cli.h"
 #include "commands.h"
+#include "diffpipe/cluster/offline.h"
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/runtime/cpu_allocator.h"
 #include "diffpipe/runtime/error.h"
@@ -23,6 +24,7 @@
 #include "diffpipe/stages/model.h"
 #include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/pipeline.h"
+#include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/tokenizer.h"
 
 namespace diffpipe::apps {
@@ -33,17 +35,25 @@ const char* kUsage = "[mpirun -np N] diffpipe generate --model DIR (--prompt TEX
 const std::vector<cli::Opt> kOptions = {
     {"model", "DIR", "Stable Diffusion 1.x/2.x folder in the diffusers layout"},
     {"prompt", "TEXT", "a prompt", true},
-    {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped)"},
+    {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
+                        "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
+                        "width, height, clip_skip, images (unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
     {"sampler", "NAME", "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | pndm (default: the model's)"},
-    {"seed", "S", "seed of each prompt's first image; image k uses S + k (default 0)"},
+    {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"
+                  "unless its JSONL line sets a seed (default 0)"},
     {"width", "W", "image width, a multiple of the model's latent factor x UNet downsampling"},
     {"height", "H", "image height (the same rule)"},
     {"images", "N", "images per prompt (default 1)"},
     {"clip-skip", "K", "use the text encoder's K-th layer from the end (default 0)"},
-    {"out", "DIR", "output folder (default out/)"},
+    {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
+                   "what has a line in DIR/images.jsonl is skipped"},
+    {"overwrite", "", "replace an earlier run with other settings in --out (else refused)"},
+    {"format", "png|webdataset", "png files (default), or webdataset tar shards of KEY.png + KEY.json"},
+    {"shard-size", "N", "files per folder / samples per tar shard (default 1000); a run that fits in one\n"
+                        "folder writes its PNGs straight into --out"},
     {"pipeline", "FILE", "placement of stages on ranks (TOML; default: derived from the rank count). With a file,\n"
                          "--device/--dtype/--transport/--max-batch/--batching/--batch-invariant are\n"
                          "defaults for what the file does not set"},
@@ -70,6 +80,34 @@ const std::vector<cli::Opt> kOptions = {
     {"inject-failure", "STAGE:REQUEST[:crash]", "testing aid: fail (or crash) there"},
     {"cancel-at", "REQUEST:S", "testing aid: cancel request REQUEST S seconds after start", true},
 };
+
+// The input line request `i` came from (images of a line are consecutive).
+std::string origin_of(const std::vector<offline::JobLine>& jobs, size_t i) {
+  for (const auto& j : jobs) {
+    if (i < static_cast<size_t>(j.images)) return j.origin;
+    i -= static_cast<size_t>(j.images);
+  }
+  return "?";
+}
+
+// What decides the pixels of a run (compared with run.json when a rerun continues it): every request's
+// settings in order, and each rank's device and dtype. FNV-1a 64 of their text.
+std::string run_identity(const std::vector<GenerationParams>& requests, const Placement& placement) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](const std::string& s) {
+    for (unsigned char c : s) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+  };
+  for (const auto& p : requests) mix(params_to_json(p).dump());
+  std::set<std::string> kinds;  // not per rank: a rerun on another number of ranks makes the same pixels
+  for (const auto& r : placement.ranks) kinds.insert(r.device + "/" + r.dtype);
+  for (const auto& k : kinds) mix(k);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
 
 // `--profile`: every rank's time by part (profile sections) and each of its stage threads' idle time, gathered
 // to rank 0 and printed there on stderr.
@@ -140,6 +178,9 @@ int generate_main(int argc, char** argv) {
 
   // Requests (validated on every rank, so a bad file fails all ranks with one message).
   std::vector<GenerationParams> requests;
+  std::vector<offline::JobLine> jobs;
+  std::optional<offline::OutputSink> sink;  // rank 0: the output folder
+  std::vector<uint64_t> pending;            // run-wide indices still to make (rank 0)
   Placement placement;
   RunOptions opts;
   run_on_all_ranks_or_fail([&] {
@@ -147,10 +188,10 @@ int generate_main(int argc, char** argv) {
     for (const auto& p : a.all("prompt")) lines.push_back({p, detail::cat("--prompt #", lines.size() + 1)});
     for (const auto& l : lines) check_utf8(l.text, "generate: " + l.origin);
     check_utf8(a.str("negative-prompt"), "generate: --negative-prompt");
+    const std::string pfile = a.str("prompts");
+    const bool jsonl_input = pfile.size() > 6 && pfile.compare(pfile.size() - 6, 6, ".jsonl") == 0;
     if (a.has("prompts"))
-      for (auto& l : read_prompts(a.str("prompts"))) lines.push_back(std::move(l));
-    std::vector<std::string> prompts;
-    for (const auto& l : lines) prompts.push_back(l.text);
+      for (auto& l : read_prompts(pfile)) lines.push_back(std::move(l));
     const int64_t images = a.integer("images", 1);
     DP_CHECK(images >= 1 && images <= 100000, "generate: --images must be in [1, 100000]");
     GenerationParams base;
@@ -162,18 +203,18 @@ int generate_main(int argc, char** argv) {
     base.height = static_cast<int>(a.integer("height", 0));
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
     DP_CHECK(a.integer("width", 0) >= 0 && a.integer("height", 0) >= 0, "generate: --width/--height must be positive");
-    if (!base.sampler.empty()) {
-      bool k;
-      (void)parse_sampler_name(base.sampler, &k);
-    }
-    const uint64_t seed = a.u64("seed", 0);
-    for (const auto& p : prompts)
-      for (int64_t k = 0; k < images; ++k) {
-        GenerationParams g = base;
-        g.prompt = p;
-        g.seed = seed + static_cast<uint64_t>(k);
-        requests.push_back(g);
+    jobs = offline::parse_job_lines(lines, jsonl_input, base, static_cast<int>(images));
+    for (const auto& j : jobs)
+      if (!j.params.sampler.empty()) {
+        bool k;
+        try {
+          (void)parse_sampler_name(j.params.sampler, &k);
+        } catch (const std::exception& e) {
+          DP_FAIL("generate: ", j.origin, ": ", e.what());
+        }
       }
+    requests = offline::expand_job(jobs, a.u64("seed", 0));
+    DP_CHECK(requests.size() <= 10000000, "generate: ", requests.size(), " images in one run (at most 10,000,000)");
     PlacementDefaults defaults;  // from the command line; a pipeline file's own settings win
     defaults.rank.device = a.str("device", "cpu");
     defaults.rank.dtype = a.str("dtype", "float32");
@@ -184,8 +225,13 @@ int generate_main(int argc, char** argv) {
     SdModel::validate(a.str("model"));
     {  // prompt lengths in tokens: CLIP reads max_length tokens with its start and end; warn as diffusers does
       const ClipTokenizer tok = ClipTokenizer::load(path_join(a.str("model"), "tokenizer"));
-      std::vector<PromptLine> all = lines;
-      if (!a.str("negative-prompt").empty()) all.push_back({a.str("negative-prompt"), "--negative-prompt"});
+      std::vector<PromptLine> all;
+      std::set<std::string> seen_negative;
+      for (const auto& j : jobs) {
+        all.push_back({j.params.prompt, j.origin});
+        if (!j.params.negative_prompt.empty() && seen_negative.insert(j.params.negative_prompt).second)
+          all.push_back({j.params.negative_prompt, j.origin + " (negative prompt)"});
+      }
       for (const auto& l : all) {
         size_t n = 0;
         try {
@@ -249,14 +295,47 @@ int generate_main(int argc, char** argv) {
     rm.priority = static_cast<int>(a.integer("priority", 0));
     rm.deadline_s = a.number("deadline", 0);
     DP_CHECK(rm.deadline_s >= 0, "generate: --deadline must be >= 0 seconds");
-    opts.meta.assign(requests.size(), rm);
+    std::map<size_t, double> cancel_at;
     for (const auto& c : a.all("cancel-at")) {  // testing aid: REQUEST:SECONDS
       const auto colon = c.find(':');
       DP_CHECK(colon != std::string::npos, "generate: --cancel-at expects REQUEST:SECONDS, got '", c, "'");
       const size_t id = std::stoul(c.substr(0, colon));
       DP_CHECK(id < requests.size(), "generate: --cancel-at: no request ", id);
-      opts.meta[id].cancel_at_s = std::stod(c.substr(colon + 1));
+      cancel_at[id] = std::stod(c.substr(colon + 1));
     }
+    {  // every request's settings against the model (configs only), before the output folder is touched
+      DeviceSpec cfg_only;
+      const SdModel configs = SdModel::load(a.str("model"), cfg_only, 0);
+      std::set<std::string> checked;
+      for (size_t i = 0; i < requests.size(); ++i) {
+        GenerationParams p = requests[i];
+        p.prompt.clear();
+        p.negative_prompt.clear();
+        p.seed = 0;
+        if (!checked.insert(params_to_json(p).dump()).second) continue;
+        try {
+          (void)resolve_params(configs, requests[i]);
+        } catch (const std::exception& e) {
+          DP_FAIL("generate: ", jsonl_input ? origin_of(jobs, i) + ": " : std::string(), e.what());
+        }
+      }
+    }
+    if (world.rank == 0) {  // the output folder: lock, settings, what an earlier run finished
+      offline::OutputOptions oo;
+      oo.dir = a.str("out", "out");
+      oo.format = a.str("format", "png");
+      oo.shard_size = static_cast<int>(a.integer("shard-size", 1000));
+      oo.overwrite = a.flag("overwrite");
+      oo.model = a.str("model");
+      oo.total = requests.size();
+      oo.identity = run_identity(requests, placement);
+      sink.emplace(oo);
+      for (uint64_t i = 0; i < requests.size(); ++i)
+        if (!sink->finished().count(i)) pending.push_back(i);
+    }
+    opts.meta.assign(world.rank == 0 ? pending.size() : requests.size(), rm);
+    for (size_t k = 0; world.rank == 0 && k < pending.size(); ++k)
+      if (cancel_at.count(pending[k])) opts.meta[k].cancel_at_s = cancel_at[pending[k]];
   });
 
   int threads = static_cast<int>(a.integer("threads", 0));
@@ -271,12 +350,11 @@ int generate_main(int argc, char** argv) {
   profile::set_enabled(profiling);
 
   const std::string out_dir = a.str("out", "out");
-  std::ofstream jsonl;
   if (lead) {
     std::fputs(placement.describe().c_str(), stderr);
-    make_dirs(out_dir);
-    jsonl.open(path_join(out_dir, "images.jsonl"), std::ios::app);
-    DP_CHECK(jsonl.good(), path_join(out_dir, "images.jsonl"), ": cannot open for writing");
+    if (!sink->finished().empty())
+      std::fprintf(stderr, "diffpipe: %s: continuing an earlier run: %zu of %zu images already have a line; %zu to "
+                   "make\n", out_dir.c_str(), sink->finished().size(), requests.size(), pending.size());
   }
   std::shared_ptr<Transport> transport;
   if (world.size == 1) transport = make_inproc_world(1)[0];
@@ -284,49 +362,31 @@ int generate_main(int argc, char** argv) {
   else transport = make_mpi_transport();
 
   const bool quiet = a.flag("quiet");
-  std::vector<Image> sheet(requests.size());
-  auto emit = [&](const nlohmann::json& j) {  // one JSON line per request, flushed as it finishes
-    const std::string line = j.dump();
-    jsonl << line << "\n";
-    jsonl.flush();
-    if (!quiet) std::printf("%s\n", line.c_str());
-  };
-  const auto stats = run_pipeline(opts, *transport, requests, [&](GeneratedImage&& gi) {
+  std::vector<GenerationParams> todo;  // rank 0: the pending requests, in order
+  for (uint64_t i : pending) todo.push_back(requests[i]);
+  std::optional<offline::Progress> progress;
+  if (lead) progress.emplace(requests.size(), requests.size() - pending.size());
+  const auto stats = run_pipeline(opts, *transport, lead ? todo : requests, [&](GeneratedImage&& gi) {
+    const uint64_t index = pending.at(gi.index);
     nlohmann::json j = params_to_json(gi.params);
-    j["index"] = gi.index;
+    j["index"] = index;
     j["status"] = gi.status;
     if (gi.status != "done") {
       j["reason"] = gi.reason;
-      emit(j);
-      return;
+    } else {
+      j["width"] = gi.image.width;
+      j["height"] = gi.image.height;
+      j["latency_s"] = gi.latency_s;
+      j["denoise_rank"] = gi.denoise_rank;
     }
-    char name[64];
-    std::snprintf(name, sizeof(name), "img-%05llu-seed%llu.png", static_cast<unsigned long long>(gi.index),
-                  static_cast<unsigned long long>(gi.params.seed));
-    write_png(path_join(out_dir, name), gi.image);
-    j["file"] = path_join(out_dir, name);
-    j["width"] = gi.image.width;
-    j["height"] = gi.image.height;
-    j["latency_s"] = gi.latency_s;
-    j["denoise_rank"] = gi.denoise_rank;
-    emit(j);
-    sheet[gi.index] = std::move(gi.image);
+    sink->write(index, gi, std::move(j), !quiet);  // image (tmp + rename) and its line, flushed
+    progress->tick(gi.status == "done");
   });
   transport.reset();
   if (profiling) print_profile(stats, placement);
   if (lead) {
-    if (!a.flag("no-contact-sheet") && requests.size() > 1) {
-      std::vector<Image> done;
-      for (auto& im : sheet)
-        if (im.width > 0) done.push_back(std::move(im));
-      sheet.swap(done);
-      bool same = !sheet.empty();
-      for (const auto& im : sheet) same = same && im.width == sheet[0].width && im.height == sheet[0].height;
-      if (same && sheet.size() > 1) {
-        const int cols = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(sheet.size()))));
-        write_png(path_join(out_dir, "contact_sheet.png"), contact_sheet(sheet, cols));
-      }
-    }
+    progress->end();
+    sink->finish(!a.flag("no-contact-sheet") && requests.size() > 1);
     std::fprintf(stderr, "diffpipe: %zu image(s) in %.2f s (%.3f images/s) -> %s\n", stats.images, stats.wall_s,
                  stats.images / std::max(stats.wall_s, 1e-9), out_dir.c_str());
     if (stats.failed > 0)

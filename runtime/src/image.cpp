@@ -11,32 +11,85 @@
 
 namespace diffpipe {
 
-void write_png(const std::string& path, const Image& img) {
-  DP_CHECK(img.width > 0 && img.height > 0 && (img.channels == 3 || img.channels == 1), path,
+namespace {
+void append_bytes(png_structp png, png_bytep data, png_size_t n) {
+  auto* out = static_cast<std::vector<uint8_t>*>(png_get_io_ptr(png));
+  out->insert(out->end(), data, data + n);
+}
+void no_flush(png_structp) {}
+}  // namespace
+
+std::vector<uint8_t> encode_png(const Image& img, const PngText& text, const std::string& name) {
+  DP_CHECK(img.width > 0 && img.height > 0 && (img.channels == 3 || img.channels == 1), name,
            ": cannot write an image of ", img.width, "x", img.height, "x", img.channels);
-  DP_CHECK(img.pixels.size() == static_cast<size_t>(img.width) * img.height * img.channels, path,
+  DP_CHECK(img.pixels.size() == static_cast<size_t>(img.width) * img.height * img.channels, name,
            ": pixel buffer size does not match the image size");
-  const std::string tmp = path + ".tmp";
-  FILE* fp = std::fopen(tmp.c_str(), "wb");
-  DP_CHECK(fp, tmp, ": cannot open for writing: ", std::strerror(errno));
+  std::vector<uint8_t> out;
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
   if (!png || !info || setjmp(png_jmpbuf(png))) {
     png_destroy_write_struct(&png, &info);
-    std::fclose(fp);
-    std::remove(tmp.c_str());
-    DP_FAIL(path, ": libpng failed to write the image");
+    DP_FAIL(name, ": libpng failed to encode the image");
   }
-  png_init_io(png, fp);
+  png_set_write_fn(png, &out, append_bytes, no_flush);
   png_set_IHDR(png, info, img.width, img.height, 8, img.channels == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_GRAY,
                PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  // text chunks (iTXt: UTF-8 keys' values, as image tools read them)
+  std::vector<png_text> chunks(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    chunks[i] = png_text{};
+    chunks[i].compression = PNG_ITXT_COMPRESSION_NONE;
+    chunks[i].key = const_cast<png_charp>(text[i].first.c_str());
+    chunks[i].text = const_cast<png_charp>(text[i].second.c_str());
+    chunks[i].itxt_length = text[i].second.size();
+  }
+  if (!chunks.empty()) png_set_text(png, info, chunks.data(), static_cast<int>(chunks.size()));
   png_write_info(png, info);
   for (int y = 0; y < img.height; ++y)
     png_write_row(png, const_cast<png_bytep>(img.pixels.data() + static_cast<size_t>(y) * img.width * img.channels));
   png_write_end(png, nullptr);
   png_destroy_write_struct(&png, &info);
-  DP_CHECK(std::fclose(fp) == 0, tmp, ": write failed: ", std::strerror(errno));
+  return out;
+}
+
+void write_file_atomic(const std::string& path, const void* data, size_t n) {
+  const std::string tmp = path + ".tmp";
+  FILE* fp = std::fopen(tmp.c_str(), "wb");
+  DP_CHECK(fp, tmp, ": cannot open for writing: ", std::strerror(errno));
+  const size_t w = n ? std::fwrite(data, 1, n, fp) : 0;
+  const int err = w == n ? 0 : errno;
+  if (std::fclose(fp) != 0 || w != n) {
+    std::remove(tmp.c_str());
+    DP_FAIL(path, ": write failed: ", std::strerror(err ? err : errno), " (disk full?)");
+  }
   DP_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, path, ": rename failed: ", std::strerror(errno));
+}
+
+void write_png(const std::string& path, const Image& img, const PngText& text) {
+  const std::vector<uint8_t> bytes = encode_png(img, text, path);
+  write_file_atomic(path, bytes.data(), bytes.size());
+}
+
+PngText read_png_text(const std::string& path) {
+  FILE* fp = std::fopen(path.c_str(), "rb");
+  DP_CHECK(fp, path, ": cannot open: ", std::strerror(errno));
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!png || !info || setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::fclose(fp);
+    DP_FAIL(path, ": not a readable PNG");
+  }
+  png_init_io(png, fp);
+  png_read_info(png, info);
+  png_textp t = nullptr;
+  int n = 0;
+  png_get_text(png, info, &t, &n);
+  PngText out;
+  for (int i = 0; i < n; ++i) out.push_back({t[i].key, std::string(t[i].text, t[i].text_length ? t[i].text_length : t[i].itxt_length)});
+  png_destroy_read_struct(&png, &info, nullptr);
+  std::fclose(fp);
+  return out;
 }
 
 Image read_png(const std::string& path) {

@@ -59,9 +59,13 @@ class DenoiseStageImpl : public Stage {
     current_ = batcher_.plan(now);
     std::vector<StageEvent> out;
     if (current_.empty()) return out;
-    std::vector<DenoiseState*> batch;
-    for (uint64_t id : current_) batch.push_back(&states_.at(id));
-    den_.step(batch, /*throw_on_failure=*/false);
+    // one UNet call per latent size: requests of different sizes share an iteration, not a tensor
+    std::map<std::vector<int64_t>, std::vector<DenoiseState*>> by_shape;
+    for (uint64_t id : current_) {
+      DenoiseState& st = states_.at(id);
+      by_shape[st.latents.sizes().vec()].push_back(&st);
+    }
+    for (auto& [shape, batch] : by_shape) den_.step(batch, /*throw_on_failure=*/false);
     for (uint64_t id : current_) {
       DenoiseState& s = states_.at(id);
       out.push_back(StageEvent::progress(id, s.step, s.total_steps()));

@@ -15,7 +15,7 @@ if "$BIN" generate --model "$WORK/m" --prompt "a red circle" --prompt "a blue sq
   n_png=$(ls "$WORK"/out/img-*.png | wc -l); n_json=$(wc -l < "$WORK/out/images.jsonl"); n_out=$(grep -c '"file"' "$WORK/stdout")
   [ "$n_png" = 4 ] && [ "$n_json" = 4 ] && [ "$n_out" = 4 ] && [ -f "$WORK/out/contact_sheet.png" ] \
     && ok "4 PNGs, 4 JSON lines, contact sheet" || bad "outputs: $n_png png, $n_json jsonl, $n_out stdout"
-  grep -q '"prompt":"a blue square".*"seed":1' "$WORK/out/images.jsonl" && grep -q '"width":24' "$WORK/out/images.jsonl" \
+  grep -q '"prompt":"a blue square".*"seed":3' "$WORK/out/images.jsonl" && grep -q '"width":24' "$WORK/out/images.jsonl" \
     && ok "JSON lines carry prompt, seed and settings" || bad "JSON line content"
   head -c 8 "$WORK/out/img-00000-seed0.png" | od -c | grep -q 'P   N   G' && ok "PNG signature" || bad "not a PNG"
 else

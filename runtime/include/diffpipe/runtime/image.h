@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffpipe {
@@ -13,7 +14,13 @@ struct Image {
   uint8_t at(int y, int x, int c) const { return pixels[(static_cast<size_t>(y) * width + x) * channels + c]; }
 };
 
-void write_png(const std::string& path, const Image& img);  // via path.tmp + rename; throws naming the file
+// Text chunks of a PNG (key, UTF-8 value), e.g. {"parameters", "prompt\nSteps: 25, ..."} as image tools read it.
+using PngText = std::vector<std::pair<std::string, std::string>>;
+std::vector<uint8_t> encode_png(const Image& img, const PngText& text = {}, const std::string& name = "image");
+// Writes via path.tmp + rename, so `path` is never half-written; throws naming the file (disk full included).
+void write_png(const std::string& path, const Image& img, const PngText& text = {});
+void write_file_atomic(const std::string& path, const void* data, size_t n);
+PngText read_png_text(const std::string& path);
 Image read_png(const std::string& path);                    // 8-bit gray/RGB/RGBA -> RGB; throws naming the file
 
 // Tiles images (all the same size) into a grid with `cols` columns and a `pad`-pixel border.

@@ -1,0 +1,402 @@
+#include "diffpipe/cluster/offline.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+
+namespace diffpipe::offline {
+namespace {
+
+using json = nlohmann::json;
+
+std::string join_path(const std::string& a, const std::string& b) { return path_join(a, b); }
+
+// Writes all of `s` or throws naming the file (a short write is a full disk, never a silently cut record).
+void write_all(int fd, const std::string& s, const std::string& what) {
+  size_t off = 0;
+  while (off < s.size()) {
+    const ssize_t n = ::write(fd, s.data() + off, s.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    DP_CHECK(n > 0, what, ": write failed: ", std::strerror(errno), " (disk full?); the run stops here and a rerun "
+             "of the same command continues from the last complete line");
+    off += static_cast<size_t>(n);
+  }
+}
+
+// One ustar header block for a regular file.
+std::string tar_header(const std::string& name, size_t size) {
+  std::string h(512, '\0');
+  DP_CHECK(name.size() < 100, "webdataset: member name too long: ", name);
+  std::memcpy(&h[0], name.data(), name.size());
+  std::snprintf(&h[100], 8, "%07o", 0644);
+  std::snprintf(&h[108], 8, "%07o", 0);
+  std::snprintf(&h[116], 8, "%07o", 0);
+  std::snprintf(&h[124], 12, "%011llo", static_cast<unsigned long long>(size));
+  std::snprintf(&h[136], 12, "%011llo", static_cast<unsigned long long>(0));
+  h[156] = '0';
+  std::memcpy(&h[257], "ustar", 6);
+  std::memcpy(&h[263], "00", 2);
+  std::memset(&h[148], ' ', 8);
+  unsigned sum = 0;
+  for (unsigned char c : h) sum += c;
+  std::snprintf(&h[148], 8, "%06o", sum);
+  h[155] = ' ';
+  return h;
+}
+
+template <typename T>
+T get_field(const json& j, const char* key, const std::string& where, T def) {
+  if (!j.contains(key)) return def;
+  try {
+    return j.at(key).get<T>();
+  } catch (const std::exception&) {
+    DP_FAIL(where, ": key '", key, "' has the wrong type (", j.at(key).dump(), ")");
+  }
+}
+
+}  // namespace
+
+std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool jsonl, const GenerationParams& base,
+                                     int images) {
+  std::vector<JobLine> out;
+  static const std::set<std::string> keys{"prompt", "negative_prompt", "seed", "steps", "guidance", "sampler",
+                                          "width", "height", "clip_skip", "images"};
+  for (const auto& l : lines) {
+    JobLine j;
+    j.params = base;
+    j.images = images;
+    j.origin = l.origin;
+    const bool from_file = l.origin.rfind("--", 0) != 0;
+    if (!jsonl || !from_file) {
+      j.params.prompt = l.text;
+      out.push_back(std::move(j));
+      continue;
+    }
+    json o;
+    try {
+      o = json::parse(l.text);
+    } catch (const std::exception& e) {
+      DP_FAIL(l.origin, ": not a JSON object: ", e.what());
+    }
+    DP_CHECK(o.is_object(), l.origin, ": each line must be a JSON object like {\"prompt\": \"...\"}");
+    for (auto& [k, v] : o.items())
+      DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
+               "sampler, width, height, clip_skip, images)");
+    DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
+    auto& p = j.params;
+    p.prompt = o["prompt"].get<std::string>();
+    p.negative_prompt = get_field<std::string>(o, "negative_prompt", l.origin, p.negative_prompt);
+    p.steps = get_field<int>(o, "steps", l.origin, p.steps);
+    p.guidance = get_field<double>(o, "guidance", l.origin, p.guidance);
+    p.sampler = get_field<std::string>(o, "sampler", l.origin, p.sampler);
+    p.width = get_field<int>(o, "width", l.origin, p.width);
+    p.height = get_field<int>(o, "height", l.origin, p.height);
+    p.clip_skip = get_field<int>(o, "clip_skip", l.origin, p.clip_skip);
+    j.images = get_field<int>(o, "images", l.origin, images);
+    DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
+    DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
+    DP_CHECK(p.width >= 0 && p.height >= 0, l.origin, ": keys 'width'/'height' must be positive");
+    DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, l.origin, ": key 'guidance' must be a number >= 0");
+    if (o.contains("seed")) {
+      DP_CHECK(o["seed"].is_number_unsigned() || (o["seed"].is_number_integer() && o["seed"].get<int64_t>() >= 0),
+               l.origin, ": key 'seed' must be a non-negative integer");
+      p.seed = o["seed"].get<uint64_t>();
+      j.seed_set = true;
+    }
+    check_utf8(p.prompt, l.origin + " (prompt)");
+    check_utf8(p.negative_prompt, l.origin + " (negative_prompt)");
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint64_t base_seed) {
+  std::vector<GenerationParams> out;
+  for (const auto& l : lines)
+    for (int k = 0; k < l.images; ++k) {
+      GenerationParams g = l.params;
+      g.seed = l.seed_set ? l.params.seed + static_cast<uint64_t>(k) : base_seed + out.size();
+      out.push_back(std::move(g));
+    }
+  return out;
+}
+
+std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model) {
+  std::ostringstream os;
+  os << p.prompt << "\n";
+  if (!p.negative_prompt.empty()) os << "Negative prompt: " << p.negative_prompt << "\n";
+  os << "Steps: " << p.steps << ", Sampler: " << (p.sampler.empty() ? "model default" : p.sampler)
+     << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
+  if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
+  os << ", Model: " << model << ", Generator: diffpipe";
+  return os.str();
+}
+
+// ---------------------------------------------------------------- OutputSink
+
+OutputSink::OutputSink(const OutputOptions& o) : o_(o) {
+  DP_CHECK(o_.format == "png" || o_.format == "webdataset", "--format: png or webdataset, got '", o_.format, "'");
+  DP_CHECK(o_.shard_size >= 1 && o_.shard_size <= 1000000, "--shard-size must be in [1, 1000000]");
+  make_dirs(o_.dir);
+  lock();
+  check_run_json();
+  read_lines();
+  jsonl_fd_ = ::open(join_path(o_.dir, "images.jsonl").c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  DP_CHECK(jsonl_fd_ >= 0, join_path(o_.dir, "images.jsonl"), ": cannot open for writing: ", std::strerror(errno));
+}
+
+OutputSink::~OutputSink() {
+  for (auto& [k, s] : shards_)
+    if (s.fd >= 0) ::close(s.fd);
+  if (jsonl_fd_ >= 0) ::close(jsonl_fd_);
+  if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the lock
+}
+
+void OutputSink::lock() {
+  const std::string path = join_path(o_.dir, ".diffpipe.lock");
+  lock_fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  DP_CHECK(lock_fd_ >= 0, path, ": cannot open: ", std::strerror(errno));
+  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    char buf[32] = {0};
+    const ssize_t n = ::pread(lock_fd_, buf, sizeof(buf) - 1, 0);
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+    DP_FAIL(o_.dir, ": another diffpipe job", n > 0 ? std::string(" (pid ") + std::string(buf, std::strlen(buf)) + ")" : "",
+            " is writing here; wait for it to finish or use another --out");
+  }
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(lock_fd_, 0) == 0) {
+    const ssize_t w = ::pwrite(lock_fd_, pid.data(), pid.size(), 0);
+    (void)w;
+  }
+}
+
+void OutputSink::check_run_json() {
+  const std::string run = join_path(o_.dir, "run.json"), lines = join_path(o_.dir, "images.jsonl");
+  if (o_.overwrite) {  // drop what an earlier run left: its images, shards, lines, settings
+    if (file_exists(lines)) {
+      std::ifstream in(lines);
+      std::string l;
+      while (std::getline(in, l)) {
+        try {
+          const json j = json::parse(l);
+          if (j.contains("file") && j["file"].is_string()) std::remove(j["file"].get<std::string>().c_str());
+          if (j.contains("shard") && j["shard"].is_string())
+            std::remove(join_path(o_.dir, j["shard"].get<std::string>()).c_str());
+        } catch (...) {
+        }
+      }
+    }
+    for (const auto& f : {lines, run, join_path(o_.dir, "contact_sheet.png")}) std::remove(f.c_str());
+  }
+  const json want = {{"diffpipe_run", 1}, {"model", o_.model}, {"images", o_.total}, {"format", o_.format},
+                     {"shard_size", o_.shard_size}, {"settings", o_.identity}};
+  std::ifstream probe(lines);
+  const bool has_lines = probe.good() && probe.peek() != std::ifstream::traits_type::eof();
+  if (!file_exists(run) || !has_lines) {  // nothing finished yet: nothing to protect
+    DP_CHECK(!has_lines, o_.dir, ": holds images.jsonl from a run without run.json (an older diffpipe or "
+             "another tool); use another --out, or --overwrite to replace it");
+    const std::string s = want.dump(2) + "\n";
+    write_file_atomic(run, s.data(), s.size());
+    return;
+  }
+  json have;
+  try {
+    std::ifstream in(run);
+    have = json::parse(in);
+  } catch (const std::exception& e) {
+    DP_FAIL(run, ": not valid JSON (", e.what(), "); use another --out, or --overwrite to replace the folder's run");
+  }
+  std::string diff;
+  for (const char* k : {"model", "images", "format", "shard_size", "settings"})
+    if (!have.contains(k) || have[k] != want[k])
+      diff += detail::cat(diff.empty() ? "" : ", ",
+                          std::string(k) == "settings" ? std::string("prompts or settings") : std::string(k),
+                          std::string(k) == "settings" || !have.contains(k) ? "" : " (was " + have[k].dump() + ", now " + want[k].dump() + ")");
+  DP_CHECK(diff.empty(), o_.dir, ": holds a run with other settings: ", diff,
+           "; rerun the same command to continue it, use another --out, or --overwrite to replace it");
+}
+
+void OutputSink::read_lines() {
+  const std::string path = join_path(o_.dir, "images.jsonl");
+  if (!file_exists(path)) return;
+  std::string all;
+  {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    all = ss.str();
+  }
+  const size_t keep = all.empty() || all.back() == '\n' ? all.size() : all.rfind('\n') + 1;  // npos + 1 == 0
+  if (keep != all.size()) {
+    std::fprintf(stderr, "diffpipe: %s: the last line was cut (an earlier run stopped while writing it); removed, "
+                 "its image is made again\n", path.c_str());
+    DP_CHECK(::truncate(path.c_str(), static_cast<off_t>(keep)) == 0, path, ": cannot repair: ", std::strerror(errno));
+    all.resize(keep);
+  }
+  size_t pos = 0;
+  for (int lineno = 1; pos < all.size(); ++lineno) {
+    const size_t nl = all.find('\n', pos);
+    const std::string line = all.substr(pos, nl - pos);
+    pos = nl + 1;
+    if (line.empty()) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const std::exception& e) {
+      DP_FAIL(path, ":", lineno, ": not JSON (", e.what(), "); the folder was edited by hand? use --overwrite");
+    }
+    DP_CHECK(j.contains("index") && j["index"].is_number_unsigned() && j["index"].get<uint64_t>() < o_.total, path,
+             ":", lineno, ": no valid 'index' for this run of ", o_.total, " images");
+    const uint64_t idx = j["index"].get<uint64_t>();
+    if (!finished_.insert(idx).second) continue;
+    if (j.value("status", std::string()) == "done") {
+      ++done_before_;
+      if (j.contains("file") && j["file"].is_string()) {
+        done_files_[idx] = j["file"].get<std::string>();
+        if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
+      }
+    }
+  }
+}
+
+std::string OutputSink::file_for(uint64_t index, uint64_t seed) const {
+  char name[96];
+  if (o_.total <= static_cast<size_t>(o_.shard_size)) {  // the whole run fits in one folder: flat
+    std::snprintf(name, sizeof(name), "img-%05" PRIu64 "-seed%" PRIu64 ".png", index, seed);
+    return join_path(o_.dir, name);
+  }
+  char sub[32];
+  std::snprintf(sub, sizeof(sub), "%05" PRIu64, index / static_cast<uint64_t>(o_.shard_size));
+  std::snprintf(name, sizeof(name), "img-%08" PRIu64 "-seed%" PRIu64 ".png", index, seed);
+  return join_path(join_path(o_.dir, sub), name);
+}
+
+void OutputSink::append_line(const std::string& line) {
+  write_all(jsonl_fd_, line + "\n", join_path(o_.dir, "images.jsonl"));
+}
+
+void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool echo_stdout) {
+  const bool done = gi.status == "done";
+  if (o_.format == "png") {
+    if (done) {
+      const std::string file = file_for(index, gi.params.seed);
+      const auto slash = file.rfind('/');
+      if (slash != std::string::npos) make_dirs(file.substr(0, slash));
+      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model)}});
+      line["file"] = file;
+      done_files_[index] = file;
+      if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
+    }
+    const std::string s = line.dump();
+    append_line(s);
+    if (echo_stdout) std::printf("%s\n", s.c_str());
+    finished_.insert(index);
+    return;
+  }
+  // webdataset: the sample goes into its shard's .part file at once; its line waits for the shard to complete
+  const int64_t k = static_cast<int64_t>(index / static_cast<uint64_t>(o_.shard_size));
+  char sname[32], key[32];
+  std::snprintf(sname, sizeof(sname), "%05" PRId64 ".tar", k);
+  std::snprintf(key, sizeof(key), "%09" PRIu64, index);
+  Shard& sh = shards_[k];
+  const std::string part = join_path(o_.dir, std::string(sname) + ".part");
+  if (sh.fd < 0) {
+    sh.fd = ::open(part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);  // a stale part is redone
+    DP_CHECK(sh.fd >= 0, part, ": cannot open for writing: ", std::strerror(errno));
+    const uint64_t first = static_cast<uint64_t>(k) * static_cast<uint64_t>(o_.shard_size);
+    sh.expected = std::min<uint64_t>(o_.shard_size, o_.total - first);
+  }
+  line["shard"] = sname;
+  line["key"] = key;
+  if (done) {
+    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model)}});
+    const std::string meta = line.dump();
+    for (const auto& [name, bytes] : {std::pair<std::string, std::string>{std::string(key) + ".png", std::string(png.begin(), png.end())},
+                                      std::pair<std::string, std::string>{std::string(key) + ".json", meta}}) {
+      std::string rec = tar_header(name, bytes.size()) + bytes;
+      rec.resize((rec.size() + 511) / 512 * 512, '\0');
+      write_all(sh.fd, rec, part);
+    }
+  }
+  const std::string s = line.dump();
+  sh.lines.push_back(s);
+  if (echo_stdout) std::printf("%s\n", s.c_str());
+  finished_.insert(index);
+  if (sh.lines.size() == sh.expected) flush_shard(k, true);
+}
+
+void OutputSink::flush_shard(int64_t k, bool complete) {
+  Shard& sh = shards_.at(k);
+  if (!complete) return;
+  char sname[32];
+  std::snprintf(sname, sizeof(sname), "%05" PRId64 ".tar", k);
+  const std::string part = join_path(o_.dir, std::string(sname) + ".part"), tar = join_path(o_.dir, sname);
+  write_all(sh.fd, std::string(1024, '\0'), part);  // end of archive
+  DP_CHECK(::fsync(sh.fd) == 0 && ::close(sh.fd) == 0, part, ": write failed: ", std::strerror(errno));
+  sh.fd = -1;
+  DP_CHECK(std::rename(part.c_str(), tar.c_str()) == 0, tar, ": rename failed: ", std::strerror(errno));
+  for (const auto& l : sh.lines) append_line(l);  // only now are its samples finished
+  shards_.erase(k);
+}
+
+void OutputSink::finish(bool contact_sheet) {
+  if (!contact_sheet || o_.format != "png" || done_files_.size() < 2) return;
+  std::vector<Image> imgs;
+  for (const auto& [idx, f] : done_files_) {
+    if (!file_exists(f)) continue;
+    imgs.push_back(read_png(f));
+    if (imgs.back().width != imgs.front().width || imgs.back().height != imgs.front().height) return;  // mixed sizes
+  }
+  if (imgs.size() < 2) return;
+  const int cols = static_cast<int>(std::ceil(std::sqrt(static_cast<double>(imgs.size()))));
+  write_png(join_path(o_.dir, "contact_sheet.png"), diffpipe::contact_sheet(imgs, cols));
+}
+
+// ---------------------------------------------------------------- Progress
+
+Progress::Progress(size_t total, size_t already, double every_s)
+    : total_(total), already_(already), every_s_(every_s), tty_(::isatty(2) != 0),
+      t0_(std::chrono::steady_clock::now()) {}
+
+void Progress::tick(bool done) {
+  ++count_;
+  failed_ += !done;
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  if (tty_ ? t - last_ >= 0.2 : t - last_ >= every_s_) {
+    last_ = t;
+    print(false);
+  }
+}
+
+void Progress::end() {
+  if (count_ > 0) print(true);
+}
+
+void Progress::print(bool final) {
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  const double rate = t > 0 ? count_ / t : 0;
+  const size_t done = already_ + count_;
+  const double eta = rate > 0 ? (total_ - done) / rate : 0;
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "diffpipe: %zu/%zu images (%.1f%%)%s, %.2f images/s, %s %dm%02ds", done, total_,
+                total_ ? 100.0 * done / total_ : 100.0,
+                failed_ ? detail::cat(", ", failed_, " not done").c_str() : "", rate, final ? "elapsed" : "ETA",
+                static_cast<int>((final ? t : eta) / 60), static_cast<int>(std::fmod(final ? t : eta, 60.0)));
+  if (tty_) std::fprintf(stderr, "\r%s\033[K%s", buf, final ? "\n" : "");
+  else std::fprintf(stderr, "%s\n", buf);
+  std::fflush(stderr);
+}
+
+}  // namespace diffpipe::offline
