@@ -110,13 +110,20 @@ int eval_main(int argc, char** argv) {
     const auto es = read_index(a.str("images"));
     const auto tok = ClipTokenizer::load(path_join(model, "tokenizer"));
     const auto te = ClipTextModel::load(path_join(model, "text_encoder"), DeviceSpec{});
-    std::vector<int64_t> ids;
-    for (const auto& e : es) {
-      auto t = tok.encode(e.prompt);
-      ids.insert(ids.end(), t.begin(), t.end());
+    // streamed: 64 images and captions at a time, so 10,000 (or 100,000) images never sit in memory together
+    std::vector<at::Tensor> texts, imgs;
+    for (size_t i = 0; i < es.size(); i += 64) {
+      const std::vector<Entry> part(es.begin() + static_cast<std::ptrdiff_t>(i),
+                                    es.begin() + static_cast<std::ptrdiff_t>(std::min(es.size(), i + 64)));
+      std::vector<int64_t> ids;
+      for (const auto& e : part) {
+        auto t = tok.encode(e.prompt);
+        ids.insert(ids.end(), t.begin(), t.end());
+      }
+      texts.push_back(te->text_embeds(at::tensor(ids, at::kLong).view({static_cast<int64_t>(part.size()), tok.max_length()})));
+      imgs.push_back(tower->embed(load_images(part)));
     }
-    const at::Tensor text = te->text_embeds(at::tensor(ids, at::kLong).view({static_cast<int64_t>(es.size()), tok.max_length()}));
-    const at::Tensor img = tower->embed(load_images(es));
+    const at::Tensor text = at::cat(texts), img = at::cat(imgs);
     std::printf("%s\n", nlohmann::json{{"images", es.size()}, {"clip_score", metrics::clip_score(text, img)}}.dump().c_str());
     return 0;
   }
