@@ -8,5 +8,6 @@ int init_model_main(int argc, char** argv);
 int data_main(int argc, char** argv);
 int eval_main(int argc, char** argv);
 int train_main(int argc, char** argv);
+int bench_main(int argc, char** argv);
 
 }  // namespace diffpipe::apps

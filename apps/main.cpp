@@ -37,7 +37,8 @@ void usage() {
                "  init-model write a randomly initialised tiny model (diffusers layout)\n"
                "  data       write the synthetic shapes dataset (PNGs + captions)\n"
                "  train      train diffpipe's own model, one module at a time\n"
-               "  eval       score images: fidelity (colour/shape/position against the caption)\n"
+               "  eval       score images: fidelity, CLIP score, FID (image tower or Inception-v3)\n"
+               "  bench      throughput and latency of the same work through several placements\n"
                "run 'diffpipe <command> --help' for its options; 'diffpipe --version' for the version\n");
 }
 }  // namespace
@@ -75,6 +76,8 @@ int main(int argc, char** argv) {
       rc = apps::train_main(argc - 2, argv + 2);
     } else if (cmd == "eval") {
       rc = apps::eval_main(argc - 2, argv + 2);
+    } else if (cmd == "bench") {
+      rc = apps::bench_main(argc - 2, argv + 2);
     } else if (cmd == "init-model") {
       rc = apps::init_model_main(argc - 2, argv + 2);
     } else {

@@ -26,7 +26,7 @@ void Coordinator::run() {
     // the heavy stage's bound admits requests; light stages run ahead by a factor, or are fed only what the
     // stages before them release
     const int limit = d.heavy ? spec.inflight_limit() : d.admission_factor > 0 ? d.admission_factor * spec.inflight_limit() : 1 << 30;
-    pc.stages.push_back({d.name, spec.ranks, limit});
+    pc.stages.push_back({d.name, spec.ranks, limit, d.heavy});
   }
   sched::Planner planner(pc);
   const size_t n = requests_.size();
@@ -81,6 +81,7 @@ void Coordinator::run() {
       if (auto d = planner.cancel(i, "cancelled by the client", now)) drop(*d);
     }
     for (const auto& d : planner.expire(now)) drop(d);
+    ctx_.peak_queued = std::max<size_t>(ctx_.peak_queued, planner.queued());
     for (auto& a : planner.admit(now)) {
       wire::Work w;
       w.request = a.id;
@@ -90,6 +91,7 @@ void Coordinator::run() {
       w.priority = meta(a.id).priority;
       ctx_.send(a.route[0], wire::encode(std::move(w)));
     }
+    ctx_.peak_active = std::max<size_t>(ctx_.peak_active, planner.active());
     auto msg = inbox_.pop(10ms);
     if (!msg) {
       if (clock.now() - last_progress > opts.timeout_s && planner.active() > 0) {

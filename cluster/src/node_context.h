@@ -28,6 +28,8 @@ struct NodeContext {
   // Every message leaves through here: its hand-over to the transport is the profile's "transport" time.
   void send(int dst, Message m) {
     profile::Scope prof(profile::Section::Transport);
+    if (dst != transport.rank())
+      for (const auto& t : m.tensors) bytes_sent += t.numel() * static_cast<int64_t>(t.element_size());
     transport.send(dst, std::move(m));
   }
 
@@ -58,6 +60,8 @@ struct NodeContext {
 
   std::vector<std::atomic<int64_t>> busy_us;  // per pipeline stage
   std::atomic<size_t> images_done{0}, failed_requests{0};
+  std::atomic<int64_t> bytes_sent{0};                        // tensor bytes to other ranks
+  std::atomic<size_t> peak_queued{0}, peak_active{0};        // coordinator: admission queue and admitted requests
 
  private:
   std::mutex mu_;

@@ -71,6 +71,11 @@ void Placement::fit(const std::vector<PipelineStage>& pipeline, const std::strin
   std::vector<std::string> names;
   for (const auto& ps : pipeline) names.push_back(ps.name);
   const bool from_file = std::any_of(stages.begin(), stages.end(), [](const PlacedStage& s) { return s.placed; });
+  if (stage_names() == names) {  // already this pipeline (derived, built by hand or read): keep its ranks
+    for (int i = 0; i < static_cast<int>(stages.size()); ++i) stages[i].heavy = i == h;
+    validate(origin);
+    return;
+  }
   std::vector<PlacedStage> out;
   if (!from_file) {  // derived: re-derive for this pipeline, keeping every stage's limits
     Placement d = derive(world_size, RankSpec{}, pipeline);
@@ -144,7 +149,7 @@ void Placement::validate(const std::string& origin) const {
   std::vector<std::string> idle;
   for (int r = 0; r < world_size; ++r)
     if (!used.count(r)) idle.push_back(std::to_string(r));
-  DP_CHECK(idle.empty(), origin, ": more ranks than needed: rank(s) ", join(idle), " of ", world_size,
+  DP_CHECK(idle.empty() || allow_idle_ranks, origin, ": more ranks than needed: rank(s) ", join(idle), " of ", world_size,
            " run no stage (list them under a stage, or start fewer ranks)");
   for (int r = 0; r < world_size; ++r) {
     const auto& rs = ranks[r];

@@ -70,6 +70,9 @@ class RankNode {
     (void)t0;
     st.images = ctx_.images_done;
     st.failed = ctx_.failed_requests;
+    st.bytes_sent = static_cast<double>(ctx_.bytes_sent.load());
+    st.peak_queued = ctx_.peak_queued;
+    st.peak_active = ctx_.peak_active;
     for (auto& b : ctx_.busy_us) st.busy_s.push_back(b.load() / 1e6);
     return st;
   }

@@ -77,13 +77,22 @@ std::vector<Admission> Planner::admit(double now) {
   for (; taken < queue_.size(); ++taken) {
     Admission a{queue_[taken], std::vector<int>(S, -1)};
     bool ok = true;
-    for (size_t s = 0; s < S && ok; ++s) {
+    int heavy = -1;
+    for (size_t s = 0; s < S; ++s)
+      if (cfg_.stages[s].heavy) heavy = static_cast<int>(s);
+    auto choose = [&](size_t s, int prefer) {
+      const auto& st = cfg_.stages[s];
+      if (prefer >= 0 && load_[s].count(prefer) && load_[s][prefer] < st.inflight_limit) return prefer;
       int best = -1;
-      for (int r : cfg_.stages[s].replicas)
+      for (int r : st.replicas)
         if (best < 0 || load_[s][r] < load_[s][best]) best = r;
-      if (load_[s][best] >= cfg_.stages[s].inflight_limit) ok = false;
-      a.route[s] = best;
-    }
+      return best;
+    };
+    if (heavy >= 0) a.route[heavy] = choose(static_cast<size_t>(heavy), -1);
+    for (size_t s = 0; s < S; ++s)
+      if (static_cast<int>(s) != heavy) a.route[s] = choose(s, heavy >= 0 ? a.route[heavy] : -1);
+    for (size_t s = 0; s < S && ok; ++s)
+      if (load_[s][a.route[s]] >= cfg_.stages[s].inflight_limit) ok = false;
     if (!ok) break;  // the head waits: admitting lower-priority work around it would starve it
     RequestInfo& r = reqs_.at(a.id);
     r.route = a.route;

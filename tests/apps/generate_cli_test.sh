@@ -157,7 +157,7 @@ fi
 
 # every command: -h prints help made from its option list (rc 0); an unknown option is an error naming it
 "$BIN" --version | grep -q "^diffpipe [0-9]*\.[0-9]*\.[0-9]*" && ok "--version" || bad "--version"
-for c in generate init-model data "train vae" "eval fid" "eval fidelity" "eval clip-score" "eval features" "eval reconstruct"; do
+for c in generate bench init-model data "train vae" "eval fid" "eval fidelity" "eval clip-score" "eval features" "eval reconstruct"; do
   out=$($BIN $c -h 2>&1); rc=$?
   { [ $rc = 0 ] && echo "$out" | head -1 | grep -q "^usage: .*diffpipe" && echo "$out" | grep -q -- "-h, --help"; } \
     || bad "'$c -h': rc $rc, $(echo "$out" | head -1)"

@@ -149,6 +149,27 @@ if [ "$2" = random ]; then
     || { bad "SIGSTOP on the decode rank: rc $rc in ${dt}s (pid ${pid2:-none})"; tail -5 "$WORK/stop.log"; }
 fi
 
+# diffpipe bench: one run, three placements over 3 ranks, outputs checked, figures and chart written
+if [ "$2" = random ]; then
+  if timeout 300 $MPIRUN -np 3 "$BIN" bench --model "$MODEL" --images 6 --steps 3 --rates 50 --out "$WORK/bench.json" \
+       --svg "$WORK/bench.svg" > "$WORK/bench.log" 2>&1; then
+    python3 - "$WORK/bench.json" <<'PY' && grep -q "<svg" "$WORK/bench.svg" && ok "bench: one, pipeline and replicas in one run; JSON + SVG" \
+      || { bad "bench report"; tail -3 "$WORK/bench.log"; }
+import json, sys
+r = json.load(open(sys.argv[1]))
+runs = {(x["placement"], x["mode"]): x for x in r["runs"]}
+assert set(runs) == {(p, m) for p in ("one", "pipeline", "replicas") for m in ("closed", "open")}, runs.keys()
+assert runs[("one", "closed")]["bytes_moved"] == 0, "one rank moves nothing"
+assert runs[("pipeline", "closed")]["bytes_moved"] > 0
+assert all(x["identical_to_first"] >= 0 and x["images_per_s"] > 0 and x["latency_s"]["p99"] >= x["latency_s"]["p50"] for x in r["runs"])
+assert set(r["closed_loop_ratios"]) == {"pipeline/one", "replicas/one"}
+assert set(runs[("pipeline", "closed")]["busy_fraction"]) == {"encode", "denoise", "decode"}
+PY
+  else
+    bad "bench at np 3 failed"; tail -5 "$WORK/bench.log"
+  fi
+fi
+
 # 4) bad pipeline files: a clear message, non-zero exit, no hang
 bad_pipeline() {  # name np content expected-text
   local name=$1 np=$2 content=$3 want=$4

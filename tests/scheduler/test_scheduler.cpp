@@ -147,6 +147,28 @@ TEST(Planner, OutOfOrderEventsReachTheirStage) {
   EXPECT_EQ(p.info(2).state, RequestState::Cancelled);
 }
 
+// Data-parallel replicas (every stage on every rank): a request stays on one rank for all its stages, and
+// requests spread over the ranks by the heavy stage's load; a pipelined placement is unaffected.
+TEST(Planner, ReplicasKeepARequestOnOneRank) {
+  PlannerConfig c;
+  c.stages = {{"encode", {0, 1, 2}, 64}, {"denoise", {0, 1, 2}, 2, true}, {"decode", {0, 1, 2}}};
+  Planner p(c);
+  for (uint64_t id = 0; id < 6; ++id) p.submit(id, 0, 4, 0);
+  const auto a = p.admit(0);
+  ASSERT_EQ(a.size(), 6u);
+  std::map<int, int> per_rank;
+  for (const auto& ad : a) {
+    EXPECT_EQ(ad.route[0], ad.route[1]) << "request " << ad.id << " would move between ranks";
+    EXPECT_EQ(ad.route[2], ad.route[1]);
+    ++per_rank[ad.route[1]];
+  }
+  EXPECT_EQ(per_rank, (std::map<int, int>{{0, 2}, {1, 2}, {2, 2}})) << "least-loaded over the heavy stage";
+  Planner pipe(cfg(2, 4));  // disjoint ranks per stage: each stage's own replicas
+  pipe.submit(1, 0, 4, 0);
+  const auto b = pipe.admit(0);
+  EXPECT_EQ(b.at(0).route, (std::vector<int>{0, 1, 3}));
+}
+
 TEST(Planner, AnyStageListAndPerRequestFailure) {
   PlannerConfig c;  // a pipeline the SD model never had: nothing in the planner names stages
   c.stages = {{"a", {0}}, {"b", {1, 2}, 1}, {"c", {0}}, {"d", {3}}, {"e", {0}}};

@@ -55,6 +55,9 @@ struct RunStats {
   size_t images = 0;               // done (rank 0)
   size_t failed = 0;               // failed in a stage (rank 0)
   std::vector<double> busy_s;      // per pipeline stage (placement order), summed over this rank's replicas
+  double bytes_sent = 0;           // tensor bytes this rank sent to other ranks
+  size_t peak_queued = 0;          // rank 0: most requests waiting for admission at once
+  size_t peak_active = 0;          // rank 0: most requests admitted and unfinished at once
 };
 
 // The general form: any pipeline. `validate` (optional) runs on rank 0 for every request before any work.

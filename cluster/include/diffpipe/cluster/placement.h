@@ -45,6 +45,7 @@ struct Placement {
   std::string transport = "mpi";  // mpi | nccl (a 1-rank world always runs in-process)
   size_t queue_capacity = 1024;   // coordinator's admission queue (requests waiting to be admitted)
   bool batch_invariant = false;   // CPU ranks: results independent of batch composition (costs speed)
+  bool allow_idle_ranks = false;  // benchmarks: ranks without a stage are allowed (else an error)
   std::vector<PlacedStage> stages;  // in pipeline order
   std::vector<RankSpec> ranks;
 

@@ -18,6 +18,7 @@ struct PlannedStage {
   std::string name;
   std::vector<int> replicas;        // ranks running this stage
   int inflight_limit = 1 << 30;     // per replica: requests routed there and not yet past this stage
+  bool heavy = false;               // routed first; the other stages prefer its rank (locality)
 };
 
 struct PlannerConfig {
@@ -44,8 +45,10 @@ class Planner {
 
   // Returns false (and records nothing) when the queue is full or the id is already known.
   bool submit(uint64_t id, int priority, int total_steps, double now, double deadline_s = 0);
-  // Admissions to make now: highest effective priority first (priority + aging x wait), each routed to the
-  // least-loaded replica of every stage, while every chosen replica is under its in-flight limit.
+  // Admissions to make now: highest effective priority first (priority + aging x wait). Each goes to the
+  // least-loaded replica of the heavy stage, then every other stage takes that same rank when it has a replica
+  // there with room (no transfer: data-parallel replicas keep a request on one rank), else its least-loaded
+  // replica; admission stops while a chosen replica is at its in-flight limit.
   std::vector<Admission> admit(double now);
   // Events from the runtime.
   // Progress inside the current stage: `step` of `total` calls (the stage knows the exact count, e.g. PLMS
