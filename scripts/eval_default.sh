@@ -14,6 +14,7 @@ $B data --out "$OUT/real" --count "$N" --seed 1000 2>/dev/null
 $B data --out "$OUT/real2" --count "$N" --seed 2000 2>/dev/null
 grep -o '"prompt":"[^"]*"' "$OUT/real/images.jsonl" | sed 's/"prompt":"\(.*\)"/\1/' > "$OUT/prompts.txt"
 NP=${NP:-1}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # harmless when not root
 LAUNCH=(); [ "$NP" -gt 1 ] && LAUNCH=(mpirun --oversubscribe -np "$NP")
 t0=$(date +%s.%N)
 "${LAUNCH[@]}" $B generate --model "$M" --prompts "$OUT/prompts.txt" --steps "$STEPS" --guidance "$GUIDANCE" --seed 1000 \

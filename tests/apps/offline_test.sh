@@ -34,6 +34,8 @@ PY
 "$BIN" "${RUN[@]}" --out "$WORK/ref" 2> "$WORK/ref.log" || bad "reference run failed: $(tail -2 "$WORK/ref.log")"
 nref=$(wc -l < "$WORK/ref/images.jsonl")
 [ "$nref" = 36 ] && ok "reference: 36 lines" || bad "reference: $nref lines"
+grep -q "diffpipe: 36/36 images (100.0%), [0-9.]* images/s, elapsed" "$WORK/ref.log" \
+  && ok "progress on stderr (plain lines when not a terminal)" || bad "progress line: $(grep images/s "$WORK/ref.log" | tail -1)"
 
 # 2) killed midway (SIGKILL: no chance to clean up), then the same command again
 "$BIN" "${RUN[@]}" --out "$WORK/kill" 2> /dev/null &
