@@ -1,7 +1,9 @@
 #include "coordinator.h"
 
 #include <algorithm>
+#include <deque>
 #include <set>
+#include <map>
 
 #include "diffpipe/cluster/wire.h"
 #include "diffpipe/runtime/error.h"
@@ -29,24 +31,28 @@ void Coordinator::run() {
     pc.stages.push_back({d.name, spec.ranks, limit, d.heavy});
   }
   sched::Planner planner(pc);
-  const size_t n = requests_.size();
-  auto meta = [&](size_t i) { return i < opts.meta.size() ? opts.meta[i] : RequestMeta{}; };
-  std::vector<size_t> order(n);
-  for (size_t i = 0; i < n; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return meta(a).arrival_s < meta(b).arrival_s; });
-  std::vector<bool> cancel_sent(n, false);
-  size_t next = 0, finished = 0;
+  std::map<uint64_t, FeedItem> live;  // given by the feed and not yet final (ordered: messages list them by id)
+  std::deque<FeedItem> waiting;                 // arrived, not yet accepted by the planner (queue full)
+  std::set<uint64_t> cancel_pending;            // meta.cancel_at_s timers
   const Clock& clock = ctx_.clock;
-  double last_progress = clock.now();
+  double last_progress = clock.now(), last_beat = clock.now();
+  const double beat_s = std::max(0.5, std::min(5.0, opts.timeout_s / 4));
+  auto finish = [&](uint64_t id) {  // the request is final: forget it (a server runs for ever)
+    live.erase(id);
+    cancel_pending.erase(id);
+    if (planner.known(id)) planner.forget(id);
+  };
   auto report = [&](uint64_t id, const std::string& status, const std::string& reason) {
+    auto it = live.find(id);
+    if (it == live.end()) return;
     GeneratedImage gi;
     gi.index = id;
-    gi.params = requests_[id];
+    gi.params = it->second.params;
     gi.status = status;
     gi.reason = reason;
-    gi.latency_s = clock.now() - meta(id).arrival_s;
-    on_result_(std::move(gi));
-    ++finished;
+    gi.latency_s = clock.now() - it->second.meta.arrival_s;
+    feed_.deliver(std::move(gi));
+    finish(id);
   };
   auto tell_route = [&](uint64_t id) {  // every rank on its route drops it (it may be in flight between them)
     const auto& route = planner.info(id).route;
@@ -57,46 +63,74 @@ void Coordinator::run() {
     tell_route(d.id);
     report(d.id, sched::state_name(d.state), planner.info(d.id).reason);
   };
-  while (finished < n) {
+  while (!(feed_.closed() && waiting.empty() && live.empty())) {
     if (ctx_.stop) return;
     const double now = clock.now();
-    // arrivals (open loop): a full queue rejects or holds the source back
-    while (next < n && meta(order[next]).arrival_s <= now) {
-      const size_t id = order[next];
-      const RequestMeta m = meta(id);
-      const double deadline = m.deadline_s > 0 ? m.arrival_s + m.deadline_s : 0;
-      if (planner.submit(id, m.priority, requests_[id].steps, now, deadline)) {
-        ++next;
+    for (auto& item : feed_.arrivals(now)) {
+      DP_CHECK(!live.count(item.id), "coordinator: the feed gave request ", item.id, " twice");
+      if (item.meta.arrival_s <= 0) item.meta.arrival_s = now;
+      if (item.meta.cancel_at_s >= 0) cancel_pending.insert(item.id);
+      live.emplace(item.id, item);
+      waiting.push_back(std::move(item));
+    }
+    // arrivals: a full queue rejects or holds the source back
+    while (!waiting.empty()) {
+      const FeedItem& f = waiting.front();
+      const double deadline = f.meta.deadline_s > 0 ? f.meta.arrival_s + f.meta.deadline_s : 0;
+      if (planner.submit(f.id, f.meta.priority, f.params.steps, now, deadline)) {
+        waiting.pop_front();
       } else if (opts.reject_when_full) {
-        ++next;
+        const uint64_t id = f.id;
+        waiting.pop_front();
         report(id, "rejected", "admission queue full");
       } else {
         break;
       }
     }
-    for (size_t i = 0; i < n; ++i) {
-      const RequestMeta m = meta(i);
-      if (m.cancel_at_s < 0 || cancel_sent[i] || now < m.cancel_at_s || !planner.known(i)) continue;
-      cancel_sent[i] = true;
-      if (auto d = planner.cancel(i, "cancelled by the client", now)) drop(*d);
+    for (uint64_t id : feed_.cancellations()) {
+      if (!live.count(id)) continue;
+      if (planner.known(id)) {
+        if (auto d = planner.cancel(id, "cancelled by the client", now)) drop(*d);
+      } else {  // still waiting for admission
+        waiting.erase(std::remove_if(waiting.begin(), waiting.end(), [&](const FeedItem& f) { return f.id == id; }),
+                      waiting.end());
+        report(id, "cancelled", "cancelled by the client");
+      }
+    }
+    for (auto it = cancel_pending.begin(); it != cancel_pending.end();) {  // testing aid: cancel at a time
+      const uint64_t id = *it;
+      if (!live.count(id) || now < live.at(id).meta.cancel_at_s || !planner.known(id)) {
+        ++it;
+        continue;
+      }
+      it = cancel_pending.erase(it);
+      if (auto d = planner.cancel(id, "cancelled by the client", now)) drop(*d);
     }
     for (const auto& d : planner.expire(now)) drop(d);
     ctx_.peak_queued = std::max<size_t>(ctx_.peak_queued, planner.queued());
     for (auto& a : planner.admit(now)) {
+      const FeedItem& f = live.at(a.id);
       wire::Work w;
       w.request = a.id;
       w.stage = 0;
-      w.params = requests_[a.id];
+      w.params = f.params;
       w.route = a.route;
-      w.priority = meta(a.id).priority;
+      w.priority = f.meta.priority;
       ctx_.send(a.route[0], wire::encode(std::move(w)));
     }
     ctx_.peak_active = std::max<size_t>(ctx_.peak_active, planner.active());
+    feed_.status(planner.queued() + waiting.size(), planner.active());
+    if (now - last_beat >= beat_s) {  // idle ranks of a long-lived run know rank 0 is alive
+      last_beat = now;
+      for (int r = 1; r < ctx_.transport.size(); ++r) ctx_.send(r, wire::encode(wire::Heartbeat{}));
+    }
     auto msg = inbox_.pop(10ms);
     if (!msg) {
+      if (planner.active() == 0) last_progress = clock.now();  // idle is not stuck
       if (clock.now() - last_progress > opts.timeout_s && planner.active() > 0) {
         std::string pending;
-        for (size_t i = 0; i < n && pending.size() < 2000; ++i) {
+        for (const auto& [i, f] : live) {
+          if (pending.size() > 2000) break;
           if (!planner.known(i) || planner.info(i).state != sched::RequestState::Running) continue;
           const auto& r = planner.info(i);
           std::string route;
@@ -113,20 +147,19 @@ void Coordinator::run() {
     switch (msg->kind) {
       case MsgKind::Error: DP_FAIL(wire::decode_error(*msg).what);
       case MsgKind::Steps: {
-        const wire::Steps s = wire::decode_steps(*msg);
-        DP_CHECK(s.stage < S, "rank ", msg->src, " reported steps of stage ", s.stage, " (the pipeline has ", S, ")");
-        for (const auto& it : s.items) {
-          if (!planner.known(it.request) || !planner.reach(it.request, s.stage, t)) continue;
+        const wire::Steps st = wire::decode_steps(*msg);
+        DP_CHECK(st.stage < S, "rank ", msg->src, " reported steps of stage ", st.stage, " (the pipeline has ", S, ")");
+        for (const auto& it : st.items) {
+          if (!planner.known(it.request) || !planner.reach(it.request, st.stage, t)) continue;
           const auto& r = planner.info(it.request);
-          if (r.stage == s.stage && it.step > r.step) planner.on_step(it.request, it.step, t, it.total);
+          if (r.stage == st.stage && it.step > r.step) planner.on_step(it.request, it.step, t, it.total);
         }
         continue;
       }
       default: break;
     }
-    DP_CHECK(msg->request < n && planner.known(msg->request), "rank ", msg->src, " sent a ", msg_kind_name(msg->kind),
-             " message for unknown request ", msg->request);
     const uint64_t id = msg->request;
+    if (!planner.known(id)) continue;  // ended and forgotten: a late message (its Cancel crossed it)
     switch (msg->kind) {
       case MsgKind::StageDone: {
         const wire::StageDone d = wire::decode_stage_done(*msg);
@@ -149,15 +182,17 @@ void Coordinator::run() {
         wire::Result r = wire::decode_result(std::move(*msg));
         if (!planner.reach(id, S - 1, t)) break;  // cancelled or timed out meanwhile
         planner.on_done(id, t);
+        auto it = live.find(id);
+        if (it == live.end()) break;
         GeneratedImage gi;
         gi.index = id;
-        gi.params = requests_[id];
+        gi.params = it->second.params;
         gi.stage_ranks = r.trail;
         gi.denoise_rank = heavy < static_cast<int>(r.trail.size()) ? r.trail[heavy] : -1;
-        gi.latency_s = t - meta(id).arrival_s;
+        gi.latency_s = t - it->second.meta.arrival_s;
         gi.image = image_from_uint8_hwc(r.image);
-        on_result_(std::move(gi));
-        ++finished;
+        feed_.deliver(std::move(gi));
+        finish(id);
         ++ctx_.images_done;
         break;
       }

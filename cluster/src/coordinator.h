@@ -10,17 +10,15 @@ namespace diffpipe::runner {
 
 class Coordinator {
  public:
-  Coordinator(NodeContext& ctx, const std::vector<GenerationParams>& requests,
-              const std::function<void(GeneratedImage&&)>& on_result)
-      : ctx_(ctx), requests_(requests), on_result_(on_result) {}
+  Coordinator(NodeContext& ctx, RequestFeed& feed) : ctx_(ctx), feed_(feed) {}
   BlockingQueue<Message>& inbox() { return inbox_; }
-  // Runs until every request is final, then tells every rank to shut down. Throws on a job failure.
+  // Runs until the feed is closed and every request is final, then tells every rank to shut down. Throws on a
+  // job failure.
   void run();
 
  private:
   NodeContext& ctx_;
-  const std::vector<GenerationParams>& requests_;
-  const std::function<void(GeneratedImage&&)>& on_result_;
+  RequestFeed& feed_;
   BlockingQueue<Message> inbox_;
 };
 

@@ -29,6 +29,13 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
   return run_pipeline(o, transport, model, requests, on_result);
 }
 
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model, RequestFeed* feed) {
+  RunOptions o = opts;
+  run_on_all_ranks_or_fail([&] { o.placement.fit(pipeline_layout(model.dir), "placement"); });
+  const PipelineDef pipeline = model_pipeline(model, o.placement.stage_names());
+  return run_stages(o, transport, pipeline, feed);
+}
+
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
                       const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result) {

@@ -19,7 +19,7 @@ class RankNode {
   RankNode(const RunOptions& o, Transport& t, const PipelineDef& p, const Clock& c)
       : ctx_(o, t, p, c), inj_(Injection::parse(o.inject_failure, o.placement.stage_names())) {}
 
-  RunStats run(const std::vector<GenerationParams>& requests, const std::function<void(GeneratedImage&&)>& on_result) {
+  RunStats run(RequestFeed* feed) {
     const double t0 = ctx_.clock.now();
     const auto wall0 = std::chrono::steady_clock::now();
     const int me = ctx_.rank();
@@ -29,7 +29,10 @@ class RankNode {
       if (std::find(ranks.begin(), ranks.end(), me) == ranks.end()) continue;
       workers_[k] = std::make_unique<StageWorker>(ctx_, k, P.stages[k].spec, inj_);
     }
-    if (me == 0) coord_ = std::make_unique<Coordinator>(ctx_, requests, on_result);
+    if (me == 0) {
+      DP_CHECK(feed, "rank 0 needs a request feed");
+      coord_ = std::make_unique<Coordinator>(ctx_, *feed);
+    }
     for (auto& [k, w] : workers_) threads_.emplace_back([w = w.get()] { w->run(); });
     if (coord_)
       threads_.emplace_back([this] {
@@ -118,6 +121,7 @@ class RankNode {
           coord_->inbox().push(std::move(*m));
           break;
         case MsgKind::Cancel: ctx_.cancel(wire::decode_cancel(*m).request); break;
+        case MsgKind::Heartbeat: break;  // touch() above: rank 0 is alive
         case MsgKind::Shutdown: return;
         case MsgKind::Abort: DP_FAIL("rank ", me, ": stopped because the job failed: ", wire::decode_abort(*m).why);
         default:
@@ -137,24 +141,55 @@ class RankNode {
 }  // namespace
 }  // namespace runner
 
+ListFeed::ListFeed(const std::vector<GenerationParams>& requests, const std::vector<RequestMeta>& meta,
+                   std::function<void(GeneratedImage&&)> on_result)
+    : requests_(requests), meta_(meta), on_result_(std::move(on_result)) {
+  meta_.resize(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) order_.push_back(i);
+  std::stable_sort(order_.begin(), order_.end(),
+                   [&](size_t a, size_t b) { return meta_[a].arrival_s < meta_[b].arrival_s; });
+}
+
+std::vector<FeedItem> ListFeed::arrivals(double now) {
+  std::vector<FeedItem> out;
+  for (; next_ < order_.size() && meta_[order_[next_]].arrival_s <= now; ++next_) {
+    const size_t i = order_[next_];
+    out.push_back({i, requests_[i], meta_[i]});
+  }
+  return out;
+}
+
+namespace {
+void check_pipeline(const RunOptions& opts, const PipelineDef& pipeline) {
+  std::string have, want;
+  for (const auto& s : opts.placement.stages) have += (have.empty() ? "" : ", ") + s.name;
+  for (const auto& d : pipeline) want += (want.empty() ? "" : ", ") + d.name;
+  DP_CHECK(have == want, "placement: stages (", have, ") do not match the pipeline (", want, ")");
+  for (const auto& d : pipeline) DP_CHECK(d.make, "pipeline: stage '", d.name, "' has no factory");
+  (void)runner::Injection::parse(opts.inject_failure, opts.placement.stage_names());
+}
+}  // namespace
+
+RunStats run_stages(const RunOptions& opts, Transport& transport, const PipelineDef& pipeline, RequestFeed* feed) {
+  std::shared_ptr<Clock> clock = opts.clock ? opts.clock : std::make_shared<SteadyClock>();
+  run_on_all_ranks_or_fail([&] { check_pipeline(opts, pipeline); });
+  runner::RankNode node(opts, transport, pipeline, *clock);
+  return node.run(transport.rank() == 0 ? feed : nullptr);
+}
+
 RunStats run_stages(const RunOptions& opts, Transport& transport, const PipelineDef& pipeline,
                     const std::vector<GenerationParams>& requests,
                     const std::function<void(GeneratedImage&&)>& on_result,
                     const std::function<void(const GenerationParams&)>& validate) {
   std::shared_ptr<Clock> clock = opts.clock ? opts.clock : std::make_shared<SteadyClock>();
   run_on_all_ranks_or_fail([&] {
-    const auto& placed = opts.placement.stages;
-    std::string have, want;
-    for (const auto& s : placed) have += (have.empty() ? "" : ", ") + s.name;
-    for (const auto& d : pipeline) want += (want.empty() ? "" : ", ") + d.name;
-    DP_CHECK(have == want, "placement: stages (", have, ") do not match the pipeline (", want, ")");
-    for (const auto& d : pipeline) DP_CHECK(d.make, "pipeline: stage '", d.name, "' has no factory");
-    (void)runner::Injection::parse(opts.inject_failure, opts.placement.stage_names());
+    check_pipeline(opts, pipeline);
     if (transport.rank() == 0 && validate)
       for (const auto& p : requests) validate(p);  // bad settings fail before any work
   });
+  ListFeed feed(requests, opts.meta, on_result);
   runner::RankNode node(opts, transport, pipeline, *clock);
-  return node.run(requests, on_result);
+  return node.run(&feed);
 }
 
 }  // namespace diffpipe

@@ -122,6 +122,7 @@ Message encode(const Failed& f) {
 Message encode(const Error& e) { return make(MsgKind::Error, 0, {{"rank", e.rank}, {"what", e.what}}); }
 Message encode(const Cancel& c) { return make(MsgKind::Cancel, c.request, json::object()); }
 Message encode(const Shutdown&) { return make(MsgKind::Shutdown, 0, json::object()); }
+Message encode(const Heartbeat&) { return make(MsgKind::Heartbeat, 0, json::object()); }
 Message encode(const Abort& a) { return make(MsgKind::Abort, 0, {{"why", a.why}}); }
 
 Work decode_work(Message&& m) {

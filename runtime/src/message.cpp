@@ -16,6 +16,7 @@ const char* msg_kind_name(MsgKind k) {
     case MsgKind::Abort: return "abort";
     case MsgKind::Failed: return "failed";
     case MsgKind::Cancel: return "cancel";
+    case MsgKind::Heartbeat: return "heartbeat";
     case MsgKind::Test: return "test";
   }
   return "?";

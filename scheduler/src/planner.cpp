@@ -46,6 +46,14 @@ const RequestInfo& Planner::info(uint64_t id) const {
   return it->second;
 }
 
+void Planner::forget(uint64_t id) {
+  auto it = reqs_.find(id);
+  if (it == reqs_.end()) return;
+  DP_CHECK(is_final(it->second.state), "planner: request ", id, " is ", state_name(it->second.state),
+           ", only final requests can be forgotten");
+  reqs_.erase(it);
+}
+
 std::string Planner::where(uint64_t id) const {
   const RequestInfo& r = info(id);
   if (r.state != RequestState::Running) return state_name(r.state);

@@ -428,3 +428,101 @@ TEST(Runner, UnknownMessageKindIsAnErrorNamingTheSender) {
   rank1.join();
   EXPECT_NE(err1.find("rank 1: unexpected message kind 42 (?) from rank 0"), std::string::npos) << err1;
 }
+
+// A live feed, as a server drives the coordinator: requests arrive from another thread while the pipeline runs,
+// the ranks stay up through a long idle spell (heartbeats on the injected clock), a client cancels one request
+// while it waits and one while it runs, and the run ends when the feed closes.
+namespace {
+class TestFeed : public RequestFeed {
+ public:
+  void push(FeedItem f) {
+    std::lock_guard<std::mutex> lk(mu_);
+    in_.push_back(std::move(f));
+  }
+  void cancel(uint64_t id) {
+    std::lock_guard<std::mutex> lk(mu_);
+    cancels_.push_back(id);
+  }
+  void close() { closed_ = true; }
+  std::vector<FeedItem> arrivals(double) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<FeedItem> out(in_.begin(), in_.end());
+    in_.clear();
+    return out;
+  }
+  std::vector<uint64_t> cancellations() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto out = cancels_;
+    cancels_.clear();
+    return out;
+  }
+  bool closed() const override {
+    std::lock_guard<std::mutex> lk(mu_);
+    return closed_ && in_.empty();
+  }
+  void deliver(GeneratedImage&& gi) override {
+    std::lock_guard<std::mutex> lk(mu_);
+    results_[gi.index] = std::move(gi);
+  }
+  std::map<uint64_t, GeneratedImage> results() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return results_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<FeedItem> in_;
+  std::vector<uint64_t> cancels_;
+  std::atomic<bool> closed_{false};
+  std::map<uint64_t, GeneratedImage> results_;
+};
+}  // namespace
+
+TEST(Runner, LiveFeedWithIdleSpellsAndClientCancellation) {
+  auto clock = std::make_shared<ManualClock>();
+  RunOptions o = options(3, 2);
+  o.clock = clock;
+  o.timeout_s = 5;
+  auto world = make_inproc_world(3);
+  Probe probe;
+  TestFeed feed;
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 3; ++r)
+    ranks.emplace_back([&, r] {
+      PipelineDef def = pipeline(&probe, clock.get());
+      try {
+        run_stages(o, *world[r], def, r == 0 ? &feed : nullptr);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  auto item = [](uint64_t id, int steps) {
+    FeedItem f;
+    f.id = id;
+    f.params.prompt = "p";
+    f.params.steps = steps;
+    f.params.seed = id;
+    return f;
+  };
+  auto advance_until = [&](const std::function<bool()>& cond) {
+    for (int i = 0; i < 4000 && !cond(); ++i) {
+      clock->advance(0.1);
+      std::this_thread::sleep_for(1ms);
+    }
+  };
+  advance_until([&] { return clock->now() > 20; });  // 20 simulated seconds idle: nobody times out
+  for (uint64_t id = 100; id < 104; ++id) feed.push(item(id, id == 101 ? 200 : 3));
+  advance_until([&] { return feed.results().size() >= 2; });
+  feed.cancel(101);  // in flight: 200 steps
+  for (uint64_t id = 104; id < 107; ++id) feed.push(item(id, 2));
+  advance_until([&] { return feed.results().size() >= 7; });
+  feed.close();
+  for (auto& t : ranks) t.join();
+  EXPECT_EQ(errors, std::vector<std::string>(3, ""));
+  const auto res = feed.results();
+  ASSERT_EQ(res.size(), 7u);
+  EXPECT_EQ(res.at(101).status, "cancelled");
+  for (uint64_t id : {100, 102, 103, 104, 105, 106}) EXPECT_EQ(res.at(id).status, "done") << id;
+  EXPECT_EQ(res.at(104).image.pixels[0], (104 + 2) & 255);
+}

@@ -50,6 +50,46 @@ struct GeneratedImage {
   int denoise_rank = -1;        // the rank of the heavy stage (done only)
 };
 
+// Where rank 0's requests come from and where their outcomes go. A run over a fixed list uses ListFeed (the
+// vector overloads below); a server feeds requests as clients send them. All calls come from the coordinator's
+// thread; an implementation shared with other threads locks itself.
+struct FeedItem {
+  uint64_t id = 0;  // unique within the run; GeneratedImage::index is this id
+  GenerationParams params;
+  RequestMeta meta;  // arrival_s is filled in by the coordinator when 0 and the feed is live
+};
+class RequestFeed {
+ public:
+  virtual ~RequestFeed() = default;
+  // Requests that have arrived by `now` (the run's clock), in arrival order.
+  virtual std::vector<FeedItem> arrivals(double now) = 0;
+  // Requests whose client gave up since the last call (they end "cancelled" wherever they are).
+  virtual std::vector<uint64_t> cancellations() { return {}; }
+  // No request will arrive any more: the run ends when every request is final.
+  virtual bool closed() const = 0;
+  // One outcome per request (done, failed, cancelled, timed out, rejected).
+  virtual void deliver(GeneratedImage&& gi) = 0;
+  // The coordinator's view after each loop: waiting for admission, admitted and unfinished.
+  virtual void status(size_t queued, size_t active) { (void)queued, (void)active; }
+};
+
+// A fixed list of requests (index = id) arriving at their meta's arrival_s.
+class ListFeed : public RequestFeed {
+ public:
+  ListFeed(const std::vector<GenerationParams>& requests, const std::vector<RequestMeta>& meta,
+           std::function<void(GeneratedImage&&)> on_result);
+  std::vector<FeedItem> arrivals(double now) override;
+  bool closed() const override { return next_ >= order_.size(); }
+  void deliver(GeneratedImage&& gi) override { on_result_(std::move(gi)); }
+
+ private:
+  const std::vector<GenerationParams>& requests_;
+  std::vector<RequestMeta> meta_;
+  std::vector<size_t> order_;  // by arrival time
+  size_t next_ = 0;
+  std::function<void(GeneratedImage&&)> on_result_;
+};
+
 struct RunStats {
   double wall_s = 0;
   size_t images = 0;               // done (rank 0)
@@ -65,6 +105,9 @@ RunStats run_stages(const RunOptions& opts, Transport& transport, const Pipeline
                     const std::vector<GenerationParams>& requests,
                     const std::function<void(GeneratedImage&&)>& on_result,
                     const std::function<void(const GenerationParams&)>& validate = nullptr);
+// The same fed by `feed` (rank 0; other ranks pass nullptr): runs until the feed is closed and every request it
+// gave is final. Ranks stay up while idle (the coordinator sends heartbeats).
+RunStats run_stages(const RunOptions& opts, Transport& transport, const PipelineDef& pipeline, RequestFeed* feed);
 
 // A model folder's pipeline: each rank loads only what its stages need. Blocks until all requests are done
 // (rank 0 calls on_result for each, on the coordinator thread) and every rank has shut down cleanly; throws
@@ -78,6 +121,8 @@ struct SdModel;
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
                       const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result);
+// A model's pipeline fed by `feed` (rank 0; nullptr elsewhere): the server's form.
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model, RequestFeed* feed);
 
 // Start-up agreement: runs `step` on every rank; if it throws anywhere, every rank throws the message of the
 // lowest failing rank (rank 0 prints it once). Without MPI it just runs `step`.

@@ -54,6 +54,7 @@ struct Cancel {
   uint64_t request = 0;
 };
 struct Shutdown {};
+struct Heartbeat {};
 struct Abort {
   std::string why;
 };
@@ -67,6 +68,7 @@ Message encode(const Failed& f);
 Message encode(const Error& e);
 Message encode(const Cancel& c);
 Message encode(const Shutdown& s);
+Message encode(const Heartbeat& h);
 Message encode(const Abort& a);
 
 // Each checks the kind and every field; throws diffpipe::Error naming m.src, the kind and the field.

@@ -23,9 +23,10 @@ enum class MsgKind : int32_t {
   Abort = 7,      // coordinator -> all: exit non-zero now
   Failed = 8,     // stage -> coordinator: one request failed (the others go on)
   Cancel = 9,     // coordinator -> the ranks on a request's route: drop it
+  Heartbeat = 10, // coordinator -> other ranks, every few seconds: rank 0 is alive (long idle runs)
   Test = 100,     // transport tests
 };
-constexpr int32_t kWireVersion = 2;
+constexpr int32_t kWireVersion = 3;
 const char* msg_kind_name(MsgKind k);
 
 // All MPI tags used by diffpipe.

@@ -68,6 +68,8 @@ class Planner {
   std::vector<Drop> expire(double now);
 
   const RequestInfo& info(uint64_t id) const;
+  // Drops a final request's record (a long-running server would otherwise keep every request ever seen).
+  void forget(uint64_t id);
   // Where the request is, in words: "queued", "in denoise (step 3 of 20)", "done", ...
   std::string where(uint64_t id) const;
   bool known(uint64_t id) const { return reqs_.count(id) != 0; }
