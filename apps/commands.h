@@ -9,5 +9,6 @@ int data_main(int argc, char** argv);
 int eval_main(int argc, char** argv);
 int train_main(int argc, char** argv);
 int bench_main(int argc, char** argv);
+int serve_main(int argc, char** argv);
 
 }  // namespace diffpipe::apps

@@ -38,6 +38,7 @@ void usage() {
                "  data       write the synthetic shapes dataset (PNGs + captions)\n"
                "  train      train diffpipe's own model, one module at a time\n"
                "  eval       score images: fidelity, CLIP score, FID (image tower or Inception-v3)\n"
+               "  serve      an OpenAI-compatible images API over HTTP in front of the pipeline\n"
                "  bench      throughput and latency of the same work through several placements\n"
                "run 'diffpipe <command> --help' for its options; 'diffpipe --version' for the version\n");
 }
@@ -76,6 +77,8 @@ int main(int argc, char** argv) {
       rc = apps::train_main(argc - 2, argv + 2);
     } else if (cmd == "eval") {
       rc = apps::eval_main(argc - 2, argv + 2);
+    } else if (cmd == "serve") {
+      rc = apps::serve_main(argc - 2, argv + 2);
     } else if (cmd == "bench") {
       rc = apps::bench_main(argc - 2, argv + 2);
     } else if (cmd == "init-model") {

@@ -1,0 +1,152 @@
+// `diffpipe serve`: the pipeline as a long-running service. Every rank runs its stages; rank 0 also runs the
+// HTTP server (cluster/server.h: OpenAI-compatible images API) whose requests feed the coordinator.
+//   [mpirun -np N] diffpipe serve --model DIR [--port 8000] [--host 127.0.0.1] [--queue 64] [--timeout-request S]
+// SIGTERM / SIGINT: stop accepting, finish the requests in flight, every rank exits 0.
+#include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "cli.h"
+#include "commands.h"
+#include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/cluster/server.h"
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/mpi_env.h"
+#include "diffpipe/stages/model.h"
+#include "diffpipe/stages/model_stages.h"
+#include "diffpipe/stages/pipeline.h"
+#include "diffpipe/stages/stages.h"
+
+namespace diffpipe::apps {
+namespace {
+std::atomic<bool> g_stop{false};
+extern "C" void on_serve_signal(int) { g_stop = true; }
+}  // namespace
+
+int serve_main(int argc, char** argv) {
+  std::optional<cli::Args> parsed;
+  run_on_all_ranks_or_fail([&] {
+    parsed.emplace("serve", "[mpirun -np N] diffpipe serve --model DIR [options]",
+                   std::vector<cli::Opt>{
+                       {"model", "DIR", "model folder"},
+                       {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
+                       {"port", "P", "port (default 8000; 0: any free port, printed at start)"},
+                       {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},
+                       {"queue", "N", "admission queue: more waiting images answer 429 (default 64)"},
+                       {"max-n", "N", "images per request (default 8)"},
+                       {"timeout-request", "S", "an image not finished S s after it arrived answers 504 (default: none)"},
+                       {"steps", "N", "default num_inference_steps (default 25)"},
+                       {"guidance", "G", "default guidance_scale (default 7.5)"},
+                       {"sampler", "NAME", "default sampler (default: the model's)"},
+                       {"max-batch", "N", "per-stage batch limit (default 8)"},
+                       {"pipeline", "FILE", "placement of stages on ranks (TOML)"},
+                       {"device", "cpu|cuda", "device of every rank (default cpu)"},
+                       {"dtype", "TYPE", "float32 | float16 | bfloat16"},
+                       {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
+                       {"timeout", "S", "fail when admitted work makes no progress for S s (default 600)"}},
+                   argc, argv, "POST /v1/images/generations, GET /healthz, /v1/models, /metrics; SIGTERM drains");
+    if (parsed->help_requested()) return;
+    DP_CHECK(parsed->has("model"), "serve: --model DIR is required");
+    const int64_t port = parsed->integer("port", 8000);
+    DP_CHECK(port >= 0 && port <= 65535, "serve: --port must be in [0, 65535]");
+  });
+  const auto& world = mpi::world();
+  if (parsed->help_requested()) {
+    if (world.rank == 0) std::fputs(parsed->help_text().c_str(), stdout);
+    return 0;
+  }
+  const cli::Args& a = *parsed;
+  // rank 0 drains on a signal; the others wait for its shutdown (mpirun forwards signals to every rank)
+  std::signal(SIGTERM, world.rank == 0 ? on_serve_signal : SIG_IGN);
+  std::signal(SIGINT, world.rank == 0 ? on_serve_signal : SIG_IGN);
+  int threads = static_cast<int>(a.integer("threads", 0));
+  if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world.local_size));
+  at::set_num_threads(threads);
+
+  const std::string dir = a.str("model");
+  RunOptions opts;
+  SdModel model;
+  GenerationParams defaults;
+  run_on_all_ranks_or_fail([&] {
+    SdModel::validate(dir);
+    const auto layout = pipeline_layout(dir);
+    PlacementDefaults pd;
+    pd.rank.device = a.str("device", "cpu");
+    pd.rank.dtype = a.str("dtype", "float32");
+    pd.stage.max_batch = static_cast<int>(a.integer("max-batch", 8));
+    if (a.has("pipeline")) {
+      opts.placement = Placement::load(a.str("pipeline"), world.size, layout, pd);
+    } else {
+      opts.placement = Placement::derive(world.size, pd.rank, layout);
+      for (auto& s : opts.placement.stages) s.spec.max_batch = pd.stage.max_batch;
+    }
+    opts.placement.queue_capacity = static_cast<size_t>(a.integer("queue", 64));
+    opts.placement.validate(a.has("pipeline") ? a.str("pipeline") : "command line");
+    opts.reject_when_full = true;  // a full queue answers 429 at once
+    opts.timeout_s = a.number("timeout", 600);
+    opts.model_dir = dir;
+    DeviceSpec spec;
+    const RankSpec& rs = opts.placement.ranks.at(world.rank);
+    if (rs.device == "cuda") spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
+    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    unsigned comps = components_for(opts.placement.stages_on(world.rank));
+    if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
+    model = SdModel::load(dir, spec, comps);
+    defaults.steps = static_cast<int>(a.integer("steps", 25));
+    defaults.guidance = a.number("guidance", 7.5);
+    defaults.sampler = a.str("sampler");
+    (void)resolve_params(model, defaults);
+  });
+
+  std::unique_ptr<ImageServer> server;
+  if (world.rank == 0) {
+    ServerOptions so;
+    so.host = a.str("host", "127.0.0.1");
+    so.port = static_cast<int>(a.integer("port", 8000));
+    std::string name = dir;
+    while (!name.empty() && name.back() == '/') name.pop_back();
+    so.model_name = a.str("name", name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1));
+    so.max_n = static_cast<int>(a.integer("max-n", 8));
+    so.request_timeout_s = a.number("timeout-request", 0);
+    so.defaults = defaults;
+    so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
+    so.count_tokens = [&model](const std::string& s) {
+      return static_cast<int>(std::min<size_t>(model.tokenizer->encode_untruncated(s).size(),
+                                               static_cast<size_t>(model.tokenizer->max_length())));
+    };
+    server = std::make_unique<ImageServer>(so);
+  }
+  run_on_all_ranks_or_fail([&] {
+    if (server) server->start();
+  });
+  if (server) {
+    std::fprintf(stderr, "%sdiffpipe: serving %s on http://%s:%d (POST /v1/images/generations)\n",
+                 opts.placement.describe().c_str(), dir.c_str(), a.str("host", "127.0.0.1").c_str(), server->port());
+    std::fflush(stderr);
+  }
+  std::thread watcher;
+  if (server)
+    watcher = std::thread([&] {  // a signal starts the drain
+      while (!g_stop && !server->stopping()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (g_stop) std::fprintf(stderr, "diffpipe: stopping: no new requests; finishing the ones in flight\n");
+      server->stop();
+    });
+  std::shared_ptr<Transport> t = world.size == 1 ? make_inproc_world(1)[0] : make_mpi_transport();
+  RunStats st;
+  try {
+    st = run_pipeline(opts, *t, model, server.get());
+  } catch (...) {
+    if (server) server->stop();
+    if (watcher.joinable()) watcher.join();
+    throw;
+  }
+  if (watcher.joinable()) watcher.join();
+  t.reset();
+  if (server) std::fprintf(stderr, "diffpipe: served %zu image(s); stopped\n", st.images);
+  return 0;
+}
+
+}  // namespace diffpipe::apps

@@ -1,0 +1,482 @@
+#include "diffpipe/cluster/server.h"
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/image.h"
+
+namespace diffpipe {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = net::ip::tcp;
+using json = nlohmann::json;
+
+std::string base64(const std::vector<uint8_t>& in) {
+  static const char* t = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], t[v & 63]};
+  }
+  if (i + 1 == in.size()) {
+    const uint32_t v = in[i] << 16;
+    out += {t[v >> 18], t[(v >> 12) & 63], '=', '='};
+  } else if (i + 2 == in.size()) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
+    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], '='};
+  }
+  return out;
+}
+
+json error_body(const std::string& message, const std::string& type, const json& param, const std::string& code) {
+  return {{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", code}}}};
+}
+
+// A request the client got wrong: 400 naming the field.
+struct BadRequest {
+  std::string message, param;
+  int status = 400;
+};
+
+const double kBuckets[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+
+}  // namespace
+
+struct ImageServer::Impl {
+  ServerOptions o;
+  net::io_context ioc;
+  tcp::acceptor acceptor{ioc};
+  std::vector<std::thread> threads;
+  std::atomic<bool> stopping{false}, ready{false};
+  std::atomic<uint64_t> next_id{1};
+
+  struct Session;
+  struct Job {  // one HTTP request: n images
+    std::shared_ptr<Session> session;
+    std::vector<uint64_t> ids;
+    std::vector<std::optional<GeneratedImage>> results;
+    size_t remaining = 0;
+    bool answered = false;
+    int prompt_tokens = 0;
+  };
+
+  std::mutex mu;  // everything below
+  std::deque<FeedItem> arrivals;
+  std::vector<uint64_t> cancels;
+  std::map<uint64_t, std::pair<std::shared_ptr<Job>, size_t>> waiting;  // image id -> (job, index in it)
+  size_t jobs_open = 0, queued = 0, active = 0;
+  std::map<std::string, uint64_t> responses;  // by HTTP status
+  std::map<std::string, uint64_t> images;     // by outcome
+  std::map<std::string, uint64_t> failures;   // by reason (failed requests)
+  uint64_t latency_count = 0;
+  double latency_sum = 0;
+  uint64_t latency_buckets[sizeof(kBuckets) / sizeof(kBuckets[0])] = {};
+
+  void count_response(int status) {
+    std::lock_guard<std::mutex> lk(mu);
+    ++responses[std::to_string(status)];
+  }
+  std::string metrics_text();
+  void answer(const std::shared_ptr<Job>& job);  // mu held
+  void accept();
+};
+
+// One connection: read a request, answer it (possibly after the pipeline made its images), repeat while
+// keep-alive. A client that disconnects while waiting has its images cancelled.
+struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
+  Session(tcp::socket s, Impl& impl) : stream(std::move(s)), impl(impl) {}
+  beast::tcp_stream stream;
+  Impl& impl;
+  beast::flat_buffer buffer;
+  std::optional<http::request_parser<http::string_body>> parser;
+  bool keep_alive = false;
+  bool waiting_result = false;
+  std::shared_ptr<Job> job;
+
+  void read() {
+    parser.emplace();
+    parser->body_limit(impl.o.max_body);
+    stream.expires_after(std::chrono::milliseconds(static_cast<int64_t>(impl.o.read_timeout_s * 1000)));
+    http::async_read(stream, buffer, *parser, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->on_read(ec);
+    });
+  }
+
+  void on_read(beast::error_code ec) {
+    if (ec == http::error::body_limit) return send_json(413, error_body("request body larger than " + std::to_string(impl.o.max_body) + " bytes", "invalid_request_error", nullptr, "body_too_large"), false);
+    if (ec == beast::error::timeout) return send_json(408, error_body("the request was not received within " + std::to_string(impl.o.read_timeout_s) + " s", "invalid_request_error", nullptr, "request_timeout"), false);
+    if (ec) return close();  // end of stream, reset, malformed HTTP
+    stream.expires_never();
+    const auto& req = parser->get();
+    keep_alive = req.keep_alive();
+    const std::string target(req.target());
+    const std::string path = target.substr(0, target.find('?'));
+    if (req.method() == http::verb::get && path == "/healthz") {
+      const bool ok = impl.ready && !impl.stopping;
+      return send_json(ok ? 200 : 503, {{"status", ok ? "ok" : impl.stopping ? "stopping" : "starting"}}, keep_alive);
+    }
+    if (req.method() == http::verb::get && path == "/v1/models")
+      return send_json(200, {{"object", "list"}, {"data", {{{"id", impl.o.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "diffpipe"}}}}}, keep_alive);
+    if (req.method() == http::verb::get && path == "/metrics") return send_text(200, impl.metrics_text(), "text/plain; version=0.0.4");
+    if (path == "/v1/images/generations") {
+      if (req.method() != http::verb::post)
+        return send_json(405, error_body("use POST", "invalid_request_error", nullptr, "method_not_allowed"), keep_alive);
+      return generate(req.body());
+    }
+    send_json(404, error_body("no route " + std::string(req.method_string()) + " " + path, "invalid_request_error", nullptr, "not_found"), keep_alive);
+  }
+
+  void generate(const std::string& body) {
+    std::vector<GenerationParams> params;
+    int tokens = 0;
+    try {
+      params = parse(body, &tokens);
+    } catch (const BadRequest& b) {
+      return send_json(b.status, error_body(b.message, "invalid_request_error", b.param.empty() ? json(nullptr) : json(b.param), "invalid_value"), keep_alive);
+    }
+    if (impl.stopping)
+      return send_json(503, error_body("the server is shutting down", "server_error", nullptr, "shutting_down"), false);
+    job = std::make_shared<Job>();
+    job->session = shared_from_this();
+    job->results.resize(params.size());
+    job->remaining = params.size();
+    job->prompt_tokens = tokens;
+    {
+      std::lock_guard<std::mutex> lk(impl.mu);
+      ++impl.jobs_open;
+      for (size_t k = 0; k < params.size(); ++k) {
+        FeedItem f;
+        f.id = impl.next_id++;
+        f.params = params[k];
+        f.meta.deadline_s = impl.o.request_timeout_s;
+        job->ids.push_back(f.id);
+        impl.waiting[f.id] = {job, k};
+        impl.arrivals.push_back(std::move(f));
+      }
+    }
+    waiting_result = true;
+    watch_disconnect();
+  }
+
+  // Readable while we wait for the images: either the next pipelined request, or the client went away.
+  void watch_disconnect() {
+    stream.socket().async_wait(tcp::socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+      if (ec || !self->waiting_result) return;
+      char c;
+      beast::error_code ec2;
+      const size_t n = self->stream.socket().receive(net::buffer(&c, 1), tcp::socket::message_peek, ec2);
+      if (n == 0 || ec2) {  // end of stream: the client left; cancel its images everywhere
+        std::lock_guard<std::mutex> lk(self->impl.mu);
+        if (self->job && !self->job->answered) {
+          self->job->answered = true;
+          for (uint64_t id : self->job->ids)
+            if (self->impl.waiting.count(id)) self->impl.cancels.push_back(id);
+          ++self->impl.responses["client closed"];
+        }
+        return;
+      }
+    });
+  }
+
+  std::vector<GenerationParams> parse(const std::string& body, int* tokens) {
+    json j;
+    try {
+      j = json::parse(body);
+    } catch (const std::exception& e) {
+      throw BadRequest{std::string("the body is not valid JSON: ") + e.what(), ""};
+    }
+    if (!j.is_object()) throw BadRequest{"the body must be a JSON object", ""};
+    static const std::set<std::string> used{"prompt", "n", "size", "response_format", "output_format", "user", "model",
+                                            "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
+                                            "sampler", "width", "height", "stream", "partial_images"};
+    static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
+    for (auto& [k, v] : j.items())
+      if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
+    auto str = [&](const char* k) -> std::optional<std::string> {
+      if (!j.contains(k) || j[k].is_null()) return std::nullopt;
+      if (!j[k].is_string()) throw BadRequest{std::string("'") + k + "' must be a string", k};
+      return j[k].get<std::string>();
+    };
+    auto integer = [&](const char* k, int64_t lo, int64_t hi) -> std::optional<int64_t> {
+      if (!j.contains(k) || j[k].is_null()) return std::nullopt;
+      if (!j[k].is_number_integer()) throw BadRequest{std::string("'") + k + "' must be an integer", k};
+      const int64_t v = j[k].get<int64_t>();
+      if (v < lo || v > hi)
+        throw BadRequest{std::string("'") + k + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(v), k};
+      return v;
+    };
+    const auto prompt = str("prompt");
+    if (!prompt || prompt->empty()) throw BadRequest{"'prompt' is required", "prompt"};
+    if (prompt->size() > 32000) throw BadRequest{"'prompt' is longer than 32000 characters", "prompt"};
+    if (j.value("stream", false))
+      throw BadRequest{"streaming (stream: true, partial images) is not supported yet by this server", "stream"};
+    const auto fmt = str("response_format");
+    if (fmt && *fmt != "b64_json") throw BadRequest{"response_format '" + *fmt + "' is not supported: use b64_json", "response_format"};
+    const auto ofmt = str("output_format");
+    if (ofmt && *ofmt != "png") throw BadRequest{"output_format '" + *ofmt + "' is not supported: use png", "output_format"};
+    (void)str("user");
+    (void)str("model");
+    const int n = static_cast<int>(integer("n", 1, impl.o.max_n).value_or(1));
+    GenerationParams p = impl.o.defaults;
+    p.prompt = *prompt;
+    p.negative_prompt = str("negative_prompt").value_or(p.negative_prompt);
+    p.steps = static_cast<int>(integer("num_inference_steps", 1, 1000).value_or(p.steps));
+    if (j.contains("guidance_scale") && !j["guidance_scale"].is_null()) {
+      if (!j["guidance_scale"].is_number()) throw BadRequest{"'guidance_scale' must be a number", "guidance_scale"};
+      p.guidance = j["guidance_scale"].get<double>();
+    }
+    p.sampler = str("sampler").value_or(p.sampler);
+    std::string size_param;
+    if (const auto size = str("size"); size && *size != "auto") {
+      int w = 0, h = 0;
+      char x = 0, extra = 0;
+      if (std::sscanf(size->c_str(), "%d%c%d%c", &w, &x, &h, &extra) != 3 || x != 'x' || w <= 0 || h <= 0)
+        throw BadRequest{"'size' must be \"WIDTHxHEIGHT\" (e.g. \"512x512\") or \"auto\", got \"" + *size + "\"", "size"};
+      p.width = w;
+      p.height = h;
+      size_param = "size";
+    }
+    if (auto w = integer("width", 1, 8192)) p.width = static_cast<int>(*w), size_param = "width";
+    if (auto h = integer("height", 1, 8192)) p.height = static_cast<int>(*h), size_param = size_param.empty() ? "height" : size_param;
+    std::optional<uint64_t> seed;
+    if (j.contains("seed") && !j["seed"].is_null()) {
+      if (!j["seed"].is_number_unsigned()) throw BadRequest{"'seed' must be a non-negative integer", "seed"};
+      seed = j["seed"].get<uint64_t>();
+    }
+    if (!seed) {
+      static std::mutex rng_mu;
+      static std::mt19937_64 rng{std::random_device{}()};
+      std::lock_guard<std::mutex> lk(rng_mu);
+      seed = rng() >> 16;
+    }
+    try {
+      if (impl.o.validate) impl.o.validate(p);
+    } catch (const std::exception& e) {
+      const std::string msg = e.what();
+      const std::string field = msg.substr(0, msg.find(':'));
+      std::string param = field == "width" || field == "height" || field == "width/height" ? (size_param.empty() ? "size" : size_param)
+                          : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale" : field;
+      throw BadRequest{msg, param};
+    }
+    *tokens = impl.o.count_tokens ? impl.o.count_tokens(p.prompt) : 0;
+    std::vector<GenerationParams> out;
+    for (int k = 0; k < n; ++k) {  // the images of one request: seeds s, s + 1, ... as `generate --images n`
+      GenerationParams q = p;
+      q.seed = *seed + static_cast<uint64_t>(k);
+      out.push_back(q);
+    }
+    return out;
+  }
+
+  void send_json(int status, const json& body, bool keep) { send_text(status, body.dump(), "application/json", keep); }
+  void send_text(int status, std::string body, const std::string& type, bool keep = true,
+                 const std::string& retry_after = "") {
+    impl.count_response(status);
+    auto res = std::make_shared<http::response<http::string_body>>(static_cast<http::status>(status), 11);
+    res->set(http::field::server, "diffpipe");
+    res->set(http::field::content_type, type);
+    if (!retry_after.empty()) res->set(http::field::retry_after, retry_after);
+    res->keep_alive(keep && !impl.stopping);
+    res->body() = std::move(body);
+    res->prepare_payload();
+    stream.expires_after(std::chrono::seconds(30));
+    http::async_write(stream, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
+      if (ec || !res->keep_alive()) return self->close();
+      self->read();
+    });
+  }
+
+  void close() {
+    beast::error_code ec;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    stream.socket().close(ec);
+  }
+};
+
+void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
+  // mu held: decide the response from the outcomes; the session writes it on its own executor
+  job->answered = true;
+  --jobs_open;
+  int status = 200;
+  json body;
+  std::string retry;
+  for (const auto& r : job->results) {
+    if (!r || r->status == "done") continue;
+    if (r->status == "rejected") {
+      status = 429, retry = "1";
+      body = error_body("the server is at capacity (admission queue full); retry later", "rate_limit_error", nullptr, "queue_full");
+    } else if (r->status == "timed out") {
+      status = 504;
+      body = error_body("the request took longer than " + std::to_string(o.request_timeout_s) + " s: " + r->reason, "timeout_error", nullptr, "timeout");
+    } else {
+      status = 500;
+      body = error_body("image generation failed: " + r->reason, "server_error", nullptr, r->status == "failed" ? "generation_failed" : "cancelled");
+    }
+    break;
+  }
+  if (status == 200) {
+    json data = json::array();
+    for (const auto& r : job->results) data.push_back({{"b64_json", base64(encode_png(r->image))}});
+    body = {{"created", static_cast<int64_t>(std::time(nullptr))}, {"data", data},
+            {"usage", {{"input_tokens", job->prompt_tokens}, {"output_tokens", 0}, {"total_tokens", job->prompt_tokens},
+                       {"input_tokens_details", {{"text_tokens", job->prompt_tokens}, {"image_tokens", 0}}}}}};
+  }
+  auto session = job->session;
+  net::post(session->stream.get_executor(), [session, status, body = std::move(body), retry] {
+    session->waiting_result = false;
+    session->job.reset();
+    beast::error_code ec;
+    session->stream.socket().cancel(ec);  // the disconnect watch
+    session->send_text(status, body.dump(), "application/json", session->keep_alive, retry);
+  });
+}
+
+std::string ImageServer::Impl::metrics_text() {
+  std::lock_guard<std::mutex> lk(mu);
+  std::ostringstream os;
+  os << "# HELP diffpipe_queue_depth Requests waiting for admission.\n# TYPE diffpipe_queue_depth gauge\n"
+     << "diffpipe_queue_depth " << queued << "\n"
+     << "# HELP diffpipe_inflight_requests Images admitted and unfinished.\n# TYPE diffpipe_inflight_requests gauge\n"
+     << "diffpipe_inflight_requests " << active << "\n"
+     << "# HELP diffpipe_open_requests HTTP requests waiting for their images.\n# TYPE diffpipe_open_requests gauge\n"
+     << "diffpipe_open_requests " << jobs_open << "\n"
+     << "# HELP diffpipe_images_total Images by outcome.\n# TYPE diffpipe_images_total counter\n";
+  for (const auto& [k, v] : images) os << "diffpipe_images_total{status=\"" << k << "\"} " << v << "\n";
+  os << "# HELP diffpipe_http_responses_total HTTP responses by status.\n# TYPE diffpipe_http_responses_total counter\n";
+  for (const auto& [k, v] : responses) os << "diffpipe_http_responses_total{code=\"" << k << "\"} " << v << "\n";
+  os << "# HELP diffpipe_failures_total Images that failed in a stage, by reason.\n# TYPE diffpipe_failures_total counter\n";
+  for (const auto& [k, v] : failures) {
+    std::string r = k.substr(0, 200);
+    for (auto& c : r)
+      if (c == '"' || c == '\\' || c == '\n') c = ' ';
+    os << "diffpipe_failures_total{reason=\"" << r << "\"} " << v << "\n";
+  }
+  os << "# HELP diffpipe_image_latency_seconds Arrival to finished image.\n# TYPE diffpipe_image_latency_seconds histogram\n";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < sizeof(kBuckets) / sizeof(kBuckets[0]); ++i) {
+    cum += latency_buckets[i];
+    os << "diffpipe_image_latency_seconds_bucket{le=\"" << kBuckets[i] << "\"} " << cum << "\n";
+  }
+  os << "diffpipe_image_latency_seconds_bucket{le=\"+Inf\"} " << latency_count << "\n"
+     << "diffpipe_image_latency_seconds_sum " << latency_sum << "\n"
+     << "diffpipe_image_latency_seconds_count " << latency_count << "\n";
+  return os.str();
+}
+
+void ImageServer::Impl::accept() {
+  acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket s) {
+    if (ec) return;  // closed (stop) or a transient error: stop accepting
+    std::make_shared<Session>(std::move(s), *this)->read();
+    if (!stopping) accept();
+  });
+}
+
+ImageServer::ImageServer(ServerOptions o) : impl_(std::make_unique<Impl>()) { impl_->o = std::move(o); }
+
+ImageServer::~ImageServer() {
+  impl_->ioc.stop();
+  for (auto& t : impl_->threads) t.join();
+}
+
+void ImageServer::start() {
+  auto& I = *impl_;
+  beast::error_code ec;
+  const auto addr = net::ip::make_address(I.o.host, ec);
+  DP_CHECK(!ec, "serve: --host '", I.o.host, "' is not an IP address");
+  const tcp::endpoint ep(addr, static_cast<unsigned short>(I.o.port));
+  I.acceptor.open(ep.protocol(), ec);
+  if (!ec) I.acceptor.set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) I.acceptor.bind(ep, ec);
+  if (!ec) I.acceptor.listen(net::socket_base::max_listen_connections, ec);
+  DP_CHECK(!ec, "serve: cannot listen on ", I.o.host, ":", I.o.port, ": ", ec.message());
+  I.accept();
+  for (int i = 0; i < std::max(1, I.o.threads); ++i) I.threads.emplace_back([this] { impl_->ioc.run(); });
+}
+
+void ImageServer::stop() {
+  if (impl_->stopping.exchange(true)) return;
+  net::post(impl_->ioc, [this] {
+    beast::error_code ec;
+    impl_->acceptor.close(ec);
+  });
+}
+
+int ImageServer::port() const { return impl_->acceptor.local_endpoint().port(); }
+bool ImageServer::stopping() const { return impl_->stopping; }
+
+std::vector<FeedItem> ImageServer::arrivals(double) {
+  impl_->ready = true;
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  std::vector<FeedItem> out(impl_->arrivals.begin(), impl_->arrivals.end());
+  impl_->arrivals.clear();
+  return out;
+}
+
+std::vector<uint64_t> ImageServer::cancellations() {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  auto out = std::move(impl_->cancels);
+  impl_->cancels.clear();
+  return out;
+}
+
+bool ImageServer::closed() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->stopping && impl_->arrivals.empty() && impl_->waiting.empty();
+}
+
+void ImageServer::deliver(GeneratedImage&& gi) {
+  auto& I = *impl_;
+  std::lock_guard<std::mutex> lk(I.mu);
+  ++I.images[gi.status];
+  if (gi.status == "failed") ++I.failures[gi.reason.substr(gi.reason.find(": ") == std::string::npos ? 0 : gi.reason.find(": ") + 2)];
+  if (gi.status == "done") {
+    ++I.latency_count;
+    I.latency_sum += gi.latency_s;
+    for (size_t i = 0; i < sizeof(kBuckets) / sizeof(kBuckets[0]); ++i)
+      if (gi.latency_s <= kBuckets[i]) {
+        ++I.latency_buckets[i];
+        break;
+      }
+  }
+  auto it = I.waiting.find(gi.index);
+  if (it == I.waiting.end()) return;
+  auto [job, k] = it->second;
+  I.waiting.erase(it);
+  const bool ok = gi.status == "done";
+  job->results[k] = std::move(gi);
+  --job->remaining;
+  if (job->answered) return;  // the client left, or an earlier image already decided the answer
+  if (!ok) {  // the first image that is not done decides the answer; the others are not needed any more
+    for (uint64_t id : job->ids)
+      if (I.waiting.count(id)) I.cancels.push_back(id);
+    I.answer(job);
+  } else if (job->remaining == 0) {
+    I.answer(job);
+  }
+}
+
+void ImageServer::status(size_t queued, size_t active) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  impl_->queued = queued;
+  impl_->active = active;
+}
+
+}  // namespace diffpipe
