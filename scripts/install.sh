@@ -45,6 +45,12 @@ if ! $PY -c 'import torchvision, pytorch_fid, scipy, PIL, safetensors' 2>/dev/nu
       "pytorch-fid==0.3.0" && $PY -m pip install --quiet --disable-pip-version-check scipy pillow safetensors \
     || echo "[install] warning: reference packages unavailable; tests/apps/inception_reference_test.sh will skip"
 fi
+# The serving test's client nobody here wrote: the official openai package (tests/apps/serve_test.sh).
+if ! $PY -c 'import openai' 2>/dev/null; then
+  echo "[install] reference client for tests: openai"
+  $PY -m pip install --quiet --disable-pip-version-check "openai==${DIFFPIPE_OPENAI_VERSION:-3.57.0}" \
+    || echo "[install] warning: openai unavailable; tests/apps/serve_test.sh will skip"
+fi
 # The side-by-side benchmark's reference (benchmarks/vs_diffusers.py): diffusers + transformers, pinned.
 if ! $PY -c 'import diffusers, transformers' 2>/dev/null; then
   echo "[install] reference packages for benchmarks: diffusers, transformers"

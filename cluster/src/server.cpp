@@ -105,17 +105,36 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
   Session(tcp::socket s, Impl& impl) : stream(std::move(s)), impl(impl) {}
   beast::tcp_stream stream;
   Impl& impl;
+  net::steady_timer read_timer{stream.get_executor()};
+  bool reading = false, timed_out = false;
   beast::flat_buffer buffer;
   std::optional<http::request_parser<http::string_body>> parser;
   bool keep_alive = false;
   bool waiting_result = false;
   std::shared_ptr<Job> job;
 
+  // A client has read_timeout_s to send a whole request (our own timer: the stream's timeout would close the
+  // socket before we could answer 408).
   void read() {
     parser.emplace();
     parser->body_limit(impl.o.max_body);
-    stream.expires_after(std::chrono::milliseconds(static_cast<int64_t>(impl.o.read_timeout_s * 1000)));
+    stream.expires_never();
+    reading = true;
+    timed_out = false;
+    read_timer.expires_after(std::chrono::milliseconds(static_cast<int64_t>(impl.o.read_timeout_s * 1000)));
+    read_timer.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || !self->reading) return;
+      self->timed_out = true;
+      beast::error_code ec2;
+      self->stream.socket().cancel(ec2);
+    });
     http::async_read(stream, buffer, *parser, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->reading = false;
+      self->read_timer.cancel();
+      if (self->timed_out) {
+        if (!self->parser->got_some() && self->buffer.size() == 0) return self->close();  // an idle keep-alive
+        ec = beast::error::timeout;
+      }
       self->on_read(ec);
     });
   }
@@ -182,7 +201,9 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       if (ec || !self->waiting_result) return;
       char c;
       beast::error_code ec2;
+      self->stream.socket().non_blocking(true, ec2);  // never block a server thread on the peek
       const size_t n = self->stream.socket().receive(net::buffer(&c, 1), tcp::socket::message_peek, ec2);
+      if (ec2 == net::error::would_block || ec2 == net::error::try_again) return self->watch_disconnect();
       if (n == 0 || ec2) {  // end of stream: the client left; cancel its images everywhere
         std::lock_guard<std::mutex> lk(self->impl.mu);
         if (self->job && !self->job->answered) {

@@ -28,7 +28,7 @@ struct ServerOptions {
   size_t max_body = 1 << 20;       // bytes; more is 413
   double read_timeout_s = 10;      // a client slower than this to send its request gets 408
   double request_timeout_s = 0;    // per image, from arrival; 0 = none (else 504 past it)
-  int threads = 2;                 // server threads (the model runs elsewhere)
+  int threads = 4;                 // server threads (the model runs elsewhere); none ever blocks
   GenerationParams defaults;       // steps, guidance, sampler, size when the request leaves them out
   // Checks one image's settings against the model (throws naming the field); run on the request's thread.
   std::function<void(const GenerationParams&)> validate;
