@@ -48,6 +48,8 @@ const std::vector<cli::Opt> kOptions = {
     {"height", "H", "image height (the same rule)"},
     {"images", "N", "images per prompt (default 1)"},
     {"clip-skip", "K", "use the text encoder's K-th layer from the end (default 0)"},
+    {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
+                      "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
                    "what has a line in DIR/images.jsonl is skipped"},
     {"overwrite", "", "replace an earlier run with other settings in --out (else refused)"},
@@ -202,6 +204,8 @@ int generate_main(int argc, char** argv) {
     base.width = static_cast<int>(a.integer("width", 0));
     base.height = static_cast<int>(a.integer("height", 0));
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
+    base.previews = static_cast<int>(a.integer("previews", 0));
+    DP_CHECK(base.previews >= 0 && base.previews <= 3, "generate: --previews must be in [0, 3]");
     DP_CHECK(a.integer("width", 0) >= 0 && a.integer("height", 0) >= 0, "generate: --width/--height must be positive");
     jobs = offline::parse_job_lines(lines, jsonl_input, base, static_cast<int>(images));
     for (const auto& j : jobs)
@@ -366,7 +370,7 @@ int generate_main(int argc, char** argv) {
   for (uint64_t i : pending) todo.push_back(requests[i]);
   std::optional<offline::Progress> progress;
   if (lead) progress.emplace(requests.size(), requests.size() - pending.size());
-  const auto stats = run_pipeline(opts, *transport, lead ? todo : requests, [&](GeneratedImage&& gi) {
+  ListFeed feed(todo, opts.meta, [&](GeneratedImage&& gi) {
     const uint64_t index = pending.at(gi.index);
     nlohmann::json j = params_to_json(gi.params);
     j["index"] = index;
@@ -381,7 +385,8 @@ int generate_main(int argc, char** argv) {
     }
     sink->write(index, gi, std::move(j), !quiet);  // image (tmp + rename) and its line, flushed
     progress->tick(gi.status == "done");
-  });
+  }, [&](uint64_t id, int k, Image&& image) { sink->write_preview(pending.at(id), k, todo.at(id), image); });
+  const auto stats = run_pipeline(opts, *transport, lead ? &feed : nullptr);
   transport.reset();
   if (profiling) print_profile(stats, placement);
   if (lead) {

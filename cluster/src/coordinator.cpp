@@ -168,6 +168,12 @@ void Coordinator::run() {
         planner.reach(id, d.stage + 1, t);  // false: ended meanwhile (its Cancel is on the way)
         break;
       }
+      case MsgKind::Preview: {
+        wire::PreviewImage pv = wire::decode_preview(std::move(*msg));
+        if (live.count(id) && !sched::is_final(planner.info(id).state))
+          feed_.preview(id, pv.index, image_from_uint8_hwc(pv.image));
+        break;
+      }
       case MsgKind::Failed: {
         const wire::Failed f = wire::decode_failed(*msg);
         if (opts.fail_fast) DP_FAIL(f.reason);

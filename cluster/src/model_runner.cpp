@@ -8,14 +8,15 @@
 
 namespace diffpipe {
 
-RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
-                      const std::function<void(GeneratedImage&&)>& on_result) {
+namespace {
+// Each rank loads what its stages need; a load failure anywhere fails every rank with one message.
+SdModel load_rank_model(const RunOptions& opts, Transport& transport, RunOptions* fitted) {
   SdModel model;
   const int me = transport.rank();
   const RankSpec& rs = opts.placement.ranks.at(me);
-  RunOptions o = opts;
+  *fitted = opts;
   run_on_all_ranks_or_fail([&] {
-    o.placement.fit(pipeline_layout(opts.model_dir), "placement");
+    fitted->placement.fit(pipeline_layout(opts.model_dir), "placement");
     DeviceSpec spec;
     if (rs.device == "cuda") {
       const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
@@ -24,9 +25,23 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::v
     }
     spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
     spec.batch_invariant = opts.placement.batch_invariant;
-    model = SdModel::load(opts.model_dir, spec, components_for(o.placement.stages_on(me)));
+    model = SdModel::load(opts.model_dir, spec, components_for(fitted->placement.stages_on(me)));
   });
+  return model;
+}
+}  // namespace
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
+                      const std::function<void(GeneratedImage&&)>& on_result) {
+  RunOptions o;
+  const SdModel model = load_rank_model(opts, transport, &o);
   return run_pipeline(o, transport, model, requests, on_result);
+}
+
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, RequestFeed* feed) {
+  RunOptions o;
+  const SdModel model = load_rank_model(opts, transport, &o);
+  return run_pipeline(o, transport, model, feed);
 }
 
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model, RequestFeed* feed) {

@@ -337,6 +337,15 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
   if (sh.lines.size() == sh.expected) flush_shard(k, true);
 }
 
+void OutputSink::write_preview(uint64_t index, int k, const GenerationParams& p, const Image& image) {
+  if (o_.format != "png") return;
+  std::string file = file_for(index, p.seed);
+  file = file.substr(0, file.size() - 4) + "-preview-" + std::to_string(k) + ".png";
+  const auto slash = file.rfind('/');
+  if (slash != std::string::npos) make_dirs(file.substr(0, slash));
+  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model) + ", Preview: " + std::to_string(k)}});
+}
+
 void OutputSink::flush_shard(int64_t k, bool complete) {
   Shard& sh = shards_.at(k);
   if (!complete) return;

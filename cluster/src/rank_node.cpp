@@ -115,6 +115,7 @@ class RankNode {
         case MsgKind::Steps:
         case MsgKind::Result:
         case MsgKind::Failed:
+        case MsgKind::Preview:
         case MsgKind::Error:
           DP_CHECK(coord_, "rank ", me, " received a ", msg_kind_name(m->kind), " message from rank ", m->src,
                    " but only rank 0 coordinates");
@@ -142,8 +143,9 @@ class RankNode {
 }  // namespace runner
 
 ListFeed::ListFeed(const std::vector<GenerationParams>& requests, const std::vector<RequestMeta>& meta,
-                   std::function<void(GeneratedImage&&)> on_result)
-    : requests_(requests), meta_(meta), on_result_(std::move(on_result)) {
+                   std::function<void(GeneratedImage&&)> on_result,
+                   std::function<void(uint64_t, int, Image&&)> on_preview)
+    : requests_(requests), meta_(meta), on_result_(std::move(on_result)), on_preview_(std::move(on_preview)) {
   meta_.resize(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) order_.push_back(i);
   std::stable_sort(order_.begin(), order_.end(),

@@ -76,6 +76,8 @@ struct ImageServer::Impl {
     size_t remaining = 0;
     bool answered = false;
     int prompt_tokens = 0;
+    bool stream = false;  // server-sent events: partial images, then the completed image
+    std::string size;     // "WxH", for the events
   };
 
   std::mutex mu;  // everything below
@@ -166,8 +168,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
   void generate(const std::string& body) {
     std::vector<GenerationParams> params;
     int tokens = 0;
+    bool streaming = false;
+    std::string size_text;
     try {
-      params = parse(body, &tokens);
+      params = parse(body, &tokens, &streaming, &size_text);
     } catch (const BadRequest& b) {
       return send_json(b.status, error_body(b.message, "invalid_request_error", b.param.empty() ? json(nullptr) : json(b.param), "invalid_value"), keep_alive);
     }
@@ -178,6 +182,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     job->results.resize(params.size());
     job->remaining = params.size();
     job->prompt_tokens = tokens;
+    job->stream = streaming;
+    job->size = size_text;
     {
       std::lock_guard<std::mutex> lk(impl.mu);
       ++impl.jobs_open;
@@ -217,7 +223,38 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     });
   }
 
-  std::vector<GenerationParams> parse(const std::string& body, int* tokens) {
+  // Server-sent events: the head once, then each event as it comes, in order; the connection closes after the
+  // last one (the body ends with the connection).
+  std::deque<std::string> out_queue;
+  bool writing = false, sse_started = false, close_after = false;
+  void sse(std::string event_text, bool last) {  // on the session's executor
+    if (!sse_started) {
+      sse_started = true;
+      impl.count_response(200);
+      out_queue.push_back("HTTP/1.1 200 OK\r\nServer: diffpipe\r\nContent-Type: text/event-stream\r\n"
+                          "Cache-Control: no-cache\r\nConnection: close\r\n\r\n");
+    }
+    out_queue.push_back(std::move(event_text));
+    close_after = close_after || last;
+    pump();
+  }
+  void pump() {
+    if (writing) return;
+    if (out_queue.empty()) {
+      if (close_after) close();
+      return;
+    }
+    writing = true;
+    auto data = std::make_shared<std::string>(std::move(out_queue.front()));
+    out_queue.pop_front();
+    net::async_write(stream.socket(), net::buffer(*data), [self = shared_from_this(), data](beast::error_code ec, size_t) {
+      self->writing = false;
+      if (ec) return self->close();
+      self->pump();
+    });
+  }
+
+  std::vector<GenerationParams> parse(const std::string& body, int* tokens, bool* streaming, std::string* size_text) {
     json j;
     try {
       j = json::parse(body);
@@ -247,8 +284,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     const auto prompt = str("prompt");
     if (!prompt || prompt->empty()) throw BadRequest{"'prompt' is required", "prompt"};
     if (prompt->size() > 32000) throw BadRequest{"'prompt' is longer than 32000 characters", "prompt"};
-    if (j.value("stream", false))
-      throw BadRequest{"streaming (stream: true, partial images) is not supported yet by this server", "stream"};
+    if (j.contains("stream") && !j["stream"].is_boolean()) throw BadRequest{"'stream' must be true or false", "stream"};
+    *streaming = j.value("stream", false);
+    const int partial = static_cast<int>(integer("partial_images", 0, 3).value_or(0));
+    if (partial > 0 && !*streaming) throw BadRequest{"'partial_images' needs stream: true", "partial_images"};
     const auto fmt = str("response_format");
     if (fmt && *fmt != "b64_json") throw BadRequest{"response_format '" + *fmt + "' is not supported: use b64_json", "response_format"};
     const auto ofmt = str("output_format");
@@ -256,7 +295,9 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     (void)str("user");
     (void)str("model");
     const int n = static_cast<int>(integer("n", 1, impl.o.max_n).value_or(1));
+    if (*streaming && n != 1) throw BadRequest{"streaming makes one image: 'n' must be 1 with stream: true", "n"};
     GenerationParams p = impl.o.defaults;
+    p.previews = partial;
     p.prompt = *prompt;
     p.negative_prompt = str("negative_prompt").value_or(p.negative_prompt);
     p.steps = static_cast<int>(integer("num_inference_steps", 1, 1000).value_or(p.steps));
@@ -298,6 +339,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       throw BadRequest{msg, param};
     }
     *tokens = impl.o.count_tokens ? impl.o.count_tokens(p.prompt) : 0;
+    *size_text = std::to_string(p.width) + "x" + std::to_string(p.height);
     std::vector<GenerationParams> out;
     for (int k = 0; k < n; ++k) {  // the images of one request: seeds s, s + 1, ... as `generate --images n`
       GenerationParams q = p;
@@ -352,6 +394,26 @@ void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
       body = error_body("image generation failed: " + r->reason, "server_error", nullptr, r->status == "failed" ? "generation_failed" : "cancelled");
     }
     break;
+  }
+  const json usage = {{"input_tokens", job->prompt_tokens}, {"output_tokens", 0}, {"total_tokens", job->prompt_tokens},
+                      {"input_tokens_details", {{"text_tokens", job->prompt_tokens}, {"image_tokens", 0}}}};
+  if (job->stream) {  // the last event: the image, or the error
+    std::string ev;
+    if (status == 200) {
+      const json d = {{"type", "image_generation.completed"}, {"b64_json", base64(encode_png(job->results[0]->image))},
+                      {"created_at", static_cast<int64_t>(std::time(nullptr))}, {"size", job->size},
+                      {"quality", "auto"}, {"background", "opaque"}, {"output_format", "png"}, {"usage", usage}};
+      ev = "event: image_generation.completed\ndata: " + d.dump() + "\n\n";
+    } else {
+      ev = "event: error\ndata: " + body.dump() + "\n\n";
+    }
+    auto session = job->session;
+    net::post(session->stream.get_executor(), [session, ev = std::move(ev)]() mutable {
+      session->waiting_result = false;  // the disconnect watch ends with the connection (cancelling it here
+      session->job.reset();             // would cancel the partial images still being written)
+      session->sse(std::move(ev), true);
+    });
+    return;
   }
   if (status == 200) {
     json data = json::array();
@@ -492,6 +554,21 @@ void ImageServer::deliver(GeneratedImage&& gi) {
   } else if (job->remaining == 0) {
     I.answer(job);
   }
+}
+
+void ImageServer::preview(uint64_t id, int index, Image&& image) {
+  auto& I = *impl_;
+  std::lock_guard<std::mutex> lk(I.mu);
+  auto it = I.waiting.find(id);
+  if (it == I.waiting.end()) return;
+  auto job = it->second.first;
+  if (!job->stream || job->answered) return;
+  const json d = {{"type", "image_generation.partial_image"}, {"b64_json", base64(encode_png(image))},
+                  {"created_at", static_cast<int64_t>(std::time(nullptr))}, {"size", job->size}, {"quality", "auto"},
+                  {"background", "opaque"}, {"output_format", "png"}, {"partial_image_index", index - 1}};
+  std::string ev = "event: image_generation.partial_image\ndata: " + d.dump() + "\n\n";
+  auto session = job->session;
+  net::post(session->stream.get_executor(), [session, ev = std::move(ev)]() mutable { session->sse(std::move(ev), false); });
 }
 
 void ImageServer::status(size_t queued, size_t active) {

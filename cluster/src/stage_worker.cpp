@@ -44,6 +44,21 @@ void StageWorker::accept(Message&& m) {
   wire::Work w = wire::decode_work(std::move(m));
   DP_CHECK(w.stage == k_, "rank ", ctx_.rank(), " stage ", def_.name, " received work for stage ", w.stage);
   if (ctx_.is_cancelled(w.request)) return;
+  if (w.preview > 0) {  // a partial image: its own id, never injected into, never failing the request
+    StageRequest r;
+    r.id = preview_id(w.request, w.preview);
+    r.params = w.params;
+    r.inputs = std::move(w.tensors);
+    r.priority = w.priority;
+    try {
+      held_[r.id] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
+      stage_->add(std::move(r), ctx_.clock.now());
+    } catch (const std::exception& e) {
+      held_.erase(preview_id(w.request, w.preview));
+      DP_LOG(Warn, who(w.request), ": preview ", w.preview, " dropped: ", describe(e));
+    }
+    return;
+  }
   current_ = w.request;
   try {
     inj_.maybe_fire(def_.name, w.request, ctx_.rank());
@@ -61,7 +76,7 @@ void StageWorker::accept(Message&& m) {
 
 void StageWorker::drop_cancelled() {
   for (auto it = held_.begin(); it != held_.end();) {
-    if (ctx_.is_cancelled(it->first)) {
+    if (ctx_.is_cancelled(request_of(it->first))) {
       stage_->cancel(it->first);
       it = held_.erase(it);
     } else {
@@ -76,9 +91,31 @@ void StageWorker::emit(std::vector<StageEvent>& events) {
   for (auto& ev : events) {
     auto it = held_.find(ev.id);
     if (it == held_.end()) continue;  // cancelled meanwhile
+    if (preview_number(ev.id) > 0) {  // a partial image went through this stage
+      held_.erase(it);
+      if (ev.kind == StageEvent::Kind::Finished && !ev.outputs.empty())
+        ctx_.send(0, wire::encode(wire::PreviewImage{request_of(ev.id), preview_number(ev.id), ev.outputs[0]}));
+      continue;
+    }
     switch (ev.kind) {
       case StageEvent::Kind::Progress: steps.items.push_back({ev.id, ev.step, ev.total}); break;
       case StageEvent::Kind::Failed: fail(ev.id, ev.error); break;
+      case StageEvent::Kind::Preview: {  // on to the next stage, which turns it into partial image number ev.step
+        if (k_ + 1 >= static_cast<int>(ctx_.pipeline.size()) || ev.outputs.empty()) break;
+        const Held& h = it->second;
+        wire::Work w;
+        w.request = ev.id;
+        w.stage = k_ + 1;
+        w.params = h.params;
+        w.route = h.route;
+        w.priority = h.priority;
+        w.trail = h.trail;
+        w.preview = ev.step;
+        w.tensors = std::move(ev.outputs);
+        const int dst = w.route.at(k_ + 1);
+        ctx_.send(dst, wire::encode(std::move(w)));
+        break;
+      }
       case StageEvent::Kind::Finished: {
         Held h = std::move(it->second);
         held_.erase(it);

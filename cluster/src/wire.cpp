@@ -71,7 +71,7 @@ class Reader {
 json params_json(const GenerationParams& p) {
   return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
           {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
-          {"height", p.height}, {"clip_skip", p.clip_skip}};
+          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}};
 }
 
 GenerationParams read_params(const Reader& r, const json& o) {
@@ -85,12 +85,13 @@ GenerationParams read_params(const Reader& r, const json& o) {
   p.width = static_cast<int>(r.integer(o, "width", "params.width", 0, 1 << 20));
   p.height = static_cast<int>(r.integer(o, "height", "params.height", 0, 1 << 20));
   p.clip_skip = static_cast<int>(r.integer(o, "clip_skip", "params.clip_skip", 0, 1 << 10));
+  p.previews = static_cast<int>(r.integer(o, "previews", "params.previews", 0, 3));
   return p;
 }
 
 json work_fields(const Work& w) {
   return {{"stage", w.stage}, {"params", params_json(w.params)}, {"route", w.route}, {"priority", w.priority},
-          {"trail", w.trail}};
+          {"trail", w.trail}, {"preview", w.preview}};
 }
 
 }  // namespace
@@ -123,6 +124,23 @@ Message encode(const Error& e) { return make(MsgKind::Error, 0, {{"rank", e.rank
 Message encode(const Cancel& c) { return make(MsgKind::Cancel, c.request, json::object()); }
 Message encode(const Shutdown&) { return make(MsgKind::Shutdown, 0, json::object()); }
 Message encode(const Heartbeat&) { return make(MsgKind::Heartbeat, 0, json::object()); }
+Message encode(const PreviewImage& p) {
+  Message m = make(MsgKind::Preview, p.request, {{"index", p.index}});
+  m.tensors.push_back(p.image);
+  return m;
+}
+
+PreviewImage decode_preview(Message&& m) {
+  Reader r(m, MsgKind::Preview);
+  PreviewImage p;
+  p.request = m.request;
+  p.index = static_cast<int>(r.integer(r.f(), "index", "index", 1, 3));
+  DP_CHECK(m.tensors.size() == 1, r.where(), "expected one image tensor, got ", m.tensors.size());
+  p.image = std::move(m.tensors[0]);
+  DP_CHECK(p.image.dim() == 3 && p.image.size(2) == 3 && p.image.scalar_type() == at::kByte, r.where(),
+           "the image must be uint8 [H, W, 3], got ", p.image.sizes());
+  return p;
+}
 Message encode(const Abort& a) { return make(MsgKind::Abort, 0, {{"why", a.why}}); }
 
 Work decode_work(Message&& m) {
@@ -136,6 +154,7 @@ Work decode_work(Message&& m) {
            w.route.size(), " stages");
   w.priority = static_cast<int>(r.integer(r.f(), "priority", "priority", INT32_MIN, INT32_MAX));
   w.trail = r.ints(r.f(), "trail", "trail");
+  w.preview = static_cast<int>(r.integer(r.f(), "preview", "preview", 0, 3));
   w.tensors = std::move(m.tensors);
   return w;
 }

@@ -17,6 +17,7 @@ const char* msg_kind_name(MsgKind k) {
     case MsgKind::Failed: return "failed";
     case MsgKind::Cancel: return "cancel";
     case MsgKind::Heartbeat: return "heartbeat";
+    case MsgKind::Preview: return "preview";
     case MsgKind::Test: return "test";
   }
   return "?";

@@ -69,6 +69,7 @@ class DenoiseStageImpl : public Stage {
     for (uint64_t id : current_) {
       DenoiseState& s = states_.at(id);
       out.push_back(StageEvent::progress(id, s.step, s.total_steps()));
+      if (s.preview.defined() && s.failure.empty()) out.push_back(StageEvent::preview(id, s.preview_index, {s.preview}));
       if (!s.done()) continue;
       batcher_.finished(id);
       out.push_back(s.failure.empty() ? StageEvent::finished(id, {s.latents.contiguous()})

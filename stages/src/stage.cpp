@@ -9,6 +9,16 @@ namespace diffpipe {
 void OneShotStage::add(StageRequest r, double now) {
   (void)now;
   check(r);
+  // A final request goes before every waiting preview of other requests, but after its own (a client streaming
+  // partial images sees them before the image).
+  const bool own_preview_waiting = std::any_of(waiting_.begin(), waiting_.end(), [&](const StageRequest& w) {
+    return preview_number(w.id) > 0 && request_of(w.id) == r.id;
+  });
+  if (preview_number(r.id) == 0 && !own_preview_waiting) {
+    auto it = std::find_if(waiting_.begin(), waiting_.end(), [](const StageRequest& w) { return preview_number(w.id) > 0; });
+    waiting_.insert(it, std::move(r));
+    return;
+  }
   waiting_.push_back(std::move(r));
 }
 
@@ -24,7 +34,9 @@ size_t OneShotStage::batch_end() const {
   };
   const auto first = shape(waiting_.front());
   size_t n = 1;
-  while (n < waiting_.size() && static_cast<int>(n) < max_batch_ && shape(waiting_[n]) == first) ++n;
+  while (n < waiting_.size() && static_cast<int>(n) < max_batch_ && shape(waiting_[n]) == first &&
+         (preview_number(waiting_[n].id) > 0) == (preview_number(waiting_.front().id) > 0))
+    ++n;
   return n;
 }
 

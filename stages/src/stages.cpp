@@ -80,7 +80,28 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
   DP_CHECK(noise.dim() == 3 && noise.size(0) == C, "denoise: initial noise must be [", C, ", h, w]");
   s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
+  DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
+  for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
+    s.preview_at.push_back(std::max(0, s.total_steps() * k / (p.previews + 1) - 1));
   return s;
+}
+
+at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, const at::Tensor& output, int i,
+                              const at::Tensor& sample) {
+  const std::string& pred = model.scheduler.prediction_type;
+  if (pred == "sample") return output;
+  if (!sampler.sigmas().empty()) {  // k-diffusion parametrisation: sample = x0 + sigma * noise
+    const double sigma = sampler.sigmas().at(i);
+    if (pred == "v_prediction") return output * (-sigma / std::sqrt(sigma * sigma + 1)) + sample / (sigma * sigma + 1);
+    return sample - sigma * output;
+  }
+  static thread_local std::map<const SdModel*, at::Tensor> cache;  // alphas_cumprod per model
+  at::Tensor& ac = cache[&model];
+  if (!ac.defined()) ac = alphas_cumprod(model.scheduler);
+  const int64_t t = std::clamp<int64_t>(std::llround(sampler.timestep(i)), 0, ac.size(0) - 1);
+  const double a = ac[t].item<double>();
+  if (pred == "v_prediction") return std::sqrt(a) * sample - std::sqrt(1 - a) * output;
+  return (sample - std::sqrt(1 - a) * output) / std::sqrt(a);
 }
 
 void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_failure) const {
@@ -122,6 +143,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
       eps = e[row];
       row += 1;
     }
+    s->preview = at::Tensor();
+    for (size_t k = 0; k < s->preview_at.size(); ++k)
+      if (s->preview_at[k] == s->step) {
+        s->preview = predicted_original(model_, *s->sampler, eps, s->step, s->latents).contiguous();
+        s->preview_index = static_cast<int>(k) + 1;
+      }
     const uint64_t seed = s->seed;
     StepNoise noise = [seed](int step, const at::Tensor& like) {
       return seeded_noise(seed, 1 + static_cast<uint64_t>(step), like.sizes()).to(like.device());

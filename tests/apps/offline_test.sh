@@ -144,6 +144,40 @@ else
   bad "webdataset shards missing: $(ls "$WORK/wds")"
 fi
 
+# partial images: --previews K writes K denoised estimates per image, growing closer to it; the image is the same
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 8 --previews 2 --out "$WORK/pv" --quiet 2> /dev/null
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 8 --out "$WORK/pv0" --quiet 2> /dev/null
+python3 - "$WORK/pv" "$WORK/pv0" <<'PY' && ok "--previews 2: 2 partial images per image, approaching it; the image unchanged" || bad "previews"
+import sys, zlib, struct
+def pixels(path):  # 8-bit RGB PNG without filters beyond what zlib + per-row filter 0..4 give
+    data = open(path, "rb").read()
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR": w, h = struct.unpack(">II", body[:8])
+        if kind == b"IDAT": idat += body
+        pos += 12 + n
+    raw, out, prev, stride = zlib.decompress(idat), [], bytearray(w * 3), w * 3
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            a = line[x - 3] if x >= 3 else 0; b = prev[x]; c = prev[x - 3] if x >= 3 else 0
+            p = a + b - c; pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            pred = [0, a, b, (a + b) // 2, a if pa <= pb and pa <= pc else (b if pb <= pc else c)][f]
+            line[x] = (line[x] + pred) & 255
+        out += line; prev = line
+    return out
+import os
+a, b = sys.argv[1], sys.argv[2]
+assert sorted(f for f in os.listdir(a) if "preview" in f) == ["img-00000-seed0-preview-1.png", "img-00000-seed0-preview-2.png",
+                                                            "img-00001-seed1-preview-1.png", "img-00001-seed1-preview-2.png"]
+assert open(f"{a}/img-00000-seed0.png", "rb").read() == open(f"{b}/img-00000-seed0.png", "rb").read()
+final = pixels(f"{a}/img-00000-seed0.png")
+d = [sum(abs(x - y) for x, y in zip(pixels(f"{a}/img-00000-seed0-preview-{k}.png"), final)) for k in (1, 2)]
+assert d[1] < d[0], d
+PY
+
 # 7) a cut last line (killed while writing it) is repaired and its image made again
 head -c -20 "$WORK/ref/images.jsonl" > "$WORK/cut.jsonl"; mkdir -p "$WORK/cut"; cp "$WORK/ref/run.json" "$WORK/cut/"
 cp "$WORK/cut.jsonl" "$WORK/cut/images.jsonl"

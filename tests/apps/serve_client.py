@@ -63,11 +63,18 @@ if part == "basic":
         except openai.BadRequestError as e:
             check(e.status_code == 400 and e.body and e.body.get("param") == param,
                   f"{kwargs}: 400 naming '{param}' ({e.body.get('message') if e.body else e})")
+    events = list(client.images.generate(prompt="a red circle", size="16x16", stream=True, partial_images=2,
+                                         extra_body={"seed": 5, "num_inference_steps": 3}))
+    kinds = [(e.type, getattr(e, "partial_image_index", None)) for e in events]
+    check(kinds == [("image_generation.partial_image", 0), ("image_generation.partial_image", 1),
+                    ("image_generation.completed", None)], f"stream=True, partial_images=2: {kinds}")
+    want = Image.open(f"{ref_dir}/img-00000-seed5.png").convert("RGB").tobytes()
+    check(pixels_of_b64(events[-1].b64_json) == want, "streamed final image: the same pixels as generate")
     try:
-        client.images.generate(prompt="x", stream=True, partial_images=2)
-        check(False, "stream accepted")
+        client.images.generate(prompt="x", stream=True, n=2)
+        check(False, "stream with n=2 accepted")
     except openai.BadRequestError as e:
-        check(e.body.get("param") == "stream", "stream=True: 400 naming 'stream' (not supported yet)")
+        check(e.body.get("param") == "n", "stream=True with n=2: 400 naming 'n'")
     code, body, _ = raw("POST", "/v1/images/generations", b"{not json", {"Content-Type": "application/json"})
     check(code == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON: 400")
     code, body, _ = raw("POST", "/v1/images/generations", b'{"n": 1}', {"Content-Type": "application/json"})

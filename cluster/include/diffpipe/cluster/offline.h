@@ -72,6 +72,8 @@ class OutputSink {
   size_t done_before() const { return done_before_; }
   // Writes the image (when done) and its line. `index` is the run-wide index; `line` the JSON fields to record.
   void write(uint64_t index, const GeneratedImage& gi, nlohmann::json line, bool echo_stdout);
+  // A partial image of `index` (png format: IMAGE-preview-K.png beside the image; webdataset: not kept).
+  void write_preview(uint64_t index, int k, const GenerationParams& p, const Image& image);
   // Completes open shards and writes the contact sheet from a bounded sample. Returns lines written by this run.
   void finish(bool contact_sheet);
   std::string file_for(uint64_t index, uint64_t seed) const;  // png format: where image `index` goes

@@ -69,6 +69,8 @@ class RequestFeed {
   virtual bool closed() const = 0;
   // One outcome per request (done, failed, cancelled, timed out, rejected).
   virtual void deliver(GeneratedImage&& gi) = 0;
+  // A partial image of a request still on its way (GenerationParams::previews), before its outcome.
+  virtual void preview(uint64_t id, int index, Image&& image) { (void)id, (void)index, (void)image; }
   // The coordinator's view after each loop: waiting for admission, admitted and unfinished.
   virtual void status(size_t queued, size_t active) { (void)queued, (void)active; }
 };
@@ -77,7 +79,11 @@ class RequestFeed {
 class ListFeed : public RequestFeed {
  public:
   ListFeed(const std::vector<GenerationParams>& requests, const std::vector<RequestMeta>& meta,
-           std::function<void(GeneratedImage&&)> on_result);
+           std::function<void(GeneratedImage&&)> on_result,
+           std::function<void(uint64_t, int, Image&&)> on_preview = nullptr);
+  void preview(uint64_t id, int index, Image&& image) override {
+    if (on_preview_) on_preview_(id, index, std::move(image));
+  }
   std::vector<FeedItem> arrivals(double now) override;
   bool closed() const override { return next_ >= order_.size(); }
   void deliver(GeneratedImage&& gi) override { on_result_(std::move(gi)); }
@@ -88,6 +94,7 @@ class ListFeed : public RequestFeed {
   std::vector<size_t> order_;  // by arrival time
   size_t next_ = 0;
   std::function<void(GeneratedImage&&)> on_result_;
+  std::function<void(uint64_t, int, Image&&)> on_preview_;
 };
 
 struct RunStats {
@@ -114,6 +121,8 @@ RunStats run_stages(const RunOptions& opts, Transport& transport, const Pipeline
 // diffpipe::Error on failure.
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result);
+// The same fed by `feed` (rank 0; nullptr elsewhere); the requests are validated by whoever fills the feed.
+RunStats run_pipeline(const RunOptions& opts, Transport& transport, RequestFeed* feed);
 
 // The same with this rank's model already loaded (benchmarks and long-lived servers reuse one load): `model`
 // must hold the components of the stages placed on this rank and outlive the call.

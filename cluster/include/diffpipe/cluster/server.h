@@ -1,8 +1,11 @@
 // The HTTP front end of `diffpipe serve`: an HTTP/1.1 server on Boost.Asio/Beast (rank 0) that speaks the
 // OpenAI Images API and feeds the coordinator as a RequestFeed.
 //   POST /v1/images/generations  {prompt, n, size "WxH", response_format b64_json, output_format png, user,
-//                                 negative_prompt, num_inference_steps, guidance_scale, seed, sampler, width, height}
+//                                 negative_prompt, num_inference_steps, guidance_scale, seed, sampler, width, height,
+//                                 stream, partial_images 0-3}
 //     -> {created, data: [{b64_json}], usage}; errors {"error": {message, type, param, code}}
+//     stream: true -> server-sent events image_generation.partial_image (the denoised estimate, decoded by the
+//     decode stage after final images) then image_generation.completed
 //   GET /healthz (200 once the pipeline runs on every rank, else 503), GET /v1/models, GET /metrics (Prometheus)
 // A full admission queue answers 429 with Retry-After; a request past its deadline 504; a request that fails in
 // a stage 500 for itself alone; a client that disconnects has its requests cancelled in every stage. Bad input
@@ -50,6 +53,7 @@ class ImageServer : public RequestFeed {
   std::vector<uint64_t> cancellations() override;
   bool closed() const override;
   void deliver(GeneratedImage&& gi) override;
+  void preview(uint64_t id, int index, Image&& image) override;
   void status(size_t queued, size_t active) override;
 
  private:

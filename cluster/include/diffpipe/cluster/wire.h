@@ -21,7 +21,13 @@ struct Work {
   std::vector<int> route;   // one rank per stage
   int priority = 0;
   std::vector<int> trail;   // the rank that ran each earlier stage
+  int preview = 0;          // > 0: partial image number `preview` of the request, not the request itself
   std::vector<at::Tensor> tensors;
+};
+struct PreviewImage {  // partial image `index` (1-based) of a request
+  uint64_t request = 0;
+  int index = 0;
+  at::Tensor image;  // uint8 [H, W, 3]
 };
 struct StageDone {  // the request left `stage`
   uint64_t request = 0;
@@ -69,6 +75,7 @@ Message encode(const Error& e);
 Message encode(const Cancel& c);
 Message encode(const Shutdown& s);
 Message encode(const Heartbeat& h);
+Message encode(const PreviewImage& p);
 Message encode(const Abort& a);
 
 // Each checks the kind and every field; throws diffpipe::Error naming m.src, the kind and the field.
@@ -80,5 +87,6 @@ Failed decode_failed(const Message& m);
 Error decode_error(const Message& m);
 Cancel decode_cancel(const Message& m);
 Abort decode_abort(const Message& m);
+PreviewImage decode_preview(Message&& m);
 
 }  // namespace diffpipe::wire

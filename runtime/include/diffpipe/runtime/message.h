@@ -24,9 +24,10 @@ enum class MsgKind : int32_t {
   Failed = 8,     // stage -> coordinator: one request failed (the others go on)
   Cancel = 9,     // coordinator -> the ranks on a request's route: drop it
   Heartbeat = 10, // coordinator -> other ranks, every few seconds: rank 0 is alive (long idle runs)
+  Preview = 11,   // decoder -> coordinator: a partial image of a request (the denoised estimate on the way)
   Test = 100,     // transport tests
 };
-constexpr int32_t kWireVersion = 3;
+constexpr int32_t kWireVersion = 4;
 const char* msg_kind_name(MsgKind k);
 
 // All MPI tags used by diffpipe.

@@ -15,6 +15,7 @@ struct GenerationParams {
   uint64_t seed = 0;
   int width = 0, height = 0;    // 0 = the model's default size
   int clip_skip = 0;            // 0 = last text-encoder layer, 1 = penultimate, ...
+  int previews = 0;             // partial images: the denoised estimate decoded this many times on the way (0-3)
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -28,7 +29,7 @@ namespace diffpipe {
 inline nlohmann::json params_to_json(const GenerationParams& p) {
   return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
           {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
-          {"height", p.height}, {"clip_skip", p.clip_skip}};
+          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}};
 }
 
 inline GenerationParams params_from_json(const nlohmann::json& j) {
@@ -42,6 +43,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.width = j.value("width", 0);
   p.height = j.value("height", 0);
   p.clip_skip = j.value("clip_skip", 0);
+  p.previews = j.value("previews", 0);
   return p;
 }
 

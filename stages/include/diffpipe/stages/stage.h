@@ -23,6 +23,13 @@ struct StageConfig {
   std::string batching = "step";  // multi-step stages: step (continuous) | static | single
 };
 
+// Preview work (a partial image of request `id`, number k) travels under its own id so that it never mixes
+// with the request's own work: preview_id(id, k) = id + k * 2^56. Request ids stay below 2^56.
+constexpr uint64_t kPreviewShift = 56;
+inline uint64_t preview_id(uint64_t id, int k) { return id + (static_cast<uint64_t>(k) << kPreviewShift); }
+inline int preview_number(uint64_t work_id) { return static_cast<int>(work_id >> kPreviewShift); }
+inline uint64_t request_of(uint64_t work_id) { return work_id & ((uint64_t(1) << kPreviewShift) - 1); }
+
 // One request handed to a stage.
 struct StageRequest {
   uint64_t id = 0;
@@ -33,16 +40,18 @@ struct StageRequest {
 
 // What happened to one request in one step() call.
 struct StageEvent {
-  enum class Kind { Progress, Finished, Failed };
+  enum class Kind { Progress, Finished, Failed, Preview };
   Kind kind = Kind::Progress;
   uint64_t id = 0;
   int step = 0, total = 0;          // Progress: calls done and planned in this stage (multi-step stages)
-  std::vector<at::Tensor> outputs;  // Finished: what the next stage consumes (the last stage: the image)
+  std::vector<at::Tensor> outputs;  // Finished: what the next stage consumes (the last stage: the image);
+                                    // Preview: what the next stage turns into partial image number `step`
   std::string error;                // Failed: why (the runner adds rank, stage and request)
 
   static StageEvent progress(uint64_t id, int step, int total) { return {Kind::Progress, id, step, total, {}, {}}; }
   static StageEvent finished(uint64_t id, std::vector<at::Tensor> out) { return {Kind::Finished, id, 0, 0, std::move(out), {}}; }
   static StageEvent failed(uint64_t id, std::string why) { return {Kind::Failed, id, 0, 0, {}, std::move(why)}; }
+  static StageEvent preview(uint64_t id, int k, std::vector<at::Tensor> out) { return {Kind::Preview, id, k, 0, std::move(out), {}}; }
 };
 
 class Stage {
@@ -60,8 +69,9 @@ class Stage {
   virtual std::vector<uint64_t> current_batch() const = 0;
 };
 
-// A stage that runs each request once (encode, decode, upscale): requests wait in arrival order; each step()
-// takes up to max_batch of them whose first inputs share a shape and runs them in one call. When a batched call
+// A stage that runs each request once (encode, decode, upscale): requests wait in arrival order, previews after
+// every final request (lower priority); each step() takes up to max_batch of them whose first inputs share a
+// shape and runs them in one call. When a batched call
 // throws, each request of it is run again alone, so one bad request fails alone.
 class OneShotStage : public Stage {
  public:

@@ -46,6 +46,9 @@ struct DenoiseState {
   int step = 0;             // next UNet call index
   at::Tensor first_bad;     // int64 scalar on the device: the first call after which latents were not finite, or -1
   std::string failure;      // set by the last step when the latents went non-finite: the request failed
+  std::vector<int> preview_at;  // call indices after which a preview is made (GenerationParams::previews)
+  at::Tensor preview;       // set by step(): the denoised estimate x0 [C, h, w] when a preview is due (else undefined)
+  int preview_index = 0;    // 1-based number of that preview
   bool done() const { return step >= sampler->num_calls(); }
   int total_steps() const { return sampler->num_calls(); }
 };
@@ -62,6 +65,10 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
 // ([C, h, w]) when given (tests use the reference's noise).
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
                                 uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor());
+
+// The denoised estimate x0 at call i from the model's output (epsilon, v or sample prediction) and the sample.
+at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, const at::Tensor& output, int i,
+                              const at::Tensor& sample);
 
 // Counter-based standard normal noise for (seed, stream), shaped `shape`, float32 on the CPU.
 at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape);
