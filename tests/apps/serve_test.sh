@@ -41,11 +41,18 @@ stop_and_check() {  # LOG NAME: SIGTERM to rank 0 (which drains), then every ran
 
 for np in 1 3; do
   if start $np "$WORK/serve$np.log" --queue 8 --max-n 8; then
+    rss() { local p=$PID; [ "$np" != 1 ] && for q in $(pgrep -f "serve --model $WORK/m --port 0"); do
+              tr '\0' '\n' < /proc/$q/environ 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && p=$q; done
+            awk '/VmRSS/ {print int($2 / 1024)}' /proc/$p/status; }
     for part in basic disconnect load; do
+      [ $part = load ] && before=$(rss)
       $PY "$HERE/serve_client.py" "$URL" "$WORK/ref" $part > "$WORK/client-$np-$part.log" 2>&1 \
         && ok "np $np, $part: $(grep -c '^ok:' "$WORK/client-$np-$part.log") checks" \
         || { bad "np $np, $part"; grep FAIL "$WORK/client-$np-$part.log"; tail -3 "$WORK/client-$np-$part.log"; }
     done
+    after=$(rss)
+    [ $((after - before)) -lt 150 ] && ok "np $np: rank 0 memory across the 64-client load: $before -> $after MB" \
+      || bad "np $np: rank 0 memory grew from $before to $after MB under load"
     # SIGTERM while a request is in flight: it completes, then every rank exits 0
     $PY "$HERE/serve_client.py" "$URL" "$WORK/ref" inflight > "$WORK/client-$np-inflight.log" 2>&1 &
     cp=$!; sleep 1
