@@ -46,7 +46,8 @@ int serve_main(int argc, char** argv) {
                        {"device", "cpu|cuda", "device of every rank (default cpu)"},
                        {"dtype", "TYPE", "float32 | float16 | bfloat16"},
                        {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
-                       {"timeout", "S", "fail when admitted work makes no progress for S s (default 600)"}},
+                       {"timeout", "S", "fail when admitted work makes no progress for S s (default 600)"},
+                       {"inject-failure", "STAGE:IMAGE", "testing aid: the IMAGE-th image served (from 1) fails in STAGE"}},
                    argc, argv, "POST /v1/images/generations, GET /healthz, /v1/models, /metrics; SIGTERM drains");
     if (parsed->help_requested()) return;
     DP_CHECK(parsed->has("model"), "serve: --model DIR is required");
@@ -87,6 +88,7 @@ int serve_main(int argc, char** argv) {
     opts.placement.validate(a.has("pipeline") ? a.str("pipeline") : "command line");
     opts.reject_when_full = true;  // a full queue answers 429 at once
     opts.timeout_s = a.number("timeout", 600);
+    opts.inject_failure = a.str("inject-failure");
     opts.model_dir = dir;
     DeviceSpec spec;
     const RankSpec& rs = opts.placement.ranks.at(world.rank);

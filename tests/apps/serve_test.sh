@@ -55,13 +55,26 @@ for np in 1 3; do
       || bad "np $np: rank 0 memory grew from $before to $after MB under load"
     # SIGTERM while a request is in flight: it completes, then every rank exits 0
     $PY "$HERE/serve_client.py" "$URL" "$WORK/ref" inflight > "$WORK/client-$np-inflight.log" 2>&1 &
-    cp=$!; sleep 1
+    cp=$!
+    for i in $(seq 1 300); do  # SIGTERM once the request is really in flight
+      curl -s "$URL/metrics" | grep -q '^diffpipe_open_requests 1' && break; sleep 0.05
+    done
     stop_and_check "$WORK/serve$np.log" "np $np"
     wait $cp && ok "np $np: the request in flight at SIGTERM got its image" || { bad "np $np: in-flight request"; cat "$WORK/client-$np-inflight.log"; }
   else
     bad "np $np: server start"
   fi
 done
+
+# a failed image (500 for itself) and a request past its deadline (504); the server goes on
+if start 1 "$WORK/serve-faults.log" --timeout-request 1 --inject-failure denoise:2; then
+  $PY "$HERE/serve_client.py" "$URL" "$WORK/ref" faults > "$WORK/client-faults.log" 2>&1 \
+    && ok "faults: $(grep -c '^ok:' "$WORK/client-faults.log") checks (500 for a failed image, 504 past the deadline)" \
+    || { bad "faults"; grep FAIL "$WORK/client-faults.log"; tail -3 "$WORK/client-faults.log"; }
+  stop_and_check "$WORK/serve-faults.log" "faults server"
+else
+  bad "faults server start"
+fi
 
 echo "$passed passed, $fails failed"
 [ $fails = 0 ]
