@@ -214,6 +214,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         std::lock_guard<std::mutex> lk(self->impl.mu);
         if (self->job && !self->job->answered) {
           self->job->answered = true;
+          --self->impl.jobs_open;
           for (uint64_t id : self->job->ids)
             if (self->impl.waiting.count(id)) self->impl.cancels.push_back(id);
           ++self->impl.responses["client closed"];
