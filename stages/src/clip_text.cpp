@@ -59,7 +59,7 @@ at::Tensor ClipTextModel::text_embeds(const at::Tensor& input_ids) const {
   return impl_->projection(forward(input_ids).pooled);
 }
 
-ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip) const {
+ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip, const at::Tensor& attention_mask) const {
   const Impl& m = *impl_;
   DP_CHECK(input_ids.dim() == 2, "text encoder: input_ids must be [batch, length]");
   const int64_t B = input_ids.size(0), L = input_ids.size(1), D = cfg_.hidden_size, H = cfg_.num_attention_heads;
@@ -70,7 +70,8 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
   if (nn::batch_invariant() && B > 1) {
     std::vector<at::Tensor> last, pooled;
     for (int64_t i = 0; i < B; ++i) {
-      ClipTextOutput o = forward(input_ids.slice(0, i, i + 1), clip_skip);
+      ClipTextOutput o = forward(input_ids.slice(0, i, i + 1), clip_skip,
+                                 attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
       last.push_back(o.last_hidden_state);
       pooled.push_back(o.pooled);
     }
@@ -82,6 +83,12 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
   at::Tensor x = at::embedding(m.token_embedding, ids) + m.position_embedding.slice(0, 0, L).unsqueeze(0);
   // causal mask [L, L]: -inf above the diagonal
   at::Tensor mask = at::full({L, L}, -std::numeric_limits<float>::infinity(), x.options()).triu(1);
+  if (attention_mask.defined()) {  // [B, 1, L, L]: padding keys masked for every query
+    DP_CHECK(attention_mask.dim() == 2 && attention_mask.size(0) == B && attention_mask.size(1) == L,
+             "text encoder: attention_mask must be [", B, ", ", L, "], got ", attention_mask.sizes());
+    const at::Tensor pad = attention_mask.to(x.device()).eq(0).view({B, 1, 1, L});
+    mask = at::where(pad, at::full({}, -std::numeric_limits<float>::infinity(), x.options()), mask.view({1, 1, L, L}));
+  }
   auto run_layer = [&](const Impl::Layer& l, const at::Tensor& h) {
     at::Tensor r = h;
     at::Tensor y = l.ln1(h);

@@ -37,7 +37,9 @@ class ClipTextModel {
   static std::shared_ptr<ClipTextModel> load(const std::string& dir, const DeviceSpec& spec);
 
   // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
-  ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0) const;
+  // attention_mask ([B, L], 1 = token, 0 = padding; optional): padding keys are masked too, as transformers does
+  // when given one (StableUnCLIPPipeline's prior text encoder); without it only the causal mask applies.
+  ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0, const at::Tensor& attention_mask = at::Tensor()) const;
   // CLIPTextModelWithProjection's text_embeds: pooled @ text_projection^T ([B, projection_dim]); needs
   // projection_dim > 0 and the text_projection.weight tensor.
   at::Tensor text_embeds(const at::Tensor& input_ids) const;
