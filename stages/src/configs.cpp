@@ -165,7 +165,14 @@ UNetConfig UNetConfig::load(const std::string& path) {
   };
   require("act_fn", "silu");
   require("time_embedding_type", "positional");
-  require("class_embed_type", nullptr);
+  c.class_embed_type = j.has("class_embed_type") && !j.json()["class_embed_type"].is_null() ? j.string("class_embed_type", "") : "";
+  if (!c.class_embed_type.empty() && c.class_embed_type != "projection")
+    j.fail("class_embed_type", "unsupported value \"" + c.class_embed_type + "\" (supported: null, \"projection\")");
+  if (c.class_embed_type == "projection") {
+    c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
+    j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
+    require("class_embeddings_concat", false);
+  }
   require("num_class_embeds", nullptr);
   require("addition_embed_type", nullptr);
   require("encoder_hid_dim", nullptr);

@@ -39,6 +39,7 @@ struct UNet2DConditionModel::Impl {
   };
   nn::Conv2d conv_in, conv_out;
   nn::Linear time_linear_1, time_linear_2;
+  nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection"
   std::vector<Block> down, up;
   nn::ResnetBlock2D mid_res0, mid_res1;
   nn::Transformer2DModel mid_attn;
@@ -53,6 +54,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   m->conv_in = nn::Conv2d(w, "conv_in", c.in_channels, boc[0], 3, 1, 1);
   m->time_linear_1 = nn::Linear(w, "time_embedding.linear_1", boc[0], temb);
   m->time_linear_2 = nn::Linear(w, "time_embedding.linear_2", temb, temb);
+  if (c.class_embed_type == "projection") {
+    m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
+    m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
+  }
   int64_t out_ch = boc[0];
   for (size_t i = 0; i < n; ++i) {
     const int64_t in_ch = out_ch;
@@ -125,7 +130,7 @@ int64_t UNet2DConditionModel::downscale() const {
 }
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
-                                         const at::Tensor& context) const {
+                                         const at::Tensor& context, const at::Tensor& class_labels) const {
   const Impl& m = *impl_;
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
            ", H, W], got ", shape_str(sample.sizes()));
@@ -141,11 +146,22 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
   if (nn::batch_invariant() && B > 1)
     return nn::per_sample(B, [&](int64_t i) {
-      return forward(sample.slice(0, i, i + 1), t.slice(0, i, i + 1), context.slice(0, i, i + 1));
+      return forward(sample.slice(0, i, i + 1), t.slice(0, i, i + 1), context.slice(0, i, i + 1),
+                     class_labels.defined() ? class_labels.slice(0, i, i + 1) : class_labels);
     });
   at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
                          .to(sample.device(), sample.scalar_type());
   at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
+  if (cfg_.class_embed_type == "projection") {  // Stable unCLIP: the noised image embedding joins the time embedding
+    DP_CHECK(class_labels.defined() && class_labels.dim() == 2 && class_labels.size(0) == B &&
+                 class_labels.size(1) == cfg_.projection_class_embeddings_input_dim,
+             "unet: class_labels must be [", B, ", ", cfg_.projection_class_embeddings_input_dim,
+             "] for class_embed_type \"projection\"");
+    const at::Tensor cl = class_labels.to(sample.device(), emb.scalar_type());
+    emb = emb + m.class_linear_2(at::silu(m.class_linear_1(cl)));
+  } else {
+    DP_CHECK(!class_labels.defined(), "unet: class_labels given, but the config has no class_embed_type");
+  }
   at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {

@@ -5,6 +5,7 @@
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/tokenizer.h"
+#include "diffpipe/stages/unet.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -45,4 +46,22 @@ TEST(GoldenUnclip, PriorTextEncoderWithProjection) {
   std::printf("[golden-unclip] prior text encoder: text_embeds %.2e, last_hidden_state %.2e\n", e1, e2);
   EXPECT_LE(e1, 1e-4);
   EXPECT_LE(e2, 1e-4);
+}
+
+// The unCLIP UNet: class_embed_type "projection" adds the projected (noise-augmented) image embedding to the time
+// embedding; linear projections and upcast attention as in SD 2.x.
+TEST(GoldenUnclip, UNetWithProjectionClassEmbedding) {
+  DP_REQUIRE_UNCLIP(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto unet = UNet2DConditionModel::load(dir + "/model/unet", DeviceSpec{});
+  EXPECT_EQ(unet->config().class_embed_type, "projection");
+  const at::Tensor out = unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"),
+                                       g.at("unet.class_labels"));
+  const double e = rel_err(out, g.at("unet.out"));
+  std::printf("[golden-unclip] unet with class embedding: %.2e\n", e);
+  EXPECT_LE(e, 1e-4);
+  EXPECT_NE(test::error_of([&] {
+              unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"));
+            }).find("class_labels must be [2, 64]"),
+            std::string::npos);
 }

@@ -31,6 +31,8 @@ struct UNetConfig {
   double mid_block_scale_factor = 1.0;
   int64_t downsample_padding = 1;
   int64_t sample_size = 64;
+  std::string class_embed_type;                    // "" (none) | "projection" (Stable unCLIP's image embedding)
+  int64_t projection_class_embeddings_input_dim = 0;
   static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
 };
 
@@ -40,9 +42,11 @@ class UNet2DConditionModel {
   static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec);
 
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
-  // encoder_hidden_states: [B, L, cross_attention_dim]. Returns the noise (or v) prediction [B, C_out, H, W].
-  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps,
-                     const at::Tensor& encoder_hidden_states) const;
+  // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]
+  // when class_embed_type is "projection" (added to the time embedding), else undefined.
+  // Returns the noise (or v) prediction [B, C_out, H, W].
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
+                     const at::Tensor& class_labels = at::Tensor()) const;
   const UNetConfig& config() const { return cfg_; }
   int64_t downscale() const;  // 2^(number of downsamplers): H and W must be multiples of this
 
