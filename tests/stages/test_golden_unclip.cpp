@@ -4,6 +4,7 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/prior.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/unet.h"
 #include "test_util.h"
@@ -64,4 +65,19 @@ TEST(GoldenUnclip, UNetWithProjectionClassEmbedding) {
               unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"));
             }).find("class_labels must be [2, 64]"),
             std::string::npos);
+}
+
+// One PriorTransformer call (Karlo layout: linear encoder projection, prd token, causal plus padding mask) and
+// post_process_latents (clip_std, clip_mean), against the reference.
+TEST(GoldenUnclip, PriorTransformerCall) {
+  DP_REQUIRE_UNCLIP(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto prior = PriorTransformer::load(dir + "/model/prior", DeviceSpec{});
+  const at::Tensor out = prior->forward(g.at("prior.latents"), g.at("prior.timesteps"), g.at("prior.proj_embedding"),
+                                        g.at("prior.encoder_hidden_states"), g.at("prior.attention_mask"));
+  const double e = rel_err(out, g.at("prior.predicted_image_embedding"));
+  const double p = rel_err(prior->post_process_latents(g.at("prior.latents")), g.at("prior.post_processed"));
+  std::printf("[golden-unclip] prior transformer: %.2e, post_process_latents: %.2e\n", e, p);
+  EXPECT_LE(e, 1e-4);
+  EXPECT_LE(p, 1e-4);
 }
