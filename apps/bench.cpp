@@ -150,7 +150,7 @@ int bench_main(int argc, char** argv) {
   const int max_batch = static_cast<int>(a.integer("max-batch", 8));
   DP_CHECK(n >= 1 && n <= 100000 && steps >= 1 && max_batch >= 1, "bench: --images, --steps and --max-batch must be >= 1");
   int threads = static_cast<int>(a.integer("threads", 0));
-  if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world.local_size));
+  if (threads <= 0) threads = mpi::threads_per_rank();
   at::set_num_threads(threads);
   RankSpec rs;
   rs.device = a.str("device", "cpu");
@@ -170,10 +170,7 @@ int bench_main(int argc, char** argv) {
   run_on_all_ranks_or_fail([&] {
     layout = pipeline_layout(model_dir);
     for (const auto& k : kinds) (void)make_placement(k, world.size, rs, layout, max_batch);
-    DeviceSpec spec;
-    if (rs.device == "cuda") spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
-    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-    model = SdModel::load(model_dir, spec);  // every stage: each placement puts different stages on a rank
+    model = SdModel::load(model_dir, device_spec_of(rs));  // every stage: each placement puts different stages on a rank
     const char* prompts[] = {"a red circle at the top left", "a blue square", "a green triangle on a black background",
                              "a small yellow circle", "two shapes"};
     for (int i = 0; i < n; ++i) {

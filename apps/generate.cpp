@@ -344,7 +344,7 @@ int generate_main(int argc, char** argv) {
 
   int threads = static_cast<int>(a.integer("threads", 0));
   if (threads <= 0) {
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world.local_size));
+    threads = mpi::threads_per_rank();
   }
   at::set_num_threads(threads);
   if (a.has("cpu-cache-mb")) {

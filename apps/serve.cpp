@@ -64,7 +64,7 @@ int serve_main(int argc, char** argv) {
   std::signal(SIGTERM, world.rank == 0 ? on_serve_signal : SIG_IGN);
   std::signal(SIGINT, world.rank == 0 ? on_serve_signal : SIG_IGN);
   int threads = static_cast<int>(a.integer("threads", 0));
-  if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, world.local_size));
+  if (threads <= 0) threads = mpi::threads_per_rank();
   at::set_num_threads(threads);
 
   const std::string dir = a.str("model");
@@ -90,10 +90,7 @@ int serve_main(int argc, char** argv) {
     opts.timeout_s = a.number("timeout", 600);
     opts.inject_failure = a.str("inject-failure");
     opts.model_dir = dir;
-    DeviceSpec spec;
-    const RankSpec& rs = opts.placement.ranks.at(world.rank);
-    if (rs.device == "cuda") spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
-    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    const DeviceSpec spec = device_spec_of(opts.placement.ranks.at(world.rank), opts.placement.batch_invariant);
     unsigned comps = components_for(opts.placement.stages_on(world.rank));
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
     model = SdModel::load(dir, spec, comps);

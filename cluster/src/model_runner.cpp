@@ -8,6 +8,18 @@
 
 namespace diffpipe {
 
+DeviceSpec device_spec_of(const RankSpec& rs, bool batch_invariant) {
+  DeviceSpec spec;
+  if (rs.device == "cuda") {
+    const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+    DP_CHECK(n > 0, "rank ", mpi::world().rank, ": device \"cuda\" requested but no GPU is visible");
+    spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(mpi::world().local_rank % n));
+  }
+  spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  spec.batch_invariant = batch_invariant;
+  return spec;
+}
+
 namespace {
 // Each rank loads what its stages need; a load failure anywhere fails every rank with one message.
 SdModel load_rank_model(const RunOptions& opts, Transport& transport, RunOptions* fitted) {
@@ -17,14 +29,7 @@ SdModel load_rank_model(const RunOptions& opts, Transport& transport, RunOptions
   *fitted = opts;
   run_on_all_ranks_or_fail([&] {
     fitted->placement.fit(pipeline_layout(opts.model_dir), "placement");
-    DeviceSpec spec;
-    if (rs.device == "cuda") {
-      const int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
-      DP_CHECK(n > 0, "rank ", me, ": device \"cuda\" requested but no GPU is visible");
-      spec.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(mpi::world().local_rank % n));
-    }
-    spec.dtype = rs.dtype == "float16" ? at::kHalf : rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-    spec.batch_invariant = opts.placement.batch_invariant;
+    const DeviceSpec spec = device_spec_of(rs, opts.placement.batch_invariant);
     model = SdModel::load(opts.model_dir, spec, components_for(fitted->placement.stages_on(me)));
   });
   return model;
@@ -54,11 +59,12 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdMode
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model,
                       const std::vector<GenerationParams>& requests,
                       const std::function<void(GeneratedImage&&)>& on_result) {
-  RunOptions o = opts;
-  run_on_all_ranks_or_fail([&] { o.placement.fit(pipeline_layout(model.dir), "placement"); });
-  const PipelineDef pipeline = model_pipeline(model, o.placement.stage_names());
-  return run_stages(o, transport, pipeline, requests, on_result,
-                    [&](const GenerationParams& p) { (void)resolve_params(model, p); });
+  run_on_all_ranks_or_fail([&] {  // bad settings fail before any work
+    if (transport.rank() == 0)
+      for (const auto& p : requests) (void)resolve_params(model, p);
+  });
+  ListFeed feed(requests, opts.meta, on_result);
+  return run_pipeline(opts, transport, model, &feed);
 }
 
 }  // namespace diffpipe

@@ -183,15 +183,12 @@ RunStats run_stages(const RunOptions& opts, Transport& transport, const Pipeline
                     const std::vector<GenerationParams>& requests,
                     const std::function<void(GeneratedImage&&)>& on_result,
                     const std::function<void(const GenerationParams&)>& validate) {
-  std::shared_ptr<Clock> clock = opts.clock ? opts.clock : std::make_shared<SteadyClock>();
   run_on_all_ranks_or_fail([&] {
-    check_pipeline(opts, pipeline);
     if (transport.rank() == 0 && validate)
       for (const auto& p : requests) validate(p);  // bad settings fail before any work
   });
   ListFeed feed(requests, opts.meta, on_result);
-  runner::RankNode node(opts, transport, pipeline, *clock);
-  return node.run(&feed);
+  return run_stages(opts, transport, pipeline, &feed);
 }
 
 }  // namespace diffpipe

@@ -44,34 +44,39 @@ void StageWorker::accept(Message&& m) {
   wire::Work w = wire::decode_work(std::move(m));
   DP_CHECK(w.stage == k_, "rank ", ctx_.rank(), " stage ", def_.name, " received work for stage ", w.stage);
   if (ctx_.is_cancelled(w.request)) return;
-  if (w.preview > 0) {  // a partial image: its own id, never injected into, never failing the request
-    StageRequest r;
-    r.id = preview_id(w.request, w.preview);
-    r.params = w.params;
-    r.inputs = std::move(w.tensors);
-    r.priority = w.priority;
-    try {
-      held_[r.id] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
-      stage_->add(std::move(r), ctx_.clock.now());
-    } catch (const std::exception& e) {
-      held_.erase(preview_id(w.request, w.preview));
-      DP_LOG(Warn, who(w.request), ": preview ", w.preview, " dropped: ", describe(e));
-    }
-    return;
-  }
-  current_ = w.request;
+  // a partial image travels under its own id; it is never injected into and never fails the request
+  const bool preview = w.preview > 0;
+  const uint64_t id = preview ? preview_id(w.request, w.preview) : w.request;
+  if (!preview) current_ = w.request;
   try {
-    inj_.maybe_fire(def_.name, w.request, ctx_.rank());
+    if (!preview) inj_.maybe_fire(def_.name, w.request, ctx_.rank());
     StageRequest r;
-    r.id = w.request;
+    r.id = id;
     r.params = w.params;
     r.inputs = std::move(w.tensors);
     r.priority = w.priority;
-    held_[w.request] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
+    held_[id] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
     stage_->add(std::move(r), ctx_.clock.now());
   } catch (const std::exception& e) {
-    fail(w.request, describe(e));
+    if (!preview) return fail(w.request, describe(e));
+    held_.erase(id);
+    DP_LOG(Warn, who(w.request), ": preview ", w.preview, " dropped: ", describe(e));
   }
+}
+
+// Sends a request's outputs on to the next stage of its route (preview > 0: as that partial image).
+void StageWorker::forward(uint64_t request, Held h, int preview, std::vector<at::Tensor> outputs) {
+  wire::Work w;
+  w.request = request;
+  w.stage = k_ + 1;
+  w.params = std::move(h.params);
+  w.route = std::move(h.route);
+  w.priority = h.priority;
+  w.trail = std::move(h.trail);
+  w.preview = preview;
+  w.tensors = std::move(outputs);
+  const int dst = w.route.at(k_ + 1);
+  ctx_.send(dst, wire::encode(std::move(w)));
 }
 
 void StageWorker::drop_cancelled() {
@@ -100,22 +105,10 @@ void StageWorker::emit(std::vector<StageEvent>& events) {
     switch (ev.kind) {
       case StageEvent::Kind::Progress: steps.items.push_back({ev.id, ev.step, ev.total}); break;
       case StageEvent::Kind::Failed: fail(ev.id, ev.error); break;
-      case StageEvent::Kind::Preview: {  // on to the next stage, which turns it into partial image number ev.step
-        if (k_ + 1 >= static_cast<int>(ctx_.pipeline.size()) || ev.outputs.empty()) break;
-        const Held& h = it->second;
-        wire::Work w;
-        w.request = ev.id;
-        w.stage = k_ + 1;
-        w.params = h.params;
-        w.route = h.route;
-        w.priority = h.priority;
-        w.trail = h.trail;
-        w.preview = ev.step;
-        w.tensors = std::move(ev.outputs);
-        const int dst = w.route.at(k_ + 1);
-        ctx_.send(dst, wire::encode(std::move(w)));
+      case StageEvent::Kind::Preview:  // on to the next stage, which turns it into partial image number ev.step
+        if (k_ + 1 < static_cast<int>(ctx_.pipeline.size()) && !ev.outputs.empty())
+          forward(ev.id, it->second, ev.step, std::move(ev.outputs));
         break;
-      }
       case StageEvent::Kind::Finished: {
         Held h = std::move(it->second);
         held_.erase(it);
@@ -127,16 +120,7 @@ void StageWorker::emit(std::vector<StageEvent>& events) {
           break;
         }
         ctx_.send(0, wire::encode(wire::StageDone{ev.id, k_}));
-        wire::Work w;
-        w.request = ev.id;
-        w.stage = k_ + 1;
-        w.params = std::move(h.params);
-        w.route = std::move(h.route);
-        w.priority = h.priority;
-        w.trail = std::move(h.trail);
-        w.tensors = std::move(ev.outputs);
-        const int dst = w.route.at(k_ + 1);
-        ctx_.send(dst, wire::encode(std::move(w)));
+        forward(ev.id, std::move(h), 0, std::move(ev.outputs));
         break;
       }
     }

@@ -30,6 +30,7 @@ class StageWorker {
   void drop_cancelled();
   void fail(uint64_t id, const std::string& why);
   void emit(std::vector<StageEvent>& events);
+  void forward(uint64_t request, Held h, int preview, std::vector<at::Tensor> outputs);
   std::string who(uint64_t id) const;
 
   NodeContext& ctx_;

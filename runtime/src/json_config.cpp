@@ -142,6 +142,11 @@ std::vector<int64_t> JsonConfig::int_or_list(const std::string& key, size_t n, i
   return l;
 }
 
+void JsonConfig::require(const std::string& key, const nlohmann::json& allowed) const {
+  if (has(key) && json()[key] != allowed)
+    fail(key, "unsupported value " + json()[key].dump() + " (supported: " + allowed.dump() + ")");
+}
+
 void JsonConfig::at_least(const std::string& key, int64_t value, int64_t lo) const {
   if (value < lo) fail(key, "must be at least " + std::to_string(lo) + ", got " + std::to_string(value));
 }

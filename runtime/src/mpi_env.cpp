@@ -2,7 +2,9 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <thread>
 #include <mutex>
 
 #include "diffpipe/runtime/error.h"
@@ -45,6 +47,10 @@ World init(int* argc, char*** argv) {
 }
 
 const World& world() { return g_world; }
+
+int threads_per_rank() {
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, g_world.local_size));
+}
 
 void finalize() {
   if (g_world.active) {

@@ -159,39 +159,35 @@ UNetConfig UNetConfig::load(const std::string& path) {
   c.downsample_padding = j.integer("downsample_padding", 1);
   c.sample_size = j.integer("sample_size", 64);
   // Values this implementation does not support are rejected rather than ignored.
-  auto require = [&](const char* key, const nlohmann::json& allowed) {
-    if (j.has(key) && j.json()[key] != allowed)
-      j.fail(key, "unsupported value " + j.json()[key].dump() + " (supported: " + allowed.dump() + ")");
-  };
-  require("act_fn", "silu");
-  require("time_embedding_type", "positional");
+  j.require("act_fn", "silu");
+  j.require("time_embedding_type", "positional");
   c.class_embed_type = j.has("class_embed_type") && !j.json()["class_embed_type"].is_null() ? j.string("class_embed_type", "") : "";
   if (!c.class_embed_type.empty() && c.class_embed_type != "projection")
     j.fail("class_embed_type", "unsupported value \"" + c.class_embed_type + "\" (supported: null, \"projection\")");
   if (c.class_embed_type == "projection") {
     c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
     j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
-    require("class_embeddings_concat", false);
+    j.require("class_embeddings_concat", false);
   }
-  require("num_class_embeds", nullptr);
-  require("addition_embed_type", nullptr);
-  require("encoder_hid_dim", nullptr);
-  require("time_cond_proj_dim", nullptr);
-  require("time_embedding_dim", nullptr);
-  require("timestep_post_act", nullptr);
-  require("time_embedding_act_fn", nullptr);
-  require("resnet_time_scale_shift", "default");
-  require("resnet_skip_time_act", false);
-  require("resnet_out_scale_factor", 1.0);
-  require("only_cross_attention", false);
-  require("dual_cross_attention", false);
-  require("center_input_sample", false);
-  require("conv_in_kernel", 3);
-  require("conv_out_kernel", 3);
-  require("attention_type", "default");
-  require("cross_attention_norm", nullptr);
-  require("class_embeddings_concat", false);
-  require("reverse_transformer_layers_per_block", nullptr);
+  j.require("num_class_embeds", nullptr);
+  j.require("addition_embed_type", nullptr);
+  j.require("encoder_hid_dim", nullptr);
+  j.require("time_cond_proj_dim", nullptr);
+  j.require("time_embedding_dim", nullptr);
+  j.require("timestep_post_act", nullptr);
+  j.require("time_embedding_act_fn", nullptr);
+  j.require("resnet_time_scale_shift", "default");
+  j.require("resnet_skip_time_act", false);
+  j.require("resnet_out_scale_factor", 1.0);
+  j.require("only_cross_attention", false);
+  j.require("dual_cross_attention", false);
+  j.require("center_input_sample", false);
+  j.require("conv_in_kernel", 3);
+  j.require("conv_out_kernel", 3);
+  j.require("attention_type", "default");
+  j.require("cross_attention_norm", nullptr);
+  j.require("class_embeddings_concat", false);
+  j.require("reverse_transformer_layers_per_block", nullptr);
   // Values that would crash or silently break the forward pass are refused here, naming the key.
   j.at_least("in_channels", c.in_channels, 1);
   j.at_least("out_channels", c.out_channels, 1);

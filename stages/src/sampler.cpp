@@ -397,18 +397,26 @@ class DPMSolverSampler : public Sampler {
 std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas) {
   DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "sampler: steps must be in [1, ", cfg.num_train_timesteps,
            "], got ", steps);
+  std::unique_ptr<Sampler> s;
   switch (kind) {
-    case SamplerKind::DDIM: return std::make_unique<DDIMSampler>(cfg, steps);
-    case SamplerKind::PNDM: return std::make_unique<PNDMSampler>(cfg, steps);
+    case SamplerKind::DDIM: s = std::make_unique<DDIMSampler>(cfg, steps); break;
+    case SamplerKind::PNDM: s = std::make_unique<PNDMSampler>(cfg, steps); break;
     case SamplerKind::Euler: {
       SchedulerConfig c = cfg;
       c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;
-      return std::make_unique<EulerSampler>(c, steps, false);
+      s = std::make_unique<EulerSampler>(c, steps, false);
+      break;
     }
-    case SamplerKind::EulerAncestral: return std::make_unique<EulerSampler>(cfg, steps, true);
-    case SamplerKind::DPMSolverMultistep: return std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas);
+    case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
+    case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
   }
-  DP_FAIL("sampler: unknown kind");
+  DP_CHECK(s, "sampler: unknown kind");
+  // with steps_offset, as many steps as training timesteps run past the last one
+  for (double t : s->timesteps())
+    DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "steps: ", steps, " steps give timestep ", t,
+             ", beyond the scheduler's ", cfg.num_train_timesteps, " training timesteps (steps_offset ",
+             cfg.steps_offset, "); use fewer steps");
+  return s;
 }
 
 }  // namespace diffpipe

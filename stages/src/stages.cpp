@@ -43,18 +43,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
   DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
            model.scheduler.num_train_timesteps, "], got ", p.steps);
-  {  // the schedule itself: with steps_offset, as many steps as training timesteps run past the last one
-    std::unique_ptr<Sampler> probe;
-    try {
-      probe = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);
-    } catch (const std::exception& e) {
-      DP_FAIL("steps: ", p.steps, " steps do not fit this scheduler: ", e.what());
-    }
-    for (double t : probe->timesteps())
-      DP_CHECK(t >= 0 && t < model.scheduler.num_train_timesteps, "steps: ", p.steps, " steps give timestep ", t,
-               ", beyond the scheduler's ", model.scheduler.num_train_timesteps,
-               " training timesteps (steps_offset ", model.scheduler.steps_offset, "); use fewer steps");
-  }
+  r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);  // checks the schedule itself
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
@@ -77,7 +66,7 @@ at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape) {
 
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
                                 const at::Tensor& initial_noise) {
-  const ResolvedParams r = resolve_params(model, p);
+  ResolvedParams r = resolve_params(model, p);
   DenoiseState s;
   s.id = id;
   s.guidance = p.guidance;
@@ -86,7 +75,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.uncond = emb.uncond;
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
-  s.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);
+  s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});

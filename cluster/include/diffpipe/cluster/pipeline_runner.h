@@ -133,6 +133,10 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdMode
 // A model's pipeline fed by `feed` (rank 0; nullptr elsewhere): the server's form.
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model, RequestFeed* feed);
 
+// The device and dtype a rank's models use: its RankSpec (cuda: the GPU of its node-local rank, checked to exist).
+struct DeviceSpec;
+DeviceSpec device_spec_of(const RankSpec& rs, bool batch_invariant = false);
+
 // Start-up agreement: runs `step` on every rank; if it throws anywhere, every rank throws the message of the
 // lowest failing rank (rank 0 prints it once). Without MPI it just runs `step`.
 void run_on_all_ranks_or_fail(const std::function<void()>& step);

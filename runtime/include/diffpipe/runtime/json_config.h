@@ -38,6 +38,8 @@ class JsonConfig {
   void at_least(const std::string& key, int64_t value, int64_t lo) const;
   void at_least(const std::string& key, const std::vector<int64_t>& values, int64_t lo) const;
   void positive(const std::string& key, double value) const;
+  // A key this implementation supports only with one value: absent, or exactly `allowed` (else an error naming it).
+  void require(const std::string& key, const nlohmann::json& allowed) const;
   void finite(const std::string& key, double value) const;
 
  private:

@@ -15,6 +15,7 @@ struct World {
 };
 
 bool launched_by_mpirun();        // environment says so
+int threads_per_rank();           // default CPU threads: the node's cores shared by its ranks (at least 1)
 World init(int* argc, char*** argv);  // idempotent
 const World& world();
 void finalize();                  // no-op without MPI

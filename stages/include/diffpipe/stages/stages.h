@@ -58,6 +58,7 @@ struct ResolvedParams {
   SamplerKind kind;
   bool karras = false;
   int width = 0, height = 0;
+  std::unique_ptr<Sampler> sampler;  // built (and its schedule checked) for p.steps
 };
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
 
