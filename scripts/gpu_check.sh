@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
-#   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,speed by default; also transport,pipeline,sd15,scheduler)
+#   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
+#                                  pipeline, sd15, scheduler). The build is kept in build-gpu/ while the machine
+#                                  is warm, so a second call (other parts) skips it.
 # Libraries the GPU image lacks (ICU, libpng, nlohmann-json, GoogleTest headers) come from .gpu/deps.tar.xz,
 # built from this project's Debian machine; the reference folder from .gpu/golden; diffusers' wheel from .gpu/wheels.
 set -u
@@ -10,7 +12,7 @@ LOG=$OUT/gpu_log.txt
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $* ($(date +%T))"; }
 # GPU_CHECK_PARTS: which parts to run after the build (default: all)
-PARTS=${GPU_CHECK_PARTS:-golden,speed}
+PARTS=${GPU_CHECK_PARTS:-golden,variants,vs_b1,vs_b8}
 want() { case ",$PARTS," in *",$1,"*) return 0;; *) return 1;; esac; }
 ROOT=$PWD
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -28,17 +30,21 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=
   -DCMAKE_CUDA_ARCHITECTURES=90 -DZLIB_LIBRARY="$ZL" -DZLIB_INCLUDE_DIR="$DEPS/include" > "$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
 grep -E "diffpipe:" "$OUT/configure.log"
-cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$OUT/build.log" | head -60; exit 1; }
+# Only what the parts asked for use (the whole tree takes longer): the app, the stage tests, the benchmarks.
+TARGETS="diffpipe test_stages bench_sd"
+want transport && TARGETS="$TARGETS test_transport bench_transport"
+want sd15 && TARGETS="$TARGETS bench_pipeline"
+want scheduler && TARGETS="$TARGETS bench_scheduler"
+cmake --build build-gpu -j16 --target $TARGETS > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A5 "$OUT/build.log" | head -60; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 B=build-gpu
 export DIFFPIPE_GOLDEN=$ROOT/.gpu/golden/tiny-sd
 if want golden; then
-step "golden checks: cpu float32, cuda float32, cuda float16, cuda bfloat16"
-timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 | grep -E "golden\]|OK|FAILED|PASSED"
-for dt in float32 float16 bfloat16; do
+step "golden checks (and CUDA graphs / fused kernels): cuda float16, float32, bfloat16"
+for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   echo "--- cuda $dt"
-  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*' 2>&1 \
-    | grep -E "golden\]|OK|FAILED|PASSED|Failure|Which|rel_err"
+  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*:Cuda.*' 2>&1 \
+    | grep -E "golden\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
 fi
 if want transport; then
@@ -61,7 +67,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler || want speed; then
+if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8; then
 t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"
 fi
 if want sd15; then
@@ -76,13 +82,55 @@ if want scheduler; then
 step "scheduler: Poisson arrivals, step vs static vs one-at-a-time, SD 1.5 architecture 512x512 float16"
 timeout 400 $B/benchmarks/bench_scheduler --model /tmp/sd15 --requests 24 --device cuda --dtype float16 --rates 0.5,1,2,4
 fi
-if want speed; then
-step "vs diffusers (eager and torch.compile): SD 1.5 architecture, 512 px, float16, guidance 7.5"
-pip install --quiet --no-deps .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
+if want variants; then
+step "diffpipe variants, SD 1.5 architecture 512 px float16 (bench_sd alone; each line one process)"
+# graphs / fused kernels on by default; DIFFPIPE_*=0 turns one off; cuDNN autotuning and channels-last opt in
+variant() {  # name, env..., then bench_sd args after --
+  local name=$1; shift; local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  env "${envs[@]}" timeout 120 $B/benchmarks/bench_sd --model /tmp/sd15 --size 512 --device cuda --dtype float16 \
+    --guidance 7.5 "$@" > $OUT/v.json 2> $OUT/v.err || { echo "$name: FAILED"; tail -3 $OUT/v.err; return; }
+  local images; images=$(echo "$@" | sed -E 's/.*--images ([0-9]+).*/\1/')
+  python3 - "$name" "$OUT/v.json" "$images" <<'PY'
+import json, sys
+name, f, images = sys.argv[1], sys.argv[2], int(sys.argv[3])
+d = json.loads(open(f).read().strip().splitlines()[-1])
+out = [f"{name:<28}"]
+if "loop_s" in d: out.append(f"loop {max(d['loop_steps_per_s']):7.2f} steps/s")
+if "unet_s" in d: out.append(f"unet {1000 * min(d['unet_s']):7.2f} ms")
+if "e2e_s" in d: out.append(f"e2e {images / min(d['e2e_s']):6.3f} img/s")
+out.append(f"peak {d['peak_bytes'] / 2**30:5.2f} GiB")
+print("  ".join(out), flush=True)
+PY
+  grep -i "warn" $OUT/v.err | head -2
+}
+B1="--images 1 --steps 50 --parts loop,unet --rounds 3"
+B8="--images 8 --steps 50 --parts e2e --rounds 2"
+echo "--- batch 1 (guidance: UNet batch 2), 50 steps"
+variant "b1 default" X=1 -- $B1
+variant "b1 no graphs" DIFFPIPE_CUDA_GRAPHS=0 -- $B1
+variant "b1 no fused kernels" DIFFPIPE_FUSED_KERNELS=0 -- $B1
+variant "b1 neither (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 -- $B1
+variant "b1 +cudnn benchmark" DIFFPIPE_CUDNN_BENCHMARK=1 -- $B1
+variant "b1 +channels-last" DIFFPIPE_CHANNELS_LAST=1 -- $B1
+echo "--- batch 8 (UNet batch 16), 50 steps, end to end"
+variant "b8 default" X=1 -- $B8
+variant "b8 neither (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 -- $B8
+variant "b8 +cudnn benchmark" DIFFPIPE_CUDNN_BENCHMARK=1 -- $B8
+variant "b8 +channels-last" DIFFPIPE_CHANNELS_LAST=1 -- $B8
+fi
+if want vs_b1 || want vs_b8; then
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site
 VS="python3 benchmarks/vs_diffusers.py --model /tmp/sd15 --device cuda --dtype float16 --size 512 --bench $B/benchmarks/bench_sd"
-echo "--- batch 1: denoising steps/s with guidance (target >= 105 on an H100), UNet and VAE alone"
-timeout 240 $VS --images 1 --steps 50 --parts loop,unet,vae --rounds 3 --compile --json $OUT/speed_b1.json 2>&1 | grep -v -E "Loading|deprecat|accelerate"
-echo "--- batch 8 x 50 steps: images/s end to end (target >= 1.2x diffusers + torch.compile)"
-timeout 240 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json 2>&1 | grep -v -E "Loading|deprecat|accelerate"
+fi
+if want vs_b1; then
+step "vs diffusers (eager and torch.compile), batch 1: denoising steps/s with guidance (target >= 105 on an H100)"
+timeout 300 $VS --images 1 --steps 50 --parts ${VS_B1_PARTS:-loop,unet} --rounds 3 --compile --json $OUT/speed_b1.json 2>&1 \
+  | grep -v -E "Loading|deprecat|accelerate|it/s\]"
+fi
+if want vs_b8; then
+step "vs diffusers (eager and torch.compile), batch 8 x 50 steps: images/s end to end (target >= 1.2x + torch.compile)"
+timeout 300 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json 2>&1 \
+  | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi
 step "done"

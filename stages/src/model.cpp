@@ -1,12 +1,15 @@
 #include "diffpipe/stages/model.h"
 
+#include <cstdlib>
 #include <fstream>
+#include <string>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/safetensors.h"
+#include "cuda_ops.h"
 #include "nn.h"
 
 namespace diffpipe {
@@ -66,14 +69,18 @@ static void configure_cuda_numerics() {
   ctx.setFloat32MatmulPrecision("highest");
   ctx.setAllowFP16ReductionCuBLAS(false);
   ctx.setAllowBF16ReductionCuBLAS(false);
+  // cuDNN's autotuner (DIFFPIPE_CUDNN_BENCHMARK=1) times the algorithms for each new shape; its choice can differ
+  // between processes, and with it the last bits of an image, so the default keeps cuDNN's heuristic choice.
+  const char* bench = std::getenv("DIFFPIPE_CUDNN_BENCHMARK");
+  ctx.setBenchmarkCuDNN(bench && std::string(bench) == "1");
 }
 
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
   validate(dir);
   if (spec.device.is_cuda()) {
     configure_cuda_numerics();
-    const auto index = spec.device.index();
-    profile::set_sync([index] { at::detail::getCUDAHooks().deviceSynchronize(index < 0 ? 0 : index); });
+    const at::Device device = spec.device;
+    profile::set_sync([device] { nn::sync_current_stream(device); });
   }
   DP_CHECK(spec.device.is_cuda() || spec.dtype != at::kHalf, dir, ": float16 runs on GPUs only (CPUs: float32 or bfloat16)");
   if (!spec.device.is_cuda() && spec.dtype == at::kBFloat16) {

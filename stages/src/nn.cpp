@@ -1,6 +1,10 @@
 #include "nn.h"
 
+#include "cuda_ops.h"
+
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <optional>
 
@@ -10,6 +14,24 @@ namespace {
 std::atomic<bool> g_batch_invariant{false};
 }
 void set_batch_invariant(bool on) { g_batch_invariant = on; }
+
+bool cuda_channels_last() {
+  static const bool on = [] {
+    const char* e = std::getenv("DIFFPIPE_CHANNELS_LAST");
+    return e && std::string(e) == "1";
+  }();
+  return on;
+}
+
+at::Tensor GroupNorm::operator()(const at::Tensor& x) const {
+  at::Tensor y = fused_group_norm(x, weight, bias, groups, eps, /*silu=*/false);
+  return y.defined() ? y : at::group_norm(x, groups, weight, bias, eps);
+}
+
+at::Tensor GroupNorm::silu(const at::Tensor& x) const {
+  at::Tensor y = fused_group_norm(x, weight, bias, groups, eps, /*silu=*/true);
+  return y.defined() ? y : at::silu(at::group_norm(x, groups, weight, bias, eps));
+}
 bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {

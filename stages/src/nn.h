@@ -23,8 +23,12 @@ bool batch_invariant();
 // models whose weights are bfloat16 on the CPU keep their activations channels-last: the conv weights are
 // stored so at load, the model's forward converts its input once and returns NCHW. Every block below accepts
 // either layout and keeps its input's.
+// On a GPU, 16-bit models stay NCHW unless DIFFPIPE_CHANNELS_LAST=1 (measured in scripts/gpu_check.sh: cuDNN runs
+// NHWC natively, but ATen's CUDA GroupNorm and the fused kernels take NCHW, so each block converts twice).
+bool cuda_channels_last();
 inline bool prefers_channels_last(const at::Tensor& weight) {
-  return weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16;
+  if (weight.device().is_cpu()) return weight.scalar_type() == at::kBFloat16;
+  return weight.is_cuda() && weight.scalar_type() != at::kFloat && cuda_channels_last();
 }
 // A model's input in the layout its first convolution's weights call for (see above).
 inline at::Tensor in_layout_of(const at::Tensor& first_conv_weight, const at::Tensor& x) {
@@ -88,7 +92,8 @@ struct GroupNorm {
     weight = w.get(name + ".weight", {channels});
     bias = w.get(name + ".bias", {channels});
   }
-  at::Tensor operator()(const at::Tensor& x) const { return at::group_norm(x, groups, weight, bias, eps); }
+  at::Tensor operator()(const at::Tensor& x) const;
+  at::Tensor silu(const at::Tensor& x) const;  // silu(group_norm(x)); one fused kernel on a GPU
 };
 
 struct LayerNorm {

@@ -5,6 +5,7 @@
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/log.h"
+#include "cuda_ops.h"
 #include "unet_blocks.h"
 
 namespace diffpipe {
@@ -44,6 +45,7 @@ struct UNet2DConditionModel::Impl {
   nn::ResnetBlock2D mid_res0, mid_res1;
   nn::Transformer2DModel mid_attn;
   nn::GroupNorm conv_norm_out;
+  mutable nn::GraphCache graphs{"unet"};  // on a GPU, repeated calls of one shape replay a captured graph
 };
 
 UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w) : cfg_(c) {
@@ -129,6 +131,8 @@ int64_t UNet2DConditionModel::downscale() const {
   return int64_t(1) << (cfg_.block_out_channels.size() - 1);
 }
 
+size_t UNet2DConditionModel::cuda_graphs() const { return impl_->graphs.graphs(); }
+
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                          const at::Tensor& context, const at::Tensor& class_labels) const {
   const Impl& m = *impl_;
@@ -149,19 +153,31 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
       return forward(sample.slice(0, i, i + 1), t.slice(0, i, i + 1), context.slice(0, i, i + 1),
                      class_labels.defined() ? class_labels.slice(0, i, i + 1) : class_labels);
     });
-  at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
-                         .to(sample.device(), sample.scalar_type());
-  at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
+  at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift);
+  // To the GPU without waiting for the queue to drain (a pageable copy would): pinned, asynchronous.
+  t_emb = sample.is_cuda() ? t_emb.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
+                           : t_emb.to(sample.device());
+  t_emb = t_emb.to(sample.scalar_type());
+  at::Tensor cl;
   if (cfg_.class_embed_type == "projection") {  // Stable unCLIP: the noised image embedding joins the time embedding
     DP_CHECK(class_labels.defined() && class_labels.dim() == 2 && class_labels.size(0) == B &&
                  class_labels.size(1) == cfg_.projection_class_embeddings_input_dim,
              "unet: class_labels must be [", B, ", ", cfg_.projection_class_embeddings_input_dim,
              "] for class_embed_type \"projection\"");
-    const at::Tensor cl = class_labels.to(sample.device(), emb.scalar_type());
-    emb = emb + m.class_linear_2(at::silu(m.class_linear_1(cl)));
+    cl = class_labels.to(sample.device(), m.time_linear_1.weight.scalar_type());
   } else {
     DP_CHECK(!class_labels.defined(), "unet: class_labels given, but the config has no class_embed_type");
   }
+  return m.graphs.run({sample, t_emb, context, cl}, [this](const std::vector<at::Tensor>& in) {
+    return forward_embedded(in[0], in[1], in[2], in[3]);
+  });
+}
+
+at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb,
+                                                  const at::Tensor& context, const at::Tensor& class_labels) const {
+  const Impl& m = *impl_;
+  at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
+  if (class_labels.defined()) emb = emb + m.class_linear_2(at::silu(m.class_linear_1(class_labels)));
   at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {
@@ -187,7 +203,7 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
     }
     if (b.has_sampler) x = b.up(x, skips.back().sizes().slice(2));  // upsample to the next skip's size
   }
-  return m.conv_out(at::silu(m.conv_norm_out(x))).contiguous();
+  return m.conv_out(m.conv_norm_out.silu(x)).contiguous();
 }
 
 }  // namespace diffpipe

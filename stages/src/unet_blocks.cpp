@@ -2,6 +2,7 @@
 
 #include <c10/core/GradMode.h>
 
+#include "cuda_ops.h"
 #include "diffpipe/runtime/error.h"
 
 namespace diffpipe::nn {
@@ -19,9 +20,9 @@ ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t 
 }
 
 at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
-  at::Tensor h = conv1(at::silu(norm1(x)));
+  at::Tensor h = conv1(norm1.silu(x));
   if (time_emb_proj.weight.defined() && temb.defined()) h = h + time_emb_proj(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);
-  h = conv2(at::silu(norm2(h)));
+  h = conv2(norm2.silu(h));
   at::Tensor s = has_shortcut ? conv_shortcut(x) : x;
   at::Tensor out = s + h;
   return output_scale_factor == 1.0 ? out : out / output_scale_factor;
@@ -64,8 +65,13 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Ten
   at::Tensor y = norm1(x0);
   at::Tensor x = x0 + attn1(y, y);
   x = x + attn2(norm2(x), context);
-  auto parts = ff_proj(norm3(x)).chunk(2, -1);  // GEGLU
-  return x + ff_out(parts[0] * at::gelu(parts[1]));
+  const at::Tensor h = ff_proj(norm3(x));
+  at::Tensor g = fused_geglu(h);  // GEGLU: a * gelu(b) for [a | b]; one kernel on a GPU
+  if (!g.defined()) {
+    auto parts = h.chunk(2, -1);
+    g = parts[0] * at::gelu(parts[1]);
+  }
+  return x + ff_out(g);
 }
 
 Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers,

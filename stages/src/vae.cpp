@@ -142,7 +142,7 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
     if (b.has_sampler) x = b.down(x);
   }
   x = m.enc_mid(x);
-  x = m.enc_conv_out(at::silu(m.enc_norm_out(x)));
+  x = m.enc_conv_out(m.enc_norm_out.silu(x));
   if (m.use_quant_conv) x = m.quant_conv(x);
   auto parts = x.contiguous().chunk(2, 1);
   return {parts[0], at::clamp(parts[1], -30.0, 20.0)};
@@ -161,7 +161,7 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
     for (const auto& r : b.resnets) x = r(x, at::Tensor());
     if (b.has_sampler) x = b.up(x);
   }
-  return m.dec_conv_out(at::silu(m.dec_norm_out(x))).contiguous();
+  return m.dec_conv_out(m.dec_norm_out.silu(x)).contiguous();
 }
 
 at::Tensor AutoencoderKL::decode_scaled(const at::Tensor& latents) const {

@@ -11,6 +11,7 @@
 #include "diffpipe/stages/vae.h"
 #include "diffpipe/stages/stages.h"
 #include "test_util.h"
+#include "cuda_ops.h"  // stages/src: the graph toggle
 
 using namespace diffpipe;
 using diffpipe::test::rel_err;
@@ -96,6 +97,81 @@ TEST(Golden, UNetPerSampleAndScalarTimesteps) {
                                  in(g["unet.encoder_hidden_states"].slice(0, 1, 2)));
   EXPECT_LE(rel_err(one, g["unet.out"].slice(0, 1, 2)), kModuleTol);
   std::printf("[golden] unet rel err: per-sample timesteps %.2e, scalar t=250 %.2e\n", e1, e2);
+}
+
+// On a GPU, repeated UNet calls of one shape replay a captured CUDA graph (stages/src/cuda_ops.h): the 1st
+// call runs eagerly, the 2nd captures, the 3rd and later replay. Each must give exactly what the eager call gives
+// for the same inputs, including after the inputs change (the static buffers are refilled).
+TEST(Cuda, UNetGraphReplayIsExact) {
+  DP_REQUIRE_GOLDEN(dir);
+  if (!kCpu.device.is_cuda()) GTEST_SKIP() << "CUDA graphs: run with DIFFPIPE_TEST_DEVICE=cuda on a GPU";
+  Golden g(dir);
+  auto eager = UNet2DConditionModel::load(dir + "/model/unet", kCpu);
+  auto graphed = UNet2DConditionModel::load(dir + "/model/unet", kCpu);
+  at::manual_seed(7);
+  std::vector<at::Tensor> xs;
+  for (int i = 0; i < 5; ++i) xs.push_back(in(g["unet.sample"] + 0.3 * at::randn_like(g["unet.sample"])));
+  const at::Tensor t = in(g["unet.timesteps"]), c = in(g["unet.encoder_hidden_states"]);
+  nn::set_cuda_graphs(false);
+  std::vector<at::Tensor> ref;
+  for (const auto& x : xs) ref.push_back(eager->forward(x, t, c).cpu());
+  nn::set_cuda_graphs(true);
+  double worst = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor out = graphed->forward(xs[i], t, c).cpu();
+    const double d = (out.to(at::kDouble) - ref[i].to(at::kDouble)).abs().max().item<double>();
+    worst = std::max(worst, d);
+    EXPECT_EQ(d, 0.0) << "call " << i + 1 << " differs from the eager call";
+  }
+  EXPECT_EQ(graphed->cuda_graphs(), 1u) << "the 2nd call of a shape should have been captured";
+  std::printf("[golden] unet CUDA graph replay vs eager: max |diff| %.3g over %zu calls\n", worst, xs.size());
+}
+
+// The fused GroupNorm(+SiLU) and GEGLU kernels (stages/src/fused_kernels.cu) against ATen's ops on random
+// inputs of the UNet's shapes, in the test dtype: vectorised and scalar paths, with and without SiLU. ATen
+// rounds GEGLU's gelu to the dtype before the product and the kernel does not, so 16-bit results may differ by
+// a rounding step.
+TEST(Cuda, FusedKernelsMatchAten) {
+  if (!kCpu.device.is_cuda()) GTEST_SKIP() << "fused kernels: run with DIFFPIPE_TEST_DEVICE=cuda on a GPU";
+  const auto opt = at::TensorOptions().device(kCpu.device).dtype(kCpu.dtype);
+  const double tol = kCpu.dtype == at::kFloat ? 1e-5 : kCpu.dtype == at::kHalf ? 2e-3 : 1.6e-2;
+  at::manual_seed(11);
+  struct Case {
+    std::vector<int64_t> shape;
+    int64_t groups;
+  };
+  for (const Case& c : {Case{{2, 320, 64, 64}, 32}, Case{{16, 640, 32, 32}, 32}, Case{{3, 1280, 8, 8}, 32},
+                        Case{{2, 64, 7, 9}, 32}, Case{{4, 96, 5, 5}, 16}}) {
+    const at::Tensor x = (at::randn(c.shape, opt) * 3 + 0.5), w = at::randn({c.shape[1]}, opt),
+                     b = at::randn({c.shape[1]}, opt);
+    for (bool silu : {false, true}) {
+      nn::set_fused_kernels(true);
+      const at::Tensor y = nn::fused_group_norm(x, w, b, c.groups, 1e-5, silu);
+      ASSERT_TRUE(y.defined()) << "the fused kernel should serve shape " << at::IntArrayRef(c.shape);
+      at::Tensor ref = at::group_norm(x.to(at::kFloat), c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5);
+      if (silu) ref = at::silu(ref);
+      const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+      std::printf("[cuda] fused group_norm%s %s: rel err %.2e\n", silu ? "+silu" : "",
+                  c10::str(at::IntArrayRef(c.shape)).c_str(), e);
+      EXPECT_LE(e, tol) << at::IntArrayRef(c.shape) << (silu ? " with silu" : "");
+    }
+  }
+  for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 4096, 2560}, {3, 77, 10}}) {
+    const at::Tensor h = at::randn(shape, opt);
+    const at::Tensor y = nn::fused_geglu(h);
+    ASSERT_TRUE(y.defined());
+    auto parts = h.to(at::kFloat).chunk(2, -1);
+    const at::Tensor ref = parts[0] * at::gelu(parts[1]);
+    const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+    std::printf("[cuda] fused geglu %s: rel err %.2e\n", c10::str(at::IntArrayRef(shape)).c_str(), e);
+    EXPECT_LE(e, tol);
+  }
+  nn::set_fused_kernels(false);
+  EXPECT_FALSE(nn::fused_group_norm(at::randn({2, 320, 64, 64}, opt), at::ones({320}, opt), at::zeros({320}, opt), 32,
+                                    1e-5, true)
+                   .defined())
+      << "DIFFPIPE_FUSED_KERNELS=0 / set_fused_kernels(false) must give ATen's path";
+  nn::set_fused_kernels(true);
 }
 
 TEST(Golden, VaeDecodeAndEncode) {

@@ -48,9 +48,13 @@ class UNet2DConditionModel {
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
                      const at::Tensor& class_labels = at::Tensor()) const;
   const UNetConfig& config() const { return cfg_; }
-  int64_t downscale() const;  // 2^(number of downsamplers): H and W must be multiples of this
+  int64_t downscale() const;
+  size_t cuda_graphs() const;  // CUDA graphs captured so far (repeated GPU calls of one shape replay one)  // 2^(number of downsamplers): H and W must be multiples of this
 
  private:
+  // forward() after the time embedding: t_emb [B, C0] and class_labels on the sample's device and dtype.
+  at::Tensor forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb, const at::Tensor& context,
+                              const at::Tensor& class_labels) const;
   struct Impl;
   std::shared_ptr<const Impl> impl_;
   UNetConfig cfg_;

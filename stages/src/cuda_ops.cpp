@@ -1,0 +1,229 @@
+#include "cuda_ops.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/log.h"
+
+#ifdef DIFFPIPE_WITH_CUDA_OPS
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "fused_kernels.h"
+#endif
+
+namespace diffpipe::nn {
+
+namespace {
+std::atomic<int> g_graphs{-1};  // -1: not read yet
+}  // namespace
+
+bool cuda_graphs_enabled() {
+  int v = g_graphs.load();
+  if (v < 0) {
+    const char* e = std::getenv("DIFFPIPE_CUDA_GRAPHS");
+    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
+    g_graphs = v;
+  }
+  return v == 1;
+}
+void set_cuda_graphs(bool on) { g_graphs = on ? 1 : 0; }
+
+namespace {
+std::atomic<int> g_fused{-1};
+}  // namespace
+bool fused_kernels_enabled() {
+  int v = g_fused.load();
+  if (v < 0) {
+    const char* e = std::getenv("DIFFPIPE_FUSED_KERNELS");
+    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
+    g_fused = v;
+  }
+  return v == 1;
+}
+void set_fused_kernels(bool on) { g_fused = on ? 1 : 0; }
+
+#ifdef DIFFPIPE_WITH_CUDA_OPS
+
+namespace {
+struct Entry {
+  int calls = 0;
+  bool eager_only = false;
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  std::vector<at::Tensor> in;  // static inputs (undefined where the caller's input is)
+  at::Tensor out;              // static output, overwritten by every replay
+};
+
+std::string key_of(const std::vector<at::Tensor>& xs) {
+  std::ostringstream k;
+  for (const auto& x : xs) {
+    if (!x.defined()) {
+      k << "-;";
+      continue;
+    }
+    k << x.device().str() << ':' << c10::toString(x.scalar_type()) << ':' << x.suggest_memory_format() << ':';
+    for (auto d : x.sizes()) k << d << ',';
+    k << ';';
+  }
+  return k.str();
+}
+}  // namespace
+
+struct GraphCache::State {
+  std::string what;
+  size_t max_graphs;
+  mutable std::mutex mu;
+  std::map<std::string, Entry> entries;
+  size_t captured = 0;
+  std::optional<at::cuda::MempoolId_t> pool;
+  std::optional<c10::cuda::CUDAStream> stream;
+};
+
+GraphCache::GraphCache(const char* what, size_t max_graphs) : s_(std::make_unique<State>()) {
+  s_->what = what;
+  s_->max_graphs = max_graphs;
+}
+GraphCache::~GraphCache() = default;
+
+size_t GraphCache::graphs() const {
+  std::lock_guard<std::mutex> lock(s_->mu);
+  return s_->captured;
+}
+
+at::Tensor GraphCache::run(const std::vector<at::Tensor>& inputs, const Fn& fn) {
+  if (!cuda_graphs_enabled() || inputs.empty() || !inputs[0].defined() || !inputs[0].is_cuda()) return fn(inputs);
+  std::lock_guard<std::mutex> lock(s_->mu);
+  Entry& e = s_->entries[key_of(inputs)];
+  if (!e.graph) {
+    if (e.eager_only || e.calls++ == 0 || s_->captured >= s_->max_graphs) return fn(inputs);
+    // Second call with this shape: capture. Static inputs are copies made on the caller's stream; the capture
+    // stream waits for them, runs fn once eagerly (its cuBLAS workspace and cuDNN plans for this shape), then
+    // records fn into the graph. The caller's stream waits for all of that before the first replay below.
+    const c10::DeviceIndex dev = inputs[0].device().index();
+    if (!s_->stream) s_->stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, dev);
+    if (!s_->pool) s_->pool = at::cuda::graph_pool_handle();
+    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev), side = *s_->stream;
+    std::vector<at::Tensor> in;
+    for (const auto& x : inputs) in.push_back(x.defined() ? x.clone() : at::Tensor());
+    at::cuda::CUDAEvent ready;
+    ready.record(caller);
+    ready.block(side);
+    auto graph = std::make_unique<at::cuda::CUDAGraph>();
+    at::Tensor out;
+    try {
+      c10::cuda::CUDAStreamGuard guard(side);
+      (void)fn(in);  // warm-up on the capture stream
+      graph->capture_begin(*s_->pool, cudaStreamCaptureModeThreadLocal);
+      try {
+        out = fn(in);
+      } catch (...) {
+        try {
+          graph->capture_end();
+        } catch (...) {
+        }
+        throw;
+      }
+      graph->capture_end();
+    } catch (const std::exception& ex) {
+      (void)cudaGetLastError();  // a failed capture's error is not sticky; clear it
+      e.eager_only = true;
+      DP_LOG(Warn, s_->what, ": CUDA graph capture failed for one input shape; that shape runs eagerly (",
+             describe(ex), ")");
+      at::cuda::CUDAEvent finished;
+      finished.record(side);
+      finished.block(caller);
+      return fn(inputs);
+    }
+    at::cuda::CUDAEvent captured;
+    captured.record(side);
+    captured.block(caller);
+    e.in = std::move(in);
+    e.out = out;
+    e.graph = std::move(graph);
+    ++s_->captured;
+    DP_LOG(Debug, s_->what, ": captured CUDA graph ", s_->captured, " (", key_of(inputs), ")");
+  }
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].defined()) e.in[i].copy_(inputs[i]);
+  e.graph->replay();
+  return e.out.clone();
+}
+
+void sync_current_stream(const at::Device& device) {
+  c10::cuda::getCurrentCUDAStream(device.index() < 0 ? 0 : device.index()).synchronize();
+}
+
+namespace {
+std::optional<fused::DType> fused_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return fused::DType::F32;
+    case at::kHalf: return fused::DType::F16;
+    case at::kBFloat16: return fused::DType::BF16;
+    default: return std::nullopt;
+  }
+}
+void check_launch(int code, const char* what) {
+  DP_CHECK(code == 0, what, ": CUDA kernel launch failed: ", fused::error_string(code));
+}
+}  // namespace
+
+at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+                            double eps, bool silu) {
+  if (!fused_kernels_enabled() || !x.is_cuda() || x.dim() != 4 || !x.is_contiguous()) return at::Tensor();
+  const auto dt = fused_dtype(x.scalar_type());
+  if (!dt || weight.scalar_type() != x.scalar_type() || bias.scalar_type() != x.scalar_type()) return at::Tensor();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (groups <= 0 || C % groups != 0) return at::Tensor();
+  // One block per (sample, group): worth it while there are enough groups to fill the GPU and each group's data
+  // stays in L2 between the passes; ATen's two kernels do better on few, huge groups (the VAE at full size).
+  const int64_t M = (C / groups) * HW;
+  if (N * groups < 64 || M > 131072) return at::Tensor();
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor y = at::empty_like(x);
+  check_launch(fused::group_norm(*dt, x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), N, C, HW, groups,
+                                 static_cast<float>(eps), silu, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+               "group_norm");
+  return y;
+}
+
+at::Tensor fused_geglu(const at::Tensor& h) {
+  if (!fused_kernels_enabled() || !h.is_cuda() || !h.is_contiguous() || h.dim() < 1 || h.size(-1) % 2 != 0)
+    return at::Tensor();
+  const auto dt = fused_dtype(h.scalar_type());
+  if (!dt) return at::Tensor();
+  const int64_t D = h.size(-1) / 2, rows = h.numel() / h.size(-1);
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+  shape.back() = D;
+  at::Tensor out = at::empty(shape, h.options());
+  check_launch(fused::geglu(*dt, h.data_ptr(), out.data_ptr(), rows, D,
+                            c10::cuda::getCurrentCUDAStream(h.device().index()).stream()),
+               "geglu");
+  return out;
+}
+
+#else  // no CUDA in this build: always eager
+
+struct GraphCache::State {};
+GraphCache::GraphCache(const char*, size_t) : s_(std::make_unique<State>()) {}
+GraphCache::~GraphCache() = default;
+size_t GraphCache::graphs() const { return 0; }
+at::Tensor GraphCache::run(const std::vector<at::Tensor>& inputs, const Fn& fn) { return fn(inputs); }
+void sync_current_stream(const at::Device&) {}
+at::Tensor fused_group_norm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, bool) {
+  return at::Tensor();
+}
+at::Tensor fused_geglu(const at::Tensor&) { return at::Tensor(); }
+
+#endif
+
+}  // namespace diffpipe::nn

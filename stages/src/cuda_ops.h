@@ -1,0 +1,60 @@
+// CUDA-only paths of the models: graph replay and fused kernels. Include only from stages/src.
+//
+// CUDA graph replay of a model's forward, one captured graph per input shape.
+// A UNet call at small batch on a fast GPU is bound by the host: ~1,000 kernel launches at a few microseconds
+// each take longer than the kernels themselves. A captured graph launches them all at once. GraphCache::run
+// computes fn(inputs) eagerly the first time it sees an input-shape key (that call also warms up cuDNN and
+// cuBLAS for the shape), captures fn into a graph on the second, and replays the graph from then on: the
+// inputs are copied into the graph's static buffers, the graph is replayed on the caller's stream and its
+// output is cloned out before the next replay. Graphs of one cache share one memory pool (their replays are
+// serialised by the cache's lock and every output is cloned before the next replay, so one graph's
+// intermediates never overwrite a live result). Capture uses thread-local mode, so other threads (other
+// stages of the same process) may keep allocating and launching meanwhile. A capture that fails (an operation
+// a graph cannot hold) leaves that key eager for good, with one warning. CPU inputs, builds without CUDA, and
+// DIFFPIPE_CUDA_GRAPHS=0 always run fn eagerly. The result is the same function of the inputs either way:
+// the graph replays the very kernels that the eager call launches.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace diffpipe::nn {
+
+// On by default; DIFFPIPE_CUDA_GRAPHS=0 turns it off (read once). set_cuda_graphs overrides it (tests).
+bool cuda_graphs_enabled();
+void set_cuda_graphs(bool on);
+
+class GraphCache {
+ public:
+  using Fn = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
+  explicit GraphCache(const char* what, size_t max_graphs = 12);
+  ~GraphCache();
+  GraphCache(const GraphCache&) = delete;
+  GraphCache& operator=(const GraphCache&) = delete;
+  // fn(inputs), eagerly or by replay (see above). Undefined tensors among inputs are allowed (passed through).
+  at::Tensor run(const std::vector<at::Tensor>& inputs, const Fn& fn);
+  size_t graphs() const;  // graphs captured so far (tests)
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+// Fused kernels (fused_kernels.cu) for memory-bound steps ATen runs as several passes. On by default on CUDA;
+// DIFFPIPE_FUSED_KERNELS=0 turns them off (read once); set_fused_kernels overrides it (tests).
+bool fused_kernels_enabled();
+void set_fused_kernels(bool on);
+// silu(group_norm(x)) (or group_norm(x) when !silu) in one kernel, when x is a CUDA NCHW-contiguous tensor of a
+// size the kernel serves well; otherwise an undefined tensor (the caller runs ATen's).
+at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+                            double eps, bool silu);
+// a * gelu(b) for [a | b] = h.chunk(2, -1), in one kernel, when h is a contiguous CUDA tensor; else undefined.
+at::Tensor fused_geglu(const at::Tensor& h);
+
+// Waits for the work queued on the calling thread's current stream of that GPU (not the whole device: another
+// thread's graph capture must not be disturbed). No-op without CUDA.
+void sync_current_stream(const at::Device& device);
+
+}  // namespace diffpipe::nn
