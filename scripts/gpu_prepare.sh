@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares .gpu/ (git-ignored) for one call of scripts/gpu_check.sh on the GPU machine, which has no network:
-#   .gpu/deps.tar.xz   headers and libraries its image lacks (ICU, libpng, zlib headers, nlohmann-json, GoogleTest),
+#   .gpu/deps.tar.xz   headers and libraries its image lacks (ICU, libpng, zlib headers, nlohmann-json, GoogleTest, toml++, CLI11),
 #                      unpacked from this Debian machine's packages
 #   .gpu/golden/       the reference folders (../shared/golden/tiny-sd)
 #   .gpu/wheels/       diffusers' wheel for the side-by-side benchmark (its dependencies are on the machine)
@@ -12,7 +12,7 @@ mkdir -p "$G/debs" "$G/wheels" "$G/golden"
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 if [ ! -f "$G/deps.tar.xz" ]; then
   (cd "$G/debs" && apt-get download libicu-dev libicu72 icu-devtools libpng-dev libpng16-16 zlib1g-dev \
-      nlohmann-json3-dev libgtest-dev libgmock-dev >/dev/null)
+      nlohmann-json3-dev libgtest-dev libgmock-dev libtomlplusplus-dev libtomlplusplus3 libcli11-dev >/dev/null)
   rm -rf "$G/deps" && mkdir -p "$G/deps"
   for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/deps-root"; done
   mv "$G/deps-root/usr/"* "$G/deps/" && rm -rf "$G/deps-root"
