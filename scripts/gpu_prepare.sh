@@ -16,7 +16,7 @@ if [ ! -f "$G/deps.tar.xz" ]; then
   rm -rf "$G/deps" && mkdir -p "$G/deps"
   for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/deps-root"; done
   mv "$G/deps-root/usr/"* "$G/deps/" && rm -rf "$G/deps-root"
-  find "$G/deps" -name '*.a' -delete; rm -rf "$G/deps/share/doc" "$G/deps/share/man" "$G/deps/bin" "$G/deps/sbin"
+  find "$G/deps" -name '*.a' ! -name 'libgtest*' ! -name 'libgmock*' -delete; rm -rf "$G/deps/share/doc" "$G/deps/share/man" "$G/deps/bin" "$G/deps/sbin"
   tar -C "$G" -cJf "$G/deps.tar.xz" deps && rm -rf "$G/deps" "$G/debs"
 fi
 GOLDEN=${DIFFPIPE_GOLDEN:-../shared/golden/tiny-sd}

@@ -18,7 +18,7 @@ void set_batch_invariant(bool on) { g_batch_invariant = on; }
 bool cuda_channels_last() {
   static const bool on = [] {
     const char* e = std::getenv("DIFFPIPE_CHANNELS_LAST");
-    return e && std::string(e) == "1";
+    return !(e && std::string(e) == "0");
   }();
   return on;
 }

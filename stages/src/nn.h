@@ -23,8 +23,9 @@ bool batch_invariant();
 // models whose weights are bfloat16 on the CPU keep their activations channels-last: the conv weights are
 // stored so at load, the model's forward converts its input once and returns NCHW. Every block below accepts
 // either layout and keeps its input's.
-// On a GPU, 16-bit models stay NCHW unless DIFFPIPE_CHANNELS_LAST=1 (measured in scripts/gpu_check.sh: cuDNN runs
-// NHWC natively, but ATen's CUDA GroupNorm and the fused kernels take NCHW, so each block converts twice).
+// On a GPU, 16-bit models run channels-last too: cuDNN's NHWC convolutions gave 102 instead of 87 denoising
+// steps/s at batch 1 on an H100 and the same images/s at batch 8 (docs/results.md), although GroupNorm (ATen's or
+// the fused kernel) then takes an NCHW copy. DIFFPIPE_CHANNELS_LAST=0 keeps them NCHW (read once).
 bool cuda_channels_last();
 inline bool prefers_channels_last(const at::Tensor& weight) {
   if (weight.device().is_cpu()) return weight.scalar_type() == at::kBFloat16;
