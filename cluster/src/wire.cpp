@@ -68,11 +68,7 @@ class Reader {
   const Message& m_;
 };
 
-json params_json(const GenerationParams& p) {
-  return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
-          {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
-          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}};
-}
+json params_json(const GenerationParams& p) { return params_to_json(p); }
 
 GenerationParams read_params(const Reader& r, const json& o) {
   GenerationParams p;
@@ -86,6 +82,9 @@ GenerationParams read_params(const Reader& r, const json& o) {
   p.height = static_cast<int>(r.integer(o, "height", "params.height", 0, 1 << 20));
   p.clip_skip = static_cast<int>(r.integer(o, "clip_skip", "params.clip_skip", 0, 1 << 10));
   p.previews = static_cast<int>(r.integer(o, "previews", "params.previews", 0, 3));
+  p.prior_steps = static_cast<int>(r.integer(o, "prior_steps", "params.prior_steps", 1, 1 << 20));
+  p.prior_guidance = r.number(o, "prior_guidance", "params.prior_guidance");
+  p.noise_level = static_cast<int>(r.integer(o, "noise_level", "params.noise_level", 0, 1 << 20));
   return p;
 }
 

@@ -54,9 +54,11 @@ std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const
   return m;
 }
 
-at::Tensor ClipTextModel::text_embeds(const at::Tensor& input_ids) const {
+at::Tensor ClipTextModel::text_embeds(const at::Tensor& input_ids) const { return project(forward(input_ids).pooled); }
+
+at::Tensor ClipTextModel::project(const at::Tensor& pooled) const {
   DP_CHECK(impl_->projection.weight.defined(), "text encoder: no text_projection in this checkpoint");
-  return impl_->projection(forward(input_ids).pooled);
+  return impl_->projection(pooled);
 }
 
 ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip, const at::Tensor& attention_mask) const {

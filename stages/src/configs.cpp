@@ -42,11 +42,25 @@ ClipTextConfig ClipTextConfig::load(const std::string& path) {
   return c;
 }
 
-SchedulerConfig SchedulerConfig::load(const std::string& path) {
+static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm);
+SchedulerConfig SchedulerConfig::load(const std::string& path) { return parse_scheduler(path, false); }
+SchedulerConfig SchedulerConfig::load_ddpm(const std::string& path) { return parse_scheduler(path, true); }
+
+static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   const JsonConfig j = JsonConfig::load(path);
   SchedulerConfig c;
-  c.class_name = j.string("_class_name", c.class_name);
-  (void)sampler_kind_of_class(c.class_name);  // validates
+  c.class_name = j.string("_class_name", ddpm ? "DDPMScheduler" : c.class_name);
+  if (ddpm) {
+    if (c.class_name != "DDPMScheduler") j.fail("_class_name", "expected DDPMScheduler, got '" + c.class_name + "'");
+    c.beta_schedule = "linear";  // DDPMScheduler's defaults
+    c.beta_start = 0.0001;
+    c.beta_end = 0.02;
+    c.variance_type = j.string("variance_type", "fixed_small");
+    if (c.variance_type != "fixed_small" && c.variance_type != "fixed_small_log")
+      j.fail("variance_type", "unsupported '" + c.variance_type + "' (supported: fixed_small, fixed_small_log)");
+  } else {
+    (void)sampler_kind_of_class(c.class_name);  // validates
+  }
   c.num_train_timesteps = j.integer("num_train_timesteps", c.num_train_timesteps);
   c.beta_start = j.number("beta_start", c.beta_start);
   c.beta_end = j.number("beta_end", c.beta_end);
@@ -64,7 +78,7 @@ SchedulerConfig SchedulerConfig::load(const std::string& path) {
   c.timestep_spacing = j.string("timestep_spacing", "");
   c.steps_offset = j.integer("steps_offset", 0);
   c.set_alpha_to_one = j.boolean("set_alpha_to_one", false);
-  c.clip_sample = j.boolean("clip_sample", false);
+  c.clip_sample = j.boolean("clip_sample", ddpm);  // DDPMScheduler clips by default
   c.clip_sample_range = j.number("clip_sample_range", 1.0);
   c.rescale_betas_zero_snr = j.boolean("rescale_betas_zero_snr", false);
   c.use_karras_sigmas = j.boolean("use_karras_sigmas", false);

@@ -9,6 +9,7 @@
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/stages/unclip.h"
 #include "cuda_ops.h"
 #include "nn.h"
 
@@ -37,6 +38,7 @@ void SdModel::validate(const std::string& dir) {
   SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
+  if (is_unclip(dir)) UnclipParts::validate(dir);
   if (has_super_resolution(dir)) {
     (void)SuperResConfig::load(path_join(dir, "super_resolution/config.json"));
     SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
@@ -106,12 +108,14 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   vspec.dtype = m.vae_dtype;
   if (components & (kVae | kVaeEncoder))
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0);
+  if ((components & kPrior) && is_unclip(dir)) m.unclip = UnclipParts::load(dir, spec);
   if ((components & kSuperRes) && m.has_super_resolution())
     m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
   return m;
 }
 
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
+bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

@@ -419,4 +419,39 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
   return s;
 }
 
+DdpmSampler::DdpmSampler(const SchedulerConfig& cfg, int steps) : cfg_(cfg) {
+  DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "prior_steps: must be in [1, ", cfg.num_train_timesteps,
+           "], got ", steps);
+  timesteps_ = int_timesteps(cfg, steps, spacing_of(cfg, "leading"));
+  for (int64_t t : timesteps_)
+    DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "DDPM schedule: timestep ", t, " outside [0, ",
+             cfg.num_train_timesteps, ") for ", steps, " steps");
+  alphas_cumprod_ = to_vec(alphas_cumprod(cfg));
+}
+
+at::Tensor DdpmSampler::step(const at::Tensor& model_output, int i, const at::Tensor& sample,
+                             const at::Tensor& noise) const {
+  const int64_t t = timestep(i);
+  const int64_t prev = i + 1 < num_steps() ? timestep(i + 1) : -1;
+  // float32 scalars, as diffusers computes them from its float32 alphas_cumprod
+  const float a = alphas_cumprod_[t], a_prev = prev >= 0 ? alphas_cumprod_[prev] : 1.0f;
+  const float beta = 1.0f - a, beta_prev = 1.0f - a_prev;
+  const float alpha_t = a / a_prev, beta_t = 1.0f - alpha_t;
+  at::Tensor x0;
+  if (cfg_.prediction_type == "sample") x0 = model_output;
+  else if (cfg_.prediction_type == "v_prediction") x0 = std::sqrt(a) * sample - std::sqrt(beta) * model_output;
+  else x0 = (sample - std::sqrt(beta) * model_output) / std::sqrt(a);
+  if (cfg_.clip_sample) x0 = x0.clamp(-cfg_.clip_sample_range, cfg_.clip_sample_range);
+  const float c_x0 = std::sqrt(a_prev) * beta_t / beta, c_x = std::sqrt(alpha_t) * beta_prev / beta;
+  at::Tensor prev_sample = c_x0 * x0 + c_x * sample;
+  if (t > 0) {
+    DP_CHECK(noise.defined() && noise.sizes() == sample.sizes(), "DDPM step ", i, ": variance noise shaped like the sample needed");
+    const float var = std::max(beta_prev / beta * beta_t, 1e-20f);
+    // fixed_small_log: exp(0.5 * log(var)); fixed_small: var ** 0.5 -- both the standard deviation
+    const float sd = cfg_.variance_type == "fixed_small_log" ? std::exp(0.5f * std::log(var)) : std::sqrt(var);
+    prev_sample = prev_sample + sd * noise.to(sample.device(), sample.scalar_type());
+  }
+  return prev_sample;
+}
+
 }  // namespace diffpipe

@@ -73,7 +73,13 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.seed = p.seed;
   s.cond = emb.cond;
   s.uncond = emb.uncond;
+  s.class_labels = emb.class_labels;
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
+  const bool wants_class = model.unet_config.class_embed_type == "projection";
+  DP_CHECK(wants_class == s.class_labels.defined(), "denoise: request ", id,
+           wants_class ? " has no image embedding (this UNet is conditioned on one: a Stable unCLIP folder runs the "
+                         "prior stage before denoise)"
+                       : " carries an image embedding, but the UNet has no class embedding");
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
@@ -109,7 +115,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
-  std::vector<at::Tensor> xs, ctx;
+  std::vector<at::Tensor> xs, ctx, cls;
   std::vector<double> ts;
   for (DenoiseState* s : batch) {
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
@@ -119,10 +125,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
       xs.push_back(in);
       ctx.push_back(s->uncond);
       ts.push_back(t);
+      if (s->class_labels.defined()) cls.push_back(at::zeros_like(s->class_labels));
     }
     xs.push_back(in);
     ctx.push_back(s->cond);
     ts.push_back(t);
+    if (s->class_labels.defined()) cls.push_back(s->class_labels);
   }
   const auto dt = model_.spec.dtype;
   at::Tensor x = at::stack(xs).to(dt);
@@ -130,7 +138,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);  // stays on the CPU
   prof.reset();
   prof.emplace(profile::Section::UNet);
-  at::Tensor e = model_.unet->forward(x, t, c).to(at::kFloat);  // [rows, C, h, w]
+  const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, dt);
+  at::Tensor e = model_.unet->forward(x, t, c, labels).to(at::kFloat);  // [rows, C, h, w]
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;

@@ -6,6 +6,8 @@
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/prior.h"
 #include "diffpipe/stages/tokenizer.h"
+#include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/unclip.h"
 #include "diffpipe/stages/unet.h"
 #include "test_util.h"
 
@@ -80,4 +82,76 @@ TEST(GoldenUnclip, PriorTransformerCall) {
   std::printf("[golden-unclip] prior transformer: %.2e, post_process_latents: %.2e\n", e, p);
   EXPECT_LE(e, 1e-4);
   EXPECT_LE(p, 1e-4);
+}
+
+// The whole StableUnCLIPPipeline run of golden.json (prior 6 DDPM steps with guidance 4, noise_level 0, 8 DDIM
+// steps with guidance 7.5, 16 px) through diffpipe's own stages -- the prior runner batching both prompts, the
+// denoiser, the VAE -- fed the reference's random draws in its order (golden.json `draws`): the prior's initial
+// latents, one DDPM variance noise per prior step but the last, the image-embedding noise, the initial latents.
+TEST(GoldenUnclip, WholePipelineWithTheReferenceDraws) {
+  DP_REQUIRE_UNCLIP(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const auto& run = meta.at("run");
+  const SdModel model = SdModel::load(dir + "/model", DeviceSpec{});
+  ASSERT_TRUE(model.unclip);
+  const auto prompts = meta.at("prompts").get<std::vector<std::string>>();
+  const int prior_steps = run.at("prior_steps").get<int>();
+  const size_t n_draws = meta.at("draws").size();
+  ASSERT_EQ(n_draws, static_cast<size_t>(prior_steps + 2)) << "draws: initial, " << prior_steps - 1
+                                                           << " DDPM noises, image embedding, latents";
+  auto draw = [&](size_t k) { return g.at("pipeline.draw." + std::to_string(k)); };
+  GenerationParams p;
+  p.prior_steps = prior_steps;
+  p.prior_guidance = run.at("prior_guidance").get<double>();
+  p.noise_level = run.at("noise_level").get<int>();
+  p.steps = run.at("steps").get<int>();
+  p.guidance = run.at("guidance").get<double>();
+  p.width = p.height = run.at("H").get<int>();
+  p.negative_prompt = meta.at("negative_prompt").get<std::string>();
+  PriorRunner prior(*model.unclip, model.spec);
+  std::vector<PriorState> states;
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerationParams pi = p;
+    pi.prompt = prompts[i];
+    params.push_back(pi);
+    const int64_t row = static_cast<int64_t>(i);
+    // stream -> the reference's draw for this request (its row of the batch draw)
+    auto noise = [&, row](uint64_t stream, const at::Tensor&) -> at::Tensor {
+      if (stream == kPriorLatentStream) return draw(0)[row];
+      if (stream == kImageEmbedNoiseStream) return draw(n_draws - 2)[row];
+      const uint64_t k = stream - kPriorLatentStream;  // 1 + step
+      EXPECT_GE(k, 1u);
+      EXPECT_LE(k, static_cast<uint64_t>(prior_steps - 1)) << "the last prior step must not draw noise";
+      return draw(k)[row];
+    };
+    states.push_back(prior.make_state(pi, i, noise));
+  }
+  std::vector<PriorState*> batch;
+  for (auto& s : states) batch.push_back(&s);
+  while (!states[0].done()) prior.step(batch);
+  const TextEncodeStage enc(model);
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& pi : params) ptrs.push_back(&pi);
+  auto embs = enc.run(ptrs);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    embs[i].class_labels = prior.class_labels(states[i]);
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, draw(n_draws - 1)[static_cast<int64_t>(i)]));
+  }
+  const DenoiseStage den(model);
+  std::vector<DenoiseState*> dbatch;
+  for (auto& s : ds) dbatch.push_back(&s);
+  while (!ds[0].done()) den.step(dbatch);
+  std::vector<at::Tensor> lat;
+  for (auto& s : ds) lat.push_back(s.latents);
+  const double e = rel_err(at::stack(lat), g.at("pipeline.final_latents"));
+  const at::Tensor img = DecodeStage(model).run_uint8(lat);
+  const at::Tensor d = (img.to(at::kInt) - g.at("pipeline.image_uint8").to(at::kInt)).abs();
+  const double within = d.le(1).to(at::kDouble).mean().item<double>();
+  std::printf("[golden-unclip] whole pipeline: final latents %.2e, image values within +-1: %.4f (max %d)\n", e,
+              within, d.max().item<int>());
+  EXPECT_LE(e, 1e-3);
+  EXPECT_GE(within, 0.99);
 }

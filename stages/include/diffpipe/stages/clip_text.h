@@ -38,11 +38,13 @@ class ClipTextModel {
 
   // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
   // attention_mask ([B, L], 1 = token, 0 = padding; optional): padding keys are masked too, as transformers does
-  // when given one (StableUnCLIPPipeline's prior text encoder); without it only the causal mask applies.
+  // when given one; without it only the causal mask applies (real tokens never see the padding after them, so
+  // only the padding positions' states differ).
   ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0, const at::Tensor& attention_mask = at::Tensor()) const;
   // CLIPTextModelWithProjection's text_embeds: pooled @ text_projection^T ([B, projection_dim]); needs
   // projection_dim > 0 and the text_projection.weight tensor.
   at::Tensor text_embeds(const at::Tensor& input_ids) const;
+  at::Tensor project(const at::Tensor& pooled) const;  // text_projection of a pooled output (same requirement)
   const ClipTextConfig& config() const { return cfg_; }
 
  private:

@@ -16,11 +16,13 @@
 
 namespace diffpipe {
 
-// kSuperRes loads super_resolution/ when the folder has one (a no-op otherwise).
+// kSuperRes loads super_resolution/ when the folder has one, kPrior the Stable unCLIP prior components when the
+// folder is a StableUnCLIPPipeline (no-ops otherwise).
 enum Component : unsigned {
-  kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16,
-  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes
+  kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16, kPrior = 32,
+  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior
 };
+struct UnclipParts;
 
 struct SdModel {
   std::string dir;
@@ -30,6 +32,7 @@ struct SdModel {
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
+  std::shared_ptr<const UnclipParts> unclip;   // Stable unCLIP's prior components (kPrior; stages/unclip.h)
   SchedulerConfig scheduler;
   at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 for float16 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.
@@ -48,6 +51,7 @@ struct SdModel {
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
+  static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
 };
 
 }  // namespace diffpipe

@@ -16,6 +16,10 @@ struct GenerationParams {
   int width = 0, height = 0;    // 0 = the model's default size
   int clip_skip = 0;            // 0 = last text-encoder layer, 1 = penultimate, ...
   int previews = 0;             // partial images: the denoised estimate decoded this many times on the way (0-3)
+  // Stable unCLIP folders only (a diffusion prior makes the image embedding); other folders ignore them.
+  int prior_steps = 25;         // the prior's DDPM steps
+  double prior_guidance = 4.0;  // the prior's classifier-free guidance; <= 1 skips its unconditional pass
+  int noise_level = 0;          // noise augmentation of the image embedding, in [0, image_noising_scheduler steps)
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -29,7 +33,8 @@ namespace diffpipe {
 inline nlohmann::json params_to_json(const GenerationParams& p) {
   return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
           {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
-          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}};
+          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}, {"prior_steps", p.prior_steps},
+          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}};
 }
 
 inline GenerationParams params_from_json(const nlohmann::json& j) {
@@ -44,6 +49,9 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.height = j.value("height", 0);
   p.clip_skip = j.value("clip_skip", 0);
   p.previews = j.value("previews", 0);
+  p.prior_steps = j.value("prior_steps", p.prior_steps);
+  p.prior_guidance = j.value("prior_guidance", p.prior_guidance);
+  p.noise_level = j.value("noise_level", p.noise_level);
   return p;
 }
 

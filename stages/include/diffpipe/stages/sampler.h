@@ -37,8 +37,11 @@ struct SchedulerConfig {
   bool euler_at_final = false;
   std::string final_sigmas_type = "zero";
   std::string interpolation_type = "linear";
+  std::string variance_type = "fixed_small";  // DDPMScheduler: fixed_small | fixed_small_log
   // Loads and validates (unsupported values are errors naming the key).
   static SchedulerConfig load(const std::string& path);
+  // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults.
+  static SchedulerConfig load_ddpm(const std::string& path);
 };
 
 // Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms).
@@ -72,6 +75,25 @@ class Sampler {
  protected:
   std::vector<double> timesteps_;
   std::vector<double> sigmas_;
+};
+
+// DDPMScheduler (diffusers), the sampler of Stable unCLIP's prior: sample, epsilon or v prediction, clip_sample
+// range, fixed_small or fixed_small_log variance; every step but the one at t = 0 adds noise.
+class DdpmSampler {
+ public:
+  // Timesteps as DDPMScheduler.set_timesteps(steps) makes them (leading, linspace or trailing spacing).
+  DdpmSampler(const SchedulerConfig& cfg, int steps);
+  int num_steps() const { return static_cast<int>(timesteps_.size()); }
+  int64_t timestep(int i) const { return timesteps_.at(i); }
+  bool adds_noise(int i) const { return timestep(i) > 0; }
+  // One step: the model's output at call i for `sample` -> the previous sample. `noise` (standard normal, shaped
+  // like sample) is used when adds_noise(i); it may be undefined otherwise.
+  at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const at::Tensor& noise) const;
+
+ private:
+  SchedulerConfig cfg_;
+  std::vector<int64_t> timesteps_;
+  std::vector<float> alphas_cumprod_;  // the previous timestep is the next entry (diffusers' previous_timestep)
 };
 
 // alphas_cumprod of a config as a float32 tensor [num_train_timesteps] (diffusers' computation).

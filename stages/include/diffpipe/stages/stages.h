@@ -23,6 +23,8 @@ namespace diffpipe {
 struct Embeddings {
   at::Tensor cond;    // [L, D]
   at::Tensor uncond;  // [L, D]; undefined when guidance <= 1
+  at::Tensor class_labels;  // Stable unCLIP: the noise-augmented image embedding [2E] (the unconditional row gets
+                            // zeros); undefined for UNets without class embeddings
 };
 
 class TextEncodeStage {
@@ -41,6 +43,7 @@ struct DenoiseState {
   double guidance = 7.5;
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
+  at::Tensor class_labels;  // [2E] (Stable unCLIP) or undefined
   at::Tensor latents;       // [C, h, w], float32
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index

@@ -1,0 +1,91 @@
+// Stable unCLIP (DALL-E 2 style) beside the Stable Diffusion parts: a diffusion prior turns the prompt into a
+// CLIP image embedding, which is noise-augmented and conditions the UNet through its class embedding.
+// Folder layout (diffusers StableUnCLIPPipeline): prior_tokenizer/, prior_text_encoder/
+// (CLIPTextModelWithProjection), prior/ (PriorTransformer), prior_scheduler/ and image_noising_scheduler/
+// (DDPMScheduler), image_normalizer/ (StableUnCLIPImageNormalizer: mean, std), next to the SD components.
+//   (the prior's sampler is DdpmSampler, stages/sampler.h)
+//   UnclipParts: the components above, and the noise augmentation of an image embedding
+//   PriorState / PriorRunner: one request's prior loop and the batched step over many requests, as the
+//                pipeline's `prior` stage runs them (stages/src/model_stages.cpp)
+// Thread-safety: UnclipParts is immutable after load; a PriorRunner and its states are used by one thread.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/prior.h"
+#include "diffpipe/stages/request.h"
+#include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/tokenizer.h"
+
+namespace diffpipe {
+
+struct UnclipParts {
+  std::shared_ptr<ClipTokenizer> prior_tokenizer;
+  std::shared_ptr<ClipTextModel> prior_text_encoder;
+  std::shared_ptr<PriorTransformer> prior;
+  SchedulerConfig prior_scheduler, image_noising_scheduler;
+  at::Tensor normalizer_mean, normalizer_std;  // [1, E] float32 on the model's device
+  at::Tensor noising_alphas_cumprod;           // image_noising_scheduler's, float32 on the CPU
+
+  // The folder's model_index.json names StableUnCLIPPipeline.
+  static bool is_unclip_folder(const std::string& dir);
+  // Checks the prior components' files and configs (cheap), naming what is wrong.
+  static void validate(const std::string& dir);
+  static std::shared_ptr<const UnclipParts> load(const std::string& dir, const DeviceSpec& spec);
+
+  int64_t embedding_dim() const { return prior->config().embedding_dim; }
+  // noise_image_embeddings: normalise, DDPM add_noise at noise_level with `noise` ([B, E]), un-normalise, then
+  // append the sinusoidal embedding of noise_level: [B, E] -> [B, 2E], the UNet's class_labels.
+  at::Tensor noise_image_embeds(const at::Tensor& embeds, int noise_level, const at::Tensor& noise) const;
+};
+
+// Counter-based noise streams of a request's prior (its denoising loop uses streams 0, 1, 2, ...).
+constexpr uint64_t kPriorLatentStream = uint64_t(1) << 32;        // the prior's initial latents
+inline uint64_t prior_step_stream(int step) { return kPriorLatentStream + 1 + static_cast<uint64_t>(step); }
+constexpr uint64_t kImageEmbedNoiseStream = uint64_t(1) << 33;    // the image embedding's noise augmentation
+
+// One request's prior loop.
+struct PriorState {
+  uint64_t id = 0;
+  uint64_t seed = 0;
+  double guidance = 4.0;     // prior guidance; <= 1 skips the unconditional row
+  int noise_level = 0;
+  std::unique_ptr<DdpmSampler> sampler;
+  bool encoded = false;      // prior text encoder run (PriorRunner::step does it for new requests, batched)
+  std::string prompt;
+  at::Tensor embeds, hidden, mask;        // conditional: text_embeds [E], last_hidden_state [L, E], mask [L]
+  at::Tensor u_embeds, u_hidden, u_mask;  // unconditional (the empty prompt), when guided
+  at::Tensor latents;        // [E] float32
+  int step = 0;
+  // Noise source: (stream, like) -> standard normal shaped like `like`. Default: seeded_noise(seed, stream).
+  std::function<at::Tensor(uint64_t stream, const at::Tensor& like)> noise;
+  bool done() const { return step >= sampler->num_steps(); }
+  int total_steps() const { return sampler->num_steps(); }
+};
+
+class PriorRunner {
+ public:
+  explicit PriorRunner(const UnclipParts& parts, const DeviceSpec& spec) : parts_(parts), spec_(spec) {}
+  // A new request's state: checks prior_steps, prior_guidance and noise_level (errors name the field) and draws
+  // its initial latents. `noise` overrides the counter-based streams (tests feed a reference's draws).
+  PriorState make_state(const GenerationParams& p, uint64_t id,
+                        std::function<at::Tensor(uint64_t, const at::Tensor&)> noise = nullptr) const;
+  // One batched prior call over the states (each at its own step): the prior text encoder first for states not
+  // yet encoded (one call), then rows [uncond_i, cond_i] (guided) or [cond_i] through the PriorTransformer, the
+  // guidance mix and each state's DDPM step.
+  void step(const std::vector<PriorState*>& batch) const;
+  // After the last step: post_process_latents, then the noise augmentation: the UNet's class labels [2E].
+  at::Tensor class_labels(const PriorState& s) const;
+
+ private:
+  void encode(const std::vector<PriorState*>& states) const;
+  const UnclipParts& parts_;
+  DeviceSpec spec_;
+};
+
+}  // namespace diffpipe

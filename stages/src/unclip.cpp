@@ -1,0 +1,194 @@
+#include "diffpipe/stages/unclip.h"
+
+#include <cmath>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/profile.h"
+#include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/unet.h"
+
+namespace diffpipe {
+
+bool UnclipParts::is_unclip_folder(const std::string& dir) {
+  const std::string index = path_join(dir, "model_index.json");
+  if (!file_exists(index)) return false;
+  return JsonConfig::load(index).string("_class_name", "") == "StableUnCLIPPipeline";
+}
+
+void UnclipParts::validate(const std::string& dir) {
+  const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+  for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler", "image_normalizer",
+                        "image_noising_scheduler"})
+    if (!index.has(c)) index.fail(c, "component of a StableUnCLIPPipeline missing from model_index.json");
+  const auto tcfg = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
+  const auto pcfg = PriorConfig::load(path_join(dir, "prior/config.json"));
+  (void)SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  (void)SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json"));
+  for (const char* f : {"prior_tokenizer/vocab.json", "prior_tokenizer/merges.txt"})
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+  for (const char* f : {"prior_text_encoder/model.safetensors", "prior/diffusion_pytorch_model.safetensors",
+                        "image_normalizer/diffusion_pytorch_model.safetensors"}) {
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": weights file not found");
+    SafetensorsFile::open(path_join(dir, f));
+  }
+  DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_text_encoder/config.json"),
+           ": projection_dim ", tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
+  const auto ucfg = UNetConfig::load(path_join(dir, "unet/config.json"));
+  DP_CHECK(ucfg.class_embed_type == "projection" && ucfg.projection_class_embeddings_input_dim == 2 * pcfg.embedding_dim,
+           path_join(dir, "unet/config.json"), ": a Stable unCLIP UNet needs class_embed_type \"projection\" with ",
+           "projection_class_embeddings_input_dim ", 2 * pcfg.embedding_dim, " (twice the prior's embedding_dim)");
+}
+
+std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, const DeviceSpec& spec) {
+  auto u = std::make_shared<UnclipParts>();
+  u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
+  u->prior_text_encoder = ClipTextModel::load(path_join(dir, "prior_text_encoder"), spec);
+  u->prior = PriorTransformer::load(path_join(dir, "prior"), spec);
+  u->prior_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  u->image_noising_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json"));
+  u->noising_alphas_cumprod = alphas_cumprod(u->image_noising_scheduler);
+  // The normaliser's statistics stay float32 (tiny): the augmentation runs in float32 on the model's device.
+  DeviceSpec f32 = spec;
+  f32.dtype = at::kFloat;
+  const std::string nfile = path_join(dir, "image_normalizer/diffusion_pytorch_model.safetensors");
+  const Weights w = Weights::load(nfile, f32);
+  const int64_t E = u->prior->config().embedding_dim;
+  u->normalizer_mean = w.get("mean", {1, E});
+  u->normalizer_std = w.get("std", {1, E});
+  return u;
+}
+
+at::Tensor UnclipParts::noise_image_embeds(const at::Tensor& embeds, int noise_level, const at::Tensor& noise) const {
+  const int64_t N = noising_alphas_cumprod.size(0);
+  DP_CHECK(noise_level >= 0 && noise_level < N, "noise_level: must be in [0, ", N, ") (image_noising_scheduler's ",
+           "num_train_timesteps), got ", noise_level);
+  const int64_t B = embeds.size(0);
+  at::Tensor x = embeds.to(at::kFloat);
+  x = (x - normalizer_mean) * (1.0 / normalizer_std);  // StableUnCLIPImageNormalizer.scale
+  const at::Tensor a = noising_alphas_cumprod[noise_level];  // float32, as DDPMScheduler.add_noise
+  x = a.pow(0.5).to(x.device()) * x + (1 - a).pow(0.5).to(x.device()) * noise.to(x.device(), at::kFloat);
+  x = x * normalizer_std + normalizer_mean;  // unscale
+  const at::Tensor levels = at::full({B}, static_cast<int64_t>(noise_level), at::kLong);
+  const at::Tensor emb = timestep_embedding(levels, embeds.size(1), /*flip_sin_to_cos=*/true, /*freq_shift=*/0);
+  return at::cat({x, emb.to(x.device())}, 1);
+}
+
+PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
+                                   std::function<at::Tensor(uint64_t, const at::Tensor&)> noise) const {
+  DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= parts_.prior_scheduler.num_train_timesteps,
+           "prior_steps: must be in [1, ", parts_.prior_scheduler.num_train_timesteps, "], got ", p.prior_steps);
+  DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
+           "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
+  const int64_t levels = parts_.image_noising_scheduler.num_train_timesteps;
+  DP_CHECK(p.noise_level >= 0 && p.noise_level < levels, "noise_level: must be in [0, ", levels, "), got ",
+           p.noise_level);
+  PriorState s;
+  s.id = id;
+  s.seed = p.seed;
+  s.guidance = p.prior_guidance;
+  s.noise_level = p.noise_level;
+  s.prompt = p.prompt;
+  s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);
+  const uint64_t seed = p.seed;
+  s.noise = noise ? std::move(noise) : [seed](uint64_t stream, const at::Tensor& like) {
+    return seeded_noise(seed, stream, like.sizes());
+  };
+  const at::Tensor like = at::empty({parts_.embedding_dim()}, at::kFloat);
+  s.latents = s.noise(kPriorLatentStream, like).to(spec_.device, at::kFloat);  // init_noise_sigma is 1 for DDPM
+  return s;
+}
+
+void PriorRunner::encode(const std::vector<PriorState*>& states) const {
+  // Rows: each state's prompt, then "" for the guided ones (diffusers' prior always uses the empty prompt).
+  const ClipTokenizer& tok = *parts_.prior_tokenizer;
+  const int L = tok.max_length();
+  std::vector<std::pair<PriorState*, bool>> rows;
+  for (PriorState* s : states) {
+    rows.push_back({s, false});
+    if (s->guidance > 1.0) rows.push_back({s, true});
+  }
+  std::vector<int64_t> ids, mask;
+  for (const auto& [s, uncond] : rows) {
+    const std::string& text = uncond ? std::string() : s->prompt;
+    const auto t = tok.encode(text);
+    ids.insert(ids.end(), t.begin(), t.end());
+    // CLIPTokenizer's attention mask: 1 for the real tokens (start, text, end), 0 for the padding after them
+    const int64_t n = std::min<int64_t>(static_cast<int64_t>(tok.encode_untruncated(text).size()), L);
+    for (int64_t i = 0; i < L; ++i) mask.push_back(i < n ? 1 : 0);
+  }
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const at::Tensor input = at::tensor(ids, at::kLong).view({R, L}).to(spec_.device);
+  const at::Tensor m = at::tensor(mask, at::kLong).view({R, L}).to(spec_.device);
+  // As StableUnCLIPPipeline: the prior text encoder sees the ids alone (its causal mask keeps real tokens from
+  // the padding); the prior masks the padding through `mask`.
+  const ClipTextOutput out = parts_.prior_text_encoder->forward(input);
+  const at::Tensor embeds = parts_.prior_text_encoder->project(out.pooled);
+  for (int64_t r = 0; r < R; ++r) {
+    auto [s, uncond] = rows[static_cast<size_t>(r)];
+    (uncond ? s->u_embeds : s->embeds) = embeds[r];
+    (uncond ? s->u_hidden : s->hidden) = out.last_hidden_state[r];
+    (uncond ? s->u_mask : s->mask) = m[r];
+    s->encoded = true;
+  }
+}
+
+void PriorRunner::step(const std::vector<PriorState*>& batch) const {
+  if (batch.empty()) return;
+  profile::Scope prof(profile::Section::TextEncoder);  // the prior is text-to-embedding work
+  std::vector<PriorState*> fresh;
+  for (PriorState* s : batch) {
+    DP_CHECK(!s->done(), "prior: request ", s->id, " already finished");
+    if (!s->encoded) fresh.push_back(s);
+  }
+  if (!fresh.empty()) encode(fresh);
+  std::vector<at::Tensor> x, t, proj, hid, mask;
+  for (PriorState* s : batch) {
+    const int64_t ts = s->sampler->timestep(s->step);
+    if (s->guidance > 1.0) {
+      x.push_back(s->latents);
+      t.push_back(at::scalar_tensor(ts, at::kLong));
+      proj.push_back(s->u_embeds);
+      hid.push_back(s->u_hidden);
+      mask.push_back(s->u_mask);
+    }
+    x.push_back(s->latents);
+    t.push_back(at::scalar_tensor(ts, at::kLong));
+    proj.push_back(s->embeds);
+    hid.push_back(s->hidden);
+    mask.push_back(s->mask);
+  }
+  const auto dt = spec_.dtype;
+  const at::Tensor out = parts_.prior
+                             ->forward(at::stack(x).to(dt), at::stack(t).to(spec_.device), at::stack(proj).to(dt),
+                                       at::stack(hid).to(dt), at::stack(mask))
+                             .to(at::kFloat);
+  int64_t row = 0;
+  for (PriorState* s : batch) {
+    at::Tensor pred;
+    if (s->guidance > 1.0) {
+      const at::Tensor u = out[row], c = out[row + 1];
+      pred = u + s->guidance * (c - u);
+      row += 2;
+    } else {
+      pred = out[row++];
+    }
+    at::Tensor noise;
+    if (s->sampler->adds_noise(s->step)) noise = s->noise(prior_step_stream(s->step), s->latents);
+    s->latents = s->sampler->step(pred.unsqueeze(0), s->step, s->latents.unsqueeze(0),
+                                  noise.defined() ? noise.unsqueeze(0) : noise)
+                     .squeeze(0);
+    ++s->step;
+  }
+}
+
+at::Tensor PriorRunner::class_labels(const PriorState& s) const {
+  DP_CHECK(s.done(), "prior: request ", s.id, " has not finished its prior loop");
+  const at::Tensor embeds = parts_.prior->post_process_latents(s.latents.unsqueeze(0).to(spec_.dtype)).to(at::kFloat);
+  const at::Tensor noise = s.noise(kImageEmbedNoiseStream, s.latents).unsqueeze(0);
+  return parts_.noise_image_embeds(embeds, s.noise_level, noise).squeeze(0);
+}
+
+}  // namespace diffpipe
