@@ -33,11 +33,12 @@ namespace {
 
 const char* kUsage = "[mpirun -np N] diffpipe generate --model DIR (--prompt TEXT | --prompts FILE) [options]";
 const std::vector<cli::Opt> kOptions = {
-    {"model", "DIR", "Stable Diffusion 1.x/2.x folder in the diffusers layout"},
+    {"model", "DIR", "model folder in the diffusers layout: Stable Diffusion 1.x/2.x, or Stable unCLIP"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
-                        "width, height, clip_skip, images (unset keys take the command line's values)"},
+                        "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level (unset keys\n"
+                        "take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -48,6 +49,10 @@ const std::vector<cli::Opt> kOptions = {
     {"height", "H", "image height (the same rule)"},
     {"images", "N", "images per prompt (default 1)"},
     {"clip-skip", "K", "use the text encoder's K-th layer from the end (default 0)"},
+    {"prior-steps", "N", "Stable unCLIP folders: the prior's DDPM steps (default 25)"},
+    {"prior-guidance", "G", "Stable unCLIP folders: the prior's guidance scale (default 4; 1 skips its\n"
+                            "unconditional pass)"},
+    {"noise-level", "L", "Stable unCLIP folders: noise added to the image embedding, in [0, 1000) (default 0)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
@@ -205,6 +210,12 @@ int generate_main(int argc, char** argv) {
     base.height = static_cast<int>(a.integer("height", 0));
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
     base.previews = static_cast<int>(a.integer("previews", 0));
+    base.prior_steps = static_cast<int>(a.integer("prior-steps", 25));
+    base.prior_guidance = a.number("prior-guidance", 4.0);
+    base.noise_level = static_cast<int>(a.integer("noise-level", 0));
+    DP_CHECK(base.prior_steps >= 1, "generate: --prior-steps must be at least 1");
+    DP_CHECK(std::isfinite(base.prior_guidance) && base.prior_guidance >= 0, "generate: --prior-guidance must be >= 0");
+    DP_CHECK(base.noise_level >= 0, "generate: --noise-level must be at least 0");
     DP_CHECK(base.previews >= 0 && base.previews <= 3, "generate: --previews must be in [0, 3]");
     DP_CHECK(a.integer("width", 0) >= 0 && a.integer("height", 0) >= 0, "generate: --width/--height must be positive");
     jobs = offline::parse_job_lines(lines, jsonl_input, base, static_cast<int>(images));
@@ -331,6 +342,7 @@ int generate_main(int argc, char** argv) {
       oo.shard_size = static_cast<int>(a.integer("shard-size", 1000));
       oo.overwrite = a.flag("overwrite");
       oo.model = a.str("model");
+      oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.total = requests.size();
       oo.identity = run_identity(requests, placement);
       sink.emplace(oo);

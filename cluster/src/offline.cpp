@@ -71,7 +71,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                      int images) {
   std::vector<JobLine> out;
   static const std::set<std::string> keys{"prompt", "negative_prompt", "seed", "steps", "guidance", "sampler",
-                                          "width", "height", "clip_skip", "images"};
+                                          "width", "height", "clip_skip", "images", "prior_steps",
+                                          "prior_guidance", "noise_level"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -92,7 +93,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(o.is_object(), l.origin, ": each line must be a JSON object like {\"prompt\": \"...\"}");
     for (auto& [k, v] : o.items())
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
-               "sampler, width, height, clip_skip, images)");
+               "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -103,11 +104,18 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.width = get_field<int>(o, "width", l.origin, p.width);
     p.height = get_field<int>(o, "height", l.origin, p.height);
     p.clip_skip = get_field<int>(o, "clip_skip", l.origin, p.clip_skip);
+    p.prior_steps = get_field<int>(o, "prior_steps", l.origin, p.prior_steps);
+    p.prior_guidance = get_field<double>(o, "prior_guidance", l.origin, p.prior_guidance);
+    p.noise_level = get_field<int>(o, "noise_level", l.origin, p.noise_level);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
     DP_CHECK(p.width >= 0 && p.height >= 0, l.origin, ": keys 'width'/'height' must be positive");
     DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, l.origin, ": key 'guidance' must be a number >= 0");
+    DP_CHECK(p.prior_steps >= 1, l.origin, ": key 'prior_steps' must be at least 1");
+    DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0, l.origin,
+             ": key 'prior_guidance' must be a number >= 0");
+    DP_CHECK(p.noise_level >= 0, l.origin, ": key 'noise_level' must be at least 0");
     if (o.contains("seed")) {
       DP_CHECK(o["seed"].is_number_unsigned() || (o["seed"].is_number_integer() && o["seed"].get<int64_t>() >= 0),
                l.origin, ": key 'seed' must be a non-negative integer");
@@ -132,13 +140,16 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
   return out;
 }
 
-std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model) {
+std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, bool prior) {
   std::ostringstream os;
   os << p.prompt << "\n";
   if (!p.negative_prompt.empty()) os << "Negative prompt: " << p.negative_prompt << "\n";
   os << "Steps: " << p.steps << ", Sampler: " << (p.sampler.empty() ? "model default" : p.sampler)
      << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
+  if (prior)
+    os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
+       << ", Noise level: " << p.noise_level;
   os << ", Model: " << model << ", Generator: diffpipe";
   return os.str();
 }
@@ -294,7 +305,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
       const std::string file = file_for(index, gi.params.seed);
       const auto slash = file.rfind('/');
       if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model)}});
+      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior)}});
       line["file"] = file;
       done_files_[index] = file;
       if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
@@ -321,7 +332,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
   line["shard"] = sname;
   line["key"] = key;
   if (done) {
-    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model)}});
+    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior)}});
     const std::string meta = line.dump();
     for (const auto& [name, bytes] : {std::pair<std::string, std::string>{std::string(key) + ".png", std::string(png.begin(), png.end())},
                                       std::pair<std::string, std::string>{std::string(key) + ".json", meta}}) {
@@ -343,7 +354,7 @@ void OutputSink::write_preview(uint64_t index, int k, const GenerationParams& p,
   file = file.substr(0, file.size() - 4) + "-preview-" + std::to_string(k) + ".png";
   const auto slash = file.rfind('/');
   if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model) + ", Preview: " + std::to_string(k)}});
+  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior) + ", Preview: " + std::to_string(k)}});
 }
 
 void OutputSink::flush_shard(int64_t k, bool complete) {

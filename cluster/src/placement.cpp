@@ -31,14 +31,22 @@ Placement Placement::derive(int n, const RankSpec& defaults, const std::vector<P
   p.world_size = n;
   p.ranks.assign(n, defaults);
   const int h = heavy_index(pipeline);
+  // Stages that want a rank of their own get ranks 1, 2, ... when each can have one and the heavy stage still
+  // has one between them and the last rank; the heavy stage takes the ranks after them.
+  int own = 0;
+  for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) own += pipeline[i].own_rank && i != h;
+  const bool separate = own > 0 && n >= 3 + own;
+  int next = 1;
   for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) {
     PlacedStage s;
     s.name = pipeline[i].name;
     s.heavy = i == h;
     if (n == 1) {
       s.spec.ranks = {0};
+    } else if (separate && pipeline[i].own_rank && i != h) {
+      s.spec.ranks = {next++};
     } else if (i == h) {
-      for (int r = 1; r < std::max(2, n - 1); ++r) s.spec.ranks.push_back(r);
+      for (int r = next; r < std::max(next + 1, n - 1); ++r) s.spec.ranks.push_back(r);
     } else {
       s.spec.ranks = {i < h || n == 2 ? 0 : n - 1};
     }

@@ -97,6 +97,12 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
   m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  if (is_unclip(dir)) {
+    m.prior_train_timesteps =
+        SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
+    m.noise_levels =
+        SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json")).num_train_timesteps;
+  }
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
     m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);

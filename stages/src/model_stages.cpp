@@ -7,6 +7,7 @@
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/scheduler/step_batcher.h"
 #include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/unclip.h"
 
 namespace diffpipe {
 namespace {
@@ -34,6 +35,67 @@ class EncodeStage : public OneShotStage {
   TextEncodeStage enc_;
 };
 
+// text embeddings -> [the UNet's class labels (noise-augmented image embedding), the text embeddings]: the
+// Stable unCLIP prior, step-level batched like the denoiser (requests at different prior steps share one
+// PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
+class PriorStageImpl : public Stage {
+ public:
+  PriorStageImpl(const SdModel& m, const StageConfig& c)
+      : model_(m), batcher_(sched::parse_batch_mode(c.batching), c.max_batch) {
+    DP_CHECK(m.unclip, "prior stage: ", m.dir, " is not a Stable unCLIP folder (or its prior was not loaded)");
+    runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
+  }
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
+    Held h{runner_->make_state(r.params, r.id), std::move(r.inputs)};
+    held_.emplace(r.id, std::move(h));
+    batcher_.add(r.id, r.priority, now);
+  }
+  void cancel(uint64_t id) override {
+    if (held_.erase(id)) batcher_.cancel(id);
+  }
+  size_t held() const override { return held_.size(); }
+  std::vector<uint64_t> current_batch() const override { return current_; }
+
+  std::vector<StageEvent> step(double now) override {
+    current_ = batcher_.plan(now);
+    std::vector<StageEvent> out;
+    if (current_.empty()) return out;
+    std::vector<PriorState*> batch;
+    for (uint64_t id : current_) batch.push_back(&held_.at(id).state);
+    runner_->step(batch);
+    for (uint64_t id : current_) {
+      Held& h = held_.at(id);
+      out.push_back(StageEvent::progress(id, h.state.step, h.state.total_steps()));
+      if (!h.state.done()) continue;
+      batcher_.finished(id);
+      const at::Tensor labels = runner_->class_labels(h.state).contiguous();
+      if (!at::isfinite(labels).all().item<bool>()) {
+        out.push_back(StageEvent::failed(id, detail::cat("request ", id, ": non-finite values (NaN or Inf) in the ",
+                                                         "prior's image embedding (the prior's weights or settings)")));
+      } else {
+        std::vector<at::Tensor> next{labels.cpu()};
+        for (auto& t : h.passthrough) next.push_back(t);
+        out.push_back(StageEvent::finished(id, std::move(next)));
+      }
+      held_.erase(id);
+    }
+    return out;
+  }
+
+ private:
+  struct Held {
+    PriorState state;
+    std::vector<at::Tensor> passthrough;  // the text embeddings, for the denoiser
+  };
+  const SdModel& model_;
+  std::unique_ptr<PriorRunner> runner_;
+  sched::StepBatcher batcher_;
+  std::map<uint64_t, Held> held_;
+  std::vector<uint64_t> current_;
+};
+
 // embeddings -> final latents [C, h, w]: step-level batching over requests at different steps, one UNet call
 // per iteration; a request whose latents go non-finite fails alone.
 class DenoiseStageImpl : public Stage {
@@ -44,8 +106,14 @@ class DenoiseStageImpl : public Stage {
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
     Embeddings e;
-    e.cond = r.inputs[0].to(model_.spec.device, model_.spec.dtype);
-    if (r.inputs.size() > 1) e.uncond = r.inputs[1].to(model_.spec.device, model_.spec.dtype);
+    size_t k = 0;  // Stable unCLIP: the prior's class labels come first
+    if (model_.unet_config.class_embed_type == "projection") {
+      DP_CHECK(r.inputs.size() >= 2, "denoise: no image embedding received (this UNet is conditioned on one; the "
+                                     "prior stage must run before denoise)");
+      e.class_labels = r.inputs[k++].to(model_.spec.device, at::kFloat);
+    }
+    e.cond = r.inputs[k].to(model_.spec.device, model_.spec.dtype);
+    if (r.inputs.size() > k + 1) e.uncond = r.inputs[k + 1].to(model_.spec.device, model_.spec.dtype);
     states_.emplace(r.id, make_denoise_state(model_, r.params, e, r.id));
     batcher_.add(r.id, r.priority, now);
   }
@@ -144,8 +212,9 @@ ModelStage entry(const char* name, const char* consumes, const char* produces, u
   s.def.produces = produces;
   s.def.heavy = heavy;
   s.def.gathers = !heavy;
-  s.def.admission_factor = name == std::string("encode") ? 4 : 0;  // encode runs ahead; later stages are fed
-  s.components = comps;                                             // only what the heavy stage releases
+  // encode (and the prior, before the heavy stage) run ahead; later stages are fed only what the heavy one releases
+  s.def.admission_factor = name == std::string("encode") || name == std::string("prior") ? 4 : 0;
+  s.components = comps;
   s.make = [](const SdModel& m, const StageConfig& c) -> std::unique_ptr<Stage> { return std::make_unique<T>(m, c); };
   return s;
 }
@@ -156,7 +225,10 @@ struct Registry {
   std::vector<std::string> order;  // registration order, for messages
   Registry() {
     add(entry<EncodeStage>("encode", "prompt", "text embeddings (conditional, unconditional)", kTextEncoder));
-    add(entry<DenoiseStageImpl>("denoise", "text embeddings", "latents", kUNet, /*heavy=*/true));
+    add(entry<PriorStageImpl>("prior", "text embeddings", "image embedding (noise-augmented), text embeddings",
+                              kPrior));
+    add(entry<DenoiseStageImpl>("denoise", "text embeddings (and an image embedding)", "latents", kUNet,
+                                /*heavy=*/true));
     add(entry<DecodeStageImpl>("decode", "latents", "8-bit image", kVae));
     add(entry<UpscaleStageImpl>("upscale", "8-bit image", "8-bit image, enlarged", kSuperRes));
   }
@@ -202,6 +274,8 @@ std::vector<PipelineStage> default_pipeline_layout() {
 }
 
 std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
+  if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
+    return {{"encode", false}, {"prior", false, /*own_rank=*/true}, {"denoise", true}, {"decode", false}};
   std::vector<PipelineStage> p = default_pipeline_layout();
   if (SdModel::has_super_resolution(model_dir)) p.push_back({"upscale", false});
   return p;

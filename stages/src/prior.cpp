@@ -98,6 +98,12 @@ at::Tensor PriorTransformer::forward(const at::Tensor& hidden_states, const at::
   at::Tensor t = timesteps.to(at::kCPU);
   if (t.dim() == 0) t = t.reshape({1});
   if (t.size(0) == 1 && B > 1) t = t.expand({B});
+  if (nn::batch_invariant() && B > 1)  // each sample alone: its result does not depend on its batch neighbours
+    return nn::per_sample(B, [&](int64_t i) {
+      return forward(hidden_states.slice(0, i, i + 1), t.slice(0, i, i + 1), proj_embedding.slice(0, i, i + 1),
+                     encoder_hidden_states.slice(0, i, i + 1),
+                     attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
+    });
   const auto dt = hidden_states.scalar_type();
   // tokens: [projected hidden states (L); text embedding; time embedding; noisy image embedding; prd]
   const at::Tensor t_emb = timestep_embedding(t, D, /*flip_sin_to_cos=*/true, 0).to(hidden_states.device(), dt);

@@ -51,6 +51,28 @@ TEST(Placement, DerivedFromWorldSize) {
   EXPECT_NE(p5.describe().find("heavy(max_batch 8, step batching)"), std::string::npos) << p5.describe();
 }
 
+// Stable unCLIP's prior wants a rank of its own: it gets one once every stage can have one (4 ranks), before
+// the denoiser's replicas; with fewer ranks it runs on rank 0 with the text encoder.
+TEST(Placement, PriorGetsItsOwnRankWhenThereAreEnough) {
+  const std::vector<PipelineStage> unclip{{"encode"}, {"prior", false, true}, {"denoise", true}, {"decode"}};
+  auto p1 = Placement::derive(1, {}, unclip);
+  EXPECT_EQ(p1.stages_on(0), (std::vector<std::string>{"encode", "prior", "denoise", "decode"}));
+  auto p3 = Placement::derive(3, {}, unclip);
+  EXPECT_EQ(p3.stages_on(0), (std::vector<std::string>{"encode", "prior"}));
+  EXPECT_EQ(p3.stage("denoise").ranks, std::vector<int>{1});
+  EXPECT_EQ(p3.stage("decode").ranks, std::vector<int>{2});
+  auto p4 = Placement::derive(4, {}, unclip);
+  EXPECT_EQ(p4.stage("encode").ranks, std::vector<int>{0});
+  EXPECT_EQ(p4.stage("prior").ranks, std::vector<int>{1});
+  EXPECT_EQ(p4.stage("denoise").ranks, std::vector<int>{2});
+  EXPECT_EQ(p4.stage("decode").ranks, std::vector<int>{3});
+  auto p7 = Placement::derive(7, {}, unclip);
+  EXPECT_EQ(p7.stage("prior").ranks, std::vector<int>{1});
+  EXPECT_EQ(p7.stage("denoise").ranks, (std::vector<int>{2, 3, 4, 5}));
+  EXPECT_EQ(p7.stage("decode").ranks, std::vector<int>{6});
+  for (int n = 1; n <= 8; ++n) EXPECT_NO_THROW(Placement::derive(n, {}, unclip).validate("derived")) << n;
+}
+
 TEST(Placement, FileWithReplicasDevicesAndLimits) {
   const auto p = Placement::load(file_with("ok", R"(
 transport = "nccl"
@@ -130,7 +152,10 @@ TEST(Placement, BadFilesGiveClearErrors) {
   auto load = [&](const std::string& name, const std::string& text, int n) {
     return test::error_of([&] { Placement::load(file_with(name, text), n); });
   };
-  EXPECT_NE(load("unknown", base + "[prior]\nranks=[1]\n", 2).find("unknown stage or key 'prior'"), std::string::npos);
+  EXPECT_NE(load("unknown", base + "[refiner]\nranks=[1]\n", 2).find("unknown stage or key 'refiner'"), std::string::npos);
+  EXPECT_NE(load("prior-on-sd", base + "[prior]\nranks=[1]\n", 2).find("places stage 'prior', which this model's pipeline"),
+            std::string::npos)
+      << "a known stage the model's pipeline lacks (the prior of a Stable unCLIP folder, on an SD folder)";
   EXPECT_NE(test::error_of([&] { Placement::load(file_with("upscale-range", base + "[upscale]\nranks=[5]\n"), 2, with_upscale()); })
                 .find("stage 'upscale': rank 5 is out of range"),
             std::string::npos);

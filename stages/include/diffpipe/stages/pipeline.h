@@ -1,6 +1,6 @@
 // Which stages a model folder's pipeline has, in order, without loading anything (torch-free: placement,
 // planner and command line use it). Stable Diffusion: encode -> denoise -> decode; a folder with
-// super_resolution/ adds upscale. The stages themselves are registered in stages/model_stages.h.
+// super_resolution/ adds upscale; a Stable unCLIP folder runs encode -> prior -> denoise -> decode. The stages themselves are registered in stages/model_stages.h.
 #pragma once
 #include <string>
 #include <vector>
@@ -9,7 +9,9 @@ namespace diffpipe {
 
 struct PipelineStage {
   std::string name;
-  bool heavy = false;  // the main stage: extra ranks become its replicas
+  bool heavy = false;     // the main stage: extra ranks become its replicas
+  bool own_rank = false;  // a light stage with many steps (the unCLIP prior): derived placements give it a rank
+                          // of its own when there are enough ranks (one each besides the heavy stage's)
 };
 
 // The folder's pipeline (throws naming the folder when it has none of the known layouts).

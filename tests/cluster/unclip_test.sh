@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The Stable unCLIP pipeline (encode -> prior -> denoise -> decode) through `diffpipe generate` under mpirun:
+#   unclip_test.sh DIFFPIPE_BIN WORKDIR       (the folder: $DIFFPIPE_GOLDEN_UNCLIP, default ../shared/golden/tiny-unclip)
+# Checks: the same PNG bytes on 1 rank and on placements with the prior on its own rank (derived at 4 ranks, and a
+# pipeline file at 3), same threads and --batch-invariant as the SD tests; the prior settings reach the images
+# (another --prior-guidance / --noise-level changes them; a JSONL line's prior_steps equals the flag); out-of-range
+# settings refused naming the setting; the PNG chunk records them. Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN="mpirun --oversubscribe"
+GOLD=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$0")/../../../shared/golden/tiny-unclip}
+MODEL=$GOLD/model
+[ -d "$MODEL" ] || { echo "SKIP: Stable unCLIP folder $MODEL is absent (set DIFFPIPE_GOLDEN_UNCLIP)"; exit 77; }
+rm -rf "$WORK"; mkdir -p "$WORK"
+fails=0; passed=0
+ok()   { echo "ok: $*"; passed=$((passed+1)); }
+bad()  { echo "FAIL: $*"; fails=$((fails+1)); }
+same_pngs() {  # same_pngs DIR_A DIR_B: every image of A has a byte-identical twin in B
+  local n=0 s=0
+  for f in "$1"/img-*.png; do n=$((n+1)); cmp -s "$f" "$2/$(basename "$f")" && s=$((s+1)); done
+  [ $n -gt 0 ] && [ $s = $n ]
+}
+printf 'a photo of a cat\na red circle above a blue square\nthree small triangles\n' > "$WORK/prompts.txt"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 8 --prior-steps 6 --width 16
+        --height 16 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
+
+timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
+[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
+for np in 2 4; do
+  timeout 180 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --out "$WORK/np$np" 2> "$WORK/np$np.log" \
+    || bad "np $np failed: $(tail -2 "$WORK/np$np.log")"
+  same_pngs "$WORK/np1" "$WORK/np$np" && ok "np $np: the same PNG bytes as 1 rank" || bad "np $np: images differ from 1 rank"
+done
+grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
+  && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
+cat > "$WORK/pipe.toml" <<'TOML'
+[encode]
+ranks = [0]
+[prior]
+ranks = [1]
+max_batch = 4
+[denoise]
+ranks = [2]
+[decode]
+ranks = [0]
+TOML
+timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --pipeline "$WORK/pipe.toml" --out "$WORK/file3" 2> "$WORK/file3.log" \
+  || bad "pipeline file run failed: $(tail -2 "$WORK/file3.log")"
+same_pngs "$WORK/np1" "$WORK/file3" && ok "pipeline file (prior alone on rank 1 of 3): the same PNG bytes" \
+  || bad "pipeline file: images differ"
+
+# the n-th image alone, from its JSON line's seed
+seed=$(sed -n 4p "$WORK/np1/images.jsonl" | python3 -c 'import json,sys;print(json.load(sys.stdin)["seed"])')
+prompt=$(sed -n 4p "$WORK/np1/images.jsonl" | python3 -c 'import json,sys;print(json.load(sys.stdin)["prompt"])')
+file=$(sed -n 4p "$WORK/np1/images.jsonl" | python3 -c 'import json,sys;print(json.load(sys.stdin)["file"])')
+timeout 60 "$BIN" generate --model "$MODEL" --prompt "$prompt" --seed "$seed" --steps 8 --prior-steps 6 --width 16 \
+  --height 16 --threads 1 --batch-invariant --quiet --out "$WORK/one" 2> "$WORK/one.log"
+cmp -s "$file" "$WORK/one/$(ls "$WORK/one" | grep '^img-' | head -1)" \
+  && ok "generate --prompt P --seed s reproduces image 4 alone" || bad "image 4 not reproduced alone"
+
+# the prior's settings reach the pixels; JSONL keys equal the flags
+one() { timeout 60 "$BIN" generate --model "$MODEL" --seed 5 --steps 8 --width 16 --height 16 --threads 1 --quiet "$@"; }
+P=(--prompt "a photo of a cat")
+one "${P[@]}" --prior-steps 6 --out "$WORK/s-base" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 6 --prior-guidance 1 --out "$WORK/s-g1" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 6 --noise-level 500 --out "$WORK/s-n500" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 3 --out "$WORK/s-p3" 2>> "$WORK/settings.log"
+printf '{"prompt": "a photo of a cat", "prior_steps": 3}\n' > "$WORK/p3.jsonl"
+one --prompts "$WORK/p3.jsonl" --out "$WORK/s-p3j" 2>> "$WORK/settings.log"
+img() { ls "$1"/img-*.png | head -1; }
+for d in s-g1 s-n500 s-p3; do
+  cmp -s "$(img "$WORK/s-base")" "$(img "$WORK/$d")" && bad "$d: same image as the default settings" \
+    || ok "$d: the setting changes the image"
+done
+cmp -s "$(img "$WORK/s-p3")" "$(img "$WORK/s-p3j")" && ok "JSONL prior_steps = --prior-steps" || bad "JSONL prior_steps differs from the flag"
+python3 - "$(img "$WORK/s-n500")" <<'PY' && ok "PNG parameters record the prior settings" || bad "PNG parameters lack the prior settings"
+import sys, zlib
+data = open(sys.argv[1], "rb").read()
+i, text = 8, ""
+while i < len(data):
+    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
+    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
+    i += 12 + n
+sys.exit(0 if "Prior steps: 6" in text and "Noise level: 500" in text else 1)
+PY
+for bad_args in "--noise-level 1000:noise_level" "--prior-steps 0:prior-steps" "--prior-guidance -1:prior-guidance"; do
+  args=${bad_args%%:*}; key=${bad_args##*:}
+  if one "${P[@]}" $args --out "$WORK/bad" > "$WORK/bad.out" 2> "$WORK/bad.log"; then bad "$args accepted"
+  elif grep -q "$key" "$WORK/bad.log"; then ok "$args refused naming $key"
+  else bad "$args: message does not name $key: $(tail -1 "$WORK/bad.log")"; fi
+  [ -e "$WORK/bad/images.jsonl" ] && bad "$args: the output folder was written to" || true
+done
+printf '{"prompt": "a cat", "noise_level": 5000}\n' > "$WORK/badn.jsonl"
+one --prompts "$WORK/badn.jsonl" --out "$WORK/badj" > /dev/null 2> "$WORK/badj.log" && bad "JSONL noise_level 5000 accepted" \
+  || { grep -q "badn.jsonl:1: noise_level" "$WORK/badj.log" && ok "JSONL noise_level 5000 refused naming line and key" \
+       || bad "JSONL noise_level: $(tail -1 "$WORK/badj.log")"; }
+echo "unclip: $passed passed, $fails failed"
+[ $fails = 0 ]
