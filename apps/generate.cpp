@@ -37,8 +37,8 @@ const std::vector<cli::Opt> kOptions = {
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
-                        "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level (unset keys\n"
-                        "take the command line's values)"},
+                        "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
+                        "image_prompt (unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -53,6 +53,8 @@ const std::vector<cli::Opt> kOptions = {
     {"prior-guidance", "G", "Stable unCLIP folders: the prior's guidance scale (default 4; 1 skips its\n"
                             "unconditional pass)"},
     {"noise-level", "L", "Stable unCLIP folders: noise added to the image embedding, in [0, 1000) (default 0)"},
+    {"image-prompt", "FILE", "Stable unCLIP image variations (a folder with image_encoder/): a PNG whose CLIP image\n"
+                             "embedding replaces the prior's; the prompt still guides the UNet"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
@@ -213,6 +215,7 @@ int generate_main(int argc, char** argv) {
     base.prior_steps = static_cast<int>(a.integer("prior-steps", 25));
     base.prior_guidance = a.number("prior-guidance", 4.0);
     base.noise_level = static_cast<int>(a.integer("noise-level", 0));
+    base.image_prompt = a.str("image-prompt");
     DP_CHECK(base.prior_steps >= 1, "generate: --prior-steps must be at least 1");
     DP_CHECK(std::isfinite(base.prior_guidance) && base.prior_guidance >= 0, "generate: --prior-guidance must be >= 0");
     DP_CHECK(base.noise_level >= 0, "generate: --noise-level must be at least 0");
@@ -330,6 +333,7 @@ int generate_main(int argc, char** argv) {
         if (!checked.insert(params_to_json(p).dump()).second) continue;
         try {
           (void)resolve_params(configs, requests[i]);
+          if (!requests[i].image_prompt.empty()) (void)read_png(requests[i].image_prompt);  // names the file
         } catch (const std::exception& e) {
           DP_FAIL("generate: ", jsonl_input ? origin_of(jobs, i) + ": " : std::string(), e.what());
         }

@@ -72,7 +72,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
   std::vector<JobLine> out;
   static const std::set<std::string> keys{"prompt", "negative_prompt", "seed", "steps", "guidance", "sampler",
                                           "width", "height", "clip_skip", "images", "prior_steps",
-                                          "prior_guidance", "noise_level"};
+                                          "prior_guidance", "noise_level", "image_prompt"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -93,7 +93,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(o.is_object(), l.origin, ": each line must be a JSON object like {\"prompt\": \"...\"}");
     for (auto& [k, v] : o.items())
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
-               "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level)");
+               "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -107,6 +107,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.prior_steps = get_field<int>(o, "prior_steps", l.origin, p.prior_steps);
     p.prior_guidance = get_field<double>(o, "prior_guidance", l.origin, p.prior_guidance);
     p.noise_level = get_field<int>(o, "noise_level", l.origin, p.noise_level);
+    p.image_prompt = get_field<std::string>(o, "image_prompt", l.origin, p.image_prompt);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -147,7 +148,9 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   os << "Steps: " << p.steps << ", Sampler: " << (p.sampler.empty() ? "model default" : p.sampler)
      << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
-  if (prior)
+  if (prior && !p.image_prompt.empty())
+    os << ", Image prompt: " << p.image_prompt << ", Noise level: " << p.noise_level;
+  else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
   os << ", Model: " << model << ", Generator: diffpipe";

@@ -85,6 +85,7 @@ GenerationParams read_params(const Reader& r, const json& o) {
   p.prior_steps = static_cast<int>(r.integer(o, "prior_steps", "params.prior_steps", 1, 1 << 20));
   p.prior_guidance = r.number(o, "prior_guidance", "params.prior_guidance");
   p.noise_level = static_cast<int>(r.integer(o, "noise_level", "params.noise_level", 0, 1 << 20));
+  p.image_prompt = r.str(o, "image_prompt", "params.image_prompt");
   return p;
 }
 

@@ -3,17 +3,14 @@
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/log.h"
+#include "clip_layer.h"
 #include "nn.h"
 
 namespace diffpipe {
 
 struct ClipTextModel::Impl {
-  struct Layer {
-    nn::LayerNorm ln1, ln2;
-    nn::Linear q, k, v, o, fc1, fc2;
-  };
   at::Tensor token_embedding, position_embedding;
-  std::vector<Layer> layers;
+  std::vector<nn::ClipLayer> layers;
   nn::LayerNorm final_ln;
   nn::Linear projection;  // text_projection (no bias), when projection_dim > 0 and present
 };
@@ -24,19 +21,9 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(
   const int64_t D = c.hidden_size, F = c.intermediate_size;
   impl->token_embedding = w.get("embeddings.token_embedding.weight", {c.vocab_size, D});
   impl->position_embedding = w.get("embeddings.position_embedding.weight", {c.max_position_embeddings, D});
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const Weights l = w.sub("encoder.layers." + std::to_string(i));
-    Impl::Layer L;
-    L.ln1 = nn::LayerNorm(l, "layer_norm1", D, c.layer_norm_eps);
-    L.ln2 = nn::LayerNorm(l, "layer_norm2", D, c.layer_norm_eps);
-    L.q = nn::Linear(l, "self_attn.q_proj", D, D);
-    L.k = nn::Linear(l, "self_attn.k_proj", D, D);
-    L.v = nn::Linear(l, "self_attn.v_proj", D, D);
-    L.o = nn::Linear(l, "self_attn.out_proj", D, D);
-    L.fc1 = nn::Linear(l, "mlp.fc1", D, F);
-    L.fc2 = nn::Linear(l, "mlp.fc2", F, D);
-    impl->layers.push_back(std::move(L));
-  }
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    impl->layers.emplace_back(w.sub("encoder.layers." + std::to_string(i)), D, F, c.num_attention_heads,
+                              c.layer_norm_eps, c.hidden_act == "quick_gelu");
   impl->final_ln = nn::LayerNorm(w, "final_layer_norm", D, c.layer_norm_eps);
   if (c.projection_dim > 0 && (w0.has("text_projection.weight") || w0.has("text_model.text_projection.weight") ||
                                w.has("text_projection.weight")))
@@ -64,7 +51,7 @@ at::Tensor ClipTextModel::project(const at::Tensor& pooled) const {
 ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip, const at::Tensor& attention_mask) const {
   const Impl& m = *impl_;
   DP_CHECK(input_ids.dim() == 2, "text encoder: input_ids must be [batch, length]");
-  const int64_t B = input_ids.size(0), L = input_ids.size(1), D = cfg_.hidden_size, H = cfg_.num_attention_heads;
+  const int64_t B = input_ids.size(0), L = input_ids.size(1), D = cfg_.hidden_size;
   DP_CHECK(L <= cfg_.max_position_embeddings, "text encoder: ", L, " tokens exceed max_position_embeddings ",
            cfg_.max_position_embeddings);
   DP_CHECK(clip_skip >= 0 && clip_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", clip_skip,
@@ -91,21 +78,10 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
     const at::Tensor pad = attention_mask.to(x.device()).eq(0).view({B, 1, 1, L});
     mask = at::where(pad, at::full({}, -std::numeric_limits<float>::infinity(), x.options()), mask.view({1, 1, L, L}));
   }
-  auto run_layer = [&](const Impl::Layer& l, const at::Tensor& h) {
-    at::Tensor r = h;
-    at::Tensor y = l.ln1(h);
-    auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D / H}).transpose(1, 2); };
-    at::Tensor a = nn::attention(heads(l.q(y)), heads(l.k(y)), heads(l.v(y)), mask);
-    a = a.transpose(1, 2).reshape({B, L, D});
-    at::Tensor h2 = r + l.o(a);
-    y = l.fc1(l.ln2(h2));
-    y = cfg_.hidden_act == "quick_gelu" ? y * at::sigmoid(1.702 * y) : at::gelu(y);
-    return h2 + l.fc2(y);
-  };
   const int64_t n = static_cast<int64_t>(m.layers.size());
   at::Tensor skipped;
   for (int64_t i = 0; i < n; ++i) {
-    x = run_layer(m.layers[i], x);
+    x = m.layers[i](x, mask);
     if (clip_skip > 0 && i == n - 1 - clip_skip) skipped = x;
   }
   ClipTextOutput out;

@@ -98,8 +98,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   if (is_unclip(dir)) {
-    m.prior_train_timesteps =
-        SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
+    if (UnclipParts::has_prior(dir))
+      m.prior_train_timesteps =
+          SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
+    m.image_variations = UnclipParts::has_image_encoder(dir);
     m.noise_levels =
         SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json")).num_train_timesteps;
   }

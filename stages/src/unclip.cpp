@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/safetensors.h"
@@ -15,39 +16,69 @@ namespace diffpipe {
 bool UnclipParts::is_unclip_folder(const std::string& dir) {
   const std::string index = path_join(dir, "model_index.json");
   if (!file_exists(index)) return false;
-  return JsonConfig::load(index).string("_class_name", "") == "StableUnCLIPPipeline";
+  const std::string c = JsonConfig::load(index).string("_class_name", "");
+  return c == "StableUnCLIPPipeline" || c == "StableUnCLIPImg2ImgPipeline";
 }
+bool UnclipParts::has_prior(const std::string& dir) { return dir_exists(path_join(dir, "prior")); }
+bool UnclipParts::has_image_encoder(const std::string& dir) { return dir_exists(path_join(dir, "image_encoder")); }
 
 void UnclipParts::validate(const std::string& dir) {
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
-  for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler", "image_normalizer",
-                        "image_noising_scheduler"})
-    if (!index.has(c)) index.fail(c, "component of a StableUnCLIPPipeline missing from model_index.json");
-  const auto tcfg = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
-  const auto pcfg = PriorConfig::load(path_join(dir, "prior/config.json"));
-  (void)SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  const bool prior = has_prior(dir), image = has_image_encoder(dir);
+  DP_CHECK(prior || image, dir, ": a Stable unCLIP folder needs prior/ (text to image embedding) or image_encoder/ ",
+           "(image variations)");
+  std::vector<const char*> comps{"image_normalizer", "image_noising_scheduler"};
+  if (prior) comps.insert(comps.end(), {"prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler"});
+  if (image) comps.insert(comps.end(), {"feature_extractor", "image_encoder"});
+  for (const char* c : comps)
+    if (!index.has(c)) index.fail(c, "component of a Stable unCLIP pipeline missing from model_index.json");
   (void)SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json"));
-  for (const char* f : {"prior_tokenizer/vocab.json", "prior_tokenizer/merges.txt"})
-    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
-  for (const char* f : {"prior_text_encoder/model.safetensors", "prior/diffusion_pytorch_model.safetensors",
-                        "image_normalizer/diffusion_pytorch_model.safetensors"}) {
+  std::vector<std::string> weights{"image_normalizer/diffusion_pytorch_model.safetensors"};
+  int64_t E = 0;
+  if (prior) {
+    const auto tcfg = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
+    const auto pcfg = PriorConfig::load(path_join(dir, "prior/config.json"));
+    (void)SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+    for (const char* f : {"prior_tokenizer/vocab.json", "prior_tokenizer/merges.txt"})
+      DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+    weights.insert(weights.end(), {"prior_text_encoder/model.safetensors", "prior/diffusion_pytorch_model.safetensors"});
+    DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_text_encoder/config.json"),
+             ": projection_dim ", tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
+    E = pcfg.embedding_dim;
+  }
+  if (image) {
+    const auto vcfg = ClipVisionConfig::load(path_join(dir, "image_encoder/config.json"));
+    const auto icfg = ClipImageProcessorConfig::load(path_join(dir, "feature_extractor/preprocessor_config.json"));
+    DP_CHECK(icfg.crop_height == vcfg.image_size && icfg.crop_width == vcfg.image_size,
+             path_join(dir, "feature_extractor/preprocessor_config.json"), ": crop_size ", icfg.crop_width, "x",
+             icfg.crop_height, " does not match the image encoder's image_size ", vcfg.image_size);
+    DP_CHECK(E == 0 || E == vcfg.projection_dim, path_join(dir, "image_encoder/config.json"), ": projection_dim ",
+             vcfg.projection_dim, " does not match the prior's embedding_dim ", E);
+    E = vcfg.projection_dim;
+    weights.push_back("image_encoder/model.safetensors");
+  }
+  for (const auto& f : weights) {
     DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": weights file not found");
     SafetensorsFile::open(path_join(dir, f));
   }
-  DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_text_encoder/config.json"),
-           ": projection_dim ", tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
   const auto ucfg = UNetConfig::load(path_join(dir, "unet/config.json"));
-  DP_CHECK(ucfg.class_embed_type == "projection" && ucfg.projection_class_embeddings_input_dim == 2 * pcfg.embedding_dim,
+  DP_CHECK(ucfg.class_embed_type == "projection" && ucfg.projection_class_embeddings_input_dim == 2 * E,
            path_join(dir, "unet/config.json"), ": a Stable unCLIP UNet needs class_embed_type \"projection\" with ",
-           "projection_class_embeddings_input_dim ", 2 * pcfg.embedding_dim, " (twice the prior's embedding_dim)");
+           "projection_class_embeddings_input_dim ", 2 * E, " (twice the image embedding's ", E, ")");
 }
 
 std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, const DeviceSpec& spec) {
   auto u = std::make_shared<UnclipParts>();
-  u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
-  u->prior_text_encoder = ClipTextModel::load(path_join(dir, "prior_text_encoder"), spec);
-  u->prior = PriorTransformer::load(path_join(dir, "prior"), spec);
-  u->prior_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  if (has_prior(dir)) {
+    u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
+    u->prior_text_encoder = ClipTextModel::load(path_join(dir, "prior_text_encoder"), spec);
+    u->prior = PriorTransformer::load(path_join(dir, "prior"), spec);
+    u->prior_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  }
+  if (has_image_encoder(dir)) {
+    u->image_encoder = ClipVisionModel::load(path_join(dir, "image_encoder"), spec);
+    u->image_processor = ClipImageProcessorConfig::load(path_join(dir, "feature_extractor/preprocessor_config.json"));
+  }
   u->image_noising_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json"));
   u->noising_alphas_cumprod = alphas_cumprod(u->image_noising_scheduler);
   // The normaliser's statistics stay float32 (tiny): the augmentation runs in float32 on the model's device.
@@ -55,7 +86,7 @@ std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, con
   f32.dtype = at::kFloat;
   const std::string nfile = path_join(dir, "image_normalizer/diffusion_pytorch_model.safetensors");
   const Weights w = Weights::load(nfile, f32);
-  const int64_t E = u->prior->config().embedding_dim;
+  const int64_t E = u->embedding_dim();
   u->normalizer_mean = w.get("mean", {1, E});
   u->normalizer_std = w.get("std", {1, E});
   return u;
@@ -78,10 +109,6 @@ at::Tensor UnclipParts::noise_image_embeds(const at::Tensor& embeds, int noise_l
 
 PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
                                    std::function<at::Tensor(uint64_t, const at::Tensor&)> noise) const {
-  DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= parts_.prior_scheduler.num_train_timesteps,
-           "prior_steps: must be in [1, ", parts_.prior_scheduler.num_train_timesteps, "], got ", p.prior_steps);
-  DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
-           "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
   const int64_t levels = parts_.image_noising_scheduler.num_train_timesteps;
   DP_CHECK(p.noise_level >= 0 && p.noise_level < levels, "noise_level: must be in [0, ", levels, "), got ",
            p.noise_level);
@@ -91,11 +118,23 @@ PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
   s.guidance = p.prior_guidance;
   s.noise_level = p.noise_level;
   s.prompt = p.prompt;
-  s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);
   const uint64_t seed = p.seed;
   s.noise = noise ? std::move(noise) : [seed](uint64_t stream, const at::Tensor& like) {
     return seeded_noise(seed, stream, like.sizes());
   };
+  if (!p.image_prompt.empty()) {  // image variations: the image encoder's embedding replaces the prior's
+    DP_CHECK(parts_.image_encoder, "image_prompt: this folder has no image_encoder/ (image variations need a ",
+             "StableUnCLIPImg2ImgPipeline folder)");
+    s.pixel_values = preprocess_clip_image(parts_.image_processor, read_png(p.image_prompt));
+    return s;
+  }
+  DP_CHECK(parts_.prior, "this folder makes image variations only (it has no prior/): give an image prompt ",
+           "(--image-prompt FILE, or \"image_prompt\" in a JSONL line)");
+  DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= parts_.prior_scheduler.num_train_timesteps,
+           "prior_steps: must be in [1, ", parts_.prior_scheduler.num_train_timesteps, "], got ", p.prior_steps);
+  DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
+           "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
+  s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);
   const at::Tensor like = at::empty({parts_.embedding_dim()}, at::kFloat);
   s.latents = s.noise(kPriorLatentStream, like).to(spec_.device, at::kFloat);  // init_noise_sigma is 1 for DDPM
   return s;
@@ -138,14 +177,25 @@ void PriorRunner::encode(const std::vector<PriorState*>& states) const {
 void PriorRunner::step(const std::vector<PriorState*>& batch) const {
   if (batch.empty()) return;
   profile::Scope prof(profile::Section::TextEncoder);  // the prior is text-to-embedding work
-  std::vector<PriorState*> fresh;
+  std::vector<PriorState*> fresh, images, loop;
   for (PriorState* s : batch) {
     DP_CHECK(!s->done(), "prior: request ", s->id, " already finished");
-    if (!s->encoded) fresh.push_back(s);
+    (s->image_mode() ? images : loop).push_back(s);
+    if (!s->image_mode() && !s->encoded) fresh.push_back(s);
   }
+  if (!images.empty()) {  // image prompts: one image-encoder call, and they are done
+    std::vector<at::Tensor> px;
+    for (PriorState* s : images) px.push_back(s->pixel_values);
+    const at::Tensor e = parts_.image_encoder->image_embeds(at::cat(px).to(spec_.device)).to(at::kFloat);
+    for (size_t i = 0; i < images.size(); ++i) {
+      images[i]->image_embeds = e[static_cast<int64_t>(i)];
+      images[i]->step = 1;
+    }
+  }
+  if (loop.empty()) return;
   if (!fresh.empty()) encode(fresh);
   std::vector<at::Tensor> x, t, proj, hid, mask;
-  for (PriorState* s : batch) {
+  for (PriorState* s : loop) {
     const int64_t ts = s->sampler->timestep(s->step);
     if (s->guidance > 1.0) {
       x.push_back(s->latents);
@@ -166,7 +216,7 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
                                        at::stack(hid).to(dt), at::stack(mask))
                              .to(at::kFloat);
   int64_t row = 0;
-  for (PriorState* s : batch) {
+  for (PriorState* s : loop) {
     at::Tensor pred;
     if (s->guidance > 1.0) {
       const at::Tensor u = out[row], c = out[row + 1];
@@ -186,8 +236,10 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
 
 at::Tensor PriorRunner::class_labels(const PriorState& s) const {
   DP_CHECK(s.done(), "prior: request ", s.id, " has not finished its prior loop");
-  const at::Tensor embeds = parts_.prior->post_process_latents(s.latents.unsqueeze(0).to(spec_.dtype)).to(at::kFloat);
-  const at::Tensor noise = s.noise(kImageEmbedNoiseStream, s.latents).unsqueeze(0);
+  const at::Tensor embeds =
+      s.image_mode() ? s.image_embeds.unsqueeze(0)
+                     : parts_.prior->post_process_latents(s.latents.unsqueeze(0).to(spec_.dtype)).to(at::kFloat);
+  const at::Tensor noise = s.noise(kImageEmbedNoiseStream, embeds[0]).unsqueeze(0);
   return parts_.noise_image_embeds(embeds, s.noise_level, noise).squeeze(0);
 }
 

@@ -182,7 +182,7 @@ bad_pipeline() {  # name np content expected-text
   elif grep -q "$want" "$WORK/$name.log"; then ok "$name: rejected ('$want')"
   else bad "$name: message lacks '$want'"; cat "$WORK/$name.log" | tail -3; fi
 }
-bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[prior]\nranks=[1]' "unknown stage or key 'prior'"
+bad_pipeline unknown-stage 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]\n[refiner]\nranks=[1]' "unknown stage or key 'refiner'"
 bad_pipeline rank-range 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[5]\n[decode]\nranks=[0]' "rank 5 is out of range"
 bad_pipeline no-rank 2 $'[encode]\nranks=[0]\n[denoise]\nranks=[]\n[decode]\nranks=[1]' "stage 'denoise' has no rank"
 bad_pipeline extra-ranks 3 $'[encode]\nranks=[0]\n[denoise]\nranks=[1]\n[decode]\nranks=[0]' "more ranks than needed: rank(s) 2"

@@ -95,5 +95,30 @@ printf '{"prompt": "a cat", "noise_level": 5000}\n' > "$WORK/badn.jsonl"
 one --prompts "$WORK/badn.jsonl" --out "$WORK/badj" > /dev/null 2> "$WORK/badj.log" && bad "JSONL noise_level 5000 accepted" \
   || { grep -q "badn.jsonl:1: noise_level" "$WORK/badj.log" && ok "JSONL noise_level 5000 refused naming line and key" \
        || bad "JSONL noise_level: $(tail -1 "$WORK/badj.log")"; }
+# image variations (the StableUnCLIPImg2ImgPipeline reference folder, when present)
+I2I=${DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG:-$(dirname "$GOLD")/tiny-unclip-img2img}
+if [ -d "$I2I/model" ]; then
+  V=(generate --model "$I2I/model" --prompt "a photo of a cat" --image-prompt "$I2I/input.png" --images 3 --steps 8
+     --width 16 --height 16 --noise-level 100 --seed 2 --threads 1 --batch-invariant --quiet)
+  timeout 60 "$BIN" "${V[@]}" --out "$WORK/v1" 2> "$WORK/v1.log" || bad "image variations, 1 rank: $(tail -1 "$WORK/v1.log")"
+  timeout 120 $MPIRUN -np 4 "$BIN" "${V[@]}" --out "$WORK/v4" 2> "$WORK/v4.log" || bad "image variations, 4 ranks failed"
+  same_pngs "$WORK/v1" "$WORK/v4" && ok "image variations: 3 images, the same PNG bytes on 1 and 4 ranks" \
+    || bad "image variations differ between 1 and 4 ranks"
+  timeout 60 "$BIN" generate --model "$I2I/model" --prompt x --steps 2 --width 16 --height 16 --out "$WORK/v-none" \
+    > /dev/null 2> "$WORK/v-none.log" && bad "a variations-only folder without --image-prompt accepted" \
+    || { grep -q "give an image prompt" "$WORK/v-none.log" && ok "variations-only folder: no image prompt refused" \
+         || bad "no image prompt: $(tail -1 "$WORK/v-none.log")"; }
+  timeout 60 "$BIN" generate --model "$I2I/model" --prompt x --image-prompt "$WORK/missing.png" --steps 2 --width 16 \
+    --height 16 --out "$WORK/v-miss" > /dev/null 2> "$WORK/v-miss.log" && bad "a missing image prompt accepted" \
+    || { grep -q "missing.png" "$WORK/v-miss.log" && [ ! -e "$WORK/v-miss/images.jsonl" ] \
+         && ok "a missing image prompt refused naming the file, before any output" \
+         || bad "missing image prompt: $(tail -1 "$WORK/v-miss.log")"; }
+  timeout 60 "$BIN" generate --model "$MODEL" --prompt x --image-prompt "$I2I/input.png" --steps 2 --width 16 \
+    --height 16 --out "$WORK/v-noenc" > /dev/null 2> "$WORK/v-noenc.log" && bad "--image-prompt on a prior-only folder accepted" \
+    || { grep -q "image_encoder" "$WORK/v-noenc.log" && ok "--image-prompt on a folder without image_encoder/ refused" \
+         || bad "image prompt without encoder: $(tail -1 "$WORK/v-noenc.log")"; }
+else
+  echo "note: $I2I absent: image-variation checks skipped (tests/stages/make_unclip_img2img_golden.py makes it)"
+fi
 echo "unclip: $passed passed, $fails failed"
 [ $fails = 0 ]

@@ -3,7 +3,9 @@
 // Tolerance from the golden README: modules max|a-b|/max|b| <= 1e-4.
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/clip_vision.h"
 #include "diffpipe/stages/prior.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/stages.h"
@@ -21,6 +23,19 @@ std::string unclip_dir() {
   const std::string sd = test::golden_dir();  // .../tiny-sd: its sibling
   return sd.substr(0, sd.rfind('/')) + "/tiny-unclip";
 }
+// The image-variations reference (StableUnCLIPImg2ImgPipeline), made by tests/stages/make_unclip_img2img_golden.py:
+// $DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG, default the sibling tiny-unclip-img2img.
+std::string img2img_dir() {
+  const char* env = std::getenv("DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG");
+  if (env && *env) return env;
+  const std::string u = unclip_dir();
+  return u.substr(0, u.rfind('/')) + "/tiny-unclip-img2img";
+}
+#define DP_REQUIRE_IMG2IMG(dir)                                                                            \
+  const std::string dir = img2img_dir();                                                                   \
+  if (!dir_exists(dir + "/model"))                                                                         \
+  GTEST_SKIP() << "reference folder " << dir << " is absent (make it with "                               \
+               << "tests/stages/make_unclip_img2img_golden.py, or set DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG)"
 #define DP_REQUIRE_UNCLIP(dir)                                                                           \
   const std::string dir = unclip_dir();                                                                  \
   if (!dir_exists(dir + "/model"))                                                                       \
@@ -154,4 +169,68 @@ TEST(GoldenUnclip, WholePipelineWithTheReferenceDraws) {
               within, d.max().item<int>());
   EXPECT_LE(e, 1e-3);
   EXPECT_GE(within, 0.99);
+}
+
+// Image variations, module by module: the CLIPImageProcessor's pixel values of input.png (48x40: resized on the
+// shortest edge with torchvision's antialiased bicubic, centre-cropped to 32, normalised) and the
+// CLIPVisionModelWithProjection's image_embeds.
+TEST(GoldenUnclip, ImageProcessorAndImageEncoder) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto cfg = ClipImageProcessorConfig::load(dir + "/model/feature_extractor/preprocessor_config.json");
+  const at::Tensor px = preprocess_clip_image(cfg, read_png(dir + "/input.png"));
+  const double e1 = rel_err(px, g.at("feature_extractor.pixel_values"));
+  const auto enc = ClipVisionModel::load(dir + "/model/image_encoder", DeviceSpec{});
+  const double e2 = rel_err(enc->image_embeds(g.at("feature_extractor.pixel_values")), g.at("image_encoder.image_embeds"));
+  const double e3 = rel_err(enc->image_embeds(px), g.at("image_encoder.image_embeds"));
+  std::printf("[golden-unclip] image processor: %.2e, image encoder: %.2e (from our pixels: %.2e)\n", e1, e2, e3);
+  EXPECT_LE(e1, 1e-4);
+  EXPECT_LE(e2, 1e-4);
+  EXPECT_LE(e3, 1e-4);
+}
+
+// The whole StableUnCLIPImg2ImgPipeline run (golden.json `run`: prompt, noise_level 100, 8 DDIM steps, guidance
+// 7.5, 16 px) through the prior stage's image path and the denoiser, with the reference's draws (the
+// image-embedding noise, then the initial latents).
+TEST(GoldenUnclip, ImageVariationsWholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto run = JsonConfig::load(dir + "/golden.json").json().at("run");
+  const SdModel model = SdModel::load(dir + "/model", DeviceSpec{});
+  ASSERT_TRUE(model.unclip && model.unclip->image_encoder && !model.unclip->prior);
+  GenerationParams p;
+  p.prompt = run.at("prompt").get<std::string>();
+  p.steps = run.at("steps").get<int>();
+  p.guidance = run.at("guidance").get<double>();
+  p.noise_level = run.at("noise_level").get<int>();
+  p.width = p.height = run.at("H").get<int>();
+  p.image_prompt = dir + "/input.png";
+  PriorRunner prior(*model.unclip, model.spec);
+  PriorState s = prior.make_state(p, 0, [&](uint64_t stream, const at::Tensor&) {
+    EXPECT_EQ(stream, kImageEmbedNoiseStream) << "image variations draw only the embedding's noise";
+    return g.at("pipeline.draw.0")[0];
+  });
+  EXPECT_EQ(s.total_steps(), 1);
+  std::vector<PriorState*> b{&s};
+  prior.step(b);
+  ASSERT_TRUE(s.done());
+  const TextEncodeStage enc(model);
+  auto embs = enc.run({&p});
+  embs[0].class_labels = prior.class_labels(s);
+  DenoiseState d = make_denoise_state(model, p, embs[0], 0, g.at("pipeline.draw.1")[0]);
+  const DenoiseStage den(model);
+  std::vector<DenoiseState*> db{&d};
+  while (!d.done()) den.step(db);
+  const double e = rel_err(d.latents.unsqueeze(0), g.at("pipeline.final_latents"));
+  const at::Tensor img = DecodeStage(model).run_uint8({d.latents});
+  const at::Tensor diff = (img.to(at::kInt) - g.at("pipeline.image_uint8").to(at::kInt)).abs();
+  const double within = diff.le(1).to(at::kDouble).mean().item<double>();
+  std::printf("[golden-unclip] image variations: final latents %.2e, image values within +-1: %.4f (max %d)\n", e,
+              within, diff.max().item<int>());
+  EXPECT_LE(e, 1e-3);
+  EXPECT_GE(within, 0.99);
+  // the folder makes variations only: a request without an image prompt is refused, naming what to give
+  GenerationParams text = p;
+  text.image_prompt.clear();
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, text); }).find("give an image prompt"), std::string::npos);
 }

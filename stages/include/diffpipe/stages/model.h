@@ -42,6 +42,7 @@ struct SdModel {
   // Stable unCLIP folders: num_train_timesteps of prior_scheduler and image_noising_scheduler (0 otherwise), so
   // that requests are checked (prior_steps, noise_level) on any rank before work.
   int64_t prior_train_timesteps = 0, noise_levels = 0;
+  bool image_variations = false;  // the folder has image_encoder/ (image prompts)
 
   // Checks the folder: model_index.json, each component's config and weights file present and parseable,
   // cross-component shapes consistent (cross_attention_dim == text hidden size, latent channels).

@@ -20,6 +20,8 @@ struct GenerationParams {
   int prior_steps = 25;         // the prior's DDPM steps
   double prior_guidance = 4.0;  // the prior's classifier-free guidance; <= 1 skips its unconditional pass
   int noise_level = 0;          // noise augmentation of the image embedding, in [0, image_noising_scheduler steps)
+  std::string image_prompt;     // image variations: a PNG whose CLIP image embedding replaces the prior's ("" = none);
+                                // read where the prior stage runs (a path every node sees)
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -34,7 +36,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
           {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
           {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}, {"prior_steps", p.prior_steps},
-          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}};
+          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}, {"image_prompt", p.image_prompt}};
 }
 
 inline GenerationParams params_from_json(const nlohmann::json& j) {
@@ -52,6 +54,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.prior_steps = j.value("prior_steps", p.prior_steps);
   p.prior_guidance = j.value("prior_guidance", p.prior_guidance);
   p.noise_level = j.value("noise_level", p.noise_level);
+  p.image_prompt = j.value("image_prompt", std::string());
   return p;
 }
 

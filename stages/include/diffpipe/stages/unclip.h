@@ -3,6 +3,9 @@
 // Folder layout (diffusers StableUnCLIPPipeline): prior_tokenizer/, prior_text_encoder/
 // (CLIPTextModelWithProjection), prior/ (PriorTransformer), prior_scheduler/ and image_noising_scheduler/
 // (DDPMScheduler), image_normalizer/ (StableUnCLIPImageNormalizer: mean, std), next to the SD components.
+// Image variations (StableUnCLIPImg2ImgPipeline): feature_extractor/ (CLIPImageProcessor) and image_encoder/
+// (CLIPVisionModelWithProjection) give the image embedding of an image prompt instead of the prior; a folder may
+// have either source or both.
 //   (the prior's sampler is DdpmSampler, stages/sampler.h)
 //   UnclipParts: the components above, and the noise augmentation of an image embedding
 //   PriorState / PriorRunner: one request's prior loop and the batched step over many requests, as the
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/clip_vision.h"
 #include "diffpipe/stages/prior.h"
 #include "diffpipe/stages/request.h"
 #include "diffpipe/stages/sampler.h"
@@ -25,20 +29,24 @@
 namespace diffpipe {
 
 struct UnclipParts {
-  std::shared_ptr<ClipTokenizer> prior_tokenizer;
+  std::shared_ptr<ClipTokenizer> prior_tokenizer;      // the prior (null in an image-variations folder)
   std::shared_ptr<ClipTextModel> prior_text_encoder;
   std::shared_ptr<PriorTransformer> prior;
+  std::shared_ptr<ClipVisionModel> image_encoder;      // image variations (null without image_encoder/)
+  ClipImageProcessorConfig image_processor;
   SchedulerConfig prior_scheduler, image_noising_scheduler;
   at::Tensor normalizer_mean, normalizer_std;  // [1, E] float32 on the model's device
   at::Tensor noising_alphas_cumprod;           // image_noising_scheduler's, float32 on the CPU
 
-  // The folder's model_index.json names StableUnCLIPPipeline.
+  // The folder's model_index.json names StableUnCLIPPipeline or StableUnCLIPImg2ImgPipeline.
   static bool is_unclip_folder(const std::string& dir);
+  static bool has_prior(const std::string& dir);          // prior/ present
+  static bool has_image_encoder(const std::string& dir);  // image_encoder/ present
   // Checks the prior components' files and configs (cheap), naming what is wrong.
   static void validate(const std::string& dir);
   static std::shared_ptr<const UnclipParts> load(const std::string& dir, const DeviceSpec& spec);
 
-  int64_t embedding_dim() const { return prior->config().embedding_dim; }
+  int64_t embedding_dim() const { return prior ? prior->config().embedding_dim : image_encoder->config().projection_dim; }
   // noise_image_embeddings: normalise, DDPM add_noise at noise_level with `noise` ([B, E]), un-normalise, then
   // append the sinusoidal embedding of noise_level: [B, E] -> [B, 2E], the UNet's class_labels.
   at::Tensor noise_image_embeds(const at::Tensor& embeds, int noise_level, const at::Tensor& noise) const;
@@ -61,25 +69,30 @@ struct PriorState {
   at::Tensor embeds, hidden, mask;        // conditional: text_embeds [E], last_hidden_state [L, E], mask [L]
   at::Tensor u_embeds, u_hidden, u_mask;  // unconditional (the empty prompt), when guided
   at::Tensor latents;        // [E] float32
+  at::Tensor pixel_values;   // image variations: the image prompt as the image encoder takes it [1, 3, S, S]
+  at::Tensor image_embeds;   // image variations: the image encoder's embedding [E] (set by the first step)
   int step = 0;
   // Noise source: (stream, like) -> standard normal shaped like `like`. Default: seeded_noise(seed, stream).
   std::function<at::Tensor(uint64_t stream, const at::Tensor& like)> noise;
-  bool done() const { return step >= sampler->num_steps(); }
-  int total_steps() const { return sampler->num_steps(); }
+  bool image_mode() const { return pixel_values.defined(); }
+  bool done() const { return step >= total_steps(); }
+  int total_steps() const { return image_mode() ? 1 : sampler->num_steps(); }
 };
 
 class PriorRunner {
  public:
   explicit PriorRunner(const UnclipParts& parts, const DeviceSpec& spec) : parts_(parts), spec_(spec) {}
   // A new request's state: checks prior_steps, prior_guidance and noise_level (errors name the field) and draws
-  // its initial latents. `noise` overrides the counter-based streams (tests feed a reference's draws).
+  // its initial latents; with an image prompt, reads and preprocesses the image instead (one image-encoder step).
+  // `noise` overrides the counter-based streams (tests feed a reference's draws).
   PriorState make_state(const GenerationParams& p, uint64_t id,
                         std::function<at::Tensor(uint64_t, const at::Tensor&)> noise = nullptr) const;
   // One batched prior call over the states (each at its own step): the prior text encoder first for states not
   // yet encoded (one call), then rows [uncond_i, cond_i] (guided) or [cond_i] through the PriorTransformer, the
   // guidance mix and each state's DDPM step.
   void step(const std::vector<PriorState*>& batch) const;
-  // After the last step: post_process_latents, then the noise augmentation: the UNet's class labels [2E].
+  // After the last step: post_process_latents (or the image encoder's embedding), then the noise augmentation:
+  // the UNet's class labels [2E].
   at::Tensor class_labels(const PriorState& s) const;
 
  private:
