@@ -1,6 +1,7 @@
 // `diffpipe train`: trains diffpipe's own small model, one module at a time, into a diffusers-layout folder.
 //   train vae   | text | unet | sr  --model DIR [--steps N] [--batch B] [--lr LR] [--seed S] [--resume]
 //   train all   --model DIR        (every module in order, default steps)
+//   train prior | decoder  --model OUT --from DIR   (the Stable unCLIP variant of a trained shapes model)
 // Each module checkpoints to DIR/<module>/checkpoint.safetensors (weights + AdamW moments + step) every
 // --save-every steps and resumes from it with --resume. Progress: step, loss, elapsed, on stderr.
 // The recipes live in train/ (diffpipe/train/recipes.h); this is the command.
@@ -25,14 +26,17 @@ int train_main(int argc, char** argv) {
   const char* help =
       "usage: diffpipe train vae|text|unet|sr|all --model DIR [--steps N] [--batch B] [--lr LR] [--resume]\n"
       "                      [--save-every N] [--threads N]\n"
-      "  trains one module of diffpipe's own model into DIR (diffusers layout); unet needs vae and text first\n";
+      "       diffpipe train prior|decoder --model OUT --from DIR [options]\n"
+      "  trains one module of diffpipe's own model into DIR (diffusers layout); unet needs vae and text first;\n"
+      "  prior then decoder make OUT a Stable unCLIP model from the trained shapes model DIR\n";
   if (argc < 1 || !std::strcmp(argv[0], "--help") || !std::strcmp(argv[0], "-h")) {
     std::fputs(help, argc < 1 ? stderr : stdout);
     return argc < 1 ? 2 : 0;
   }
   const std::string what = argv[0];
-  cli::Args a("train " + what, "diffpipe train vae|text|unet|sr|all --model DIR [options]",
+  cli::Args a("train " + what, "diffpipe train vae|text|unet|sr|all|prior|decoder --model DIR [options]",
               {{"model", "DIR", "the model folder to train into (diffusers layout)"},
+               {"from", "DIR", "prior, decoder: the trained shapes model they build on (default models/shapes-sd)"},
                {"steps", "N", "optimiser steps"},
                {"batch", "B", "batch size (>= 2)"},
                {"lr", "LR", "learning rate (AdamW)"},
@@ -61,8 +65,12 @@ int train_main(int argc, char** argv) {
   if (what == "text" || what == "all") train::train_text(opts(1500, 64, 2e-3));
   if (what == "sr" || what == "all") train::train_sr(opts(600, 16, 2e-3));
   if (what == "unet" || what == "all") train::train_unet(opts(9000, 64, 1e-3));  // shipped: 6000, then resumed to 9000
-  DP_CHECK(what == "vae" || what == "text" || what == "unet" || what == "sr" || what == "all", "train: unknown module '",
-           what, "' (vae, text, unet, sr, all)");
+  const std::string from = a.str("from", "models/shapes-sd");
+  if (what == "prior") train::train_prior(opts(3000, 64, 1e-3), from);  // models/shapes-unclip/MODEL_CARD.md
+  if (what == "decoder") train::train_decoder(opts(2000, 64, 5e-4), from);
+  DP_CHECK(what == "vae" || what == "text" || what == "unet" || what == "sr" || what == "all" || what == "prior" ||
+               what == "decoder",
+           "train: unknown module '", what, "' (vae, text, unet, sr, all, prior, decoder)");
   std::fprintf(stderr, "diffpipe: train %s finished in %.1f s\n", what.c_str(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return 0;

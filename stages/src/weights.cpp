@@ -52,6 +52,13 @@ Weights Weights::initializer(uint64_t seed, const DeviceSpec& spec) {
   return w;
 }
 
+Weights Weights::initializer_from(std::map<std::string, at::Tensor> tensors, uint64_t seed) {
+  Weights w = from_map(std::move(tensors), "<trained tensors + random init, seed " + std::to_string(seed) + ">");
+  w.state_->create = true;
+  w.state_->seed = seed;
+  return w;
+}
+
 at::Tensor Weights::get(const std::string& key, const std::vector<int64_t>& shape) const {
   const std::string full = prefix_ + key;
   auto it = state_->tensors.find(full);

@@ -32,6 +32,8 @@ class Weights {
   // N(0, 0.02), other weights N(0, 1/fan_in). Building a model on it yields a complete random model whose
   // keys and shapes come from the model code itself (see all()).
   static Weights initializer(uint64_t seed, const DeviceSpec& spec = {});
+  // The same, starting from `tensors` (fine-tuning: a model grown by new layers keeps the trained ones).
+  static Weights initializer_from(std::map<std::string, at::Tensor> tensors, uint64_t seed);
   const std::map<std::string, at::Tensor>& all() const { return state_->tensors; }
 
   // The tensor `prefix + key` with exactly `shape`; throws naming the file, the key and both shapes.
