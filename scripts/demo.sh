@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: install, build, then generate a few prompts with the stages pipelined over 3 MPI ranks
 # (text encoder | denoiser | decoder + super-resolution) and write demo-out/contact_sheet.png (its own folder:
-# a user's out/ is never touched).
+# a user's out/ is never touched); then the same prompts with the DALL-E-2-style model models/shapes-unclip
+# over 4 ranks (demo-out/unclip/).
 #   bash scripts/demo.sh [MODEL_DIR]
 # MODEL_DIR defaults to diffpipe's own model, models/shapes-sd (trained by `diffpipe train`, see its
 # MODEL_CARD.md); nothing is downloaded.
@@ -15,3 +16,9 @@ rm -rf "$OUT"
 mpirun --oversubscribe -np 3 ./build/apps/diffpipe generate --model "$MODEL" --prompts scripts/demo_prompts.txt \
   --images 2 --steps 25 --guidance 5 --seed 1 --out "$OUT" --quiet
 echo "images: $OUT/img-*.png, index: $OUT/images.jsonl, contact sheet: $OUT/contact_sheet.png"
+# the second line: the DALL-E-2-style model (prior on its own rank: encode | prior | denoise | decode)
+if [ -z "${1:-}" ] && [ -d models/shapes-unclip ]; then
+  mpirun --oversubscribe -np 4 ./build/apps/diffpipe generate --model models/shapes-unclip \
+    --prompts scripts/demo_prompts.txt --images 2 --steps 25 --guidance 5 --seed 1 --out "$OUT/unclip" --quiet
+  echo "DALL-E-2-style model (models/shapes-unclip): $OUT/unclip/contact_sheet.png"
+fi

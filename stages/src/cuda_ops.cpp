@@ -25,32 +25,22 @@
 namespace diffpipe::nn {
 
 namespace {
-std::atomic<int> g_graphs{-1};  // -1: not read yet
+// A switch that is on unless the environment variable is "0" (read once), or as a test set it.
+bool env_switch(std::atomic<int>& v, const char* name) {
+  int x = v.load();
+  if (x < 0) {
+    const char* e = std::getenv(name);
+    x = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
+    v = x;
+  }
+  return x == 1;
+}
+std::atomic<int> g_graphs{-1}, g_fused{-1};  // -1: not read yet
 }  // namespace
 
-bool cuda_graphs_enabled() {
-  int v = g_graphs.load();
-  if (v < 0) {
-    const char* e = std::getenv("DIFFPIPE_CUDA_GRAPHS");
-    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
-    g_graphs = v;
-  }
-  return v == 1;
-}
+bool cuda_graphs_enabled() { return env_switch(g_graphs, "DIFFPIPE_CUDA_GRAPHS"); }
 void set_cuda_graphs(bool on) { g_graphs = on ? 1 : 0; }
-
-namespace {
-std::atomic<int> g_fused{-1};
-}  // namespace
-bool fused_kernels_enabled() {
-  int v = g_fused.load();
-  if (v < 0) {
-    const char* e = std::getenv("DIFFPIPE_FUSED_KERNELS");
-    v = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
-    g_fused = v;
-  }
-  return v == 1;
-}
+bool fused_kernels_enabled() { return env_switch(g_fused, "DIFFPIPE_FUSED_KERNELS"); }
 void set_fused_kernels(bool on) { g_fused = on ? 1 : 0; }
 
 #ifdef DIFFPIPE_WITH_CUDA_OPS

@@ -35,73 +35,86 @@ class EncodeStage : public OneShotStage {
   TextEncodeStage enc_;
 };
 
-// text embeddings -> [the UNet's class labels (noise-augmented image embedding), the text embeddings]: the
-// Stable unCLIP prior, step-level batched like the denoiser (requests at different prior steps share one
-// PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
-class PriorStageImpl : public Stage {
+// A multi-step stage's bookkeeping: its requests' states by id, the step batcher that picks each iteration's
+// requests, and the iteration in progress.
+template <class State>
+class SteppedStage : public Stage {
  public:
-  PriorStageImpl(const SdModel& m, const StageConfig& c)
-      : model_(m), batcher_(sched::parse_batch_mode(c.batching), c.max_batch) {
-    DP_CHECK(m.unclip, "prior stage: ", m.dir, " is not a Stable unCLIP folder (or its prior was not loaded)");
-    runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
-  }
-
-  void add(StageRequest r, double now) override {
-    DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
-    Held h{runner_->make_state(r.params, r.id), std::move(r.inputs)};
-    held_.emplace(r.id, std::move(h));
-    batcher_.add(r.id, r.priority, now);
-  }
+  explicit SteppedStage(const StageConfig& c) : batcher_(sched::parse_batch_mode(c.batching), c.max_batch) {}
   void cancel(uint64_t id) override {
     if (held_.erase(id)) batcher_.cancel(id);
   }
   size_t held() const override { return held_.size(); }
   std::vector<uint64_t> current_batch() const override { return current_; }
 
+ protected:
+  void hold(uint64_t id, State s, int priority, double now) {
+    held_.emplace(id, std::move(s));
+    batcher_.add(id, priority, now);
+  }
+  const std::vector<uint64_t>& plan(double now) { return current_ = batcher_.plan(now); }
+  void release(uint64_t id) {
+    batcher_.finished(id);
+    held_.erase(id);
+  }
+  std::map<uint64_t, State> held_;
+
+ private:
+  sched::StepBatcher batcher_;
+  std::vector<uint64_t> current_;
+};
+
+// text embeddings -> [the UNet's class labels (noise-augmented image embedding), the text embeddings]: the
+// Stable unCLIP prior, step-level batched like the denoiser (requests at different prior steps share one
+// PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
+class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at::Tensor>>> {
+ public:
+  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c) {
+    DP_CHECK(m.unclip, "prior stage: ", m.dir, " is not a Stable unCLIP folder (or its prior was not loaded)");
+    runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
+  }
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
+    // the state, and the text embeddings passed on to the denoiser
+    hold(r.id, {runner_->make_state(r.params, r.id), std::move(r.inputs)}, r.priority, now);
+  }
+
   std::vector<StageEvent> step(double now) override {
-    current_ = batcher_.plan(now);
+    const std::vector<uint64_t> ids = plan(now);
     std::vector<StageEvent> out;
-    if (current_.empty()) return out;
+    if (ids.empty()) return out;
     std::vector<PriorState*> batch;
-    for (uint64_t id : current_) batch.push_back(&held_.at(id).state);
+    for (uint64_t id : ids) batch.push_back(&held_.at(id).first);
     runner_->step(batch);
-    for (uint64_t id : current_) {
-      Held& h = held_.at(id);
-      out.push_back(StageEvent::progress(id, h.state.step, h.state.total_steps()));
-      if (!h.state.done()) continue;
-      batcher_.finished(id);
-      const at::Tensor labels = runner_->class_labels(h.state).contiguous();
+    for (uint64_t id : ids) {
+      auto& [state, passthrough] = held_.at(id);
+      out.push_back(StageEvent::progress(id, state.step, state.total_steps()));
+      if (!state.done()) continue;
+      const at::Tensor labels = runner_->class_labels(state).contiguous();
       if (!at::isfinite(labels).all().item<bool>()) {
         out.push_back(StageEvent::failed(id, detail::cat("request ", id, ": non-finite values (NaN or Inf) in the ",
                                                          "prior's image embedding (the prior's weights or settings)")));
       } else {
         std::vector<at::Tensor> next{labels.cpu()};
-        for (auto& t : h.passthrough) next.push_back(t);
+        for (auto& t : passthrough) next.push_back(t);
         out.push_back(StageEvent::finished(id, std::move(next)));
       }
-      held_.erase(id);
+      release(id);
     }
     return out;
   }
 
  private:
-  struct Held {
-    PriorState state;
-    std::vector<at::Tensor> passthrough;  // the text embeddings, for the denoiser
-  };
-  const SdModel& model_;
   std::unique_ptr<PriorRunner> runner_;
-  sched::StepBatcher batcher_;
-  std::map<uint64_t, Held> held_;
-  std::vector<uint64_t> current_;
 };
 
 // embeddings -> final latents [C, h, w]: step-level batching over requests at different steps, one UNet call
 // per iteration; a request whose latents go non-finite fails alone.
-class DenoiseStageImpl : public Stage {
+class DenoiseStageImpl : public SteppedStage<DenoiseState> {
  public:
   DenoiseStageImpl(const SdModel& m, const StageConfig& c)
-      : model_(m), den_(m), batcher_(sched::parse_batch_mode(c.batching), c.max_batch) {}
+      : SteppedStage(c), model_(m), den_(m) {}
 
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
@@ -114,35 +127,28 @@ class DenoiseStageImpl : public Stage {
     }
     e.cond = r.inputs[k].to(model_.spec.device, model_.spec.dtype);
     if (r.inputs.size() > k + 1) e.uncond = r.inputs[k + 1].to(model_.spec.device, model_.spec.dtype);
-    states_.emplace(r.id, make_denoise_state(model_, r.params, e, r.id));
-    batcher_.add(r.id, r.priority, now);
+    hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
   }
-  void cancel(uint64_t id) override {
-    if (states_.erase(id)) batcher_.cancel(id);
-  }
-  size_t held() const override { return states_.size(); }
-  std::vector<uint64_t> current_batch() const override { return current_; }
 
   std::vector<StageEvent> step(double now) override {
-    current_ = batcher_.plan(now);
+    const std::vector<uint64_t> ids = plan(now);
     std::vector<StageEvent> out;
-    if (current_.empty()) return out;
+    if (ids.empty()) return out;
     // one UNet call per latent size: requests of different sizes share an iteration, not a tensor
     std::map<std::vector<int64_t>, std::vector<DenoiseState*>> by_shape;
-    for (uint64_t id : current_) {
-      DenoiseState& st = states_.at(id);
+    for (uint64_t id : ids) {
+      DenoiseState& st = held_.at(id);
       by_shape[st.latents.sizes().vec()].push_back(&st);
     }
     for (auto& [shape, batch] : by_shape) den_.step(batch, /*throw_on_failure=*/false);
-    for (uint64_t id : current_) {
-      DenoiseState& s = states_.at(id);
+    for (uint64_t id : ids) {
+      DenoiseState& s = held_.at(id);
       out.push_back(StageEvent::progress(id, s.step, s.total_steps()));
       if (s.preview.defined() && s.failure.empty()) out.push_back(StageEvent::preview(id, s.preview_index, {s.preview}));
       if (!s.done()) continue;
-      batcher_.finished(id);
       out.push_back(s.failure.empty() ? StageEvent::finished(id, {s.latents.contiguous()})
                                       : StageEvent::failed(id, s.failure));
-      states_.erase(id);
+      release(id);
     }
     return out;
   }
@@ -150,9 +156,6 @@ class DenoiseStageImpl : public Stage {
  private:
   const SdModel& model_;
   DenoiseStage den_;
-  sched::StepBatcher batcher_;
-  std::map<uint64_t, DenoiseState> states_;
-  std::vector<uint64_t> current_;
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch
