@@ -20,6 +20,7 @@ MPIRUN="mpirun --oversubscribe"
 step "machine"; nvidia-smi -L; nproc; python3 -c 'import torch;print(torch.__version__, torch.cuda.get_device_name(0))'
 step "deps"
 tar -C .gpu -xJf .gpu/deps.tar.xz
+mkdir -p .gpu/golden && tar -C .gpu/golden -xJf .gpu/golden.tar.xz
 DEPS=$ROOT/.gpu/deps
 export LD_LIBRARY_PATH=$DEPS/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 ZL=$(ls /usr/lib/x86_64-linux-gnu/libz.so /usr/lib/x86_64-linux-gnu/libz.so.1 2>/dev/null | head -1)

@@ -2,13 +2,13 @@
 # Prepares .gpu/ (git-ignored) for one call of scripts/gpu_check.sh on the GPU machine, which has no network:
 #   .gpu/deps.tar.xz   headers and libraries its image lacks (ICU, libpng, zlib headers, nlohmann-json, GoogleTest, toml++, CLI11),
 #                      unpacked from this Debian machine's packages
-#   .gpu/golden/       the reference folders (../shared/golden/tiny-sd)
+#   .gpu/golden.tar.xz the reference folder (../shared/golden/tiny-sd), compressed
 #   .gpu/wheels/       diffusers' wheel for the side-by-side benchmark (its dependencies are on the machine)
 # Then: run (device tool) with carry [".gpu"] and command "bash scripts/gpu_check.sh".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=.gpu
-mkdir -p "$G/debs" "$G/wheels" "$G/golden"
+mkdir -p "$G/debs" "$G/wheels"
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 if [ ! -f "$G/deps.tar.xz" ]; then
   (cd "$G/debs" && apt-get download libicu-dev libicu72 icu-devtools libpng-dev libpng16-16 zlib1g-dev \
@@ -20,7 +20,10 @@ if [ ! -f "$G/deps.tar.xz" ]; then
   tar -C "$G" -cJf "$G/deps.tar.xz" deps && rm -rf "$G/deps" "$G/debs"
 fi
 GOLDEN=${DIFFPIPE_GOLDEN:-../shared/golden/tiny-sd}
-[ -d "$GOLDEN" ] && rm -rf "$G/golden/tiny-sd" && cp -r "$GOLDEN" "$G/golden/tiny-sd"
+# the reference folder travels compressed (its tokenizer is 5 MB of text); gpu_check.sh unpacks it
+rm -rf "$G/golden"
+[ -d "$GOLDEN" ] && tar -C "$(dirname "$GOLDEN")" -cJf "$G/golden.tar.xz" "$(basename "$GOLDEN")"
 ls "$G"/wheels/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download --quiet --no-deps "diffusers==0.42.1" -d "$G/wheels"
 rm -rf "$G/debs"
-du -sh "$G"  # the device tool carries at most 64 MiB
+du -sh "$G"  # the device tool carries at most 64 MiB, this and the tracked tree together
+echo "tracked tree: $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes"

@@ -277,9 +277,9 @@ std::vector<PipelineStage> default_pipeline_layout() {
 }
 
 std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
-  if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
-    return {{"encode", false}, {"prior", false, /*own_rank=*/true}, {"denoise", true}, {"decode", false}};
   std::vector<PipelineStage> p = default_pipeline_layout();
+  if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
+    p.insert(p.begin() + 1, PipelineStage{"prior", false, /*own_rank=*/true});
   if (SdModel::has_super_resolution(model_dir)) p.push_back({"upscale", false});
   return p;
 }

@@ -161,8 +161,9 @@ TEST(Unclip, RecipesWriteAWorkingStableUnclipFolder) {
   train::train_decoder(o, from);
   EXPECT_NO_THROW(SdModel::validate(out));
   const auto layout = pipeline_layout(out);
-  ASSERT_EQ(layout.size(), 4u);
+  ASSERT_EQ(layout.size(), 5u) << "encode, prior, denoise, decode and the shapes model's upscale stage";
   EXPECT_EQ(layout[1].name, "prior");
+  EXPECT_EQ(layout[4].name, "upscale");
   const auto norm = load_safetensors(out + "/image_normalizer/diffusion_pytorch_model.safetensors");
   const auto prior = load_safetensors(out + "/prior/diffusion_pytorch_model.safetensors");
   EXPECT_TRUE(at::equal(norm.at("mean"), prior.at("clip_mean")));
@@ -183,7 +184,7 @@ TEST(Unclip, RecipesWriteAWorkingStableUnclipFolder) {
   DenoiseState d = make_denoise_state(m, p, embs[0]);
   std::vector<DenoiseState*> db{&d};
   while (!d.done()) DenoiseStage(m).step(db);
-  const at::Tensor img = DecodeStage(m).run_uint8({d.latents});
-  EXPECT_EQ(img.size(1), 32);
+  const at::Tensor img = decode_final_uint8(m, {d.latents});
+  EXPECT_EQ(img.size(1), 64) << "32 px decoded, 64 px after the super-resolution stage";
   EXPECT_TRUE(d.failure.empty()) << d.failure;
 }

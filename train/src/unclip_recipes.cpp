@@ -94,6 +94,8 @@ nlohmann::json ddpm(const char* prediction, const char* variance, double clip_ra
 // embeddings of kNormalizerSamples training scenes) and model_index.json. Returns the normaliser's mean, std.
 std::pair<at::Tensor, at::Tensor> write_unclip_folder(const std::string& from, const std::string& out, Features& f) {
   for (const char* c : {"tokenizer", "text_encoder", "vae", "scheduler"}) copy_dir(path_join(from, c), path_join(out, c));
+  const bool sr = dir_exists(path_join(from, "super_resolution"));  // the cascade's upscale stage, as in `from`
+  if (sr) copy_dir(path_join(from, "super_resolution"), path_join(out, "super_resolution"));
   copy_dir(path_join(from, "tokenizer"), path_join(out, "prior_tokenizer"));
   copy_dir(path_join(from, "text_encoder"), path_join(out, "prior_text_encoder"));
   make_dirs(path_join(out, "prior_scheduler"));
@@ -119,6 +121,11 @@ std::pair<at::Tensor, at::Tensor> write_unclip_folder(const std::string& from, c
               {"tokenizer", {"transformers", "CLIPTokenizer"}}, {"text_encoder", {"transformers", "CLIPTextModelWithProjection"}},
               {"unet", {"diffusers", "UNet2DConditionModel"}}, {"scheduler", {"diffusers", "DDIMScheduler"}},
               {"vae", {"diffusers", "AutoencoderKL"}}});
+  if (sr) {
+    nlohmann::json index = JsonConfig::load(path_join(out, "model_index.json")).json();
+    index["super_resolution"] = {"diffpipe", "SuperResolution"};
+    write_json(path_join(out, "model_index.json"), index);
+  }
   return {mean, std};
 }
 
