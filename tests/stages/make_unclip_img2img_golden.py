@@ -30,6 +30,13 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-unclip"))
     ap.add_argument("--out", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-unclip-img2img"))
+    # other folders of the same layout, to check that the tests pass unchanged on them
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--act", default="quick_gelu", choices=["quick_gelu", "gelu"])
+    ap.add_argument("--noise-level", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     import diffusers
     import transformers
@@ -42,14 +49,14 @@ def main():
     if os.path.exists(a.out):
         shutil.rmtree(a.out)
     os.makedirs(model)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=8, projection_dim=32, hidden_act="quick_gelu")
+                            image_size=a.image_size, patch_size=a.patch, projection_dim=32, hidden_act=a.act)
     enc = CLIPVisionModelWithProjection(vcfg).eval()
     with torch.no_grad():  # random weights, nudged as tiny-unclip's README describes
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    fe = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    fe = CLIPImageProcessor(size={"shortest_edge": a.image_size}, crop_size={"height": a.image_size, "width": a.image_size})
     base = diffusers.StableUnCLIPPipeline.from_pretrained(src)
     pipe = StableUnCLIPImg2ImgPipeline(
         feature_extractor=fe, image_encoder=enc, image_normalizer=base.image_normalizer,
@@ -61,8 +68,9 @@ def main():
         shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(model, "tokenizer", f))
     pipe.set_progress_bar_config(disable=True)
 
-    # a 48x40 test picture (not square, not the crop size: the processor resizes and crops)
-    yy, xx = np.mgrid[0:40, 0:48]
+    # a test picture, not square and not the crop size (the processor resizes and crops): 48x40 by default
+    h, w = a.image_size + 8, a.image_size + 16
+    yy, xx = np.mgrid[0:h, 0:w]
     img = np.stack([(xx * 5) % 256, (yy * 6) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
     img[10:25, 12:30] = [220, 40, 40]
     Image.fromarray(img).save(os.path.join(a.out, "input.png"))
@@ -82,7 +90,7 @@ def main():
         draws.append(t.clone())
         return t
     mod.randn_tensor = recording
-    run = {"prompt": "a photo of a cat", "steps": 8, "guidance": 7.5, "noise_level": 100, "H": 16}
+    run = {"prompt": "a photo of a cat", "steps": a.steps, "guidance": 7.5, "noise_level": a.noise_level, "H": 16}
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         lat = pipe(image=pil, prompt=run["prompt"], height=16, width=16, num_inference_steps=run["steps"],
