@@ -54,13 +54,11 @@ std::vector<double> parse_list(const std::string& s, const char* what) {
 
 Placement make_placement(const std::string& kind, int world, const RankSpec& rs,
                          const std::vector<PipelineStage>& layout, int max_batch) {
-  Placement p = Placement::derive(world, rs, layout);
-  if (kind == "one" || kind == "replicas") {
-    std::vector<int> ranks;
-    for (int r = 0; r < (kind == "one" ? 1 : world); ++r) ranks.push_back(r);
-    for (auto& s : p.stages) s.spec.ranks = ranks;
-    p.allow_idle_ranks = kind == "one";
-  } else {
+  Placement p = kind == "replicas" ? Placement::replicas(world, rs, layout) : Placement::derive(world, rs, layout);
+  if (kind == "one") {
+    for (auto& s : p.stages) s.spec.ranks = {0};
+    p.allow_idle_ranks = true;
+  } else if (kind != "replicas") {
     DP_CHECK(kind == "pipeline", "bench: --placements: unknown placement '", kind, "' (one, pipeline, replicas)");
   }
   for (auto& s : p.stages) s.spec.max_batch = max_batch;

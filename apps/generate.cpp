@@ -63,6 +63,9 @@ const std::vector<cli::Opt> kOptions = {
     {"format", "png|webdataset", "png files (default), or webdataset tar shards of KEY.png + KEY.json"},
     {"shard-size", "N", "files per folder / samples per tar shard (default 1000); a run that fits in one\n"
                         "folder writes its PNGs straight into --out"},
+    {"placement", "pipeline|replicas", "without --pipeline: stages pipelined over the ranks (default: encode |\n"
+                                       "denoise replicas | decode), or every stage on every rank (data-parallel;\n"
+                                       "faster on small CPU models, see docs/results.md)"},
     {"pipeline", "FILE", "placement of stages on ranks (TOML; default: derived from the rank count). With a file,\n"
                          "--device/--dtype/--transport/--max-batch/--batching/--batch-invariant are\n"
                          "defaults for what the file does not set"},
@@ -264,10 +267,16 @@ int generate_main(int argc, char** argv) {
       }
     }
     const auto layout = pipeline_layout(a.str("model"));
+    DP_CHECK(!(a.has("pipeline") && a.has("placement")), "generate: --placement and --pipeline exclude each other ",
+             "(a pipeline file places every stage itself)");
     if (a.has("pipeline")) {
       placement = Placement::load(a.str("pipeline"), world.size, layout, defaults);
     } else {
-      placement = Placement::derive(world.size, defaults.rank, layout);
+      const std::string kind = a.str("placement", "pipeline");
+      DP_CHECK(kind == "pipeline" || kind == "replicas", "generate: --placement must be pipeline or replicas, got '",
+               kind, "'");
+      placement = kind == "replicas" ? Placement::replicas(world.size, defaults.rank, layout)
+                                     : Placement::derive(world.size, defaults.rank, layout);
       placement.transport = defaults.transport;
       for (auto& s : placement.stages) {
         s.spec.max_batch = defaults.stage.max_batch;

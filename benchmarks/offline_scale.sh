@@ -39,14 +39,18 @@ run() {  # NP OUT
   local t0 t1
   t0=$(date +%s.%N)
   $MPIRUN -np "$1" "$BIN" generate --model "$M" --prompt "a red circle at the top left" --prompt "a blue square" \
-    --images $((N / 2)) --steps 25 --guidance 5 --out "$2" --quiet --no-contact-sheet 2> /dev/null
+    --images $((N / 2)) --steps 25 --guidance 5 --out "$2" --quiet --no-contact-sheet "${@:3}" 2> /dev/null
   t1=$(date +%s.%N)
   check "$2" "$N"
   echo "$t0 $t1" | awk '{print $2 - $1}'
 }
-t1=$(run 1 "$W/np1"); t3=$(run 3 "$W/np3")
-same=0; for f in "$W"/np1/img-*.png; do cmp -s "$f" "$W/np3/$(basename "$f")" && same=$((same + 1)); done
-awk -v a="$t1" -v b="$t3" -v n="$N" -v s="$same" 'BEGIN {
-  printf "  1 process: %.1f s (%.2f images/s); 3 ranks: %.1f s (%.2f images/s); ratio %.2fx; %d/%d PNGs byte-identical\n",
-         a, n / a, b, n / b, a / b, s, n }'
+t1=$(run 1 "$W/np1"); t3=$(run 3 "$W/np3"); tr=$(run 3 "$W/rep3" --placement replicas)
+for d in np3 rep3; do
+  same=0; for f in "$W"/np1/img-*.png; do cmp -s "$f" "$W/$d/$(basename "$f")" && same=$((same + 1)); done
+  eval "same_$d=$same"
+done
+awk -v a="$t1" -v b="$t3" -v c="$tr" -v n="$N" -v s="$same_np3" -v r="$same_rep3" 'BEGIN {
+  printf "  1 process: %.1f s (%.2f images/s)\n", a, n / a
+  printf "  3 ranks, pipelined (derived): %.1f s (%.2f images/s), ratio %.2fx; %d/%d PNGs byte-identical\n", b, n / b, a / b, s, n
+  printf "  3 ranks, --placement replicas: %.1f s (%.2f images/s), ratio %.2fx; %d/%d PNGs byte-identical\n", c, n / c, a / c, r, n }'
 rm -rf "$W"

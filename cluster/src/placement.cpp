@@ -55,6 +55,14 @@ Placement Placement::derive(int n, const RankSpec& defaults, const std::vector<P
   return p;
 }
 
+Placement Placement::replicas(int n, const RankSpec& defaults, const std::vector<PipelineStage>& pipeline) {
+  Placement p = derive(n, defaults, pipeline);
+  std::vector<int> all(static_cast<size_t>(n));
+  for (int r = 0; r < n; ++r) all[static_cast<size_t>(r)] = r;
+  for (auto& s : p.stages) s.spec.ranks = all;
+  return p;
+}
+
 bool Placement::has(const std::string& name) const {
   return std::any_of(stages.begin(), stages.end(), [&](const PlacedStage& s) { return s.name == name; });
 }

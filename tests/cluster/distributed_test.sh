@@ -36,10 +36,15 @@ for np in 1 2 3 4 5; do
     bad "np=$np exit code $?"; tail -5 "$WORK/np$np.log"
   fi
 done
-for np in 2 3 4 5; do
+# data-parallel replicas (every stage on every rank) give the same images too
+timeout 300 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --max-batch 1 --placement replicas --out "$WORK/rep3" 2> "$WORK/rep3.log" \
+  && grep -q "rank 2 \[.*\]: encode(.*denoise(.*decode(" "$WORK/rep3.log" && ok "--placement replicas: every stage on every rank" \
+  || bad "--placement replicas run failed or placed otherwise: $(grep 'rank 2' "$WORK/rep3.log")"
+for np in 2 3 4 5 rep3; do
+  d=$WORK/np$np; [ "$np" = rep3 ] && d=$WORK/rep3
   same=1
-  for f in "$WORK"/np1/img-*.png; do cmp -s "$f" "$WORK/np$np/$(basename "$f")" || { same=0; echo "  differs: np$np $(basename "$f")"; }; done
-  [ $same = 1 ] && ok "np=$np images byte-identical to the single-process run" || bad "np=$np images differ"
+  for f in "$WORK"/np1/img-*.png; do cmp -s "$f" "$d/$(basename "$f")" || { same=0; echo "  differs: $np $(basename "$f")"; }; done
+  [ $same = 1 ] && ok "$np: images byte-identical to the single-process run" || bad "$np: images differ"
 done
 
 # 1b) --batch-invariant: batched (default max_batch) on 1 and 4 ranks == unbatched, byte for byte

@@ -73,6 +73,13 @@ TEST(Placement, PriorGetsItsOwnRankWhenThereAreEnough) {
   for (int n = 1; n <= 8; ++n) EXPECT_NO_THROW(Placement::derive(n, {}, unclip).validate("derived")) << n;
 }
 
+TEST(Placement, DataParallelReplicas) {
+  const auto p = Placement::replicas(3);
+  for (const auto& s : p.stages) EXPECT_EQ(s.spec.ranks, (std::vector<int>{0, 1, 2})) << s.name;
+  EXPECT_NO_THROW(p.validate("replicas"));
+  EXPECT_EQ(Placement::replicas(1).stages_on(0), (std::vector<std::string>{"encode", "denoise", "decode"}));
+}
+
 TEST(Placement, FileWithReplicasDevicesAndLimits) {
   const auto p = Placement::load(file_with("ok", R"(
 transport = "nccl"

@@ -53,6 +53,10 @@ struct Placement {
   // stages before the heavy one on rank 0, after it on the last rank, the heavy stage replicated on the rest.
   static Placement derive(int world_size, const RankSpec& defaults = {},
                           const std::vector<PipelineStage>& pipeline = default_pipeline_layout());
+  // Data-parallel replicas: every rank runs every stage, a request stays on the rank it was routed to (no
+  // transfers between stages). On small CPU models this beats the pipelined layout (docs/results.md).
+  static Placement replicas(int world_size, const RankSpec& defaults = {},
+                            const std::vector<PipelineStage>& pipeline = default_pipeline_layout());
   // Reads a pipeline file for a world of `world_size` ranks and fits it to `pipeline`; errors name the file
   // and field. What the file leaves out comes from `defaults`. Its stage tables must be among `known` (the
   // registered stage names).
