@@ -18,6 +18,8 @@ import shutil
 import numpy as np
 import torch
 
+from golden_draws import recorded_draws
+
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
@@ -78,26 +80,15 @@ def main():
                                                        encoder_hidden_states=hid,
                                                        attention_mask=mask).predicted_image_embedding
         out["prior.post_processed"] = prior.post_process_latents(lat)
-    draws = []
-    real = mod.randn_tensor
-
-    def recording(*args, **kw):
-        t = real(*args, **kw)
-        draws.append(t.clone())
-        return t
-    mod.randn_tensor = recording
-    ddpm_mod = __import__("diffusers.schedulers.scheduling_ddpm", fromlist=["randn_tensor"])
-    real_ddpm = ddpm_mod.randn_tensor
-    ddpm_mod.randn_tensor = recording
     run = dict(src_meta["run"], prior_steps=a.prior_steps, noise_level=a.noise_level)
     prompts = src_meta["prompts"]
     kw = dict(prompt=prompts, negative_prompt=[src_meta["negative_prompt"]] * len(prompts), height=run["H"],
               width=run["H"], num_inference_steps=run["steps"], guidance_scale=run["guidance"],
               prior_num_inference_steps=run["prior_steps"], prior_guidance_scale=run["prior_guidance"],
               noise_level=run["noise_level"])
-    with torch.no_grad():
+    ddpm_mod = __import__("diffusers.schedulers.scheduling_ddpm", fromlist=["randn_tensor"])
+    with torch.no_grad(), recorded_draws(mod, ddpm_mod) as draws:
         lat = pipe(generator=torch.Generator().manual_seed(a.seed), output_type="latent", **kw).images
-    mod.randn_tensor, ddpm_mod.randn_tensor = real, real_ddpm
     with torch.no_grad():
         im = pipe(generator=torch.Generator().manual_seed(a.seed), output_type="np", **kw).images
     for i, d in enumerate(draws):

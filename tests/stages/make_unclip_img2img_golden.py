@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from golden_draws import recorded_draws
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -82,21 +84,12 @@ def main():
     with torch.no_grad():
         out["image_encoder.image_embeds"] = enc(pv).image_embeds
 
-    draws = []
-    real = mod.randn_tensor
-
-    def recording(*args, **kw):
-        t = real(*args, **kw)
-        draws.append(t.clone())
-        return t
-    mod.randn_tensor = recording
     run = {"prompt": "a photo of a cat", "steps": a.steps, "guidance": 7.5, "noise_level": a.noise_level, "H": 16}
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
+    with torch.no_grad(), recorded_draws(mod) as draws:
         lat = pipe(image=pil, prompt=run["prompt"], height=16, width=16, num_inference_steps=run["steps"],
                    guidance_scale=run["guidance"], noise_level=run["noise_level"], generator=g,
                    output_type="latent").images
-    mod.randn_tensor = real
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         im = pipe(image=pil, prompt=run["prompt"], height=16, width=16, num_inference_steps=run["steps"],
