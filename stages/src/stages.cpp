@@ -6,6 +6,7 @@
 #include "diffpipe/runtime/philox.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/unclip.h"
 
 namespace diffpipe {
 
@@ -57,18 +58,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
   DP_CHECK(p.image_prompt.empty() || model.image_variations, "image_prompt: ", model.dir,
            " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
-  if (model.noise_levels > 0 && p.image_prompt.empty()) {  // Stable unCLIP: the prior's settings
-    DP_CHECK(model.prior_train_timesteps > 0, model.dir, " makes image variations only (it has no prior/): give an ",
-             "image prompt (--image-prompt FILE, or \"image_prompt\" in a JSONL line)");
-    DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= model.prior_train_timesteps, "prior_steps: must be in [1, ",
-             model.prior_train_timesteps, "], got ", p.prior_steps);
-    DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
-             "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
-  }
-  if (model.noise_levels > 0) {
-    DP_CHECK(p.noise_level >= 0 && p.noise_level < model.noise_levels, "noise_level: must be in [0, ",
-             model.noise_levels, ") (the image_noising_scheduler's steps), got ", p.noise_level);
-  }
+  if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
+    check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;
 }
 

@@ -336,6 +336,10 @@ std::vector<std::string> ClipTokenizer::bpe(const std::string& token) const {
   return word;
 }
 
+int64_t ClipTokenizer::length(const std::string& text) const {
+  return std::min<int64_t>(static_cast<int64_t>(encode_untruncated(text).size()), max_length_);
+}
+
 std::vector<int64_t> ClipTokenizer::encode_untruncated(const std::string& text) const {
   std::vector<int64_t> ids{bos_id_};
   const auto& be = byte_encoder();

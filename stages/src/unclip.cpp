@@ -92,26 +92,44 @@ std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, con
   return u;
 }
 
+at::Tensor noise_image_embeds(const at::Tensor& embeds, const at::Tensor& levels, const at::Tensor& noise,
+                              const at::Tensor& mean, const at::Tensor& std, const at::Tensor& alphas_cumprod) {
+  const int64_t B = embeds.size(0);
+  at::Tensor x = embeds.to(at::kFloat);
+  const at::Tensor m = mean.to(x.device()), s = std.to(x.device());
+  x = (x - m) * (1.0 / s);  // StableUnCLIPImageNormalizer.scale
+  const at::Tensor a = alphas_cumprod.index_select(0, levels.to(at::kCPU)).view({B, 1});  // float32, as add_noise
+  x = a.pow(0.5).to(x.device()) * x + (1 - a).pow(0.5).to(x.device()) * noise.to(x.device(), at::kFloat);
+  x = x * s + m;  // unscale
+  const at::Tensor emb = timestep_embedding(levels.to(at::kCPU), embeds.size(1), /*flip_sin_to_cos=*/true, 0);
+  return at::cat({x, emb.to(x.device())}, 1);
+}
+
 at::Tensor UnclipParts::noise_image_embeds(const at::Tensor& embeds, int noise_level, const at::Tensor& noise) const {
   const int64_t N = noising_alphas_cumprod.size(0);
   DP_CHECK(noise_level >= 0 && noise_level < N, "noise_level: must be in [0, ", N, ") (image_noising_scheduler's ",
            "num_train_timesteps), got ", noise_level);
-  const int64_t B = embeds.size(0);
-  at::Tensor x = embeds.to(at::kFloat);
-  x = (x - normalizer_mean) * (1.0 / normalizer_std);  // StableUnCLIPImageNormalizer.scale
-  const at::Tensor a = noising_alphas_cumprod[noise_level];  // float32, as DDPMScheduler.add_noise
-  x = a.pow(0.5).to(x.device()) * x + (1 - a).pow(0.5).to(x.device()) * noise.to(x.device(), at::kFloat);
-  x = x * normalizer_std + normalizer_mean;  // unscale
-  const at::Tensor levels = at::full({B}, static_cast<int64_t>(noise_level), at::kLong);
-  const at::Tensor emb = timestep_embedding(levels, embeds.size(1), /*flip_sin_to_cos=*/true, /*freq_shift=*/0);
-  return at::cat({x, emb.to(x.device())}, 1);
+  const at::Tensor levels = at::full({embeds.size(0)}, static_cast<int64_t>(noise_level), at::kLong);
+  return diffpipe::noise_image_embeds(embeds, levels, noise, normalizer_mean, normalizer_std, noising_alphas_cumprod);
+}
+
+void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps, int64_t noise_levels,
+                        const std::string& folder) {
+  DP_CHECK(p.noise_level >= 0 && p.noise_level < noise_levels, "noise_level: must be in [0, ", noise_levels,
+           ") (the image_noising_scheduler's steps), got ", p.noise_level);
+  if (!p.image_prompt.empty()) return;
+  DP_CHECK(prior_train_timesteps > 0, folder, " makes image variations only (it has no prior/): give an image ",
+           "prompt (--image-prompt FILE, or \"image_prompt\" in a JSONL line)");
+  DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= prior_train_timesteps, "prior_steps: must be in [1, ",
+           prior_train_timesteps, "], got ", p.prior_steps);
+  DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
+           "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
 }
 
 PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
                                    std::function<at::Tensor(uint64_t, const at::Tensor&)> noise) const {
-  const int64_t levels = parts_.image_noising_scheduler.num_train_timesteps;
-  DP_CHECK(p.noise_level >= 0 && p.noise_level < levels, "noise_level: must be in [0, ", levels, "), got ",
-           p.noise_level);
+  check_prior_params(p, parts_.prior ? parts_.prior_scheduler.num_train_timesteps : 0,
+                     parts_.image_noising_scheduler.num_train_timesteps, "this folder");
   PriorState s;
   s.id = id;
   s.seed = p.seed;
@@ -128,12 +146,6 @@ PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
     s.pixel_values = preprocess_clip_image(parts_.image_processor, read_png(p.image_prompt));
     return s;
   }
-  DP_CHECK(parts_.prior, "this folder makes image variations only (it has no prior/): give an image prompt ",
-           "(--image-prompt FILE, or \"image_prompt\" in a JSONL line)");
-  DP_CHECK(p.prior_steps >= 1 && p.prior_steps <= parts_.prior_scheduler.num_train_timesteps,
-           "prior_steps: must be in [1, ", parts_.prior_scheduler.num_train_timesteps, "], got ", p.prior_steps);
-  DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0,
-           "prior_guidance: must be a finite number >= 0, got ", p.prior_guidance);
   s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);
   const at::Tensor like = at::empty({parts_.embedding_dim()}, at::kFloat);
   s.latents = s.noise(kPriorLatentStream, like).to(spec_.device, at::kFloat);  // init_noise_sigma is 1 for DDPM
@@ -155,7 +167,7 @@ void PriorRunner::encode(const std::vector<PriorState*>& states) const {
     const auto t = tok.encode(text);
     ids.insert(ids.end(), t.begin(), t.end());
     // CLIPTokenizer's attention mask: 1 for the real tokens (start, text, end), 0 for the padding after them
-    const int64_t n = std::min<int64_t>(static_cast<int64_t>(tok.encode_untruncated(text).size()), L);
+    const int64_t n = tok.length(text);
     for (int64_t i = 0; i < L; ++i) mask.push_back(i < n ? 1 : 0);
   }
   const int64_t R = static_cast<int64_t>(rows.size());

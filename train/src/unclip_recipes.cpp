@@ -17,6 +17,7 @@
 #include "diffpipe/stages/prior.h"
 #include "diffpipe/stages/sampler.h"
 #include "diffpipe/stages/tokenizer.h"
+#include "diffpipe/stages/unclip.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
 #include "diffpipe/train/image_tower.h"
@@ -50,7 +51,7 @@ class Features {
     if (it != text_.end()) return it->second;
     at::NoGradGuard ng;
     const auto ids = tok_.encode(caption);
-    const int64_t n = std::min<int64_t>(static_cast<int64_t>(tok_.encode_untruncated(caption).size()), 77);
+    const int64_t n = tok_.length(caption);
     const at::Tensor input = at::tensor(ids, at::kLong).view({1, 77});
     const ClipTextOutput o = te_->forward(input);
     at::Tensor mask = at::zeros({77}, at::kLong);
@@ -112,20 +113,16 @@ std::pair<at::Tensor, at::Tensor> write_unclip_folder(const std::string& from, c
   write_component(path_join(out, "image_normalizer"),
                   {{"_class_name", "StableUnCLIPImageNormalizer"}, {"embedding_dim", f.embedding_dim()}},
                   "diffusion_pytorch_model.safetensors", {{"mean", mean}, {"std", std}});
-  write_json(path_join(out, "model_index.json"),
-             {{"_class_name", "StableUnCLIPPipeline"}, {"prior_tokenizer", {"transformers", "CLIPTokenizer"}},
+  nlohmann::json index = {{"_class_name", "StableUnCLIPPipeline"}, {"prior_tokenizer", {"transformers", "CLIPTokenizer"}},
               {"prior_text_encoder", {"transformers", "CLIPTextModelWithProjection"}},
               {"prior", {"diffusers", "PriorTransformer"}}, {"prior_scheduler", {"diffusers", "DDPMScheduler"}},
               {"image_normalizer", {"stable_diffusion", "StableUnCLIPImageNormalizer"}},
               {"image_noising_scheduler", {"diffusers", "DDPMScheduler"}},
               {"tokenizer", {"transformers", "CLIPTokenizer"}}, {"text_encoder", {"transformers", "CLIPTextModelWithProjection"}},
               {"unet", {"diffusers", "UNet2DConditionModel"}}, {"scheduler", {"diffusers", "DDIMScheduler"}},
-              {"vae", {"diffusers", "AutoencoderKL"}}});
-  if (sr) {
-    nlohmann::json index = JsonConfig::load(path_join(out, "model_index.json")).json();
-    index["super_resolution"] = {"diffpipe", "SuperResolution"};
-    write_json(path_join(out, "model_index.json"), index);
-  }
+              {"vae", {"diffusers", "AutoencoderKL"}}};
+  if (sr) index["super_resolution"] = {"diffpipe", "SuperResolution"};
+  write_json(path_join(out, "model_index.json"), index);
   return {mean, std};
 }
 
@@ -235,12 +232,10 @@ void train_decoder(const TrainOptions& o, const std::string& from) {
       lats.push_back(it->second);
       // noise augmentation at a random level (as Stable unCLIP trains), the level's sinusoidal embedding joined
       const int64_t level = static_cast<int64_t>(rng() % 1000);
-      at::Tensor e = (f.image(kUnclipSeed, index, cap) - mean[0]) / std[0];
-      const double a = noising[level].item<double>();
-      e = (std::sqrt(a) * e + std::sqrt(1 - a) * at::randn_like(e)) * std[0] + mean[0];
-      const at::Tensor lv = timestep_embedding(at::full({1}, level, at::kLong), E, true, 0)[0];
+      const at::Tensor e = f.image(kUnclipSeed, index, cap).unsqueeze(0);
+      const at::Tensor aug = noise_image_embeds(e, at::full({1}, level, at::kLong), at::randn_like(e), mean, std, noising);
       const bool drop = rng() % 10 == 0;  // 10 %: the unconditional row (empty caption, zero class labels)
-      labels.push_back(drop ? at::zeros({2 * E}) : at::cat({e, lv}));
+      labels.push_back(drop ? at::zeros({2 * E}) : aug[0]);
       ctx.push_back(f.text(drop ? std::string() : cap).hidden);
     }
     const at::Tensor lat = at::stack(lats), t = at::randint(0, 1000, {o.batch}, at::kLong);

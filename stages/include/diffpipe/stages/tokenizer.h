@@ -21,6 +21,8 @@ class ClipTokenizer {
   std::vector<int64_t> encode_untruncated(const std::string& text) const;
   // Exactly max_length ids: truncated to max_length-1 plus the end token, padded with pad_id().
   std::vector<int64_t> encode(const std::string& text) const;
+  // How many of encode()'s ids are the text's (start and end included): the ones of CLIPTokenizer's attention mask.
+  int64_t length(const std::string& text) const;
 
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }

@@ -47,10 +47,22 @@ struct UnclipParts {
   static std::shared_ptr<const UnclipParts> load(const std::string& dir, const DeviceSpec& spec);
 
   int64_t embedding_dim() const { return prior ? prior->config().embedding_dim : image_encoder->config().projection_dim; }
-  // noise_image_embeddings: normalise, DDPM add_noise at noise_level with `noise` ([B, E]), un-normalise, then
-  // append the sinusoidal embedding of noise_level: [B, E] -> [B, 2E], the UNet's class_labels.
+  // noise_image_embeds (below) with this folder's normaliser and noising schedule, every row at noise_level
+  // (checked): [B, E] -> [B, 2E], the UNet's class_labels.
   at::Tensor noise_image_embeds(const at::Tensor& embeds, int noise_level, const at::Tensor& noise) const;
 };
+
+// Stable unCLIP's noise augmentation (diffusers' noise_image_embeddings): normalise with mean and std ([1, E]),
+// DDPM add_noise of `noise` ([B, E]) at each row's level (levels [B], int64) under `alphas_cumprod`, un-normalise,
+// then append the sinusoidal embedding of the level: [B, E] -> [B, 2E]. Training builds its inputs with it too.
+at::Tensor noise_image_embeds(const at::Tensor& embeds, const at::Tensor& levels, const at::Tensor& noise,
+                              const at::Tensor& mean, const at::Tensor& std, const at::Tensor& alphas_cumprod);
+
+// A request's prior settings against a Stable unCLIP folder's schedules (errors name the field): noise_level in
+// [0, noise_levels); without an image prompt also that the folder has a prior (prior_train_timesteps > 0, else
+// an image prompt is asked for, naming `folder`), prior_steps in [1, prior_train_timesteps] and prior_guidance.
+void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps, int64_t noise_levels,
+                        const std::string& folder);
 
 // Counter-based noise streams of a request's prior (its denoising loop uses streams 0, 1, 2, ...).
 constexpr uint64_t kPriorLatentStream = uint64_t(1) << 32;        // the prior's initial latents
