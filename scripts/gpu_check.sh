@@ -47,6 +47,9 @@ for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*:Cuda.*' 2>&1 \
     | grep -E "golden\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
+echo "--- cuda float16, GroupNorm kernel on channels-last activations (DIFFPIPE_FUSED_NHWC=1)"
+DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
+  --gtest_filter='Golden.*' 2>&1 | grep -E "golden\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 fi
 if want transport; then
 step "transport suite: NCCL self-send (1 rank), MPI (2 ranks)"
@@ -71,6 +74,15 @@ fi
 if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8; then
 # kept on a warm machine between calls (34 s to write)
 [ -f /tmp/sd15/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"; }
+# The same folder with "force_upcast": false: the VAE decodes in float16, as diffusers' StableDiffusionPipeline
+# always does (it ignores force_upcast; only its SDXL pipelines upcast). The fair batch-8 comparison uses it.
+if [ ! -f /tmp/sd15-vae16/vae/config.json ]; then
+  mkdir -p /tmp/sd15-vae16/vae
+  for p in /tmp/sd15/*; do [ "$(basename $p)" = vae ] || ln -s $p /tmp/sd15-vae16/; done
+  ln -s /tmp/sd15/vae/diffusion_pytorch_model.safetensors /tmp/sd15-vae16/vae/
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); c["force_upcast"]=False; json.dump(c,open(sys.argv[2],"w"),indent=1)' \
+    /tmp/sd15/vae/config.json /tmp/sd15-vae16/vae/config.json
+fi
 fi
 if want sd15; then
 step "pipeline throughput: SD 1.5 architecture (random weights), 512x512, float16"
@@ -115,10 +127,14 @@ variant "b1 no fused kernels" DIFFPIPE_FUSED_KERNELS=0 -- $B1
 variant "b1 none (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 DIFFPIPE_CHANNELS_LAST=0 -- $B1
 variant "b1 +cudnn benchmark" DIFFPIPE_CUDNN_BENCHMARK=1 -- $B1
 variant "b1 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B1
+variant "b1 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B1
 echo "--- batch 8 (UNet batch 16), 50 steps, end to end"
 variant "b8 default" X=1 -- $B8
 variant "b8 none (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 DIFFPIPE_CHANNELS_LAST=0 -- $B8
 variant "b8 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B8
+variant "b8 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B8
+variant "b8 VAE float16" X=1 -- $B8 --model /tmp/sd15-vae16
+variant "b8 VAE f16 + NHWC GN" DIFFPIPE_FUSED_NHWC=1 -- $B8 --model /tmp/sd15-vae16
 fi
 if want vs_b1 || want vs_b8; then
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
@@ -132,7 +148,9 @@ timeout 300 $VS --images 1 --steps 50 --parts ${VS_B1_PARTS:-loop,unet} --rounds
 fi
 if want vs_b8; then
 step "vs diffusers (eager and torch.compile), batch 8 x 50 steps: images/s end to end (target >= 1.2x + torch.compile)"
-timeout 300 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json 2>&1 \
+# both decode in float16 here (see /tmp/sd15-vae16); VS_B8_MODEL=/tmp/sd15 keeps diffpipe's float32 VAE
+timeout 420 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json \
+  --model ${VS_B8_MODEL:-/tmp/sd15-vae16} 2>&1 \
   | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi
 step "done"

@@ -25,23 +25,25 @@
 namespace diffpipe::nn {
 
 namespace {
-// A switch that is on unless the environment variable is "0" (read once), or as a test set it.
-bool env_switch(std::atomic<int>& v, const char* name) {
+// A switch that the environment variable sets ("0" off, "1" on; unset: the default), read once, or as a test set it.
+bool env_switch(std::atomic<int>& v, const char* name, bool default_on = true) {
   int x = v.load();
   if (x < 0) {
     const char* e = std::getenv(name);
-    x = (e && std::strcmp(e, "0") == 0) ? 0 : 1;
+    x = e && std::strcmp(e, "0") == 0 ? 0 : e && std::strcmp(e, "1") == 0 ? 1 : default_on ? 1 : 0;
     v = x;
   }
   return x == 1;
 }
-std::atomic<int> g_graphs{-1}, g_fused{-1};  // -1: not read yet
+std::atomic<int> g_graphs{-1}, g_fused{-1}, g_fused_nhwc{-1};  // -1: not read yet
 }  // namespace
 
 bool cuda_graphs_enabled() { return env_switch(g_graphs, "DIFFPIPE_CUDA_GRAPHS"); }
 void set_cuda_graphs(bool on) { g_graphs = on ? 1 : 0; }
 bool fused_kernels_enabled() { return env_switch(g_fused, "DIFFPIPE_FUSED_KERNELS"); }
 void set_fused_kernels(bool on) { g_fused = on ? 1 : 0; }
+bool fused_nhwc_enabled() { return env_switch(g_fused_nhwc, "DIFFPIPE_FUSED_NHWC", /*default_on=*/false); }
+void set_fused_nhwc(bool on) { g_fused_nhwc = on ? 1 : 0; }
 
 #ifdef DIFFPIPE_WITH_CUDA_OPS
 
@@ -169,7 +171,10 @@ void check_launch(int code, const char* what) {
 
 at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
                             double eps, bool silu) {
-  if (!fused_kernels_enabled() || !x.is_cuda() || x.dim() != 4 || !x.is_contiguous()) return at::Tensor();
+  if (!fused_kernels_enabled() || !x.is_cuda() || x.dim() != 4) return at::Tensor();
+  // A [N, C, 1, 1] tensor is both; the NCHW kernel serves it.
+  const bool nchw = x.is_contiguous();
+  if (!nchw && !(fused_nhwc_enabled() && x.is_contiguous(at::MemoryFormat::ChannelsLast))) return at::Tensor();
   const auto dt = fused_dtype(x.scalar_type());
   if (!dt || weight.scalar_type() != x.scalar_type() || bias.scalar_type() != x.scalar_type()) return at::Tensor();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -179,9 +184,10 @@ at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t M = (C / groups) * HW;
   if (N * groups < 64 || M > 131072) return at::Tensor();
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty_like(x, nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
   check_launch(fused::group_norm(*dt, x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), N, C, HW, groups,
-                                 static_cast<float>(eps), silu, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+                                 static_cast<float>(eps), silu, /*nhwc=*/!nchw,
+                                 c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "group_norm");
   return y;
 }

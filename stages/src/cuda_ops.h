@@ -46,8 +46,13 @@ class GraphCache {
 // DIFFPIPE_FUSED_KERNELS=0 turns them off (read once); set_fused_kernels overrides it (tests).
 bool fused_kernels_enabled();
 void set_fused_kernels(bool on);
-// silu(group_norm(x)) (or group_norm(x) when !silu) in one kernel, when x is a CUDA NCHW-contiguous tensor of a
-// size the kernel serves well; otherwise an undefined tensor (the caller runs ATen's).
+// The GroupNorm kernel on channels-last tensors (where ATen's CUDA GroupNorm copies to NCHW and back): off until
+// measured on a GPU; DIFFPIPE_FUSED_NHWC=1 turns it on (read once); set_fused_nhwc overrides it (tests).
+bool fused_nhwc_enabled();
+void set_fused_nhwc(bool on);
+// silu(group_norm(x)) (or group_norm(x) when !silu) in one kernel, when x is a CUDA tensor, NCHW-contiguous (or
+// channels-last, when fused_nhwc_enabled()), of a size the kernel serves well; otherwise an undefined tensor (the
+// caller runs ATen's). The result has x's memory format.
 at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
                             double eps, bool silu);
 // a * gelu(b) for [a | b] = h.chunk(2, -1), in one kernel, when h is a contiguous CUDA tensor; else undefined.

@@ -8,10 +8,10 @@ namespace diffpipe::fused {
 
 enum class DType { F32, F16, BF16 };
 
-// GroupNorm over NCHW-contiguous x [N, C, HW] with G groups, affine (gamma, beta [C]), then SiLU when silu:
-// one pass over the input from device memory, one write.
+// GroupNorm of x [N, C, HW] with G groups, affine (gamma, beta [C]), then SiLU when silu: one pass over the input
+// from device memory, one write. x and y are contiguous NCHW, or NHWC (channels-last) when nhwc.
 int group_norm(DType t, const void* x, void* y, const void* gamma, const void* beta, int64_t N, int64_t C,
-               int64_t HW, int64_t G, float eps, bool silu, void* stream);
+               int64_t HW, int64_t G, float eps, bool silu, bool nhwc, void* stream);
 // GEGLU: h [rows, 2D] contiguous -> out [rows, D] = h[:, :D] * gelu(h[:, D:]).
 int geglu(DType t, const void* h, void* out, int64_t rows, int64_t D, void* stream);
 const char* error_string(int code);

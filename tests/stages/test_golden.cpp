@@ -141,21 +141,35 @@ TEST(Cuda, FusedKernelsMatchAten) {
     int64_t groups;
   };
   for (const Case& c : {Case{{2, 320, 64, 64}, 32}, Case{{16, 640, 32, 32}, 32}, Case{{3, 1280, 8, 8}, 32},
-                        Case{{2, 64, 7, 9}, 32}, Case{{4, 96, 5, 5}, 16}}) {
-    const at::Tensor x = (at::randn(c.shape, opt) * 3 + 0.5), w = at::randn({c.shape[1]}, opt),
-                     b = at::randn({c.shape[1]}, opt);
-    for (bool silu : {false, true}) {
-      nn::set_fused_kernels(true);
-      const at::Tensor y = nn::fused_group_norm(x, w, b, c.groups, 1e-5, silu);
-      ASSERT_TRUE(y.defined()) << "the fused kernel should serve shape " << at::IntArrayRef(c.shape);
-      at::Tensor ref = at::group_norm(x.to(at::kFloat), c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5);
-      if (silu) ref = at::silu(ref);
-      const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
-      std::printf("[cuda] fused group_norm%s %s: rel err %.2e\n", silu ? "+silu" : "",
-                  c10::str(at::IntArrayRef(c.shape)).c_str(), e);
-      EXPECT_LE(e, tol) << at::IntArrayRef(c.shape) << (silu ? " with silu" : "");
-    }
+                        Case{{2, 64, 7, 9}, 32}, Case{{4, 96, 5, 5}, 16},
+                        Case{{2, 960, 16, 16}, 32}, Case{{12, 60, 9, 7}, 6}, Case{{8, 45, 6, 6}, 9}}) {
+    const at::Tensor w = at::randn({c.shape[1]}, opt), b = at::randn({c.shape[1]}, opt);
+    const at::Tensor x_nchw = (at::randn(c.shape, opt) * 3 + 0.5);
+    // The same values channels-last (NHWC in memory): the kernel's strided variant.
+    const at::Tensor x_nhwc = x_nchw.contiguous(at::MemoryFormat::ChannelsLast);
+    for (bool nhwc : {false, true})
+      for (bool silu : {false, true}) {
+        const at::Tensor& x = nhwc ? x_nhwc : x_nchw;
+        nn::set_fused_kernels(true);
+        nn::set_fused_nhwc(nhwc);
+        const at::Tensor y = nn::fused_group_norm(x, w, b, c.groups, 1e-5, silu);
+        ASSERT_TRUE(y.defined()) << "the fused kernel should serve shape " << at::IntArrayRef(c.shape)
+                                 << (nhwc ? " channels-last" : "");
+        EXPECT_TRUE(y.is_contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous))
+            << "the result keeps the input's memory format";
+        at::Tensor ref = at::group_norm(x_nchw.to(at::kFloat), c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5);
+        if (silu) ref = at::silu(ref);
+        const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+        std::printf("[cuda] fused group_norm%s %s%s: rel err %.2e\n", silu ? "+silu" : "",
+                    c10::str(at::IntArrayRef(c.shape)).c_str(), nhwc ? " channels-last" : "", e);
+        EXPECT_LE(e, tol) << at::IntArrayRef(c.shape) << (silu ? " with silu" : "") << (nhwc ? " channels-last" : "");
+      }
   }
+  nn::set_fused_nhwc(false);
+  EXPECT_FALSE(nn::fused_group_norm(at::randn({2, 320, 64, 64}, opt).contiguous(at::MemoryFormat::ChannelsLast),
+                                    at::ones({320}, opt), at::zeros({320}, opt), 32, 1e-5, true)
+                   .defined())
+      << "channels-last input without the NHWC switch must give ATen's path";
   for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 4096, 2560}, {3, 77, 10}}) {
     const at::Tensor h = at::randn(shape, opt);
     const at::Tensor y = nn::fused_geglu(h);
