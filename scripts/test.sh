@@ -17,5 +17,13 @@ if [ -z "${DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG:-}" ] && [ ! -d "$(dirname "$UNCLIP_DI
   then export DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG=$I2I
   else echo "note: could not make the image-variations reference (build/golden-i2i.log); its tests will skip"; fi
 fi
+# The SDXL reference (tests/stages/make_sdxl_golden.py, about 6 s with diffusers), likewise.
+if [ -z "${DIFFPIPE_GOLDEN_SDXL:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-sdxl" ] && [ -d "$GOLD_DIR/model" ]; then
+  PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
+  XL=$PWD/build/golden/tiny-sdxl
+  if [ -f "$XL/golden.json" ] || "$PY" tests/stages/make_sdxl_golden.py --src "$GOLD_DIR" --out "$XL" > build/golden-sdxl.log 2>&1
+  then export DIFFPIPE_GOLDEN_SDXL=$XL
+  else echo "note: could not make the SDXL reference (build/golden-sdxl.log); its tests will skip"; fi
+fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -57,14 +57,15 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
   DP_CHECK(clip_skip >= 0 && clip_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", clip_skip,
            " must be in [0, ", cfg_.num_hidden_layers, ")");
   if (nn::batch_invariant() && B > 1) {
-    std::vector<at::Tensor> last, pooled;
+    std::vector<at::Tensor> last, pooled, pen;
     for (int64_t i = 0; i < B; ++i) {
       ClipTextOutput o = forward(input_ids.slice(0, i, i + 1), clip_skip,
                                  attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
       last.push_back(o.last_hidden_state);
       pooled.push_back(o.pooled);
+      pen.push_back(o.penultimate);
     }
-    return {at::cat(last), at::cat(pooled)};
+    return {at::cat(last), at::cat(pooled), at::cat(pen)};
   }
   const at::Tensor ids = input_ids.to(m.token_embedding.device(), at::kLong);
   DP_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < cfg_.vocab_size),
@@ -79,12 +80,14 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
     mask = at::where(pad, at::full({}, -std::numeric_limits<float>::infinity(), x.options()), mask.view({1, 1, L, L}));
   }
   const int64_t n = static_cast<int64_t>(m.layers.size());
-  at::Tensor skipped;
+  at::Tensor skipped, penultimate = x;  // hidden_states[-2]: the embeddings when there is one layer
   for (int64_t i = 0; i < n; ++i) {
+    if (i == n - 1) penultimate = x;
     x = m.layers[i](x, mask);
     if (clip_skip > 0 && i == n - 1 - clip_skip) skipped = x;
   }
   ClipTextOutput out;
+  out.penultimate = penultimate;
   const at::Tensor last = m.final_ln(x);
   out.last_hidden_state = clip_skip > 0 ? m.final_ln(skipped) : last;
   // pooled: first end-of-text position (legacy configs with eos_token_id == 2 use argmax of the ids)

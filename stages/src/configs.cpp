@@ -184,7 +184,17 @@ UNetConfig UNetConfig::load(const std::string& path) {
     j.require("class_embeddings_concat", false);
   }
   j.require("num_class_embeds", nullptr);
-  j.require("addition_embed_type", nullptr);
+  c.addition_embed_type =
+      j.has("addition_embed_type") && !j.json()["addition_embed_type"].is_null() ? j.string("addition_embed_type", "") : "";
+  if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time")
+    j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type + "\" (supported: null, \"text_time\")");
+  if (c.text_time()) {
+    if (!c.class_embed_type.empty()) j.fail("class_embed_type", "must be null with addition_embed_type \"text_time\"");
+    c.addition_time_embed_dim = j.integer("addition_time_embed_dim", 0);
+    j.at_least("addition_time_embed_dim", c.addition_time_embed_dim, 1);
+    c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
+    j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
+  }
   j.require("encoder_hid_dim", nullptr);
   j.require("time_cond_proj_dim", nullptr);
   j.require("time_embedding_dim", nullptr);

@@ -43,9 +43,31 @@ void SdModel::validate(const std::string& dir) {
     (void)SuperResConfig::load(path_join(dir, "super_resolution/config.json"));
     SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
   }
+  int64_t context_dim = tcfg.hidden_size;
+  if (is_sdxl(dir)) {
+    for (const char* c : {"tokenizer_2", "text_encoder_2"})
+      if (!index.has(c)) index.fail(c, "component missing from model_index.json (an SDXL folder needs it)");
+    for (const char* f : {"tokenizer_2/vocab.json", "tokenizer_2/merges.txt"})
+      DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+    const auto t2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
+    SafetensorsFile::open(weights_file(dir, "text_encoder_2/model.safetensors"));
+    context_dim += t2.hidden_size;
+    const std::string u = path_join(dir, "unet/config.json");
+    DP_CHECK(ucfg.text_time(), u, ": an SDXL UNet needs addition_embed_type \"text_time\"");
+    DP_CHECK(t2.projection_dim > 0, path_join(dir, "text_encoder_2/config.json"),
+             ": projection_dim must be > 0 (SDXL's pooled embedding is the projected one)");
+    DP_CHECK(t2.projection_dim + 6 * ucfg.addition_time_embed_dim == ucfg.projection_class_embeddings_input_dim, u,
+             ": projection_class_embeddings_input_dim ", ucfg.projection_class_embeddings_input_dim,
+             " should be text_encoder_2's projection_dim ", t2.projection_dim, " + 6 x addition_time_embed_dim ",
+             ucfg.addition_time_embed_dim);
+  } else {
+    DP_CHECK(!ucfg.text_time(), path_join(dir, "unet/config.json"), ": addition_embed_type \"text_time\" needs an ",
+             "SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline, text_encoder_2/)");
+  }
   for (auto d : ucfg.cross_attention_dim)
-    DP_CHECK(d == tcfg.hidden_size, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
-             " does not match the text encoder's hidden_size ", tcfg.hidden_size);
+    DP_CHECK(d == context_dim, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
+             " does not match the text encoder", is_sdxl(dir) ? "s' hidden sizes together " : "'s hidden_size ",
+             context_dim);
   // Either file may be the wrong one: name both values.
   DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
            path_join(dir, "unet/config.json"), " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
@@ -105,9 +127,19 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.noise_levels =
         SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json")).num_train_timesteps;
   }
+  m.sdxl = is_sdxl(dir);
+  if (m.sdxl) {
+    m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
+    m.force_zeros_for_empty_prompt =
+        JsonConfig::load(path_join(dir, "model_index.json")).boolean("force_zeros_for_empty_prompt", true);
+  }
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
     m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
+    if (m.sdxl) {
+      m.tokenizer_2 = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer_2")));
+      m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec);
+    }
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
   // As diffusers: force_upcast decodes in float32 only under float16 (its range overflows); bfloat16 has float32's.
@@ -124,6 +156,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
+bool SdModel::is_sdxl(const std::string& dir) {
+  const std::string index = path_join(dir, "model_index.json");
+  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "StableDiffusionXLPipeline";
+}
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

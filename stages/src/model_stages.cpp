@@ -24,8 +24,16 @@ class EncodeStage : public OneShotStage {
     auto embs = enc_.run(ps);
     std::vector<StageEvent> out;
     for (size_t i = 0; i < batch.size(); ++i) {
-      std::vector<at::Tensor> t{embs[i].cond.contiguous()};
-      if (embs[i].uncond.defined()) t.push_back(embs[i].uncond.contiguous());
+      const Embeddings& e = embs[i];
+      std::vector<at::Tensor> t;
+      if (e.time_ids.defined())  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]
+        t = {e.time_ids.contiguous(), e.class_labels.contiguous(), e.cond.contiguous()};
+      else
+        t = {e.cond.contiguous()};
+      if (e.uncond.defined()) {
+        if (e.time_ids.defined()) t.push_back(e.uncond_class_labels.contiguous());
+        t.push_back(e.uncond.contiguous());
+      }
       out.push_back(StageEvent::finished(batch[i]->id, std::move(t)));
     }
     return out;
@@ -120,6 +128,19 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
     Embeddings e;
     size_t k = 0;  // Stable unCLIP: the prior's class labels come first
+    if (model_.unet_config.text_time()) {  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]
+      DP_CHECK(r.inputs.size() == 3 || r.inputs.size() == 5, "denoise: an SDXL request needs 3 or 5 tensors (size "
+               "conditioning, pooled and full text embeddings, and their unconditional pair), got ", r.inputs.size());
+      e.time_ids = r.inputs[0].to(at::kCPU, at::kFloat);
+      e.class_labels = r.inputs[1].to(model_.spec.device, at::kFloat);
+      e.cond = r.inputs[2].to(model_.spec.device, model_.spec.dtype);
+      if (r.inputs.size() == 5) {
+        e.uncond_class_labels = r.inputs[3].to(model_.spec.device, at::kFloat);
+        e.uncond = r.inputs[4].to(model_.spec.device, model_.spec.dtype);
+      }
+      hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
+      return;
+    }
     if (model_.unet_config.class_embed_type == "projection") {
       DP_CHECK(r.inputs.size() >= 2, "denoise: no image embedding received (this UNet is conditioned on one; the "
                                      "prior stage must run before denoise)");

@@ -10,11 +10,64 @@
 
 namespace diffpipe {
 
+namespace {
+at::Tensor token_ids(const ClipTokenizer& tok, const std::vector<const std::string*>& texts) {
+  const int L = tok.max_length();
+  std::vector<int64_t> ids;
+  ids.reserve(texts.size() * L);
+  for (const std::string* t : texts) {
+    auto v = tok.encode(*t);
+    ids.insert(ids.end(), v.begin(), v.end());
+  }
+  return at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({static_cast<int64_t>(texts.size()), L});
+}
+
+// SDXL (StableDiffusionXLPipeline.encode_prompt): both encoders' hidden_states[-2] side by side, the second's
+// projected pooled output, and the size conditioning; a guided request without a negative prompt gets zeros for
+// both unconditional parts when the folder says force_zeros_for_empty_prompt.
+std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
+  DP_CHECK(model.text_encoder_2 && model.tokenizer_2, "text encoder stage: SDXL's text_encoder_2 not loaded");
+  std::vector<Embeddings> out(batch.size());
+  std::vector<const std::string*> texts;
+  std::vector<std::pair<size_t, bool>> rows;  // (request, is_uncond) of each text
+  for (size_t i = 0; i < batch.size(); ++i) {
+    texts.push_back(&batch[i]->prompt);
+    rows.push_back({i, false});
+    if (batch[i]->uses_cfg() && !(batch[i]->negative_prompt.empty() && model.force_zeros_for_empty_prompt)) {
+      texts.push_back(&batch[i]->negative_prompt);
+      rows.push_back({i, true});
+    }
+  }
+  const at::Device dev = model.spec.device;
+  const at::Tensor h1 = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).penultimate;
+  const ClipTextOutput o2 = model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev));
+  const at::Tensor h = at::cat({h1, o2.penultimate}, -1);
+  const at::Tensor pooled = model.text_encoder_2->project(o2.pooled).to(at::kFloat);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    Embeddings& e = out[rows[r].first];
+    (rows[r].second ? e.uncond : e.cond) = h[r];
+    (rows[r].second ? e.uncond_class_labels : e.class_labels) = pooled[r];
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Embeddings& e = out[i];
+    if (batch[i]->uses_cfg() && !e.uncond.defined()) {
+      e.uncond = at::zeros_like(e.cond);
+      e.uncond_class_labels = at::zeros_like(e.class_labels);
+    }
+    const ResolvedParams r = resolve_params(model, *batch[i]);
+    const double hh = r.height, ww = r.width;
+    e.time_ids = at::tensor(std::vector<float>{float(hh), float(ww), 0.f, 0.f, float(hh), float(ww)});
+  }
+  return out;
+}
+}  // namespace
+
 std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationParams*>& batch) const {
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
   if (batch.empty()) return out;
   profile::Scope prof(profile::Section::TextEncoder);
+  if (model_.sdxl) return encode_sdxl(model_, batch);
   const int L = model_.tokenizer->max_length();
   // Rows: cond prompts, then negative prompts of the guided requests. clip_skip groups run separately.
   std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
@@ -58,6 +111,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
   DP_CHECK(p.image_prompt.empty() || model.image_variations, "image_prompt: ", model.dir,
            " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
+  DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;
@@ -79,12 +133,19 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.cond = emb.cond;
   s.uncond = emb.uncond;
   s.class_labels = emb.class_labels;
+  s.uncond_class_labels = emb.uncond_class_labels;
+  s.time_ids = emb.time_ids;
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
-  const bool wants_class = model.unet_config.class_embed_type == "projection";
-  DP_CHECK(wants_class == s.class_labels.defined(), "denoise: request ", id,
-           wants_class ? " has no image embedding (this UNet is conditioned on one: a Stable unCLIP folder runs the "
-                         "prior stage before denoise)"
-                       : " carries an image embedding, but the UNet has no class embedding");
+  if (model.unet_config.text_time()) {
+    DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
+             " has no pooled text embedding or size conditioning (an SDXL UNet needs both)");
+  } else {
+    const bool wants_class = model.unet_config.class_embed_type == "projection";
+    DP_CHECK(wants_class == s.class_labels.defined(), "denoise: request ", id,
+             wants_class ? " has no image embedding (this UNet is conditioned on one: a Stable unCLIP folder runs the "
+                           "prior stage before denoise)"
+                         : " carries an image embedding, but the UNet has no class embedding");
+  }
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
@@ -120,7 +181,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
-  std::vector<at::Tensor> xs, ctx, cls;
+  std::vector<at::Tensor> xs, ctx, cls, tids;
   std::vector<double> ts;
   for (DenoiseState* s : batch) {
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
@@ -130,12 +191,15 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
       xs.push_back(in);
       ctx.push_back(s->uncond);
       ts.push_back(t);
-      if (s->class_labels.defined()) cls.push_back(at::zeros_like(s->class_labels));
+      if (s->class_labels.defined())
+        cls.push_back(s->uncond_class_labels.defined() ? s->uncond_class_labels : at::zeros_like(s->class_labels));
+      if (s->time_ids.defined()) tids.push_back(s->time_ids);
     }
     xs.push_back(in);
     ctx.push_back(s->cond);
     ts.push_back(t);
     if (s->class_labels.defined()) cls.push_back(s->class_labels);
+    if (s->time_ids.defined()) tids.push_back(s->time_ids);
   }
   const auto dt = model_.spec.dtype;
   at::Tensor x = at::stack(xs).to(dt);
@@ -144,7 +208,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   prof.reset();
   prof.emplace(profile::Section::UNet);
   const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, dt);
-  at::Tensor e = model_.unet->forward(x, t, c, labels).to(at::kFloat);  // [rows, C, h, w]
+  const at::Tensor time_ids = tids.empty() ? at::Tensor() : at::stack(tids);  // stays on the CPU
+  at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids).to(at::kFloat);  // [rows, C, h, w]
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;

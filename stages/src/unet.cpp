@@ -41,6 +41,7 @@ struct UNet2DConditionModel::Impl {
   nn::Conv2d conv_in, conv_out;
   nn::Linear time_linear_1, time_linear_2;
   nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection"
+  nn::Linear add_linear_1, add_linear_2;      // addition_embed_type "text_time"
   std::vector<Block> down, up;
   nn::ResnetBlock2D mid_res0, mid_res1;
   nn::Transformer2DModel mid_attn;
@@ -59,6 +60,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   if (c.class_embed_type == "projection") {
     m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
+  }
+  if (c.text_time()) {
+    m->add_linear_1 = nn::Linear(w, "add_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
+    m->add_linear_2 = nn::Linear(w, "add_embedding.linear_2", temb, temb);
   }
   int64_t out_ch = boc[0];
   for (size_t i = 0; i < n; ++i) {
@@ -134,7 +139,8 @@ int64_t UNet2DConditionModel::downscale() const {
 size_t UNet2DConditionModel::cuda_graphs() const { return impl_->graphs.graphs(); }
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
-                                         const at::Tensor& context, const at::Tensor& class_labels) const {
+                                         const at::Tensor& context, const at::Tensor& class_labels,
+                                         const at::Tensor& time_ids) const {
   const Impl& m = *impl_;
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
            ", H, W], got ", shape_str(sample.sizes()));
@@ -150,8 +156,8 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
   if (nn::batch_invariant() && B > 1)
     return nn::per_sample(B, [&](int64_t i) {
-      return forward(sample.slice(0, i, i + 1), t.slice(0, i, i + 1), context.slice(0, i, i + 1),
-                     class_labels.defined() ? class_labels.slice(0, i, i + 1) : class_labels);
+      auto row = [&](const at::Tensor& x) { return x.defined() ? x.slice(0, i, i + 1) : x; };
+      return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids));
     });
   at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift);
   // To the GPU without waiting for the queue to drain (a pageable copy would): pinned, asynchronous.
@@ -165,6 +171,21 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
              "unet: class_labels must be [", B, ", ", cfg_.projection_class_embeddings_input_dim,
              "] for class_embed_type \"projection\"");
     cl = class_labels.to(sample.device(), m.time_linear_1.weight.scalar_type());
+  } else if (cfg_.text_time()) {  // SDXL: [pooled text | sinusoids of the size ids] -> add_embedding
+    DP_CHECK(class_labels.defined() && time_ids.defined() && class_labels.dim() == 2 && time_ids.dim() == 2 &&
+                 class_labels.size(0) == B && time_ids.size(0) == B &&
+                 class_labels.size(1) + time_ids.size(1) * cfg_.addition_time_embed_dim ==
+                     cfg_.projection_class_embeddings_input_dim,
+             "unet: addition_embed_type \"text_time\" needs text_embeds [", B, ", P] and time_ids [", B,
+             ", K] with P + K * ", cfg_.addition_time_embed_dim, " = ", cfg_.projection_class_embeddings_input_dim);
+    // on the CPU in float32, as the timestep embedding above
+    const at::Tensor ids = time_ids.to(at::kCPU, at::kFloat);
+    at::Tensor sin = timestep_embedding(ids.flatten(), cfg_.addition_time_embed_dim, cfg_.flip_sin_to_cos,
+                                        cfg_.freq_shift)
+                         .reshape({B, -1});
+    sin = sample.is_cuda() ? sin.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
+                           : sin.to(sample.device());
+    cl = at::cat({class_labels.to(sample.device(), at::kFloat), sin}, 1).to(m.add_linear_1.weight.scalar_type());
   } else {
     DP_CHECK(!class_labels.defined(), "unet: class_labels given, but the config has no class_embed_type");
   }
@@ -177,7 +198,9 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
                                                   const at::Tensor& context, const at::Tensor& class_labels) const {
   const Impl& m = *impl_;
   at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
-  if (class_labels.defined()) emb = emb + m.class_linear_2(at::silu(m.class_linear_1(class_labels)));
+  if (class_labels.defined())
+    emb = emb + (cfg_.text_time() ? m.add_linear_2(at::silu(m.add_linear_1(class_labels)))
+                                  : m.class_linear_2(at::silu(m.class_linear_1(class_labels))));
   at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {

@@ -29,6 +29,8 @@ struct ClipTextConfig {
 struct ClipTextOutput {
   at::Tensor last_hidden_state;  // [B, L, D] (after the final layer norm; with clip_skip, of the earlier layer)
   at::Tensor pooled;             // [B, D] at the first end-of-text token of the full model
+  at::Tensor penultimate;        // [B, L, D]: transformers' hidden_states[-2] (the last layer's input, no final
+                                 // layer norm), which SDXL's pipelines use
 };
 
 class ClipTextModel {

@@ -29,6 +29,10 @@ struct SdModel {
   DeviceSpec spec;
   std::shared_ptr<ClipTokenizer> tokenizer;
   std::shared_ptr<ClipTextModel> text_encoder;
+  // SDXL (StableDiffusionXLPipeline folders): the second tokenizer and text encoder (CLIPTextModelWithProjection);
+  // prompt embeddings are both encoders' penultimate states side by side, the pooled embedding is the second's.
+  std::shared_ptr<ClipTokenizer> tokenizer_2;
+  std::shared_ptr<ClipTextModel> text_encoder_2;
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
@@ -37,6 +41,9 @@ struct SdModel {
   at::ScalarType vae_dtype = at::kFloat;  // spec.dtype, or float32 for float16 when the VAE config says force_upcast
   // Configs (always loaded, small): enough to plan shapes on any rank.
   ClipTextConfig text_config;
+  ClipTextConfig text_config_2;            // SDXL only
+  bool sdxl = false;                       // model_index.json names StableDiffusionXLPipeline
+  bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
   UNetConfig unet_config;
   VaeConfig vae_config;
   // Stable unCLIP folders: num_train_timesteps of prior_scheduler and image_noising_scheduler (0 otherwise), so
@@ -56,6 +63,7 @@ struct SdModel {
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
+  static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
 };
 
 }  // namespace diffpipe

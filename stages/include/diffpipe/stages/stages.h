@@ -24,7 +24,9 @@ struct Embeddings {
   at::Tensor cond;    // [L, D]
   at::Tensor uncond;  // [L, D]; undefined when guidance <= 1
   at::Tensor class_labels;  // Stable unCLIP: the noise-augmented image embedding [2E] (the unconditional row gets
-                            // zeros); undefined for UNets without class embeddings
+                            // zeros); SDXL: the pooled text embedding [P]; undefined for other UNets
+  at::Tensor uncond_class_labels;  // SDXL: the negative prompt's pooled embedding [P] (undefined: zeros)
+  at::Tensor time_ids;             // SDXL: [6] float32 (original height, width, crop top, left, target height, width)
 };
 
 class TextEncodeStage {
@@ -43,7 +45,7 @@ struct DenoiseState {
   double guidance = 7.5;
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
-  at::Tensor class_labels;  // [2E] (Stable unCLIP) or undefined
+  at::Tensor class_labels, uncond_class_labels, time_ids;  // as in Embeddings
   at::Tensor latents;       // [C, h, w], float32
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index

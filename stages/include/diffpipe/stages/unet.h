@@ -32,7 +32,10 @@ struct UNetConfig {
   int64_t downsample_padding = 1;
   int64_t sample_size = 64;
   std::string class_embed_type;                    // "" (none) | "projection" (Stable unCLIP's image embedding)
-  int64_t projection_class_embeddings_input_dim = 0;
+  std::string addition_embed_type;                 // "" (none) | "text_time" (SDXL: pooled text + size conditioning)
+  int64_t addition_time_embed_dim = 0;             // text_time: sinusoid width per time id
+  int64_t projection_class_embeddings_input_dim = 0;  // input width of class_embedding / add_embedding
+  bool text_time() const { return addition_embed_type == "text_time"; }
   static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
 };
 
@@ -43,16 +46,19 @@ class UNet2DConditionModel {
 
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
   // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]
-  // when class_embed_type is "projection" (added to the time embedding), else undefined.
+  // when class_embed_type is "projection" (added to the time embedding); for addition_embed_type "text_time"
+  // (SDXL) the pooled text embedding [B, P] instead, with time_ids [B, K] (original size, crop corner, target
+  // size: K = 6), where P + K * addition_time_embed_dim = projection_class_embeddings_input_dim; else undefined.
   // Returns the noise (or v) prediction [B, C_out, H, W].
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
-                     const at::Tensor& class_labels = at::Tensor()) const;
+                     const at::Tensor& class_labels = at::Tensor(), const at::Tensor& time_ids = at::Tensor()) const;
   const UNetConfig& config() const { return cfg_; }
   int64_t downscale() const;
   size_t cuda_graphs() const;  // CUDA graphs captured so far (repeated GPU calls of one shape replay one)  // 2^(number of downsamplers): H and W must be multiples of this
 
  private:
-  // forward() after the time embedding: t_emb [B, C0] and class_labels on the sample's device and dtype.
+  // forward() after the time embeddings: t_emb [B, C0] and class_labels (text_time: [text_embeds | time-id
+  // sinusoids]) on the sample's device and dtype.
   at::Tensor forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb, const at::Tensor& context,
                               const at::Tensor& class_labels) const;
   struct Impl;
