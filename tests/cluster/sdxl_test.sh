@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The SDXL pipeline (two text encoders, pooled + size conditioning) through `diffpipe generate` under mpirun:
+#   sdxl_test.sh DIFFPIPE_BIN WORKDIR   (the folder: $DIFFPIPE_GOLDEN_SDXL, made by tests/stages/make_sdxl_golden.py)
+# Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks and with --placement replicas (same threads,
+# --batch-invariant); a non-square size gives that size and differs from the square one (the size ids reach the
+# UNet); a negative prompt changes the image; settings SDXL does not take and a folder missing text_encoder_2/ are
+# refused by name. Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN="mpirun --oversubscribe"
+GOLD=${DIFFPIPE_GOLDEN_SDXL:-$(dirname "$0")/../../../shared/golden/tiny-sdxl}
+MODEL=$GOLD/model
+[ -d "$MODEL" ] || { echo "SKIP: SDXL folder $MODEL is absent (set DIFFPIPE_GOLDEN_SDXL)"; exit 77; }
+rm -rf "$WORK"; mkdir -p "$WORK"
+fails=0; passed=0
+ok()   { echo "ok: $*"; passed=$((passed+1)); }
+bad()  { echo "FAIL: $*"; fails=$((fails+1)); }
+same_pngs() {  # same_pngs DIR_A DIR_B: every image of A has a byte-identical twin in B
+  local n=0 s=0
+  for f in "$1"/img-*.png; do n=$((n+1)); cmp -s "$f" "$2/$(basename "$f")" && s=$((s+1)); done
+  [ $n -gt 0 ] && [ $s = $n ]
+}
+printf 'a photo of a cat\na red circle above a blue square\nthree small triangles\n' > "$WORK/prompts.txt"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 6 --seed 5 --threads 1
+        --batch-invariant --quiet --timeout 60)
+
+timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
+[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
+timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --out "$WORK/np3" 2> "$WORK/np3.log" \
+  || bad "np 3 failed: $(tail -2 "$WORK/np3.log")"
+same_pngs "$WORK/np1" "$WORK/np3" && ok "np 3 (encode | denoise | decode): the same PNG bytes as 1 rank" \
+  || bad "np 3: images differ from 1 rank"
+timeout 180 $MPIRUN -np 2 "$BIN" "${COMMON[@]}" --placement replicas --out "$WORK/rep2" 2> "$WORK/rep2.log" \
+  || bad "np 2 replicas failed: $(tail -2 "$WORK/rep2.log")"
+same_pngs "$WORK/np1" "$WORK/rep2" && ok "np 2 --placement replicas: the same PNG bytes" || bad "replicas: images differ"
+
+ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 9 --steps 6 --threads 1 --quiet)
+timeout 60 "$BIN" "${ONE[@]}" --width 32 --height 32 --out "$WORK/sq" 2> "$WORK/sq.log" || bad "square run failed"
+timeout 60 "$BIN" "${ONE[@]}" --width 48 --height 32 --out "$WORK/wide" 2> "$WORK/wide.log" || bad "wide run failed"
+size=$(python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' \
+  "$WORK"/wide/img-00000-seed9.png 2>/dev/null)
+[ "$size" = "48 32" ] && ok "--width 48 --height 32 gives a 48x32 image" || bad "wide image size: '$size'"
+timeout 60 "$BIN" "${ONE[@]}" --negative-prompt "blurry, dark" --out "$WORK/neg" 2> "$WORK/neg.log" || bad "negative run failed"
+cmp -s "$WORK/sq/img-00000-seed9.png" "$WORK/neg/img-00000-seed9.png" \
+  && bad "a negative prompt did not change the image" || ok "a negative prompt changes the image (encoded, not zeros)"
+
+if timeout 60 "$BIN" "${ONE[@]}" --clip-skip 1 --out "$WORK/skip" 2> "$WORK/skip.log"; then bad "clip_skip accepted"
+else grep -q "clip_skip: not supported for SDXL" "$WORK/skip.log" && ok "clip_skip refused by name" \
+  || bad "clip_skip refusal unclear: $(tail -1 "$WORK/skip.log")"; fi
+mkdir -p "$WORK/broken"; for p in "$MODEL"/*; do [ "$(basename "$p")" = text_encoder_2 ] || ln -s "$p" "$WORK/broken/"; done
+if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 2> "$WORK/broken.log"; then
+  bad "a folder without text_encoder_2/ accepted"
+else grep -q "text_encoder_2" "$WORK/broken.log" && ok "a folder without text_encoder_2/ refused naming it" \
+  || bad "missing text_encoder_2 error unclear: $(tail -1 "$WORK/broken.log")"; fi
+[ ! -e "$WORK/b" ] || [ -z "$(ls "$WORK/b" | grep '^img-')" ] && ok "no output from the refused folder" || bad "refused folder wrote images"
+
+echo "sdxl: $passed passed, $fails failed"
+[ $fails = 0 ]
