@@ -226,15 +226,23 @@ int main(int argc, char** argv) {
     }
     const int64_t rows = o.guidance > 1 ? 2 * o.images : o.images;
     if (parts.count("unet")) {
-      const int64_t L = model.tokenizer->max_length(), D = model.text_config.hidden_size;
+      const UNetConfig& uc = model.unet_config;
+      const int64_t L = model.tokenizer->max_length(), D = uc.cross_attention_dim[0];
       at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, L, D});
       at::Tensor ts = at::full({rows}, 500.0, at::kFloat);
       saved["unet.sample"] = x;
       saved["unet.encoder_hidden_states"] = ctx;
       saved["unet.timesteps"] = ts;
+      at::Tensor pooled, time_ids;  // SDXL: pooled text embedding and the size ids of this image size
+      if (uc.text_time()) {
+        pooled = seeded_noise(7, 2, {rows, uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim})
+                     .to(spec.device);
+        const float H = static_cast<float>(h * model.latent_factor()), W = static_cast<float>(w * model.latent_factor());
+        time_ids = at::tensor(std::vector<float>{H, W, 0.f, 0.f, H, W}).repeat({rows, 1});
+      }
       const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
-      at::Tensor out = model.unet->forward(xd, ts, cd);  // warm-up
-      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.unet->forward(xd, ts, cd); });
+      at::Tensor out = model.unet->forward(xd, ts, cd, pooled, time_ids);  // warm-up
+      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.unet->forward(xd, ts, cd, pooled, time_ids); });
       saved["unet.out"] = out.to(at::kCPU, at::kFloat);
     }
     if (parts.count("vae")) {

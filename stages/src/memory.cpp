@@ -36,6 +36,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   for (const auto& s : stages) {
     if (s == "encode") {
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
+      m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
     } else if (s == "denoise") {
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);
       // per UNet row at h x w latents: the skip connections of every level (layers + 1 maps of C_l at hw / 4^l)
