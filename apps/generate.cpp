@@ -53,6 +53,10 @@ const std::vector<cli::Opt> kOptions = {
     {"prior-guidance", "G", "Stable unCLIP folders: the prior's guidance scale (default 4; 1 skips its\n"
                             "unconditional pass)"},
     {"noise-level", "L", "Stable unCLIP folders: noise added to the image embedding, in [0, 1000) (default 0)"},
+    {"original-width", "W", "SDXL folders: the original width the UNet is told (default: the image's)"},
+    {"original-height", "H", "SDXL folders: the original height the UNet is told (default: the image's)"},
+    {"crop-top", "Y", "SDXL folders: the crop's top coordinate the UNet is told (default 0)"},
+    {"crop-left", "X", "SDXL folders: the crop's left coordinate the UNet is told (default 0)"},
     {"image-prompt", "FILE", "Stable unCLIP image variations (a folder with image_encoder/): a PNG whose CLIP image\n"
                              "embedding replaces the prior's; the prompt still guides the UNet"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
@@ -219,6 +223,12 @@ int generate_main(int argc, char** argv) {
     base.prior_guidance = a.number("prior-guidance", 4.0);
     base.noise_level = static_cast<int>(a.integer("noise-level", 0));
     base.image_prompt = a.str("image-prompt");
+    base.original_width = static_cast<int>(a.integer("original-width", 0));
+    base.original_height = static_cast<int>(a.integer("original-height", 0));
+    base.crop_top = static_cast<int>(a.integer("crop-top", 0));
+    base.crop_left = static_cast<int>(a.integer("crop-left", 0));
+    DP_CHECK(base.original_width >= 0 && base.original_height >= 0 && base.crop_top >= 0 && base.crop_left >= 0,
+             "generate: --original-width/--original-height/--crop-top/--crop-left must be at least 0");
     DP_CHECK(base.prior_steps >= 1, "generate: --prior-steps must be at least 1");
     DP_CHECK(std::isfinite(base.prior_guidance) && base.prior_guidance >= 0, "generate: --prior-guidance must be >= 0");
     DP_CHECK(base.noise_level >= 0, "generate: --noise-level must be at least 0");

@@ -72,7 +72,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
   std::vector<JobLine> out;
   static const std::set<std::string> keys{"prompt", "negative_prompt", "seed", "steps", "guidance", "sampler",
                                           "width", "height", "clip_skip", "images", "prior_steps",
-                                          "prior_guidance", "noise_level", "image_prompt"};
+                                          "prior_guidance", "noise_level", "image_prompt", "original_width",
+                                          "original_height", "crop_top", "crop_left"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -93,7 +94,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(o.is_object(), l.origin, ": each line must be a JSON object like {\"prompt\": \"...\"}");
     for (auto& [k, v] : o.items())
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
-               "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt)");
+               "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
+               "original_width, original_height, crop_top, crop_left)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -108,6 +110,10 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.prior_guidance = get_field<double>(o, "prior_guidance", l.origin, p.prior_guidance);
     p.noise_level = get_field<int>(o, "noise_level", l.origin, p.noise_level);
     p.image_prompt = get_field<std::string>(o, "image_prompt", l.origin, p.image_prompt);
+    p.original_width = get_field<int>(o, "original_width", l.origin, p.original_width);
+    p.original_height = get_field<int>(o, "original_height", l.origin, p.original_height);
+    p.crop_top = get_field<int>(o, "crop_top", l.origin, p.crop_top);
+    p.crop_left = get_field<int>(o, "crop_left", l.origin, p.crop_left);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -117,6 +123,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(std::isfinite(p.prior_guidance) && p.prior_guidance >= 0, l.origin,
              ": key 'prior_guidance' must be a number >= 0");
     DP_CHECK(p.noise_level >= 0, l.origin, ": key 'noise_level' must be at least 0");
+    DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0, l.origin,
+             ": keys 'original_width'/'original_height'/'crop_top'/'crop_left' must be at least 0");
     if (o.contains("seed")) {
       DP_CHECK(o["seed"].is_number_unsigned() || (o["seed"].is_number_integer() && o["seed"].get<int64_t>() >= 0),
                l.origin, ": key 'seed' must be a non-negative integer");
@@ -153,6 +161,10 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
+  if (p.original_width > 0 || p.original_height > 0)
+    os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
+       << (p.original_height > 0 ? p.original_height : height);
+  if (p.crop_top > 0 || p.crop_left > 0) os << ", Crop top left: " << p.crop_top << "," << p.crop_left;
   os << ", Model: " << model << ", Generator: diffpipe";
   return os.str();
 }

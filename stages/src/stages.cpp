@@ -54,9 +54,12 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
       e.uncond = at::zeros_like(e.cond);
       e.uncond_class_labels = at::zeros_like(e.class_labels);
     }
-    const ResolvedParams r = resolve_params(model, *batch[i]);
-    const double hh = r.height, ww = r.width;
-    e.time_ids = at::tensor(std::vector<float>{float(hh), float(ww), 0.f, 0.f, float(hh), float(ww)});
+    const GenerationParams& p = *batch[i];
+    const ResolvedParams r = resolve_params(model, p);
+    const float h = static_cast<float>(r.height), w = static_cast<float>(r.width);
+    e.time_ids = at::tensor(std::vector<float>{p.original_height > 0 ? float(p.original_height) : h,
+                                               p.original_width > 0 ? float(p.original_width) : w,
+                                               float(p.crop_top), float(p.crop_left), h, w});
   }
   return out;
 }
@@ -112,6 +115,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.image_prompt.empty() || model.image_variations, "image_prompt: ", model.dir,
            " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
   DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
+  DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
+           "original_width/original_height/crop_top/crop_left: must be at least 0");
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;

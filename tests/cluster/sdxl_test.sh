@@ -4,7 +4,8 @@
 # Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks and with --placement replicas (same threads,
 # --batch-invariant); a non-square size gives that size and differs from the square one (the size ids reach the
 # UNet); a negative prompt changes the image; settings SDXL does not take and a folder missing text_encoder_2/ are
-# refused by name. Exit 77 = skipped (folder absent).
+# refused by name; the size micro-conditioning (--original-width/--original-height/--crop-top/--crop-left and
+# their JSONL keys) reaches the image and its PNG chunk. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -45,6 +46,21 @@ timeout 60 "$BIN" "${ONE[@]}" --negative-prompt "blurry, dark" --out "$WORK/neg"
 cmp -s "$WORK/sq/img-00000-seed9.png" "$WORK/neg/img-00000-seed9.png" \
   && bad "a negative prompt did not change the image" || ok "a negative prompt changes the image (encoded, not zeros)"
 
+timeout 60 "$BIN" "${ONE[@]}" --original-width 96 --original-height 64 --crop-top 8 --crop-left 4 --out "$WORK/micro" \
+  2> "$WORK/micro.log" || bad "micro-conditioning run failed: $(tail -2 "$WORK/micro.log")"
+cmp -s "$WORK/sq/img-00000-seed9.png" "$WORK/micro/img-00000-seed9.png" \
+  && bad "--original-width/--crop-top did not change the image" || ok "the size micro-conditioning changes the image"
+grep -aq "Original size: 96x64, Crop top left: 8,4" "$WORK/micro/img-00000-seed9.png" \
+  && ok "the PNG records the original size and crop" || bad "PNG chunk lacks the micro-conditioning"
+echo '{"prompt": "a red circle", "seed": 9, "original_width": 96, "original_height": 64, "crop_top": 8, "crop_left": 4}' \
+  > "$WORK/micro.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/micro.jsonl" --steps 6 --threads 1 --quiet \
+  --out "$WORK/microj" 2> "$WORK/microj.log" || bad "JSONL micro run failed: $(tail -2 "$WORK/microj.log")"
+cmp -s "$WORK/micro/img-00000-seed9.png" "$WORK/microj/img-00000-seed9.png" \
+  && ok "JSONL keys original_width/original_height/crop_top/crop_left give the flags' image" \
+  || bad "JSONL micro-conditioning differs from the flags'"
+if timeout 60 "$BIN" "${ONE[@]}" --crop-top -1 --out "$WORK/neg1" 2> "$WORK/neg1.log"; then bad "--crop-top -1 accepted"
+else grep -q "crop-top" "$WORK/neg1.log" && ok "--crop-top -1 refused by name" || bad "unclear: $(tail -1 "$WORK/neg1.log")"; fi
 if timeout 60 "$BIN" "${ONE[@]}" --clip-skip 1 --out "$WORK/skip" 2> "$WORK/skip.log"; then bad "clip_skip accepted"
 else grep -q "clip_skip: not supported for SDXL" "$WORK/skip.log" && ok "clip_skip refused by name" \
   || bad "clip_skip refusal unclear: $(tail -1 "$WORK/skip.log")"; fi

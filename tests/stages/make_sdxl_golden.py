@@ -120,15 +120,20 @@ def main():
         out["unet.out"] = unet(x, ts, encoder_hidden_states=ehs,
                                added_cond_kwargs={"text_embeds": te_, "time_ids": tid}).sample
 
-        # whole pipeline: "zeros" (no negative prompt: zero unconditional embeddings, force_zeros_for_empty_prompt)
-        # and "negative" (a negative prompt, encoded like the prompt)
+        # whole pipeline: "zeros" (no negative prompt: zero unconditional embeddings, force_zeros_for_empty_prompt),
+        # "negative" (a negative prompt, encoded like the prompt), "micro" (non-square, with original_size and
+        # crops_coords_top_left, both [height, width] / [top, left] as diffusers takes them)
         runs = [dict(name="zeros", negative_prompt=None, guidance=5.0, steps=8, height=32, width=32),
-                dict(name="negative", negative_prompt="blurry, dark", guidance=6.5, steps=6, height=32, width=32)]
+                dict(name="negative", negative_prompt="blurry, dark", guidance=6.5, steps=6, height=32, width=32),
+                dict(name="micro", negative_prompt=None, guidance=5.0, steps=5, height=32, width=48,
+                     original_size=[96, 64], crops_coords_top_left=[8, 4])]
         for r in runs:
             noise = torch.randn(len(PROMPTS), 4, r["height"] // 4, r["width"] // 4, generator=g)
             lat = pipe(PROMPTS, negative_prompt=None if r["negative_prompt"] is None else [r["negative_prompt"]] * 2,
                        num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
-                       width=r["width"], latents=noise.clone(), output_type="latent").images
+                       width=r["width"], latents=noise.clone(), output_type="latent",
+                       original_size=tuple(r.get("original_size", (r["height"], r["width"]))),
+                       crops_coords_top_left=tuple(r.get("crops_coords_top_left", (0, 0)))).images
             im = vae.decode(lat / vae.config.scaling_factor).sample
             im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             n = r["name"]

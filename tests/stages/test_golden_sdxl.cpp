@@ -75,7 +75,8 @@ TEST(GoldenSdxl, UNetWithTextTimeEmbedding) {
 }
 
 // The whole pipeline through diffpipe's stages (encode, step-level denoise, decode) with the reference's initial
-// noise, for each run of golden.json: no negative prompt (zero unconditional embeddings) and a negative prompt.
+// noise, for each run of golden.json: no negative prompt (zero unconditional embeddings), a negative prompt, and
+// a non-square image with another original size and a crop corner (the size micro-conditioning).
 TEST(GoldenSdxl, WholePipelineEveryRun) {
   DP_REQUIRE_SDXL(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
@@ -93,6 +94,14 @@ TEST(GoldenSdxl, WholePipelineEveryRun) {
       p.guidance = run.at("guidance").get<double>();
       p.width = run.at("width").get<int>();
       p.height = run.at("height").get<int>();
+      if (run.contains("original_size")) {  // [height, width], as diffusers takes it
+        p.original_height = run.at("original_size")[0].get<int>();
+        p.original_width = run.at("original_size")[1].get<int>();
+      }
+      if (run.contains("crops_coords_top_left")) {
+        p.crop_top = run.at("crops_coords_top_left")[0].get<int>();
+        p.crop_left = run.at("crops_coords_top_left")[1].get<int>();
+      }
       params.push_back(p);
     }
     std::vector<const GenerationParams*> ptrs;

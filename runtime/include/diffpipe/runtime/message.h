@@ -27,7 +27,7 @@ enum class MsgKind : int32_t {
   Preview = 11,   // decoder -> coordinator: a partial image of a request (the denoised estimate on the way)
   Test = 100,     // transport tests
 };
-constexpr int32_t kWireVersion = 5;
+constexpr int32_t kWireVersion = 6;
 const char* msg_kind_name(MsgKind k);
 
 // All MPI tags used by diffpipe.

@@ -22,6 +22,10 @@ struct GenerationParams {
   int noise_level = 0;          // noise augmentation of the image embedding, in [0, image_noising_scheduler steps)
   std::string image_prompt;     // image variations: a PNG whose CLIP image embedding replaces the prior's ("" = none);
                                 // read where the prior stage runs (a path every node sees)
+  // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
+  // them. The target size is the image's own.
+  int original_width = 0, original_height = 0;  // 0 = the image's size
+  int crop_top = 0, crop_left = 0;
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -36,7 +40,9 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
           {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
           {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}, {"prior_steps", p.prior_steps},
-          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}, {"image_prompt", p.image_prompt}};
+          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}, {"image_prompt", p.image_prompt},
+          {"original_width", p.original_width}, {"original_height", p.original_height}, {"crop_top", p.crop_top},
+          {"crop_left", p.crop_left}};
 }
 
 inline GenerationParams params_from_json(const nlohmann::json& j) {
@@ -55,6 +61,10 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.prior_guidance = j.value("prior_guidance", p.prior_guidance);
   p.noise_level = j.value("noise_level", p.noise_level);
   p.image_prompt = j.value("image_prompt", std::string());
+  p.original_width = j.value("original_width", 0);
+  p.original_height = j.value("original_height", 0);
+  p.crop_top = j.value("crop_top", 0);
+  p.crop_left = j.value("crop_left", 0);
   return p;
 }
 
