@@ -7,21 +7,10 @@
 # settings refused naming the setting; the PNG chunk records them. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-MPIRUN="mpirun --oversubscribe"
 GOLD=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$0")/../../../shared/golden/tiny-unclip}
 MODEL=$GOLD/model
 [ -d "$MODEL" ] || { echo "SKIP: Stable unCLIP folder $MODEL is absent (set DIFFPIPE_GOLDEN_UNCLIP)"; exit 77; }
-rm -rf "$WORK"; mkdir -p "$WORK"
-fails=0; passed=0
-ok()   { echo "ok: $*"; passed=$((passed+1)); }
-bad()  { echo "FAIL: $*"; fails=$((fails+1)); }
-same_pngs() {  # same_pngs DIR_A DIR_B: every image of A has a byte-identical twin in B
-  local n=0 s=0
-  for f in "$1"/img-*.png; do n=$((n+1)); cmp -s "$f" "$2/$(basename "$f")" && s=$((s+1)); done
-  [ $n -gt 0 ] && [ $s = $n ]
-}
-printf 'a photo of a cat\na red circle above a blue square\nthree small triangles\n' > "$WORK/prompts.txt"
+source "$(dirname "$0")/lib.sh"
 COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 8 --prior-steps 6 --width 16
         --height 16 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
 
