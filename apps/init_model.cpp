@@ -19,7 +19,7 @@ int init_model_main(int argc, char** argv) {
                {"prediction-type", "TYPE", "epsilon | v_prediction"},
                {"timestep-spacing", "SPACING", "leading | linspace | trailing"},
                {"scheduler", "CLASS", "scheduler_config.json class (e.g. DDIMScheduler)"},
-               {"preset", "NAME", "tiny (default) | sd15 (SD 1.5 architecture)"},
+               {"preset", "NAME", "tiny (default) | sd15 | sdxl (SD 1.5's / SDXL base's architecture) | tiny-xl (a tiny SDXL)"},
                {"save-dtype", "TYPE", "float32 (default) | float16"},
                {"super-resolution", "", "add a random 2x super_resolution/ stage"}},
               argc, argv, "writes a randomly initialised model (tests and benchmarks)");

@@ -239,6 +239,8 @@ int main(int argc, char** argv) {
                      .to(spec.device);
         const float H = static_cast<float>(h * model.latent_factor()), W = static_cast<float>(w * model.latent_factor());
         time_ids = at::tensor(std::vector<float>{H, W, 0.f, 0.f, H, W}).repeat({rows, 1});
+        saved["unet.text_embeds"] = pooled.cpu();
+        saved["unet.time_ids"] = time_ids;
       }
       const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
       at::Tensor out = model.unet->forward(xd, ts, cd, pooled, time_ids);  // warm-up

@@ -6,7 +6,8 @@
         [--compile] [--bench build/benchmarks/bench_sd]
 
 Runs build/benchmarks/bench_sd (diffpipe: model loaded once, timed rounds, its inputs and outputs saved), then
-diffusers' StableDiffusionPipeline (default attention processor, i.e. scaled_dot_product_attention) on the very
+diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders; default attention processor, i.e.
+scaled_dot_product_attention) on the very
 same inputs: each request's initial noise, the UNet and VAE inputs. It checks the numbers first -- UNet and VAE
 outputs by max|a-b|/max|b|, the final 8-bit images within +-1 -- and fails (exit 1) when they disagree; then it
 prints both times and the ratio diffusers/diffpipe (> 1: diffpipe is faster) for
@@ -62,18 +63,24 @@ def run_diffpipe(a, out_file):
 
 class Diffusers:
     def __init__(self, a, torch):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
         self.a, self.torch = a, torch
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
         t0 = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=self.dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        index = json.load(open(os.path.join(a.model, "model_index.json")))
+        self.xl = index.get("_class_name") == "StableDiffusionXLPipeline"
+        if self.xl:  # no watermark: diffpipe does not add one
+            pipe = StableDiffusionXLPipeline.from_pretrained(a.model, dtype=self.dtype, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=self.dtype, safety_checker=None,
+                                                           requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(a.device)
         self.load_s = time.perf_counter() - t0
-        # diffusers keeps the VAE in the pipeline dtype; diffpipe decodes in float32 under force_upcast. Match
-        # the numbers checked, not the policy: the VAE check runs the reference in float32 when diffpipe did.
+        # diffusers' SD pipeline keeps the VAE in the pipeline dtype (its SDXL pipeline upcasts as diffpipe does);
+        # diffpipe decodes in float32 under force_upcast. Match the numbers checked, not the policy: the VAE check
+        # runs the reference in float32 when diffpipe did.
         self.vae_dtype = torch.float32 if (pipe.vae.config.get("force_upcast", True) and a.dtype == "float16") else self.dtype
 
     def sync(self):
@@ -127,11 +134,16 @@ class Diffusers:
         durations = [run() for _ in range(a.rounds)]  # a.steps steps between a.steps + 1 stamps
         return [d for d in durations]
 
-    def unet(self, x, t, ctx):
+    def unet(self, saved):
         torch, a = self.torch, self.a
-        x, ctx, t = x.to(a.device, self.dtype), ctx.to(a.device, self.dtype), t.to(a.device)
+        x, t = saved["unet.sample"].to(a.device, self.dtype), saved["unet.timesteps"].to(a.device)
+        ctx = saved["unet.encoder_hidden_states"].to(a.device, self.dtype)
+        kw = {}
+        if self.xl:  # the pooled text embedding and size ids bench_sd fed
+            kw["added_cond_kwargs"] = {"text_embeds": saved["unet.text_embeds"].to(a.device, self.dtype),
+                                       "time_ids": saved["unet.time_ids"].to(a.device, self.dtype)}
         with torch.no_grad():
-            return self.timed(lambda: self.pipe.unet(x, t, encoder_hidden_states=ctx).sample)
+            return self.timed(lambda: self.pipe.unet(x, t, encoder_hidden_states=ctx, **kw).sample)
 
     def vae(self, z):
         torch, a = self.torch, self.a
@@ -169,7 +181,7 @@ def main():
     theirs, checks, failed = {}, {}, []
     tol = TOL[a.dtype]
     if "unet" in parts:
-        theirs["unet_s"], out = ref.unet(saved["unet.sample"], saved["unet.timesteps"], saved["unet.encoder_hidden_states"])
+        theirs["unet_s"], out = ref.unet(saved)
         checks["unet rel err"] = rel_err(saved["unet.out"], out)
         if checks["unet rel err"] > tol:
             failed.append(f"UNet output differs from diffusers: {checks['unet rel err']:.2e} > {tol}")
@@ -205,8 +217,7 @@ def main():
         if "loop" in parts:
             compiled["loop_s"] = ref.loop()
         if "unet" in parts:
-            compiled["unet_s"], _ = ref.unet(saved["unet.sample"], saved["unet.timesteps"],
-                                             saved["unet.encoder_hidden_states"])
+            compiled["unet_s"], _ = ref.unet(saved)
 
     print()
     print(f"model {a.model}: {a.images} image(s) {a.size}x{a.size}, {a.steps} DDIM steps, guidance {a.guidance}, "

@@ -94,41 +94,82 @@ void write_component(const std::string& dir, const nlohmann::json& config, const
 
 void write_random_model(const std::string& dir, const RandomModelOptions& o) {
   make_dirs(dir);
-  nlohmann::json index = {{"_class_name", "StableDiffusionPipeline"},
+  const bool big = o.preset == "sd15" || o.preset == "sdxl", xl = o.preset == "sdxl" || o.preset == "tiny-xl";
+  DP_CHECK(o.preset == "tiny" || o.preset == "sd15" || xl, "init-model: unknown preset '", o.preset,
+           "' (tiny, sd15, sdxl or tiny-xl)");
+  nlohmann::json index = {{"_class_name", xl ? "StableDiffusionXLPipeline" : "StableDiffusionPipeline"},
                           {"text_encoder", {"transformers", "CLIPTextModel"}},
                           {"tokenizer", {"transformers", "CLIPTokenizer"}},
                           {"unet", {"diffusers", "UNet2DConditionModel"}},
                           {"vae", {"diffusers", "AutoencoderKL"}},
                           {"scheduler", {"diffusers", o.scheduler_class}}};
+  if (xl) {
+    index["text_encoder_2"] = {"transformers", "CLIPTextModelWithProjection"};
+    index["tokenizer_2"] = {"transformers", "CLIPTokenizer"};
+    index["force_zeros_for_empty_prompt"] = true;
+  }
   if (o.super_resolution) index["super_resolution"] = {"diffpipe", "SuperResolution"};
   write_json(path_join(dir, "model_index.json"), index);
   const int64_t vocab = write_clip_tokenizer(path_join(dir, "tokenizer"));
-  const bool big = o.preset == "sd15";
-  DP_CHECK(big || o.preset == "tiny", "init-model: unknown preset '", o.preset, "' (tiny or sd15)");
-  const int64_t D = big ? 768 : 32, layers = big ? 12 : 2, heads = big ? 12 : 4;
-  // text encoder
-  nlohmann::json tc = {{"architectures", {"CLIPTextModel"}}, {"model_type", "clip_text_model"},
-                       {"vocab_size", vocab}, {"hidden_size", D}, {"intermediate_size", 4 * D},
-                       {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"max_position_embeddings", 77},
-                       {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5}, {"bos_token_id", vocab - 2},
-                       {"eos_token_id", vocab - 1}, {"pad_token_id", vocab - 1}};
-  {
-    Weights w = Weights::initializer(o.seed * 3 + 1);
+  // CLIP text encoders: SD 1.5's ViT-L/14 (or a tiny one); SDXL adds OpenCLIP bigG/14 with its projection
+  auto text_encoder = [&](const std::string& name, int64_t D, int64_t layers, int64_t heads, const char* act,
+                          int64_t projection, uint64_t seed) {
+    nlohmann::json tc = {{"architectures", {projection ? "CLIPTextModelWithProjection" : "CLIPTextModel"}},
+                         {"model_type", "clip_text_model"}, {"vocab_size", vocab}, {"hidden_size", D},
+                         {"intermediate_size", 4 * D}, {"num_hidden_layers", layers}, {"num_attention_heads", heads},
+                         {"max_position_embeddings", 77}, {"hidden_act", act}, {"layer_norm_eps", 1e-5},
+                         {"bos_token_id", vocab - 2}, {"eos_token_id", vocab - 1}, {"pad_token_id", vocab - 1}};
+    if (projection) tc["projection_dim"] = projection;
+    Weights w = Weights::initializer(seed);
     ClipTextConfig cfg;
     cfg.vocab_size = vocab;
     cfg.hidden_size = D;
     cfg.intermediate_size = 4 * D;
     cfg.num_hidden_layers = layers;
     cfg.num_attention_heads = heads;
+    cfg.hidden_act = act;
     cfg.eos_token_id = vocab - 1;
+    cfg.projection_dim = projection;
     ClipTextModel m(cfg, w.sub("text_model"));
-    write_component(path_join(dir, "text_encoder"), tc, "model.safetensors", w.all(), o.save_dtype);
+    if (projection) (void)w.get("text_projection.weight", {projection, D});  // drawn too: the writer saves it
+    write_component(path_join(dir, name), tc, "model.safetensors", w.all(), o.save_dtype);
+  };
+  const int64_t D = big ? 768 : 32;
+  text_encoder("text_encoder", D, big ? 12 : 2, big ? 12 : 4, "quick_gelu", 0, o.seed * 3 + 1);
+  const int64_t D2 = big ? 1280 : 40, P = big ? 1280 : 24, T = big ? 256 : 8;  // SDXL: pooled width, time-id sinusoid
+  if (xl) {
+    const int64_t v2 = write_clip_tokenizer(path_join(dir, "tokenizer_2"));
+    DP_CHECK(v2 == vocab, "init-model: the two tokenizers disagree");
+    nlohmann::json tk = JsonConfig::load(path_join(dir, "tokenizer_2/tokenizer_config.json")).json();
+    tk["pad_token"] = "!";  // SDXL's second tokenizer pads with "!"
+    write_json(path_join(dir, "tokenizer_2/tokenizer_config.json"), tk);
+    text_encoder("text_encoder_2", D2, big ? 32 : 2, big ? 20 : 5, "gelu", P, o.seed * 3 + 5);
   }
   nlohmann::json uc = {{"_class_name", "UNet2DConditionModel"}, {"in_channels", 4}, {"out_channels", 4},
-                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"cross_attention_dim", D},
+                       {"mid_block_type", "UNetMidBlock2DCrossAttn"}, {"cross_attention_dim", xl ? D + D2 : D},
                        {"norm_num_groups", 32}, {"norm_eps", 1e-5}, {"flip_sin_to_cos", true}, {"freq_shift", 0},
-                       {"act_fn", "silu"}, {"use_linear_projection", false}, {"upcast_attention", false}};
-  if (big) {
+                       {"act_fn", "silu"}, {"use_linear_projection", xl}, {"upcast_attention", false}};
+  if (xl) {  // SDXL's base UNet (or a tiny one of the same kind)
+    uc["addition_embed_type"] = "text_time";
+    uc["addition_time_embed_dim"] = T;
+    uc["projection_class_embeddings_input_dim"] = P + 6 * T;
+    uc["layers_per_block"] = 2;
+    if (big) {
+      uc["block_out_channels"] = {320, 640, 1280};
+      uc["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+      uc["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"};
+      uc["transformer_layers_per_block"] = {1, 2, 10};
+      uc["attention_head_dim"] = {5, 10, 20};
+      uc["sample_size"] = 128;
+    } else {
+      uc["block_out_channels"] = {32, 64};
+      uc["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D"};
+      uc["up_block_types"] = {"CrossAttnUpBlock2D", "UpBlock2D"};
+      uc["transformer_layers_per_block"] = {1, 2};
+      uc["attention_head_dim"] = {2, 4};
+      uc["sample_size"] = 8;
+    }
+  } else if (big) {
     uc["block_out_channels"] = {320, 640, 1280, 1280};
     uc["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"};
     uc["up_block_types"] = {"UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
@@ -157,13 +198,13 @@ void write_random_model(const std::string& dir, const RandomModelOptions& o) {
                    [](const std::string& c, Weights& w) { UNet2DConditionModel(UNetConfig::load(c), w); });
   nlohmann::json vc = {{"_class_name", "AutoencoderKL"}, {"in_channels", 3}, {"out_channels", 3},
                        {"latent_channels", 4}, {"norm_num_groups", 32}, {"act_fn", "silu"},
-                       {"scaling_factor", 0.18215}};
+                       {"scaling_factor", xl ? 0.13025 : 0.18215}};
   if (big) {
     vc["block_out_channels"] = {128, 256, 512, 512};
     vc["layers_per_block"] = 2;
     vc["down_block_types"] = std::vector<std::string>(4, "DownEncoderBlock2D");
     vc["up_block_types"] = std::vector<std::string>(4, "UpDecoderBlock2D");
-    vc["sample_size"] = 512;
+    vc["sample_size"] = xl ? 1024 : 512;
   } else {
     vc["block_out_channels"] = {32, 64};
     vc["layers_per_block"] = 1;

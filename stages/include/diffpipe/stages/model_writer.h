@@ -25,7 +25,7 @@ struct RandomModelOptions {
   std::string prediction_type = "epsilon";
   std::string timestep_spacing = "leading";
   std::string scheduler_class = "DDIMScheduler";
-  std::string preset = "tiny";          // tiny | sd15 (Stable Diffusion 1.5's architecture, for speed tests)
+  std::string preset = "tiny";  // tiny | sd15 | sdxl (SD 1.5's / SDXL base's architecture, for speed tests) | tiny-xl
   at::ScalarType save_dtype = at::kFloat;
   bool super_resolution = false;        // also a random super_resolution/ (2x): a cascade model
 };
