@@ -169,5 +169,15 @@ ok "-h and unknown options on every subcommand"
 [ $? = 1 ] && grep -q "generate: --steps expects an integer, got 'many'" "$WORK/steps.log" && ok "malformed number named" \
   || bad "malformed number: $(cat "$WORK/steps.log")"
 
+# init-model --preset tiny-xl writes an SDXL folder that loads and generates; an unknown preset is named
+if "$BIN" init-model --out "$WORK/xl" --preset tiny-xl --seed 2 2> "$WORK/xl.log" &&
+   "$BIN" generate --model "$WORK/xl" --prompt "a cat" --steps 3 --quiet --out "$WORK/xlo" 2>> "$WORK/xl.log" &&
+   [ -f "$WORK/xlo/img-00000-seed0.png" ] && grep -q StableDiffusionXLPipeline "$WORK/xl/model_index.json"; then
+  ok "init-model --preset tiny-xl: an SDXL folder that generates"
+else bad "tiny-xl preset: $(tail -2 "$WORK/xl.log")"; fi
+"$BIN" init-model --out "$WORK/bad-preset" --preset sd9 > "$WORK/preset.log" 2>&1
+[ $? = 1 ] && grep -q "unknown preset 'sd9'" "$WORK/preset.log" && ok "unknown preset named" \
+  || bad "unknown preset: $(cat "$WORK/preset.log")"
+
 echo "$passed passed, $fails failed"
 [ $fails = 0 ]
