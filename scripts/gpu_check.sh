@@ -2,8 +2,10 @@
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
 #   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
-#                                  pipeline, sd15, scheduler). The build is kept in build-gpu/ while the machine
-#                                  is warm, so a second call (other parts) skips it.
+#                                  pipeline, sd15, scheduler, sdxl). The build is kept in build-gpu/ while the
+#                                  machine is warm, so a second call (other parts) skips it.
+# With 15 minutes of device time a session, run it in two calls back to back (a machine stays warm ~30 s):
+#   GPU_CHECK_PARTS=vs_b8 (build ~70 s, init-model 34 s, torch.compile ~4 min), then golden,variants,vs_b1.
 # Libraries the GPU image lacks (ICU, libpng, nlohmann-json, GoogleTest headers) come from .gpu/deps.tar.xz,
 # built from this project's Debian machine; the reference folder from .gpu/golden; diffusers' wheel from .gpu/wheels.
 set -u
@@ -135,6 +137,14 @@ variant "b8 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B8
 variant "b8 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B8
 variant "b8 VAE float16" X=1 -- $B8 --model /tmp/sd15-vae16
 variant "b8 VAE f16 + NHWC GN" DIFFPIPE_FUSED_NHWC=1 -- $B8 --model /tmp/sd15-vae16
+fi
+if want sdxl; then
+step "SDXL base architecture (random weights), 1024 px, float16, batch 1, 20 DDIM steps: vs diffusers eager"
+[ -f /tmp/sdxl/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sdxl --preset sdxl --save-dtype float16; echo "init-model sdxl: $(( $(date +%s) - t0 )) s"; }
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
+PYTHONPATH=/tmp/site timeout 400 python3 benchmarks/vs_diffusers.py --model /tmp/sdxl --device cuda --dtype float16 \
+  --size 1024 --images 1 --steps 20 --parts loop,unet,vae --rounds 2 --bench $B/benchmarks/bench_sd \
+  --json $OUT/speed_sdxl.json 2>&1 | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi
 if want vs_b1 || want vs_b8; then
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1

@@ -25,5 +25,14 @@ if [ -z "${DIFFPIPE_GOLDEN_SDXL:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-sdx
   then export DIFFPIPE_GOLDEN_SDXL=$XL
   else echo "note: could not make the SDXL reference (build/golden-sdxl.log); its tests will skip"; fi
 fi
+# The T5 text-encoder reference (tests/stages/make_t5_golden.py, a few seconds), likewise.
+if [ -z "${DIFFPIPE_GOLDEN_T5:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-t5" ] && [ -d "$GOLD_DIR/model" ]; then
+  PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
+  T5=$PWD/build/golden/tiny-t5
+  if [ -f "$T5/golden.json" ] || "$PY" tests/stages/make_t5_golden.py --clip-vocab "$GOLD_DIR/model/tokenizer/vocab.json" \
+       --out "$T5" > build/golden-t5.log 2>&1
+  then export DIFFPIPE_GOLDEN_T5=$T5
+  else echo "note: could not make the T5 reference (build/golden-t5.log); its tests will skip"; fi
+fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

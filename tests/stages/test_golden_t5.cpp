@@ -1,0 +1,87 @@
+// T5 (Imagen / DeepFloyd IF's text encoder) against transformers: the tokenizer's ids and mask and
+// T5EncoderModel's last hidden state. The reference folder is made by tests/stages/make_t5_golden.py (scripts/test.sh
+// makes it under build/golden when it can): $DIFFPIPE_GOLDEN_T5, default the sibling tiny-t5 of the tiny-sd
+// folder; absent, the tests skip. Tolerances: tokenizer exact, module max|a-b|/max|b| <= 1e-4.
+#include <fstream>
+
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/t5.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+std::string t5_dir() {
+  const char* env = std::getenv("DIFFPIPE_GOLDEN_T5");
+  if (env && *env) return env;
+  const std::string sd = test::golden_dir();
+  return sd.substr(0, sd.rfind('/')) + "/tiny-t5";
+}
+#define DP_REQUIRE_T5(dir)                                                                            \
+  const std::string dir = t5_dir();                                                                   \
+  if (!dir_exists(dir + "/text_encoder"))                                                             \
+  GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_t5_golden.py " \
+               << "--out DIR and set DIFFPIPE_GOLDEN_T5=DIR)"
+}  // namespace
+
+// NFKC (ligatures, roman numerals), whitespace runs, case, unknown characters (fused into one <unk>), truncation to
+// 76 pieces + </s>, the empty prompt (</s> alone), padding with <pad> and the attention mask.
+TEST(GoldenT5, TokenizerIdsAndMask) {
+  DP_REQUIRE_T5(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const T5Tokenizer tok = T5Tokenizer::load(dir + "/tokenizer");
+  const at::Tensor ids = g.at("tokenizer.input_ids"), mask = g.at("tokenizer.attention_mask");
+  const auto& prompts = meta.at("prompts");
+  for (int64_t i = 0; i < static_cast<int64_t>(prompts.size()); ++i) {
+    const std::string p = prompts[i].get<std::string>();
+    const T5Tokenizer::Encoded e = tok.encode(p, meta.at("max_length").get<int>());
+    EXPECT_TRUE(at::equal(at::tensor(e.ids, at::kLong), ids[i])) << "prompt " << i << " '" << p << "': ids differ";
+    EXPECT_TRUE(at::equal(at::tensor(e.mask, at::kLong), mask[i])) << "prompt " << i << ": attention mask differs";
+  }
+}
+
+TEST(GoldenT5, EncoderLastHiddenState) {
+  DP_REQUIRE_T5(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto enc = T5EncoderModel::load(dir + "/text_encoder", DeviceSpec{});
+  const at::Tensor h = enc->forward(g.at("tokenizer.input_ids"), g.at("tokenizer.attention_mask"));
+  const at::Tensor ref = g.at("text_encoder.last_hidden_state");
+  const double e = rel_err(h, ref);
+  std::printf("[golden-t5] T5EncoderModel last_hidden_state: %.2e\n", e);
+  EXPECT_LE(e, 1e-4);
+  // one prompt alone gives its row of the batch (the padding mask keeps batch rows apart)
+  const double e1 = rel_err(enc->forward(g.at("tokenizer.input_ids").slice(0, 1, 2),
+                                         g.at("tokenizer.attention_mask").slice(0, 1, 2)),
+                            ref.slice(0, 1, 2));
+  EXPECT_LE(e1, 1e-4);
+}
+
+// Bucket values of transformers' _relative_position_bucket (bidirectional, 32 buckets, max distance 128):
+// exact up to +-7, logarithmic beyond, capped at the last bucket of each sign.
+TEST(T5, RelativePositionBuckets) {
+  EXPECT_EQ(t5_relative_bucket(0, 32, 128), 0);
+  EXPECT_EQ(t5_relative_bucket(3, 32, 128), 19);
+  EXPECT_EQ(t5_relative_bucket(-3, 32, 128), 3);
+  EXPECT_EQ(t5_relative_bucket(7, 32, 128), 23);
+  EXPECT_EQ(t5_relative_bucket(8, 32, 128), 24);
+  EXPECT_EQ(t5_relative_bucket(-20, 32, 128), 10);
+  EXPECT_EQ(t5_relative_bucket(-500, 32, 128), 15);
+  EXPECT_EQ(t5_relative_bucket(500, 32, 128), 31);
+}
+
+TEST(T5, BadTokenizerFileIsNamed) {
+  const std::string d = test::scratch_dir("t5-bad");
+  {
+    std::ofstream f(d + "/tokenizer.json");
+    f << R"({"model": {"type": "BPE", "vocab": {}}})";
+  }
+  try {
+    (void)T5Tokenizer::load(d);
+    ADD_FAILURE() << "a BPE tokenizer.json was accepted as T5's";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("tokenizer.json: field 'model.type'"), std::string::npos) << e.what();
+  }
+}
