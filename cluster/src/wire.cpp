@@ -86,10 +86,12 @@ GenerationParams read_params(const Reader& r, const json& o) {
   p.prior_guidance = r.number(o, "prior_guidance", "params.prior_guidance");
   p.noise_level = static_cast<int>(r.integer(o, "noise_level", "params.noise_level", 0, 1 << 20));
   p.image_prompt = r.str(o, "image_prompt", "params.image_prompt");
-  p.original_width = static_cast<int>(r.integer(o, "original_width", "params.original_width", 0, 1 << 20));
-  p.original_height = static_cast<int>(r.integer(o, "original_height", "params.original_height", 0, 1 << 20));
-  p.crop_top = static_cast<int>(r.integer(o, "crop_top", "params.crop_top", 0, 1 << 20));
-  p.crop_left = static_cast<int>(r.integer(o, "crop_left", "params.crop_left", 0, 1 << 20));
+  if (o.contains("original_width")) {  // SDXL's size conditioning, sent only when set (params_to_json)
+    p.original_width = static_cast<int>(r.integer(o, "original_width", "params.original_width", 0, 1 << 20));
+    p.original_height = static_cast<int>(r.integer(o, "original_height", "params.original_height", 0, 1 << 20));
+    p.crop_top = static_cast<int>(r.integer(o, "crop_top", "params.crop_top", 0, 1 << 20));
+    p.crop_left = static_cast<int>(r.integer(o, "crop_left", "params.crop_left", 0, 1 << 20));
+  }
   return p;
 }
 

@@ -386,6 +386,24 @@ TEST(Wire, RoundTripAndMalformedMessages) {
   bad.fields["stage"] = 3;
   EXPECT_NE(test::error_of([&] { wire::decode_work(Message(bad)); }).find("field 'stage' = 3 but the route has 3 stages"),
             std::string::npos);
+  // SDXL's size conditioning travels only when set, and comes back as sent; out of range is named
+  EXPECT_FALSE(m.fields["params"].contains("original_width")) << "unset SDXL keys must stay out of the message";
+  EXPECT_EQ(back.params.original_width, 0);
+  wire::Work xl = w;
+  xl.params.original_width = 2048;
+  xl.params.original_height = 1536;
+  xl.params.crop_top = 12;
+  xl.params.crop_left = 34;
+  Message mx = wire::encode(xl);
+  mx.src = 5;
+  const wire::Work xb = wire::decode_work(Message(mx));
+  EXPECT_EQ(xb.params.original_width, 2048);
+  EXPECT_EQ(xb.params.original_height, 1536);
+  EXPECT_EQ(xb.params.crop_top, 12);
+  EXPECT_EQ(xb.params.crop_left, 34);
+  mx.fields["params"]["crop_top"] = -1;
+  EXPECT_NE(test::error_of([&] { wire::decode_work(Message(mx)); }).find("field 'params.crop_top' = -1 is out of range"),
+            std::string::npos);
   Message r = wire::encode(wire::Result{1, {0, 1}, at::zeros({2, 2}, at::kByte)});
   r.src = 2;
   EXPECT_NE(test::error_of([&] { wire::decode_result(Message(r)); }).find("the image must be uint8 [H, W, 3]"),

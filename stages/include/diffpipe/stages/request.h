@@ -36,13 +36,20 @@ struct GenerationParams {
 
 namespace diffpipe {
 
+// The SDXL size keys appear only when set: other runs' JSON lines and run identities stay as they were.
 inline nlohmann::json params_to_json(const GenerationParams& p) {
-  return {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
-          {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
-          {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews}, {"prior_steps", p.prior_steps},
-          {"prior_guidance", p.prior_guidance}, {"noise_level", p.noise_level}, {"image_prompt", p.image_prompt},
-          {"original_width", p.original_width}, {"original_height", p.original_height}, {"crop_top", p.crop_top},
-          {"crop_left", p.crop_left}};
+  nlohmann::json j = {{"prompt", p.prompt}, {"negative_prompt", p.negative_prompt}, {"steps", p.steps},
+                      {"guidance", p.guidance}, {"sampler", p.sampler}, {"seed", p.seed}, {"width", p.width},
+                      {"height", p.height}, {"clip_skip", p.clip_skip}, {"previews", p.previews},
+                      {"prior_steps", p.prior_steps}, {"prior_guidance", p.prior_guidance},
+                      {"noise_level", p.noise_level}, {"image_prompt", p.image_prompt}};
+  if (p.original_width || p.original_height || p.crop_top || p.crop_left) {
+    j["original_width"] = p.original_width;
+    j["original_height"] = p.original_height;
+    j["crop_top"] = p.crop_top;
+    j["crop_left"] = p.crop_left;
+  }
+  return j;
 }
 
 inline GenerationParams params_from_json(const nlohmann::json& j) {
