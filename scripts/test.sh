@@ -34,5 +34,13 @@ if [ -z "${DIFFPIPE_GOLDEN_T5:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-t5" ]
   then export DIFFPIPE_GOLDEN_T5=$T5
   else echo "note: could not make the T5 reference (build/golden-t5.log); its tests will skip"; fi
 fi
+# DDPMScheduler trajectories (tests/stages/make_ddpm_golden.py, a second), likewise.
+if [ -z "${DIFFPIPE_GOLDEN_DDPM:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-ddpm" ] && [ -d "$GOLD_DIR/model" ]; then
+  PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
+  DDPM=$PWD/build/golden/tiny-ddpm
+  if [ -f "$DDPM/golden.json" ] || "$PY" tests/stages/make_ddpm_golden.py --out "$DDPM" > build/golden-ddpm.log 2>&1
+  then export DIFFPIPE_GOLDEN_DDPM=$DDPM
+  else echo "note: could not make the DDPM reference (build/golden-ddpm.log); its tests will skip"; fi
+fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -56,8 +56,17 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
     c.beta_start = 0.0001;
     c.beta_end = 0.02;
     c.variance_type = j.string("variance_type", "fixed_small");
-    if (c.variance_type != "fixed_small" && c.variance_type != "fixed_small_log")
-      j.fail("variance_type", "unsupported '" + c.variance_type + "' (supported: fixed_small, fixed_small_log)");
+    // (fixed_large_log is refused: diffusers' step takes the square root of a negative log there, NaN noise)
+    if (c.variance_type != "fixed_small" && c.variance_type != "fixed_small_log" && c.variance_type != "fixed_large" &&
+        c.variance_type != "learned" && c.variance_type != "learned_range")
+      j.fail("variance_type", "unsupported '" + c.variance_type + "' (supported: fixed_small, fixed_small_log, "
+             "fixed_large, learned, learned_range)");
+    c.thresholding = j.boolean("thresholding", false);
+    c.dynamic_thresholding_ratio = j.number("dynamic_thresholding_ratio", c.dynamic_thresholding_ratio);
+    c.sample_max_value = j.number("sample_max_value", c.sample_max_value);
+    if (!(c.dynamic_thresholding_ratio > 0 && c.dynamic_thresholding_ratio <= 1))
+      j.fail("dynamic_thresholding_ratio", "must be in (0, 1]");
+    if (!(c.sample_max_value >= 1)) j.fail("sample_max_value", "must be at least 1");
   } else {
     (void)sampler_kind_of_class(c.class_name);  // validates
   }
@@ -106,7 +115,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   if (!c.timestep_spacing.empty() && c.timestep_spacing != "leading" && c.timestep_spacing != "linspace" &&
       c.timestep_spacing != "trailing")
     j.fail("timestep_spacing", "unsupported '" + c.timestep_spacing + "' (supported: leading, linspace, trailing)");
-  if (j.boolean("thresholding", false)) j.fail("thresholding", "dynamic thresholding is not supported");
+  if (!ddpm && j.boolean("thresholding", false))
+    j.fail("thresholding", "dynamic thresholding is supported with DDPMScheduler only");
   if (c.algorithm_type != "dpmsolver++")
     j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++)");
   if (c.solver_type != "midpoint" && c.solver_type != "heun")

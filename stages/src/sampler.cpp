@@ -429,9 +429,18 @@ DdpmSampler::DdpmSampler(const SchedulerConfig& cfg, int steps) : cfg_(cfg) {
   alphas_cumprod_ = to_vec(alphas_cumprod(cfg));
 }
 
-at::Tensor DdpmSampler::step(const at::Tensor& model_output, int i, const at::Tensor& sample,
-                             const at::Tensor& noise) const {
+at::Tensor DdpmSampler::step(const at::Tensor& model_output_in, int i, const at::Tensor& sample,
+                             const at::Tensor& noise, at::Tensor* x0_out) const {
   const int64_t t = timestep(i);
+  at::Tensor model_output = model_output_in, predicted_variance;
+  if (learned_variance()) {
+    DP_CHECK(model_output.dim() >= 2 && model_output.size(1) == 2 * sample.size(1), "DDPM step ", i, ": variance type ",
+             cfg_.variance_type, " needs a model output of twice the sample's ", sample.size(1), " channels, got ",
+             model_output.sizes());
+    auto parts = model_output.split(sample.size(1), 1);
+    model_output = parts[0];
+    predicted_variance = parts[1];
+  }
   const int64_t prev = i + 1 < num_steps() ? timestep(i + 1) : -1;
   // float32 scalars, as diffusers computes them from its float32 alphas_cumprod
   const float a = alphas_cumprod_[t], a_prev = prev >= 0 ? alphas_cumprod_[prev] : 1.0f;
@@ -441,15 +450,38 @@ at::Tensor DdpmSampler::step(const at::Tensor& model_output, int i, const at::Te
   if (cfg_.prediction_type == "sample") x0 = model_output;
   else if (cfg_.prediction_type == "v_prediction") x0 = std::sqrt(a) * sample - std::sqrt(beta) * model_output;
   else x0 = (sample - std::sqrt(beta) * model_output) / std::sqrt(a);
-  if (cfg_.clip_sample) x0 = x0.clamp(-cfg_.clip_sample_range, cfg_.clip_sample_range);
+  if (cfg_.thresholding) {  // Imagen: per sample, clamp to the ratio-quantile of |x0| (in [1, max]) and rescale
+    const auto dt = x0.scalar_type();
+    const int64_t B = x0.size(0);
+    at::Tensor flat = x0.to(at::kFloat).reshape({B, -1});
+    at::Tensor s = at::quantile(flat.abs(), cfg_.dynamic_thresholding_ratio, 1)
+                       .clamp(1.0, cfg_.sample_max_value)
+                       .unsqueeze(1);
+    x0 = (at::clamp(flat, -s, s) / s).reshape(x0.sizes()).to(dt);
+  } else if (cfg_.clip_sample) {
+    x0 = x0.clamp(-cfg_.clip_sample_range, cfg_.clip_sample_range);
+  }
+  if (x0_out) *x0_out = x0;
   const float c_x0 = std::sqrt(a_prev) * beta_t / beta, c_x = std::sqrt(alpha_t) * beta_prev / beta;
   at::Tensor prev_sample = c_x0 * x0 + c_x * sample;
   if (t > 0) {
     DP_CHECK(noise.defined() && noise.sizes() == sample.sizes(), "DDPM step ", i, ": variance noise shaped like the sample needed");
     const float var = std::max(beta_prev / beta * beta_t, 1e-20f);
-    // fixed_small_log: exp(0.5 * log(var)); fixed_small: var ** 0.5 -- both the standard deviation
-    const float sd = cfg_.variance_type == "fixed_small_log" ? std::exp(0.5f * std::log(var)) : std::sqrt(var);
-    prev_sample = prev_sample + sd * noise.to(sample.device(), sample.scalar_type());
+    const at::Tensor z = noise.to(sample.device(), sample.scalar_type());
+    const std::string& vt = cfg_.variance_type;
+    if (vt == "learned_range") {  // interpolate log variances between the posterior's and beta_t by the prediction
+      const float min_log = std::log(var), max_log = std::log(beta_t);
+      const at::Tensor frac = (predicted_variance + 1) / 2;
+      prev_sample = prev_sample + at::exp(0.5 * (frac * max_log + (1 - frac) * min_log)) * z;
+    } else if (vt == "learned") {
+      prev_sample = prev_sample + predicted_variance.pow(0.5) * z;
+    } else {
+      // the standard deviation: fixed_small var ** 0.5, fixed_small_log exp(0.5 * log(var)), fixed_large beta_t ** 0.5
+      const float sd = vt == "fixed_small_log" ? std::exp(0.5f * std::log(var))
+                       : vt == "fixed_large"   ? std::sqrt(beta_t)
+                                               : std::sqrt(var);
+      prev_sample = prev_sample + sd * z;
+    }
   }
   return prev_sample;
 }

@@ -2,6 +2,8 @@
 #include <fstream>
 
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/model_writer.h"
 #include "diffpipe/stages/sampler.h"
 #include "test_util.h"
@@ -116,4 +118,44 @@ TEST(Sampler, NamesAndConfigErrors) {
   EXPECT_NE(err(dir + "/b.json").find("b.json: key 'thresholding'"), std::string::npos);
   EXPECT_NE(err(dir + "/c.json").find("c.json: key 'prediction_type': unsupported 'flow'"), std::string::npos);
   EXPECT_THROW(Sampler::create(SamplerKind::DDIM, SchedulerConfig{}, 0), Error);
+}
+
+// DDPMScheduler against diffusers, step by step on recorded trajectories (tests/stages/make_ddpm_golden.py; test.sh
+// makes the folder under build/golden): DeepFloyd IF's learned_range variance with Imagen's dynamic thresholding,
+// a learned variance with sample prediction, fixed_large with v prediction and trailing spacing, thresholding with
+// a fixed variance. $DIFFPIPE_GOLDEN_DDPM, default the sibling tiny-ddpm of the tiny-sd folder; absent, skipped.
+TEST(GoldenDdpm, EveryVarianceTypeAndThresholding) {
+  const char* env = std::getenv("DIFFPIPE_GOLDEN_DDPM");
+  const std::string sd = test::golden_dir();
+  const std::string dir = env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-ddpm";
+  if (!file_exists(dir + "/golden.json"))
+    GTEST_SKIP() << "reference " << dir << " is absent (make it with tests/stages/make_ddpm_golden.py --out DIR and "
+                 << "set DIFFPIPE_GOLDEN_DDPM=DIR)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  for (const auto& c : meta.at("cases")) {
+    const std::string n = c.at("name").get<std::string>();
+    const SchedulerConfig cfg = SchedulerConfig::load_ddpm(dir + "/" + n + "/scheduler_config.json");
+    const DdpmSampler s(cfg, c.at("steps").get<int>());
+    const at::Tensor ts = g.at(n + ".timesteps");
+    ASSERT_EQ(s.num_steps(), ts.size(0)) << n;
+    double worst = 0;
+    for (int k = 0; k < s.num_steps(); ++k) {
+      ASSERT_EQ(s.timestep(k), ts[k].item<int64_t>()) << n << " step " << k;
+      const std::string p = n + "." + std::to_string(k) + ".";
+      const at::Tensor noise = g.count(p + "noise") ? g.at(p + "noise") : at::Tensor();
+      EXPECT_EQ(noise.defined(), s.adds_noise(k)) << n << " step " << k << ": noise drawn exactly when t > 0";
+      at::Tensor x0;
+      const at::Tensor prev = s.step(g.at(p + "model_output"), k, g.at(p + "sample"), noise, &x0);
+      worst = std::max({worst, test::rel_err(prev, g.at(p + "prev_sample")), test::rel_err(x0, g.at(p + "x0"))});
+    }
+    std::printf("[golden-ddpm] %s: %d steps, worst rel err %.2e\n", n.c_str(), s.num_steps(), worst);
+    EXPECT_LE(worst, 1e-5) << n;
+  }
+  // a learned variance needs the model's extra channels; the refusal names both shapes
+  const SchedulerConfig cfg = SchedulerConfig::load_ddpm(dir + "/if_learned_range/scheduler_config.json");
+  const DdpmSampler s(cfg, 4);
+  EXPECT_NE(test::error_of([&] { (void)s.step(at::zeros({1, 3, 4, 4}), 0, at::zeros({1, 3, 4, 4}), at::zeros({1, 3, 4, 4})); })
+                .find("needs a model output of twice the sample's 3 channels"),
+            std::string::npos);
 }

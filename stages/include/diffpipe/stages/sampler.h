@@ -37,7 +37,11 @@ struct SchedulerConfig {
   bool euler_at_final = false;
   std::string final_sigmas_type = "zero";
   std::string interpolation_type = "linear";
-  std::string variance_type = "fixed_small";  // DDPMScheduler: fixed_small | fixed_small_log
+  // DDPMScheduler: fixed_small | fixed_small_log | fixed_large | learned | learned_range (the
+  // model predicts it: its output has twice the sample's channels, DeepFloyd IF)
+  std::string variance_type = "fixed_small";
+  bool thresholding = false;                // DDPMScheduler: Imagen's dynamic thresholding of the predicted x0
+  double dynamic_thresholding_ratio = 0.995, sample_max_value = 1.0;
   // Loads and validates (unsupported values are errors naming the key).
   static SchedulerConfig load(const std::string& path);
   // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults.
@@ -77,8 +81,9 @@ class Sampler {
   std::vector<double> sigmas_;
 };
 
-// DDPMScheduler (diffusers), the sampler of Stable unCLIP's prior: sample, epsilon or v prediction, clip_sample
-// range, fixed_small or fixed_small_log variance; every step but the one at t = 0 adds noise.
+// DDPMScheduler (diffusers), the sampler of Stable unCLIP's prior and of DeepFloyd IF: sample, epsilon or v
+// prediction, clip_sample range or dynamic thresholding, fixed or learned variance (a learned one is the second
+// half of the model output's channels); every step but the one at t = 0 adds noise.
 class DdpmSampler {
  public:
   // Timesteps as DDPMScheduler.set_timesteps(steps) makes them (leading, linspace or trailing spacing).
@@ -87,8 +92,12 @@ class DdpmSampler {
   int64_t timestep(int i) const { return timesteps_.at(i); }
   bool adds_noise(int i) const { return timestep(i) > 0; }
   // One step: the model's output at call i for `sample` -> the previous sample. `noise` (standard normal, shaped
-  // like sample) is used when adds_noise(i); it may be undefined otherwise.
-  at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const at::Tensor& noise) const;
+  // like sample) is used when adds_noise(i); it may be undefined otherwise. With a learned variance type the
+  // output has 2C channels for a sample of C: the prediction, then the variance (values in [-1, 1] for
+  // learned_range). `x0`, when given, receives the (clipped or thresholded) predicted original sample.
+  at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const at::Tensor& noise,
+                  at::Tensor* x0 = nullptr) const;
+  bool learned_variance() const { return cfg_.variance_type == "learned" || cfg_.variance_type == "learned_range"; }
 
  private:
   SchedulerConfig cfg_;
