@@ -42,5 +42,13 @@ if [ -z "${DIFFPIPE_GOLDEN_DDPM:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-ddp
   then export DIFFPIPE_GOLDEN_DDPM=$DDPM
   else echo "note: could not make the DDPM reference (build/golden-ddpm.log); its tests will skip"; fi
 fi
+# The DeepFloyd-IF-layout UNet reference (tests/stages/make_if_golden.py, a few seconds), likewise.
+if [ -z "${DIFFPIPE_GOLDEN_IF:-}" ] && [ ! -d "$(dirname "$GOLD_DIR")/tiny-if" ] && [ -d "$GOLD_DIR/model" ]; then
+  PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
+  IFD=$PWD/build/golden/tiny-if
+  if [ -f "$IFD/golden.json" ] || "$PY" tests/stages/make_if_golden.py --out "$IFD" > build/golden-if.log 2>&1
+  then export DIFFPIPE_GOLDEN_IF=$IFD
+  else echo "note: could not make the IF UNet reference (build/golden-if.log); its tests will skip"; fi
+fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

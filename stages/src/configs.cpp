@@ -159,18 +159,23 @@ UNetConfig UNetConfig::load(const std::string& path) {
   if (c.down_block_types.size() != n) j.fail("down_block_types", "needs one entry per block_out_channels entry");
   if (c.up_block_types.size() != n) j.fail("up_block_types", "needs one entry per block_out_channels entry");
   for (const auto& t : c.down_block_types)
-    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D")
-      j.fail("down_block_types", "unsupported block type '" + t + "' (supported: CrossAttnDownBlock2D, DownBlock2D)");
+    if (t != "CrossAttnDownBlock2D" && t != "DownBlock2D" && t != "SimpleCrossAttnDownBlock2D" &&
+        t != "ResnetDownsampleBlock2D")
+      j.fail("down_block_types", "unsupported block type '" + t + "' (supported: CrossAttnDownBlock2D, DownBlock2D, "
+             "SimpleCrossAttnDownBlock2D, ResnetDownsampleBlock2D)");
   for (const auto& t : c.up_block_types)
-    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D")
-      j.fail("up_block_types", "unsupported block type '" + t + "' (supported: CrossAttnUpBlock2D, UpBlock2D)");
+    if (t != "CrossAttnUpBlock2D" && t != "UpBlock2D" && t != "SimpleCrossAttnUpBlock2D" && t != "ResnetUpsampleBlock2D")
+      j.fail("up_block_types", "unsupported block type '" + t + "' (supported: CrossAttnUpBlock2D, UpBlock2D, "
+             "SimpleCrossAttnUpBlock2D, ResnetUpsampleBlock2D)");
   c.mid_block_type = j.string("mid_block_type", "UNetMidBlock2DCrossAttn");
-  if (c.mid_block_type != "UNetMidBlock2DCrossAttn")
-    j.fail("mid_block_type", "unsupported mid block '" + c.mid_block_type + "' (supported: UNetMidBlock2DCrossAttn)");
+  if (c.mid_block_type != "UNetMidBlock2DCrossAttn" && c.mid_block_type != "UNetMidBlock2DSimpleCrossAttn")
+    j.fail("mid_block_type", "unsupported mid block '" + c.mid_block_type +
+           "' (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2DSimpleCrossAttn)");
   c.layers_per_block = j.int_or_list("layers_per_block", n, 2);
   // diffusers: num_attention_heads = num_attention_heads or attention_head_dim
   c.heads = j.has("num_attention_heads") ? j.int_or_list("num_attention_heads", n, 8)
                                          : j.int_or_list("attention_head_dim", n, 8);
+  c.attention_head_dim = j.int_or_list("attention_head_dim", n, 8);
   c.cross_attention_dim = j.int_or_list("cross_attention_dim", n, 1280);
   c.transformer_layers_per_block = j.int_or_list("transformer_layers_per_block", n, 1);
   c.use_linear_projection = j.boolean("use_linear_projection", false);
@@ -183,7 +188,32 @@ UNetConfig UNetConfig::load(const std::string& path) {
   c.downsample_padding = j.integer("downsample_padding", 1);
   c.sample_size = j.integer("sample_size", 64);
   // Values this implementation does not support are rejected rather than ignored.
-  j.require("act_fn", "silu");
+  auto nullable_string = [&](const char* k) {
+    return j.has(k) && !j.json()[k].is_null() ? j.string(k, "") : std::string();
+  };
+  c.act_fn = j.string("act_fn", "silu");
+  if (c.act_fn != "silu" && c.act_fn != "gelu") j.fail("act_fn", "unsupported '" + c.act_fn + "' (supported: silu, gelu)");
+  c.time_embedding_act_fn = nullable_string("time_embedding_act_fn");
+  if (!c.time_embedding_act_fn.empty() && c.time_embedding_act_fn != "silu" && c.time_embedding_act_fn != "gelu")
+    j.fail("time_embedding_act_fn", "unsupported '" + c.time_embedding_act_fn + "' (supported: null, silu, gelu)");
+  const std::string shift = j.string("resnet_time_scale_shift", "default");
+  if (shift != "default" && shift != "scale_shift")
+    j.fail("resnet_time_scale_shift", "unsupported '" + shift + "' (supported: default, scale_shift)");
+  c.resnet_scale_shift = shift == "scale_shift";
+  c.resnet_skip_time_act = j.boolean("resnet_skip_time_act", false);
+  c.resnet_out_scale_factor = j.number("resnet_out_scale_factor", 1.0);
+  j.positive("resnet_out_scale_factor", c.resnet_out_scale_factor);
+  c.encoder_hid_dim = j.has("encoder_hid_dim") && !j.json()["encoder_hid_dim"].is_null() ? j.integer("encoder_hid_dim", 0) : 0;
+  if (c.encoder_hid_dim > 0) {
+    const std::string t = nullable_string("encoder_hid_dim_type");
+    if (t != "text_proj" && !t.empty())
+      j.fail("encoder_hid_dim_type", "unsupported '" + t + "' (supported: text_proj)");
+  }
+  const std::string xnorm = nullable_string("cross_attention_norm");
+  if (!xnorm.empty() && xnorm != "group_norm")
+    j.fail("cross_attention_norm", "unsupported '" + xnorm + "' (supported: null, group_norm)");
+  c.cross_attention_norm = xnorm == "group_norm";
+  c.addition_embed_type_num_heads = j.integer("addition_embed_type_num_heads", 64);
   j.require("time_embedding_type", "positional");
   c.class_embed_type = j.has("class_embed_type") && !j.json()["class_embed_type"].is_null() ? j.string("class_embed_type", "") : "";
   if (!c.class_embed_type.empty() && c.class_embed_type != "projection")
@@ -196,8 +226,14 @@ UNetConfig UNetConfig::load(const std::string& path) {
   j.require("num_class_embeds", nullptr);
   c.addition_embed_type =
       j.has("addition_embed_type") && !j.json()["addition_embed_type"].is_null() ? j.string("addition_embed_type", "") : "";
-  if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time")
-    j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type + "\" (supported: null, \"text_time\")");
+  if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time" && c.addition_embed_type != "text")
+    j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type +
+           "\" (supported: null, \"text_time\", \"text\")");
+  if (c.addition_embed_type == "text") {
+    if (c.encoder_hid_dim <= 0) j.fail("addition_embed_type", "\"text\" needs encoder_hid_dim (the T5 width)");
+    if (c.addition_embed_type_num_heads <= 0 || c.encoder_hid_dim % c.addition_embed_type_num_heads != 0)
+      j.fail("addition_embed_type_num_heads", "must divide encoder_hid_dim " + std::to_string(c.encoder_hid_dim));
+  }
   if (c.text_time()) {
     if (!c.class_embed_type.empty()) j.fail("class_embed_type", "must be null with addition_embed_type \"text_time\"");
     c.addition_time_embed_dim = j.integer("addition_time_embed_dim", 0);
@@ -205,21 +241,16 @@ UNetConfig UNetConfig::load(const std::string& path) {
     c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
     j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
   }
-  j.require("encoder_hid_dim", nullptr);
   j.require("time_cond_proj_dim", nullptr);
   j.require("time_embedding_dim", nullptr);
   j.require("timestep_post_act", nullptr);
-  j.require("time_embedding_act_fn", nullptr);
-  j.require("resnet_time_scale_shift", "default");
-  j.require("resnet_skip_time_act", false);
-  j.require("resnet_out_scale_factor", 1.0);
   j.require("only_cross_attention", false);
+  j.require("mid_block_only_cross_attention", nullptr);
   j.require("dual_cross_attention", false);
   j.require("center_input_sample", false);
   j.require("conv_in_kernel", 3);
   j.require("conv_out_kernel", 3);
   j.require("attention_type", "default");
-  j.require("cross_attention_norm", nullptr);
   j.require("class_embeddings_concat", false);
   j.require("reverse_transformer_layers_per_block", nullptr);
   // Values that would crash or silently break the forward pass are refused here, naming the key.
@@ -239,6 +270,12 @@ UNetConfig UNetConfig::load(const std::string& path) {
     if (c.block_out_channels[i] % c.norm_num_groups != 0)
       j.fail("block_out_channels", "channels " + std::to_string(c.block_out_channels[i]) +
                                        " are not divisible by norm_num_groups " + std::to_string(c.norm_num_groups));
+    const bool simple = c.down_block_types[i] == "SimpleCrossAttnDownBlock2D" ||
+                        (i + 1 == n && c.mid_block_type == "UNetMidBlock2DSimpleCrossAttn");
+    if (simple && (c.attention_head_dim[i] <= 0 || c.block_out_channels[i] % c.attention_head_dim[i] != 0))
+      j.fail("attention_head_dim", "block " + std::to_string(i) + ": " + std::to_string(c.block_out_channels[i]) +
+                                       " channels are not a multiple of the head width " +
+                                       std::to_string(c.attention_head_dim[i]));
     if (c.heads[i] <= 0 || c.block_out_channels[i] % c.heads[i] != 0)
       j.fail("attention_head_dim", "block " + std::to_string(i) + ": " + std::to_string(c.block_out_channels[i]) +
                                        " channels are not divisible by " + std::to_string(c.heads[i]) + " heads");

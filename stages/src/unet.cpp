@@ -30,14 +30,54 @@ at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, bool flip_sin_to
   return emb;
 }
 
+// addition_embed_type "text" (diffusers' TextTimeEmbedding): the text states layer-normed, attention-pooled by a
+// query that is their mean plus a learned position embedding, projected to the time embedding's width and normed.
+struct TextTimeEmbedding {
+  nn::LayerNorm norm1, norm2;
+  at::Tensor pos;  // [1, D]
+  nn::Linear q, k, v, proj;
+  int64_t heads = 1;
+  TextTimeEmbedding() = default;
+  TextTimeEmbedding(const Weights& w, int64_t D, int64_t temb, int64_t heads_) : heads(heads_) {
+    norm1 = nn::LayerNorm(w, "norm1", D, 1e-5);
+    pos = w.get("pool.positional_embedding", {1, D});
+    q = nn::Linear(w, "pool.q_proj", D, D);
+    k = nn::Linear(w, "pool.k_proj", D, D);
+    v = nn::Linear(w, "pool.v_proj", D, D);
+    proj = nn::Linear(w, "proj", D, temb);
+    norm2 = nn::LayerNorm(w, "norm2", temb, 1e-5);
+  }
+  at::Tensor operator()(const at::Tensor& states) const {  // [B, L, D] -> [B, temb]
+    const at::Tensor x0 = norm1(states);
+    const int64_t B = x0.size(0), D = x0.size(2), d = D / heads;
+    const at::Tensor cls = x0.mean(1, /*keepdim=*/true) + pos.to(x0.scalar_type());
+    const at::Tensor x = at::cat({cls, x0}, 1);
+    auto split = [&](const at::Tensor& t) { return t.view({B, -1, heads, d}).transpose(1, 2); };  // [B, h, n, d]
+    const double scale = 1.0 / std::sqrt(std::sqrt(static_cast<double>(d)));
+    at::Tensor wgt = at::matmul(split(q(cls)) * scale, (split(k(x)) * scale).transpose(-1, -2));  // [B, h, 1, n]
+    wgt = at::softmax(wgt.to(at::kFloat), -1).to(wgt.scalar_type());
+    const at::Tensor a = at::matmul(wgt, split(v(x))).transpose(1, 2).reshape({B, D});
+    return norm2(proj(a));
+  }
+};
+
 struct UNet2DConditionModel::Impl {
   struct Block {
     std::vector<nn::ResnetBlock2D> resnets;
     std::vector<nn::Transformer2DModel> attentions;  // empty for DownBlock2D / UpBlock2D
+    std::vector<nn::AddedKVAttention> simple;        // SimpleCrossAttn blocks
     bool has_sampler = false;
+    bool resnet_sampler = false;                     // ResnetDownsample/ResnetUpsample/SimpleCrossAttn blocks
+    nn::ResnetBlock2D resample;                      // their sampler: a resnet with down=True / up=True
     nn::Downsample2D down;
     nn::Upsample2D up;
   };
+  bool gelu = false;                      // act_fn
+  std::string time_act;                   // time_embedding_act_fn
+  nn::Linear encoder_hid_proj;            // T5 states -> cross_attention_dim (IF)
+  std::unique_ptr<TextTimeEmbedding> add_text;  // addition_embed_type "text"
+  bool simple_mid = false;
+  nn::AddedKVAttention mid_simple;
   nn::Conv2d conv_in, conv_out;
   nn::Linear time_linear_1, time_linear_2;
   nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection"
@@ -55,6 +95,20 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   const size_t n = boc.size();
   const int64_t temb = boc[0] * 4, G = c.norm_num_groups;
   m->conv_in = nn::Conv2d(w, "conv_in", c.in_channels, boc[0], 3, 1, 1);
+  m->gelu = c.act_fn == "gelu";
+  m->time_act = c.time_embedding_act_fn;
+  const int64_t ctx_dim = c.cross_attention_dim[0];
+  if (c.encoder_hid_dim > 0) m->encoder_hid_proj = nn::Linear(w, "encoder_hid_proj", c.encoder_hid_dim, ctx_dim);
+  if (c.addition_embed_type == "text")
+    m->add_text = std::make_unique<TextTimeEmbedding>(w.sub("add_embedding"), c.encoder_hid_dim, temb,
+                                                      c.addition_embed_type_num_heads);
+  // resnet variants: SD's blocks take only the activation and scale-shift; IF's (Resnet*/SimpleCrossAttn*) also
+  // skip_time_act and the output scale
+  nn::ResnetOptions sd_opt, if_opt;
+  sd_opt.gelu = if_opt.gelu = m->gelu;
+  sd_opt.scale_shift = if_opt.scale_shift = c.resnet_scale_shift;
+  if_opt.skip_time_act = c.resnet_skip_time_act;
+  auto is_if = [](const std::string& t) { return t.rfind("Simple", 0) == 0 || t.rfind("Resnet", 0) == 0; };
   m->time_linear_1 = nn::Linear(w, "time_embedding.linear_1", boc[0], temb);
   m->time_linear_2 = nn::Linear(w, "time_embedding.linear_2", temb, temb);
   if (c.class_embed_type == "projection") {
@@ -69,53 +123,89 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   for (size_t i = 0; i < n; ++i) {
     const int64_t in_ch = out_ch;
     out_ch = boc[i];
-    const bool final_block = i == n - 1, attn = c.down_block_types[i] == "CrossAttnDownBlock2D";
+    const std::string& type = c.down_block_types[i];
+    const bool final_block = i == n - 1, attn = type == "CrossAttnDownBlock2D", ifb = is_if(type);
+    const nn::ResnetOptions& ro = ifb ? if_opt : sd_opt;
+    const double scale = ifb ? c.resnet_out_scale_factor : 1.0;
     const Weights bw = w.sub("down_blocks." + std::to_string(i));
     Impl::Block b;
     for (int64_t j = 0; j < c.layers_per_block[i]; ++j) {
       b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? in_ch : out_ch, out_ch, temb, G,
-                             c.norm_eps, 1.0);
+                             c.norm_eps, scale, ro);
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.heads[i],
                                   c.transformer_layers_per_block[i], c.cross_attention_dim[i], G,
                                   c.use_linear_projection);
+      if (type == "SimpleCrossAttnDownBlock2D")
+        b.simple.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.cross_attention_dim[i],
+                              out_ch / c.attention_head_dim[i], c.attention_head_dim[i], G, c.norm_eps,
+                              c.cross_attention_norm, 32);
     }
     if (!final_block) {
       b.has_sampler = true;
-      b.down = nn::Downsample2D(bw.sub("downsamplers.0"), out_ch, c.downsample_padding);
+      if (ifb) {
+        b.resnet_sampler = true;
+        nn::ResnetOptions down = ro;
+        down.resample = 1;
+        b.resample = nn::ResnetBlock2D(bw.sub("downsamplers.0"), out_ch, out_ch, temb, G, c.norm_eps, scale, down);
+      } else {
+        b.down = nn::Downsample2D(bw.sub("downsamplers.0"), out_ch, c.downsample_padding);
+      }
     }
     m->down.push_back(std::move(b));
   }
   const Weights mw = w.sub("mid_block");
+  m->simple_mid = c.mid_block_type == "UNetMidBlock2DSimpleCrossAttn";
+  const nn::ResnetOptions& mo = m->simple_mid ? if_opt : sd_opt;
   m->mid_res0 = nn::ResnetBlock2D(mw.sub("resnets.0"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
-                                  c.mid_block_scale_factor);
-  m->mid_attn = nn::Transformer2DModel(mw.sub("attentions.0"), boc[n - 1], c.heads[n - 1],
-                                       c.transformer_layers_per_block[n - 1], c.cross_attention_dim[n - 1], G,
-                                       c.use_linear_projection);
+                                  c.mid_block_scale_factor, mo);
+  if (m->simple_mid)
+    m->mid_simple = nn::AddedKVAttention(mw.sub("attentions.0"), boc[n - 1], c.cross_attention_dim[n - 1],
+                                         boc[n - 1] / c.attention_head_dim[n - 1], c.attention_head_dim[n - 1], G,
+                                         c.norm_eps, c.cross_attention_norm, 32);
+  else
+    m->mid_attn = nn::Transformer2DModel(mw.sub("attentions.0"), boc[n - 1], c.heads[n - 1],
+                                         c.transformer_layers_per_block[n - 1], c.cross_attention_dim[n - 1], G,
+                                         c.use_linear_projection);
   m->mid_res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
-                                  c.mid_block_scale_factor);
+                                  c.mid_block_scale_factor, mo);
   const auto rboc = reversed(boc), rheads = reversed(c.heads), rlayers = reversed(c.layers_per_block),
-             rcross = reversed(c.cross_attention_dim), rtl = reversed(c.transformer_layers_per_block);
+             rcross = reversed(c.cross_attention_dim), rtl = reversed(c.transformer_layers_per_block),
+             rhead_dim = reversed(c.attention_head_dim);
   out_ch = rboc[0];
   for (size_t i = 0; i < n; ++i) {
     const int64_t prev_out = out_ch;
     out_ch = rboc[i];
     const int64_t in_ch = rboc[std::min(i + 1, n - 1)];
-    const bool final_block = i == n - 1, attn = c.up_block_types[i] == "CrossAttnUpBlock2D";
+    const std::string& type = c.up_block_types[i];
+    const bool final_block = i == n - 1, attn = type == "CrossAttnUpBlock2D", ifb = is_if(type);
+    const nn::ResnetOptions& ro = ifb ? if_opt : sd_opt;
+    const double scale = ifb ? c.resnet_out_scale_factor : 1.0;
     const Weights bw = w.sub("up_blocks." + std::to_string(i));
     Impl::Block b;
     const int64_t layers = rlayers[i] + 1;
     for (int64_t j = 0; j < layers; ++j) {
       const int64_t skip = j == layers - 1 ? in_ch : out_ch;
       const int64_t res_in = j == 0 ? prev_out : out_ch;
-      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), res_in + skip, out_ch, temb, G, c.norm_eps, 1.0);
+      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), res_in + skip, out_ch, temb, G, c.norm_eps,
+                             scale, ro);
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rheads[i], rtl[i], rcross[i], G,
                                   c.use_linear_projection);
+      if (type == "SimpleCrossAttnUpBlock2D")
+        b.simple.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rcross[i],
+                              out_ch / rhead_dim[i], rhead_dim[i], G, c.norm_eps, c.cross_attention_norm, 32);
     }
     if (!final_block) {
       b.has_sampler = true;
-      b.up = nn::Upsample2D(bw.sub("upsamplers.0"), out_ch);
+      if (ifb) {
+        b.resnet_sampler = true;
+        nn::ResnetOptions up = ro;
+        up.resample = 2;
+        b.resample = nn::ResnetBlock2D(bw.sub("upsamplers.0"), out_ch, out_ch, temb, G, c.norm_eps, scale, up);
+      } else {
+        b.up = nn::Upsample2D(bw.sub("upsamplers.0"), out_ch);
+      }
     }
     m->up.push_back(std::move(b));
   }
@@ -195,27 +285,34 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
 }
 
 at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb,
-                                                  const at::Tensor& context, const at::Tensor& class_labels) const {
+                                                  const at::Tensor& context_in, const at::Tensor& class_labels) const {
   const Impl& m = *impl_;
-  at::Tensor emb = m.time_linear_2(at::silu(m.time_linear_1(t_emb)));
+  auto act = [&](const at::Tensor& t) { return m.gelu ? at::gelu(t) : at::silu(t); };
+  at::Tensor emb = m.time_linear_2(act(m.time_linear_1(t_emb)));
   if (class_labels.defined())
-    emb = emb + (cfg_.text_time() ? m.add_linear_2(at::silu(m.add_linear_1(class_labels)))
-                                  : m.class_linear_2(at::silu(m.class_linear_1(class_labels))));
+    emb = emb + (cfg_.text_time() ? m.add_linear_2(act(m.add_linear_1(class_labels)))
+                                  : m.class_linear_2(act(m.class_linear_1(class_labels))));
+  at::Tensor context = context_in;
+  if (m.add_text) emb = emb + (*m.add_text)(context);  // from the text encoder's own states
+  if (m.time_act == "gelu") emb = at::gelu(emb);
+  else if (m.time_act == "silu") emb = at::silu(emb);
+  if (m.encoder_hid_proj.weight.defined()) context = m.encoder_hid_proj(context);
   at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {
     for (size_t j = 0; j < b.resnets.size(); ++j) {
       x = b.resnets[j](x, emb);
       if (!b.attentions.empty()) x = b.attentions[j](x, context);
+      if (!b.simple.empty()) x = b.simple[j](x, context);
       skips.push_back(x);
     }
     if (b.has_sampler) {
-      x = b.down(x);
+      x = b.resnet_sampler ? b.resample(x, emb) : b.down(x);
       skips.push_back(x);
     }
   }
   x = m.mid_res0(x, emb);
-  x = m.mid_attn(x, context);
+  x = m.simple_mid ? m.mid_simple(x, context) : m.mid_attn(x, context);
   x = m.mid_res1(x, emb);
   for (const auto& b : m.up) {
     for (size_t j = 0; j < b.resnets.size(); ++j) {
@@ -223,10 +320,12 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
       skips.pop_back();
       x = b.resnets[j](at::cat({x, s}, 1), emb);
       if (!b.attentions.empty()) x = b.attentions[j](x, context);
+      if (!b.simple.empty()) x = b.simple[j](x, context);
     }
-    if (b.has_sampler) x = b.up(x, skips.back().sizes().slice(2));  // upsample to the next skip's size
+    if (b.has_sampler)  // upsample to the next skip's size (a resnet upsampler doubles)
+      x = b.resnet_sampler ? b.resample(x, emb) : b.up(x, skips.back().sizes().slice(2));
   }
-  return m.conv_out(m.conv_norm_out.silu(x)).contiguous();
+  return m.conv_out(m.gelu ? at::gelu(m.conv_norm_out(x)) : m.conv_norm_out.silu(x)).contiguous();
 }
 
 }  // namespace diffpipe

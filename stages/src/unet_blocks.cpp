@@ -8,11 +8,11 @@
 namespace diffpipe::nn {
 
 ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t temb_channels, int64_t groups,
-                             double eps, double output_scale)
-    : output_scale_factor(output_scale) {
+                             double eps, double output_scale, const ResnetOptions& options)
+    : output_scale_factor(output_scale), opt(options) {
   norm1 = GroupNorm(w, "norm1", groups, in, eps);
   conv1 = Conv2d(w, "conv1", in, out, 3, 1, 1);
-  if (temb_channels > 0) time_emb_proj = Linear(w, "time_emb_proj", temb_channels, out);
+  if (temb_channels > 0) time_emb_proj = Linear(w, "time_emb_proj", temb_channels, opt.scale_shift ? 2 * out : out);
   norm2 = GroupNorm(w, "norm2", groups, out, eps);
   conv2 = Conv2d(w, "conv2", out, out, 3, 1, 1);
   has_shortcut = in != out;
@@ -20,6 +20,32 @@ ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t 
 }
 
 at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
+  if (opt.gelu || opt.scale_shift || opt.skip_time_act || opt.resample) {  // the variants, as diffusers orders them
+    auto act = [&](const at::Tensor& t) { return opt.gelu ? at::gelu(t) : at::silu(t); };
+    at::Tensor in = x, h = opt.gelu ? at::gelu(norm1(x)) : norm1.silu(x);
+    if (opt.resample == 1) {
+      in = at::avg_pool2d(in, {2, 2}, {2, 2});
+      h = at::avg_pool2d(h, {2, 2}, {2, 2});
+    } else if (opt.resample == 2) {
+      in = at::upsample_nearest2d(in, {2 * x.size(2), 2 * x.size(3)});
+      h = at::upsample_nearest2d(h, {2 * x.size(2), 2 * x.size(3)});
+    }
+    h = conv1(h);
+    at::Tensor t;
+    if (time_emb_proj.weight.defined() && temb.defined())
+      t = time_emb_proj(opt.skip_time_act ? temb : act(temb)).unsqueeze(-1).unsqueeze(-1);
+    if (opt.scale_shift) {
+      DP_CHECK(t.defined(), "resnet: scale_shift needs a time embedding");
+      auto ss = t.chunk(2, 1);
+      h = act(norm2(h) * (1 + ss[0]) + ss[1]);
+    } else {
+      if (t.defined()) h = h + t;
+      h = opt.gelu ? at::gelu(norm2(h)) : norm2.silu(h);
+    }
+    h = conv2(h);
+    const at::Tensor out = (has_shortcut ? conv_shortcut(in) : in) + h;
+    return output_scale_factor == 1.0 ? out : out / output_scale_factor;
+  }
   at::Tensor h = conv1(norm1.silu(x));
   if (time_emb_proj.weight.defined() && temb.defined()) h = h + time_emb_proj(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);
   h = conv2(norm2.silu(h));
@@ -47,6 +73,34 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
   v = v.view({B, L, heads, D}).transpose(1, 2);
   at::Tensor o = attention(q, k, v, at::Tensor());
   return to_out(o.transpose(1, 2).reshape({B, N, inner}));
+}
+
+AddedKVAttention::AddedKVAttention(const Weights& w, int64_t channels, int64_t context_dim, int64_t heads_,
+                                   int64_t dim_head, int64_t groups, double eps, bool norm_cross_,
+                                   int64_t cross_norm_groups)
+    : has_norm_cross(norm_cross_), heads(heads_) {
+  const int64_t inner = heads * dim_head;
+  group_norm = GroupNorm(w, "group_norm", groups, channels, eps);
+  if (has_norm_cross) norm_cross = GroupNorm(w, "norm_cross", cross_norm_groups, context_dim, 1e-5);
+  to_q = Linear(w, "to_q", channels, inner);
+  to_k = Linear(w, "to_k", channels, inner);
+  to_v = Linear(w, "to_v", channels, inner);
+  add_k_proj = Linear(w, "add_k_proj", context_dim, inner);
+  add_v_proj = Linear(w, "add_v_proj", context_dim, inner);
+  to_out = Linear(w, "to_out.0", inner, channels);
+}
+
+at::Tensor AddedKVAttention::operator()(const at::Tensor& x, const at::Tensor& context) const {
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3), L = context.size(1);
+  at::Tensor e = has_norm_cross ? norm_cross(context.transpose(1, 2)).transpose(1, 2) : context;
+  const at::Tensor h = group_norm(x.reshape({B, C, N})).transpose(1, 2);  // [B, N, C]
+  const int64_t inner = to_q.weight.size(0), D = inner / heads;
+  auto split = [&](const at::Tensor& t, int64_t n) { return t.view({B, n, heads, D}).transpose(1, 2); };
+  const at::Tensor q = split(to_q(h), N);
+  const at::Tensor k = at::cat({split(add_k_proj(e), L), split(to_k(h), N)}, 2);
+  const at::Tensor v = at::cat({split(add_v_proj(e), L), split(to_v(h), N)}, 2);
+  const at::Tensor o = to_out(attention(q, k, v, at::Tensor()).transpose(1, 2).reshape({B, N, inner}));
+  return o.transpose(1, 2).reshape(x.sizes()) + x;
 }
 
 BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head,

@@ -5,15 +5,25 @@
 
 namespace diffpipe::nn {
 
+// ResnetBlock2D's variants beyond Stable Diffusion's (DeepFloyd IF's UNets use all of them).
+struct ResnetOptions {
+  bool gelu = false;           // act_fn "gelu" (exact) instead of silu
+  bool scale_shift = false;    // resnet_time_scale_shift "scale_shift": the time embedding gives (scale, shift)
+                               // applied after norm2 (time_emb_proj has 2 x out outputs)
+  bool skip_time_act = false;  // resnet_skip_time_act: no activation before time_emb_proj
+  int resample = 0;            // 1: 2x2 average pool (down=True), 2: nearest x2 (up=True), of both paths
+};
+
 struct ResnetBlock2D {
   GroupNorm norm1, norm2;
   Conv2d conv1, conv2, conv_shortcut;
   Linear time_emb_proj;  // absent (undefined) when temb_channels == 0
   bool has_shortcut = false;
   double output_scale_factor = 1.0;
+  ResnetOptions opt;
   ResnetBlock2D() = default;
   ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t temb_channels, int64_t groups, double eps,
-                double output_scale);
+                double output_scale, const ResnetOptions& options = {});
   // x: [B, in, H, W], temb: [B, temb_channels] or undefined -> [B, out, H, W]
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& temb) const;
 };
@@ -26,6 +36,21 @@ struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
                  bool qkv_bias);
   // x: [B, N, query_dim], context: [B, L, context_dim] (or x itself)
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
+};
+
+// diffusers' Attention with added key/value projections (AttnAddedKVProcessor2_0), in DeepFloyd IF's
+// SimpleCrossAttn blocks: the spatial tokens (group-normed) attend to the text tokens' add_k/add_v projections
+// (group-normed over channels when cross_attention_norm is "group_norm") followed by their own keys and values;
+// the output joins the input as a residual.
+struct AddedKVAttention {
+  GroupNorm group_norm, norm_cross;
+  bool has_norm_cross = false;
+  Linear to_q, to_k, to_v, add_k_proj, add_v_proj, to_out;
+  int64_t heads = 1;
+  AddedKVAttention() = default;
+  AddedKVAttention(const Weights& w, int64_t channels, int64_t context_dim, int64_t heads, int64_t dim_head,
+                   int64_t groups, double eps, bool norm_cross, int64_t cross_norm_groups);
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;  // x: [B, C, H, W]
 };
 
 struct BasicTransformerBlock {

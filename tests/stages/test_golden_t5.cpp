@@ -7,6 +7,7 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/t5.h"
+#include "diffpipe/stages/unet.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -84,4 +85,28 @@ TEST(T5, BadTokenizerFileIsNamed) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("tokenizer.json: field 'model.type'"), std::string::npos) << e.what();
   }
+}
+
+// DeepFloyd IF's stage-I UNet layout (tests/stages/make_if_golden.py): pixel space with learned variance channels,
+// gelu, scale-shift resnets with skip_time_act and output scale, resnet down/upsamplers, added-KV SimpleCrossAttn
+// blocks and mid block, T5 states projected (encoder_hid_proj) and attention-pooled into the time embedding.
+// $DIFFPIPE_GOLDEN_IF, default the sibling tiny-if; absent, skipped.
+TEST(GoldenIf, UNetStageOneLayout) {
+  const char* env = std::getenv("DIFFPIPE_GOLDEN_IF");
+  const std::string sd = test::golden_dir();
+  const std::string dir = env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-if";
+  if (!dir_exists(dir + "/unet"))
+    GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_if_golden.py --out DIR "
+                 << "and set DIFFPIPE_GOLDEN_IF=DIR)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto unet = UNet2DConditionModel::load(dir + "/unet", DeviceSpec{});
+  const at::Tensor out = unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"));
+  const double e = rel_err(out, g.at("unet.out"));
+  std::printf("[golden-if] UNet (IF stage I layout): %.2e\n", e);
+  EXPECT_LE(e, 1e-4);
+  // per sample: the same rows (nothing mixes samples)
+  const double e1 = rel_err(unet->forward(g.at("unet.sample").slice(0, 1, 2), g.at("unet.timesteps").slice(0, 1, 2),
+                                          g.at("unet.encoder_hidden_states").slice(0, 1, 2)),
+                            g.at("unet.out").slice(0, 1, 2));
+  EXPECT_LE(e1, 1e-4);
 }

@@ -21,6 +21,7 @@ struct UNetConfig {
   std::string mid_block_type = "UNetMidBlock2DCrossAttn";  // "" = no mid block
   std::vector<int64_t> layers_per_block;                   // per down block
   std::vector<int64_t> heads;                              // per down block (num_attention_heads or attention_head_dim)
+  std::vector<int64_t> attention_head_dim;                 // per down block, as written (SimpleCrossAttn: head width)
   std::vector<int64_t> cross_attention_dim;                // per down block
   std::vector<int64_t> transformer_layers_per_block;       // per down block
   bool use_linear_projection = false, upcast_attention = false;
@@ -36,6 +37,16 @@ struct UNetConfig {
   int64_t addition_time_embed_dim = 0;             // text_time: sinusoid width per time id
   int64_t projection_class_embeddings_input_dim = 0;  // input width of class_embedding / add_embedding
   bool text_time() const { return addition_embed_type == "text_time"; }
+  // DeepFloyd IF's UNets: gelu activations, scale-shift time conditioning, SimpleCrossAttn blocks, T5 states
+  // projected by encoder_hid_proj and attention-pooled into the time embedding (addition_embed_type "text").
+  std::string act_fn = "silu";               // silu | gelu
+  std::string time_embedding_act_fn;         // "" | silu | gelu: applied to the summed time embedding
+  bool resnet_scale_shift = false;           // resnet_time_scale_shift "scale_shift"
+  bool resnet_skip_time_act = false;
+  double resnet_out_scale_factor = 1.0;
+  int64_t encoder_hid_dim = 0;               // > 0: encoder_hid_proj (text_proj) from this width
+  int64_t addition_embed_type_num_heads = 64;  // addition_embed_type "text": attention-pooling heads
+  bool cross_attention_norm = false;         // cross_attention_norm "group_norm" (SimpleCrossAttn blocks)
   static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
 };
 
