@@ -254,8 +254,14 @@ int generate_main(int argc, char** argv) {
     defaults.stage.batching = a.str("batching", "step");
     defaults.batch_invariant = a.flag("batch-invariant");
     SdModel::validate(a.str("model"));
-    {  // prompt lengths in tokens: CLIP reads max_length tokens with its start and end; warn as diffusers does
-      const ClipTokenizer tok = ClipTokenizer::load(path_join(a.str("model"), "tokenizer"));
+    {  // prompt lengths in tokens: CLIP reads max_length tokens with its start and end (T5: 76 and its end);
+       // warn as diffusers does
+      const bool t5 = SdModel::is_if(a.str("model"));
+      std::unique_ptr<ClipTokenizer> clip;
+      std::unique_ptr<T5Tokenizer> t5tok;
+      if (t5) t5tok = std::make_unique<T5Tokenizer>(T5Tokenizer::load(path_join(a.str("model"), "tokenizer")));
+      else clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(path_join(a.str("model"), "tokenizer")));
+      const size_t max_len = t5 ? 77 : static_cast<size_t>(clip->max_length());
       std::vector<PromptLine> all;
       std::set<std::string> seen_negative;
       for (const auto& j : jobs) {
@@ -266,14 +272,14 @@ int generate_main(int argc, char** argv) {
       for (const auto& l : all) {
         size_t n = 0;
         try {
-          n = tok.encode_untruncated(l.text).size();
+          n = t5 ? t5tok->pieces(l.text).size() + 1 : clip->encode_untruncated(l.text).size();
         } catch (const std::exception& e) {
           DP_FAIL("generate: ", l.origin, ": ", describe(e));
         }
-        if (n > static_cast<size_t>(tok.max_length()) && world.rank == 0)
-          std::fprintf(stderr, "diffpipe: warning: %s: the prompt has %zu tokens; CLIP reads %d (with its start and "
-                       "end tokens), so the last %zu are ignored\n", l.origin.c_str(), n, tok.max_length(),
-                       n - tok.max_length());
+        if (n > max_len && world.rank == 0)
+          std::fprintf(stderr, "diffpipe: warning: %s: the prompt has %zu tokens; %s reads %zu (with its %s), so the "
+                       "last %zu are ignored\n", l.origin.c_str(), n, t5 ? "T5" : "CLIP", max_len,
+                       t5 ? "end token" : "start and end tokens", n - max_len);
       }
     }
     const auto layout = pipeline_layout(a.str("model"));

@@ -50,7 +50,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   const JsonConfig j = JsonConfig::load(path);
   SchedulerConfig c;
   c.class_name = j.string("_class_name", ddpm ? "DDPMScheduler" : c.class_name);
-  if (ddpm) {
+  ddpm = ddpm || c.class_name == "DDPMScheduler";
+  if (ddpm) {  // DeepFloyd IF's scheduler, Stable unCLIP's prior's
     if (c.class_name != "DDPMScheduler") j.fail("_class_name", "expected DDPMScheduler, got '" + c.class_name + "'");
     c.beta_schedule = "linear";  // DDPMScheduler's defaults
     c.beta_start = 0.0001;

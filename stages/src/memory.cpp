@@ -25,8 +25,11 @@ double weight_bytes(const std::string& file, c10::ScalarType dtype) {
 MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::string>& stages, int width, int height,
                                 int max_batch, bool guidance, c10::ScalarType dtype) {
   const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
-  const VaeConfig v = VaeConfig::load(path_join(dir, "vae/config.json"));
-  const int64_t factor = int64_t(1) << (v.block_out_channels.size() - 1);
+  const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
+  VaeConfig v;
+  if (!pixel) v = VaeConfig::load(path_join(dir, "vae/config.json"));
+  else v.block_out_channels = {u.block_out_channels[0]};
+  const int64_t factor = pixel ? 1 : int64_t(1) << (v.block_out_channels.size() - 1);
   const double W = width > 0 ? width : static_cast<double>(u.sample_size * factor);
   const double H = height > 0 ? height : static_cast<double>(u.sample_size * factor);
   const double bytes = static_cast<double>(c10::elementSize(dtype));

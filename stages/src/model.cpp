@@ -23,9 +23,36 @@ std::string weights_file(const std::string& dir, const char* name) {
 }
 }  // namespace
 
+namespace {
+// DeepFloyd IF stage I: tokenizer/ (T5, tokenizer.json), text_encoder/ (T5EncoderModel), unet/ (pixel space),
+// scheduler/ (DDPMScheduler); no VAE.
+void validate_if(const std::string& dir, const JsonConfig& index) {
+  for (const char* c : {"tokenizer", "text_encoder", "unet", "scheduler"})
+    if (!index.has(c)) index.fail(c, "component missing from model_index.json");
+  DP_CHECK(file_exists(path_join(dir, "tokenizer/tokenizer.json")), path_join(dir, "tokenizer/tokenizer.json"),
+           ": file not found (a T5 tokenizer.json; a folder with spiece.model only can be converted by saving "
+           "transformers' T5TokenizerFast)");
+  const auto t5 = T5Config::load(path_join(dir, "text_encoder/config.json"));
+  const auto u = UNetConfig::load(path_join(dir, "unet/config.json"));
+  const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
+  SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
+  const std::string uc = path_join(dir, "unet/config.json");
+  DP_CHECK(u.encoder_hid_dim == t5.d_model || (u.encoder_hid_dim == 0 && u.cross_attention_dim[0] == t5.d_model), uc,
+           ": encoder_hid_dim ", u.encoder_hid_dim, " does not match the T5 encoder's d_model ", t5.d_model);
+  const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
+  DP_CHECK(u.out_channels == u.in_channels || u.out_channels == 2 * u.in_channels, uc, ": out_channels ",
+           u.out_channels, " must be in_channels ", u.in_channels, " (or twice, with a learned variance)");
+  DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
+           ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
+           u.out_channels, ")");
+}
+}  // namespace
+
 void SdModel::validate(const std::string& dir) {
   DP_CHECK(dir_exists(dir), dir, ": model folder not found");
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+  if (is_if(dir)) return validate_if(dir, index);
   for (const char* c : {"tokenizer", "text_encoder", "unet", "vae", "scheduler"})
     if (!index.has(c)) index.fail(c, "component missing from model_index.json");
   const auto tcfg = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
@@ -115,10 +142,21 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   SdModel m;
   m.dir = dir;
   m.spec = spec;
-  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
   m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
-  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  if (is_if(dir)) {  // DeepFloyd IF stage I: T5 + the pixel-space UNet; no VAE, no super-resolution here
+    m.deepfloyd_if = true;
+    m.vae_dtype = spec.dtype;
+    m.t5_config = T5Config::load(path_join(dir, "text_encoder/config.json"));
+    if (components & kTextEncoder) {
+      m.t5_tokenizer = std::make_shared<T5Tokenizer>(T5Tokenizer::load(path_join(dir, "tokenizer")));
+      m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder"), spec);
+    }
+    if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
+    return m;
+  }
+  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   if (is_unclip(dir)) {
     if (UnclipParts::has_prior(dir))
       m.prior_train_timesteps =
@@ -156,6 +194,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
+bool SdModel::is_if(const std::string& dir) {
+  const std::string index = path_join(dir, "model_index.json");
+  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "IFPipeline";
+}
 bool SdModel::is_sdxl(const std::string& dir) {
   const std::string index = path_join(dir, "model_index.json");
   return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "StableDiffusionXLPipeline";

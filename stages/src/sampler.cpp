@@ -14,9 +14,10 @@ SamplerKind sampler_kind_of_class(const std::string& n) {
   if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
   if (n == "DPMSolverMultistepScheduler") return SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
+  if (n == "DDPMScheduler") return SamplerKind::DDPM;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "DPMSolverMultistepScheduler, PNDMScheduler)");
+          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler)");
 }
 
 SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
@@ -30,7 +31,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     return SamplerKind::DPMSolverMultistep;
   }
   if (n == "pndm" || n == "plms") return SamplerKind::PNDM;
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm)");
+  if (n == "ddpm") return SamplerKind::DDPM;
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -40,6 +42,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::EulerAncestral: return "euler_a";
     case SamplerKind::DPMSolverMultistep: return "dpmpp_2m";
     case SamplerKind::PNDM: return "pndm";
+    case SamplerKind::DDPM: return "ddpm";
   }
   return "?";
 }
@@ -394,6 +397,26 @@ class DPMSolverSampler : public Sampler {
 
 }  // namespace
 
+namespace {
+// DDPMScheduler as a per-request Sampler (DeepFloyd IF's): every call but the last adds noise from the request's
+// stream; a learned variance arrives as the model output's second half.
+class DdpmStepSampler : public Sampler {
+ public:
+  DdpmStepSampler(const SchedulerConfig& cfg, int steps) : ddpm_(cfg, steps) {
+    for (int i = 0; i < ddpm_.num_steps(); ++i) timesteps_.push_back(static_cast<double>(ddpm_.timestep(i)));
+  }
+  at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const StepNoise& noise) override {
+    const at::Tensor z = ddpm_.adds_noise(i) ? noise(i, sample) : at::Tensor();
+    return ddpm_.step(model_output, i, sample, z);
+  }
+  SamplerKind kind() const override { return SamplerKind::DDPM; }
+  bool learned_variance() const override { return ddpm_.learned_variance(); }
+
+ private:
+  DdpmSampler ddpm_;
+};
+}  // namespace
+
 std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas) {
   DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "sampler: steps must be in [1, ", cfg.num_train_timesteps,
            "], got ", steps);
@@ -401,6 +424,7 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
   switch (kind) {
     case SamplerKind::DDIM: s = std::make_unique<DDIMSampler>(cfg, steps); break;
     case SamplerKind::PNDM: s = std::make_unique<PNDMSampler>(cfg, steps); break;
+    case SamplerKind::DDPM: s = std::make_unique<DdpmStepSampler>(cfg, steps); break;
     case SamplerKind::Euler: {
       SchedulerConfig c = cfg;
       c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;

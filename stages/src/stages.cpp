@@ -1,5 +1,8 @@
 #include "diffpipe/stages/stages.h"
 
+#include <unicode/locid.h>
+#include <unicode/unistr.h>
+
 #include <optional>
 
 #include "diffpipe/runtime/error.h"
@@ -65,7 +68,51 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
 }
 }  // namespace
 
+namespace {
+// IFPipeline._text_preprocessing without clean_caption (which needs bs4 and ftfy): lower case, surrounding white
+// space removed (Python's str.lower and str.strip).
+std::string if_preprocess(const std::string& text) {
+  icu::UnicodeString u = icu::UnicodeString::fromUTF8(text);
+  u.toLower(icu::Locale::getRoot());
+  std::string s;
+  u.toUTF8String(s);
+  const char* ws = " \t\n\r\f\v";
+  const size_t a = s.find_first_not_of(ws), b = s.find_last_not_of(ws);
+  return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
+}
+
+// DeepFloyd IF (IFPipeline.encode_prompt): T5's last hidden state with the padding mask, at the tokenizer's 77
+// tokens; the negative prompt ("" by default) likewise.
+std::vector<Embeddings> encode_if(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
+  DP_CHECK(model.t5 && model.t5_tokenizer, "text encoder stage: the T5 encoder is not loaded");
+  std::vector<Embeddings> out(batch.size());
+  std::vector<int64_t> ids, mask;
+  std::vector<std::pair<size_t, bool>> rows;
+  auto add = [&](size_t i, bool uncond, const std::string& text) {
+    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(if_preprocess(text), 77);
+    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+    mask.insert(mask.end(), e.mask.begin(), e.mask.end());
+    rows.push_back({i, uncond});
+  };
+  for (size_t i = 0; i < batch.size(); ++i) {
+    add(i, false, batch[i]->prompt);
+    if (batch[i]->uses_cfg()) add(i, true, batch[i]->negative_prompt);
+  }
+  const auto n = static_cast<int64_t>(rows.size());
+  const auto opt = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor h = model.t5->forward(at::tensor(ids, opt).view({n, 77}).to(model.spec.device),
+                                         at::tensor(mask, opt).view({n, 77}).to(model.spec.device));
+  for (int64_t r = 0; r < n; ++r) (rows[r].second ? out[rows[r].first].uncond : out[rows[r].first].cond) = h[r];
+  return out;
+}
+}  // namespace
+
 std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationParams*>& batch) const {
+  if (model_.deepfloyd_if) {
+    if (batch.empty()) return {};
+    profile::Scope prof(profile::Section::TextEncoder);
+    return encode_if(model_, batch);
+  }
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
   if (batch.empty()) return out;
@@ -100,6 +147,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
   DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
            model.scheduler.num_train_timesteps, "], got ", p.steps);
+  DP_CHECK(!model.scheduler.thresholding || r.kind == SamplerKind::DDPM, "sampler: ", sampler_kind_name(r.kind),
+           " does not apply the dynamic thresholding that ", model.dir,
+           "'s scheduler uses (DDPMScheduler with thresholding): use ddpm (the default)");
   r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);  // checks the schedule itself
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
@@ -115,6 +165,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.image_prompt.empty() || model.image_variations, "image_prompt: ", model.dir,
            " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
   DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
+  DP_CHECK(!model.deepfloyd_if || p.clip_skip == 0, "clip_skip: not supported for DeepFloyd IF folders (T5; ",
+           model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
@@ -220,22 +272,33 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   int64_t row = 0;
   for (DenoiseState* s : batch) {
     at::Tensor eps;
+    // a UNet that also predicts the variance (DeepFloyd IF: 2C channels): guidance mixes the prediction only, the
+    // variance comes from the conditional row (IFPipeline); a sampler without a learned variance drops it
+    const int64_t C = s->latents.size(0);
+    const bool extra = e.size(1) == 2 * C;
     if (s->guidance > 1.0) {
       at::Tensor eu = e[row], ec = e[row + 1];
-      eps = eu + s->guidance * (ec - eu);
+      if (extra) {
+        const at::Tensor pu = eu.slice(0, 0, C), pc = ec.slice(0, 0, C);
+        eps = at::cat({pu + s->guidance * (pc - pu), ec.slice(0, C)}, 0);
+      } else {
+        eps = eu + s->guidance * (ec - eu);
+      }
       row += 2;
     } else {
       eps = e[row];
       row += 1;
     }
+    if (extra && !s->sampler->learned_variance()) eps = eps.slice(0, 0, C);
+    const at::Tensor prediction = extra ? eps.slice(0, 0, C) : eps;  // what previews read
     s->preview = at::Tensor();
     for (size_t k = 0; k < s->preview_at.size(); ++k)
       if (s->preview_at[k] == s->step) {
-        s->preview = predicted_original(model_, *s->sampler, eps, s->step, s->latents).contiguous();
+        s->preview = predicted_original(model_, *s->sampler, prediction, s->step, s->latents).contiguous();
         s->preview_index = static_cast<int>(k) + 1;
       }
     const uint64_t seed = s->seed;
-    StepNoise noise = [seed](int step, const at::Tensor& like) {
+    StepNoise noise = s->step_noise ? s->step_noise : [seed](int step, const at::Tensor& like) {
       return seeded_noise(seed, 1 + static_cast<uint64_t>(step), like.sizes()).to(like.device());
     };
     // Samplers work on [1, C, h, w] as diffusers does.
@@ -257,11 +320,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
 }
 
 at::Tensor DecodeStage::run_uint8(const std::vector<at::Tensor>& latents, std::vector<std::string>* failures) const {
-  DP_CHECK(model_.vae, "decode stage: VAE not loaded");
+  DP_CHECK(model_.vae || model_.deepfloyd_if, "decode stage: VAE not loaded");
   DP_CHECK(!latents.empty(), "decode stage: empty batch");
   profile::Scope prof(profile::Section::Vae);
   at::Tensor z = at::stack(latents).to(model_.spec.device, model_.vae_dtype);
-  at::Tensor img = model_.vae->decode_scaled(z);
+  // pixel-space models (DeepFloyd IF) denoise the image itself, in [-1, 1]
+  at::Tensor img = model_.deepfloyd_if ? z : model_.vae->decode_scaled(z);
   const at::Tensor finite = at::isfinite(img).flatten(1).all(1).cpu();  // one flag per image
   if (failures) failures->assign(static_cast<size_t>(finite.size(0)), std::string());
   for (int64_t i = 0; i < finite.size(0); ++i) {

@@ -40,6 +40,43 @@ def corpus(seed, clip_vocab):
     return out
 
 
+def make_t5(tok_dir, enc_dir, seed, clip_vocab, d_model=32):
+    """A T5Tokenizer (Unigram vocabulary trained on captions, NFKC) and a random T5EncoderModel (3 layers, 4 heads,
+    gated-GELU), saved to tok_dir and enc_dir; returns both."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    # a Unigram vocabulary with scores, trained as SentencePiece would split words ("▁" marks a word start)
+    trainer_tok = Tokenizer(Unigram())
+    trainer_tok.normalizer = normalizers.NFKC()
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    trainer = UnigramTrainer(vocab_size=2000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                             shrinking_factor=0.75, max_piece_length=8)
+    trainer_tok.train_from_iterator(corpus(seed, clip_vocab), trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]["vocab"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, s) for p, s in learned if p not in
+                                                               ("<pad>", "</s>", "<unk>")]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(9, -1, -1)]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=10, model_max_length=77)
+    tok._tokenizer.normalizer = normalizers.NFKC()  # real T5 folders: a Precompiled (nmt_nfkc) charsmap
+    tok.save_pretrained(tok_dir)
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=56, num_layers=3, num_heads=4,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False,
+                   use_cache=False, pad_token_id=0, eos_token_id=1)
+    enc = T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    enc.save_pretrained(enc_dir)
+    return tok, enc
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -50,40 +87,11 @@ def main():
     a = ap.parse_args()
     import transformers
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import Unigram
-    from tokenizers.trainers import UnigramTrainer
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     if os.path.exists(a.out):
         shutil.rmtree(a.out)
     os.makedirs(a.out)
-    # a Unigram vocabulary with scores, trained as SentencePiece would split words ("▁" marks a word start)
-    trainer_tok = Tokenizer(Unigram())
-    trainer_tok.normalizer = normalizers.NFKC()
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    trainer = UnigramTrainer(vocab_size=2000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                             shrinking_factor=0.75, max_piece_length=8)
-    trainer_tok.train_from_iterator(corpus(a.seed, a.clip_vocab), trainer)
-    learned = json.loads(trainer_tok.to_str())["model"]["vocab"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, s) for p, s in learned if p not in
-                                                               ("<pad>", "</s>", "<unk>")]
-    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(9, -1, -1)]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=10, model_max_length=77)
-    tok._tokenizer.normalizer = normalizers.NFKC()  # real T5 folders: a Precompiled (nmt_nfkc) charsmap
-    tok.save_pretrained(os.path.join(a.out, "tokenizer"))
-
-    torch.manual_seed(a.seed)
-    cfg = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=56, num_layers=3, num_heads=4,
-                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                   feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False,
-                   use_cache=False, pad_token_id=0, eos_token_id=1)
-    enc = T5EncoderModel(cfg).eval()
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    enc.save_pretrained(os.path.join(a.out, "text_encoder"))
+    tok, enc = make_t5(os.path.join(a.out, "tokenizer"), os.path.join(a.out, "text_encoder"), a.seed, a.clip_vocab)
 
     t = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, add_special_tokens=True,
             return_tensors="pt")

@@ -6,6 +6,7 @@
 
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/unet.h"
 #include "test_util.h"
@@ -87,19 +88,25 @@ TEST(T5, BadTokenizerFileIsNamed) {
   }
 }
 
+namespace {
+std::string if_dir() {
+  const char* env = std::getenv("DIFFPIPE_GOLDEN_IF");
+  const std::string sd = test::golden_dir();
+  return env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-if";
+}
+}  // namespace
+
 // DeepFloyd IF's stage-I UNet layout (tests/stages/make_if_golden.py): pixel space with learned variance channels,
 // gelu, scale-shift resnets with skip_time_act and output scale, resnet down/upsamplers, added-KV SimpleCrossAttn
 // blocks and mid block, T5 states projected (encoder_hid_proj) and attention-pooled into the time embedding.
 // $DIFFPIPE_GOLDEN_IF, default the sibling tiny-if; absent, skipped.
 TEST(GoldenIf, UNetStageOneLayout) {
-  const char* env = std::getenv("DIFFPIPE_GOLDEN_IF");
-  const std::string sd = test::golden_dir();
-  const std::string dir = env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-if";
-  if (!dir_exists(dir + "/unet"))
+  const std::string dir = if_dir();
+  if (!dir_exists(dir + "/model/unet"))
     GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_if_golden.py --out DIR "
                  << "and set DIFFPIPE_GOLDEN_IF=DIR)";
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto unet = UNet2DConditionModel::load(dir + "/unet", DeviceSpec{});
+  const auto unet = UNet2DConditionModel::load(dir + "/model/unet", DeviceSpec{});
   const at::Tensor out = unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"));
   const double e = rel_err(out, g.at("unet.out"));
   std::printf("[golden-if] UNet (IF stage I layout): %.2e\n", e);
@@ -109,4 +116,57 @@ TEST(GoldenIf, UNetStageOneLayout) {
                                           g.at("unet.encoder_hidden_states").slice(0, 1, 2)),
                             g.at("unet.out").slice(0, 1, 2));
   EXPECT_LE(e1, 1e-4);
+}
+
+// The whole IFPipeline (stage I) through diffpipe's stages: T5 encode (IF's lower-case/strip preprocessing, padding
+// mask), step-level denoise in pixel space with guidance on the prediction half and the conditional row's learned
+// variance, DDPM learned_range + dynamic thresholding, the reference's draws (initial image, each step's noise);
+// decode = [-1, 1] pixels to 8 bits. Runs without and with a negative prompt.
+TEST(GoldenIf, WholeStageOnePipeline) {
+  const std::string dir = if_dir();
+  if (!dir_exists(dir + "/model/unet")) GTEST_SKIP() << "reference folder " << dir << " is absent";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", DeviceSpec{});
+  ASSERT_TRUE(model.deepfloyd_if && model.t5 && !model.vae);
+  for (const auto& run : meta.at("runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    const std::string pre = "pipeline." + n + ".draws.";
+    std::vector<GenerationParams> params;
+    for (const auto& pr : meta.at("prompts")) {
+      GenerationParams p;
+      p.prompt = pr.get<std::string>();
+      p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+      p.steps = run.at("steps").get<int>();
+      p.guidance = run.at("guidance").get<double>();
+      p.width = p.height = run.at("size").get<int>();
+      params.push_back(p);
+    }
+    std::vector<const GenerationParams*> ptrs;
+    for (const auto& p : params) ptrs.push_back(&p);
+    auto embs = TextEncodeStage(model).run(ptrs);
+    std::vector<DenoiseState> ds;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto row = static_cast<int64_t>(i);
+      ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(pre + "0")[row]));
+      ds.back().step_noise = [&g, pre, row](int step, const at::Tensor& like) {
+        return g.at(pre + std::to_string(step + 1))[row].reshape(like.sizes());
+      };
+    }
+    ASSERT_EQ(ds[0].sampler->kind(), SamplerKind::DDPM);
+    const DenoiseStage den(model);
+    std::vector<DenoiseState*> batch;
+    for (auto& s : ds) batch.push_back(&s);
+    while (!ds[0].done()) den.step(batch);
+    std::vector<at::Tensor> px;
+    for (auto& s : ds) px.push_back(s.latents);
+    const double e = rel_err(at::stack(px), g.at("pipeline." + n + ".final_images"));
+    const at::Tensor img = DecodeStage(model).run_uint8(px);
+    const at::Tensor d = (img.to(at::kInt) - g.at("pipeline." + n + ".image_uint8").to(at::kInt)).abs();
+    const double within = d.le(1).to(at::kDouble).mean().item<double>();
+    std::printf("[golden-if] whole stage I (%s): final images %.2e, 8-bit values within +-1: %.4f (max %d)\n",
+                n.c_str(), e, within, d.max().item<int>());
+    EXPECT_LE(e, 1e-3) << n;
+    EXPECT_GE(within, 0.99) << n;
+  }
 }

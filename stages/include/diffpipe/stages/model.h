@@ -10,6 +10,7 @@
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/sampler.h"
 #include "diffpipe/stages/super_res.h"
+#include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
@@ -33,6 +34,10 @@ struct SdModel {
   // prompt embeddings are both encoders' penultimate states side by side, the pooled embedding is the second's.
   std::shared_ptr<ClipTokenizer> tokenizer_2;
   std::shared_ptr<ClipTextModel> text_encoder_2;
+  // DeepFloyd IF (IFPipeline folders): T5 text side, a pixel-space UNet, no VAE (the decode stage only converts
+  // [-1, 1] pixels to 8 bits).
+  std::shared_ptr<T5Tokenizer> t5_tokenizer;
+  std::shared_ptr<T5EncoderModel> t5;
   std::shared_ptr<UNet2DConditionModel> unet;
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
@@ -44,6 +49,8 @@ struct SdModel {
   ClipTextConfig text_config_2;            // SDXL only
   bool sdxl = false;                       // model_index.json names StableDiffusionXLPipeline
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
+  bool deepfloyd_if = false;               // model_index.json names IFPipeline
+  T5Config t5_config;                      // DeepFloyd IF only
   UNetConfig unet_config;
   VaeConfig vae_config;
   // Stable unCLIP folders: num_train_timesteps of prior_scheduler and image_noising_scheduler (0 otherwise), so
@@ -56,7 +63,9 @@ struct SdModel {
   static void validate(const std::string& dir);
   static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents);
 
-  int64_t latent_factor() const { return int64_t(1) << (vae_config.block_out_channels.size() - 1); }
+  int64_t latent_factor() const {
+    return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
+  }
   // Image size must be a multiple of this (VAE factor x UNet downsampling).
   int64_t size_multiple() const;
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
@@ -64,6 +73,7 @@ struct SdModel {
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
   static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
+  static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
 };
 
 }  // namespace diffpipe

@@ -12,7 +12,7 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM };
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -75,6 +75,9 @@ class Sampler {
   // One step: call index i, model output for the sample; returns the next sample.
   virtual at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const StepNoise& noise) = 0;
   virtual SamplerKind kind() const = 0;
+  // Whether the model output carries a learned variance after the prediction (2C channels for C): DDPM with a
+  // learned variance type. The denoiser guides only the prediction half.
+  virtual bool learned_variance() const { return false; }
 
  protected:
   std::vector<double> timesteps_;

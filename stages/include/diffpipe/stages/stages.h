@@ -46,6 +46,8 @@ struct DenoiseState {
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
   at::Tensor class_labels, uncond_class_labels, time_ids;  // as in Embeddings
+  StepNoise step_noise;     // stochastic samplers' noise; unset: the request's counter-based stream 1 + step
+                            // (tests replay a reference's draws)
   at::Tensor latents;       // [C, h, w], float32
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
