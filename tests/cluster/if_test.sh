@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# DeepFloyd IF stage I (T5 text encoder, pixel-space UNet with learned variance, DDPM + dynamic thresholding)
+# through `diffpipe generate` under mpirun:
+#   if_test.sh DIFFPIPE_BIN WORKDIR   (the folder: $DIFFPIPE_GOLDEN_IF/model, made by tests/stages/make_if_golden.py)
+# Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks and with --placement replicas (same threads,
+# --batch-invariant); the image has the requested size; a negative prompt changes it; case and surrounding spaces of
+# the prompt do not (IF lower-cases and strips); samplers without the folder's thresholding, clip_skip, and a folder
+# without tokenizer.json are refused by name. Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_IF:-$(dirname "$0")/../../../shared/golden/tiny-if}
+MODEL=$GOLD/model
+[ -d "$MODEL" ] || { echo "SKIP: IF folder $MODEL is absent (set DIFFPIPE_GOLDEN_IF)"; exit 77; }
+source "$(dirname "$0")/lib.sh"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 6 --seed 5 --threads 1
+        --batch-invariant --quiet --timeout 60)
+
+timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
+[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
+timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --out "$WORK/np3" 2> "$WORK/np3.log" \
+  || bad "np 3 failed: $(tail -2 "$WORK/np3.log")"
+same_pngs "$WORK/np1" "$WORK/np3" && ok "np 3 (encode | denoise | decode): the same PNG bytes as 1 rank" \
+  || bad "np 3: images differ from 1 rank"
+timeout 180 $MPIRUN -np 2 "$BIN" "${COMMON[@]}" --placement replicas --out "$WORK/rep2" 2> "$WORK/rep2.log" \
+  || bad "np 2 replicas failed: $(tail -2 "$WORK/rep2.log")"
+same_pngs "$WORK/np1" "$WORK/rep2" && ok "np 2 --placement replicas: the same PNG bytes" || bad "replicas: images differ"
+
+ONE=(generate --model "$MODEL" --seed 9 --steps 6 --threads 1 --quiet)
+timeout 60 "$BIN" "${ONE[@]}" --prompt "a red circle" --width 24 --height 16 --out "$WORK/a" 2> "$WORK/a.log" || bad "run a failed"
+size=$(python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' \
+  "$WORK"/a/img-00000-seed9.png 2>/dev/null)
+[ "$size" = "24 16" ] && ok "--width 24 --height 16 gives a 24x16 image" || bad "image size: '$size'"
+timeout 60 "$BIN" "${ONE[@]}" --prompt "  A RED Circle " --width 24 --height 16 --out "$WORK/b" 2> "$WORK/b.log" || bad "run b failed"
+# the PNG chunk records the prompt as given, so compare pixels
+python3 - "$WORK/a/img-00000-seed9.png" "$WORK/b/img-00000-seed9.png" <<'PY' && ok "case and surrounding spaces do not change the image (IF preprocessing)" || bad "preprocessing: the images differ"
+import sys, zlib, struct
+def pixels(f):
+    d = open(f, "rb").read(); i = 8; idat = b""
+    while i < len(d):
+        n, t = struct.unpack(">I4s", d[i:i + 8]); i += 8
+        if t == b"IDAT": idat += d[i:i + n]
+        i += n + 4
+    return zlib.decompress(idat)
+sys.exit(0 if pixels(sys.argv[1]) == pixels(sys.argv[2]) else 1)
+PY
+timeout 60 "$BIN" "${ONE[@]}" --prompt "a red circle" --width 24 --height 16 --negative-prompt "blurry" --out "$WORK/n" \
+  2> "$WORK/n.log" || bad "negative run failed"
+cmp -s "$WORK/a/img-00000-seed9.png" "$WORK/n/img-00000-seed9.png" && bad "a negative prompt did not change the image" \
+  || ok "a negative prompt changes the image"
+
+if timeout 60 "$BIN" "${ONE[@]}" --prompt x --sampler euler --out "$WORK/s" 2> "$WORK/s.log"; then bad "euler accepted"
+else grep -q "does not apply the dynamic thresholding" "$WORK/s.log" && ok "a sampler without thresholding refused by name" \
+  || bad "sampler refusal unclear: $(tail -1 "$WORK/s.log")"; fi
+if timeout 60 "$BIN" "${ONE[@]}" --prompt x --clip-skip 1 --out "$WORK/c" 2> "$WORK/c.log"; then bad "clip_skip accepted"
+else grep -q "clip_skip: not supported for DeepFloyd IF" "$WORK/c.log" && ok "clip_skip refused by name" \
+  || bad "clip_skip refusal unclear: $(tail -1 "$WORK/c.log")"; fi
+mkdir -p "$WORK/broken/tokenizer"
+for p in "$MODEL"/*; do [ "$(basename "$p")" = tokenizer ] || ln -s "$p" "$WORK/broken/"; done
+cp "$MODEL/tokenizer/tokenizer_config.json" "$WORK/broken/tokenizer/"
+if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/bo" 2> "$WORK/broken.log"; then
+  bad "a folder without tokenizer.json accepted"
+else grep -q "tokenizer/tokenizer.json: file not found" "$WORK/broken.log" && ok "a folder without tokenizer.json refused naming it" \
+  || bad "missing tokenizer.json error unclear: $(tail -1 "$WORK/broken.log")"; fi
+
+echo "if: $passed passed, $fails failed"
+[ $fails = 0 ]
