@@ -217,8 +217,9 @@ UNetConfig UNetConfig::load(const std::string& path) {
   c.addition_embed_type_num_heads = j.integer("addition_embed_type_num_heads", 64);
   j.require("time_embedding_type", "positional");
   c.class_embed_type = j.has("class_embed_type") && !j.json()["class_embed_type"].is_null() ? j.string("class_embed_type", "") : "";
-  if (!c.class_embed_type.empty() && c.class_embed_type != "projection")
-    j.fail("class_embed_type", "unsupported value \"" + c.class_embed_type + "\" (supported: null, \"projection\")");
+  if (!c.class_embed_type.empty() && c.class_embed_type != "projection" && c.class_embed_type != "timestep")
+    j.fail("class_embed_type", "unsupported value \"" + c.class_embed_type +
+           "\" (supported: null, \"projection\", \"timestep\")");
   if (c.class_embed_type == "projection") {
     c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
     j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);

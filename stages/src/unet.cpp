@@ -111,6 +111,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   auto is_if = [](const std::string& t) { return t.rfind("Simple", 0) == 0 || t.rfind("Resnet", 0) == 0; };
   m->time_linear_1 = nn::Linear(w, "time_embedding.linear_1", boc[0], temb);
   m->time_linear_2 = nn::Linear(w, "time_embedding.linear_2", temb, temb);
+  if (c.class_embed_type == "timestep") {  // TimestepEmbedding of the level's sinusoid, like the timestep's
+    m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", boc[0], temb);
+    m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
+  }
   if (c.class_embed_type == "projection") {
     m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
@@ -261,6 +265,14 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
              "unet: class_labels must be [", B, ", ", cfg_.projection_class_embeddings_input_dim,
              "] for class_embed_type \"projection\"");
     cl = class_labels.to(sample.device(), m.time_linear_1.weight.scalar_type());
+  } else if (cfg_.class_embed_type == "timestep") {  // IF stage II: the noise level, embedded as a timestep
+    DP_CHECK(class_labels.defined() && class_labels.numel() == B, "unet: class_embed_type \"timestep\" needs one ",
+             "class label (a level) per sample: ", B);
+    at::Tensor lv = timestep_embedding(class_labels.to(at::kCPU).reshape({B}), cfg_.block_out_channels[0],
+                                       cfg_.flip_sin_to_cos, cfg_.freq_shift);
+    cl = (sample.is_cuda() ? lv.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
+                           : lv.to(sample.device()))
+             .to(sample.scalar_type());
   } else if (cfg_.text_time()) {  // SDXL: [pooled text | sinusoids of the size ids] -> add_embedding
     DP_CHECK(class_labels.defined() && time_ids.defined() && class_labels.dim() == 2 && time_ids.dim() == 2 &&
                  class_labels.size(0) == B && time_ids.size(0) == B &&

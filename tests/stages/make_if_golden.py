@@ -76,6 +76,26 @@ def main():
     with torch.no_grad():
         out = unet(x, ts, encoder_hidden_states=ehs).sample
     res = {"unet.sample": x, "unet.timesteps": ts, "unet.encoder_hidden_states": ehs, "unet.out": out}
+    # IF stage II's UNet layout (super-resolution): the noisy image and the upscaled stage-I image side by side
+    # (6 channels in), the upscaled image's noise level as class label (class_embed_type "timestep")
+    torch.manual_seed(a.seed + 200)
+    sr = UNet2DConditionModel(
+        sample_size=32, in_channels=6, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        act_fn="gelu", addition_embed_type="text", addition_embed_type_num_heads=4, attention_head_dim=16,
+        cross_attention_dim=64, cross_attention_norm="group_norm", encoder_hid_dim=40, encoder_hid_dim_type="text_proj",
+        resnet_time_scale_shift="scale_shift", resnet_skip_time_act=True, resnet_out_scale_factor=1.414,
+        time_embedding_act_fn="gelu", class_embed_type="timestep", norm_num_groups=8).eval()
+    with torch.no_grad():
+        for p in sr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        sr.save_pretrained(os.path.join(a.out, "sr_unet"))
+        xs = torch.randn(2, 6, 32, 32, generator=g)
+        lv = torch.tensor([250, 0])
+        res.update({"sr_unet.sample": xs, "sr_unet.timesteps": torch.tensor([700, 3]), "sr_unet.class_labels": lv,
+                    "sr_unet.encoder_hidden_states": ehs})
+        res["sr_unet.out"] = sr(xs, torch.tensor([700, 3]), encoder_hidden_states=ehs, class_labels=lv).sample
     runs = [dict(name="plain", negative_prompt=None, guidance=7.0, steps=8, size=16),
             dict(name="negative", negative_prompt="Blurry, DARK", guidance=4.0, steps=5, size=16)]
     for r in runs:

@@ -118,6 +118,25 @@ TEST(GoldenIf, UNetStageOneLayout) {
   EXPECT_LE(e1, 1e-4);
 }
 
+// IF stage II's UNet layout: 6 channels in (noisy image and upscaled stage-I image), the noise level of the
+// upscaled image as class label (class_embed_type "timestep"), gelu, text pooling; levels 250 and 0.
+TEST(GoldenIf, UNetStageTwoLayoutWithNoiseLevel) {
+  const std::string dir = if_dir();
+  if (!dir_exists(dir + "/sr_unet")) GTEST_SKIP() << "reference folder " << dir << "/sr_unet is absent";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto unet = UNet2DConditionModel::load(dir + "/sr_unet", DeviceSpec{});
+  ASSERT_EQ(unet->config().class_embed_type, "timestep");
+  const at::Tensor out = unet->forward(g.at("sr_unet.sample"), g.at("sr_unet.timesteps"),
+                                       g.at("sr_unet.encoder_hidden_states"), g.at("sr_unet.class_labels"));
+  const double e = rel_err(out, g.at("sr_unet.out"));
+  std::printf("[golden-if] UNet (IF stage II layout, noise-level class embedding): %.2e\n", e);
+  EXPECT_LE(e, 1e-4);
+  EXPECT_NE(test::error_of([&] {
+              (void)unet->forward(g.at("sr_unet.sample"), g.at("sr_unet.timesteps"), g.at("sr_unet.encoder_hidden_states"));
+            }).find("needs one class label (a level) per sample"),
+            std::string::npos);
+}
+
 // The whole IFPipeline (stage I) through diffpipe's stages: T5 encode (IF's lower-case/strip preprocessing, padding
 // mask), step-level denoise in pixel space with guidance on the prediction half and the conditional row's learned
 // variance, DDPM learned_range + dynamic thresholding, the reference's draws (initial image, each step's noise);

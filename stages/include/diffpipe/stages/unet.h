@@ -32,7 +32,8 @@ struct UNetConfig {
   double mid_block_scale_factor = 1.0;
   int64_t downsample_padding = 1;
   int64_t sample_size = 64;
-  std::string class_embed_type;                    // "" (none) | "projection" (Stable unCLIP's image embedding)
+  std::string class_embed_type;  // "" (none) | "projection" (Stable unCLIP's image embedding) | "timestep" (a
+                                 // level embedded like the timestep: DeepFloyd IF stage II's noise level)
   std::string addition_embed_type;                 // "" (none) | "text_time" (SDXL: pooled text + size conditioning)
   int64_t addition_time_embed_dim = 0;             // text_time: sinusoid width per time id
   int64_t projection_class_embeddings_input_dim = 0;  // input width of class_embedding / add_embedding
@@ -57,7 +58,8 @@ class UNet2DConditionModel {
 
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
   // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]
-  // when class_embed_type is "projection" (added to the time embedding); for addition_embed_type "text_time"
+  // when class_embed_type is "projection" (added to the time embedding), [B] levels when it is "timestep" (embedded
+  // as timesteps, then added); for addition_embed_type "text_time"
   // (SDXL) the pooled text embedding [B, P] instead, with time_ids [B, K] (original size, crop corner, target
   // size: K = 6), where P + K * addition_time_embed_dim = projection_class_embeddings_input_dim; else undefined.
   // Returns the noise (or v) prediction [B, C_out, H, W].
