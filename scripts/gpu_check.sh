@@ -42,16 +42,19 @@ cmake --build build-gpu -j16 --target $TARGETS > "$OUT/build.log" 2>&1 || { grep
 echo "build: $(( $(date +%s) - t0 )) s"
 B=build-gpu
 export DIFFPIPE_GOLDEN=$ROOT/.gpu/golden/tiny-sd
+for r in SDXL:tiny-sdxl T5:tiny-t5 IF:tiny-if DDPM:tiny-ddpm; do  # the generated references, when they travelled
+  [ -d "$ROOT/.gpu/golden/${r#*:}" ] && export "DIFFPIPE_GOLDEN_${r%%:*}=$ROOT/.gpu/golden/${r#*:}"
+done
 if want golden; then
 step "golden checks (and CUDA graphs / fused kernels): cuda float16, float32, bfloat16"
 for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   echo "--- cuda $dt"
-  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden.*:Cuda.*' 2>&1 \
-    | grep -E "golden\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
+  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden*:Cuda.*' 2>&1 \
+    | grep -E "golden[-a-z0-9]*\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
 echo "--- cuda float16, GroupNorm kernel on channels-last activations (DIFFPIPE_FUSED_NHWC=1)"
 DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
-  --gtest_filter='Golden.*' 2>&1 | grep -E "golden\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
+  --gtest_filter='Golden.*' 2>&1 | grep -E "golden[-a-z0-9]*\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 fi
 if want transport; then
 step "transport suite: NCCL self-send (1 rank), MPI (2 ranks)"

@@ -22,7 +22,10 @@ fi
 GOLDEN=${DIFFPIPE_GOLDEN:-../shared/golden/tiny-sd}
 # the reference folder travels compressed (its tokenizer is 5 MB of text); gpu_check.sh unpacks it
 rm -rf "$G/golden"
-[ -d "$GOLDEN" ] && tar -C "$(dirname "$GOLDEN")" -cJf "$G/golden.tar.xz" "$(basename "$GOLDEN")"
+# with the references scripts/test.sh made under build/golden (SDXL, T5, DeepFloyd IF, DDPM), when present
+EXTRA=""; for r in tiny-sdxl tiny-t5 tiny-if tiny-ddpm; do [ -f "build/golden/$r/golden.json" ] && EXTRA="$EXTRA $r"; done
+[ -d "$GOLDEN" ] && tar -cJf "$G/golden.tar.xz" -C "$(dirname "$GOLDEN")" "$(basename "$GOLDEN")" \
+  ${EXTRA:+-C "$PWD/build/golden" $EXTRA}
 ls "$G"/wheels/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download --quiet --no-deps "diffusers==0.42.1" -d "$G/wheels"
 rm -rf "$G/debs"
 du -sh "$G"  # the device tool carries at most 64 MiB, this and the tracked tree together

@@ -10,6 +10,7 @@
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/vae.h"
 #include "diffpipe/stages/stages.h"
+#include "device_util.h"
 #include "test_util.h"
 #include "cuda_ops.h"  // stages/src: the graph toggle
 
@@ -31,29 +32,10 @@ struct Golden {
     return it->second;
   }
 };
-// DIFFPIPE_TEST_DEVICE=cuda and DIFFPIPE_TEST_DTYPE=float16|bfloat16 run the same checks on a GPU, with the
-// README's 16-bit module tolerance (2e-2); float32 uses 1e-4.
-DeviceSpec test_spec() {
-  DeviceSpec s;
-  const char* d = std::getenv("DIFFPIPE_TEST_DEVICE");
-  const char* t = std::getenv("DIFFPIPE_TEST_DTYPE");
-  if (d && std::string(d) == "cuda") s.device = at::Device(at::kCUDA, 0);
-  if (t && std::string(t) == "float16") s.dtype = at::kHalf;
-  if (t && std::string(t) == "bfloat16") s.dtype = at::kBFloat16;
-  return s;
-}
-const DeviceSpec kCpu = test_spec();
+const DeviceSpec kCpu = test::device_spec();  // see device_util.h
 const bool k16 = kCpu.dtype != at::kFloat;
-// Measured on an H200 (docs/results.md): float16 meets the README's 2e-2; bfloat16's 8-bit mantissa gives
-// 1.9e-2 to 2.3e-2 on the UNet; CUDA float32 UNet outputs differ by up to 9e-4 (cuDNN's convolution
-// algorithms at these shapes) while the whole float32 pipeline loop still matches to 2e-6.
-const double kModuleTol = kCpu.dtype == at::kHalf       ? 2e-2
-                          : kCpu.dtype == at::kBFloat16 ? 3e-2
-                          : kCpu.device.is_cuda()       ? 2e-3
-                                                        : 1e-4;
-at::Tensor in(const at::Tensor& t) {  // an input on the test device, floating inputs in the test dtype
-  return at::isFloatingType(t.scalar_type()) ? t.to(kCpu.device, kCpu.dtype) : t.to(kCpu.device);
-}
+const double kModuleTol = test::module_tol(kCpu);
+at::Tensor in(const at::Tensor& t) { return test::on_device(t, kCpu); }
 }  // namespace
 
 TEST(Golden, TokenizerMatchesEveryCase) {

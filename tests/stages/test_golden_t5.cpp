@@ -9,6 +9,7 @@
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/unet.h"
+#include "device_util.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -48,17 +49,18 @@ TEST(GoldenT5, TokenizerIdsAndMask) {
 TEST(GoldenT5, EncoderLastHiddenState) {
   DP_REQUIRE_T5(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto enc = T5EncoderModel::load(dir + "/text_encoder", DeviceSpec{});
+  const DeviceSpec spec = test::device_spec();
+  const auto enc = T5EncoderModel::load(dir + "/text_encoder", spec);
   const at::Tensor h = enc->forward(g.at("tokenizer.input_ids"), g.at("tokenizer.attention_mask"));
   const at::Tensor ref = g.at("text_encoder.last_hidden_state");
   const double e = rel_err(h, ref);
   std::printf("[golden-t5] T5EncoderModel last_hidden_state: %.2e\n", e);
-  EXPECT_LE(e, 1e-4);
+  EXPECT_LE(e, test::module_tol(spec));
   // one prompt alone gives its row of the batch (the padding mask keeps batch rows apart)
   const double e1 = rel_err(enc->forward(g.at("tokenizer.input_ids").slice(0, 1, 2),
                                          g.at("tokenizer.attention_mask").slice(0, 1, 2)),
                             ref.slice(0, 1, 2));
-  EXPECT_LE(e1, 1e-4);
+  EXPECT_LE(e1, test::module_tol(spec));
 }
 
 // Bucket values of transformers' _relative_position_bucket (bidirectional, 32 buckets, max distance 128):
@@ -106,16 +108,18 @@ TEST(GoldenIf, UNetStageOneLayout) {
     GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_if_golden.py --out DIR "
                  << "and set DIFFPIPE_GOLDEN_IF=DIR)";
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto unet = UNet2DConditionModel::load(dir + "/model/unet", DeviceSpec{});
-  const at::Tensor out = unet->forward(g.at("unet.sample"), g.at("unet.timesteps"), g.at("unet.encoder_hidden_states"));
+  const DeviceSpec spec = test::device_spec();
+  auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
+  const auto unet = UNet2DConditionModel::load(dir + "/model/unet", spec);
+  const at::Tensor out = unet->forward(in("unet.sample"), g.at("unet.timesteps"), in("unet.encoder_hidden_states"));
   const double e = rel_err(out, g.at("unet.out"));
   std::printf("[golden-if] UNet (IF stage I layout): %.2e\n", e);
-  EXPECT_LE(e, 1e-4);
+  EXPECT_LE(e, test::module_tol(spec));
   // per sample: the same rows (nothing mixes samples)
-  const double e1 = rel_err(unet->forward(g.at("unet.sample").slice(0, 1, 2), g.at("unet.timesteps").slice(0, 1, 2),
-                                          g.at("unet.encoder_hidden_states").slice(0, 1, 2)),
+  const double e1 = rel_err(unet->forward(in("unet.sample").slice(0, 1, 2), g.at("unet.timesteps").slice(0, 1, 2),
+                                          in("unet.encoder_hidden_states").slice(0, 1, 2)),
                             g.at("unet.out").slice(0, 1, 2));
-  EXPECT_LE(e1, 1e-4);
+  EXPECT_LE(e1, test::module_tol(spec));
 }
 
 // IF stage II's UNet layout: 6 channels in (noisy image and upscaled stage-I image), the noise level of the
@@ -124,15 +128,17 @@ TEST(GoldenIf, UNetStageTwoLayoutWithNoiseLevel) {
   const std::string dir = if_dir();
   if (!dir_exists(dir + "/sr_unet")) GTEST_SKIP() << "reference folder " << dir << "/sr_unet is absent";
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto unet = UNet2DConditionModel::load(dir + "/sr_unet", DeviceSpec{});
+  const DeviceSpec spec = test::device_spec();
+  auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
+  const auto unet = UNet2DConditionModel::load(dir + "/sr_unet", spec);
   ASSERT_EQ(unet->config().class_embed_type, "timestep");
-  const at::Tensor out = unet->forward(g.at("sr_unet.sample"), g.at("sr_unet.timesteps"),
-                                       g.at("sr_unet.encoder_hidden_states"), g.at("sr_unet.class_labels"));
+  const at::Tensor out = unet->forward(in("sr_unet.sample"), g.at("sr_unet.timesteps"),
+                                       in("sr_unet.encoder_hidden_states"), g.at("sr_unet.class_labels"));
   const double e = rel_err(out, g.at("sr_unet.out"));
   std::printf("[golden-if] UNet (IF stage II layout, noise-level class embedding): %.2e\n", e);
-  EXPECT_LE(e, 1e-4);
+  EXPECT_LE(e, test::module_tol(spec));
   EXPECT_NE(test::error_of([&] {
-              (void)unet->forward(g.at("sr_unet.sample"), g.at("sr_unet.timesteps"), g.at("sr_unet.encoder_hidden_states"));
+              (void)unet->forward(in("sr_unet.sample"), g.at("sr_unet.timesteps"), in("sr_unet.encoder_hidden_states"));
             }).find("needs one class label (a level) per sample"),
             std::string::npos);
 }
@@ -146,7 +152,8 @@ TEST(GoldenIf, WholeStageOnePipeline) {
   if (!dir_exists(dir + "/model/unet")) GTEST_SKIP() << "reference folder " << dir << " is absent";
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel model = SdModel::load(dir + "/model", DeviceSpec{});
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
   ASSERT_TRUE(model.deepfloyd_if && model.t5 && !model.vae);
   for (const auto& run : meta.at("runs")) {
     const std::string n = run.at("name").get<std::string>();
@@ -169,7 +176,7 @@ TEST(GoldenIf, WholeStageOnePipeline) {
       const auto row = static_cast<int64_t>(i);
       ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(pre + "0")[row]));
       ds.back().step_noise = [&g, pre, row](int step, const at::Tensor& like) {
-        return g.at(pre + std::to_string(step + 1))[row].reshape(like.sizes());
+        return g.at(pre + std::to_string(step + 1))[row].reshape(like.sizes()).to(like.device());
       };
     }
     ASSERT_EQ(ds[0].sampler->kind(), SamplerKind::DDPM);
@@ -185,7 +192,12 @@ TEST(GoldenIf, WholeStageOnePipeline) {
     const double within = d.le(1).to(at::kDouble).mean().item<double>();
     std::printf("[golden-if] whole stage I (%s): final images %.2e, 8-bit values within +-1: %.4f (max %d)\n",
                 n.c_str(), e, within, d.max().item<int>());
-    EXPECT_LE(e, 1e-3) << n;
-    EXPECT_GE(within, 0.99) << n;
+    // In 16 bits the comparison says nothing: this random tiny model is chaotic (in diffusers itself, weights
+    // perturbed by 1e-3 move its final image by 30 %), so only finiteness is checked there.
+    EXPECT_TRUE(at::isfinite(at::stack(px)).all().item<bool>()) << n;
+    if (spec.dtype == at::kFloat) {
+      EXPECT_LE(e, 1e-3) << n;
+      EXPECT_GE(within, 0.99) << n;
+    }
   }
 }

@@ -120,9 +120,16 @@ TEST(Model, UnsupportedConfigValuesNameTheKey) {
 
   const std::string d2 = fresh_model("timecond");
   auto c2 = read_json(d2 + "/unet/config.json");
-  c2["class_embed_type"] = "timestep";
+  c2["class_embed_type"] = "identity";
   write_json(d2 + "/unet/config.json", c2);
-  expect_contains(load_error(d2), "key 'class_embed_type': unsupported value \"timestep\"");
+  expect_contains(load_error(d2), "key 'class_embed_type': unsupported value \"identity\"");
+  c2["class_embed_type"] = "timestep";  // supported (DeepFloyd IF stage II), so its weights are asked for by name
+  write_json(d2 + "/unet/config.json", c2);
+  expect_contains(load_error(d2), "missing tensor 'class_embedding.linear_1.weight'");
+  c2.erase("class_embed_type");
+  c2["act_fn"] = "mish";
+  write_json(d2 + "/unet/config.json", c2);
+  expect_contains(load_error(d2), "key 'act_fn': unsupported 'mish' (supported: silu, gelu)");
 
   const std::string d3 = fresh_model("crossdim");
   auto c3 = read_json(d3 + "/unet/config.json");
