@@ -118,8 +118,8 @@ cp -r "$WORK/m" "$WORK/m-trunc"
 truncate -s 100000 "$WORK/m-trunc/unet/diffusion_pytorch_model.safetensors"
 expect_error truncated "unet/diffusion_pytorch_model.safetensors: tensor" "${G[@]}" --model "$WORK/m-trunc"
 cp -r "$WORK/m" "$WORK/m-cfg"
-sed -i 's/"CrossAttnDownBlock2D"/"SimpleCrossAttnDownBlock2D"/' "$WORK/m-cfg/unet/config.json"
-expect_error block-type "unsupported block type 'SimpleCrossAttnDownBlock2D'" "${G[@]}" --model "$WORK/m-cfg"
+sed -i 's/"CrossAttnDownBlock2D"/"AttnDownBlock2D"/' "$WORK/m-cfg/unet/config.json"
+expect_error block-type "unsupported block type 'AttnDownBlock2D'" "${G[@]}" --model "$WORK/m-cfg"
 # config values that crashed (SIGFPE), broke the forward pass or made silent black images are refused at load,
 # naming the file and key (#14)
 cfg_fault() {  # name component/config.json sed-expression expected-text
