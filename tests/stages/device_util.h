@@ -28,6 +28,15 @@ inline double module_tol(const DeviceSpec& s) {
 }
 // A whole pipeline's final latents: 16-bit rounding moves trajectories (the golden README's 1e-3 is for float32).
 inline double pipeline_tol(const DeviceSpec& s) { return s.dtype != at::kFloat ? 0.1 : 1e-3; }
+// A generated reference folder: $env_var, else `name` beside the tiny-sd folder (scripts/test.sh exports the
+// variables for the references it makes under build/golden).
+inline std::string sibling_golden(const char* env_var, const std::string& name) {
+  const char* env = std::getenv(env_var);
+  if (env && *env) return env;
+  const char* sd = std::getenv("DIFFPIPE_GOLDEN");
+  const std::string base = sd && *sd ? std::string(sd) : std::string(DIFFPIPE_DEFAULT_GOLDEN);
+  return base.substr(0, base.rfind('/')) + "/" + name;
+}
 // An input on the test device, floating inputs in the test dtype.
 inline at::Tensor on_device(const at::Tensor& t, const DeviceSpec& s) {
   return at::isFloatingType(t.scalar_type()) ? t.to(s.device, s.dtype) : t.to(s.device);

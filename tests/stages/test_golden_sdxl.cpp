@@ -16,12 +16,7 @@ using namespace diffpipe;
 using diffpipe::test::rel_err;
 
 namespace {
-std::string sdxl_dir() {
-  const char* env = std::getenv("DIFFPIPE_GOLDEN_SDXL");
-  if (env && *env) return env;
-  const std::string sd = test::golden_dir();  // .../tiny-sd: its sibling
-  return sd.substr(0, sd.rfind('/')) + "/tiny-sdxl";
-}
+std::string sdxl_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_SDXL", "tiny-sdxl"); }
 #define DP_REQUIRE_SDXL(dir)                                                                  \
   const std::string dir = sdxl_dir();                                                         \
   if (!dir_exists(dir + "/model"))                                                            \

@@ -16,12 +16,7 @@ using namespace diffpipe;
 using diffpipe::test::rel_err;
 
 namespace {
-std::string t5_dir() {
-  const char* env = std::getenv("DIFFPIPE_GOLDEN_T5");
-  if (env && *env) return env;
-  const std::string sd = test::golden_dir();
-  return sd.substr(0, sd.rfind('/')) + "/tiny-t5";
-}
+std::string t5_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_T5", "tiny-t5"); }
 #define DP_REQUIRE_T5(dir)                                                                            \
   const std::string dir = t5_dir();                                                                   \
   if (!dir_exists(dir + "/text_encoder"))                                                             \
@@ -91,11 +86,7 @@ TEST(T5, BadTokenizerFileIsNamed) {
 }
 
 namespace {
-std::string if_dir() {
-  const char* env = std::getenv("DIFFPIPE_GOLDEN_IF");
-  const std::string sd = test::golden_dir();
-  return env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-if";
-}
+std::string if_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_IF", "tiny-if"); }
 }  // namespace
 
 // DeepFloyd IF's stage-I UNet layout (tests/stages/make_if_golden.py): pixel space with learned variance channels,

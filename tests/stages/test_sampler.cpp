@@ -6,6 +6,7 @@
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/model_writer.h"
 #include "diffpipe/stages/sampler.h"
+#include "device_util.h"
 #include "test_util.h"
 
 using namespace diffpipe;
@@ -125,9 +126,7 @@ TEST(Sampler, NamesAndConfigErrors) {
 // a learned variance with sample prediction, fixed_large with v prediction and trailing spacing, thresholding with
 // a fixed variance. $DIFFPIPE_GOLDEN_DDPM, default the sibling tiny-ddpm of the tiny-sd folder; absent, skipped.
 TEST(GoldenDdpm, EveryVarianceTypeAndThresholding) {
-  const char* env = std::getenv("DIFFPIPE_GOLDEN_DDPM");
-  const std::string sd = test::golden_dir();
-  const std::string dir = env && *env ? env : sd.substr(0, sd.rfind('/')) + "/tiny-ddpm";
+  const std::string dir = test::sibling_golden("DIFFPIPE_GOLDEN_DDPM", "tiny-ddpm");
   if (!file_exists(dir + "/golden.json"))
     GTEST_SKIP() << "reference " << dir << " is absent (make it with tests/stages/make_ddpm_golden.py --out DIR and "
                  << "set DIFFPIPE_GOLDEN_DDPM=DIR)";
