@@ -46,6 +46,8 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
   DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
            ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
            u.out_channels, ")");
+  if (dir_exists(path_join(dir, "super_resolution")))
+    DP_LOG(Warn, dir, ": super_resolution/ (IF stage II) is not run yet; the images are stage I's");
 }
 }  // namespace
 

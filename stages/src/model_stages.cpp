@@ -301,7 +301,8 @@ std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
   std::vector<PipelineStage> p = default_pipeline_layout();
   if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
     p.insert(p.begin() + 1, PipelineStage{"prior", false, /*own_rank=*/true});
-  if (SdModel::has_super_resolution(model_dir)) p.push_back({"upscale", false});
+  // (a DeepFloyd IF folder's super_resolution/ would be IF's stage II, which is not run yet: SdModel::validate says so)
+  if (SdModel::has_super_resolution(model_dir) && !SdModel::is_if(model_dir)) p.push_back({"upscale", false});
   return p;
 }
 
