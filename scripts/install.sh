@@ -58,4 +58,11 @@ if ! $PY -c 'import diffusers, transformers' 2>/dev/null; then
       "transformers==${DIFFPIPE_TRANSFORMERS_VERSION:-5.24.0}" \
     || echo "[install] warning: diffusers/transformers unavailable; benchmarks/vs_diffusers.py will not run"
 fi
+# SentencePiece (and protobuf, which transformers needs to read spiece.model): tests/stages/make_t5_golden.py
+# makes a spiece.model reference with them.
+if ! $PY -c 'import sentencepiece, google.protobuf' 2>/dev/null; then
+  $PY -m pip install --quiet --disable-pip-version-check "sentencepiece==${DIFFPIPE_SENTENCEPIECE_VERSION:-0.2.3}" \
+      "protobuf==${DIFFPIPE_PROTOBUF_VERSION:-6.33.0}" \
+    || echo "[install] warning: sentencepiece unavailable; the spiece.model tokenizer check will skip"
+fi
 echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"

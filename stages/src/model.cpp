@@ -29,9 +29,8 @@ namespace {
 void validate_if(const std::string& dir, const JsonConfig& index) {
   for (const char* c : {"tokenizer", "text_encoder", "unet", "scheduler"})
     if (!index.has(c)) index.fail(c, "component missing from model_index.json");
-  DP_CHECK(file_exists(path_join(dir, "tokenizer/tokenizer.json")), path_join(dir, "tokenizer/tokenizer.json"),
-           ": file not found (a T5 tokenizer.json; a folder with spiece.model only can be converted by saving "
-           "transformers' T5TokenizerFast)");
+  DP_CHECK(file_exists(path_join(dir, "tokenizer/tokenizer.json")) || file_exists(path_join(dir, "tokenizer/spiece.model")),
+           path_join(dir, "tokenizer"), ": neither tokenizer.json nor spiece.model found (T5's tokenizer)");
   const auto t5 = T5Config::load(path_join(dir, "text_encoder/config.json"));
   const auto u = UNetConfig::load(path_join(dir, "unet/config.json"));
   const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));

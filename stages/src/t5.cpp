@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
 #include <limits>
 
 #include "diffpipe/runtime/error.h"
@@ -61,7 +64,147 @@ bool parse_normalizer(const nlohmann::json& n, const std::string& file) {
 }
 }  // namespace
 
+namespace {
+// The protobuf wire format, as far as SentencePiece's ModelProto needs it (varints, 32-bit, length-delimited).
+struct PbReader {
+  const uint8_t* p;
+  const uint8_t* end;
+  const std::string& file;
+  uint64_t varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      DP_CHECK(p < end, file, ": truncated protobuf (varint)");
+      const uint8_t b = *p++;
+      v |= static_cast<uint64_t>(b & 0x7F) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    DP_FAIL(file, ": malformed protobuf varint");
+  }
+  bool next(uint32_t* field, uint32_t* wire) {
+    if (p >= end) return false;
+    const uint64_t key = varint();
+    *field = static_cast<uint32_t>(key >> 3);
+    *wire = static_cast<uint32_t>(key & 7);
+    return true;
+  }
+  PbReader sub() {
+    const uint64_t n = varint();
+    DP_CHECK(n <= static_cast<uint64_t>(end - p), file, ": truncated protobuf (length-delimited field)");
+    PbReader r{p, p + n, file};
+    p += n;
+    return r;
+  }
+  std::string bytes() {
+    const PbReader r = sub();
+    return std::string(reinterpret_cast<const char*>(r.p), static_cast<size_t>(r.end - r.p));
+  }
+  float fixed32() {
+    DP_CHECK(end - p >= 4, file, ": truncated protobuf (fixed32)");
+    float f;
+    std::memcpy(&f, p, 4);
+    p += 4;
+    return f;
+  }
+  void skip(uint32_t wire) {
+    if (wire == 0) (void)varint();
+    else if (wire == 1) p += 8;
+    else if (wire == 2) (void)sub();
+    else if (wire == 5) p += 4;
+    else DP_FAIL(file, ": unsupported protobuf wire type ", wire);
+    DP_CHECK(p <= end, file, ": truncated protobuf");
+  }
+};
+}  // namespace
+
+// SentencePiece's spiece.model (DeepFloyd IF and T5 folders ship it without tokenizer.json): the pieces with their
+// scores and types, and the normaliser's name. Read the way transformers converts it for T5Tokenizer: the same
+// Unigram model, NFKC for a (precompiled) nmt_nfkc normaliser, special pieces and the extra ids as special tokens.
+T5Tokenizer T5Tokenizer::load_spiece(const std::string& dir) {
+  const std::string file = path_join(dir, "spiece.model");
+  std::ifstream in(file, std::ios::binary);
+  DP_CHECK(in.good(), file, ": cannot open");
+  const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  PbReader r{reinterpret_cast<const uint8_t*>(data.data()), reinterpret_cast<const uint8_t*>(data.data()) + data.size(),
+             file};
+  T5Tokenizer t;
+  std::vector<int> types;
+  std::string normalizer;
+  bool charsmap = false;
+  uint32_t field, wire;
+  while (r.next(&field, &wire)) {
+    if (field == 1 && wire == 2) {  // SentencePiece { piece = 1; score = 2; type = 3 }
+      PbReader s = r.sub();
+      std::string piece;
+      float score = 0;
+      int type = 1;  // NORMAL
+      uint32_t f, w;
+      while (s.next(&f, &w)) {
+        if (f == 1 && w == 2) piece = s.bytes();
+        else if (f == 2 && w == 5) score = s.fixed32();
+        else if (f == 3 && w == 0) type = static_cast<int>(s.varint());
+        else s.skip(w);
+      }
+      t.vocab_.emplace_back(piece, static_cast<double>(score));
+      types.push_back(type);
+    } else if (field == 2 && wire == 2) {  // TrainerSpec { model_type = 3 }
+      PbReader s = r.sub();
+      uint32_t f, w;
+      while (s.next(&f, &w)) {
+        if (f == 3 && w == 0) {
+          const uint64_t mt = s.varint();
+          DP_CHECK(mt == 1, file, ": model_type ", mt, " is not Unigram (1): not a T5 tokenizer");
+        } else {
+          s.skip(w);
+        }
+      }
+    } else if (field == 3 && wire == 2) {  // NormalizerSpec { name = 1; precompiled_charsmap = 2 }
+      PbReader s = r.sub();
+      uint32_t f, w;
+      while (s.next(&f, &w)) {
+        if (f == 1 && w == 2) normalizer = s.bytes();
+        else if (f == 2 && w == 2) charsmap = !s.bytes().empty();
+        else s.skip(w);
+      }
+    } else {
+      r.skip(wire);
+    }
+  }
+  DP_CHECK(!t.vocab_.empty(), file, ": no pieces (not a SentencePiece model)");
+  double min_score = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < t.vocab_.size(); ++i) {
+    const std::string& piece = t.vocab_[i].first;
+    t.id_of_.emplace(piece, static_cast<int64_t>(i));
+    t.max_piece_bytes_ = std::max(t.max_piece_bytes_, piece.size());
+    min_score = std::min(min_score, t.vocab_[i].second);
+    if (types[i] == 2) t.unk_id_ = static_cast<int64_t>(i);                          // UNKNOWN
+    if (types[i] == 2 || types[i] == 3) t.added_.emplace_back(piece, static_cast<int64_t>(i));  // UNKNOWN, CONTROL
+  }
+  t.unk_score_ = min_score - 10.0;
+  t.nfkc_ = charsmap || normalizer.find("nfkc") != std::string::npos;
+  // transformers' T5Tokenizer: extra_ids (tokenizer_config.json, default 100) sentinels after the pieces, the
+  // highest id first: <extra_id_0> = n + extra - 1
+  int64_t extra = 100;
+  if (file_exists(path_join(dir, "tokenizer_config.json"))) {
+    const JsonConfig c = JsonConfig::load(path_join(dir, "tokenizer_config.json"));
+    extra = c.integer("extra_ids", 100);
+  }
+  const auto n = static_cast<int64_t>(t.vocab_.size());
+  for (int64_t i = 0; i < extra; ++i) t.added_.emplace_back("<extra_id_" + std::to_string(i) + ">", n + extra - 1 - i);
+  std::sort(t.added_.begin(), t.added_.end(),
+            [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  const auto id = [&](const char* piece, const char* what) {
+    auto it = t.id_of_.find(piece);
+    DP_CHECK(it != t.id_of_.end(), file, ": no ", what, " piece ", piece);
+    return it->second;
+  };
+  t.pad_id_ = id("<pad>", "padding");
+  t.eos_id_ = id("</s>", "end-of-sequence");
+  return t;
+}
+
 T5Tokenizer T5Tokenizer::load(const std::string& dir) {
+  if (!file_exists(path_join(dir, "tokenizer.json")) && file_exists(path_join(dir, "spiece.model")))
+    return load_spiece(dir);
   const std::string file = path_join(dir, "tokenizer.json");
   const JsonConfig j = JsonConfig::load(file);
   const nlohmann::json& root = j.json();

@@ -77,6 +77,32 @@ def make_t5(tok_dir, enc_dir, seed, clip_vocab, d_model=32):
     return tok, enc
 
 
+def make_spiece(tok_dir, seed, clip_vocab):
+    """A SentencePiece Unigram model (nmt_nfkc, pad 0, </s> 1, <unk> 2) trained by the sentencepiece package on the
+    same captions, saved as tok_dir/spiece.model with a tokenizer_config.json and nothing else (DeepFloyd IF's
+    layout); returns transformers' T5Tokenizer read from it, or None without sentencepiece/protobuf."""
+    try:
+        import google.protobuf  # noqa: F401  (transformers reads the charsmap with it)
+        import sentencepiece as spm
+    except ImportError:
+        print("sentencepiece or protobuf missing: no spiece.model reference")
+        return None
+    from transformers import T5Tokenizer
+    os.makedirs(tok_dir)
+    text = os.path.join(tok_dir, "corpus.txt")
+    with open(text, "w") as f:
+        f.write("\n".join(corpus(seed, clip_vocab)) + "\n")
+    spm.SentencePieceTrainer.train(input=text, model_prefix=os.path.join(tok_dir, "spiece"), vocab_size=1000,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   normalization_rule_name="nmt_nfkc", character_coverage=1.0, num_threads=1,
+                                   minloglevel=2)
+    for f in ("corpus.txt", "spiece.vocab"):
+        os.remove(os.path.join(tok_dir, f))
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "model_max_length": 77, "extra_ids": 100}, f, indent=1)
+    return T5Tokenizer.from_pretrained(tok_dir)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -95,10 +121,16 @@ def main():
 
     t = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, add_special_tokens=True,
             return_tensors="pt")
+    spiece = make_spiece(os.path.join(a.out, "spiece"), a.seed, a.clip_vocab)
     with torch.no_grad():
         h = enc(input_ids=t.input_ids, attention_mask=t.attention_mask).last_hidden_state
-    save_file({"tokenizer.input_ids": t.input_ids.contiguous(), "tokenizer.attention_mask": t.attention_mask.contiguous(),
-               "text_encoder.last_hidden_state": h.contiguous()}, os.path.join(a.out, "golden.safetensors"))
+    res = {"tokenizer.input_ids": t.input_ids.contiguous(), "tokenizer.attention_mask": t.attention_mask.contiguous(),
+           "text_encoder.last_hidden_state": h.contiguous()}
+    if spiece is not None:  # the same prompts through a spiece.model-only folder, as transformers reads it
+        s = spiece(PROMPTS, padding="max_length", max_length=77, truncation=True, add_special_tokens=True,
+                   return_tensors="pt")
+        res.update({"spiece.input_ids": s.input_ids.contiguous(), "spiece.attention_mask": s.attention_mask.contiguous()})
+    save_file(res, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "max_length": 77, "tokens": [tok.convert_ids_to_tokens(r) for r in
                                                              t.input_ids[:, :12].tolist()],
             "source": f"transformers {transformers.__version__} T5Tokenizer (tokenizers backend) + T5EncoderModel, "

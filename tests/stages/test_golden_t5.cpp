@@ -41,6 +41,24 @@ TEST(GoldenT5, TokenizerIdsAndMask) {
   }
 }
 
+// A folder with SentencePiece's spiece.model alone (DeepFloyd IF's tokenizer layout), read as transformers converts
+// it: the same prompts give transformers' ids and masks.
+TEST(GoldenT5, SpieceModelTokenizer) {
+  DP_REQUIRE_T5(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  if (!g.count("spiece.input_ids")) GTEST_SKIP() << "the reference has no spiece.model part (sentencepiece missing)";
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const T5Tokenizer tok = T5Tokenizer::load(dir + "/spiece");
+  const at::Tensor ids = g.at("spiece.input_ids"), mask = g.at("spiece.attention_mask");
+  const auto& prompts = meta.at("prompts");
+  for (int64_t i = 0; i < static_cast<int64_t>(prompts.size()); ++i) {
+    const std::string p = prompts[i].get<std::string>();
+    const T5Tokenizer::Encoded e = tok.encode(p, 77);
+    EXPECT_TRUE(at::equal(at::tensor(e.ids, at::kLong), ids[i])) << "prompt " << i << " '" << p << "': ids differ";
+    EXPECT_TRUE(at::equal(at::tensor(e.mask, at::kLong), mask[i])) << "prompt " << i << ": attention mask differs";
+  }
+}
+
 TEST(GoldenT5, EncoderLastHiddenState) {
   DP_REQUIRE_T5(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");

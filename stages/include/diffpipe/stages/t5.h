@@ -18,7 +18,8 @@ namespace diffpipe {
 
 class T5Tokenizer {
  public:
-  // dir: a folder with tokenizer.json (model type "Unigram"); errors name the file and field.
+  // dir: a folder with tokenizer.json (model type "Unigram"), or with SentencePiece's spiece.model alone (read as
+  // transformers converts it); errors name the file and field.
   static T5Tokenizer load(const std::string& dir);
   struct Encoded {
     std::vector<int64_t> ids;   // max_length ids: the pieces (truncated to max_length - 1), </s>, then <pad>
@@ -30,6 +31,7 @@ class T5Tokenizer {
   int64_t eos_id() const { return eos_id_; }
 
  private:
+  static T5Tokenizer load_spiece(const std::string& dir);
   std::vector<int64_t> encode_word(const std::string& word) const;  // one "▁"-marked word -> ids
   std::vector<int64_t> encode_text(const std::string& text) const;  // normalised, split, segmented
   std::vector<std::pair<std::string, double>> vocab_;  // piece, log-probability
