@@ -62,7 +62,7 @@ fi
 # makes a spiece.model reference with them.
 if ! $PY -c 'import sentencepiece, google.protobuf' 2>/dev/null; then
   $PY -m pip install --quiet --disable-pip-version-check "sentencepiece==${DIFFPIPE_SENTENCEPIECE_VERSION:-0.2.3}" \
-      "protobuf==${DIFFPIPE_PROTOBUF_VERSION:-6.33.0}" \
+      "protobuf==${DIFFPIPE_PROTOBUF_VERSION:-7.36.2}" \
     || echo "[install] warning: sentencepiece unavailable; the spiece.model tokenizer check will skip"
 fi
 echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"
