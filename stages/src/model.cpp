@@ -154,6 +154,25 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder"), spec);
     }
     if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
+    const std::string sr = path_join(dir, "super_resolution");
+    if ((components & kSuperRes) && file_exists(path_join(sr, "model_index.json")) &&
+        JsonConfig::load(path_join(sr, "model_index.json")).string("_class_name", "") == "IFSuperResolutionPipeline") {
+      auto s = std::make_shared<SdModel>();
+      s->dir = sr;
+      s->spec = spec;
+      s->deepfloyd_if = true;
+      s->vae_dtype = spec.dtype;
+      s->unet_config = UNetConfig::load(path_join(sr, "unet/config.json"));
+      s->scheduler = SchedulerConfig::load(path_join(sr, "scheduler/scheduler_config.json"));
+      s->image_noising = SchedulerConfig::load_ddpm(path_join(sr, "image_noising_scheduler/scheduler_config.json"));
+      DP_CHECK(s->unet_config.in_channels == 2 * m.unet_config.in_channels, path_join(sr, "unet/config.json"),
+               ": in_channels ", s->unet_config.in_channels, " should be twice stage I's ", m.unet_config.in_channels,
+               " (the sample and the upscaled image)");
+      DP_CHECK(s->unet_config.class_embed_type == "timestep", path_join(sr, "unet/config.json"),
+               ": class_embed_type must be \"timestep\" (the noise level)");
+      s->unet = UNet2DConditionModel::load(path_join(sr, "unet"), spec);
+      m.stage2 = s;
+    }
     return m;
   }
   m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));

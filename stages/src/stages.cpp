@@ -216,6 +216,43 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   return s;
 }
 
+DenoiseState make_if_sr_state(const SdModel& m, const IfSuperResSettings& st, const at::Tensor& image,
+                              const Embeddings& emb, uint64_t seed, uint64_t id, const at::Tensor& initial_noise,
+                              const at::Tensor& image_noise) {
+  DP_CHECK(m.unet && m.unet_config.class_embed_type == "timestep", "super-resolution: not a DeepFloyd IF stage-II model");
+  DP_CHECK(image.dim() == 3 && image.size(0) * 2 == m.unet_config.in_channels, "super-resolution: the stage-I image ",
+           "must be [", m.unet_config.in_channels / 2, ", h, w], got ", image.sizes());
+  DP_CHECK(st.noise_level >= 0 && st.noise_level < m.image_noising.num_train_timesteps, "noise level: must be in [0, ",
+           m.image_noising.num_train_timesteps, "), got ", st.noise_level);
+  DP_CHECK(st.steps >= 1 && st.steps <= m.scheduler.num_train_timesteps, "super-resolution steps: must be in [1, ",
+           m.scheduler.num_train_timesteps, "], got ", st.steps);
+  DP_CHECK(std::isfinite(st.guidance) && st.guidance >= 0, "super-resolution guidance: must be >= 0");
+  const int64_t C = image.size(0);
+  const int64_t H = st.height > 0 ? st.height : m.unet_config.sample_size;
+  const int64_t W = st.width > 0 ? st.width : m.unet_config.sample_size;
+  DenoiseState s;
+  s.id = id;
+  s.seed = seed;
+  s.guidance = st.guidance;
+  s.cond = emb.cond;
+  s.uncond = emb.uncond;
+  DP_CHECK(s.cond.defined() && (st.guidance <= 1 || s.uncond.defined()), "super-resolution: text embeddings needed");
+  // the level as the UNet's class label, the same for both guidance rows
+  s.class_labels = s.uncond_class_labels = at::full({1}, static_cast<float>(st.noise_level), at::kFloat);
+  const at::Tensor up = at::upsample_bilinear2d(image.to(at::kCPU, at::kFloat).unsqueeze(0), {H, W}, /*align_corners=*/true);
+  const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(up.sizes())
+                                             : seeded_noise(seed, kSrImageNoiseStream, up.sizes());
+  const float a = alphas_cumprod(m.image_noising)[st.noise_level].item<float>();  // DDPMScheduler.add_noise
+  s.concat = (std::sqrt(a) * up + std::sqrt(1.0f - a) * z).squeeze(0).to(m.spec.device);
+  s.sampler = Sampler::create(SamplerKind::DDPM, m.scheduler, st.steps);
+  const at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
+                                                   : seeded_noise(seed, kSrInitialStream, {C, H, W});
+  DP_CHECK(noise.dim() == 3 && noise.size(0) == C && noise.size(1) == H && noise.size(2) == W,
+           "super-resolution: initial noise must be [", C, ", ", H, ", ", W, "]");
+  s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
+  return s;
+}
+
 at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, const at::Tensor& output, int i,
                               const at::Tensor& sample) {
   const std::string& pred = model.scheduler.prediction_type;
@@ -243,6 +280,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   for (DenoiseState* s : batch) {
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
     at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
+    if (s->concat.defined()) in = at::cat({in, s->concat}, 0);
     const double t = s->sampler->timestep(s->step);
     if (s->guidance > 1.0) {
       xs.push_back(in);

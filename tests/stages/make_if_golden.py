@@ -111,8 +111,35 @@ def main():
         u8 = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
         res[f"pipeline.{n}.image_uint8"] = torch.from_numpy(u8)
         r["draws"] = len(draws)
+    # stage II (IFSuperResolutionPipeline) as model/super_resolution/: the stage-II UNet above, its own DDPM
+    # scheduler and image-noising scheduler; run on run "plain"'s stage-I images with stage I's text embeddings
+    from diffusers import IFSuperResolutionPipeline
+    from diffusers.pipelines.deepfloyd_if import pipeline_if_superresolution
+    sr_pipe = IFSuperResolutionPipeline(
+        tokenizer=None, text_encoder=None, unet=sr, safety_checker=None, feature_extractor=None, watermarker=None,
+        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.95,
+                                sample_max_value=1.0, clip_sample=True, prediction_type="epsilon"),
+        image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                              variance_type="fixed_small", clip_sample=True),
+        requires_safety_checker=False)
+    sr_pipe.save_pretrained(os.path.join(model, "super_resolution"))
+    sr_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pe, ne = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True, clean_caption=False)
+        sr_run = dict(name="sr", steps=4, guidance=4.0, noise_level=250, size=32, input="pipeline.plain.final_images")
+        with recorded_draws(pipeline_if_superresolution, scheduling_ddpm) as draws:
+            img = sr_pipe(image=res["pipeline.plain.final_images"], prompt_embeds=pe, negative_prompt_embeds=ne,
+                          num_inference_steps=sr_run["steps"], guidance_scale=sr_run["guidance"],
+                          noise_level=sr_run["noise_level"], height=32, width=32, output_type="pt",
+                          generator=torch.Generator().manual_seed(a.seed + 9)).images
+    for k, d in enumerate(draws):
+        res[f"pipeline.sr.draws.{k}"] = d
+    res["pipeline.sr.final_images"] = img
+    sr_run["draws"] = len(draws)
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "runs": runs, "draw_order": "the initial image, then each step's variance noise",
+            "sr_run": sr_run, "sr_draw_order": "the initial image, the upscaled image's noise, each step's noise",
             "source": f"diffusers {diffusers.__version__} IFPipeline (clean_caption=False) with UNet2DConditionModel "
                       f"in IF's stage I layout, torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

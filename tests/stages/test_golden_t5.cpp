@@ -210,3 +210,55 @@ TEST(GoldenIf, WholeStageOnePipeline) {
     }
   }
 }
+
+// DeepFloyd IF stage II (IFSuperResolutionPipeline, the folder's super_resolution/) on stage I's images of run
+// "plain" with stage I's text embeddings: bilinear enlargement, the image-noising schedule at noise level 250, the
+// level as class label, 4 DDPM steps with guidance 4 on the 6-channel input; the reference's draws (initial image,
+// the upscaled image's noise, each step's noise).
+TEST(GoldenIf, StageTwoSuperResolution) {
+  const std::string dir = if_dir();
+  if (!dir_exists(dir + "/model/super_resolution")) GTEST_SKIP() << "no stage-II folder in " << dir;
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const auto& run = meta.at("sr_run");
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  ASSERT_TRUE(model.stage2 && model.stage2->unet);
+  std::vector<GenerationParams> params;
+  for (const auto& pr : meta.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.guidance = run.at("guidance").get<double>();
+    params.push_back(p);
+  }
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& p : params) ptrs.push_back(&p);
+  const auto embs = TextEncodeStage(model).run(ptrs);
+  IfSuperResSettings st;
+  st.steps = run.at("steps").get<int>();
+  st.guidance = run.at("guidance").get<double>();
+  st.noise_level = run.at("noise_level").get<int>();
+  st.width = st.height = run.at("size").get<int>();
+  const at::Tensor images = g.at(run.at("input").get<std::string>());
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    ds.push_back(make_if_sr_state(*model.stage2, st, images[row], embs[i], 0, i, g.at("pipeline.sr.draws.0")[row],
+                                  g.at("pipeline.sr.draws.1")[row]));
+    ds.back().step_noise = [&g, row](int step, const at::Tensor& like) {
+      return g.at("pipeline.sr.draws." + std::to_string(step + 2))[row].reshape(like.sizes()).to(like.device());
+    };
+  }
+  const DenoiseStage den(*model.stage2);
+  std::vector<DenoiseState*> batch;
+  for (auto& s : ds) batch.push_back(&s);
+  while (!ds[0].done()) den.step(batch);
+  std::vector<at::Tensor> px;
+  for (auto& s : ds) px.push_back(s.latents);
+  const at::Tensor out = at::stack(px);
+  ASSERT_EQ(out.sizes(), g.at("pipeline.sr.final_images").sizes());
+  const double e = rel_err(out, g.at("pipeline.sr.final_images"));
+  std::printf("[golden-if] stage II (super-resolution 16 -> 32 px): final images %.2e\n", e);
+  EXPECT_TRUE(at::isfinite(out).all().item<bool>());
+  if (spec.dtype == at::kFloat) EXPECT_LE(e, 1e-3);
+}

@@ -49,7 +49,11 @@ struct SdModel {
   ClipTextConfig text_config_2;            // SDXL only
   bool sdxl = false;                       // model_index.json names StableDiffusionXLPipeline
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
-  bool deepfloyd_if = false;               // model_index.json names IFPipeline
+  bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
+  // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder), loaded with kSuperRes: its
+  // UNet, scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's embeddings).
+  std::shared_ptr<const SdModel> stage2;
+  SchedulerConfig image_noising;           // stage II only
   T5Config t5_config;                      // DeepFloyd IF only
   UNetConfig unet_config;
   VaeConfig vae_config;

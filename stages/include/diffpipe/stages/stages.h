@@ -46,6 +46,8 @@ struct DenoiseState {
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
   at::Tensor class_labels, uncond_class_labels, time_ids;  // as in Embeddings
+  at::Tensor concat;        // joined to the UNet input along channels (DeepFloyd IF stage II: the noised upscaled
+                            // stage-I image [3, H, W]); undefined otherwise
   StepNoise step_noise;     // stochastic samplers' noise; unset: the request's counter-based stream 1 + step
                             // (tests replay a reference's draws)
   at::Tensor latents;       // [C, h, w], float32
@@ -73,6 +75,22 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
 // ([C, h, w]) when given (tests use the reference's noise).
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
                                 uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor());
+
+// DeepFloyd IF stage II (IFSuperResolutionPipeline), as a denoising state on `stage2` (SdModel::stage2): the
+// stage-I image [3, h, w] in [-1, 1] is enlarged (bilinear, corners aligned) to the target size, noised to
+// `noise_level` with the image-noising schedule, and joined to the sample at every step; the noise level is the
+// UNet's class label (both guidance rows); text embeddings are stage I's. Noise comes from the request's seed
+// (streams kSrInitialStream, kSrImageNoiseStream, then the sampler's), or the given tensors (tests).
+struct IfSuperResSettings {
+  int steps = 50;
+  double guidance = 4.0;
+  int noise_level = 250;
+  int width = 0, height = 0;  // 0: the stage-II UNet's sample_size
+};
+constexpr uint64_t kSrInitialStream = (uint64_t(1) << 34), kSrImageNoiseStream = (uint64_t(1) << 34) + 1;
+DenoiseState make_if_sr_state(const SdModel& stage2, const IfSuperResSettings& s, const at::Tensor& image,
+                              const Embeddings& emb, uint64_t seed, uint64_t id = 0,
+                              const at::Tensor& initial_noise = at::Tensor(), const at::Tensor& image_noise = at::Tensor());
 
 // The denoised estimate x0 at call i from the model's output (epsilon, v or sample prediction) and the sample.
 at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, const at::Tensor& output, int i,
