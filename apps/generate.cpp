@@ -57,6 +57,9 @@ const std::vector<cli::Opt> kOptions = {
     {"original-height", "H", "SDXL folders: the original height the UNet is told (default: the image's)"},
     {"crop-top", "Y", "SDXL folders: the crop's top coordinate the UNet is told (default 0)"},
     {"crop-left", "X", "SDXL folders: the crop's left coordinate the UNet is told (default 0)"},
+    {"sr-steps", "N", "DeepFloyd IF folders with super_resolution/: stage II's DDPM steps (default 50)"},
+    {"sr-guidance", "G", "DeepFloyd IF stage II: classifier-free guidance (default 4)"},
+    {"sr-noise-level", "L", "DeepFloyd IF stage II: noise added to the enlarged stage-I image, in [0, 1000) (default 250)"},
     {"image-prompt", "FILE", "Stable unCLIP image variations (a folder with image_encoder/): a PNG whose CLIP image\n"
                              "embedding replaces the prior's; the prompt still guides the UNet"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
@@ -229,6 +232,12 @@ int generate_main(int argc, char** argv) {
     base.crop_left = static_cast<int>(a.integer("crop-left", 0));
     DP_CHECK(base.original_width >= 0 && base.original_height >= 0 && base.crop_top >= 0 && base.crop_left >= 0,
              "generate: --original-width/--original-height/--crop-top/--crop-left must be at least 0");
+    base.sr_steps = static_cast<int>(a.integer("sr-steps", 50));
+    base.sr_guidance = a.number("sr-guidance", 4.0);
+    base.sr_noise_level = static_cast<int>(a.integer("sr-noise-level", 250));
+    DP_CHECK(base.sr_steps >= 1, "generate: --sr-steps must be at least 1");
+    DP_CHECK(std::isfinite(base.sr_guidance) && base.sr_guidance >= 0, "generate: --sr-guidance must be >= 0");
+    DP_CHECK(base.sr_noise_level >= 0, "generate: --sr-noise-level must be at least 0");
     DP_CHECK(base.prior_steps >= 1, "generate: --prior-steps must be at least 1");
     DP_CHECK(std::isfinite(base.prior_guidance) && base.prior_guidance >= 0, "generate: --prior-guidance must be >= 0");
     DP_CHECK(base.noise_level >= 0, "generate: --noise-level must be at least 0");

@@ -73,7 +73,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
   static const std::set<std::string> keys{"prompt", "negative_prompt", "seed", "steps", "guidance", "sampler",
                                           "width", "height", "clip_skip", "images", "prior_steps",
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
-                                          "original_height", "crop_top", "crop_left"};
+                                          "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
+                                          "sr_noise_level"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -95,7 +96,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     for (auto& [k, v] : o.items())
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
-               "original_width, original_height, crop_top, crop_left)");
+               "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -114,6 +115,12 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.original_height = get_field<int>(o, "original_height", l.origin, p.original_height);
     p.crop_top = get_field<int>(o, "crop_top", l.origin, p.crop_top);
     p.crop_left = get_field<int>(o, "crop_left", l.origin, p.crop_left);
+    p.sr_steps = get_field<int>(o, "sr_steps", l.origin, p.sr_steps);
+    p.sr_guidance = get_field<double>(o, "sr_guidance", l.origin, p.sr_guidance);
+    p.sr_noise_level = get_field<int>(o, "sr_noise_level", l.origin, p.sr_noise_level);
+    DP_CHECK(p.sr_steps >= 1, l.origin, ": key 'sr_steps' must be at least 1");
+    DP_CHECK(std::isfinite(p.sr_guidance) && p.sr_guidance >= 0, l.origin, ": key 'sr_guidance' must be a number >= 0");
+    DP_CHECK(p.sr_noise_level >= 0, l.origin, ": key 'sr_noise_level' must be at least 0");
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -165,6 +172,9 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);
   if (p.crop_top > 0 || p.crop_left > 0) os << ", Crop top left: " << p.crop_top << "," << p.crop_left;
+  const GenerationParams d;
+  if (p.sr_steps != d.sr_steps || p.sr_guidance != d.sr_guidance || p.sr_noise_level != d.sr_noise_level)
+    os << ", SR steps: " << p.sr_steps << ", SR CFG scale: " << p.sr_guidance << ", SR noise level: " << p.sr_noise_level;
   os << ", Model: " << model << ", Generator: diffpipe";
   return os.str();
 }

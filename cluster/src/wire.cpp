@@ -92,6 +92,11 @@ GenerationParams read_params(const Reader& r, const json& o) {
     p.crop_top = static_cast<int>(r.integer(o, "crop_top", "params.crop_top", 0, 1 << 20));
     p.crop_left = static_cast<int>(r.integer(o, "crop_left", "params.crop_left", 0, 1 << 20));
   }
+  if (o.contains("sr_steps")) {  // DeepFloyd IF stage II, sent only when not the defaults
+    p.sr_steps = static_cast<int>(r.integer(o, "sr_steps", "params.sr_steps", 1, 1 << 20));
+    p.sr_guidance = r.number(o, "sr_guidance", "params.sr_guidance");
+    p.sr_noise_level = static_cast<int>(r.integer(o, "sr_noise_level", "params.sr_noise_level", 0, 1 << 20));
+  }
   return p;
 }
 

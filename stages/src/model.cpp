@@ -45,8 +45,16 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
   DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
            ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
            u.out_channels, ")");
-  if (dir_exists(path_join(dir, "super_resolution")))
-    DP_LOG(Warn, dir, ": super_resolution/ (IF stage II) is not run yet; the images are stage I's");
+  if (SdModel::has_if_stage2(dir)) {  // stage II: its UNet, scheduler and image-noising schedule
+    const std::string sr = path_join(dir, "super_resolution");
+    (void)UNetConfig::load(path_join(sr, "unet/config.json"));
+    (void)SchedulerConfig::load(path_join(sr, "scheduler/scheduler_config.json"));
+    (void)SchedulerConfig::load_ddpm(path_join(sr, "image_noising_scheduler/scheduler_config.json"));
+    SafetensorsFile::open(weights_file(sr, "unet/diffusion_pytorch_model.safetensors"));
+  } else if (dir_exists(path_join(dir, "super_resolution"))) {
+    DP_FAIL(path_join(dir, "super_resolution"), ": not an IFSuperResolutionPipeline folder (model_index.json's ",
+            "_class_name), which a DeepFloyd IF folder's stage II must be");
+  }
 }
 }  // namespace
 
@@ -155,8 +163,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     }
     if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
     const std::string sr = path_join(dir, "super_resolution");
-    if ((components & kSuperRes) && file_exists(path_join(sr, "model_index.json")) &&
-        JsonConfig::load(path_join(sr, "model_index.json")).string("_class_name", "") == "IFSuperResolutionPipeline") {
+    if (has_if_stage2(dir)) {  // configs always (requests are checked against them); the UNet with kSuperRes
       auto s = std::make_shared<SdModel>();
       s->dir = sr;
       s->spec = spec;
@@ -170,7 +177,11 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
                " (the sample and the upscaled image)");
       DP_CHECK(s->unet_config.class_embed_type == "timestep", path_join(sr, "unet/config.json"),
                ": class_embed_type must be \"timestep\" (the noise level)");
-      s->unet = UNet2DConditionModel::load(path_join(sr, "unet"), spec);
+      const int64_t f = s->unet_config.sample_size / std::max<int64_t>(1, m.unet_config.sample_size);
+      DP_CHECK(f >= 1 && s->unet_config.sample_size == f * m.unet_config.sample_size, path_join(sr, "unet/config.json"),
+               ": sample_size ", s->unet_config.sample_size, " is not a whole multiple of stage I's ",
+               m.unet_config.sample_size);
+      if (components & kSuperRes) s->unet = UNet2DConditionModel::load(path_join(sr, "unet"), spec);
       m.stage2 = s;
     }
     return m;
@@ -214,6 +225,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
+bool SdModel::has_if_stage2(const std::string& dir) {
+  const std::string index = path_join(dir, "super_resolution/model_index.json");
+  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "IFSuperResolutionPipeline";
+}
 bool SdModel::is_if(const std::string& dir) {
   const std::string index = path_join(dir, "model_index.json");
   return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "IFPipeline";

@@ -167,16 +167,57 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
       out.push_back(StageEvent::progress(id, s.step, s.total_steps()));
       if (s.preview.defined() && s.failure.empty()) out.push_back(StageEvent::preview(id, s.preview_index, {s.preview}));
       if (!s.done()) continue;
-      out.push_back(s.failure.empty() ? StageEvent::finished(id, {s.latents.contiguous()})
-                                      : StageEvent::failed(id, s.failure));
+      if (!s.failure.empty()) {
+        out.push_back(StageEvent::failed(id, s.failure));
+      } else {
+        std::vector<at::Tensor> t{s.latents.contiguous()};
+        if (model_.stage2) {  // DeepFloyd IF: stage II (the superres stage) conditions on the same text
+          t.push_back(s.cond.contiguous());
+          if (s.uncond.defined()) t.push_back(s.uncond.contiguous());
+        }
+        out.push_back(StageEvent::finished(id, std::move(t)));
+      }
       release(id);
     }
     return out;
   }
 
- private:
+ protected:
   const SdModel& model_;
   DenoiseStage den_;
+};
+
+const SdModel& stage2_of(const SdModel& m) {
+  DP_CHECK(m.stage2 && m.stage2->unet, "superres stage: ", m.dir, " has no DeepFloyd IF stage II (super_resolution/) ",
+           "loaded");
+  return *m.stage2;
+}
+
+// DeepFloyd IF stage II: [stage-I pixels, text embeddings (cond, uncond)] -> pixels enlarged by the stage-II model
+// (its own DDPM loop, step-level batched like the denoiser; make_if_sr_state).
+class SuperResStageImpl : public DenoiseStageImpl {
+ public:
+  SuperResStageImpl(const SdModel& m, const StageConfig& c) : DenoiseStageImpl(stage2_of(m), c), stage1_(m) {}
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(r.inputs.size() >= 2, "superres: needs the stage-I image and its text embeddings, got ", r.inputs.size(),
+             " tensors");
+    Embeddings e;
+    e.cond = r.inputs[1].to(model_.spec.device, model_.spec.dtype);
+    if (r.inputs.size() > 2) e.uncond = r.inputs[2].to(model_.spec.device, model_.spec.dtype);
+    const GenerationParams& p = r.params;
+    IfSuperResSettings st;
+    st.steps = p.sr_steps;
+    st.guidance = p.sr_guidance;
+    st.noise_level = p.sr_noise_level;
+    const int64_t f = stage1_.sr_factor();
+    st.height = static_cast<int>(r.inputs[0].size(1) * f);
+    st.width = static_cast<int>(r.inputs[0].size(2) * f);
+    hold(r.id, make_if_sr_state(model_, st, r.inputs[0], e, p.seed, r.id), r.priority, now);
+  }
+
+ private:
+  const SdModel& stage1_;
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch
@@ -255,6 +296,8 @@ struct Registry {
                                 /*heavy=*/true));
     add(entry<DecodeStageImpl>("decode", "latents", "8-bit image", kVae));
     add(entry<UpscaleStageImpl>("upscale", "8-bit image", "8-bit image, enlarged", kSuperRes));
+    add(entry<SuperResStageImpl>("superres", "stage-I pixels, text embeddings", "pixels, enlarged (DeepFloyd IF stage II)",
+                                 kSuperRes));
   }
   void add(ModelStage s) {
     if (!stages.count(s.def.name)) order.push_back(s.def.name);
@@ -301,8 +344,11 @@ std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
   std::vector<PipelineStage> p = default_pipeline_layout();
   if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
     p.insert(p.begin() + 1, PipelineStage{"prior", false, /*own_rank=*/true});
-  // (a DeepFloyd IF folder's super_resolution/ would be IF's stage II, which is not run yet: SdModel::validate says so)
-  if (SdModel::has_super_resolution(model_dir) && !SdModel::is_if(model_dir)) p.push_back({"upscale", false});
+  if (SdModel::is_if(model_dir)) {  // DeepFloyd IF: stage II (its own diffusion loop) before the pixels are written
+    if (SdModel::has_if_stage2(model_dir)) p.insert(p.end() - 1, PipelineStage{"superres", false, /*own_rank=*/true});
+  } else if (SdModel::has_super_resolution(model_dir)) {
+    p.push_back({"upscale", false});
+  }
   return p;
 }
 

@@ -169,6 +169,15 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
            model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
+  if (model.stage2) {  // DeepFloyd IF stage II's settings
+    DP_CHECK(p.sr_steps >= 1 && p.sr_steps <= model.stage2->scheduler.num_train_timesteps, "sr_steps: must be in [1, ",
+             model.stage2->scheduler.num_train_timesteps, "], got ", p.sr_steps);
+    DP_CHECK(p.sr_noise_level >= 0 && p.sr_noise_level < model.stage2->image_noising.num_train_timesteps,
+             "sr_noise_level: must be in [0, ", model.stage2->image_noising.num_train_timesteps, "), got ",
+             p.sr_noise_level);
+    DP_CHECK(std::isfinite(p.sr_guidance) && p.sr_guidance >= 0, "sr_guidance: must be a finite number >= 0, got ",
+             p.sr_guidance);
+  }
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;

@@ -50,8 +50,9 @@ struct SdModel {
   bool sdxl = false;                       // model_index.json names StableDiffusionXLPipeline
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
-  // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder), loaded with kSuperRes: its
-  // UNet, scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's embeddings).
+  // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder): its configs (always) and
+  // UNet (with kSuperRes), scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's
+  // embeddings).
   std::shared_ptr<const SdModel> stage2;
   SchedulerConfig image_noising;           // stage II only
   T5Config t5_config;                      // DeepFloyd IF only
@@ -78,6 +79,9 @@ struct SdModel {
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
   static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
+  static bool has_if_stage2(const std::string& dir);  // super_resolution/ is an IFSuperResolutionPipeline folder
+  // IF stage II's enlargement of stage I's size (its UNet's sample_size over stage I's); 1 without stage II
+  int64_t sr_factor() const { return stage2 ? stage2->unet_config.sample_size / unet_config.sample_size : 1; }
 };
 
 }  // namespace diffpipe

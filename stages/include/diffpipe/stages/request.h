@@ -26,6 +26,11 @@ struct GenerationParams {
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
   int crop_top = 0, crop_left = 0;
+  // DeepFloyd IF folders with super_resolution/ (stage II) only: its DDPM steps, guidance, and the noise level of the
+  // enlarged stage-I image (diffusers' IFSuperResolutionPipeline defaults).
+  int sr_steps = 50;
+  double sr_guidance = 4.0;
+  int sr_noise_level = 250;
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -48,6 +53,12 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["original_height"] = p.original_height;
     j["crop_top"] = p.crop_top;
     j["crop_left"] = p.crop_left;
+  }
+  const GenerationParams d;  // IF stage II's settings, likewise only when not the defaults
+  if (p.sr_steps != d.sr_steps || p.sr_guidance != d.sr_guidance || p.sr_noise_level != d.sr_noise_level) {
+    j["sr_steps"] = p.sr_steps;
+    j["sr_guidance"] = p.sr_guidance;
+    j["sr_noise_level"] = p.sr_noise_level;
   }
   return j;
 }
@@ -72,6 +83,9 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.original_height = j.value("original_height", 0);
   p.crop_top = j.value("crop_top", 0);
   p.crop_left = j.value("crop_left", 0);
+  p.sr_steps = j.value("sr_steps", p.sr_steps);
+  p.sr_guidance = j.value("sr_guidance", p.sr_guidance);
+  p.sr_noise_level = j.value("sr_noise_level", p.sr_noise_level);
   return p;
 }
 
