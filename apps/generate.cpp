@@ -33,12 +33,14 @@ namespace {
 
 const char* kUsage = "[mpirun -np N] diffpipe generate --model DIR (--prompt TEXT | --prompts FILE) [options]";
 const std::vector<cli::Opt> kOptions = {
-    {"model", "DIR", "model folder in the diffusers layout: Stable Diffusion 1.x/2.x, or Stable unCLIP"},
+    {"model", "DIR", "model folder in the diffusers layout: Stable Diffusion 1.x/2.x, SDXL, Stable unCLIP, or\n"
+                     "DeepFloyd IF (with its stage II in super_resolution/)"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
-                        "image_prompt (unset keys take the command line's values)"},
+                        "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
+                        "sr_guidance, sr_noise_level (unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
