@@ -1,5 +1,6 @@
 #include "diffpipe/stages/model_stages.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -200,6 +201,10 @@ class SuperResStageImpl : public DenoiseStageImpl {
   SuperResStageImpl(const SdModel& m, const StageConfig& c) : DenoiseStageImpl(stage2_of(m), c), stage1_(m) {}
 
   void add(StageRequest r, double now) override {
+    if (r.inputs.size() == 1) {  // a preview of stage I (the denoised estimate alone): shown as it is, in 8 bits
+      previews_.emplace_back(r.id, DecodeStage(stage1_).run_uint8({r.inputs[0].to(at::kFloat)})[0].contiguous());
+      return;
+    }
     DP_CHECK(r.inputs.size() >= 2, "superres: needs the stage-I image and its text embeddings, got ", r.inputs.size(),
              " tensors");
     Embeddings e;
@@ -216,8 +221,24 @@ class SuperResStageImpl : public DenoiseStageImpl {
     hold(r.id, make_if_sr_state(model_, st, r.inputs[0], e, p.seed, r.id), r.priority, now);
   }
 
+  std::vector<StageEvent> step(double now) override {
+    std::vector<StageEvent> out;
+    for (auto& [id, img] : previews_) out.push_back(StageEvent::finished(id, {img}));
+    previews_.clear();
+    if (DenoiseStageImpl::held() == 0) return out;
+    for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
+    return out;
+  }
+  size_t held() const override { return DenoiseStageImpl::held() + previews_.size(); }
+  void cancel(uint64_t id) override {
+    previews_.erase(std::remove_if(previews_.begin(), previews_.end(), [id](const auto& p) { return p.first == id; }),
+                    previews_.end());
+    DenoiseStageImpl::cancel(id);
+  }
+
  private:
   const SdModel& stage1_;
+  std::vector<std::pair<uint64_t, at::Tensor>> previews_;  // stage-I previews passing through, as 8-bit images
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch

@@ -47,18 +47,17 @@ size=$(python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*st
 [ "$size" = "48 32" ] && ok "--width 24 --height 16: stage I at 24x16, stage II enlarges it to 48x32" \
   || bad "image size: '$size'"
 timeout 60 "$BIN" "${ONE[@]}" --prompt "  A RED Circle " --width 24 --height 16 --out "$WORK/b" 2> "$WORK/b.log" || bad "run b failed"
+timeout 60 "$BIN" "${ONE[@]}" --prompt "a red circle" --width 24 --height 16 --previews 2 --out "$WORK/p" 2> "$WORK/p.log" \
+  || bad "previews run failed"
+psize=$(python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' \
+  "$WORK"/p/img-00000-seed9-preview-2.png 2>/dev/null)
+[ "$(ls "$WORK"/p/*preview*.png 2>/dev/null | wc -l)" = 2 ] && [ "$psize" = "24 16" ] \
+  && ok "--previews 2: two stage-I previews (24x16) pass through stage II to the output" || bad "previews: '$psize', $(ls "$WORK/p")"
 # the PNG chunk records the prompt as given, so compare pixels
-python3 - "$WORK/a/img-00000-seed9.png" "$WORK/b/img-00000-seed9.png" <<'PY' && ok "case and surrounding spaces do not change the image (IF preprocessing)" || bad "preprocessing: the images differ"
-import sys, zlib, struct
-def pixels(f):
-    d = open(f, "rb").read(); i = 8; idat = b""
-    while i < len(d):
-        n, t = struct.unpack(">I4s", d[i:i + 8]); i += 8
-        if t == b"IDAT": idat += d[i:i + n]
-        i += n + 4
-    return zlib.decompress(idat)
-sys.exit(0 if pixels(sys.argv[1]) == pixels(sys.argv[2]) else 1)
-PY
+same_pixels "$WORK/a/img-00000-seed9.png" "$WORK/b/img-00000-seed9.png" \
+  && ok "case and surrounding spaces do not change the image (IF preprocessing)" || bad "preprocessing: the images differ"
+same_pixels "$WORK/a/img-00000-seed9.png" "$WORK/p/img-00000-seed9.png" \
+  && ok "previews do not change the final image" || bad "previews changed the final image"
 timeout 60 "$BIN" "${ONE[@]}" --prompt "a red circle" --width 24 --height 16 --negative-prompt "blurry" --out "$WORK/n" \
   2> "$WORK/n.log" || bad "negative run failed"
 cmp -s "$WORK/a/img-00000-seed9.png" "$WORK/n/img-00000-seed9.png" && bad "a negative prompt did not change the image" \
