@@ -216,7 +216,7 @@ UNetConfig UNetConfig::load(const std::string& path) {
   c.cross_attention_norm = xnorm == "group_norm";
   c.addition_embed_type_num_heads = j.integer("addition_embed_type_num_heads", 64);
   j.require("time_embedding_type", "positional");
-  c.class_embed_type = j.has("class_embed_type") && !j.json()["class_embed_type"].is_null() ? j.string("class_embed_type", "") : "";
+  c.class_embed_type = nullable_string("class_embed_type");
   if (!c.class_embed_type.empty() && c.class_embed_type != "projection" && c.class_embed_type != "timestep")
     j.fail("class_embed_type", "unsupported value \"" + c.class_embed_type +
            "\" (supported: null, \"projection\", \"timestep\")");
@@ -226,8 +226,7 @@ UNetConfig UNetConfig::load(const std::string& path) {
     j.require("class_embeddings_concat", false);
   }
   j.require("num_class_embeds", nullptr);
-  c.addition_embed_type =
-      j.has("addition_embed_type") && !j.json()["addition_embed_type"].is_null() ? j.string("addition_embed_type", "") : "";
+  c.addition_embed_type = nullable_string("addition_embed_type");
   if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time" && c.addition_embed_type != "text")
     j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type +
            "\" (supported: null, \"text_time\", \"text\")");

@@ -24,6 +24,12 @@ std::string weights_file(const std::string& dir, const char* name) {
 }  // namespace
 
 namespace {
+// The pipeline class a folder's model_index.json names ("" without one).
+std::string pipeline_class(const std::string& dir) {
+  const std::string index = path_join(dir, "model_index.json");
+  return file_exists(index) ? JsonConfig::load(index).string("_class_name", "") : std::string();
+}
+
 // DeepFloyd IF stage I: tokenizer/ (T5, tokenizer.json), text_encoder/ (T5EncoderModel), unet/ (pixel space),
 // scheduler/ (DDPMScheduler); no VAE.
 void validate_if(const std::string& dir, const JsonConfig& index) {
@@ -45,12 +51,18 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
   DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
            ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
            u.out_channels, ")");
-  if (SdModel::has_if_stage2(dir)) {  // stage II: its UNet, scheduler and image-noising schedule
-    const std::string sr = path_join(dir, "super_resolution");
-    (void)UNetConfig::load(path_join(sr, "unet/config.json"));
+  if (SdModel::has_if_stage2(dir)) {  // stage II: its UNet (fitting stage I's), scheduler and image-noising schedule
+    const std::string sr = path_join(dir, "super_resolution"), src = path_join(sr, "unet/config.json");
+    const auto s2 = UNetConfig::load(src);
     (void)SchedulerConfig::load(path_join(sr, "scheduler/scheduler_config.json"));
     (void)SchedulerConfig::load_ddpm(path_join(sr, "image_noising_scheduler/scheduler_config.json"));
     SafetensorsFile::open(weights_file(sr, "unet/diffusion_pytorch_model.safetensors"));
+    DP_CHECK(s2.in_channels == 2 * u.in_channels, src, ": in_channels ", s2.in_channels, " should be twice stage I's ",
+             u.in_channels, " (the sample and the upscaled image)");
+    DP_CHECK(s2.class_embed_type == "timestep", src, ": class_embed_type must be \"timestep\" (the noise level)");
+    const int64_t f = s2.sample_size / std::max<int64_t>(1, u.sample_size);
+    DP_CHECK(f >= 1 && s2.sample_size == f * u.sample_size, src, ": sample_size ", s2.sample_size,
+             " is not a whole multiple of stage I's ", u.sample_size);
   } else if (dir_exists(path_join(dir, "super_resolution"))) {
     DP_FAIL(path_join(dir, "super_resolution"), ": not an IFSuperResolutionPipeline folder (model_index.json's ",
             "_class_name), which a DeepFloyd IF folder's stage II must be");
@@ -80,7 +92,8 @@ void SdModel::validate(const std::string& dir) {
     SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
   }
   int64_t context_dim = tcfg.hidden_size;
-  if (is_sdxl(dir)) {
+  const bool sdxl = is_sdxl(dir);
+  if (sdxl) {
     for (const char* c : {"tokenizer_2", "text_encoder_2"})
       if (!index.has(c)) index.fail(c, "component missing from model_index.json (an SDXL folder needs it)");
     for (const char* f : {"tokenizer_2/vocab.json", "tokenizer_2/merges.txt"})
@@ -102,7 +115,7 @@ void SdModel::validate(const std::string& dir) {
   }
   for (auto d : ucfg.cross_attention_dim)
     DP_CHECK(d == context_dim, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
-             " does not match the text encoder", is_sdxl(dir) ? "s' hidden sizes together " : "'s hidden_size ",
+             " does not match the text encoder", sdxl ? "s' hidden sizes together " : "'s hidden_size ",
              context_dim);
   // Either file may be the wrong one: name both values.
   DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
@@ -172,15 +185,6 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       s->unet_config = UNetConfig::load(path_join(sr, "unet/config.json"));
       s->scheduler = SchedulerConfig::load(path_join(sr, "scheduler/scheduler_config.json"));
       s->image_noising = SchedulerConfig::load_ddpm(path_join(sr, "image_noising_scheduler/scheduler_config.json"));
-      DP_CHECK(s->unet_config.in_channels == 2 * m.unet_config.in_channels, path_join(sr, "unet/config.json"),
-               ": in_channels ", s->unet_config.in_channels, " should be twice stage I's ", m.unet_config.in_channels,
-               " (the sample and the upscaled image)");
-      DP_CHECK(s->unet_config.class_embed_type == "timestep", path_join(sr, "unet/config.json"),
-               ": class_embed_type must be \"timestep\" (the noise level)");
-      const int64_t f = s->unet_config.sample_size / std::max<int64_t>(1, m.unet_config.sample_size);
-      DP_CHECK(f >= 1 && s->unet_config.sample_size == f * m.unet_config.sample_size, path_join(sr, "unet/config.json"),
-               ": sample_size ", s->unet_config.sample_size, " is not a whole multiple of stage I's ",
-               m.unet_config.sample_size);
       if (components & kSuperRes) s->unet = UNet2DConditionModel::load(path_join(sr, "unet"), spec);
       m.stage2 = s;
     }
@@ -226,17 +230,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
 bool SdModel::has_if_stage2(const std::string& dir) {
-  const std::string index = path_join(dir, "super_resolution/model_index.json");
-  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "IFSuperResolutionPipeline";
+  return pipeline_class(path_join(dir, "super_resolution")) == "IFSuperResolutionPipeline";
 }
-bool SdModel::is_if(const std::string& dir) {
-  const std::string index = path_join(dir, "model_index.json");
-  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "IFPipeline";
-}
-bool SdModel::is_sdxl(const std::string& dir) {
-  const std::string index = path_join(dir, "model_index.json");
-  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "StableDiffusionXLPipeline";
-}
+bool SdModel::is_if(const std::string& dir) { return pipeline_class(dir) == "IFPipeline"; }
+bool SdModel::is_sdxl(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionXLPipeline"; }
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

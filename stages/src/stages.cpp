@@ -4,6 +4,8 @@
 #include <unicode/unistr.h>
 
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/philox.h"
@@ -14,6 +16,24 @@
 namespace diffpipe {
 
 namespace {
+// The image size a request asks for: its width/height, or the model's default.
+std::pair<int, int> requested_size(const SdModel& model, const GenerationParams& p) {
+  const int d = static_cast<int>(model.default_size());
+  return {p.width > 0 ? p.width : d, p.height > 0 ? p.height : d};
+}
+
+// DeepFloyd IF stage II's settings against its configs (resolve_params and make_if_sr_state).
+void check_sr_settings(const SdModel& stage2, int steps, double guidance, int noise_level) {
+  DP_CHECK(steps >= 1 && steps <= stage2.scheduler.num_train_timesteps, "sr_steps: must be in [1, ",
+           stage2.scheduler.num_train_timesteps, "], got ", steps);
+  DP_CHECK(noise_level >= 0 && noise_level < stage2.image_noising.num_train_timesteps, "sr_noise_level: must be in [0, ",
+           stage2.image_noising.num_train_timesteps, "), got ", noise_level);
+  DP_CHECK(std::isfinite(guidance) && guidance >= 0, "sr_guidance: must be a finite number >= 0, got ", guidance);
+}
+
+// IF's T5 reads this many tokens (IFPipeline.encode_prompt's max_length).
+constexpr int kIfTokens = 77;
+
 at::Tensor token_ids(const ClipTokenizer& tok, const std::vector<const std::string*>& texts) {
   const int L = tok.max_length();
   std::vector<int64_t> ids;
@@ -58,17 +78,15 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
       e.uncond_class_labels = at::zeros_like(e.class_labels);
     }
     const GenerationParams& p = *batch[i];
-    const ResolvedParams r = resolve_params(model, p);
-    const float h = static_cast<float>(r.height), w = static_cast<float>(r.width);
+    const auto [width, height] = requested_size(model, p);
+    const float h = static_cast<float>(height), w = static_cast<float>(width);
     e.time_ids = at::tensor(std::vector<float>{p.original_height > 0 ? float(p.original_height) : h,
                                                p.original_width > 0 ? float(p.original_width) : w,
                                                float(p.crop_top), float(p.crop_left), h, w});
   }
   return out;
 }
-}  // namespace
 
-namespace {
 // IFPipeline._text_preprocessing without clean_caption (which needs bs4 and ftfy): lower case, surrounding white
 // space removed (Python's str.lower and str.strip).
 std::string if_preprocess(const std::string& text) {
@@ -89,7 +107,7 @@ std::vector<Embeddings> encode_if(const SdModel& model, const std::vector<const 
   std::vector<int64_t> ids, mask;
   std::vector<std::pair<size_t, bool>> rows;
   auto add = [&](size_t i, bool uncond, const std::string& text) {
-    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(if_preprocess(text), 77);
+    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(if_preprocess(text), kIfTokens);
     ids.insert(ids.end(), e.ids.begin(), e.ids.end());
     mask.insert(mask.end(), e.mask.begin(), e.mask.end());
     rows.push_back({i, uncond});
@@ -100,8 +118,8 @@ std::vector<Embeddings> encode_if(const SdModel& model, const std::vector<const 
   }
   const auto n = static_cast<int64_t>(rows.size());
   const auto opt = at::TensorOptions().dtype(at::kLong);
-  const at::Tensor h = model.t5->forward(at::tensor(ids, opt).view({n, 77}).to(model.spec.device),
-                                         at::tensor(mask, opt).view({n, 77}).to(model.spec.device));
+  const at::Tensor h = model.t5->forward(at::tensor(ids, opt).view({n, kIfTokens}).to(model.spec.device),
+                                         at::tensor(mask, opt).view({n, kIfTokens}).to(model.spec.device));
   for (int64_t r = 0; r < n; ++r) (rows[r].second ? out[rows[r].first].uncond : out[rows[r].first].cond) = h[r];
   return out;
 }
@@ -118,7 +136,6 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
   if (batch.empty()) return out;
   profile::Scope prof(profile::Section::TextEncoder);
   if (model_.sdxl) return encode_sdxl(model_, batch);
-  const int L = model_.tokenizer->max_length();
   // Rows: cond prompts, then negative prompts of the guided requests. clip_skip groups run separately.
   std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -126,13 +143,9 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     if (batch[i]->uses_cfg()) groups[batch[i]->clip_skip].push_back({i, true});
   }
   for (const auto& [skip, rows] : groups) {
-    std::vector<int64_t> ids;
-    ids.reserve(rows.size() * L);
-    for (const auto& [i, uncond] : rows) {
-      auto t = model_.tokenizer->encode(uncond ? batch[i]->negative_prompt : batch[i]->prompt);
-      ids.insert(ids.end(), t.begin(), t.end());
-    }
-    at::Tensor input = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({(int64_t)rows.size(), L});
+    std::vector<const std::string*> texts;
+    for (const auto& [i, uncond] : rows) texts.push_back(uncond ? &batch[i]->negative_prompt : &batch[i]->prompt);
+    const at::Tensor input = token_ids(*model_.tokenizer, texts);
     at::Tensor h = model_.text_encoder->forward(input.to(model_.spec.device), skip).last_hidden_state;
     for (size_t r = 0; r < rows.size(); ++r) {
       const auto& [i, uncond] = rows[r];
@@ -154,8 +167,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
-  r.width = p.width > 0 ? p.width : static_cast<int>(model.default_size());
-  r.height = p.height > 0 ? p.height : static_cast<int>(model.default_size());
+  std::tie(r.width, r.height) = requested_size(model, p);
   const int64_t m = model.size_multiple();
   DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
@@ -169,15 +181,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
            model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
-  if (model.stage2) {  // DeepFloyd IF stage II's settings
-    DP_CHECK(p.sr_steps >= 1 && p.sr_steps <= model.stage2->scheduler.num_train_timesteps, "sr_steps: must be in [1, ",
-             model.stage2->scheduler.num_train_timesteps, "], got ", p.sr_steps);
-    DP_CHECK(p.sr_noise_level >= 0 && p.sr_noise_level < model.stage2->image_noising.num_train_timesteps,
-             "sr_noise_level: must be in [0, ", model.stage2->image_noising.num_train_timesteps, "), got ",
-             p.sr_noise_level);
-    DP_CHECK(std::isfinite(p.sr_guidance) && p.sr_guidance >= 0, "sr_guidance: must be a finite number >= 0, got ",
-             p.sr_guidance);
-  }
+  if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;
@@ -231,11 +235,7 @@ DenoiseState make_if_sr_state(const SdModel& m, const IfSuperResSettings& st, co
   DP_CHECK(m.unet && m.unet_config.class_embed_type == "timestep", "super-resolution: not a DeepFloyd IF stage-II model");
   DP_CHECK(image.dim() == 3 && image.size(0) * 2 == m.unet_config.in_channels, "super-resolution: the stage-I image ",
            "must be [", m.unet_config.in_channels / 2, ", h, w], got ", image.sizes());
-  DP_CHECK(st.noise_level >= 0 && st.noise_level < m.image_noising.num_train_timesteps, "noise level: must be in [0, ",
-           m.image_noising.num_train_timesteps, "), got ", st.noise_level);
-  DP_CHECK(st.steps >= 1 && st.steps <= m.scheduler.num_train_timesteps, "super-resolution steps: must be in [1, ",
-           m.scheduler.num_train_timesteps, "], got ", st.steps);
-  DP_CHECK(std::isfinite(st.guidance) && st.guidance >= 0, "super-resolution guidance: must be >= 0");
+  check_sr_settings(m, st.steps, st.guidance, st.noise_level);
   const int64_t C = image.size(0);
   const int64_t H = st.height > 0 ? st.height : m.unet_config.sample_size;
   const int64_t W = st.width > 0 ? st.width : m.unet_config.sample_size;

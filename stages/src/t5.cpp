@@ -170,16 +170,11 @@ T5Tokenizer T5Tokenizer::load_spiece(const std::string& dir) {
     }
   }
   DP_CHECK(!t.vocab_.empty(), file, ": no pieces (not a SentencePiece model)");
-  double min_score = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < t.vocab_.size(); ++i) {
     const std::string& piece = t.vocab_[i].first;
-    t.id_of_.emplace(piece, static_cast<int64_t>(i));
-    t.max_piece_bytes_ = std::max(t.max_piece_bytes_, piece.size());
-    min_score = std::min(min_score, t.vocab_[i].second);
     if (types[i] == 2) t.unk_id_ = static_cast<int64_t>(i);                          // UNKNOWN
     if (types[i] == 2 || types[i] == 3) t.added_.emplace_back(piece, static_cast<int64_t>(i));  // UNKNOWN, CONTROL
   }
-  t.unk_score_ = min_score - 10.0;
   t.nfkc_ = charsmap || normalizer.find("nfkc") != std::string::npos;
   // transformers' T5Tokenizer: extra_ids (tokenizer_config.json, default 100) sentinels after the pieces, the
   // highest id first: <extra_id_0> = n + extra - 1
@@ -190,16 +185,26 @@ T5Tokenizer T5Tokenizer::load_spiece(const std::string& dir) {
   }
   const auto n = static_cast<int64_t>(t.vocab_.size());
   for (int64_t i = 0; i < extra; ++i) t.added_.emplace_back("<extra_id_" + std::to_string(i) + ">", n + extra - 1 - i);
-  std::sort(t.added_.begin(), t.added_.end(),
-            [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  t.index(file);
+  return t;
+}
+
+void T5Tokenizer::index(const std::string& file) {
+  double min_score = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < vocab_.size(); ++i) {
+    id_of_.emplace(vocab_[i].first, static_cast<int64_t>(i));
+    max_piece_bytes_ = std::max(max_piece_bytes_, vocab_[i].first.size());
+    min_score = std::min(min_score, vocab_[i].second);
+  }
+  unk_score_ = min_score - 10.0;  // tokenizers' Unigram: unknown characters cost 10 below the rarest piece
+  std::sort(added_.begin(), added_.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   const auto id = [&](const char* piece, const char* what) {
-    auto it = t.id_of_.find(piece);
-    DP_CHECK(it != t.id_of_.end(), file, ": no ", what, " piece ", piece);
+    auto it = id_of_.find(piece);
+    DP_CHECK(it != id_of_.end(), file, ": the vocabulary has no ", what, " token ", piece);
     return it->second;
   };
-  t.pad_id_ = id("<pad>", "padding");
-  t.eos_id_ = id("</s>", "end-of-sequence");
-  return t;
+  pad_id_ = id("<pad>", "padding");
+  eos_id_ = id("</s>", "end-of-sequence");
 }
 
 T5Tokenizer T5Tokenizer::load(const std::string& dir) {
@@ -216,34 +221,21 @@ T5Tokenizer T5Tokenizer::load(const std::string& dir) {
   DP_CHECK(m.contains("vocab") && m["vocab"].is_array() && !m["vocab"].empty(), file, ": field 'model.vocab' must be a ",
            "non-empty list of [piece, score]");
   T5Tokenizer t;
-  double min_score = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < m["vocab"].size(); ++i) {
     const auto& e = m["vocab"][i];
     DP_CHECK(e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_number(), file, ": field 'model.vocab[", i,
              "]' must be [piece, score]");
     t.vocab_.emplace_back(e[0].get<std::string>(), e[1].get<double>());
-    t.id_of_.emplace(t.vocab_.back().first, static_cast<int64_t>(i));
-    t.max_piece_bytes_ = std::max(t.max_piece_bytes_, t.vocab_.back().first.size());
-    min_score = std::min(min_score, t.vocab_.back().second);
   }
-  t.unk_score_ = min_score - 10.0;  // tokenizers' Unigram: unknown characters cost 10 below the rarest piece
   DP_CHECK(m.contains("unk_id") && m["unk_id"].is_number_integer(), file, ": field 'model.unk_id' is required");
   t.unk_id_ = m["unk_id"].get<int64_t>();
   DP_CHECK(t.unk_id_ >= 0 && t.unk_id_ < static_cast<int64_t>(t.vocab_.size()), file, ": field 'model.unk_id' out of range");
   t.nfkc_ = parse_normalizer(root.value("normalizer", nlohmann::json()), file);
-  const auto id = [&](const char* piece, const char* what) {
-    auto it = t.id_of_.find(piece);
-    DP_CHECK(it != t.id_of_.end(), file, ": the vocabulary has no ", what, " token ", piece);
-    return it->second;
-  };
-  t.pad_id_ = id("<pad>", "padding");
-  t.eos_id_ = id("</s>", "end-of-sequence");
   if (root.contains("added_tokens") && root["added_tokens"].is_array())
     for (const auto& a : root["added_tokens"])
       if (a.value("special", false) && a.contains("content") && a.contains("id"))
         t.added_.emplace_back(a["content"].get<std::string>(), a["id"].get<int64_t>());
-  std::sort(t.added_.begin(), t.added_.end(),
-            [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  t.index(file);
   return t;
 }
 

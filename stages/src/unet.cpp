@@ -61,6 +61,16 @@ struct TextTimeEmbedding {
   }
 };
 
+namespace {
+// An embedding computed on the CPU in float32 (see forward) on the sample's device: pinned and asynchronous to a
+// GPU (a pageable copy would wait for the queue to drain), in the sample's dtype.
+at::Tensor to_sample_device(const at::Tensor& cpu, const at::Tensor& sample) {
+  const at::Tensor d = sample.is_cuda() ? cpu.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
+                                        : cpu.to(sample.device());
+  return d.to(sample.scalar_type());
+}
+}  // namespace
+
 struct UNet2DConditionModel::Impl {
   struct Block {
     std::vector<nn::ResnetBlock2D> resnets;
@@ -253,11 +263,8 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
       auto row = [&](const at::Tensor& x) { return x.defined() ? x.slice(0, i, i + 1) : x; };
       return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids));
     });
-  at::Tensor t_emb = timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift);
-  // To the GPU without waiting for the queue to drain (a pageable copy would): pinned, asynchronous.
-  t_emb = sample.is_cuda() ? t_emb.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
-                           : t_emb.to(sample.device());
-  t_emb = t_emb.to(sample.scalar_type());
+  const at::Tensor t_emb =
+      to_sample_device(timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift), sample);
   at::Tensor cl;
   if (cfg_.class_embed_type == "projection") {  // Stable unCLIP: the noised image embedding joins the time embedding
     DP_CHECK(class_labels.defined() && class_labels.dim() == 2 && class_labels.size(0) == B &&
@@ -268,11 +275,9 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   } else if (cfg_.class_embed_type == "timestep") {  // IF stage II: the noise level, embedded as a timestep
     DP_CHECK(class_labels.defined() && class_labels.numel() == B, "unet: class_embed_type \"timestep\" needs one ",
              "class label (a level) per sample: ", B);
-    at::Tensor lv = timestep_embedding(class_labels.to(at::kCPU).reshape({B}), cfg_.block_out_channels[0],
-                                       cfg_.flip_sin_to_cos, cfg_.freq_shift);
-    cl = (sample.is_cuda() ? lv.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
-                           : lv.to(sample.device()))
-             .to(sample.scalar_type());
+    cl = to_sample_device(timestep_embedding(class_labels.to(at::kCPU).reshape({B}), cfg_.block_out_channels[0],
+                                             cfg_.flip_sin_to_cos, cfg_.freq_shift),
+                          sample);
   } else if (cfg_.text_time()) {  // SDXL: [pooled text | sinusoids of the size ids] -> add_embedding
     DP_CHECK(class_labels.defined() && time_ids.defined() && class_labels.dim() == 2 && time_ids.dim() == 2 &&
                  class_labels.size(0) == B && time_ids.size(0) == B &&
@@ -282,12 +287,11 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
              ", K] with P + K * ", cfg_.addition_time_embed_dim, " = ", cfg_.projection_class_embeddings_input_dim);
     // on the CPU in float32, as the timestep embedding above
     const at::Tensor ids = time_ids.to(at::kCPU, at::kFloat);
-    at::Tensor sin = timestep_embedding(ids.flatten(), cfg_.addition_time_embed_dim, cfg_.flip_sin_to_cos,
-                                        cfg_.freq_shift)
-                         .reshape({B, -1});
-    sin = sample.is_cuda() ? sin.pin_memory().to(sample.device(), at::kFloat, /*non_blocking=*/true)
-                           : sin.to(sample.device());
-    cl = at::cat({class_labels.to(sample.device(), at::kFloat), sin}, 1).to(m.add_linear_1.weight.scalar_type());
+    const at::Tensor sin = to_sample_device(
+        timestep_embedding(ids.flatten(), cfg_.addition_time_embed_dim, cfg_.flip_sin_to_cos, cfg_.freq_shift)
+            .reshape({B, -1}),
+        sample);
+    cl = at::cat({class_labels.to(sample.device(), sin.scalar_type()), sin}, 1).to(m.add_linear_1.weight.scalar_type());
   } else {
     DP_CHECK(!class_labels.defined(), "unet: class_labels given, but the config has no class_embed_type");
   }

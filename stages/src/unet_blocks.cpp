@@ -19,38 +19,33 @@ ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t 
   if (has_shortcut) conv_shortcut = Conv2d(w, "conv_shortcut", in, out, 1, 1, 0);
 }
 
+// As diffusers' ResnetBlock2D orders it; Stable Diffusion's blocks take the defaults (silu, the time embedding added
+// before norm2, no resampling).
 at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
-  if (opt.gelu || opt.scale_shift || opt.skip_time_act || opt.resample) {  // the variants, as diffusers orders them
-    auto act = [&](const at::Tensor& t) { return opt.gelu ? at::gelu(t) : at::silu(t); };
-    at::Tensor in = x, h = opt.gelu ? at::gelu(norm1(x)) : norm1.silu(x);
-    if (opt.resample == 1) {
-      in = at::avg_pool2d(in, {2, 2}, {2, 2});
-      h = at::avg_pool2d(h, {2, 2}, {2, 2});
-    } else if (opt.resample == 2) {
-      in = at::upsample_nearest2d(in, {2 * x.size(2), 2 * x.size(3)});
-      h = at::upsample_nearest2d(h, {2 * x.size(2), 2 * x.size(3)});
-    }
-    h = conv1(h);
-    at::Tensor t;
-    if (time_emb_proj.weight.defined() && temb.defined())
-      t = time_emb_proj(opt.skip_time_act ? temb : act(temb)).unsqueeze(-1).unsqueeze(-1);
-    if (opt.scale_shift) {
-      DP_CHECK(t.defined(), "resnet: scale_shift needs a time embedding");
-      auto ss = t.chunk(2, 1);
-      h = act(norm2(h) * (1 + ss[0]) + ss[1]);
-    } else {
-      if (t.defined()) h = h + t;
-      h = opt.gelu ? at::gelu(norm2(h)) : norm2.silu(h);
-    }
-    h = conv2(h);
-    const at::Tensor out = (has_shortcut ? conv_shortcut(in) : in) + h;
-    return output_scale_factor == 1.0 ? out : out / output_scale_factor;
+  auto act = [&](const at::Tensor& t) { return opt.gelu ? at::gelu(t) : at::silu(t); };
+  auto norm_act = [&](const GroupNorm& n, const at::Tensor& t) { return opt.gelu ? at::gelu(n(t)) : n.silu(t); };
+  at::Tensor in = x, h = norm_act(norm1, x);
+  if (opt.resample == 1) {
+    in = at::avg_pool2d(in, {2, 2}, {2, 2});
+    h = at::avg_pool2d(h, {2, 2}, {2, 2});
+  } else if (opt.resample == 2) {
+    in = at::upsample_nearest2d(in, {2 * x.size(2), 2 * x.size(3)});
+    h = at::upsample_nearest2d(h, {2 * x.size(2), 2 * x.size(3)});
   }
-  at::Tensor h = conv1(norm1.silu(x));
-  if (time_emb_proj.weight.defined() && temb.defined()) h = h + time_emb_proj(at::silu(temb)).unsqueeze(-1).unsqueeze(-1);
-  h = conv2(norm2.silu(h));
-  at::Tensor s = has_shortcut ? conv_shortcut(x) : x;
-  at::Tensor out = s + h;
+  h = conv1(h);
+  at::Tensor t;
+  if (time_emb_proj.weight.defined() && temb.defined())
+    t = time_emb_proj(opt.skip_time_act ? temb : act(temb)).unsqueeze(-1).unsqueeze(-1);
+  if (opt.scale_shift) {
+    DP_CHECK(t.defined(), "resnet: scale_shift needs a time embedding");
+    auto ss = t.chunk(2, 1);
+    h = act(norm2(h) * (1 + ss[0]) + ss[1]);
+  } else {
+    if (t.defined()) h = h + t;
+    h = norm_act(norm2, h);
+  }
+  h = conv2(h);
+  const at::Tensor out = (has_shortcut ? conv_shortcut(in) : in) + h;
   return output_scale_factor == 1.0 ? out : out / output_scale_factor;
 }
 

@@ -32,6 +32,8 @@ class T5Tokenizer {
 
  private:
   static T5Tokenizer load_spiece(const std::string& dir);
+  // After vocab_ and added_ are read: the piece index, the unknown score, the special ids (errors name `file`).
+  void index(const std::string& file);
   std::vector<int64_t> encode_word(const std::string& word) const;  // one "▁"-marked word -> ids
   std::vector<int64_t> encode_text(const std::string& text) const;  // normalised, split, segmented
   std::vector<std::pair<std::string, double>> vocab_;  // piece, log-probability
