@@ -25,9 +25,7 @@ void Coordinator::run() {
     const StageDef& d = ctx_.pipeline[k];
     const StageSpec& spec = P.stages.at(k).spec;
     if (d.heavy) heavy = k;
-    // the heavy stage's bound admits requests; light stages run ahead by a factor, or are fed only what the
-    // stages before them release
-    const int limit = d.heavy ? spec.inflight_limit() : d.admission_factor > 0 ? d.admission_factor * spec.inflight_limit() : 1 << 30;
+    const int limit = sched::admission_limit(d.heavy, d.admission_factor, spec.inflight_limit());
     pc.stages.push_back({d.name, spec.ranks, limit, d.heavy});
   }
   sched::Planner planner(pc);

@@ -21,6 +21,13 @@ struct PlannedStage {
   bool heavy = false;               // routed first; the other stages prefer its rank (locality)
 };
 
+// A stage's in-flight bound in the Planner, from its placement's per-replica bound (StageSpec::inflight_limit):
+// the heavy stage's bound admits requests; light stages run ahead by `admission_factor` times theirs, or are
+// unbounded (factor 0: fed only what the stages before them release).
+inline int admission_limit(bool heavy, int admission_factor, int stage_limit) {
+  return heavy ? stage_limit : admission_factor > 0 ? admission_factor * stage_limit : 1 << 30;
+}
+
 struct PlannerConfig {
   size_t queue_capacity = 1024;     // waiting requests; more are rejected
   std::vector<PlannedStage> stages; // the pipeline, in order; each needs at least one replica
