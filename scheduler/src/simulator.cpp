@@ -116,7 +116,10 @@ class Sim {
       }
     }
     arrival_ = arrivals;
-    for (size_t i = 0; i < arrivals.size(); ++i) push({arrivals[i], 0, Ev::Arrive, -1, -1, i});
+    // closed loop with a bounded number outstanding: the rest arrive as requests finish
+    const bool paced = w_.arrivals.empty() && w_.rate == 0 && w_.concurrency > 0;
+    next_ = paced ? std::min(arrivals.size(), static_cast<size_t>(w_.concurrency)) : arrivals.size();
+    for (size_t i = 0; i < next_; ++i) push({arrivals[i], 0, Ev::Arrive, -1, -1, i});
     SimResult res;
     res.requests = static_cast<int>(arrivals.size());
     double last = 0;
@@ -127,9 +130,15 @@ class Sim {
       ++res.events;
       switch (e.kind) {
         case Ev::Arrive:
-          if (!planner_->submit(e.id, 0, S_[heavy()].calls, now_)) ++res.rejected;
-          res.peak_queued = std::max(res.peak_queued, planner_->queued());
+          if (!planner_->submit(e.id, 0, S_[heavy()].calls, now_)) {
+            ++res.rejected;
+            if (next_ < arrival_.size()) {  // paced: the next one takes its place
+              arrival_[next_] = now_;
+              push({now_, 0, Ev::Arrive, -1, -1, next_++});
+            }
+          }
           admit();
+          res.peak_queued = std::max(res.peak_queued, planner_->queued());
           break;
         case Ev::Deliver: deliver(e.rank, e.stage, e.id); break;
         case Ev::CallDone: call_done(e.rank); break;
@@ -140,6 +149,11 @@ class Sim {
             latency_.push_back(now_ - arrival_[e.id]);
             last = std::max(last, now_);
             planner_->forget(e.id);
+            done_at_.push_back(now_);
+            if (next_ < arrival_.size()) {
+              arrival_[next_] = now_;
+              push({now_, 0, Ev::Arrive, -1, -1, next_++});
+            }
           }
           admit();
           break;
@@ -148,9 +162,19 @@ class Sim {
     res.done = static_cast<int>(latency_.size());
     DP_CHECK(res.done + res.rejected == res.requests, "simulation: stalled with ", res.requests - res.done - res.rejected,
              " request(s) unfinished (a placement the planner cannot route?)");
-    const double t0 = arrivals.empty() ? 0 : *std::min_element(arrivals.begin(), arrivals.end());
+    const double t0 = *std::min_element(arrival_.begin(), arrival_.end());
     res.makespan_s = last - t0;
     res.images_per_s = res.makespan_s > 0 ? res.done / res.makespan_s : 0;
+    if (done_at_.size() >= 10) {
+      std::sort(done_at_.begin(), done_at_.end());
+      const size_t a = done_at_.size() / 10, b = done_at_.size() - 1 - done_at_.size() / 10;
+      const double ta = done_at_[a], tb = done_at_[b];
+      // completions in (ta, tb]: requests finishing together (one batch) count once at each end
+      const auto n = std::upper_bound(done_at_.begin(), done_at_.end(), tb) - std::upper_bound(done_at_.begin(), done_at_.end(), ta);
+      res.steady_images_per_s = tb > ta ? static_cast<double>(n) / (tb - ta) : res.images_per_s;
+    } else {
+      res.steady_images_per_s = res.images_per_s;
+    }
     if (!latency_.empty()) {
       double sum = 0;
       for (double l : latency_) sum += l;
@@ -303,7 +327,8 @@ class Sim {
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> q_;
   uint64_t seq_ = 0;
   double now_ = 0;
-  std::vector<double> arrival_, latency_;
+  std::vector<double> arrival_, latency_, done_at_;
+  size_t next_ = 0;  // the next request to arrive (paced closed loop)
   std::map<uint64_t, std::vector<int>> route_;
   std::vector<SimStageStats> stage_stats_;
   std::vector<double> batch_sum_;

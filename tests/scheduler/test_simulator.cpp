@@ -153,6 +153,20 @@ TEST(Simulator, StepBatchingBeatsStaticOnLatencyUnderLoad) {
   EXPECT_GT(step.images_per_s, single.images_per_s);
 }
 
+TEST(Simulator, PacedClosedLoopKeepsConcurrencyOutstanding) {
+  // 4 outstanding on a 0.1 s x 10-call stage with room for 8 (gathering): a batch of 4 every second
+  SimStage d = stage("denoise", {0}, fixed(0.1), 10, true);
+  d.gathers = true;
+  d.max_batch = 4;
+  SimWorkload w = closed(40);
+  w.concurrency = 4;
+  const SimResult r = simulate({d}, 1, SimNetwork{}, w);
+  EXPECT_EQ(r.done, 40);
+  EXPECT_EQ(r.peak_queued, 0u);
+  EXPECT_NEAR(r.steady_images_per_s, 4.0, 0.05);
+  EXPECT_NEAR(r.latency_p99, 1.0, 1e-9) << "never more than 4 in the system";
+}
+
 TEST(Simulator, DeterministicForASeed) {
   SimStage d = stage("denoise", {0, 1}, CostCurve{{{1, 0.02}, {8, 0.05}}}, 20, true);
   SimWorkload w;

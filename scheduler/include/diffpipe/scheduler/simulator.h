@@ -52,7 +52,9 @@ struct SimNetwork {
 
 struct SimWorkload {
   int requests = 256;
-  double rate = 0;                // Poisson arrivals per second; 0 = every request at t = 0 (closed loop)
+  double rate = 0;                // Poisson arrivals per second; 0 = closed loop (every request at t = 0, or
+                                  // `concurrency` outstanding: each finished request lets the next one in)
+  int concurrency = 0;            // closed loop: requests submitted and unfinished at once (0 = all)
   std::vector<double> arrivals;   // explicit arrival times (overrides requests and rate)
   uint64_t seed = 1;
   size_t queue_capacity = 1u << 30;
@@ -69,6 +71,8 @@ struct SimStageStats {
 struct SimResult {
   int requests = 0, done = 0, rejected = 0;
   double makespan_s = 0, images_per_s = 0;
+  double steady_images_per_s = 0;  // completions between the 10th and 90th percentile completion times, per second
+                                   // (without the ramp-up and drain of a finite run)
   double latency_mean = 0, latency_p50 = 0, latency_p95 = 0, latency_p99 = 0;
   std::vector<SimStageStats> stages;
   double busiest_rank_utilisation = 0;
