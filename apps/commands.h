@@ -10,5 +10,7 @@ int eval_main(int argc, char** argv);
 int train_main(int argc, char** argv);
 int bench_main(int argc, char** argv);
 int serve_main(int argc, char** argv);
+int profile_main(int argc, char** argv);
+int plan_main(int argc, char** argv);
 
 }  // namespace diffpipe::apps

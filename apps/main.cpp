@@ -40,6 +40,8 @@ void usage() {
                "  eval       score images: fidelity, CLIP score, FID (image tower or Inception-v3)\n"
                "  serve      an OpenAI-compatible images API over HTTP in front of the pipeline\n"
                "  bench      throughput and latency of the same work through several placements\n"
+               "  profile    each stage's seconds per call by batch size on this device (a cost profile)\n"
+               "  plan       the placement for a cluster of any size, from a cost profile (simulated)\n"
                "run 'diffpipe <command> --help' for its options; 'diffpipe --version' for the version\n");
 }
 }  // namespace
@@ -81,6 +83,10 @@ int main(int argc, char** argv) {
       rc = apps::serve_main(argc - 2, argv + 2);
     } else if (cmd == "bench") {
       rc = apps::bench_main(argc - 2, argv + 2);
+    } else if (cmd == "profile") {
+      rc = apps::profile_main(argc - 2, argv + 2);
+    } else if (cmd == "plan") {
+      rc = apps::plan_main(argc - 2, argv + 2);
     } else if (cmd == "init-model") {
       rc = apps::init_model_main(argc - 2, argv + 2);
     } else {

@@ -12,7 +12,7 @@ Planner::Planner(PlannerConfig cfg) : cfg_(std::move(cfg)), load_(cfg_.stages.si
     const auto& st = cfg_.stages[s];
     DP_CHECK(!st.replicas.empty(), "planner: stage '", st.name, "' has no replica");
     DP_CHECK(st.inflight_limit >= 1, "planner: stage '", st.name, "': in-flight limit must be >= 1");
-    for (int r : st.replicas) load_[s][r] = 0;
+    for (size_t i = 0; i < st.replicas.size(); ++i) load_[s].add_replica(st.replicas[i], static_cast<int>(i));
   }
 }
 
@@ -31,7 +31,7 @@ bool Planner::submit(uint64_t id, int priority, int total_steps, double now, dou
   r.deadline_s = deadline_s;
   r.total_steps = total_steps;
   reqs_.emplace(id, r);
-  queue_.push_back(id);
+  queue_.insert(key(r));
   return true;
 }
 
@@ -62,58 +62,64 @@ std::string Planner::where(uint64_t id) const {
   return s;
 }
 
+// The effective priority, priority + aging x (now - arrival), orders requests the same way at every `now`
+// (aging is one rate for all): the queue is kept in that order instead of sorted at every admission.
+Planner::QueueKey Planner::key(const RequestInfo& r) const {
+  return {r.priority - cfg_.aging_per_s * r.arrival_s, r.arrival_s, r.id};
+}
+
+void Planner::StageLoad::add_replica(int rank, int position) {
+  if (load.count(rank)) return;
+  load[rank] = 0;
+  pos[rank] = position;
+  order.insert({0, position, rank});
+}
+
+void Planner::StageLoad::change(int rank, int delta) {
+  auto it = load.find(rank);
+  DP_CHECK(it != load.end(), "planner: rank ", rank, " is not a replica of the stage");
+  order.erase({it->second, pos.at(rank), rank});
+  it->second += delta;
+  order.insert({it->second, pos.at(rank), rank});
+}
+
 int Planner::load(int stage, int rank) const {
-  const auto& m = load_.at(stage);
-  auto it = m.find(rank);
-  return it == m.end() ? 0 : it->second;
+  return load_.at(stage).of(rank);
 }
 
 std::vector<Admission> Planner::admit(double now) {
   std::vector<Admission> out;
-  // effective priority: priority + aging x waited; ties by arrival then id (FIFO)
-  std::stable_sort(queue_.begin(), queue_.end(), [&](uint64_t a, uint64_t b) {
-    const auto& ra = reqs_.at(a);
-    const auto& rb = reqs_.at(b);
-    const double pa = ra.priority + cfg_.aging_per_s * (now - ra.arrival_s);
-    const double pb = rb.priority + cfg_.aging_per_s * (now - rb.arrival_s);
-    if (pa != pb) return pa > pb;
-    if (ra.arrival_s != rb.arrival_s) return ra.arrival_s < rb.arrival_s;
-    return a < b;
-  });
   const size_t S = cfg_.stages.size();
-  size_t taken = 0;
-  for (; taken < queue_.size(); ++taken) {
-    Admission a{queue_[taken], std::vector<int>(S, -1)};
+  auto it = queue_.begin();
+  for (; it != queue_.end(); ++it) {
+    Admission a{it->id, std::vector<int>(S, -1)};
     bool ok = true;
     int heavy = -1;
     for (size_t s = 0; s < S; ++s)
       if (cfg_.stages[s].heavy) heavy = static_cast<int>(s);
     auto choose = [&](size_t s, int prefer) {
       const auto& st = cfg_.stages[s];
-      if (prefer >= 0 && load_[s].count(prefer) && load_[s][prefer] < st.inflight_limit) return prefer;
-      int best = -1;
-      for (int r : st.replicas)
-        if (best < 0 || load_[s][r] < load_[s][best]) best = r;
-      return best;
+      if (prefer >= 0 && load_[s].has(prefer) && load_[s].of(prefer) < st.inflight_limit) return prefer;
+      return load_[s].least();
     };
     if (heavy >= 0) a.route[heavy] = choose(static_cast<size_t>(heavy), -1);
     for (size_t s = 0; s < S; ++s)
       if (static_cast<int>(s) != heavy) a.route[s] = choose(s, heavy >= 0 ? a.route[heavy] : -1);
     for (size_t s = 0; s < S && ok; ++s)
-      if (load_[s][a.route[s]] >= cfg_.stages[s].inflight_limit) ok = false;
+      if (load_[s].of(a.route[s]) >= cfg_.stages[s].inflight_limit) ok = false;
     if (!ok) break;  // the head waits: admitting lower-priority work around it would starve it
     RequestInfo& r = reqs_.at(a.id);
     r.route = a.route;
-    for (size_t s = 0; s < S; ++s) ++load_[s][a.route[s]];
+    for (size_t s = 0; s < S; ++s) load_[s].change(a.route[s], +1);
     r.transition(RequestState::Running, now);
     out.push_back(std::move(a));
   }
-  queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(taken));
+  queue_.erase(queue_.begin(), it);
   return out;
 }
 
 void Planner::unload(RequestInfo& r, int stage) {
-  if (stage >= 0 && stage < static_cast<int>(r.route.size()) && r.route[stage] >= 0) --load_[stage][r.route[stage]];
+  if (stage >= 0 && stage < static_cast<int>(r.route.size()) && r.route[stage] >= 0) load_[stage].change(r.route[stage], -1);
 }
 
 // Loads held per state: a running request holds its own stage and every later one on its route.
@@ -154,7 +160,7 @@ bool Planner::reach(uint64_t id, int stage, double now) {
 
 void Planner::finish(RequestInfo& r, RequestState to, const std::string& why, double now) {
   release(r);
-  queue_.erase(std::remove(queue_.begin(), queue_.end(), r.id), queue_.end());
+  if (r.state == RequestState::Queued) queue_.erase(key(r));
   r.transition(to, now, why);
 }
 

@@ -165,16 +165,13 @@ class Sim {
     const double t0 = *std::min_element(arrival_.begin(), arrival_.end());
     res.makespan_s = last - t0;
     res.images_per_s = res.makespan_s > 0 ? res.done / res.makespan_s : 0;
-    if (done_at_.size() >= 10) {
-      std::sort(done_at_.begin(), done_at_.end());
-      const size_t a = done_at_.size() / 10, b = done_at_.size() - 1 - done_at_.size() / 10;
-      const double ta = done_at_[a], tb = done_at_[b];
-      // completions in (ta, tb]: requests finishing together (one batch) count once at each end
-      const auto n = std::upper_bound(done_at_.begin(), done_at_.end(), tb) - std::upper_bound(done_at_.begin(), done_at_.end(), ta);
-      res.steady_images_per_s = tb > ta ? static_cast<double>(n) / (tb - ta) : res.images_per_s;
-    } else {
-      res.steady_images_per_s = res.images_per_s;
-    }
+    // steady state: the heavy stage's work done between the first completion and the last admission (the
+    // system is full then; before it fills, after it drains), in requests per second
+    const double w0 = done_at_.empty() ? 0 : *std::min_element(done_at_.begin(), done_at_.end());
+    double steps = 0;
+    for (const auto& [t, b] : heavy_calls_)
+      if (t > w0 && t <= last_admit_) steps += b;
+    res.steady_images_per_s = last_admit_ > w0 && steps > 0 ? steps / S_[heavy()].calls / (last_admit_ - w0) : res.images_per_s;
     if (!latency_.empty()) {
       double sum = 0;
       for (double l : latency_) sum += l;
@@ -225,6 +222,7 @@ class Sim {
   void admit() {
     for (const Admission& a : planner_->admit(now_)) {
       route_[a.id] = a.route;
+      last_admit_ = now_;
       push({control(0, a.route[0]), 0, Ev::Deliver, a.route[0], 0, a.id});
     }
   }
@@ -282,6 +280,7 @@ class Sim {
     stage_stats_[pick].busy_s += dt;
     stage_stats_[pick].calls += 1;
     batch_sum_[pick] += static_cast<double>(r.batch.size());
+    if (S_[pick].heavy) heavy_calls_.push_back({now_ + dt, static_cast<double>(r.batch.size())});
     push({now_ + dt, 0, Ev::CallDone, rank, pick, 0});
   }
 
@@ -329,6 +328,8 @@ class Sim {
   double now_ = 0;
   std::vector<double> arrival_, latency_, done_at_;
   size_t next_ = 0;  // the next request to arrive (paced closed loop)
+  double last_admit_ = 0;
+  std::vector<std::pair<double, double>> heavy_calls_;  // (end, requests) of every heavy-stage call
   std::map<uint64_t, std::vector<int>> route_;
   std::vector<SimStageStats> stage_stats_;
   std::vector<double> batch_sum_;

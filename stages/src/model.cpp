@@ -239,4 +239,8 @@ int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));
 }
 
+void device_sync(const at::Device& device) {
+  if (device.is_cuda()) nn::sync_current_stream(device);
+}
+
 }  // namespace diffpipe

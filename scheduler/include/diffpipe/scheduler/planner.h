@@ -7,6 +7,8 @@
 #pragma once
 #include <map>
 #include <optional>
+#include <set>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -95,8 +97,32 @@ class Planner {
   void finish(RequestInfo& r, RequestState to, const std::string& why, double now);
   PlannerConfig cfg_;
   std::map<uint64_t, RequestInfo> reqs_;
-  std::vector<uint64_t> queue_;  // waiting ids
-  std::vector<std::map<int, int>> load_;  // per stage: rank -> requests counted against it
+  struct QueueKey {  // admission order: effective priority, then arrival, then id
+    double rank, arrival;
+    uint64_t id;
+    bool operator<(const QueueKey& o) const {
+      if (rank != o.rank) return rank > o.rank;
+      if (arrival != o.arrival) return arrival < o.arrival;
+      return id < o.id;
+    }
+  };
+  QueueKey key(const RequestInfo& r) const;
+  std::set<QueueKey> queue_;  // waiting requests, in admission order
+  // Per stage: requests counted against each replica, and the replicas ordered by (load, place in the list) so
+  // that the least loaded is found without a scan (clusters of thousands of ranks are simulated).
+  struct StageLoad {
+    std::map<int, int> load, pos;              // rank -> load, rank -> index in the stage's replica list
+    std::set<std::tuple<int, int, int>> order;  // (load, index, rank)
+    void add_replica(int rank, int position);
+    void change(int rank, int delta);
+    bool has(int rank) const { return load.count(rank) != 0; }
+    int of(int rank) const {
+      auto it = load.find(rank);
+      return it == load.end() ? 0 : it->second;
+    }
+    int least() const { return std::get<2>(*order.begin()); }
+  };
+  std::vector<StageLoad> load_;
 };
 
 }  // namespace diffpipe::sched

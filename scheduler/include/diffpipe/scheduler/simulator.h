@@ -71,8 +71,8 @@ struct SimStageStats {
 struct SimResult {
   int requests = 0, done = 0, rejected = 0;
   double makespan_s = 0, images_per_s = 0;
-  double steady_images_per_s = 0;  // completions between the 10th and 90th percentile completion times, per second
-                                   // (without the ramp-up and drain of a finite run)
+  double steady_images_per_s = 0;  // the heavy stage's work between the first completion and the last admission,
+                                   // in requests per second (a finite run without its ramp-up and drain)
   double latency_mean = 0, latency_p50 = 0, latency_p95 = 0, latency_p99 = 0;
   std::vector<SimStageStats> stages;
   double busiest_rank_utilisation = 0;

@@ -84,4 +84,7 @@ struct SdModel {
   int64_t sr_factor() const { return stage2 ? stage2->unet_config.sample_size / unet_config.sample_size : 1; }
 };
 
+// Waits until the work queued on `device` has run (a no-op on CPUs): for timing.
+void device_sync(const at::Device& device);
+
 }  // namespace diffpipe
