@@ -7,6 +7,8 @@
 // Every image is checked first (done, the requested size, not blank, and within +-1 of the first placement's).
 // Reports images/s, latency percentiles, per-stage busy fraction, peak queue depth and admitted requests, tensor
 // bytes moved between ranks, and ratios against `one`, as JSON; an SVG chart plots throughput against latency.
+// With --predict PROFILE every run is also simulated (diffpipe plan's simulator, the same placement and arrivals)
+// and the prediction is reported beside the measurement.
 #include <ATen/Parallel.h>
 #include <mpi.h>
 
@@ -21,6 +23,7 @@
 #include "cli.h"
 #include "commands.h"
 #include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/cluster/plan.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/stages/model.h"
@@ -133,7 +136,9 @@ int bench_main(int argc, char** argv) {
                        {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
                        {"seed", "S", "seed of the prompts' noise and the arrivals (default 1)"},
                        {"out", "FILE", "write the JSON report there (default: stdout)"},
-                       {"svg", "FILE", "write the throughput/latency chart there"}},
+                       {"svg", "FILE", "write the throughput/latency chart there"},
+                       {"predict", "FILE", "a cost profile (diffpipe profile): simulate every run too and report "
+                                           "predicted against measured"}},
                    argc, argv, "the same work through several placements in one run; outputs are checked first");
     if (parsed->help_requested()) return;
     DP_CHECK(parsed->has("model"), "bench: --model DIR is required");
@@ -162,6 +167,12 @@ int bench_main(int argc, char** argv) {
     while (std::getline(ss, k, ',')) kinds.push_back(k);
   }
   const std::string model_dir = a.str("model");
+  std::optional<CostProfile> profile;
+  if (a.has("predict")) {
+    profile = CostProfile::load(a.str("predict"));
+    DP_CHECK(profile->steps == steps, "bench: --predict ", a.str("predict"), " was measured at ", profile->steps,
+             " steps, this run makes ", steps, " (profile with --steps ", steps, ")");
+  }
   std::vector<PipelineStage> layout;
   SdModel model;
   std::vector<GenerationParams> reqs(n);
@@ -183,6 +194,9 @@ int bench_main(int argc, char** argv) {
   });
   std::shared_ptr<Transport> t = world.size == 1 ? make_inproc_world(1)[0] : make_mpi_transport();
   const ResolvedParams rp = resolve_params(model, reqs[0]);
+  // the delivered size: a cascade's super-resolution (upscale stage, IF stage II) enlarges the base image
+  const int64_t enlarge = (model.super_res ? model.super_res->config().scale : 1) * model.sr_factor();
+  const int out_w = static_cast<int>(rp.width * enlarge), out_h = static_cast<int>(rp.height * enlarge);
 
   json runs = json::array();
   std::vector<Image> first;  // the first closed-loop run's images: the others are checked against them
@@ -229,8 +243,8 @@ int bench_main(int argc, char** argv) {
       size_t identical = 0, values = 0, beyond = 0;
       for (int i = 0; i < n; ++i) {
         const Image& im = images[i];
-        DP_CHECK(im.width == rp.width && im.height == rp.height, "bench: image ", i, " is ", im.width, "x", im.height,
-                 ", expected ", rp.width, "x", rp.height);
+        DP_CHECK(im.width == out_w && im.height == out_h, "bench: image ", i, " is ", im.width, "x", im.height,
+                 ", expected ", out_w, "x", out_h);
         const auto [lo, hi] = std::minmax_element(im.pixels.begin(), im.pixels.end());
         DP_CHECK(*hi > *lo, "bench: image ", i, " of placement ", kind, " is blank");
         if (!first.empty()) {
@@ -252,6 +266,21 @@ int bench_main(int argc, char** argv) {
                   {"images_per_s", ips}, {"latency_s", {{"p50", pct(lat, 0.5)}, {"p95", pct(lat, 0.95)}, {"p99", pct(lat, 0.99)}}},
                   {"busy_fraction", busy}, {"bytes_moved", sum.back()}, {"peak_queued", st.peak_queued},
                   {"peak_admitted", st.peak_active}, {"identical_to_first", values ? json(identical) : json(n)}};
+      if (profile) {  // the same placement and arrivals through the simulator
+        sched::SimNetwork net;
+        net.ranks_per_node = world.size;
+        if (rs.device == "cpu") {  // MPI between CPU ranks on one machine (docs/results.md, transport table)
+          net.intra_bytes_per_s = 2e9;
+          net.latency_s = 150e-6;
+        }
+        sched::SimWorkload w;
+        for (const auto& m : o.meta) w.arrivals.push_back(m.arrival_s);
+        const sched::SimResult sim = sched::simulate(sim_stages(o.placement, *profile), world.size, net, w);
+        run["predicted"] = {{"images_per_s", sim.images_per_s}, {"latency_s", {{"p50", sim.latency_p50}, {"p99", sim.latency_p99}}},
+                            {"measured_over_predicted", sim.images_per_s > 0 ? ips / sim.images_per_s : 0}};
+        std::fprintf(stderr, "diffpipe bench:   predicted %.3f images/s, p50 %.3f s, p99 %.3f s (measured/predicted %.2f)\n",
+                     sim.images_per_s, sim.latency_p50, sim.latency_p99, sim.images_per_s > 0 ? ips / sim.images_per_s : 0);
+      }
       if (r >= 0) run["rate"] = rates[r];
       else closed_rate[kind] = ips;
       std::fprintf(stderr, "diffpipe bench: %-8s %s%s: %.3f images/s, p50 %.3f s, p99 %.3f s\n", kind.c_str(),
@@ -267,7 +296,7 @@ int bench_main(int argc, char** argv) {
     for (const auto& [k, v] : closed_rate)
       if (k != "one") ratios[k + "/one"] = v / closed_rate["one"];
   const json report = {{"model", model_dir}, {"images", n}, {"steps", steps}, {"ranks", world.size},
-                       {"size", {rp.width, rp.height}}, {"max_batch", max_batch}, {"threads_per_rank", threads},
+                       {"size", {out_w, out_h}}, {"max_batch", max_batch}, {"threads_per_rank", threads},
                        {"runs", runs}, {"closed_loop_ratios", ratios}};
   if (a.has("out")) {
     std::ofstream(a.str("out")) << report.dump(2) << "\n";

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <map>
 #include <sstream>
@@ -170,7 +171,18 @@ int profile_main(int argc, char** argv) {
   }
   for (int b : batches) {
     std::vector<Pass> passes;
-    for (int r = 0; r < rounds; ++r) passes.push_back(run_pass(model, pipe, base, b));
+    // on a thread of its own, as the runner's stage workers run (on CPUs LibTorch's kernels run slower there than
+    // on the process's first thread: docs/results.md, "Planning placements")
+    std::string error;
+    std::thread worker([&] {
+      try {
+        for (int r = 0; r < rounds; ++r) passes.push_back(run_pass(model, pipe, base, b));
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    });
+    worker.join();
+    DP_CHECK(error.empty(), error);
     for (size_t k = 0; k < pipe.size(); ++k) {
       StageCost& c = prof.stages[k];
       double sum = 0;
