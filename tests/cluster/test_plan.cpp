@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
-#include <functional>
 
 #include "diffpipe/cluster/plan.h"
 #include "diffpipe/runtime/error.h"
@@ -14,14 +13,7 @@ using namespace diffpipe;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // An SD-like profile on a GPU: encode and decode one call per request, denoise 20 calls; seconds per call at
 // batch 1, 4 and 8.
