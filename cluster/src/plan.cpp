@@ -337,9 +337,27 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
     if (!seen.insert(key).second) return;
     PlanCandidate c;
     c.shape = label.empty() ? shape_of(p) : label + ": " + shape_of(p);
-    c.bound = throughput_bound(p, profile, o.steps);
     c.memory = peak_rank_memory(p, profile);
-    c.fits = cluster.device_memory_bytes <= 0 || c.memory <= cluster.device_memory_bytes;
+    const double limit = cluster.device_memory_bytes;
+    // too big: halve the light stages' batches (their activations, e.g. a VAE decoder's, often dominate) while
+    // that helps
+    std::string smaller;
+    while (limit > 0 && c.memory > limit) {
+      bool shrunk = false;
+      for (auto& st : p.stages)
+        if (!st.heavy && st.spec.max_batch > 1) {
+          st.spec.max_batch /= 2;
+          shrunk = true;
+        }
+      if (!shrunk) break;
+      c.memory = peak_rank_memory(p, profile);
+    }
+    for (const auto& st : p.stages)
+      if (!st.heavy && st.spec.max_batch != p.stages[static_cast<size_t>(heavy)].spec.max_batch)
+        smaller += detail::cat(smaller.empty() ? " (" : ", ", st.name, " max_batch ", st.spec.max_batch);
+    if (!smaller.empty()) c.shape += smaller + ")";
+    c.bound = throughput_bound(p, profile, o.steps);
+    c.fits = limit <= 0 || c.memory <= limit;
     c.placement = std::move(p);
     cands.push_back(std::move(c));
   };

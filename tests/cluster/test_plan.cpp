@@ -179,6 +179,18 @@ TEST(Plan, MemoryDecidesWhatFits) {
   EXPECT_LE(cands.front().memory, 5e9);
   for (const auto& x : cands)
     if (x.shape.rfind("replicas", 0) == 0 && x.placement.stages[1].spec.max_batch == 8) EXPECT_FALSE(x.fits);
+  // room for everything at batch 8 but the decoder's activations: its batch is halved until the rank fits
+  c.device_memory_bytes = 8e9;  // replicas at 8: 0.4 + 2.05 + 8 x 1.11 = 11.3 GB; decode at 2: 0.4 + 2.05 + 8 x 0.31 + 2 x 0.8
+  bool found = false;
+  for (const auto& x : plan_placements(p, c, quick()))
+    if (x.shape.rfind("replicas", 0) == 0 && x.placement.stages[1].spec.max_batch == 8) {
+      found = true;
+      EXPECT_TRUE(x.fits);
+      EXPECT_EQ(x.placement.stages[2].spec.max_batch, 2) << x.shape;
+      EXPECT_NE(x.shape.find("(encode max_batch 2, decode max_batch 2)"), std::string::npos) << x.shape;
+      EXPECT_LE(x.memory, 8e9);
+    }
+  EXPECT_TRUE(found);
 }
 
 TEST(Plan, OpenLoopPrefersLowerLatencyWhenBothKeepUp) {
