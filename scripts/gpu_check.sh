@@ -2,7 +2,7 @@
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
 #   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
-#                                  pipeline, sd15, scheduler, sdxl). The build is kept in build-gpu/ while the
+#                                  pipeline, sd15, scheduler, sdxl, plan). The build is kept in build-gpu/ while the
 #                                  machine is warm, so a second call (other parts) skips it.
 # With 15 minutes of device time a session, run it in two calls back to back (a machine stays warm ~30 s):
 #   GPU_CHECK_PARTS=vs_b8 (build ~70 s, init-model 34 s, torch.compile ~4 min), then golden,variants,vs_b1.
@@ -76,7 +76,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8; then
+if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan; then
 # kept on a warm machine between calls (34 s to write)
 [ -f /tmp/sd15/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"; }
 # The same folder with "force_upcast": false: the VAE decodes in float16, as diffusers' StableDiffusionPipeline
@@ -140,6 +140,15 @@ variant "b8 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B8
 variant "b8 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B8
 variant "b8 VAE float16" X=1 -- $B8 --model /tmp/sd15-vae16
 variant "b8 VAE f16 + NHWC GN" DIFFPIPE_FUSED_NHWC=1 -- $B8 --model /tmp/sd15-vae16
+fi
+if want plan; then
+step "placement planning: SD 1.5 architecture profile (512 px, float16, 50 steps), a plan for 16 x 8 GPUs, prediction vs measured"
+timeout 300 $B/apps/diffpipe profile --model /tmp/sd15 --device cuda --dtype float16 --steps 50 --batches 1,2,4,8,16 \
+  --out $OUT/profile_sd15.json 2>&1 | tail -25
+$B/apps/diffpipe plan --profile $OUT/profile_sd15.json --nodes 16 --ranks-per-node 8 --device-memory-gib 80 --top 8 \
+  --out $OUT/plan_128.toml --json $OUT/plan_128.json
+timeout 240 $B/apps/diffpipe bench --model /tmp/sd15 --device cuda --dtype float16 --images 16 --steps 50 --rates 1,2 \
+  --predict $OUT/profile_sd15.json --out $OUT/bench_predict.json 2>&1 | grep "bench:"
 fi
 if want sdxl; then
 step "SDXL base architecture (random weights), 1024 px, float16, batch 1, 20 DDIM steps: vs diffusers eager"
