@@ -249,12 +249,12 @@ int plan_main(int argc, char** argv) {
            "plan: --intra-gbps and --inter-gbps must be > 0, --link-latency-us >= 0");
   PlanOptions o;
   o.steps = static_cast<int>(a.integer("steps", 0));
-  DP_CHECK(o.steps >= 0 && o.steps <= 10000, "plan: --steps must be in [1, 10000]");
+  DP_CHECK(o.steps >= 0 && o.steps <= 10000, "plan: --steps must be in [1, 10000] (left out: the profile's)");
   if (a.has("batch-sizes")) o.batch_sizes = parse_ints(a.str("batch-sizes"), "batch-sizes");
   o.rate = a.number("rate", 0);
   DP_CHECK(o.rate >= 0, "plan: --rate must be >= 0");
   o.requests = static_cast<int>(a.integer("requests", 0));
-  DP_CHECK(o.requests >= 0 && o.requests <= 10000000, "plan: --requests must be in [1, 10000000]");
+  DP_CHECK(o.requests >= 0 && o.requests <= 10000000, "plan: --requests must be in [1, 10000000] (left out: enough for the steady state)");
   o.p99_slo_s = a.number("p99-slo", 0);
   o.simulate_top = static_cast<int>(a.integer("simulate", 6));
   DP_CHECK(o.simulate_top >= 1, "plan: --simulate must be >= 1");
