@@ -25,6 +25,7 @@
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/cluster/plan.h"
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/scheduler/simulator.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/stages/model.h"
 #include "diffpipe/stages/pipeline.h"
@@ -34,12 +35,6 @@ namespace diffpipe::apps {
 namespace {
 
 using json = nlohmann::json;
-
-double pct(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
 
 std::vector<double> parse_list(const std::string& s, const char* what) {
   std::vector<double> out;
@@ -263,7 +258,9 @@ int bench_main(int argc, char** argv) {
       for (size_t k = 0; k < o.placement.stages.size() && k < sum.size() - 1; ++k)
         busy[o.placement.stages[k].name] = sum[k] / st.wall_s;
       json run = {{"placement", kind}, {"mode", r < 0 ? "closed" : "open"}, {"wall_s", st.wall_s},
-                  {"images_per_s", ips}, {"latency_s", {{"p50", pct(lat, 0.5)}, {"p95", pct(lat, 0.95)}, {"p99", pct(lat, 0.99)}}},
+                  {"images_per_s", ips},
+                  {"latency_s", {{"p50", sched::percentile(lat, 0.5)}, {"p95", sched::percentile(lat, 0.95)},
+                                 {"p99", sched::percentile(lat, 0.99)}}},
                   {"busy_fraction", busy}, {"bytes_moved", sum.back()}, {"peak_queued", st.peak_queued},
                   {"peak_admitted", st.peak_active}, {"identical_to_first", values ? json(identical) : json(n)}};
       if (profile) {  // the same placement and arrivals through the simulator
@@ -285,7 +282,7 @@ int bench_main(int argc, char** argv) {
       else closed_rate[kind] = ips;
       std::fprintf(stderr, "diffpipe bench: %-8s %s%s: %.3f images/s, p50 %.3f s, p99 %.3f s\n", kind.c_str(),
                    r < 0 ? "closed loop" : "open loop at ", r < 0 ? "" : detail::cat(rates[r], "/s").c_str(), ips,
-                   pct(lat, 0.5), pct(lat, 0.99));
+                   sched::percentile(lat, 0.5), sched::percentile(lat, 0.99));
       runs.push_back(run);
     }
   }

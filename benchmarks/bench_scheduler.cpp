@@ -17,6 +17,7 @@
 
 #include "cli.h"
 #include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/scheduler/simulator.h"
 #include "diffpipe/scheduler/step_batcher.h"
 
 using namespace diffpipe;
@@ -28,11 +29,6 @@ struct RunResult {
   std::vector<Image> images;
   size_t done = 0;
 };
-
-double pct(std::vector<double> v, double p) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
 
 RunResult run(const std::string& model, const std::vector<GenerationParams>& reqs, const std::vector<double>& arrivals,
               const std::string& mode, int max_batch, const RankSpec& rs, bool batch_invariant) {
@@ -59,9 +55,9 @@ RunResult run(const std::string& model, const std::vector<GenerationParams>& req
   });
   r.wall = st.wall_s;
   r.throughput = r.done / std::max(1e-9, last - arrivals.front());
-  r.p50 = pct(lat, 0.50);
-  r.p95 = pct(lat, 0.95);
-  r.p99 = pct(lat, 0.99);
+  r.p50 = sched::percentile(lat, 0.50);
+  r.p95 = sched::percentile(lat, 0.95);
+  r.p99 = sched::percentile(lat, 0.99);
   for (size_t k = 0; k < 3 && k < st.busy_s.size(); ++k) r.busy[k] = st.busy_s[k] / st.wall_s;
   return r;
 }

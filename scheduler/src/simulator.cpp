@@ -37,6 +37,12 @@ void CostCurve::validate(const std::string& what) const {
   }
 }
 
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
 namespace {
 
 enum class Ev { Arrive, Deliver, CallDone, Wake, Notify };
@@ -68,16 +74,10 @@ struct Rank {
   std::map<int, Slot> slots;      // stage index -> slot
 };
 
-double pct(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
-
 class Sim {
  public:
   Sim(const std::vector<SimStage>& stages, int world, const SimNetwork& net, const SimWorkload& w)
-      : S_(stages), world_(world), net_(net), w_(w), ranks_(static_cast<size_t>(world)) {
+      : S_(stages), net_(net), w_(w), ranks_(static_cast<size_t>(world)) {
     DP_CHECK(world >= 1, "simulation: world size must be >= 1");
     DP_CHECK(!stages.empty(), "simulation: the pipeline has no stage");
     DP_CHECK(net.ranks_per_node >= 1 && net.intra_bytes_per_s > 0 && net.inter_bytes_per_s > 0 && net.latency_s >= 0,
@@ -97,6 +97,7 @@ class Sim {
         if (s.multi_step) slot.batcher = std::make_unique<StepBatcher>(s.mode, s.max_batch);
       }
       pc.stages.push_back({s.name, s.ranks, s.planner_limit, s.heavy});
+      if (s.heavy) heavy_ = static_cast<int>(k);
     }
     planner_ = std::make_unique<Planner>(pc);
     stage_stats_.resize(stages.size());
@@ -122,7 +123,6 @@ class Sim {
     for (size_t i = 0; i < next_; ++i) push({arrivals[i], 0, Ev::Arrive, -1, -1, i});
     SimResult res;
     res.requests = static_cast<int>(arrivals.size());
-    double last = 0;
     while (!q_.empty()) {
       const Event e = q_.top();
       q_.pop();
@@ -130,12 +130,9 @@ class Sim {
       ++res.events;
       switch (e.kind) {
         case Ev::Arrive:
-          if (!planner_->submit(e.id, 0, S_[heavy()].calls, now_)) {
+          if (!planner_->submit(e.id, 0, S_[heavy_].calls, now_)) {
             ++res.rejected;
-            if (next_ < arrival_.size()) {  // paced: the next one takes its place
-              arrival_[next_] = now_;
-              push({now_, 0, Ev::Arrive, -1, -1, next_++});
-            }
+            arrive_next();
           }
           admit();
           res.peak_queued = std::max(res.peak_queued, planner_->queued());
@@ -147,13 +144,9 @@ class Sim {
           if (planner_->reach(e.id, e.stage, now_)) planner_->on_stage_done(e.id, e.stage, now_);
           if (e.stage + 1 == static_cast<int>(S_.size())) {
             latency_.push_back(now_ - arrival_[e.id]);
-            last = std::max(last, now_);
-            planner_->forget(e.id);
             done_at_.push_back(now_);
-            if (next_ < arrival_.size()) {
-              arrival_[next_] = now_;
-              push({now_, 0, Ev::Arrive, -1, -1, next_++});
-            }
+            planner_->forget(e.id);
+            arrive_next();
           }
           admit();
           break;
@@ -163,6 +156,7 @@ class Sim {
     DP_CHECK(res.done + res.rejected == res.requests, "simulation: stalled with ", res.requests - res.done - res.rejected,
              " request(s) unfinished (a placement the planner cannot route?)");
     const double t0 = *std::min_element(arrival_.begin(), arrival_.end());
+    const double last = done_at_.empty() ? 0 : *std::max_element(done_at_.begin(), done_at_.end());
     res.makespan_s = last - t0;
     res.images_per_s = res.makespan_s > 0 ? res.done / res.makespan_s : 0;
     // steady state: the heavy stage's work done between the first completion and the last admission (the
@@ -171,15 +165,15 @@ class Sim {
     double steps = 0;
     for (const auto& [t, b] : heavy_calls_)
       if (t > w0 && t <= last_admit_) steps += b;
-    res.steady_images_per_s = last_admit_ > w0 && steps > 0 ? steps / S_[heavy()].calls / (last_admit_ - w0) : res.images_per_s;
+    res.steady_images_per_s = last_admit_ > w0 && steps > 0 ? steps / S_[heavy_].calls / (last_admit_ - w0) : res.images_per_s;
     if (!latency_.empty()) {
       double sum = 0;
       for (double l : latency_) sum += l;
       res.latency_mean = sum / latency_.size();
     }
-    res.latency_p50 = pct(latency_, 0.5);
-    res.latency_p95 = pct(latency_, 0.95);
-    res.latency_p99 = pct(latency_, 0.99);
+    res.latency_p50 = percentile(latency_, 0.5);
+    res.latency_p95 = percentile(latency_, 0.95);
+    res.latency_p99 = percentile(latency_, 0.99);
     for (size_t k = 0; k < S_.size(); ++k) {
       SimStageStats st = stage_stats_[k];
       st.name = S_[k].name;
@@ -199,10 +193,11 @@ class Sim {
     e.seq = seq_++;
     q_.push(e);
   }
-  int heavy() const {
-    for (size_t k = 0; k < S_.size(); ++k)
-      if (S_[k].heavy) return static_cast<int>(k);
-    return 0;
+  // Paced closed loop: the next request arrives now (one finished or was refused).
+  void arrive_next() {
+    if (next_ >= arrival_.size()) return;
+    arrival_[next_] = now_;
+    push({now_, 0, Ev::Arrive, -1, -1, next_++});
   }
   int node(int rank) const { return rank / net_.ranks_per_node; }
   // When `bytes` sent now from `from` reach `to` (the sender's link sends one message at a time).
@@ -318,7 +313,7 @@ class Sim {
   }
 
   const std::vector<SimStage>& S_;
-  int world_;
+  int heavy_ = 0;  // the heavy stage's index
   SimNetwork net_;
   SimWorkload w_;
   std::vector<Rank> ranks_;

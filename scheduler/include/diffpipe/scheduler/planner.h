@@ -98,10 +98,10 @@ class Planner {
   PlannerConfig cfg_;
   std::map<uint64_t, RequestInfo> reqs_;
   struct QueueKey {  // admission order: effective priority, then arrival, then id
-    double rank, arrival;
+    double standing, arrival;  // standing: the effective priority less aging x now (the same for every request)
     uint64_t id;
     bool operator<(const QueueKey& o) const {
-      if (rank != o.rank) return rank > o.rank;
+      if (standing != o.standing) return standing > o.standing;
       if (arrival != o.arrival) return arrival < o.arrival;
       return id < o.id;
     }

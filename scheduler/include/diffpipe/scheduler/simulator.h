@@ -81,6 +81,10 @@ struct SimResult {
   double events = 0;
 };
 
+// The p-quantile (0..1) of `v` by nearest rank (0 when empty): how the simulator, `diffpipe bench` and the
+// scheduler benchmark report latency percentiles, so their figures compare.
+double percentile(std::vector<double> v, double p);
+
 // Runs the workload through `stages` (pipeline order) on `world_size` ranks; rank 0 is also the coordinator.
 // Throws naming the stage when a stage has no rank, a rank outside [0, world_size), or a bad cost curve.
 SimResult simulate(const std::vector<SimStage>& stages, int world_size, const SimNetwork& net, const SimWorkload& w);
