@@ -272,16 +272,9 @@ int plan_main(int argc, char** argv) {
     PlacementDefaults d;
     d.rank.device = prof.device;
     d.rank.dtype = prof.dtype;
-    PlanCandidate c;
-    c.placement = Placement::load(a.str("pipeline"), N, prof.layout(), d);
-    c.shape = "pipeline file " + a.str("pipeline");
-    c.bound = throughput_bound(c.placement, prof, o.steps);
-    c.memory = peak_rank_memory(c.placement, prof);
-    c.fits = cl.device_memory_bytes <= 0 || c.memory <= cl.device_memory_bytes;
-    c.sim = simulate_placement(c.placement, prof, cl, o);
-    c.simulated = true;
-    c.meets_slo = o.p99_slo_s <= 0 || c.sim.latency_p99 <= o.p99_slo_s;
-    cands.push_back(std::move(c));
+    cands.push_back(evaluate(Placement::load(a.str("pipeline"), N, prof.layout(), d), "pipeline file " + a.str("pipeline"),
+                             prof, cl, o));
+    simulate_candidate(cands.back(), prof, cl, o);
   } else {
     cands = plan_placements(prof, cl, o);
   }
@@ -291,7 +284,7 @@ int plan_main(int argc, char** argv) {
   for (size_t i = 0; i < cands.size(); ++i) {
     const PlanCandidate& c = cands[i];
     const int batch = heavy_batch(c.placement);
-    const double ips = o.rate > 0 ? c.sim.images_per_s : c.sim.steady_images_per_s;
+    const double ips = c.images_per_s;
     nlohmann::json j = {{"shape", c.shape}, {"max_batch", batch}, {"bound_images_per_s", c.bound},
                         {"memory_bytes", c.memory}, {"fits", c.fits}, {"simulated", c.simulated}};
     if (c.simulated) {
@@ -323,12 +316,12 @@ int plan_main(int argc, char** argv) {
     std::printf("diffpipe plan: no simulated placement meets the p99 bound of %g s; the best by throughput follows\n", o.p99_slo_s);
   std::printf("best: %s, max_batch %d: %.3f images/s simulated (bound %.3f), p99 %.3f s\n", best.shape.c_str(),
               heavy_batch(best.placement),
-              o.rate > 0 ? best.sim.images_per_s : best.sim.steady_images_per_s, best.bound, best.sim.latency_p99);
+              best.images_per_s, best.bound, best.sim.latency_p99);
   if (a.has("out")) {
     const std::string comment = detail::cat(
         "diffpipe plan: ", best.shape, "\nfor ", N, " ranks (", cl.nodes, " node(s) x ", cl.ranks_per_node, "), profile ",
         a.str("profile"), " (", prof.device, " ", prof.dtype, ", ", prof.width, "x", prof.height, ", ", steps, " steps)\n",
-        "simulated: ", o.rate > 0 ? best.sim.images_per_s : best.sim.steady_images_per_s, " images/s, p99 ",
+        "simulated: ", best.images_per_s, " images/s, p99 ",
         best.sim.latency_p99, " s\nrun: mpirun -np ", N, " diffpipe generate --model MODEL --pipeline THIS_FILE ...");
     const std::string text = placement_toml(best.placement, prof, comment);
     write_file_atomic(a.str("out"), text.data(), text.size());

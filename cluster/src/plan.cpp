@@ -81,6 +81,12 @@ std::vector<PipelineStage> CostProfile::layout() const {
   return v;
 }
 
+int CostProfile::heavy_index() const {
+  for (size_t k = 0; k < stages.size(); ++k)
+    if (stages[k].heavy) return static_cast<int>(k);
+  DP_FAIL("profile: no heavy stage");
+}
+
 const StageCost& CostProfile::stage(const std::string& name) const {
   for (const auto& s : stages)
     if (s.name == name) return s;
@@ -287,7 +293,7 @@ Placement shaped(const CostProfile& profile, const ClusterSpec& c, const std::ve
   const std::vector<int> order = spread_order(c);
   size_t next = 0;
   std::vector<std::vector<int>> ranks(profile.stages.size());
-  int heavy = 0;
+  const int heavy = profile.heavy_index();
   auto take = [&](int k) {
     std::vector<int> r(order.begin() + static_cast<std::ptrdiff_t>(next), order.begin() + static_cast<std::ptrdiff_t>(next + k));
     next += static_cast<size_t>(k);
@@ -296,10 +302,7 @@ Placement shaped(const CostProfile& profile, const ClusterSpec& c, const std::ve
   };
   std::vector<int> shared_ranks = shared > 0 ? take(shared) : std::vector<int>{};
   for (size_t k = 0; k < profile.stages.size(); ++k) {
-    if (profile.stages[k].heavy) {
-      heavy = static_cast<int>(k);
-      continue;
-    }
+    if (static_cast<int>(k) == heavy) continue;
     if (shared > 0) ranks[k] = shared_ranks;
     else if (own[k] > 0) ranks[k] = take(own[k]);
   }
@@ -317,7 +320,30 @@ Placement shaped(const CostProfile& profile, const ClusterSpec& c, const std::ve
   return p;
 }
 
+// Whole rank counts either side of an ideal share (at least one).
+std::set<int> around(double ideal) {
+  return {std::max(1, static_cast<int>(std::floor(ideal))), std::max(1, static_cast<int>(std::ceil(ideal)))};
+}
+
 }  // namespace
+
+PlanCandidate evaluate(Placement placement, std::string shape, const CostProfile& profile, const ClusterSpec& cluster,
+                       const PlanOptions& o) {
+  PlanCandidate c;
+  c.shape = std::move(shape);
+  c.bound = throughput_bound(placement, profile, o.steps);
+  c.memory = peak_rank_memory(placement, profile);
+  c.fits = cluster.device_memory_bytes <= 0 || c.memory <= cluster.device_memory_bytes;
+  c.placement = std::move(placement);
+  return c;
+}
+
+void simulate_candidate(PlanCandidate& c, const CostProfile& profile, const ClusterSpec& cluster, const PlanOptions& o) {
+  c.sim = simulate_placement(c.placement, profile, cluster, o);
+  c.simulated = true;
+  c.images_per_s = o.rate > 0 ? c.sim.images_per_s : c.sim.steady_images_per_s;
+  c.meets_slo = o.p99_slo_s <= 0 || c.sim.latency_p99 <= o.p99_slo_s;
+}
 
 std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const ClusterSpec& cluster, const PlanOptions& o) {
   profile.validate("profile");
@@ -326,23 +352,18 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
   DP_CHECK(N <= 100000, "plan: ", N, " ranks is beyond what the planner simulates (100000)");
   DP_CHECK(!o.batch_sizes.empty(), "plan: no batch size to try");
   const size_t S = profile.stages.size();
-  int heavy = 0;
-  for (size_t k = 0; k < S; ++k)
-    if (profile.stages[k].heavy) heavy = static_cast<int>(k);
+  const int heavy = profile.heavy_index();
+  const double limit = cluster.device_memory_bytes;
 
   std::vector<PlanCandidate> cands;
   std::set<std::string> seen;
   auto add = [&](Placement p, const std::string& label) {
     const std::string key = shape_of(p) + "|" + std::to_string(p.stages[static_cast<size_t>(heavy)].spec.max_batch);
     if (!seen.insert(key).second) return;
-    PlanCandidate c;
-    c.shape = label.empty() ? shape_of(p) : label + ": " + shape_of(p);
-    c.memory = peak_rank_memory(p, profile);
-    const double limit = cluster.device_memory_bytes;
+    std::string shape = label.empty() ? shape_of(p) : label + ": " + shape_of(p);
     // too big: halve the light stages' batches (their activations, e.g. a VAE decoder's, often dominate) while
     // that helps
-    std::string smaller;
-    while (limit > 0 && c.memory > limit) {
+    while (limit > 0 && peak_rank_memory(p, profile) > limit) {
       bool shrunk = false;
       for (auto& st : p.stages)
         if (!st.heavy && st.spec.max_batch > 1) {
@@ -350,28 +371,25 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
           shrunk = true;
         }
       if (!shrunk) break;
-      c.memory = peak_rank_memory(p, profile);
     }
+    std::string smaller;
     for (const auto& st : p.stages)
       if (!st.heavy && st.spec.max_batch != p.stages[static_cast<size_t>(heavy)].spec.max_batch)
         smaller += detail::cat(smaller.empty() ? " (" : ", ", st.name, " max_batch ", st.spec.max_batch);
-    if (!smaller.empty()) c.shape += smaller + ")";
-    c.bound = throughput_bound(p, profile, o.steps);
-    c.fits = limit <= 0 || c.memory <= limit;
-    c.placement = std::move(p);
-    cands.push_back(std::move(c));
+    if (!smaller.empty()) shape += smaller + ")";
+    cands.push_back(evaluate(std::move(p), std::move(shape), profile, cluster, o));
   };
+  const Placement base = base_placement(profile, N);
   for (int b : o.batch_sizes) {
     DP_CHECK(b >= 1 && b <= 4096, "plan: batch size ", b, " must be in [1, 4096]");
     // generate's default for this world, then every stage on every rank
-    Placement d = Placement::derive(N, base_placement(profile, N).ranks[0], profile.layout());
-    d.transport = base_placement(profile, N).transport;
-    for (auto& s : d.stages) s.spec.max_batch = b;
-    add(d, "derived");
-    Placement r = Placement::replicas(N, base_placement(profile, N).ranks[0], profile.layout());
-    r.transport = d.transport;
-    for (auto& s : r.stages) s.spec.max_batch = b;
-    add(r, "replicas");
+    for (const char* kind : {"derived", "replicas"}) {
+      Placement p = std::string(kind) == "derived" ? Placement::derive(N, base.ranks[0], profile.layout())
+                                                   : Placement::replicas(N, base.ranks[0], profile.layout());
+      p.transport = base.transport;
+      for (auto& s : p.stages) s.spec.max_batch = b;
+      add(std::move(p), kind);
+    }
     if (N == 1) continue;
     // light stages on ranks of their own, in proportion to their work, or on the heavy stage's ranks
     double total = 0;
@@ -385,8 +403,8 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
         continue;
       }
       light += w[k];
-      const double ideal = N * w[k] / total;
-      std::set<int> ks{0, std::max(1, static_cast<int>(std::floor(ideal))), std::max(1, static_cast<int>(std::ceil(ideal)))};
+      std::set<int> ks = around(N * w[k] / total);
+      ks.insert(0);
       options[k].assign(ks.begin(), ks.end());
     }
     std::vector<int> own(S, 0);
@@ -404,11 +422,9 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
       own[k] = 0;
     };
     rec(0);
-    if (S > 2) {  // every light stage together on ranks of their own
-      const double ideal = N * light / total;
-      for (int k : {std::max(1, static_cast<int>(std::floor(ideal))), std::max(1, static_cast<int>(std::ceil(ideal)))})
+    if (S > 2)  // every light stage together on ranks of their own
+      for (int k : around(N * light / total))
         if (k <= N - 1) add(shaped(profile, cluster, std::vector<int>(S, 0), k, b), "");
-    }
   }
   // simulate the best bounds that fit
   std::vector<size_t> order(cands.size());
@@ -426,19 +442,16 @@ std::vector<PlanCandidate> plan_placements(const CostProfile& profile, const Clu
   int simulated = 0;
   for (size_t i : order) {
     if (simulated >= o.simulate_top || !cands[i].fits) break;
-    cands[i].sim = simulate_placement(cands[i].placement, profile, cluster, o);
-    cands[i].simulated = true;
-    cands[i].meets_slo = o.p99_slo_s <= 0 || cands[i].sim.latency_p99 <= o.p99_slo_s;
+    simulate_candidate(cands[i], profile, cluster, o);
     ++simulated;
   }
-  auto rate = [&](const PlanCandidate& c) { return o.rate > 0 ? c.sim.images_per_s : c.sim.steady_images_per_s; };
   std::stable_sort(cands.begin(), cands.end(), [&](const PlanCandidate& a, const PlanCandidate& b) {
     auto tier = [](const PlanCandidate& c) { return !c.fits ? 3 : !c.simulated ? 2 : !c.meets_slo ? 1 : 0; };
     if (tier(a) != tier(b)) return tier(a) < tier(b);
     if (a.simulated && b.simulated) {
-      if (o.rate > 0 && rate(a) > 0.98 * o.rate && rate(b) > 0.98 * o.rate)  // both keep up: lower p99 wins
-        return a.sim.latency_p99 < b.sim.latency_p99;
-      return rate(a) > rate(b);
+      if (o.rate > 0 && a.images_per_s > 0.98 * o.rate && b.images_per_s > 0.98 * o.rate)  // both keep up:
+        return a.sim.latency_p99 < b.sim.latency_p99;                                     // lower p99 wins
+      return a.images_per_s > b.images_per_s;
     }
     return a.bound > b.bound;
   });

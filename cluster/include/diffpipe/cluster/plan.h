@@ -37,6 +37,7 @@ struct CostProfile {
   void save(const std::string& path) const;
   void validate(const std::string& origin) const;
   std::vector<PipelineStage> layout() const;  // the pipeline the profile measured
+  int heavy_index() const;                     // the heavy stage's place in `stages`
   const StageCost& stage(const std::string& name) const;
 };
 
@@ -74,8 +75,16 @@ struct PlanCandidate {
   bool fits = true;             // within ClusterSpec::device_memory_bytes
   bool simulated = false;
   sched::SimResult sim;
+  double images_per_s = 0;      // what candidates are ranked by: the simulated steady rate (closed loop), or the
+                                // whole run's (with a rate)
   bool meets_slo = true;
 };
+
+// A candidate for `placement`: its bound, memory per rank and whether it fits; then simulate_candidate() fills in
+// the simulation under the plan's workload.
+PlanCandidate evaluate(Placement placement, std::string shape, const CostProfile& profile, const ClusterSpec& cluster,
+                       const PlanOptions& o);
+void simulate_candidate(PlanCandidate& c, const CostProfile& profile, const ClusterSpec& cluster, const PlanOptions& o);
 
 // Every candidate (ranked: simulated ones that fit and meet the SLO first, by simulated throughput; then the
 // rest by bound). Throws when no candidate fits in memory, naming the smallest need.
