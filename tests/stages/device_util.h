@@ -3,6 +3,9 @@
 // CPU, with the golden README's 16-bit module tolerance.
 #pragma once
 #include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
 
 #include <cstdlib>
 #include <string>
@@ -37,6 +40,14 @@ inline std::string sibling_golden(const char* env_var, const std::string& name) 
   const std::string base = sd && *sd ? std::string(sd) : std::string(DIFFPIPE_DEFAULT_GOLDEN);
   return base.substr(0, base.rfind('/')) + "/" + name;
 }
+// Skips the test unless the generated reference `name` ($env_var, else beside tiny-sd) holds `inside` (a file or
+// folder); the message says how to make it. Declares `dir`.
+#define DP_REQUIRE_GENERATED(dir, env_var, name, inside, script)                                              \
+  const std::string dir = ::diffpipe::test::sibling_golden(env_var, name);                                    \
+  if (!std::filesystem::exists(dir + "/" inside))                                                             \
+  GTEST_SKIP() << "reference folder " << dir << " (" inside ") is absent (make it with tests/stages/" script   \
+               << " --out DIR and set " env_var "=DIR)"
+
 // An input on the test device, floating inputs in the test dtype.
 inline at::Tensor on_device(const at::Tensor& t, const DeviceSpec& s) {
   return at::isFloatingType(t.scalar_type()) ? t.to(s.device, s.dtype) : t.to(s.device);

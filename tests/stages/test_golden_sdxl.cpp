@@ -16,12 +16,7 @@ using namespace diffpipe;
 using diffpipe::test::rel_err;
 
 namespace {
-std::string sdxl_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_SDXL", "tiny-sdxl"); }
-#define DP_REQUIRE_SDXL(dir)                                                                  \
-  const std::string dir = sdxl_dir();                                                         \
-  if (!dir_exists(dir + "/model"))                                                            \
-  GTEST_SKIP() << "reference folder " << dir << " is absent (make it with "                   \
-               << "tests/stages/make_sdxl_golden.py --out DIR and set DIFFPIPE_GOLDEN_SDXL=DIR)"
+#define DP_REQUIRE_SDXL(dir) DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SDXL", "tiny-sdxl", "model", "make_sdxl_golden.py")
 }  // namespace
 
 // Both tokenizers (the second pads with "!"), both encoders' hidden_states[-2] (no final layer norm) and the

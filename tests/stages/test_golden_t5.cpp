@@ -16,12 +16,8 @@ using namespace diffpipe;
 using diffpipe::test::rel_err;
 
 namespace {
-std::string t5_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_T5", "tiny-t5"); }
-#define DP_REQUIRE_T5(dir)                                                                            \
-  const std::string dir = t5_dir();                                                                   \
-  if (!dir_exists(dir + "/text_encoder"))                                                             \
-  GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_t5_golden.py " \
-               << "--out DIR and set DIFFPIPE_GOLDEN_T5=DIR)"
+#define DP_REQUIRE_T5(dir) DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_T5", "tiny-t5", "text_encoder", "make_t5_golden.py")
+#define DP_REQUIRE_IF(dir, inside) DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_IF", "tiny-if", inside, "make_if_golden.py")
 }  // namespace
 
 // NFKC (ligatures, roman numerals), whitespace runs, case, unknown characters (fused into one <unk>), truncation to
@@ -103,19 +99,13 @@ TEST(T5, BadTokenizerFileIsNamed) {
   }
 }
 
-namespace {
-std::string if_dir() { return test::sibling_golden("DIFFPIPE_GOLDEN_IF", "tiny-if"); }
-}  // namespace
 
 // DeepFloyd IF's stage-I UNet layout (tests/stages/make_if_golden.py): pixel space with learned variance channels,
 // gelu, scale-shift resnets with skip_time_act and output scale, resnet down/upsamplers, added-KV SimpleCrossAttn
 // blocks and mid block, T5 states projected (encoder_hid_proj) and attention-pooled into the time embedding.
 // $DIFFPIPE_GOLDEN_IF, default the sibling tiny-if; absent, skipped.
 TEST(GoldenIf, UNetStageOneLayout) {
-  const std::string dir = if_dir();
-  if (!dir_exists(dir + "/model/unet"))
-    GTEST_SKIP() << "reference folder " << dir << " is absent (make it with tests/stages/make_if_golden.py --out DIR "
-                 << "and set DIFFPIPE_GOLDEN_IF=DIR)";
+  DP_REQUIRE_IF(dir, "model/unet");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const DeviceSpec spec = test::device_spec();
   auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
@@ -134,8 +124,7 @@ TEST(GoldenIf, UNetStageOneLayout) {
 // IF stage II's UNet layout: 6 channels in (noisy image and upscaled stage-I image), the noise level of the
 // upscaled image as class label (class_embed_type "timestep"), gelu, text pooling; levels 250 and 0.
 TEST(GoldenIf, UNetStageTwoLayoutWithNoiseLevel) {
-  const std::string dir = if_dir();
-  if (!dir_exists(dir + "/sr_unet")) GTEST_SKIP() << "reference folder " << dir << "/sr_unet is absent";
+  DP_REQUIRE_IF(dir, "sr_unet");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const DeviceSpec spec = test::device_spec();
   auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
@@ -157,8 +146,7 @@ TEST(GoldenIf, UNetStageTwoLayoutWithNoiseLevel) {
 // variance, DDPM learned_range + dynamic thresholding, the reference's draws (initial image, each step's noise);
 // decode = [-1, 1] pixels to 8 bits. Runs without and with a negative prompt.
 TEST(GoldenIf, WholeStageOnePipeline) {
-  const std::string dir = if_dir();
-  if (!dir_exists(dir + "/model/unet")) GTEST_SKIP() << "reference folder " << dir << " is absent";
+  DP_REQUIRE_IF(dir, "model/unet");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
   const DeviceSpec spec = test::device_spec();
@@ -216,8 +204,7 @@ TEST(GoldenIf, WholeStageOnePipeline) {
 // level as class label, 4 DDPM steps with guidance 4 on the 6-channel input; the reference's draws (initial image,
 // the upscaled image's noise, each step's noise).
 TEST(GoldenIf, StageTwoSuperResolution) {
-  const std::string dir = if_dir();
-  if (!dir_exists(dir + "/model/super_resolution")) GTEST_SKIP() << "no stage-II folder in " << dir;
+  DP_REQUIRE_IF(dir, "model/super_resolution");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
   const auto& run = meta.at("sr_run");

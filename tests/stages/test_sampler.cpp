@@ -126,10 +126,7 @@ TEST(Sampler, NamesAndConfigErrors) {
 // a learned variance with sample prediction, fixed_large with v prediction and trailing spacing, thresholding with
 // a fixed variance. $DIFFPIPE_GOLDEN_DDPM, default the sibling tiny-ddpm of the tiny-sd folder; absent, skipped.
 TEST(GoldenDdpm, EveryVarianceTypeAndThresholding) {
-  const std::string dir = test::sibling_golden("DIFFPIPE_GOLDEN_DDPM", "tiny-ddpm");
-  if (!file_exists(dir + "/golden.json"))
-    GTEST_SKIP() << "reference " << dir << " is absent (make it with tests/stages/make_ddpm_golden.py --out DIR and "
-                 << "set DIFFPIPE_GOLDEN_DDPM=DIR)";
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_DDPM", "tiny-ddpm", "golden.json", "make_ddpm_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
   for (const auto& c : meta.at("cases")) {
