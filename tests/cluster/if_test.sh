@@ -16,15 +16,9 @@ source "$(dirname "$0")/lib.sh"
 COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 6 --seed 5 --threads 1
         --batch-invariant --quiet --timeout 60)
 
-timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
-[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
-timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --out "$WORK/np3" 2> "$WORK/np3.log" \
-  || bad "np 3 failed: $(tail -2 "$WORK/np3.log")"
-same_pngs "$WORK/np1" "$WORK/np3" && ok "np 3 (derived placement): the same PNG bytes as 1 rank" \
-  || bad "np 3: images differ from 1 rank"
-timeout 180 $MPIRUN -np 2 "$BIN" "${COMMON[@]}" --placement replicas --out "$WORK/rep2" 2> "$WORK/rep2.log" \
-  || bad "np 2 replicas failed: $(tail -2 "$WORK/rep2.log")"
-same_pngs "$WORK/np1" "$WORK/rep2" && ok "np 2 --placement replicas: the same PNG bytes" || bad "replicas: images differ"
+one_rank_run 6
+same_as_one_rank np3 3 "np 3 (derived placement)"
+same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
 cat > "$WORK/pipe.toml" <<'TOML'
 [encode]
 ranks = [0]
@@ -35,10 +29,9 @@ ranks = [2]
 [decode]
 ranks = [0]
 TOML
-timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --pipeline "$WORK/pipe.toml" --out "$WORK/file3" 2> "$WORK/file3.log" \
-  || bad "pipeline file run failed: $(tail -2 "$WORK/file3.log")"
-grep -q "rank 2 \[.*\]: superres(" "$WORK/file3.log" && same_pngs "$WORK/np1" "$WORK/file3" \
-  && ok "pipeline file (stage II alone on rank 2 of 3): the same PNG bytes" || bad "pipeline file: images differ"
+same_as_one_rank file3 3 "pipeline file (stage II alone on rank 2 of 3)" --pipeline "$WORK/pipe.toml"
+grep -q "rank 2 \[.*\]: superres(" "$WORK/file3.log" && ok "pipeline file: superres alone on rank 2" \
+  || bad "pipeline file: superres not on rank 2: $(grep 'rank 2' "$WORK/file3.log")"
 
 ONE=(generate --model "$MODEL" --seed 9 --steps 6 --threads 1 --quiet)
 timeout 60 "$BIN" "${ONE[@]}" --prompt "a red circle" --width 24 --height 16 --out "$WORK/a" 2> "$WORK/a.log" || bad "run a failed"

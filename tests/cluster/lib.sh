@@ -11,6 +11,18 @@ same_pngs() {  # same_pngs DIR_A DIR_B: every image of A has a byte-identical tw
   for f in "$1"/img-*.png; do n=$((n+1)); cmp -s "$f" "$2/$(basename "$f")" && s=$((s+1)); done
   [ $n -gt 0 ] && [ $s = $n ]
 }
+# The placement checks of the model tests: "${COMMON[@]}" (set by the test) on one rank into $WORK/np1, then on other
+# placements, each compared with it byte for byte.
+one_rank_run() {  # one_rank_run N: the 1-rank run makes N images
+  timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
+  [ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = "$1" ] && ok "1 rank: $1 images" || bad "1 rank: expected $1 images"
+}
+same_as_one_rank() {  # same_as_one_rank NAME NP LABEL [ARGS...]: NP ranks with ARGS into $WORK/NAME, the PNGs of np1
+  local name=$1 np=$2 label=$3; shift 3
+  timeout 180 $MPIRUN -np "$np" "$BIN" "${COMMON[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log" \
+    || bad "$label failed: $(tail -2 "$WORK/$name.log")"
+  same_pngs "$WORK/np1" "$WORK/$name" && ok "$label: the same PNG bytes as 1 rank" || bad "$label: images differ from 1 rank"
+}
 same_pixels() {  # same_pixels A.png B.png: the same decoded pixel rows (the PNG text chunks may differ)
   python3 - "$1" "$2" <<'PY'
 import sys, zlib, struct

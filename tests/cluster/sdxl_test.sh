@@ -15,15 +15,9 @@ source "$(dirname "$0")/lib.sh"
 COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 6 --seed 5 --threads 1
         --batch-invariant --quiet --timeout 60)
 
-timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
-[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
-timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --out "$WORK/np3" 2> "$WORK/np3.log" \
-  || bad "np 3 failed: $(tail -2 "$WORK/np3.log")"
-same_pngs "$WORK/np1" "$WORK/np3" && ok "np 3 (encode | denoise | decode): the same PNG bytes as 1 rank" \
-  || bad "np 3: images differ from 1 rank"
-timeout 180 $MPIRUN -np 2 "$BIN" "${COMMON[@]}" --placement replicas --out "$WORK/rep2" 2> "$WORK/rep2.log" \
-  || bad "np 2 replicas failed: $(tail -2 "$WORK/rep2.log")"
-same_pngs "$WORK/np1" "$WORK/rep2" && ok "np 2 --placement replicas: the same PNG bytes" || bad "replicas: images differ"
+one_rank_run 6
+same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
+same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
 
 ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 9 --steps 6 --threads 1 --quiet)
 timeout 60 "$BIN" "${ONE[@]}" --width 32 --height 32 --out "$WORK/sq" 2> "$WORK/sq.log" || bad "square run failed"

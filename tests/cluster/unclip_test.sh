@@ -14,13 +14,8 @@ source "$(dirname "$0")/lib.sh"
 COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 8 --prior-steps 6 --width 16
         --height 16 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
 
-timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/np1" 2> "$WORK/np1.log" || bad "1-rank run failed: $(tail -2 "$WORK/np1.log")"
-[ "$(ls "$WORK"/np1/img-*.png 2>/dev/null | wc -l)" = 6 ] && ok "1 rank: 6 images" || bad "1 rank: expected 6 images"
-for np in 2 4; do
-  timeout 180 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --out "$WORK/np$np" 2> "$WORK/np$np.log" \
-    || bad "np $np failed: $(tail -2 "$WORK/np$np.log")"
-  same_pngs "$WORK/np1" "$WORK/np$np" && ok "np $np: the same PNG bytes as 1 rank" || bad "np $np: images differ from 1 rank"
-done
+one_rank_run 6
+for np in 2 4; do same_as_one_rank np$np $np "np $np"; done
 grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
   && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
 cat > "$WORK/pipe.toml" <<'TOML'
@@ -34,10 +29,7 @@ ranks = [2]
 [decode]
 ranks = [0]
 TOML
-timeout 180 $MPIRUN -np 3 "$BIN" "${COMMON[@]}" --pipeline "$WORK/pipe.toml" --out "$WORK/file3" 2> "$WORK/file3.log" \
-  || bad "pipeline file run failed: $(tail -2 "$WORK/file3.log")"
-same_pngs "$WORK/np1" "$WORK/file3" && ok "pipeline file (prior alone on rank 1 of 3): the same PNG bytes" \
-  || bad "pipeline file: images differ"
+same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
 
 # the n-th image alone, from its JSON line's seed
 seed=$(sed -n 4p "$WORK/np1/images.jsonl" | python3 -c 'import json,sys;print(json.load(sys.stdin)["seed"])')
