@@ -8,7 +8,6 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
-#include <thread>
 #include <cstdio>
 #include <map>
 #include <sstream>
@@ -171,18 +170,9 @@ int profile_main(int argc, char** argv) {
   }
   for (int b : batches) {
     std::vector<Pass> passes;
-    // on a thread of its own, as the runner's stage workers run (on CPUs LibTorch's kernels run slower there than
-    // on the process's first thread: docs/results.md, "Planning placements")
-    std::string error;
-    std::thread worker([&] {
-      try {
-        for (int r = 0; r < rounds; ++r) passes.push_back(run_pass(model, pipe, base, b));
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-    });
-    worker.join();
-    DP_CHECK(error.empty(), error);
+    // on this thread, which loaded the model: a CPU rank's runner runs every stage's work on that thread too
+    // (runtime/compute_lane.h; any other thread would start a second OpenMP pool and run slower)
+    for (int r = 0; r < rounds; ++r) passes.push_back(run_pass(model, pipe, base, b));
     for (size_t k = 0; k < pipe.size(); ++k) {
       StageCost& c = prof.stages[k];
       double sum = 0;

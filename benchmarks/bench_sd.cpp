@@ -1,6 +1,8 @@
 // diffpipe's half of the side-by-side benchmark against diffusers (benchmarks/vs_diffusers.py drives both and
 // compares): one process, model loaded once, then timed rounds of
 //   e2e:  N prompts through the product pipeline (run_pipeline, stages on threads, in-process transport),
+//   e2e_threads: the same with each CPU stage computing on its own thread (RunOptions::cpu_lane off), images
+//         checked equal to e2e's,
 //   loop: the denoising loop of one batch alone (DenoiseStage::step calls: UNet + guidance + sampler),
 //   unet: one UNet forward on a fixed [2N, C, h, w] batch (guidance doubles the rows),
 //   vae:  one VAE decode of a fixed [N, C, h, w] batch.
@@ -51,7 +53,7 @@ Options parse(int argc, char** argv, bool* help) {
                {"dtype", "TYPE", "float32 | float16 | bfloat16 (default float32)"},
                {"sampler", "NAME", "sampler (default ddim)"},
                {"out", "DIR", "save inputs and outputs as safetensors there (for vs_diffusers.py)"},
-               {"parts", "LIST", "comma-separated: e2e, loop, unet, vae (default all)"},
+               {"parts", "LIST", "comma-separated: e2e, e2e_threads, loop, unet, vae (default e2e,loop,unet,vae)"},
                {"size", "PX", "image size (default: the model's)"},
                {"steps", "N", "steps (default 6)"},
                {"images", "N", "images per batch (default 2)"},
@@ -156,15 +158,15 @@ int main(int argc, char** argv) {
                           {"size", rp.width}, {"steps", o.steps}, {"images", o.images}, {"guidance", o.guidance},
                           {"load_s", load_s}};
 
+    RunOptions ro;  // e2e: one rank, every stage, all images in one batch
+    ro.model_dir = o.model;
+    RankSpec rs;
+    rs.device = o.device;
+    rs.dtype = o.dtype;
+    ro.placement = Placement::derive(1, rs);
+    for (auto& s : ro.placement.stages) s.spec.max_batch = std::max(8, o.images);
+    std::vector<Image> images(o.images);
     if (parts.count("e2e")) {
-      RunOptions ro;
-      ro.model_dir = o.model;
-      RankSpec rs;
-      rs.device = o.device;
-      rs.dtype = o.dtype;
-      ro.placement = Placement::derive(1, rs);
-      for (auto& s : ro.placement.stages) s.spec.max_batch = std::max(8, o.images);
-      std::vector<Image> images(o.images);
       std::vector<double> times;
       profile::Totals best_prof;
       double best_wall = 1e30;
@@ -203,6 +205,22 @@ int main(int argc, char** argv) {
       for (const auto& im : images)
         u8.push_back(at::from_blob(const_cast<uint8_t*>(im.pixels.data()), {im.height, im.width, 3}, at::kByte).clone());
       saved["images"] = at::stack(u8);
+    }
+    if (parts.count("e2e_threads")) {  // e2e with each CPU stage computing on its own thread (no compute lane)
+      RunOptions rt = ro;
+      rt.cpu_lane = false;
+      std::vector<double> times;
+      for (int r = 0; r < o.rounds + 1; ++r) {
+        auto t = make_inproc_world(1)[0];
+        const RunStats st = run_pipeline(rt, *t, model, reqs, [&](GeneratedImage&& g) {
+          DP_CHECK(g.status == "done", "bench_sd: request ", g.index, " ", g.status, ": ", g.reason);
+          if (parts.count("e2e"))
+            DP_CHECK(g.image.pixels == images[g.index].pixels, "bench_sd: request ", g.index,
+                     ": the image differs between the lane and stage threads");
+        });
+        if (r > 0) times.push_back(st.wall_s);
+      }
+      res["e2e_threads_s"] = times;
     }
     if (parts.count("loop")) {  // the denoising loop of all requests in one batch (diffusers' progress-bar rate)
       TextEncodeStage enc(model);

@@ -15,6 +15,8 @@ prints both times and the ratio diffusers/diffpipe (> 1: diffpipe is faster) for
   loop  the denoising loop alone (steps/s with guidance, diffusers' progress-bar rate),
   unet  one UNet forward on the [2N, C, h, w] guidance batch,
   vae   one VAE decode of N latents,
+  (e2e_threads: diffpipe only, e2e with each CPU stage computing on its own thread instead of the rank's
+   compute lane; printed as the lane's speed-up)
 plus diffpipe's per-module breakdown of the e2e run and peak memory of both. Times are the minimum over rounds
 (after one warm-up); each side runs alone with the same thread count. --compile adds diffusers with
 torch.compile (UNet and VAE decoder) as a second reference. The reference is only a benchmark dependency:
@@ -255,6 +257,10 @@ def main():
         busy = sum(prof.values())
         parts_txt = ", ".join(f"{k} {v:.3f} s ({100 * v / wall:.1f}%)" for k, v in prof.items() if v > 0)
         print(f"diffpipe e2e breakdown (wall {wall:.3f} s): {parts_txt}; outside these {max(0.0, wall - busy):.3f} s")
+    if "e2e_threads_s" in ours and "e2e_s" in ours:  # --parts e2e,e2e_threads: the compute lane's effect
+        th = min(ours["e2e_threads_s"])
+        print(f"diffpipe e2e with each stage computing on its own thread: {th:.3f} s; "
+              f"the one-thread compute lane is {th / min(ours['e2e_s']):.2f}x faster")
     print(f"peak memory ({kind}): diffpipe {ours['peak_bytes'] / 2**30:.2f} GiB, diffusers {theirs['peak_bytes'] / 2**30:.2f} GiB")
     if a.json:
         with open(a.json, "w") as f:

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "diffpipe/cluster/pipeline_runner.h"
+#include "diffpipe/runtime/compute_lane.h"
 #include "diffpipe/runtime/profile.h"
 
 namespace diffpipe::runner {
@@ -58,6 +59,8 @@ struct NodeContext {
   void touch() { last_activity_ = clock.now(); }
   double last_activity() const { return last_activity_; }
 
+  // CPU ranks: every stage's tensor work runs here, on the rank's calling thread (runtime/compute_lane.h)
+  ComputeLane lane;
   std::vector<std::atomic<int64_t>> busy_us;  // per pipeline stage
   std::atomic<size_t> images_done{0}, failed_requests{0};
   std::atomic<int64_t> bytes_sent{0};                        // tensor bytes to other ranks

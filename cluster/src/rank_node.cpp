@@ -1,5 +1,6 @@
-// One rank's share of a run: its dispatcher (the main thread routes incoming messages to the local stage
-// workers' inboxes and the coordinator's), its stage workers, and on rank 0 the coordinator.
+// One rank's share of a run: its dispatcher (routes incoming messages to the local stage workers' inboxes and
+// the coordinator's), its stage workers, on rank 0 the coordinator, and on a CPU rank the compute lane (the
+// calling thread runs every stage's tensor work; the dispatcher then has a thread of its own).
 #include <thread>
 
 #include "coordinator.h"
@@ -33,9 +34,18 @@ class RankNode {
       DP_CHECK(feed, "rank 0 needs a request feed");
       coord_ = std::make_unique<Coordinator>(ctx_, *feed);
     }
-    for (auto& [k, w] : workers_) threads_.emplace_back([w = w.get()] { w->run(); });
+    // On a CPU rank the stages' tensor work runs on this thread (the lane) and every other thread of the rank
+    // runs its own small tensor work serially, so the process keeps one OpenMP pool (runtime/compute_lane.h).
+    const bool lane = ctx_.opts.cpu_lane && me < static_cast<int>(P.ranks.size()) && P.ranks[me].device == "cpu";
+    if (lane) ctx_.lane.open();
+    for (auto& [k, w] : workers_)
+      threads_.emplace_back([w = w.get(), lane] {
+        if (lane) use_one_cpu_thread_here();  // its stage computes on the lane
+        w->run();
+      });
     if (coord_)
       threads_.emplace_back([this] {
+        use_one_cpu_thread_here();
         try {
           coord_->run();
         } catch (const std::exception& e) {
@@ -43,15 +53,28 @@ class RankNode {
         }
       });
     std::string failure;
-    try {
-      dispatch();
-    } catch (const std::exception& e) {
-      failure = describe(e);
+    auto drive = [&] {  // routes messages until Shutdown, then stops the rank's threads
+      try {
+        dispatch();
+      } catch (const std::exception& e) {
+        failure = describe(e);
+      }
+      ctx_.stop = true;
+      for (auto& [k, w] : workers_) w->inbox().close();
+      if (coord_) coord_->inbox().close();
+      for (auto& th : threads_) th.join();
+      ctx_.lane.close();
+    };
+    if (lane) {
+      std::thread dispatcher([&] {
+        use_one_cpu_thread_here();
+        drive();
+      });
+      ctx_.lane.serve();
+      dispatcher.join();
+    } else {
+      drive();
     }
-    ctx_.stop = true;
-    for (auto& [k, w] : workers_) w->inbox().close();
-    if (coord_) coord_->inbox().close();
-    for (auto& th : threads_) th.join();
     if (failure.empty()) failure = ctx_.failure();
     if (!failure.empty()) {
       if (me == 0)  // tell everyone, so no rank waits for work that will never come
@@ -87,7 +110,7 @@ class RankNode {
     return s;
   }
 
-  // The rank's main thread: routes incoming messages to the local inboxes until Shutdown.
+  // The dispatcher: routes incoming messages to the local inboxes until Shutdown.
   void dispatch() {
     const int me = ctx_.rank();
     while (true) {

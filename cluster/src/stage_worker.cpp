@@ -1,5 +1,7 @@
 #include "stage_worker.h"
 
+#include <optional>
+
 #include "diffpipe/cluster/wire.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/log.h"
@@ -18,7 +20,7 @@ void StageWorker::run() {
     StageConfig cfg;
     cfg.max_batch = spec_.max_batch;
     cfg.batching = spec_.batching;
-    stage_ = def_.make(cfg);
+    ctx_.lane.run([&] { stage_ = def_.make(cfg); });
     DP_CHECK(stage_, "stage '", def_.name, "': its factory made nothing");
     loop();
   } catch (const std::exception& e) {
@@ -56,7 +58,7 @@ void StageWorker::accept(Message&& m) {
     r.inputs = std::move(w.tensors);
     r.priority = w.priority;
     held_[id] = Held{std::move(w.params), std::move(w.route), std::move(w.trail), w.priority};
-    stage_->add(std::move(r), ctx_.clock.now());
+    ctx_.lane.run([&] { stage_->add(std::move(r), ctx_.clock.now()); });
   } catch (const std::exception& e) {
     if (!preview) return fail(w.request, describe(e));
     held_.erase(id);
@@ -151,17 +153,22 @@ void StageWorker::loop() {
       while (!held_.empty()) fail(held_.begin()->first, "the stage dropped the request without a result");
       continue;
     }
-    const auto t0 = RealClock::now();
     std::vector<StageEvent> events;
-    try {
-      events = stage_->step(ctx_.clock.now());
-    } catch (const std::exception& e) {  // the whole call failed: so did each of its requests
+    std::optional<std::string> call_failed;  // the whole call failed: so did each of its requests
+    ctx_.lane.run([&] {
+      const auto t0 = RealClock::now();  // busy: the call itself, not the wait for the lane
+      try {
+        events = stage_->step(ctx_.clock.now());
+      } catch (const std::exception& e) {
+        call_failed = describe(e);
+      }
+      ctx_.busy_us[k_] += std::chrono::duration_cast<std::chrono::microseconds>(RealClock::now() - t0).count();
+    });
+    if (call_failed)
       for (uint64_t id : stage_->current_batch()) {
         stage_->cancel(id);
-        if (held_.count(id)) fail(id, describe(e));
+        if (held_.count(id)) fail(id, *call_failed);
       }
-    }
-    ctx_.busy_us[k_] += std::chrono::duration_cast<std::chrono::microseconds>(RealClock::now() - t0).count();
     ctx_.touch();
     if (!events.empty()) current_ = events.front().id;
     emit(events);

@@ -2,6 +2,7 @@
 
 #include <climits>
 
+#include "diffpipe/runtime/compute_lane.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/mpi_env.h"
 
@@ -15,7 +16,12 @@ MpiTransport::MpiTransport() {
 
 MpiTransport::~MpiTransport() { stop(); }
 
-void MpiTransport::start() { thread_ = std::thread([this] { progress_loop(); }); }
+void MpiTransport::start() {
+  thread_ = std::thread([this] {
+    use_one_cpu_thread_here();  // its tensor copies must not start an OpenMP pool (compute_lane.h)
+    progress_loop();
+  });
+}
 
 // Shutdown has a deadline: sends a stopped or unreachable rank never takes are given up after 5 s (the job is
 // ending with an error then; MPI_Abort follows), instead of waiting for them forever.

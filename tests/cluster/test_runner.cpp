@@ -3,6 +3,7 @@
 // priorities, backpressure, cancellation, deadlines, per-request failures, silent ranks and malformed
 // messages, each in milliseconds.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <atomic>
 #include <map>
@@ -12,6 +13,7 @@
 
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/cluster/wire.h"
+#include "diffpipe/runtime/compute_lane.h"
 #include "diffpipe/runtime/error.h"
 #include "test_util.h"
 
@@ -543,4 +545,80 @@ TEST(Runner, LiveFeedWithIdleSpellsAndClientCancellation) {
   EXPECT_EQ(res.at(101).status, "cancelled");
   for (uint64_t id : {100, 102, 103, 104, 105, 106}) EXPECT_EQ(res.at(id).status, "done") << id;
   EXPECT_EQ(res.at(104).image.pixels[0], (104 + 2) & 255);
+}
+
+namespace {
+
+// Wraps a stage: records the threads its construction, add() and step() ran on, gives each step parallel tensor
+// work (an add of 2^20 elements, above LibTorch's grain size), and records the process's thread count there.
+struct ThreadProbe {
+  std::mutex mu;
+  std::set<std::thread::id> compute_threads;
+  int max_process_threads = 0;
+  void saw() {
+    std::lock_guard<std::mutex> lk(mu);
+    compute_threads.insert(std::this_thread::get_id());
+    max_process_threads = std::max(max_process_threads, process_thread_count());
+  }
+};
+
+class Recording : public Stage {
+ public:
+  Recording(std::unique_ptr<Stage> inner, ThreadProbe* p) : inner_(std::move(inner)), p_(p) { p_->saw(); }
+  void add(StageRequest r, double now) override {
+    p_->saw();
+    inner_->add(std::move(r), now);
+  }
+  void cancel(uint64_t id) override { inner_->cancel(id); }
+  size_t held() const override { return inner_->held(); }
+  std::vector<StageEvent> step(double now) override {
+    (void)at::ones({int64_t(1) << 20}).add_(1);
+    p_->saw();
+    return inner_->step(now);
+  }
+  std::vector<uint64_t> current_batch() const override { return inner_->current_batch(); }
+
+ private:
+  std::unique_ptr<Stage> inner_;
+  ThreadProbe* p_;
+};
+
+}  // namespace
+
+// On a CPU rank every stage's tensor work runs on the thread that called run_stages, and the rank's other
+// threads start no OpenMP pool of their own (runtime/compute_lane.h): the process gains only the runner's own
+// threads. With the lane off, each stage computes on its own thread, which gets a pool (what the lane avoids).
+TEST(Runner, CpuStagesComputeOnTheCallingThreadWithOneThreadPool) {
+  (void)at::ones({int64_t(1) << 20}).add_(1);  // this thread's pool exists before, as after a model load
+  const int baseline = process_thread_count();
+  ASSERT_GT(baseline, 0) << "/proc/self/task unreadable";
+  const int T = at::get_num_threads();
+  for (const bool lane : {true, false}) {
+    SCOPED_TRACE(lane ? "lane" : "no lane");
+    Probe probe;
+    ThreadProbe threads;
+    PipelineDef def = pipeline(&probe, nullptr);
+    for (auto& d : def)
+      d.make = [make = d.make, &threads](const StageConfig& c) { return std::make_unique<Recording>(make(c), &threads); };
+    RunOptions o = options(1);
+    o.cpu_lane = lane;
+    auto world = make_inproc_world(1);
+    std::vector<GeneratedImage> out;
+    const auto reqs = requests(6, 3);
+    run_stages(o, *world[0], def, reqs, [&](GeneratedImage&& g) { out.push_back(std::move(g)); });
+    ASSERT_EQ(out.size(), reqs.size());
+    for (const auto& g : out) {
+      EXPECT_EQ(g.status, "done") << g.reason;
+      EXPECT_EQ(g.image.pixels.at(0), (10 * g.index + 3) & 255);
+    }
+    const int runner_threads = 5;  // three stage workers, the coordinator, the dispatcher
+    if (lane) {
+      EXPECT_EQ(threads.compute_threads, std::set<std::thread::id>{std::this_thread::get_id()});
+      EXPECT_LE(threads.max_process_threads, baseline + runner_threads);
+    } else {
+      EXPECT_EQ(threads.compute_threads.size(), 3u);
+      EXPECT_EQ(threads.compute_threads.count(std::this_thread::get_id()), 0u);
+      if (T > 1) EXPECT_GE(threads.max_process_threads, baseline + runner_threads - 1 + 3 * (T - 1));
+    }
+  }
 }

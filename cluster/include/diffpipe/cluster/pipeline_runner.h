@@ -37,6 +37,9 @@ struct RunOptions {
   bool reject_when_full = false;  // open-loop load: a full admission queue rejects (else arrivals wait)
   bool fail_fast = false;         // a request's failure stops the whole job (else it fails alone)
   std::shared_ptr<Clock> clock;   // null = a steady clock started by the run
+  // CPU ranks: every stage's tensor work runs on the thread that called run_stages (one OpenMP pool per
+  // process; runtime/compute_lane.h). false: each stage computes on its own thread (slower; for comparison).
+  bool cpu_lane = true;
 };
 
 struct GeneratedImage {
