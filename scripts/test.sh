@@ -34,6 +34,7 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-t5 DIFFPIPE_GOLDEN_T5 make_t5_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-ddpm DIFFPIPE_GOLDEN_DDPM make_ddpm_golden.py
   make_ref tiny-if DIFFPIPE_GOLDEN_IF make_if_golden.py --clip-vocab "$VOCAB"
+  make_ref tiny-upscale DIFFPIPE_GOLDEN_UPSCALE make_upscale_golden.py --src "$GOLD_DIR"
 fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -225,7 +225,14 @@ UNetConfig UNetConfig::load(const std::string& path) {
     j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
     j.require("class_embeddings_concat", false);
   }
-  j.require("num_class_embeds", nullptr);
+  // num_class_embeds (the SD x4 upscaler's noise level): a table of learned class embeddings, added to the time
+  // embedding, when class_embed_type is null
+  c.num_class_embeds = j.has("num_class_embeds") && !j.json()["num_class_embeds"].is_null()
+                           ? j.integer("num_class_embeds", 0) : 0;
+  if (c.num_class_embeds != 0) {
+    j.at_least("num_class_embeds", c.num_class_embeds, 1);
+    if (!c.class_embed_type.empty()) j.fail("num_class_embeds", "must be null when class_embed_type is set");
+  }
   c.addition_embed_type = nullable_string("addition_embed_type");
   if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time" && c.addition_embed_type != "text")
     j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type +
@@ -245,8 +252,29 @@ UNetConfig UNetConfig::load(const std::string& path) {
   j.require("time_cond_proj_dim", nullptr);
   j.require("time_embedding_dim", nullptr);
   j.require("timestep_post_act", nullptr);
-  j.require("only_cross_attention", false);
-  j.require("mid_block_only_cross_attention", nullptr);
+  // only_cross_attention (the SD x4 upscaler): a block's first attention attends to the text too; a bool or one per
+  // down block (up blocks in reverse); the mid block: diffusers' default (the bool, or false for a list)
+  c.only_cross_attention.assign(n, false);
+  if (j.has("only_cross_attention")) {
+    const auto& v = j.json()["only_cross_attention"];
+    if (v.is_boolean()) {
+      c.only_cross_attention.assign(n, v.get<bool>());
+    } else if (v.is_array() && v.size() == n && std::all_of(v.begin(), v.end(), [](const auto& b) { return b.is_boolean(); })) {
+      for (size_t i = 0; i < n; ++i) c.only_cross_attention[i] = v[i].get<bool>();
+    } else {
+      j.fail("only_cross_attention", "must be a boolean or one boolean per block_out_channels entry");
+    }
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (c.only_cross_attention[i] && c.down_block_types[i] != "CrossAttnDownBlock2D" && c.down_block_types[i] != "DownBlock2D")
+      j.fail("only_cross_attention", "is supported for CrossAttn blocks only, not " + c.down_block_types[i]);
+  // the mid block takes it only as a single boolean (or mid_block_only_cross_attention), and only its SimpleCrossAttn
+  // form uses it
+  bool mid_only = j.has("only_cross_attention") && j.json()["only_cross_attention"].is_boolean() && c.only_cross_attention[0];
+  if (j.has("mid_block_only_cross_attention") && !j.json()["mid_block_only_cross_attention"].is_null())
+    mid_only = j.boolean("mid_block_only_cross_attention", false);
+  if (mid_only && c.mid_block_type == "UNetMidBlock2DSimpleCrossAttn")
+    j.fail("only_cross_attention", "is not supported for UNetMidBlock2DSimpleCrossAttn");
   j.require("dual_cross_attention", false);
   j.require("center_input_sample", false);
   j.require("conv_in_kernel", 3);

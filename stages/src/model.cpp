@@ -117,6 +117,22 @@ void SdModel::validate(const std::string& dir) {
     DP_CHECK(d == context_dim, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
              " does not match the text encoder", sdxl ? "s' hidden sizes together " : "'s hidden_size ",
              context_dim);
+  if (is_upscaler(dir)) {  // the SD x4 upscaler: the low-resolution image joins the latents, its level the class
+    if (!index.has("low_res_scheduler")) index.fail("low_res_scheduler", "component missing from model_index.json");
+    const auto lr = SchedulerConfig::load_ddpm(path_join(dir, "low_res_scheduler/scheduler_config.json"));
+    const int64_t max_level = index.integer("max_noise_level", 350);
+    index.at_least("max_noise_level", max_level, 0);
+    const std::string u = path_join(dir, "unet/config.json");
+    DP_CHECK(ucfg.in_channels == vcfg.latent_channels + 3 && ucfg.out_channels == vcfg.latent_channels, u,
+             " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels, " should be ",
+             vcfg.latent_channels + 3, "/", vcfg.latent_channels, " (", path_join(dir, "vae/config.json"),
+             " latent_channels ", vcfg.latent_channels, ", plus the image's 3 channels in)");
+    DP_CHECK(ucfg.num_class_embeds > max_level, u, ": num_class_embeds ", ucfg.num_class_embeds,
+             " must exceed model_index.json's max_noise_level ", max_level, " (the noise level is the class label)");
+    DP_CHECK(lr.num_train_timesteps > max_level, path_join(dir, "low_res_scheduler/scheduler_config.json"),
+             ": num_train_timesteps ", lr.num_train_timesteps, " must exceed max_noise_level ", max_level);
+    return;
+  }
   // Either file may be the wrong one: name both values.
   DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
            path_join(dir, "unet/config.json"), " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
@@ -200,6 +216,11 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.noise_levels =
         SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json")).num_train_timesteps;
   }
+  if (is_upscaler(dir)) {
+    m.upscaler = true;
+    m.image_noising = SchedulerConfig::load_ddpm(path_join(dir, "low_res_scheduler/scheduler_config.json"));
+    m.max_noise_level = static_cast<int>(JsonConfig::load(path_join(dir, "model_index.json")).integer("max_noise_level", 350));
+  }
   m.sdxl = is_sdxl(dir);
   if (m.sdxl) {
     m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
@@ -234,6 +255,7 @@ bool SdModel::has_if_stage2(const std::string& dir) {
 }
 bool SdModel::is_if(const std::string& dir) { return pipeline_class(dir) == "IFPipeline"; }
 bool SdModel::is_sdxl(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionXLPipeline"; }
+bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 
 int64_t SdModel::size_multiple() const {
   return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));

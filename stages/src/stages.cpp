@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/philox.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
@@ -20,6 +21,16 @@ namespace {
 std::pair<int, int> requested_size(const SdModel& model, const GenerationParams& p) {
   const int d = static_cast<int>(model.default_size());
   return {p.width > 0 ? p.width : d, p.height > 0 ? p.height : d};
+}
+
+// The x4 upscaler's low-resolution image (the request's image_prompt) as [3, h, w] float32 in [-1, 1], as diffusers'
+// VaeImageProcessor makes it from a PIL image (x / 255 * 2 - 1).
+at::Tensor upscaler_input(const GenerationParams& p) {
+  DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
+           "(--image FILE, or \"image_prompt\" in a JSONL line)");
+  const Image img = read_png(p.image_prompt);
+  const at::Tensor u8 = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte);
+  return u8.permute({2, 0, 1}).to(at::kFloat).div(255.0f).mul(2.0f).sub(1.0f).contiguous();
 }
 
 // DeepFloyd IF stage II's settings against its configs (resolve_params and make_if_sr_state).
@@ -168,13 +179,24 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
+  if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
+    const at::Tensor img = upscaler_input(p);
+    const int64_t f = model.latent_factor(), W = img.size(2) * f, H = img.size(1) * f;
+    DP_CHECK((p.width == 0 || p.width == W) && (p.height == 0 || p.height == H), "width/height: the x4 upscaler makes ",
+             W, "x", H, " from ", p.image_prompt, " (", img.size(2), "x", img.size(1), " times ", f, "), not ",
+             r.width, "x", r.height, " (leave width and height out)");
+    r.width = static_cast<int>(W);
+    r.height = static_cast<int>(H);
+    DP_CHECK(p.noise_level >= 0 && p.noise_level <= model.max_noise_level, "noise_level: must be in [0, ",
+             model.max_noise_level, "] (the folder's max_noise_level), got ", p.noise_level);
+  }
   const int64_t m = model.size_multiple();
   DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(p.height >= 0 && r.height % m == 0, "height: ", r.height, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
-  DP_CHECK(p.image_prompt.empty() || model.image_variations, "image_prompt: ", model.dir,
+  DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler, "image_prompt: ", model.dir,
            " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
   DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
   DP_CHECK(!model.deepfloyd_if || p.clip_skip == 0, "clip_skip: not supported for DeepFloyd IF folders (T5; ",
@@ -194,7 +216,7 @@ at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape) {
 }
 
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
-                                const at::Tensor& initial_noise) {
+                                const at::Tensor& initial_noise, const at::Tensor& image_noise) {
   ResolvedParams r = resolve_params(model, p);
   DenoiseState s;
   s.id = id;
@@ -218,7 +240,15 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   }
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
-  const int64_t C = model.unet_config.in_channels, f = model.latent_factor();
+  if (model.upscaler) {  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
+    const at::Tensor x = upscaler_input(p);
+    const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(x.sizes())
+                                               : seeded_noise(p.seed, kSrImageNoiseStream, x.sizes());
+    const float a = alphas_cumprod(model.image_noising)[p.noise_level].item<float>();  // DDPMScheduler.add_noise
+    s.concat = (std::sqrt(a) * x + std::sqrt(1.0f - a) * z).to(model.spec.device);
+    s.class_labels = s.uncond_class_labels = at::full({1}, static_cast<float>(p.noise_level), at::kFloat);
+  }
+  const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0), f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
   DP_CHECK(noise.dim() == 3 && noise.size(0) == C, "denoise: initial noise must be [", C, ", h, w]");
@@ -311,7 +341,10 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   at::Tensor t = at::tensor(ts, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);  // stays on the CPU
   prof.reset();
   prof.emplace(profile::Section::UNet);
-  const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, dt);
+  // levels (IF stage II, the x4 upscaler) stay float32: 16-bit floats round integers above 256 (bfloat16) or 2048
+  const UNetConfig& uc = model_.unet_config;
+  const bool levels = uc.class_embed_type == "timestep" || uc.num_class_embeds > 0;
+  const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, levels ? at::kFloat : dt);
   const at::Tensor time_ids = tids.empty() ? at::Tensor() : at::stack(tids);  // stays on the CPU
   at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids).to(at::kFloat);  // [rows, C, h, w]
   prof.reset();

@@ -90,7 +90,8 @@ struct UNet2DConditionModel::Impl {
   nn::AddedKVAttention mid_simple;
   nn::Conv2d conv_in, conv_out;
   nn::Linear time_linear_1, time_linear_2;
-  nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection"
+  nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection" or "timestep"
+  at::Tensor class_table;                     // num_class_embeds: [num_class_embeds, temb]
   nn::Linear add_linear_1, add_linear_2;      // addition_embed_type "text_time"
   std::vector<Block> down, up;
   nn::ResnetBlock2D mid_res0, mid_res1;
@@ -129,6 +130,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
     m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
   }
+  if (c.num_class_embeds > 0) m->class_table = w.get("class_embedding.weight", {c.num_class_embeds, temb});
   if (c.text_time()) {
     m->add_linear_1 = nn::Linear(w, "add_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
     m->add_linear_2 = nn::Linear(w, "add_embedding.linear_2", temb, temb);
@@ -149,7 +151,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.heads[i],
                                   c.transformer_layers_per_block[i], c.cross_attention_dim[i], G,
-                                  c.use_linear_projection);
+                                  c.use_linear_projection, c.only_cross_attention[i]);
       if (type == "SimpleCrossAttnDownBlock2D")
         b.simple.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, c.cross_attention_dim[i],
                               out_ch / c.attention_head_dim[i], c.attention_head_dim[i], G, c.norm_eps,
@@ -186,6 +188,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   const auto rboc = reversed(boc), rheads = reversed(c.heads), rlayers = reversed(c.layers_per_block),
              rcross = reversed(c.cross_attention_dim), rtl = reversed(c.transformer_layers_per_block),
              rhead_dim = reversed(c.attention_head_dim);
+  const std::vector<bool> ronly(c.only_cross_attention.rbegin(), c.only_cross_attention.rend());
   out_ch = rboc[0];
   for (size_t i = 0; i < n; ++i) {
     const int64_t prev_out = out_ch;
@@ -205,7 +208,7 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
                              scale, ro);
       if (attn)
         b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rheads[i], rtl[i], rcross[i], G,
-                                  c.use_linear_projection);
+                                  c.use_linear_projection, ronly[i]);
       if (type == "SimpleCrossAttnUpBlock2D")
         b.simple.emplace_back(bw.sub("attentions." + std::to_string(j)), out_ch, rcross[i],
                               out_ch / rhead_dim[i], rhead_dim[i], G, c.norm_eps, c.cross_attention_norm, 32);
@@ -278,6 +281,16 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
     cl = to_sample_device(timestep_embedding(class_labels.to(at::kCPU).reshape({B}), cfg_.block_out_channels[0],
                                              cfg_.flip_sin_to_cos, cfg_.freq_shift),
                           sample);
+  } else if (cfg_.num_class_embeds > 0) {  // the SD x4 upscaler: the noise level selects a learned embedding
+    DP_CHECK(class_labels.defined() && class_labels.numel() == B, "unet: num_class_embeds needs one class label per ",
+             "sample: ", B);
+    const at::Tensor f = class_labels.to(at::kCPU, at::kDouble).reshape({B});
+    const at::Tensor idx = f.round().to(at::kLong);
+    DP_CHECK(at::equal(idx.to(at::kDouble), f) && idx.min().item<int64_t>() >= 0 &&
+                 idx.max().item<int64_t>() < cfg_.num_class_embeds,
+             "unet: class labels must be whole numbers in [0, ", cfg_.num_class_embeds, "), got ", shape_str(f.sizes()),
+             " values from ", f.min().item<double>(), " to ", f.max().item<double>());
+    cl = m.class_table.index_select(0, idx.to(m.class_table.device()));
   } else if (cfg_.text_time()) {  // SDXL: [pooled text | sinusoids of the size ids] -> add_embedding
     DP_CHECK(class_labels.defined() && time_ids.defined() && class_labels.dim() == 2 && time_ids.dim() == 2 &&
                  class_labels.size(0) == B && time_ids.size(0) == B &&
@@ -306,8 +319,9 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
   auto act = [&](const at::Tensor& t) { return m.gelu ? at::gelu(t) : at::silu(t); };
   at::Tensor emb = m.time_linear_2(act(m.time_linear_1(t_emb)));
   if (class_labels.defined())
-    emb = emb + (cfg_.text_time() ? m.add_linear_2(act(m.add_linear_1(class_labels)))
-                                  : m.class_linear_2(act(m.class_linear_1(class_labels))));
+    emb = emb + (cfg_.num_class_embeds > 0 ? class_labels  // already the table's rows
+                 : cfg_.text_time()        ? m.add_linear_2(act(m.add_linear_1(class_labels)))
+                                           : m.class_linear_2(act(m.class_linear_1(class_labels))));
   at::Tensor context = context_in;
   if (m.add_text) emb = emb + (*m.add_text)(context);  // from the text encoder's own states
   if (m.time_act == "gelu") emb = at::gelu(emb);

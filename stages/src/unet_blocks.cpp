@@ -99,9 +99,10 @@ at::Tensor AddedKVAttention::operator()(const at::Tensor& x, const at::Tensor& c
 }
 
 BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head,
-                                             int64_t context_dim) {
+                                             int64_t context_dim, bool only_cross_attention)
+    : only_cross(only_cross_attention) {
   norm1 = LayerNorm(w, "norm1", dim, 1e-5);
-  attn1 = CrossAttention(w.sub("attn1"), dim, dim, heads, dim_head, false);
+  attn1 = CrossAttention(w.sub("attn1"), dim, only_cross ? context_dim : dim, heads, dim_head, false);
   norm2 = LayerNorm(w, "norm2", dim, 1e-5);
   attn2 = CrossAttention(w.sub("attn2"), dim, context_dim, heads, dim_head, false);
   norm3 = LayerNorm(w, "norm3", dim, 1e-5);
@@ -112,7 +113,7 @@ BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int6
 
 at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Tensor& context) const {
   at::Tensor y = norm1(x0);
-  at::Tensor x = x0 + attn1(y, y);
+  at::Tensor x = x0 + attn1(y, only_cross ? context : y);
   x = x + attn2(norm2(x), context);
   const at::Tensor h = ff_proj(norm3(x));
   at::Tensor g = fused_geglu(h);  // GEGLU: a * gelu(b) for [a | b]; one kernel on a GPU
@@ -124,7 +125,8 @@ at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Ten
 }
 
 Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers,
-                                       int64_t context_dim, int64_t groups, bool use_linear_projection)
+                                       int64_t context_dim, int64_t groups, bool use_linear_projection,
+                                       bool only_cross)
     : linear(use_linear_projection) {
   DP_CHECK(heads > 0 && channels % heads == 0, w.origin(), ": ", channels, " channels are not divisible by ", heads,
            " attention heads");
@@ -138,7 +140,8 @@ Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64
     proj_out_conv = Conv2d(w, "proj_out", inner, channels, 1);
   }
   for (int64_t i = 0; i < layers; ++i)
-    blocks.emplace_back(w.sub("transformer_blocks." + std::to_string(i)), inner, heads, dim_head, context_dim);
+    blocks.emplace_back(w.sub("transformer_blocks." + std::to_string(i)), inner, heads, dim_head, context_dim,
+                        only_cross);
 }
 
 at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor& context) const {

@@ -58,7 +58,9 @@ struct BasicTransformerBlock {
   CrossAttention attn1, attn2;
   Linear ff_proj, ff_out;  // ff.net.0.proj (GEGLU, dim -> 2*inner), ff.net.2 (inner -> dim)
   BasicTransformerBlock() = default;
-  BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head, int64_t context_dim);
+  bool only_cross = false;  // only_cross_attention: attn1 attends to the context too (the SD x4 upscaler)
+  BasicTransformerBlock(const Weights& w, int64_t dim, int64_t heads, int64_t dim_head, int64_t context_dim,
+                        bool only_cross = false);
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
 };
 
@@ -70,7 +72,7 @@ struct Transformer2DModel {
   std::vector<BasicTransformerBlock> blocks;
   Transformer2DModel() = default;
   Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers, int64_t context_dim,
-                     int64_t groups, bool use_linear_projection);
+                     int64_t groups, bool use_linear_projection, bool only_cross = false);
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;  // x: [B, C, H, W]
 };
 

@@ -54,7 +54,12 @@ struct SdModel {
   // UNet (with kSuperRes), scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's
   // embeddings).
   std::shared_ptr<const SdModel> stage2;
-  SchedulerConfig image_noising;           // stage II only
+  SchedulerConfig image_noising;           // IF stage II, and the x4 upscaler's low_res_scheduler
+  // The SD x4 upscaler (StableDiffusionUpscalePipeline folders): a request's image_prompt is the low-resolution
+  // image; noised to noise_level (<= max_noise_level) by low_res_scheduler, it joins the latents at every step and
+  // its level is the UNet's class label; the VAE decodes 4x (its latent factor) larger.
+  bool upscaler = false;
+  int max_noise_level = 350;
   T5Config t5_config;                      // DeepFloyd IF only
   UNetConfig unet_config;
   VaeConfig vae_config;
@@ -78,6 +83,7 @@ struct SdModel {
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
   static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
+  static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
   static bool has_if_stage2(const std::string& dir);  // super_resolution/ is an IFSuperResolutionPipeline folder
   // IF stage II's enlargement of stage I's size (its UNet's sample_size over stage I's); 1 without stage II

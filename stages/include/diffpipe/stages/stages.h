@@ -72,9 +72,11 @@ struct ResolvedParams {
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
 
 // Initial state: noise from the request's seed (counter-based) x init_noise_sigma, or `initial_noise`
-// ([C, h, w]) when given (tests use the reference's noise).
+// ([C, h, w]) when given (tests use the reference's noise). The x4 upscaler (SdModel::upscaler): the request's
+// image, noised with stream kSrImageNoiseStream (or `image_noise`, [3, h, w]), joins the latents at every step.
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
-                                uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor());
+                                uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor(),
+                                const at::Tensor& image_noise = at::Tensor());
 
 // DeepFloyd IF stage II (IFSuperResolutionPipeline), as a denoising state on `stage2` (SdModel::stage2): the
 // stage-I image [3, h, w] in [-1, 1] is enlarged (bilinear, corners aligned) to the target size, noised to

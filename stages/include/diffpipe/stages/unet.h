@@ -34,6 +34,9 @@ struct UNetConfig {
   int64_t sample_size = 64;
   std::string class_embed_type;  // "" (none) | "projection" (Stable unCLIP's image embedding) | "timestep" (a
                                  // level embedded like the timestep: DeepFloyd IF stage II's noise level)
+  int64_t num_class_embeds = 0;     // > 0 (class_embed_type null): a learned embedding per class label, added to the
+                                    // time embedding (the SD x4 upscaler's noise level, in [0, num_class_embeds))
+  std::vector<bool> only_cross_attention;  // per down block (up blocks in reverse): attn1 attends to the text too
   std::string addition_embed_type;                 // "" (none) | "text_time" (SDXL: pooled text + size conditioning)
   int64_t addition_time_embed_dim = 0;             // text_time: sinusoid width per time id
   int64_t projection_class_embeddings_input_dim = 0;  // input width of class_embedding / add_embedding
@@ -59,7 +62,7 @@ class UNet2DConditionModel {
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
   // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]
   // when class_embed_type is "projection" (added to the time embedding), [B] levels when it is "timestep" (embedded
-  // as timesteps, then added); for addition_embed_type "text_time"
+  // as timesteps, then added) or when num_class_embeds is set (integral values: rows of the class table); for addition_embed_type "text_time"
   // (SDXL) the pooled text embedding [B, P] instead, with time_ids [B, K] (original size, crop corner, target
   // size: K = 6), where P + K * addition_time_embed_dim = projection_class_embeddings_input_dim; else undefined.
   // Returns the noise (or v) prediction [B, C_out, H, W].

@@ -1,0 +1,128 @@
+// The Stable Diffusion x4 upscaler (StableDiffusionUpscalePipeline) against diffusers: its UNet layout (7 channels
+// in, the noise level's learned class embedding, only_cross_attention blocks) and the whole pipeline through
+// diffpipe's stages (CLIP encode, the low-resolution image noised by low_res_scheduler and joined to the latents at
+// every step, DDIM with v-prediction and guidance, the factor-4 VAE). The reference folder is made by
+// tests/stages/make_upscale_golden.py (scripts/test.sh makes it under build/golden when it can):
+// $DIFFPIPE_GOLDEN_UPSCALE, default the sibling tiny-upscale of the tiny-sd folder; absent, the tests skip.
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/unet.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+#define DP_REQUIRE_UPSCALE(dir, inside) \
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_UPSCALE", "tiny-upscale", inside, "make_upscale_golden.py")
+
+GenerationParams request(const std::string& dir, const nlohmann::json& meta, const nlohmann::json& run, size_t i) {
+  GenerationParams p;
+  p.prompt = meta.at("prompts")[i].get<std::string>();
+  p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+  p.steps = run.at("steps").get<int>();
+  p.guidance = run.at("guidance").get<double>();
+  p.noise_level = run.at("noise_level").get<int>();
+  p.image_prompt = dir + "/" + meta.at("images")[i].get<std::string>();
+  return p;
+}
+}  // namespace
+
+// Levels 20 and 349 select rows of the class table; only_cross_attention on one block (attn1 attends to the text),
+// off on the other; labels that are not whole numbers in range are refused.
+TEST(GoldenUpscale, UNetLayoutWithNoiseLevelClasses) {
+  DP_REQUIRE_UPSCALE(dir, "model/unet");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const DeviceSpec spec = test::device_spec();
+  auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
+  const auto unet = UNet2DConditionModel::load(dir + "/model/unet", spec);
+  ASSERT_EQ(unet->config().num_class_embeds, 1000);
+  ASSERT_EQ(unet->config().only_cross_attention, (std::vector<bool>{false, true, false}));
+  const at::Tensor x = in("unet.sample"), ctx = in("unet.encoder_hidden_states");
+  const at::Tensor out = unet->forward(x, g.at("unet.timesteps"), ctx, g.at("unet.class_labels").to(at::kFloat));
+  const double e = rel_err(out, g.at("unet.out"));
+  std::printf("[golden-upscale] UNet (x4 upscaler layout): %.2e\n", e);
+  EXPECT_LE(e, test::module_tol(spec));
+  const at::Tensor swapped = g.at("unet.class_labels").flip(0).to(at::kFloat);  // the level matters
+  EXPECT_GT(rel_err(unet->forward(x, g.at("unet.timesteps"), ctx, swapped), g.at("unet.out")), 10 * test::module_tol(spec));
+  const std::string bad = test::error_of([&] {
+    (void)unet->forward(x, g.at("unet.timesteps"), ctx, at::tensor(std::vector<float>{20.5f, 1.f}));
+  });
+  EXPECT_NE(bad.find("class labels must be whole numbers in [0, 1000)"), std::string::npos) << bad;
+  EXPECT_NE(test::error_of([&] { (void)unet->forward(x, g.at("unet.timesteps"), ctx, at::full({2}, 1000.f)); })
+                .find("[0, 1000)"),
+            std::string::npos);
+}
+
+// The whole pipeline, two runs (guidance 7.5 at noise level 20; a negative prompt, guidance 4 at level 150), with
+// the reference's draws (the image noise, then the initial latents): 16x16 PNGs become 64x64 images.
+TEST(GoldenUpscale, WholePipeline) {
+  DP_REQUIRE_UPSCALE(dir, "model/unet");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  ASSERT_TRUE(model.upscaler);
+  ASSERT_EQ(model.latent_factor(), 4);
+  ASSERT_EQ(model.max_noise_level, 350);
+  for (const auto& run : meta.at("runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    const std::string pre = "pipeline." + n + ".draws.";
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
+    const ResolvedParams rp = resolve_params(model, params[0]);
+    EXPECT_EQ(rp.width, 64);
+    EXPECT_EQ(rp.height, 64);
+    std::vector<const GenerationParams*> ptrs;
+    for (const auto& p : params) ptrs.push_back(&p);
+    auto embs = TextEncodeStage(model).run(ptrs);
+    std::vector<DenoiseState> ds;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto row = static_cast<int64_t>(i);
+      ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(pre + "1")[row], g.at(pre + "0")[row]));
+    }
+    const DenoiseStage den(model);
+    std::vector<DenoiseState*> batch;
+    for (auto& s : ds) batch.push_back(&s);
+    while (!ds[0].done()) den.step(batch);
+    std::vector<at::Tensor> lat;
+    for (auto& s : ds) lat.push_back(s.latents);
+    const at::Tensor mine = DecodeStage(model).run_uint8(lat).to(at::kCPU);  // [B, 64, 64, 3]
+    const at::Tensor ref = g.at("pipeline." + n + ".images");                 // [B, 3, 64, 64] in [0, 1]
+    ASSERT_EQ(mine.sizes(), ref.permute({0, 2, 3, 1}).sizes());
+    const at::Tensor ref8 = ref.permute({0, 2, 3, 1}).mul(255).round().clamp(0, 255).to(at::kInt);
+    const at::Tensor d = (mine.to(at::kInt) - ref8).abs();
+    const double within = d.le(1).to(at::kDouble).mean().item<double>();
+    const double e = rel_err(mine.to(at::kFloat) / 255.0, ref.permute({0, 2, 3, 1}).contiguous());
+    std::printf("[golden-upscale] whole pipeline (%s, noise level %d): images %.2e, 8-bit within +-1: %.4f (max %d)\n",
+                n.c_str(), params[0].noise_level, e, within, d.max().item<int>());
+    if (spec.dtype == at::kFloat) EXPECT_GE(within, 0.99) << n;
+    else EXPECT_LE(e, 0.1) << n;
+  }
+}
+
+// Requests are checked against the folder: the image is required, the size follows from it, and the noise level
+// is at most max_noise_level; all by name.
+TEST(GoldenUpscale, RequestsAreCheckedByField) {
+  DP_REQUIRE_UPSCALE(dir, "model/unet");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kUNet);
+  GenerationParams p = request(dir, meta, meta.at("runs")[0], 0);
+  p.image_prompt.clear();
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, p); }).find("image_prompt: the x4 upscaler needs"),
+            std::string::npos);
+  p = request(dir, meta, meta.at("runs")[0], 0);
+  p.noise_level = 351;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, p); }).find("noise_level: must be in [0, 350]"),
+            std::string::npos);
+  p = request(dir, meta, meta.at("runs")[0], 0);
+  p.width = 32;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, p); }).find("the x4 upscaler makes 64x64"),
+            std::string::npos);
+  p.width = 64;  // the size it makes anyway: accepted
+  EXPECT_EQ(resolve_params(model, p).width, 64);
+  p.image_prompt = dir + "/no-such.png";
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, p); }).find("no-such.png"), std::string::npos);
+}
