@@ -54,7 +54,8 @@ const std::vector<cli::Opt> kOptions = {
     {"prior-steps", "N", "Stable unCLIP folders: the prior's DDPM steps (default 25)"},
     {"prior-guidance", "G", "Stable unCLIP folders: the prior's guidance scale (default 4; 1 skips its\n"
                             "unconditional pass)"},
-    {"noise-level", "L", "Stable unCLIP folders: noise added to the image embedding, in [0, 1000) (default 0)"},
+    {"noise-level", "L", "Stable unCLIP folders: noise added to the image embedding, in [0, 1000) (default 0);\n"
+                         "x4 upscaler folders: noise added to the low-resolution image, in [0, 350] (default 20)"},
     {"original-width", "W", "SDXL folders: the original width the UNet is told (default: the image's)"},
     {"original-height", "H", "SDXL folders: the original height the UNet is told (default: the image's)"},
     {"crop-top", "Y", "SDXL folders: the crop's top coordinate the UNet is told (default 0)"},
@@ -64,6 +65,8 @@ const std::vector<cli::Opt> kOptions = {
     {"sr-noise-level", "L", "DeepFloyd IF stage II: noise added to the enlarged stage-I image, in [0, 1000) (default 250)"},
     {"image-prompt", "FILE", "Stable unCLIP image variations (a folder with image_encoder/): a PNG whose CLIP image\n"
                              "embedding replaces the prior's; the prompt still guides the UNet"},
+    {"image", "FILE", "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x (stored as\n"
+                      "image_prompt; the prompt guides the upscaling)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
@@ -226,8 +229,10 @@ int generate_main(int argc, char** argv) {
     base.previews = static_cast<int>(a.integer("previews", 0));
     base.prior_steps = static_cast<int>(a.integer("prior-steps", 25));
     base.prior_guidance = a.number("prior-guidance", 4.0);
-    base.noise_level = static_cast<int>(a.integer("noise-level", 0));
-    base.image_prompt = a.str("image-prompt");
+    const bool upscaler = SdModel::is_upscaler(a.str("model"));
+    base.noise_level = static_cast<int>(a.integer("noise-level", upscaler ? 20 : 0));  // diffusers' defaults
+    DP_CHECK(!(a.has("image") && a.has("image-prompt")), "generate: give --image or --image-prompt, not both");
+    base.image_prompt = a.has("image") ? a.str("image") : a.str("image-prompt");
     base.original_width = static_cast<int>(a.integer("original-width", 0));
     base.original_height = static_cast<int>(a.integer("original-height", 0));
     base.crop_top = static_cast<int>(a.integer("crop-top", 0));
