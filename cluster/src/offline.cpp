@@ -168,6 +168,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
+  else if (!p.image_prompt.empty())  // the x4 upscaler's input image
+    os << ", Image: " << p.image_prompt << ", Noise level: " << p.noise_level;
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);

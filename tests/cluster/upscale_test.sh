@@ -27,6 +27,9 @@ png_size() { python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);pri
 grep -q '"noise_level":20' "$WORK/np1/images.jsonl" && ok "noise level defaults to 20 (diffusers')" \
   || bad "default noise level not 20: $(head -c 300 "$WORK/np1/images.jsonl")"
 
+grep -aq "Image: $GOLD/low_0.png, Noise level: 20" "$WORK"/np1/img-00000-seed5.png && ok "the PNG records the input image and level" \
+  || bad "PNG parameters lack the input image"
+
 ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 5 --steps 4 --threads 1 --quiet)
 timeout 60 "$BIN" "${ONE[@]}" --image "$GOLD/low_0.png" --out "$WORK/a" 2> "$WORK/a.log" || bad "--image run failed: $(tail -1 "$WORK/a.log")"
 timeout 60 "$BIN" "${ONE[@]}" --image-prompt "$GOLD/low_0.png" --out "$WORK/b" 2> "$WORK/b.log" || bad "--image-prompt run failed"
