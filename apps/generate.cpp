@@ -40,7 +40,8 @@ const std::vector<cli::Opt> kOptions = {
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
-                        "sr_guidance, sr_noise_level (unset keys take the command line's values)"},
+                        "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level (unset keys take the\n"
+                        "command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -63,6 +64,10 @@ const std::vector<cli::Opt> kOptions = {
     {"sr-steps", "N", "DeepFloyd IF folders with super_resolution/: stage II's DDPM steps (default 50)"},
     {"sr-guidance", "G", "DeepFloyd IF stage II: classifier-free guidance (default 4)"},
     {"sr-noise-level", "L", "DeepFloyd IF stage II: noise added to the enlarged stage-I image, in [0, 1000) (default 250)"},
+    {"x4-steps", "N", "DeepFloyd IF folders with upscaler/ (stage III, an SD x4 upscaler): its steps (default 75)"},
+    {"x4-guidance", "G", "DeepFloyd IF stage III: classifier-free guidance (default 9)"},
+    {"x4-noise-level", "L", "DeepFloyd IF stage III: noise added to stage II's image, in [0, max_noise_level]\n"
+                            "(default 20)"},
     {"image-prompt", "FILE", "Stable unCLIP image variations (a folder with image_encoder/): a PNG whose CLIP image\n"
                              "embedding replaces the prior's; the prompt still guides the UNet"},
     {"image", "FILE", "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x (stored as\n"
@@ -245,6 +250,12 @@ int generate_main(int argc, char** argv) {
     DP_CHECK(base.sr_steps >= 1, "generate: --sr-steps must be at least 1");
     DP_CHECK(std::isfinite(base.sr_guidance) && base.sr_guidance >= 0, "generate: --sr-guidance must be >= 0");
     DP_CHECK(base.sr_noise_level >= 0, "generate: --sr-noise-level must be at least 0");
+    base.x4_steps = static_cast<int>(a.integer("x4-steps", 75));
+    base.x4_guidance = a.number("x4-guidance", 9.0);
+    base.x4_noise_level = static_cast<int>(a.integer("x4-noise-level", 20));
+    DP_CHECK(base.x4_steps >= 1, "generate: --x4-steps must be at least 1");
+    DP_CHECK(std::isfinite(base.x4_guidance) && base.x4_guidance >= 0, "generate: --x4-guidance must be >= 0");
+    DP_CHECK(base.x4_noise_level >= 0, "generate: --x4-noise-level must be at least 0");
     DP_CHECK(base.prior_steps >= 1, "generate: --prior-steps must be at least 1");
     DP_CHECK(std::isfinite(base.prior_guidance) && base.prior_guidance >= 0, "generate: --prior-guidance must be >= 0");
     DP_CHECK(base.noise_level >= 0, "generate: --noise-level must be at least 0");

@@ -42,7 +42,7 @@ cmake --build build-gpu -j16 --target $TARGETS > "$OUT/build.log" 2>&1 || { grep
 echo "build: $(( $(date +%s) - t0 )) s"
 B=build-gpu
 export DIFFPIPE_GOLDEN=$ROOT/.gpu/golden/tiny-sd
-for r in SDXL:tiny-sdxl T5:tiny-t5 IF:tiny-if DDPM:tiny-ddpm; do  # the generated references, when they travelled
+for r in SDXL:tiny-sdxl T5:tiny-t5 IF:tiny-if DDPM:tiny-ddpm UPSCALE:tiny-upscale; do  # the generated references, when they travelled
   [ -d "$ROOT/.gpu/golden/${r#*:}" ] && export "DIFFPIPE_GOLDEN_${r%%:*}=$ROOT/.gpu/golden/${r#*:}"
 done
 if want golden; then

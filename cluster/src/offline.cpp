@@ -74,7 +74,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "width", "height", "clip_skip", "images", "prior_steps",
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
-                                          "sr_noise_level"};
+                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -96,7 +96,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     for (auto& [k, v] : o.items())
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
-               "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level)");
+               "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
+               "x4_guidance, x4_noise_level)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -121,6 +122,12 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(p.sr_steps >= 1, l.origin, ": key 'sr_steps' must be at least 1");
     DP_CHECK(std::isfinite(p.sr_guidance) && p.sr_guidance >= 0, l.origin, ": key 'sr_guidance' must be a number >= 0");
     DP_CHECK(p.sr_noise_level >= 0, l.origin, ": key 'sr_noise_level' must be at least 0");
+    p.x4_steps = get_field<int>(o, "x4_steps", l.origin, p.x4_steps);
+    p.x4_guidance = get_field<double>(o, "x4_guidance", l.origin, p.x4_guidance);
+    p.x4_noise_level = get_field<int>(o, "x4_noise_level", l.origin, p.x4_noise_level);
+    DP_CHECK(p.x4_steps >= 1, l.origin, ": key 'x4_steps' must be at least 1");
+    DP_CHECK(std::isfinite(p.x4_guidance) && p.x4_guidance >= 0, l.origin, ": key 'x4_guidance' must be a number >= 0");
+    DP_CHECK(p.x4_noise_level >= 0, l.origin, ": key 'x4_noise_level' must be at least 0");
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -177,6 +184,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   const GenerationParams d;
   if (p.sr_steps != d.sr_steps || p.sr_guidance != d.sr_guidance || p.sr_noise_level != d.sr_noise_level)
     os << ", SR steps: " << p.sr_steps << ", SR CFG scale: " << p.sr_guidance << ", SR noise level: " << p.sr_noise_level;
+  if (p.x4_steps != d.x4_steps || p.x4_guidance != d.x4_guidance || p.x4_noise_level != d.x4_noise_level)
+    os << ", x4 steps: " << p.x4_steps << ", x4 CFG scale: " << p.x4_guidance << ", x4 noise level: " << p.x4_noise_level;
   os << ", Model: " << model << ", Generator: diffpipe";
   return os.str();
 }

@@ -97,6 +97,11 @@ GenerationParams read_params(const Reader& r, const json& o) {
     p.sr_guidance = r.number(o, "sr_guidance", "params.sr_guidance");
     p.sr_noise_level = static_cast<int>(r.integer(o, "sr_noise_level", "params.sr_noise_level", 0, 1 << 20));
   }
+  if (o.contains("x4_steps")) {  // DeepFloyd IF stage III, sent only when not the defaults
+    p.x4_steps = static_cast<int>(r.integer(o, "x4_steps", "params.x4_steps", 1, 1 << 20));
+    p.x4_guidance = r.number(o, "x4_guidance", "params.x4_guidance");
+    p.x4_noise_level = static_cast<int>(r.integer(o, "x4_noise_level", "params.x4_noise_level", 0, 1 << 20));
+  }
   return p;
 }
 

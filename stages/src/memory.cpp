@@ -62,6 +62,19 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       const SuperResConfig sr = SuperResConfig::load(cfg);
       m.weights += weight_bytes(path_join(dir, "super_resolution/diffusion_pytorch_model.safetensors"), vae_dtype);
       m.activations += max_batch * W * H * sr.scale * sr.scale * 4.0 * static_cast<double>(sr.channels) * vbytes;
+    } else if (s == "x4") {  // DeepFloyd IF stage III: the upscaler folder's text encoder, UNet and VAE on stage II's
+                              // images (stage I's size times stage II's factor), made 4x larger
+      const std::string x4 = path_join(dir, "upscaler");
+      if (!dir_exists(x4)) continue;
+      double f2 = 1;
+      if (SdModel::has_if_stage2(dir))
+        f2 = static_cast<double>(UNetConfig::load(path_join(dir, "super_resolution/unet/config.json")).sample_size) /
+             static_cast<double>(u.sample_size);
+      const int64_t f3 = int64_t(1) << (VaeConfig::load(path_join(x4, "vae/config.json")).block_out_channels.size() - 1);
+      const MemoryNeed n = estimate_rank_memory(x4, {"encode", "denoise", "decode"}, static_cast<int>(W * f2 * f3),
+                                                static_cast<int>(H * f2 * f3), max_batch, true, dtype);
+      m.weights += n.weights;
+      m.activations += n.activations / 1.3;  // the slack is added once, below
     }
   }
   m.activations *= 1.3;  // allocator slack and short-lived temporaries

@@ -67,6 +67,10 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
     DP_FAIL(path_join(dir, "super_resolution"), ": not an IFSuperResolutionPipeline folder (model_index.json's ",
             "_class_name), which a DeepFloyd IF folder's stage II must be");
   }
+  if (SdModel::has_if_stage3(dir)) SdModel::validate(path_join(dir, "upscaler"));  // stage III: an x4 upscaler folder
+  else if (dir_exists(path_join(dir, "upscaler")))
+    DP_FAIL(path_join(dir, "upscaler"), ": not a StableDiffusionUpscalePipeline folder (model_index.json's ",
+            "_class_name), which a DeepFloyd IF folder's stage III must be");
 }
 }  // namespace
 
@@ -204,6 +208,9 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       if (components & kSuperRes) s->unet = UNet2DConditionModel::load(path_join(sr, "unet"), spec);
       m.stage2 = s;
     }
+    if (has_if_stage3(dir))  // configs always (requests are checked against them); the weights with kStage3
+      m.stage3 = std::make_shared<const SdModel>(
+          load(path_join(dir, "upscaler"), spec, (components & kStage3) ? (kTextEncoder | kUNet | kVae) : 0u));
     return m;
   }
   m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
@@ -254,6 +261,7 @@ bool SdModel::has_if_stage2(const std::string& dir) {
   return pipeline_class(path_join(dir, "super_resolution")) == "IFSuperResolutionPipeline";
 }
 bool SdModel::is_if(const std::string& dir) { return pipeline_class(dir) == "IFPipeline"; }
+bool SdModel::has_if_stage3(const std::string& dir) { return is_upscaler(path_join(dir, "upscaler")); }
 bool SdModel::is_sdxl(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionXLPipeline"; }
 bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 

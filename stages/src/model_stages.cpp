@@ -241,6 +241,72 @@ class SuperResStageImpl : public DenoiseStageImpl {
   std::vector<std::pair<uint64_t, at::Tensor>> previews_;  // stage-I previews passing through, as 8-bit images
 };
 
+const SdModel& stage3_of(const SdModel& m) {
+  DP_CHECK(m.stage3 && m.stage3->unet && m.stage3->vae && m.stage3->text_encoder, "x4 stage: ", m.dir,
+           " has no DeepFloyd IF stage III (upscaler/) loaded");
+  return *m.stage3;
+}
+
+// DeepFloyd IF stage III: 8-bit stage-II images -> 8-bit images 4x larger, by the SD x4 upscaler in upscaler/ (its
+// text encoder on the request's prompt, its own DDIM loop step-level batched like the denoiser, its VAE on the
+// requests that finish an iteration together). Partial images (previews) pass through as they are.
+class X4StageImpl : public DenoiseStageImpl {
+ public:
+  X4StageImpl(const SdModel& m, const StageConfig& c) : DenoiseStageImpl(stage3_of(m), c), enc_(model_), dec_(model_) {}
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(!r.inputs.empty(), "x4: no image received");
+    if (preview_number(r.id) > 0) {
+      passing_.emplace_back(r.id, r.inputs[0]);
+      return;
+    }
+    const GenerationParams& p = r.params;
+    GenerationParams q = p;  // its own CLIP text encoder (not stage I's T5), its own guidance
+    q.guidance = p.x4_guidance;
+    q.clip_skip = 0;
+    const Embeddings e = enc_.run({&q}).at(0);
+    hold(r.id, make_x4_state(model_, {p.x4_steps, p.x4_guidance, p.x4_noise_level}, image_to_unit_range(r.inputs[0]),
+                             e, p.seed, r.id),
+         r.priority, now);
+  }
+
+  std::vector<StageEvent> step(double now) override {
+    std::vector<StageEvent> out;
+    for (auto& [id, img] : passing_) out.push_back(StageEvent::finished(id, {img}));
+    passing_.clear();
+    if (DenoiseStageImpl::held() == 0) return out;
+    std::vector<StageEvent> events = DenoiseStageImpl::step(now);
+    std::vector<size_t> done;  // the finished latents, decoded in one VAE call per size
+    std::map<std::vector<int64_t>, std::vector<size_t>> by_shape;
+    for (size_t i = 0; i < events.size(); ++i)
+      if (events[i].kind == StageEvent::Kind::Finished) by_shape[events[i].outputs[0].sizes().vec()].push_back(i);
+    for (auto& [shape, idx] : by_shape) {
+      std::vector<at::Tensor> lat;
+      for (size_t i : idx) lat.push_back(events[i].outputs[0]);
+      std::vector<std::string> failures;
+      const at::Tensor img = dec_.run_uint8(lat, &failures);
+      for (size_t k = 0; k < idx.size(); ++k) {
+        StageEvent& ev = events[idx[k]];
+        ev = failures[k].empty() ? StageEvent::finished(ev.id, {img[static_cast<int64_t>(k)].contiguous()})
+                                 : StageEvent::failed(ev.id, failures[k]);
+      }
+    }
+    for (auto& ev : events) out.push_back(std::move(ev));
+    return out;
+  }
+  size_t held() const override { return DenoiseStageImpl::held() + passing_.size(); }
+  void cancel(uint64_t id) override {
+    passing_.erase(std::remove_if(passing_.begin(), passing_.end(), [id](const auto& p) { return p.first == id; }),
+                   passing_.end());
+    DenoiseStageImpl::cancel(id);
+  }
+
+ private:
+  TextEncodeStage enc_;
+  DecodeStage dec_;
+  std::vector<std::pair<uint64_t, at::Tensor>> passing_;  // previews of earlier stages, passed on as they are
+};
+
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch
 class DecodeStageImpl : public OneShotStage {
  public:
@@ -319,6 +385,8 @@ struct Registry {
     add(entry<UpscaleStageImpl>("upscale", "8-bit image", "8-bit image, enlarged", kSuperRes));
     add(entry<SuperResStageImpl>("superres", "stage-I pixels, text embeddings", "pixels, enlarged (DeepFloyd IF stage II)",
                                  kSuperRes));
+    add(entry<X4StageImpl>("x4", "8-bit image (and the prompt)", "8-bit image, 4x (DeepFloyd IF stage III: the SD x4 "
+                           "upscaler)", kStage3));
   }
   void add(ModelStage s) {
     if (!stages.count(s.def.name)) order.push_back(s.def.name);
@@ -367,6 +435,7 @@ std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
     p.insert(p.begin() + 1, PipelineStage{"prior", false, /*own_rank=*/true});
   if (SdModel::is_if(model_dir)) {  // DeepFloyd IF: stage II (its own diffusion loop) before the pixels are written
     if (SdModel::has_if_stage2(model_dir)) p.insert(p.end() - 1, PipelineStage{"superres", false, /*own_rank=*/true});
+    if (SdModel::has_if_stage3(model_dir)) p.push_back(PipelineStage{"x4", false, /*own_rank=*/true});
   } else if (SdModel::has_super_resolution(model_dir)) {
     p.push_back({"upscale", false});
   }

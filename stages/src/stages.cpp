@@ -29,8 +29,19 @@ at::Tensor upscaler_input(const GenerationParams& p) {
   DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
            "(--image FILE, or \"image_prompt\" in a JSONL line)");
   const Image img = read_png(p.image_prompt);
-  const at::Tensor u8 = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte);
-  return u8.permute({2, 0, 1}).to(at::kFloat).div(255.0f).mul(2.0f).sub(1.0f).contiguous();
+  return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
+}
+
+// The x4 upscaler's conditioning on `s`: the image [3, h, w] in [-1, 1] noised to `level` by the folder's
+// low_res_scheduler (DDPMScheduler.add_noise) with `image_noise` or the seed's `stream`, and the level as both rows'
+// class label.
+void attach_upscaler_image(const SdModel& m, DenoiseState& s, const at::Tensor& x, int level, uint64_t stream,
+                           const at::Tensor& image_noise) {
+  const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(x.sizes())
+                                             : seeded_noise(s.seed, stream, x.sizes());
+  const float a = alphas_cumprod(m.image_noising)[level].item<float>();
+  s.concat = (std::sqrt(a) * x + std::sqrt(1.0f - a) * z).to(m.spec.device);
+  s.class_labels = s.uncond_class_labels = at::full({1}, static_cast<float>(level), at::kFloat);
 }
 
 // DeepFloyd IF stage II's settings against its configs (resolve_params and make_if_sr_state).
@@ -204,6 +215,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
   if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
+  if (model.stage3) check_x4_settings(*model.stage3, {p.x4_steps, p.x4_guidance, p.x4_noise_level});
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;
@@ -240,14 +252,8 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   }
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
-  if (model.upscaler) {  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
-    const at::Tensor x = upscaler_input(p);
-    const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(x.sizes())
-                                               : seeded_noise(p.seed, kSrImageNoiseStream, x.sizes());
-    const float a = alphas_cumprod(model.image_noising)[p.noise_level].item<float>();  // DDPMScheduler.add_noise
-    s.concat = (std::sqrt(a) * x + std::sqrt(1.0f - a) * z).to(model.spec.device);
-    s.class_labels = s.uncond_class_labels = at::full({1}, static_cast<float>(p.noise_level), at::kFloat);
-  }
+  if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
+    attach_upscaler_image(model, s, upscaler_input(p), p.noise_level, kSrImageNoiseStream, image_noise);
   const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0), f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
@@ -288,6 +294,45 @@ DenoiseState make_if_sr_state(const SdModel& m, const IfSuperResSettings& st, co
                                                    : seeded_noise(seed, kSrInitialStream, {C, H, W});
   DP_CHECK(noise.dim() == 3 && noise.size(0) == C && noise.size(1) == H && noise.size(2) == W,
            "super-resolution: initial noise must be [", C, ", ", H, ", ", W, "]");
+  s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
+  return s;
+}
+
+at::Tensor image_to_unit_range(const at::Tensor& rgb_u8) {
+  DP_CHECK(rgb_u8.dim() == 3 && rgb_u8.size(2) == 3, "image: must be [H, W, 3], got ", rgb_u8.sizes());
+  return rgb_u8.to(at::kCPU).permute({2, 0, 1}).to(at::kFloat).div(255.0f).mul(2.0f).sub(1.0f).contiguous();
+}
+
+void check_x4_settings(const SdModel& x4, const UpscaleSettings& s) {
+  DP_CHECK(x4.upscaler, x4.dir, ": not an x4 upscaler folder");
+  DP_CHECK(s.steps >= 1 && s.steps <= x4.scheduler.num_train_timesteps, "x4_steps: must be in [1, ",
+           x4.scheduler.num_train_timesteps, "], got ", s.steps);
+  DP_CHECK(std::isfinite(s.guidance) && s.guidance >= 0, "x4_guidance: must be a finite number >= 0, got ", s.guidance);
+  DP_CHECK(s.noise_level >= 0 && s.noise_level <= x4.max_noise_level, "x4_noise_level: must be in [0, ",
+           x4.max_noise_level, "] (the upscaler's max_noise_level), got ", s.noise_level);
+}
+
+DenoiseState make_x4_state(const SdModel& m, const UpscaleSettings& st, const at::Tensor& image, const Embeddings& emb,
+                           uint64_t seed, uint64_t id, const at::Tensor& initial_noise, const at::Tensor& image_noise) {
+  check_x4_settings(m, st);
+  DP_CHECK(image.dim() == 3 && image.size(0) == 3, "x4 upscaler: the image must be [3, h, w], got ", image.sizes());
+  const int64_t down = m.size_multiple() / m.latent_factor();  // the UNet's downsampling
+  DP_CHECK(image.size(1) % down == 0 && image.size(2) % down == 0, "x4 upscaler: the image's sides (",
+           image.size(2), "x", image.size(1), ") must be multiples of ", down, " (the upscaler UNet's downsampling)");
+  DenoiseState s;
+  s.id = id;
+  s.seed = seed;
+  s.guidance = st.guidance;
+  s.cond = emb.cond;
+  s.uncond = emb.uncond;
+  DP_CHECK(s.cond.defined() && (st.guidance <= 1 || s.uncond.defined()), "x4 upscaler: text embeddings needed");
+  attach_upscaler_image(m, s, image.to(at::kCPU, at::kFloat), st.noise_level, kX4ImageNoiseStream, image_noise);
+  s.sampler = Sampler::create(sampler_kind_of_class(m.scheduler.class_name), m.scheduler, st.steps);
+  const int64_t C = m.unet_config.in_channels - 3, H = image.size(1), W = image.size(2);
+  const at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
+                                                   : seeded_noise(seed, kX4InitialStream, {C, H, W});
+  DP_CHECK(noise.dim() == 3 && noise.size(0) == C && noise.size(1) == H && noise.size(2) == W,
+           "x4 upscaler: initial noise must be [", C, ", ", H, ", ", W, "]");
   s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
   return s;
 }

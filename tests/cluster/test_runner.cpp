@@ -361,6 +361,10 @@ TEST(Wire, RoundTripAndMalformedMessages) {
   w.stage = 1;
   w.params.prompt = "a cat";
   w.params.seed = 42;
+  w.params.sr_steps = 7;         // the cascade settings travel when not the defaults
+  w.params.x4_steps = 11;
+  w.params.x4_guidance = 3.5;
+  w.params.x4_noise_level = 120;
   w.route = {0, 2, 3};
   w.priority = -2;
   w.trail = {0};
@@ -371,6 +375,10 @@ TEST(Wire, RoundTripAndMalformedMessages) {
   EXPECT_EQ(back.request, 7u);
   EXPECT_EQ(back.params.prompt, "a cat");
   EXPECT_EQ(back.params.seed, 42u);
+  EXPECT_EQ(back.params.sr_steps, 7);
+  EXPECT_EQ(back.params.x4_steps, 11);
+  EXPECT_EQ(back.params.x4_guidance, 3.5);
+  EXPECT_EQ(back.params.x4_noise_level, 120);
   EXPECT_EQ(back.route, (std::vector<int>{0, 2, 3}));
   EXPECT_EQ(back.priority, -2);
   EXPECT_EQ(back.tensors.size(), 1u);

@@ -5,7 +5,10 @@
 # 3 ranks and with --placement replicas (--batch-invariant); the output is 4x the input; the noise level defaults
 # to diffusers' 20 and changes the image; --image equals --image-prompt; a missing image, a level above
 # max_noise_level, a size other than 4x, both image flags and an unreadable file are refused by name, writing
-# nothing. Exit 77 = skipped (folder absent).
+# nothing. With $DIFFPIPE_GOLDEN_IF too (DeepFloyd IF stage III): an IF folder whose upscaler/ is this folder runs
+# encode | denoise | superres | decode | x4 and makes 4x stage II's images, byte-identical (previews too) on 1, 3 and
+# 5 ranks; --x4-noise-level changes the image, the JSONL x4_* keys match the flags, the PNG records them; a level above
+# max_noise_level and an upscaler/ of another kind are refused by name. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_UPSCALE:-$(dirname "$0")/../../../shared/golden/tiny-upscale}
@@ -54,6 +57,48 @@ refused level "noise_level: must be in [0, 350]" --image "$GOLD/low_0.png" --noi
 refused size "the x4 upscaler makes 64x64" --image "$GOLD/low_0.png" --width 32 --height 32
 refused both "give --image or --image-prompt, not both" --image "$GOLD/low_0.png" --image-prompt "$GOLD/low_1.png"
 refused missing "$WORK/none.png" --image "$WORK/none.png"
+
+# DeepFloyd IF stage III: an IF folder with upscaler/ (this folder) runs x4 after decode, in one pipeline
+IFGOLD=${DIFFPIPE_GOLDEN_IF:-$(dirname "$0")/../../../shared/golden/tiny-if}
+if [ -d "$IFGOLD/model" ]; then
+  IFX4=$WORK/if-x4; mkdir -p "$IFX4"
+  for p in "$IFGOLD"/model/*; do ln -s "$(cd "$(dirname "$p")" && pwd)/$(basename "$p")" "$IFX4/"; done
+  ln -s "$(cd "$MODEL" && pwd)" "$IFX4/upscaler"
+  COMMON=(generate --model "$IFX4" --prompts "$WORK/prompts.txt" --steps 4 --sr-steps 3 --x4-steps 3 --seed 5 --threads 1
+          --batch-invariant --previews 1 --quiet --timeout 60)
+  timeout 120 "$BIN" "${COMMON[@]}" --out "$WORK/if1" 2> "$WORK/if1.log" || bad "IF + x4, 1 rank failed: $(tail -2 "$WORK/if1.log")"
+  [ "$(png_size "$WORK"/if1/img-00000-seed5.png)" = "128 128" ] && ok "IF stage III: 16 -> 32 (stage II) -> 128 px" \
+    || bad "IF + x4 size: $(png_size "$WORK"/if1/img-00000-seed5.png)"
+  for np in 3 5; do
+    timeout 180 $MPIRUN -np $np "$BIN" "${COMMON[@]}" --out "$WORK/if$np" 2> "$WORK/if$np.log" || bad "IF + x4 np $np failed"
+    [ "$(ls "$WORK"/if1/img-*.png | wc -l)" = 6 ] && same_pngs "$WORK/if1" "$WORK/if$np" \
+      && ok "IF + x4 on $np ranks: the same PNG bytes (images and previews) as 1 rank" || bad "IF + x4 np $np differs"
+  done
+  grep -q "x4(max_batch" "$WORK/if5.log" && ok "5 ranks: x4 placed ($(grep -o 'rank [0-9] [^:]*: [^+]*x4' "$WORK/if5.log" | head -1))" \
+    || bad "5 ranks: no x4 in the placement"
+  IFONE=(generate --model "$IFX4" --prompt "a red circle" --seed 9 --steps 4 --sr-steps 3 --threads 1 --quiet)
+  timeout 60 "$BIN" "${IFONE[@]}" --x4-steps 3 --out "$WORK/x4a" 2> /dev/null || bad "x4a failed"
+  timeout 60 "$BIN" "${IFONE[@]}" --x4-steps 3 --x4-noise-level 200 --out "$WORK/x4b" 2> /dev/null || bad "x4b failed"
+  same_pixels "$WORK/x4a/img-00000-seed9.png" "$WORK/x4b/img-00000-seed9.png" && bad "--x4-noise-level changed nothing" \
+    || ok "--x4-noise-level changes the image"
+  echo '{"prompt": "a red circle", "seed": 9, "x4_steps": 3, "x4_noise_level": 200}' > "$WORK/x4.jsonl"
+  timeout 60 "$BIN" generate --model "$IFX4" --prompts "$WORK/x4.jsonl" --steps 4 --sr-steps 3 --threads 1 --quiet \
+    --out "$WORK/x4j" 2> "$WORK/x4j.log" || bad "x4 JSONL run failed: $(tail -1 "$WORK/x4j.log")"
+  same_pixels "$WORK/x4b/img-00000-seed9.png" "$WORK/x4j/img-00000-seed9.png" && ok "JSONL x4_steps/x4_noise_level give the flags' image" \
+    || bad "JSONL x4 keys differ from the flags"
+  grep -aq "x4 steps: 3, x4 CFG scale: 9, x4 noise level: 200" "$WORK/x4b/img-00000-seed9.png" \
+    && ok "the PNG records stage III's settings" || bad "PNG lacks stage III's settings"
+  if timeout 60 "$BIN" "${IFONE[@]}" --x4-noise-level 351 --out "$WORK/x4c" 2> "$WORK/x4c.log"; then bad "--x4-noise-level 351 accepted"
+  else grep -q "x4_noise_level: must be in \[0, 350\]" "$WORK/x4c.log" && ok "--x4-noise-level 351 refused by name" \
+    || bad "unclear: $(tail -1 "$WORK/x4c.log")"; fi
+  BADX4=$WORK/if-badx4; mkdir -p "$BADX4"; for p in "$IFX4"/*; do [ "$(basename "$p")" = upscaler ] || ln -s "$(readlink -f "$p")" "$BADX4/"; done
+  ln -s "$(readlink -f "$IFGOLD/model")" "$BADX4/upscaler"  # an IF folder where an upscaler should be
+  if timeout 60 "$BIN" "${IFONE[@]}" --model "$BADX4" --out "$WORK/bx" 2> "$WORK/bx.log"; then bad "a non-upscaler upscaler/ accepted"
+  else grep -q "upscaler: not a StableDiffusionUpscalePipeline folder" "$WORK/bx.log" && ok "upscaler/ of another kind refused by name" \
+    || bad "unclear: $(tail -1 "$WORK/bx.log")"; fi
+else
+  echo "note: IF folder $IFGOLD/model absent: IF stage III checks skipped"
+fi
 
 echo "upscale: $passed passed, $fails failed"
 [ $fails = 0 ]

@@ -4,8 +4,17 @@
 // every step, DDIM with v-prediction and guidance, the factor-4 VAE). The reference folder is made by
 // tests/stages/make_upscale_golden.py (scripts/test.sh makes it under build/golden when it can):
 // $DIFFPIPE_GOLDEN_UPSCALE, default the sibling tiny-upscale of the tiny-sd folder; absent, the tests skip.
+#include <unistd.h>
+
+#include <dirent.h>
+#include <limits.h>
+#include <stdlib.h>
+
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/memory.h"
+#include "diffpipe/stages/model_stages.h"
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/unet.h"
 #include "device_util.h"
@@ -56,6 +65,27 @@ TEST(GoldenUpscale, UNetLayoutWithNoiseLevelClasses) {
             std::string::npos);
 }
 
+// The 8-bit images of a run's denoising states, decoded, against the reference's [B, 3, H, W] in [0, 1]: true when
+// (float32) at least 99 % of the 8-bit values are within +-1, (16-bit) the images within 10 % (printed with `what`).
+bool matches_reference(const SdModel& model, std::vector<DenoiseState>& ds, const at::Tensor& ref, const std::string& what) {
+  const DenoiseStage den(model);
+  std::vector<DenoiseState*> batch;
+  for (auto& s : ds) batch.push_back(&s);
+  while (!ds[0].done()) den.step(batch);
+  std::vector<at::Tensor> lat;
+  for (auto& s : ds) lat.push_back(s.latents);
+  const at::Tensor mine = DecodeStage(model).run_uint8(lat).to(at::kCPU);  // [B, H, W, 3]
+  const at::Tensor r = ref.permute({0, 2, 3, 1}).contiguous();
+  EXPECT_EQ(mine.sizes(), r.sizes()) << what;
+  if (mine.sizes() != r.sizes()) return false;
+  const at::Tensor d = (mine.to(at::kInt) - r.mul(255).round().clamp(0, 255).to(at::kInt)).abs();
+  const double within = d.le(1).to(at::kDouble).mean().item<double>();
+  const double e = rel_err(mine.to(at::kFloat) / 255.0, r);
+  std::printf("[golden-upscale] %s: 8-bit within +-1: %.4f (max %d), images %.2e\n", what.c_str(), within,
+              d.max().item<int>(), e);
+  return model.spec.dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
+}
+
 // The whole pipeline, two runs (guidance 7.5 at noise level 20; a negative prompt, guidance 4 at level 150), with
 // the reference's draws (the image noise, then the initial latents): 16x16 PNGs become 64x64 images.
 TEST(GoldenUpscale, WholePipeline) {
@@ -83,23 +113,8 @@ TEST(GoldenUpscale, WholePipeline) {
       const auto row = static_cast<int64_t>(i);
       ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(pre + "1")[row], g.at(pre + "0")[row]));
     }
-    const DenoiseStage den(model);
-    std::vector<DenoiseState*> batch;
-    for (auto& s : ds) batch.push_back(&s);
-    while (!ds[0].done()) den.step(batch);
-    std::vector<at::Tensor> lat;
-    for (auto& s : ds) lat.push_back(s.latents);
-    const at::Tensor mine = DecodeStage(model).run_uint8(lat).to(at::kCPU);  // [B, 64, 64, 3]
-    const at::Tensor ref = g.at("pipeline." + n + ".images");                 // [B, 3, 64, 64] in [0, 1]
-    ASSERT_EQ(mine.sizes(), ref.permute({0, 2, 3, 1}).sizes());
-    const at::Tensor ref8 = ref.permute({0, 2, 3, 1}).mul(255).round().clamp(0, 255).to(at::kInt);
-    const at::Tensor d = (mine.to(at::kInt) - ref8).abs();
-    const double within = d.le(1).to(at::kDouble).mean().item<double>();
-    const double e = rel_err(mine.to(at::kFloat) / 255.0, ref.permute({0, 2, 3, 1}).contiguous());
-    std::printf("[golden-upscale] whole pipeline (%s, noise level %d): images %.2e, 8-bit within +-1: %.4f (max %d)\n",
-                n.c_str(), params[0].noise_level, e, within, d.max().item<int>());
-    if (spec.dtype == at::kFloat) EXPECT_GE(within, 0.99) << n;
-    else EXPECT_LE(e, 0.1) << n;
+    EXPECT_TRUE(matches_reference(model, ds, g.at("pipeline." + n + ".images"),
+                                  "whole pipeline (" + n + ", noise level " + std::to_string(params[0].noise_level) + ")"));
   }
 }
 
@@ -125,4 +140,83 @@ TEST(GoldenUpscale, RequestsAreCheckedByField) {
   EXPECT_EQ(resolve_params(model, p).width, 64);
   p.image_prompt = dir + "/no-such.png";
   EXPECT_NE(test::error_of([&] { (void)resolve_params(model, p); }).find("no-such.png"), std::string::npos);
+}
+
+// DeepFloyd IF's stage III builds its state from an image tensor (the decoded stage-II image) and its own settings
+// (make_x4_state): on the reference's low-resolution images, noises and run settings it gives diffusers' images.
+TEST(GoldenUpscale, StageThreeStateFromAnImage) {
+  DP_REQUIRE_UPSCALE(dir, "model/unet");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  const auto& run = meta.at("runs")[0];
+  const std::string pre = "pipeline.plain.draws.";
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    const GenerationParams p = request(dir, meta, run, i);
+    const Image img = read_png(p.image_prompt);
+    const at::Tensor u8 = at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte);
+    const Embeddings e = TextEncodeStage(model).run({&p}).at(0);
+    const auto row = static_cast<int64_t>(i);
+    ds.push_back(make_x4_state(model, {p.steps, p.guidance, p.noise_level}, image_to_unit_range(u8), e, 0, i,
+                               g.at(pre + "1")[row], g.at(pre + "0")[row]));
+  }
+  EXPECT_TRUE(matches_reference(model, ds, g.at("pipeline.plain.images"), "stage III state (plain)"));
+  // its settings are checked by name
+  EXPECT_NE(test::error_of([&] { check_x4_settings(model, {0, 9.0, 20}); }).find("x4_steps: must be in [1, 1000]"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { check_x4_settings(model, {75, 9.0, 351}); }).find("x4_noise_level: must be in [0, 350]"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { check_x4_settings(model, {75, -1.0, 20}); }).find("x4_guidance"), std::string::npos);
+}
+
+// A DeepFloyd IF folder with upscaler/ (made here from the IF and upscaler references by links): the x4 stage's
+// memory is the upscaler's weights (text encoder, UNet, VAE) and activations at stage II's size times 4, and the
+// whole pipeline loads with stage III's configs.
+TEST(GoldenUpscale, IfFolderWithStageThree) {
+  DP_REQUIRE_UPSCALE(dir, "model/unet");
+  DP_REQUIRE_GENERATED(ifdir, "DIFFPIPE_GOLDEN_IF", "tiny-if", "model/super_resolution", "make_if_golden.py");
+  // plain POSIX calls: std::filesystem's mutating calls resolve into LibTorch's own copy of libstdc++ and crash
+  char buf[] = "/tmp/diffpipe-ifx4-XXXXXX";
+  ASSERT_NE(mkdtemp(buf), nullptr);
+  const std::string tmp = buf;
+  std::vector<std::string> links;
+  auto link = [&](const std::string& target, const std::string& name) {
+    char abs[PATH_MAX];
+    ASSERT_NE(realpath(target.c_str(), abs), nullptr) << target;
+    links.push_back(tmp + "/" + name);
+    ASSERT_EQ(symlink(abs, links.back().c_str()), 0) << links.back();
+  };
+  DIR* d = opendir((ifdir + "/model").c_str());
+  ASSERT_NE(d, nullptr);
+  while (const dirent* e = readdir(d))
+    if (e->d_name[0] != '.') link(ifdir + "/model/" + e->d_name, e->d_name);
+  closedir(d);
+  link(dir + "/model", "upscaler");
+  struct Cleanup {
+    const std::vector<std::string>& links;
+    const std::string& tmp;
+    ~Cleanup() {
+      for (const auto& l : links) unlink(l.c_str());
+      rmdir(tmp.c_str());
+    }
+  } cleanup{links, tmp};
+  const MemoryNeed x4 = estimate_rank_memory(tmp, {"x4"}, 0, 0, 2, true, at::kFloat);
+  const MemoryNeed direct = estimate_rank_memory(dir + "/model", {"encode", "denoise", "decode"}, 128, 128, 2, true,
+                                                 at::kFloat);  // 16 px stage I -> 32 px stage II -> 128 px
+  EXPECT_GT(x4.weights, 0);
+  EXPECT_DOUBLE_EQ(x4.weights, direct.weights);
+  EXPECT_NEAR(x4.activations, direct.activations, 1e-6 * direct.activations);
+  const SdModel configs = SdModel::load(tmp, test::device_spec(), 0);
+  ASSERT_TRUE(configs.stage3 && configs.stage3->upscaler);
+  EXPECT_FALSE(configs.stage3->unet) << "weights load only with kStage3";
+  GenerationParams p;
+  p.prompt = "x";
+  p.x4_noise_level = 351;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(configs, p); }).find("x4_noise_level: must be in [0, 350]"),
+            std::string::npos);
+  const auto layout = pipeline_layout(tmp);
+  ASSERT_FALSE(layout.empty());
+  EXPECT_EQ(layout.back().name, "x4");
 }

@@ -18,10 +18,10 @@
 namespace diffpipe {
 
 // kSuperRes loads super_resolution/ when the folder has one, kPrior the Stable unCLIP prior components when the
-// folder is a StableUnCLIPPipeline (no-ops otherwise).
+// folder is a StableUnCLIPPipeline, kStage3 a DeepFloyd IF folder's upscaler/ (no-ops otherwise).
 enum Component : unsigned {
-  kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16, kPrior = 32,
-  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior
+  kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16, kPrior = 32, kStage3 = 64,
+  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior | kStage3
 };
 struct UnclipParts;
 
@@ -54,6 +54,10 @@ struct SdModel {
   // UNet (with kSuperRes), scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's
   // embeddings).
   std::shared_ptr<const SdModel> stage2;
+  // DeepFloyd IF with upscaler/ (a StableDiffusionUpscalePipeline folder): stage III, the SD x4 upscaler run on
+  // the decoded stage-II images with the same prompt; its configs always, its text encoder, UNet and VAE with
+  // kStage3.
+  std::shared_ptr<const SdModel> stage3;
   SchedulerConfig image_noising;           // IF stage II, and the x4 upscaler's low_res_scheduler
   // The SD x4 upscaler (StableDiffusionUpscalePipeline folders): a request's image_prompt is the low-resolution
   // image; noised to noise_level (<= max_noise_level) by low_res_scheduler, it joins the latents at every step and
@@ -86,6 +90,7 @@ struct SdModel {
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
   static bool has_if_stage2(const std::string& dir);  // super_resolution/ is an IFSuperResolutionPipeline folder
+  static bool has_if_stage3(const std::string& dir);  // upscaler/ is a StableDiffusionUpscalePipeline folder
   // IF stage II's enlargement of stage I's size (its UNet's sample_size over stage I's); 1 without stage II
   int64_t sr_factor() const { return stage2 ? stage2->unet_config.sample_size / unet_config.sample_size : 1; }
 };

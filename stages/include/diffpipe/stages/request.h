@@ -31,6 +31,11 @@ struct GenerationParams {
   int sr_steps = 50;
   double sr_guidance = 4.0;
   int sr_noise_level = 250;
+  // DeepFloyd IF folders with upscaler/ (stage III: the SD x4 upscaler on stage II's images) only: its steps,
+  // guidance and the noise level of its input (StableDiffusionUpscalePipeline's defaults).
+  int x4_steps = 75;
+  double x4_guidance = 9.0;
+  int x4_noise_level = 20;
 
   bool uses_cfg() const { return guidance > 1.0; }
 };
@@ -54,11 +59,16 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["crop_top"] = p.crop_top;
     j["crop_left"] = p.crop_left;
   }
-  const GenerationParams d;  // IF stage II's settings, likewise only when not the defaults
+  const GenerationParams d;  // IF stage II's and III's settings, likewise only when not the defaults
   if (p.sr_steps != d.sr_steps || p.sr_guidance != d.sr_guidance || p.sr_noise_level != d.sr_noise_level) {
     j["sr_steps"] = p.sr_steps;
     j["sr_guidance"] = p.sr_guidance;
     j["sr_noise_level"] = p.sr_noise_level;
+  }
+  if (p.x4_steps != d.x4_steps || p.x4_guidance != d.x4_guidance || p.x4_noise_level != d.x4_noise_level) {
+    j["x4_steps"] = p.x4_steps;
+    j["x4_guidance"] = p.x4_guidance;
+    j["x4_noise_level"] = p.x4_noise_level;
   }
   return j;
 }
@@ -86,6 +96,9 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.sr_steps = j.value("sr_steps", p.sr_steps);
   p.sr_guidance = j.value("sr_guidance", p.sr_guidance);
   p.sr_noise_level = j.value("sr_noise_level", p.sr_noise_level);
+  p.x4_steps = j.value("x4_steps", p.x4_steps);
+  p.x4_guidance = j.value("x4_guidance", p.x4_guidance);
+  p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   return p;
 }
 

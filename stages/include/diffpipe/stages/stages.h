@@ -94,6 +94,23 @@ DenoiseState make_if_sr_state(const SdModel& stage2, const IfSuperResSettings& s
                               const Embeddings& emb, uint64_t seed, uint64_t id = 0,
                               const at::Tensor& initial_noise = at::Tensor(), const at::Tensor& image_noise = at::Tensor());
 
+// DeepFloyd IF stage III (the SD x4 upscaler, SdModel::stage3) on a decoded stage-II image [3, h, w] in [-1, 1]:
+// noised to noise_level by its low_res_scheduler and joined to the latents at every step (the level is the class
+// label), its folder's scheduler for `steps`, text embeddings from its own text encoder. Noise from the request's
+// seed (streams kX4InitialStream, kX4ImageNoiseStream), or the given tensors (tests).
+struct UpscaleSettings {
+  int steps = 75;
+  double guidance = 9.0;
+  int noise_level = 20;
+};
+constexpr uint64_t kX4InitialStream = (uint64_t(1) << 34) + 2, kX4ImageNoiseStream = (uint64_t(1) << 34) + 3;
+void check_x4_settings(const SdModel& x4, const UpscaleSettings& s);  // errors name the x4_ field
+DenoiseState make_x4_state(const SdModel& x4, const UpscaleSettings& s, const at::Tensor& image, const Embeddings& emb,
+                           uint64_t seed, uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor(),
+                           const at::Tensor& image_noise = at::Tensor());
+// An 8-bit RGB image [H, W, 3] as [3, H, W] float32 in [-1, 1] (diffusers' image processor: x / 255 * 2 - 1).
+at::Tensor image_to_unit_range(const at::Tensor& rgb_u8);
+
 // The denoised estimate x0 at call i from the model's output (epsilon, v or sample prediction) and the sample.
 at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, const at::Tensor& output, int i,
                               const at::Tensor& sample);
