@@ -189,8 +189,9 @@ int bench_main(int argc, char** argv) {
   });
   std::shared_ptr<Transport> t = world.size == 1 ? make_inproc_world(1)[0] : make_mpi_transport();
   const ResolvedParams rp = resolve_params(model, reqs[0]);
-  // the delivered size: a cascade's super-resolution (upscale stage, IF stage II) enlarges the base image
-  const int64_t enlarge = (model.super_res ? model.super_res->config().scale : 1) * model.sr_factor();
+  // the delivered size: a cascade's super-resolution (upscale stage, IF stages II and III) enlarges the base image
+  const int64_t enlarge = (model.super_res ? model.super_res->config().scale : 1) * model.sr_factor() *
+                          (model.stage3 ? model.stage3->latent_factor() : 1);
   const int out_w = static_cast<int>(rp.width * enlarge), out_h = static_cast<int>(rp.height * enlarge);
 
   json runs = json::array();
