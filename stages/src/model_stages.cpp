@@ -188,6 +188,32 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
   DenoiseStage den_;
 };
 
+// A cascade stage (IF stages II and III): a denoiser of its own, through which partial images (previews) of the
+// stages before pass as they are.
+class CascadeStageImpl : public DenoiseStageImpl {
+ public:
+  using DenoiseStageImpl::DenoiseStageImpl;
+  size_t held() const override { return DenoiseStageImpl::held() + passing_.size(); }
+  void cancel(uint64_t id) override {
+    passing_.erase(std::remove_if(passing_.begin(), passing_.end(), [id](const auto& p) { return p.first == id; }),
+                   passing_.end());
+    DenoiseStageImpl::cancel(id);
+  }
+
+ protected:
+  void pass(uint64_t id, at::Tensor image) { passing_.emplace_back(id, std::move(image)); }
+  // The passing images as finished events (taken), for the start of a step.
+  std::vector<StageEvent> take_passing() {
+    std::vector<StageEvent> out;
+    for (auto& [id, img] : passing_) out.push_back(StageEvent::finished(id, {img}));
+    passing_.clear();
+    return out;
+  }
+
+ private:
+  std::vector<std::pair<uint64_t, at::Tensor>> passing_;
+};
+
 const SdModel& stage2_of(const SdModel& m) {
   DP_CHECK(m.stage2 && m.stage2->unet, "superres stage: ", m.dir, " has no DeepFloyd IF stage II (super_resolution/) ",
            "loaded");
@@ -196,13 +222,13 @@ const SdModel& stage2_of(const SdModel& m) {
 
 // DeepFloyd IF stage II: [stage-I pixels, text embeddings (cond, uncond)] -> pixels enlarged by the stage-II model
 // (its own DDPM loop, step-level batched like the denoiser; make_if_sr_state).
-class SuperResStageImpl : public DenoiseStageImpl {
+class SuperResStageImpl : public CascadeStageImpl {
  public:
-  SuperResStageImpl(const SdModel& m, const StageConfig& c) : DenoiseStageImpl(stage2_of(m), c), stage1_(m) {}
+  SuperResStageImpl(const SdModel& m, const StageConfig& c) : CascadeStageImpl(stage2_of(m), c), stage1_(m) {}
 
   void add(StageRequest r, double now) override {
     if (r.inputs.size() == 1) {  // a preview of stage I (the denoised estimate alone): shown as it is, in 8 bits
-      previews_.emplace_back(r.id, DecodeStage(stage1_).run_uint8({r.inputs[0].to(at::kFloat)})[0].contiguous());
+      pass(r.id, DecodeStage(stage1_).run_uint8({r.inputs[0].to(at::kFloat)})[0].contiguous());
       return;
     }
     DP_CHECK(r.inputs.size() >= 2, "superres: needs the stage-I image and its text embeddings, got ", r.inputs.size(),
@@ -222,23 +248,14 @@ class SuperResStageImpl : public DenoiseStageImpl {
   }
 
   std::vector<StageEvent> step(double now) override {
-    std::vector<StageEvent> out;
-    for (auto& [id, img] : previews_) out.push_back(StageEvent::finished(id, {img}));
-    previews_.clear();
+    std::vector<StageEvent> out = take_passing();
     if (DenoiseStageImpl::held() == 0) return out;
     for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
     return out;
   }
-  size_t held() const override { return DenoiseStageImpl::held() + previews_.size(); }
-  void cancel(uint64_t id) override {
-    previews_.erase(std::remove_if(previews_.begin(), previews_.end(), [id](const auto& p) { return p.first == id; }),
-                    previews_.end());
-    DenoiseStageImpl::cancel(id);
-  }
 
  private:
   const SdModel& stage1_;
-  std::vector<std::pair<uint64_t, at::Tensor>> previews_;  // stage-I previews passing through, as 8-bit images
 };
 
 const SdModel& stage3_of(const SdModel& m) {
@@ -250,16 +267,13 @@ const SdModel& stage3_of(const SdModel& m) {
 // DeepFloyd IF stage III: 8-bit stage-II images -> 8-bit images 4x larger, by the SD x4 upscaler in upscaler/ (its
 // text encoder on the request's prompt, its own DDIM loop step-level batched like the denoiser, its VAE on the
 // requests that finish an iteration together). Partial images (previews) pass through as they are.
-class X4StageImpl : public DenoiseStageImpl {
+class X4StageImpl : public CascadeStageImpl {
  public:
-  X4StageImpl(const SdModel& m, const StageConfig& c) : DenoiseStageImpl(stage3_of(m), c), enc_(model_), dec_(model_) {}
+  X4StageImpl(const SdModel& m, const StageConfig& c) : CascadeStageImpl(stage3_of(m), c), enc_(model_), dec_(model_) {}
 
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "x4: no image received");
-    if (preview_number(r.id) > 0) {
-      passing_.emplace_back(r.id, r.inputs[0]);
-      return;
-    }
+    if (preview_number(r.id) > 0) return pass(r.id, r.inputs[0]);
     const GenerationParams& p = r.params;
     GenerationParams q = p;  // its own CLIP text encoder (not stage I's T5), its own guidance
     q.guidance = p.x4_guidance;
@@ -271,13 +285,10 @@ class X4StageImpl : public DenoiseStageImpl {
   }
 
   std::vector<StageEvent> step(double now) override {
-    std::vector<StageEvent> out;
-    for (auto& [id, img] : passing_) out.push_back(StageEvent::finished(id, {img}));
-    passing_.clear();
+    std::vector<StageEvent> out = take_passing();
     if (DenoiseStageImpl::held() == 0) return out;
     std::vector<StageEvent> events = DenoiseStageImpl::step(now);
-    std::vector<size_t> done;  // the finished latents, decoded in one VAE call per size
-    std::map<std::vector<int64_t>, std::vector<size_t>> by_shape;
+    std::map<std::vector<int64_t>, std::vector<size_t>> by_shape;  // finished latents: one VAE call per size
     for (size_t i = 0; i < events.size(); ++i)
       if (events[i].kind == StageEvent::Kind::Finished) by_shape[events[i].outputs[0].sizes().vec()].push_back(i);
     for (auto& [shape, idx] : by_shape) {
@@ -294,17 +305,10 @@ class X4StageImpl : public DenoiseStageImpl {
     for (auto& ev : events) out.push_back(std::move(ev));
     return out;
   }
-  size_t held() const override { return DenoiseStageImpl::held() + passing_.size(); }
-  void cancel(uint64_t id) override {
-    passing_.erase(std::remove_if(passing_.begin(), passing_.end(), [id](const auto& p) { return p.first == id; }),
-                   passing_.end());
-    DenoiseStageImpl::cancel(id);
-  }
 
  private:
   TextEncodeStage enc_;
   DecodeStage dec_;
-  std::vector<std::pair<uint64_t, at::Tensor>> passing_;  // previews of earlier stages, passed on as they are
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch

@@ -32,10 +32,10 @@ at::Tensor upscaler_input(const GenerationParams& p) {
   return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
 }
 
-// The x4 upscaler's conditioning on `s`: the image [3, h, w] in [-1, 1] noised to `level` by the folder's
-// low_res_scheduler (DDPMScheduler.add_noise) with `image_noise` or the seed's `stream`, and the level as both rows'
-// class label.
-void attach_upscaler_image(const SdModel& m, DenoiseState& s, const at::Tensor& x, int level, uint64_t stream,
+// A cascade stage's conditioning image on `s` (IF stage II's enlarged stage-I image, the x4 upscaler's input): the
+// image [3, h, w] in [-1, 1] noised to `level` by the model's image-noising schedule (DDPMScheduler.add_noise) with
+// `image_noise` or the seed's `stream`, joined to the sample at every step; the level is both rows' class label.
+void attach_noised_image(const SdModel& m, DenoiseState& s, const at::Tensor& x, int level, uint64_t stream,
                            const at::Tensor& image_noise) {
   const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(x.sizes())
                                              : seeded_noise(s.seed, stream, x.sizes());
@@ -253,7 +253,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
-    attach_upscaler_image(model, s, upscaler_input(p), p.noise_level, kSrImageNoiseStream, image_noise);
+    attach_noised_image(model, s, upscaler_input(p), p.noise_level, kSrImageNoiseStream, image_noise);
   const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0), f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
@@ -265,6 +265,30 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   return s;
 }
 
+namespace {
+// A cascade stage's state (IF stage II, stage III): its id, seed, guidance and the text embeddings it conditions on.
+DenoiseState cascade_state(uint64_t id, uint64_t seed, double guidance, const Embeddings& emb, const char* what) {
+  DenoiseState s;
+  s.id = id;
+  s.seed = seed;
+  s.guidance = guidance;
+  s.cond = emb.cond;
+  s.uncond = emb.uncond;
+  DP_CHECK(s.cond.defined() && (guidance <= 1 || s.uncond.defined()), what, ": text embeddings needed");
+  return s;
+}
+
+// Initial latents of `shape` [C, H, W]: `initial_noise`, or the seed's `stream`, times the sampler's initial sigma.
+void init_latents(const SdModel& m, DenoiseState& s, const std::vector<int64_t>& shape, uint64_t stream,
+                  const at::Tensor& initial_noise, const char* what) {
+  const at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
+                                                   : seeded_noise(s.seed, stream, shape);
+  DP_CHECK(noise.sizes().vec() == shape, what, ": initial noise must be ", shape_str(shape), ", got ",
+           shape_str(noise.sizes()));
+  s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
+}
+}  // namespace
+
 DenoiseState make_if_sr_state(const SdModel& m, const IfSuperResSettings& st, const at::Tensor& image,
                               const Embeddings& emb, uint64_t seed, uint64_t id, const at::Tensor& initial_noise,
                               const at::Tensor& image_noise) {
@@ -275,26 +299,11 @@ DenoiseState make_if_sr_state(const SdModel& m, const IfSuperResSettings& st, co
   const int64_t C = image.size(0);
   const int64_t H = st.height > 0 ? st.height : m.unet_config.sample_size;
   const int64_t W = st.width > 0 ? st.width : m.unet_config.sample_size;
-  DenoiseState s;
-  s.id = id;
-  s.seed = seed;
-  s.guidance = st.guidance;
-  s.cond = emb.cond;
-  s.uncond = emb.uncond;
-  DP_CHECK(s.cond.defined() && (st.guidance <= 1 || s.uncond.defined()), "super-resolution: text embeddings needed");
-  // the level as the UNet's class label, the same for both guidance rows
-  s.class_labels = s.uncond_class_labels = at::full({1}, static_cast<float>(st.noise_level), at::kFloat);
+  DenoiseState s = cascade_state(id, seed, st.guidance, emb, "super-resolution");
   const at::Tensor up = at::upsample_bilinear2d(image.to(at::kCPU, at::kFloat).unsqueeze(0), {H, W}, /*align_corners=*/true);
-  const at::Tensor z = image_noise.defined() ? image_noise.to(at::kCPU, at::kFloat).reshape(up.sizes())
-                                             : seeded_noise(seed, kSrImageNoiseStream, up.sizes());
-  const float a = alphas_cumprod(m.image_noising)[st.noise_level].item<float>();  // DDPMScheduler.add_noise
-  s.concat = (std::sqrt(a) * up + std::sqrt(1.0f - a) * z).squeeze(0).to(m.spec.device);
+  attach_noised_image(m, s, up.squeeze(0), st.noise_level, kSrImageNoiseStream, image_noise);
   s.sampler = Sampler::create(SamplerKind::DDPM, m.scheduler, st.steps);
-  const at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
-                                                   : seeded_noise(seed, kSrInitialStream, {C, H, W});
-  DP_CHECK(noise.dim() == 3 && noise.size(0) == C && noise.size(1) == H && noise.size(2) == W,
-           "super-resolution: initial noise must be [", C, ", ", H, ", ", W, "]");
-  s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
+  init_latents(m, s, {C, H, W}, kSrInitialStream, initial_noise, "super-resolution");
   return s;
 }
 
@@ -319,21 +328,11 @@ DenoiseState make_x4_state(const SdModel& m, const UpscaleSettings& st, const at
   const int64_t down = m.size_multiple() / m.latent_factor();  // the UNet's downsampling
   DP_CHECK(image.size(1) % down == 0 && image.size(2) % down == 0, "x4 upscaler: the image's sides (",
            image.size(2), "x", image.size(1), ") must be multiples of ", down, " (the upscaler UNet's downsampling)");
-  DenoiseState s;
-  s.id = id;
-  s.seed = seed;
-  s.guidance = st.guidance;
-  s.cond = emb.cond;
-  s.uncond = emb.uncond;
-  DP_CHECK(s.cond.defined() && (st.guidance <= 1 || s.uncond.defined()), "x4 upscaler: text embeddings needed");
-  attach_upscaler_image(m, s, image.to(at::kCPU, at::kFloat), st.noise_level, kX4ImageNoiseStream, image_noise);
+  DenoiseState s = cascade_state(id, seed, st.guidance, emb, "x4 upscaler");
+  attach_noised_image(m, s, image.to(at::kCPU, at::kFloat), st.noise_level, kX4ImageNoiseStream, image_noise);
   s.sampler = Sampler::create(sampler_kind_of_class(m.scheduler.class_name), m.scheduler, st.steps);
-  const int64_t C = m.unet_config.in_channels - 3, H = image.size(1), W = image.size(2);
-  const at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
-                                                   : seeded_noise(seed, kX4InitialStream, {C, H, W});
-  DP_CHECK(noise.dim() == 3 && noise.size(0) == C && noise.size(1) == H && noise.size(2) == W,
-           "x4 upscaler: initial noise must be [", C, ", ", H, ", ", W, "]");
-  s.latents = (noise * s.sampler->init_noise_sigma()).to(m.spec.device);
+  init_latents(m, s, {m.unet_config.in_channels - 3, image.size(1), image.size(2)}, kX4InitialStream, initial_noise,
+               "x4 upscaler");
   return s;
 }
 
