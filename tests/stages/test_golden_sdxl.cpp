@@ -9,6 +9,7 @@
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/tokenizer.h"
 #include "diffpipe/stages/unet.h"
+#include "denoise_util.h"
 #include "device_util.h"
 #include "test_util.h"
 
@@ -108,12 +109,7 @@ TEST(GoldenSdxl, WholePipelineEveryRun) {
     std::vector<DenoiseState> ds;
     for (size_t i = 0; i < params.size(); ++i)
       ds.push_back(make_denoise_state(model, params[i], embs[i], i, noise[static_cast<int64_t>(i)]));
-    const DenoiseStage den(model);
-    std::vector<DenoiseState*> batch;
-    for (auto& s : ds) batch.push_back(&s);
-    while (!ds[0].done()) den.step(batch);
-    std::vector<at::Tensor> lat;
-    for (auto& s : ds) lat.push_back(s.latents);
+    const std::vector<at::Tensor> lat = test::denoise_to_end(model, ds);
     const double e = rel_err(at::stack(lat), g.at("pipeline." + name + ".final_latents"));
     const at::Tensor img = DecodeStage(model).run_uint8(lat);
     const at::Tensor d = (img.to(at::kInt) - g.at("pipeline." + name + ".image_uint8").to(at::kInt)).abs();

@@ -9,6 +9,7 @@
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/unet.h"
+#include "denoise_util.h"
 #include "device_util.h"
 #include "test_util.h"
 
@@ -177,12 +178,7 @@ TEST(GoldenIf, WholeStageOnePipeline) {
       };
     }
     ASSERT_EQ(ds[0].sampler->kind(), SamplerKind::DDPM);
-    const DenoiseStage den(model);
-    std::vector<DenoiseState*> batch;
-    for (auto& s : ds) batch.push_back(&s);
-    while (!ds[0].done()) den.step(batch);
-    std::vector<at::Tensor> px;
-    for (auto& s : ds) px.push_back(s.latents);
+    const std::vector<at::Tensor> px = test::denoise_to_end(model, ds);
     const double e = rel_err(at::stack(px), g.at("pipeline." + n + ".final_images"));
     const at::Tensor img = DecodeStage(model).run_uint8(px);
     const at::Tensor d = (img.to(at::kInt) - g.at("pipeline." + n + ".image_uint8").to(at::kInt)).abs();
@@ -236,13 +232,7 @@ TEST(GoldenIf, StageTwoSuperResolution) {
       return g.at("pipeline.sr.draws." + std::to_string(step + 2))[row].reshape(like.sizes()).to(like.device());
     };
   }
-  const DenoiseStage den(*model.stage2);
-  std::vector<DenoiseState*> batch;
-  for (auto& s : ds) batch.push_back(&s);
-  while (!ds[0].done()) den.step(batch);
-  std::vector<at::Tensor> px;
-  for (auto& s : ds) px.push_back(s.latents);
-  const at::Tensor out = at::stack(px);
+  const at::Tensor out = at::stack(test::denoise_to_end(*model.stage2, ds));
   ASSERT_EQ(out.sizes(), g.at("pipeline.sr.final_images").sizes());
   const double e = rel_err(out, g.at("pipeline.sr.final_images"));
   std::printf("[golden-if] stage II (super-resolution 16 -> 32 px): final images %.2e\n", e);

@@ -17,6 +17,7 @@
 #include "diffpipe/stages/model_stages.h"
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/unet.h"
+#include "denoise_util.h"
 #include "device_util.h"
 #include "test_util.h"
 
@@ -68,13 +69,7 @@ TEST(GoldenUpscale, UNetLayoutWithNoiseLevelClasses) {
 // The 8-bit images of a run's denoising states, decoded, against the reference's [B, 3, H, W] in [0, 1]: true when
 // (float32) at least 99 % of the 8-bit values are within +-1, (16-bit) the images within 10 % (printed with `what`).
 bool matches_reference(const SdModel& model, std::vector<DenoiseState>& ds, const at::Tensor& ref, const std::string& what) {
-  const DenoiseStage den(model);
-  std::vector<DenoiseState*> batch;
-  for (auto& s : ds) batch.push_back(&s);
-  while (!ds[0].done()) den.step(batch);
-  std::vector<at::Tensor> lat;
-  for (auto& s : ds) lat.push_back(s.latents);
-  const at::Tensor mine = DecodeStage(model).run_uint8(lat).to(at::kCPU);  // [B, H, W, 3]
+  const at::Tensor mine = DecodeStage(model).run_uint8(test::denoise_to_end(model, ds)).to(at::kCPU);  // [B, H, W, 3]
   const at::Tensor r = ref.permute({0, 2, 3, 1}).contiguous();
   EXPECT_EQ(mine.sizes(), r.sizes()) << what;
   if (mine.sizes() != r.sizes()) return false;
