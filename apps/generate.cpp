@@ -385,7 +385,7 @@ int generate_main(int argc, char** argv) {
         if (!checked.insert(params_to_json(p).dump()).second) continue;
         try {
           (void)resolve_params(configs, requests[i]);
-          if (!requests[i].image_prompt.empty()) (void)read_png(requests[i].image_prompt);  // names the file
+          if (!requests[i].image_prompt.empty()) (void)read_image_ref(requests[i].image_prompt);  // names the file
         } catch (const std::exception& e) {
           DP_FAIL("generate: ", jsonl_input ? origin_of(jobs, i) + ": " : std::string(), e.what());
         }

@@ -97,7 +97,9 @@ int serve_main(int argc, char** argv) {
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);
     defaults.sampler = a.str("sampler");
-    (void)resolve_params(model, defaults);
+    // the x4 upscaler: each request brings its image ("image"), so the defaults alone cannot be resolved
+    if (model.upscaler) defaults.noise_level = 20;  // diffusers' default
+    else (void)resolve_params(model, defaults);
   });
 
   std::unique_ptr<ImageServer> server;

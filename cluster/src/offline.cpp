@@ -171,12 +171,12 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
      << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
   if (prior && !p.image_prompt.empty())
-    os << ", Image prompt: " << p.image_prompt << ", Noise level: " << p.noise_level;
+    os << ", Image prompt: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
-    os << ", Image: " << p.image_prompt << ", Noise level: " << p.noise_level;
+    os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);

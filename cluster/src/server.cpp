@@ -27,24 +27,6 @@ namespace http = beast::http;
 using tcp = net::ip::tcp;
 using json = nlohmann::json;
 
-std::string base64(const std::vector<uint8_t>& in) {
-  static const char* t = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 2 < in.size(); i += 3) {
-    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
-    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], t[v & 63]};
-  }
-  if (i + 1 == in.size()) {
-    const uint32_t v = in[i] << 16;
-    out += {t[v >> 18], t[(v >> 12) & 63], '=', '='};
-  } else if (i + 2 == in.size()) {
-    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
-    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], '='};
-  }
-  return out;
-}
 
 json error_body(const std::string& message, const std::string& type, const json& param, const std::string& code) {
   return {{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", code}}}};
@@ -265,7 +247,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     if (!j.is_object()) throw BadRequest{"the body must be a JSON object", ""};
     static const std::set<std::string> used{"prompt", "n", "size", "response_format", "output_format", "user", "model",
                                             "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
-                                            "sampler", "width", "height", "stream", "partial_images"};
+                                            "sampler", "width", "height", "stream", "partial_images", "image"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -307,6 +289,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       p.guidance = j["guidance_scale"].get<double>();
     }
     p.sampler = str("sampler").value_or(p.sampler);
+    // an input image (the x4 upscaler's, Stable unCLIP's image variations): a PNG as a data URI or bare base64; it
+    // travels inline with the request (never a path on the server)
+    if (const auto img = str("image"); img && !img->empty())
+      p.image_prompt = is_data_uri(*img) ? *img : "data:image/png;base64," + *img;
     std::string size_param;
     if (const auto size = str("size"); size && *size != "auto") {
       int w = 0, h = 0;
@@ -336,7 +322,9 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       const std::string msg = e.what();
       const std::string field = msg.substr(0, msg.find(':'));
       std::string param = field == "width" || field == "height" || field == "width/height" ? (size_param.empty() ? "size" : size_param)
-                          : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale" : field;
+                          : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale"
+                          : field == "image_prompt" || field == "an inline image" || field.rfind("an inline image must", 0) == 0
+                              ? "image" : field;
       throw BadRequest{msg, param};
     }
     *tokens = impl.o.count_tokens ? impl.o.count_tokens(p.prompt) : 0;
@@ -401,7 +389,7 @@ void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
   if (job->stream) {  // the last event: the image, or the error
     std::string ev;
     if (status == 200) {
-      const json d = {{"type", "image_generation.completed"}, {"b64_json", base64(encode_png(job->results[0]->image))},
+      const json d = {{"type", "image_generation.completed"}, {"b64_json", base64_encode(encode_png(job->results[0]->image))},
                       {"created_at", static_cast<int64_t>(std::time(nullptr))}, {"size", job->size},
                       {"quality", "auto"}, {"background", "opaque"}, {"output_format", "png"}, {"usage", usage}};
       ev = "event: image_generation.completed\ndata: " + d.dump() + "\n\n";
@@ -418,7 +406,7 @@ void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
   }
   if (status == 200) {
     json data = json::array();
-    for (const auto& r : job->results) data.push_back({{"b64_json", base64(encode_png(r->image))}});
+    for (const auto& r : job->results) data.push_back({{"b64_json", base64_encode(encode_png(r->image))}});
     body = {{"created", static_cast<int64_t>(std::time(nullptr))}, {"data", data},
             {"usage", {{"input_tokens", job->prompt_tokens}, {"output_tokens", 0}, {"total_tokens", job->prompt_tokens},
                        {"input_tokens_details", {{"text_tokens", job->prompt_tokens}, {"image_tokens", 0}}}}}};
@@ -564,7 +552,7 @@ void ImageServer::preview(uint64_t id, int index, Image&& image) {
   if (it == I.waiting.end()) return;
   auto job = it->second.first;
   if (!job->stream || job->answered) return;
-  const json d = {{"type", "image_generation.partial_image"}, {"b64_json", base64(encode_png(image))},
+  const json d = {{"type", "image_generation.partial_image"}, {"b64_json", base64_encode(encode_png(image))},
                   {"created_at", static_cast<int64_t>(std::time(nullptr))}, {"size", job->size}, {"quality", "auto"},
                   {"background", "opaque"}, {"output_format", "png"}, {"partial_image_index", index - 1}};
   std::string ev = "event: image_generation.partial_image\ndata: " + d.dump() + "\n\n";

@@ -2,6 +2,7 @@
 
 #include <png.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -92,6 +93,128 @@ PngText read_png_text(const std::string& path) {
   return out;
 }
 
+namespace {
+// libpng reports through these instead of printing to stderr: the reason joins the thrown error.
+void png_fail(png_structp png, png_const_charp msg) {
+  if (auto* why = static_cast<std::string*>(png_get_error_ptr(png))) *why = msg ? msg : "";
+  png_longjmp(png, 1);
+}
+void png_ignore_warning(png_structp, png_const_charp) {}
+
+struct MemoryReader {
+  const uint8_t* data;
+  size_t n, at;
+};
+void read_bytes(png_structp png, png_bytep out, png_size_t n) {
+  auto* r = static_cast<MemoryReader*>(png_get_io_ptr(png));
+  if (n > r->n - r->at) png_error(png, "truncated");
+  std::memcpy(out, r->data + r->at, n);
+  r->at += n;
+}
+}  // namespace
+
+Image decode_png(const uint8_t* data, size_t n, const std::string& origin) {
+  DP_CHECK(n >= 8 && png_sig_cmp(data, 0, 8) == 0, origin, ": not a PNG image");
+  std::string why;
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &why, png_fail, png_ignore_warning);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  MemoryReader reader{data, n, 8};
+  Image img;
+  if (!png || !info || setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    DP_FAIL(origin, ": corrupt PNG", why.empty() ? "" : " (" + why + ")");
+  }
+  png_set_read_fn(png, &reader, read_bytes);
+  png_set_sig_bytes(png, 8);
+  png_read_info(png, info);
+  png_set_strip_16(png);
+  png_set_palette_to_rgb(png);
+  png_set_expand_gray_1_2_4_to_8(png);
+  png_set_gray_to_rgb(png);
+  png_set_strip_alpha(png);
+  png_read_update_info(png, info);
+  img.width = static_cast<int>(png_get_image_width(png, info));
+  img.height = static_cast<int>(png_get_image_height(png, info));
+  img.channels = 3;
+  img.pixels.resize(static_cast<size_t>(img.width) * img.height * 3);
+  for (int y = 0; y < img.height; ++y) png_read_row(png, img.pixels.data() + static_cast<size_t>(y) * img.width * 3, nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
+  return img;
+}
+
+namespace {
+constexpr const char* kDataUriPng = "data:image/png;base64,";
+}
+
+bool is_data_uri(const std::string& ref) { return ref.rfind("data:", 0) == 0; }
+
+std::string describe_image_ref(const std::string& ref) {
+  if (!is_data_uri(ref)) return ref;
+  return "inline PNG (" + std::to_string(ref.size()) + " characters)";
+}
+
+Image read_image_ref(const std::string& ref) {
+  if (!is_data_uri(ref)) return read_png(ref);
+  const size_t comma = ref.find(',');
+  DP_CHECK(ref.rfind(kDataUriPng, 0) == 0, "an inline image must be a data URI \"", kDataUriPng, "...\", got \"",
+           ref.substr(0, std::min<size_t>(comma == std::string::npos ? 40 : comma + 1, 40)), "\"");
+  std::vector<uint8_t> bytes;
+  try {
+    bytes = base64_decode(ref.substr(std::strlen(kDataUriPng)));
+  } catch (const std::exception& e) {
+    DP_FAIL("an inline image: ", e.what());
+  }
+  return decode_png(bytes.data(), bytes.size(), "an inline image");
+}
+
+std::string base64_encode(const std::vector<uint8_t>& in) {
+  static const char* t = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8) | in[i + 2];
+    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], t[v & 63]};
+  }
+  if (i + 1 == in.size()) {
+    const uint32_t v = in[i] << 16;
+    out += {t[v >> 18], t[(v >> 12) & 63], '=', '='};
+  } else if (i + 2 == in.size()) {
+    const uint32_t v = (in[i] << 16) | (in[i + 1] << 8);
+    out += {t[v >> 18], t[(v >> 12) & 63], t[(v >> 6) & 63], '='};
+  }
+  return out;
+}
+
+std::vector<uint8_t> base64_decode(const std::string& in) {
+  std::vector<uint8_t> out;
+  out.reserve(in.size() / 4 * 3);
+  uint32_t acc = 0;
+  int bits = 0;
+  size_t pad = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    const char c = in[i];
+    int v;
+    if (c >= 'A' && c <= 'Z') v = c - 'A';
+    else if (c >= 'a' && c <= 'z') v = c - 'a' + 26;
+    else if (c >= '0' && c <= '9') v = c - '0' + 52;
+    else if (c == '+') v = 62;
+    else if (c == '/') v = 63;
+    else if (c == '=') { ++pad; continue; }
+    else if (c == ' ' || c == '\n' || c == '\r' || c == '\t') continue;
+    else DP_FAIL("invalid base64 character '", std::string(1, c), "' at offset ", i);
+    DP_CHECK(pad == 0, "invalid base64: data after '=' padding at offset ", i);
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<uint8_t>((acc >> bits) & 0xFF));
+    }
+  }
+  DP_CHECK(bits < 6 && pad <= 2, "invalid base64: truncated");
+  return out;
+}
+
 Image read_png(const std::string& path) {
   FILE* fp = std::fopen(path.c_str(), "rb");
   DP_CHECK(fp, path, ": cannot open: ", std::strerror(errno));
@@ -100,13 +223,14 @@ Image read_png(const std::string& path) {
     std::fclose(fp);
     DP_FAIL(path, ": not a PNG file");
   }
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  std::string why;
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &why, png_fail, png_ignore_warning);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
   Image img;
   if (!png || !info || setjmp(png_jmpbuf(png))) {
     png_destroy_read_struct(&png, &info, nullptr);
     std::fclose(fp);
-    DP_FAIL(path, ": corrupt PNG");
+    DP_FAIL(path, ": corrupt PNG", why.empty() ? "" : " (" + why + ")");
   }
   png_init_io(png, fp);
   png_set_sig_bytes(png, 8);

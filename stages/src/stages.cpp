@@ -28,7 +28,7 @@ std::pair<int, int> requested_size(const SdModel& model, const GenerationParams&
 at::Tensor upscaler_input(const GenerationParams& p) {
   DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
            "(--image FILE, or \"image_prompt\" in a JSONL line)");
-  const Image img = read_png(p.image_prompt);
+  const Image img = read_image_ref(p.image_prompt);
   return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
 }
 

@@ -143,7 +143,7 @@ PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
   if (!p.image_prompt.empty()) {  // image variations: the image encoder's embedding replaces the prior's
     DP_CHECK(parts_.image_encoder, "image_prompt: this folder has no image_encoder/ (image variations need a ",
              "StableUnCLIPImg2ImgPipeline folder)");
-    s.pixel_values = preprocess_clip_image(parts_.image_processor, read_png(p.image_prompt));
+    s.pixel_values = preprocess_clip_image(parts_.image_processor, read_image_ref(p.image_prompt));
     return s;
   }
   s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);

@@ -58,6 +58,62 @@ refused size "the x4 upscaler makes 64x64" --image "$GOLD/low_0.png" --width 32 
 refused both "give --image or --image-prompt, not both" --image "$GOLD/low_0.png" --image-prompt "$GOLD/low_1.png"
 refused missing "$WORK/none.png" --image "$WORK/none.png"
 
+# inline images (data URIs): a JSONL line carrying the PNG itself gives the file's image, on 3 ranks too
+python3 - "$GOLD/low_0.png" "$WORK/inline.jsonl" <<'PY'
+import base64, json, sys
+uri = "data:image/png;base64," + base64.b64encode(open(sys.argv[1], "rb").read()).decode()
+open(sys.argv[2], "w").write(json.dumps({"prompt": "a red circle", "image_prompt": uri, "seed": 5}) + "\n")
+PY
+timeout 120 $MPIRUN -np 3 "$BIN" generate --model "$MODEL" --prompts "$WORK/inline.jsonl" --steps 4 --threads 1 --quiet \
+  --out "$WORK/inline" 2> "$WORK/inline.log" || bad "inline image run failed: $(tail -1 "$WORK/inline.log")"
+same_pixels "$WORK/a/img-00000-seed5.png" "$WORK/inline/img-00000-seed5.png" \
+  && ok "an inline PNG (data URI) gives the file's image on 3 ranks" || bad "inline image differs from the file's"
+grep -aq "Image: inline PNG" "$WORK/inline/img-00000-seed5.png" && ok "the PNG records an inline input briefly" \
+  || bad "PNG parameters lack the inline note"
+
+# over HTTP: the images API takes the input as "image" (base64 PNG or data URI), never as a path on the server
+"$BIN" serve --model "$MODEL" --port 0 --steps 4 > "$WORK/serve.log" 2>&1 &
+SPID=$!; URL=""
+for i in $(seq 1 300); do
+  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
+  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
+  sleep 0.1
+done
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$GOLD/low_0.png" "$WORK/a/img-00000-seed5.png" <<'PY' && ok "serve: upscaled over HTTP (the CLI's image; missing, path and corrupt images are 400s naming 'image')" || bad "serve: upscaler over HTTP"
+import base64, json, sys, urllib.request, urllib.error, zlib, struct
+url, low, cli = sys.argv[1:4]
+b64 = base64.b64encode(open(low, "rb").read()).decode()
+def post(body):
+    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+def pixels(png):
+    i, idat = 8, b""
+    while i < len(png):
+        n, t = struct.unpack(">I4s", png[i:i + 8]); i += 8
+        if t == b"IDAT": idat += png[i:i + n]
+        i += n + 4
+    return struct.unpack(">II", png[16:24]), zlib.decompress(idat)
+st, r = post({"prompt": "a red circle", "image": b64, "seed": 5})
+assert st == 200, (st, r)
+size, px = pixels(base64.b64decode(r["data"][0]["b64_json"]))
+assert size == (64, 64), size
+assert px == pixels(open(cli, "rb").read())[1], "HTTP image differs from the CLI's"
+st, r = post({"prompt": "a red circle", "image": "data:image/png;base64," + b64, "seed": 5})
+assert st == 200, (st, r)
+for body, want in [({"prompt": "x"}, "image_prompt: the x4 upscaler needs"),
+                   ({"prompt": "x", "image": low}, "invalid base64"),
+                   ({"prompt": "x", "image": base64.b64encode(b"not a png").decode()}, "not a PNG")]:
+    st, r = post(body)
+    assert st == 400 and r["error"]["param"] == "image" and want in r["error"]["message"], (body.keys(), st, r)
+PY
+else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
+kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+
 # DeepFloyd IF stage III: an IF folder with upscaler/ (this folder) runs x4 after decode, in one pipeline
 IFGOLD=${DIFFPIPE_GOLDEN_IF:-$(dirname "$0")/../../../shared/golden/tiny-if}
 if [ -d "$IFGOLD/model" ]; then

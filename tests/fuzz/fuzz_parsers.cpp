@@ -22,6 +22,7 @@
 
 #include "diffpipe/cluster/placement.h"
 #include "diffpipe/cluster/wire.h"
+#include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/message.h"
 #include "diffpipe/runtime/safetensors.h"
@@ -217,6 +218,18 @@ std::vector<Target> targets(const std::string& work) {
                  write_file(work + "/prompts.txt", s);
                  (void)read_prompts(work + "/prompts.txt");
                }});
+  {  // a PNG in memory (what an HTTP client's "image" becomes) and the same PNG as a data URI
+    Image im;
+    im.width = 5;
+    im.height = 3;
+    for (int i = 0; i < 5 * 3 * 3; ++i) im.pixels.push_back(static_cast<uint8_t>(i * 17));
+    const std::vector<uint8_t> png = encode_png(im, {{"parameters", "a red circle"}});
+    t.push_back({"png-bytes", std::string(png.begin(), png.end()), [](const std::string& s) {
+                   (void)decode_png(reinterpret_cast<const uint8_t*>(s.data()), s.size(), "fuzz");
+                 }});
+    t.push_back({"image-data-uri", "data:image/png;base64," + base64_encode(png),
+                 [](const std::string& s) { (void)read_image_ref(s); }});
+  }
   {
     wire::Work w;
     w.request = 3;

@@ -22,6 +22,19 @@ void write_png(const std::string& path, const Image& img, const PngText& text = 
 void write_file_atomic(const std::string& path, const void* data, size_t n);
 PngText read_png_text(const std::string& path);
 Image read_png(const std::string& path);                    // 8-bit gray/RGB/RGBA -> RGB; throws naming the file
+// A PNG held in memory; errors name `origin`.
+Image decode_png(const uint8_t* data, size_t n, const std::string& origin);
+// An image a request names: a PNG file's path, or the PNG itself inline as a data URI
+// ("data:image/png;base64,...": what HTTP clients send, and what travels to any node without a shared file system).
+// Throws naming the path (or "an inline image" and what is wrong with it).
+Image read_image_ref(const std::string& ref);
+bool is_data_uri(const std::string& ref);
+// What messages and PNG metadata show for such a reference: the path, or "inline PNG (N bytes)".
+std::string describe_image_ref(const std::string& ref);
+
+std::string base64_encode(const std::vector<uint8_t>& in);
+// Standard alphabet, '=' padding optional, whitespace skipped; throws on any other character.
+std::vector<uint8_t> base64_decode(const std::string& in);
 
 // Tiles images (all the same size) into a grid with `cols` columns and a `pad`-pixel border.
 Image contact_sheet(const std::vector<Image>& images, int cols, int pad = 2);
