@@ -49,6 +49,9 @@ struct ImageServer::Impl {
   std::vector<std::thread> threads;
   std::atomic<bool> stopping{false}, ready{false};
   std::atomic<uint64_t> next_id{1};
+  // Responses decided but not yet written (posted to a session, or its write in progress): the destructor lets
+  // them reach their clients before the io_context stops.
+  std::atomic<int> unwritten{0};
 
   struct Session;
   struct Job {  // one HTTP request: n images
@@ -87,6 +90,7 @@ struct ImageServer::Impl {
 // keep-alive. A client that disconnects while waiting has its images cancelled.
 struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
   Session(tcp::socket s, Impl& impl) : stream(std::move(s)), impl(impl) {}
+  ~Session() { answered(); }
   beast::tcp_stream stream;
   Impl& impl;
   net::steady_timer read_timer{stream.get_executor()};
@@ -95,6 +99,13 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::string_body>> parser;
   bool keep_alive = false;
   bool waiting_result = false;
+  bool owes_answer = false;  // a decided answer is being written: counted in impl.unwritten until written
+  void answered() {
+    if (owes_answer) {
+      owes_answer = false;
+      --impl.unwritten;
+    }
+  }
   std::shared_ptr<Job> job;
 
   // A client has read_timeout_s to send a whole request (our own timer: the stream's timeout would close the
@@ -351,12 +362,14 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     res->prepare_payload();
     stream.expires_after(std::chrono::seconds(30));
     http::async_write(stream, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
+      self->answered();
       if (ec || !res->keep_alive()) return self->close();
       self->read();
     });
   }
 
   void close() {
+    answered();  // written, or it never will be
     beast::error_code ec;
     stream.socket().shutdown(tcp::socket::shutdown_send, ec);
     stream.socket().close(ec);
@@ -397,9 +410,11 @@ void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
       ev = "event: error\ndata: " + body.dump() + "\n\n";
     }
     auto session = job->session;
+    ++unwritten;  // until the last event is written (pump, on closing)
     net::post(session->stream.get_executor(), [session, ev = std::move(ev)]() mutable {
       session->waiting_result = false;  // the disconnect watch ends with the connection (cancelling it here
       session->job.reset();             // would cancel the partial images still being written)
+      session->owes_answer = true;
       session->sse(std::move(ev), true);
     });
     return;
@@ -412,7 +427,9 @@ void ImageServer::Impl::answer(const std::shared_ptr<Job>& job) {
                        {"input_tokens_details", {{"text_tokens", job->prompt_tokens}, {"image_tokens", 0}}}}}};
   }
   auto session = job->session;
+  ++unwritten;  // until the response is written (send_text's completion)
   net::post(session->stream.get_executor(), [session, status, body = std::move(body), retry] {
+    session->owes_answer = true;
     session->waiting_result = false;
     session->job.reset();
     beast::error_code ec;
@@ -464,6 +481,10 @@ void ImageServer::Impl::accept() {
 ImageServer::ImageServer(ServerOptions o) : impl_(std::make_unique<Impl>()) { impl_->o = std::move(o); }
 
 ImageServer::~ImageServer() {
+  // the answers already decided reach their clients first (at most 10 s: a client that stopped reading loses its)
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (impl_->unwritten > 0 && !impl_->threads.empty() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   impl_->ioc.stop();
   for (auto& t : impl_->threads) t.join();
 }

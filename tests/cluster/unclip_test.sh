@@ -79,12 +79,19 @@ one --prompts "$WORK/badn.jsonl" --out "$WORK/badj" > /dev/null 2> "$WORK/badj.l
 # image variations (the StableUnCLIPImg2ImgPipeline reference folder, when present)
 I2I=${DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG:-$(dirname "$GOLD")/tiny-unclip-img2img}
 if [ -d "$I2I/model" ]; then
-  V=(generate --model "$I2I/model" --prompt "a photo of a cat" --image-prompt "$I2I/input.png" --images 3 --steps 8
-     --width 16 --height 16 --noise-level 100 --seed 2 --threads 1 --batch-invariant --quiet)
+  VB=(generate --model "$I2I/model" --prompt "a photo of a cat" --images 3 --steps 8
+      --width 16 --height 16 --noise-level 100 --seed 2 --threads 1 --batch-invariant --quiet)
+  V=("${VB[@]}" --image-prompt "$I2I/input.png")
   timeout 60 "$BIN" "${V[@]}" --out "$WORK/v1" 2> "$WORK/v1.log" || bad "image variations, 1 rank: $(tail -1 "$WORK/v1.log")"
   timeout 120 $MPIRUN -np 4 "$BIN" "${V[@]}" --out "$WORK/v4" 2> "$WORK/v4.log" || bad "image variations, 4 ranks failed"
   same_pngs "$WORK/v1" "$WORK/v4" && ok "image variations: 3 images, the same PNG bytes on 1 and 4 ranks" \
     || bad "image variations differ between 1 and 4 ranks"
+  URI="data:image/png;base64,$(base64 -w0 "$I2I/input.png")"  # the image inline: no shared file needed
+  timeout 120 $MPIRUN -np 4 "$BIN" "${VB[@]}" --image-prompt "$URI" --out "$WORK/vuri" 2> "$WORK/vuri.log" \
+    || bad "inline image prompt failed: $(tail -1 "$WORK/vuri.log")"
+  same_pixels "$WORK/v1/img-00000-seed2.png" "$WORK/vuri/img-00000-seed2.png" \
+    && ok "image variations: an inline (data URI) image prompt gives the file's image on 4 ranks" \
+    || bad "inline image prompt differs from the file's"
   timeout 60 "$BIN" generate --model "$I2I/model" --prompt x --steps 2 --width 16 --height 16 --out "$WORK/v-none" \
     > /dev/null 2> "$WORK/v-none.log" && bad "a variations-only folder without --image-prompt accepted" \
     || { grep -q "give an image prompt" "$WORK/v-none.log" && ok "variations-only folder: no image prompt refused" \
