@@ -218,37 +218,13 @@ std::vector<uint8_t> base64_decode(const std::string& in) {
 Image read_png(const std::string& path) {
   FILE* fp = std::fopen(path.c_str(), "rb");
   DP_CHECK(fp, path, ": cannot open: ", std::strerror(errno));
-  png_byte sig[8];
-  if (std::fread(sig, 1, 8, fp) != 8 || png_sig_cmp(sig, 0, 8) != 0) {
-    std::fclose(fp);
-    DP_FAIL(path, ": not a PNG file");
-  }
-  std::string why;
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &why, png_fail, png_ignore_warning);
-  png_infop info = png ? png_create_info_struct(png) : nullptr;
-  Image img;
-  if (!png || !info || setjmp(png_jmpbuf(png))) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    std::fclose(fp);
-    DP_FAIL(path, ": corrupt PNG", why.empty() ? "" : " (" + why + ")");
-  }
-  png_init_io(png, fp);
-  png_set_sig_bytes(png, 8);
-  png_read_info(png, info);
-  png_set_strip_16(png);
-  png_set_palette_to_rgb(png);
-  png_set_expand_gray_1_2_4_to_8(png);
-  png_set_gray_to_rgb(png);
-  png_set_strip_alpha(png);
-  png_read_update_info(png, info);
-  img.width = static_cast<int>(png_get_image_width(png, info));
-  img.height = static_cast<int>(png_get_image_height(png, info));
-  img.channels = 3;
-  img.pixels.resize(static_cast<size_t>(img.width) * img.height * 3);
-  for (int y = 0; y < img.height; ++y) png_read_row(png, img.pixels.data() + static_cast<size_t>(y) * img.width * 3, nullptr);
-  png_destroy_read_struct(&png, &info, nullptr);
+  std::vector<uint8_t> bytes;
+  uint8_t buf[1 << 16];
+  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), fp)) > 0;) bytes.insert(bytes.end(), buf, buf + n);
+  const bool failed = std::ferror(fp) != 0;
   std::fclose(fp);
-  return img;
+  DP_CHECK(!failed, path, ": read error");
+  return decode_png(bytes.data(), bytes.size(), path);
 }
 
 Image contact_sheet(const std::vector<Image>& images, int cols, int pad) {
