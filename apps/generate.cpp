@@ -384,8 +384,9 @@ int generate_main(int argc, char** argv) {
         p.seed = 0;
         if (!checked.insert(params_to_json(p).dump()).second) continue;
         try {
-          (void)resolve_params(configs, requests[i]);
-          if (!requests[i].image_prompt.empty()) (void)read_image_ref(requests[i].image_prompt);  // names the file
+          const ResolvedParams r = resolve_params(configs, requests[i]);
+          if (!requests[i].image_prompt.empty() && !r.image.defined())  // names the file (unless read above)
+            (void)read_image_ref(requests[i].image_prompt);
         } catch (const std::exception& e) {
           DP_FAIL("generate: ", jsonl_input ? origin_of(jobs, i) + ": " : std::string(), e.what());
         }

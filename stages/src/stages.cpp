@@ -191,7 +191,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
   if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
-    const at::Tensor img = upscaler_input(p);
+    r.image = upscaler_input(p);
+    const at::Tensor& img = r.image;
     const int64_t f = model.latent_factor(), W = img.size(2) * f, H = img.size(1) * f;
     DP_CHECK((p.width == 0 || p.width == W) && (p.height == 0 || p.height == H), "width/height: the x4 upscaler makes ",
              W, "x", H, " from ", p.image_prompt, " (", img.size(2), "x", img.size(1), " times ", f, "), not ",
@@ -253,7 +254,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
-    attach_noised_image(model, s, upscaler_input(p), p.noise_level, kSrImageNoiseStream, image_noise);
+    attach_noised_image(model, s, r.image, p.noise_level, kSrImageNoiseStream, image_noise);
   const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0), f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});

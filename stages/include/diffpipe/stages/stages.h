@@ -68,6 +68,7 @@ struct ResolvedParams {
   bool karras = false;
   int width = 0, height = 0;
   std::unique_ptr<Sampler> sampler;  // built (and its schedule checked) for p.steps
+  at::Tensor image;                  // the x4 upscaler: its input image [3, h, w] in [-1, 1], read once here
 };
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
 
