@@ -74,7 +74,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "width", "height", "clip_skip", "images", "prior_steps",
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
-                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level"};
+                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -97,7 +97,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level)");
+               "x4_guidance, x4_noise_level, strength)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -128,6 +128,9 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(p.x4_steps >= 1, l.origin, ": key 'x4_steps' must be at least 1");
     DP_CHECK(std::isfinite(p.x4_guidance) && p.x4_guidance >= 0, l.origin, ": key 'x4_guidance' must be a number >= 0");
     DP_CHECK(p.x4_noise_level >= 0, l.origin, ": key 'x4_noise_level' must be at least 0");
+    p.strength = get_field<double>(o, "strength", l.origin, p.strength);
+    DP_CHECK(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, l.origin,
+             ": key 'strength' must be a number in [0, 1]");
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -163,7 +166,8 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
   return out;
 }
 
-std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, bool prior) {
+std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, bool prior,
+                            bool img2img) {
   std::ostringstream os;
   os << p.prompt << "\n";
   if (!p.negative_prompt.empty()) os << "Negative prompt: " << p.negative_prompt << "\n";
@@ -175,6 +179,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
+  else if (!p.image_prompt.empty() && img2img)  // image-to-image's starting image
+    os << ", Image: " << describe_image_ref(p.image_prompt) << ", Denoising strength: " << p.strength;
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (p.original_width > 0 || p.original_height > 0)
@@ -341,7 +347,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
       const std::string file = file_for(index, gi.params.seed);
       const auto slash = file.rfind('/');
       if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior)}});
+      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img)}});
       line["file"] = file;
       done_files_[index] = file;
       if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
@@ -368,7 +374,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
   line["shard"] = sname;
   line["key"] = key;
   if (done) {
-    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior)}});
+    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img)}});
     const std::string meta = line.dump();
     for (const auto& [name, bytes] : {std::pair<std::string, std::string>{std::string(key) + ".png", std::string(png.begin(), png.end())},
                                       std::pair<std::string, std::string>{std::string(key) + ".json", meta}}) {
@@ -390,7 +396,7 @@ void OutputSink::write_preview(uint64_t index, int k, const GenerationParams& p,
   file = file.substr(0, file.size() - 4) + "-preview-" + std::to_string(k) + ".png";
   const auto slash = file.rfind('/');
   if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior) + ", Preview: " + std::to_string(k)}});
+  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior, o_.img2img) + ", Preview: " + std::to_string(k)}});
 }
 
 void OutputSink::flush_shard(int64_t k, bool complete) {

@@ -258,7 +258,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     if (!j.is_object()) throw BadRequest{"the body must be a JSON object", ""};
     static const std::set<std::string> used{"prompt", "n", "size", "response_format", "output_format", "user", "model",
                                             "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
-                                            "sampler", "width", "height", "stream", "partial_images", "image"};
+                                            "sampler", "width", "height", "stream", "partial_images", "image",
+                                            "strength"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -300,6 +301,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       p.guidance = j["guidance_scale"].get<double>();
     }
     p.sampler = str("sampler").value_or(p.sampler);
+    if (j.contains("strength") && !j["strength"].is_null()) {  // image-to-image (with an image)
+      if (!j["strength"].is_number()) throw BadRequest{"'strength' must be a number in [0, 1]", "strength"};
+      p.strength = j["strength"].get<double>();
+    }
     // an input image (the x4 upscaler's, Stable unCLIP's image variations): a PNG as a data URI or bare base64; it
     // travels inline with the request (never a path on the server)
     if (const auto img = str("image"); img && !img->empty())

@@ -11,12 +11,16 @@
 namespace diffpipe {
 namespace {
 
-// A component's weights in `dtype` (the file may store another one).
-double weight_bytes(const std::string& file, c10::ScalarType dtype) {
+// A component's weights in `dtype` (the file may store another one); with `prefixes`, only tensors named so.
+double weight_bytes(const std::string& file, c10::ScalarType dtype, const std::vector<std::string>& prefixes = {}) {
   if (!file_exists(file)) return 0;
   auto f = SafetensorsFile::open(file);
   double elems = 0;
-  for (const auto& n : f->names()) elems += static_cast<double>(f->get(n).numel());
+  for (const auto& n : f->names())
+    if (prefixes.empty() || std::any_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) {
+          return n.rfind(p, 0) == 0;
+        }))
+      elems += static_cast<double>(f->get(n).numel());
   return elems * static_cast<double>(c10::elementSize(dtype));
 }
 
@@ -40,6 +44,12 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
     if (s == "encode") {
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
+      if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
+        m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype,
+                                  {"encoder.", "quant_conv."});
+        const auto& c = v.block_out_channels;
+        m.activations += W * H * (3.0 * static_cast<double>(c[0]) + 3.0) * vbytes;
+      }
     } else if (s == "denoise") {
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);
       // per UNet row at h x w latents: the skip connections of every level (layers + 1 maps of C_l at hw / 4^l)

@@ -247,14 +247,19 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;  // the decoder side (VAE, super-resolution) runs in the VAE's dtype
   vspec.dtype = m.vae_dtype;
-  if (components & (kVae | kVaeEncoder))
-    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0);
+  // the encoder where images become latents (image-to-image's encode stage), the decoder where latents become images
+  const bool encoder = (components & kVaeEncoder) || ((components & kImageLatents) && m.img2img());
+  if ((components & kVae) || encoder)
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
   if ((components & kPrior) && is_unclip(dir)) m.unclip = UnclipParts::load(dir, spec);
   if ((components & kSuperRes) && m.has_super_resolution())
     m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
   return m;
 }
 
+bool SdModel::is_img2img_folder(const std::string& dir) {
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir);
+}
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
 bool SdModel::has_if_stage2(const std::string& dir) {

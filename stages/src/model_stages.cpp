@@ -16,12 +16,24 @@ namespace {
 // prompts -> [cond embedding, (uncond embedding)] per request, one text-encoder call per batch
 class EncodeStage : public OneShotStage {
  public:
-  EncodeStage(const SdModel& m, const StageConfig& c) : OneShotStage(c), enc_(m) {}
+  EncodeStage(const SdModel& m, const StageConfig& c) : OneShotStage(c), model_(m), enc_(m) {}
 
  protected:
   std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
+    // image-to-image: the input image's latents (its size is the image's: SDXL's size conditioning needs it)
+    std::vector<at::Tensor> latents(batch.size());
+    std::vector<GenerationParams> sized(batch.size());
     std::vector<const GenerationParams*> ps;
-    for (const auto* r : batch) ps.push_back(&r->params);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      ps.push_back(&batch[i]->params);
+      if (!model_.img2img() || batch[i]->params.image_prompt.empty()) continue;
+      const ResolvedParams r = resolve_params(model_, batch[i]->params);  // reads and checks the image
+      latents[i] = img2img_latents(model_, batch[i]->params, r.image);
+      sized[i] = batch[i]->params;
+      sized[i].width = r.width;
+      sized[i].height = r.height;
+      ps.back() = &sized[i];
+    }
     auto embs = enc_.run(ps);
     std::vector<StageEvent> out;
     for (size_t i = 0; i < batch.size(); ++i) {
@@ -35,12 +47,14 @@ class EncodeStage : public OneShotStage {
         if (e.time_ids.defined()) t.push_back(e.uncond_class_labels.contiguous());
         t.push_back(e.uncond.contiguous());
       }
+      if (latents[i].defined()) t.push_back(latents[i].contiguous());  // image-to-image: last
       out.push_back(StageEvent::finished(batch[i]->id, std::move(t)));
     }
     return out;
   }
 
  private:
+  const SdModel& model_;
   TextEncodeStage enc_;
 };
 
@@ -128,6 +142,11 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
     Embeddings e;
+    if (model_.img2img() && !r.params.image_prompt.empty()) {  // image-to-image: the image's latents come last
+      DP_CHECK(r.inputs.size() >= 2, "denoise: request ", r.id, " starts from an image, but its latents did not arrive");
+      e.image_latents = r.inputs.back().to(at::kCPU, at::kFloat);
+      r.inputs.pop_back();
+    }
     size_t k = 0;  // Stable unCLIP: the prior's class labels come first
     if (model_.unet_config.text_time()) {  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]
       DP_CHECK(r.inputs.size() == 3 || r.inputs.size() == 5, "denoise: an SDXL request needs 3 or 5 tensors (size "
@@ -165,7 +184,7 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
     for (auto& [shape, batch] : by_shape) den_.step(batch, /*throw_on_failure=*/false);
     for (uint64_t id : ids) {
       DenoiseState& s = held_.at(id);
-      out.push_back(StageEvent::progress(id, s.step, s.total_steps()));
+      out.push_back(StageEvent::progress(id, s.steps_done(), s.total_steps()));
       if (s.preview.defined() && s.failure.empty()) out.push_back(StageEvent::preview(id, s.preview_index, {s.preview}));
       if (!s.done()) continue;
       if (!s.failure.empty()) {
@@ -380,7 +399,8 @@ struct Registry {
   std::map<std::string, ModelStage> stages;
   std::vector<std::string> order;  // registration order, for messages
   Registry() {
-    add(entry<EncodeStage>("encode", "prompt", "text embeddings (conditional, unconditional)", kTextEncoder));
+    add(entry<EncodeStage>("encode", "prompt (and an image to start from)", "text embeddings (conditional, "
+                           "unconditional; image-to-image: the image's latents)", kTextEncoder | kImageLatents));
     add(entry<PriorStageImpl>("prior", "text embeddings", "image embedding (noise-augmented), text embeddings",
                               kPrior));
     add(entry<DenoiseStageImpl>("denoise", "text embeddings (and an image embedding)", "latents", kUNet,

@@ -286,6 +286,9 @@ class EulerSampler : public Sampler {
   }
   SamplerKind kind() const override { return ancestral_ ? SamplerKind::EulerAncestral : SamplerKind::Euler; }
   double init_noise_sigma() const override { return init_sigma_; }
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    return x + noise * static_cast<float>(sigmas_.at(i));
+  }
   at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
     const double s = sigmas_.at(i);
     return x / std::sqrt(s * s + 1);
@@ -344,6 +347,10 @@ class DPMSolverSampler : public Sampler {
     outputs_.resize(c.solver_order);
   }
   SamplerKind kind() const override { return SamplerKind::DPMSolverMultistep; }
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    const float sigma = static_cast<float>(sigmas_.at(i)), a = 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    return a * x + (sigma * a) * noise;
+  }
   at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
     const int n = num_calls();
     const bool lower_final = i == n - 1 && (c_.euler_at_final || (c_.lower_order_final && n < 15) ||
@@ -435,12 +442,18 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
   }
   DP_CHECK(s, "sampler: unknown kind");
+  s->alphas_cumprod_ = to_vec(alphas_cumprod(cfg));
   // with steps_offset, as many steps as training timesteps run past the last one
   for (double t : s->timesteps())
     DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "steps: ", steps, " steps give timestep ", t,
              ", beyond the scheduler's ", cfg.num_train_timesteps, " training timesteps (steps_offset ",
              cfg.steps_offset, "); use fewer steps");
   return s;
+}
+
+at::Tensor Sampler::add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const {
+  const float a = alphas_cumprod_.at(static_cast<size_t>(timestep(i)));
+  return std::sqrt(a) * x + std::sqrt(1.0f - a) * noise;
 }
 
 DdpmSampler::DdpmSampler(const SchedulerConfig& cfg, int steps) : cfg_(cfg) {

@@ -23,11 +23,9 @@ std::pair<int, int> requested_size(const SdModel& model, const GenerationParams&
   return {p.width > 0 ? p.width : d, p.height > 0 ? p.height : d};
 }
 
-// The x4 upscaler's low-resolution image (the request's image_prompt) as [3, h, w] float32 in [-1, 1], as diffusers'
-// VaeImageProcessor makes it from a PIL image (x / 255 * 2 - 1).
-at::Tensor upscaler_input(const GenerationParams& p) {
-  DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
-           "(--image FILE, or \"image_prompt\" in a JSONL line)");
+// The request's input image (image_prompt: the x4 upscaler's low-resolution image, image-to-image's start) as
+// [3, h, w] float32 in [-1, 1], as diffusers' VaeImageProcessor makes it from a PIL image (x / 255 * 2 - 1).
+at::Tensor input_image(const GenerationParams& p) {
   const Image img = read_image_ref(p.image_prompt);
   return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
 }
@@ -177,7 +175,7 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
   return out;
 }
 
-ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
+ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, const at::Tensor& image_latents) {
   ResolvedParams r;
   r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
   DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
@@ -190,8 +188,40 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
+  const bool img2img = model.img2img() && !p.image_prompt.empty();
+  if (img2img) {  // the output has the input image's size; the schedule starts at int(steps x strength) from its end
+    DP_CHECK(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, "strength: must be in [0, 1], got ",
+             p.strength);
+    int64_t W = 0, H = 0;
+    if (image_latents.defined()) {
+      W = image_latents.size(-1) * model.latent_factor();
+      H = image_latents.size(-2) * model.latent_factor();
+    } else {
+      r.image = input_image(p);
+      W = r.image.size(2);
+      H = r.image.size(1);
+    }
+    DP_CHECK((p.width == 0 || p.width == W) && (p.height == 0 || p.height == H), "width/height: image-to-image makes ",
+             "an image of its input's size, ", W, "x", H, " (", describe_image_ref(p.image_prompt), "), not ", r.width,
+             "x", r.height, " (leave width and height out)");
+    const int64_t m = model.size_multiple();
+    DP_CHECK(W % m == 0 && H % m == 0, "image_prompt: ", describe_image_ref(p.image_prompt), " is ", W, "x", H,
+             "; image-to-image needs sides that are multiples of ", m, " (the latent factor ", model.latent_factor(),
+             " x the UNet's downsampling)");
+    r.width = static_cast<int>(W);
+    r.height = static_cast<int>(H);
+    const int init = std::min(static_cast<int>(p.steps * p.strength), p.steps);  // diffusers' get_timesteps
+    DP_CHECK(init >= 1, "strength: ", p.strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
+             "strength) must be at least 1); raise strength or steps");
+    r.begin = p.steps - init;
+  } else {
+    DP_CHECK(p.strength == GenerationParams{}.strength, "strength: only image-to-image uses it (an image_prompt with ",
+             "a Stable Diffusion or SDXL folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
+  }
   if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
-    r.image = upscaler_input(p);
+    DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
+             "(--image FILE, or \"image_prompt\" in a JSONL line)");
+    r.image = input_image(p);
     const at::Tensor& img = r.image;
     const int64_t f = model.latent_factor(), W = img.size(2) * f, H = img.size(1) * f;
     DP_CHECK((p.width == 0 || p.width == W) && (p.height == 0 || p.height == H), "width/height: the x4 upscaler makes ",
@@ -208,8 +238,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(p.height >= 0 && r.height % m == 0, "height: ", r.height, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
-  DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler, "image_prompt: ", model.dir,
-           " has no image_encoder/ (image variations need a StableUnCLIPImg2ImgPipeline folder)");
+  DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
+           model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
+           "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
   DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
   DP_CHECK(!model.deepfloyd_if || p.clip_skip == 0, "clip_skip: not supported for DeepFloyd IF folders (T5; ",
            model.dir, ")");
@@ -228,9 +259,28 @@ at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape) {
   return t;
 }
 
+at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+                           const at::Tensor& sample_noise) {
+  DP_CHECK(model.vae && model.vae->has_encoder(), "image-to-image: ", model.dir, "'s VAE encoder is not loaded here");
+  DP_CHECK(image.dim() == 3 && image.size(0) == 3, "image-to-image: the image must be [3, H, W], got ", image.sizes());
+  const GaussianLatent g = model.vae->encode(image.unsqueeze(0).to(model.spec.device, model.vae_dtype));
+  const at::Tensor mean = g.mean[0].to(at::kCPU, at::kFloat), logvar = g.logvar[0].to(at::kCPU, at::kFloat);
+  const at::Tensor z = sample_noise.defined() ? sample_noise.to(at::kCPU, at::kFloat).reshape(mean.sizes())
+                                              : seeded_noise(p.seed, kImg2ImgLatentStream, mean.sizes());
+  // diffusers: latent_dist.sample(generator) = mean + exp(0.5 logvar) * noise, times the VAE's scaling_factor
+  return (mean + at::exp(0.5 * logvar) * z) * model.vae_config.scaling_factor;
+}
+
+at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p) {
+  return img2img_latents(model, p, input_image(p));
+}
+
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
                                 const at::Tensor& initial_noise, const at::Tensor& image_noise) {
-  ResolvedParams r = resolve_params(model, p);
+  const bool img2img = model.img2img() && !p.image_prompt.empty();
+  DP_CHECK(!img2img || emb.image_latents.defined(), "denoise: request ", id, " starts from an image, but its latents ",
+           "did not arrive (the encode stage makes them)");
+  ResolvedParams r = resolve_params(model, p, emb.image_latents);
   DenoiseState s;
   s.id = id;
   s.guidance = p.guidance;
@@ -259,10 +309,17 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
   DP_CHECK(noise.dim() == 3 && noise.size(0) == C, "denoise: initial noise must be [", C, ", h, w]");
-  s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
+  if (img2img) {  // the image's latents noised to the first timestep that runs (diffusers' add_noise)
+    DP_CHECK(noise.sizes() == emb.image_latents.sizes(), "denoise: initial noise ", noise.sizes(),
+             " does not match the image's latents ", emb.image_latents.sizes());
+    s.begin = s.step = r.begin;
+    s.latents = s.sampler->add_noise(emb.image_latents.to(at::kCPU, at::kFloat), noise, r.begin).to(model.spec.device);
+  } else {
+    s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
+  }
   DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
   for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
-    s.preview_at.push_back(std::max(0, s.total_steps() * k / (p.previews + 1) - 1));
+    s.preview_at.push_back(s.begin + std::max(0, s.total_steps() * k / (p.previews + 1) - 1));
   return s;
 }
 
@@ -435,7 +492,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     if (s->done()) {
       const int64_t k = s->first_bad.item<int64_t>();
       if (k >= 0)
-        s->failure = detail::cat("request ", s->id, ": non-finite values (NaN or Inf) in the latents after step ", k + 1,
+        s->failure = detail::cat("request ", s->id, ": non-finite values (NaN or Inf) in the latents after step ", k + 1 - s->begin,
                                  " of ", s->total_steps(),
                                  " (the model's weights or settings make the UNet or sampler diverge)");
     }

@@ -24,7 +24,7 @@ struct AutoencoderKL::Impl {
     nn::Downsample2D down;
     nn::Upsample2D up;
   };
-  bool has_encoder = false;
+  bool has_encoder = false, has_decoder = false;
   nn::Conv2d enc_conv_in, enc_conv_out, quant_conv;
   std::vector<Block> enc_blocks;
   Mid enc_mid;
@@ -36,7 +36,8 @@ struct AutoencoderKL::Impl {
   bool use_quant_conv = true, use_post_quant_conv = true;
 };
 
-AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_encoder) : cfg_(c) {
+AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_encoder, bool with_decoder) : cfg_(c) {
+  DP_CHECK(with_encoder || with_decoder, "vae: build the encoder, the decoder or both");
   Weights w = w0;
   // Legacy attention names (pre-0.14 diffusers / original checkpoints converted without renaming).
   for (const char* part : {"encoder.mid_block.attentions.0.", "decoder.mid_block.attentions.0."}) {
@@ -86,6 +87,11 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
     m->enc_conv_out = nn::Conv2d(e, "conv_out", boc[n - 1], 2 * L, 3, 1, 1);
     if (c.use_quant_conv) m->quant_conv = nn::Conv2d(w, "quant_conv", 2 * L, 2 * L, 1);
   }
+  m->has_decoder = with_decoder;
+  if (!with_decoder) {
+    impl_ = m;
+    return;
+  }
   if (c.use_post_quant_conv) m->post_quant_conv = nn::Conv2d(w, "post_quant_conv", L, L, 1);
   const Weights d = w.sub("decoder");
   m->dec_conv_in = nn::Conv2d(d, "conv_in", L, boc[n - 1], 3, 1, 1);
@@ -109,16 +115,18 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
   impl_ = m;
 }
 
-std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const DeviceSpec& spec, bool with_encoder) {
+std::shared_ptr<AutoencoderKL> AutoencoderKL::load(const std::string& dir, const DeviceSpec& spec, bool with_encoder,
+                                                  bool with_decoder) {
   const auto cfg = VaeConfig::load(path_join(dir, "config.json"));
   const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
-  auto m = std::make_shared<AutoencoderKL>(cfg, w, with_encoder);
-  if (with_encoder)
+  auto m = std::make_shared<AutoencoderKL>(cfg, w, with_encoder, with_decoder);
+  if (with_encoder && with_decoder)
     for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
   return m;
 }
 
 bool AutoencoderKL::has_encoder() const { return impl_->has_encoder; }
+bool AutoencoderKL::has_decoder() const { return impl_->has_decoder; }
 
 GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
   const Impl& m = *impl_;
@@ -150,6 +158,7 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
 
 at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
   const Impl& m = *impl_;
+  DP_CHECK(m.has_decoder, "vae: loaded without its decoder");
   DP_CHECK(latents.dim() == 4 && latents.size(1) == cfg_.latent_channels, "vae: latents must be [B, ",
            cfg_.latent_channels, ", h, w], got ", shape_str(latents.sizes()));
   if (nn::batch_invariant() && latents.size(0) > 1)

@@ -66,19 +66,8 @@ TEST(GoldenUpscale, UNetLayoutWithNoiseLevelClasses) {
             std::string::npos);
 }
 
-// The 8-bit images of a run's denoising states, decoded, against the reference's [B, 3, H, W] in [0, 1]: true when
-// (float32) at least 99 % of the 8-bit values are within +-1, (16-bit) the images within 10 % (printed with `what`).
 bool matches_reference(const SdModel& model, std::vector<DenoiseState>& ds, const at::Tensor& ref, const std::string& what) {
-  const at::Tensor mine = DecodeStage(model).run_uint8(test::denoise_to_end(model, ds)).to(at::kCPU);  // [B, H, W, 3]
-  const at::Tensor r = ref.permute({0, 2, 3, 1}).contiguous();
-  EXPECT_EQ(mine.sizes(), r.sizes()) << what;
-  if (mine.sizes() != r.sizes()) return false;
-  const at::Tensor d = (mine.to(at::kInt) - r.mul(255).round().clamp(0, 255).to(at::kInt)).abs();
-  const double within = d.le(1).to(at::kDouble).mean().item<double>();
-  const double e = rel_err(mine.to(at::kFloat) / 255.0, r);
-  std::printf("[golden-upscale] %s: 8-bit within +-1: %.4f (max %d), images %.2e\n", what.c_str(), within,
-              d.max().item<int>(), e);
-  return model.spec.dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
+  return test::matches_reference(model, ds, ref, "[golden-upscale] " + what);
 }
 
 // The whole pipeline, two runs (guidance 7.5 at noise level 20; a negative prompt, guidance 4 at level 150), with

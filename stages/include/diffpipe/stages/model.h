@@ -17,11 +17,14 @@
 
 namespace diffpipe {
 
-// kSuperRes loads super_resolution/ when the folder has one, kPrior the Stable unCLIP prior components when the
-// folder is a StableUnCLIPPipeline, kStage3 a DeepFloyd IF folder's upscaler/ (no-ops otherwise).
+// kVae loads the VAE's decoder, kVaeEncoder its encoder; kImageLatents the encoder only where the folder does
+// image-to-image (SdModel::img2img(): SD and SDXL). kSuperRes loads super_resolution/ when the folder has one, kPrior
+// the Stable unCLIP prior components when the folder is a StableUnCLIPPipeline, kStage3 a DeepFloyd IF folder's
+// upscaler/ (no-ops otherwise).
 enum Component : unsigned {
   kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16, kPrior = 32, kStage3 = 64,
-  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior | kStage3
+  kImageLatents = 128,
+  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior | kStage3 | kImageLatents
 };
 struct UnclipParts;
 
@@ -77,6 +80,9 @@ struct SdModel {
   static void validate(const std::string& dir);
   static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents);
 
+  // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
+  // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
+  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations; }
   int64_t latent_factor() const {
     return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
   }
@@ -89,6 +95,7 @@ struct SdModel {
   static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
+  static bool is_img2img_folder(const std::string& dir);  // what img2img() says of the folder's loaded model
   static bool has_if_stage2(const std::string& dir);  // super_resolution/ is an IFSuperResolutionPipeline folder
   static bool has_if_stage3(const std::string& dir);  // upscaler/ is a StableDiffusionUpscalePipeline folder
   // IF stage II's enlargement of stage I's size (its UNet's sample_size over stage I's); 1 without stage II

@@ -21,7 +21,11 @@ struct GenerationParams {
   double prior_guidance = 4.0;  // the prior's classifier-free guidance; <= 1 skips its unconditional pass
   int noise_level = 0;          // noise augmentation of the image embedding, in [0, image_noising_scheduler steps)
   std::string image_prompt;     // image variations: a PNG whose CLIP image embedding replaces the prior's ("" = none);
-                                // read where the prior stage runs (a path every node sees)
+                                // read where the prior stage runs (a path every node sees, or a data: URI). SD and
+                                // SDXL folders: image-to-image's starting image; the x4 upscaler: the image to enlarge
+  // Image-to-image (SD and SDXL folders with an image_prompt): how much of the schedule runs on the noised image,
+  // in [0, 1] (diffusers' strength; 1 ignores the image's content, small values keep it)
+  double strength = 0.8;
   // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
@@ -70,6 +74,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["x4_guidance"] = p.x4_guidance;
     j["x4_noise_level"] = p.x4_noise_level;
   }
+  if (p.strength != d.strength) j["strength"] = p.strength;
   return j;
 }
 
@@ -99,6 +104,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_steps = j.value("x4_steps", p.x4_steps);
   p.x4_guidance = j.value("x4_guidance", p.x4_guidance);
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
+  p.strength = j.value("strength", p.strength);
   return p;
 }
 

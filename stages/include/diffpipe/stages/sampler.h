@@ -72,6 +72,11 @@ class Sampler {
   const std::vector<double>& sigmas() const { return sigmas_; }  // empty for DDIM/PNDM
   virtual double init_noise_sigma() const { return 1.0; }
   virtual at::Tensor scale_model_input(const at::Tensor& sample, int i) const { (void)i; return sample; }
+  // The sample at call i made from a clean one: diffusers' add_noise(original, noise, timesteps[i]) after
+  // set_begin_index(i) (image-to-image starts part-way down the schedule). DDIM, PNDM and DDPM:
+  // sqrt(alphas_cumprod[t]) x + sqrt(1 - alphas_cumprod[t]) noise; Euler: x + sigma_i noise; DPM-Solver++:
+  // alpha_i x + sigma_i' noise (its sigma as a variance-preserving pair). Float32 scalars, as diffusers'.
+  virtual at::Tensor add_noise(const at::Tensor& original, const at::Tensor& noise, int i) const;
   // One step: call index i, model output for the sample; returns the next sample.
   virtual at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const StepNoise& noise) = 0;
   virtual SamplerKind kind() const = 0;
@@ -82,6 +87,7 @@ class Sampler {
  protected:
   std::vector<double> timesteps_;
   std::vector<double> sigmas_;
+  std::vector<float> alphas_cumprod_;  // for add_noise's variance-preserving form (set by create)
 };
 
 // DDPMScheduler (diffusers), the sampler of Stable unCLIP's prior and of DeepFloyd IF: sample, epsilon or v

@@ -27,6 +27,7 @@ struct Embeddings {
                             // zeros); SDXL: the pooled text embedding [P]; undefined for other UNets
   at::Tensor uncond_class_labels;  // SDXL: the negative prompt's pooled embedding [P] (undefined: zeros)
   at::Tensor time_ids;             // SDXL: [6] float32 (original height, width, crop top, left, target height, width)
+  at::Tensor image_latents;  // image-to-image: the input image's VAE latents, sampled and scaled [C, h, w] float32
 };
 
 class TextEncodeStage {
@@ -53,13 +54,15 @@ struct DenoiseState {
   at::Tensor latents;       // [C, h, w], float32
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
+  int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
   at::Tensor first_bad;     // int64 scalar on the device: the first call after which latents were not finite, or -1
   std::string failure;      // set by the last step when the latents went non-finite: the request failed
   std::vector<int> preview_at;  // call indices after which a preview is made (GenerationParams::previews)
   at::Tensor preview;       // set by step(): the denoised estimate x0 [C, h, w] when a preview is due (else undefined)
   int preview_index = 0;    // 1-based number of that preview
   bool done() const { return step >= sampler->num_calls(); }
-  int total_steps() const { return sampler->num_calls(); }
+  int total_steps() const { return sampler->num_calls() - begin; }  // the calls this request makes
+  int steps_done() const { return step - begin; }
 };
 
 // Resolves the sampler and size of `p` against the model and validates them (errors name the field).
@@ -68,12 +71,26 @@ struct ResolvedParams {
   bool karras = false;
   int width = 0, height = 0;
   std::unique_ptr<Sampler> sampler;  // built (and its schedule checked) for p.steps
-  at::Tensor image;                  // the x4 upscaler: its input image [3, h, w] in [-1, 1], read once here
+  at::Tensor image;                  // the x4 upscaler's or image-to-image's input image [3, h, w] in [-1, 1], read
+                                     // once here (not read when image-to-image's latents are given)
+  int begin = 0;                     // image-to-image: the first call (steps - int(steps x strength))
 };
-ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p);
+// `image_latents` (image-to-image, where they arrived from the encode stage): the image's size comes from them and
+// the image is not read again.
+ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p,
+                              const at::Tensor& image_latents = at::Tensor());
+
+// Image-to-image (SdModel::img2img()): the request's image (or `image`, [3, H, W] in [-1, 1]) through the VAE
+// encoder, sampled from its Gaussian with the seed's stream kImg2ImgLatentStream (or `sample_noise`, tests) and
+// scaled by scaling_factor: [C, h, w] float32 on the CPU, as diffusers' img2img pipelines make init_latents.
+constexpr uint64_t kImg2ImgLatentStream = (uint64_t(1) << 34) + 4;
+at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p);
+at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+                           const at::Tensor& sample_noise = at::Tensor());
 
 // Initial state: noise from the request's seed (counter-based) x init_noise_sigma, or `initial_noise`
-// ([C, h, w]) when given (tests use the reference's noise). The x4 upscaler (SdModel::upscaler): the request's
+// ([C, h, w]) when given (tests use the reference's noise). Image-to-image: emb.image_latents noised by the sampler
+// (add_noise) to the first call that runs, `begin`. The x4 upscaler (SdModel::upscaler): the request's
 // image, noised with stream kSrImageNoiseStream (or `image_noise`, [3, h, w]), joins the latents at every step.
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
                                 uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor(),

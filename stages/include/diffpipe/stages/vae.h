@@ -30,8 +30,10 @@ struct GaussianLatent {
 
 class AutoencoderKL {
  public:
-  AutoencoderKL(const VaeConfig& cfg, const Weights& w, bool with_encoder = true);
-  static std::shared_ptr<AutoencoderKL> load(const std::string& dir, const DeviceSpec& spec, bool with_encoder = true);
+  // with_encoder / with_decoder: which halves to build (a rank that only encodes images leaves the decoder out).
+  AutoencoderKL(const VaeConfig& cfg, const Weights& w, bool with_encoder = true, bool with_decoder = true);
+  static std::shared_ptr<AutoencoderKL> load(const std::string& dir, const DeviceSpec& spec, bool with_encoder = true,
+                                             bool with_decoder = true);
 
   GaussianLatent encode(const at::Tensor& image) const;  // image: [B, 3, H, W] in [-1, 1]
   at::Tensor decode(const at::Tensor& latents) const;    // raw: [B, L, h, w] -> [B, 3, H, W] (no scaling/clamp)
@@ -40,6 +42,7 @@ class AutoencoderKL {
   const VaeConfig& config() const { return cfg_; }
   int64_t downscale() const { return int64_t(1) << (cfg_.block_out_channels.size() - 1); }
   bool has_encoder() const;
+  bool has_decoder() const;
 
  private:
   struct Impl;

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Makes an image-to-image reference with diffusers' StableDiffusionImg2ImgPipeline on the tiny-sd folder, for the
+GoldenImg2Img tests:
+
+    python3 tests/stages/make_img2img_golden.py --out DIR [--src ../shared/golden/tiny-sd] [--seed 0]
+    DIFFPIPE_GOLDEN_IMG2IMG=DIR ./build/tests/test_stages --gtest_filter='GoldenImg2Img.*'
+
+The model is the source folder's (DIR/model links to it). DIR/input_K.png: the starting images (40x32, not square,
+so that width and height cannot be swapped unnoticed). DIR/golden.safetensors: for each run R of golden.json (a
+sampler, strength, steps, guidance, negative prompt), R.draws.K (every random draw in order: the VAE posterior's
+sample noise [B, 4, 8, 10], then the noise added to the latents [B, 4, 8, 10]), R.image_latents (the sampled and
+scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (output_type "pt").
+"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from golden_draws import recorded_draws
+
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+# diffpipe's sampler name -> the diffusers scheduler class
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+              "pndm": "PNDMScheduler"}
+RUNS = [dict(name="ddim", sampler="ddim", strength=0.8, steps=6, guidance=7.5, negative_prompt=None),
+        dict(name="euler", sampler="euler", strength=0.5, steps=5, guidance=5.0, negative_prompt="blurry, dark"),
+        dict(name="dpmpp", sampler="dpmpp_2m", strength=0.75, steps=8, guidance=7.5, negative_prompt=None),
+        dict(name="pndm", sampler="pndm", strength=0.6, steps=5, guidance=3.0, negative_prompt=None),
+        dict(name="full", sampler="ddim", strength=1.0, steps=4, guidance=1.0, negative_prompt=None)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    a = ap.parse_args()
+    import diffusers
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.models.autoencoders import vae as vae_module
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    src = os.path.abspath(os.path.join(a.src, "model"))
+    if os.path.exists(a.out):
+        shutil.rmtree(a.out)
+    os.makedirs(a.out)
+    os.symlink(src, os.path.join(a.out, "model"))
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+
+    # starting images: colour ramps with a little texture, 40 wide and 32 high
+    yy, xx = np.mgrid[0:32, 0:40].astype(np.float32)
+    yy, xx = yy / 31.0, xx / 39.0
+    rng = np.random.default_rng(a.seed)
+    images = []
+    for k in range(len(PROMPTS)):
+        rgb = np.stack([xx, yy, (xx + yy) / 2 if k == 0 else 1 - xx], -1) * 200 + 30
+        rgb = (rgb + rng.normal(0, 12, rgb.shape)).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(rgb, "RGB")
+        im.save(os.path.join(a.out, f"input_{k}.png"))
+        images.append(im)
+
+    res = {}
+    for r in RUNS:
+        cls = getattr(diffusers, SCHEDULERS[r["sampler"]])
+        extra = {"skip_prk_steps": True} if r["sampler"] == "pndm" else {}
+        pipe.scheduler = cls.from_config(base_config, **extra)
+        captured = {}
+        real = pipe.scheduler.add_noise
+
+        def add_noise(original, noise, t, real=real, captured=captured):
+            captured["image_latents"] = original.clone()
+            return real(original, noise, t)
+        pipe.scheduler.add_noise = add_noise
+        with torch.no_grad(), recorded_draws(vae_module, pipeline_stable_diffusion_img2img) as draws:
+            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            img = pipe(PROMPTS, image=images, strength=r["strength"], negative_prompt=neg,
+                       num_inference_steps=r["steps"], guidance_scale=r["guidance"], output_type="pt",
+                       generator=torch.Generator().manual_seed(a.seed + 11)).images
+        n = r["name"]
+        assert len(draws) == 2, f"{n}: expected 2 draws (posterior sample, noise), got {len(draws)}"
+        for k, d in enumerate(draws):
+            res[f"{n}.draws.{k}"] = d
+        res[f"{n}.image_latents"] = captured["image_latents"]
+        res[f"{n}.images"] = img
+    save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
+            "draw_order": "the VAE posterior's sample noise, then the noise added to the image latents",
+            "source": f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline on {a.src}, "
+                      f"torch {torch.__version__}, float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

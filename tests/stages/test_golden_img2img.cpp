@@ -1,0 +1,156 @@
+// Image-to-image on Stable Diffusion folders against diffusers' StableDiffusionImg2ImgPipeline: the starting
+// image through the VAE encoder (the posterior sampled and scaled), noised by each sampler's add_noise to the first
+// timestep that runs (int(steps x strength) steps from the end of the schedule), then denoised as usual. The
+// reference is made by tests/stages/make_img2img_golden.py on the tiny-sd folder (scripts/test.sh makes it under
+// build/golden when it can): $DIFFPIPE_GOLDEN_IMG2IMG, default the sibling tiny-img2img of the tiny-sd folder;
+// absent, the tests skip.
+#include "diffpipe/runtime/image.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/memory.h"
+#include "diffpipe/stages/stages.h"
+#include "denoise_util.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+#define DP_REQUIRE_IMG2IMG(dir) \
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_IMG2IMG", "tiny-img2img", "golden.json", "make_img2img_golden.py")
+
+GenerationParams request(const std::string& dir, const nlohmann::json& meta, const nlohmann::json& run, size_t i) {
+  GenerationParams p;
+  p.prompt = meta.at("prompts")[i].get<std::string>();
+  p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+  p.steps = run.at("steps").get<int>();
+  p.guidance = run.at("guidance").get<double>();
+  p.sampler = run.at("sampler").get<std::string>();
+  p.strength = run.at("strength").get<double>();
+  p.image_prompt = dir + "/" + meta.at("images")[i].get<std::string>();
+  return p;
+}
+
+// How many UNet calls diffusers makes: int(steps x strength) of the schedule's end (PNDM's schedule has one more).
+int reference_calls(const GenerationParams& p) {
+  return std::min(static_cast<int>(p.steps * p.strength), p.steps) + (p.sampler == "pndm" ? 1 : 0);
+}
+}  // namespace
+
+// The input image's latents: the VAE encoder's posterior, sampled with the reference's draw and scaled.
+TEST(GoldenImg2Img, LatentsOfTheImage) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec, kImageLatents);
+  ASSERT_TRUE(model.img2img());
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    const GenerationParams p = request(dir, meta, meta.at("runs")[0], i);
+    const auto row = static_cast<int64_t>(i);
+    const at::Tensor mine = img2img_latents(model, p, resolve_params(model, p).image, g.at("ddim.draws.0")[row]);
+    const at::Tensor want = g.at("ddim.image_latents")[row];
+    ASSERT_EQ(mine.sizes(), want.sizes());  // [4, 8, 10]: 32 high, 40 wide at a latent factor of 4
+    const double e = rel_err(mine, want);
+    std::printf("[golden-img2img] image %zu latents: %.2e\n", i, e);
+    EXPECT_LE(e, test::module_tol(spec));
+  }
+}
+
+// The whole pipeline with the reference's draws, five runs: DDIM at strength 0.8, Euler at 0.5 with a negative
+// prompt, DPM-Solver++ at 0.75, PNDM at 0.6, and DDIM at strength 1 without guidance.
+TEST(GoldenImg2Img, WholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  for (const auto& run : meta.at("runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
+    std::vector<const GenerationParams*> ptrs;
+    for (const auto& p : params) ptrs.push_back(&p);
+    auto embs = TextEncodeStage(model).run(ptrs);
+    std::vector<DenoiseState> ds;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto row = static_cast<int64_t>(i);
+      const ResolvedParams r = resolve_params(model, params[i]);
+      EXPECT_EQ(r.width, 40);
+      EXPECT_EQ(r.height, 32);
+      embs[i].image_latents = img2img_latents(model, params[i], r.image, g.at(n + ".draws.0")[row]);
+      ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(n + ".draws.1")[row]));
+      EXPECT_EQ(ds.back().total_steps(), reference_calls(params[i])) << n;
+      EXPECT_EQ(ds.back().steps_done(), 0) << n;
+    }
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] " + n + " at strength " +
+                                                                            std::to_string(params[0].strength)));
+  }
+}
+
+// Requests are checked by field: strength in [0, 1] and leaving at least one step, the size is the image's (and
+// a multiple of the UNet's), strength without an image is refused, a missing file is named.
+TEST(GoldenImg2Img, RequestsAreCheckedByField) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kUNet);
+  const auto& run = meta.at("runs")[0];
+  auto error = [&](const GenerationParams& p) { return test::error_of([&] { (void)resolve_params(model, p); }); };
+  GenerationParams p = request(dir, meta, run, 0);
+  EXPECT_EQ(resolve_params(model, p).begin, 2);  // 6 steps at 0.8: int(4.8) = 4 run, from index 2
+  p.strength = 1.5;
+  EXPECT_NE(error(p).find("strength: must be in [0, 1], got 1.5"), std::string::npos) << error(p);
+  p.strength = 0.1;  // int(6 x 0.1) = 0 steps
+  EXPECT_NE(error(p).find("strength: 0.1 x 6 steps leaves no denoising step"), std::string::npos) << error(p);
+  p = request(dir, meta, run, 0);
+  p.width = 64;
+  EXPECT_NE(error(p).find("image-to-image makes an image of its input's size, 40x32"), std::string::npos) << error(p);
+  p.width = 40;  // the size it makes anyway: accepted
+  EXPECT_EQ(resolve_params(model, p).width, 40);
+  p = request(dir, meta, run, 0);
+  p.image_prompt.clear();
+  p.strength = 0.5;
+  EXPECT_NE(error(p).find("strength: only image-to-image uses it"), std::string::npos) << error(p);
+  p.strength = GenerationParams{}.strength;  // the default without an image: text-to-image
+  EXPECT_EQ(resolve_params(model, p).begin, 0);
+  p = request(dir, meta, run, 0);
+  p.image_prompt = dir + "/no-such.png";
+  EXPECT_NE(error(p).find("no-such.png"), std::string::npos) << error(p);
+  // an image whose sides are not multiples of 8 (the latent factor 4 x the UNet's one downsampling)
+  Image odd;
+  odd.width = 36;
+  odd.height = 32;
+  odd.pixels.assign(size_t(36) * 32 * 3, 128);
+  p.image_prompt = "data:image/png;base64," + base64_encode(encode_png(odd));
+  EXPECT_NE(error(p).find("is 36x32; image-to-image needs sides that are multiples of 8"), std::string::npos) << error(p);
+}
+
+// The encode stage's rank loads the VAE's encoder alone (kImageLatents); the decode stage's rank its decoder alone;
+// the memory estimate of the encode stage counts the encoder's weights.
+TEST(GoldenImg2Img, EncodeRankLoadsTheEncoderOnly) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const SdModel enc = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder | kImageLatents);
+  ASSERT_TRUE(enc.vae);
+  EXPECT_TRUE(enc.vae->has_encoder());
+  EXPECT_FALSE(enc.vae->has_decoder());
+  EXPECT_NE(test::error_of([&] { (void)enc.vae->decode(at::zeros({1, 4, 8, 8})); }).find("without its decoder"),
+            std::string::npos);
+  const SdModel dec = SdModel::load(dir + "/model", test::device_spec(), kVae);
+  ASSERT_TRUE(dec.vae);
+  EXPECT_FALSE(dec.vae->has_encoder());
+  EXPECT_TRUE(dec.vae->has_decoder());
+  // weights: the text encoder's and the VAE encoder's (encoder.*, quant_conv.*), float32
+  auto elems = [](const std::string& file, bool vae_encoder_only) {
+    const auto f = SafetensorsFile::open(file);
+    double n = 0;
+    for (const auto& k : f->names())
+      if (!vae_encoder_only || k.rfind("encoder.", 0) == 0 || k.rfind("quant_conv.", 0) == 0)
+        n += static_cast<double>(f->get(k).numel());
+    return n;
+  };
+  const double want = 4 * (elems(dir + "/model/text_encoder/model.safetensors", false) +
+                           elems(dir + "/model/vae/diffusion_pytorch_model.safetensors", true));
+  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 40, 32, 1, true, at::kFloat).weights, want);
+}
