@@ -36,7 +36,8 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-ddpm DIFFPIPE_GOLDEN_DDPM make_ddpm_golden.py
   make_ref tiny-if DIFFPIPE_GOLDEN_IF make_if_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-upscale DIFFPIPE_GOLDEN_UPSCALE make_upscale_golden.py --src "$GOLD_DIR"
-  make_ref tiny-img2img DIFFPIPE_GOLDEN_IMG2IMG make_img2img_golden.py --src "$GOLD_DIR"
+  make_ref tiny-img2img DIFFPIPE_GOLDEN_IMG2IMG make_img2img_golden.py --src "$GOLD_DIR" \
+    ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
 fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

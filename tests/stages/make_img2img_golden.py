@@ -9,7 +9,9 @@ The model is the source folder's (DIR/model links to it). DIR/input_K.png: the s
 so that width and height cannot be swapped unnoticed). DIR/golden.safetensors: for each run R of golden.json (a
 sampler, strength, steps, guidance, negative prompt), R.draws.K (every random draw in order: the VAE posterior's
 sample noise [B, 4, 8, 10], then the noise added to the latents [B, 4, 8, 10]), R.image_latents (the sampled and
-scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (output_type "pt").
+scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (output_type "pt"). With --sdxl MODEL
+(an SDXL folder, e.g. tiny-sdxl's), one more run "sdxl" through StableDiffusionXLImg2ImgPipeline on it (its
+scheduler, strength 0.6, the size conditioning from the image), recorded the same way and named in golden.json.
 """
 import argparse
 import json
@@ -38,6 +40,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    ap.add_argument("--sdxl", help="an SDXL model folder for the sdxl run")
     a = ap.parse_args()
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -90,8 +93,24 @@ def main():
             res[f"{n}.draws.{k}"] = d
         res[f"{n}.image_latents"] = captured["image_latents"]
         res[f"{n}.images"] = img
+    sdxl = None
+    if a.sdxl:
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+        from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+        xl = StableDiffusionXLImg2ImgPipeline.from_pretrained(a.sdxl)
+        xl.set_progress_bar_config(disable=True)
+        sdxl = dict(name="sdxl", model=os.path.abspath(a.sdxl), strength=0.6, steps=5, guidance=5.0,
+                    negative_prompt=None)
+        with torch.no_grad(), recorded_draws(vae_module, pipeline_stable_diffusion_xl_img2img) as draws:
+            img = xl(PROMPTS, image=images, strength=sdxl["strength"], num_inference_steps=sdxl["steps"],
+                     guidance_scale=sdxl["guidance"], output_type="pt",
+                     generator=torch.Generator().manual_seed(a.seed + 12)).images
+        assert len(draws) == 2, f"sdxl: expected 2 draws, got {len(draws)}"
+        for k, d in enumerate(draws):
+            res[f"sdxl.draws.{k}"] = d
+        res["sdxl.images"] = img
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
+    meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS, "sdxl": sdxl,
             "draw_order": "the VAE posterior's sample noise, then the noise added to the image latents",
             "source": f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline on {a.src}, "
                       f"torch {torch.__version__}, float32 CPU"}

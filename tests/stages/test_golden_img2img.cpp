@@ -27,7 +27,7 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
   p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
   p.steps = run.at("steps").get<int>();
   p.guidance = run.at("guidance").get<double>();
-  p.sampler = run.at("sampler").get<std::string>();
+  p.sampler = run.value("sampler", std::string());
   p.strength = run.at("strength").get<double>();
   p.image_prompt = dir + "/" + meta.at("images")[i].get<std::string>();
   return p;
@@ -153,4 +153,39 @@ TEST(GoldenImg2Img, EncodeRankLoadsTheEncoderOnly) {
   const double want = 4 * (elems(dir + "/model/text_encoder/model.safetensors", false) +
                            elems(dir + "/model/vae/diffusion_pytorch_model.safetensors", true));
   EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 40, 32, 1, true, at::kFloat).weights, want);
+}
+
+// SDXL through StableDiffusionXLImg2ImgPipeline (the run exists when the reference was made with --sdxl): the size
+// conditioning comes from the image (40x32, as the encode stage sets it), Euler from the folder's scheduler.
+TEST(GoldenImg2Img, SdxlWholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null())
+    GTEST_SKIP() << dir << " has no sdxl run (make_img2img_golden.py --sdxl MODEL makes one)";
+  const auto& run = meta.at("sdxl");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(run.at("model").get<std::string>(), spec);
+  ASSERT_TRUE(model.sdxl && model.img2img());
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    GenerationParams p = request(dir, meta, run, i);
+    p.sampler.clear();  // the folder's
+    const ResolvedParams r = resolve_params(model, p);
+    p.width = r.width;  // as the encode stage does: SDXL's size conditioning is the image's
+    p.height = r.height;
+    params.push_back(p);
+  }
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& p : params) ptrs.push_back(&p);
+  auto embs = TextEncodeStage(model).run(ptrs);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    embs[i].image_latents = img2img_latents(model, params[i], resolve_params(model, params[i]).image,
+                                            g.at("sdxl.draws.0")[row]);
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.draws.1")[row]));
+    EXPECT_EQ(ds.back().total_steps(), 3);  // int(5 x 0.6)
+  }
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-img2img] sdxl at strength 0.6"));
 }
