@@ -37,6 +37,7 @@ int serve_main(int argc, char** argv) {
                        {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},
                        {"queue", "N", "admission queue: more waiting images answer 429 (default 64)"},
                        {"max-n", "N", "images per request (default 8)"},
+                       {"max-body-mb", "MB", "largest request body; uploaded images travel in it (default 16)"},
                        {"timeout-request", "S", "an image not finished S s after it arrived answers 504 (default: none)"},
                        {"steps", "N", "default num_inference_steps (default 25)"},
                        {"guidance", "G", "default guidance_scale (default 7.5)"},
@@ -48,7 +49,7 @@ int serve_main(int argc, char** argv) {
                        {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
                        {"timeout", "S", "fail when admitted work makes no progress for S s (default 600)"},
                        {"inject-failure", "STAGE:IMAGE", "testing aid: the IMAGE-th image served (from 1) fails in STAGE"}},
-                   argc, argv, "POST /v1/images/generations, GET /healthz, /v1/models, /metrics; SIGTERM drains");
+                   argc, argv, "POST /v1/images/generations, /v1/images/edits, /v1/images/variations, GET /healthz, /v1/models, /metrics; SIGTERM drains");
     if (parsed->help_requested()) return;
     DP_CHECK(parsed->has("model"), "serve: --model DIR is required");
     const int64_t port = parsed->integer("port", 8000);
@@ -97,9 +98,11 @@ int serve_main(int argc, char** argv) {
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);
     defaults.sampler = a.str("sampler");
-    // the x4 upscaler: each request brings its image ("image"), so the defaults alone cannot be resolved
+    // the x4 upscaler and Stable unCLIP without a prior: each request brings its image ("image"), so the defaults
+    // alone cannot be resolved
     if (model.upscaler) defaults.noise_level = 20;  // diffusers' default
-    else (void)resolve_params(model, defaults);
+    const bool image_per_request = model.upscaler || (model.image_variations && model.prior_train_timesteps == 0);
+    if (!image_per_request) (void)resolve_params(model, defaults);
   });
 
   std::unique_ptr<ImageServer> server;
@@ -111,8 +114,12 @@ int serve_main(int argc, char** argv) {
     while (!name.empty() && name.back() == '/') name.pop_back();
     so.model_name = a.str("name", name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1));
     so.max_n = static_cast<int>(a.integer("max-n", 8));
+    const int64_t mb = a.integer("max-body-mb", 16);
+    DP_CHECK(mb >= 1 && mb <= 1024, "serve: --max-body-mb must be in [1, 1024], got ", mb);
+    so.max_body = static_cast<size_t>(mb) << 20;
     so.request_timeout_s = a.number("timeout-request", 0);
     so.defaults = defaults;
+    so.image_variations = model.image_variations;
     so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
     so.count_tokens = [&model](const std::string& s) {
       return static_cast<int>(std::min<size_t>(model.tokenizer->encode_untruncated(s).size(),
@@ -124,7 +131,7 @@ int serve_main(int argc, char** argv) {
     if (server) server->start();
   });
   if (server) {
-    std::fprintf(stderr, "%sdiffpipe: serving %s on http://%s:%d (POST /v1/images/generations)\n",
+    std::fprintf(stderr, "%sdiffpipe: serving %s on http://%s:%d (POST /v1/images/generations, /v1/images/edits, /v1/images/variations)\n",
                  opts.placement.describe().c_str(), dir.c_str(), a.str("host", "127.0.0.1").c_str(), server->port());
     std::fflush(stderr);
   }

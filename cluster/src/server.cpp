@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "diffpipe/cluster/form_data.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/image.h"
 
@@ -39,6 +40,55 @@ struct BadRequest {
 };
 
 const double kBuckets[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+
+// The routes that make images: text only, an image edited under a prompt, variations of an image (no prompt).
+enum class Route { Generations, Edits, Variations };
+
+// An uploaded form (images.edit / images.create_variation) as the JSON object the generations route reads: the
+// image file part becomes "image" (a data URI of its bytes), numeric and boolean fields are typed, a mask is refused.
+std::string form_to_json(const std::string& body, const std::string& content_type) {
+  std::vector<FormPart> parts;
+  try {
+    parts = parse_form_data(body, form_boundary(content_type));
+  } catch (const std::exception& e) {
+    throw BadRequest{e.what(), ""};
+  }
+  static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height"};
+  static const std::set<std::string> numbers{"guidance_scale", "strength"};
+  json j = json::object();
+  for (const FormPart& p : parts) {
+    const std::string name = p.name == "image[]" ? "image" : p.name;
+    if (j.contains(name))
+      throw BadRequest{name == "image" ? "one image per request" : "field '" + name + "' given twice", name};
+    if (name == "mask") throw BadRequest{"masks (inpainting) are not supported: send the image alone", "mask"};
+    if (name == "image") {
+      // a file part carries the PNG's bytes; a text field may carry base64 or a data URI
+      j[name] = p.filename.empty() && p.content_type.empty() ? p.value : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
+    } else if (integers.count(name) || numbers.count(name)) {
+      size_t used = 0;
+      bool ok = !p.value.empty();
+      double d = 0;
+      long long i = 0;
+      try {
+        if (integers.count(name)) i = std::stoll(p.value, &used);
+        else d = std::stod(p.value, &used);
+      } catch (const std::exception&) {
+        ok = false;
+      }
+      if (!ok || used != p.value.size())
+        throw BadRequest{"'" + name + "' must be " + (integers.count(name) ? "an integer" : "a number") + ", got \"" +
+                             p.value.substr(0, 40) + "\"", name};
+      if (integers.count(name)) j[name] = i;
+      else j[name] = d;
+    } else if (name == "stream") {
+      if (p.value != "true" && p.value != "false") throw BadRequest{"'stream' must be true or false", "stream"};
+      j[name] = p.value == "true";
+    } else {
+      j[name] = p.value;
+    }
+  }
+  return j.dump();
+}
 
 }  // namespace
 
@@ -150,21 +200,31 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     if (req.method() == http::verb::get && path == "/v1/models")
       return send_json(200, {{"object", "list"}, {"data", {{{"id", impl.o.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "diffpipe"}}}}}, keep_alive);
     if (req.method() == http::verb::get && path == "/metrics") return send_text(200, impl.metrics_text(), "text/plain; version=0.0.4");
-    if (path == "/v1/images/generations") {
+    const Route route = path == "/v1/images/edits" ? Route::Edits : path == "/v1/images/variations" ? Route::Variations
+                                                                                                     : Route::Generations;
+    if (path == "/v1/images/generations" || route != Route::Generations) {
       if (req.method() != http::verb::post)
         return send_json(405, error_body("use POST", "invalid_request_error", nullptr, "method_not_allowed"), keep_alive);
-      return generate(req.body());
+      const std::string type(req[http::field::content_type]);
+      if (route == Route::Generations || type.rfind("multipart/", 0) != 0) return generate(req.body(), route);
+      std::string body;
+      try {  // an uploaded form: the image as a file
+        body = form_to_json(req.body(), type);
+      } catch (const BadRequest& b) {
+        return send_json(b.status, error_body(b.message, "invalid_request_error", b.param.empty() ? json(nullptr) : json(b.param), "invalid_value"), keep_alive);
+      }
+      return generate(body, route);
     }
     send_json(404, error_body("no route " + std::string(req.method_string()) + " " + path, "invalid_request_error", nullptr, "not_found"), keep_alive);
   }
 
-  void generate(const std::string& body) {
+  void generate(const std::string& body, Route route) {
     std::vector<GenerationParams> params;
     int tokens = 0;
     bool streaming = false;
     std::string size_text;
     try {
-      params = parse(body, &tokens, &streaming, &size_text);
+      params = parse(body, route, &tokens, &streaming, &size_text);
     } catch (const BadRequest& b) {
       return send_json(b.status, error_body(b.message, "invalid_request_error", b.param.empty() ? json(nullptr) : json(b.param), "invalid_value"), keep_alive);
     }
@@ -248,7 +308,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     });
   }
 
-  std::vector<GenerationParams> parse(const std::string& body, int* tokens, bool* streaming, std::string* size_text) {
+  std::vector<GenerationParams> parse(const std::string& body, Route route, int* tokens, bool* streaming,
+                                      std::string* size_text) {
     json j;
     try {
       j = json::parse(body);
@@ -276,8 +337,17 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         throw BadRequest{std::string("'") + k + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(v), k};
       return v;
     };
-    const auto prompt = str("prompt");
-    if (!prompt || prompt->empty()) throw BadRequest{"'prompt' is required", "prompt"};
+    // variations: an image and no prompt (Stable unCLIP's image embedding); edits: an image under a prompt
+    if (route != Route::Generations && !(j.contains("image") && j["image"].is_string() && !j["image"].empty()))
+      throw BadRequest{std::string("'image' is required: the PNG to ") + (route == Route::Edits ? "edit" : "vary") +
+                           " (a file in a multipart form, or base64 / a data URI in JSON)", "image"};
+    if (route == Route::Variations && !impl.o.image_variations)
+      throw BadRequest{"this model makes no image variations (a Stable unCLIP folder with image_encoder/ does; "
+                       "/v1/images/edits takes an image and a prompt)", "image"};
+    if (route == Route::Variations && j.contains("prompt"))
+      throw BadRequest{"variations take no prompt (use /v1/images/edits to guide an image by a prompt)", "prompt"};
+    const auto prompt = route == Route::Variations ? std::optional<std::string>("") : str("prompt");
+    if (route != Route::Variations && (!prompt || prompt->empty())) throw BadRequest{"'prompt' is required", "prompt"};
     if (prompt->size() > 32000) throw BadRequest{"'prompt' is longer than 32000 characters", "prompt"};
     if (j.contains("stream") && !j["stream"].is_boolean()) throw BadRequest{"'stream' must be true or false", "stream"};
     *streaming = j.value("stream", false);

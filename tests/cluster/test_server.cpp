@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "diffpipe/cluster/form_data.h"
 #include "diffpipe/cluster/server.h"
 #include "test_util.h"
 
@@ -74,4 +75,44 @@ TEST(Server, AnAnswerDeliveredAtShutdownReachesItsClient) {
     ASSERT_EQ(resp.rfind("HTTP/1.1 200", 0), 0u) << "got " << resp.size() << " bytes: " << resp.substr(0, 80);
     EXPECT_NE(resp.find("\"b64_json\""), std::string::npos);
   }
+}
+
+// multipart/form-data as clients send it (the openai client's images.edit): a file part with binary bytes (CR, LF
+// and NUL inside), text fields, quoted and unquoted boundaries; malformed bodies are errors naming the part.
+TEST(FormData, PartsOfAnUploadAndErrors) {
+  EXPECT_EQ(form_boundary("multipart/form-data; boundary=abc123"), "abc123");
+  EXPECT_EQ(form_boundary("Multipart/Form-Data; charset=utf-8; boundary=\"a b;c\""), "a b;c");
+  EXPECT_NE(test::error_of([] { (void)form_boundary("application/json"); }).find("expected multipart/form-data"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([] { (void)form_boundary("multipart/form-data"); }).find("without a valid boundary"),
+            std::string::npos);
+  const std::string png("\x89PNG\r\n\x1a\n\0\0\r\n--notquite\r\n", 22);
+  const std::string body = "preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na red; circle\r\n"
+                           "--XyZ\r\ncontent-disposition: form-data; name=\"image\"; filename=\"in put.png\"\r\n"
+                           "Content-Type: image/png\r\n\r\n" + png + "\r\n--XyZ\r\n"
+                           "Content-Disposition: form-data; name=n\r\n\r\n2\r\n--XyZ--\r\n";
+  const std::vector<FormPart> parts = parse_form_data(body, "XyZ");
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[0].name, "prompt");
+  EXPECT_EQ(parts[0].value, "a red; circle");
+  EXPECT_EQ(parts[0].filename, "");
+  EXPECT_EQ(parts[1].name, "image");
+  EXPECT_EQ(parts[1].filename, "in put.png");
+  EXPECT_EQ(parts[1].content_type, "image/png");
+  EXPECT_EQ(parts[1].value, png);  // bytes as sent
+  EXPECT_EQ(parts[2].name, "n");
+  EXPECT_EQ(parts[2].value, "2");
+  EXPECT_TRUE(parse_form_data("--b--\r\n", "b").empty());
+  auto err = [](const std::string& b) { return test::error_of([&] { (void)parse_form_data(b, "b"); }); };
+  EXPECT_NE(err("no boundary here").find("no opening boundary line"), std::string::npos);
+  EXPECT_NE(err("--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nvalue").find("part 1 is not terminated"),
+            std::string::npos);
+  EXPECT_NE(err("--b\r\nContent-Disposition: form-data; name=\"x\"\r\nvalue\r\n--b--").find("part 1 has no blank line"),
+            std::string::npos);
+  EXPECT_NE(err("--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b\r\nContent-Type: text/plain\r\n\r\n2\r\n--b--")
+                .find("part 2 has no Content-Disposition name"),
+            std::string::npos);
+  EXPECT_NE(err("--b\r\nContent-Disposition: attachment; name=\"x\"\r\n\r\n1\r\n--b--").find("not form-data"),
+            std::string::npos);
+  EXPECT_NE(err("--bX").find("part 1: the boundary line is not ended by CRLF"), std::string::npos);
 }

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/cluster/form_data.h"
 #include "diffpipe/cluster/placement.h"
 #include "diffpipe/cluster/wire.h"
 #include "diffpipe/runtime/image.h"
@@ -229,6 +230,14 @@ std::vector<Target> targets(const std::string& work) {
                  }});
     t.push_back({"image-data-uri", "data:image/png;base64," + base64_encode(png),
                  [](const std::string& s) { (void)read_image_ref(s); }});
+    // an upload as the openai client sends it: text fields and the PNG as a file part
+    const std::string form = "--fz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na red circle\r\n--fz\r\n"
+                             "Content-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png"
+                             "\r\n\r\n" + std::string(png.begin(), png.end()) + "\r\n--fz--\r\n";
+    t.push_back({"multipart-form", form, [](const std::string& s) {
+                   for (const FormPart& p : parse_form_data(s, form_boundary("multipart/form-data; boundary=fz")))
+                     if (p.name == "image") (void)decode_png(reinterpret_cast<const uint8_t*>(p.value.data()), p.value.size(), "fuzz");
+                 }});
   }
   {
     wire::Work w;

@@ -6,6 +6,10 @@
 //     -> {created, data: [{b64_json}], usage}; errors {"error": {message, type, param, code}}
 //     stream: true -> server-sent events image_generation.partial_image (the denoised estimate, decoded by the
 //     decode stage after final images) then image_generation.completed
+//   POST /v1/images/edits        the same fields with "image" (the PNG to start from: image-to-image on SD/SDXL, the
+//                                x4 upscaler's input, Stable unCLIP's image prompt) and "strength"; a multipart form
+//                                (the image as a file, as the OpenAI client's images.edit sends it) or JSON (base64)
+//   POST /v1/images/variations   "image" alone (no prompt): Stable unCLIP image variations (images.create_variation)
 //   GET /healthz (200 once the pipeline runs on every rank, else 503), GET /v1/models, GET /metrics (Prometheus)
 // A full admission queue answers 429 with Retry-After; a request past its deadline 504; a request that fails in
 // a stage 500 for itself alone; a client that disconnects has its requests cancelled in every stage. Bad input
@@ -28,11 +32,12 @@ struct ServerOptions {
   int port = 8000;                 // 0: any free port (port() says which)
   std::string model_name = "diffpipe";
   int max_n = 8;                   // images per request
-  size_t max_body = 1 << 20;       // bytes; more is 413
+  size_t max_body = 16 << 20;      // bytes; more is 413 (uploaded images travel in the body)
   double read_timeout_s = 10;      // a client slower than this to send its request gets 408
   double request_timeout_s = 0;    // per image, from arrival; 0 = none (else 504 past it)
   int threads = 4;                 // server threads (the model runs elsewhere); none ever blocks
   GenerationParams defaults;       // steps, guidance, sampler, size when the request leaves them out
+  bool image_variations = false;   // the model makes variations of an image alone (/v1/images/variations)
   // Checks one image's settings against the model (throws naming the field); run on the request's thread.
   std::function<void(const GenerationParams&)> validate;
   // Prompt length in tokens, for `usage`.
