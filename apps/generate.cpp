@@ -40,8 +40,8 @@ const std::vector<cli::Opt> kOptions = {
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
-                        "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength (unset\n"
-                        "keys take the command line's values)"},
+                        "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask\n"
+                        "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -73,8 +73,10 @@ const std::vector<cli::Opt> kOptions = {
     {"image", "FILE", "SD and SDXL folders: image-to-image, the PNG to start from (the output has its size);\n"
                       "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x. Stored as\n"
                       "image_prompt; a data:image/png;base64 URI works too"},
-    {"strength", "S", "image-to-image: how much of the schedule runs on the noised image, in [0, 1] (default\n"
-                      "0.8: int(steps x S) steps run; 1 ignores the image's content)"},
+    {"strength", "S", "image-to-image: how much of the schedule runs on the noised image, in [0, 1]: int(steps x S)\n"
+                      "steps run (default 0.8; 1 for inpainting)"},
+    {"mask", "FILE", "inpainting (SD 1.x/2.x folders, with --image): a PNG of the image's size; white repainted,\n"
+                     "black kept (an inpainting folder's 9-channel UNet, or any SD UNet by blending)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
@@ -241,9 +243,12 @@ int generate_main(int argc, char** argv) {
     base.noise_level = static_cast<int>(a.integer("noise-level", upscaler ? 20 : 0));  // diffusers' defaults
     DP_CHECK(!(a.has("image") && a.has("image-prompt")), "generate: give --image or --image-prompt, not both");
     base.image_prompt = a.has("image") ? a.str("image") : a.str("image-prompt");
-    base.strength = a.number("strength", base.strength);
-    DP_CHECK(std::isfinite(base.strength) && base.strength >= 0 && base.strength <= 1,
-             "generate: --strength must be in [0, 1], got ", base.strength);
+    if (a.has("strength")) {
+      base.strength = a.number("strength", 0);
+      DP_CHECK(std::isfinite(base.strength) && base.strength >= 0 && base.strength <= 1,
+               "generate: --strength must be in [0, 1], got ", base.strength);
+    }
+    base.mask = a.str("mask");
     base.original_width = static_cast<int>(a.integer("original-width", 0));
     base.original_height = static_cast<int>(a.integer("original-height", 0));
     base.crop_top = static_cast<int>(a.integer("crop-top", 0));

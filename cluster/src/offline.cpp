@@ -74,7 +74,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "width", "height", "clip_skip", "images", "prior_steps",
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
-                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength"};
+                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -97,7 +97,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level, strength)");
+               "x4_guidance, x4_noise_level, strength, mask)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -128,9 +128,12 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     DP_CHECK(p.x4_steps >= 1, l.origin, ": key 'x4_steps' must be at least 1");
     DP_CHECK(std::isfinite(p.x4_guidance) && p.x4_guidance >= 0, l.origin, ": key 'x4_guidance' must be a number >= 0");
     DP_CHECK(p.x4_noise_level >= 0, l.origin, ": key 'x4_noise_level' must be at least 0");
-    p.strength = get_field<double>(o, "strength", l.origin, p.strength);
-    DP_CHECK(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, l.origin,
-             ": key 'strength' must be a number in [0, 1]");
+    if (o.contains("strength")) {
+      p.strength = get_field<double>(o, "strength", l.origin, p.strength);
+      DP_CHECK(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, l.origin,
+               ": key 'strength' must be a number in [0, 1]");
+    }
+    p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -180,7 +183,9 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << ", Noise level: " << p.noise_level;
   else if (!p.image_prompt.empty() && img2img)  // image-to-image's starting image
-    os << ", Image: " << describe_image_ref(p.image_prompt) << ", Denoising strength: " << p.strength;
+    os << ", Image: " << describe_image_ref(p.image_prompt)
+       << (p.mask.empty() ? "" : ", Mask: " + describe_image_ref(p.mask)) << ", Denoising strength: "
+       << p.effective_strength();
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (p.original_width > 0 || p.original_height > 0)

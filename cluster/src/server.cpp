@@ -53,15 +53,15 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   } catch (const std::exception& e) {
     throw BadRequest{e.what(), ""};
   }
-  static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height"};
+  static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
+                                              "noise_level"};
   static const std::set<std::string> numbers{"guidance_scale", "strength"};
   json j = json::object();
   for (const FormPart& p : parts) {
     const std::string name = p.name == "image[]" ? "image" : p.name;
     if (j.contains(name))
       throw BadRequest{name == "image" ? "one image per request" : "field '" + name + "' given twice", name};
-    if (name == "mask") throw BadRequest{"masks (inpainting) are not supported: send the image alone", "mask"};
-    if (name == "image") {
+    if (name == "image" || name == "mask") {
       // a file part carries the PNG's bytes; a text field may carry base64 or a data URI
       j[name] = p.filename.empty() && p.content_type.empty() ? p.value : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
     } else if (integers.count(name) || numbers.count(name)) {
@@ -320,7 +320,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     static const std::set<std::string> used{"prompt", "n", "size", "response_format", "output_format", "user", "model",
                                             "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
                                             "sampler", "width", "height", "stream", "partial_images", "image",
-                                            "strength"};
+                                            "strength", "noise_level", "mask"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -371,9 +371,16 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       p.guidance = j["guidance_scale"].get<double>();
     }
     p.sampler = str("sampler").value_or(p.sampler);
+    // the x4 upscaler's input noise level, Stable unCLIP's image-embedding noise augmentation (checked by the model)
+    p.noise_level = static_cast<int>(integer("noise_level", 0, 1 << 20).value_or(p.noise_level));
     if (j.contains("strength") && !j["strength"].is_null()) {  // image-to-image (with an image)
       if (!j["strength"].is_number()) throw BadRequest{"'strength' must be a number in [0, 1]", "strength"};
       p.strength = j["strength"].get<double>();
+      if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
+    }
+    if (const auto m = str("mask"); m && !m->empty()) {  // inpainting: white repainted, black kept
+      if (route != Route::Edits) throw BadRequest{"a mask goes with /v1/images/edits (inpainting)", "mask"};
+      p.mask = is_data_uri(*m) ? *m : "data:image/png;base64," + *m;
     }
     // an input image (the x4 upscaler's, Stable unCLIP's image variations): a PNG as a data URI or bare base64; it
     // travels inline with the request (never a path on the server)

@@ -103,6 +103,7 @@ GenerationParams read_params(const Reader& r, const json& o) {
     p.x4_noise_level = static_cast<int>(r.integer(o, "x4_noise_level", "params.x4_noise_level", 0, 1 << 20));
   }
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
+  if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
   return p;
 }
 

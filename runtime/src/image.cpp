@@ -113,7 +113,7 @@ void read_bytes(png_structp png, png_bytep out, png_size_t n) {
 }
 }  // namespace
 
-Image decode_png(const uint8_t* data, size_t n, const std::string& origin) {
+Image decode_png(const uint8_t* data, size_t n, const std::string& origin, bool keep_alpha) {
   DP_CHECK(n >= 8 && png_sig_cmp(data, 0, 8) == 0, origin, ": not a PNG image");
   std::string why;
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &why, png_fail, png_ignore_warning);
@@ -131,13 +131,17 @@ Image decode_png(const uint8_t* data, size_t n, const std::string& origin) {
   png_set_palette_to_rgb(png);
   png_set_expand_gray_1_2_4_to_8(png);
   png_set_gray_to_rgb(png);
-  png_set_strip_alpha(png);
+  const bool alpha = keep_alpha && ((png_get_color_type(png, info) & PNG_COLOR_MASK_ALPHA) != 0 ||
+                                    png_get_valid(png, info, PNG_INFO_tRNS) != 0);
+  if (alpha) png_set_tRNS_to_alpha(png);
+  else png_set_strip_alpha(png);
   png_read_update_info(png, info);
   img.width = static_cast<int>(png_get_image_width(png, info));
   img.height = static_cast<int>(png_get_image_height(png, info));
-  img.channels = 3;
-  img.pixels.resize(static_cast<size_t>(img.width) * img.height * 3);
-  for (int y = 0; y < img.height; ++y) png_read_row(png, img.pixels.data() + static_cast<size_t>(y) * img.width * 3, nullptr);
+  img.channels = alpha ? 4 : 3;
+  const size_t row = static_cast<size_t>(img.width) * img.channels;
+  img.pixels.resize(row * img.height);
+  for (int y = 0; y < img.height; ++y) png_read_row(png, img.pixels.data() + static_cast<size_t>(y) * row, nullptr);
   png_destroy_read_struct(&png, &info, nullptr);
   return img;
 }
@@ -153,8 +157,8 @@ std::string describe_image_ref(const std::string& ref) {
   return "inline PNG (" + std::to_string(ref.size()) + " characters)";
 }
 
-Image read_image_ref(const std::string& ref) {
-  if (!is_data_uri(ref)) return read_png(ref);
+Image read_image_ref(const std::string& ref, bool keep_alpha) {
+  if (!is_data_uri(ref)) return read_png(ref, keep_alpha);
   const size_t comma = ref.find(',');
   DP_CHECK(ref.rfind(kDataUriPng, 0) == 0, "an inline image must be a data URI \"", kDataUriPng, "...\", got \"",
            ref.substr(0, std::min<size_t>(comma == std::string::npos ? 40 : comma + 1, 40)), "\"");
@@ -164,7 +168,7 @@ Image read_image_ref(const std::string& ref) {
   } catch (const std::exception& e) {
     DP_FAIL("an inline image: ", e.what());
   }
-  return decode_png(bytes.data(), bytes.size(), "an inline image");
+  return decode_png(bytes.data(), bytes.size(), "an inline image", keep_alpha);
 }
 
 std::string base64_encode(const std::vector<uint8_t>& in) {
@@ -215,7 +219,7 @@ std::vector<uint8_t> base64_decode(const std::string& in) {
   return out;
 }
 
-Image read_png(const std::string& path) {
+Image read_png(const std::string& path, bool keep_alpha) {
   FILE* fp = std::fopen(path.c_str(), "rb");
   DP_CHECK(fp, path, ": cannot open: ", std::strerror(errno));
   std::vector<uint8_t> bytes;
@@ -224,7 +228,7 @@ Image read_png(const std::string& path) {
   const bool failed = std::ferror(fp) != 0;
   std::fclose(fp);
   DP_CHECK(!failed, path, ": read error");
-  return decode_png(bytes.data(), bytes.size(), path);
+  return decode_png(bytes.data(), bytes.size(), path, keep_alpha);
 }
 
 Image contact_sheet(const std::vector<Image>& images, int cols, int pad) {

@@ -137,10 +137,15 @@ void SdModel::validate(const std::string& dir) {
              ": num_train_timesteps ", lr.num_train_timesteps, " must exceed max_noise_level ", max_level);
     return;
   }
-  // Either file may be the wrong one: name both values.
-  DP_CHECK(ucfg.in_channels == vcfg.latent_channels && ucfg.out_channels == vcfg.latent_channels,
+  // Either file may be the wrong one: name both values. An inpainting UNet (StableDiffusionInpaintPipeline) also
+  // takes the mask and the masked image's latents.
+  const bool inpaint = ucfg.in_channels == 2 * vcfg.latent_channels + 1;
+  DP_CHECK((ucfg.in_channels == vcfg.latent_channels || inpaint) && ucfg.out_channels == vcfg.latent_channels,
            path_join(dir, "unet/config.json"), " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
-           " and ", path_join(dir, "vae/config.json"), " latent_channels ", vcfg.latent_channels, " disagree");
+           " and ", path_join(dir, "vae/config.json"), " latent_channels ", vcfg.latent_channels,
+           " disagree (in_channels is latent_channels, or 2 x latent_channels + 1 for an inpainting UNet)");
+  DP_CHECK(!inpaint || !is_sdxl(dir), path_join(dir, "unet/config.json"), ": SDXL inpainting UNets (in_channels ",
+           ucfg.in_channels, ") are not supported");
 }
 
 // Native bfloat16 matrix units on this CPU (AMX or AVX-512 BF16, from /proc/cpuinfo's flags): without them
@@ -223,6 +228,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.noise_levels =
         SchedulerConfig::load_ddpm(path_join(dir, "image_noising_scheduler/scheduler_config.json")).num_train_timesteps;
   }
+  m.inpaint_unet = !is_upscaler(dir) && m.unet_config.in_channels == 2 * m.vae_config.latent_channels + 1;
   if (is_upscaler(dir)) {
     m.upscaler = true;
     m.image_noising = SchedulerConfig::load_ddpm(path_join(dir, "low_res_scheduler/scheduler_config.json"));

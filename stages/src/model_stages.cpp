@@ -20,15 +20,17 @@ class EncodeStage : public OneShotStage {
 
  protected:
   std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
-    // image-to-image: the input image's latents (its size is the image's: SDXL's size conditioning needs it)
-    std::vector<at::Tensor> latents(batch.size());
+    // image-to-image: the input image's latents (its size is the image's: SDXL's size conditioning needs it);
+    // inpainting: the mask at the latents' size (and the masked image's latents for an inpainting UNet)
+    std::vector<Embeddings> images(batch.size());
     std::vector<GenerationParams> sized(batch.size());
     std::vector<const GenerationParams*> ps;
     for (size_t i = 0; i < batch.size(); ++i) {
       ps.push_back(&batch[i]->params);
       if (!model_.img2img() || batch[i]->params.image_prompt.empty()) continue;
-      const ResolvedParams r = resolve_params(model_, batch[i]->params);  // reads and checks the image
-      latents[i] = img2img_latents(model_, batch[i]->params, r.image);
+      const ResolvedParams r = resolve_params(model_, batch[i]->params);  // reads and checks the image (and mask)
+      images[i].image_latents = img2img_latents(model_, batch[i]->params, r.image);
+      if (r.mask.defined()) inpaint_conditioning(model_, batch[i]->params, r.image, r.mask, images[i]);
       sized[i] = batch[i]->params;
       sized[i].width = r.width;
       sized[i].height = r.height;
@@ -47,7 +49,9 @@ class EncodeStage : public OneShotStage {
         if (e.time_ids.defined()) t.push_back(e.uncond_class_labels.contiguous());
         t.push_back(e.uncond.contiguous());
       }
-      if (latents[i].defined()) t.push_back(latents[i].contiguous());  // image-to-image: last
+      // image-to-image: last, in this order
+      for (const at::Tensor& x : {images[i].image_latents, images[i].mask, images[i].masked_image_latents})
+        if (x.defined()) t.push_back(x.contiguous());
       out.push_back(StageEvent::finished(batch[i]->id, std::move(t)));
     }
     return out;
@@ -143,9 +147,18 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
     Embeddings e;
     if (model_.img2img() && !r.params.image_prompt.empty()) {  // image-to-image: the image's latents come last
-      DP_CHECK(r.inputs.size() >= 2, "denoise: request ", r.id, " starts from an image, but its latents did not arrive");
-      e.image_latents = r.inputs.back().to(at::kCPU, at::kFloat);
-      r.inputs.pop_back();
+      const bool inpaint = !r.params.mask.empty();  // then the mask (and the masked image's latents)
+      const size_t n = 1 + (inpaint ? 1 : 0) + (inpaint && model_.inpaint_unet ? 1 : 0);
+      DP_CHECK(r.inputs.size() >= n + 1, "denoise: request ", r.id, " starts from an image, but its latents",
+               inpaint ? " and mask" : "", " did not arrive");
+      auto take = [&] {
+        at::Tensor x = r.inputs.back().to(at::kCPU, at::kFloat);
+        r.inputs.pop_back();
+        return x;
+      };
+      if (inpaint && model_.inpaint_unet) e.masked_image_latents = take();
+      if (inpaint) e.mask = take();
+      e.image_latents = take();
     }
     size_t k = 0;  // Stable unCLIP: the prior's class labels come first
     if (model_.unet_config.text_time()) {  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]

@@ -30,6 +30,27 @@ at::Tensor input_image(const GenerationParams& p) {
   return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
 }
 
+// The request's mask as [1, H, W] float32 of 0 and 1. A mask with fully transparent pixels follows the OpenAI images
+// API (those are repainted); any other, diffusers' mask processor: grey (PIL's L from RGB), then >= 0.5 repainted (1),
+// below kept (0). Errors name the mask.
+at::Tensor input_mask(const GenerationParams& p) {
+  Image img;
+  try {
+    img = read_image_ref(p.mask, /*keep_alpha=*/true);
+  } catch (const std::exception& e) {
+    DP_FAIL("mask: ", e.what());
+  }
+  at::Tensor rgb = at::from_blob(img.pixels.data(), {img.height, img.width, img.channels}, at::kByte).to(at::kInt);
+  using namespace at::indexing;
+  if (img.channels == 4) {
+    const at::Tensor clear = rgb.index({Ellipsis, 3}).eq(0);
+    if (clear.any().item<bool>()) return clear.to(at::kFloat).unsqueeze(0);
+  }
+  const at::Tensor l = (rgb.index({Ellipsis, 0}) * 19595 + rgb.index({Ellipsis, 1}) * 38470 +
+                        rgb.index({Ellipsis, 2}) * 7471 + 0x8000).floor_divide(65536);
+  return (l.to(at::kFloat) / 255.0f).ge(0.5f).to(at::kFloat).unsqueeze(0);
+}
+
 // A cascade stage's conditioning image on `s` (IF stage II's enlarged stage-I image, the x4 upscaler's input): the
 // image [3, h, w] in [-1, 1] noised to `level` by the model's image-noising schedule (DDPMScheduler.add_noise) with
 // `image_noise` or the seed's `stream`, joined to the sample at every step; the level is both rows' class label.
@@ -189,8 +210,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
   const bool img2img = model.img2img() && !p.image_prompt.empty();
+  DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
+           "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
+  DP_CHECK(p.mask.empty() || !model.sdxl, "mask: inpainting runs on Stable Diffusion 1.x/2.x folders, not SDXL (",
+           model.dir, ")");
+  DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",
+           "UNet takes a mask and the masked image): every request needs an image and a mask");
   if (img2img) {  // the output has the input image's size; the schedule starts at int(steps x strength) from its end
-    DP_CHECK(std::isfinite(p.strength) && p.strength >= 0 && p.strength <= 1, "strength: must be in [0, 1], got ",
+    DP_CHECK(p.strength < 0 || (std::isfinite(p.strength) && p.strength <= 1), "strength: must be in [0, 1], got ",
              p.strength);
     int64_t W = 0, H = 0;
     if (image_latents.defined()) {
@@ -210,13 +237,19 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              " x the UNet's downsampling)");
     r.width = static_cast<int>(W);
     r.height = static_cast<int>(H);
-    const int init = std::min(static_cast<int>(p.steps * p.strength), p.steps);  // diffusers' get_timesteps
-    DP_CHECK(init >= 1, "strength: ", p.strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
+    const double strength = p.effective_strength();
+    const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
+    DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
              "strength) must be at least 1); raise strength or steps");
     r.begin = p.steps - init;
+    if (!p.mask.empty() && !image_latents.defined()) {
+      r.mask = input_mask(p);
+      DP_CHECK(r.mask.size(1) == H && r.mask.size(2) == W, "mask: ", describe_image_ref(p.mask), " is ", r.mask.size(2),
+               "x", r.mask.size(1), ", the image ", W, "x", H, " (a mask covers its image pixel for pixel)");
+    }
   } else {
-    DP_CHECK(p.strength == GenerationParams{}.strength, "strength: only image-to-image uses it (an image_prompt with ",
-             "a Stable Diffusion or SDXL folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
+    DP_CHECK(p.strength < 0, "strength: only image-to-image uses it (an image_prompt with a Stable Diffusion or SDXL ",
+             "folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
   }
   if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
     DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
@@ -259,16 +292,34 @@ at::Tensor seeded_noise(uint64_t seed, uint64_t stream, at::IntArrayRef shape) {
   return t;
 }
 
-at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+namespace {
+// An image [3, H, W] in [-1, 1] through the VAE encoder, its posterior sampled with `sample_noise` or the seed's
+// `stream` (diffusers: latent_dist.sample(generator) = mean + exp(0.5 logvar) * noise), times scaling_factor.
+at::Tensor sampled_latents(const SdModel& model, const at::Tensor& image, uint64_t seed, uint64_t stream,
                            const at::Tensor& sample_noise) {
   DP_CHECK(model.vae && model.vae->has_encoder(), "image-to-image: ", model.dir, "'s VAE encoder is not loaded here");
   DP_CHECK(image.dim() == 3 && image.size(0) == 3, "image-to-image: the image must be [3, H, W], got ", image.sizes());
   const GaussianLatent g = model.vae->encode(image.unsqueeze(0).to(model.spec.device, model.vae_dtype));
   const at::Tensor mean = g.mean[0].to(at::kCPU, at::kFloat), logvar = g.logvar[0].to(at::kCPU, at::kFloat);
   const at::Tensor z = sample_noise.defined() ? sample_noise.to(at::kCPU, at::kFloat).reshape(mean.sizes())
-                                              : seeded_noise(p.seed, kImg2ImgLatentStream, mean.sizes());
-  // diffusers: latent_dist.sample(generator) = mean + exp(0.5 logvar) * noise, times the VAE's scaling_factor
+                                              : seeded_noise(seed, stream, mean.sizes());
   return (mean + at::exp(0.5 * logvar) * z) * model.vae_config.scaling_factor;
+}
+}  // namespace
+
+at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+                           const at::Tensor& sample_noise) {
+  return sampled_latents(model, image, p.seed, kImg2ImgLatentStream, sample_noise);
+}
+
+void inpaint_conditioning(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+                          const at::Tensor& mask, Embeddings& emb, const at::Tensor& sample_noise) {
+  DP_CHECK(mask.dim() == 3 && mask.size(0) == 1 && mask.size(1) == image.size(1) && mask.size(2) == image.size(2),
+           "inpainting: the mask must be [1, H, W] like the image ", image.sizes(), ", got ", mask.sizes());
+  const int64_t f = model.latent_factor();
+  emb.mask = at::upsample_nearest2d(mask.unsqueeze(0), {image.size(1) / f, image.size(2) / f})[0].contiguous();
+  if (model.inpaint_unet)  // the image with the repainted region zeroed (grey in [-1, 1])
+    emb.masked_image_latents = sampled_latents(model, image * mask.lt(0.5f), p.seed, kMaskedLatentStream, sample_noise);
 }
 
 at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p) {
@@ -277,9 +328,12 @@ at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p) {
 
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
                                 const at::Tensor& initial_noise, const at::Tensor& image_noise) {
-  const bool img2img = model.img2img() && !p.image_prompt.empty();
+  const bool img2img = model.img2img() && !p.image_prompt.empty(), inpaint = img2img && !p.mask.empty();
   DP_CHECK(!img2img || emb.image_latents.defined(), "denoise: request ", id, " starts from an image, but its latents ",
            "did not arrive (the encode stage makes them)");
+  DP_CHECK(!inpaint || (emb.mask.defined() && (!model.inpaint_unet || emb.masked_image_latents.defined())),
+           "denoise: request ", id, " inpaints, but its mask", model.inpaint_unet ? " and masked image" : "",
+           " did not arrive (the encode stage makes them)");
   ResolvedParams r = resolve_params(model, p, emb.image_latents);
   DenoiseState s;
   s.id = id;
@@ -305,15 +359,28 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
     attach_noised_image(model, s, r.image, p.noise_level, kSrImageNoiseStream, image_noise);
-  const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0), f = model.latent_factor();
+  const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0) -
+                    (model.inpaint_unet ? model.unet_config.in_channels / 2 + 1 : 0),
+                f = model.latent_factor();
   at::Tensor noise = initial_noise.defined() ? initial_noise.to(at::kCPU, at::kFloat)
                                              : seeded_noise(p.seed, 0, {C, r.height / f, r.width / f});
   DP_CHECK(noise.dim() == 3 && noise.size(0) == C, "denoise: initial noise must be [", C, ", h, w]");
   if (img2img) {  // the image's latents noised to the first timestep that runs (diffusers' add_noise)
-    DP_CHECK(noise.sizes() == emb.image_latents.sizes(), "denoise: initial noise ", noise.sizes(),
-             " does not match the image's latents ", emb.image_latents.sizes());
+    const at::Tensor image = emb.image_latents.to(at::kCPU, at::kFloat);
+    DP_CHECK(noise.sizes() == image.sizes(), "denoise: initial noise ", noise.sizes(),
+             " does not match the image's latents ", image.sizes());
     s.begin = s.step = r.begin;
-    s.latents = s.sampler->add_noise(emb.image_latents.to(at::kCPU, at::kFloat), noise, r.begin).to(model.spec.device);
+    // inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); image-to-image never does
+    s.latents = (inpaint && p.effective_strength() == 1.0 ? noise * s.sampler->init_noise_sigma()
+                                                          : s.sampler->add_noise(image, noise, r.begin))
+                    .to(model.spec.device);
+    if (inpaint && model.inpaint_unet) {  // [mask, masked image latents] after the latents at every call
+      s.concat = at::cat({emb.mask.to(at::kFloat), emb.masked_image_latents.to(at::kFloat)}, 0).to(model.spec.device);
+    } else if (inpaint) {
+      s.blend_mask = emb.mask.to(model.spec.device, at::kFloat);
+      s.blend_image = image.to(model.spec.device);
+      s.blend_noise = noise.to(model.spec.device);
+    }
   } else {
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
@@ -485,6 +552,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     };
     // Samplers work on [1, C, h, w] as diffusers does.
     s->latents = s->sampler->step(eps.unsqueeze(0), s->step, s->latents.unsqueeze(0), noise).squeeze(0);
+    if (s->blend_mask.defined()) {  // inpainting with a plain UNet: the kept region is the image at the next level
+      const at::Tensor kept = s->step + 1 < s->sampler->num_calls()
+                                  ? s->sampler->add_noise(s->blend_image, s->blend_noise, s->step + 1)
+                                  : s->blend_image;
+      s->latents = (1 - s->blend_mask) * kept + s->blend_mask * s->latents;
+    }
     if (!s->first_bad.defined()) s->first_bad = at::full({}, -1, s->latents.options().dtype(at::kLong));
     const at::Tensor bad = at::isfinite(s->latents).all().logical_not().logical_and(s->first_bad < 0);
     s->first_bad = at::where(bad, at::full({}, static_cast<int64_t>(s->step), s->first_bad.options()), s->first_bad);

@@ -40,7 +40,7 @@ stop_and_check() {  # LOG NAME: SIGTERM to rank 0 (which drains), then every ran
 }
 
 for np in 1 3; do
-  if start $np "$WORK/serve$np.log" --queue 8 --max-n 8; then
+  if start $np "$WORK/serve$np.log" --queue 8 --max-n 8 --max-body-mb 1; then
     rss() { local p=$PID; [ "$np" != 1 ] && for q in $(pgrep -f "serve --model $WORK/m --port 0"); do
               tr '\0' '\n' < /proc/$q/environ 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && p=$q; done
             awk '/VmRSS/ {print int($2 / 1024)}' /proc/$p/status; }

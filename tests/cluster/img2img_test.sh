@@ -7,8 +7,11 @@
 # input image change the output; the JSONL strength key equals the flag; an inline image equals the file; the PNG
 # records image and strength; strength without an image, out of [0, 1] or leaving no step, a size other than the
 # image's, an image whose sides are not multiples of 8 and a missing file are refused by name, writing nothing.
-# Over HTTP: images.edit (a multipart upload) gives the CLI's pixels; JSON edits with base64 too; a mask, a missing
-# image, variations on a folder without image_encoder/ and a bad strength are 400s naming the field. With
+# Inpainting (--mask): on tiny-sd (blending) and on the 9-channel inpainting folder, 2 images, byte-identical on 1 and 3
+# ranks; the PNG records the mask; an inpainting folder without a mask, a mask without an image and a mask of another
+# size are refused. Over HTTP: images.edit (a multipart upload) gives the CLI's pixels, with a transparent-region mask
+# generate --mask's; JSON edits with base64 too; a mask of another size, a missing or corrupt image, variations on a
+# folder without image_encoder/ and a bad strength are 400s naming the field. With
 # $DIFFPIPE_GOLDEN_UNCLIP_IMG2IMG (a Stable unCLIP folder with image_encoder/): images.create_variation gives the
 # CLI's --image-prompt image. Exit 77 = skipped (folder absent).
 set -u
@@ -87,6 +90,35 @@ timeout 120 $MPIRUN -np 3 "$BIN" generate --model "$MODEL" --prompts "$WORK/inli
 same_pixels "$WORK/a/img-00000-seed3.png" "$WORK/inline/img-00000-seed3.png" \
   && ok "an inline starting image (data URI) gives the file's image on 3 ranks" || bad "inline image differs from the file's"
 
+# inpainting: a mask on tiny-sd (the kept region blended back) and on the 9-channel inpainting folder, on 1 and 3 ranks
+if [ -f "$GOLD/mask_0.png" ] && [ -d "$GOLD/inpaint-model" ]; then
+  printf '{"prompt": "a red circle", "image_prompt": "%s", "mask": "%s"}\n{"prompt": "two green triangles", "image_prompt": "%s", "mask": "%s", "strength": 0.75}\n' \
+    "$GOLD/input_0.png" "$GOLD/mask_0.png" "$GOLD/input_1.png" "$GOLD/mask_1.png" > "$WORK/inpaint.jsonl"
+  for m in model inpaint-model; do
+    IP=(generate --model "$GOLD/$m" --prompts "$WORK/inpaint.jsonl" --steps 8 --seed 5 --threads 1 --batch-invariant --quiet)
+    timeout 120 "$BIN" "${IP[@]}" --out "$WORK/ip-$m-1" 2> "$WORK/ip-$m-1.log" || bad "inpainting ($m), 1 rank: $(tail -1 "$WORK/ip-$m-1.log")"
+    timeout 180 $MPIRUN -np 3 "$BIN" "${IP[@]}" --out "$WORK/ip-$m-3" 2> "$WORK/ip-$m-3.log" || bad "inpainting ($m), 3 ranks failed"
+    [ "$(ls "$WORK/ip-$m-1"/img-*.png 2>/dev/null | wc -l)" = 2 ] && same_pngs "$WORK/ip-$m-1" "$WORK/ip-$m-3" \
+      && ok "inpainting on $m: 2 images, the same PNG bytes on 1 and 3 ranks" || bad "inpainting on $m: 1 and 3 ranks differ"
+  done
+  grep -aq "Mask: $GOLD/mask_0.png, Denoising strength: 1" "$WORK/ip-model-1/img-00000-seed5.png" \
+    && ok "the PNG records the mask and the default strength 1" || bad "PNG parameters lack the mask"
+  same_pixels "$WORK/ip-model-1/img-00000-seed5.png" "$WORK/ip-inpaint-model-1/img-00000-seed5.png" \
+    && bad "the 9-channel UNet gave the plain UNet's image" || ok "the inpainting UNet and the plain one differ"
+  IONE=(generate --model "$GOLD/inpaint-model" --prompt "a red circle" --seed 5 --steps 8 --threads 1 --quiet)
+  if timeout 60 "$BIN" "${IONE[@]}" --image "$GOLD/input_0.png" --out "$WORK/ip-nomask" 2> "$WORK/ip-nomask.log"; then
+    bad "an inpainting folder without a mask accepted"
+  else grep -q "is an inpainting folder" "$WORK/ip-nomask.log" && ok "an inpainting folder refuses a request without a mask" \
+    || bad "unclear: $(tail -1 "$WORK/ip-nomask.log")"; fi
+  timeout 60 "$BIN" generate --model "$MODEL" --prompt "two green triangles" --image "$GOLD/input_1.png" \
+    --mask "$GOLD/mask_1.png" --strength 0.75 --seed 6 --steps 8 --threads 1 --quiet --out "$WORK/ip-one" 2> /dev/null \
+    || bad "a single inpainting request failed"
+  refused mask-no-image "mask: inpainting needs an image" --mask "$GOLD/mask_0.png"
+  refused mask-size "the image 40x32" --image "$GOLD/input_0.png" --mask "$WORK/odd.png"
+else
+  bad "the reference lacks the inpainting files (mask_0.png, inpaint-model/): remake it"
+fi
+
 # over HTTP with the openai client: images.edit uploads the PNG as a multipart form
 serve_up() {  # serve_up MODEL LOG: starts serve on a free port; sets URL and SPID
   "$BIN" serve --model "$1" --port 0 --steps 8 --threads 1 > "$2" 2>&1 &
@@ -100,10 +132,12 @@ serve_up() {  # serve_up MODEL LOG: starts serve on a free port; sets URL and SP
 if ! "$PY" -c 'import openai, PIL' 2> /dev/null; then
   echo "note: $PY lacks openai/PIL (scripts/install.sh installs them): HTTP checks skipped"
 else
+  IPMASK=""; [ -f "$WORK/ip-one/img-00000-seed6.png" ] && IPMASK=$GOLD/mask_1.png
   serve_up "$MODEL" "$WORK/serve.log"
   if [ -n "$URL" ]; then
-    "$PY" -W ignore::DeprecationWarning - "$URL" "$GOLD/input_1.png" "$WORK/a/img-00000-seed3.png" <<'PY' \
-      && ok "serve: images.edit (multipart) and JSON edits give the CLI's image; bad uploads are 400s naming the field" \
+    "$PY" -W ignore::DeprecationWarning - "$URL" "$GOLD/input_1.png" "$WORK/a/img-00000-seed3.png" "$WORK/odd.png" \
+      ${IPMASK:+"$IPMASK" "$WORK/ip-one/img-00000-seed6.png" "$GOLD/input_1.png"} <<'PY' \
+      && ok "serve: images.edit (multipart; with a mask: inpainting) and JSON edits give the CLI's images; bad uploads are 400s naming the field" \
       || bad "serve: image edits"
 import base64, io, json, sys, urllib.error, urllib.request
 import openai
@@ -129,7 +163,12 @@ def refused(call, param, text):
         assert err.get("param") == param and text in err.get("message", ""), (param, e.body)
         return
     raise AssertionError(f"accepted: {param}")
-refused(lambda: c.images.edit(image=open(inp, "rb"), mask=open(inp, "rb"), prompt="x"), "mask", "masks (inpainting)")
+refused(lambda: c.images.edit(image=open(inp, "rb"), mask=open(sys.argv[4], "rb"), prompt="x"), "mask", "is 36x32, the image 40x32")
+if len(sys.argv) > 5:  # inpainting: the mask uploaded with the image gives generate --mask's image
+    mask, ip_cli = sys.argv[5], sys.argv[6]
+    r = c.images.edit(image=open(sys.argv[7], "rb"), mask=open(mask, "rb"), prompt="two green triangles",
+                      response_format="b64_json", extra_body={"seed": 6, "strength": 0.75, "num_inference_steps": 8})
+    assert px(r.data[0].b64_json).tobytes() == Image.open(ip_cli).convert("RGB").tobytes(), "inpainting over HTTP differs"
 refused(lambda: c.images.edit(image=open(inp, "rb"), prompt="x", extra_body={"strength": "high"}), "strength", "must be a number")
 refused(lambda: c.images.edit(image=open(inp, "rb"), prompt="x", extra_body={"strength": 0.01}), "strength", "leaves no denoising step")
 refused(lambda: c.images.edit(image=io.BytesIO(b"not a png"), prompt="x"), "image", "not a PNG")

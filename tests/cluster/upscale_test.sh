@@ -80,9 +80,9 @@ for i in $(seq 1 300); do
   sleep 0.1
 done
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$GOLD/low_0.png" "$WORK/a/img-00000-seed5.png" <<'PY' && ok "serve: upscaled over HTTP (the CLI's image; missing, path and corrupt images are 400s naming 'image')" || bad "serve: upscaler over HTTP"
+  python3 - "$URL" "$GOLD/low_0.png" "$WORK/a/img-00000-seed5.png" "$WORK/c/img-00000-seed5.png" <<'PY' && ok "serve: upscaled over HTTP (the CLI's image, at noise_level 200 too; missing, path and corrupt images and a level above 350 are 400s naming the field)" || bad "serve: upscaler over HTTP"
 import base64, json, sys, urllib.request, urllib.error, zlib, struct
-url, low, cli = sys.argv[1:4]
+url, low, cli, cli200 = sys.argv[1:5]
 b64 = base64.b64encode(open(low, "rb").read()).decode()
 def post(body):
     req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -105,6 +105,11 @@ assert size == (64, 64), size
 assert px == pixels(open(cli, "rb").read())[1], "HTTP image differs from the CLI's"
 st, r = post({"prompt": "a red circle", "image": "data:image/png;base64," + b64, "seed": 5})
 assert st == 200, (st, r)
+st, r = post({"prompt": "a red circle", "image": b64, "seed": 5, "noise_level": 200})
+assert st == 200, (st, r)
+assert pixels(base64.b64decode(r["data"][0]["b64_json"]))[1] == pixels(open(cli200, "rb").read())[1], "noise_level 200 differs from the CLI's"
+st, r = post({"prompt": "a red circle", "image": b64, "noise_level": 351})
+assert st == 400 and r["error"]["param"] == "noise_level" and "must be in [0, 350]" in r["error"]["message"], (st, r)
 for body, want in [({"prompt": "x"}, "image_prompt: the x4 upscaler needs"),
                    ({"prompt": "x", "image": low}, "invalid base64"),
                    ({"prompt": "x", "image": base64.b64encode(b"not a png").decode()}, "not a PNG")]:

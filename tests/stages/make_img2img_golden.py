@@ -12,6 +12,13 @@ sample noise [B, 4, 8, 10], then the noise added to the latents [B, 4, 8, 10]), 
 scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (output_type "pt"). With --sdxl MODEL
 (an SDXL folder, e.g. tiny-sdxl's), one more run "sdxl" through StableDiffusionXLImg2ImgPipeline on it (its
 scheduler, strength 0.6, the size conditioning from the image), recorded the same way and named in golden.json.
+
+Inpainting (StableDiffusionInpaintPipeline), the runs of golden.json's "inpaint" list: on tiny-sd itself (a 4-channel
+UNet: the kept region blended back after every step) and on DIR/inpaint-model (tiny-sd with a random 9-channel UNet:
+latents, mask and masked-image latents in). DIR/mask_0.png: a white rectangle on black with a column of grey 127
+(kept) beside one of 128 (repainted); DIR/mask_1.png: transparent where repainted (the OpenAI images API's convention),
+black and opaque elsewhere, given to diffusers as the equivalent white-on-black mask. Each run records its draws with
+their roles in golden.json ("image": the image's posterior sample, "noise", "masked": the masked image's sample).
 """
 import argparse
 import json
@@ -93,6 +100,63 @@ def main():
             res[f"{n}.draws.{k}"] = d
         res[f"{n}.image_latents"] = captured["image_latents"]
         res[f"{n}.images"] = img
+    # inpainting: masks, a 9-channel UNet folder, four runs
+    masks_l, masks_diffpipe = [], []
+    m0 = np.zeros((32, 40), np.uint8)
+    m0[4:20, 8:28] = 255
+    m0[:, 30] = 127
+    m0[:, 31] = 128
+    m1 = np.zeros((32, 40), np.uint8)
+    m1[10:30, 2:22] = 255
+    Image.fromarray(m0, "L").save(os.path.join(a.out, "mask_0.png"))
+    rgba = np.zeros((32, 40, 4), np.uint8)
+    rgba[..., 3] = np.where(m1 > 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(os.path.join(a.out, "mask_1.png"))
+    masks_l = [Image.fromarray(m0, "L"), Image.fromarray(m1, "L")]
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint
+    plain = StableDiffusionInpaintPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                           unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+    torch.manual_seed(a.seed + 400)
+    unet9 = UNet2DConditionModel.from_config({**plain.unet.config, "in_channels": 9}).eval()
+    with torch.no_grad():
+        for prm in unet9.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    nine = StableDiffusionInpaintPipeline(vae=plain.vae, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                                          unet=unet9, scheduler=plain.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    inpaint_model = os.path.join(a.out, "inpaint-model")
+    nine.save_pretrained(inpaint_model)
+    shutil.rmtree(os.path.join(inpaint_model, "tokenizer"))
+    shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(inpaint_model, "tokenizer"))
+    inpaint_runs = [dict(name="blend_ddim", model="model", sampler="ddim", strength=None, steps=6, guidance=7.5,
+                         negative_prompt=None),
+                    dict(name="blend_euler", model="model", sampler="euler", strength=0.7, steps=5, guidance=5.0,
+                         negative_prompt="blurry"),
+                    dict(name="unet9_ddim", model="inpaint-model", sampler="ddim", strength=None, steps=6,
+                         guidance=7.5, negative_prompt=None),
+                    dict(name="unet9_dpmpp", model="inpaint-model", sampler="dpmpp_2m", strength=0.75, steps=8,
+                         guidance=4.0, negative_prompt=None)]
+    for r in inpaint_runs:
+        p = plain if r["model"] == "model" else nine
+        p.set_progress_bar_config(disable=True)
+        cls = getattr(diffusers, SCHEDULERS[r["sampler"]])
+        p.scheduler = cls.from_config(base_config)
+        strength = 1.0 if r["strength"] is None else r["strength"]
+        with torch.no_grad(), recorded_draws(vae_module, pipeline_stable_diffusion_inpaint) as draws:
+            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            img = p(PROMPTS, image=images, mask_image=masks_l, strength=strength, negative_prompt=neg,
+                    num_inference_steps=r["steps"], guidance_scale=r["guidance"], output_type="pt", height=32,
+                    width=40, generator=torch.Generator().manual_seed(a.seed + 13)).images
+        # which draw is which: the image's sample (when the pipeline encodes it), the noise, the masked image's
+        encodes_image = r["model"] == "model" or strength < 1
+        r["draw_roles"] = (["image"] if encodes_image else []) + ["noise", "masked"]
+        assert len(draws) == len(r["draw_roles"]), (r["name"], len(draws))
+        for role, d in zip(r["draw_roles"], draws):
+            res[f"{r['name']}.draws.{role}"] = d
+        res[f"{r['name']}.images"] = img
+
     sdxl = None
     if a.sdxl:
         from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -111,6 +175,7 @@ def main():
         res["sdxl.images"] = img
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS, "sdxl": sdxl,
+            "masks": ["mask_0.png", "mask_1.png"], "inpaint": inpaint_runs,
             "draw_order": "the VAE posterior's sample noise, then the noise added to the image latents",
             "source": f"diffusers {diffusers.__version__} StableDiffusionImg2ImgPipeline on {a.src}, "
                       f"torch {torch.__version__}, float32 CPU"}

@@ -189,3 +189,86 @@ TEST(GoldenImg2Img, SdxlWholePipeline) {
   }
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-img2img] sdxl at strength 0.6"));
 }
+
+// Inpainting through StableDiffusionInpaintPipeline, four runs: tiny-sd's 4-channel UNet (the kept region blended
+// back after every step) with DDIM at strength 1 and Euler at 0.7 with a negative prompt; a 9-channel inpainting
+// UNet (mask and masked image in) with DDIM at strength 1 and DPM-Solver++ at 0.75. mask_0 is white on black with a
+// grey 127 column (kept) beside a 128 one (repainted); mask_1 marks the repainted region transparent (OpenAI's rule).
+TEST(GoldenImg2Img, InpaintingWholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("inpaint")) GTEST_SKIP() << dir << " predates the inpainting runs (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const DeviceSpec spec = test::device_spec();
+  for (const auto& run : meta.at("inpaint")) {
+    const std::string n = run.at("name").get<std::string>();
+    const SdModel model = SdModel::load(dir + "/" + run.at("model").get<std::string>(), spec);
+    EXPECT_EQ(model.inpaint_unet, n.rfind("unet9", 0) == 0) << n;
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      nlohmann::json r = run;
+      if (r.at("strength").is_null()) r["strength"] = -1.0;  // the pipeline's default: 1 with a mask
+      GenerationParams p = request(dir, meta, r, i);
+      p.mask = dir + "/" + meta.at("masks")[i].get<std::string>();
+      params.push_back(p);
+    }
+    std::vector<const GenerationParams*> ptrs;
+    for (const auto& p : params) ptrs.push_back(&p);
+    auto embs = TextEncodeStage(model).run(ptrs);
+    auto draw = [&](const std::string& role, int64_t row) {
+      const std::string k = n + ".draws." + role;
+      return g.count(k) ? g.at(k)[row] : at::zeros_like(g.at(n + ".draws.noise")[row]);  // unused when not drawn
+    };
+    std::vector<DenoiseState> ds;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto row = static_cast<int64_t>(i);
+      const ResolvedParams r = resolve_params(model, params[i]);
+      ASSERT_TRUE(r.mask.defined());
+      embs[i].image_latents = img2img_latents(model, params[i], r.image, draw("image", row));
+      inpaint_conditioning(model, params[i], r.image, r.mask, embs[i], draw("masked", row));
+      ds.push_back(make_denoise_state(model, params[i], embs[i], i, draw("noise", row)));
+    }
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] inpainting " + n));
+  }
+}
+
+// Inpainting's masks: binarised at 50 % grey, transparency (when present) marks the repainted region, the mask must
+// cover its image, needs an image, and an inpainting folder needs both.
+TEST(GoldenImg2Img, InpaintingMasksAndRefusals) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("inpaint")) GTEST_SKIP() << dir << " predates the inpainting runs (remake it)";
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kUNet);
+  GenerationParams p = request(dir, meta, meta.at("runs")[0], 0);
+  p.mask = dir + "/mask_0.png";
+  const at::Tensor m0 = resolve_params(model, p).mask;
+  ASSERT_EQ(m0.sizes(), (std::vector<int64_t>{1, 32, 40}));
+  EXPECT_EQ(m0[0][0][30].item<float>(), 0.f);   // grey 127: kept
+  EXPECT_EQ(m0[0][0][31].item<float>(), 1.f);   // grey 128: repainted
+  EXPECT_EQ(m0[0][10][10].item<float>(), 1.f);  // the white rectangle
+  EXPECT_EQ(m0[0][25][10].item<float>(), 0.f);
+  EXPECT_EQ(m0.sum().item<float>(), 16 * 20 + 32);  // the rectangle and the grey-128 column
+  p.mask = dir + "/mask_1.png";  // black and opaque where kept, transparent where repainted
+  const at::Tensor m1 = resolve_params(model, p).mask;
+  EXPECT_EQ(m1.sum().item<float>(), 20 * 20);
+  EXPECT_EQ(m1[0][15][5].item<float>(), 1.f);
+  auto error = [&](const GenerationParams& q) { return test::error_of([&] { (void)resolve_params(model, q); }); };
+  Image small;
+  small.width = 16;
+  small.height = 16;
+  small.pixels.assign(16 * 16 * 3, 255);
+  p.mask = "data:image/png;base64," + base64_encode(encode_png(small));
+  EXPECT_NE(error(p).find("is 16x16, the image 40x32"), std::string::npos) << error(p);
+  p.mask = dir + "/no-such-mask.png";
+  EXPECT_NE(error(p).find("mask: " + dir + "/no-such-mask.png"), std::string::npos) << error(p);
+  p.mask = dir + "/mask_0.png";
+  p.image_prompt.clear();
+  EXPECT_NE(error(p).find("mask: inpainting needs an image"), std::string::npos) << error(p);
+  const SdModel nine = SdModel::load(dir + "/inpaint-model", test::device_spec(), kUNet);
+  GenerationParams q = request(dir, meta, meta.at("runs")[0], 0);
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(nine, q); }).find("is an inpainting folder"), std::string::npos);
+  q.mask = dir + "/mask_0.png";
+  EXPECT_EQ(resolve_params(nine, q).begin, 2);  // 6 steps at strength 0.8 (the run's): 4 run, from call 2
+  q.strength = -1;
+  EXPECT_EQ(resolve_params(nine, q).begin, 0);  // the default with a mask: strength 1
+}

@@ -2,7 +2,7 @@
 // OpenAI Images API and feeds the coordinator as a RequestFeed.
 //   POST /v1/images/generations  {prompt, n, size "WxH", response_format b64_json, output_format png, user,
 //                                 negative_prompt, num_inference_steps, guidance_scale, seed, sampler, width, height,
-//                                 stream, partial_images 0-3}
+//                                 stream, partial_images 0-3, image, strength, noise_level}
 //     -> {created, data: [{b64_json}], usage}; errors {"error": {message, type, param, code}}
 //     stream: true -> server-sent events image_generation.partial_image (the denoised estimate, decoded by the
 //     decode stage after final images) then image_generation.completed

@@ -21,13 +21,14 @@ std::vector<uint8_t> encode_png(const Image& img, const PngText& text = {}, cons
 void write_png(const std::string& path, const Image& img, const PngText& text = {});
 void write_file_atomic(const std::string& path, const void* data, size_t n);
 PngText read_png_text(const std::string& path);
-Image read_png(const std::string& path);                    // 8-bit gray/RGB/RGBA -> RGB; throws naming the file
+// 8-bit gray/RGB/RGBA -> RGB (keep_alpha: RGBA when the PNG has transparency); throws naming the file
+Image read_png(const std::string& path, bool keep_alpha = false);
 // A PNG held in memory; errors name `origin`.
-Image decode_png(const uint8_t* data, size_t n, const std::string& origin);
+Image decode_png(const uint8_t* data, size_t n, const std::string& origin, bool keep_alpha = false);
 // An image a request names: a PNG file's path, or the PNG itself inline as a data URI
 // ("data:image/png;base64,...": what HTTP clients send, and what travels to any node without a shared file system).
 // Throws naming the path (or "an inline image" and what is wrong with it).
-Image read_image_ref(const std::string& ref);
+Image read_image_ref(const std::string& ref, bool keep_alpha = false);
 bool is_data_uri(const std::string& ref);
 // What messages and PNG metadata show for such a reference: the path, or "inline PNG (N bytes)".
 std::string describe_image_ref(const std::string& ref);

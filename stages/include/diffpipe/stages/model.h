@@ -67,6 +67,9 @@ struct SdModel {
   // its level is the UNet's class label; the VAE decodes 4x (its latent factor) larger.
   bool upscaler = false;
   int max_noise_level = 350;
+  // An inpainting folder (StableDiffusionInpaintPipeline: a UNet of 2 x latent_channels + 1 inputs): every request
+  // brings an image and a mask; the latent-size mask and the masked image's latents join the latents at every step.
+  bool inpaint_unet = false;
   T5Config t5_config;                      // DeepFloyd IF only
   UNetConfig unet_config;
   VaeConfig vae_config;

@@ -24,8 +24,12 @@ struct GenerationParams {
                                 // read where the prior stage runs (a path every node sees, or a data: URI). SD and
                                 // SDXL folders: image-to-image's starting image; the x4 upscaler: the image to enlarge
   // Image-to-image (SD and SDXL folders with an image_prompt): how much of the schedule runs on the noised image,
-  // in [0, 1] (diffusers' strength; 1 ignores the image's content, small values keep it)
-  double strength = 0.8;
+  // in [0, 1] (diffusers' strength; 1 keeps the least of the image, small values keep most); < 0: the pipeline's
+  // default, 0.8 for image-to-image and 1 for inpainting (effective_strength())
+  double strength = -1;
+  // Inpainting (SD 1.x/2.x folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
+  // pixels are repainted and black ones kept; a path or a data: URI ("" = none)
+  std::string mask;
   // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
@@ -42,6 +46,7 @@ struct GenerationParams {
   int x4_noise_level = 20;
 
   bool uses_cfg() const { return guidance > 1.0; }
+  double effective_strength() const { return strength >= 0 ? strength : mask.empty() ? 0.8 : 1.0; }
 };
 
 }  // namespace diffpipe
@@ -75,6 +80,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["x4_noise_level"] = p.x4_noise_level;
   }
   if (p.strength != d.strength) j["strength"] = p.strength;
+  if (!p.mask.empty()) j["mask"] = p.mask;
   return j;
 }
 
@@ -105,6 +111,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_guidance = j.value("x4_guidance", p.x4_guidance);
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   p.strength = j.value("strength", p.strength);
+  p.mask = j.value("mask", std::string());
   return p;
 }
 

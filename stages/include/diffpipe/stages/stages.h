@@ -28,6 +28,8 @@ struct Embeddings {
   at::Tensor uncond_class_labels;  // SDXL: the negative prompt's pooled embedding [P] (undefined: zeros)
   at::Tensor time_ids;             // SDXL: [6] float32 (original height, width, crop top, left, target height, width)
   at::Tensor image_latents;  // image-to-image: the input image's VAE latents, sampled and scaled [C, h, w] float32
+  at::Tensor mask;           // inpainting: the mask at the latents' size [1, h, w] (1 = repaint), float32
+  at::Tensor masked_image_latents;  // inpainting UNets: the masked image's latents [C, h, w] float32
 };
 
 class TextEncodeStage {
@@ -52,6 +54,9 @@ struct DenoiseState {
   StepNoise step_noise;     // stochastic samplers' noise; unset: the request's counter-based stream 1 + step
                             // (tests replay a reference's draws)
   at::Tensor latents;       // [C, h, w], float32
+  // inpainting with a plain UNet: after every step the kept region (mask 0) is the image's latents noised to the
+  // next call (blend_noise: the initial noise), as diffusers' StableDiffusionInpaintPipeline blends 4-channel UNets
+  at::Tensor blend_mask, blend_image, blend_noise;
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
@@ -74,6 +79,7 @@ struct ResolvedParams {
   at::Tensor image;                  // the x4 upscaler's or image-to-image's input image [3, h, w] in [-1, 1], read
                                      // once here (not read when image-to-image's latents are given)
   int begin = 0;                     // image-to-image: the first call (steps - int(steps x strength))
+  at::Tensor mask;                   // inpainting: the mask binarised [1, H, W] (1 = repaint), read with the image
 };
 // `image_latents` (image-to-image, where they arrived from the encode stage): the image's size comes from them and
 // the image is not read again.
@@ -83,10 +89,16 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p,
 // Image-to-image (SdModel::img2img()): the request's image (or `image`, [3, H, W] in [-1, 1]) through the VAE
 // encoder, sampled from its Gaussian with the seed's stream kImg2ImgLatentStream (or `sample_noise`, tests) and
 // scaled by scaling_factor: [C, h, w] float32 on the CPU, as diffusers' img2img pipelines make init_latents.
-constexpr uint64_t kImg2ImgLatentStream = (uint64_t(1) << 34) + 4;
+constexpr uint64_t kImg2ImgLatentStream = (uint64_t(1) << 34) + 4, kMaskedLatentStream = (uint64_t(1) << 34) + 5;
 at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p);
 at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
                            const at::Tensor& sample_noise = at::Tensor());
+// Inpainting (a request with a mask): `mask` [1, H, W] (binarised, as ResolvedParams::mask) at the latents' size
+// (nearest, as torch's interpolate) into emb.mask; for an inpainting UNet also the latents of the image with the
+// repainted region zeroed (grey), sampled with stream kMaskedLatentStream (or `sample_noise`), into
+// emb.masked_image_latents.
+void inpaint_conditioning(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
+                          const at::Tensor& mask, Embeddings& emb, const at::Tensor& sample_noise = at::Tensor());
 
 // Initial state: noise from the request's seed (counter-based) x init_noise_sigma, or `initial_noise`
 // ([C, h, w]) when given (tests use the reference's noise). Image-to-image: emb.image_latents noised by the sampler
