@@ -4,6 +4,8 @@
 #include <mpi.h>
 #include <sys/stat.h>
 
+#include <sstream>
+
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -35,6 +37,8 @@ const char* kUsage = "[mpirun -np N] diffpipe generate --model DIR (--prompt TEX
 const std::vector<cli::Opt> kOptions = {
     {"model", "DIR", "model folder in the diffusers layout: Stable Diffusion 1.x/2.x, SDXL, Stable unCLIP, or\n"
                      "DeepFloyd IF (with its stage II in super_resolution/)"},
+    {"lora", "FILE[:S],...", "LoRA files fused into the UNet and text encoders at scale S (default 1): diffusers'\n"
+                             "(peft) or kohya-ss's format; comma-separated for several"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
@@ -126,7 +130,14 @@ std::string origin_of(const std::vector<offline::JobLine>& jobs, size_t i) {
 
 // What decides the pixels of a run (compared with run.json when a rerun continues it): every request's
 // settings in order, and each rank's device and dtype. FNV-1a 64 of their text.
-std::string run_identity(const std::vector<GenerationParams>& requests, const Placement& placement) {
+std::string format_number(double v) {  // as people write it: 0.7, 1, 1.25
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+std::string run_identity(const std::vector<GenerationParams>& requests, const Placement& placement,
+                         const std::vector<LoraSpec>& loras) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&](const std::string& s) {
     for (unsigned char c : s) {
@@ -138,6 +149,10 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
   std::set<std::string> kinds;  // not per rank: a rerun on another number of ranks makes the same pixels
   for (const auto& r : placement.ranks) kinds.insert(r.device + "/" + r.dtype);
   for (const auto& k : kinds) mix(k);
+  for (const LoraSpec& l : loras) {  // the file by name, scale and size (another file of the same name is another run)
+    struct stat st{};
+    mix(l.path + "@" + format_number(l.scale) + "#" + std::to_string(::stat(l.path.c_str(), &st) == 0 ? st.st_size : -1));
+  }
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -367,6 +382,7 @@ int generate_main(int argc, char** argv) {
       DP_CHECK(avail <= 0 || need.total() <= avail, buf);
     }
     opts.model_dir = a.str("model");
+    opts.loras = parse_lora_list(a.str("lora"));
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
@@ -410,10 +426,11 @@ int generate_main(int argc, char** argv) {
       oo.shard_size = static_cast<int>(a.integer("shard-size", 1000));
       oo.overwrite = a.flag("overwrite");
       oo.model = a.str("model");
+      for (const LoraSpec& l : opts.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
       oo.total = requests.size();
-      oo.identity = run_identity(requests, placement);
+      oo.identity = run_identity(requests, placement, opts.loras);
       sink.emplace(oo);
       for (uint64_t i = 0; i < requests.size(); ++i)
         if (!sink->finished().count(i)) pending.push_back(i);

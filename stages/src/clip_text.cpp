@@ -31,9 +31,13 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(
   impl_ = impl;
 }
 
-std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const DeviceSpec& spec) {
+std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const DeviceSpec& spec,
+                                                   const std::vector<LoraLayer>& lora) {
   const auto cfg = ClipTextConfig::load(path_join(dir, "config.json"));
-  const Weights w = Weights::load(path_join(dir, "model.safetensors"), spec);
+  Weights w = Weights::load(path_join(dir, "model.safetensors"), spec);
+  std::string name = dir;
+  while (!name.empty() && name.back() == '/') name.pop_back();
+  apply_lora(w, lora, name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1));
   auto m = std::make_shared<ClipTextModel>(cfg, w);
   for (const auto& k : w.unused())
     if (k.find("position_ids") == std::string::npos && k.find("text_projection") == std::string::npos)

@@ -173,8 +173,17 @@ static void configure_cuda_numerics() {
   ctx.setBenchmarkCuDNN(bench && std::string(bench) == "1");
 }
 
-SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components) {
+SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components,
+                      const std::vector<LoraSpec>& loras) {
   validate(dir);
+  DP_CHECK(loras.empty() || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
+           is_if(dir) ? "DeepFloyd IF" : "x4 upscaler", " folder; LoRA files apply to Stable Diffusion, SDXL and "
+           "Stable unCLIP folders");
+  std::vector<LoraLayer> lora;
+  for (const LoraSpec& l : loras) {
+    auto layers = read_lora(l, dir);
+    lora.insert(lora.end(), std::make_move_iterator(layers.begin()), std::make_move_iterator(layers.end()));
+  }
   if (spec.device.is_cuda()) {
     configure_cuda_numerics();
     const at::Device device = spec.device;
@@ -242,13 +251,14 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   }
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
-    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora);
     if (m.sdxl) {
       m.tokenizer_2 = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer_2")));
-      m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec);
+      m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec, lora);
     }
   }
-  if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
+  if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);
+  m.loras = loras;
   // As diffusers: force_upcast decodes in float32 only under float16 (its range overflows); bfloat16 has float32's.
   m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;  // the decoder side (VAE, super-resolution) runs in the VAE's dtype

@@ -231,9 +231,11 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   impl_ = m;
 }
 
-std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::string& dir, const DeviceSpec& spec) {
+std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::string& dir, const DeviceSpec& spec,
+                                                                 const std::vector<LoraLayer>& lora) {
   const auto cfg = UNetConfig::load(path_join(dir, "config.json"));
-  const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  apply_lora(w, lora, "unet");
   auto m = std::make_shared<UNet2DConditionModel>(cfg, w);
   for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
   return m;

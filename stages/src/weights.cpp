@@ -36,6 +36,12 @@ Weights Weights::load(const std::string& path, const DeviceSpec& spec) {
   return from_map(std::move(m), path);
 }
 
+void Weights::update(const std::string& key, const std::function<at::Tensor(const at::Tensor&)>& fn) {
+  auto it = state_->tensors.find(prefix_ + key);
+  DP_CHECK(it != state_->tensors.end(), state_->origin, ": no tensor '", prefix_ + key, "' to update");
+  it->second = fn(it->second);
+}
+
 Weights Weights::from_map(std::map<std::string, at::Tensor> tensors, const std::string& origin) {
   Weights w;
   w.state_ = std::make_shared<State>();

@@ -15,6 +15,7 @@
 #include "diffpipe/cluster/placement.h"
 #include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/transport.h"
+#include "diffpipe/stages/lora_spec.h"
 #include "diffpipe/stages/request.h"
 #include "diffpipe/stages/stage.h"
 
@@ -30,6 +31,7 @@ struct RequestMeta {
 
 struct RunOptions {
   std::string model_dir;
+  std::vector<LoraSpec> loras;  // fused into the model as every rank loads it
   Placement placement;
   double timeout_s = 600;      // no progress for this long = failure (names what is stuck)
   std::string inject_failure;  // testing aid: "STAGE:REQUEST" throws there, "STAGE:REQUEST:crash" aborts the process

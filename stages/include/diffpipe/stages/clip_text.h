@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/weights.h"
 
 namespace diffpipe {
@@ -36,7 +37,10 @@ struct ClipTextOutput {
 class ClipTextModel {
  public:
   ClipTextModel(const ClipTextConfig& cfg, const Weights& w);
-  static std::shared_ptr<ClipTextModel> load(const std::string& dir, const DeviceSpec& spec);
+  // `lora`: layers fused into the weights first (those of the component named like `dir`'s last part:
+  // "text_encoder" or "text_encoder_2")
+  static std::shared_ptr<ClipTextModel> load(const std::string& dir, const DeviceSpec& spec,
+                                             const std::vector<LoraLayer>& lora = {});
 
   // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
   // attention_mask ([B, L], 1 = token, 0 = padding; optional): padding keys are masked too, as transformers does

@@ -81,7 +81,11 @@ struct SdModel {
   // Checks the folder: model_index.json, each component's config and weights file present and parseable,
   // cross-component shapes consistent (cross_attention_dim == text hidden size, latent channels).
   static void validate(const std::string& dir);
-  static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents);
+  // `loras` are fused into the UNet and text encoders as they load (stages/lora.h); every file is checked against
+  // the folder whatever the components (a rank that loads none of its layers still refuses a bad file).
+  static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents,
+                      const std::vector<LoraSpec>& loras = {});
+  std::vector<LoraSpec> loras;  // what load() fused in
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/weights.h"
 
 namespace diffpipe {
@@ -57,7 +58,9 @@ struct UNetConfig {
 class UNet2DConditionModel {
  public:
   UNet2DConditionModel(const UNetConfig& cfg, const Weights& w);
-  static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec);
+  // `lora`: layers fused into the weights first (those of component "unet")
+  static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec,
+                                                    const std::vector<LoraLayer>& lora = {});
 
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
   // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]

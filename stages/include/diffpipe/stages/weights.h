@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -43,6 +44,8 @@ class Weights {
   // Keys present in the file but never read (checked after a model is built).
   std::vector<std::string> unused() const;
   const std::string& origin() const { return state_->origin; }
+  // Replaces the tensor `key` by fn(old) (LoRA fusion, before a model is built); throws naming the file when absent.
+  void update(const std::string& key, const std::function<at::Tensor(const at::Tensor&)>& fn);
   // Renames keys (legacy checkpoints): the first occurrence of `from` in each key becomes `to`.
   void rename_part(const std::string& from, const std::string& to);
 

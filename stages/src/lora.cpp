@@ -1,0 +1,224 @@
+#include "diffpipe/stages/lora.h"
+
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/weights.h"
+
+namespace diffpipe {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& t) {
+  return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
+}
+
+// A component's weight names and shapes, from its safetensors header (nothing loaded).
+struct Component {
+  std::string name, file;
+  std::map<std::string, std::vector<int64_t>> shapes;       // weight key -> shape
+  std::map<std::string, std::string> by_underscores;          // kohya's module name -> module
+};
+
+std::vector<Component> components_of(const std::string& dir) {
+  std::vector<Component> out;
+  for (const auto& [name, file] : std::vector<std::pair<std::string, std::string>>{
+           {"unet", "unet/diffusion_pytorch_model.safetensors"},
+           {"text_encoder", "text_encoder/model.safetensors"},
+           {"text_encoder_2", "text_encoder_2/model.safetensors"}}) {
+    const std::string path = path_join(dir, file);
+    if (!file_exists(path)) continue;
+    Component c{name, path, {}, {}};
+    const auto f = SafetensorsFile::open(path);
+    for (const auto& k : f->names()) {
+      c.shapes[k] = f->get(k).shape;
+      if (!ends_with(k, ".weight")) continue;
+      const std::string m = k.substr(0, k.size() - 7);
+      auto add = [&](std::string u) {
+        for (char& ch : u) ch = ch == '.' ? '_' : ch;
+        c.by_underscores[u] = m;
+      };
+      add(m);
+      // CLIP's weights are named with or without "text_model." (transformers 4 / 5); LoRAs either way
+      if (name != "unet") add(m.rfind("text_model.", 0) == 0 ? m.substr(11) : "text_model." + m);
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+struct Pair {
+  at::Tensor down, up;
+  double alpha = -1;  // kohya's .alpha; < 0: from metadata or the rank
+  std::string down_key, up_key;
+};
+
+}  // namespace
+
+LoraSpec parse_lora_spec(const std::string& text) {
+  LoraSpec s;
+  s.path = text;
+  const size_t colon = text.rfind(':');
+  if (colon != std::string::npos && colon + 1 < text.size()) {
+    const std::string tail = text.substr(colon + 1);
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(tail, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == tail.size() && used > 0) {
+      DP_CHECK(std::isfinite(v), "lora: the scale in \"", text, "\" is not a finite number");
+      s.path = text.substr(0, colon);
+      s.scale = v;
+    }
+  }
+  DP_CHECK(!s.path.empty(), "lora: no file in \"", text, "\"");
+  return s;
+}
+
+std::vector<LoraSpec> parse_lora_list(const std::string& text) {
+  std::vector<LoraSpec> out;
+  size_t start = 0;
+  while (start <= text.size() && !text.empty()) {
+    const size_t comma = text.find(',', start);
+    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    DP_CHECK(!item.empty(), "lora: an empty entry in \"", text, "\" (FILE[:SCALE],FILE[:SCALE]...)");
+    out.push_back(parse_lora_spec(item));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_dir) {
+  const std::string& file = spec.path;
+  DP_CHECK(file_exists(file), file, ": LoRA file not found");
+  const auto f = SafetensorsFile::open(file);
+  const std::vector<Component> comps = components_of(model_dir);
+  auto component = [&](const std::string& name) -> const Component* {
+    for (const auto& c : comps)
+      if (c.name == name) return &c;
+    return nullptr;
+  };
+  // peft metadata: "<component>.lora_alpha", ".r", ".use_rslora", ".use_dora", ".alpha_pattern"
+  nlohmann::json meta = nlohmann::json::object();
+  if (f->metadata().count("lora_adapter_metadata")) {
+    try {
+      meta = nlohmann::json::parse(f->metadata().at("lora_adapter_metadata"));
+    } catch (const std::exception& e) {
+      DP_FAIL(file, ": header metadata lora_adapter_metadata is not JSON: ", e.what());
+    }
+  }
+  std::map<std::pair<std::string, std::string>, Pair> pairs;  // (component, module) -> down/up
+  for (const auto& key : f->names()) {
+    std::string comp, module, kind;
+    if (key.rfind("lora_unet_", 0) == 0 || key.rfind("lora_te", 0) == 0) {  // kohya-ss
+      const size_t dot = key.find('.');
+      DP_CHECK(dot != std::string::npos, file, ": key '", key, "' has no .lora_down/.lora_up/.alpha suffix");
+      const std::string name = key.substr(0, dot), suffix = key.substr(dot + 1);
+      std::string under;
+      if (name.rfind("lora_unet_", 0) == 0) comp = "unet", under = name.substr(10);
+      else if (name.rfind("lora_te1_", 0) == 0) comp = "text_encoder", under = name.substr(9);
+      else if (name.rfind("lora_te2_", 0) == 0) comp = "text_encoder_2", under = name.substr(9);
+      else if (name.rfind("lora_te_", 0) == 0) comp = "text_encoder", under = name.substr(8);
+      else DP_FAIL(file, ": key '", key, "': unknown kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_)");
+      const Component* c = component(comp);
+      DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
+      const auto it = c->by_underscores.find(under);
+      DP_CHECK(it != c->by_underscores.end(), file, ": key '", key, "' names no layer of ", c->file,
+               " (kohya names are the folder's module paths with '_' for '.'; an SDXL LoRA in the original "
+               "layout's names is not supported)");
+      module = it->second;
+      if (suffix == "lora_down.weight") kind = "down";
+      else if (suffix == "lora_up.weight") kind = "up";
+      else if (suffix == "alpha") kind = "alpha";
+      else DP_FAIL(file, ": key '", key, "': unsupported suffix '", suffix, "' (lora_down.weight, lora_up.weight, alpha)");
+    } else {  // diffusers / peft: <component>.<module>.lora_A.weight
+      const size_t dot = key.find('.');
+      comp = key.substr(0, dot);
+      DP_CHECK(comp == "unet" || comp == "text_encoder" || comp == "text_encoder_2", file, ": key '", key,
+               "': unknown LoRA format (diffusers' unet./text_encoder./text_encoder_2. keys or kohya's lora_unet_/lora_te_)");
+      if (ends_with(key, ".lora_A.weight")) kind = "down";
+      else if (ends_with(key, ".lora_B.weight")) kind = "up";
+      else DP_FAIL(file, ": key '", key, "': expected .lora_A.weight or .lora_B.weight (biases and DoRA magnitudes are not supported)");
+      module = key.substr(dot + 1, key.size() - dot - 1 - 14);
+      const Component* c = component(comp);
+      DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
+      // transformers 5 names CLIP's modules without "text_model."; the weight files (and older LoRAs) with it
+      if (!c->shapes.count(module + ".weight") && c->shapes.count("text_model." + module + ".weight"))
+        module = "text_model." + module;
+      else if (!c->shapes.count(module + ".weight") && module.rfind("text_model.", 0) == 0 &&
+               c->shapes.count(module.substr(11) + ".weight"))
+        module = module.substr(11);
+      DP_CHECK(c->shapes.count(module + ".weight"), file, ": key '", key, "' names no layer of ", c->file);
+    }
+    Pair& p = pairs[{comp, module}];
+    const at::Tensor t = tensor_from_view(f, f->get(key)).to(at::kFloat);
+    if (kind == "alpha") {
+      DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");
+      p.alpha = t.item<double>();
+    } else if (kind == "down") {
+      p.down = t;
+      p.down_key = key;
+    } else {
+      p.up = t;
+      p.up_key = key;
+    }
+  }
+  DP_CHECK(!pairs.empty(), file, ": no LoRA layers in it");
+  std::vector<LoraLayer> out;
+  for (auto& [where, p] : pairs) {
+    const auto& [comp, module] = where;
+    const std::string wk = module + ".weight";
+    DP_CHECK(p.down.defined() && p.up.defined(), file, ": ", p.down.defined() ? p.down_key : p.up_key,
+             " has no ", p.down.defined() ? "up (lora_B / lora_up)" : "down (lora_A / lora_down)", " partner");
+    const std::vector<int64_t>& ws = component(comp)->shapes.at(wk);
+    const int64_t r = p.down.size(0);
+    const int64_t in = std::accumulate(ws.begin() + 1, ws.end(), int64_t(1), std::multiplies<int64_t>());
+    DP_CHECK(p.up.dim() >= 2 && p.up.size(1) == r && p.up.size(0) == ws[0] && p.up.numel() == ws[0] * r &&
+                 p.down.numel() == r * in,
+             file, ": ", p.down_key, " ", shape_str(p.down.sizes()), " and ", p.up_key, " ", shape_str(p.up.sizes()),
+             " do not fit ", comp, "'s ", wk, " ", shape_str(ws), " (rank ", r, ")");
+    double alpha = p.alpha;
+    bool rslora = false;
+    if (alpha < 0 && meta.contains(comp + ".lora_alpha")) {
+      DP_CHECK(!meta.value(comp + ".use_dora", false), file, ": DoRA (", comp, ".use_dora) is not supported");
+      const auto pat = meta.value(comp + ".alpha_pattern", nlohmann::json::object());
+      DP_CHECK(pat.is_null() || pat.empty(), file, ": per-module alphas (", comp, ".alpha_pattern) are not supported");
+      alpha = meta.at(comp + ".lora_alpha").get<double>();
+      rslora = meta.value(comp + ".use_rslora", false);
+    }
+    if (alpha < 0) alpha = static_cast<double>(r);  // no alpha anywhere: the update as stored
+    LoraLayer l;
+    l.component = comp;
+    l.weight_key = wk;
+    l.down = p.down.reshape({r, in});
+    l.up = p.up.reshape({ws[0], r});
+    l.factor = spec.scale * alpha / (rslora ? std::sqrt(static_cast<double>(r)) : static_cast<double>(r));
+    out.push_back(std::move(l));
+  }
+  return out;
+}
+
+size_t apply_lora(Weights& w, const std::vector<LoraLayer>& layers, const std::string& component) {
+  size_t n = 0;
+  for (const LoraLayer& l : layers) {
+    if (l.component != component) continue;
+    w.update(l.weight_key, [&](const at::Tensor& old) {
+      const at::Tensor delta = at::matmul(l.up, l.down).mul_(l.factor).reshape(old.sizes());
+      return (old.to(at::kCPU, at::kFloat) + delta).to(old.device(), old.scalar_type());
+    });
+    ++n;
+  }
+  return n;
+}
+
+}  // namespace diffpipe

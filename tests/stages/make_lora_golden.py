@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Makes a LoRA reference with diffusers (load_lora_weights + fuse_lora, peft) on the tiny-sd folder, for the
+GoldenLora tests:
+
+    python3 tests/stages/make_lora_golden.py --out DIR [--src ../shared/golden/tiny-sd] [--seed 0]
+    DIFFPIPE_GOLDEN_LORA=DIR ./build/tests/test_stages --gtest_filter='GoldenLora.*'
+
+DIR/model links to the source folder. DIR/lora_peft.safetensors: a random LoRA in diffusers' own format (peft keys
+"unet.<module>.lora_A.weight" / "lora_B.weight", "text_encoder.<module>...", ranks and alphas in the
+"lora_adapter_metadata" header: UNet rank 4, alpha 8 on attention projections, proj_in, the feed-forward input and the
+resnets' conv1 (3x3 convolutions); text encoder rank 2, alpha 4 on q_proj, v_proj, fc1). DIR/lora_kohya.safetensors:
+the same deltas in kohya-ss's format ("lora_unet_<module_with_underscores>.lora_down.weight" / "lora_up.weight" /
+".alpha", "lora_te_text_model_..."), as most published SD 1.x LoRAs are; DIR/lora_kohya_unet.safetensors its UNet part
+(diffusers here drops converted kohya text-encoder keys, so its kohya run has the UNet part only). DIR/golden.safetensors: for each run R of
+golden.json (a file and a scale, diffusers fuse_lora(lora_scale)), R.images [B, 3, 32, 32] in [0, 1] made from the
+given initial latents `latents` [B, 4, 8, 8] (DDIM, 4 steps, guidance 7.5), and `base.images` without a LoRA.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    a = ap.parse_args()
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    src = os.path.abspath(os.path.join(a.src, "model"))
+    if os.path.exists(a.out):
+        shutil.rmtree(a.out)
+    os.makedirs(a.out)
+    os.symlink(src, os.path.join(a.out, "model"))
+
+    def fresh():
+        p = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    # the LoRA: random deltas large enough to change the images
+    pipe = fresh()
+    torch.manual_seed(a.seed + 500)
+    ucfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1"])
+    tcfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
+    pipe.unet.add_adapter(ucfg)
+    inject_adapter_in_model(tcfg, pipe.text_encoder)
+    with torch.no_grad():
+        for n, prm in list(pipe.unet.named_parameters()) + list(pipe.text_encoder.named_parameters()):
+            if "lora_" in n:
+                prm.mul_(0.5)
+    u, t = get_peft_model_state_dict(pipe.unet), get_peft_model_state_dict(pipe.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(a.out, unet_lora_layers=u, text_encoder_lora_layers=t,
+                                              weight_name="lora_peft.safetensors",
+                                              unet_lora_adapter_metadata=ucfg.to_dict(),
+                                              text_encoder_lora_adapter_metadata=tcfg.to_dict())
+    # the same deltas as kohya-ss names them (text encoder modules under text_model., as transformers 4 named them)
+    peft = load_file(os.path.join(a.out, "lora_peft.safetensors"))
+    kohya = {}
+    for k, v in peft.items():
+        comp, rest = k.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        if comp == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module
+        name = ("lora_unet_" if comp == "unet" else "lora_te_") + module.replace(".", "_")
+        kohya[name + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = v
+        kohya[name + ".alpha"] = torch.tensor(float(ucfg.lora_alpha if comp == "unet" else tcfg.lora_alpha))
+    save_file(kohya, os.path.join(a.out, "lora_kohya.safetensors"))
+    # diffusers 0.42 with transformers 5 drops converted kohya text-encoder keys (it warns "UNEXPECTED"), so its
+    # kohya image reference uses the UNet's part alone; the text encoder's kohya keys are checked against the peft file
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet_")},
+              os.path.join(a.out, "lora_kohya_unet.safetensors"))
+
+    g = torch.Generator().manual_seed(a.seed + 9)
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=g)
+    res = {"latents": latents}
+    runs = [dict(name="peft_07", file="lora_peft.safetensors", scale=0.7),
+            dict(name="kohya_unet_10", file="lora_kohya_unet.safetensors", scale=1.0)]
+    for r in [dict(name="base", file=None, scale=0.0)] + runs:
+        p = fresh()
+        if r["file"]:
+            p.load_lora_weights(a.out, weight_name=r["file"])
+            p.fuse_lora(lora_scale=r["scale"])
+        with torch.no_grad():
+            img = p(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=latents.clone(),
+                    output_type="pt").images
+        res[f"{r['name']}.images"] = img
+    save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"prompts": PROMPTS, "steps": 4, "guidance": 7.5, "runs": runs,
+            "source": f"diffusers {diffusers.__version__} load_lora_weights + fuse_lora on {a.src}, "
+                      f"torch {torch.__version__}, float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

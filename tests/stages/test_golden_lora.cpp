@@ -1,0 +1,128 @@
+// LoRA files fused at load time against diffusers' load_lora_weights + fuse_lora (peft) on tiny-sd: a random LoRA on
+// the UNet (attention projections, proj_in, the feed-forward input, the resnets' 3x3 conv1) and the text encoder
+// (q_proj, v_proj, fc1), in diffusers' own format with ranks and alphas in its header, and the same deltas in
+// kohya-ss's format. The reference is made by tests/stages/make_lora_golden.py (scripts/test.sh makes it under
+// build/golden when peft is installed): $DIFFPIPE_GOLDEN_LORA, default the sibling tiny-lora of the tiny-sd folder;
+// absent, the tests skip.
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/lora.h"
+#include "diffpipe/stages/stages.h"
+#include "denoise_util.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+#define DP_REQUIRE_LORA(dir) \
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_LORA", "tiny-lora", "golden.json", "make_lora_golden.py")
+
+// The reference's images from its initial latents, through a model loaded with `loras`.
+bool run_matches(const std::string& dir, const std::vector<LoraSpec>& loras, const std::string& name) {
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, loras);
+  std::vector<GenerationParams> params;
+  for (const auto& pr : meta.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = meta.at("steps").get<int>();
+    p.guidance = meta.at("guidance").get<double>();
+    params.push_back(p);
+  }
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& p : params) ptrs.push_back(&p);
+  auto embs = TextEncodeStage(model).run(ptrs);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i)
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("latents")[static_cast<int64_t>(i)]));
+  return test::matches_reference(model, ds, g.at(name + ".images"), "[golden-lora] " + name);
+}
+
+// A LoRA file of `tensors` (and header metadata) in the test's scratch folder.
+std::string lora_file(const std::string& name, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {}) {
+  static const std::string d = test::scratch_dir("lora");
+  const std::string p = d + "/" + name + ".safetensors";
+  save_safetensors(p, tensors, metadata);
+  return p;
+}
+}  // namespace
+
+// No LoRA gives the plain images; the peft file at scale 0.7 and the kohya file (UNet part) at 1 give diffusers'.
+TEST(GoldenLora, FusedPipelineMatchesDiffusers) {
+  DP_REQUIRE_LORA(dir);
+  EXPECT_TRUE(run_matches(dir, {}, "base"));
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  for (const auto& run : meta.at("runs"))
+    EXPECT_TRUE(run_matches(dir, {{dir + "/" + run.at("file").get<std::string>(), run.at("scale").get<double>()}},
+                            run.at("name").get<std::string>()));
+}
+
+// kohya-ss's names reach the same layers with the same alphas as diffusers' own format: the text encoder (whose
+// kohya keys diffusers here cannot load) and the UNet give the same outputs either way, and not the plain ones.
+TEST(GoldenLora, KohyaNamesEqualPeftKeys) {
+  DP_REQUIRE_LORA(dir);
+  const DeviceSpec spec = test::device_spec();
+  const auto peft = read_lora({dir + "/lora_peft.safetensors", 0.5}, dir + "/model");
+  const auto kohya = read_lora({dir + "/lora_kohya.safetensors", 0.5}, dir + "/model");
+  ASSERT_EQ(peft.size(), kohya.size());
+  size_t te = 0;
+  for (const auto& l : peft) te += l.component == "text_encoder";
+  EXPECT_EQ(te, 2u * 3u);  // 2 layers x q_proj, v_proj, fc1
+  const auto base = ClipTextModel::load(dir + "/model/text_encoder", spec);
+  const auto a = ClipTextModel::load(dir + "/model/text_encoder", spec, peft);
+  const auto b = ClipTextModel::load(dir + "/model/text_encoder", spec, kohya);
+  const at::Tensor ids = at::arange(1, 12, at::kLong).unsqueeze(0).to(spec.device);
+  const at::Tensor ha = a->forward(ids).last_hidden_state, hb = b->forward(ids).last_hidden_state;
+  std::printf("[golden-lora] text encoder: kohya vs peft %.2e, LoRA vs none %.2e\n", rel_err(hb, ha),
+              rel_err(ha, base->forward(ids).last_hidden_state));
+  EXPECT_LE(rel_err(hb, ha), test::module_tol(spec));
+  EXPECT_GT(rel_err(ha, base->forward(ids).last_hidden_state), 1e-3);
+  for (size_t i = 0; i < peft.size(); ++i) {  // the same factor (scale x alpha / rank) on every layer
+    EXPECT_EQ(peft[i].weight_key, kohya[i].weight_key);
+    EXPECT_NEAR(peft[i].factor, kohya[i].factor, 1e-12) << peft[i].weight_key;
+  }
+  EXPECT_NEAR(peft[0].factor, 0.5 * (peft[0].component == "unet" ? 8.0 / 4.0 : 4.0 / 2.0), 1e-12);
+}
+
+// Files that do not fit are refused naming the file and the key, whatever the rank loads.
+TEST(GoldenLora, BadFilesAreRefusedByName) {
+  DP_REQUIRE_LORA(dir);
+  const std::string m = dir + "/model";
+  auto error = [&](const std::string& file) { return test::error_of([&] { (void)read_lora({file, 1.0}, m); }); };
+  const at::Tensor d4 = at::ones({4, 32}), u4 = at::ones({32, 4});
+  const std::string q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+  EXPECT_NE(error(lora_file("sgm", {{"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight", d4}}))
+                .find("names no layer"),
+            std::string::npos);
+  EXPECT_NE(error(lora_file("lonely", {{"unet." + q + ".lora_A.weight", d4}})).find("has no up (lora_B / lora_up) partner"),
+            std::string::npos);
+  const std::string shape = error(lora_file("shape", {{"unet." + q + ".lora_A.weight", at::ones({4, 31})},
+                                                     {"unet." + q + ".lora_B.weight", u4}}));
+  EXPECT_NE(shape.find("do not fit unet's " + q + ".weight [32, 32]"), std::string::npos) << shape;
+  EXPECT_NE(error(lora_file("format", {{"model.diffusion_model.x.weight", d4}})).find("unknown LoRA format"),
+            std::string::npos);
+  EXPECT_NE(error(lora_file("dora", {{"unet." + q + ".lora_A.weight", d4}, {"unet." + q + ".lora_B.weight", u4}},
+                            {{"lora_adapter_metadata", "{\"unet.lora_alpha\": 4, \"unet.use_dora\": true}"}}))
+                .find("DoRA"),
+            std::string::npos);
+  EXPECT_NE(error(dir + "/none.safetensors").find("none.safetensors: LoRA file not found"), std::string::npos);
+  // without an alpha anywhere the update is applied as stored (alpha = rank)
+  const auto plain = read_lora({lora_file("plain", {{"unet." + q + ".lora_A.weight", d4}, {"unet." + q + ".lora_B.weight", u4}}), 0.25}, m);
+  ASSERT_EQ(plain.size(), 1u);
+  EXPECT_DOUBLE_EQ(plain[0].factor, 0.25);
+  // FILE[:SCALE] lists
+  const auto specs = parse_lora_list("a.safetensors:0.5,dir:with:colons/b.safetensors,c.safetensors:-1");
+  ASSERT_EQ(specs.size(), 3u);
+  EXPECT_EQ(specs[0].path, "a.safetensors");
+  EXPECT_DOUBLE_EQ(specs[0].scale, 0.5);
+  EXPECT_EQ(specs[1].path, "dir:with:colons/b.safetensors");
+  EXPECT_DOUBLE_EQ(specs[1].scale, 1.0);
+  EXPECT_DOUBLE_EQ(specs[2].scale, -1.0);
+  EXPECT_NE(test::error_of([] { (void)parse_lora_list("a.safetensors,,b"); }).find("an empty entry"), std::string::npos);
+  EXPECT_NE(test::error_of([] { (void)parse_lora_spec("a.safetensors:inf"); }).find("not a finite number"),
+            std::string::npos);
+}
