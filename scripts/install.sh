@@ -65,4 +65,9 @@ if ! $PY -c 'import sentencepiece, google.protobuf' 2>/dev/null; then
       "protobuf==${DIFFPIPE_PROTOBUF_VERSION:-7.36.2}" \
     || echo "[install] warning: sentencepiece unavailable; the spiece.model tokenizer check will skip"
 fi
+# peft: diffusers' LoRA loading, which tests/stages/make_lora_golden.py uses to make the LoRA reference.
+if ! $PY -c 'import peft' 2>/dev/null; then
+  $PY -m pip install --quiet --disable-pip-version-check "peft==${DIFFPIPE_PEFT_VERSION:-0.21.2}" \
+    || echo "[install] warning: peft unavailable; the LoRA golden tests will skip"
+fi
 echo "[install] ok: torch $($PY -c 'import torch;print(torch.__version__)') at $($PY -c 'import torch;print(torch.utils.cmake_prefix_path)')"

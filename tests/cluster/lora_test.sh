@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# LoRA files fused at load time, through `diffpipe generate` under mpirun and `diffpipe serve`:
+#   lora_test.sh DIFFPIPE_BIN WORKDIR   (the reference: $DIFFPIPE_GOLDEN_LORA, made by tests/stages/make_lora_golden.py)
+# Checks: --lora gives the same PNG bytes on 1 rank and pipelined on 3 ranks (the encode rank fuses the text
+# encoder's part, the denoise rank the UNet's); it changes the image; at scale 0 it gives the plain image; two files
+# at half scale each give the one at full scale (the updates add); the PNG records the LoRA; a rerun into the same
+# folder with another scale is refused (the run's identity); a file that does not fit is refused naming the file and
+# key on every rank, writing nothing; serve --lora answers with the CLI's pixels. Exit 77 = skipped (reference absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_LORA:-$(dirname "$0")/../../../shared/golden/tiny-lora}
+[ -f "$GOLD/golden.json" ] || { echo "SKIP: LoRA reference $GOLD is absent (set DIFFPIPE_GOLDEN_LORA)"; exit 77; }
+GOLD=$(cd "$GOLD" && pwd)
+MODEL=$GOLD/model
+LORA=$GOLD/lora_peft.safetensors
+source "$(dirname "$0")/lib.sh"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --steps 4 --seed 5 --threads 1 --batch-invariant
+        --quiet --timeout 60 --lora "$LORA:0.8")
+one_rank_run 3
+same_as_one_rank np3 3 "np 3 (encode | denoise | decode), --lora"
+ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 2 --steps 4 --threads 1 --quiet)
+run() { local out=$1; shift; timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$out" 2> "$WORK/$out.log" || bad "$out failed: $(tail -1 "$WORK/$out.log")"; }
+run plain
+run full --lora "$LORA"
+run zero --lora "$LORA:0"
+run halves --lora "$LORA:0.5,$GOLD/lora_kohya.safetensors:0.5"
+P=img-00000-seed2.png
+same_pixels "$WORK/plain/$P" "$WORK/full/$P" && bad "--lora changed nothing" || ok "--lora changes the image"
+same_pixels "$WORK/plain/$P" "$WORK/zero/$P" && ok "scale 0 gives the plain image" || bad "scale 0 differs from no LoRA"
+python3 - "$WORK/full/$P" "$WORK/halves/$P" <<'PY' && ok "the peft and kohya files at 0.5 each add up to one at 1 (8-bit values within 1)" || bad "two half LoRAs differ from one full"
+import sys
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(f).convert("RGB"), dtype=np.int32) for f in sys.argv[1:3])
+print("max |full - halves|:", int(np.abs(a - b).max()))
+sys.exit(0 if a.shape == b.shape and np.abs(a - b).max() <= 1 else 1)
+PY
+grep -aq "LoRA: $LORA (1)" "$WORK/full/$P" && ok "the PNG records the LoRA and its scale" || bad "PNG parameters lack the LoRA"
+if timeout 60 "$BIN" "${ONE[@]}" --lora "$LORA:0.3" --out "$WORK/full" 2> "$WORK/rerun.log"; then bad "a rerun with another LoRA scale was accepted"
+else grep -q "settings" "$WORK/rerun.log" && ok "a rerun into the folder with another LoRA scale is refused" || bad "unclear: $(tail -1 "$WORK/rerun.log")"; fi
+python3 - "$WORK/bad.safetensors" <<'PY'
+import json, struct, sys
+name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
+hdr = json.dumps({name: {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + b"\0\0\0\0")
+PY
+if timeout 120 $MPIRUN -np 3 "$BIN" "${ONE[@]}" --lora "$WORK/bad.safetensors" --out "$WORK/bad" 2> "$WORK/bad.log"; then bad "a LoRA in SDXL's original names was accepted"
+elif grep -q "bad.safetensors: key 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight' names no layer" "$WORK/bad.log" \
+  && [ -z "$(ls "$WORK/bad" 2>/dev/null | grep '^img-')" ]; then ok "3 ranks: a LoRA that does not fit is refused naming file and key, nothing written"
+else bad "unclear refusal: $(tail -2 "$WORK/bad.log")"; fi
+
+"$BIN" serve --model "$MODEL" --port 0 --steps 4 --threads 1 --lora "$LORA" > "$WORK/serve.log" 2>&1 &
+SPID=$!; URL=""
+for i in $(seq 1 300); do
+  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
+  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
+  sleep 0.1
+done
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$WORK/full/$P" <<'PY' && ok "serve --lora: the CLI's image over HTTP" || bad "serve --lora differs"
+import base64, json, sys, urllib.request, zlib, struct
+url, cli = sys.argv[1:3]
+req = urllib.request.Request(url + "/v1/images/generations", json.dumps({"prompt": "a red circle", "seed": 2}).encode(),
+                             {"Content-Type": "application/json"})
+png = base64.b64decode(json.loads(urllib.request.urlopen(req, timeout=60).read())["data"][0]["b64_json"])
+def pixels(d):
+    i = 8; idat = b""
+    while i < len(d):
+        n, t = struct.unpack(">I4s", d[i:i + 8]); i += 8
+        if t == b"IDAT": idat += d[i:i + n]
+        i += n + 4
+    return zlib.decompress(idat)
+sys.exit(0 if pixels(png) == pixels(open(cli, "rb").read()) else 1)
+PY
+else bad "serve --lora did not come up: $(tail -2 "$WORK/serve.log")"; fi
+kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+
+echo "lora: $passed passed, $fails failed"
+[ $fails = 0 ]
