@@ -39,13 +39,18 @@ const std::vector<cli::Opt> kOptions = {
                      "DeepFloyd IF (with its stage II in super_resolution/)"},
     {"lora", "FILE[:S],...", "LoRA files fused into the UNet and text encoders at scale S (default 1): diffusers'\n"
                              "(peft) or kohya-ss's format; comma-separated for several"},
+    {"controlnet", "DIR", "a ControlNet folder (ControlNetModel, SD 1.x/2.x) loaded with the UNet; requests bring\n"
+                          "--control-image (JSONL control_image)"},
+    {"control-image", "FILE", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
+                              "trained), a PNG of the output's size"},
+    {"control-scale", "S", "with --control-image: the ControlNet's conditioning scale (default 1)"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
-                        "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask\n"
-                        "(unset keys take the command line's values)"},
+                        "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
+                        "control_image, control_scale (unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -137,7 +142,7 @@ std::string format_number(double v) {  // as people write it: 0.7, 1, 1.25
 }
 
 std::string run_identity(const std::vector<GenerationParams>& requests, const Placement& placement,
-                         const std::vector<LoraSpec>& loras) {
+                         const ModelAddons& addons) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&](const std::string& s) {
     for (unsigned char c : s) {
@@ -149,10 +154,14 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
   std::set<std::string> kinds;  // not per rank: a rerun on another number of ranks makes the same pixels
   for (const auto& r : placement.ranks) kinds.insert(r.device + "/" + r.dtype);
   for (const auto& k : kinds) mix(k);
-  for (const LoraSpec& l : loras) {  // the file by name, scale and size (another file of the same name is another run)
+  auto size_of = [](const std::string& f) {
     struct stat st{};
-    mix(l.path + "@" + format_number(l.scale) + "#" + std::to_string(::stat(l.path.c_str(), &st) == 0 ? st.st_size : -1));
-  }
+    return std::to_string(::stat(f.c_str(), &st) == 0 ? st.st_size : -1);
+  };
+  for (const LoraSpec& l : addons.loras)  // a file by name, scale and size (another file of the same name: another run)
+    mix(l.path + "@" + format_number(l.scale) + "#" + size_of(l.path));
+  if (!addons.controlnet.empty())
+    mix("controlnet:" + addons.controlnet + "#" + size_of(addons.controlnet + "/diffusion_pytorch_model.safetensors"));
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -264,6 +273,8 @@ int generate_main(int argc, char** argv) {
                "generate: --strength must be in [0, 1], got ", base.strength);
     }
     base.mask = a.str("mask");
+    base.control_image = a.str("control-image");
+    base.control_scale = a.number("control-scale", base.control_scale);
     base.original_width = static_cast<int>(a.integer("original-width", 0));
     base.original_height = static_cast<int>(a.integer("original-height", 0));
     base.crop_top = static_cast<int>(a.integer("crop-top", 0));
@@ -382,7 +393,8 @@ int generate_main(int argc, char** argv) {
       DP_CHECK(avail <= 0 || need.total() <= avail, buf);
     }
     opts.model_dir = a.str("model");
-    opts.loras = parse_lora_list(a.str("lora"));
+    opts.addons.loras = parse_lora_list(a.str("lora"));
+    opts.addons.controlnet = a.str("controlnet");
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
@@ -426,11 +438,12 @@ int generate_main(int argc, char** argv) {
       oo.shard_size = static_cast<int>(a.integer("shard-size", 1000));
       oo.overwrite = a.flag("overwrite");
       oo.model = a.str("model");
-      for (const LoraSpec& l : opts.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
+      for (const LoraSpec& l : opts.addons.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
+      if (!opts.addons.controlnet.empty()) oo.model += ", ControlNet: " + opts.addons.controlnet;
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
       oo.total = requests.size();
-      oo.identity = run_identity(requests, placement, opts.loras);
+      oo.identity = run_identity(requests, placement, opts.addons);
       sink.emplace(oo);
       for (uint64_t i = 0; i < requests.size(); ++i)
         if (!sink->finished().count(i)) pending.push_back(i);

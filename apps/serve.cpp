@@ -33,6 +33,7 @@ int serve_main(int argc, char** argv) {
                    std::vector<cli::Opt>{
                        {"model", "DIR", "model folder"},
                        {"lora", "FILE[:S],...", "LoRA files fused into the model at scale S (default 1); comma-separated"},
+                       {"controlnet", "DIR", "a ControlNet folder: requests may bring a control_image"},
                        {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
                        {"port", "P", "port (default 8000; 0: any free port, printed at start)"},
                        {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},
@@ -95,8 +96,9 @@ int serve_main(int argc, char** argv) {
     const DeviceSpec spec = device_spec_of(opts.placement.ranks.at(world.rank), opts.placement.batch_invariant);
     unsigned comps = components_for(opts.placement.stages_on(world.rank));
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
-    opts.loras = parse_lora_list(a.str("lora"));
-    model = SdModel::load(dir, spec, comps, opts.loras);
+    opts.addons.loras = parse_lora_list(a.str("lora"));
+    opts.addons.controlnet = a.str("controlnet");
+    model = SdModel::load(dir, spec, comps, opts.addons);
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);
     defaults.sampler = a.str("sampler");

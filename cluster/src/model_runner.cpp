@@ -30,7 +30,7 @@ SdModel load_rank_model(const RunOptions& opts, Transport& transport, RunOptions
   run_on_all_ranks_or_fail([&] {
     fitted->placement.fit(pipeline_layout(opts.model_dir), "placement");
     const DeviceSpec spec = device_spec_of(rs, opts.placement.batch_invariant);
-    model = SdModel::load(opts.model_dir, spec, components_for(fitted->placement.stages_on(me)), opts.loras);
+    model = SdModel::load(opts.model_dir, spec, components_for(fitted->placement.stages_on(me)), opts.addons);
   });
   return model;
 }

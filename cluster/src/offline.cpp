@@ -74,7 +74,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "width", "height", "clip_skip", "images", "prior_steps",
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
-                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask"};
+                                          "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
+                                          "control_scale"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -97,7 +98,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level, strength, mask)");
+               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -134,6 +135,9 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                ": key 'strength' must be a number in [0, 1]");
     }
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
+    p.control_image = get_field<std::string>(o, "control_image", l.origin, p.control_image);
+    p.control_scale = get_field<double>(o, "control_scale", l.origin, p.control_scale);
+    DP_CHECK(std::isfinite(p.control_scale), l.origin, ": key 'control_scale' must be a finite number");
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -188,6 +192,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
        << p.effective_strength();
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
+  if (!p.control_image.empty())
+    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale;
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);

@@ -55,13 +55,13 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   }
   static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
                                               "noise_level"};
-  static const std::set<std::string> numbers{"guidance_scale", "strength"};
+  static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale"};
   json j = json::object();
   for (const FormPart& p : parts) {
     const std::string name = p.name == "image[]" ? "image" : p.name;
     if (j.contains(name))
       throw BadRequest{name == "image" ? "one image per request" : "field '" + name + "' given twice", name};
-    if (name == "image" || name == "mask") {
+    if (name == "image" || name == "mask" || name == "control_image") {
       // a file part carries the PNG's bytes; a text field may carry base64 or a data URI
       j[name] = p.filename.empty() && p.content_type.empty() ? p.value : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
     } else if (integers.count(name) || numbers.count(name)) {
@@ -320,7 +320,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     static const std::set<std::string> used{"prompt", "n", "size", "response_format", "output_format", "user", "model",
                                             "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
                                             "sampler", "width", "height", "stream", "partial_images", "image",
-                                            "strength", "noise_level", "mask"};
+                                            "strength", "noise_level", "mask", "control_image",
+                                            "controlnet_conditioning_scale"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -378,6 +379,13 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       p.strength = j["strength"].get<double>();
       if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
     }
+    if (const auto c = str("control_image"); c && !c->empty())  // a ControlNet's conditioning image
+      p.control_image = is_data_uri(*c) ? *c : "data:image/png;base64," + *c;
+    if (j.contains("controlnet_conditioning_scale") && !j["controlnet_conditioning_scale"].is_null()) {
+      if (!j["controlnet_conditioning_scale"].is_number())
+        throw BadRequest{"'controlnet_conditioning_scale' must be a number", "controlnet_conditioning_scale"};
+      p.control_scale = j["controlnet_conditioning_scale"].get<double>();
+    }
     if (const auto m = str("mask"); m && !m->empty()) {  // inpainting: white repainted, black kept
       if (route != Route::Edits) throw BadRequest{"a mask goes with /v1/images/edits (inpainting)", "mask"};
       p.mask = is_data_uri(*m) ? *m : "data:image/png;base64," + *m;
@@ -416,6 +424,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       const std::string field = msg.substr(0, msg.find(':'));
       std::string param = field == "width" || field == "height" || field == "width/height" ? (size_param.empty() ? "size" : size_param)
                           : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale"
+                          : field == "control_scale" ? "controlnet_conditioning_scale"
                           : field == "image_prompt" || field == "an inline image" || field.rfind("an inline image must", 0) == 0
                               ? "image" : field;
       throw BadRequest{msg, param};

@@ -147,8 +147,9 @@ SuperResConfig SuperResConfig::load(const std::string& path) {
   return c;
 }
 
-UNetConfig UNetConfig::load(const std::string& path) {
-  const JsonConfig j = JsonConfig::load(path);
+UNetConfig UNetConfig::load(const std::string& path) { return from(JsonConfig::load(path)); }
+
+UNetConfig UNetConfig::from(const JsonConfig& j) {
   UNetConfig c;
   c.in_channels = j.integer("in_channels", 4);
   c.out_channels = j.integer("out_channels", 4);

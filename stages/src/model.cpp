@@ -174,8 +174,9 @@ static void configure_cuda_numerics() {
 }
 
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components,
-                      const std::vector<LoraSpec>& loras) {
+                      const ModelAddons& addons) {
   validate(dir);
+  const std::vector<LoraSpec>& loras = addons.loras;
   DP_CHECK(loras.empty() || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
            is_if(dir) ? "DeepFloyd IF" : "x4 upscaler", " folder; LoRA files apply to Stable Diffusion, SDXL and "
            "Stable unCLIP folders");
@@ -258,7 +259,23 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     }
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);
-  m.loras = loras;
+  m.addons = addons;
+  if (!addons.controlnet.empty()) {  // its config on every rank (requests are checked against it), weights with the UNet
+    DP_CHECK(!m.sdxl && !m.upscaler && !m.inpaint_unet && m.noise_levels == 0, "controlnet: ", dir, " is not a plain ",
+             "Stable Diffusion 1.x/2.x folder; a ControlNet applies to those");
+    const ControlNetConfig cc = ControlNetConfig::load(path_join(addons.controlnet, "config.json"));
+    DP_CHECK(cc.unet.block_out_channels == m.unet_config.block_out_channels &&
+                 cc.unet.cross_attention_dim == m.unet_config.cross_attention_dim &&
+                 cc.unet.layers_per_block == m.unet_config.layers_per_block &&
+                 cc.unet.in_channels == m.unet_config.in_channels,
+             "controlnet: ", path_join(addons.controlnet, "config.json"), " does not fit ", path_join(dir, "unet/config.json"),
+             " (block_out_channels, layers_per_block, cross_attention_dim and in_channels must agree)");
+    DP_CHECK(int64_t(1) << (cc.conditioning_embedding_out_channels.size() - 1) == m.latent_factor(), "controlnet: ",
+             path_join(addons.controlnet, "config.json"), ": conditioning_embedding_out_channels has ",
+             cc.conditioning_embedding_out_channels.size(), " entries; its downsampling must be the VAE's factor ",
+             m.latent_factor());
+    if (components & kUNet) m.controlnet = ControlNetModel::load(addons.controlnet, spec);
+  }
   // As diffusers: force_upcast decodes in float32 only under float16 (its range overflows); bfloat16 has float32's.
   m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;  // the decoder side (VAE, super-resolution) runs in the VAE's dtype

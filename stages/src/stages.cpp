@@ -265,6 +265,28 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     DP_CHECK(p.noise_level >= 0 && p.noise_level <= model.max_noise_level, "noise_level: must be in [0, ",
              model.max_noise_level, "] (the folder's max_noise_level), got ", p.noise_level);
   }
+  if (!p.control_image.empty()) {  // ControlNet: an image of the output's size, as [0, 1] RGB
+    DP_CHECK(!model.addons.controlnet.empty(), "control_image: ", model.dir, " runs without a ControlNet (start the run ",
+             "with --controlnet DIR)");
+    DP_CHECK(std::isfinite(p.control_scale), "control_scale: must be a finite number, got ", p.control_scale);
+    Image img;
+    try {
+      img = read_image_ref(p.control_image);
+    } catch (const std::exception& e) {
+      DP_FAIL("control_image: ", e.what());
+    }
+    DP_CHECK(img.width == r.width && img.height == r.height, "control_image: ", describe_image_ref(p.control_image),
+             " is ", img.width, "x", img.height, "; the image is ", r.width, "x", r.height,
+             " (a ControlNet's image has the output's size)");
+    r.control = at::from_blob(img.pixels.data(), {img.height, img.width, 3}, at::kByte)
+                    .permute({2, 0, 1})
+                    .to(at::kFloat)
+                    .div(255.0)
+                    .contiguous();
+  } else {
+    DP_CHECK(p.control_scale == GenerationParams{}.control_scale, "control_scale: only a request with a ",
+             "control_image uses it");
+  }
   const int64_t m = model.size_multiple();
   DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
@@ -384,6 +406,10 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   } else {
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
+  if (r.control.defined()) {
+    s.control = r.control.to(model.spec.device);
+    s.control_scale = p.control_scale;
+  }
   DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
   for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
     s.preview_at.push_back(s.begin + std::max(0, s.total_steps() * k / (p.previews + 1) - 1));
@@ -485,11 +511,22 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx, cls, tids;
   std::vector<double> ts;
+  // ControlNet: each row's conditioning image and scale (rows without one: zeros at scale 0, adding nothing)
+  const bool control = model_.controlnet &&
+                       std::any_of(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->control.defined(); });
+  std::vector<at::Tensor> conds;
+  std::vector<float> cscales;
   for (DenoiseState* s : batch) {
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
     at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
     if (s->concat.defined()) in = at::cat({in, s->concat}, 0);
     const double t = s->sampler->timestep(s->step);
+    for (int r = 0; control && r < (s->guidance > 1.0 ? 2 : 1); ++r) {  // both guidance rows see the image
+      const int64_t f = model_.latent_factor();
+      conds.push_back(s->control.defined() ? s->control
+                                           : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
+      cscales.push_back(s->control.defined() ? static_cast<float>(s->control_scale) : 0.0f);
+    }
     if (s->guidance > 1.0) {
       xs.push_back(in);
       ctx.push_back(s->uncond);
@@ -515,7 +552,14 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   const bool levels = uc.class_embed_type == "timestep" || uc.num_class_embeds > 0;
   const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, levels ? at::kFloat : dt);
   const at::Tensor time_ids = tids.empty() ? at::Tensor() : at::stack(tids);  // stays on the CPU
-  at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids).to(at::kFloat);  // [rows, C, h, w]
+  UNetResiduals residuals;
+  if (control) {  // diffusers' StableDiffusionControlNetPipeline: the ControlNet sees the UNet's input rows
+    profile::Scope cn(profile::Section::UNet);
+    residuals = model_.controlnet->forward(x, t, c, at::stack(conds).to(model_.spec.device, dt),
+                                           at::tensor(cscales, at::TensorOptions().dtype(at::kFloat)));
+  }
+  at::Tensor e =
+      model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr).to(at::kFloat);  // [rows, C, h, w]
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;

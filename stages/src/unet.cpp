@@ -100,7 +100,7 @@ struct UNet2DConditionModel::Impl {
   mutable nn::GraphCache graphs{"unet"};  // on a GPU, repeated calls of one shape replay a captured graph
 };
 
-UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w) : cfg_(c) {
+UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w, bool encoder_only) : cfg_(c) {
   auto m = std::make_shared<Impl>();
   const auto& boc = c.block_out_channels;
   const size_t n = boc.size();
@@ -185,6 +185,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
                                          c.use_linear_projection);
   m->mid_res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), boc[n - 1], boc[n - 1], temb, G, c.norm_eps,
                                   c.mid_block_scale_factor, mo);
+  if (encoder_only) {
+    impl_ = m;
+    return;
+  }
   const auto rboc = reversed(boc), rheads = reversed(c.heads), rlayers = reversed(c.layers_per_block),
              rcross = reversed(c.cross_attention_dim), rtl = reversed(c.transformer_layers_per_block),
              rhead_dim = reversed(c.attention_head_dim);
@@ -249,8 +253,9 @@ size_t UNet2DConditionModel::cuda_graphs() const { return impl_->graphs.graphs()
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                          const at::Tensor& context, const at::Tensor& class_labels,
-                                         const at::Tensor& time_ids) const {
+                                         const at::Tensor& time_ids, const UNetResiduals* residuals) const {
   const Impl& m = *impl_;
+  DP_CHECK(m.conv_out.weight.defined(), "unet: built without its up blocks (a ControlNet's encoder half)");
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
            ", H, W], got ", shape_str(sample.sizes()));
   const int64_t B = sample.size(0);
@@ -266,8 +271,61 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   if (nn::batch_invariant() && B > 1)
     return nn::per_sample(B, [&](int64_t i) {
       auto row = [&](const at::Tensor& x) { return x.defined() ? x.slice(0, i, i + 1) : x; };
-      return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids));
+      UNetResiduals r;
+      if (residuals) {
+        for (const auto& d : residuals->down) r.down.push_back(row(d));
+        r.mid = row(residuals->mid);
+      }
+      return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr);
     });
+  const auto [t_emb, cl] = embeddings(sample, t, context, class_labels, time_ids);
+  if (residuals)  // a ControlNet's residuals change with every call: no graph
+    return forward_embedded(sample, t_emb, context, cl, residuals);
+  return m.graphs.run({sample, t_emb, context, cl}, [this](const std::vector<at::Tensor>& in) {
+    return forward_embedded(in[0], in[1], in[2], in[3]);
+  });
+}
+
+UNetResiduals UNet2DConditionModel::encode(const at::Tensor& sample, const at::Tensor& timesteps,
+                                           const at::Tensor& context, const at::Tensor& conv_in_add,
+                                           const at::Tensor& class_labels, const at::Tensor& time_ids) const {
+  DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "controlnet: sample must be [B, ", cfg_.in_channels,
+           ", H, W], got ", shape_str(sample.sizes()));
+  const int64_t B = sample.size(0);
+  at::Tensor t = timesteps.to(at::kCPU);
+  if (t.dim() == 0) t = t.reshape({1});
+  if (t.size(0) == 1 && B > 1) t = t.expand({B});
+  DP_CHECK(t.dim() == 1 && t.size(0) == B, "controlnet: need one timestep or one per sample, got ", shape_str(t.sizes()));
+  if (nn::batch_invariant() && B > 1) {
+    std::vector<UNetResiduals> rows;
+    for (int64_t i = 0; i < B; ++i) {
+      auto row = [&](const at::Tensor& x) { return x.defined() ? x.slice(0, i, i + 1) : x; };
+      rows.push_back(encode(row(sample), row(t), row(context), row(conv_in_add), row(class_labels), row(time_ids)));
+    }
+    UNetResiduals out;
+    for (size_t k = 0; k < rows[0].down.size(); ++k) {
+      std::vector<at::Tensor> parts;
+      for (const auto& r : rows) parts.push_back(r.down[k]);
+      out.down.push_back(at::cat(parts));
+    }
+    std::vector<at::Tensor> mids;
+    for (const auto& r : rows) mids.push_back(r.mid);
+    out.mid = at::cat(mids);
+    return out;
+  }
+  const auto [t_emb, cl] = embeddings(sample, t, context, class_labels, time_ids);
+  UNetResiduals out;
+  (void)forward_embedded(sample, t_emb, context, cl, nullptr, conv_in_add, &out);
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> UNet2DConditionModel::embeddings(const at::Tensor& sample, const at::Tensor& t,
+                                                                   const at::Tensor& context,
+                                                                   const at::Tensor& class_labels,
+                                                                   const at::Tensor& time_ids) const {
+  const Impl& m = *impl_;
+  const int64_t B = sample.size(0);
+  (void)context;
   const at::Tensor t_emb =
       to_sample_device(timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift), sample);
   at::Tensor cl;
@@ -310,13 +368,13 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   } else {
     DP_CHECK(!class_labels.defined(), "unet: class_labels given, but the config has no class_embed_type");
   }
-  return m.graphs.run({sample, t_emb, context, cl}, [this](const std::vector<at::Tensor>& in) {
-    return forward_embedded(in[0], in[1], in[2], in[3]);
-  });
+  return {t_emb, cl};
 }
 
 at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb,
-                                                  const at::Tensor& context_in, const at::Tensor& class_labels) const {
+                                                  const at::Tensor& context_in, const at::Tensor& class_labels,
+                                                  const UNetResiduals* residuals, const at::Tensor& conv_in_add,
+                                                  UNetResiduals* encoder_out) const {
   const Impl& m = *impl_;
   auto act = [&](const at::Tensor& t) { return m.gelu ? at::gelu(t) : at::silu(t); };
   at::Tensor emb = m.time_linear_2(act(m.time_linear_1(t_emb)));
@@ -330,6 +388,7 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
   else if (m.time_act == "silu") emb = at::silu(emb);
   if (m.encoder_hid_proj.weight.defined()) context = m.encoder_hid_proj(context);
   at::Tensor x = m.conv_in(nn::in_layout_of(m.conv_in.weight, sample));
+  if (conv_in_add.defined()) x = x + conv_in_add;
   std::vector<at::Tensor> skips{x};
   for (const auto& b : m.down) {
     for (size_t j = 0; j < b.resnets.size(); ++j) {
@@ -346,6 +405,17 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
   x = m.mid_res0(x, emb);
   x = m.simple_mid ? m.mid_simple(x, context) : m.mid_attn(x, context);
   x = m.mid_res1(x, emb);
+  if (encoder_out) {
+    encoder_out->down = std::move(skips);
+    encoder_out->mid = x;
+    return x;
+  }
+  if (residuals) {
+    DP_CHECK(residuals->down.size() == skips.size() && residuals->mid.defined(), "unet: ", residuals->down.size(),
+             " ControlNet residuals for ", skips.size(), " skip connections");
+    for (size_t k = 0; k < skips.size(); ++k) skips[k] = skips[k] + residuals->down[k].to(skips[k].scalar_type());
+    x = x + residuals->mid.to(x.scalar_type());
+  }
   for (const auto& b : m.up) {
     for (size_t j = 0; j < b.resnets.size(); ++j) {
       at::Tensor s = skips.back();

@@ -23,7 +23,7 @@ namespace {
 bool run_matches(const std::string& dir, const std::vector<LoraSpec>& loras, const std::string& name) {
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, loras);
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{loras, ""});
   std::vector<GenerationParams> params;
   for (const auto& pr : meta.at("prompts")) {
     GenerationParams p;

@@ -31,7 +31,7 @@ struct RequestMeta {
 
 struct RunOptions {
   std::string model_dir;
-  std::vector<LoraSpec> loras;  // fused into the model as every rank loads it
+  ModelAddons addons;  // LoRA files fused into the model, a ControlNet beside it, as every rank loads it
   Placement placement;
   double timeout_s = 600;      // no progress for this long = failure (names what is stuck)
   std::string inject_failure;  // testing aid: "STAGE:REQUEST" throws there, "STAGE:REQUEST:crash" aborts the process

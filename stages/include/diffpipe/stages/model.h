@@ -8,6 +8,7 @@
 #include <string>
 
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/controlnet.h"
 #include "diffpipe/stages/sampler.h"
 #include "diffpipe/stages/super_res.h"
 #include "diffpipe/stages/t5.h"
@@ -81,11 +82,13 @@ struct SdModel {
   // Checks the folder: model_index.json, each component's config and weights file present and parseable,
   // cross-component shapes consistent (cross_attention_dim == text hidden size, latent channels).
   static void validate(const std::string& dir);
-  // `loras` are fused into the UNet and text encoders as they load (stages/lora.h); every file is checked against
-  // the folder whatever the components (a rank that loads none of its layers still refuses a bad file).
+  // addons.loras are fused into the UNet and text encoders as they load (stages/lora.h); every file is checked
+  // against the folder whatever the components (a rank that loads none of its layers still refuses a bad file).
+  // addons.controlnet: a ControlNet loaded with the UNet (kUNet), its config checked on every rank.
   static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents,
-                      const std::vector<LoraSpec>& loras = {});
-  std::vector<LoraSpec> loras;  // what load() fused in
+                      const ModelAddons& addons = {});
+  ModelAddons addons;  // what load() added
+  std::shared_ptr<ControlNetModel> controlnet;  // loaded with kUNet when addons.controlnet is set
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.

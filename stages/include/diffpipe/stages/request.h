@@ -30,6 +30,10 @@ struct GenerationParams {
   // Inpainting (SD 1.x/2.x folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
   // pixels are repainted and black ones kept; a path or a data: URI ("" = none)
   std::string mask;
+  // ControlNet (a run started with --controlnet DIR): the conditioning image (edges, depth, pose... as the ControlNet
+  // was trained; a PNG of the output's size, path or data: URI; "" = no control) and its scale
+  std::string control_image;
+  double control_scale = 1.0;
   // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
@@ -81,6 +85,10 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   }
   if (p.strength != d.strength) j["strength"] = p.strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
+  if (!p.control_image.empty()) {
+    j["control_image"] = p.control_image;
+    j["control_scale"] = p.control_scale;
+  }
   return j;
 }
 
@@ -112,6 +120,8 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   p.strength = j.value("strength", p.strength);
   p.mask = j.value("mask", std::string());
+  p.control_image = j.value("control_image", std::string());
+  p.control_scale = j.value("control_scale", p.control_scale);
   return p;
 }
 

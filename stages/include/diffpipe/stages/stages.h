@@ -57,6 +57,8 @@ struct DenoiseState {
   // inpainting with a plain UNet: after every step the kept region (mask 0) is the image's latents noised to the
   // next call (blend_noise: the initial noise), as diffusers' StableDiffusionInpaintPipeline blends 4-channel UNets
   at::Tensor blend_mask, blend_image, blend_noise;
+  at::Tensor control;        // ControlNet: the conditioning image [3, H, W] in [0, 1] on the device (undefined: none)
+  double control_scale = 0;
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
@@ -80,6 +82,7 @@ struct ResolvedParams {
                                      // once here (not read when image-to-image's latents are given)
   int begin = 0;                     // image-to-image: the first call (steps - int(steps x strength))
   at::Tensor mask;                   // inpainting: the mask binarised [1, H, W] (1 = repaint), read with the image
+  at::Tensor control;                // ControlNet: the conditioning image [3, H, W] in [0, 1]
 };
 // `image_latents` (image-to-image, where they arrived from the encode stage): the image's size comes from them and
 // the image is not read again.

@@ -15,6 +15,8 @@
 
 namespace diffpipe {
 
+class JsonConfig;
+
 struct UNetConfig {
   int64_t in_channels = 4, out_channels = 4;
   std::vector<int64_t> block_out_channels;
@@ -53,11 +55,21 @@ struct UNetConfig {
   int64_t addition_embed_type_num_heads = 64;  // addition_embed_type "text": attention-pooling heads
   bool cross_attention_norm = false;         // cross_attention_norm "group_norm" (SimpleCrossAttn blocks)
   static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
+  static UNetConfig from(const JsonConfig& config);         // the same from a parsed config
+};
+
+// A ControlNet's contribution to one UNet call: one tensor per skip connection (conv_in's output, then every
+// resnet/attention output and downsampler of the down blocks, as diffusers' down_block_res_samples) and one for the
+// mid block's output, added to them (diffusers' down_block_additional_residuals / mid_block_additional_residual).
+struct UNetResiduals {
+  std::vector<at::Tensor> down;
+  at::Tensor mid;
 };
 
 class UNet2DConditionModel {
  public:
-  UNet2DConditionModel(const UNetConfig& cfg, const Weights& w);
+  // encoder_only: conv_in, the time embeddings, the down and mid blocks (a ControlNet's copy of them)
+  UNet2DConditionModel(const UNetConfig& cfg, const Weights& w, bool encoder_only = false);
   // `lora`: layers fused into the weights first (those of component "unet")
   static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec,
                                                     const std::vector<LoraLayer>& lora = {});
@@ -69,8 +81,15 @@ class UNet2DConditionModel {
   // (SDXL) the pooled text embedding [B, P] instead, with time_ids [B, K] (original size, crop corner, target
   // size: K = 6), where P + K * addition_time_embed_dim = projection_class_embeddings_input_dim; else undefined.
   // Returns the noise (or v) prediction [B, C_out, H, W].
+  // `residuals` (a ControlNet's, [B, ...] like the skips): added to the skips and the mid block's output.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
-                     const at::Tensor& class_labels = at::Tensor(), const at::Tensor& time_ids = at::Tensor()) const;
+                     const at::Tensor& class_labels = at::Tensor(), const at::Tensor& time_ids = at::Tensor(),
+                     const UNetResiduals* residuals = nullptr) const;
+  // The down and mid blocks alone, with `conv_in_add` added to conv_in's output (a ControlNet's conditioning
+  // embedding): the skips and the mid block's output, unscaled.
+  UNetResiduals encode(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
+                       const at::Tensor& conv_in_add, const at::Tensor& class_labels = at::Tensor(),
+                       const at::Tensor& time_ids = at::Tensor()) const;
   const UNetConfig& config() const { return cfg_; }
   int64_t downscale() const;
   size_t cuda_graphs() const;  // CUDA graphs captured so far (repeated GPU calls of one shape replay one)  // 2^(number of downsamplers): H and W must be multiples of this
@@ -78,8 +97,15 @@ class UNet2DConditionModel {
  private:
   // forward() after the time embeddings: t_emb [B, C0] and class_labels (text_time: [text_embeds | time-id
   // sinusoids]) on the sample's device and dtype.
+  // With `encoder_out`, stops after the mid block and returns its skips and output there (conv_in_add joins conv_in's
+  // output); with `residuals`, adds them to the skips and the mid output.
   at::Tensor forward_embedded(const at::Tensor& sample, const at::Tensor& t_emb, const at::Tensor& context,
-                              const at::Tensor& class_labels) const;
+                              const at::Tensor& class_labels, const UNetResiduals* residuals = nullptr,
+                              const at::Tensor& conv_in_add = at::Tensor(), UNetResiduals* encoder_out = nullptr) const;
+  // forward()'s input checks and embeddings: t_emb and class labels on the sample's device and dtype.
+  std::pair<at::Tensor, at::Tensor> embeddings(const at::Tensor& sample, const at::Tensor& t,
+                                               const at::Tensor& context, const at::Tensor& class_labels,
+                                               const at::Tensor& time_ids) const;
   struct Impl;
   std::shared_ptr<const Impl> impl_;
   UNetConfig cfg_;

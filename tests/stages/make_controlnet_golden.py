@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Makes a ControlNet reference with diffusers' StableDiffusionControlNetPipeline on the tiny-sd folder, for the
+GoldenControlNet tests:
+
+    python3 tests/stages/make_controlnet_golden.py --out DIR [--src ../shared/golden/tiny-sd] [--seed 0]
+    DIFFPIPE_GOLDEN_CONTROLNET=DIR ./build/tests/test_stages --gtest_filter='GoldenControlNet.*'
+
+DIR/model links to the source folder. DIR/controlnet: a ControlNetModel made from its UNet (ControlNetModel.from_unet,
+a conditioning embedding of 8, 16, 32 channels: two stride-2 convolutions for the VAE's factor 4) with every weight,
+the zero convolutions included, perturbed at random. DIR/control_K.png: 32x32 conditioning images (a bright outline
+on black, as edge maps are). DIR/golden.safetensors: `latents` [B, 4, 8, 8] (the initial latents given to every run)
+and, for each run R of golden.json (conditioning scale, guidance, negative prompt), R.images [B, 3, 32, 32] in [0, 1]
+(DDIM, 4 steps); `plain.images` from the UNet alone.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    a = ap.parse_args()
+    import diffusers
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    src = os.path.abspath(os.path.join(a.src, "model"))
+    if os.path.exists(a.out):
+        shutil.rmtree(a.out)
+    os.makedirs(a.out)
+    os.symlink(src, os.path.join(a.out, "model"))
+    base = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    base.set_progress_bar_config(disable=True)
+    torch.manual_seed(a.seed + 600)
+    cn = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
+    with torch.no_grad():
+        for prm in cn.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    cn.save_pretrained(os.path.join(a.out, "controlnet"))
+    pipe = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                             unet=base.unet, controlnet=cn, scheduler=base.scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    controls = []
+    for k in range(len(PROMPTS)):
+        img = np.zeros((32, 32, 3), np.uint8)
+        if k == 0:
+            img[6:26, 6] = img[6:26, 25] = img[6, 6:26] = img[25, 6:26] = 255  # a square's outline
+        else:
+            yy, xx = np.mgrid[0:32, 0:32]
+            ring = np.abs(np.hypot(yy - 16, xx - 16) - 10) < 1.2
+            img[ring] = (255, 200, 120)  # a coloured ring: the channels differ
+        Image.fromarray(img, "RGB").save(os.path.join(a.out, f"control_{k}.png"))
+        controls.append(Image.fromarray(img, "RGB"))
+    g = torch.Generator().manual_seed(a.seed + 21)
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=g)
+    res = {"latents": latents}
+    with torch.no_grad():
+        res["plain.images"] = base(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=latents.clone(),
+                                   output_type="pt").images
+    runs = [dict(name="scale_1", scale=1.0, guidance=7.5, negative_prompt=None),
+            dict(name="scale_05_negative", scale=0.5, guidance=5.0, negative_prompt="blurry"),
+            dict(name="no_guidance", scale=1.5, guidance=1.0, negative_prompt=None)]
+    for r in runs:
+        neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+        with torch.no_grad():
+            res[f"{r['name']}.images"] = pipe(PROMPTS, image=controls, num_inference_steps=4,
+                                              guidance_scale=r["guidance"], negative_prompt=neg,
+                                              controlnet_conditioning_scale=r["scale"], latents=latents.clone(),
+                                              output_type="pt").images
+    save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
+            "runs": runs, "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
+                                    f"torch {torch.__version__}, float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

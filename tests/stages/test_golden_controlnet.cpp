@@ -1,0 +1,111 @@
+// ControlNet against diffusers' StableDiffusionControlNetPipeline on tiny-sd: a ControlNetModel made from its UNet
+// with random weights (zero convolutions included), conditioning images of 32x32, three runs (scale 1 with guidance
+// 7.5, scale 0.5 with a negative prompt, scale 1.5 without guidance), the same initial latents. The reference is made
+// by tests/stages/make_controlnet_golden.py (scripts/test.sh makes it under build/golden):
+// $DIFFPIPE_GOLDEN_CONTROLNET, default the sibling tiny-controlnet of the tiny-sd folder; absent, the tests skip.
+#include <fstream>
+
+#include "diffpipe/runtime/image.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/stages.h"
+#include "denoise_util.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+
+namespace {
+#define DP_REQUIRE_CONTROLNET(dir) \
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_CONTROLNET", "tiny-controlnet", "golden.json", "make_controlnet_golden.py")
+
+GenerationParams request(const std::string& dir, const nlohmann::json& meta, const nlohmann::json& run, size_t i) {
+  GenerationParams p;
+  p.prompt = meta.at("prompts")[i].get<std::string>();
+  p.steps = meta.at("steps").get<int>();
+  p.guidance = run.at("guidance").get<double>();
+  p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+  p.control_image = dir + "/" + meta.at("controls")[i].get<std::string>();
+  p.control_scale = run.at("scale").get<double>();
+  return p;
+}
+
+// Runs `params` (one batch) from the reference's latents, decoded, against `ref` rows `rows`.
+bool batch_matches(const SdModel& model, const std::vector<GenerationParams>& params, const at::Tensor& latents,
+                   const at::Tensor& ref, const std::string& what) {
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& p : params) ptrs.push_back(&p);
+  auto embs = TextEncodeStage(model).run(ptrs);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i)
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[static_cast<int64_t>(i)]));
+  return test::matches_reference(model, ds, ref, "[golden-controlnet] " + what);
+}
+}  // namespace
+
+// Each run's images; the UNet alone (no control image) gives the plain images with the ControlNet loaded.
+TEST(GoldenControlNet, WholePipeline) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
+  ASSERT_TRUE(model.controlnet);
+  for (const auto& run : meta.at("runs")) {
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
+    const std::string n = run.at("name").get<std::string>();
+    EXPECT_TRUE(batch_matches(model, params, g.at("latents"), g.at(n + ".images"), n)) << n;
+  }
+  std::vector<GenerationParams> plain;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    GenerationParams p = request(dir, meta, meta.at("runs")[0], i);
+    p.control_image.clear();
+    p.control_scale = 1.0;
+    plain.push_back(p);
+  }
+  EXPECT_TRUE(batch_matches(model, plain, g.at("latents"), g.at("plain.images"), "no control image"));
+}
+
+// A batch mixing a controlled request and a plain one: each gets its own image (the plain row's residuals are zero).
+TEST(GoldenControlNet, MixedBatchKeepsEachRequestsImage) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
+  std::vector<GenerationParams> params{request(dir, meta, meta.at("runs")[0], 0), request(dir, meta, meta.at("runs")[0], 1)};
+  params[1].control_image.clear();
+  const at::Tensor ref = at::stack({g.at("scale_1.images")[0], g.at("plain.images")[1]});
+  EXPECT_TRUE(batch_matches(model, params, g.at("latents"), ref, "controlled and plain in one batch"));
+}
+
+// Requests and folders are checked by name: a control image without a ControlNet, of another size, a scale without
+// an image; a ControlNet that does not fit the UNet.
+TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel with = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, dir + "/controlnet"});
+  EXPECT_FALSE(with.controlnet);  // its weights load with the UNet only
+  const SdModel without = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder);
+  GenerationParams p = request(dir, meta, meta.at("runs")[0], 0);
+  auto error = [&](const SdModel& m, const GenerationParams& q) { return test::error_of([&] { (void)resolve_params(m, q); }); };
+  EXPECT_EQ(error(with, p), "");
+  EXPECT_NE(error(without, p).find("control_image: " + dir + "/model runs without a ControlNet"), std::string::npos)
+      << error(without, p);
+  Image wide;
+  wide.width = 40;
+  wide.height = 32;
+  wide.pixels.assign(40 * 32 * 3, 0);
+  p.control_image = "data:image/png;base64," + base64_encode(encode_png(wide));
+  EXPECT_NE(error(with, p).find("is 40x32; the image is 32x32"), std::string::npos) << error(with, p);
+  p.control_image.clear();
+  p.control_scale = 0.5;
+  EXPECT_NE(error(with, p).find("control_scale: only a request with a control_image"), std::string::npos);
+  // a ControlNet for another UNet: its config disagrees
+  const std::string bad = test::scratch_dir("controlnet-bad");
+  nlohmann::json cfg = JsonConfig::load(dir + "/controlnet/config.json").json();
+  cfg["block_out_channels"] = {64, 64};
+  std::ofstream(bad + "/config.json") << cfg.dump();
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, bad}); })
+                .find("does not fit " + dir + "/model/unet/config.json"),
+            std::string::npos);
+}
