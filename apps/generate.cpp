@@ -375,7 +375,8 @@ int generate_main(int argc, char** argv) {
           batch = std::max(batch, std::min<int>(st.spec.max_batch, static_cast<int>(requests.size())));
       const auto here = placement.stages_on(world.rank);
       const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
-                                                   base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
+                                                   base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
+                                                   a.str("controlnet"));
       const double avail = available_host_memory() / std::max(1, world.local_size);
       std::string names;
       for (const auto& n : here) names += (names.empty() ? "" : ", ") + n;
@@ -414,7 +415,7 @@ int generate_main(int argc, char** argv) {
     }
     {  // every request's settings against the model (configs only), before the output folder is touched
       DeviceSpec cfg_only;
-      const SdModel configs = SdModel::load(a.str("model"), cfg_only, 0);
+      const SdModel configs = SdModel::load(a.str("model"), cfg_only, 0, opts.addons);
       std::set<std::string> checked;
       for (size_t i = 0; i < requests.size(); ++i) {
         GenerationParams p = requests[i];

@@ -7,7 +7,9 @@
 
 #include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/stages.h"
 #include "denoise_util.h"
 #include "device_util.h"
@@ -108,4 +110,18 @@ TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
   EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, bad}); })
                 .find("does not fit " + dir + "/model/unet/config.json"),
             std::string::npos);
+}
+
+// The memory estimate of a denoise rank counts the ControlNet's weights (and more activations).
+TEST(GoldenControlNet, MemoryEstimateCountsTheControlNet) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const MemoryNeed plain = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat);
+  const MemoryNeed with = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat, dir + "/controlnet");
+  const auto f = SafetensorsFile::open(dir + "/controlnet/diffusion_pytorch_model.safetensors");
+  double n = 0;
+  for (const auto& k : f->names()) n += static_cast<double>(f->get(k).numel());
+  EXPECT_EQ(with.weights - plain.weights, 4 * n);
+  EXPECT_GT(with.activations, plain.activations);
+  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, dir + "/controlnet").weights,
+            estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat).weights);
 }

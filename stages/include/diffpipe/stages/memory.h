@@ -18,8 +18,10 @@ struct MemoryNeed {
 };
 
 // Request sizes 0 mean the model's default size. `rows` per UNet call: max_batch x 2 with guidance.
+// `controlnet`: a ControlNet folder loaded with the UNet (its weights, and about half the UNet's activations).
 MemoryNeed estimate_rank_memory(const std::string& model_dir, const std::vector<std::string>& stages, int width,
-                                int height, int max_batch, bool guidance, c10::ScalarType dtype);
+                                int height, int max_batch, bool guidance, c10::ScalarType dtype,
+                                const std::string& controlnet = "");
 // MemAvailable of this machine (bytes), or 0 when unknown.
 double available_host_memory();
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# ControlNet through `diffpipe generate` under mpirun and `diffpipe serve`:
+#   controlnet_test.sh DIFFPIPE_BIN WORKDIR   (the reference: $DIFFPIPE_GOLDEN_CONTROLNET, made by
+#   tests/stages/make_controlnet_golden.py)
+# Checks: a JSONL file whose lines name their control images gives the same PNG bytes on 1 rank, pipelined on 3 ranks
+# (the ControlNet loads on the denoise rank) and with 2 replicas; a control image changes the image, scale 0 gives the
+# plain one, another control image another; the JSONL control keys equal the flags; the PNG records the control
+# image, scale and ControlNet; a control image without --controlnet, of another size, and a ControlNet that does not
+# fit are refused by name writing nothing; serve --controlnet answers a control_image (base64) with the CLI's pixels
+# and a wrong-size one with a 400 naming control_image. Exit 77 = skipped (reference absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_CONTROLNET:-$(dirname "$0")/../../../shared/golden/tiny-controlnet}
+[ -f "$GOLD/golden.json" ] || { echo "SKIP: ControlNet reference $GOLD is absent (set DIFFPIPE_GOLDEN_CONTROLNET)"; exit 77; }
+GOLD=$(cd "$GOLD" && pwd)
+MODEL=$GOLD/model
+CN=$GOLD/controlnet
+source "$(dirname "$0")/lib.sh"
+printf '{"prompt": "a red circle", "control_image": "%s"}\n{"prompt": "two green triangles", "control_image": "%s", "control_scale": 0.5}\n{"prompt": "a blue square"}\n' \
+  "$GOLD/control_0.png" "$GOLD/control_1.png" > "$WORK/jobs.jsonl"
+COMMON=(generate --model "$MODEL" --controlnet "$CN" --prompts "$WORK/jobs.jsonl" --steps 4 --seed 5 --threads 1
+        --batch-invariant --quiet --timeout 60)
+one_rank_run 3
+same_as_one_rank np3 3 "np 3 (encode | denoise + ControlNet | decode)"
+same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+ONE=(generate --model "$MODEL" --prompt "two green triangles" --seed 6 --steps 4 --threads 1 --quiet)
+run() { local out=$1; shift; timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$out" 2> "$WORK/$out.log" || bad "$out failed: $(tail -1 "$WORK/$out.log")"; }
+run plain
+run plain-cn --controlnet "$CN"
+run half --controlnet "$CN" --control-image "$GOLD/control_1.png" --control-scale 0.5
+run zero --controlnet "$CN" --control-image "$GOLD/control_1.png" --control-scale 0
+run other --controlnet "$CN" --control-image "$GOLD/control_0.png" --control-scale 0.5
+P=img-00000-seed6.png
+same_pixels "$WORK/plain/$P" "$WORK/plain-cn/$P" && ok "a request without a control image: the plain image" || bad "--controlnet alone changed the image"
+same_pixels "$WORK/plain/$P" "$WORK/half/$P" && bad "the control image changed nothing" || ok "a control image changes the image"
+same_pixels "$WORK/plain/$P" "$WORK/zero/$P" && ok "scale 0 gives the plain image" || bad "scale 0 differs from the plain image"
+same_pixels "$WORK/half/$P" "$WORK/other/$P" && bad "another control image gave the same image" || ok "another control image, another image"
+same_pixels "$WORK/half/$P" "$WORK/np1/img-00001-seed6.png" && ok "JSONL control_image/control_scale give the flags' image" \
+  || bad "JSONL control keys differ from the flags"
+grep -aq "Control image: $GOLD/control_1.png, Control scale: 0.5" "$WORK/half/$P" && grep -aq "ControlNet: $CN" "$WORK/half/$P" \
+  && ok "the PNG records the control image, scale and ControlNet" || bad "PNG parameters lack the control settings"
+refused() {  # refused NAME EXPECTED-TEXT ARGS...: the run fails naming EXPECTED-TEXT and writes no image
+  local name=$1 want=$2; shift 2
+  if timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log"; then bad "$name: accepted"
+  elif grep -qF -- "$want" "$WORK/$name.log" && [ -z "$(ls "$WORK/$name" 2>/dev/null | grep '^img-')" ]; then
+    ok "$name: refused naming '$want', no image written"
+  else bad "$name: unclear refusal: $(tail -1 "$WORK/$name.log")"; fi
+}
+refused no-cn "runs without a ControlNet (start the run with --controlnet DIR)" --control-image "$GOLD/control_0.png"
+python3 -c 'import sys; from PIL import Image; Image.new("RGB", (40, 32)).save(sys.argv[1])' "$WORK/wide.png"
+refused size "is 40x32; the image is 32x32" --controlnet "$CN" --control-image "$WORK/wide.png"
+mkdir -p "$WORK/badcn"; python3 - "$CN/config.json" "$WORK/badcn/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["cross_attention_dim"] = 64; json.dump(c, open(sys.argv[2], "w"))
+PY
+refused unfit "does not fit $MODEL/unet/config.json" --controlnet "$WORK/badcn"
+
+"$BIN" serve --model "$MODEL" --controlnet "$CN" --port 0 --steps 4 --threads 1 > "$WORK/serve.log" 2>&1 &
+SPID=$!; URL=""
+for i in $(seq 1 300); do
+  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
+  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
+  sleep 0.1
+done
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels; a wrong size is a 400 naming control_image" || bad "serve --controlnet"
+import base64, io, json, sys, urllib.error, urllib.request
+from PIL import Image
+url, ctl, cli, wide = sys.argv[1:5]
+def post(body):
+    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+b64 = lambda f: base64.b64encode(open(f, "rb").read()).decode()
+st, r = post({"prompt": "two green triangles", "seed": 6, "control_image": b64(ctl), "controlnet_conditioning_scale": 0.5})
+assert st == 200, (st, r)
+got = Image.open(io.BytesIO(base64.b64decode(r["data"][0]["b64_json"]))).convert("RGB").tobytes()
+assert got == Image.open(cli).convert("RGB").tobytes(), "HTTP image differs from the CLI's"
+st, r = post({"prompt": "x", "control_image": b64(wide)})
+assert st == 400 and r["error"]["param"] == "control_image" and "40x32" in r["error"]["message"], (st, r)
+PY
+else bad "serve --controlnet did not come up: $(tail -2 "$WORK/serve.log")"; fi
+kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+
+echo "controlnet: $passed passed, $fails failed"
+[ $fails = 0 ]
