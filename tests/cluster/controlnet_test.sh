@@ -39,13 +39,6 @@ same_pixels "$WORK/half/$P" "$WORK/np1/img-00001-seed6.png" && ok "JSONL control
   || bad "JSONL control keys differ from the flags"
 grep -aq "Control image: $GOLD/control_1.png, Control scale: 0.5" "$WORK/half/$P" && grep -aq "ControlNet: $CN" "$WORK/half/$P" \
   && ok "the PNG records the control image, scale and ControlNet" || bad "PNG parameters lack the control settings"
-refused() {  # refused NAME EXPECTED-TEXT ARGS...: the run fails naming EXPECTED-TEXT and writes no image
-  local name=$1 want=$2; shift 2
-  if timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log"; then bad "$name: accepted"
-  elif grep -qF -- "$want" "$WORK/$name.log" && [ -z "$(ls "$WORK/$name" 2>/dev/null | grep '^img-')" ]; then
-    ok "$name: refused naming '$want', no image written"
-  else bad "$name: unclear refusal: $(tail -1 "$WORK/$name.log")"; fi
-}
 refused no-cn "runs without a ControlNet (start the run with --controlnet DIR)" --control-image "$GOLD/control_0.png"
 python3 -c 'import sys; from PIL import Image; Image.new("RGB", (40, 32)).save(sys.argv[1])' "$WORK/wide.png"
 refused size "is 40x32; the image is 32x32" --controlnet "$CN" --control-image "$WORK/wide.png"
@@ -55,13 +48,7 @@ c = json.load(open(sys.argv[1])); c["cross_attention_dim"] = 64; json.dump(c, op
 PY
 refused unfit "does not fit $MODEL/unet/config.json" --controlnet "$WORK/badcn"
 
-"$BIN" serve --model "$MODEL" --controlnet "$CN" --port 0 --steps 4 --threads 1 > "$WORK/serve.log" 2>&1 &
-SPID=$!; URL=""
-for i in $(seq 1 300); do
-  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
-  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
-  sleep 0.1
-done
+serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$CN" --steps 4 --threads 1
 if [ -n "$URL" ]; then
   python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels; a wrong size is a 400 naming control_image" || bad "serve --controlnet"
 import base64, io, json, sys, urllib.error, urllib.request

@@ -36,4 +36,23 @@ def pixels(f):
 sys.exit(0 if pixels(sys.argv[1]) == pixels(sys.argv[2]) else 1)
 PY
 }
+png_size() { python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' "$1"; }
+refused() {  # refused NAME EXPECTED-TEXT ARGS...: "$BIN" "${ONE[@]}" ARGS fails naming EXPECTED-TEXT, no image in $WORK/NAME
+  local name=$1 want=$2; shift 2
+  if timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log"; then bad "$name: accepted"
+  elif grep -qF -- "$want" "$WORK/$name.log" && [ -z "$(ls "$WORK/$name" 2>/dev/null | grep '^img-')" ]; then
+    ok "$name: refused naming '$want', no image written"
+  else bad "$name: unclear refusal: $(tail -1 "$WORK/$name.log")"; fi
+}
+serve_up() {  # serve_up LOG ARGS...: "$BIN" serve --port 0 ARGS in the background; sets SPID, and URL once healthy ("" if never)
+  local log=$1; shift
+  "$BIN" serve --port 0 "$@" > "$log" 2>&1 &
+  SPID=$!; URL=""
+  for i in $(seq 1 300); do
+    URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -1)
+    [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  URL=""
+}
 printf 'a photo of a cat\na red circle above a blue square\nthree small triangles\n' > "$WORK/prompts.txt"

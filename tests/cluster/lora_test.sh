@@ -49,13 +49,7 @@ elif grep -q "bad.safetensors: key 'lora_unet_input_blocks_1_1_transformer_block
   && [ -z "$(ls "$WORK/bad" 2>/dev/null | grep '^img-')" ]; then ok "3 ranks: a LoRA that does not fit is refused naming file and key, nothing written"
 else bad "unclear refusal: $(tail -2 "$WORK/bad.log")"; fi
 
-"$BIN" serve --model "$MODEL" --port 0 --steps 4 --threads 1 --lora "$LORA" > "$WORK/serve.log" 2>&1 &
-SPID=$!; URL=""
-for i in $(seq 1 300); do
-  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
-  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
-  sleep 0.1
-done
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA"
 if [ -n "$URL" ]; then
   python3 - "$URL" "$WORK/full/$P" <<'PY' && ok "serve --lora: the CLI's image over HTTP" || bad "serve --lora differs"
 import base64, json, sys, urllib.request, zlib, struct

@@ -24,7 +24,6 @@ COMMON=(generate --model "$MODEL" --prompts "$WORK/jobs.jsonl" --steps 4 --seed 
 one_rank_run 2
 same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
 same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
-png_size() { python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' "$1"; }
 [ "$(png_size "$WORK"/np1/img-00000-seed5.png)" = "64 64" ] && ok "16x16 in, 64x64 out" \
   || bad "output size $(png_size "$WORK"/np1/img-00000-seed5.png)"
 grep -q '"noise_level":20' "$WORK/np1/images.jsonl" && ok "noise level defaults to 20 (diffusers')" \
@@ -45,13 +44,6 @@ timeout 60 "$BIN" "${ONE[@]}" --image "$GOLD/low_1.png" --out "$WORK/d" 2> "$WOR
 same_pixels "$WORK/a/img-00000-seed5.png" "$WORK/d/img-00000-seed5.png" && bad "the input image did not change the output" \
   || ok "another input image gives another output"
 
-refused() {  # refused NAME EXPECTED-TEXT ARGS...: the run fails naming EXPECTED-TEXT and writes no image
-  local name=$1 want=$2; shift 2
-  if timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log"; then bad "$name: accepted"
-  elif grep -qF -- "$want" "$WORK/$name.log" && [ -z "$(ls "$WORK/$name" 2>/dev/null | grep '^img-')" ]; then
-    ok "$name: refused naming '$want', no image written"
-  else bad "$name: unclear refusal: $(tail -1 "$WORK/$name.log")"; fi
-}
 refused no-image "image_prompt: the x4 upscaler needs the low-resolution image"
 refused level "noise_level: must be in [0, 350]" --image "$GOLD/low_0.png" --noise-level 351
 refused size "the x4 upscaler makes 64x64" --image "$GOLD/low_0.png" --width 32 --height 32
@@ -72,13 +64,7 @@ grep -aq "Image: inline PNG" "$WORK/inline/img-00000-seed5.png" && ok "the PNG r
   || bad "PNG parameters lack the inline note"
 
 # over HTTP: the images API takes the input as "image" (base64 PNG or data URI), never as a path on the server
-"$BIN" serve --model "$MODEL" --port 0 --steps 4 > "$WORK/serve.log" 2>&1 &
-SPID=$!; URL=""
-for i in $(seq 1 300); do
-  URL=$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/serve.log" | head -1)
-  [ -n "$URL" ] && curl -sf "$URL/healthz" > /dev/null 2>&1 && break
-  sleep 0.1
-done
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 4
 if [ -n "$URL" ]; then
   python3 - "$URL" "$GOLD/low_0.png" "$WORK/a/img-00000-seed5.png" "$WORK/c/img-00000-seed5.png" <<'PY' && ok "serve: upscaled over HTTP (the CLI's image, at noise_level 200 too; missing, path and corrupt images and a level above 350 are 400s naming the field)" || bad "serve: upscaler over HTTP"
 import base64, json, sys, urllib.request, urllib.error, zlib, struct

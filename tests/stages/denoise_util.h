@@ -11,6 +11,13 @@
 
 namespace diffpipe::test {
 
+// The text embeddings of `params`, one encoder call for all (as the encode stage makes them).
+inline std::vector<Embeddings> encode_all(const SdModel& model, const std::vector<GenerationParams>& params) {
+  std::vector<const GenerationParams*> ptrs;
+  for (const auto& p : params) ptrs.push_back(&p);
+  return TextEncodeStage(model).run(ptrs);
+}
+
 // Steps every state of `ds` (one batch, one UNet call per step) until done; returns each one's final latents.
 inline std::vector<at::Tensor> denoise_to_end(const SdModel& model, std::vector<DenoiseState>& ds) {
   const DenoiseStage den(model);

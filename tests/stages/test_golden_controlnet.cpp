@@ -35,9 +35,7 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
 // Runs `params` (one batch) from the reference's latents, decoded, against `ref` rows `rows`.
 bool batch_matches(const SdModel& model, const std::vector<GenerationParams>& params, const at::Tensor& latents,
                    const at::Tensor& ref, const std::string& what) {
-  std::vector<const GenerationParams*> ptrs;
-  for (const auto& p : params) ptrs.push_back(&p);
-  auto embs = TextEncodeStage(model).run(ptrs);
+  auto embs = test::encode_all(model, params);
   std::vector<DenoiseState> ds;
   for (size_t i = 0; i < params.size(); ++i)
     ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[static_cast<int64_t>(i)]));

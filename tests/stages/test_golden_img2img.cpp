@@ -71,9 +71,7 @@ TEST(GoldenImg2Img, WholePipeline) {
     const std::string n = run.at("name").get<std::string>();
     std::vector<GenerationParams> params;
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
-    std::vector<const GenerationParams*> ptrs;
-    for (const auto& p : params) ptrs.push_back(&p);
-    auto embs = TextEncodeStage(model).run(ptrs);
+    auto embs = test::encode_all(model, params);
     std::vector<DenoiseState> ds;
     for (size_t i = 0; i < params.size(); ++i) {
       const auto row = static_cast<int64_t>(i);
@@ -176,9 +174,7 @@ TEST(GoldenImg2Img, SdxlWholePipeline) {
     p.height = r.height;
     params.push_back(p);
   }
-  std::vector<const GenerationParams*> ptrs;
-  for (const auto& p : params) ptrs.push_back(&p);
-  auto embs = TextEncodeStage(model).run(ptrs);
+  auto embs = test::encode_all(model, params);
   std::vector<DenoiseState> ds;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto row = static_cast<int64_t>(i);
@@ -212,9 +208,7 @@ TEST(GoldenImg2Img, InpaintingWholePipeline) {
       p.mask = dir + "/" + meta.at("masks")[i].get<std::string>();
       params.push_back(p);
     }
-    std::vector<const GenerationParams*> ptrs;
-    for (const auto& p : params) ptrs.push_back(&p);
-    auto embs = TextEncodeStage(model).run(ptrs);
+    auto embs = test::encode_all(model, params);
     auto draw = [&](const std::string& role, int64_t row) {
       const std::string k = n + ".draws." + role;
       return g.count(k) ? g.at(k)[row] : at::zeros_like(g.at(n + ".draws.noise")[row]);  // unused when not drawn

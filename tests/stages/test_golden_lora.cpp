@@ -32,9 +32,7 @@ bool run_matches(const std::string& dir, const std::vector<LoraSpec>& loras, con
     p.guidance = meta.at("guidance").get<double>();
     params.push_back(p);
   }
-  std::vector<const GenerationParams*> ptrs;
-  for (const auto& p : params) ptrs.push_back(&p);
-  auto embs = TextEncodeStage(model).run(ptrs);
+  auto embs = test::encode_all(model, params);
   std::vector<DenoiseState> ds;
   for (size_t i = 0; i < params.size(); ++i)
     ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("latents")[static_cast<int64_t>(i)]));

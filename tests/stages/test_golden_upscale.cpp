@@ -89,9 +89,7 @@ TEST(GoldenUpscale, WholePipeline) {
     const ResolvedParams rp = resolve_params(model, params[0]);
     EXPECT_EQ(rp.width, 64);
     EXPECT_EQ(rp.height, 64);
-    std::vector<const GenerationParams*> ptrs;
-    for (const auto& p : params) ptrs.push_back(&p);
-    auto embs = TextEncodeStage(model).run(ptrs);
+    auto embs = test::encode_all(model, params);
     std::vector<DenoiseState> ds;
     for (size_t i = 0; i < params.size(); ++i) {
       const auto row = static_cast<int64_t>(i);
