@@ -44,13 +44,16 @@ const std::vector<cli::Opt> kOptions = {
     {"control-image", "FILE", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
                               "trained), a PNG of the output's size"},
     {"control-scale", "S", "with --control-image: the ControlNet's conditioning scale (default 1)"},
+    {"control-start", "F", "with --control-image: the fraction of the steps before the ControlNet acts (default 0)"},
+    {"control-end", "F", "with --control-image: the fraction of the steps after which it stops (default 1)"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
-                        "control_image, control_scale (unset keys take the command line's values)"},
+                        "control_image, control_scale, control_start, control_end (unset keys take the command\n"
+                        "line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -275,6 +278,8 @@ int generate_main(int argc, char** argv) {
     base.mask = a.str("mask");
     base.control_image = a.str("control-image");
     base.control_scale = a.number("control-scale", base.control_scale);
+    base.control_start = a.number("control-start", base.control_start);
+    base.control_end = a.number("control-end", base.control_end);
     base.original_width = static_cast<int>(a.integer("original-width", 0));
     base.original_height = static_cast<int>(a.integer("original-height", 0));
     base.crop_top = static_cast<int>(a.integer("crop-top", 0));

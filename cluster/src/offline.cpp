@@ -75,7 +75,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
                                           "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
-                                          "control_scale"};
+                                          "control_scale", "control_start", "control_end"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -98,7 +98,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale)");
+               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -138,6 +138,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.control_image = get_field<std::string>(o, "control_image", l.origin, p.control_image);
     p.control_scale = get_field<double>(o, "control_scale", l.origin, p.control_scale);
     DP_CHECK(std::isfinite(p.control_scale), l.origin, ": key 'control_scale' must be a finite number");
+    p.control_start = get_field<double>(o, "control_start", l.origin, p.control_start);
+    p.control_end = get_field<double>(o, "control_end", l.origin, p.control_end);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -193,7 +195,11 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (!p.control_image.empty())
-    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale;
+    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale
+       << (p.control_start != 0.0 || p.control_end != 1.0
+               ? ", Control steps: " + std::to_string(p.control_start).substr(0, 4) + "-" +
+                     std::to_string(p.control_end).substr(0, 4)
+               : std::string());
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);

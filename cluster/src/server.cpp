@@ -55,7 +55,8 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   }
   static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
                                               "noise_level"};
-  static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale"};
+  static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
+                                             "control_guidance_start", "control_guidance_end"};
   json j = json::object();
   for (const FormPart& p : parts) {
     const std::string name = p.name == "image[]" ? "image" : p.name;
@@ -321,7 +322,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "negative_prompt", "num_inference_steps", "guidance_scale", "seed",
                                             "sampler", "width", "height", "stream", "partial_images", "image",
                                             "strength", "noise_level", "mask", "control_image",
-                                            "controlnet_conditioning_scale"};
+                                            "controlnet_conditioning_scale", "control_guidance_start",
+                                            "control_guidance_end"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -386,6 +388,12 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         throw BadRequest{"'controlnet_conditioning_scale' must be a number", "controlnet_conditioning_scale"};
       p.control_scale = j["controlnet_conditioning_scale"].get<double>();
     }
+    for (const auto& [key, field] : {std::pair{"control_guidance_start", &p.control_start},
+                                     std::pair{"control_guidance_end", &p.control_end}}) {
+      if (!j.contains(key) || j[key].is_null()) continue;
+      if (!j[key].is_number()) throw BadRequest{std::string("'") + key + "' must be a number in [0, 1]", key};
+      *field = j[key].get<double>();
+    }
     if (const auto m = str("mask"); m && !m->empty()) {  // inpainting: white repainted, black kept
       if (route != Route::Edits) throw BadRequest{"a mask goes with /v1/images/edits (inpainting)", "mask"};
       p.mask = is_data_uri(*m) ? *m : "data:image/png;base64," + *m;
@@ -425,6 +433,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       std::string param = field == "width" || field == "height" || field == "width/height" ? (size_param.empty() ? "size" : size_param)
                           : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale"
                           : field == "control_scale" ? "controlnet_conditioning_scale"
+                          : field == "control_start/control_end" ? "control_guidance_start"
                           : field == "image_prompt" || field == "an inline image" || field.rfind("an inline image must", 0) == 0
                               ? "image" : field;
       throw BadRequest{msg, param};

@@ -107,6 +107,10 @@ GenerationParams read_params(const Reader& r, const json& o) {
   if (o.contains("control_image")) {
     p.control_image = r.str(o, "control_image", "params.control_image");
     p.control_scale = r.number(o, "control_scale", "params.control_scale");
+    if (o.contains("control_start")) {
+      p.control_start = r.number(o, "control_start", "params.control_start");
+      p.control_end = r.number(o, "control_end", "params.control_end");
+    }
   }
   return p;
 }

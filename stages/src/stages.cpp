@@ -269,6 +269,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     DP_CHECK(!model.addons.controlnet.empty(), "control_image: ", model.dir, " runs without a ControlNet (start the run ",
              "with --controlnet DIR)");
     DP_CHECK(std::isfinite(p.control_scale), "control_scale: must be a finite number, got ", p.control_scale);
+    DP_CHECK(p.control_start >= 0 && p.control_start < p.control_end && p.control_end <= 1, "control_start/control_end: ",
+             "need 0 <= start < end <= 1, got ", p.control_start, " and ", p.control_end);
     Image img;
     try {
       img = read_image_ref(p.control_image);
@@ -284,8 +286,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
                     .div(255.0)
                     .contiguous();
   } else {
-    DP_CHECK(p.control_scale == GenerationParams{}.control_scale, "control_scale: only a request with a ",
-             "control_image uses it");
+    const GenerationParams d;
+    DP_CHECK(p.control_scale == d.control_scale && p.control_start == d.control_start && p.control_end == d.control_end,
+             "control_scale: only a request with a control_image uses it (and control_start/control_end)");
   }
   const int64_t m = model.size_multiple();
   DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
@@ -409,6 +412,8 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   if (r.control.defined()) {
     s.control = r.control.to(model.spec.device);
     s.control_scale = p.control_scale;
+    s.control_start = p.control_start;
+    s.control_end = p.control_end;
   }
   DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
   for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
@@ -525,7 +530,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
       const int64_t f = model_.latent_factor();
       conds.push_back(s->control.defined() ? s->control
                                            : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
-      cscales.push_back(s->control.defined() ? static_cast<float>(s->control_scale) : 0.0f);
+      cscales.push_back(s->control.defined() ? static_cast<float>(s->control_scale_now()) : 0.0f);
     }
     if (s->guidance > 1.0) {
       xs.push_back(in);

@@ -4,7 +4,8 @@
 #   tests/stages/make_controlnet_golden.py)
 # Checks: a JSONL file whose lines name their control images gives the same PNG bytes on 1 rank, pipelined on 3 ranks
 # (the ControlNet loads on the denoise rank) and with 2 replicas; a control image changes the image, scale 0 gives the
-# plain one, another control image another; the JSONL control keys equal the flags; the PNG records the control
+# plain one, another control image another, acting in part of the steps another; the JSONL control keys equal the
+# flags; the PNG records the control
 # image, scale and ControlNet; a control image without --controlnet, of another size, and a ControlNet that does not
 # fit are refused by name writing nothing; serve --controlnet answers a control_image (base64) with the CLI's pixels
 # and a wrong-size one with a 400 naming control_image. Exit 77 = skipped (reference absent).
@@ -37,6 +38,15 @@ same_pixels "$WORK/plain/$P" "$WORK/zero/$P" && ok "scale 0 gives the plain imag
 same_pixels "$WORK/half/$P" "$WORK/other/$P" && bad "another control image gave the same image" || ok "another control image, another image"
 same_pixels "$WORK/half/$P" "$WORK/np1/img-00001-seed6.png" && ok "JSONL control_image/control_scale give the flags' image" \
   || bad "JSONL control keys differ from the flags"
+run mid --controlnet "$CN" --control-image "$GOLD/control_1.png" --control-scale 0.5 --control-start 0.25 --control-end 0.75
+printf '{"prompt": "two green triangles", "seed": 6, "control_image": "%s", "control_scale": 0.5, "control_start": 0.25, "control_end": 0.75}\n' \
+  "$GOLD/control_1.png" > "$WORK/mid.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --controlnet "$CN" --prompts "$WORK/mid.jsonl" --steps 4 --threads 1 --quiet \
+  --out "$WORK/midj" 2> "$WORK/midj.log" || bad "JSONL control_start/control_end failed: $(tail -1 "$WORK/midj.log")"
+same_pixels "$WORK/half/$P" "$WORK/mid/$P" && bad "--control-start/--control-end changed nothing" \
+  || ok "--control-start 0.25 --control-end 0.75 changes the image"
+same_pixels "$WORK/mid/$P" "$WORK/midj/$P" && ok "JSONL control_start/control_end give the flags' image" \
+  || bad "JSONL control_start/control_end differ from the flags"
 grep -aq "Control image: $GOLD/control_1.png, Control scale: 0.5" "$WORK/half/$P" && grep -aq "ControlNet: $CN" "$WORK/half/$P" \
   && ok "the PNG records the control image, scale and ControlNet" || bad "PNG parameters lack the control settings"
 refused no-cn "runs without a ControlNet (start the run with --controlnet DIR)" --control-image "$GOLD/control_0.png"

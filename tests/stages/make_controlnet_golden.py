@@ -9,7 +9,8 @@ DIR/model links to the source folder. DIR/controlnet: a ControlNetModel made fro
 a conditioning embedding of 8, 16, 32 channels: two stride-2 convolutions for the VAE's factor 4) with every weight,
 the zero convolutions included, perturbed at random. DIR/control_K.png: 32x32 conditioning images (a bright outline
 on black, as edge maps are). DIR/golden.safetensors: `latents` [B, 4, 8, 8] (the initial latents given to every run)
-and, for each run R of golden.json (conditioning scale, guidance, negative prompt), R.images [B, 3, 32, 32] in [0, 1]
+and, for each run R of golden.json (conditioning scale, guidance, negative prompt, the steps' share it acts in:
+control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
 (DDIM, 4 steps); `plain.images` from the UNet alone.
 """
 import argparse
@@ -73,13 +74,16 @@ def main():
                                    output_type="pt").images
     runs = [dict(name="scale_1", scale=1.0, guidance=7.5, negative_prompt=None),
             dict(name="scale_05_negative", scale=0.5, guidance=5.0, negative_prompt="blurry"),
-            dict(name="no_guidance", scale=1.5, guidance=1.0, negative_prompt=None)]
+            dict(name="no_guidance", scale=1.5, guidance=1.0, negative_prompt=None),
+            dict(name="middle_steps", scale=1.0, guidance=7.5, negative_prompt=None, start=0.25, end=0.75)]
     for r in runs:
         neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
         with torch.no_grad():
             res[f"{r['name']}.images"] = pipe(PROMPTS, image=controls, num_inference_steps=4,
                                               guidance_scale=r["guidance"], negative_prompt=neg,
                                               controlnet_conditioning_scale=r["scale"], latents=latents.clone(),
+                                              control_guidance_start=r.get("start", 0.0),
+                                              control_guidance_end=r.get("end", 1.0),
                                               output_type="pt").images
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,

@@ -29,6 +29,8 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
   p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
   p.control_image = dir + "/" + meta.at("controls")[i].get<std::string>();
   p.control_scale = run.at("scale").get<double>();
+  p.control_start = run.value("start", 0.0);
+  p.control_end = run.value("end", 1.0);
   return p;
 }
 
@@ -43,7 +45,7 @@ bool batch_matches(const SdModel& model, const std::vector<GenerationParams>& pa
 }
 }  // namespace
 
-// Each run's images; the UNet alone (no control image) gives the plain images with the ControlNet loaded.
+// Each run's images (the last acts in the middle two of four steps only); the UNet alone (no control image) gives the plain images with the ControlNet loaded.
 TEST(GoldenControlNet, WholePipeline) {
   DP_REQUIRE_CONTROLNET(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
@@ -97,6 +99,12 @@ TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
   wide.pixels.assign(40 * 32 * 3, 0);
   p.control_image = "data:image/png;base64," + base64_encode(encode_png(wide));
   EXPECT_NE(error(with, p).find("is 40x32; the image is 32x32"), std::string::npos) << error(with, p);
+  p.control_image = dir + "/control_0.png";
+  p.control_start = 0.5;
+  p.control_end = 0.5;
+  EXPECT_NE(error(with, p).find("need 0 <= start < end <= 1"), std::string::npos) << error(with, p);
+  p.control_start = 0;
+  p.control_end = 1;
   p.control_image.clear();
   p.control_scale = 0.5;
   EXPECT_NE(error(with, p).find("control_scale: only a request with a control_image"), std::string::npos);

@@ -34,6 +34,9 @@ struct GenerationParams {
   // was trained; a PNG of the output's size, path or data: URI; "" = no control) and its scale
   std::string control_image;
   double control_scale = 1.0;
+  // the part of the loop the ControlNet acts in, as fractions of its steps (diffusers' control_guidance_start/end):
+  // step i of n uses it unless i / n < start or (i + 1) / n > end
+  double control_start = 0.0, control_end = 1.0;
   // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
@@ -88,6 +91,10 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (!p.control_image.empty()) {
     j["control_image"] = p.control_image;
     j["control_scale"] = p.control_scale;
+    if (p.control_start != 0.0 || p.control_end != 1.0) {
+      j["control_start"] = p.control_start;
+      j["control_end"] = p.control_end;
+    }
   }
   return j;
 }
@@ -122,6 +129,8 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.mask = j.value("mask", std::string());
   p.control_image = j.value("control_image", std::string());
   p.control_scale = j.value("control_scale", p.control_scale);
+  p.control_start = j.value("control_start", p.control_start);
+  p.control_end = j.value("control_end", p.control_end);
   return p;
 }
 

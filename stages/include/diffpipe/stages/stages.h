@@ -59,6 +59,12 @@ struct DenoiseState {
   at::Tensor blend_mask, blend_image, blend_noise;
   at::Tensor control;        // ControlNet: the conditioning image [3, H, W] in [0, 1] on the device (undefined: none)
   double control_scale = 0;
+  double control_start = 0, control_end = 1;  // its share of the loop (GenerationParams::control_start/end)
+  // The ControlNet's scale at the next call: control_scale inside [control_start, control_end] of the loop, else 0.
+  double control_scale_now() const {
+    const double i = steps_done(), n = total_steps();
+    return i / n < control_start || (i + 1) / n > control_end ? 0.0 : control_scale;
+  }
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
