@@ -213,8 +213,9 @@ size_t apply_lora(Weights& w, const std::vector<LoraLayer>& layers, const std::s
   for (const LoraLayer& l : layers) {
     if (l.component != component) continue;
     w.update(l.weight_key, [&](const at::Tensor& old) {
-      const at::Tensor delta = at::matmul(l.up, l.down).mul_(l.factor).reshape(old.sizes());
-      return (old.to(at::kCPU, at::kFloat) + delta).to(old.device(), old.scalar_type());
+      // float32 where the weight lives (a GPU's weights never round-trip through the host)
+      const at::Tensor delta = at::matmul(l.up.to(old.device()), l.down.to(old.device())).mul_(l.factor);
+      return (old.to(at::kFloat) + delta.reshape(old.sizes())).to(old.scalar_type());
     });
     ++n;
   }
