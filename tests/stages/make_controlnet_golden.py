@@ -11,7 +11,8 @@ the zero convolutions included, perturbed at random. DIR/control_K.png: 32x32 co
 on black, as edge maps are). DIR/golden.safetensors: `latents` [B, 4, 8, 8] (the initial latents given to every run)
 and, for each run R of golden.json (conditioning scale, guidance, negative prompt, the steps' share it acts in:
 control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
-(DDIM, 4 steps); `plain.images` from the UNet alone.
+(DDIM, 4 steps); `plain.images` from the UNet alone. The "img2img" run: StableDiffusionControlNetImg2ImgPipeline from
+DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its steps, its draws as img2img.draws.K.
 """
 import argparse
 import json
@@ -85,9 +86,35 @@ def main():
                                               control_guidance_start=r.get("start", 0.0),
                                               control_guidance_end=r.get("end", 1.0),
                                               output_type="pt").images
+    # ControlNet on image-to-image (StableDiffusionControlNetImg2ImgPipeline): starting images, strength 0.75 (3 of 4
+    # steps), the ControlNet in the first two thirds; its draws (the posterior's sample, the noise) recorded
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+    from diffusers.models.autoencoders import vae as vae_module
+    from diffusers.pipelines.controlnet import pipeline_controlnet_img2img
+    from golden_draws import recorded_draws
+    i2i = StableDiffusionControlNetImg2ImgPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                                   tokenizer=base.tokenizer, unet=base.unet, controlnet=cn,
+                                                   scheduler=base.scheduler, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    i2i.set_progress_bar_config(disable=True)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32) / 31.0
+    starts = []
+    for k in range(len(PROMPTS)):
+        rgb = (np.stack([xx, yy, 1 - xx if k else (xx + yy) / 2], -1) * 200 + 30).astype(np.uint8)
+        Image.fromarray(rgb, "RGB").save(os.path.join(a.out, f"start_{k}.png"))
+        starts.append(Image.fromarray(rgb, "RGB"))
+    img2img = dict(name="img2img", scale=1.0, guidance=7.5, negative_prompt=None, strength=0.75, end=0.67)
+    with torch.no_grad(), recorded_draws(vae_module, pipeline_controlnet_img2img) as draws:
+        res["img2img.images"] = i2i(PROMPTS, image=starts, control_image=controls, strength=0.75,
+                                    num_inference_steps=4, guidance_scale=7.5, controlnet_conditioning_scale=1.0,
+                                    control_guidance_end=0.67, output_type="pt",
+                                    generator=torch.Generator().manual_seed(a.seed + 22)).images
+    assert len(draws) == 2, len(draws)
+    res["img2img.draws.0"], res["img2img.draws.1"] = draws
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
-            "runs": runs, "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
+            "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))],
+            "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
                                     f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:
         json.dump(meta, f, indent=1)

@@ -131,3 +131,31 @@ TEST(GoldenControlNet, MemoryEstimateCountsTheControlNet) {
   EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, dir + "/controlnet").weights,
             estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat).weights);
 }
+
+// ControlNet on image-to-image (StableDiffusionControlNetImg2ImgPipeline): the starting images at strength 0.75 (3 of
+// 4 steps run), the ControlNet in the first two thirds of those, the reference's draws.
+TEST(GoldenControlNet, OnImageToImage) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("img2img")) GTEST_SKIP() << dir << " predates the image-to-image run (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
+  const auto& run = meta.at("img2img");
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    GenerationParams p = request(dir, meta, run, i);
+    p.image_prompt = dir + "/" + meta.at("starts")[i].get<std::string>();
+    p.strength = run.at("strength").get<double>();
+    params.push_back(p);
+  }
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    embs[i].image_latents = img2img_latents(model, params[i], resolve_params(model, params[i]).image,
+                                            g.at("img2img.draws.0")[row]);
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("img2img.draws.1")[row]));
+    EXPECT_EQ(ds.back().total_steps(), 3);
+  }
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("img2img.images"), "[golden-controlnet] on image-to-image"));
+}
