@@ -38,7 +38,8 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-upscale DIFFPIPE_GOLDEN_UPSCALE make_upscale_golden.py --src "$GOLD_DIR"
   make_ref tiny-img2img DIFFPIPE_GOLDEN_IMG2IMG make_img2img_golden.py --src "$GOLD_DIR" \
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
-  make_ref tiny-lora DIFFPIPE_GOLDEN_LORA make_lora_golden.py --src "$GOLD_DIR"
+  make_ref tiny-lora DIFFPIPE_GOLDEN_LORA make_lora_golden.py --src "$GOLD_DIR" \
+    ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-controlnet DIFFPIPE_GOLDEN_CONTROLNET make_controlnet_golden.py --src "$GOLD_DIR"
 fi
 cd build

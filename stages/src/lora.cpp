@@ -3,6 +3,7 @@
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -10,6 +11,7 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/weights.h"
 
 namespace diffpipe {
@@ -26,6 +28,74 @@ struct Component {
   std::map<std::string, std::string> by_underscores;          // kohya's module name -> module
 };
 
+// A diffusers UNet module path in the original (SGM/LDM) layout's names, as kohya-ss names SDXL LoRAs (and some
+// SD 1.x ones): down blocks are input_blocks (conv_in first, then each layer and downsampler), the mid block
+// middle_block.0-2, up blocks output_blocks; resnets' parts in_layers/emb_layers/out_layers/skip_connection.
+// "" where it has no such name.
+std::string sgm_name(const std::string& module, const UNetConfig& c) {
+  static const std::map<std::string, std::string> fixed{
+      {"conv_in", "input_blocks.0.0"},          {"time_embedding.linear_1", "time_embed.0"},
+      {"time_embedding.linear_2", "time_embed.2"}, {"add_embedding.linear_1", "label_emb.0.0"},
+      {"add_embedding.linear_2", "label_emb.0.2"}, {"conv_norm_out", "out.0"},
+      {"conv_out", "out.2"}};
+  static const std::map<std::string, std::string> resnet{
+      {"norm1", "in_layers.0"}, {"conv1", "in_layers.2"}, {"time_emb_proj", "emb_layers.1"},
+      {"norm2", "out_layers.0"}, {"conv2", "out_layers.3"}, {"conv_shortcut", "skip_connection"}};
+  if (fixed.count(module)) return fixed.at(module);
+  std::vector<std::string> p;
+  for (size_t s = 0, e; s <= module.size(); s = e + 1) {
+    e = module.find('.', s);
+    if (e == std::string::npos) e = module.size();
+    p.push_back(module.substr(s, e - s));
+  }
+  auto rest = [&](size_t from, const std::string& kind) -> std::string {  // the part inside a resnet or attention
+    if (from >= p.size()) return "";
+    std::string first = p[from];
+    if (kind == "resnets") {
+      if (!resnet.count(first)) return "";
+      first = resnet.at(first);
+    }
+    std::string out = first;
+    for (size_t k = from + 1; k < p.size(); ++k) out += "." + p[k];
+    return out;
+  };
+  auto num = [&](size_t k) { return k < p.size() && !p[k].empty() && std::isdigit(static_cast<unsigned char>(p[k][0])) ? std::stoll(p[k]) : -1; };
+  const auto& layers = c.layers_per_block;
+  const int64_t n = static_cast<int64_t>(layers.size());
+  if (p[0] == "down_blocks" && p.size() >= 4) {
+    const int64_t b = num(1);
+    if (b < 0 || b >= n) return "";
+    int64_t start = 1;
+    for (int64_t k = 0; k < b; ++k) start += layers[k] + 1;
+    if (p[2] == "downsamplers" && module.size() > 0 && p.back() == "conv") return "input_blocks." + std::to_string(start + layers[b]) + ".0.op";
+    const int64_t j = num(3);
+    if (j < 0 || (p[2] != "resnets" && p[2] != "attentions")) return "";
+    const std::string r = rest(4, p[2]);
+    return r.empty() ? "" : "input_blocks." + std::to_string(start + j) + (p[2] == "resnets" ? ".0." : ".1.") + r;
+  }
+  if (p[0] == "mid_block" && p.size() >= 4) {
+    const std::string r = rest(3, p[1]);
+    const int idx = p[1] == "resnets" ? (p[2] == "0" ? 0 : 2) : 1;
+    return r.empty() ? "" : "middle_block." + std::to_string(idx) + "." + r;
+  }
+  if (p[0] == "up_blocks" && p.size() >= 4) {
+    const int64_t b = num(1);
+    if (b < 0 || b >= n) return "";
+    auto up_layers = [&](int64_t k) { return layers[n - 1 - k] + 1; };
+    int64_t start = 0;
+    for (int64_t k = 0; k < b; ++k) start += up_layers(k);
+    if (p[2] == "upsamplers" && p.back() == "conv") {
+      const bool attn = c.up_block_types[b].find("CrossAttn") != std::string::npos;
+      return "output_blocks." + std::to_string(start + up_layers(b) - 1) + (attn ? ".2.conv" : ".1.conv");
+    }
+    const int64_t j = num(3);
+    if (j < 0 || (p[2] != "resnets" && p[2] != "attentions")) return "";
+    const std::string r = rest(4, p[2]);
+    return r.empty() ? "" : "output_blocks." + std::to_string(start + j) + (p[2] == "resnets" ? ".0." : ".1.") + r;
+  }
+  return "";
+}
+
 std::vector<Component> components_of(const std::string& dir) {
   std::vector<Component> out;
   for (const auto& [name, file] : std::vector<std::pair<std::string, std::string>>{
@@ -35,6 +105,8 @@ std::vector<Component> components_of(const std::string& dir) {
     const std::string path = path_join(dir, file);
     if (!file_exists(path)) continue;
     Component c{name, path, {}, {}};
+    std::optional<UNetConfig> unet;
+    if (name == "unet") unet = UNetConfig::load(path_join(dir, "unet/config.json"));
     const auto f = SafetensorsFile::open(path);
     for (const auto& k : f->names()) {
       c.shapes[k] = f->get(k).shape;
@@ -47,6 +119,9 @@ std::vector<Component> components_of(const std::string& dir) {
       add(m);
       // CLIP's weights are named with or without "text_model." (transformers 4 / 5); LoRAs either way
       if (name != "unet") add(m.rfind("text_model.", 0) == 0 ? m.substr(11) : "text_model." + m);
+      // UNet layers also by their original-layout (SGM) names, as kohya-ss names SDXL LoRAs
+      if (unet)
+        if (const std::string s = sgm_name(m, *unet); !s.empty()) add(s);
     }
     out.push_back(std::move(c));
   }
@@ -134,8 +209,7 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
       DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
       const auto it = c->by_underscores.find(under);
       DP_CHECK(it != c->by_underscores.end(), file, ": key '", key, "' names no layer of ", c->file,
-               " (kohya names are the folder's module paths with '_' for '.'; an SDXL LoRA in the original "
-               "layout's names is not supported)");
+               " (kohya names are the folder's module paths, in diffusers' or the original layout's names, with '_' for '.')");
       module = it->second;
       if (suffix == "lora_down.weight") kind = "down";
       else if (suffix == "lora_up.weight") kind = "up";

@@ -40,12 +40,12 @@ if timeout 60 "$BIN" "${ONE[@]}" --lora "$LORA:0.3" --out "$WORK/full" 2> "$WORK
 else grep -q "settings" "$WORK/rerun.log" && ok "a rerun into the folder with another LoRA scale is refused" || bad "unclear: $(tail -1 "$WORK/rerun.log")"; fi
 python3 - "$WORK/bad.safetensors" <<'PY'
 import json, struct, sys
-name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
+name = "lora_unet_input_blocks_9_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
 hdr = json.dumps({name: {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
 open(sys.argv[1], "wb").write(struct.pack("<Q", len(hdr)) + hdr + b"\0\0\0\0")
 PY
-if timeout 120 $MPIRUN -np 3 "$BIN" "${ONE[@]}" --lora "$WORK/bad.safetensors" --out "$WORK/bad" 2> "$WORK/bad.log"; then bad "a LoRA in SDXL's original names was accepted"
-elif grep -q "bad.safetensors: key 'lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight' names no layer" "$WORK/bad.log" \
+if timeout 120 $MPIRUN -np 3 "$BIN" "${ONE[@]}" --lora "$WORK/bad.safetensors" --out "$WORK/bad" 2> "$WORK/bad.log"; then bad "a LoRA naming a layer the folder lacks was accepted"
+elif grep -q "bad.safetensors: key 'lora_unet_input_blocks_9_1_transformer_blocks_0_attn1_to_q.lora_down.weight' names no layer" "$WORK/bad.log" \
   && [ -z "$(ls "$WORK/bad" 2>/dev/null | grep '^img-')" ]; then ok "3 ranks: a LoRA that does not fit is refused naming file and key, nothing written"
 else bad "unclear refusal: $(tail -2 "$WORK/bad.log")"; fi
 

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    ap.add_argument("--sdxl", help="an SDXL model folder for the kohya/SGM-named run")
     a = ap.parse_args()
     import diffusers
     from diffusers import StableDiffusionPipeline
@@ -97,13 +98,103 @@ def main():
             img = p(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=latents.clone(),
                     output_type="pt").images
         res[f"{r['name']}.images"] = img
+    sdxl = sdxl_run(a, res) if a.sdxl else None
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "steps": 4, "guidance": 7.5, "runs": runs,
+    meta = {"prompts": PROMPTS, "steps": 4, "guidance": 7.5, "runs": runs, "sdxl": sdxl,
             "source": f"diffusers {diffusers.__version__} load_lora_weights + fuse_lora on {a.src}, "
                       f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(json.dumps(meta))
+
+
+RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def sgm_module(m, layers, up_layers, up_attn):
+    """A diffusers UNet module path in the original (SGM/LDM) layout's names, as kohya-ss names SDXL LoRAs."""
+    p = m.split(".")
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if m in fixed:
+        return fixed[m]
+
+    def inner(kind, rest):
+        return (RESNET_SGM[rest[0]] + "." * (len(rest) > 1) + ".".join(rest[1:])) if kind == "resnets" else ".".join(rest)
+    if p[0] == "down_blocks":
+        b = int(p[1])
+        start = 1 + sum(l + 1 for l in layers[:b])
+        if p[2] == "downsamplers":
+            return f"input_blocks.{start + layers[b]}.0.op"
+        j = int(p[3])
+        return f"input_blocks.{start + j}.{0 if p[2] == 'resnets' else 1}." + inner(p[2], p[4:])
+    if p[0] == "mid_block":
+        idx = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+        return f"middle_block.{idx}." + inner(p[1], p[3:])
+    if p[0] == "up_blocks":
+        b = int(p[1])
+        start = sum(up_layers[:b])
+        if p[2] == "upsamplers":
+            return f"output_blocks.{start + up_layers[b] - 1}.{2 if up_attn[b] else 1}.conv"
+        j = int(p[3])
+        return f"output_blocks.{start + j}.{0 if p[2] == 'resnets' else 1}." + inner(p[2], p[4:])
+    raise ValueError(m)
+
+
+def sdxl_run(a, res):
+    """A random LoRA on an SDXL UNet, saved in diffusers' format and in kohya's SGM-layout names; diffusers must give
+    the same images from both (which checks the SGM naming here against its own conversion back)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def fresh():
+        p = StableDiffusionXLPipeline.from_pretrained(a.sdxl)
+        p.set_progress_bar_config(disable=True)
+        return p
+    pipe = fresh()
+    torch.manual_seed(a.seed + 700)
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                     target_modules=["to_q", "to_v", "proj_in", "conv1", "conv2", "ff.net.0.proj", "linear_1"])
+    pipe.unet.add_adapter(cfg)
+    with torch.no_grad():
+        for n, prm in pipe.unet.named_parameters():
+            if "lora_" in n:
+                prm.mul_(0.5)
+    StableDiffusionXLPipeline.save_lora_weights(a.out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                weight_name="lora_sdxl_peft.safetensors",
+                                                unet_lora_adapter_metadata=cfg.to_dict())
+    uc = pipe.unet.config
+    layers = [uc.layers_per_block] * len(uc.block_out_channels) if isinstance(uc.layers_per_block, int) \
+        else list(uc.layers_per_block)
+    up_layers = [l + 1 for l in reversed(layers)]
+    up_attn = ["CrossAttn" in t for t in uc.up_block_types]
+    kohya = {}
+    for k, v in load_file(os.path.join(a.out, "lora_sdxl_peft.safetensors")).items():
+        module, kind = k.split(".", 1)[1].rsplit(".lora_", 1)
+        name = "lora_unet_" + sgm_module(module, layers, up_layers, up_attn).replace(".", "_")
+        kohya[name + (".lora_down.weight" if kind.startswith("A") else ".lora_up.weight")] = v
+        kohya[name + ".alpha"] = torch.tensor(float(cfg.lora_alpha))
+    save_file(kohya, os.path.join(a.out, "lora_sdxl_kohya.safetensors"))
+    g = torch.Generator().manual_seed(a.seed + 10)
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=g)
+    res["sdxl.latents"] = latents
+    images = {}
+    for f in ["lora_sdxl_peft.safetensors", "lora_sdxl_kohya.safetensors"]:
+        p = fresh()
+        p.load_lora_weights(a.out, weight_name=f)
+        p.fuse_lora(lora_scale=0.8)
+        with torch.no_grad():
+            images[f] = p(PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=latents.clone(), height=32,
+                          width=32, output_type="pt").images
+    diff = float((images["lora_sdxl_peft.safetensors"] - images["lora_sdxl_kohya.safetensors"]).abs().max())
+    assert diff < 1e-4, f"diffusers reads the SGM-named file differently from the peft one: {diff}"
+    res["sdxl.images"] = images["lora_sdxl_kohya.safetensors"]
+    return dict(model=os.path.abspath(a.sdxl), file="lora_sdxl_kohya.safetensors", scale=0.8, steps=4, guidance=5.0,
+                size=32)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,16 @@ TEST(GoldenLora, BadFilesAreRefusedByName) {
   auto error = [&](const std::string& file) { return test::error_of([&] { (void)read_lora({file, 1.0}, m); }); };
   const at::Tensor d4 = at::ones({4, 32}), u4 = at::ones({32, 4});
   const std::string q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
-  EXPECT_NE(error(lora_file("sgm", {{"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight", d4}}))
+  EXPECT_NE(error(lora_file("nolayer", {{"lora_unet_input_blocks_9_1_transformer_blocks_0_attn1_to_q.lora_down.weight", d4}}))
                 .find("names no layer"),
             std::string::npos);
+  // the original layout's name of a layer tiny-sd has (input_blocks.1.1 = down_blocks.0.attentions.0) reaches it
+  const auto sgm = read_lora({lora_file("sgm", {{"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight", d4},
+                                               {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight", u4}}),
+                              1.0},
+                             m);
+  ASSERT_EQ(sgm.size(), 1u);
+  EXPECT_EQ(sgm[0].weight_key, q + ".weight");
   EXPECT_NE(error(lora_file("lonely", {{"unet." + q + ".lora_A.weight", d4}})).find("has no up (lora_B / lora_up) partner"),
             std::string::npos);
   const std::string shape = error(lora_file("shape", {{"unet." + q + ".lora_A.weight", at::ones({4, 31})},
@@ -123,4 +130,37 @@ TEST(GoldenLora, BadFilesAreRefusedByName) {
   EXPECT_NE(test::error_of([] { (void)parse_lora_list("a.safetensors,,b"); }).find("an empty entry"), std::string::npos);
   EXPECT_NE(test::error_of([] { (void)parse_lora_spec("a.safetensors:inf"); }).find("not a finite number"),
             std::string::npos);
+}
+
+// An SDXL LoRA in kohya's names of the original (SGM) layout (input_blocks/middle_block/output_blocks, in_layers,
+// time_embed, label_emb...), as most published SDXL LoRAs are: the reference was checked in diffusers to read it as
+// the same deltas in diffusers' format; here it gives diffusers' images (made with --sdxl).
+TEST(GoldenLora, SdxlOriginalLayoutNames) {
+  DP_REQUIRE_LORA(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null())
+    GTEST_SKIP() << dir << " has no sdxl run (make_lora_golden.py --sdxl MODEL makes one)";
+  const auto& run = meta.at("sdxl");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const std::string model_dir = run.at("model").get<std::string>();
+  const auto layers = read_lora({dir + "/" + run.at("file").get<std::string>(), 1.0}, model_dir);
+  const auto same = read_lora({dir + "/lora_sdxl_peft.safetensors", 1.0}, model_dir);
+  ASSERT_EQ(layers.size(), same.size());  // every layer of the diffusers-format file, reached by its SGM name
+  for (size_t i = 0; i < layers.size(); ++i) EXPECT_EQ(layers[i].weight_key, same[i].weight_key);
+  const SdModel model = SdModel::load(model_dir, test::device_spec(), kAllComponents,
+                                      ModelAddons{{{dir + "/" + run.at("file").get<std::string>(), run.at("scale").get<double>()}}, ""});
+  std::vector<GenerationParams> params;
+  for (const auto& pr : meta.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.width = p.height = run.at("size").get<int>();
+    params.push_back(p);
+  }
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i)
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-lora] sdxl, kohya original-layout names"));
 }
