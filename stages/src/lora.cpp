@@ -59,7 +59,9 @@ std::string sgm_name(const std::string& module, const UNetConfig& c) {
     for (size_t k = from + 1; k < p.size(); ++k) out += "." + p[k];
     return out;
   };
-  auto num = [&](size_t k) { return k < p.size() && !p[k].empty() && std::isdigit(static_cast<unsigned char>(p[k][0])) ? std::stoll(p[k]) : -1; };
+  auto num = [&](size_t k) -> int64_t {  // the index at p[k], or -1
+    return k < p.size() && !p[k].empty() && std::isdigit(static_cast<unsigned char>(p[k][0])) ? std::stoll(p[k]) : -1;
+  };
   const auto& layers = c.layers_per_block;
   const int64_t n = static_cast<int64_t>(layers.size());
   if (p[0] == "down_blocks" && p.size() >= 4) {
@@ -67,7 +69,7 @@ std::string sgm_name(const std::string& module, const UNetConfig& c) {
     if (b < 0 || b >= n) return "";
     int64_t start = 1;
     for (int64_t k = 0; k < b; ++k) start += layers[k] + 1;
-    if (p[2] == "downsamplers" && module.size() > 0 && p.back() == "conv") return "input_blocks." + std::to_string(start + layers[b]) + ".0.op";
+    if (p[2] == "downsamplers" && p.back() == "conv") return "input_blocks." + std::to_string(start + layers[b]) + ".0.op";
     const int64_t j = num(3);
     if (j < 0 || (p[2] != "resnets" && p[2] != "attentions")) return "";
     const std::string r = rest(4, p[2]);
@@ -235,10 +237,10 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
       DP_CHECK(c->shapes.count(module + ".weight"), file, ": key '", key, "' names no layer of ", c->file);
     }
     Pair& p = pairs[{comp, module}];
-    const at::Tensor t = tensor_from_view(f, f->get(key)).to(at::kFloat);
+    const at::Tensor t = tensor_from_view(f, f->get(key));  // mapped, as stored: converted where it is applied
     if (kind == "alpha") {
       DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");
-      p.alpha = t.item<double>();
+      p.alpha = t.to(at::kDouble).item<double>();
     } else if (kind == "down") {
       p.down = t;
       p.down_key = key;
@@ -288,7 +290,8 @@ size_t apply_lora(Weights& w, const std::vector<LoraLayer>& layers, const std::s
     if (l.component != component) continue;
     w.update(l.weight_key, [&](const at::Tensor& old) {
       // float32 where the weight lives (a GPU's weights never round-trip through the host)
-      const at::Tensor delta = at::matmul(l.up.to(old.device()), l.down.to(old.device())).mul_(l.factor);
+      const at::Tensor delta =
+          at::matmul(l.up.to(old.device(), at::kFloat), l.down.to(old.device(), at::kFloat)).mul_(l.factor);
       return (old.to(at::kFloat) + delta.reshape(old.sizes())).to(old.scalar_type());
     });
     ++n;

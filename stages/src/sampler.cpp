@@ -147,15 +147,15 @@ at::Tensor predicted_x0_from_eps_sigma(const SchedulerConfig& c, const at::Tenso
 class DDIMSampler : public Sampler {
  public:
   DDIMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
-    ac_ = to_vec(alphas_cumprod(c));
-    final_ = c.set_alpha_to_one ? 1.0f : ac_[0];
+    alphas_cumprod_ = to_vec(alphas_cumprod(c));
+    final_ = c.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
     for (auto t : int_timesteps(c, steps, spacing_of(c, "leading"))) timesteps_.push_back(double(t));
   }
   SamplerKind kind() const override { return SamplerKind::DDIM; }
   at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
     const int64_t t = static_cast<int64_t>(timesteps_.at(i));
     const int64_t prev = t - c_.num_train_timesteps / steps_;
-    const double a = ac_.at(t), a_prev = prev >= 0 ? ac_.at(prev) : final_, b = 1 - a;
+    const double a = alphas_cumprod_.at(t), a_prev = prev >= 0 ? alphas_cumprod_.at(prev) : final_, b = 1 - a;
     at::Tensor x0, eps;
     if (c_.prediction_type == "epsilon") {
       x0 = (x - std::sqrt(b) * e) / std::sqrt(a);
@@ -174,7 +174,6 @@ class DDIMSampler : public Sampler {
  private:
   SchedulerConfig c_;
   int steps_;
-  std::vector<float> ac_;
   float final_;
 };
 
@@ -183,8 +182,8 @@ class PNDMSampler : public Sampler {
  public:
   PNDMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
     DP_CHECK(c.skip_prk_steps, "PNDM: skip_prk_steps = false (Runge-Kutta warm-up) is not supported");
-    ac_ = to_vec(alphas_cumprod(c));
-    final_ = c.set_alpha_to_one ? 1.0f : ac_[0];
+    alphas_cumprod_ = to_vec(alphas_cumprod(c));
+    final_ = c.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
     const std::string sp = spacing_of(c, "leading");
     std::vector<int64_t> asc;
     if (sp == "linspace") {
@@ -230,7 +229,8 @@ class PNDMSampler : public Sampler {
     } else {
       e = (1.0 / 24) * (55 * ets_[n - 1] - 59 * ets_[n - 2] + 37 * ets_[n - 3] - 9 * ets_[n - 4]);
     }
-    const double a = ac_.at(t), a_prev = prev >= 0 ? ac_.at(prev) : final_, b = 1 - a, b_prev = 1 - a_prev;
+    const double a = alphas_cumprod_.at(t), a_prev = prev >= 0 ? alphas_cumprod_.at(prev) : final_, b = 1 - a,
+                 b_prev = 1 - a_prev;
     if (c_.prediction_type == "v_prediction") e = std::sqrt(a) * e + std::sqrt(b) * x;
     DP_CHECK(c_.prediction_type != "sample", "PNDM: prediction_type 'sample' is not supported");
     const double sample_coeff = std::sqrt(a_prev / a);
@@ -242,7 +242,6 @@ class PNDMSampler : public Sampler {
  private:
   SchedulerConfig c_;
   int steps_;
-  std::vector<float> ac_;
   float final_;
   int counter_ = 0;
   std::vector<at::Tensor> ets_;
@@ -410,6 +409,7 @@ namespace {
 class DdpmStepSampler : public Sampler {
  public:
   DdpmStepSampler(const SchedulerConfig& cfg, int steps) : ddpm_(cfg, steps) {
+    alphas_cumprod_ = to_vec(alphas_cumprod(cfg));  // for add_noise
     for (int i = 0; i < ddpm_.num_steps(); ++i) timesteps_.push_back(static_cast<double>(ddpm_.timestep(i)));
   }
   at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const StepNoise& noise) override {
@@ -442,7 +442,6 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
   }
   DP_CHECK(s, "sampler: unknown kind");
-  s->alphas_cumprod_ = to_vec(alphas_cumprod(cfg));
   // with steps_offset, as many steps as training timesteps run past the last one
   for (double t : s->timesteps())
     DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "steps: ", steps, " steps give timestep ", t,

@@ -21,7 +21,8 @@ class Weights;
 struct LoraLayer {
   std::string component;   // "unet", "text_encoder", "text_encoder_2"
   std::string weight_key;  // the weight it changes, e.g. "down_blocks.0.attentions.0.proj_in.weight"
-  at::Tensor down, up;     // [r, in(, kh, kw)], [out, r(, 1, 1)], float32 on the CPU
+  at::Tensor down, up;     // [r, in], [out, r] (convolutions flattened), as the file stores them (mapped, not read
+                           // until applied)
   double factor = 1.0;     // scale x alpha / rank (rsLoRA: alpha / sqrt(rank))
 };
 

@@ -87,7 +87,7 @@ class Sampler {
  protected:
   std::vector<double> timesteps_;
   std::vector<double> sigmas_;
-  std::vector<float> alphas_cumprod_;  // for add_noise's variance-preserving form (set by create)
+  std::vector<float> alphas_cumprod_;  // the schedule's (DDIM, PNDM, DDPM: their steps and add_noise's form)
 };
 
 // DDPMScheduler (diffusers), the sampler of Stable unCLIP's prior and of DeepFloyd IF: sample, epsilon or v
