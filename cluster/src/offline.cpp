@@ -194,12 +194,11 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
        << p.effective_strength();
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
-  if (!p.control_image.empty())
-    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale
-       << (p.control_start != 0.0 || p.control_end != 1.0
-               ? ", Control steps: " + std::to_string(p.control_start).substr(0, 4) + "-" +
-                     std::to_string(p.control_end).substr(0, 4)
-               : std::string());
+  if (!p.control_image.empty()) {
+    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale;
+    if (p.control_start != 0.0 || p.control_end != 1.0)
+      os << ", Control steps: " << p.control_start << "-" << p.control_end;
+  }
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);

@@ -44,8 +44,8 @@ const double kBuckets[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
 // The routes that make images: text only, an image edited under a prompt, variations of an image (no prompt).
 enum class Route { Generations, Edits, Variations };
 
-// An uploaded form (images.edit / images.create_variation) as the JSON object the generations route reads: the
-// image file part becomes "image" (a data URI of its bytes), numeric and boolean fields are typed, a mask is refused.
+// An uploaded form (images.edit / images.create_variation) as the JSON object the generations route reads: the image
+// file parts (image, mask, control_image) become data URIs of their bytes, numeric and boolean fields are typed.
 std::string form_to_json(const std::string& body, const std::string& content_type) {
   std::vector<FormPart> parts;
   try {
@@ -340,6 +340,17 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         throw BadRequest{std::string("'") + k + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(v), k};
       return v;
     };
+    auto number = [&](const char* k, const char* range) -> std::optional<double> {  // range: "" or " in [0, 1]"
+      if (!j.contains(k) || j[k].is_null()) return std::nullopt;
+      if (!j[k].is_number()) throw BadRequest{std::string("'") + k + "' must be a number" + range, k};
+      return j[k].get<double>();
+    };
+    // an image (a PNG as a data URI or bare base64): it travels inline with the request, never a path on the server
+    auto image_ref = [&](const char* k) -> std::optional<std::string> {
+      const auto s = str(k);
+      if (!s || s->empty()) return std::nullopt;
+      return is_data_uri(*s) ? *s : "data:image/png;base64," + *s;
+    };
     // variations: an image and no prompt (Stable unCLIP's image embedding); edits: an image under a prompt
     if (route != Route::Generations && !(j.contains("image") && j["image"].is_string() && !j["image"].empty()))
       throw BadRequest{std::string("'image' is required: the PNG to ") + (route == Route::Edits ? "edit" : "vary") +
@@ -369,39 +380,24 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     p.prompt = *prompt;
     p.negative_prompt = str("negative_prompt").value_or(p.negative_prompt);
     p.steps = static_cast<int>(integer("num_inference_steps", 1, 1000).value_or(p.steps));
-    if (j.contains("guidance_scale") && !j["guidance_scale"].is_null()) {
-      if (!j["guidance_scale"].is_number()) throw BadRequest{"'guidance_scale' must be a number", "guidance_scale"};
-      p.guidance = j["guidance_scale"].get<double>();
-    }
+    p.guidance = number("guidance_scale", "").value_or(p.guidance);
     p.sampler = str("sampler").value_or(p.sampler);
     // the x4 upscaler's input noise level, Stable unCLIP's image-embedding noise augmentation (checked by the model)
     p.noise_level = static_cast<int>(integer("noise_level", 0, 1 << 20).value_or(p.noise_level));
-    if (j.contains("strength") && !j["strength"].is_null()) {  // image-to-image (with an image)
-      if (!j["strength"].is_number()) throw BadRequest{"'strength' must be a number in [0, 1]", "strength"};
-      p.strength = j["strength"].get<double>();
+    if (const auto s = number("strength", " in [0, 1]")) {  // image-to-image (with an image)
+      p.strength = *s;
       if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
     }
-    if (const auto c = str("control_image"); c && !c->empty())  // a ControlNet's conditioning image
-      p.control_image = is_data_uri(*c) ? *c : "data:image/png;base64," + *c;
-    if (j.contains("controlnet_conditioning_scale") && !j["controlnet_conditioning_scale"].is_null()) {
-      if (!j["controlnet_conditioning_scale"].is_number())
-        throw BadRequest{"'controlnet_conditioning_scale' must be a number", "controlnet_conditioning_scale"};
-      p.control_scale = j["controlnet_conditioning_scale"].get<double>();
-    }
-    for (const auto& [key, field] : {std::pair{"control_guidance_start", &p.control_start},
-                                     std::pair{"control_guidance_end", &p.control_end}}) {
-      if (!j.contains(key) || j[key].is_null()) continue;
-      if (!j[key].is_number()) throw BadRequest{std::string("'") + key + "' must be a number in [0, 1]", key};
-      *field = j[key].get<double>();
-    }
-    if (const auto m = str("mask"); m && !m->empty()) {  // inpainting: white repainted, black kept
+    p.control_image = image_ref("control_image").value_or(p.control_image);  // a ControlNet's conditioning image
+    p.control_scale = number("controlnet_conditioning_scale", "").value_or(p.control_scale);
+    p.control_start = number("control_guidance_start", " in [0, 1]").value_or(p.control_start);
+    p.control_end = number("control_guidance_end", " in [0, 1]").value_or(p.control_end);
+    if (const auto m = image_ref("mask")) {  // inpainting: white repainted, black kept
       if (route != Route::Edits) throw BadRequest{"a mask goes with /v1/images/edits (inpainting)", "mask"};
-      p.mask = is_data_uri(*m) ? *m : "data:image/png;base64," + *m;
+      p.mask = *m;
     }
-    // an input image (the x4 upscaler's, Stable unCLIP's image variations): a PNG as a data URI or bare base64; it
-    // travels inline with the request (never a path on the server)
-    if (const auto img = str("image"); img && !img->empty())
-      p.image_prompt = is_data_uri(*img) ? *img : "data:image/png;base64," + *img;
+    // an input image: image-to-image's start, the x4 upscaler's input, Stable unCLIP's image prompt
+    p.image_prompt = image_ref("image").value_or(p.image_prompt);
     std::string size_param;
     if (const auto size = str("size"); size && *size != "auto") {
       int w = 0, h = 0;

@@ -30,16 +30,20 @@ at::Tensor input_image(const GenerationParams& p) {
   return image_to_unit_range(at::from_blob(const_cast<uint8_t*>(img.pixels.data()), {img.height, img.width, 3}, at::kByte));
 }
 
+// An image a request names in `field` (a path or a data URI); errors begin with the field's name.
+Image read_field_image(const std::string& ref, const char* field, bool keep_alpha = false) {
+  try {
+    return read_image_ref(ref, keep_alpha);
+  } catch (const std::exception& e) {
+    DP_FAIL(field, ": ", e.what());
+  }
+}
+
 // The request's mask as [1, H, W] float32 of 0 and 1. A mask with fully transparent pixels follows the OpenAI images
 // API (those are repainted); any other, diffusers' mask processor: grey (PIL's L from RGB), then >= 0.5 repainted (1),
 // below kept (0). Errors name the mask.
 at::Tensor input_mask(const GenerationParams& p) {
-  Image img;
-  try {
-    img = read_image_ref(p.mask, /*keep_alpha=*/true);
-  } catch (const std::exception& e) {
-    DP_FAIL("mask: ", e.what());
-  }
+  Image img = read_field_image(p.mask, "mask", /*keep_alpha=*/true);
   at::Tensor rgb = at::from_blob(img.pixels.data(), {img.height, img.width, img.channels}, at::kByte).to(at::kInt);
   using namespace at::indexing;
   if (img.channels == 4) {
@@ -271,12 +275,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     DP_CHECK(std::isfinite(p.control_scale), "control_scale: must be a finite number, got ", p.control_scale);
     DP_CHECK(p.control_start >= 0 && p.control_start < p.control_end && p.control_end <= 1, "control_start/control_end: ",
              "need 0 <= start < end <= 1, got ", p.control_start, " and ", p.control_end);
-    Image img;
-    try {
-      img = read_image_ref(p.control_image);
-    } catch (const std::exception& e) {
-      DP_FAIL("control_image: ", e.what());
-    }
+    Image img = read_field_image(p.control_image, "control_image");
     DP_CHECK(img.width == r.width && img.height == r.height, "control_image: ", describe_image_ref(p.control_image),
              " is ", img.width, "x", img.height, "; the image is ", r.width, "x", r.height,
              " (a ControlNet's image has the output's size)");
@@ -345,10 +344,6 @@ void inpaint_conditioning(const SdModel& model, const GenerationParams& p, const
   emb.mask = at::upsample_nearest2d(mask.unsqueeze(0), {image.size(1) / f, image.size(2) / f})[0].contiguous();
   if (model.inpaint_unet)  // the image with the repainted region zeroed (grey in [-1, 1])
     emb.masked_image_latents = sampled_latents(model, image * mask.lt(0.5f), p.seed, kMaskedLatentStream, sample_noise);
-}
-
-at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p) {
-  return img2img_latents(model, p, input_image(p));
 }
 
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,

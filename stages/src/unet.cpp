@@ -62,6 +62,17 @@ struct TextTimeEmbedding {
 };
 
 namespace {
+// The timesteps of a call as [B] on the CPU: one per sample, or one for all. The sinusoidal embedding is computed on
+// the CPU in float32 (tiny, and identical on every device: GPU sin/cos of arguments up to ~1000 rad differ from the
+// CPU's by enough to move a float32 UNet output by ~1e-3).
+at::Tensor per_sample_timesteps(const at::Tensor& timesteps, int64_t B, const char* who) {
+  at::Tensor t = timesteps.to(at::kCPU);
+  if (t.dim() == 0) t = t.reshape({1});
+  if (t.size(0) == 1 && B > 1) t = t.expand({B});
+  DP_CHECK(t.dim() == 1 && t.size(0) == B, who, ": need one timestep or one per sample, got ", shape_str(t.sizes()));
+  return t;
+}
+
 // An embedding computed on the CPU in float32 (see forward) on the sample's device: pinned and asynchronous to a
 // GPU (a pageable copy would wait for the queue to drain), in the sample's dtype.
 at::Tensor to_sample_device(const at::Tensor& cpu, const at::Tensor& sample) {
@@ -261,12 +272,7 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   const int64_t B = sample.size(0);
   DP_CHECK(context.dim() == 3 && context.size(0) == B, "unet: encoder_hidden_states must be [", B,
            ", L, D], got ", shape_str(context.sizes()));
-  // The sinusoidal embedding is computed on the CPU in float32 (tiny, and identical on every device: GPU sin/cos
-  // of arguments up to ~1000 rad differ from the CPU's by enough to move a float32 UNet output by ~1e-3).
-  at::Tensor t = timesteps.to(at::kCPU);
-  if (t.dim() == 0) t = t.reshape({1});
-  if (t.size(0) == 1 && B > 1) t = t.expand({B});
-  DP_CHECK(t.dim() == 1 && t.size(0) == B, "unet: need one timestep or one per sample, got ", shape_str(t.sizes()));
+  const at::Tensor t = per_sample_timesteps(timesteps, B, "unet");
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
   if (nn::batch_invariant() && B > 1)
     return nn::per_sample(B, [&](int64_t i) {
@@ -278,7 +284,7 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
       }
       return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr);
     });
-  const auto [t_emb, cl] = embeddings(sample, t, context, class_labels, time_ids);
+  const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids);
   if (residuals)  // a ControlNet's residuals change with every call: no graph
     return forward_embedded(sample, t_emb, context, cl, residuals);
   return m.graphs.run({sample, t_emb, context, cl}, [this](const std::vector<at::Tensor>& in) {
@@ -292,10 +298,7 @@ UNetResiduals UNet2DConditionModel::encode(const at::Tensor& sample, const at::T
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "controlnet: sample must be [B, ", cfg_.in_channels,
            ", H, W], got ", shape_str(sample.sizes()));
   const int64_t B = sample.size(0);
-  at::Tensor t = timesteps.to(at::kCPU);
-  if (t.dim() == 0) t = t.reshape({1});
-  if (t.size(0) == 1 && B > 1) t = t.expand({B});
-  DP_CHECK(t.dim() == 1 && t.size(0) == B, "controlnet: need one timestep or one per sample, got ", shape_str(t.sizes()));
+  const at::Tensor t = per_sample_timesteps(timesteps, B, "controlnet");
   if (nn::batch_invariant() && B > 1) {
     std::vector<UNetResiduals> rows;
     for (int64_t i = 0; i < B; ++i) {
@@ -313,19 +316,17 @@ UNetResiduals UNet2DConditionModel::encode(const at::Tensor& sample, const at::T
     out.mid = at::cat(mids);
     return out;
   }
-  const auto [t_emb, cl] = embeddings(sample, t, context, class_labels, time_ids);
+  const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids);
   UNetResiduals out;
   (void)forward_embedded(sample, t_emb, context, cl, nullptr, conv_in_add, &out);
   return out;
 }
 
 std::pair<at::Tensor, at::Tensor> UNet2DConditionModel::embeddings(const at::Tensor& sample, const at::Tensor& t,
-                                                                   const at::Tensor& context,
                                                                    const at::Tensor& class_labels,
                                                                    const at::Tensor& time_ids) const {
   const Impl& m = *impl_;
   const int64_t B = sample.size(0);
-  (void)context;
   const at::Tensor t_emb =
       to_sample_device(timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift), sample);
   at::Tensor cl;

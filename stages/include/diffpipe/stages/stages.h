@@ -95,11 +95,10 @@ struct ResolvedParams {
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p,
                               const at::Tensor& image_latents = at::Tensor());
 
-// Image-to-image (SdModel::img2img()): the request's image (or `image`, [3, H, W] in [-1, 1]) through the VAE
-// encoder, sampled from its Gaussian with the seed's stream kImg2ImgLatentStream (or `sample_noise`, tests) and
+// Image-to-image (SdModel::img2img()): the request's image `image` ([3, H, W] in [-1, 1], ResolvedParams::image)
+// through the VAE encoder, sampled from its Gaussian with the seed's stream kImg2ImgLatentStream (or `sample_noise`, tests) and
 // scaled by scaling_factor: [C, h, w] float32 on the CPU, as diffusers' img2img pipelines make init_latents.
 constexpr uint64_t kImg2ImgLatentStream = (uint64_t(1) << 34) + 4, kMaskedLatentStream = (uint64_t(1) << 34) + 5;
-at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p);
 at::Tensor img2img_latents(const SdModel& model, const GenerationParams& p, const at::Tensor& image,
                            const at::Tensor& sample_noise = at::Tensor());
 // Inpainting (a request with a mask): `mask` [1, H, W] (binarised, as ResolvedParams::mask) at the latents' size

@@ -104,8 +104,7 @@ class UNet2DConditionModel {
                               const at::Tensor& conv_in_add = at::Tensor(), UNetResiduals* encoder_out = nullptr) const;
   // forward()'s input checks and embeddings: t_emb and class labels on the sample's device and dtype.
   std::pair<at::Tensor, at::Tensor> embeddings(const at::Tensor& sample, const at::Tensor& t,
-                                               const at::Tensor& context, const at::Tensor& class_labels,
-                                               const at::Tensor& time_ids) const;
+                                               const at::Tensor& class_labels, const at::Tensor& time_ids) const;
   struct Impl;
   std::shared_ptr<const Impl> impl_;
   UNetConfig cfg_;
