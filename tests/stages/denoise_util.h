@@ -18,6 +18,14 @@ inline std::vector<Embeddings> encode_all(const SdModel& model, const std::vecto
   return TextEncodeStage(model).run(ptrs);
 }
 
+// An image-to-image state from a reference's draws: `image` (ResolvedParams::image) through the VAE encoder with the
+// posterior's sample `sample`, then noised with `noise` to the first call that runs.
+inline DenoiseState img2img_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
+                                  const at::Tensor& image, const at::Tensor& sample, const at::Tensor& noise) {
+  emb.image_latents = img2img_latents(model, p, image, sample);
+  return make_denoise_state(model, p, std::move(emb), id, noise);
+}
+
 // Steps every state of `ds` (one batch, one UNet call per step) until done; returns each one's final latents.
 inline std::vector<at::Tensor> denoise_to_end(const SdModel& model, std::vector<DenoiseState>& ds) {
   const DenoiseStage den(model);

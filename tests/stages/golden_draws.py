@@ -1,5 +1,19 @@
-"""Shared by the golden generators in this folder: records every random draw a diffusers pipeline makes."""
+"""Shared by the golden generators in this folder: records every random draw a diffusers pipeline makes, and sets up
+an output folder beside a source model."""
 import contextlib
+import os
+import shutil
+
+
+def out_linked_to(out, src_folder):
+    """Empties `out` and links out/model to src_folder/model (a reference that reuses a model it does not change);
+    returns that model folder's absolute path."""
+    src = os.path.abspath(os.path.join(src_folder, "model"))
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    os.symlink(src, os.path.join(out, "model"))
+    return src
 
 
 @contextlib.contextmanager

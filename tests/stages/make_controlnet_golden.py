@@ -17,10 +17,11 @@ DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its 
 import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 import torch
+
+from golden_draws import out_linked_to, recorded_draws
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -37,11 +38,7 @@ def main():
     from PIL import Image
     from safetensors.torch import save_file
 
-    src = os.path.abspath(os.path.join(a.src, "model"))
-    if os.path.exists(a.out):
-        shutil.rmtree(a.out)
-    os.makedirs(a.out)
-    os.symlink(src, os.path.join(a.out, "model"))
+    src = out_linked_to(a.out, a.src)
     base = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     base.set_progress_bar_config(disable=True)
     torch.manual_seed(a.seed + 600)
@@ -91,7 +88,6 @@ def main():
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
     from diffusers.models.autoencoders import vae as vae_module
     from diffusers.pipelines.controlnet import pipeline_controlnet_img2img
-    from golden_draws import recorded_draws
     i2i = StableDiffusionControlNetImg2ImgPipeline(vae=base.vae, text_encoder=base.text_encoder,
                                                    tokenizer=base.tokenizer, unet=base.unet, controlnet=cn,
                                                    scheduler=base.scheduler, safety_checker=None,

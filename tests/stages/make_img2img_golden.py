@@ -28,7 +28,7 @@ import shutil
 import numpy as np
 import torch
 
-from golden_draws import recorded_draws
+from golden_draws import out_linked_to, recorded_draws
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 # diffpipe's sampler name -> the diffusers scheduler class
@@ -56,11 +56,7 @@ def main():
     from PIL import Image
     from safetensors.torch import save_file
 
-    src = os.path.abspath(os.path.join(a.src, "model"))
-    if os.path.exists(a.out):
-        shutil.rmtree(a.out)
-    os.makedirs(a.out)
-    os.symlink(src, os.path.join(a.out, "model"))
+    src = out_linked_to(a.out, a.src)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)

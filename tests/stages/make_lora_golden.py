@@ -18,9 +18,10 @@ given initial latents `latents` [B, 4, 8, 8] (DDIM, 4 steps, guidance 7.5), and 
 import argparse
 import json
 import os
-import shutil
 
 import torch
+
+from golden_draws import out_linked_to
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -39,11 +40,7 @@ def main():
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    src = os.path.abspath(os.path.join(a.src, "model"))
-    if os.path.exists(a.out):
-        shutil.rmtree(a.out)
-    os.makedirs(a.out)
-    os.symlink(src, os.path.join(a.out, "model"))
+    src = out_linked_to(a.out, a.src)
 
     def fresh():
         p = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)

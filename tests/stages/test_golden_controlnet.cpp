@@ -152,9 +152,8 @@ TEST(GoldenControlNet, OnImageToImage) {
   std::vector<DenoiseState> ds;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto row = static_cast<int64_t>(i);
-    embs[i].image_latents = img2img_latents(model, params[i], resolve_params(model, params[i]).image,
-                                            g.at("img2img.draws.0")[row]);
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("img2img.draws.1")[row]));
+    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
+                                     g.at("img2img.draws.0")[row], g.at("img2img.draws.1")[row]));
     EXPECT_EQ(ds.back().total_steps(), 3);
   }
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("img2img.images"), "[golden-controlnet] on image-to-image"));

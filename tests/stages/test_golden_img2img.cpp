@@ -78,8 +78,8 @@ TEST(GoldenImg2Img, WholePipeline) {
       const ResolvedParams r = resolve_params(model, params[i]);
       EXPECT_EQ(r.width, 40);
       EXPECT_EQ(r.height, 32);
-      embs[i].image_latents = img2img_latents(model, params[i], r.image, g.at(n + ".draws.0")[row]);
-      ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at(n + ".draws.1")[row]));
+      ds.push_back(test::img2img_state(model, params[i], embs[i], i, r.image, g.at(n + ".draws.0")[row],
+                                       g.at(n + ".draws.1")[row]));
       EXPECT_EQ(ds.back().total_steps(), reference_calls(params[i])) << n;
       EXPECT_EQ(ds.back().steps_done(), 0) << n;
     }
@@ -178,9 +178,8 @@ TEST(GoldenImg2Img, SdxlWholePipeline) {
   std::vector<DenoiseState> ds;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto row = static_cast<int64_t>(i);
-    embs[i].image_latents = img2img_latents(model, params[i], resolve_params(model, params[i]).image,
-                                            g.at("sdxl.draws.0")[row]);
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.draws.1")[row]));
+    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
+                                     g.at("sdxl.draws.0")[row], g.at("sdxl.draws.1")[row]));
     EXPECT_EQ(ds.back().total_steps(), 3);  // int(5 x 0.6)
   }
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-img2img] sdxl at strength 0.6"));
