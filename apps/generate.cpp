@@ -448,6 +448,7 @@ int generate_main(int argc, char** argv) {
       if (!opts.addons.controlnet.empty()) oo.model += ", ControlNet: " + opts.addons.controlnet;
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
+      oo.sdxl = SdModel::is_sdxl(a.str("model"));
       oo.total = requests.size();
       oo.identity = run_identity(requests, placement, opts.addons);
       sink.emplace(oo);

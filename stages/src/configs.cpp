@@ -87,8 +87,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   c.prediction_type = j.string("prediction_type", c.prediction_type);
   c.timestep_spacing = j.string("timestep_spacing", "");
   c.steps_offset = j.integer("steps_offset", 0);
-  c.set_alpha_to_one = j.boolean("set_alpha_to_one", false);
-  c.clip_sample = j.boolean("clip_sample", ddpm);  // DDPMScheduler clips by default
+  if (j.has("set_alpha_to_one")) c.set_alpha_to_one = j.boolean("set_alpha_to_one", false);
+  if (j.has("clip_sample")) c.clip_sample = j.boolean("clip_sample", false);
   c.clip_sample_range = j.number("clip_sample_range", 1.0);
   c.rescale_betas_zero_snr = j.boolean("rescale_betas_zero_snr", false);
   c.use_karras_sigmas = j.boolean("use_karras_sigmas", false);

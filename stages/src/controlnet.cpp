@@ -31,8 +31,9 @@ ControlNetConfig ControlNetConfig::load(const std::string& path) {
   if (order != "rgb" && order != "bgr") cfg.fail("controlnet_conditioning_channel_order", "must be \"rgb\" or \"bgr\"");
   c.bgr = order == "bgr";
   if (cfg.boolean("global_pool_conditions", false)) cfg.fail("global_pool_conditions", "true is not supported");
-  if (!c.unet.addition_embed_type.empty())
-    cfg.fail("addition_embed_type", "SDXL ControlNets are not supported (Stable Diffusion 1.x/2.x ones are)");
+  if (!c.unet.addition_embed_type.empty() && !c.unet.text_time())
+    cfg.fail("addition_embed_type", "only null (Stable Diffusion 1.x/2.x) or \"text_time\" (SDXL) is supported in a "
+                                    "ControlNet");
   if (c.unet.class_embed_type.size() > 0) cfg.fail("class_embed_type", "is not supported in a ControlNet");
   return c;
 }
@@ -78,7 +79,8 @@ std::shared_ptr<ControlNetModel> ControlNetModel::load(const std::string& dir, c
 }
 
 UNetResiduals ControlNetModel::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context,
-                                       const at::Tensor& cond_in, const at::Tensor& scales) const {
+                                       const at::Tensor& cond_in, const at::Tensor& scales,
+                                       const at::Tensor& class_labels, const at::Tensor& time_ids) const {
   const Impl& m = *impl_;
   const int64_t B = sample.size(0);
   DP_CHECK(cond_in.dim() == 4 && cond_in.size(0) == B && cond_in.size(1) == cfg_.conditioning_channels,
@@ -92,7 +94,7 @@ UNetResiduals ControlNetModel::forward(const at::Tensor& sample, const at::Tenso
   x = at::silu(m.cond_in(nn::in_layout_of(w0, x)));
   for (const auto& b : m.cond_blocks) x = at::silu(b(x));
   const at::Tensor emb = m.cond_out(x);
-  UNetResiduals r = m.encoder->encode(sample, timesteps, context, emb);
+  UNetResiduals r = m.encoder->encode(sample, timesteps, context, emb, class_labels, time_ids);
   DP_CHECK(r.down.size() == m.zero_down.size(), "controlnet: ", r.down.size(), " skips for ", m.zero_down.size(),
            " zero convolutions");
   const at::Tensor s = scales.to(sample.device(), r.mid.scalar_type()).reshape({B, 1, 1, 1});

@@ -80,6 +80,8 @@ void SdModel::validate(const std::string& dir) {
   if (is_if(dir)) return validate_if(dir, index);
   for (const char* c : {"tokenizer", "text_encoder", "unet", "vae", "scheduler"})
     if (!index.has(c)) index.fail(c, "component missing from model_index.json");
+  DP_CHECK(!is_sdxl(dir) || dir_exists(path_join(dir, "text_encoder")), dir, ": an SDXL folder without text_encoder/ ",
+           "(the SDXL refiner: text_encoder_2 alone, aesthetic-score conditioning) is not supported");
   const auto tcfg = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
   const auto ucfg = UNetConfig::load(path_join(dir, "unet/config.json"));
   const auto vcfg = VaeConfig::load(path_join(dir, "vae/config.json"));
@@ -105,6 +107,8 @@ void SdModel::validate(const std::string& dir) {
     const auto t2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
     SafetensorsFile::open(weights_file(dir, "text_encoder_2/model.safetensors"));
     context_dim += t2.hidden_size;
+    if (index.boolean("requires_aesthetics_score", false))
+      index.fail("requires_aesthetics_score", "true (a refiner's aesthetic-score conditioning) is not supported");
     const std::string u = path_join(dir, "unet/config.json");
     DP_CHECK(ucfg.text_time(), u, ": an SDXL UNet needs addition_embed_type \"text_time\"");
     DP_CHECK(t2.projection_dim > 0, path_join(dir, "text_encoder_2/config.json"),
@@ -115,7 +119,8 @@ void SdModel::validate(const std::string& dir) {
              ucfg.addition_time_embed_dim);
   } else {
     DP_CHECK(!ucfg.text_time(), path_join(dir, "unet/config.json"), ": addition_embed_type \"text_time\" needs an ",
-             "SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline, text_encoder_2/)");
+             "SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline or its Img2Img/Inpaint variant, "
+             "text_encoder_2/)");
   }
   for (auto d : ucfg.cross_attention_dim)
     DP_CHECK(d == context_dim, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
@@ -144,8 +149,6 @@ void SdModel::validate(const std::string& dir) {
            path_join(dir, "unet/config.json"), " in_channels/out_channels ", ucfg.in_channels, "/", ucfg.out_channels,
            " and ", path_join(dir, "vae/config.json"), " latent_channels ", vcfg.latent_channels,
            " disagree (in_channels is latent_channels, or 2 x latent_channels + 1 for an inpainting UNet)");
-  DP_CHECK(!inpaint || !is_sdxl(dir), path_join(dir, "unet/config.json"), ": SDXL inpainting UNets (in_channels ",
-           ucfg.in_channels, ") are not supported");
 }
 
 // Native bfloat16 matrix units on this CPU (AMX or AVX-512 BF16, from /proc/cpuinfo's flags): without them
@@ -261,15 +264,20 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);
   m.addons = addons;
   if (!addons.controlnet.empty()) {  // its config on every rank (requests are checked against it), weights with the UNet
-    DP_CHECK(!m.sdxl && !m.upscaler && !m.inpaint_unet && m.noise_levels == 0, "controlnet: ", dir, " is not a plain ",
-             "Stable Diffusion 1.x/2.x folder; a ControlNet applies to those");
+    DP_CHECK(!m.upscaler && !m.inpaint_unet && m.noise_levels == 0, "controlnet: ", dir, " is not a plain Stable ",
+             "Diffusion 1.x/2.x or SDXL folder (not an inpainting, upscaler or unCLIP one); a ControlNet applies to those");
     const ControlNetConfig cc = ControlNetConfig::load(path_join(addons.controlnet, "config.json"));
     DP_CHECK(cc.unet.block_out_channels == m.unet_config.block_out_channels &&
                  cc.unet.cross_attention_dim == m.unet_config.cross_attention_dim &&
                  cc.unet.layers_per_block == m.unet_config.layers_per_block &&
-                 cc.unet.in_channels == m.unet_config.in_channels,
+                 cc.unet.in_channels == m.unet_config.in_channels &&
+                 cc.unet.addition_embed_type == m.unet_config.addition_embed_type &&
+                 cc.unet.addition_time_embed_dim == m.unet_config.addition_time_embed_dim &&
+                 cc.unet.projection_class_embeddings_input_dim == m.unet_config.projection_class_embeddings_input_dim,
              "controlnet: ", path_join(addons.controlnet, "config.json"), " does not fit ", path_join(dir, "unet/config.json"),
-             " (block_out_channels, layers_per_block, cross_attention_dim and in_channels must agree)");
+             " (block_out_channels, layers_per_block, cross_attention_dim, in_channels, addition_embed_type, ",
+             "addition_time_embed_dim and projection_class_embeddings_input_dim must agree: an SDXL ControlNet for an ",
+             "SDXL UNet)");
     DP_CHECK(int64_t(1) << (cc.conditioning_embedding_out_channels.size() - 1) == m.latent_factor(), "controlnet: ",
              path_join(addons.controlnet, "config.json"), ": conditioning_embedding_out_channels has ",
              cc.conditioning_embedding_out_channels.size(), " entries; its downsampling must be the VAE's factor ",
@@ -300,7 +308,11 @@ bool SdModel::has_if_stage2(const std::string& dir) {
 }
 bool SdModel::is_if(const std::string& dir) { return pipeline_class(dir) == "IFPipeline"; }
 bool SdModel::has_if_stage3(const std::string& dir) { return is_upscaler(path_join(dir, "upscaler")); }
-bool SdModel::is_sdxl(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionXLPipeline"; }
+bool SdModel::is_sdxl(const std::string& dir) {
+  const std::string c = pipeline_class(dir);
+  return c == "StableDiffusionXLPipeline" || c == "StableDiffusionXLImg2ImgPipeline" ||
+         c == "StableDiffusionXLInpaintPipeline";
+}
 bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 
 int64_t SdModel::size_multiple() const {

@@ -148,7 +148,7 @@ class DDIMSampler : public Sampler {
  public:
   DDIMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
     alphas_cumprod_ = to_vec(alphas_cumprod(c));
-    final_ = c.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
+    final_ = c.set_alpha_to_one.value_or(true) ? 1.0f : alphas_cumprod_[0];
     for (auto t : int_timesteps(c, steps, spacing_of(c, "leading"))) timesteps_.push_back(double(t));
   }
   SamplerKind kind() const override { return SamplerKind::DDIM; }
@@ -167,7 +167,7 @@ class DDIMSampler : public Sampler {
       x0 = std::sqrt(a) * x - std::sqrt(b) * e;
       eps = std::sqrt(a) * e + std::sqrt(b) * x;
     }
-    if (c_.clip_sample) x0 = x0.clamp(-c_.clip_sample_range, c_.clip_sample_range);
+    if (c_.clip_sample.value_or(true)) x0 = x0.clamp(-c_.clip_sample_range, c_.clip_sample_range);
     return std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * eps;
   }
 
@@ -183,7 +183,7 @@ class PNDMSampler : public Sampler {
   PNDMSampler(const SchedulerConfig& c, int steps) : c_(c), steps_(steps) {
     DP_CHECK(c.skip_prk_steps, "PNDM: skip_prk_steps = false (Runge-Kutta warm-up) is not supported");
     alphas_cumprod_ = to_vec(alphas_cumprod(c));
-    final_ = c.set_alpha_to_one ? 1.0f : alphas_cumprod_[0];
+    final_ = c.set_alpha_to_one.value_or(false) ? 1.0f : alphas_cumprod_[0];
     const std::string sp = spacing_of(c, "leading");
     std::vector<int64_t> asc;
     if (sp == "linspace") {
@@ -494,7 +494,7 @@ at::Tensor DdpmSampler::step(const at::Tensor& model_output_in, int i, const at:
                        .clamp(1.0, cfg_.sample_max_value)
                        .unsqueeze(1);
     x0 = (at::clamp(flat, -s, s) / s).reshape(x0.sizes()).to(dt);
-  } else if (cfg_.clip_sample) {
+  } else if (cfg_.clip_sample.value_or(true)) {
     x0 = x0.clamp(-cfg_.clip_sample_range, cfg_.clip_sample_range);
   }
   if (x0_out) *x0_out = x0;

@@ -216,8 +216,6 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   const bool img2img = model.img2img() && !p.image_prompt.empty();
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
            "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
-  DP_CHECK(p.mask.empty() || !model.sdxl, "mask: inpainting runs on Stable Diffusion 1.x/2.x folders, not SDXL (",
-           model.dir, ")");
   DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",
            "UNet takes a mask and the masked image): every request needs an image and a mask");
   if (img2img) {  // the output has the input image's size; the schedule starts at int(steps x strength) from its end
@@ -241,7 +239,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              " x the UNet's downsampling)");
     r.width = static_cast<int>(W);
     r.height = static_cast<int>(H);
-    const double strength = p.effective_strength();
+    const double strength = p.effective_strength(model.sdxl);
     const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
     DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
              "strength) must be at least 1); raise strength or steps");
@@ -391,7 +389,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
              " does not match the image's latents ", image.sizes());
     s.begin = s.step = r.begin;
     // inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); image-to-image never does
-    s.latents = (inpaint && p.effective_strength() == 1.0 ? noise * s.sampler->init_noise_sigma()
+    s.latents = (inpaint && p.effective_strength(model.sdxl) == 1.0 ? noise * s.sampler->init_noise_sigma()
                                                           : s.sampler->add_noise(image, noise, r.begin))
                     .to(model.spec.device);
     if (inpaint && model.inpaint_unet) {  // [mask, masked image latents] after the latents at every call
@@ -556,7 +554,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   if (control) {  // diffusers' StableDiffusionControlNetPipeline: the ControlNet sees the UNet's input rows
     profile::Scope cn(profile::Section::UNet);
     residuals = model_.controlnet->forward(x, t, c, at::stack(conds).to(model_.spec.device, dt),
-                                           at::tensor(cscales, at::TensorOptions().dtype(at::kFloat)));
+                                           at::tensor(cscales, at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
   }
   at::Tensor e =
       model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr).to(at::kFloat);  // [rows, C, h, w]

@@ -36,6 +36,16 @@ def pixels(f):
 sys.exit(0 if pixels(sys.argv[1]) == pixels(sys.argv[2]) else 1)
 PY
 }
+write_mask() {  # write_mask FILE W H X0 Y0 X1 Y1: a W x H greyscale PNG, white in [X0, X1) x [Y0, Y1), black elsewhere
+  python3 - "$@" <<'PY'
+import sys, zlib, struct
+f, w, h, x0, y0, x1, y1 = sys.argv[1], *map(int, sys.argv[2:])
+rows = b"".join(b"\0" + bytes(255 if x0 <= x < x1 and y0 <= y < y1 else 0 for x in range(w)) for y in range(h))
+chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+open(f, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+PY
+}
 png_size() { python3 -c 'import sys,struct;d=open(sys.argv[1],"rb").read(24);print(*struct.unpack(">II",d[16:24]))' "$1"; }
 refused() {  # refused NAME EXPECTED-TEXT ARGS...: "$BIN" "${ONE[@]}" ARGS fails naming EXPECTED-TEXT, no image in $WORK/NAME
   local name=$1 want=$2; shift 2

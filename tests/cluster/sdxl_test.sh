@@ -5,7 +5,8 @@
 # --batch-invariant); a non-square size gives that size and differs from the square one (the size ids reach the
 # UNet); a negative prompt changes the image; settings SDXL does not take and a folder missing text_encoder_2/ are
 # refused by name; the size micro-conditioning (--original-width/--original-height/--crop-top/--crop-left and
-# their JSONL keys) reaches the image and its PNG chunk. Exit 77 = skipped (folder absent).
+# their JSONL keys) reaches the image and its PNG chunk; inpainting on 1 and 3 ranks alike, at the SDXL pipeline's
+# default strength. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_SDXL:-$(dirname "$0")/../../../shared/golden/tiny-sdxl}
@@ -42,6 +43,17 @@ timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/micro.jsonl" --step
 cmp -s "$WORK/micro/img-00000-seed9.png" "$WORK/microj/img-00000-seed9.png" \
   && ok "JSONL keys original_width/original_height/crop_top/crop_left give the flags' image" \
   || bad "JSONL micro-conditioning differs from the flags'"
+# inpainting (StableDiffusionXLInpaintPipeline's rules): the square image's centre repainted, 1 and 3 ranks alike
+write_mask "$WORK/mask.png" 32 32 8 8 24 24
+IP=(generate --model "$MODEL" --prompt "a blue square" --image "$WORK/sq/img-00000-seed9.png" --mask "$WORK/mask.png"
+    --seed 3 --steps 5 --threads 1 --batch-invariant --quiet --timeout 60)
+timeout 60 "$BIN" "${IP[@]}" --out "$WORK/ip1" 2> "$WORK/ip1.log" || bad "inpainting failed: $(tail -2 "$WORK/ip1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${IP[@]}" --out "$WORK/ip3" 2> "$WORK/ip3.log" \
+  || bad "3-rank inpainting failed: $(tail -2 "$WORK/ip3.log")"
+same_pngs "$WORK/ip1" "$WORK/ip3" && ok "inpainting: 1 and 3 ranks give the same PNG bytes" || bad "inpainting differs across ranks"
+grep -aq "Mask: $WORK/mask.png, Denoising strength: 0.9999" "$WORK/ip1/img-00000-seed3.png" \
+  && ok "inpainting's default strength is StableDiffusionXLInpaintPipeline's 0.9999 (recorded in the PNG)" \
+  || bad "the PNG lacks the mask or the default strength"
 if timeout 60 "$BIN" "${ONE[@]}" --crop-top -1 --out "$WORK/neg1" 2> "$WORK/neg1.log"; then bad "--crop-top -1 accepted"
 else grep -q "crop-top" "$WORK/neg1.log" && ok "--crop-top -1 refused by name" || bad "unclear: $(tail -1 "$WORK/neg1.log")"; fi
 if timeout 60 "$BIN" "${ONE[@]}" --clip-skip 1 --out "$WORK/skip" 2> "$WORK/skip.log"; then bad "clip_skip accepted"

@@ -11,7 +11,9 @@ sampler, strength, steps, guidance, negative prompt), R.draws.K (every random dr
 sample noise [B, 4, 8, 10], then the noise added to the latents [B, 4, 8, 10]), R.image_latents (the sampled and
 scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (output_type "pt"). With --sdxl MODEL
 (an SDXL folder, e.g. tiny-sdxl's), one more run "sdxl" through StableDiffusionXLImg2ImgPipeline on it (its
-scheduler, strength 0.6, the size conditioning from the image), recorded the same way and named in golden.json.
+scheduler, strength 0.6, the size conditioning from the image), recorded the same way and named in golden.json, and
+SDXL inpainting runs (StableDiffusionXLInpaintPipeline; golden.json's sdxl.inpaint): its 4-channel UNet at the
+pipeline's default strength, and DIR/sdxl-inpaint-model (its components with a random 9-channel UNet).
 
 Inpainting (StableDiffusionInpaintPipeline), the runs of golden.json's "inpaint" list: on tiny-sd itself (a 4-channel
 UNet: the kept region blended back after every step) and on DIR/inpaint-model (tiny-sd with a random 9-channel UNet:
@@ -169,6 +171,44 @@ def main():
         for k, d in enumerate(draws):
             res[f"sdxl.draws.{k}"] = d
         res["sdxl.images"] = img
+        # SDXL inpainting (StableDiffusionXLInpaintPipeline): the SDXL folder's 4-channel UNet at the pipeline's
+        # default strength (0.9999: the image noised to the second timestep), and a random 9-channel UNet on the
+        # same components (DIR/sdxl-inpaint-model, saved as the Inpaint pipeline) at strength 1, both with the
+        # folder's Euler
+        from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+        from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint
+        xl_plain = StableDiffusionXLInpaintPipeline(**xl.components)
+        torch.manual_seed(a.seed + 401)
+        xl_unet9 = UNet2DConditionModel.from_config({**xl.unet.config, "in_channels": 9}).eval()
+        with torch.no_grad():
+            for prm in xl_unet9.parameters():
+                prm.add_(torch.randn_like(prm) * 0.05)
+        xl_nine = StableDiffusionXLInpaintPipeline(**{**xl.components, "unet": xl_unet9})
+        xl_inpaint_model = os.path.join(a.out, "sdxl-inpaint-model")
+        xl_nine.save_pretrained(xl_inpaint_model)
+        for t in ("tokenizer", "tokenizer_2"):
+            shutil.rmtree(os.path.join(xl_inpaint_model, t))
+            shutil.copytree(os.path.join(a.sdxl, t), os.path.join(xl_inpaint_model, t))
+        xl_runs = [dict(name="sdxl_blend", model=os.path.abspath(a.sdxl), sampler=None, strength=None, steps=5,
+                        guidance=5.0, negative_prompt=None),
+                   dict(name="sdxl_unet9", model="sdxl-inpaint-model", sampler=None, strength=1.0, steps=4,
+                        guidance=4.0, negative_prompt="blurry")]
+        for r in xl_runs:
+            p = xl_plain if r["name"] == "sdxl_blend" else xl_nine
+            p.set_progress_bar_config(disable=True)
+            kw = {} if r["strength"] is None else {"strength": r["strength"]}
+            with torch.no_grad(), recorded_draws(vae_module, pipeline_stable_diffusion_xl_inpaint) as draws:
+                neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+                img = p(PROMPTS, image=images, mask_image=masks_l, negative_prompt=neg, height=32, width=40,
+                        num_inference_steps=r["steps"], guidance_scale=r["guidance"], output_type="pt",
+                        generator=torch.Generator().manual_seed(a.seed + 14), **kw).images
+            encodes_image = r["model"] != "sdxl-inpaint-model" or r["strength"] != 1.0
+            r["draw_roles"] = (["image"] if encodes_image else []) + ["noise", "masked"]
+            assert len(draws) == len(r["draw_roles"]), (r["name"], len(draws))
+            for role, d in zip(r["draw_roles"], draws):
+                res[f"{r['name']}.draws.{role}"] = d
+            res[f"{r['name']}.images"] = img
+        sdxl["inpaint"] = xl_runs
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS, "sdxl": sdxl,
             "masks": ["mask_0.png", "mask_1.png"], "inpaint": inpaint_runs,

@@ -27,8 +27,8 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
   p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
   p.steps = run.at("steps").get<int>();
   p.guidance = run.at("guidance").get<double>();
-  p.sampler = run.value("sampler", std::string());
-  p.strength = run.at("strength").get<double>();
+  p.sampler = run.contains("sampler") && !run.at("sampler").is_null() ? run.at("sampler").get<std::string>() : "";
+  p.strength = run.at("strength").is_null() ? -1.0 : run.at("strength").get<double>();  // null: the default
   p.image_prompt = dir + "/" + meta.at("images")[i].get<std::string>();
   return p;
 }
@@ -185,26 +185,23 @@ TEST(GoldenImg2Img, SdxlWholePipeline) {
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-img2img] sdxl at strength 0.6"));
 }
 
-// Inpainting through StableDiffusionInpaintPipeline, four runs: tiny-sd's 4-channel UNet (the kept region blended
-// back after every step) with DDIM at strength 1 and Euler at 0.7 with a negative prompt; a 9-channel inpainting
-// UNet (mask and masked image in) with DDIM at strength 1 and DPM-Solver++ at 0.75. mask_0 is white on black with a
-// grey 127 column (kept) beside a 128 one (repainted); mask_1 marks the repainted region transparent (OpenAI's rule).
-TEST(GoldenImg2Img, InpaintingWholePipeline) {
-  DP_REQUIRE_IMG2IMG(dir);
-  const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  if (!meta.contains("inpaint")) GTEST_SKIP() << dir << " predates the inpainting runs (remake it)";
+namespace {
+// Runs golden.json's inpainting `runs` (each names its model: a path relative to `dir`, or absolute) with the
+// reference's draws (roles "image", "noise", "masked") and compares the images.
+void check_inpainting_runs(const std::string& dir, const nlohmann::json& meta, const nlohmann::json& runs) {
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const DeviceSpec spec = test::device_spec();
-  for (const auto& run : meta.at("inpaint")) {
-    const std::string n = run.at("name").get<std::string>();
-    const SdModel model = SdModel::load(dir + "/" + run.at("model").get<std::string>(), spec);
-    EXPECT_EQ(model.inpaint_unet, n.rfind("unet9", 0) == 0) << n;
+  for (const auto& run : runs) {
+    const std::string n = run.at("name").get<std::string>(), folder = run.at("model").get<std::string>();
+    const SdModel model = SdModel::load(folder.rfind('/', 0) == 0 ? folder : dir + "/" + folder, spec);
+    EXPECT_EQ(model.inpaint_unet, n.find("unet9") != std::string::npos) << n;
     std::vector<GenerationParams> params;
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
-      nlohmann::json r = run;
-      if (r.at("strength").is_null()) r["strength"] = -1.0;  // the pipeline's default: 1 with a mask
-      GenerationParams p = request(dir, meta, r, i);
+      GenerationParams p = request(dir, meta, run, i);
       p.mask = dir + "/" + meta.at("masks")[i].get<std::string>();
+      const ResolvedParams rp = resolve_params(model, p);
+      p.width = rp.width;  // as the encode stage does: SDXL's size conditioning is the image's
+      p.height = rp.height;
       params.push_back(p);
     }
     auto embs = test::encode_all(model, params);
@@ -223,6 +220,36 @@ TEST(GoldenImg2Img, InpaintingWholePipeline) {
     }
     EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] inpainting " + n));
   }
+}
+}  // namespace
+
+// Inpainting through StableDiffusionInpaintPipeline, four runs: tiny-sd's 4-channel UNet (the kept region blended
+// back after every step) with DDIM at strength 1 and Euler at 0.7 with a negative prompt; a 9-channel inpainting
+// UNet (mask and masked image in) with DDIM at strength 1 and DPM-Solver++ at 0.75. mask_0 is white on black with a
+// grey 127 column (kept) beside a 128 one (repainted); mask_1 marks the repainted region transparent (OpenAI's rule).
+TEST(GoldenImg2Img, InpaintingWholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("inpaint")) GTEST_SKIP() << dir << " predates the inpainting runs (remake it)";
+  check_inpainting_runs(dir, meta, meta.at("inpaint"));
+}
+
+// SDXL inpainting through StableDiffusionXLInpaintPipeline (runs made with --sdxl): the SDXL folder's 4-channel UNet
+// at the pipeline's default strength (0.9999: 4 of 5 steps, from the image noised to the second timestep), and a
+// 9-channel UNet folder saved as StableDiffusionXLInpaintPipeline at strength 1 with a negative prompt (the folder's
+// Euler in both).
+TEST(GoldenImg2Img, SdxlInpaintingWholePipeline) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null() || !meta.at("sdxl").contains("inpaint"))
+    GTEST_SKIP() << dir << " has no SDXL inpainting runs (make_img2img_golden.py --sdxl MODEL makes them)";
+  const auto& runs = meta.at("sdxl").at("inpaint");
+  const SdModel xl = SdModel::load(runs[0].at("model").get<std::string>(), test::device_spec(), kUNet);
+  GenerationParams p = request(dir, meta, runs[0], 0);  // no strength: the pipeline's default
+  p.mask = dir + "/mask_0.png";
+  EXPECT_EQ(p.effective_strength(true), 0.9999);
+  EXPECT_EQ(resolve_params(xl, p).begin, 1);  // int(5 x 0.9999) = 4 of 5 steps
+  check_inpainting_runs(dir, meta, runs);
 }
 
 // Inpainting's masks: binarised at 50 % grey, transparency (when present) marks the repainted region, the mask must

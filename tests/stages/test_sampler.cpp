@@ -13,8 +13,10 @@ using namespace diffpipe;
 
 namespace {
 SchedulerConfig sd_config(const std::string& spacing, const std::string& prediction = "epsilon") {
-  SchedulerConfig c;
+  SchedulerConfig c;  // as Stable Diffusion's scheduler_config.json
   c.steps_offset = 1;
+  c.clip_sample = false;
+  c.set_alpha_to_one = false;
   c.timestep_spacing = spacing;
   c.prediction_type = prediction;
   return c;
@@ -119,6 +121,37 @@ TEST(Sampler, NamesAndConfigErrors) {
   EXPECT_NE(err(dir + "/b.json").find("b.json: key 'thresholding'"), std::string::npos);
   EXPECT_NE(err(dir + "/c.json").find("c.json: key 'prediction_type': unsupported 'flow'"), std::string::npos);
   EXPECT_THROW(Sampler::create(SamplerKind::DDIM, SchedulerConfig{}, 0), Error);
+}
+
+// Keys a folder's scheduler_config.json leaves out take the defaults of the class that runs, as diffusers'
+// DDIMScheduler.from_config(another class's config) does: DDIM clips the predicted x0 to [-1, 1] and ends at
+// alpha = 1 unless the file says otherwise (SDXL's Euler configs saved by recent diffusers carry neither key).
+TEST(Sampler, MissingKeysTakeTheRunningClassDefaults) {
+  const std::string dir = test::scratch_dir("sched-defaults");
+  const nlohmann::json euler = {{"_class_name", "EulerDiscreteScheduler"}, {"steps_offset", 1},
+                                {"timestep_spacing", "leading"}};
+  write_json(dir + "/bare.json", euler);
+  nlohmann::json expl = euler;
+  expl["clip_sample"] = false;
+  expl["set_alpha_to_one"] = false;
+  write_json(dir + "/explicit.json", expl);
+  const SchedulerConfig bare = SchedulerConfig::load(dir + "/bare.json"), given = SchedulerConfig::load(dir + "/explicit.json");
+  EXPECT_FALSE(bare.clip_sample.has_value());
+  EXPECT_EQ(given.clip_sample, std::optional<bool>(false));
+  const at::Tensor ac = alphas_cumprod(bare);
+  // one DDIM step of 2 from x = 0 with a large predicted noise: x0 = -sqrt(1 - a) e / sqrt(a) is far below -1
+  const at::Tensor x = at::zeros({1, 1, 2, 2}), e = at::full({1, 1, 2, 2}, 3.0);
+  auto ddim = [&](const SchedulerConfig& c, int i) { return Sampler::create(SamplerKind::DDIM, c, 2)->step(e, i, x, {}); };
+  const double a = ac[501].item<double>(), a_prev = ac[1].item<double>();
+  const double x0 = -std::sqrt(1 - a) * 3.0 / std::sqrt(a);
+  ASSERT_LT(x0, -1.0);
+  EXPECT_NEAR(ddim(bare, 0)[0][0][0][0].item<double>(), -std::sqrt(a_prev) + std::sqrt(1 - a_prev) * 3.0, 1e-5);
+  EXPECT_NEAR(ddim(given, 0)[0][0][0][0].item<double>(), std::sqrt(a_prev) * x0 + std::sqrt(1 - a_prev) * 3.0, 1e-4);
+  // the last step (timestep 1, previous -249): set_alpha_to_one's default lands exactly on the clipped x0
+  const double a1 = ac[1].item<double>(), x0_last = -std::sqrt(1 - a1) * 3.0 / std::sqrt(a1);
+  EXPECT_NEAR(ddim(bare, 1)[0][0][0][0].item<double>(), std::max(-1.0, x0_last), 1e-5);
+  const double a0 = ac[0].item<double>();
+  EXPECT_NEAR(ddim(given, 1)[0][0][0][0].item<double>(), std::sqrt(a0) * x0_last + std::sqrt(1 - a0) * 3.0, 1e-4);
 }
 
 // DDPMScheduler against diffusers, step by step on recorded trajectories (tests/stages/make_ddpm_golden.py; test.sh

@@ -46,7 +46,7 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 // The A1111-style "parameters" text: prompt, negative prompt, then "Steps: …, Sampler: …, CFG scale: …, Seed: …,
 // Size: WxH, Model: …".
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model,
-                            bool prior = false, bool img2img = false);
+                            bool prior = false, bool img2img = false, bool sdxl = false);
 
 struct OutputOptions {
   std::string dir;
@@ -56,6 +56,7 @@ struct OutputOptions {
   std::string model;           // for run.json and the parameters chunk
   bool prior = false;          // the model has a diffusion prior (Stable unCLIP): its settings join the chunk
   bool img2img = false;        // an image_prompt is image-to-image's starting image (SD, SDXL): strength joins it
+  bool sdxl = false;           // an SDXL folder (its inpainting's default strength differs)
   std::string identity;        // everything that decides the pixels (compared with run.json on a rerun)
   size_t total = 0;            // images in the run
   int sheet_max = 64;          // contact sheet: at most this many images (the lowest indices done)

@@ -1,4 +1,4 @@
-// ControlNet (diffusers' ControlNetModel): a trained copy of a UNet's encoder half that reads a conditioning image
+// ControlNet (diffusers' ControlNetModel, Stable Diffusion 1.x/2.x and SDXL): a trained copy of a UNet's encoder half that reads a conditioning image
 // (edges, depth, pose... as [0, 1] RGB) through a small convolutional embedding added to conv_in's output, and
 // returns, through 1x1 zero-initialised convolutions, one residual per skip connection and one for the mid block,
 // which the UNet adds to its own (UNetResiduals), each scaled by the request's conditioning scale.
@@ -19,7 +19,8 @@ struct ControlNetConfig {
   std::vector<int64_t> conditioning_embedding_out_channels{16, 32, 96, 256};
   int64_t conditioning_channels = 3;
   bool bgr = false;  // controlnet_conditioning_channel_order "bgr": the image's channels reversed first
-  // Rejects what is not implemented (global_pool_conditions, SDXL's addition_embed_type), naming the key.
+  // Rejects what is not implemented (global_pool_conditions, an addition_embed_type other than SDXL's "text_time"),
+  // naming the key.
   static ControlNetConfig load(const std::string& config_json);
 };
 
@@ -28,9 +29,12 @@ class ControlNetModel {
   ControlNetModel(const ControlNetConfig& cfg, const Weights& w);
   static std::shared_ptr<ControlNetModel> load(const std::string& dir, const DeviceSpec& spec);
   // sample, timesteps, encoder_hidden_states as the UNet takes them; cond [B, 3, H, W] in [0, 1] with H, W the
-  // latents' size times the VAE's factor; scales [B] (float, on any device): each row's conditioning scale.
+  // latents' size times the VAE's factor; scales [B] (float, on any device): each row's conditioning scale. An SDXL
+  // ControlNet (addition_embed_type "text_time") also takes the UNet's pooled text embedding and size conditioning
+  // (class_labels, time_ids as UNet2DConditionModel::forward takes them).
   UNetResiduals forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
-                        const at::Tensor& cond, const at::Tensor& scales) const;
+                        const at::Tensor& cond, const at::Tensor& scales, const at::Tensor& class_labels = at::Tensor(),
+                        const at::Tensor& time_ids = at::Tensor()) const;
   const ControlNetConfig& config() const { return cfg_; }
 
  private:

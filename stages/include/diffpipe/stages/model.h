@@ -51,7 +51,7 @@ struct SdModel {
   // Configs (always loaded, small): enough to plan shapes on any rank.
   ClipTextConfig text_config;
   ClipTextConfig text_config_2;            // SDXL only
-  bool sdxl = false;                       // model_index.json names StableDiffusionXLPipeline
+  bool sdxl = false;                       // an SDXL folder (is_sdxl)
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
   // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder): its configs (always) and
@@ -102,7 +102,8 @@ struct SdModel {
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
-  static bool is_sdxl(const std::string& dir);    // model_index.json names StableDiffusionXLPipeline
+  // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
+  static bool is_sdxl(const std::string& dir);
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
   static bool is_img2img_folder(const std::string& dir);  // what img2img() says of the folder's loaded model

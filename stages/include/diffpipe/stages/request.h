@@ -25,9 +25,10 @@ struct GenerationParams {
                                 // SDXL folders: image-to-image's starting image; the x4 upscaler: the image to enlarge
   // Image-to-image (SD and SDXL folders with an image_prompt): how much of the schedule runs on the noised image,
   // in [0, 1] (diffusers' strength; 1 keeps the least of the image, small values keep most); < 0: the pipeline's
-  // default, 0.8 for image-to-image and 1 for inpainting (effective_strength())
+  // default, 0.8 for image-to-image, 1 for inpainting (0.9999 on SDXL folders, as StableDiffusionXLInpaintPipeline:
+  // the image's latents noised to the second timestep) (effective_strength())
   double strength = -1;
-  // Inpainting (SD 1.x/2.x folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
+  // Inpainting (SD 1.x/2.x and SDXL folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
   // pixels are repainted and black ones kept; a path or a data: URI ("" = none)
   std::string mask;
   // ControlNet (a run started with --controlnet DIR): the conditioning image (edges, depth, pose... as the ControlNet
@@ -53,7 +54,9 @@ struct GenerationParams {
   int x4_noise_level = 20;
 
   bool uses_cfg() const { return guidance > 1.0; }
-  double effective_strength() const { return strength >= 0 ? strength : mask.empty() ? 0.8 : 1.0; }
+  double effective_strength(bool sdxl) const {
+    return strength >= 0 ? strength : mask.empty() ? 0.8 : sdxl ? 0.9999 : 1.0;
+  }
 };
 
 }  // namespace diffpipe

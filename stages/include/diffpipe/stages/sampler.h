@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,8 +25,10 @@ struct SchedulerConfig {
   std::string prediction_type = "epsilon";        // epsilon | v_prediction | sample
   std::string timestep_spacing;                   // leading | linspace | trailing ("" = the class default)
   int64_t steps_offset = 0;
-  bool set_alpha_to_one = false;
-  bool clip_sample = false;
+  // absent from the file: the default of the class that runs (diffusers' from_config): DDIM's set_alpha_to_one and
+  // clip_sample are true, PNDM's set_alpha_to_one false, DDPM's clip_sample true
+  std::optional<bool> set_alpha_to_one;
+  std::optional<bool> clip_sample;
   double clip_sample_range = 1.0;
   bool rescale_betas_zero_snr = false;
   bool use_karras_sigmas = false;
