@@ -39,7 +39,7 @@ const std::vector<cli::Opt> kOptions = {
                      "DeepFloyd IF (with its stage II in super_resolution/)"},
     {"lora", "FILE[:S],...", "LoRA files fused into the UNet and text encoders at scale S (default 1): diffusers'\n"
                              "(peft) or kohya-ss's format; comma-separated for several"},
-    {"controlnet", "DIR", "a ControlNet folder (ControlNetModel, SD 1.x/2.x) loaded with the UNet; requests bring\n"
+    {"controlnet", "DIR", "a ControlNet folder (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet; requests bring\n"
                           "--control-image (JSONL control_image)"},
     {"control-image", "FILE", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
                               "trained), a PNG of the output's size"},
@@ -86,8 +86,8 @@ const std::vector<cli::Opt> kOptions = {
                       "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x. Stored as\n"
                       "image_prompt; a data:image/png;base64 URI works too"},
     {"strength", "S", "image-to-image: how much of the schedule runs on the noised image, in [0, 1]: int(steps x S)\n"
-                      "steps run (default 0.8; 1 for inpainting)"},
-    {"mask", "FILE", "inpainting (SD 1.x/2.x folders, with --image): a PNG of the image's size; white repainted,\n"
+                      "steps run (default 0.8; 1 for inpainting, 0.9999 on SDXL as diffusers)"},
+    {"mask", "FILE", "inpainting (SD 1.x/2.x and SDXL folders, with --image): a PNG of the image's size; white repainted,\n"
                      "black kept (an inpainting folder's 9-channel UNet, or any SD UNet by blending)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},

@@ -40,7 +40,8 @@ if [ -d "$GOLD_DIR/model" ]; then
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-lora DIFFPIPE_GOLDEN_LORA make_lora_golden.py --src "$GOLD_DIR" \
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
-  make_ref tiny-controlnet DIFFPIPE_GOLDEN_CONTROLNET make_controlnet_golden.py --src "$GOLD_DIR"
+  make_ref tiny-controlnet DIFFPIPE_GOLDEN_CONTROLNET make_controlnet_golden.py --src "$GOLD_DIR" \
+    ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
 fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -8,7 +8,8 @@
 # flags; the PNG records the control
 # image, scale and ControlNet; a control image without --controlnet, of another size, and a ControlNet that does not
 # fit are refused by name writing nothing; serve --controlnet answers a control_image (base64) with the CLI's pixels
-# and a wrong-size one with a 400 naming control_image. Exit 77 = skipped (reference absent).
+# and a wrong-size one with a 400 naming control_image; with the SDXL ControlNet of a --sdxl reference: 1 and 3 ranks
+# alike, scale 0 the plain SDXL image, and refused on the SD folder. Exit 77 = skipped (reference absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_CONTROLNET:-$(dirname "$0")/../../../shared/golden/tiny-controlnet}
@@ -57,6 +58,26 @@ import json, sys
 c = json.load(open(sys.argv[1])); c["cross_attention_dim"] = 64; json.dump(c, open(sys.argv[2], "w"))
 PY
 refused unfit "does not fit $MODEL/unet/config.json" --controlnet "$WORK/badcn"
+
+# an SDXL ControlNet (the reference made with --sdxl): 1 and 3 ranks alike; scale 0 is the plain SDXL image
+XLMODEL=$(python3 -c 'import json,sys; x=json.load(open(sys.argv[1])).get("sdxl"); print(x["model"] if x else "")' "$GOLD/golden.json")
+if [ -n "$XLMODEL" ] && [ -d "$GOLD/sdxl-controlnet" ]; then
+  XL=(generate --model "$XLMODEL" --controlnet "$GOLD/sdxl-controlnet" --prompts "$WORK/jobs.jsonl" --steps 4 --seed 5
+      --threads 1 --batch-invariant --quiet --timeout 60)
+  timeout 120 "$BIN" "${XL[@]}" --out "$WORK/xl1" 2> "$WORK/xl1.log" || bad "SDXL ControlNet failed: $(tail -2 "$WORK/xl1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${XL[@]}" --out "$WORK/xl3" 2> "$WORK/xl3.log" \
+    || bad "SDXL ControlNet on 3 ranks failed: $(tail -2 "$WORK/xl3.log")"
+  same_pngs "$WORK/xl1" "$WORK/xl3" && ok "SDXL ControlNet: 1 and 3 ranks give the same PNG bytes" || bad "SDXL ControlNet differs across ranks"
+  XONE=(generate --model "$XLMODEL" --prompt "two green triangles" --seed 6 --steps 4 --threads 1 --quiet --timeout 60)
+  timeout 60 "$BIN" "${XONE[@]}" --out "$WORK/xlplain" 2> /dev/null
+  timeout 60 "$BIN" "${XONE[@]}" --controlnet "$GOLD/sdxl-controlnet" --control-image "$GOLD/control_1.png" \
+    --control-scale 0 --out "$WORK/xlzero" 2> /dev/null
+  same_pixels "$WORK/xlplain/$P" "$WORK/xlzero/$P" && ! same_pixels "$WORK/xlplain/$P" "$WORK/xl1/img-00001-seed6.png" \
+    && ok "SDXL ControlNet: scale 0 gives the plain image, scale 0.5 another" || bad "SDXL ControlNet scale 0/0.5 check"
+  refused xl-on-sd "does not fit $MODEL/unet/config.json" --controlnet "$GOLD/sdxl-controlnet"
+else
+  echo "note: no SDXL ControlNet in $GOLD (make_controlnet_golden.py --sdxl): its checks are skipped"
+fi
 
 serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$CN" --steps 4 --threads 1
 if [ -n "$URL" ]; then

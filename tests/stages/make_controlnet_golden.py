@@ -13,6 +13,9 @@ and, for each run R of golden.json (conditioning scale, guidance, negative promp
 control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
 (DDIM, 4 steps); `plain.images` from the UNet alone. The "img2img" run: StableDiffusionControlNetImg2ImgPipeline from
 DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its steps, its draws as img2img.draws.K.
+With --sdxl MODEL (an SDXL folder, e.g. tiny-sdxl's): DIR/sdxl-controlnet made from its UNet the same way, runs
+through StableDiffusionXLControlNetPipeline from the same latents (its Euler, 5 steps; golden.json's sdxl.runs) and one
+through StableDiffusionXLControlNetImg2ImgPipeline at strength 0.6 (sdxl_img2img.draws.K).
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    ap.add_argument("--sdxl", help="an SDXL model folder (e.g. tiny-sdxl's) for the sdxl runs")
     a = ap.parse_args()
     import diffusers
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
@@ -107,9 +111,47 @@ def main():
                                     generator=torch.Generator().manual_seed(a.seed + 22)).images
     assert len(draws) == 2, len(draws)
     res["img2img.draws.0"], res["img2img.draws.1"] = draws
+    sdxl = None
+    if a.sdxl:  # an SDXL ControlNet (text_time embedding: the pooled text and size ids reach it too)
+        from diffusers import (StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline,
+                               StableDiffusionXLPipeline)
+        from diffusers.pipelines.controlnet import pipeline_controlnet_sd_xl_img2img
+        xl = StableDiffusionXLPipeline.from_pretrained(a.sdxl)
+        torch.manual_seed(a.seed + 601)
+        xcn = ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
+        with torch.no_grad():
+            for prm in xcn.parameters():
+                prm.add_(torch.randn_like(prm) * 0.05)
+        xcn.save_pretrained(os.path.join(a.out, "sdxl-controlnet"))
+        parts = {k: v for k, v in xl.components.items() if k not in ("image_encoder", "feature_extractor")}
+        xpipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=xcn)
+        xpipe.set_progress_bar_config(disable=True)
+        sdxl = dict(model=os.path.abspath(a.sdxl), controlnet="sdxl-controlnet", steps=5,
+                    runs=[dict(name="sdxl_scale_1", scale=1.0, guidance=5.0, negative_prompt=None),
+                          dict(name="sdxl_scale_07_negative", scale=0.7, guidance=4.0, negative_prompt="blurry",
+                               start=0.2, end=0.8)])
+        for r in sdxl["runs"]:
+            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            with torch.no_grad():
+                res[f"{r['name']}.images"] = xpipe(PROMPTS, image=controls, num_inference_steps=sdxl["steps"],
+                                                   guidance_scale=r["guidance"], negative_prompt=neg,
+                                                   controlnet_conditioning_scale=r["scale"],
+                                                   control_guidance_start=r.get("start", 0.0),
+                                                   control_guidance_end=r.get("end", 1.0), latents=latents.clone(),
+                                                   output_type="pt").images
+        xi2i = StableDiffusionXLControlNetImg2ImgPipeline(**parts, controlnet=xcn)
+        xi2i.set_progress_bar_config(disable=True)
+        sdxl["img2img"] = dict(name="sdxl_img2img", scale=0.8, guidance=5.0, negative_prompt=None, strength=0.6)
+        with torch.no_grad(), recorded_draws(vae_module, pipeline_controlnet_sd_xl_img2img) as draws:
+            res["sdxl_img2img.images"] = xi2i(PROMPTS, image=starts, control_image=controls, strength=0.6,
+                                              num_inference_steps=sdxl["steps"], guidance_scale=5.0,
+                                              controlnet_conditioning_scale=0.8, output_type="pt",
+                                              generator=torch.Generator().manual_seed(a.seed + 23)).images
+        assert len(draws) == 2, len(draws)
+        res["sdxl_img2img.draws.0"], res["sdxl_img2img.draws.1"] = draws
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
-            "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))],
+            "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))], "sdxl": sdxl,
             "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
                                     f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -158,3 +158,60 @@ TEST(GoldenControlNet, OnImageToImage) {
   }
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("img2img.images"), "[golden-controlnet] on image-to-image"));
 }
+
+// An SDXL ControlNet (made from tiny-sdxl's UNet; the reference was made with --sdxl): its add_embedding takes the
+// pooled text embedding and the size ids as the UNet's does. StableDiffusionXLControlNetPipeline at scale 1, and at
+// 0.7 with a negative prompt in the middle of the steps; StableDiffusionXLControlNetImg2ImgPipeline at strength 0.6.
+TEST(GoldenControlNet, Sdxl) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null())
+    GTEST_SKIP() << dir << " has no SDXL runs (make_controlnet_golden.py --sdxl MODEL makes them)";
+  const auto& xl = meta.at("sdxl");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const std::string cn = dir + "/" + xl.at("controlnet").get<std::string>();
+  const SdModel model =
+      SdModel::load(xl.at("model").get<std::string>(), test::device_spec(), kAllComponents, ModelAddons{{}, cn});
+  ASSERT_TRUE(model.sdxl && model.controlnet);
+  const int steps = xl.at("steps").get<int>();
+  for (const auto& run : xl.at("runs")) {
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      params.push_back(request(dir, meta, run, i));
+      params.back().steps = steps;
+    }
+    const std::string n = run.at("name").get<std::string>();
+    EXPECT_TRUE(batch_matches(model, params, g.at("latents"), g.at(n + ".images"), n)) << n;
+  }
+  const auto& run = xl.at("img2img");
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    GenerationParams p = request(dir, meta, run, i);
+    p.steps = steps;
+    p.image_prompt = dir + "/" + meta.at("starts")[i].get<std::string>();
+    p.strength = run.at("strength").get<double>();
+    const ResolvedParams r = resolve_params(model, p);
+    p.width = r.width;  // as the encode stage does: SDXL's size conditioning is the image's
+    p.height = r.height;
+    params.push_back(p);
+  }
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
+                                     g.at("sdxl_img2img.draws.0")[row], g.at("sdxl_img2img.draws.1")[row]));
+    EXPECT_EQ(ds.back().total_steps(), 3);  // int(5 x 0.6)
+  }
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl_img2img.images"), "[golden-controlnet] SDXL on image-to-image"));
+  // an SD 1.x ControlNet on the SDXL folder (and the reverse) is refused naming both files
+  EXPECT_NE(test::error_of([&] {
+              (void)SdModel::load(xl.at("model").get<std::string>(), test::device_spec(), kTextEncoder,
+                                  ModelAddons{{}, dir + "/controlnet"});
+            }).find("does not fit"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] {
+              (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, cn});
+            }).find("does not fit"),
+            std::string::npos);
+}
