@@ -39,6 +39,8 @@ const std::vector<cli::Opt> kOptions = {
                      "DeepFloyd IF (with its stage II in super_resolution/)"},
     {"lora", "FILE[:S],...", "LoRA files fused into the UNet and text encoders at scale S (default 1): diffusers'\n"
                              "(peft) or kohya-ss's format; comma-separated for several"},
+    {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that JSONL lines choose by name (key lora:\n"
+                                       "\"NAME[:SCALE],...\"); one batch mixes requests with different adapters"},
     {"controlnet", "DIR", "a ControlNet folder (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet; requests bring\n"
                           "--control-image (JSONL control_image)"},
     {"control-image", "FILE", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
@@ -163,6 +165,8 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
   };
   for (const LoraSpec& l : addons.loras)  // a file by name, scale and size (another file of the same name: another run)
     mix(l.path + "@" + format_number(l.scale) + "#" + size_of(l.path));
+  for (const LoraAdapter& l : addons.adapters)  // requests name them (their choice is in each request's settings)
+    mix("adapter:" + l.name + "=" + l.path + "#" + size_of(l.path));
   if (!addons.controlnet.empty())
     mix("controlnet:" + addons.controlnet + "#" + size_of(addons.controlnet + "/diffusion_pytorch_model.safetensors"));
   char buf[32];
@@ -400,6 +404,7 @@ int generate_main(int argc, char** argv) {
     }
     opts.model_dir = a.str("model");
     opts.addons.loras = parse_lora_list(a.str("lora"));
+    opts.addons.adapters = parse_lora_adapters(a.str("lora-adapters"));
     opts.addons.controlnet = a.str("controlnet");
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
@@ -445,6 +450,7 @@ int generate_main(int argc, char** argv) {
       oo.overwrite = a.flag("overwrite");
       oo.model = a.str("model");
       for (const LoraSpec& l : opts.addons.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
+      for (const LoraAdapter& l : opts.addons.adapters) oo.adapters[l.name] = l.path;
       if (!opts.addons.controlnet.empty()) oo.model += ", ControlNet: " + opts.addons.controlnet;
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));

@@ -67,6 +67,22 @@ T get_field(const json& j, const char* key, const std::string& where, T def) {
 
 }  // namespace
 
+std::string lora_field(const json& v, const std::string& where) {
+  if (v.is_string()) return v.get<std::string>();
+  DP_CHECK(v.is_object(), where, " must be \"NAME[:SCALE],...\" or an object like {\"NAME\": SCALE}");
+  std::string out;
+  for (const auto& [name, scale] : v.items()) {
+    DP_CHECK(scale.is_number() && std::isfinite(scale.get<double>()), where, ": the scale of '", name,
+             "' must be a finite number");
+    DP_CHECK(!name.empty() && name.find_first_of(":,") == std::string::npos, where, ": '", name,
+             "' is not an adapter name");
+    std::ostringstream os;  // 0.7, 1, 1.25
+    os << (out.empty() ? "" : ",") << name << ":" << scale.get<double>();
+    out += os.str();
+  }
+  return out;
+}
+
 std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool jsonl, const GenerationParams& base,
                                      int images) {
   std::vector<JobLine> out;
@@ -75,7 +91,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
                                           "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
-                                          "control_scale", "control_start", "control_end"};
+                                          "control_scale", "control_start", "control_end", "lora"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -98,7 +114,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end)");
+               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -135,6 +151,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                ": key 'strength' must be a number in [0, 1]");
     }
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
+    if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
     p.control_image = get_field<std::string>(o, "control_image", l.origin, p.control_image);
     p.control_scale = get_field<double>(o, "control_scale", l.origin, p.control_scale);
     DP_CHECK(std::isfinite(p.control_scale), l.origin, ": key 'control_scale' must be a finite number");
@@ -176,7 +193,7 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 }
 
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, bool prior,
-                            bool img2img, bool sdxl) {
+                            bool img2img, bool sdxl, const std::map<std::string, std::string>& adapters) {
   std::ostringstream os;
   os << p.prompt << "\n";
   if (!p.negative_prompt.empty()) os << "Negative prompt: " << p.negative_prompt << "\n";
@@ -194,6 +211,16 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
        << p.effective_strength(sdxl);
   else if (!p.image_prompt.empty())  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
+  if (!p.lora.empty()) {  // the request's adapters, each with its file where the run knows it
+    os << ", LoRA adapters: " << p.lora;
+    std::string files;
+    for (const auto& [name, path] : adapters) {
+      const std::string list = "," + p.lora + ",";
+      if (list.find("," + name + ",") != std::string::npos || list.find("," + name + ":") != std::string::npos)
+        files += (files.empty() ? "" : ", ") + name + "=" + path;
+    }
+    if (!files.empty()) os << " (" << files << ")";
+  }
   if (!p.control_image.empty()) {
     os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale;
     if (p.control_start != 0.0 || p.control_end != 1.0)
@@ -363,7 +390,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
       const std::string file = file_for(index, gi.params.seed);
       const auto slash = file.rfind('/');
       if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl)}});
+      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters)}});
       line["file"] = file;
       done_files_[index] = file;
       if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
@@ -390,7 +417,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
   line["shard"] = sname;
   line["key"] = key;
   if (done) {
-    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl)}});
+    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters)}});
     const std::string meta = line.dump();
     for (const auto& [name, bytes] : {std::pair<std::string, std::string>{std::string(key) + ".png", std::string(png.begin(), png.end())},
                                       std::pair<std::string, std::string>{std::string(key) + ".json", meta}}) {
@@ -412,7 +439,7 @@ void OutputSink::write_preview(uint64_t index, int k, const GenerationParams& p,
   file = file.substr(0, file.size() - 4) + "-preview-" + std::to_string(k) + ".png";
   const auto slash = file.rfind('/');
   if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior, o_.img2img, o_.sdxl) + ", Preview: " + std::to_string(k)}});
+  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters) + ", Preview: " + std::to_string(k)}});
 }
 
 void OutputSink::flush_shard(int64_t k, bool complete) {

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "diffpipe/cluster/form_data.h"
+#include "diffpipe/cluster/offline.h"
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/image.h"
 
@@ -323,7 +324,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "sampler", "width", "height", "stream", "partial_images", "image",
                                             "strength", "noise_level", "mask", "control_image",
                                             "controlnet_conditioning_scale", "control_guidance_start",
-                                            "control_guidance_end"};
+                                            "control_guidance_end", "lora"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -387,6 +388,13 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     if (const auto s = number("strength", " in [0, 1]")) {  // image-to-image (with an image)
       p.strength = *s;
       if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
+    }
+    if (j.contains("lora")) {  // per-request LoRA adapters of the server (--lora-adapters)
+      try {
+        p.lora = offline::lora_field(j["lora"], "'lora'");
+      } catch (const std::exception& e) {
+        throw BadRequest{e.what(), "lora"};
+      }
     }
     p.control_image = image_ref("control_image").value_or(p.control_image);  // a ControlNet's conditioning image
     p.control_scale = number("controlnet_conditioning_scale", "").value_or(p.control_scale);

@@ -104,6 +104,7 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
+  if (o.contains("lora")) p.lora = r.str(o, "lora", "params.lora");
   if (o.contains("control_image")) {
     p.control_image = r.str(o, "control_image", "params.control_image");
     p.control_scale = r.number(o, "control_scale", "params.control_scale");

@@ -63,8 +63,10 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
   if (nn::batch_invariant() && B > 1) {
     std::vector<at::Tensor> last, pooled, pen;
     for (int64_t i = 0; i < B; ++i) {
-      ClipTextOutput o = forward(input_ids.slice(0, i, i + 1), clip_skip,
-                                 attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
+      ClipTextOutput o = nn::at_row(i, [&] {
+        return forward(input_ids.slice(0, i, i + 1), clip_skip,
+                       attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
+      });
       last.push_back(o.last_hidden_state);
       pooled.push_back(o.pooled);
       pen.push_back(o.penultimate);

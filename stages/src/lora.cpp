@@ -161,6 +161,31 @@ LoraSpec parse_lora_spec(const std::string& text) {
   return s;
 }
 
+std::vector<LoraAdapter> parse_lora_adapters(const std::string& text) {
+  std::vector<LoraAdapter> out;
+  size_t start = 0;
+  while (!text.empty() && start <= text.size()) {
+    const size_t comma = std::min(text.find(',', start), text.size());
+    const std::string item = text.substr(start, comma - start);
+    const size_t eq = item.find('=');
+    LoraAdapter a;
+    if (eq == std::string::npos) {
+      a.path = item;
+      a.name = item.substr(item.rfind('/') == std::string::npos ? 0 : item.rfind('/') + 1);
+      if (ends_with(a.name, ".safetensors")) a.name.resize(a.name.size() - 12);
+    } else {
+      a.name = item.substr(0, eq);
+      a.path = item.substr(eq + 1);
+    }
+    DP_CHECK(!a.name.empty() && !a.path.empty() && a.name.find(':') == std::string::npos, "lora-adapters: '", item,
+             "' is not NAME=FILE (a name without ':' and a file)");
+    for (const auto& b : out) DP_CHECK(b.name != a.name, "lora-adapters: the name '", a.name, "' is given twice");
+    out.push_back(a);
+    start = comma + 1;
+  }
+  return out;
+}
+
 std::vector<LoraSpec> parse_lora_list(const std::string& text) {
   std::vector<LoraSpec> out;
   size_t start = 0;
@@ -288,13 +313,17 @@ size_t apply_lora(Weights& w, const std::vector<LoraLayer>& layers, const std::s
   size_t n = 0;
   for (const LoraLayer& l : layers) {
     if (l.component != component) continue;
+    ++n;
+    if (l.adapter >= 0) {  // a per-request adapter: a branch beside the weight (converted where the layer is built)
+      w.add_branch(l.weight_key, LoraBranch{l.adapter, l.down, l.up, l.factor});
+      continue;
+    }
     w.update(l.weight_key, [&](const at::Tensor& old) {
       // float32 where the weight lives (a GPU's weights never round-trip through the host)
       const at::Tensor delta =
           at::matmul(l.up.to(old.device(), at::kFloat), l.down.to(old.device(), at::kFloat)).mul_(l.factor);
       return (old.to(at::kFloat) + delta.reshape(old.sizes())).to(old.scalar_type());
     });
-    ++n;
   }
   return n;
 }

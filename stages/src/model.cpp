@@ -180,12 +180,17 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
                       const ModelAddons& addons) {
   validate(dir);
   const std::vector<LoraSpec>& loras = addons.loras;
-  DP_CHECK(loras.empty() || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
+  DP_CHECK((loras.empty() && addons.adapters.empty()) || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
            is_if(dir) ? "DeepFloyd IF" : "x4 upscaler", " folder; LoRA files apply to Stable Diffusion, SDXL and "
            "Stable unCLIP folders");
-  std::vector<LoraLayer> lora;
+  std::vector<LoraLayer> lora;  // fused ones, then each adapter's (scale 1: the request's scale multiplies it)
   for (const LoraSpec& l : loras) {
     auto layers = read_lora(l, dir);
+    lora.insert(lora.end(), std::make_move_iterator(layers.begin()), std::make_move_iterator(layers.end()));
+  }
+  for (size_t i = 0; i < addons.adapters.size(); ++i) {
+    auto layers = read_lora({addons.adapters[i].path, 1.0}, dir);
+    for (LoraLayer& l : layers) l.adapter = static_cast<int>(i);
     lora.insert(lora.end(), std::make_move_iterator(layers.begin()), std::make_move_iterator(layers.end()));
   }
   if (spec.device.is_cuda()) {

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 #include "diffpipe/stages/weights.h"
 
@@ -36,23 +37,69 @@ inline at::Tensor in_layout_of(const at::Tensor& first_conv_weight, const at::Te
   return prefers_channels_last(first_conv_weight) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
 }
 
-// f(i) -> sample i's result with a leading batch dimension of 1; the results concatenated along dim 0.
+// Per-request LoRA adapters (weights.h's LoraBranch): the row scales of the forward pass running on this thread,
+// one entry per adapter of the run: [B] float32 on the model's device (the scale of each row's request, 0 where
+// it did not choose the adapter), or undefined where no row did. Layers with branches add theirs for these rows.
+struct AdapterRows {
+  std::vector<at::Tensor> scales;
+  AdapterRows row(int64_t i) const;  // the same for row i alone (a batch of one)
+};
+const AdapterRows* active_adapter_rows();  // nullptr: no adapter in this pass
+// Sets the rows for the scope's lifetime (nullptr: none), restoring the previous ones after.
+class AdapterScope {
+ public:
+  explicit AdapterScope(const AdapterRows* rows);
+  ~AdapterScope();
+  AdapterScope(const AdapterScope&) = delete;
+  AdapterScope& operator=(const AdapterScope&) = delete;
+
+ private:
+  const AdapterRows* prev_;
+};
+
+// f() on row i of the batch alone: the adapter rows in force (if any) narrowed to that row for the call. Every
+// sample-by-sample loop over a model's batch goes through this (or per_sample).
+template <typename F>
+decltype(auto) at_row(int64_t i, F&& f) {
+  const AdapterRows* rows = active_adapter_rows();
+  if (!rows) return f();
+  const AdapterRows one = rows->row(i);
+  AdapterScope scope(&one);
+  return f();
+}
+
+// f(i) -> sample i's result with a leading batch dimension of 1 (run through at_row); the results concatenated
+// along dim 0.
 template <typename F>
 at::Tensor per_sample(int64_t batch, F&& f) {
   std::vector<at::Tensor> outs;
   outs.reserve(batch);
-  for (int64_t i = 0; i < batch; ++i) outs.push_back(f(i));
+  for (int64_t i = 0; i < batch; ++i) outs.push_back(at_row(i, [&] { return f(i); }));
   return at::cat(outs);
 }
 
+// A layer's branches in its weight's dtype and device: linear ones [r, in] / [out, r]; for a convolution `conv_k`
+// > 0, down [r, in, k, k] and up [out, r, 1, 1] (as the layer's stride and padding apply to down).
+std::vector<LoraBranch> layer_branches(const Weights& w, const std::string& key, const at::Tensor& weight, int64_t conv_k);
+// y + the branches of the active adapter rows applied to x (x [B, ...] rows first; conv: [B, C, H, W]).
+at::Tensor add_branches(const at::Tensor& y, const at::Tensor& x, const std::vector<LoraBranch>& branches,
+                        int64_t stride = 1, int64_t padding = 0);
+// The same for a pointwise convolution's rows (Conv2d::pointwise_rows): x [B, C, H, W], y [B*H*W, out].
+at::Tensor add_branches_rows(const at::Tensor& y, const at::Tensor& x, const std::vector<LoraBranch>& branches);
+
 struct Linear {
   at::Tensor weight, bias;  // weight: [out, in]
+  std::vector<LoraBranch> lora;  // per-request adapters' branches (none: the plain layer)
   Linear() = default;
   Linear(const Weights& w, const std::string& name, int64_t in, int64_t out, bool has_bias = true) {
     weight = w.get(name + ".weight", {out, in});
     if (has_bias) bias = w.get(name + ".bias", {out});
+    lora = layer_branches(w, name + ".weight", weight, 0);
   }
-  at::Tensor operator()(const at::Tensor& x) const { return at::linear(x, weight, bias); }
+  at::Tensor operator()(const at::Tensor& x) const {
+    at::Tensor y = at::linear(x, weight, bias);
+    return lora.empty() ? y : add_branches(y, x, lora);
+  }
 };
 
 struct Conv2d {
@@ -65,12 +112,15 @@ struct Conv2d {
     weight = w.get(name + ".weight", {out, in, k, k});
     bias = w.get(name + ".bias", {out});
     if (k > 1 && prefers_channels_last(weight)) weight = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    lora = layer_branches(w, name + ".weight", weight, is_pointwise() ? 0 : k);
   }
+  std::vector<LoraBranch> lora;  // per-request adapters' branches (pointwise: linear ones)
   bool is_pointwise() const { return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0; }
   // A 1x1 convolution of x [B, C, H, W] as rows [B*H*W, out] (pixel-major). The product runs on a contiguous 2-D
   // matrix: LibTorch's linear on a permuted 4-D view takes a generic batched path, ~30x slower in bfloat16.
   at::Tensor pointwise_rows(const at::Tensor& x) const {
-    return at::linear(x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), weight.flatten(1), bias);
+    at::Tensor y = at::linear(x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), weight.flatten(1), bias);
+    return lora.empty() ? y : add_branches_rows(y, x, lora);
   }
   at::Tensor operator()(const at::Tensor& x) const {
     if (is_pointwise()) {
@@ -79,7 +129,8 @@ struct Conv2d {
       const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
       return pointwise_rows(x).view({B, H, W, weight.size(0)}).permute({0, 3, 1, 2}).contiguous(x.suggest_memory_format());
     }
-    return at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+    at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+    return lora.empty() ? y : add_branches(y, x, lora, stride, padding);
   }
 };
 

@@ -12,7 +12,9 @@
 #include "diffpipe/runtime/philox.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/lora_spec.h"
 #include "diffpipe/stages/unclip.h"
+#include "nn.h"
 
 namespace diffpipe {
 
@@ -90,6 +92,37 @@ at::Tensor token_ids(const ClipTokenizer& tok, const std::vector<const std::stri
   return at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({static_cast<int64_t>(texts.size()), L});
 }
 
+// Per-request LoRA: the row scales of a pass whose rows carry `scales` (each its request's adapter_scales);
+// nullopt when no row chose an adapter (the layers then skip their branches).
+std::optional<nn::AdapterRows> adapter_rows(const std::vector<const std::vector<float>*>& scales, const at::Device& dev) {
+  std::optional<nn::AdapterRows> out;
+  size_t n = 0;
+  for (const auto* r : scales) n = std::max(n, r->size());
+  for (size_t a = 0; a < n; ++a) {
+    std::vector<float> col;
+    bool any = false;
+    for (const auto* r : scales) {
+      col.push_back(a < r->size() ? (*r)[a] : 0.0f);
+      any = any || col.back() != 0.0f;
+    }
+    if (!any) continue;
+    if (!out) out.emplace().scales.resize(n);
+    out->scales[a] = at::tensor(col, at::TensorOptions().dtype(at::kFloat)).to(dev);
+  }
+  return out;
+}
+
+// The adapter rows of a text encoder pass: each row (request, is_uncond) takes its request's adapters.
+std::optional<nn::AdapterRows> text_adapter_rows(const SdModel& model, const std::vector<const GenerationParams*>& batch,
+                                                 const std::vector<std::pair<size_t, bool>>& rows) {
+  if (model.addons.adapters.empty()) return std::nullopt;
+  std::vector<std::vector<float>> per_request;
+  for (const GenerationParams* p : batch) per_request.push_back(adapter_scales(model, *p));
+  std::vector<const std::vector<float>*> per_row;
+  for (const auto& r : rows) per_row.push_back(&per_request[r.first]);
+  return adapter_rows(per_row, model.spec.device);
+}
+
 // SDXL (StableDiffusionXLPipeline.encode_prompt): both encoders' hidden_states[-2] side by side, the second's
 // projected pooled output, and the size conditioning; a guided request without a negative prompt gets zeros for
 // both unconditional parts when the folder says force_zeros_for_empty_prompt.
@@ -107,6 +140,8 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
     }
   }
   const at::Device dev = model.spec.device;
+  const auto lora = text_adapter_rows(model, batch, rows);
+  nn::AdapterScope scope(lora ? &*lora : nullptr);
   const at::Tensor h1 = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).penultimate;
   const ClipTextOutput o2 = model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev));
   const at::Tensor h = at::cat({h1, o2.penultimate}, -1);
@@ -191,11 +226,33 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     std::vector<const std::string*> texts;
     for (const auto& [i, uncond] : rows) texts.push_back(uncond ? &batch[i]->negative_prompt : &batch[i]->prompt);
     const at::Tensor input = token_ids(*model_.tokenizer, texts);
+    const auto lora = text_adapter_rows(model_, batch, rows);
+    nn::AdapterScope scope(lora ? &*lora : nullptr);
     at::Tensor h = model_.text_encoder->forward(input.to(model_.spec.device), skip).last_hidden_state;
     for (size_t r = 0; r < rows.size(); ++r) {
       const auto& [i, uncond] = rows[r];
       (uncond ? out[i].uncond : out[i].cond) = h[r];
     }
+  }
+  return out;
+}
+
+std::vector<float> adapter_scales(const SdModel& model, const GenerationParams& p) {
+  const auto& adapters = model.addons.adapters;
+  std::vector<float> out(adapters.size(), 0.0f);
+  if (p.lora.empty()) return out;
+  std::string names;
+  for (const auto& a : adapters) names += (names.empty() ? "" : ", ") + a.name;
+  std::vector<bool> seen(adapters.size(), false);
+  for (const LoraSpec& l : parse_lora_list(p.lora)) {  // NAME[:SCALE]: path holds the name
+    DP_CHECK(l.path.find(':') == std::string::npos, "lora: '", l.path, "' is not NAME[:SCALE] (a number after ':')");
+    const auto it = std::find_if(adapters.begin(), adapters.end(), [&](const LoraAdapter& a) { return a.name == l.path; });
+    DP_CHECK(it != adapters.end(), "lora: no adapter '", l.path, "' in this run (", adapters.empty()
+             ? std::string("it has none: start it with --lora-adapters NAME=FILE,...") : "its adapters: " + names, ")");
+    const size_t i = static_cast<size_t>(it - adapters.begin());
+    DP_CHECK(!seen[i], "lora: the adapter '", l.path, "' is named twice");
+    seen[i] = true;
+    out[i] = static_cast<float>(l.scale);
   }
   return out;
 }
@@ -267,6 +324,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     DP_CHECK(p.noise_level >= 0 && p.noise_level <= model.max_noise_level, "noise_level: must be in [0, ",
              model.max_noise_level, "] (the folder's max_noise_level), got ", p.noise_level);
   }
+  r.adapter_scales = adapter_scales(model, p);
   if (!p.control_image.empty()) {  // ControlNet: an image of the output's size, as [0, 1] RGB
     DP_CHECK(!model.addons.controlnet.empty(), "control_image: ", model.dir, " runs without a ControlNet (start the run ",
              "with --controlnet DIR)");
@@ -402,6 +460,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   } else {
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
+  s.adapter_scales = r.adapter_scales;
   if (r.control.defined()) {
     s.control = r.control.to(model.spec.device);
     s.control_scale = p.control_scale;
@@ -514,7 +573,9 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
                        std::any_of(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->control.defined(); });
   std::vector<at::Tensor> conds;
   std::vector<float> cscales;
+  std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
   for (DenoiseState* s : batch) {
+    for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) lora_rows.push_back(&s->adapter_scales);
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
     at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
     if (s->concat.defined()) in = at::cat({in, s->concat}, 0);
@@ -556,6 +617,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     residuals = model_.controlnet->forward(x, t, c, at::stack(conds).to(model_.spec.device, dt),
                                            at::tensor(cscales, at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
   }
+  const auto lora = adapter_rows(lora_rows, model_.spec.device);
+  nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
   at::Tensor e =
       model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr).to(at::kFloat);  // [rows, C, h, w]
   prof.reset();

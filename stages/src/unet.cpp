@@ -285,7 +285,8 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
       return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr);
     });
   const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids);
-  if (residuals)  // a ControlNet's residuals change with every call: no graph
+  // a ControlNet's residuals change with every call, per-request LoRA branches with the batch's adapters: no graph
+  if (residuals || nn::active_adapter_rows())
     return forward_embedded(sample, t_emb, context, cl, residuals);
   return m.graphs.run({sample, t_emb, context, cl}, [this](const std::vector<at::Tensor>& in) {
     return forward_embedded(in[0], in[1], in[2], in[3]);
@@ -303,7 +304,9 @@ UNetResiduals UNet2DConditionModel::encode(const at::Tensor& sample, const at::T
     std::vector<UNetResiduals> rows;
     for (int64_t i = 0; i < B; ++i) {
       auto row = [&](const at::Tensor& x) { return x.defined() ? x.slice(0, i, i + 1) : x; };
-      rows.push_back(encode(row(sample), row(t), row(context), row(conv_in_add), row(class_labels), row(time_ids)));
+      rows.push_back(nn::at_row(i, [&] {
+        return encode(row(sample), row(t), row(context), row(conv_in_add), row(class_labels), row(time_ids));
+      }));
     }
     UNetResiduals out;
     for (size_t k = 0; k < rows[0].down.size(); ++k) {

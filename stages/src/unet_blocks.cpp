@@ -149,10 +149,16 @@ at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor&
   at::Tensor h = norm(x);
   // h: [B, H*W, inner] tokens, pixel-major; each projection copies the layout at most once
   if (!linear) h = proj_in_conv.pointwise_rows(h);
-  else h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B * H * W, C}));
+  else h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B, H * W, C}));
   h = h.view({B, H * W, h.size(-1)});
   for (const auto& b : blocks) h = b(h, context);
-  h = linear ? proj_out_linear(h) : at::linear(h, proj_out_conv.weight.flatten(1), proj_out_conv.bias);
+  if (linear) {
+    h = proj_out_linear(h);
+  } else {  // the 1x1 convolution on the tokens as they are (rows first: its branches apply per row too)
+    const at::Tensor t = h;
+    h = at::linear(t, proj_out_conv.weight.flatten(1), proj_out_conv.bias);
+    if (!proj_out_conv.lora.empty()) h = add_branches(h, t, proj_out_conv.lora);
+  }
   return x + h.view({B, H, W, C}).permute({0, 3, 1, 2});  // NCHW like x (its first operand): no separate copy
 }
 
@@ -189,7 +195,9 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) con
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const bool doubled = size.empty() || (size[0] == 2 * H && size[1] == 2 * W);
   // Training updates conv.weight in place (it requires grad): the phase weights would be stale, so the 3x3 form.
-  if (phase_weight.defined() && doubled && x.device().is_cpu() && !conv.weight.requires_grad()) {
+  // Per-request LoRA branches of the convolution apply in its plain form (below).
+  const bool branches = !conv.lora.empty() && active_adapter_rows();
+  if (phase_weight.defined() && doubled && x.device().is_cpu() && !conv.weight.requires_grad() && !branches) {
     at::Tensor out = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0), phase_weight, phase_bias);
     // out: [B, 4C, H + 1, W + 1], phase k = 2a + b in channels [kC, (k+1)C); output pixel (2i + a, 2j + b) is
     // phase (a, b) at (i + a, j + b). Strided views of both, so either memory layout works unchanged.

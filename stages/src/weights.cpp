@@ -42,6 +42,16 @@ void Weights::update(const std::string& key, const std::function<at::Tensor(cons
   it->second = fn(it->second);
 }
 
+void Weights::add_branch(const std::string& key, LoraBranch b) {
+  DP_CHECK(state_->tensors.count(prefix_ + key), state_->origin, ": no tensor '", prefix_ + key, "' for a LoRA branch");
+  state_->branches[prefix_ + key].push_back(std::move(b));
+}
+
+std::vector<LoraBranch> Weights::branches(const std::string& key) const {
+  auto it = state_->branches.find(prefix_ + key);
+  return it == state_->branches.end() ? std::vector<LoraBranch>() : it->second;
+}
+
 Weights Weights::from_map(std::map<std::string, at::Tensor> tensors, const std::string& origin) {
   Weights w;
   w.state_ = std::make_shared<State>();

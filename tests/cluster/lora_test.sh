@@ -5,7 +5,9 @@
 # encoder's part, the denoise rank the UNet's); it changes the image; at scale 0 it gives the plain image; two files
 # at half scale each give the one at full scale (the updates add); the PNG records the LoRA; a rerun into the same
 # folder with another scale is refused (the run's identity); a file that does not fit is refused naming the file and
-# key on every rank, writing nothing; serve --lora answers with the CLI's pixels. Exit 77 = skipped (reference absent).
+# key on every rank, writing nothing; serve --lora answers with the CLI's pixels. Per-request adapters
+# (--lora-adapters, JSONL/HTTP "lora"): a mixed batch alike on 1 and 3 ranks, each image its fused twin's within 1,
+# the PNG names them, an unknown one is refused (by line; over HTTP a 400 naming lora). Exit 77 = skipped.
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_LORA:-$(dirname "$0")/../../../shared/golden/tiny-lora}
@@ -49,14 +51,63 @@ elif grep -q "bad.safetensors: key 'lora_unet_input_blocks_9_1_transformer_block
   && [ -z "$(ls "$WORK/bad" 2>/dev/null | grep '^img-')" ]; then ok "3 ranks: a LoRA that does not fit is refused naming file and key, nothing written"
 else bad "unclear refusal: $(tail -2 "$WORK/bad.log")"; fi
 
-serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA"
+# per-request adapters (--lora-adapters): one JSONL batch mixing them, 1 and 3 ranks alike; each line near its fused
+# twin (the branches stay unfused: rounding apart); the PNG names the adapter; an unknown one is refused by line
+ADS="style=$LORA,kohya=$GOLD/lora_kohya.safetensors"
+printf '%s\n' '{"prompt": "a red circle", "seed": 2, "lora": "style:0.8"}' '{"prompt": "a red circle", "seed": 2}' \
+  '{"prompt": "a red circle", "seed": 2, "lora": {"style": 0.5, "kohya": 0.5}}' > "$WORK/ad.jsonl"
+AD=(generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/ad.jsonl" --steps 4 --threads 1 --batch-invariant
+    --quiet --timeout 60)
+timeout 60 "$BIN" "${AD[@]}" --out "$WORK/ad1" 2> "$WORK/ad1.log" || bad "adapters run failed: $(tail -2 "$WORK/ad1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${AD[@]}" --out "$WORK/ad3" 2> "$WORK/ad3.log" || bad "3-rank adapters run failed: $(tail -2 "$WORK/ad3.log")"
+same_pngs "$WORK/ad1" "$WORK/ad3" && ok "per-request adapters: 1 and 3 ranks give the same PNG bytes" || bad "adapters differ across ranks"
+run fused08 --lora "$LORA:0.8"
+near() {  # near A.png B.png: 8-bit values within 1
+  python3 - "$1" "$2" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(f).convert("RGB"), dtype=np.int32) for f in sys.argv[1:3])
+sys.exit(0 if a.shape == b.shape and np.abs(a - b).max() <= 1 else 1)
+PY
+}
+near "$WORK/ad1/img-00000-seed2.png" "$WORK/fused08/$P" && near "$WORK/ad1/img-00001-seed2.png" "$WORK/plain/$P" \
+  && near "$WORK/ad1/img-00002-seed2.png" "$WORK/halves/$P" \
+  && ok "one batch: adapter style at 0.8, none, both at 0.5 each give their fused twins' images (within 1)" \
+  || bad "per-request adapters differ from their fused twins"
+grep -aq "LoRA adapters: style:0.8 (style=$LORA)" "$WORK/ad1/img-00000-seed2.png" \
+  && ok "the PNG records the request's adapters and their files" || bad "PNG parameters lack the adapters"
+printf '%s\n' '{"prompt": "x"}' '{"prompt": "y", "lora": "nope:1"}' > "$WORK/adbad.jsonl"
+if timeout 60 "$BIN" generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/adbad.jsonl" --steps 4 --quiet \
+  --out "$WORK/adbad" 2> "$WORK/adbad.log"; then bad "an unknown adapter was accepted"
+elif grep -q "adbad.jsonl:2: lora: no adapter 'nope' in this run (its adapters: style, kohya)" "$WORK/adbad.log"; then
+  ok "an unknown adapter is refused naming the line and the run's adapters"
+else bad "unclear: $(tail -1 "$WORK/adbad.log")"; fi
+printf '%s\n' '{"prompt": "y", "lora": 5}' > "$WORK/adtype.jsonl"
+if timeout 60 "$BIN" generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/adtype.jsonl" --steps 4 --quiet \
+  --out "$WORK/adtype" 2> "$WORK/adtype.log"; then bad "\"lora\": 5 was accepted"
+elif grep -q "adtype.jsonl:1: key 'lora' must be \"NAME\[:SCALE\],...\" or an object" "$WORK/adtype.log"; then
+  ok "a lora key that is neither text nor an object is refused naming the line"
+else bad "unclear: $(tail -1 "$WORK/adtype.log")"; fi
+printf '%s\n' '{"prompt": "a red circle", "seed": 2, "lora": "style:0.8"}' > "$WORK/adone.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --lora "$LORA" --lora-adapters "$ADS" --prompts "$WORK/adone.jsonl" --steps 4 \
+  --threads 1 --quiet --out "$WORK/adone" 2> /dev/null || bad "single adapter run failed"
+
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA" --lora-adapters "$ADS"
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$WORK/full/$P" <<'PY' && ok "serve --lora: the CLI's image over HTTP" || bad "serve --lora differs"
-import base64, json, sys, urllib.request, zlib, struct
-url, cli = sys.argv[1:3]
-req = urllib.request.Request(url + "/v1/images/generations", json.dumps({"prompt": "a red circle", "seed": 2}).encode(),
-                             {"Content-Type": "application/json"})
-png = base64.b64decode(json.loads(urllib.request.urlopen(req, timeout=60).read())["data"][0]["b64_json"])
+  python3 - "$URL" "$WORK/full/$P" "$WORK/adone/img-00000-seed2.png" <<'PY' && ok "serve --lora: the CLI's image over HTTP; an adapter request ({\"style\": 0.8}) the CLI's too; an unknown one a 400 naming lora" || bad "serve --lora / adapters"
+import base64, json, sys, urllib.error, urllib.request, zlib, struct
+url, cli, adcli = sys.argv[1:4]
+def post(body):
+    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+st, r = post({"prompt": "a red circle", "seed": 2})
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
 def pixels(d):
     i = 8; idat = b""
     while i < len(d):
@@ -64,7 +115,13 @@ def pixels(d):
         if t == b"IDAT": idat += d[i:i + n]
         i += n + 4
     return zlib.decompress(idat)
-sys.exit(0 if pixels(png) == pixels(open(cli, "rb").read()) else 1)
+assert pixels(png) == pixels(open(cli, "rb").read()), "serve --lora differs from the CLI"
+# an adapter on top of the fused file, as the CLI ran it
+st, r = post({"prompt": "a red circle", "seed": 2, "lora": {"style": 0.8}})
+assert st == 200, (st, r)
+assert pixels(base64.b64decode(r["data"][0]["b64_json"])) == pixels(open(adcli, "rb").read()), "adapter request differs"
+st, bad = post({"prompt": "a red circle", "lora": "nope"})
+assert st == 400 and bad["error"]["param"] == "lora" and "no adapter 'nope'" in bad["error"]["message"], (st, bad)
 PY
 else bad "serve --lora did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null

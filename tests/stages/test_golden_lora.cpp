@@ -164,3 +164,88 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
     ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-lora] sdxl, kohya original-layout names"));
 }
+
+namespace {
+// Requests of one batch, each with its own initial latents and adapters, stepped to the end: their 8-bit images.
+at::Tensor batch_images(const SdModel& model, const std::vector<GenerationParams>& params, const std::vector<at::Tensor>& latents) {
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[i]));
+  return DecodeStage(model).run_uint8(test::denoise_to_end(model, ds)).to(at::kCPU);
+}
+}  // namespace
+
+// Per-request adapters (--lora-adapters): the files stay beside the weights and each request picks its own. One
+// batch mixes the peft file at 0.7 (UNet and text encoder), no adapter, and the kohya UNet file at 1: each request
+// gets diffusers' image for its own choice (the fused references: unfused branches differ from them by rounding).
+TEST(GoldenLora, PerRequestAdaptersInOneBatch) {
+  DP_REQUIRE_LORA(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  ModelAddons addons;
+  addons.adapters = {{"style", dir + "/lora_peft.safetensors"}, {"unet-only", dir + "/lora_kohya_unet.safetensors"}};
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, addons);
+  auto request = [&](size_t prompt, const std::string& lora) {
+    GenerationParams p;
+    p.prompt = meta.at("prompts")[prompt].get<std::string>();
+    p.steps = meta.at("steps").get<int>();
+    p.guidance = meta.at("guidance").get<double>();
+    p.lora = lora;
+    return p;
+  };
+  std::vector<GenerationParams> params{request(0, "style:0.7"), request(1, ""), request(1, "unet-only")};
+  std::vector<at::Tensor> latents{g.at("latents")[0], g.at("latents")[1], g.at("latents")[1]};
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[i]));
+  const at::Tensor ref = at::stack({g.at("peft_07.images")[0], g.at("base.images")[1], g.at("kohya_unet_10.images")[1]});
+  EXPECT_TRUE(test::matches_reference(model, ds, ref, "[golden-lora] per-request adapters: peft 0.7, none, kohya 1"));
+  // scale 0 is no adapter; the text encoder's branch acts too (the peft file's text-encoder part alone changes it)
+  EXPECT_TRUE(at::equal(batch_images(model, {request(1, "style:0")}, {latents[1]}),
+                        batch_images(model, {request(1, "")}, {latents[1]})));
+  const Embeddings with = test::encode_all(model, {request(0, "style:0.7")})[0];
+  const Embeddings without = test::encode_all(model, {request(0, "")})[0];
+  EXPECT_GT((with.cond - without.cond).abs().max().item<double>(), 1e-3);
+  // batch-invariant runs (one sample at a time): the mixed batch gives each request exactly its image alone
+  DeviceSpec inv = test::device_spec();
+  inv.batch_invariant = true;
+  if (inv.device.is_cpu()) {
+    const SdModel bi = SdModel::load(dir + "/model", inv, kAllComponents, addons);
+    const at::Tensor mixed = batch_images(bi, params, latents);
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_TRUE(at::equal(mixed[static_cast<int64_t>(i)], batch_images(bi, {params[i]}, {latents[i]})[0])) << i;
+  }
+}
+
+// Requests naming adapters are checked by name: one the run does not have, one named twice, a bad scale, any adapter
+// in a run without them; adapter lists are parsed with their names.
+TEST(GoldenLora, AdapterChoicesAreChecked) {
+  DP_REQUIRE_LORA(dir);
+  ModelAddons addons;
+  addons.adapters = parse_lora_adapters("style=" + dir + "/lora_peft.safetensors," + dir + "/lora_kohya_unet.safetensors");
+  ASSERT_EQ(addons.adapters.size(), 2u);
+  EXPECT_EQ(addons.adapters[1].name, "lora_kohya_unet");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), 0, addons);
+  const SdModel plain = SdModel::load(dir + "/model", test::device_spec(), 0);
+  GenerationParams p;
+  p.prompt = "x";
+  auto error = [&](const SdModel& m, const std::string& lora) {
+    GenerationParams q = p;
+    q.lora = lora;
+    return test::error_of([&] { (void)resolve_params(m, q); });
+  };
+  EXPECT_EQ(error(model, "style:0.5,lora_kohya_unet"), "");
+  EXPECT_EQ(adapter_scales(model, [&] { GenerationParams q = p; q.lora = "lora_kohya_unet:2,style:0.5"; return q; }()),
+            (std::vector<float>{0.5f, 2.0f}));
+  EXPECT_NE(error(model, "other").find("lora: no adapter 'other' in this run (its adapters: style, lora_kohya_unet)"),
+            std::string::npos) << error(model, "other");
+  EXPECT_NE(error(model, "style,style:2").find("named twice"), std::string::npos);
+  EXPECT_NE(error(model, "style:abc").find("lora: 'style:abc' is not NAME[:SCALE]"), std::string::npos)
+      << error(model, "style:abc");
+  EXPECT_NE(error(model, "style:inf").find("lora: the scale in \"style:inf\" is not a finite number"), std::string::npos)
+      << error(model, "style:inf");
+  EXPECT_NE(error(plain, "style").find("it has none: start it with --lora-adapters"), std::string::npos);
+  EXPECT_NE(test::error_of([] { (void)parse_lora_adapters("a=x.safetensors,a=y.safetensors"); }).find("given twice"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([] { (void)parse_lora_adapters("=x.safetensors"); }).find("is not NAME=FILE"), std::string::npos);
+}

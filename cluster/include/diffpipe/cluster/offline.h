@@ -35,6 +35,10 @@ struct JobLine {
   std::string origin;  // "file:line" or "--prompt #k"
 };
 
+// A request's "lora" field (JSONL, HTTP): "NAME[:SCALE],..." as it is, or an object {"NAME": SCALE, ...} in that
+// form; throws naming `where` for anything else.
+std::string lora_field(const nlohmann::json& v, const std::string& where);
+
 // Plain lines take `base` and `images`; JSONL lines (a .jsonl file, one object a line) may set prompt (required),
 // negative_prompt, seed, steps, guidance, sampler, width, height, clip_skip, images. Errors name file:line and key.
 std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool jsonl, const GenerationParams& base,
@@ -46,7 +50,8 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 // The A1111-style "parameters" text: prompt, negative prompt, then "Steps: …, Sampler: …, CFG scale: …, Seed: …,
 // Size: WxH, Model: …".
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model,
-                            bool prior = false, bool img2img = false, bool sdxl = false);
+                            bool prior = false, bool img2img = false, bool sdxl = false,
+                            const std::map<std::string, std::string>& adapters = {});
 
 struct OutputOptions {
   std::string dir;
@@ -57,6 +62,7 @@ struct OutputOptions {
   bool prior = false;          // the model has a diffusion prior (Stable unCLIP): its settings join the chunk
   bool img2img = false;        // an image_prompt is image-to-image's starting image (SD, SDXL): strength joins it
   bool sdxl = false;           // an SDXL folder (its inpainting's default strength differs)
+  std::map<std::string, std::string> adapters;  // per-request LoRA adapters by name: their files, for the PNG text
   std::string identity;        // everything that decides the pixels (compared with run.json on a rerun)
   size_t total = 0;            // images in the run
   int sheet_max = 64;          // contact sheet: at most this many images (the lowest indices done)

@@ -24,6 +24,7 @@ struct LoraLayer {
   at::Tensor down, up;     // [r, in], [out, r] (convolutions flattened), as the file stores them (mapped, not read
                            // until applied)
   double factor = 1.0;     // scale x alpha / rank (rsLoRA: alpha / sqrt(rank))
+  int adapter = -1;        // -1: fused into the weight; >= 0: per-request adapter number (ModelAddons::adapters)
 };
 
 // Reads `spec` against the model folder `model_dir` (its components' weight names and shapes, from the safetensors
@@ -32,8 +33,8 @@ struct LoraLayer {
 // fit the layer, and options this does not implement (DoRA, per-module alpha patterns).
 std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_dir);
 
-// Adds every layer of `component` to `w` (float32 arithmetic, then the weight's own dtype and device). Returns how
-// many weights changed.
+// Adds every fused layer of `component` to `w` (float32 arithmetic, then the weight's own dtype and device) and
+// attaches every adapter layer as a branch of its weight (Weights::add_branch). Returns how many layers it applied.
 size_t apply_lora(Weights& w, const std::vector<LoraLayer>& layers, const std::string& component);
 
 }  // namespace diffpipe

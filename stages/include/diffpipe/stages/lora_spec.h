@@ -1,5 +1,5 @@
-// Which LoRA files a run fuses into its model, and how strongly (stages/lora.h reads and applies them), and which
-// ControlNet it loads beside it. No LibTorch.
+// Which LoRA files a run fuses into its model, and how strongly (stages/lora.h reads and applies them), which it
+// keeps as adapters a request may choose, and which ControlNet it loads beside it. No LibTorch.
 #pragma once
 #include <string>
 #include <vector>
@@ -15,10 +15,21 @@ LoraSpec parse_lora_spec(const std::string& text);
 // A comma-separated list of those ("" = none).
 std::vector<LoraSpec> parse_lora_list(const std::string& text);
 
-// What a run adds to a model folder as it loads: LoRA files fused into its weights, a ControlNet folder beside it.
+// A LoRA file that requests may choose by name (per-request adapters, --lora-adapters), kept apart from the weights.
+struct LoraAdapter {
+  std::string name;
+  std::string path;
+};
+// "NAME=FILE,..." (a FILE alone is named after its file name without .safetensors); throws naming the entry for an
+// empty name or file, or a name given twice.
+std::vector<LoraAdapter> parse_lora_adapters(const std::string& text);
+
+// What a run adds to a model folder as it loads: LoRA files fused into its weights, adapters requests may choose,
+// a ControlNet folder beside it.
 struct ModelAddons {
   std::vector<LoraSpec> loras;
   std::string controlnet;  // a ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors), "" = none
+  std::vector<LoraAdapter> adapters;
 };
 
 }  // namespace diffpipe

@@ -38,6 +38,10 @@ struct GenerationParams {
   // the part of the loop the ControlNet acts in, as fractions of its steps (diffusers' control_guidance_start/end):
   // step i of n uses it unless i / n < start or (i + 1) / n > end
   double control_start = 0.0, control_end = 1.0;
+  // Per-request LoRA: adapters of the run (started with --lora-adapters NAME=FILE,...) this request uses, as
+  // "NAME[:SCALE],..." (scale 1 when left out; "" = none). Applied to the UNet and the text encoders for this
+  // request's rows only, beside the weights (diffusers' unfused adapters); other requests of the batch are unaffected.
+  std::string lora;
   // SDXL folders only (size micro-conditioning, diffusers' original_size and crops_coords_top_left); others ignore
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
@@ -91,6 +95,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   }
   if (p.strength != d.strength) j["strength"] = p.strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
+  if (!p.lora.empty()) j["lora"] = p.lora;
   if (!p.control_image.empty()) {
     j["control_image"] = p.control_image;
     j["control_scale"] = p.control_scale;
@@ -130,6 +135,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   p.strength = j.value("strength", p.strength);
   p.mask = j.value("mask", std::string());
+  p.lora = j.value("lora", std::string());
   p.control_image = j.value("control_image", std::string());
   p.control_scale = j.value("control_scale", p.control_scale);
   p.control_start = j.value("control_start", p.control_start);

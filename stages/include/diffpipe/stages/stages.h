@@ -65,6 +65,7 @@ struct DenoiseState {
     const double i = steps_done(), n = total_steps();
     return i / n < control_start || (i + 1) / n > control_end ? 0.0 : control_scale;
   }
+  std::vector<float> adapter_scales;  // per-request LoRA: each of the run's adapters' scale (0: not chosen)
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
@@ -89,7 +90,11 @@ struct ResolvedParams {
   int begin = 0;                     // image-to-image: the first call (steps - int(steps x strength))
   at::Tensor mask;                   // inpainting: the mask binarised [1, H, W] (1 = repaint), read with the image
   at::Tensor control;                // ControlNet: the conditioning image [3, H, W] in [0, 1]
+  std::vector<float> adapter_scales; // per-request LoRA (GenerationParams::lora): each of the run's adapters' scale
 };
+// Per-request LoRA: the scale of each of the run's adapters (model.addons.adapters) that `p.lora` chooses, 0 for the
+// others; throws naming the field for an adapter the run does not have, one named twice, or a bad scale.
+std::vector<float> adapter_scales(const SdModel& model, const GenerationParams& p);
 // `image_latents` (image-to-image, where they arrived from the encode stage): the image's size comes from them and
 // the image is not read again.
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p,

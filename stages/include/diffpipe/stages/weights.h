@@ -21,6 +21,14 @@ struct DeviceSpec {
   bool batch_invariant = false;
 };
 
+// One low-rank branch of a layer, kept apart from its weight (a per-request LoRA adapter, --lora-adapters): the
+// layer adds factor x scale x up(down(x)) to its output for the rows whose request chose adapter `adapter`.
+struct LoraBranch {
+  int adapter = 0;
+  at::Tensor down, up;  // as the file stores them: [r, in] and [out, r] (convolutions: [r, in, k, k], [out, r, 1, 1])
+  double factor = 1.0;  // alpha / rank (rsLoRA: alpha / sqrt(rank)); the request's scale multiplies it
+};
+
 class Weights {
  public:
   // Loads every tensor of a safetensors file. Floating tensors become spec.dtype on spec.device.
@@ -48,12 +56,16 @@ class Weights {
   void update(const std::string& key, const std::function<at::Tensor(const at::Tensor&)>& fn);
   // Renames keys (legacy checkpoints): the first occurrence of `from` in each key becomes `to`.
   void rename_part(const std::string& from, const std::string& to);
+  // Per-request LoRA: branches attached to the weight `key` (before a model is built), and those of a key.
+  void add_branch(const std::string& key, LoraBranch b);
+  std::vector<LoraBranch> branches(const std::string& key) const;
 
  private:
   struct State {
     std::string origin;
     std::map<std::string, at::Tensor> tensors;
     std::set<std::string> used;
+    std::map<std::string, std::vector<LoraBranch>> branches;
     bool create = false;  // initializer mode
     uint64_t seed = 0;
     DeviceSpec spec;
