@@ -41,13 +41,14 @@ const std::vector<cli::Opt> kOptions = {
                              "(peft) or kohya-ss's format; comma-separated for several"},
     {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that JSONL lines choose by name (key lora:\n"
                                        "\"NAME[:SCALE],...\"); one batch mixes requests with different adapters"},
-    {"controlnet", "DIR", "a ControlNet folder (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet; requests bring\n"
-                          "--control-image (JSONL control_image)"},
-    {"control-image", "FILE", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
+    {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
+                                   "requests bring --control-image (JSONL control_image), one image per ControlNet"},
+    {"control-image", "FILE[,FILE...]", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
                               "trained), a PNG of the output's size"},
-    {"control-scale", "S", "with --control-image: the ControlNet's conditioning scale (default 1)"},
-    {"control-start", "F", "with --control-image: the fraction of the steps before the ControlNet acts (default 0)"},
-    {"control-end", "F", "with --control-image: the fraction of the steps after which it stops (default 1)"},
+    {"control-scale", "S[,S...]", "with --control-image: the ControlNet's conditioning scale (default 1; one value\n"
+                                  "for all, or one per ControlNet)"},
+    {"control-start", "F[,F...]", "with --control-image: the fraction of the steps before the ControlNet acts (default 0)"},
+    {"control-end", "F[,F...]", "with --control-image: the fraction of the steps after which it stops (default 1)"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
@@ -167,8 +168,8 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
     mix(l.path + "@" + format_number(l.scale) + "#" + size_of(l.path));
   for (const LoraAdapter& l : addons.adapters)  // requests name them (their choice is in each request's settings)
     mix("adapter:" + l.name + "=" + l.path + "#" + size_of(l.path));
-  if (!addons.controlnet.empty())
-    mix("controlnet:" + addons.controlnet + "#" + size_of(addons.controlnet + "/diffusion_pytorch_model.safetensors"));
+  for (const std::string& cn : addons.controlnets)
+    mix("controlnet:" + cn + "#" + size_of(cn + "/diffusion_pytorch_model.safetensors"));
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -280,10 +281,38 @@ int generate_main(int argc, char** argv) {
                "generate: --strength must be in [0, 1], got ", base.strength);
     }
     base.mask = a.str("mask");
-    base.control_image = a.str("control-image");
-    base.control_scale = a.number("control-scale", base.control_scale);
-    base.control_start = a.number("control-start", base.control_start);
-    base.control_end = a.number("control-end", base.control_end);
+    {  // one value, or a comma-separated list with one per ControlNet (--controlnet order)
+      std::map<std::string, nlohmann::json> v;
+      for (const char* flag : {"control-image", "control-scale", "control-start", "control-end"}) {
+        if (!a.has(flag)) continue;
+        const bool image = std::string(flag) == "control-image";
+        std::vector<nlohmann::json> items;
+        const std::string text = a.str(flag);
+        for (size_t start = 0, comma; start <= text.size(); start = comma + 1) {
+          comma = std::min(text.find(',', start), text.size());
+          const std::string item = text.substr(start, comma - start);
+          if (image) {
+            items.push_back(item.empty() ? nlohmann::json() : nlohmann::json(item));
+            continue;
+          }
+          size_t used = 0;
+          double x = 0;
+          try {
+            x = std::stod(item, &used);
+          } catch (const std::exception&) {
+            used = 0;
+          }
+          DP_CHECK(used == item.size() && used > 0, "generate: --", flag, ": '", item, "' is not a number");
+          items.push_back(x);
+        }
+        v[flag] = items.size() == 1 ? items[0] : nlohmann::json(items);
+      }
+      auto at = [&](const char* f) { return v.count(f) ? &v[f] : nullptr; };
+      base.controls = offline::control_fields({}, {at("control-image"), at("control-scale"), at("control-start"),
+                                                   at("control-end")},
+                                              {"--control-image", "--control-scale", "--control-start", "--control-end"},
+                                              "generate");
+    }
     base.original_width = static_cast<int>(a.integer("original-width", 0));
     base.original_height = static_cast<int>(a.integer("original-height", 0));
     base.crop_top = static_cast<int>(a.integer("crop-top", 0));
@@ -385,7 +414,7 @@ int generate_main(int argc, char** argv) {
       const auto here = placement.stages_on(world.rank);
       const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
                                                    base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
-                                                   a.str("controlnet"));
+                                                   parse_path_list(a.str("controlnet")));
       const double avail = available_host_memory() / std::max(1, world.local_size);
       std::string names;
       for (const auto& n : here) names += (names.empty() ? "" : ", ") + n;
@@ -405,7 +434,7 @@ int generate_main(int argc, char** argv) {
     opts.model_dir = a.str("model");
     opts.addons.loras = parse_lora_list(a.str("lora"));
     opts.addons.adapters = parse_lora_adapters(a.str("lora-adapters"));
-    opts.addons.controlnet = a.str("controlnet");
+    opts.addons.controlnets = parse_path_list(a.str("controlnet"));
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");
@@ -451,7 +480,8 @@ int generate_main(int argc, char** argv) {
       oo.model = a.str("model");
       for (const LoraSpec& l : opts.addons.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
       for (const LoraAdapter& l : opts.addons.adapters) oo.adapters[l.name] = l.path;
-      if (!opts.addons.controlnet.empty()) oo.model += ", ControlNet: " + opts.addons.controlnet;
+      for (size_t k = 0; k < opts.addons.controlnets.size(); ++k)
+        oo.model += (k == 0 ? ", ControlNet: " : ", ") + opts.addons.controlnets[k];
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
       oo.sdxl = SdModel::is_sdxl(a.str("model"));

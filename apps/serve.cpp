@@ -35,7 +35,7 @@ int serve_main(int argc, char** argv) {
                        {"lora", "FILE[:S],...", "LoRA files fused into the model at scale S (default 1); comma-separated"},
                        {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that requests choose by\n"
                                                           "name (field lora: \"NAME[:SCALE],...\" or {\"NAME\": SCALE})"},
-                       {"controlnet", "DIR", "a ControlNet folder: requests may bring a control_image"},
+                       {"controlnet", "DIR[,DIR...]", "ControlNet folders: requests may bring a control_image (a list: one each)"},
                        {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
                        {"port", "P", "port (default 8000; 0: any free port, printed at start)"},
                        {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},
@@ -100,7 +100,7 @@ int serve_main(int argc, char** argv) {
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
     opts.addons.loras = parse_lora_list(a.str("lora"));
     opts.addons.adapters = parse_lora_adapters(a.str("lora-adapters"));
-    opts.addons.controlnet = a.str("controlnet");
+    opts.addons.controlnets = parse_path_list(a.str("controlnet"));
     model = SdModel::load(dir, spec, comps, opts.addons);
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);

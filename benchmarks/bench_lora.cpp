@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
     ModelAddons with_adapter;
     with_adapter.adapters = {{"a", lora}};
     const SdModel am = SdModel::load(model, DeviceSpec{}, kUNet, with_adapter);
-    const SdModel fm = SdModel::load(model, DeviceSpec{}, kUNet, ModelAddons{{{lora, 1.0}}, ""});
+    const SdModel fm = SdModel::load(model, DeviceSpec{}, kUNet, ModelAddons{{{lora, 1.0}}, {}});
     const UNetConfig& u = am.unet_config;
     DP_CHECK(!am.sdxl, "bench_lora: SD 1.x/2.x folders (SDXL's pooled conditioning is not made up here)");
     const int64_t ctx_dim = u.cross_attention_dim.at(0);

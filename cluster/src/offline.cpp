@@ -67,6 +67,50 @@ T get_field(const json& j, const char* key, const std::string& where, T def) {
 
 }  // namespace
 
+std::vector<ControlInput> control_fields(std::vector<ControlInput> controls, const ControlFieldValues& v,
+                                         const ControlFieldNames& names, const std::string& where) {
+  auto list_size = [](const json* x) -> size_t { return x && x->is_array() ? x->size() : 0; };
+  size_t n = controls.size();
+  for (const json* x : {v.image, v.scale, v.start, v.end}) n = std::max(n, list_size(x));
+  if (v.image && !v.image->is_array()) n = std::max<size_t>(n, 1);
+  for (const json* x : {v.scale, v.start, v.end})
+    if (x && !x->is_array()) n = std::max<size_t>(n, 1);  // a value alone: at least the first ControlNet's
+  controls.resize(n);
+  if (v.image) {
+    const std::string& k = names.image;
+    if (v.image->is_string()) {
+      controls[0].image = v.image->get<std::string>();
+    } else {
+      DP_CHECK(v.image->is_array(), where, ": key '", k, "' must be an image or a list of them (one per ControlNet)");
+      for (size_t i = 0; i < v.image->size(); ++i) {
+        const json& e = (*v.image)[i];
+        DP_CHECK(e.is_string() || e.is_null(), where, ": key '", k, "' entry ", i + 1, " must be an image or null");
+        controls[i].image = e.is_null() ? std::string() : e.get<std::string>();
+      }
+    }
+  }
+  // a number applies to every ControlNet; a list gives one each
+  auto numbers = [&](const json* x, const std::string& k, double ControlInput::*field) {
+    if (!x) return;
+    auto num = [&](const json& e, size_t i) {
+      DP_CHECK(e.is_number() && std::isfinite(e.get<double>()), where, ": key '", k, "'",
+               x->is_array() ? detail::cat(" entry ", i + 1) : std::string(), " must be a finite number");
+      return e.get<double>();
+    };
+    if (x->is_array()) {
+      DP_CHECK(x->size() == n, where, ": key '", k, "' has ", x->size(), " entries for ", n, " ControlNet inputs");
+      for (size_t i = 0; i < n; ++i) controls[i].*field = num((*x)[i], i);
+    } else {
+      const double d = num(*x, 0);
+      for (auto& c : controls) c.*field = d;
+    }
+  };
+  numbers(v.scale, names.scale, &ControlInput::scale);
+  numbers(v.start, names.start, &ControlInput::start);
+  numbers(v.end, names.end, &ControlInput::end);
+  return controls;
+}
+
 std::string lora_field(const json& v, const std::string& where) {
   if (v.is_string()) return v.get<std::string>();
   DP_CHECK(v.is_object(), where, " must be \"NAME[:SCALE],...\" or an object like {\"NAME\": SCALE}");
@@ -152,11 +196,10 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     }
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
-    p.control_image = get_field<std::string>(o, "control_image", l.origin, p.control_image);
-    p.control_scale = get_field<double>(o, "control_scale", l.origin, p.control_scale);
-    DP_CHECK(std::isfinite(p.control_scale), l.origin, ": key 'control_scale' must be a finite number");
-    p.control_start = get_field<double>(o, "control_start", l.origin, p.control_start);
-    p.control_end = get_field<double>(o, "control_end", l.origin, p.control_end);
+    auto field = [&](const char* k) { return o.contains(k) ? &o[k] : nullptr; };
+    p.controls = control_fields(p.controls, {field("control_image"), field("control_scale"), field("control_start"),
+                                             field("control_end")},
+                                {"control_image", "control_scale", "control_start", "control_end"}, l.origin);
     j.images = get_field<int>(o, "images", l.origin, images);
     DP_CHECK(j.images >= 1 && j.images <= 100000, l.origin, ": key 'images' must be in [1, 100000]");
     DP_CHECK(p.steps >= 1, l.origin, ": key 'steps' must be at least 1");
@@ -221,10 +264,12 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     }
     if (!files.empty()) os << " (" << files << ")";
   }
-  if (!p.control_image.empty()) {
-    os << ", Control image: " << describe_image_ref(p.control_image) << ", Control scale: " << p.control_scale;
-    if (p.control_start != 0.0 || p.control_end != 1.0)
-      os << ", Control steps: " << p.control_start << "-" << p.control_end;
+  for (size_t k = 0; k < p.controls.size(); ++k) {  // the second ControlNet's as "Control image 2: ...", and so on
+    const ControlInput& c = p.controls[k];
+    if (c.image.empty()) continue;
+    const std::string n = k == 0 ? "" : " " + std::to_string(k + 1);
+    os << ", Control image" << n << ": " << describe_image_ref(c.image) << ", Control scale" << n << ": " << c.scale;
+    if (c.start != 0.0 || c.end != 1.0) os << ", Control steps" << n << ": " << c.start << "-" << c.end;
   }
   if (p.original_width > 0 || p.original_height > 0)
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"

@@ -396,10 +396,34 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         throw BadRequest{e.what(), "lora"};
       }
     }
-    p.control_image = image_ref("control_image").value_or(p.control_image);  // a ControlNet's conditioning image
-    p.control_scale = number("controlnet_conditioning_scale", "").value_or(p.control_scale);
-    p.control_start = number("control_guidance_start", " in [0, 1]").value_or(p.control_start);
-    p.control_end = number("control_guidance_end", " in [0, 1]").value_or(p.control_end);
+    {  // ControlNets' conditioning images (inline PNGs) and settings: a value, or a list with one per ControlNet
+      static const char* keys[4] = {"control_image", "controlnet_conditioning_scale", "control_guidance_start",
+                                    "control_guidance_end"};
+      std::optional<json> images;
+      if (j.contains(keys[0]) && !j[keys[0]].is_null()) {
+        images = j[keys[0]];
+        auto inline_png = [](json& e) {
+          if (e.is_string() && !e.get<std::string>().empty() && !is_data_uri(e.get<std::string>()))
+            e = "data:image/png;base64," + e.get<std::string>();
+          else if (e.is_string() && e.get<std::string>().empty())
+            e = nullptr;
+        };
+        if (images->is_array()) for (auto& e : *images) inline_png(e);
+        else inline_png(*images);
+        if (images->is_null()) images.reset();
+      }
+      auto at = [&](int k) { return j.contains(keys[k]) && !j[keys[k]].is_null() ? &j[keys[k]] : nullptr; };
+      try {
+        p.controls = offline::control_fields(p.controls, {images ? &*images : nullptr, at(1), at(2), at(3)},
+                                             {keys[0], keys[1], keys[2], keys[3]}, "request");
+      } catch (const std::exception& e) {
+        const std::string msg = e.what();
+        std::string param = keys[0];
+        for (const char* k : keys)
+          if (msg.find(std::string("'") + k + "'") != std::string::npos) param = k;
+        throw BadRequest{msg, param};
+      }
+    }
     if (const auto m = image_ref("mask")) {  // inpainting: white repainted, black kept
       if (route != Route::Edits) throw BadRequest{"a mask goes with /v1/images/edits (inpainting)", "mask"};
       p.mask = *m;
@@ -433,7 +457,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       if (impl.o.validate) impl.o.validate(p);
     } catch (const std::exception& e) {
       const std::string msg = e.what();
-      const std::string field = msg.substr(0, msg.find(':'));
+      std::string field = msg.substr(0, msg.find(':'));
+      field = field.substr(0, field.find(" (entry "));  // one of several ControlNets' fields
       std::string param = field == "width" || field == "height" || field == "width/height" ? (size_param.empty() ? "size" : size_param)
                           : field == "steps" ? "num_inference_steps" : field == "guidance" ? "guidance_scale"
                           : field == "control_scale" ? "controlnet_conditioning_scale"

@@ -105,12 +105,25 @@ GenerationParams read_params(const Reader& r, const json& o) {
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
   if (o.contains("lora")) p.lora = r.str(o, "lora", "params.lora");
-  if (o.contains("control_image")) {
-    p.control_image = r.str(o, "control_image", "params.control_image");
-    p.control_scale = r.number(o, "control_scale", "params.control_scale");
-    if (o.contains("control_start")) {
-      p.control_start = r.number(o, "control_start", "params.control_start");
-      p.control_end = r.number(o, "control_end", "params.control_end");
+  auto control = [&](const json& e, const std::string& path, const char* image, const char* scale, const char* start,
+                     const char* end) {
+    ControlInput c;
+    c.image = r.str(e, image, path + "." + image);
+    c.scale = r.number(e, scale, path + "." + scale);
+    if (e.contains(start)) {
+      c.start = r.number(e, start, path + "." + start);
+      c.end = r.number(e, end, path + "." + end);
+    }
+    p.controls.push_back(c);
+  };
+  if (o.contains("control_image"))  // one ControlNet's (params_to_json)
+    control(o, "params", "control_image", "control_scale", "control_start", "control_end");
+  if (o.contains("controls")) {  // several
+    const json& list = o.at("controls");
+    DP_CHECK(list.is_array(), r.where(), "field 'params.controls' must be a list");
+    for (size_t k = 0; k < list.size(); ++k) {
+      DP_CHECK(list[k].is_object(), r.where(), "field 'params.controls' entries must be objects");
+      control(list[k], "params.controls." + std::to_string(k), "image", "scale", "start", "end");
     }
   }
   return p;

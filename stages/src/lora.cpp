@@ -161,6 +161,16 @@ LoraSpec parse_lora_spec(const std::string& text) {
   return s;
 }
 
+std::vector<std::string> parse_path_list(const std::string& text) {
+  std::vector<std::string> out;
+  for (size_t start = 0, comma; !text.empty() && start <= text.size(); start = comma + 1) {
+    comma = std::min(text.find(',', start), text.size());
+    out.push_back(text.substr(start, comma - start));
+    DP_CHECK(!out.back().empty(), "an empty entry in \"", text, "\" (a comma-separated list)");
+  }
+  return out;
+}
+
 std::vector<LoraAdapter> parse_lora_adapters(const std::string& text) {
   std::vector<LoraAdapter> out;
   size_t start = 0;

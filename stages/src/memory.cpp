@@ -27,7 +27,8 @@ double weight_bytes(const std::string& file, c10::ScalarType dtype, const std::v
 }  // namespace
 
 MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::string>& stages, int width, int height,
-                                int max_batch, bool guidance, c10::ScalarType dtype, const std::string& controlnet) {
+                                int max_batch, bool guidance, c10::ScalarType dtype,
+                                const std::vector<std::string>& controlnets) {
   const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
   const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
   VaeConfig v;
@@ -61,10 +62,9 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
                   static_cast<double>(int64_t(1) << (2 * l));
       const double act = max_batch * (guidance ? 2.0 : 1.0) * hw * per_px * bytes;
       m.activations += act;
-      if (!controlnet.empty()) {  // the encoder half's weights, and its skips alive beside the UNet's
-        m.weights += weight_bytes(path_join(controlnet, "diffusion_pytorch_model.safetensors"), dtype);
-        m.activations += act / 2;
-      }
+      for (const std::string& cn : controlnets)  // each encoder half's weights
+        m.weights += weight_bytes(path_join(cn, "diffusion_pytorch_model.safetensors"), dtype);
+      if (!controlnets.empty()) m.activations += act / 2;  // their summed skips alive beside the UNet's
     } else if (s == "decode") {
       m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype);
       // the decoder's last levels at full resolution: about 2 maps of C_1 and 4 of C_0

@@ -325,25 +325,33 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              model.max_noise_level, "] (the folder's max_noise_level), got ", p.noise_level);
   }
   r.adapter_scales = adapter_scales(model, p);
-  if (!p.control_image.empty()) {  // ControlNet: an image of the output's size, as [0, 1] RGB
-    DP_CHECK(!model.addons.controlnet.empty(), "control_image: ", model.dir, " runs without a ControlNet (start the run ",
-             "with --controlnet DIR)");
-    DP_CHECK(std::isfinite(p.control_scale), "control_scale: must be a finite number, got ", p.control_scale);
-    DP_CHECK(p.control_start >= 0 && p.control_start < p.control_end && p.control_end <= 1, "control_start/control_end: ",
-             "need 0 <= start < end <= 1, got ", p.control_start, " and ", p.control_end);
-    Image img = read_field_image(p.control_image, "control_image");
-    DP_CHECK(img.width == r.width && img.height == r.height, "control_image: ", describe_image_ref(p.control_image),
+  // ControlNets: each entry's image of the output's size, as [0, 1] RGB
+  const size_t nets = model.addons.controlnets.size();
+  for (size_t k = 0; k < p.controls.size(); ++k) {
+    const ControlInput& c = p.controls[k];
+    const std::string which = p.controls.size() > 1 ? detail::cat(" (entry ", k + 1, ")") : std::string();
+    if (c.image.empty()) {
+      const ControlInput d;
+      DP_CHECK(c.scale == d.scale && c.start == d.start && c.end == d.end, "control_scale", which,
+               ": only a request with a control_image uses it (and control_start/control_end)");
+      r.controls.emplace_back();
+      continue;
+    }
+    DP_CHECK(k < nets, "control_image", which, ": ", model.dir, nets == 0
+             ? std::string(" runs without a ControlNet (start the run with --controlnet DIR)")
+             : detail::cat(" runs with ", nets, " ControlNet", nets > 1 ? "s" : "", " (--controlnet), not ", k + 1));
+    DP_CHECK(std::isfinite(c.scale), "control_scale", which, ": must be a finite number, got ", c.scale);
+    DP_CHECK(c.start >= 0 && c.start < c.end && c.end <= 1, "control_start/control_end", which,
+             ": need 0 <= start < end <= 1, got ", c.start, " and ", c.end);
+    Image img = read_field_image(c.image, "control_image");
+    DP_CHECK(img.width == r.width && img.height == r.height, "control_image", which, ": ", describe_image_ref(c.image),
              " is ", img.width, "x", img.height, "; the image is ", r.width, "x", r.height,
              " (a ControlNet's image has the output's size)");
-    r.control = at::from_blob(img.pixels.data(), {img.height, img.width, 3}, at::kByte)
-                    .permute({2, 0, 1})
-                    .to(at::kFloat)
-                    .div(255.0)
-                    .contiguous();
-  } else {
-    const GenerationParams d;
-    DP_CHECK(p.control_scale == d.control_scale && p.control_start == d.control_start && p.control_end == d.control_end,
-             "control_scale: only a request with a control_image uses it (and control_start/control_end)");
+    r.controls.push_back(at::from_blob(img.pixels.data(), {img.height, img.width, 3}, at::kByte)
+                             .permute({2, 0, 1})
+                             .to(at::kFloat)
+                             .div(255.0)
+                             .contiguous());
   }
   const int64_t m = model.size_multiple();
   DP_CHECK(p.width >= 0 && r.width % m == 0, "width: ", r.width, " is not a positive multiple of ", m,
@@ -461,11 +469,15 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
   s.adapter_scales = r.adapter_scales;
-  if (r.control.defined()) {
-    s.control = r.control.to(model.spec.device);
-    s.control_scale = p.control_scale;
-    s.control_start = p.control_start;
-    s.control_end = p.control_end;
+  for (size_t k = 0; k < r.controls.size(); ++k) {
+    DenoiseState::Control c;
+    if (r.controls[k].defined()) {
+      c.image = r.controls[k].to(model.spec.device);
+      c.scale = p.controls[k].scale;
+      c.start = p.controls[k].start;
+      c.end = p.controls[k].end;
+    }
+    s.controls.push_back(c);
   }
   DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
   for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
@@ -568,11 +580,14 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx, cls, tids;
   std::vector<double> ts;
-  // ControlNet: each row's conditioning image and scale (rows without one: zeros at scale 0, adding nothing)
-  const bool control = model_.controlnet &&
-                       std::any_of(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->control.defined(); });
-  std::vector<at::Tensor> conds;
-  std::vector<float> cscales;
+  // ControlNets: for each one some request of the batch uses, each row's conditioning image and scale (rows without
+  // one: zeros at scale 0, adding nothing)
+  std::vector<size_t> nets;
+  for (size_t k = 0; k < model_.controlnets.size(); ++k)
+    if (std::any_of(batch.begin(), batch.end(), [k](const DenoiseState* s) { return s->has_control(k); }))
+      nets.push_back(k);
+  std::vector<std::vector<at::Tensor>> conds(nets.size());
+  std::vector<std::vector<float>> cscales(nets.size());
   std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
   for (DenoiseState* s : batch) {
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) lora_rows.push_back(&s->adapter_scales);
@@ -580,12 +595,14 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
     if (s->concat.defined()) in = at::cat({in, s->concat}, 0);
     const double t = s->sampler->timestep(s->step);
-    for (int r = 0; control && r < (s->guidance > 1.0 ? 2 : 1); ++r) {  // both guidance rows see the image
-      const int64_t f = model_.latent_factor();
-      conds.push_back(s->control.defined() ? s->control
-                                           : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
-      cscales.push_back(s->control.defined() ? static_cast<float>(s->control_scale_now()) : 0.0f);
-    }
+    for (size_t j = 0; j < nets.size(); ++j)
+      for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {  // both guidance rows see the image
+        const size_t k = nets[j];
+        const int64_t f = model_.latent_factor();
+        conds[j].push_back(s->has_control(k) ? s->controls[k].image
+                                             : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
+        cscales[j].push_back(static_cast<float>(s->control_scale_now(k)));
+      }
     if (s->guidance > 1.0) {
       xs.push_back(in);
       ctx.push_back(s->uncond);
@@ -612,11 +629,21 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, levels ? at::kFloat : dt);
   const at::Tensor time_ids = tids.empty() ? at::Tensor() : at::stack(tids);  // stays on the CPU
   UNetResiduals residuals;
-  if (control) {  // diffusers' StableDiffusionControlNetPipeline: the ControlNet sees the UNet's input rows
+  // diffusers' StableDiffusionControlNetPipeline: each ControlNet sees the UNet's input rows; several add up in
+  // order (MultiControlNetModel)
+  for (size_t j = 0; j < nets.size(); ++j) {
     profile::Scope cn(profile::Section::UNet);
-    residuals = model_.controlnet->forward(x, t, c, at::stack(conds).to(model_.spec.device, dt),
-                                           at::tensor(cscales, at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
+    UNetResiduals rk = model_.controlnets[nets[j]]->forward(
+        x, t, c, at::stack(conds[j]).to(model_.spec.device, dt),
+        at::tensor(cscales[j], at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
+    if (j == 0) {
+      residuals = std::move(rk);
+      continue;
+    }
+    for (size_t d = 0; d < residuals.down.size(); ++d) residuals.down[d] = residuals.down[d] + rk.down[d];
+    residuals.mid = residuals.mid + rk.mid;
   }
+  const bool control = !nets.empty();
   const auto lora = adapter_rows(lora_rows, model_.spec.device);
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
   at::Tensor e =

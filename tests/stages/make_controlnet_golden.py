@@ -13,6 +13,8 @@ and, for each run R of golden.json (conditioning scale, guidance, negative promp
 control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
 (DDIM, 4 steps); `plain.images` from the UNet alone. The "img2img" run: StableDiffusionControlNetImg2ImgPipeline from
 DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its steps, its draws as img2img.draws.K.
+The "multi" run: DIR/controlnet and DIR/controlnet2 (another random ControlNet) together (MultiControlNetModel), the
+second with DIR/control2_K.png (the first images mirrored), scales 1 and 0.6, the second in the middle half of the steps.
 With --sdxl MODEL (an SDXL folder, e.g. tiny-sdxl's): DIR/sdxl-controlnet made from its UNet the same way, runs
 through StableDiffusionXLControlNetPipeline from the same latents (its Euler, 5 steps; golden.json's sdxl.runs) and one
 through StableDiffusionXLControlNetImg2ImgPipeline at strength 0.6 (sdxl_img2img.draws.K).
@@ -87,6 +89,32 @@ def main():
                                               control_guidance_start=r.get("start", 0.0),
                                               control_guidance_end=r.get("end", 1.0),
                                               output_type="pt").images
+    # two ControlNets at once (MultiControlNetModel): a second one from the UNet with other weights, its own images
+    # (the first ones mirrored), scale and share of the steps
+    torch.manual_seed(a.seed + 602)
+    cn2 = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
+    with torch.no_grad():
+        for prm in cn2.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    cn2.save_pretrained(os.path.join(a.out, "controlnet2"))
+    controls2 = []
+    for k, im in enumerate(controls):
+        m = im.transpose(Image.FLIP_LEFT_RIGHT)
+        m.save(os.path.join(a.out, f"control2_{k}.png"))
+        controls2.append(m)
+    multi = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                              unet=base.unet, controlnet=[cn, cn2], scheduler=base.scheduler,
+                                              safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    multi.set_progress_bar_config(disable=True)
+    multi_run = dict(name="multi", guidance=7.5, negative_prompt=None, scales=[1.0, 0.6], starts=[0.0, 0.25],
+                     ends=[1.0, 0.75])
+    with torch.no_grad():
+        res["multi.images"] = multi(PROMPTS, image=[controls, controls2], num_inference_steps=4, guidance_scale=7.5,
+                                    controlnet_conditioning_scale=multi_run["scales"],
+                                    control_guidance_start=multi_run["starts"],
+                                    control_guidance_end=multi_run["ends"], latents=latents.clone(),
+                                    output_type="pt").images
     # ControlNet on image-to-image (StableDiffusionControlNetImg2ImgPipeline): starting images, strength 0.75 (3 of 4
     # steps), the ControlNet in the first two thirds; its draws (the posterior's sample, the noise) recorded
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
@@ -152,6 +180,7 @@ def main():
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
             "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))], "sdxl": sdxl,
+            "multi": multi_run, "controls2": [f"control2_{k}.png" for k in range(len(PROMPTS))],
             "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
                                     f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -27,10 +27,12 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
   p.steps = meta.at("steps").get<int>();
   p.guidance = run.at("guidance").get<double>();
   p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
-  p.control_image = dir + "/" + meta.at("controls")[i].get<std::string>();
-  p.control_scale = run.at("scale").get<double>();
-  p.control_start = run.value("start", 0.0);
-  p.control_end = run.value("end", 1.0);
+  ControlInput c;
+  c.image = dir + "/" + meta.at("controls")[i].get<std::string>();
+  c.scale = run.at("scale").get<double>();
+  c.start = run.value("start", 0.0);
+  c.end = run.value("end", 1.0);
+  p.controls = {c};
   return p;
 }
 
@@ -50,8 +52,8 @@ TEST(GoldenControlNet, WholePipeline) {
   DP_REQUIRE_CONTROLNET(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
-  ASSERT_TRUE(model.controlnet);
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, {dir + "/controlnet"}});
+  ASSERT_EQ(model.controlnets.size(), 1u);
   for (const auto& run : meta.at("runs")) {
     std::vector<GenerationParams> params;
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
@@ -61,8 +63,7 @@ TEST(GoldenControlNet, WholePipeline) {
   std::vector<GenerationParams> plain;
   for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
     GenerationParams p = request(dir, meta, meta.at("runs")[0], i);
-    p.control_image.clear();
-    p.control_scale = 1.0;
+    p.controls.clear();
     plain.push_back(p);
   }
   EXPECT_TRUE(batch_matches(model, plain, g.at("latents"), g.at("plain.images"), "no control image"));
@@ -73,9 +74,9 @@ TEST(GoldenControlNet, MixedBatchKeepsEachRequestsImage) {
   DP_REQUIRE_CONTROLNET(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, {dir + "/controlnet"}});
   std::vector<GenerationParams> params{request(dir, meta, meta.at("runs")[0], 0), request(dir, meta, meta.at("runs")[0], 1)};
-  params[1].control_image.clear();
+  params[1].controls.clear();
   const at::Tensor ref = at::stack({g.at("scale_1.images")[0], g.at("plain.images")[1]});
   EXPECT_TRUE(batch_matches(model, params, g.at("latents"), ref, "controlled and plain in one batch"));
 }
@@ -85,8 +86,8 @@ TEST(GoldenControlNet, MixedBatchKeepsEachRequestsImage) {
 TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
   DP_REQUIRE_CONTROLNET(dir);
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel with = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, dir + "/controlnet"});
-  EXPECT_FALSE(with.controlnet);  // its weights load with the UNet only
+  const SdModel with = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, {dir + "/controlnet"}});
+  EXPECT_TRUE(with.controlnets.empty());  // its weights load with the UNet only
   const SdModel without = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder);
   GenerationParams p = request(dir, meta, meta.at("runs")[0], 0);
   auto error = [&](const SdModel& m, const GenerationParams& q) { return test::error_of([&] { (void)resolve_params(m, q); }); };
@@ -97,23 +98,23 @@ TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
   wide.width = 40;
   wide.height = 32;
   wide.pixels.assign(40 * 32 * 3, 0);
-  p.control_image = "data:image/png;base64," + base64_encode(encode_png(wide));
+  p.controls[0].image = "data:image/png;base64," + base64_encode(encode_png(wide));
   EXPECT_NE(error(with, p).find("is 40x32; the image is 32x32"), std::string::npos) << error(with, p);
-  p.control_image = dir + "/control_0.png";
-  p.control_start = 0.5;
-  p.control_end = 0.5;
+  p.controls[0].image = dir + "/control_0.png";
+  p.controls[0].start = 0.5;
+  p.controls[0].end = 0.5;
   EXPECT_NE(error(with, p).find("need 0 <= start < end <= 1"), std::string::npos) << error(with, p);
-  p.control_start = 0;
-  p.control_end = 1;
-  p.control_image.clear();
-  p.control_scale = 0.5;
+  p.controls[0].start = 0;
+  p.controls[0].end = 1;
+  p.controls[0].image.clear();
+  p.controls[0].scale = 0.5;
   EXPECT_NE(error(with, p).find("control_scale: only a request with a control_image"), std::string::npos);
   // a ControlNet for another UNet: its config disagrees
   const std::string bad = test::scratch_dir("controlnet-bad");
   nlohmann::json cfg = JsonConfig::load(dir + "/controlnet/config.json").json();
   cfg["block_out_channels"] = {64, 64};
   std::ofstream(bad + "/config.json") << cfg.dump();
-  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, bad}); })
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, {bad}}); })
                 .find("does not fit " + dir + "/model/unet/config.json"),
             std::string::npos);
 }
@@ -122,13 +123,13 @@ TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
 TEST(GoldenControlNet, MemoryEstimateCountsTheControlNet) {
   DP_REQUIRE_CONTROLNET(dir);
   const MemoryNeed plain = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat);
-  const MemoryNeed with = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat, dir + "/controlnet");
+  const MemoryNeed with = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat, {dir + "/controlnet"});
   const auto f = SafetensorsFile::open(dir + "/controlnet/diffusion_pytorch_model.safetensors");
   double n = 0;
   for (const auto& k : f->names()) n += static_cast<double>(f->get(k).numel());
   EXPECT_EQ(with.weights - plain.weights, 4 * n);
   EXPECT_GT(with.activations, plain.activations);
-  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, dir + "/controlnet").weights,
+  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, std::vector<std::string>{dir + "/controlnet"}).weights,
             estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat).weights);
 }
 
@@ -139,7 +140,7 @@ TEST(GoldenControlNet, OnImageToImage) {
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
   if (!meta.contains("img2img")) GTEST_SKIP() << dir << " predates the image-to-image run (remake it)";
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, dir + "/controlnet"});
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, {dir + "/controlnet"}});
   const auto& run = meta.at("img2img");
   std::vector<GenerationParams> params;
   for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
@@ -171,8 +172,8 @@ TEST(GoldenControlNet, Sdxl) {
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const std::string cn = dir + "/" + xl.at("controlnet").get<std::string>();
   const SdModel model =
-      SdModel::load(xl.at("model").get<std::string>(), test::device_spec(), kAllComponents, ModelAddons{{}, cn});
-  ASSERT_TRUE(model.sdxl && model.controlnet);
+      SdModel::load(xl.at("model").get<std::string>(), test::device_spec(), kAllComponents, ModelAddons{{}, {cn}});
+  ASSERT_TRUE(model.sdxl && model.controlnets.size() == 1);
   const int steps = xl.at("steps").get<int>();
   for (const auto& run : xl.at("runs")) {
     std::vector<GenerationParams> params;
@@ -207,11 +208,66 @@ TEST(GoldenControlNet, Sdxl) {
   // an SD 1.x ControlNet on the SDXL folder (and the reverse) is refused naming both files
   EXPECT_NE(test::error_of([&] {
               (void)SdModel::load(xl.at("model").get<std::string>(), test::device_spec(), kTextEncoder,
-                                  ModelAddons{{}, dir + "/controlnet"});
+                                  ModelAddons{{}, {dir + "/controlnet"}});
             }).find("does not fit"),
             std::string::npos);
   EXPECT_NE(test::error_of([&] {
-              (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, cn});
+              (void)SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, {cn}});
             }).find("does not fit"),
             std::string::npos);
+}
+
+// Two ControlNets at once (diffusers' MultiControlNetModel: residuals summed in order), each with its own images,
+// scale (1 and 0.6) and share of the steps (all; the middle half). A request that leaves the first out (an empty
+// entry) and uses the second, in a batch beside one with both, gets the image of a run that has only the second.
+TEST(GoldenControlNet, TwoControlNets) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("multi")) GTEST_SKIP() << dir << " predates the two-ControlNet run (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto& run = meta.at("multi");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents,
+                                      ModelAddons{{}, {dir + "/controlnet", dir + "/controlnet2"}});
+  ASSERT_EQ(model.controlnets.size(), 2u);
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    GenerationParams p;
+    p.prompt = meta.at("prompts")[i].get<std::string>();
+    p.steps = meta.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    for (size_t k = 0; k < 2; ++k) {
+      ControlInput c;
+      c.image = dir + "/" + meta.at(k == 0 ? "controls" : "controls2")[i].get<std::string>();
+      c.scale = run.at("scales")[k].get<double>();
+      c.start = run.at("starts")[k].get<double>();
+      c.end = run.at("ends")[k].get<double>();
+      p.controls.push_back(c);
+    }
+    params.push_back(p);
+  }
+  EXPECT_TRUE(batch_matches(model, params, g.at("latents"), g.at("multi.images"), "two ControlNets"));
+  // the second ControlNet alone for request 1 (the first entry empty) beside request 0 with both: request 1 gets the
+  // image of a model that has only the second ControlNet, given as its first
+  std::vector<GenerationParams> mixed = params;
+  mixed[1].controls[0] = ControlInput{};
+  const SdModel second = SdModel::load(dir + "/model", test::device_spec(), kAllComponents,
+                                       ModelAddons{{}, {dir + "/controlnet2"}});
+  GenerationParams alone = params[1];
+  alone.controls = {params[1].controls[1]};
+  auto images = [&](const SdModel& m, const std::vector<GenerationParams>& ps, const std::vector<int64_t>& rows) {
+    auto embs = test::encode_all(m, ps);
+    std::vector<DenoiseState> ds;
+    for (size_t i = 0; i < ps.size(); ++i) ds.push_back(make_denoise_state(m, ps[i], embs[i], i, g.at("latents")[rows[i]]));
+    return DecodeStage(m).run_uint8(test::denoise_to_end(m, ds)).to(at::kCPU);
+  };
+  const at::Tensor both = images(model, mixed, {0, 1}), one = images(second, {alone}, {1});
+  const int d = (both[1].to(at::kInt) - one[0].to(at::kInt)).abs().max().item<int>();
+  std::printf("[golden-controlnet] second ControlNet alone in a batch beside both: max 8-bit difference %d\n", d);
+  EXPECT_LE(d, 1);
+  // entries are checked by position: a second image on a run with one ControlNet is refused naming the entry
+  const SdModel one_net = SdModel::load(dir + "/model", test::device_spec(), kTextEncoder, ModelAddons{{}, {dir + "/controlnet"}});
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(one_net, params[0]); })
+                .find("control_image (entry 2): " + dir + "/model runs with 1 ControlNet (--controlnet), not 2"),
+            std::string::npos)
+      << test::error_of([&] { (void)resolve_params(one_net, params[0]); });
 }

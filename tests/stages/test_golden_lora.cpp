@@ -23,7 +23,7 @@ namespace {
 bool run_matches(const std::string& dir, const std::vector<LoraSpec>& loras, const std::string& name) {
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{loras, ""});
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{loras, {}});
   std::vector<GenerationParams> params;
   for (const auto& pr : meta.at("prompts")) {
     GenerationParams p;
@@ -148,7 +148,7 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
   ASSERT_EQ(layers.size(), same.size());  // every layer of the diffusers-format file, reached by its SGM name
   for (size_t i = 0; i < layers.size(); ++i) EXPECT_EQ(layers[i].weight_key, same[i].weight_key);
   const SdModel model = SdModel::load(model_dir, test::device_spec(), kAllComponents,
-                                      ModelAddons{{{dir + "/" + run.at("file").get<std::string>(), run.at("scale").get<double>()}}, ""});
+                                      ModelAddons{{{dir + "/" + run.at("file").get<std::string>(), run.at("scale").get<double>()}}, {}});
   std::vector<GenerationParams> params;
   for (const auto& pr : meta.at("prompts")) {
     GenerationParams p;

@@ -35,6 +35,20 @@ struct JobLine {
   std::string origin;  // "file:line" or "--prompt #k"
 };
 
+// A request's ControlNet fields (JSONL: control_image, control_scale, control_start, control_end; HTTP:
+// control_image, controlnet_conditioning_scale, control_guidance_start/end), each absent (nullptr), a value or a list
+// with one entry per ControlNet of the run (--controlnet order; a null image leaves that one out): `controls` (the
+// defaults) updated. An image alone is the first ControlNet's; a number alone applies to every entry. Throws naming
+// `where` and the key.
+struct ControlFieldValues {
+  const nlohmann::json *image = nullptr, *scale = nullptr, *start = nullptr, *end = nullptr;
+};
+struct ControlFieldNames {
+  std::string image, scale, start, end;
+};
+std::vector<ControlInput> control_fields(std::vector<ControlInput> controls, const ControlFieldValues& v,
+                                         const ControlFieldNames& names, const std::string& where);
+
 // A request's "lora" field (JSONL, HTTP): "NAME[:SCALE],..." as it is, or an object {"NAME": SCALE, ...} in that
 // form; throws naming `where` for anything else.
 std::string lora_field(const nlohmann::json& v, const std::string& where);

@@ -15,6 +15,9 @@ LoraSpec parse_lora_spec(const std::string& text);
 // A comma-separated list of those ("" = none).
 std::vector<LoraSpec> parse_lora_list(const std::string& text);
 
+// Comma-separated folders or files ("" = none); throws naming an empty entry.
+std::vector<std::string> parse_path_list(const std::string& text);
+
 // A LoRA file that requests may choose by name (per-request adapters, --lora-adapters), kept apart from the weights.
 struct LoraAdapter {
   std::string name;
@@ -25,10 +28,11 @@ struct LoraAdapter {
 std::vector<LoraAdapter> parse_lora_adapters(const std::string& text);
 
 // What a run adds to a model folder as it loads: LoRA files fused into its weights, adapters requests may choose,
-// a ControlNet folder beside it.
+// ControlNet folders beside it.
 struct ModelAddons {
   std::vector<LoraSpec> loras;
-  std::string controlnet;  // a ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors), "" = none
+  // ControlNetModel folders (config.json + diffusion_pytorch_model.safetensors); requests' controls entries in order
+  std::vector<std::string> controlnets;
   std::vector<LoraAdapter> adapters;
 };
 

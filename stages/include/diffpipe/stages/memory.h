@@ -18,10 +18,11 @@ struct MemoryNeed {
 };
 
 // Request sizes 0 mean the model's default size. `rows` per UNet call: max_batch x 2 with guidance.
-// `controlnet`: a ControlNet folder loaded with the UNet (its weights, and about half the UNet's activations).
+// `controlnets`: ControlNet folders loaded with the UNet (their weights, and about half the UNet's activations for
+// the residuals they add).
 MemoryNeed estimate_rank_memory(const std::string& model_dir, const std::vector<std::string>& stages, int width,
                                 int height, int max_batch, bool guidance, c10::ScalarType dtype,
-                                const std::string& controlnet = "");
+                                const std::vector<std::string>& controlnets = {});
 // MemAvailable of this machine (bytes), or 0 when unknown.
 double available_host_memory();
 

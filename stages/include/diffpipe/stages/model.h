@@ -84,11 +84,11 @@ struct SdModel {
   static void validate(const std::string& dir);
   // addons.loras are fused into the UNet and text encoders as they load (stages/lora.h); every file is checked
   // against the folder whatever the components (a rank that loads none of its layers still refuses a bad file).
-  // addons.controlnet: a ControlNet loaded with the UNet (kUNet), its config checked on every rank.
+  // addons.controlnets: ControlNets loaded with the UNet (kUNet), their configs checked on every rank.
   static SdModel load(const std::string& dir, const DeviceSpec& spec, unsigned components = kAllComponents,
                       const ModelAddons& addons = {});
   ModelAddons addons;  // what load() added
-  std::shared_ptr<ControlNetModel> controlnet;  // loaded with kUNet when addons.controlnet is set
+  std::vector<std::shared_ptr<ControlNetModel>> controlnets;  // addons.controlnets, loaded with kUNet
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.

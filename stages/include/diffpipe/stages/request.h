@@ -3,8 +3,23 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace diffpipe {
+
+// One ControlNet's input to a request.
+struct ControlInput {
+  // the conditioning image (edges, depth, pose... as the ControlNet was trained; a PNG of the output's size, path or
+  // data: URI; "" = this ControlNet does not act) and its scale
+  std::string image;
+  double scale = 1.0;
+  // the part of the loop it acts in, as fractions of its steps (diffusers' control_guidance_start/end): step i of n
+  // uses it unless i / n < start or (i + 1) / n > end
+  double start = 0.0, end = 1.0;
+  bool operator==(const ControlInput& o) const {
+    return image == o.image && scale == o.scale && start == o.start && end == o.end;
+  }
+};
 
 struct GenerationParams {
   std::string prompt;
@@ -31,13 +46,9 @@ struct GenerationParams {
   // Inpainting (SD 1.x/2.x and SDXL folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
   // pixels are repainted and black ones kept; a path or a data: URI ("" = none)
   std::string mask;
-  // ControlNet (a run started with --controlnet DIR): the conditioning image (edges, depth, pose... as the ControlNet
-  // was trained; a PNG of the output's size, path or data: URI; "" = no control) and its scale
-  std::string control_image;
-  double control_scale = 1.0;
-  // the part of the loop the ControlNet acts in, as fractions of its steps (diffusers' control_guidance_start/end):
-  // step i of n uses it unless i / n < start or (i + 1) / n > end
-  double control_start = 0.0, control_end = 1.0;
+  // ControlNet (a run started with --controlnet DIR[,DIR...]): entry k is the k-th ControlNet's input; fewer entries
+  // than ControlNets, or an entry without an image, leave those ControlNets out of this request.
+  std::vector<ControlInput> controls;
   // Per-request LoRA: adapters of the run (started with --lora-adapters NAME=FILE,...) this request uses, as
   // "NAME[:SCALE],..." (scale 1 when left out; "" = none). Applied to the UNet and the text encoders for this
   // request's rows only, beside the weights (diffusers' unfused adapters); other requests of the batch are unaffected.
@@ -96,13 +107,23 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (p.strength != d.strength) j["strength"] = p.strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
-  if (!p.control_image.empty()) {
-    j["control_image"] = p.control_image;
-    j["control_scale"] = p.control_scale;
-    if (p.control_start != 0.0 || p.control_end != 1.0) {
-      j["control_start"] = p.control_start;
-      j["control_end"] = p.control_end;
+  size_t used = p.controls.size();  // entries up to the last with an image (trailing empty ones change nothing)
+  while (used > 0 && p.controls[used - 1].image.empty()) --used;
+  if (used == 1) {  // the first ControlNet alone: the keys of single-ControlNet runs
+    const ControlInput& c = p.controls[0];
+    j["control_image"] = c.image;
+    j["control_scale"] = c.scale;
+    if (c.start != 0.0 || c.end != 1.0) {
+      j["control_start"] = c.start;
+      j["control_end"] = c.end;
     }
+  } else if (used > 1) {
+    nlohmann::json list = nlohmann::json::array();
+    for (size_t k = 0; k < used; ++k) {
+      const ControlInput& c = p.controls[k];
+      list.push_back({{"image", c.image}, {"scale", c.scale}, {"start", c.start}, {"end", c.end}});
+    }
+    j["controls"] = list;
   }
   return j;
 }
@@ -136,10 +157,23 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.strength = j.value("strength", p.strength);
   p.mask = j.value("mask", std::string());
   p.lora = j.value("lora", std::string());
-  p.control_image = j.value("control_image", std::string());
-  p.control_scale = j.value("control_scale", p.control_scale);
-  p.control_start = j.value("control_start", p.control_start);
-  p.control_end = j.value("control_end", p.control_end);
+  if (j.contains("control_image")) {
+    ControlInput c;
+    c.image = j.at("control_image").get<std::string>();
+    c.scale = j.value("control_scale", c.scale);
+    c.start = j.value("control_start", c.start);
+    c.end = j.value("control_end", c.end);
+    p.controls.push_back(c);
+  }
+  if (j.contains("controls"))
+    for (const auto& e : j.at("controls")) {
+      ControlInput c;
+      c.image = e.value("image", std::string());
+      c.scale = e.value("scale", c.scale);
+      c.start = e.value("start", c.start);
+      c.end = e.value("end", c.end);
+      p.controls.push_back(c);
+    }
   return p;
 }
 

@@ -57,13 +57,20 @@ struct DenoiseState {
   // inpainting with a plain UNet: after every step the kept region (mask 0) is the image's latents noised to the
   // next call (blend_noise: the initial noise), as diffusers' StableDiffusionInpaintPipeline blends 4-channel UNets
   at::Tensor blend_mask, blend_image, blend_noise;
-  at::Tensor control;        // ControlNet: the conditioning image [3, H, W] in [0, 1] on the device (undefined: none)
-  double control_scale = 0;
-  double control_start = 0, control_end = 1;  // its share of the loop (GenerationParams::control_start/end)
-  // The ControlNet's scale at the next call: control_scale inside [control_start, control_end] of the loop, else 0.
-  double control_scale_now() const {
+  // ControlNets: entry k for the run's k-th (fewer entries, or an undefined image: that ControlNet stays out)
+  struct Control {
+    at::Tensor image;  // the conditioning image [3, H, W] in [0, 1] on the device
+    double scale = 0;
+    double start = 0, end = 1;  // its share of the loop (ControlInput::start/end)
+  };
+  std::vector<Control> controls;
+  bool has_control(size_t k) const { return k < controls.size() && controls[k].image.defined(); }
+  // ControlNet k's scale at the next call: its scale inside [start, end] of the loop, else 0.
+  double control_scale_now(size_t k) const {
+    if (!has_control(k)) return 0.0;
+    const Control& c = controls[k];
     const double i = steps_done(), n = total_steps();
-    return i / n < control_start || (i + 1) / n > control_end ? 0.0 : control_scale;
+    return i / n < c.start || (i + 1) / n > c.end ? 0.0 : c.scale;
   }
   std::vector<float> adapter_scales;  // per-request LoRA: each of the run's adapters' scale (0: not chosen)
   std::unique_ptr<Sampler> sampler;
@@ -89,7 +96,7 @@ struct ResolvedParams {
                                      // once here (not read when image-to-image's latents are given)
   int begin = 0;                     // image-to-image: the first call (steps - int(steps x strength))
   at::Tensor mask;                   // inpainting: the mask binarised [1, H, W] (1 = repaint), read with the image
-  at::Tensor control;                // ControlNet: the conditioning image [3, H, W] in [0, 1]
+  std::vector<at::Tensor> controls;  // ControlNets: each entry's conditioning image [3, H, W] in [0, 1] (undefined: none)
   std::vector<float> adapter_scales; // per-request LoRA (GenerationParams::lora): each of the run's adapters' scale
 };
 // Per-request LoRA: the scale of each of the run's adapters (model.addons.adapters) that `p.lora` chooses, 0 for the
