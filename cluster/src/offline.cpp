@@ -69,12 +69,13 @@ T get_field(const json& j, const char* key, const std::string& where, T def) {
 
 std::vector<ControlInput> control_fields(std::vector<ControlInput> controls, const ControlFieldValues& v,
                                          const ControlFieldNames& names, const std::string& where) {
-  auto list_size = [](const json* x) -> size_t { return x && x->is_array() ? x->size() : 0; };
+  // the entries: the images' (or the defaults'); without images, what the settings name (refused later: a scale
+  // without an image)
   size_t n = controls.size();
-  for (const json* x : {v.image, v.scale, v.start, v.end}) n = std::max(n, list_size(x));
-  if (v.image && !v.image->is_array()) n = std::max<size_t>(n, 1);
-  for (const json* x : {v.scale, v.start, v.end})
-    if (x && !x->is_array()) n = std::max<size_t>(n, 1);  // a value alone: at least the first ControlNet's
+  if (v.image) n = std::max<size_t>(n, v.image->is_array() ? v.image->size() : 1);
+  if (n == 0)
+    for (const json* x : {v.scale, v.start, v.end})
+      if (x) n = std::max<size_t>(n, x->is_array() ? x->size() : 1);
   controls.resize(n);
   if (v.image) {
     const std::string& k = names.image;
@@ -89,7 +90,7 @@ std::vector<ControlInput> control_fields(std::vector<ControlInput> controls, con
       }
     }
   }
-  // a number applies to every ControlNet; a list gives one each
+  // a number applies to every ControlNet given an image; a list gives one each
   auto numbers = [&](const json* x, const std::string& k, double ControlInput::*field) {
     if (!x) return;
     auto num = [&](const json& e, size_t i) {
@@ -100,9 +101,11 @@ std::vector<ControlInput> control_fields(std::vector<ControlInput> controls, con
     if (x->is_array()) {
       DP_CHECK(x->size() == n, where, ": key '", k, "' has ", x->size(), " entries for ", n, " ControlNet inputs");
       for (size_t i = 0; i < n; ++i) controls[i].*field = num((*x)[i], i);
-    } else {
+    } else {  // every entry with an image (all of them when none has one)
       const double d = num(*x, 0);
-      for (auto& c : controls) c.*field = d;
+      const bool any = std::any_of(controls.begin(), controls.end(), [](const ControlInput& c) { return !c.image.empty(); });
+      for (auto& c : controls)
+        if (!any || !c.image.empty()) c.*field = d;
     }
   };
   numbers(v.scale, names.scale, &ControlInput::scale);

@@ -9,7 +9,8 @@
 # image, scale and ControlNet; a control image without --controlnet, of another size, and a ControlNet that does not
 # fit are refused by name writing nothing; serve --controlnet answers a control_image (base64) with the CLI's pixels
 # and a wrong-size one with a 400 naming control_image; with the SDXL ControlNet of a --sdxl reference: 1 and 3 ranks
-# alike, scale 0 the plain SDXL image, and refused on the SD folder. Exit 77 = skipped (reference absent).
+# alike, scale 0 the plain SDXL image, and refused on the SD folder; two ControlNets (comma lists, JSONL and HTTP
+# lists): 1 and 3 ranks alike, the PNG records both, counts and entries are checked. Exit 77 = skipped.
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_CONTROLNET:-$(dirname "$0")/../../../shared/golden/tiny-controlnet}
@@ -59,6 +60,41 @@ c = json.load(open(sys.argv[1])); c["cross_attention_dim"] = 64; json.dump(c, op
 PY
 refused unfit "does not fit $MODEL/unet/config.json" --controlnet "$WORK/badcn"
 
+# two ControlNets (a reference with controlnet2/): comma lists on the command line = JSONL lists, 1 and 3 ranks alike;
+# the second alone (the first entry null) differs from both; a second image on a one-ControlNet run is refused
+if [ -d "$GOLD/controlnet2" ]; then
+  CN2="$CN,$GOLD/controlnet2"
+  run two --controlnet "$CN2" --control-image "$GOLD/control_1.png,$GOLD/control2_1.png" --control-scale 1,0.6 \
+    --control-start 0,0.25 --control-end 1,0.75
+  printf '%s\n' "{\"prompt\": \"two green triangles\", \"seed\": 6, \"control_image\": [\"$GOLD/control_1.png\", \"$GOLD/control2_1.png\"], \"control_scale\": [1, 0.6], \"control_start\": [0, 0.25], \"control_end\": [1, 0.75]}" \
+    "{\"prompt\": \"two green triangles\", \"seed\": 6, \"control_image\": [null, \"$GOLD/control2_1.png\"], \"control_scale\": 0.6}" > "$WORK/two.jsonl"
+  TWO=(generate --model "$MODEL" --controlnet "$CN2" --prompts "$WORK/two.jsonl" --steps 4 --threads 1 --batch-invariant
+       --quiet --timeout 60)
+  timeout 60 "$BIN" "${TWO[@]}" --out "$WORK/two1" 2> "$WORK/two1.log" || bad "two ControlNets (JSONL) failed: $(tail -2 "$WORK/two1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${TWO[@]}" --out "$WORK/two3" 2> "$WORK/two3.log" || bad "two ControlNets on 3 ranks failed"
+  same_pngs "$WORK/two1" "$WORK/two3" && ok "two ControlNets: 1 and 3 ranks give the same PNG bytes" || bad "two ControlNets differ across ranks"
+  same_pixels "$WORK/two/$P" "$WORK/two1/img-00000-seed6.png" 2>/dev/null || python3 - "$WORK/two/$P" "$WORK/two1/img-00000-seed6.png" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(f).convert("RGB"), dtype=np.int32) for f in sys.argv[1:3])
+sys.exit(0 if np.abs(a - b).max() <= 1 else 1)
+PY
+  [ $? = 0 ] && ok "comma lists on the command line give the JSONL lists' image (within 1: batch-invariant there)" \
+    || bad "command-line lists differ from JSONL lists"
+  ! same_pixels "$WORK/two1/img-00000-seed6.png" "$WORK/two1/img-00001-seed6.png" && ! same_pixels "$WORK/half/$P" "$WORK/two/$P" \
+    && ok "both ControlNets, the second alone and the first alone give three images" || bad "the ControlNets' inputs changed nothing"
+  grep -aq "Control image 2: $GOLD/control2_1.png, Control scale 2: 0.6, Control steps 2: 0.25-0.75" "$WORK/two/$P" \
+    && grep -aq "ControlNet: $CN, $GOLD/controlnet2" "$WORK/two/$P" && ok "the PNG records both ControlNets' settings" \
+    || bad "PNG parameters lack the second ControlNet"
+  refused one-net "control_image (entry 2): $MODEL runs with 1 ControlNet (--controlnet), not 2" --controlnet "$CN" \
+    --control-image "$GOLD/control_1.png,$GOLD/control2_1.png"
+  refused scale-count "key '--control-scale' has 3 entries for 2 ControlNet inputs" --controlnet "$CN2" \
+    --control-image "$GOLD/control_1.png,$GOLD/control2_1.png" --control-scale 1,1,1
+else
+  echo "note: no second ControlNet in $GOLD (remake it): the two-ControlNet checks are skipped"
+fi
+
 # an SDXL ControlNet (the reference made with --sdxl): 1 and 3 ranks alike; scale 0 is the plain SDXL image
 XLMODEL=$(python3 -c 'import json,sys; x=json.load(open(sys.argv[1])).get("sdxl"); print(x["model"] if x else "")' "$GOLD/golden.json")
 if [ -n "$XLMODEL" ] && [ -d "$GOLD/sdxl-controlnet" ]; then
@@ -79,12 +115,13 @@ else
   echo "note: no SDXL ControlNet in $GOLD (make_controlnet_golden.py --sdxl): its checks are skipped"
 fi
 
-serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$CN" --steps 4 --threads 1
+SCN=$CN; [ -d "$GOLD/controlnet2" ] && SCN="$CN,$GOLD/controlnet2"
+serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$SCN" --steps 4 --threads 1
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels; a wrong size is a 400 naming control_image" || bad "serve --controlnet"
-import base64, io, json, sys, urllib.error, urllib.request
+  python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" "$GOLD/control2_1.png" "$WORK/two/$P" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels (two ControlNets: lists, too); a wrong size or count is a 400 naming the field" || bad "serve --controlnet"
+import base64, io, json, os, sys, urllib.error, urllib.request
 from PIL import Image
-url, ctl, cli, wide = sys.argv[1:5]
+url, ctl, cli, wide, ctl2, two = sys.argv[1:7]
 def post(body):
     req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -99,6 +136,15 @@ got = Image.open(io.BytesIO(base64.b64decode(r["data"][0]["b64_json"]))).convert
 assert got == Image.open(cli).convert("RGB").tobytes(), "HTTP image differs from the CLI's"
 st, r = post({"prompt": "x", "control_image": b64(wide)})
 assert st == 400 and r["error"]["param"] == "control_image" and "40x32" in r["error"]["message"], (st, r)
+if os.path.exists(two):  # two ControlNets: lists of images and settings, as diffusers' pipelines take them
+    st, r = post({"prompt": "two green triangles", "seed": 6, "control_image": [b64(ctl), b64(ctl2)],
+                  "controlnet_conditioning_scale": [1, 0.6], "control_guidance_start": [0, 0.25],
+                  "control_guidance_end": [1, 0.75]})
+    assert st == 200, (st, r)
+    got = Image.open(io.BytesIO(base64.b64decode(r["data"][0]["b64_json"]))).convert("RGB").tobytes()
+    assert got == Image.open(two).convert("RGB").tobytes(), "HTTP two-ControlNet image differs from the CLI's"
+    st, r = post({"prompt": "x", "control_image": [b64(ctl), b64(ctl2)], "controlnet_conditioning_scale": [1, 2, 3]})
+    assert st == 400 and r["error"]["param"] == "controlnet_conditioning_scale", (st, r)
 PY
 else bad "serve --controlnet did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null

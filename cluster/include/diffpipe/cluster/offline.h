@@ -38,8 +38,8 @@ struct JobLine {
 // A request's ControlNet fields (JSONL: control_image, control_scale, control_start, control_end; HTTP:
 // control_image, controlnet_conditioning_scale, control_guidance_start/end), each absent (nullptr), a value or a list
 // with one entry per ControlNet of the run (--controlnet order; a null image leaves that one out): `controls` (the
-// defaults) updated. An image alone is the first ControlNet's; a number alone applies to every entry. Throws naming
-// `where` and the key.
+// defaults) updated. An image alone is the first ControlNet's; a number alone applies to every entry with an image;
+// a list must have one entry per image. Throws naming `where` and the key.
 struct ControlFieldValues {
   const nlohmann::json *image = nullptr, *scale = nullptr, *start = nullptr, *end = nullptr;
 };
