@@ -1,7 +1,12 @@
 // The diffpipe subcommands. Each takes the arguments after its name and returns the process exit code.
 #pragma once
+#include "cli.h"
+#include "diffpipe/stages/lora_spec.h"
 
 namespace diffpipe::apps {
+
+// What generate and serve add to the model from their options: --lora (fused), --lora-adapters, --controlnet.
+ModelAddons model_addons(const cli::Args& a);
 
 int generate_main(int argc, char** argv);
 int init_model_main(int argc, char** argv);

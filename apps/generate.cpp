@@ -220,6 +220,14 @@ void print_profile(const RunStats& st, const Placement& placement) {
 
 }  // namespace
 
+ModelAddons model_addons(const cli::Args& a) {
+  ModelAddons m;
+  m.loras = parse_lora_list(a.str("lora"));
+  m.adapters = parse_lora_adapters(a.str("lora-adapters"));
+  m.controlnets = parse_path_list(a.str("controlnet"));
+  return m;
+}
+
 int generate_main(int argc, char** argv) {
   // Parsed under the start-up agreement: a bad option is reported once (by rank 0), not once per rank.
   std::optional<cli::Args> parsed;
@@ -414,7 +422,7 @@ int generate_main(int argc, char** argv) {
       const auto here = placement.stages_on(world.rank);
       const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
                                                    base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
-                                                   parse_path_list(a.str("controlnet")));
+                                                   model_addons(a));
       const double avail = available_host_memory() / std::max(1, world.local_size);
       std::string names;
       for (const auto& n : here) names += (names.empty() ? "" : ", ") + n;
@@ -432,9 +440,7 @@ int generate_main(int argc, char** argv) {
       DP_CHECK(avail <= 0 || need.total() <= avail, buf);
     }
     opts.model_dir = a.str("model");
-    opts.addons.loras = parse_lora_list(a.str("lora"));
-    opts.addons.adapters = parse_lora_adapters(a.str("lora-adapters"));
-    opts.addons.controlnets = parse_path_list(a.str("controlnet"));
+    opts.addons = model_addons(a);
     opts.placement = placement;
     opts.timeout_s = a.number("timeout", 600);
     DP_CHECK(opts.timeout_s > 0, "generate: --timeout must be positive");

@@ -98,9 +98,7 @@ int serve_main(int argc, char** argv) {
     const DeviceSpec spec = device_spec_of(opts.placement.ranks.at(world.rank), opts.placement.batch_invariant);
     unsigned comps = components_for(opts.placement.stages_on(world.rank));
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
-    opts.addons.loras = parse_lora_list(a.str("lora"));
-    opts.addons.adapters = parse_lora_adapters(a.str("lora-adapters"));
-    opts.addons.controlnets = parse_path_list(a.str("controlnet"));
+    opts.addons = model_addons(a);
     model = SdModel::load(dir, spec, comps, opts.addons);
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);

@@ -27,8 +27,12 @@ double weight_bytes(const std::string& file, c10::ScalarType dtype, const std::v
 }  // namespace
 
 MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::string>& stages, int width, int height,
-                                int max_batch, bool guidance, c10::ScalarType dtype,
-                                const std::vector<std::string>& controlnets) {
+                                int max_batch, bool guidance, c10::ScalarType dtype, const ModelAddons& addons) {
+  const std::vector<std::string>& controlnets = addons.controlnets;
+  // per-request LoRA adapters stay beside the weights of the UNet and text encoders (the whole file on each such
+  // rank: an upper bound); fused ones change weights in place
+  double adapter_bytes = 0;
+  for (const LoraAdapter& a : addons.adapters) adapter_bytes += weight_bytes(a.path, dtype);
   const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
   const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
   VaeConfig v;
@@ -43,6 +47,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   MemoryNeed m;
   for (const auto& s : stages) {
     if (s == "encode") {
+      m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
       if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
@@ -52,6 +57,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
         m.activations += W * H * (3.0 * static_cast<double>(c[0]) + 3.0) * vbytes;
       }
     } else if (s == "denoise") {
+      m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);
       // per UNet row at h x w latents: the skip connections of every level (layers + 1 maps of C_l at hw / 4^l)
       // and a working set of about 12 maps of C_0 at the top level (GEGLU's 8 C_0, residual, norm, concat)

@@ -123,13 +123,13 @@ TEST(GoldenControlNet, RequestsAndFoldersAreChecked) {
 TEST(GoldenControlNet, MemoryEstimateCountsTheControlNet) {
   DP_REQUIRE_CONTROLNET(dir);
   const MemoryNeed plain = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat);
-  const MemoryNeed with = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat, {dir + "/controlnet"});
+  const MemoryNeed with = estimate_rank_memory(dir + "/model", {"denoise"}, 32, 32, 2, true, at::kFloat, ModelAddons{{}, {dir + "/controlnet"}});
   const auto f = SafetensorsFile::open(dir + "/controlnet/diffusion_pytorch_model.safetensors");
   double n = 0;
   for (const auto& k : f->names()) n += static_cast<double>(f->get(k).numel());
   EXPECT_EQ(with.weights - plain.weights, 4 * n);
   EXPECT_GT(with.activations, plain.activations);
-  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, std::vector<std::string>{dir + "/controlnet"}).weights,
+  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat, ModelAddons{{}, {dir + "/controlnet"}}).weights,
             estimate_rank_memory(dir + "/model", {"encode"}, 32, 32, 2, true, at::kFloat).weights);
 }
 

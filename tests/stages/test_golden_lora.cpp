@@ -6,7 +6,9 @@
 // absent, the tests skip.
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/stages/lora.h"
+#include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/stages.h"
 #include "denoise_util.h"
 #include "device_util.h"
@@ -163,6 +165,16 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
   for (size_t i = 0; i < params.size(); ++i)
     ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-lora] sdxl, kohya original-layout names"));
+  // the same file as a per-request adapter (both SDXL text encoders and the UNet, unfused)
+  ModelAddons addons;
+  addons.adapters = {{"sgm", dir + "/" + run.at("file").get<std::string>()}};
+  const SdModel adapted = SdModel::load(model_dir, test::device_spec(), kAllComponents, addons);
+  for (auto& p : params) p.lora = "sgm:" + std::to_string(run.at("scale").get<double>());
+  auto aembs = test::encode_all(adapted, params);
+  std::vector<DenoiseState> ads;
+  for (size_t i = 0; i < params.size(); ++i)
+    ads.push_back(make_denoise_state(adapted, params[i], aembs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  EXPECT_TRUE(test::matches_reference(adapted, ads, g.at("sdxl.images"), "[golden-lora] sdxl, the same as an adapter"));
 }
 
 namespace {
@@ -248,4 +260,16 @@ TEST(GoldenLora, AdapterChoicesAreChecked) {
   EXPECT_NE(test::error_of([] { (void)parse_lora_adapters("a=x.safetensors,a=y.safetensors"); }).find("given twice"),
             std::string::npos);
   EXPECT_NE(test::error_of([] { (void)parse_lora_adapters("=x.safetensors"); }).find("is not NAME=FILE"), std::string::npos);
+  // the memory estimate counts the adapters' tensors where the UNet or the text encoders load, in the run's dtype
+  double n = 0;
+  for (const auto& a : addons.adapters) {
+    const auto f = SafetensorsFile::open(a.path);
+    for (const auto& k : f->names()) n += static_cast<double>(f->get(k).numel());
+  }
+  for (const char* stage : {"encode", "denoise"})
+    EXPECT_EQ(estimate_rank_memory(dir + "/model", {stage}, 0, 0, 1, true, at::kFloat, addons).weights -
+                  estimate_rank_memory(dir + "/model", {stage}, 0, 0, 1, true, at::kFloat).weights,
+              4 * n) << stage;
+  EXPECT_EQ(estimate_rank_memory(dir + "/model", {"decode"}, 0, 0, 1, true, at::kFloat, addons).weights,
+            estimate_rank_memory(dir + "/model", {"decode"}, 0, 0, 1, true, at::kFloat).weights);
 }

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/stages/lora_spec.h"
+
 namespace diffpipe {
 
 struct MemoryNeed {
@@ -18,11 +20,11 @@ struct MemoryNeed {
 };
 
 // Request sizes 0 mean the model's default size. `rows` per UNet call: max_batch x 2 with guidance.
-// `controlnets`: ControlNet folders loaded with the UNet (their weights, and about half the UNet's activations for
-// the residuals they add).
+// `addons`: its ControlNets load with the UNet (their weights, and about half the UNet's activations for the
+// residuals they add); its per-request LoRA adapters stay beside the UNet's and text encoders' weights.
 MemoryNeed estimate_rank_memory(const std::string& model_dir, const std::vector<std::string>& stages, int width,
                                 int height, int max_batch, bool guidance, c10::ScalarType dtype,
-                                const std::vector<std::string>& controlnets = {});
+                                const ModelAddons& addons = {});
 // MemAvailable of this machine (bytes), or 0 when unknown.
 double available_host_memory();
 
