@@ -119,16 +119,11 @@ SCN=$CN; [ -d "$GOLD/controlnet2" ] && SCN="$CN,$GOLD/controlnet2"
 serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$SCN" --steps 4 --threads 1
 if [ -n "$URL" ]; then
   python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" "$GOLD/control2_1.png" "$WORK/two/$P" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels (two ControlNets: lists, too); a wrong size or count is a 400 naming the field" || bad "serve --controlnet"
-import base64, io, json, os, sys, urllib.error, urllib.request
+import base64, io, os, sys
+import http_util
 from PIL import Image
 url, ctl, cli, wide, ctl2, two = sys.argv[1:7]
-def post(body):
-    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+post = lambda body: http_util.post(url, body)
 b64 = lambda f: base64.b64encode(open(f, "rb").read()).decode()
 st, r = post({"prompt": "two green triangles", "seed": 6, "control_image": b64(ctl), "controlnet_conditioning_scale": 0.5})
 assert st == 200, (st, r)

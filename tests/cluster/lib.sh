@@ -1,6 +1,7 @@
 # Shared by the cluster shell tests (sourced): MPI as root, pass/fail counters, PNG comparison, the prompts file.
 # Needs WORK set; creates it afresh.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # http_util.py
 MPIRUN="mpirun --oversubscribe"
 rm -rf "$WORK"; mkdir -p "$WORK"
 fails=0; passed=0

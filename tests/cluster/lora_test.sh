@@ -77,18 +77,17 @@ near "$WORK/ad1/img-00000-seed2.png" "$WORK/fused08/$P" && near "$WORK/ad1/img-0
   || bad "per-request adapters differ from their fused twins"
 grep -aq "LoRA adapters: style:0.8 (style=$LORA)" "$WORK/ad1/img-00000-seed2.png" \
   && ok "the PNG records the request's adapters and their files" || bad "PNG parameters lack the adapters"
-printf '%s\n' '{"prompt": "x"}' '{"prompt": "y", "lora": "nope:1"}' > "$WORK/adbad.jsonl"
-if timeout 60 "$BIN" generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/adbad.jsonl" --steps 4 --quiet \
-  --out "$WORK/adbad" 2> "$WORK/adbad.log"; then bad "an unknown adapter was accepted"
-elif grep -q "adbad.jsonl:2: lora: no adapter 'nope' in this run (its adapters: style, kohya)" "$WORK/adbad.log"; then
-  ok "an unknown adapter is refused naming the line and the run's adapters"
-else bad "unclear: $(tail -1 "$WORK/adbad.log")"; fi
-printf '%s\n' '{"prompt": "y", "lora": 5}' > "$WORK/adtype.jsonl"
-if timeout 60 "$BIN" generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/adtype.jsonl" --steps 4 --quiet \
-  --out "$WORK/adtype" 2> "$WORK/adtype.log"; then bad "\"lora\": 5 was accepted"
-elif grep -q "adtype.jsonl:1: key 'lora' must be \"NAME\[:SCALE\],...\" or an object" "$WORK/adtype.log"; then
-  ok "a lora key that is neither text nor an object is refused naming the line"
-else bad "unclear: $(tail -1 "$WORK/adtype.log")"; fi
+refused_lines() {  # refused_lines NAME EXPECTED LINE...: a JSONL run of these lines fails naming EXPECTED
+  local name=$1 want=$2; shift 2
+  printf '%s\n' "$@" > "$WORK/$name.jsonl"
+  if timeout 60 "$BIN" generate --model "$MODEL" --lora-adapters "$ADS" --prompts "$WORK/$name.jsonl" --steps 4 --quiet \
+    --out "$WORK/$name" 2> "$WORK/$name.log"; then bad "$name: accepted"
+  elif grep -qF -- "$want" "$WORK/$name.log"; then ok "$name: refused naming '$want'"
+  else bad "$name: unclear: $(tail -1 "$WORK/$name.log")"; fi
+}
+refused_lines adbad "adbad.jsonl:2: lora: no adapter 'nope' in this run (its adapters: style, kohya)" \
+  '{"prompt": "x"}' '{"prompt": "y", "lora": "nope:1"}'
+refused_lines adtype "adtype.jsonl:1: key 'lora' must be \"NAME[:SCALE],...\" or an object" '{"prompt": "y", "lora": 5}'
 printf '%s\n' '{"prompt": "a red circle", "seed": 2, "lora": "style:0.8"}' > "$WORK/adone.jsonl"
 timeout 60 "$BIN" generate --model "$MODEL" --lora "$LORA" --lora-adapters "$ADS" --prompts "$WORK/adone.jsonl" --steps 4 \
   --threads 1 --quiet --out "$WORK/adone" 2> /dev/null || bad "single adapter run failed"
@@ -96,25 +95,14 @@ timeout 60 "$BIN" generate --model "$MODEL" --lora "$LORA" --lora-adapters "$ADS
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA" --lora-adapters "$ADS"
 if [ -n "$URL" ]; then
   python3 - "$URL" "$WORK/full/$P" "$WORK/adone/img-00000-seed2.png" <<'PY' && ok "serve --lora: the CLI's image over HTTP; an adapter request ({\"style\": 0.8}) the CLI's too; an unknown one a 400 naming lora" || bad "serve --lora / adapters"
-import base64, json, sys, urllib.error, urllib.request, zlib, struct
+import base64, sys
+import http_util
 url, cli, adcli = sys.argv[1:4]
-def post(body):
-    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+post = lambda body: http_util.post(url, body)
+pixels = lambda png: http_util.png_pixels(png)[1]
 st, r = post({"prompt": "a red circle", "seed": 2})
 assert st == 200, (st, r)
 png = base64.b64decode(r["data"][0]["b64_json"])
-def pixels(d):
-    i = 8; idat = b""
-    while i < len(d):
-        n, t = struct.unpack(">I4s", d[i:i + 8]); i += 8
-        if t == b"IDAT": idat += d[i:i + n]
-        i += n + 4
-    return zlib.decompress(idat)
 assert pixels(png) == pixels(open(cli, "rb").read()), "serve --lora differs from the CLI"
 # an adapter on top of the fused file, as the CLI ran it
 st, r = post({"prompt": "a red circle", "seed": 2, "lora": {"style": 0.8}})

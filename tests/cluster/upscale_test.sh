@@ -67,23 +67,12 @@ grep -aq "Image: inline PNG" "$WORK/inline/img-00000-seed5.png" && ok "the PNG r
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 4
 if [ -n "$URL" ]; then
   python3 - "$URL" "$GOLD/low_0.png" "$WORK/a/img-00000-seed5.png" "$WORK/c/img-00000-seed5.png" <<'PY' && ok "serve: upscaled over HTTP (the CLI's image, at noise_level 200 too; missing, path and corrupt images and a level above 350 are 400s naming the field)" || bad "serve: upscaler over HTTP"
-import base64, json, sys, urllib.request, urllib.error, zlib, struct
+import base64, sys
+import http_util
 url, low, cli, cli200 = sys.argv[1:5]
 b64 = base64.b64encode(open(low, "rb").read()).decode()
-def post(body):
-    req = urllib.request.Request(url + "/v1/images/generations", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-def pixels(png):
-    i, idat = 8, b""
-    while i < len(png):
-        n, t = struct.unpack(">I4s", png[i:i + 8]); i += 8
-        if t == b"IDAT": idat += png[i:i + n]
-        i += n + 4
-    return struct.unpack(">II", png[16:24]), zlib.decompress(idat)
+post = lambda body: http_util.post(url, body)
+pixels = http_util.png_pixels
 st, r = post({"prompt": "a red circle", "image": b64, "seed": 5})
 assert st == 200, (st, r)
 size, px = pixels(base64.b64decode(r["data"][0]["b64_json"]))

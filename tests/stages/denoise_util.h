@@ -1,6 +1,7 @@
 // Shared by the golden pipeline tests: runs denoising states to their end in one batch, as the denoise stage does.
 #pragma once
 #include <cstdio>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,28 @@ inline DenoiseState img2img_state(const SdModel& model, const GenerationParams& 
                                   const at::Tensor& image, const at::Tensor& sample, const at::Tensor& noise) {
   emb.image_latents = img2img_latents(model, p, image, sample);
   return make_denoise_state(model, p, std::move(emb), id, noise);
+}
+
+// Image-to-image states for `params` from a reference's draws `run`.draws.0 (the posterior's samples) and .draws.1
+// (the noise), rows in order; SDXL requests get the image's size first (as the encode stage sets it: the size
+// conditioning is the image's), so `params` is updated.
+inline std::vector<DenoiseState> img2img_states(const SdModel& model, std::vector<GenerationParams>& params,
+                                                const std::map<std::string, at::Tensor>& g, const std::string& run) {
+  std::vector<at::Tensor> images;
+  for (auto& p : params) {
+    const ResolvedParams r = resolve_params(model, p);
+    p.width = r.width;
+    p.height = r.height;
+    images.push_back(r.image);
+  }
+  auto embs = encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    ds.push_back(img2img_state(model, params[i], embs[i], i, images[i], g.at(run + ".draws.0")[row],
+                               g.at(run + ".draws.1")[row]));
+  }
+  return ds;
 }
 
 // Steps every state of `ds` (one batch, one UNet call per step) until done; returns each one's final latents.

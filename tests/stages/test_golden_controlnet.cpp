@@ -149,14 +149,8 @@ TEST(GoldenControlNet, OnImageToImage) {
     p.strength = run.at("strength").get<double>();
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto row = static_cast<int64_t>(i);
-    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
-                                     g.at("img2img.draws.0")[row], g.at("img2img.draws.1")[row]));
-    EXPECT_EQ(ds.back().total_steps(), 3);
-  }
+  std::vector<DenoiseState> ds = test::img2img_states(model, params, g, "img2img");
+  for (const auto& s : ds) EXPECT_EQ(s.total_steps(), 3);
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("img2img.images"), "[golden-controlnet] on image-to-image"));
 }
 
@@ -191,19 +185,10 @@ TEST(GoldenControlNet, Sdxl) {
     p.steps = steps;
     p.image_prompt = dir + "/" + meta.at("starts")[i].get<std::string>();
     p.strength = run.at("strength").get<double>();
-    const ResolvedParams r = resolve_params(model, p);
-    p.width = r.width;  // as the encode stage does: SDXL's size conditioning is the image's
-    p.height = r.height;
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto row = static_cast<int64_t>(i);
-    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
-                                     g.at("sdxl_img2img.draws.0")[row], g.at("sdxl_img2img.draws.1")[row]));
-    EXPECT_EQ(ds.back().total_steps(), 3);  // int(5 x 0.6)
-  }
+  std::vector<DenoiseState> ds = test::img2img_states(model, params, g, "sdxl_img2img");
+  for (const auto& s : ds) EXPECT_EQ(s.total_steps(), 3);  // int(5 x 0.6)
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl_img2img.images"), "[golden-controlnet] SDXL on image-to-image"));
   // an SD 1.x ControlNet on the SDXL folder (and the reverse) is refused naming both files
   EXPECT_NE(test::error_of([&] {

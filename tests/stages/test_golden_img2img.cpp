@@ -71,17 +71,12 @@ TEST(GoldenImg2Img, WholePipeline) {
     const std::string n = run.at("name").get<std::string>();
     std::vector<GenerationParams> params;
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) params.push_back(request(dir, meta, run, i));
-    auto embs = test::encode_all(model, params);
-    std::vector<DenoiseState> ds;
+    std::vector<DenoiseState> ds = test::img2img_states(model, params, g, n);
     for (size_t i = 0; i < params.size(); ++i) {
-      const auto row = static_cast<int64_t>(i);
-      const ResolvedParams r = resolve_params(model, params[i]);
-      EXPECT_EQ(r.width, 40);
-      EXPECT_EQ(r.height, 32);
-      ds.push_back(test::img2img_state(model, params[i], embs[i], i, r.image, g.at(n + ".draws.0")[row],
-                                       g.at(n + ".draws.1")[row]));
-      EXPECT_EQ(ds.back().total_steps(), reference_calls(params[i])) << n;
-      EXPECT_EQ(ds.back().steps_done(), 0) << n;
+      EXPECT_EQ(params[i].width, 40);  // the image's size
+      EXPECT_EQ(params[i].height, 32);
+      EXPECT_EQ(ds[i].total_steps(), reference_calls(params[i])) << n;
+      EXPECT_EQ(ds[i].steps_done(), 0) << n;
     }
     EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] " + n + " at strength " +
                                                                             std::to_string(params[0].strength)));
@@ -169,19 +164,10 @@ TEST(GoldenImg2Img, SdxlWholePipeline) {
   for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
     GenerationParams p = request(dir, meta, run, i);
     p.sampler.clear();  // the folder's
-    const ResolvedParams r = resolve_params(model, p);
-    p.width = r.width;  // as the encode stage does: SDXL's size conditioning is the image's
-    p.height = r.height;
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto row = static_cast<int64_t>(i);
-    ds.push_back(test::img2img_state(model, params[i], embs[i], i, resolve_params(model, params[i]).image,
-                                     g.at("sdxl.draws.0")[row], g.at("sdxl.draws.1")[row]));
-    EXPECT_EQ(ds.back().total_steps(), 3);  // int(5 x 0.6)
-  }
+  std::vector<DenoiseState> ds = test::img2img_states(model, params, g, "sdxl");
+  for (const auto& s : ds) EXPECT_EQ(s.total_steps(), 3);  // int(5 x 0.6)
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-img2img] sdxl at strength 0.6"));
 }
 
