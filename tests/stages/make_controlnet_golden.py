@@ -31,6 +31,18 @@ from golden_draws import out_linked_to, recorded_draws
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
+def random_controlnet(unet, seed):
+    """A ControlNetModel made from `unet` (a conditioning embedding of 8, 16, 32 channels) with every weight, the zero
+    convolutions included, perturbed by N(0, 0.05) drawn after torch.manual_seed(seed)."""
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
+    with torch.no_grad():
+        for prm in cn.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    return cn
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -47,11 +59,7 @@ def main():
     src = out_linked_to(a.out, a.src)
     base = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     base.set_progress_bar_config(disable=True)
-    torch.manual_seed(a.seed + 600)
-    cn = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
-    with torch.no_grad():
-        for prm in cn.parameters():
-            prm.add_(torch.randn_like(prm) * 0.05)
+    cn = random_controlnet(base.unet, a.seed + 600)
     cn.save_pretrained(os.path.join(a.out, "controlnet"))
     pipe = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                              unet=base.unet, controlnet=cn, scheduler=base.scheduler,
@@ -91,11 +99,7 @@ def main():
                                               output_type="pt").images
     # two ControlNets at once (MultiControlNetModel): a second one from the UNet with other weights, its own images
     # (the first ones mirrored), scale and share of the steps
-    torch.manual_seed(a.seed + 602)
-    cn2 = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
-    with torch.no_grad():
-        for prm in cn2.parameters():
-            prm.add_(torch.randn_like(prm) * 0.05)
+    cn2 = random_controlnet(base.unet, a.seed + 602)
     cn2.save_pretrained(os.path.join(a.out, "controlnet2"))
     controls2 = []
     for k, im in enumerate(controls):
@@ -145,11 +149,7 @@ def main():
                                StableDiffusionXLPipeline)
         from diffusers.pipelines.controlnet import pipeline_controlnet_sd_xl_img2img
         xl = StableDiffusionXLPipeline.from_pretrained(a.sdxl)
-        torch.manual_seed(a.seed + 601)
-        xcn = ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(8, 16, 32)).eval()
-        with torch.no_grad():
-            for prm in xcn.parameters():
-                prm.add_(torch.randn_like(prm) * 0.05)
+        xcn = random_controlnet(xl.unet, a.seed + 601)
         xcn.save_pretrained(os.path.join(a.out, "sdxl-controlnet"))
         parts = {k: v for k, v in xl.components.items() if k not in ("image_encoder", "feature_extractor")}
         xpipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=xcn)
