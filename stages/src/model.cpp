@@ -269,20 +269,20 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);
   m.addons = addons;
   for (const std::string& cn : addons.controlnets) {  // configs on every rank (requests are checked against them), weights with the UNet
-    DP_CHECK(!m.upscaler && !m.inpaint_unet && m.noise_levels == 0, "controlnet: ", dir, " is not a plain Stable ",
-             "Diffusion 1.x/2.x or SDXL folder (not an inpainting, upscaler or unCLIP one); a ControlNet applies to those");
+    DP_CHECK(!m.upscaler && m.noise_levels == 0, "controlnet: ", dir, " is not a Stable Diffusion 1.x/2.x or SDXL ",
+             "folder (an upscaler or unCLIP one); a ControlNet applies to those");
     const ControlNetConfig cc = ControlNetConfig::load(path_join(cn, "config.json"));
     DP_CHECK(cc.unet.block_out_channels == m.unet_config.block_out_channels &&
                  cc.unet.cross_attention_dim == m.unet_config.cross_attention_dim &&
                  cc.unet.layers_per_block == m.unet_config.layers_per_block &&
-                 cc.unet.in_channels == m.unet_config.in_channels &&
+                 cc.unet.in_channels == m.vae_config.latent_channels &&  // the latents (not an inpainting UNet's extras)
                  cc.unet.addition_embed_type == m.unet_config.addition_embed_type &&
                  cc.unet.addition_time_embed_dim == m.unet_config.addition_time_embed_dim &&
                  cc.unet.projection_class_embeddings_input_dim == m.unet_config.projection_class_embeddings_input_dim,
              "controlnet: ", path_join(cn, "config.json"), " does not fit ", path_join(dir, "unet/config.json"),
-             " (block_out_channels, layers_per_block, cross_attention_dim, in_channels, addition_embed_type, ",
+             " (block_out_channels, layers_per_block, cross_attention_dim, addition_embed_type, ",
              "addition_time_embed_dim and projection_class_embeddings_input_dim must agree: an SDXL ControlNet for an ",
-             "SDXL UNet)");
+             "SDXL UNet; its in_channels the VAE's latent_channels)");
     DP_CHECK(int64_t(1) << (cc.conditioning_embedding_out_channels.size() - 1) == m.latent_factor(), "controlnet: ",
              path_join(cn, "config.json"), ": conditioning_embedding_out_channels has ",
              cc.conditioning_embedding_out_channels.size(), " entries; its downsampling must be the VAE's factor ",

@@ -633,8 +633,11 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   // order (MultiControlNetModel)
   for (size_t j = 0; j < nets.size(); ++j) {
     profile::Scope cn(profile::Section::UNet);
-    UNetResiduals rk = model_.controlnets[nets[j]]->forward(
-        x, t, c, at::stack(conds[j]).to(model_.spec.device, dt),
+    const ControlNetModel& net = *model_.controlnets[nets[j]];
+    // the latents alone: an inpainting UNet's mask and masked-image channels are its own (ControlNetInpaintPipeline)
+    const int64_t in = net.config().unet.in_channels;
+    UNetResiduals rk = net.forward(
+        x.size(1) == in ? x : x.slice(1, 0, in), t, c, at::stack(conds[j]).to(model_.spec.device, dt),
         at::tensor(cscales[j], at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
     if (j == 0) {
       residuals = std::move(rk);

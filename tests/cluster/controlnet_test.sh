@@ -10,7 +10,8 @@
 # fit are refused by name writing nothing; serve --controlnet answers a control_image (base64) with the CLI's pixels
 # and a wrong-size one with a 400 naming control_image; with the SDXL ControlNet of a --sdxl reference: 1 and 3 ranks
 # alike, scale 0 the plain SDXL image, and refused on the SD folder; two ControlNets (comma lists, JSONL and HTTP
-# lists): 1 and 3 ranks alike, the PNG records both, counts and entries are checked. Exit 77 = skipped.
+# lists): 1 and 3 ranks alike, the PNG records both, counts and entries are checked; with an inpainting folder, 1 and
+# 3 ranks alike. Exit 77 = skipped.
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_CONTROLNET:-$(dirname "$0")/../../../shared/golden/tiny-controlnet}
@@ -93,6 +94,20 @@ PY
     --control-image "$GOLD/control_1.png,$GOLD/control2_1.png" --control-scale 1,1,1
 else
   echo "note: no second ControlNet in $GOLD (remake it): the two-ControlNet checks are skipped"
+fi
+
+# ControlNet on inpainting (a reference with inpaint-model/): the 9-channel inpainting folder with the ControlNet,
+# 1 and 3 ranks alike, and the ControlNet changes the inpainted image
+if [ -d "$GOLD/inpaint-model" ]; then
+  IPC=(generate --model "$GOLD/inpaint-model" --controlnet "$CN" --prompt "two green triangles" --image "$GOLD/start_1.png"
+       --mask "$GOLD/mask.png" --control-image "$GOLD/control_1.png" --control-scale 0.8 --seed 6 --steps 4 --threads 1
+       --batch-invariant --quiet --timeout 60)
+  timeout 60 "$BIN" "${IPC[@]}" --out "$WORK/ipc1" 2> "$WORK/ipc1.log" || bad "ControlNet inpainting failed: $(tail -2 "$WORK/ipc1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${IPC[@]}" --out "$WORK/ipc3" 2> "$WORK/ipc3.log" || bad "3-rank ControlNet inpainting failed"
+  timeout 60 "$BIN" "${IPC[@]}" --control-scale 0 --out "$WORK/ipc0" 2> /dev/null || bad "ControlNet inpainting at scale 0 failed"
+  same_pngs "$WORK/ipc1" "$WORK/ipc3" && ! same_pixels "$WORK/ipc1/$P" "$WORK/ipc0/$P" \
+    && ok "ControlNet on a 9-channel inpainting folder: 1 and 3 ranks alike, the ControlNet changes the image" \
+    || bad "ControlNet inpainting: ranks differ or the ControlNet changed nothing"
 fi
 
 # an SDXL ControlNet (the reference made with --sdxl): 1 and 3 ranks alike; scale 0 is the plain SDXL image

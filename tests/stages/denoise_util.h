@@ -49,6 +49,33 @@ inline std::vector<DenoiseState> img2img_states(const SdModel& model, std::vecto
   return ds;
 }
 
+// Inpainting states for `params` (each with an image and a mask) from a reference's draws `run`.draws.ROLE, roles
+// "image" (the image's posterior sample), "noise" and "masked" (the masked image's sample); a role the reference did
+// not draw is not used. SDXL requests get the image's size first, as img2img_states.
+inline std::vector<DenoiseState> inpaint_states(const SdModel& model, std::vector<GenerationParams>& params,
+                                                const std::map<std::string, at::Tensor>& g, const std::string& run) {
+  for (auto& p : params) {
+    const ResolvedParams r = resolve_params(model, p);
+    p.width = r.width;
+    p.height = r.height;
+  }
+  auto embs = encode_all(model, params);
+  auto draw = [&](const std::string& role, int64_t row) {
+    const std::string k = run + ".draws." + role;
+    return g.count(k) ? g.at(k)[row] : at::zeros_like(g.at(run + ".draws.noise")[row]);
+  };
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    const ResolvedParams r = resolve_params(model, params[i]);
+    EXPECT_TRUE(r.mask.defined()) << run;
+    embs[i].image_latents = img2img_latents(model, params[i], r.image, draw("image", row));
+    inpaint_conditioning(model, params[i], r.image, r.mask, embs[i], draw("masked", row));
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, draw("noise", row)));
+  }
+  return ds;
+}
+
 // Steps every state of `ds` (one batch, one UNet call per step) until done; returns each one's final latents.
 inline std::vector<at::Tensor> denoise_to_end(const SdModel& model, std::vector<DenoiseState>& ds) {
   const DenoiseStage den(model);

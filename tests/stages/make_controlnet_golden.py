@@ -13,6 +13,8 @@ and, for each run R of golden.json (conditioning scale, guidance, negative promp
 control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
 (DDIM, 4 steps); `plain.images` from the UNet alone. The "img2img" run: StableDiffusionControlNetImg2ImgPipeline from
 DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its steps, its draws as img2img.draws.K.
+The "inpaint" runs: StableDiffusionControlNetInpaintPipeline from the starting images with DIR/mask.png, on tiny-sd and
+on DIR/inpaint-model (a random 9-channel UNet), draws recorded with their roles (image, noise, masked).
 The "multi" run: DIR/controlnet and DIR/controlnet2 (another random ControlNet) together (MultiControlNetModel), the
 second with DIR/control2_K.png (the first images mirrored), scales 1 and 0.6, the second in the middle half of the steps.
 With --sdxl MODEL (an SDXL folder, e.g. tiny-sdxl's): DIR/sdxl-controlnet made from its UNet the same way, runs
@@ -143,6 +145,47 @@ def main():
                                     generator=torch.Generator().manual_seed(a.seed + 22)).images
     assert len(draws) == 2, len(draws)
     res["img2img.draws.0"], res["img2img.draws.1"] = draws
+    # ControlNet on inpainting (StableDiffusionControlNetInpaintPipeline, strength 1): tiny-sd's 4-channel UNet (the
+    # kept region blended back) and a random 9-channel inpainting UNet (DIR/inpaint-model; the ControlNet sees the
+    # latents alone), the starting images' centre repainted (DIR/mask.png)
+    import shutil
+    from diffusers import StableDiffusionControlNetInpaintPipeline, UNet2DConditionModel
+    from diffusers.pipelines.controlnet import pipeline_controlnet_inpaint
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 6:26] = 255
+    Image.fromarray(m, "L").save(os.path.join(a.out, "mask.png"))
+    torch.manual_seed(a.seed + 603)
+    unet9 = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9}).eval()
+    with torch.no_grad():
+        for prm in unet9.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    inpaint_runs = []
+    for name, unet in (("inpaint_blend", base.unet), ("inpaint_unet9", unet9)):
+        ip = StableDiffusionControlNetInpaintPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                                      tokenizer=base.tokenizer, unet=unet, controlnet=cn,
+                                                      scheduler=base.scheduler, safety_checker=None,
+                                                      feature_extractor=None, requires_safety_checker=False)
+        ip.set_progress_bar_config(disable=True)
+        model = "model"
+        if unet is unet9:
+            model = "inpaint-model"
+            folder = os.path.join(a.out, model)
+            StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet9,
+                                    scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(folder)
+            shutil.rmtree(os.path.join(folder, "tokenizer"))
+            shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(folder, "tokenizer"))
+        r = dict(name=name, model=model, scale=0.8, guidance=7.5, negative_prompt=None,
+                 draw_roles=(["image"] if unet is base.unet else []) + ["noise", "masked"])
+        with torch.no_grad(), recorded_draws(vae_module, pipeline_controlnet_inpaint) as draws:
+            res[f"{name}.images"] = ip(PROMPTS, image=starts, mask_image=[Image.fromarray(m, "L")] * len(PROMPTS),
+                                       control_image=controls, num_inference_steps=4, guidance_scale=7.5,
+                                       controlnet_conditioning_scale=0.8, output_type="pt", height=32, width=32,
+                                       generator=torch.Generator().manual_seed(a.seed + 24)).images
+        assert len(draws) == len(r["draw_roles"]), (name, len(draws))
+        for role, d in zip(r["draw_roles"], draws):
+            res[f"{name}.draws.{role}"] = d
+        inpaint_runs.append(r)
     sdxl = None
     if a.sdxl:  # an SDXL ControlNet (text_time embedding: the pooled text and size ids reach it too)
         from diffusers import (StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetPipeline,
@@ -181,6 +224,7 @@ def main():
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
             "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))], "sdxl": sdxl,
             "multi": multi_run, "controls2": [f"control2_{k}.png" for k in range(len(PROMPTS))],
+            "inpaint": inpaint_runs, "mask": "mask.png",
             "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
                                     f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

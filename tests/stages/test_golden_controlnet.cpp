@@ -256,3 +256,28 @@ TEST(GoldenControlNet, TwoControlNets) {
             std::string::npos)
       << test::error_of([&] { (void)resolve_params(one_net, params[0]); });
 }
+
+// ControlNet on inpainting (StableDiffusionControlNetInpaintPipeline, strength 1, scale 0.8): tiny-sd's 4-channel UNet
+// (the kept region blended back) and a 9-channel inpainting UNet whose mask and masked-image channels the ControlNet
+// does not see (it reads the latents alone).
+TEST(GoldenControlNet, OnInpainting) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("inpaint")) GTEST_SKIP() << dir << " predates the inpainting runs (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  for (const auto& run : meta.at("inpaint")) {
+    const std::string n = run.at("name").get<std::string>();
+    const SdModel model = SdModel::load(dir + "/" + run.at("model").get<std::string>(), test::device_spec(),
+                                        kAllComponents, ModelAddons{{}, {dir + "/controlnet"}});
+    EXPECT_EQ(model.inpaint_unet, n == "inpaint_unet9");
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      GenerationParams p = request(dir, meta, run, i);
+      p.image_prompt = dir + "/" + meta.at("starts")[i].get<std::string>();
+      p.mask = dir + "/" + meta.at("mask").get<std::string>();
+      params.push_back(p);
+    }
+    std::vector<DenoiseState> ds = test::inpaint_states(model, params, g, n);
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-controlnet] inpainting " + n));
+  }
+}

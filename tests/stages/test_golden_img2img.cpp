@@ -185,25 +185,9 @@ void check_inpainting_runs(const std::string& dir, const nlohmann::json& meta, c
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
       GenerationParams p = request(dir, meta, run, i);
       p.mask = dir + "/" + meta.at("masks")[i].get<std::string>();
-      const ResolvedParams rp = resolve_params(model, p);
-      p.width = rp.width;  // as the encode stage does: SDXL's size conditioning is the image's
-      p.height = rp.height;
       params.push_back(p);
     }
-    auto embs = test::encode_all(model, params);
-    auto draw = [&](const std::string& role, int64_t row) {
-      const std::string k = n + ".draws." + role;
-      return g.count(k) ? g.at(k)[row] : at::zeros_like(g.at(n + ".draws.noise")[row]);  // unused when not drawn
-    };
-    std::vector<DenoiseState> ds;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const auto row = static_cast<int64_t>(i);
-      const ResolvedParams r = resolve_params(model, params[i]);
-      ASSERT_TRUE(r.mask.defined());
-      embs[i].image_latents = img2img_latents(model, params[i], r.image, draw("image", row));
-      inpaint_conditioning(model, params[i], r.image, r.mask, embs[i], draw("masked", row));
-      ds.push_back(make_denoise_state(model, params[i], embs[i], i, draw("noise", row)));
-    }
+    std::vector<DenoiseState> ds = test::inpaint_states(model, params, g, n);
     EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] inpainting " + n));
   }
 }
