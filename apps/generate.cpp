@@ -39,6 +39,9 @@ const std::vector<cli::Opt> kOptions = {
                      "DeepFloyd IF (with its stage II in super_resolution/)"},
     {"lora", "FILE[:S],...", "LoRA files fused into the UNet and text encoders at scale S (default 1): diffusers'\n"
                              "(peft) or kohya-ss's format; comma-separated for several"},
+    {"embeddings", "FILE[:TOKEN],...", "textual-inversion embeddings (.safetensors: diffusers', A1111's emb_params,\n"
+                                        "SDXL's clip_l/clip_g) added to the tokenizers and text encoders; prompts\n"
+                                        "use TOKEN (default: the file's key, or its name)"},
     {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that JSONL lines choose by name (key lora:\n"
                                        "\"NAME[:SCALE],...\"); one batch mixes requests with different adapters"},
     {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
@@ -168,6 +171,7 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
     mix(l.path + "@" + format_number(l.scale) + "#" + size_of(l.path));
   for (const LoraAdapter& l : addons.adapters)  // requests name them (their choice is in each request's settings)
     mix("adapter:" + l.name + "=" + l.path + "#" + size_of(l.path));
+  for (const EmbeddingSpec& e : addons.embeddings) mix("embedding:" + e.path + ":" + e.token + "#" + size_of(e.path));
   for (const std::string& cn : addons.controlnets)
     mix("controlnet:" + cn + "#" + size_of(cn + "/diffusion_pytorch_model.safetensors"));
   char buf[32];
@@ -225,6 +229,7 @@ ModelAddons model_addons(const cli::Args& a) {
   m.loras = parse_lora_list(a.str("lora"));
   m.adapters = parse_lora_adapters(a.str("lora-adapters"));
   m.controlnets = parse_path_list(a.str("controlnet"));
+  m.embeddings = parse_embedding_list(a.str("embeddings"));
   return m;
 }
 
@@ -486,6 +491,8 @@ int generate_main(int argc, char** argv) {
       oo.model = a.str("model");
       for (const LoraSpec& l : opts.addons.loras) oo.model += ", LoRA: " + l.path + " (" + format_number(l.scale) + ")";
       for (const LoraAdapter& l : opts.addons.adapters) oo.adapters[l.name] = l.path;
+      for (const EmbeddingSpec& e : opts.addons.embeddings)
+        oo.model += ", Embedding: " + e.path + (e.token.empty() ? "" : " (" + e.token + ")");
       for (size_t k = 0; k < opts.addons.controlnets.size(); ++k)
         oo.model += (k == 0 ? ", ControlNet: " : ", ") + opts.addons.controlnets[k];
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });

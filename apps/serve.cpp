@@ -33,6 +33,8 @@ int serve_main(int argc, char** argv) {
                    std::vector<cli::Opt>{
                        {"model", "DIR", "model folder"},
                        {"lora", "FILE[:S],...", "LoRA files fused into the model at scale S (default 1); comma-separated"},
+                       {"embeddings", "FILE[:TOKEN],...", "textual-inversion embeddings added to the tokenizers and\n"
+                                                          "text encoders (prompts use TOKEN)"},
                        {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that requests choose by\n"
                                                           "name (field lora: \"NAME[:SCALE],...\" or {\"NAME\": SCALE})"},
                        {"controlnet", "DIR[,DIR...]", "ControlNet folders: requests may bring a control_image (a list: one each)"},

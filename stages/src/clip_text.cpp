@@ -32,12 +32,19 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& c, const Weights& w0) : cfg_(
 }
 
 std::shared_ptr<ClipTextModel> ClipTextModel::load(const std::string& dir, const DeviceSpec& spec,
-                                                   const std::vector<LoraLayer>& lora) {
-  const auto cfg = ClipTextConfig::load(path_join(dir, "config.json"));
+                                                   const std::vector<LoraLayer>& lora, const at::Tensor& added_rows) {
+  auto cfg = ClipTextConfig::load(path_join(dir, "config.json"));
   Weights w = Weights::load(path_join(dir, "model.safetensors"), spec);
   std::string name = dir;
   while (!name.empty() && name.back() == '/') name.pop_back();
   apply_lora(w, lora, name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1));
+  if (added_rows.defined() && added_rows.size(0) > 0) {  // textual inversion: rows after the vocabulary's
+    const std::string key = w.has("text_model.embeddings.token_embedding.weight")
+                                ? "text_model.embeddings.token_embedding.weight"
+                                : "embeddings.token_embedding.weight";
+    w.update(key, [&](const at::Tensor& t) { return at::cat({t, added_rows.to(t.device(), t.scalar_type())}, 0); });
+    cfg.vocab_size += added_rows.size(0);
+  }
   auto m = std::make_shared<ClipTextModel>(cfg, w);
   for (const auto& k : w.unused())
     if (k.find("position_ids") == std::string::npos && k.find("text_projection") == std::string::npos)

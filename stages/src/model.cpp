@@ -1,5 +1,7 @@
 #include "diffpipe/stages/model.h"
 
+#include "diffpipe/stages/embeddings.h"
+
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -258,12 +260,35 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.force_zeros_for_empty_prompt =
         JsonConfig::load(path_join(dir, "model_index.json")).boolean("force_zeros_for_empty_prompt", true);
   }
+  const std::vector<TextualInversion> embeddings = read_embeddings(addons.embeddings, dir);  // checked on every rank
   if (components & kTextEncoder) {
-    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
-    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora);
+    // textual inversion: each token's ids after the vocabulary (the same in both SDXL tokenizers), its vectors the
+    // text encoders' new rows
+    auto add = [&](ClipTokenizer& tok, bool second) {
+      std::vector<at::Tensor> rows;
+      int64_t next = tok.total_ids();
+      for (const TextualInversion& ti : embeddings) {
+        const at::Tensor& v = second ? ti.vectors_2 : ti.vectors;
+        std::vector<int64_t> ids;
+        for (int64_t k = 0; k < v.size(0); ++k) {
+          ids.push_back(next + k);
+          if (k > 0) tok.add_token(ti.token + "_" + std::to_string(k), {next + k});
+        }
+        tok.add_token(ti.token, ids);  // the name stands for all its vectors (maybe_convert_prompt)
+        next += v.size(0);
+        rows.push_back(v);
+      }
+      return rows.empty() ? at::Tensor() : at::cat(rows, 0);
+    };
+    ClipTokenizer tok = ClipTokenizer::load(path_join(dir, "tokenizer"));
+    const at::Tensor rows = add(tok, false);
+    m.tokenizer = std::make_shared<ClipTokenizer>(std::move(tok));
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora, rows);
     if (m.sdxl) {
-      m.tokenizer_2 = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer_2")));
-      m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec, lora);
+      ClipTokenizer tok2 = ClipTokenizer::load(path_join(dir, "tokenizer_2"));
+      const at::Tensor rows_2 = add(tok2, true);
+      m.tokenizer_2 = std::make_shared<ClipTokenizer>(std::move(tok2));
+      m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec, lora, rows_2);
     }
   }
   if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);

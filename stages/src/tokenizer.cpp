@@ -340,10 +340,39 @@ int64_t ClipTokenizer::length(const std::string& text) const {
   return std::min<int64_t>(static_cast<int64_t>(encode_untruncated(text).size()), max_length_);
 }
 
+void ClipTokenizer::add_token(const std::string& text, const std::vector<int64_t>& ids) {
+  const std::string key = normalize(text);
+  DP_CHECK(!key.empty() && !ids.empty(), "tokenizer: an added token needs text and ids");
+  for (const auto& [t, v] : added_) DP_CHECK(t != key, "tokenizer: '", text, "' is already an added token");
+  for (int64_t id : ids) added_ids_ = std::max(added_ids_, id + 1 - static_cast<int64_t>(vocab_.size()));
+  added_.emplace_back(key, ids);
+  std::stable_sort(added_.begin(), added_.end(), [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+}
+
 std::vector<int64_t> ClipTokenizer::encode_untruncated(const std::string& text) const {
   std::vector<int64_t> ids{bos_id_};
+  const std::string norm = normalize(text);
+  size_t plain = 0;  // start of the stretch without added tokens
+  for (size_t i = 0; i < norm.size() && !added_.empty();) {
+    const auto hit = std::find_if(added_.begin(), added_.end(),
+                                  [&](const auto& a) { return norm.compare(i, a.first.size(), a.first) == 0; });
+    if (hit == added_.end()) {
+      ++i;
+      continue;
+    }
+    encode_plain(norm.substr(plain, i - plain), ids);
+    ids.insert(ids.end(), hit->second.begin(), hit->second.end());
+    i += hit->first.size();
+    plain = i;
+  }
+  encode_plain(norm.substr(plain), ids);
+  ids.push_back(eos_id_);
+  return ids;
+}
+
+void ClipTokenizer::encode_plain(const std::string& normalized, std::vector<int64_t>& ids) const {
   const auto& be = byte_encoder();
-  for (const std::string& piece : split(normalize(text))) {
+  for (const std::string& piece : split(normalized)) {
     if (piece == "<|startoftext|>" || piece == "<|endoftext|>") {  // special tokens map to themselves
       auto it = vocab_.find(piece);
       if (it != vocab_.end()) {
@@ -359,8 +388,6 @@ std::vector<int64_t> ClipTokenizer::encode_untruncated(const std::string& text) 
       ids.push_back(it->second);
     }
   }
-  ids.push_back(eos_id_);
-  return ids;
 }
 
 std::vector<int64_t> ClipTokenizer::encode(const std::string& text) const {

@@ -14,6 +14,7 @@ the same deltas in kohya-ss's format ("lora_unet_<module_with_underscores>.lora_
 (diffusers here drops converted kohya text-encoder keys, so its kohya run has the UNet part only). DIR/golden.safetensors: for each run R of
 golden.json (a file and a scale, diffusers fuse_lora(lora_scale)), R.images [B, 3, 32, 32] in [0, 1] made from the
 given initial latents `latents` [B, 4, 8, 8] (DDIM, 4 steps, guidance 7.5), and `base.images` without a LoRA.
+Textual inversion (golden.json's textual_inversion, ti.images): see textual_inversion_run.
 """
 import argparse
 import json
@@ -24,6 +25,31 @@ import torch
 from golden_draws import out_linked_to
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+
+
+def textual_inversion_run(a, fresh, latents, res):
+    """Textual inversion (load_textual_inversion): DIR/ti_shape.safetensors in diffusers' layout (one vector under
+    the key "<shape-style>") and DIR/ti_multi.safetensors in A1111's (emb_params, two vectors, loaded as the token
+    "badstyle": the prompt's "badstyle" becomes "badstyle badstyle_1"); the prompts below, a negative prompt using
+    the second; the token ids of `texts` (as the pipeline converts and tokenizes them) and the images."""
+    from safetensors.torch import save_file
+    p = fresh()
+    D = p.text_encoder.config.hidden_size
+    g = torch.Generator().manual_seed(a.seed + 700)
+    save_file({"<shape-style>": torch.randn(D, generator=g) * 0.5}, os.path.join(a.out, "ti_shape.safetensors"))
+    save_file({"emb_params": torch.randn(2, D, generator=g) * 0.5}, os.path.join(a.out, "ti_multi.safetensors"))
+    p.load_textual_inversion(os.path.join(a.out, "ti_shape.safetensors"))
+    p.load_textual_inversion(os.path.join(a.out, "ti_multi.safetensors"), token="badstyle")
+    prompts = ["a <shape-style> circle above a blue square", "two small green triangles, badstyle"]
+    # (not "badstyle_1" written out: maybe_convert_prompt's text replacement turns it into "badstyle badstyle_1_1")
+    texts = prompts + ["A RED <Shape-Style>circle", "badstyle and badstyle,<shape-style>", "plain words only"]
+    ids = [p.tokenizer(p.maybe_convert_prompt(t, p.tokenizer)).input_ids for t in texts]
+    with torch.no_grad():
+        res["ti.images"] = p(prompts, negative_prompt=["badstyle"] * len(prompts), num_inference_steps=4,
+                             guidance_scale=7.5, latents=latents.clone(), output_type="pt").images
+    return {"files": [{"file": "ti_shape.safetensors", "token": None},
+                      {"file": "ti_multi.safetensors", "token": "badstyle"}],
+            "prompts": prompts, "negative_prompt": "badstyle", "texts": texts, "ids": ids}
 
 
 def main():
@@ -95,9 +121,10 @@ def main():
             img = p(PROMPTS, num_inference_steps=4, guidance_scale=7.5, latents=latents.clone(),
                     output_type="pt").images
         res[f"{r['name']}.images"] = img
+    ti = textual_inversion_run(a, fresh, latents, res)
     sdxl = sdxl_run(a, res) if a.sdxl else None
     save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "steps": 4, "guidance": 7.5, "runs": runs, "sdxl": sdxl,
+    meta = {"prompts": PROMPTS, "steps": 4, "guidance": 7.5, "runs": runs, "sdxl": sdxl, "textual_inversion": ti,
             "source": f"diffusers {diffusers.__version__} load_lora_weights + fuse_lora on {a.src}, "
                       f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

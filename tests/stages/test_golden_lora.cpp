@@ -7,6 +7,7 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/stages/embeddings.h"
 #include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/stages.h"
@@ -272,4 +273,57 @@ TEST(GoldenLora, AdapterChoicesAreChecked) {
               4 * n) << stage;
   EXPECT_EQ(estimate_rank_memory(dir + "/model", {"decode"}, 0, 0, 1, true, at::kFloat, addons).weights,
             estimate_rank_memory(dir + "/model", {"decode"}, 0, 0, 1, true, at::kFloat).weights);
+}
+
+// Textual inversion (--embeddings) against diffusers' load_textual_inversion: a one-vector file in diffusers' layout
+// ("<shape-style>") and a two-vector A1111 file (emb_params, as "badstyle": the name stands for both vectors). The
+// tokenizer gives the pipeline's ids (the added tokens matched case-insensitively, anywhere, the multi-vector name
+// expanded), and the images match, the embedding in the negative prompt too; wrong widths and reused tokens are refused.
+TEST(GoldenLora, TextualInversion) {
+  DP_REQUIRE_LORA(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("textual_inversion")) GTEST_SKIP() << dir << " predates the textual inversion run (remake it)";
+  const auto& ti = meta.at("textual_inversion");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  ModelAddons addons;
+  for (const auto& f : ti.at("files"))
+    addons.embeddings.push_back({dir + "/" + f.at("file").get<std::string>(),
+                                 f.at("token").is_null() ? "" : f.at("token").get<std::string>()});
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, addons);
+  for (size_t i = 0; i < ti.at("texts").size(); ++i) {
+    const std::string text = ti.at("texts")[i].get<std::string>();
+    EXPECT_EQ(model.tokenizer->encode_untruncated(text), ti.at("ids")[i].get<std::vector<int64_t>>()) << text;
+  }
+  std::vector<GenerationParams> params;
+  for (const auto& pr : ti.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.negative_prompt = ti.at("negative_prompt").get<std::string>();
+    p.steps = meta.at("steps").get<int>();
+    p.guidance = meta.at("guidance").get<double>();
+    params.push_back(p);
+  }
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i)
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("latents")[static_cast<int64_t>(i)]));
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("ti.images"), "[golden-lora] textual inversion"));
+  // refusals name the file: a token the run already has, vectors of another width, a pickled file
+  const std::string d = test::scratch_dir("embeddings");
+  save_safetensors(d + "/wide.safetensors", {{"emb_params", at::zeros({1, 7})}}, {});
+  save_safetensors(d + "/circle.safetensors", {{"<|endoftext|>", at::zeros({32})}}, {});
+  auto error = [&](const std::vector<EmbeddingSpec>& specs) {
+    ModelAddons a;
+    a.embeddings = specs;
+    return test::error_of([&] { (void)SdModel::load(dir + "/model", test::device_spec(), 0, a); });
+  };
+  EXPECT_NE(error({{d + "/wide.safetensors", ""}}).find("wide.safetensors: 'emb_params' is [1, 7]; text_encoder takes vectors of 32"),
+            std::string::npos) << error({{d + "/wide.safetensors", ""}});
+  EXPECT_NE(error({{d + "/circle.safetensors", ""}}).find("the token '<|endoftext|>' is already in the tokenizer"),
+            std::string::npos) << error({{d + "/circle.safetensors", ""}});
+  EXPECT_NE(error({addons.embeddings[1], {addons.embeddings[1].path, "BadStyle"}}).find("is already in the tokenizer"),
+            std::string::npos);
+  EXPECT_NE(error({{d + "/x.pt", ""}}).find("only .safetensors files are read"), std::string::npos);
+  EXPECT_EQ(parse_embedding_list("a.safetensors:tok,b.safetensors").at(0).token, "tok");
+  EXPECT_EQ(parse_embedding_list("a.safetensors:tok,b.safetensors").at(1).token, "");
 }

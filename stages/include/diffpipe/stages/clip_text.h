@@ -39,8 +39,10 @@ class ClipTextModel {
   ClipTextModel(const ClipTextConfig& cfg, const Weights& w);
   // `lora`: layers fused into the weights first (those of the component named like `dir`'s last part:
   // "text_encoder" or "text_encoder_2")
+  // `added_rows` [k, hidden_size] (textual inversion): token embeddings appended after the vocabulary's.
   static std::shared_ptr<ClipTextModel> load(const std::string& dir, const DeviceSpec& spec,
-                                             const std::vector<LoraLayer>& lora = {});
+                                             const std::vector<LoraLayer>& lora = {},
+                                             const at::Tensor& added_rows = at::Tensor());
 
   // input_ids: [B, L] int64. clip_skip: 0 = last layer, 1 = penultimate, ... (final layer norm applied).
   // attention_mask ([B, L], 1 = token, 0 = padding; optional): padding keys are masked too, as transformers does

@@ -27,6 +27,15 @@ struct LoraAdapter {
 // empty name or file, or a name given twice.
 std::vector<LoraAdapter> parse_lora_adapters(const std::string& text);
 
+// A textual-inversion file (stages/embeddings.h) and the token prompts use for it ("" = the file's own name for it:
+// a diffusers file's key, else the file name without .safetensors).
+struct EmbeddingSpec {
+  std::string path;
+  std::string token;
+};
+// "FILE[:TOKEN],..." ("" = none).
+std::vector<EmbeddingSpec> parse_embedding_list(const std::string& text);
+
 // What a run adds to a model folder as it loads: LoRA files fused into its weights, adapters requests may choose,
 // ControlNet folders beside it.
 struct ModelAddons {
@@ -34,6 +43,7 @@ struct ModelAddons {
   // ControlNetModel folders (config.json + diffusion_pytorch_model.safetensors); requests' controls entries in order
   std::vector<std::string> controlnets;
   std::vector<LoraAdapter> adapters;
+  std::vector<EmbeddingSpec> embeddings;  // textual inversion: tokens added to the tokenizers and text encoders
 };
 
 }  // namespace diffpipe

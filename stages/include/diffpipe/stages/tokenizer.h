@@ -24,6 +24,13 @@ class ClipTokenizer {
   // How many of encode()'s ids are the text's (start and end included): the ones of CLIPTokenizer's attention mask.
   int64_t length(const std::string& text) const;
 
+  // Textual inversion: `text` (matched in the normalised prompt, case-insensitively, anywhere, longest first; as
+  // transformers' added tokens) becomes `ids`. A multi-vector token's name stands for all its ids.
+  void add_token(const std::string& text, const std::vector<int64_t>& ids);
+  bool has_token(const std::string& vocab_key) const { return vocab_.count(vocab_key) != 0; }
+  // the vocabulary's size with the added tokens' ids (the text encoder's rows)
+  int64_t total_ids() const { return static_cast<int64_t>(vocab_.size()) + added_ids_; }
+
   int64_t bos_id() const { return bos_id_; }
   int64_t eos_id() const { return eos_id_; }
   int64_t pad_id() const { return pad_id_; }
@@ -44,6 +51,10 @@ class ClipTokenizer {
   std::vector<std::string> bpe(const std::string& word) const;  // word: byte-unicode string; returns tokens
   std::unordered_map<std::string, int64_t> vocab_;
   std::unordered_map<std::string, int> ranks_;  // "a b" -> merge rank
+  std::vector<std::pair<std::string, std::vector<int64_t>>> added_;  // normalised text -> ids, longest text first
+  int64_t added_ids_ = 0;
+  // the ids of a normalised stretch of text without added tokens
+  void encode_plain(const std::string& normalized, std::vector<int64_t>& ids) const;
   int64_t bos_id_ = 0, eos_id_ = 0, pad_id_ = 0;
   int max_length_ = 77;
   struct Cache {
