@@ -88,6 +88,23 @@ refused_lines() {  # refused_lines NAME EXPECTED LINE...: a JSONL run of these l
 refused_lines adbad "adbad.jsonl:2: lora: no adapter 'nope' in this run (its adapters: style, kohya)" \
   '{"prompt": "x"}' '{"prompt": "y", "lora": "nope:1"}'
 refused_lines adtype "adtype.jsonl:1: key 'lora' must be \"NAME[:SCALE],...\" or an object" '{"prompt": "y", "lora": 5}'
+# textual inversion (--embeddings; a reference with ti_*.safetensors): 1 and 3 ranks alike, the token changes the
+# image, the PNG records the file; a pickled file is refused
+if [ -f "$GOLD/ti_multi.safetensors" ]; then
+  TI=(generate --model "$MODEL" --embeddings "$GOLD/ti_shape.safetensors,$GOLD/ti_multi.safetensors:badstyle"
+      --prompt "a red circle, badstyle" --prompt "a <shape-style> circle" --seed 2 --steps 4 --threads 1 --batch-invariant
+      --quiet --timeout 60)
+  timeout 60 "$BIN" "${TI[@]}" --out "$WORK/ti1" 2> "$WORK/ti1.log" || bad "embeddings run failed: $(tail -2 "$WORK/ti1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${TI[@]}" --out "$WORK/ti3" 2> "$WORK/ti3.log" || bad "3-rank embeddings run failed"
+  timeout 60 "$BIN" generate --model "$MODEL" --prompt "a red circle, badstyle" --seed 2 --steps 4 --threads 1 --batch-invariant \
+    --quiet --out "$WORK/tino" 2> /dev/null || bad "plain run failed"
+  same_pngs "$WORK/ti1" "$WORK/ti3" && ! same_pixels "$WORK/ti1/$P" "$WORK/tino/$P" \
+    && grep -aq "Embedding: $GOLD/ti_multi.safetensors (badstyle)" "$WORK/ti1/$P" \
+    && ok "--embeddings: 1 and 3 ranks alike, the same prompt without them gives another image, the PNG names the file" \
+    || bad "--embeddings: ranks differ, nothing changed or the PNG lacks it"
+  printf 'x' > "$WORK/emb.pt"
+  refused emb-pt "only .safetensors files are read" --embeddings "$WORK/emb.pt"
+fi
 printf '%s\n' '{"prompt": "a red circle", "seed": 2, "lora": "style:0.8"}' > "$WORK/adone.jsonl"
 timeout 60 "$BIN" generate --model "$MODEL" --lora "$LORA" --lora-adapters "$ADS" --prompts "$WORK/adone.jsonl" --steps 4 \
   --threads 1 --quiet --out "$WORK/adone" 2> /dev/null || bad "single adapter run failed"

@@ -217,8 +217,21 @@ def sdxl_run(a, res):
     diff = float((images["lora_sdxl_peft.safetensors"] - images["lora_sdxl_kohya.safetensors"]).abs().max())
     assert diff < 1e-4, f"diffusers reads the SGM-named file differently from the peft one: {diff}"
     res["sdxl.images"] = images["lora_sdxl_kohya.safetensors"]
+    # textual inversion in SDXL's layout (clip_l / clip_g, two vectors each), loaded into both text encoders as
+    # diffusers' SDXL documentation does, the token "xlstyle"
+    p = fresh()
+    g = torch.Generator().manual_seed(a.seed + 701)
+    emb = {"clip_l": torch.randn(2, p.text_encoder.config.hidden_size, generator=g) * 0.5,
+           "clip_g": torch.randn(2, p.text_encoder_2.config.hidden_size, generator=g) * 0.5}
+    save_file(emb, os.path.join(a.out, "ti_sdxl.safetensors"))
+    p.load_textual_inversion(emb["clip_l"], token="xlstyle", text_encoder=p.text_encoder, tokenizer=p.tokenizer)
+    p.load_textual_inversion(emb["clip_g"], token="xlstyle", text_encoder=p.text_encoder_2, tokenizer=p.tokenizer_2)
+    ti_prompts = ["a red circle, xlstyle", "xlstyle: two small green triangles"]
+    with torch.no_grad():
+        res["sdxl.ti.images"] = p(ti_prompts, num_inference_steps=4, guidance_scale=5.0, latents=latents.clone(),
+                                  height=32, width=32, output_type="pt").images
     return dict(model=os.path.abspath(a.sdxl), file="lora_sdxl_kohya.safetensors", scale=0.8, steps=4, guidance=5.0,
-                size=32)
+                size=32, ti=dict(file="ti_sdxl.safetensors", token="xlstyle", prompts=ti_prompts))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,22 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
   for (size_t i = 0; i < params.size(); ++i)
     ads.push_back(make_denoise_state(adapted, params[i], aembs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
   EXPECT_TRUE(test::matches_reference(adapted, ads, g.at("sdxl.images"), "[golden-lora] sdxl, the same as an adapter"));
+  // textual inversion in SDXL's layout: clip_l's vectors into text_encoder, clip_g's into text_encoder_2
+  if (!run.contains("ti")) return;
+  const auto& ti = run.at("ti");
+  ModelAddons emb;
+  emb.embeddings = {{dir + "/" + ti.at("file").get<std::string>(), ti.at("token").get<std::string>()}};
+  const SdModel with_ti = SdModel::load(model_dir, test::device_spec(), kAllComponents, emb);
+  std::vector<GenerationParams> tp = params;
+  for (size_t i = 0; i < tp.size(); ++i) {
+    tp[i].prompt = ti.at("prompts")[i].get<std::string>();
+    tp[i].lora.clear();
+  }
+  auto tembs = test::encode_all(with_ti, tp);
+  std::vector<DenoiseState> tds;
+  for (size_t i = 0; i < tp.size(); ++i)
+    tds.push_back(make_denoise_state(with_ti, tp[i], tembs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  EXPECT_TRUE(test::matches_reference(with_ti, tds, g.at("sdxl.ti.images"), "[golden-lora] sdxl textual inversion"));
 }
 
 namespace {
