@@ -199,8 +199,13 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       const bool ok = impl.ready && !impl.stopping;
       return send_json(ok ? 200 : 503, {{"status", ok ? "ok" : impl.stopping ? "stopping" : "starting"}}, keep_alive);
     }
-    if (req.method() == http::verb::get && path == "/v1/models")
-      return send_json(200, {{"object", "list"}, {"data", {{{"id", impl.o.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "diffpipe"}}}}}, keep_alive);
+    if (req.method() == http::verb::get && path == "/v1/models") {
+      json m = {{"id", impl.o.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "diffpipe"}};
+      if (!impl.o.lora_adapters.empty()) m["lora_adapters"] = impl.o.lora_adapters;  // what "lora" may name
+      if (!impl.o.embedding_tokens.empty()) m["embedding_tokens"] = impl.o.embedding_tokens;
+      if (impl.o.controlnets > 0) m["controlnets"] = impl.o.controlnets;
+      return send_json(200, {{"object", "list"}, {"data", json::array({m})}}, keep_alive);
+    }
     if (req.method() == http::verb::get && path == "/metrics") return send_text(200, impl.metrics_text(), "text/plain; version=0.0.4");
     const Route route = path == "/v1/images/edits" ? Route::Edits : path == "/v1/images/variations" ? Route::Variations
                                                                                                      : Route::Generations;

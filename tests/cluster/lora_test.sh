@@ -109,9 +109,10 @@ printf '%s\n' '{"prompt": "a red circle", "seed": 2, "lora": "style:0.8"}' > "$W
 timeout 60 "$BIN" generate --model "$MODEL" --lora "$LORA" --lora-adapters "$ADS" --prompts "$WORK/adone.jsonl" --steps 4 \
   --threads 1 --quiet --out "$WORK/adone" 2> /dev/null || bad "single adapter run failed"
 
-serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA" --lora-adapters "$ADS"
+EMB=(); [ -f "$GOLD/ti_multi.safetensors" ] && EMB=(--embeddings "$GOLD/ti_multi.safetensors:badstyle")
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --lora "$LORA" --lora-adapters "$ADS" "${EMB[@]}"
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$WORK/full/$P" "$WORK/adone/img-00000-seed2.png" <<'PY' && ok "serve --lora: the CLI's image over HTTP; an adapter request ({\"style\": 0.8}) the CLI's too; an unknown one a 400 naming lora" || bad "serve --lora / adapters"
+  python3 - "$URL" "$WORK/full/$P" "$WORK/adone/img-00000-seed2.png" "${#EMB[@]}" <<'PY' && ok "serve --lora: the CLI's image over HTTP; an adapter request ({\"style\": 0.8}) the CLI's too; an unknown one a 400 naming lora; /v1/models lists the adapters" || bad "serve --lora / adapters"
 import base64, sys
 import http_util
 url, cli, adcli = sys.argv[1:4]
@@ -127,6 +128,11 @@ assert st == 200, (st, r)
 assert pixels(base64.b64decode(r["data"][0]["b64_json"])) == pixels(open(adcli, "rb").read()), "adapter request differs"
 st, bad = post({"prompt": "a red circle", "lora": "nope"})
 assert st == 400 and bad["error"]["param"] == "lora" and "no adapter 'nope'" in bad["error"]["message"], (st, bad)
+import json, urllib.request
+models = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=10).read())
+assert models["data"][0]["lora_adapters"] == ["style", "kohya"], models
+if sys.argv[4] != "0":  # served with --embeddings
+    assert models["data"][0]["embedding_tokens"] == ["badstyle"], models
 PY
 else bad "serve --lora did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null

@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "diffpipe/cluster/pipeline_runner.h"
 
@@ -38,6 +39,10 @@ struct ServerOptions {
   int threads = 4;                 // server threads (the model runs elsewhere); none ever blocks
   GenerationParams defaults;       // steps, guidance, sampler, size when the request leaves them out
   bool image_variations = false;   // the model makes variations of an image alone (/v1/images/variations)
+  // What requests may choose, listed on the model of GET /v1/models: LoRA adapter names ("lora"), textual-inversion
+  // tokens, the number of ControlNets (control_image entries).
+  std::vector<std::string> lora_adapters, embedding_tokens;
+  int controlnets = 0;
   // Checks one image's settings against the model (throws naming the field); run on the request's thread.
   std::function<void(const GenerationParams&)> validate;
   // Prompt length in tokens, for `usage`.
