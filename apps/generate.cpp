@@ -52,13 +52,15 @@ const std::vector<cli::Opt> kOptions = {
                                   "for all, or one per ControlNet)"},
     {"control-start", "F[,F...]", "with --control-image: the fraction of the steps before the ControlNet acts (default 0)"},
     {"control-end", "F[,F...]", "with --control-image: the fraction of the steps after which it stops (default 1)"},
+    {"guess-mode", "", "with --control-image: diffusers' guess_mode (the ControlNets act on the conditional row\n"
+                       "alone, their residuals ramped; JSONL guess_mode)"},
     {"prompt", "TEXT", "a prompt", true},
     {"prompts", "FILE", "one prompt per line ('#' lines and blank lines skipped), or FILE.jsonl: one JSON object\n"
                         "a line with prompt and any of negative_prompt, seed, steps, guidance, sampler,\n"
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
-                        "control_image, control_scale, control_start, control_end (unset keys take the command\n"
+                        "control_image, control_scale, control_start, control_end, guess_mode, lora (unset keys take the command\n"
                         "line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
@@ -321,6 +323,7 @@ int generate_main(int argc, char** argv) {
         v[flag] = items.size() == 1 ? items[0] : nlohmann::json(items);
       }
       auto at = [&](const char* f) { return v.count(f) ? &v[f] : nullptr; };
+      base.guess_mode = a.flag("guess-mode");
       base.controls = offline::control_fields({}, {at("control-image"), at("control-scale"), at("control-start"),
                                                    at("control-end")},
                                               {"--control-image", "--control-scale", "--control-start", "--control-end"},

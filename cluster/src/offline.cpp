@@ -138,7 +138,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "prior_guidance", "noise_level", "image_prompt", "original_width",
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
                                           "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
-                                          "control_scale", "control_start", "control_end", "lora"};
+                                          "control_scale", "control_start", "control_end", "lora",
+                                          "guess_mode"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -161,7 +162,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       DP_CHECK(keys.count(k), l.origin, ": unknown key '", k, "' (prompt, negative_prompt, seed, steps, guidance, "
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
-               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora)");
+               "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
+               "guess_mode)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -199,6 +201,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     }
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
+    p.guess_mode = get_field<bool>(o, "guess_mode", l.origin, p.guess_mode);
     auto field = [&](const char* k) { return o.contains(k) ? &o[k] : nullptr; };
     p.controls = control_fields(p.controls, {field("control_image"), field("control_scale"), field("control_start"),
                                              field("control_end")},
@@ -267,6 +270,7 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     }
     if (!files.empty()) os << " (" << files << ")";
   }
+  if (p.guess_mode) os << ", Guess mode: true";
   for (size_t k = 0; k < p.controls.size(); ++k) {  // the second ControlNet's as "Control image 2: ...", and so on
     const ControlInput& c = p.controls[k];
     if (c.image.empty()) continue;

@@ -329,7 +329,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "sampler", "width", "height", "stream", "partial_images", "image",
                                             "strength", "noise_level", "mask", "control_image",
                                             "controlnet_conditioning_scale", "control_guidance_start",
-                                            "control_guidance_end", "lora"};
+                                            "control_guidance_end", "lora", "guess_mode"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -393,6 +393,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     if (const auto s = number("strength", " in [0, 1]")) {  // image-to-image (with an image)
       p.strength = *s;
       if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
+    }
+    if (j.contains("guess_mode")) {  // ControlNets' guess mode
+      if (!j["guess_mode"].is_boolean()) throw BadRequest{"'guess_mode' must be true or false", "guess_mode"};
+      p.guess_mode = j["guess_mode"].get<bool>();
     }
     if (j.contains("lora")) {  // per-request LoRA adapters of the server (--lora-adapters)
       try {

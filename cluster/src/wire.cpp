@@ -105,6 +105,10 @@ GenerationParams read_params(const Reader& r, const json& o) {
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
   if (o.contains("lora")) p.lora = r.str(o, "lora", "params.lora");
+  if (o.contains("guess_mode")) {
+    DP_CHECK(o.at("guess_mode").is_boolean(), r.where(), "field 'params.guess_mode' must be true or false");
+    p.guess_mode = o.at("guess_mode").get<bool>();
+  }
   auto control = [&](const json& e, const std::string& path, const char* image, const char* scale, const char* start,
                      const char* end) {
     ControlInput c;

@@ -30,7 +30,7 @@ ControlNetConfig ControlNetConfig::load(const std::string& path) {
   const std::string order = cfg.string("controlnet_conditioning_channel_order", "rgb");
   if (order != "rgb" && order != "bgr") cfg.fail("controlnet_conditioning_channel_order", "must be \"rgb\" or \"bgr\"");
   c.bgr = order == "bgr";
-  if (cfg.boolean("global_pool_conditions", false)) cfg.fail("global_pool_conditions", "true is not supported");
+  c.global_pool = cfg.boolean("global_pool_conditions", false);
   if (!c.unet.addition_embed_type.empty() && !c.unet.text_time())
     cfg.fail("addition_embed_type", "only null (Stable Diffusion 1.x/2.x) or \"text_time\" (SDXL) is supported in a "
                                     "ControlNet");
@@ -78,6 +78,8 @@ std::shared_ptr<ControlNetModel> ControlNetModel::load(const std::string& dir, c
   return m;
 }
 
+int64_t ControlNetModel::num_skips() const { return static_cast<int64_t>(impl_->zero_down.size()); }
+
 UNetResiduals ControlNetModel::forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context,
                                        const at::Tensor& cond_in, const at::Tensor& scales,
                                        const at::Tensor& class_labels, const at::Tensor& time_ids) const {
@@ -97,9 +99,14 @@ UNetResiduals ControlNetModel::forward(const at::Tensor& sample, const at::Tenso
   UNetResiduals r = m.encoder->encode(sample, timesteps, context, emb, class_labels, time_ids);
   DP_CHECK(r.down.size() == m.zero_down.size(), "controlnet: ", r.down.size(), " skips for ", m.zero_down.size(),
            " zero convolutions");
-  const at::Tensor s = scales.to(sample.device(), r.mid.scalar_type()).reshape({B, 1, 1, 1});
-  for (size_t k = 0; k < r.down.size(); ++k) r.down[k] = m.zero_down[k](r.down[k]) * s;
-  r.mid = m.zero_mid(r.mid) * s;
+  const auto K = static_cast<int64_t>(r.down.size());
+  DP_CHECK((scales.dim() == 1 && scales.size(0) == B) || (scales.dim() == 2 && scales.size(0) == B && scales.size(1) == K + 1),
+           "controlnet: scales must be [", B, "] or [", B, ", ", K + 1, "], got ", shape_str(scales.sizes()));
+  const at::Tensor s = scales.to(sample.device(), r.mid.scalar_type());
+  auto scale = [&](int64_t k) { return (s.dim() == 1 ? s : s.select(1, k)).reshape({B, 1, 1, 1}); };
+  auto pool = [&](const at::Tensor& x) { return cfg_.global_pool ? x.mean({2, 3}, /*keepdim=*/true) : x; };
+  for (int64_t k = 0; k < K; ++k) r.down[k] = pool(m.zero_down[k](r.down[k]) * scale(k));
+  r.mid = pool(m.zero_mid(r.mid) * scale(K));
   return r;
 }
 

@@ -325,6 +325,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              model.max_noise_level, "] (the folder's max_noise_level), got ", p.noise_level);
   }
   r.adapter_scales = adapter_scales(model, p);
+  DP_CHECK(!p.guess_mode || std::any_of(p.controls.begin(), p.controls.end(), [](const ControlInput& c) {
+             return !c.image.empty();
+           }), "guess_mode: only a request with a control_image uses it");
   // ControlNets: each entry's image of the output's size, as [0, 1] RGB
   const size_t nets = model.addons.controlnets.size();
   for (size_t k = 0; k < p.controls.size(); ++k) {
@@ -469,6 +472,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
   s.adapter_scales = r.adapter_scales;
+  s.guess_mode = p.guess_mode;
   for (size_t k = 0; k < r.controls.size(); ++k) {
     DenoiseState::Control c;
     if (r.controls[k].defined()) {
@@ -587,7 +591,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     if (std::any_of(batch.begin(), batch.end(), [k](const DenoiseState* s) { return s->has_control(k); }))
       nets.push_back(k);
   std::vector<std::vector<at::Tensor>> conds(nets.size());
-  std::vector<std::vector<float>> cscales(nets.size());
+  // each row's scale per residual (K skips + the mid block): uniform, or guess mode's ramp (its unconditional row 0)
+  std::vector<std::vector<std::vector<float>>> cscales(nets.size());
   std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
   for (DenoiseState* s : batch) {
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) lora_rows.push_back(&s->adapter_scales);
@@ -598,10 +603,19 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     for (size_t j = 0; j < nets.size(); ++j)
       for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {  // both guidance rows see the image
         const size_t k = nets[j];
-        const int64_t f = model_.latent_factor();
+        const ControlNetModel& net = *model_.controlnets[k];
+        const int64_t f = model_.latent_factor(), K = net.num_skips();
         conds[j].push_back(s->has_control(k) ? s->controls[k].image
                                              : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
-        cscales[j].push_back(static_cast<float>(s->control_scale_now(k)));
+        // guess mode (asked, or a pooling ControlNet's): nothing for the unconditional row; the ramp unless pooling
+        const bool guess = s->guess_mode || net.config().global_pool;
+        const float scale = guess && s->guidance > 1.0 && r == 0 ? 0.0f : static_cast<float>(s->control_scale_now(k));
+        std::vector<float> per(static_cast<size_t>(K + 1), scale);
+        if (guess && !net.config().global_pool) {  // torch.logspace(-1, 0, K + 1) x scale, in float32 as diffusers
+          const at::Tensor ramp = at::logspace(-1, 0, K + 1, 10.0, at::TensorOptions().dtype(at::kFloat)) * scale;
+          for (int64_t b = 0; b <= K; ++b) per[static_cast<size_t>(b)] = ramp[b].item<float>();
+        }
+        cscales[j].push_back(per);
       }
     if (s->guidance > 1.0) {
       xs.push_back(in);
@@ -636,9 +650,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     const ControlNetModel& net = *model_.controlnets[nets[j]];
     // the latents alone: an inpainting UNet's mask and masked-image channels are its own (ControlNetInpaintPipeline)
     const int64_t in = net.config().unet.in_channels;
+    std::vector<float> flat;
+    for (const auto& row : cscales[j]) flat.insert(flat.end(), row.begin(), row.end());
+    const auto rows = static_cast<int64_t>(cscales[j].size());
     UNetResiduals rk = net.forward(
         x.size(1) == in ? x : x.slice(1, 0, in), t, c, at::stack(conds[j]).to(model_.spec.device, dt),
-        at::tensor(cscales[j], at::TensorOptions().dtype(at::kFloat)), labels, time_ids);
+        at::tensor(flat, at::TensorOptions().dtype(at::kFloat)).view({rows, -1}), labels, time_ids);
     if (j == 0) {
       residuals = std::move(rk);
       continue;

@@ -52,6 +52,16 @@ same_pixels "$WORK/mid/$P" "$WORK/midj/$P" && ok "JSONL control_start/control_en
   || bad "JSONL control_start/control_end differ from the flags"
 grep -aq "Control image: $GOLD/control_1.png, Control scale: 0.5" "$WORK/half/$P" && grep -aq "ControlNet: $CN" "$WORK/half/$P" \
   && ok "the PNG records the control image, scale and ControlNet" || bad "PNG parameters lack the control settings"
+run guess --controlnet "$CN" --control-image "$GOLD/control_1.png" --control-scale 0.5 --guess-mode
+printf '{"prompt": "two green triangles", "seed": 6, "control_image": "%s", "control_scale": 0.5, "guess_mode": true}\n' \
+  "$GOLD/control_1.png" > "$WORK/guess.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --controlnet "$CN" --prompts "$WORK/guess.jsonl" --steps 4 --threads 1 --quiet \
+  --out "$WORK/guessj" 2> "$WORK/guessj.log" || bad "JSONL guess_mode failed: $(tail -1 "$WORK/guessj.log")"
+same_pixels "$WORK/guess/$P" "$WORK/guessj/$P" && ! same_pixels "$WORK/guess/$P" "$WORK/half/$P" \
+  && grep -aq "Guess mode: true" "$WORK/guess/$P" \
+  && ok "--guess-mode = JSONL guess_mode, differs from the same request without it, recorded in the PNG" \
+  || bad "guess mode: flags and JSONL differ, or it changed nothing"
+refused guess-alone "guess_mode: only a request with a control_image uses it" --controlnet "$CN" --guess-mode
 refused no-cn "runs without a ControlNet (start the run with --controlnet DIR)" --control-image "$GOLD/control_0.png"
 python3 -c 'import sys; from PIL import Image; Image.new("RGB", (40, 32)).save(sys.argv[1])' "$WORK/wide.png"
 refused size "is 40x32; the image is 32x32" --controlnet "$CN" --control-image "$WORK/wide.png"

@@ -13,6 +13,7 @@ and, for each run R of golden.json (conditioning scale, guidance, negative promp
 control_guidance_start/end), R.images [B, 3, 32, 32] in [0, 1]
 (DDIM, 4 steps); `plain.images` from the UNet alone. The "img2img" run: StableDiffusionControlNetImg2ImgPipeline from
 DIR/start_K.png at strength 0.75, the ControlNet in the first two thirds of its steps, its draws as img2img.draws.K.
+The "guess" run: guess_mode=True; "pooled": DIR/controlnet-pooled (global_pool_conditions, so guess mode) at 1.5.
 The "inpaint" runs: StableDiffusionControlNetInpaintPipeline from the starting images with DIR/mask.png, on tiny-sd and
 on DIR/inpaint-model (a random 9-channel UNet), draws recorded with their roles (image, noise, masked).
 The "multi" run: DIR/controlnet and DIR/controlnet2 (another random ControlNet) together (MultiControlNetModel), the
@@ -99,6 +100,24 @@ def main():
                                               control_guidance_start=r.get("start", 0.0),
                                               control_guidance_end=r.get("end", 1.0),
                                               output_type="pt").images
+    # guess mode (the ControlNet on the conditional row alone, its residuals ramped 0.1 ... 1), and a pooling ControlNet
+    # (global_pool_conditions: the pipeline runs it in guess mode, residuals averaged over their pixels)
+    guess = dict(name="guess", scale=1.0, guidance=7.5, negative_prompt=None)
+    with torch.no_grad():
+        res["guess.images"] = pipe(PROMPTS, image=controls, num_inference_steps=4, guidance_scale=7.5,
+                                   guess_mode=True, latents=latents.clone(), output_type="pt").images
+    pooled_cn = random_controlnet(base.unet, a.seed + 604)
+    pooled_cn.register_to_config(global_pool_conditions=True)
+    pooled_cn.save_pretrained(os.path.join(a.out, "controlnet-pooled"))
+    pooled = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                               unet=base.unet, controlnet=pooled_cn, scheduler=base.scheduler,
+                                               safety_checker=None, feature_extractor=None,
+                                               requires_safety_checker=False)
+    pooled.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        res["pooled.images"] = pooled(PROMPTS, image=controls, num_inference_steps=4, guidance_scale=7.5,
+                                      controlnet_conditioning_scale=1.5, latents=latents.clone(),
+                                      output_type="pt").images
     # two ControlNets at once (MultiControlNetModel): a second one from the UNet with other weights, its own images
     # (the first ones mirrored), scale and share of the steps
     cn2 = random_controlnet(base.unet, a.seed + 602)
@@ -224,7 +243,8 @@ def main():
     meta = {"prompts": PROMPTS, "controls": [f"control_{k}.png" for k in range(len(PROMPTS))], "steps": 4,
             "runs": runs, "img2img": img2img, "starts": [f"start_{k}.png" for k in range(len(PROMPTS))], "sdxl": sdxl,
             "multi": multi_run, "controls2": [f"control2_{k}.png" for k in range(len(PROMPTS))],
-            "inpaint": inpaint_runs, "mask": "mask.png",
+            "inpaint": inpaint_runs, "mask": "mask.png", "guess": guess,
+            "pooled": dict(name="pooled", controlnet="controlnet-pooled", scale=1.5, guidance=7.5, negative_prompt=None),
             "source": f"diffusers {diffusers.__version__} StableDiffusionControlNetPipeline on {a.src}, "
                                     f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -281,3 +281,30 @@ TEST(GoldenControlNet, OnInpainting) {
     EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-controlnet] inpainting " + n));
   }
 }
+
+// Guess mode (diffusers' guess_mode=True): the ControlNet's residuals reach the conditional row alone, ramped from 0.1
+// at the first skip to 1 at the mid block; a pooling ControlNet (global_pool_conditions, which the pipeline runs in
+// guess mode) averages each residual over its pixels. A guess-mode request beside a plain one keeps its image.
+TEST(GoldenControlNet, GuessModeAndPooling) {
+  DP_REQUIRE_CONTROLNET(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("guess")) GTEST_SKIP() << dir << " predates the guess-mode runs (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, ModelAddons{{}, {dir + "/controlnet"}});
+  std::vector<GenerationParams> params;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+    params.push_back(request(dir, meta, meta.at("guess"), i));
+    params.back().guess_mode = true;
+  }
+  EXPECT_TRUE(batch_matches(model, params, g.at("latents"), g.at("guess.images"), "guess mode"));
+  std::vector<GenerationParams> mixed{params[0], request(dir, meta, meta.at("runs")[0], 1)};  // guess + plain scale 1
+  const at::Tensor ref = at::stack({g.at("guess.images")[0], g.at("scale_1.images")[1]});
+  EXPECT_TRUE(batch_matches(model, mixed, g.at("latents"), ref, "a guess-mode request beside a plain one"));
+  const auto& pr = meta.at("pooled");
+  const SdModel pooled = SdModel::load(dir + "/model", test::device_spec(), kAllComponents,
+                                       ModelAddons{{}, {dir + "/" + pr.at("controlnet").get<std::string>()}});
+  ASSERT_TRUE(pooled.controlnets.at(0)->config().global_pool);
+  std::vector<GenerationParams> pp;
+  for (size_t i = 0; i < meta.at("prompts").size(); ++i) pp.push_back(request(dir, meta, pr, i));
+  EXPECT_TRUE(batch_matches(pooled, pp, g.at("latents"), g.at("pooled.images"), "pooling ControlNet (global_pool_conditions)"));
+}

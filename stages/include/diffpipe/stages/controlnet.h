@@ -19,8 +19,10 @@ struct ControlNetConfig {
   std::vector<int64_t> conditioning_embedding_out_channels{16, 32, 96, 256};
   int64_t conditioning_channels = 3;
   bool bgr = false;  // controlnet_conditioning_channel_order "bgr": the image's channels reversed first
-  // Rejects what is not implemented (global_pool_conditions, an addition_embed_type other than SDXL's "text_time"),
-  // naming the key.
+  // global_pool_conditions: each residual averaged over its pixels (shuffle-type ControlNets; the pipelines then run
+  // them in guess mode)
+  bool global_pool = false;
+  // Rejects what is not implemented (an addition_embed_type other than SDXL's "text_time"), naming the key.
   static ControlNetConfig load(const std::string& config_json);
 };
 
@@ -29,13 +31,15 @@ class ControlNetModel {
   ControlNetModel(const ControlNetConfig& cfg, const Weights& w);
   static std::shared_ptr<ControlNetModel> load(const std::string& dir, const DeviceSpec& spec);
   // sample, timesteps, encoder_hidden_states as the UNet takes them; cond [B, 3, H, W] in [0, 1] with H, W the
-  // latents' size times the VAE's factor; scales [B] (float, on any device): each row's conditioning scale. An SDXL
+  // latents' size times the VAE's factor; scales [B] (float, on any device): each row's conditioning scale, or
+  // [B, K + 1] with one per residual (K skips, then the mid block's: guess mode's 0.1 ... 1 ramp). An SDXL
   // ControlNet (addition_embed_type "text_time") also takes the UNet's pooled text embedding and size conditioning
   // (class_labels, time_ids as UNet2DConditionModel::forward takes them).
   UNetResiduals forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
                         const at::Tensor& cond, const at::Tensor& scales, const at::Tensor& class_labels = at::Tensor(),
                         const at::Tensor& time_ids = at::Tensor()) const;
   const ControlNetConfig& config() const { return cfg_; }
+  int64_t num_skips() const;  // the residuals for the UNet's skips (K; the mid block's comes after them)
 
  private:
   struct Impl;

@@ -49,6 +49,9 @@ struct GenerationParams {
   // ControlNet (a run started with --controlnet DIR[,DIR...]): entry k is the k-th ControlNet's input; fewer entries
   // than ControlNets, or an entry without an image, leave those ControlNets out of this request.
   std::vector<ControlInput> controls;
+  // diffusers' guess_mode: the ControlNets see the conditional row alone (the unconditional one gets no residuals)
+  // and their residuals ramp from 0.1 x scale at the first skip to 1 x at the mid block
+  bool guess_mode = false;
   // Per-request LoRA: adapters of the run (started with --lora-adapters NAME=FILE,...) this request uses, as
   // "NAME[:SCALE],..." (scale 1 when left out; "" = none). Applied to the UNet and the text encoders for this
   // request's rows only, beside the weights (diffusers' unfused adapters); other requests of the batch are unaffected.
@@ -107,6 +110,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (p.strength != d.strength) j["strength"] = p.strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
+  if (p.guess_mode) j["guess_mode"] = true;
   size_t used = p.controls.size();  // entries up to the last with an image (trailing empty ones change nothing)
   while (used > 0 && p.controls[used - 1].image.empty()) --used;
   if (used == 1) {  // the first ControlNet alone: the keys of single-ControlNet runs
@@ -165,6 +169,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
     c.end = j.value("control_end", c.end);
     p.controls.push_back(c);
   }
+  p.guess_mode = j.value("guess_mode", false);
   if (j.contains("controls"))
     for (const auto& e : j.at("controls")) {
       ControlInput c;

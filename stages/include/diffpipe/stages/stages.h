@@ -64,6 +64,7 @@ struct DenoiseState {
     double start = 0, end = 1;  // its share of the loop (ControlInput::start/end)
   };
   std::vector<Control> controls;
+  bool guess_mode = false;  // GenerationParams::guess_mode
   bool has_control(size_t k) const { return k < controls.size() && controls[k].image.defined(); }
   // ControlNet k's scale at the next call: its scale inside [start, end] of the loop, else 0.
   double control_scale_now(size_t k) const {
