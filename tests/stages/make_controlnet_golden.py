@@ -46,6 +46,16 @@ def random_controlnet(unet, seed):
     return cn
 
 
+def controlnet_pipe(base, controlnet):
+    """StableDiffusionControlNetPipeline on `base`'s components with `controlnet` (one, or a list: several)."""
+    from diffusers import StableDiffusionControlNetPipeline
+    p = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                          unet=base.unet, controlnet=controlnet, scheduler=base.scheduler,
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -55,7 +65,7 @@ def main():
     ap.add_argument("--sdxl", help="an SDXL model folder (e.g. tiny-sdxl's) for the sdxl runs")
     a = ap.parse_args()
     import diffusers
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -64,11 +74,7 @@ def main():
     base.set_progress_bar_config(disable=True)
     cn = random_controlnet(base.unet, a.seed + 600)
     cn.save_pretrained(os.path.join(a.out, "controlnet"))
-    pipe = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                             unet=base.unet, controlnet=cn, scheduler=base.scheduler,
-                                             safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = controlnet_pipe(base, cn)
 
     controls = []
     for k in range(len(PROMPTS)):
@@ -109,11 +115,7 @@ def main():
     pooled_cn = random_controlnet(base.unet, a.seed + 604)
     pooled_cn.register_to_config(global_pool_conditions=True)
     pooled_cn.save_pretrained(os.path.join(a.out, "controlnet-pooled"))
-    pooled = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                               unet=base.unet, controlnet=pooled_cn, scheduler=base.scheduler,
-                                               safety_checker=None, feature_extractor=None,
-                                               requires_safety_checker=False)
-    pooled.set_progress_bar_config(disable=True)
+    pooled = controlnet_pipe(base, pooled_cn)
     with torch.no_grad():
         res["pooled.images"] = pooled(PROMPTS, image=controls, num_inference_steps=4, guidance_scale=7.5,
                                       controlnet_conditioning_scale=1.5, latents=latents.clone(),
@@ -127,11 +129,7 @@ def main():
         m = im.transpose(Image.FLIP_LEFT_RIGHT)
         m.save(os.path.join(a.out, f"control2_{k}.png"))
         controls2.append(m)
-    multi = StableDiffusionControlNetPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                              unet=base.unet, controlnet=[cn, cn2], scheduler=base.scheduler,
-                                              safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
-    multi.set_progress_bar_config(disable=True)
+    multi = controlnet_pipe(base, [cn, cn2])
     multi_run = dict(name="multi", guidance=7.5, negative_prompt=None, scales=[1.0, 0.6], starts=[0.0, 0.25],
                      ends=[1.0, 0.75])
     with torch.no_grad():
