@@ -230,7 +230,7 @@ ModelAddons model_addons(const cli::Args& a) {
   ModelAddons m;
   m.loras = parse_lora_list(a.str("lora"));
   m.adapters = parse_lora_adapters(a.str("lora-adapters"));
-  m.controlnets = parse_path_list(a.str("controlnet"));
+  m.controlnets = parse_path_list(a.str("controlnet"), "controlnet", "DIR,DIR...");
   m.embeddings = parse_embedding_list(a.str("embeddings"));
   return m;
 }

@@ -11,7 +11,6 @@
 
 #include "cli.h"
 #include "commands.h"
-#include "diffpipe/stages/embeddings.h"
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/cluster/server.h"
 #include "diffpipe/runtime/error.h"
@@ -129,7 +128,7 @@ int serve_main(int argc, char** argv) {
     so.defaults = defaults;
     so.image_variations = model.image_variations;
     for (const LoraAdapter& l : opts.addons.adapters) so.lora_adapters.push_back(l.name);
-    for (const TextualInversion& t : read_embeddings(opts.addons.embeddings, dir)) so.embedding_tokens.push_back(t.token);
+    so.embedding_tokens = model.embedding_tokens;
     so.controlnets = static_cast<int>(opts.addons.controlnets.size());
     so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
     so.count_tokens = [&model](const std::string& s) {

@@ -13,7 +13,7 @@ namespace diffpipe {
 
 std::vector<EmbeddingSpec> parse_embedding_list(const std::string& text) {
   std::vector<EmbeddingSpec> out;
-  for (const std::string& item : parse_path_list(text)) {
+  for (const std::string& item : parse_path_list(text, "embeddings", "FILE[:TOKEN],FILE[:TOKEN]...")) {
     EmbeddingSpec e;
     const size_t dot = item.rfind(".safetensors");
     const size_t colon = dot == std::string::npos ? item.rfind(':') : item.find(':', dot);
@@ -50,17 +50,17 @@ std::vector<TextualInversion> read_embeddings(const std::vector<EmbeddingSpec>& 
   DP_CHECK(!SdModel::is_if(dir), "embeddings: ", dir, " is a DeepFloyd IF folder (T5); textual inversion applies to ",
            "CLIP text encoders");
   const bool sdxl = SdModel::is_sdxl(dir);
-  const ClipTokenizer tok = ClipTokenizer::load(path_join(dir, "tokenizer"));
-  int64_t width = 0, width_2 = 0;
-  for (const char* enc : {"text_encoder", "text_encoder_2"}) {  // new ids follow the vocabulary: both must agree
-    if (std::string(enc) == "text_encoder_2" && !sdxl) break;
-    const ClipTextConfig c = ClipTextConfig::load(path_join(dir, std::string(enc) + "/config.json"));
-    const ClipTokenizer t = ClipTokenizer::load(path_join(dir, enc == std::string("text_encoder") ? "tokenizer" : "tokenizer_2"));
+  // new ids follow the vocabulary, so each text encoder's vocab_size must be its tokenizer's; returns its width
+  auto checked_width = [&](const std::string& enc, const ClipTokenizer& t) {
+    const ClipTextConfig c = ClipTextConfig::load(path_join(dir, enc + "/config.json"));
     DP_CHECK(c.vocab_size == static_cast<int64_t>(t.vocab_size()), "embeddings: ", path_join(dir, enc),
              "/config.json has vocab_size ", c.vocab_size, " but its tokenizer ", t.vocab_size(),
              " tokens; textual inversion appends ids after both");
-    (std::string(enc) == "text_encoder" ? width : width_2) = c.hidden_size;
-  }
+    return c.hidden_size;
+  };
+  const ClipTokenizer tok = ClipTokenizer::load(path_join(dir, "tokenizer"));
+  const int64_t width = checked_width("text_encoder", tok);
+  const int64_t width_2 = sdxl ? checked_width("text_encoder_2", ClipTokenizer::load(path_join(dir, "tokenizer_2"))) : 0;
   std::vector<TextualInversion> out;
   std::set<std::string> tokens;
   for (const EmbeddingSpec& s : specs) {

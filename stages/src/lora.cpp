@@ -161,22 +161,19 @@ LoraSpec parse_lora_spec(const std::string& text) {
   return s;
 }
 
-std::vector<std::string> parse_path_list(const std::string& text) {
+std::vector<std::string> parse_path_list(const std::string& text, const std::string& what, const std::string& form) {
   std::vector<std::string> out;
   for (size_t start = 0, comma; !text.empty() && start <= text.size(); start = comma + 1) {
     comma = std::min(text.find(',', start), text.size());
     out.push_back(text.substr(start, comma - start));
-    DP_CHECK(!out.back().empty(), "an empty entry in \"", text, "\" (a comma-separated list)");
+    DP_CHECK(!out.back().empty(), what, ": an empty entry in \"", text, "\" (", form, ")");
   }
   return out;
 }
 
 std::vector<LoraAdapter> parse_lora_adapters(const std::string& text) {
   std::vector<LoraAdapter> out;
-  size_t start = 0;
-  while (!text.empty() && start <= text.size()) {
-    const size_t comma = std::min(text.find(',', start), text.size());
-    const std::string item = text.substr(start, comma - start);
+  for (const std::string& item : parse_path_list(text, "lora-adapters", "NAME=FILE,NAME=FILE...")) {
     const size_t eq = item.find('=');
     LoraAdapter a;
     if (eq == std::string::npos) {
@@ -191,22 +188,14 @@ std::vector<LoraAdapter> parse_lora_adapters(const std::string& text) {
              "' is not NAME=FILE (a name without ':' and a file)");
     for (const auto& b : out) DP_CHECK(b.name != a.name, "lora-adapters: the name '", a.name, "' is given twice");
     out.push_back(a);
-    start = comma + 1;
   }
   return out;
 }
 
 std::vector<LoraSpec> parse_lora_list(const std::string& text) {
   std::vector<LoraSpec> out;
-  size_t start = 0;
-  while (start <= text.size() && !text.empty()) {
-    const size_t comma = text.find(',', start);
-    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    DP_CHECK(!item.empty(), "lora: an empty entry in \"", text, "\" (FILE[:SCALE],FILE[:SCALE]...)");
+  for (const std::string& item : parse_path_list(text, "lora", "FILE[:SCALE],FILE[:SCALE]..."))
     out.push_back(parse_lora_spec(item));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
   return out;
 }
 

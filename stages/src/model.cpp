@@ -261,6 +261,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
         JsonConfig::load(path_join(dir, "model_index.json")).boolean("force_zeros_for_empty_prompt", true);
   }
   const std::vector<TextualInversion> embeddings = read_embeddings(addons.embeddings, dir);  // checked on every rank
+  for (const TextualInversion& ti : embeddings) m.embedding_tokens.push_back(ti.token);
   if (components & kTextEncoder) {
     // textual inversion: each token's ids after the vocabulary (the same in both SDXL tokenizers), its vectors the
     // text encoders' new rows

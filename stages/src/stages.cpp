@@ -593,6 +593,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   std::vector<std::vector<at::Tensor>> conds(nets.size());
   // each row's scale per residual (K skips + the mid block): uniform, or guess mode's ramp (its unconditional row 0)
   std::vector<std::vector<std::vector<float>>> cscales(nets.size());
+  // guess mode's ramp per ControlNet: torch.logspace(-1, 0, K + 1) in float32, as diffusers (x the row's scale below)
+  std::vector<std::vector<float>> ramps;
+  for (size_t k : nets) {
+    const at::Tensor r = at::logspace(-1, 0, model_.controlnets[k]->num_skips() + 1, 10.0, at::kFloat).contiguous();
+    ramps.emplace_back(r.data_ptr<float>(), r.data_ptr<float>() + r.numel());
+  }
   std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
   for (DenoiseState* s : batch) {
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) lora_rows.push_back(&s->adapter_scales);
@@ -603,18 +609,16 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     for (size_t j = 0; j < nets.size(); ++j)
       for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {  // both guidance rows see the image
         const size_t k = nets[j];
-        const ControlNetModel& net = *model_.controlnets[k];
-        const int64_t f = model_.latent_factor(), K = net.num_skips();
+        const bool pooling = model_.controlnets[k]->config().global_pool;
+        const int64_t f = model_.latent_factor();
         conds[j].push_back(s->has_control(k) ? s->controls[k].image
                                              : at::zeros({3, in.size(1) * f, in.size(2) * f}, in.options()));
         // guess mode (asked, or a pooling ControlNet's): nothing for the unconditional row; the ramp unless pooling
-        const bool guess = s->guess_mode || net.config().global_pool;
+        const bool guess = s->guess_mode || pooling;
         const float scale = guess && s->guidance > 1.0 && r == 0 ? 0.0f : static_cast<float>(s->control_scale_now(k));
-        std::vector<float> per(static_cast<size_t>(K + 1), scale);
-        if (guess && !net.config().global_pool) {  // torch.logspace(-1, 0, K + 1) x scale, in float32 as diffusers
-          const at::Tensor ramp = at::logspace(-1, 0, K + 1, 10.0, at::TensorOptions().dtype(at::kFloat)) * scale;
-          for (int64_t b = 0; b <= K; ++b) per[static_cast<size_t>(b)] = ramp[b].item<float>();
-        }
+        std::vector<float> per(ramps[j].size(), scale);
+        if (guess && !pooling)
+          for (size_t b = 0; b < per.size(); ++b) per[b] = ramps[j][b] * scale;
         cscales[j].push_back(per);
       }
     if (s->guidance > 1.0) {

@@ -15,8 +15,8 @@ LoraSpec parse_lora_spec(const std::string& text);
 // A comma-separated list of those ("" = none).
 std::vector<LoraSpec> parse_lora_list(const std::string& text);
 
-// Comma-separated folders or files ("" = none); throws naming an empty entry.
-std::vector<std::string> parse_path_list(const std::string& text);
+// Comma-separated entries ("" = none); an empty entry throws "WHAT: an empty entry in "TEXT" (FORM)".
+std::vector<std::string> parse_path_list(const std::string& text, const std::string& what, const std::string& form);
 
 // A LoRA file that requests may choose by name (per-request adapters, --lora-adapters), kept apart from the weights.
 struct LoraAdapter {

@@ -89,6 +89,7 @@ struct SdModel {
                       const ModelAddons& addons = {});
   ModelAddons addons;  // what load() added
   std::vector<std::shared_ptr<ControlNetModel>> controlnets;  // addons.controlnets, loaded with kUNet
+  std::vector<std::string> embedding_tokens;  // the tokens addons.embeddings add (known on every rank)
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
