@@ -27,6 +27,17 @@ inline DenoiseState img2img_state(const SdModel& model, const GenerationParams& 
   return make_denoise_state(model, p, std::move(emb), id, noise);
 }
 
+// States for `params` (their embeddings from one encoder call), request i starting from row i of `latents`
+// ([B, C, h, w], a reference's initial latents).
+inline std::vector<DenoiseState> latent_states(const SdModel& model, const std::vector<GenerationParams>& params,
+                                               const at::Tensor& latents) {
+  auto embs = encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i)
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[static_cast<int64_t>(i)]));
+  return ds;
+}
+
 // Image-to-image states for `params` from a reference's draws `run`.draws.0 (the posterior's samples) and .draws.1
 // (the noise), rows in order; SDXL requests get the image's size first (as the encode stage sets it: the size
 // conditioning is the image's), so `params` is updated.
@@ -87,11 +98,16 @@ inline std::vector<at::Tensor> denoise_to_end(const SdModel& model, std::vector<
   return out;
 }
 
+// The 8-bit images [B, H, W, 3] of `ds` stepped to the end and decoded, on the CPU.
+inline at::Tensor images_of(const SdModel& model, std::vector<DenoiseState>& ds) {
+  return DecodeStage(model).run_uint8(denoise_to_end(model, ds)).to(at::kCPU);
+}
+
 // The 8-bit images of a run's denoising states, decoded, against the reference's [B, 3, H, W] in [0, 1]: true when
 // (float32) at least 99 % of the 8-bit values are within +-1, (16-bit) the images within 10 % (printed with `what`).
 inline bool matches_reference(const SdModel& model, std::vector<DenoiseState>& ds, const at::Tensor& ref,
                               const std::string& what) {
-  const at::Tensor mine = DecodeStage(model).run_uint8(denoise_to_end(model, ds)).to(at::kCPU);  // [B, H, W, 3]
+  const at::Tensor mine = images_of(model, ds);  // [B, H, W, 3]
   const at::Tensor r = ref.permute({0, 2, 3, 1}).contiguous();
   EXPECT_EQ(mine.sizes(), r.sizes()) << what;
   if (mine.sizes() != r.sizes()) return false;

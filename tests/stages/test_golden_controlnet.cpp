@@ -39,10 +39,7 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
 // Runs `params` (one batch) from the reference's latents, decoded, against `ref` rows `rows`.
 bool batch_matches(const SdModel& model, const std::vector<GenerationParams>& params, const at::Tensor& latents,
                    const at::Tensor& ref, const std::string& what) {
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i)
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> ds = test::latent_states(model, params, latents);
   return test::matches_reference(model, ds, ref, "[golden-controlnet] " + what);
 }
 }  // namespace
@@ -240,10 +237,8 @@ TEST(GoldenControlNet, TwoControlNets) {
   GenerationParams alone = params[1];
   alone.controls = {params[1].controls[1]};
   auto images = [&](const SdModel& m, const std::vector<GenerationParams>& ps, const std::vector<int64_t>& rows) {
-    auto embs = test::encode_all(m, ps);
-    std::vector<DenoiseState> ds;
-    for (size_t i = 0; i < ps.size(); ++i) ds.push_back(make_denoise_state(m, ps[i], embs[i], i, g.at("latents")[rows[i]]));
-    return DecodeStage(m).run_uint8(test::denoise_to_end(m, ds)).to(at::kCPU);
+    std::vector<DenoiseState> ds = test::latent_states(m, ps, g.at("latents").index_select(0, at::tensor(rows)));
+    return test::images_of(m, ds);
   };
   const at::Tensor both = images(model, mixed, {0, 1}), one = images(second, {alone}, {1});
   const int d = (both[1].to(at::kInt) - one[0].to(at::kInt)).abs().max().item<int>();

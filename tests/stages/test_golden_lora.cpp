@@ -35,10 +35,7 @@ bool run_matches(const std::string& dir, const std::vector<LoraSpec>& loras, con
     p.guidance = meta.at("guidance").get<double>();
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i)
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("latents")[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("latents"));
   return test::matches_reference(model, ds, g.at(name + ".images"), "[golden-lora] " + name);
 }
 
@@ -161,20 +158,14 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
     p.width = p.height = run.at("size").get<int>();
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i)
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-lora] sdxl, kohya original-layout names"));
   // the same file as a per-request adapter (both SDXL text encoders and the UNet, unfused)
   ModelAddons addons;
   addons.adapters = {{"sgm", dir + "/" + run.at("file").get<std::string>()}};
   const SdModel adapted = SdModel::load(model_dir, test::device_spec(), kAllComponents, addons);
   for (auto& p : params) p.lora = "sgm:" + std::to_string(run.at("scale").get<double>());
-  auto aembs = test::encode_all(adapted, params);
-  std::vector<DenoiseState> ads;
-  for (size_t i = 0; i < params.size(); ++i)
-    ads.push_back(make_denoise_state(adapted, params[i], aembs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> ads = test::latent_states(adapted, params, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(adapted, ads, g.at("sdxl.images"), "[golden-lora] sdxl, the same as an adapter"));
   // textual inversion in SDXL's layout: clip_l's vectors into text_encoder, clip_g's into text_encoder_2
   if (!run.contains("ti")) return;
@@ -187,20 +178,15 @@ TEST(GoldenLora, SdxlOriginalLayoutNames) {
     tp[i].prompt = ti.at("prompts")[i].get<std::string>();
     tp[i].lora.clear();
   }
-  auto tembs = test::encode_all(with_ti, tp);
-  std::vector<DenoiseState> tds;
-  for (size_t i = 0; i < tp.size(); ++i)
-    tds.push_back(make_denoise_state(with_ti, tp[i], tembs[i], i, g.at("sdxl.latents")[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> tds = test::latent_states(with_ti, tp, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(with_ti, tds, g.at("sdxl.ti.images"), "[golden-lora] sdxl textual inversion"));
 }
 
 namespace {
 // Requests of one batch, each with its own initial latents and adapters, stepped to the end: their 8-bit images.
 at::Tensor batch_images(const SdModel& model, const std::vector<GenerationParams>& params, const std::vector<at::Tensor>& latents) {
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i) ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[i]));
-  return DecodeStage(model).run_uint8(test::denoise_to_end(model, ds)).to(at::kCPU);
+  std::vector<DenoiseState> ds = test::latent_states(model, params, at::stack(latents));
+  return test::images_of(model, ds);
 }
 }  // namespace
 
@@ -224,9 +210,7 @@ TEST(GoldenLora, PerRequestAdaptersInOneBatch) {
   };
   std::vector<GenerationParams> params{request(0, "style:0.7"), request(1, ""), request(1, "unet-only")};
   std::vector<at::Tensor> latents{g.at("latents")[0], g.at("latents")[1], g.at("latents")[1]};
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i) ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[i]));
+  std::vector<DenoiseState> ds = test::latent_states(model, params, at::stack(latents));
   const at::Tensor ref = at::stack({g.at("peft_07.images")[0], g.at("base.images")[1], g.at("kohya_unet_10.images")[1]});
   EXPECT_TRUE(test::matches_reference(model, ds, ref, "[golden-lora] per-request adapters: peft 0.7, none, kohya 1"));
   // scale 0 is no adapter; the text encoder's branch acts too (the peft file's text-encoder part alone changes it)
@@ -319,10 +303,7 @@ TEST(GoldenLora, TextualInversion) {
     p.guidance = meta.at("guidance").get<double>();
     params.push_back(p);
   }
-  auto embs = test::encode_all(model, params);
-  std::vector<DenoiseState> ds;
-  for (size_t i = 0; i < params.size(); ++i)
-    ds.push_back(make_denoise_state(model, params[i], embs[i], i, g.at("latents")[static_cast<int64_t>(i)]));
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("latents"));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("ti.images"), "[golden-lora] textual inversion"));
   // refusals name the file: a token the run already has, vectors of another width, a pickled file
   const std::string d = test::scratch_dir("embeddings");
