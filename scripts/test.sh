@@ -7,7 +7,7 @@ bash scripts/build.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # References made here with diffusers/transformers (a few seconds each) when no folder is given and ../shared/golden
 # has none, so that their tests (image variations, SDXL, T5, DDPM, DeepFloyd IF, the x4 upscaler, image-to-image,
-# LoRA, ControlNet) run instead of skipping.
+# LoRA, ControlNet, LCM) run instead of skipping.
 GOLD_DIR=${DIFFPIPE_GOLDEN:-$PWD/../shared/golden/tiny-sd}
 UNCLIP_DIR=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$GOLD_DIR")/tiny-unclip}
 PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
@@ -41,6 +41,8 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-lora DIFFPIPE_GOLDEN_LORA make_lora_golden.py --src "$GOLD_DIR" \
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-controlnet DIFFPIPE_GOLDEN_CONTROLNET make_controlnet_golden.py --src "$GOLD_DIR" \
+    ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
+  make_ref tiny-lcm DIFFPIPE_GOLDEN_LCM make_lcm_golden.py --src "$GOLD_DIR" \
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
 fi
 cd build

@@ -100,6 +100,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   c.euler_at_final = j.boolean("euler_at_final", false);
   c.final_sigmas_type = j.string("final_sigmas_type", "zero");
   c.interpolation_type = j.string("interpolation_type", "linear");
+  c.original_inference_steps = j.integer("original_inference_steps", c.original_inference_steps);
+  c.timestep_scaling = j.number("timestep_scaling", c.timestep_scaling);
   if (c.num_train_timesteps < 2) j.fail("num_train_timesteps", "must be at least 2");
   if (c.num_train_timesteps > 100000) j.fail("num_train_timesteps", "must be at most 100000");
   j.positive("beta_start", c.beta_start);  // a negative or zero beta makes NaN noise levels
@@ -109,6 +111,10 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
     if (!(std::isfinite(b) && b > 0 && b < 1)) j.fail("trained_betas", "every beta must be in (0, 1)");
   j.at_least("steps_offset", c.steps_offset, 0);
   j.positive("clip_sample_range", c.clip_sample_range);
+  j.at_least("original_inference_steps", c.original_inference_steps, 1);
+  if (c.original_inference_steps > c.num_train_timesteps)
+    j.fail("original_inference_steps", "must be at most num_train_timesteps (" + std::to_string(c.num_train_timesteps) + ")");
+  j.positive("timestep_scaling", c.timestep_scaling);
   if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2")
     j.fail("beta_schedule", "unsupported '" + c.beta_schedule + "' (supported: linear, scaled_linear, squaredcos_cap_v2)");
   if (c.prediction_type != "epsilon" && c.prediction_type != "v_prediction" && c.prediction_type != "sample")
@@ -250,7 +256,9 @@ UNetConfig UNetConfig::from(const JsonConfig& j) {
     c.projection_class_embeddings_input_dim = j.integer("projection_class_embeddings_input_dim", 0);
     j.at_least("projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim, 1);
   }
-  j.require("time_cond_proj_dim", nullptr);
+  // LCM-distilled UNets: the guidance scale's embedding of this width joins the time embedding (cond_proj)
+  c.time_cond_proj_dim = j.integer("time_cond_proj_dim", 0);
+  if (j.has("time_cond_proj_dim")) j.at_least("time_cond_proj_dim", c.time_cond_proj_dim, 4);  // sin, cos pairs
   j.require("time_embedding_dim", nullptr);
   j.require("timestep_post_act", nullptr);
   // only_cross_attention (the SD x4 upscaler): a block's first attention attends to the text too; a bool or one per

@@ -66,7 +66,8 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       for (size_t l = 0; l < u.block_out_channels.size(); ++l)
         per_px += static_cast<double>(u.layers_per_block[l] + 1) * static_cast<double>(u.block_out_channels[l]) /
                   static_cast<double>(int64_t(1) << (2 * l));
-      const double act = max_batch * (guidance ? 2.0 : 1.0) * hw * per_px * bytes;
+      // (an LCM UNet, time_cond_proj_dim, embeds the guidance: one row)
+      const double act = max_batch * (guidance && u.time_cond_proj_dim == 0 ? 2.0 : 1.0) * hw * per_px * bytes;
       m.activations += act;
       for (const std::string& cn : controlnets)  // each encoder half's weights
         m.weights += weight_bytes(path_join(cn, "diffusion_pytorch_model.safetensors"), dtype);

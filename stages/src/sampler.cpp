@@ -15,9 +15,10 @@ SamplerKind sampler_kind_of_class(const std::string& n) {
   if (n == "DPMSolverMultistepScheduler") return SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
   if (n == "DDPMScheduler") return SamplerKind::DDPM;
+  if (n == "LCMScheduler") return SamplerKind::LCM;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler)");
+          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler)");
 }
 
 SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
@@ -32,7 +33,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
   }
   if (n == "pndm" || n == "plms") return SamplerKind::PNDM;
   if (n == "ddpm") return SamplerKind::DDPM;
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm)");
+  if (n == "lcm") return SamplerKind::LCM;
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm, lcm)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -43,6 +45,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::DPMSolverMultistep: return "dpmpp_2m";
     case SamplerKind::PNDM: return "pndm";
     case SamplerKind::DDPM: return "ddpm";
+    case SamplerKind::LCM: return "lcm";
   }
   return "?";
 }
@@ -404,6 +407,47 @@ class DPMSolverSampler : public Sampler {
 }  // namespace
 
 namespace {
+// LCMScheduler (diffusers): a consistency model's multistep sampling. The schedule takes `steps` evenly spaced
+// entries (by index) of the distillation's original_inference_steps timesteps; each step maps the sample to the
+// boundary-conditioned estimate c_skip x + c_out x0 and, except at the last step, noises it to the next timestep
+// with fresh noise from the request's stream.
+class LCMSampler : public Sampler {
+ public:
+  LCMSampler(const SchedulerConfig& c, int steps) : c_(c) {
+    alphas_cumprod_ = to_vec(alphas_cumprod(c));
+    const int64_t orig = c.original_inference_steps;
+    DP_CHECK(steps <= orig, "steps: the LCM sampler runs at most original_inference_steps (", orig,
+             ", the distillation's schedule) steps, got ", steps);
+    const int64_t k = c.num_train_timesteps / orig;
+    const double stride = static_cast<double>(orig) / steps;  // numpy's linspace(0, orig, steps, endpoint=False)
+    for (int i = 0; i < steps; ++i) {
+      const auto idx = static_cast<int64_t>(std::floor(i * stride));
+      timesteps_.push_back(static_cast<double>((orig - idx) * k - 1));
+    }
+  }
+  SamplerKind kind() const override { return SamplerKind::LCM; }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise& noise) override {
+    const auto t = static_cast<int64_t>(timesteps_.at(i));
+    const bool last = i + 1 == num_calls();
+    const auto prev = last ? t : static_cast<int64_t>(timesteps_.at(i + 1));
+    // float32 scalars, as diffusers computes them from its float32 alphas_cumprod and the 0-d timestep tensor
+    const float a = alphas_cumprod_.at(t), a_prev = alphas_cumprod_.at(prev), b = 1.0f - a, b_prev = 1.0f - a_prev;
+    const float scaled = static_cast<float>(t) * static_cast<float>(c_.timestep_scaling), sd2 = 0.25f;  // sigma_data^2
+    const float c_skip = sd2 / (scaled * scaled + sd2), c_out = scaled / std::sqrt(scaled * scaled + sd2);
+    at::Tensor x0;
+    if (c_.prediction_type == "epsilon") x0 = (x - std::sqrt(b) * e) / std::sqrt(a);
+    else if (c_.prediction_type == "sample") x0 = e;
+    else x0 = std::sqrt(a) * x - std::sqrt(b) * e;
+    if (c_.clip_sample.value_or(false)) x0 = x0.clamp(-c_.clip_sample_range, c_.clip_sample_range);
+    const at::Tensor denoised = c_out * x0 + c_skip * x;
+    if (last) return denoised;
+    return std::sqrt(a_prev) * denoised + std::sqrt(b_prev) * noise(i, x).to(x.device(), x.scalar_type());
+  }
+
+ private:
+  SchedulerConfig c_;
+};
+
 // DDPMScheduler as a per-request Sampler (DeepFloyd IF's): every call but the last adds noise from the request's
 // stream; a learned variance arrives as the model output's second half.
 class DdpmStepSampler : public Sampler {
@@ -440,6 +484,7 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
+    case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps); break;
   }
   DP_CHECK(s, "sampler: unknown kind");
   // with steps_offset, as many steps as training timesteps run past the last one

@@ -134,7 +134,7 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
   for (size_t i = 0; i < batch.size(); ++i) {
     texts.push_back(&batch[i]->prompt);
     rows.push_back({i, false});
-    if (batch[i]->uses_cfg() && !(batch[i]->negative_prompt.empty() && model.force_zeros_for_empty_prompt)) {
+    if (model.uses_cfg(*batch[i]) && !(batch[i]->negative_prompt.empty() && model.force_zeros_for_empty_prompt)) {
       texts.push_back(&batch[i]->negative_prompt);
       rows.push_back({i, true});
     }
@@ -153,7 +153,7 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
   }
   for (size_t i = 0; i < batch.size(); ++i) {
     Embeddings& e = out[i];
-    if (batch[i]->uses_cfg() && !e.uncond.defined()) {
+    if (model.uses_cfg(*batch[i]) && !e.uncond.defined()) {
       e.uncond = at::zeros_like(e.cond);
       e.uncond_class_labels = at::zeros_like(e.class_labels);
     }
@@ -194,7 +194,7 @@ std::vector<Embeddings> encode_if(const SdModel& model, const std::vector<const 
   };
   for (size_t i = 0; i < batch.size(); ++i) {
     add(i, false, batch[i]->prompt);
-    if (batch[i]->uses_cfg()) add(i, true, batch[i]->negative_prompt);
+    if (model.uses_cfg(*batch[i])) add(i, true, batch[i]->negative_prompt);
   }
   const auto n = static_cast<int64_t>(rows.size());
   const auto opt = at::TensorOptions().dtype(at::kLong);
@@ -220,7 +220,7 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
   std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
   for (size_t i = 0; i < batch.size(); ++i) {
     groups[batch[i]->clip_skip].push_back({i, false});
-    if (batch[i]->uses_cfg()) groups[batch[i]->clip_skip].push_back({i, true});
+    if (model_.uses_cfg(*batch[i])) groups[batch[i]->clip_skip].push_back({i, true});
   }
   for (const auto& [skip, rows] : groups) {
     std::vector<const std::string*> texts;
@@ -424,7 +424,11 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   ResolvedParams r = resolve_params(model, p, emb.image_latents);
   DenoiseState s;
   s.id = id;
-  s.guidance = p.guidance;
+  // an LCM UNet takes the guidance scale as an input (w = guidance - 1, as diffusers' pipelines) instead of an
+  // unconditional row
+  const int64_t cond_dim = model.unet_config.time_cond_proj_dim;
+  s.guidance = cond_dim > 0 ? 1.0 : p.guidance;
+  if (cond_dim > 0) s.timestep_cond = guidance_scale_embedding(p.guidance - 1.0, cond_dim);
   s.seed = p.seed;
   s.cond = emb.cond;
   s.uncond = emb.uncond;
@@ -442,7 +446,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
                            "prior stage before denoise)"
                          : " carries an image embedding, but the UNet has no class embedding");
   }
-  DP_CHECK(!p.uses_cfg() || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
+  DP_CHECK(!model.uses_cfg(p) || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
   if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
     attach_noised_image(model, s, r.image, p.noise_level, kSrImageNoiseStream, image_noise);
@@ -582,7 +586,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
-  std::vector<at::Tensor> xs, ctx, cls, tids;
+  std::vector<at::Tensor> xs, ctx, cls, tids, tconds;
   std::vector<double> ts;
   // ControlNets: for each one some request of the batch uses, each row's conditioning image and scale (rows without
   // one: zeros at scale 0, adding nothing)
@@ -634,6 +638,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     ts.push_back(t);
     if (s->class_labels.defined()) cls.push_back(s->class_labels);
     if (s->time_ids.defined()) tids.push_back(s->time_ids);
+    if (s->timestep_cond.defined()) tconds.push_back(s->timestep_cond);
   }
   const auto dt = model_.spec.dtype;
   at::Tensor x = at::stack(xs).to(dt);
@@ -646,6 +651,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   const bool levels = uc.class_embed_type == "timestep" || uc.num_class_embeds > 0;
   const at::Tensor labels = cls.empty() ? at::Tensor() : at::stack(cls).to(model_.spec.device, levels ? at::kFloat : dt);
   const at::Tensor time_ids = tids.empty() ? at::Tensor() : at::stack(tids);  // stays on the CPU
+  DP_CHECK(tconds.empty() || tconds.size() == xs.size(), "denoise: every request or none needs a guidance embedding");
+  const at::Tensor timestep_cond = tconds.empty() ? at::Tensor() : at::stack(tconds);
   UNetResiduals residuals;
   // diffusers' StableDiffusionControlNetPipeline: each ControlNet sees the UNet's input rows; several add up in
   // order (MultiControlNetModel)
@@ -670,8 +677,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   const bool control = !nets.empty();
   const auto lora = adapter_rows(lora_rows, model_.spec.device);
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
-  at::Tensor e =
-      model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr).to(at::kFloat);  // [rows, C, h, w]
+  at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond)
+                     .to(at::kFloat);  // [rows, C, h, w]
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;

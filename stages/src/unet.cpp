@@ -30,6 +30,19 @@ at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, bool flip_sin_to
   return emb;
 }
 
+at::Tensor guidance_scale_embedding(double w, int64_t dim) {
+  DP_CHECK(dim >= 4, "guidance embedding: width must be at least 4, got ", dim);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t half = dim / 2;
+  // float32 throughout, in diffusers' order of operations
+  const at::Tensor wt = at::full({1}, w, f32) * 1000.0;
+  const at::Tensor step = at::log(at::full({}, 10000.0, f32)) / static_cast<double>(half - 1);
+  const at::Tensor emb = wt.unsqueeze(1) * at::exp(at::arange(half, f32) * -step).unsqueeze(0);
+  at::Tensor out = at::cat({at::sin(emb), at::cos(emb)}, 1);
+  if (dim % 2 == 1) out = at::constant_pad_nd(out, {0, 1, 0, 0}, 0);
+  return out[0];
+}
+
 // addition_embed_type "text" (diffusers' TextTimeEmbedding): the text states layer-normed, attention-pooled by a
 // query that is their mean plus a learned position embedding, projected to the time embedding's width and normed.
 struct TextTimeEmbedding {
@@ -101,6 +114,7 @@ struct UNet2DConditionModel::Impl {
   nn::AddedKVAttention mid_simple;
   nn::Conv2d conv_in, conv_out;
   nn::Linear time_linear_1, time_linear_2;
+  nn::Linear time_cond_proj;                  // time_cond_proj_dim (LCM): the guidance embedding -> C0, no bias
   nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection" or "timestep"
   at::Tensor class_table;                     // num_class_embeds: [num_class_embeds, temb]
   nn::Linear add_linear_1, add_linear_2;      // addition_embed_type "text_time"
@@ -133,6 +147,8 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   auto is_if = [](const std::string& t) { return t.rfind("Simple", 0) == 0 || t.rfind("Resnet", 0) == 0; };
   m->time_linear_1 = nn::Linear(w, "time_embedding.linear_1", boc[0], temb);
   m->time_linear_2 = nn::Linear(w, "time_embedding.linear_2", temb, temb);
+  if (c.time_cond_proj_dim > 0)
+    m->time_cond_proj = nn::Linear(w, "time_embedding.cond_proj", c.time_cond_proj_dim, boc[0], /*has_bias=*/false);
   if (c.class_embed_type == "timestep") {  // TimestepEmbedding of the level's sinusoid, like the timestep's
     m->class_linear_1 = nn::Linear(w, "class_embedding.linear_1", boc[0], temb);
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
@@ -264,7 +280,8 @@ size_t UNet2DConditionModel::cuda_graphs() const { return impl_->graphs.graphs()
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                          const at::Tensor& context, const at::Tensor& class_labels,
-                                         const at::Tensor& time_ids, const UNetResiduals* residuals) const {
+                                         const at::Tensor& time_ids, const UNetResiduals* residuals,
+                                         const at::Tensor& timestep_cond) const {
   const Impl& m = *impl_;
   DP_CHECK(m.conv_out.weight.defined(), "unet: built without its up blocks (a ControlNet's encoder half)");
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
@@ -282,9 +299,10 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
         for (const auto& d : residuals->down) r.down.push_back(row(d));
         r.mid = row(residuals->mid);
       }
-      return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr);
+      return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr,
+                     row(timestep_cond));
     });
-  const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids);
+  const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids, timestep_cond);
   // a ControlNet's residuals change with every call, per-request LoRA branches with the batch's adapters: no graph
   if (residuals || nn::active_adapter_rows())
     return forward_embedded(sample, t_emb, context, cl, residuals);
@@ -327,11 +345,18 @@ UNetResiduals UNet2DConditionModel::encode(const at::Tensor& sample, const at::T
 
 std::pair<at::Tensor, at::Tensor> UNet2DConditionModel::embeddings(const at::Tensor& sample, const at::Tensor& t,
                                                                    const at::Tensor& class_labels,
-                                                                   const at::Tensor& time_ids) const {
+                                                                   const at::Tensor& time_ids,
+                                                                   const at::Tensor& timestep_cond) const {
   const Impl& m = *impl_;
   const int64_t B = sample.size(0);
-  const at::Tensor t_emb =
+  at::Tensor t_emb =
       to_sample_device(timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift), sample);
+  if (timestep_cond.defined()) {  // diffusers' TimestepEmbedding(t_emb, condition): t_emb + cond_proj(condition)
+    DP_CHECK(cfg_.time_cond_proj_dim > 0, "unet: timestep_cond given, but the config has no time_cond_proj_dim");
+    DP_CHECK(timestep_cond.dim() == 2 && timestep_cond.size(0) == B && timestep_cond.size(1) == cfg_.time_cond_proj_dim,
+             "unet: timestep_cond must be [", B, ", ", cfg_.time_cond_proj_dim, "], got ", shape_str(timestep_cond.sizes()));
+    t_emb = t_emb + m.time_cond_proj(timestep_cond.to(sample.device(), t_emb.scalar_type()));
+  }
   at::Tensor cl;
   if (cfg_.class_embed_type == "projection") {  // Stable unCLIP: the noised image embedding joins the time embedding
     DP_CHECK(class_labels.defined() && class_labels.dim() == 2 && class_labels.size(0) == B &&

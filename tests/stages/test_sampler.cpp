@@ -154,6 +154,53 @@ TEST(Sampler, MissingKeysTakeTheRunningClassDefaults) {
   EXPECT_NEAR(ddim(given, 1)[0][0][0][0].item<double>(), std::sqrt(a0) * x0_last + std::sqrt(1 - a0) * 3.0, 1e-4);
 }
 
+// LCMScheduler: `steps` evenly spaced entries of the distillation's 50-step schedule (values from diffusers 0.42's
+// set_timesteps); each step is c_out x0 + c_skip x, then (not at the last step) noised to the next timestep with the
+// request's noise. At most original_inference_steps steps.
+TEST(Sampler, LcmScheduleAndStep) {
+  SchedulerConfig c = sd_config("leading");
+  c.class_name = "LCMScheduler";
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 4)->timesteps(), ints({999, 759, 499, 259}));
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 6)->timesteps(), ints({999, 839, 679, 499, 339, 179}));
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 1)->timesteps(), ints({999}));
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 7)->timesteps(), ints({999, 859, 719, 579, 439, 299, 159}));
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 50)->timesteps().back(), 19);
+  c.original_inference_steps = 8;  // k = 125
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 3)->timesteps(), ints({999, 749, 374}));
+  EXPECT_EQ(test::error_of([&] { Sampler::create(SamplerKind::LCM, c, 9); }),
+            "steps: the LCM sampler runs at most original_inference_steps (8, the distillation's schedule) steps, got 9");
+  c.original_inference_steps = 50;
+  auto s = Sampler::create(SamplerKind::LCM, c, 2);
+  const at::Tensor ac = alphas_cumprod(c);
+  const at::Tensor x = at::full({1, 1, 2, 2}, 0.5), e = at::full({1, 1, 2, 2}, -0.25);
+  int drawn = 0;
+  StepNoise noise = [&](int step, const at::Tensor& like) {
+    ++drawn;
+    return at::full(like.sizes(), 0.1 * (step + 1));
+  };
+  auto expect = [&](int64_t t, double xv) {  // c_out x0 + c_skip x
+    const double a = ac[t].item<double>(), st = t * 10.0;
+    const double x0 = (xv - std::sqrt(1 - a) * -0.25) / std::sqrt(a);
+    return st / std::sqrt(st * st + 0.25) * x0 + 0.25 / (st * st + 0.25) * xv;
+  };
+  const double d0 = expect(999, 0.5), a1 = ac[499].item<double>();
+  const at::Tensor x1 = s->step(e, 0, x, noise);
+  EXPECT_NEAR(x1[0][0][0][0].item<double>(), std::sqrt(a1) * d0 + std::sqrt(1 - a1) * 0.1, 1e-5);
+  EXPECT_EQ(drawn, 1);
+  const at::Tensor x2 = s->step(e, 1, x1, noise);  // the last step: the estimate itself, no noise
+  EXPECT_NEAR(x2[0][0][0][0].item<double>(), expect(499, x1[0][0][0][0].item<double>()), 1e-5);
+  EXPECT_EQ(drawn, 1);
+  bool karras = true;
+  EXPECT_EQ(parse_sampler_name("lcm", &karras), SamplerKind::LCM);
+  EXPECT_FALSE(karras);
+  EXPECT_EQ(sampler_kind_of_class("LCMScheduler"), SamplerKind::LCM);
+  const std::string dir = test::scratch_dir("sched-lcm");
+  write_json(dir + "/bad.json", {{"_class_name", "LCMScheduler"}, {"original_inference_steps", 2000}});
+  EXPECT_NE(test::error_of([&] { SchedulerConfig::load(dir + "/bad.json"); })
+                .find("bad.json: key 'original_inference_steps': must be at most num_train_timesteps (1000)"),
+            std::string::npos);
+}
+
 // DDPMScheduler against diffusers, step by step on recorded trajectories (tests/stages/make_ddpm_golden.py; test.sh
 // makes the folder under build/golden): DeepFloyd IF's learned_range variance with Imagen's dynamic thresholding,
 // a learned variance with sample prediction, fixed_large with v prediction and trailing spacing, thresholding with

@@ -9,6 +9,7 @@
 
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/controlnet.h"
+#include "diffpipe/stages/request.h"
 #include "diffpipe/stages/sampler.h"
 #include "diffpipe/stages/super_res.h"
 #include "diffpipe/stages/t5.h"
@@ -99,6 +100,10 @@ struct SdModel {
   }
   // Image size must be a multiple of this (VAE factor x UNet downsampling).
   int64_t size_multiple() const;
+  // Whether request `p` runs classifier-free guidance here (an unconditional row beside its own): guidance above 1
+  // and a UNet without time_cond_proj_dim; a Latent Consistency Model's UNet embeds the guidance scale instead
+  // (diffusers' do_classifier_free_guidance), so it ignores the negative prompt.
+  bool uses_cfg(const GenerationParams& p) const { return p.uses_cfg() && unet_config.time_cond_proj_dim == 0; }
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)

@@ -1,5 +1,5 @@
 // Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral,
-// DPM-Solver++ 2M (optionally with Karras sigmas) and PNDM/PLMS. Each request owns its Sampler, so requests
+// DPM-Solver++ 2M (optionally with Karras sigmas), PNDM/PLMS, DDPM and LCM (Latent Consistency Models). Each request owns its Sampler, so requests
 // at different steps and with different samplers share one UNet call (the denoiser batches them).
 // Thread-safety: a Sampler is used by one thread at a time; SchedulerConfig is immutable.
 #pragma once
@@ -13,7 +13,7 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM };
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -26,7 +26,7 @@ struct SchedulerConfig {
   std::string timestep_spacing;                   // leading | linspace | trailing ("" = the class default)
   int64_t steps_offset = 0;
   // absent from the file: the default of the class that runs (diffusers' from_config): DDIM's set_alpha_to_one and
-  // clip_sample are true, PNDM's set_alpha_to_one false, DDPM's clip_sample true
+  // clip_sample are true, PNDM's set_alpha_to_one false, DDPM's clip_sample true, LCM's clip_sample false
   std::optional<bool> set_alpha_to_one;
   std::optional<bool> clip_sample;
   double clip_sample_range = 1.0;
@@ -40,6 +40,10 @@ struct SchedulerConfig {
   bool euler_at_final = false;
   std::string final_sigmas_type = "zero";
   std::string interpolation_type = "linear";
+  // LCMScheduler: the distillation's schedule of this many steps (every num_train_timesteps / n-th timestep), of
+  // which a run takes evenly spaced entries; the boundary condition's timestep scaling
+  int64_t original_inference_steps = 50;
+  double timestep_scaling = 10.0;
   // DDPMScheduler: fixed_small | fixed_small_log | fixed_large | learned | learned_range (the
   // model predicts it: its output has twice the sample's channels, DeepFloyd IF)
   std::string variance_type = "fixed_small";
@@ -51,7 +55,7 @@ struct SchedulerConfig {
   static SchedulerConfig load_ddpm(const std::string& path);
 };
 
-// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms).
+// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms), ddpm, lcm.
 // Sets *karras for dpmpp_2m_karras. Throws listing the valid names.
 SamplerKind parse_sampler_name(const std::string& name, bool* karras);
 // The kind a config's _class_name denotes.

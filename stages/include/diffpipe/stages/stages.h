@@ -49,6 +49,8 @@ struct DenoiseState {
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
   at::Tensor class_labels, uncond_class_labels, time_ids;  // as in Embeddings
+  at::Tensor timestep_cond;  // an LCM UNet (time_cond_proj_dim): the request's guidance embedded [D] float32 (the
+                             // UNet's timestep_cond; guidance is then 1: no unconditional row)
   at::Tensor concat;        // joined to the UNet input along channels (DeepFloyd IF stage II: the noised upscaled
                             // stage-I image [3, H, W]); undefined otherwise
   StepNoise step_noise;     // stochastic samplers' noise; unset: the request's counter-based stream 1 + step

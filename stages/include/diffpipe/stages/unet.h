@@ -54,6 +54,9 @@ struct UNetConfig {
   int64_t encoder_hid_dim = 0;               // > 0: encoder_hid_proj (text_proj) from this width
   int64_t addition_embed_type_num_heads = 64;  // addition_embed_type "text": attention-pooling heads
   bool cross_attention_norm = false;         // cross_attention_norm "group_norm" (SimpleCrossAttn blocks)
+  // > 0: a Latent Consistency Model's UNet: time_embedding.cond_proj adds a projection of the guidance scale's
+  // embedding (guidance_scale_embedding, this wide) to the timestep's; the pipelines run no classifier-free guidance
+  int64_t time_cond_proj_dim = 0;
   static UNetConfig load(const std::string& config_json);  // rejects unsupported values, naming the key
   static UNetConfig from(const JsonConfig& config);         // the same from a parsed config
 };
@@ -82,9 +85,11 @@ class UNet2DConditionModel {
   // size: K = 6), where P + K * addition_time_embed_dim = projection_class_embeddings_input_dim; else undefined.
   // Returns the noise (or v) prediction [B, C_out, H, W].
   // `residuals` (a ControlNet's, [B, ...] like the skips): added to the skips and the mid block's output.
+  // `timestep_cond` [B, time_cond_proj_dim] (LCM UNets: guidance_scale_embedding of guidance - 1): projected by
+  // time_embedding.cond_proj and added to the timestep's sinusoid; undefined: nothing added (as diffusers' None).
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
                      const at::Tensor& class_labels = at::Tensor(), const at::Tensor& time_ids = at::Tensor(),
-                     const UNetResiduals* residuals = nullptr) const;
+                     const UNetResiduals* residuals = nullptr, const at::Tensor& timestep_cond = at::Tensor()) const;
   // The down and mid blocks alone, with `conv_in_add` added to conv_in's output (a ControlNet's conditioning
   // embedding): the skips and the mid block's output, unscaled.
   UNetResiduals encode(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoder_hidden_states,
@@ -104,11 +109,16 @@ class UNet2DConditionModel {
                               const at::Tensor& conv_in_add = at::Tensor(), UNetResiduals* encoder_out = nullptr) const;
   // forward()'s input checks and embeddings: t_emb and class labels on the sample's device and dtype.
   std::pair<at::Tensor, at::Tensor> embeddings(const at::Tensor& sample, const at::Tensor& t,
-                                               const at::Tensor& class_labels, const at::Tensor& time_ids) const;
+                                               const at::Tensor& class_labels, const at::Tensor& time_ids,
+                                               const at::Tensor& timestep_cond = at::Tensor()) const;
   struct Impl;
   std::shared_ptr<const Impl> impl_;
   UNetConfig cfg_;
 };
+
+// The guidance scale's embedding of a Latent Consistency Model (diffusers' get_guidance_scale_embedding, as its
+// pipelines call it with w = guidance - 1): [dim] float32, sin then cos of 1000 w x 10000^(-k / (dim/2 - 1)).
+at::Tensor guidance_scale_embedding(double w, int64_t dim);
 
 // diffusers' get_timestep_embedding: t: [B] -> [B, dim] (float32).
 at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, bool flip_sin_to_cos, double freq_shift,
