@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Latent Consistency Models through `diffpipe generate` and `serve`:
+#   lcm_test.sh DIFFPIPE_BIN WORKDIR   (the folders: $DIFFPIPE_GOLDEN_LCM, made by tests/stages/make_lcm_golden.py)
+# Checks: an LCM-distilled folder (time_cond_proj_dim UNet, LCMScheduler) gives the same PNG bytes on 1 rank, on
+# 3 pipelined ranks and on 2 replicas; its guidance is an input (another scale, another image) and its negative
+# prompt is not used (the same pixels, as diffusers); `--sampler lcm` on an ordinary SD folder equals the JSONL key
+# and differs from DDIM; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
+# gives the CLI's pixels. Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_LCM:-$(dirname "$0")/../../../shared/golden/tiny-lcm}
+MODEL=$GOLD/lcm-model
+[ -d "$MODEL" ] || { echo "SKIP: LCM folder $MODEL is absent (set DIFFPIPE_GOLDEN_LCM)"; exit 77; }
+source "$(dirname "$0")/lib.sh"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 4 --seed 5 --threads 1
+        --batch-invariant --quiet --timeout 60)
+
+one_rank_run 6
+same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
+same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+grep -aq "Sampler: model default" "$WORK/np1/img-00000-seed5.png" && ok "the folder's LCMScheduler runs by default" \
+  || bad "PNG lacks the sampler"
+
+ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 9 --steps 4 --threads 1 --quiet)
+run() {  # run NAME ARGS...: "${ONE[@]}" ARGS into $WORK/NAME
+  local name=$1; shift
+  timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log" || bad "$name failed: $(tail -2 "$WORK/$name.log")"
+}
+run g8 --guidance 8.5
+run g2 --guidance 2
+run neg --guidance 8.5 --negative-prompt "blurry, dark"
+P=img-00000-seed9.png
+cmp -s "$WORK/g8/$P" "$WORK/g2/$P" && bad "the guidance scale did not change the distilled UNet's image" \
+  || ok "the guidance scale reaches the distilled UNet (embedded) and changes the image"
+same_pixels "$WORK/g8/$P" "$WORK/neg/$P" \
+  && ok "a negative prompt leaves the distilled UNet's pixels as they are (no unconditional row)" \
+  || bad "a negative prompt changed a distilled UNet's image"
+
+SD=$GOLD/model
+ONE=(generate --model "$SD" --prompt "a red circle" --seed 9 --steps 4 --guidance 1.5 --threads 1 --quiet)
+run sdlcm --sampler lcm
+run sdddim --sampler ddim
+printf '%s\n' '{"prompt": "a red circle", "seed": 9, "sampler": "lcm"}' > "$WORK/lcm.jsonl"
+timeout 60 "$BIN" generate --model "$SD" --prompts "$WORK/lcm.jsonl" --steps 4 --guidance 1.5 --threads 1 --quiet \
+  --out "$WORK/sdjsonl" 2> "$WORK/sdjsonl.log" || bad "JSONL lcm run failed: $(tail -2 "$WORK/sdjsonl.log")"
+cmp -s "$WORK/sdlcm/$P" "$WORK/sdjsonl/$P" && ok "--sampler lcm equals the JSONL key" || bad "--sampler lcm differs from JSONL"
+same_pixels "$WORK/sdlcm/$P" "$WORK/sdddim/$P" && bad "lcm and ddim gave the same image" || ok "lcm differs from ddim"
+grep -aq "Sampler: lcm" "$WORK/sdlcm/$P" && ok "the PNG records the sampler" || bad "PNG lacks 'Sampler: lcm'"
+refused steps "original_inference_steps (50" --sampler lcm --steps 51
+
+serve_up "$WORK/serve.log" --model "$SD" --steps 4 --guidance 1.5 --threads 1
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$WORK/sdlcm/$P" <<'PY' && ok "serve: \"sampler\": \"lcm\" gives the CLI's pixels" || bad "serve lcm"
+import base64, sys
+import http_util
+url, cli = sys.argv[1:3]
+st, r = http_util.post(url, {"prompt": "a red circle", "seed": 9, "sampler": "lcm"})
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
+assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+PY
+else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
+kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+
+echo "lcm: $passed passed, $fails failed"
+[ $fails = 0 ]
