@@ -255,6 +255,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.max_noise_level = static_cast<int>(JsonConfig::load(path_join(dir, "model_index.json")).integer("max_noise_level", 350));
   }
   m.sdxl = is_sdxl(dir);
+  m.lcm_pipeline = is_lcm_pipeline(dir);
   if (m.sdxl) {
     m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
     m.force_zeros_for_empty_prompt =
@@ -343,6 +344,10 @@ bool SdModel::is_sdxl(const std::string& dir) {
   const std::string c = pipeline_class(dir);
   return c == "StableDiffusionXLPipeline" || c == "StableDiffusionXLImg2ImgPipeline" ||
          c == "StableDiffusionXLInpaintPipeline";
+}
+bool SdModel::is_lcm_pipeline(const std::string& dir) {
+  const std::string c = pipeline_class(dir);
+  return c == "LatentConsistencyModelPipeline" || c == "LatentConsistencyModelImg2ImgPipeline";
 }
 bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 

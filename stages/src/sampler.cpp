@@ -413,16 +413,21 @@ namespace {
 // with fresh noise from the request's stream.
 class LCMSampler : public Sampler {
  public:
-  LCMSampler(const SchedulerConfig& c, int steps) : c_(c) {
+  LCMSampler(const SchedulerConfig& c, int steps, double strength) : c_(c) {
     alphas_cumprod_ = to_vec(alphas_cumprod(c));
     const int64_t orig = c.original_inference_steps;
     DP_CHECK(steps <= orig, "steps: the LCM sampler runs at most original_inference_steps (", orig,
              ", the distillation's schedule) steps, got ", steps);
+    // diffusers' LCMScheduler.set_timesteps(steps, strength=...): the first int(orig x strength) of the schedule
+    const auto n = static_cast<int64_t>(static_cast<double>(orig) * strength);
+    DP_CHECK(n >= steps, "strength: ", strength, " leaves int(", orig, " x ", strength, ") = ", n, " of the LCM ",
+             "schedule's timesteps (original_inference_steps ", orig, "), fewer than the ", steps,
+             " steps; raise strength or lower steps");
     const int64_t k = c.num_train_timesteps / orig;
-    const double stride = static_cast<double>(orig) / steps;  // numpy's linspace(0, orig, steps, endpoint=False)
+    const double stride = static_cast<double>(n) / steps;  // numpy's linspace(0, n, steps, endpoint=False)
     for (int i = 0; i < steps; ++i) {
       const auto idx = static_cast<int64_t>(std::floor(i * stride));
-      timesteps_.push_back(static_cast<double>((orig - idx) * k - 1));
+      timesteps_.push_back(static_cast<double>((n - idx) * k - 1));
     }
   }
   SamplerKind kind() const override { return SamplerKind::LCM; }
@@ -468,9 +473,11 @@ class DdpmStepSampler : public Sampler {
 };
 }  // namespace
 
-std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas) {
+std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas,
+                                         double strength) {
   DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "sampler: steps must be in [1, ", cfg.num_train_timesteps,
            "], got ", steps);
+  DP_CHECK(strength == 1.0 || kind == SamplerKind::LCM, "sampler: only LCM takes a strength");
   std::unique_ptr<Sampler> s;
   switch (kind) {
     case SamplerKind::DDIM: s = std::make_unique<DDIMSampler>(cfg, steps); break;
@@ -484,7 +491,7 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
-    case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps); break;
+    case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;
   }
   DP_CHECK(s, "sampler: unknown kind");
   // with steps_offset, as many steps as training timesteps run past the last one

@@ -297,10 +297,15 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     r.width = static_cast<int>(W);
     r.height = static_cast<int>(H);
     const double strength = p.effective_strength(model.sdxl);
-    const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
-    DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
-             "strength) must be at least 1); raise strength or steps");
-    r.begin = p.steps - init;
+    if (model.lcm_pipeline && r.kind == SamplerKind::LCM && p.mask.empty()) {
+      // LatentConsistencyModelImg2ImgPipeline: every step runs, over the strength's share of the LCM schedule
+      r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, false, strength);
+    } else {
+      const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
+      DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
+               "strength) must be at least 1); raise strength or steps");
+      r.begin = p.steps - init;
+    }
     if (!p.mask.empty() && !image_latents.defined()) {
       r.mask = input_mask(p);
       DP_CHECK(r.mask.size(1) == H && r.mask.size(2) == W, "mask: ", describe_image_ref(p.mask), " is ", r.mask.size(2),

@@ -4,7 +4,8 @@
 # Checks: an LCM-distilled folder (time_cond_proj_dim UNet, LCMScheduler) gives the same PNG bytes on 1 rank, on
 # 3 pipelined ranks and on 2 replicas; its guidance is an input (another scale, another image) and its negative
 # prompt is not used (the same pixels, as diffusers); `--sampler lcm` on an ordinary SD folder equals the JSONL key
-# and differs from DDIM; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
+# and differs from DDIM; image-to-image on the distilled folder gives the same PNG bytes on 1 and 3 ranks, and a
+# strength too small for the steps is refused by name; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
 # gives the CLI's pixels. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -35,6 +36,16 @@ cmp -s "$WORK/g8/$P" "$WORK/g2/$P" && bad "the guidance scale did not change the
 same_pixels "$WORK/g8/$P" "$WORK/neg/$P" \
   && ok "a negative prompt leaves the distilled UNet's pixels as they are (no unconditional row)" \
   || bad "a negative prompt changed a distilled UNet's image"
+
+# image-to-image on the distilled folder (LatentConsistencyModelImg2ImgPipeline: every step, strength's share)
+I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$GOLD/input_0.png" --strength 0.5 --seed 3 --steps 4
+     --threads 1 --batch-invariant --quiet --timeout 60)
+timeout 60 "$BIN" "${I2I[@]}" --out "$WORK/i2i1" 2> "$WORK/i2i1.log" || bad "img2img failed: $(tail -2 "$WORK/i2i1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${I2I[@]}" --out "$WORK/i2i3" 2> "$WORK/i2i3.log" \
+  || bad "3-rank img2img failed: $(tail -2 "$WORK/i2i3.log")"
+same_pngs "$WORK/i2i1" "$WORK/i2i3" && ok "image-to-image: 1 and 3 ranks give the same PNG bytes" \
+  || bad "image-to-image differs across ranks"
+refused strength "int(50 x 0.05) = 2" --image "$GOLD/input_0.png" --strength 0.05
 
 SD=$GOLD/model
 ONE=(generate --model "$SD" --prompt "a red circle" --seed 9 --steps 4 --guidance 1.5 --threads 1 --quiet)

@@ -14,7 +14,9 @@ latent-consistency/lcm-sdxl is used: StableDiffusionXLPipeline).
 DIR/input_K.png: image-to-image inputs (32x32).
 DIR/golden.safetensors, for each run R of golden.json (model, pipeline, steps, guidance, negative prompt, strength):
 R.draws.K, every random draw in order (text-to-image: the initial latents [B, 4, 8, 8], then the scheduler's noise at
-each step but the last; image-to-image: the posterior's sample, the noise, then the steps'), R.timesteps (i64) and
+each step but the last; image-to-image: the posterior's sample, the noise, then the steps'; the distilled folder's
+image-to-image runs LatentConsistencyModelImg2ImgPipeline: every step, over the strength's share of the schedule),
+R.timesteps (i64) and
 R.images [B, 3, 32, 32] in [0, 1]; R.w_embedding for the distilled UNet's runs.
 """
 import argparse
@@ -38,6 +40,9 @@ RUNS = [
     # a distilled LCM UNet: guidance embedded, one UNet row per request
     dict(name="distilled", model="lcm-model", pipeline="lcm", steps=4, guidance=8.5, negative_prompt=None),
     dict(name="distilled_sd", model="lcm-model", pipeline="sd", steps=3, guidance=3.0, negative_prompt="blurry"),
+    # LatentConsistencyModelImg2ImgPipeline: every step runs, over the strength's share of the schedule
+    dict(name="distilled_img2img", model="lcm-model", pipeline="lcm_img2img", steps=4, guidance=6.0,
+         negative_prompt=None, strength=0.5),
 ]
 
 
@@ -76,9 +81,10 @@ def main():
     ap.add_argument("--sdxl", help="an SDXL model folder for the lcm_sdxl run")
     a = ap.parse_args()
     import diffusers
-    from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline, LCMScheduler,
+                           StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
     from diffusers.models.autoencoders import vae as vae_module
+    from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as lcm_i2i_module
     from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_text2img as lcm_module
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion, pipeline_stable_diffusion_img2img
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
@@ -123,6 +129,9 @@ def main():
                                pipeline_stable_diffusion_img2img),
         ("lcm-model", "lcm"): (LatentConsistencyModelPipeline(unet=unet, safety_checker=None, feature_extractor=None,
                                                               requires_safety_checker=False, **parts), lcm_module),
+        ("lcm-model", "lcm_img2img"): (
+            LatentConsistencyModelImg2ImgPipeline(unet=unet, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False, **parts), lcm_i2i_module),
         ("lcm-model", "sd"): (StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
                                                       requires_safety_checker=False, **parts),
                               pipeline_stable_diffusion),
@@ -157,7 +166,7 @@ def main():
                   generator=torch.Generator().manual_seed(a.seed + 11))
         if r["negative_prompt"] is not None:
             kw["negative_prompt"] = [r["negative_prompt"]] * len(PROMPTS)
-        if r["pipeline"] == "img2img":
+        if r["pipeline"] in ("img2img", "lcm_img2img"):
             kw.update(image=images, strength=r["strength"])
         if r["pipeline"] == "sdxl":
             kw.update(height=32, width=32)

@@ -2,7 +2,7 @@
 // build/golden): the LCM sampler on tiny-sd's own UNet, as an LCM-LoRA runs (StableDiffusionPipeline and
 // StableDiffusionImg2ImgPipeline with LCMScheduler, with and without classifier-free guidance), and an LCM-distilled
 // UNet (time_cond_proj_dim: the guidance scale embedded into the time embedding, one UNet row per request) through
-// LatentConsistencyModelPipeline and StableDiffusionPipeline, and on SDXL. Every run replays the reference's draws:
+// LatentConsistencyModelPipeline, LatentConsistencyModelImg2ImgPipeline and StableDiffusionPipeline, and on SDXL. Every run replays the reference's draws:
 // the initial latents, then the sampler's noise at each step. $DIFFPIPE_GOLDEN_LCM, default the sibling tiny-lcm of
 // the tiny-sd folder; absent, the tests skip.
 #include "diffpipe/runtime/json_config.h"
@@ -33,7 +33,8 @@ std::vector<GenerationParams> run_params(const std::string& dir, const nlohmann:
     p.guidance = run.at("guidance").get<double>();
     if (!run.at("negative_prompt").is_null()) p.negative_prompt = run.at("negative_prompt").get<std::string>();
     if (run.at("model").get<std::string>() == "model") p.sampler = "lcm";
-    if (run.at("pipeline").get<std::string>() == "img2img") {
+    const std::string pipeline = run.at("pipeline").get<std::string>();
+    if (pipeline == "img2img" || pipeline == "lcm_img2img") {
       p.image_prompt = dir + "/input_" + std::to_string(i) + ".png";
       p.strength = run.at("strength").get<double>();
     }

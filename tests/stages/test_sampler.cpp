@@ -165,6 +165,12 @@ TEST(Sampler, LcmScheduleAndStep) {
   EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 1)->timesteps(), ints({999}));
   EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 7)->timesteps(), ints({999, 859, 719, 579, 439, 299, 159}));
   EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 50)->timesteps().back(), 19);
+  // LatentConsistencyModelImg2ImgPipeline's schedule: every step within the strength's share
+  EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 4, false, 0.5)->timesteps(), ints({499, 379, 259, 139}));
+  EXPECT_EQ(test::error_of([&] { Sampler::create(SamplerKind::LCM, c, 4, false, 0.05); }),
+            "strength: 0.05 leaves int(50 x 0.05) = 2 of the LCM schedule's timesteps (original_inference_steps 50), "
+            "fewer than the 4 steps; raise strength or lower steps");
+  EXPECT_THROW(Sampler::create(SamplerKind::DDIM, c, 4, false, 0.5), Error);
   c.original_inference_steps = 8;  // k = 125
   EXPECT_EQ(Sampler::create(SamplerKind::LCM, c, 3)->timesteps(), ints({999, 749, 374}));
   EXPECT_EQ(test::error_of([&] { Sampler::create(SamplerKind::LCM, c, 9); }),

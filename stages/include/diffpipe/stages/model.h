@@ -53,6 +53,9 @@ struct SdModel {
   ClipTextConfig text_config;
   ClipTextConfig text_config_2;            // SDXL only
   bool sdxl = false;                       // an SDXL folder (is_sdxl)
+  // model_index.json names LatentConsistencyModelPipeline (or its Img2Img variant): with the LCM sampler,
+  // image-to-image runs every step over the strength's share of the schedule (LatentConsistencyModelImg2ImgPipeline)
+  bool lcm_pipeline = false;
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
   // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder): its configs (always) and
@@ -110,6 +113,7 @@ struct SdModel {
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
+  static bool is_lcm_pipeline(const std::string& dir);
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
   static bool is_img2img_folder(const std::string& dir);  // what img2img() says of the folder's loaded model

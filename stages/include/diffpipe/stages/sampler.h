@@ -68,8 +68,11 @@ using StepNoise = std::function<at::Tensor(int step, const at::Tensor& like)>;
 class Sampler {
  public:
   virtual ~Sampler() = default;
-  // Builds a sampler for `steps` inference steps. `karras` forces Karras sigmas (DPM-Solver++).
-  static std::unique_ptr<Sampler> create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras = false);
+  // Builds a sampler for `steps` inference steps. `karras` forces Karras sigmas (DPM-Solver++). `strength` < 1 (LCM
+  // only: LatentConsistencyModelImg2ImgPipeline): the steps spread over the first int(original_inference_steps x
+  // strength) entries of the distillation's schedule, counted from its clean end.
+  static std::unique_ptr<Sampler> create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras = false,
+                                         double strength = 1.0);
 
   // Number of UNet evaluations (PNDM with skip_prk_steps makes steps + 1).
   int num_calls() const { return static_cast<int>(timesteps_.size()); }
