@@ -660,26 +660,46 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   const at::Tensor timestep_cond = tconds.empty() ? at::Tensor() : at::stack(tconds);
   UNetResiduals residuals;
   // diffusers' StableDiffusionControlNetPipeline: each ControlNet sees the UNet's input rows; several add up in
-  // order (MultiControlNetModel)
+  // order (MultiControlNetModel). A ControlNet runs only on the rows it acts on (a scale other than 0): not on the
+  // unconditional row in guess mode (as diffusers), nor on requests without its image or outside their
+  // control_start/end; the other rows get zero residuals.
   for (size_t j = 0; j < nets.size(); ++j) {
-    profile::Scope cn(profile::Section::UNet);
     const ControlNetModel& net = *model_.controlnets[nets[j]];
+    const auto rows = static_cast<int64_t>(cscales[j].size());
+    std::vector<int64_t> used;
+    std::vector<float> flat;
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto& sc = cscales[j][static_cast<size_t>(r)];
+      if (std::none_of(sc.begin(), sc.end(), [](float v) { return v != 0.0f; })) continue;
+      used.push_back(r);
+      flat.insert(flat.end(), sc.begin(), sc.end());
+    }
+    if (used.empty()) continue;
+    const bool all = static_cast<int64_t>(used.size()) == rows;
+    const at::Tensor idx = at::tensor(used, at::TensorOptions().dtype(at::kLong));
+    auto pick = [&](const at::Tensor& v) { return all || !v.defined() ? v : v.index_select(0, idx.to(v.device())); };
     // the latents alone: an inpainting UNet's mask and masked-image channels are its own (ControlNetInpaintPipeline)
     const int64_t in = net.config().unet.in_channels;
-    std::vector<float> flat;
-    for (const auto& row : cscales[j]) flat.insert(flat.end(), row.begin(), row.end());
-    const auto rows = static_cast<int64_t>(cscales[j].size());
     UNetResiduals rk = net.forward(
-        x.size(1) == in ? x : x.slice(1, 0, in), t, c, at::stack(conds[j]).to(model_.spec.device, dt),
-        at::tensor(flat, at::TensorOptions().dtype(at::kFloat)).view({rows, -1}), labels, time_ids);
-    if (j == 0) {
-      residuals = std::move(rk);
+        pick(x.size(1) == in ? x : x.slice(1, 0, in)), pick(t), pick(c),
+        pick(at::stack(conds[j])).to(model_.spec.device, dt),
+        at::tensor(flat, at::TensorOptions().dtype(at::kFloat)).view({static_cast<int64_t>(used.size()), -1}),
+        pick(labels), pick(time_ids));
+    auto spread = [&](const at::Tensor& v) {  // back to every row, zeros where the ControlNet did not run
+      if (all) return v;
+      std::vector<int64_t> shape = v.sizes().vec();
+      shape[0] = rows;
+      return at::zeros(shape, v.options()).index_copy_(0, idx.to(v.device()), v);
+    };
+    if (!residuals.mid.defined()) {
+      for (const at::Tensor& d : rk.down) residuals.down.push_back(spread(d));
+      residuals.mid = spread(rk.mid);
       continue;
     }
-    for (size_t d = 0; d < residuals.down.size(); ++d) residuals.down[d] = residuals.down[d] + rk.down[d];
-    residuals.mid = residuals.mid + rk.mid;
+    for (size_t d = 0; d < residuals.down.size(); ++d) residuals.down[d] = residuals.down[d] + spread(rk.down[d]);
+    residuals.mid = residuals.mid + spread(rk.mid);
   }
-  const bool control = !nets.empty();
+  const bool control = residuals.mid.defined();
   const auto lora = adapter_rows(lora_rows, model_.spec.device);
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
   at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond)
