@@ -60,8 +60,8 @@ const std::vector<cli::Opt> kOptions = {
                         "width, height, clip_skip, images, prior_steps, prior_guidance, noise_level,\n"
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
-                        "control_image, control_scale, control_start, control_end, guess_mode, lora (unset keys take the command\n"
-                        "line's values)"},
+                        "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
+                        "aesthetic_score, negative_aesthetic_score (unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -81,6 +81,8 @@ const std::vector<cli::Opt> kOptions = {
     {"original-height", "H", "SDXL folders: the original height the UNet is told (default: the image's)"},
     {"crop-top", "Y", "SDXL folders: the crop's top coordinate the UNet is told (default 0)"},
     {"crop-left", "X", "SDXL folders: the crop's left coordinate the UNet is told (default 0)"},
+    {"aesthetic-score", "S", "SDXL refiner folders: the aesthetic score the prompt's row is told (default 6)"},
+    {"negative-aesthetic-score", "S", "SDXL refiner folders: the unconditional row's aesthetic score (default 2.5)"},
     {"sr-steps", "N", "DeepFloyd IF folders with super_resolution/: stage II's DDPM steps (default 50)"},
     {"sr-guidance", "G", "DeepFloyd IF stage II: classifier-free guidance (default 4)"},
     {"sr-noise-level", "L", "DeepFloyd IF stage II: noise added to the enlarged stage-I image, in [0, 1000) (default 250)"},
@@ -94,7 +96,7 @@ const std::vector<cli::Opt> kOptions = {
                       "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x. Stored as\n"
                       "image_prompt; a data:image/png;base64 URI works too"},
     {"strength", "S", "image-to-image: how much of the schedule runs on the noised image, in [0, 1]: int(steps x S)\n"
-                      "steps run (default 0.8; 1 for inpainting, 0.9999 on SDXL as diffusers)"},
+                      "steps run (the pipelines' defaults: 0.8, 0.3 on SDXL; inpainting 1, 0.9999 on SDXL)"},
     {"mask", "FILE", "inpainting (SD 1.x/2.x and SDXL folders, with --image): a PNG of the image's size; white repainted,\n"
                      "black kept (an inpainting folder's 9-channel UNet, or any SD UNet by blending)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
@@ -335,6 +337,12 @@ int generate_main(int argc, char** argv) {
     base.crop_left = static_cast<int>(a.integer("crop-left", 0));
     DP_CHECK(base.original_width >= 0 && base.original_height >= 0 && base.crop_top >= 0 && base.crop_left >= 0,
              "generate: --original-width/--original-height/--crop-top/--crop-left must be at least 0");
+    for (const auto& [flag, v] : {std::pair<const char*, double*>{"aesthetic-score", &base.aesthetic_score},
+                                  {"negative-aesthetic-score", &base.negative_aesthetic_score}})
+      if (a.has(flag)) {
+        *v = a.number(flag, 0);
+        DP_CHECK(std::isfinite(*v) && *v >= 0, "generate: --", flag, " must be a number >= 0, got ", *v);
+      }
     base.sr_steps = static_cast<int>(a.integer("sr-steps", 50));
     base.sr_guidance = a.number("sr-guidance", 4.0);
     base.sr_noise_level = static_cast<int>(a.integer("sr-noise-level", 250));

@@ -132,8 +132,9 @@ int serve_main(int argc, char** argv) {
     so.controlnets = static_cast<int>(opts.addons.controlnets.size());
     so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
     so.count_tokens = [&model](const std::string& s) {
-      return static_cast<int>(std::min<size_t>(model.tokenizer->encode_untruncated(s).size(),
-                                               static_cast<size_t>(model.tokenizer->max_length())));
+      // the first tokenizer, or the second where the folder has it alone (the SDXL refiner)
+      const ClipTokenizer& tok = model.tokenizer ? *model.tokenizer : *model.tokenizer_2;
+      return static_cast<int>(std::min<size_t>(tok.encode_untruncated(s).size(), static_cast<size_t>(tok.max_length())));
     };
     server = std::make_unique<ImageServer>(so);
   }

@@ -57,7 +57,8 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
                                               "noise_level"};
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
-                                             "control_guidance_start", "control_guidance_end"};
+                                             "control_guidance_start", "control_guidance_end", "aesthetic_score",
+                                             "negative_aesthetic_score"};
   json j = json::object();
   for (const FormPart& p : parts) {
     const std::string name = p.name == "image[]" ? "image" : p.name;
@@ -329,7 +330,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "sampler", "width", "height", "stream", "partial_images", "image",
                                             "strength", "noise_level", "mask", "control_image",
                                             "controlnet_conditioning_scale", "control_guidance_start",
-                                            "control_guidance_end", "lora", "guess_mode"};
+                                            "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
+                                            "negative_aesthetic_score"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -394,6 +396,12 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       p.strength = *s;
       if (!(p.strength >= 0 && p.strength <= 1)) throw BadRequest{"'strength' must be in [0, 1]", "strength"};
     }
+    for (const auto& [key, v] : {std::pair<const char*, double*>{"aesthetic_score", &p.aesthetic_score},
+                                 {"negative_aesthetic_score", &p.negative_aesthetic_score}})
+      if (const auto s = number(key, " >= 0")) {  // the SDXL refiner's (checked against the model later)
+        *v = *s;
+        if (!(*v >= 0)) throw BadRequest{std::string("'") + key + "' must be a number >= 0", key};
+      }
     if (j.contains("guess_mode")) {  // ControlNets' guess mode
       if (!j["guess_mode"].is_boolean()) throw BadRequest{"'guess_mode' must be true or false", "guess_mode"};
       p.guess_mode = j["guess_mode"].get<bool>();

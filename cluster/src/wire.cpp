@@ -103,6 +103,9 @@ GenerationParams read_params(const Reader& r, const json& o) {
     p.x4_noise_level = static_cast<int>(r.integer(o, "x4_noise_level", "params.x4_noise_level", 0, 1 << 20));
   }
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
+  if (o.contains("aesthetic_score")) p.aesthetic_score = r.number(o, "aesthetic_score", "params.aesthetic_score");
+  if (o.contains("negative_aesthetic_score"))
+    p.negative_aesthetic_score = r.number(o, "negative_aesthetic_score", "params.negative_aesthetic_score");
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
   if (o.contains("lora")) p.lora = r.str(o, "lora", "params.lora");
   if (o.contains("guess_mode")) {

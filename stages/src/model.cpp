@@ -76,22 +76,40 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
 }
 }  // namespace
 
+// The SDXL refiner's layout: model_index.json names neither tokenizer nor text_encoder (absent, null or [null, null],
+// as diffusers saves an unset component), only their second ones.
+static bool second_encoder_only_folder(const std::string& dir) {
+  if (!SdModel::is_sdxl(dir)) return false;
+  const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+  auto unset = [&](const char* k) {
+    if (!index.has(k)) return true;
+    const auto& v = index.json()[k];
+    return v.is_array() && !v.empty() && v[0].is_null();
+  };
+  return unset("text_encoder") && unset("tokenizer");
+}
+
 void SdModel::validate(const std::string& dir) {
   DP_CHECK(dir_exists(dir), dir, ": model folder not found");
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
   if (is_if(dir)) return validate_if(dir, index);
-  for (const char* c : {"tokenizer", "text_encoder", "unet", "vae", "scheduler"})
+  const bool second_only = second_encoder_only_folder(dir);
+  std::vector<const char*> needed{"unet", "vae", "scheduler"};
+  if (!second_only) needed.insert(needed.end(), {"tokenizer", "text_encoder"});
+  for (const char* c : needed)
     if (!index.has(c)) index.fail(c, "component missing from model_index.json");
-  DP_CHECK(!is_sdxl(dir) || dir_exists(path_join(dir, "text_encoder")), dir, ": an SDXL folder without text_encoder/ ",
-           "(the SDXL refiner: text_encoder_2 alone, aesthetic-score conditioning) is not supported");
-  const auto tcfg = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
   const auto ucfg = UNetConfig::load(path_join(dir, "unet/config.json"));
   const auto vcfg = VaeConfig::load(path_join(dir, "vae/config.json"));
   (void)SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
-  for (const char* f : {"tokenizer/vocab.json", "tokenizer/merges.txt"})
-    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
-  // Opening validates each safetensors header (cheap: the data is mapped, not read).
-  SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
+  int64_t context_dim = 0;
+  if (!second_only) {
+    const auto tcfg = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+    context_dim = tcfg.hidden_size;
+    for (const char* f : {"tokenizer/vocab.json", "tokenizer/merges.txt"})
+      DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+    // Opening validates each safetensors header (cheap: the data is mapped, not read).
+    SafetensorsFile::open(weights_file(dir, "text_encoder/model.safetensors"));
+  }
   SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
   if (is_unclip(dir)) UnclipParts::validate(dir);
@@ -99,7 +117,6 @@ void SdModel::validate(const std::string& dir) {
     (void)SuperResConfig::load(path_join(dir, "super_resolution/config.json"));
     SafetensorsFile::open(weights_file(dir, "super_resolution/diffusion_pytorch_model.safetensors"));
   }
-  int64_t context_dim = tcfg.hidden_size;
   const bool sdxl = is_sdxl(dir);
   if (sdxl) {
     for (const char* c : {"tokenizer_2", "text_encoder_2"})
@@ -109,16 +126,18 @@ void SdModel::validate(const std::string& dir) {
     const auto t2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
     SafetensorsFile::open(weights_file(dir, "text_encoder_2/model.safetensors"));
     context_dim += t2.hidden_size;
-    if (index.boolean("requires_aesthetics_score", false))
-      index.fail("requires_aesthetics_score", "true (a refiner's aesthetic-score conditioning) is not supported");
+    // the refiner's time ids: original size, crop corner and aesthetic score (5) instead of the target size (6)
+    const int64_t ids = index.boolean("requires_aesthetics_score", false) ? 5 : 6;
     const std::string u = path_join(dir, "unet/config.json");
     DP_CHECK(ucfg.text_time(), u, ": an SDXL UNet needs addition_embed_type \"text_time\"");
     DP_CHECK(t2.projection_dim > 0, path_join(dir, "text_encoder_2/config.json"),
              ": projection_dim must be > 0 (SDXL's pooled embedding is the projected one)");
-    DP_CHECK(t2.projection_dim + 6 * ucfg.addition_time_embed_dim == ucfg.projection_class_embeddings_input_dim, u,
+    DP_CHECK(t2.projection_dim + ids * ucfg.addition_time_embed_dim == ucfg.projection_class_embeddings_input_dim, u,
              ": projection_class_embeddings_input_dim ", ucfg.projection_class_embeddings_input_dim,
-             " should be text_encoder_2's projection_dim ", t2.projection_dim, " + 6 x addition_time_embed_dim ",
-             ucfg.addition_time_embed_dim);
+             " should be text_encoder_2's projection_dim ", t2.projection_dim, " + ", ids,
+             " x addition_time_embed_dim ", ucfg.addition_time_embed_dim, ids == 5 ? " (model_index.json's "
+             "requires_aesthetics_score: 5 time ids)" : " (6 time ids; a refiner's model_index.json says "
+             "requires_aesthetics_score)");
   } else {
     DP_CHECK(!ucfg.text_time(), path_join(dir, "unet/config.json"), ": addition_embed_type \"text_time\" needs an ",
              "SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline or its Img2Img/Inpaint variant, "
@@ -126,7 +145,7 @@ void SdModel::validate(const std::string& dir) {
   }
   for (auto d : ucfg.cross_attention_dim)
     DP_CHECK(d == context_dim, path_join(dir, "unet/config.json"), ": cross_attention_dim ", d,
-             " does not match the text encoder", sdxl ? "s' hidden sizes together " : "'s hidden_size ",
+             " does not match the text encoder", sdxl && !second_only ? "s' hidden sizes together " : "'s hidden_size ",
              context_dim);
   if (is_upscaler(dir)) {  // the SD x4 upscaler: the low-resolution image joins the latents, its level the class
     if (!index.has("low_res_scheduler")) index.fail("low_res_scheduler", "component missing from model_index.json");
@@ -238,7 +257,11 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
           load(path_join(dir, "upscaler"), spec, (components & kStage3) ? (kTextEncoder | kUNet | kVae) : 0u));
     return m;
   }
-  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  m.sdxl = is_sdxl(dir);
+  m.second_encoder_only = second_encoder_only_folder(dir);
+  // the refiner: the second encoder's config stands in (clip_skip's range; SDXL refuses clip_skip anyway)
+  m.text_config = ClipTextConfig::load(path_join(dir, m.second_encoder_only ? "text_encoder_2/config.json"
+                                                                            : "text_encoder/config.json"));
   m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   if (is_unclip(dir)) {
     if (UnclipParts::has_prior(dir))
@@ -254,13 +277,15 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.image_noising = SchedulerConfig::load_ddpm(path_join(dir, "low_res_scheduler/scheduler_config.json"));
     m.max_noise_level = static_cast<int>(JsonConfig::load(path_join(dir, "model_index.json")).integer("max_noise_level", 350));
   }
-  m.sdxl = is_sdxl(dir);
   m.lcm_pipeline = is_lcm_pipeline(dir);
   if (m.sdxl) {
     m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
-    m.force_zeros_for_empty_prompt =
-        JsonConfig::load(path_join(dir, "model_index.json")).boolean("force_zeros_for_empty_prompt", true);
+    const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+    m.force_zeros_for_empty_prompt = index.boolean("force_zeros_for_empty_prompt", true);
+    m.aesthetic = index.boolean("requires_aesthetics_score", false);
   }
+  DP_CHECK(!m.second_encoder_only || addons.embeddings.empty(), "embeddings: ", dir, " has no text_encoder/ (an SDXL ",
+           "refiner); textual inversion files need both SDXL text encoders");
   const std::vector<TextualInversion> embeddings = read_embeddings(addons.embeddings, dir);  // checked on every rank
   for (const TextualInversion& ti : embeddings) m.embedding_tokens.push_back(ti.token);
   if (components & kTextEncoder) {
@@ -282,10 +307,12 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       }
       return rows.empty() ? at::Tensor() : at::cat(rows, 0);
     };
-    ClipTokenizer tok = ClipTokenizer::load(path_join(dir, "tokenizer"));
-    const at::Tensor rows = add(tok, false);
-    m.tokenizer = std::make_shared<ClipTokenizer>(std::move(tok));
-    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora, rows);
+    if (!m.second_encoder_only) {
+      ClipTokenizer tok = ClipTokenizer::load(path_join(dir, "tokenizer"));
+      const at::Tensor rows = add(tok, false);
+      m.tokenizer = std::make_shared<ClipTokenizer>(std::move(tok));
+      m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora, rows);
+    }
     if (m.sdxl) {
       ClipTokenizer tok2 = ClipTokenizer::load(path_join(dir, "tokenizer_2"));
       const at::Tensor rows_2 = add(tok2, true);

@@ -41,13 +41,15 @@ class EncodeStage : public OneShotStage {
     for (size_t i = 0; i < batch.size(); ++i) {
       const Embeddings& e = embs[i];
       std::vector<at::Tensor> t;
-      if (e.time_ids.defined())  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]
+      // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond, (the refiner: uncond time_ids))]
+      if (e.time_ids.defined())
         t = {e.time_ids.contiguous(), e.class_labels.contiguous(), e.cond.contiguous()};
       else
         t = {e.cond.contiguous()};
       if (e.uncond.defined()) {
         if (e.time_ids.defined()) t.push_back(e.uncond_class_labels.contiguous());
         t.push_back(e.uncond.contiguous());
+        if (e.uncond_time_ids.defined()) t.push_back(e.uncond_time_ids.contiguous());
       }
       // image-to-image: last, in this order
       for (const at::Tensor& x : {images[i].image_latents, images[i].mask, images[i].masked_image_latents})
@@ -161,16 +163,19 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
       e.image_latents = take();
     }
     size_t k = 0;  // Stable unCLIP: the prior's class labels come first
-    if (model_.unet_config.text_time()) {  // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond)]
-      DP_CHECK(r.inputs.size() == 3 || r.inputs.size() == 5, "denoise: an SDXL request needs 3 or 5 tensors (size "
-               "conditioning, pooled and full text embeddings, and their unconditional pair), got ", r.inputs.size());
+    // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond, (the refiner: uncond time_ids))]
+    if (model_.unet_config.text_time()) {
+      const size_t n = model_.aesthetic ? 6 : 5;
+      DP_CHECK(r.inputs.size() == 3 || r.inputs.size() == n, "denoise: an SDXL request needs 3 or ", n, " tensors (size "
+               "conditioning, pooled and full text embeddings, and their unconditional ones), got ", r.inputs.size());
       e.time_ids = r.inputs[0].to(at::kCPU, at::kFloat);
       e.class_labels = r.inputs[1].to(model_.spec.device, at::kFloat);
       e.cond = r.inputs[2].to(model_.spec.device, model_.spec.dtype);
-      if (r.inputs.size() == 5) {
+      if (r.inputs.size() >= 5) {
         e.uncond_class_labels = r.inputs[3].to(model_.spec.device, at::kFloat);
         e.uncond = r.inputs[4].to(model_.spec.device, model_.spec.dtype);
       }
+      if (r.inputs.size() == 6) e.uncond_time_ids = r.inputs[5].to(at::kCPU, at::kFloat);
       hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
       return;
     }

@@ -123,9 +123,10 @@ std::optional<nn::AdapterRows> text_adapter_rows(const SdModel& model, const std
   return adapter_rows(per_row, model.spec.device);
 }
 
-// SDXL (StableDiffusionXLPipeline.encode_prompt): both encoders' hidden_states[-2] side by side, the second's
-// projected pooled output, and the size conditioning; a guided request without a negative prompt gets zeros for
-// both unconditional parts when the folder says force_zeros_for_empty_prompt.
+// SDXL (StableDiffusionXLPipeline.encode_prompt): both encoders' hidden_states[-2] side by side (the refiner: the
+// second's alone), the second's projected pooled output, and the size conditioning (the refiner: with the aesthetic
+// scores); a guided request without a negative prompt gets zeros for both unconditional parts when the folder says
+// force_zeros_for_empty_prompt.
 std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
   DP_CHECK(model.text_encoder_2 && model.tokenizer_2, "text encoder stage: SDXL's text_encoder_2 not loaded");
   std::vector<Embeddings> out(batch.size());
@@ -142,9 +143,12 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
   const at::Device dev = model.spec.device;
   const auto lora = text_adapter_rows(model, batch, rows);
   nn::AdapterScope scope(lora ? &*lora : nullptr);
-  const at::Tensor h1 = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).penultimate;
   const ClipTextOutput o2 = model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev));
-  const at::Tensor h = at::cat({h1, o2.penultimate}, -1);
+  at::Tensor h = o2.penultimate;  // the refiner has the second encoder alone
+  if (!model.second_encoder_only) {
+    DP_CHECK(model.text_encoder && model.tokenizer, "text encoder stage: SDXL's text_encoder not loaded");
+    h = at::cat({model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).penultimate, h}, -1);
+  }
   const at::Tensor pooled = model.text_encoder_2->project(o2.pooled).to(at::kFloat);
   for (size_t r = 0; r < rows.size(); ++r) {
     Embeddings& e = out[rows[r].first];
@@ -160,9 +164,15 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
     const GenerationParams& p = *batch[i];
     const auto [width, height] = requested_size(model, p);
     const float h = static_cast<float>(height), w = static_cast<float>(width);
-    e.time_ids = at::tensor(std::vector<float>{p.original_height > 0 ? float(p.original_height) : h,
-                                               p.original_width > 0 ? float(p.original_width) : w,
-                                               float(p.crop_top), float(p.crop_left), h, w});
+    const float oh = p.original_height > 0 ? float(p.original_height) : h, ow = p.original_width > 0 ? float(p.original_width) : w;
+    if (model.aesthetic) {  // the refiner: (original size, crop, aesthetic score); the negative score for uncond
+      e.time_ids = at::tensor(std::vector<float>{oh, ow, float(p.crop_top), float(p.crop_left),
+                                                 static_cast<float>(p.aesthetic_score_or())});
+      e.uncond_time_ids = at::tensor(std::vector<float>{oh, ow, float(p.crop_top), float(p.crop_left),
+                                                        static_cast<float>(p.negative_aesthetic_score_or())});
+    } else {
+      e.time_ids = at::tensor(std::vector<float>{oh, ow, float(p.crop_top), float(p.crop_left), h, w});
+    }
   }
   return out;
 }
@@ -211,11 +221,15 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     profile::Scope prof(profile::Section::TextEncoder);
     return encode_if(model_, batch);
   }
+  if (model_.sdxl) {
+    if (batch.empty()) return {};
+    profile::Scope prof(profile::Section::TextEncoder);
+    return encode_sdxl(model_, batch);
+  }
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
   if (batch.empty()) return out;
   profile::Scope prof(profile::Section::TextEncoder);
-  if (model_.sdxl) return encode_sdxl(model_, batch);
   // Rows: cond prompts, then negative prompts of the guided requests. clip_skip groups run separately.
   std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -375,6 +389,12 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
+  for (const auto& [name, v] : {std::pair<const char*, double>{"aesthetic_score", p.aesthetic_score},
+                                {"negative_aesthetic_score", p.negative_aesthetic_score}}) {
+    DP_CHECK(std::isfinite(v), name, ": must be a finite number, got ", v);
+    DP_CHECK(v < 0 || model.aesthetic, name, ": only an SDXL refiner folder (model_index.json's ",
+             "requires_aesthetics_score) is conditioned on it; ", model.dir, " is not one");
+  }
   if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
   if (model.stage3) check_x4_settings(*model.stage3, {p.x4_steps, p.x4_guidance, p.x4_noise_level});
   if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
@@ -440,6 +460,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.class_labels = emb.class_labels;
   s.uncond_class_labels = emb.uncond_class_labels;
   s.time_ids = emb.time_ids;
+  s.uncond_time_ids = emb.uncond_time_ids;
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
   if (model.unet_config.text_time()) {
     DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
@@ -636,7 +657,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
       ts.push_back(t);
       if (s->class_labels.defined())
         cls.push_back(s->uncond_class_labels.defined() ? s->uncond_class_labels : at::zeros_like(s->class_labels));
-      if (s->time_ids.defined()) tids.push_back(s->time_ids);
+      if (s->time_ids.defined()) tids.push_back(s->uncond_time_ids.defined() ? s->uncond_time_ids : s->time_ids);
     }
     xs.push_back(in);
     ctx.push_back(s->cond);

@@ -13,7 +13,10 @@ scaled latents of the input images) and R.images [B, 3, 32, 40] in [0, 1] (outpu
 (an SDXL folder, e.g. tiny-sdxl's), one more run "sdxl" through StableDiffusionXLImg2ImgPipeline on it (its
 scheduler, strength 0.6, the size conditioning from the image), recorded the same way and named in golden.json, and
 SDXL inpainting runs (StableDiffusionXLInpaintPipeline; golden.json's sdxl.inpaint): its 4-channel UNet at the
-pipeline's default strength, and DIR/sdxl-inpaint-model (its components with a random 9-channel UNet).
+pipeline's default strength, and DIR/sdxl-inpaint-model (its components with a random 9-channel UNet). And the SDXL
+refiner's runs (golden.json's sdxl.refiner): DIR/sdxl-refiner-model (text_encoder_2 alone, a random UNet conditioned
+on original size, crop and aesthetic score; requires_aesthetics_score) through StableDiffusionXLImg2ImgPipeline at its
+default strength and with its aesthetic scores set, and through StableDiffusionXLInpaintPipeline.
 
 Inpainting (StableDiffusionInpaintPipeline), the runs of golden.json's "inpaint" list: on tiny-sd itself (a 4-channel
 UNet: the kept region blended back after every step) and on DIR/inpaint-model (tiny-sd with a random 9-channel UNet:
@@ -209,6 +212,55 @@ def main():
                 res[f"{r['name']}.draws.{role}"] = d
             res[f"{r['name']}.images"] = img
         sdxl["inpaint"] = xl_runs
+        # the SDXL refiner (requires_aesthetics_score): text_encoder_2 alone and a UNet conditioned on (original size,
+        # crop, aesthetic score), DIR/sdxl-refiner-model, saved as StableDiffusionXLImg2ImgPipeline; image-to-image at
+        # the pipeline's default strength (0.3) and with its scores set, and inpainting through
+        # StableDiffusionXLInpaintPipeline on the same components
+        T, P = xl.unet.config.addition_time_embed_dim, xl.text_encoder_2.config.projection_dim
+        torch.manual_seed(a.seed + 402)
+        ref_unet = UNet2DConditionModel.from_config({
+            **xl.unet.config, "cross_attention_dim": xl.text_encoder_2.config.hidden_size,
+            "projection_class_embeddings_input_dim": P + 5 * T}).eval()
+        with torch.no_grad():
+            for prm in ref_unet.parameters():
+                prm.add_(torch.randn_like(prm) * 0.05)
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            vae=xl.vae, text_encoder=None, text_encoder_2=xl.text_encoder_2, tokenizer=None, tokenizer_2=xl.tokenizer_2,
+            unet=ref_unet, scheduler=xl.scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        refiner.set_progress_bar_config(disable=True)
+        refiner_model = os.path.join(a.out, "sdxl-refiner-model")
+        refiner.save_pretrained(refiner_model)
+        shutil.rmtree(os.path.join(refiner_model, "tokenizer_2"))
+        shutil.copytree(os.path.join(a.sdxl, "tokenizer_2"), os.path.join(refiner_model, "tokenizer_2"))
+        ref_inpaint = StableDiffusionXLInpaintPipeline(**refiner.components, requires_aesthetics_score=True,
+                                                       force_zeros_for_empty_prompt=False)
+        ref_inpaint.set_progress_bar_config(disable=True)
+        ref_runs = [dict(name="refiner_default", strength=None, steps=10, guidance=5.0, negative_prompt=None,
+                         aesthetic_score=None, negative_aesthetic_score=None, mask=False),
+                    dict(name="refiner_scores", strength=0.5, steps=6, guidance=6.0, negative_prompt="blurry",
+                         aesthetic_score=7.5, negative_aesthetic_score=1.5, mask=False),
+                    dict(name="refiner_inpaint", strength=0.75, steps=4, guidance=5.0, negative_prompt=None,
+                         aesthetic_score=5.0, negative_aesthetic_score=None, mask=True)]
+        for r in ref_runs:
+            kw = {k: r[k] for k in ("strength", "aesthetic_score", "negative_aesthetic_score") if r[k] is not None}
+            if r["negative_prompt"] is not None:
+                kw["negative_prompt"] = [r["negative_prompt"]] * len(PROMPTS)
+            module = pipeline_stable_diffusion_xl_inpaint if r["mask"] else pipeline_stable_diffusion_xl_img2img
+            with torch.no_grad(), recorded_draws(vae_module, module) as draws:
+                if r["mask"]:
+                    img = ref_inpaint(PROMPTS, image=images, mask_image=masks_l, height=32, width=40,
+                                      num_inference_steps=r["steps"], guidance_scale=r["guidance"], output_type="pt",
+                                      generator=torch.Generator().manual_seed(a.seed + 15), **kw).images
+                else:
+                    img = refiner(PROMPTS, image=images, num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+                                  output_type="pt", generator=torch.Generator().manual_seed(a.seed + 15), **kw).images
+            r["draw_roles"] = ["image", "noise", "masked"] if r["mask"] else ["image", "noise"]
+            assert len(draws) == len(r["draw_roles"]), (r["name"], len(draws))
+            for k, (role, d) in enumerate(zip(r["draw_roles"], draws)):
+                res[f"{r['name']}.draws.{role}"] = d
+                res[f"{r['name']}.draws.{k}"] = d
+            res[f"{r['name']}.images"] = img
+        sdxl["refiner"] = ref_runs
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS, "sdxl": sdxl,
             "masks": ["mask_0.png", "mask_1.png"], "inpaint": inpaint_runs,

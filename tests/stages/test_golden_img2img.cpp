@@ -222,6 +222,61 @@ TEST(GoldenImg2Img, SdxlInpaintingWholePipeline) {
   check_inpainting_runs(dir, meta, runs);
 }
 
+// The SDXL refiner (runs made with --sdxl): a folder with text_encoder_2 alone whose UNet is conditioned on (original
+// size, crop, aesthetic score), the unconditional row on the negative score. StableDiffusionXLImg2ImgPipeline at its
+// default strength (0.3: 3 of 10 steps) and with the scores set (7.5 / 1.5, a negative prompt), and
+// StableDiffusionXLInpaintPipeline on the same folder. Scores reach the image; other folders refuse them.
+TEST(GoldenImg2Img, SdxlRefiner) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null() || !meta.at("sdxl").contains("refiner"))
+    GTEST_SKIP() << dir << " has no SDXL refiner runs (make_img2img_golden.py --sdxl MODEL makes them)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const SdModel model = SdModel::load(dir + "/sdxl-refiner-model", test::device_spec());
+  ASSERT_TRUE(model.sdxl && model.aesthetic && model.second_encoder_only && model.img2img());
+  EXPECT_FALSE(model.text_encoder || model.tokenizer);
+  EXPECT_FALSE(model.force_zeros_for_empty_prompt);  // the refiner's model_index.json
+  auto params_of = [&](const nlohmann::json& run) {
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      GenerationParams p = request(dir, meta, run, i);
+      if (!run.at("aesthetic_score").is_null()) p.aesthetic_score = run.at("aesthetic_score").get<double>();
+      if (!run.at("negative_aesthetic_score").is_null())
+        p.negative_aesthetic_score = run.at("negative_aesthetic_score").get<double>();
+      if (run.at("mask").get<bool>()) p.mask = dir + "/" + meta.at("masks")[i].get<std::string>();
+      params.push_back(p);
+    }
+    return params;
+  };
+  for (const auto& run : meta.at("sdxl").at("refiner")) {
+    const std::string n = run.at("name").get<std::string>();
+    std::vector<GenerationParams> params = params_of(run);
+    std::vector<DenoiseState> ds = run.at("mask").get<bool>() ? test::inpaint_states(model, params, g, n)
+                                                              : test::img2img_states(model, params, g, n);
+    if (n == "refiner_default") {
+      for (const auto& s : ds) EXPECT_EQ(s.total_steps(), 3);  // int(10 x 0.3): the pipeline's default strength
+      EXPECT_EQ(ds[0].time_ids.sizes(), (std::vector<int64_t>{5}));
+      EXPECT_FLOAT_EQ(ds[0].time_ids[4].item<float>(), 6.0f);
+      EXPECT_FLOAT_EQ(ds[0].uncond_time_ids[4].item<float>(), 2.5f);
+    }
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-img2img] refiner " + n)) << n;
+  }
+  // the score reaches the image: another score, another image
+  const auto& run = meta.at("sdxl").at("refiner")[1];
+  std::vector<GenerationParams> params = params_of(run);
+  std::vector<DenoiseState> a = test::img2img_states(model, params, g, "refiner_scores");
+  for (auto& p : params) p.aesthetic_score = 2.0;
+  std::vector<DenoiseState> b = test::img2img_states(model, params, g, "refiner_scores");
+  EXPECT_GT((test::images_of(model, a).to(at::kInt) - test::images_of(model, b).to(at::kInt)).abs().max().item<int>(), 1);
+  // a folder that is not a refiner refuses the scores
+  const SdModel base = SdModel::load(meta.at("sdxl").at("model").get<std::string>(), test::device_spec(), kUNet);
+  GenerationParams q = request(dir, meta, run, 0);
+  q.aesthetic_score = 6.0;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(base, q); })
+                .find("aesthetic_score: only an SDXL refiner folder (model_index.json's requires_aesthetics_score)"),
+            std::string::npos);
+}
+
 // Inpainting's masks: binarised at 50 % grey, transparency (when present) marks the repainted region, the mask must
 // cover its image, needs an image, and an inpainting folder needs both.
 TEST(GoldenImg2Img, InpaintingMasksAndRefusals) {

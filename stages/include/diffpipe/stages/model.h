@@ -57,6 +57,10 @@ struct SdModel {
   // image-to-image runs every step over the strength's share of the schedule (LatentConsistencyModelImg2ImgPipeline)
   bool lcm_pipeline = false;
   bool force_zeros_for_empty_prompt = false;  // SDXL: no negative prompt -> zero unconditional embeddings
+  // the SDXL refiner (model_index.json's requires_aesthetics_score): the UNet's time ids are (original size, crop,
+  // aesthetic score), the unconditional row's with the negative score
+  bool aesthetic = false;
+  bool second_encoder_only = false;        // SDXL without text_encoder/ (the refiner): tokenizer_2 + text_encoder_2
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
   // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder): its configs (always) and
   // UNet (with kSuperRes), scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's

@@ -60,6 +60,11 @@ struct GenerationParams {
   // them. The target size is the image's own.
   int original_width = 0, original_height = 0;  // 0 = the image's size
   int crop_top = 0, crop_left = 0;
+  // SDXL refiner folders only (requires_aesthetics_score): the aesthetic score conditioning the prompt's row and the
+  // unconditional row (< 0: the pipeline's defaults, 6 and 2.5; aesthetic_score_or()); other folders refuse them.
+  double aesthetic_score = -1, negative_aesthetic_score = -1;
+  double aesthetic_score_or() const { return aesthetic_score >= 0 ? aesthetic_score : 6.0; }
+  double negative_aesthetic_score_or() const { return negative_aesthetic_score >= 0 ? negative_aesthetic_score : 2.5; }
   // DeepFloyd IF folders with super_resolution/ (stage II) only: its DDPM steps, guidance, and the noise level of the
   // enlarged stage-I image (diffusers' IFSuperResolutionPipeline defaults).
   int sr_steps = 50;
@@ -72,8 +77,10 @@ struct GenerationParams {
   int x4_noise_level = 20;
 
   bool uses_cfg() const { return guidance > 1.0; }
+  // The pipelines' defaults: 0.8 (StableDiffusionImg2ImgPipeline), 0.3 (StableDiffusionXLImg2ImgPipeline), with a
+  // mask 1 (StableDiffusionInpaintPipeline) or 0.9999 (StableDiffusionXLInpaintPipeline).
   double effective_strength(bool sdxl) const {
-    return strength >= 0 ? strength : mask.empty() ? 0.8 : sdxl ? 0.9999 : 1.0;
+    return strength >= 0 ? strength : mask.empty() ? (sdxl ? 0.3 : 0.8) : sdxl ? 0.9999 : 1.0;
   }
 };
 
@@ -108,6 +115,8 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["x4_noise_level"] = p.x4_noise_level;
   }
   if (p.strength != d.strength) j["strength"] = p.strength;
+  if (p.aesthetic_score != d.aesthetic_score) j["aesthetic_score"] = p.aesthetic_score;
+  if (p.negative_aesthetic_score != d.negative_aesthetic_score) j["negative_aesthetic_score"] = p.negative_aesthetic_score;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
   if (p.guess_mode) j["guess_mode"] = true;
@@ -159,6 +168,8 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_guidance = j.value("x4_guidance", p.x4_guidance);
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   p.strength = j.value("strength", p.strength);
+  p.aesthetic_score = j.value("aesthetic_score", p.aesthetic_score);
+  p.negative_aesthetic_score = j.value("negative_aesthetic_score", p.negative_aesthetic_score);
   p.mask = j.value("mask", std::string());
   p.lora = j.value("lora", std::string());
   if (j.contains("control_image")) {

@@ -26,7 +26,9 @@ struct Embeddings {
   at::Tensor class_labels;  // Stable unCLIP: the noise-augmented image embedding [2E] (the unconditional row gets
                             // zeros); SDXL: the pooled text embedding [P]; undefined for other UNets
   at::Tensor uncond_class_labels;  // SDXL: the negative prompt's pooled embedding [P] (undefined: zeros)
-  at::Tensor time_ids;             // SDXL: [6] float32 (original height, width, crop top, left, target height, width)
+  at::Tensor time_ids;             // SDXL: [6] float32 (original height, width, crop top, left, target height, width);
+                                   // the refiner (SdModel::aesthetic): [5] (original height, width, crop, aesthetic score)
+  at::Tensor uncond_time_ids;      // the refiner: the unconditional row's (the negative aesthetic score); else undefined
   at::Tensor image_latents;  // image-to-image: the input image's VAE latents, sampled and scaled [C, h, w] float32
   at::Tensor mask;           // inpainting: the mask at the latents' size [1, h, w] (1 = repaint), float32
   at::Tensor masked_image_latents;  // inpainting UNets: the masked image's latents [C, h, w] float32
@@ -48,7 +50,7 @@ struct DenoiseState {
   double guidance = 7.5;
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
-  at::Tensor class_labels, uncond_class_labels, time_ids;  // as in Embeddings
+  at::Tensor class_labels, uncond_class_labels, time_ids, uncond_time_ids;  // as in Embeddings
   at::Tensor timestep_cond;  // an LCM UNet (time_cond_proj_dim): the request's guidance embedded [D] float32 (the
                              // UNet's timestep_cond; guidance is then 1: no unconditional row)
   at::Tensor concat;        // joined to the UNet input along channels (DeepFloyd IF stage II: the noised upscaled
