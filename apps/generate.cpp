@@ -386,7 +386,9 @@ int generate_main(int argc, char** argv) {
       std::unique_ptr<ClipTokenizer> clip;
       std::unique_ptr<T5Tokenizer> t5tok;
       if (t5) t5tok = std::make_unique<T5Tokenizer>(T5Tokenizer::load(path_join(a.str("model"), "tokenizer")));
-      else clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(path_join(a.str("model"), "tokenizer")));
+      else  // the SDXL refiner has the second tokenizer alone
+        clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(path_join(
+            a.str("model"), dir_exists(path_join(a.str("model"), "tokenizer")) ? "tokenizer" : "tokenizer_2")));
       const size_t max_len = t5 ? 77 : static_cast<size_t>(clip->max_length());
       std::vector<PromptLine> all;
       std::set<std::string> seen_negative;

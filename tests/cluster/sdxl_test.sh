@@ -6,7 +6,9 @@
 # UNet); a negative prompt changes the image; settings SDXL does not take and a folder missing text_encoder_2/ are
 # refused by name; the size micro-conditioning (--original-width/--original-height/--crop-top/--crop-left and
 # their JSONL keys) reaches the image and its PNG chunk; inpainting on 1 and 3 ranks alike, at the SDXL pipeline's
-# default strength. Exit 77 = skipped (folder absent).
+# default strength; the SDXL refiner (from $DIFFPIPE_GOLDEN_IMG2IMG): the same bytes on 1 and 3 ranks at the pipeline's
+# default strength 0.3, aesthetic scores from flags, JSONL and HTTP change the image alike, base folders refuse them.
+# Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_SDXL:-$(dirname "$0")/../../../shared/golden/tiny-sdxl}
@@ -65,6 +67,58 @@ if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 
 else grep -q "text_encoder_2" "$WORK/broken.log" && ok "a folder without text_encoder_2/ refused naming it" \
   || bad "missing text_encoder_2 error unclear: $(tail -1 "$WORK/broken.log")"; fi
 [ ! -e "$WORK/b" ] || [ -z "$(ls "$WORK/b" | grep '^img-')" ] && ok "no output from the refused folder" || bad "refused folder wrote images"
+
+# the SDXL refiner (text_encoder_2 alone, aesthetic-score conditioning), made by make_img2img_golden.py --sdxl
+REF=${DIFFPIPE_GOLDEN_IMG2IMG:-$(dirname "$0")/../../../shared/golden/tiny-img2img}/sdxl-refiner-model
+if [ -d "$REF" ]; then
+  RF_SERVE=(generate --model "$REF" --prompt "a blue square" --image "$WORK/wide/img-00000-seed9.png" --seed 3 --steps 10
+            --threads 1 --quiet --timeout 60)
+  RF=("${RF_SERVE[@]}" --batch-invariant)
+  timeout 60 "$BIN" "${RF[@]}" --out "$WORK/rf1" 2> "$WORK/rf1.log" || bad "refiner failed: $(tail -2 "$WORK/rf1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${RF[@]}" --out "$WORK/rf3" 2> "$WORK/rf3.log" \
+    || bad "3-rank refiner failed: $(tail -2 "$WORK/rf3.log")"
+  same_pngs "$WORK/rf1" "$WORK/rf3" && ok "refiner: 1 and 3 ranks give the same PNG bytes" || bad "refiner differs across ranks"
+  grep -aq "Denoising strength: 0.3" "$WORK/rf1/img-00000-seed3.png" \
+    && ok "refiner: the default strength is StableDiffusionXLImg2ImgPipeline's 0.3" || bad "refiner PNG lacks strength 0.3"
+  timeout 60 "$BIN" "${RF[@]}" --aesthetic-score 8 --negative-aesthetic-score 1 --out "$WORK/rfa" 2> "$WORK/rfa.log" \
+    || bad "refiner with scores failed: $(tail -2 "$WORK/rfa.log")"
+  [ -f "$WORK/rf1/img-00000-seed3.png" ] && [ -f "$WORK/rfa/img-00000-seed3.png" ] \
+    && ! same_pixels "$WORK/rf1/img-00000-seed3.png" "$WORK/rfa/img-00000-seed3.png" \
+    && ok "--aesthetic-score/--negative-aesthetic-score change the image" || bad "the aesthetic scores changed nothing"
+  grep -aq "Aesthetic score: 8, Negative aesthetic score: 1" "$WORK/rfa/img-00000-seed3.png" \
+    && ok "the PNG records the aesthetic scores" || bad "PNG lacks the aesthetic scores"
+  printf '{"prompt": "a blue square", "seed": 3, "image_prompt": "%s", "aesthetic_score": 8, "negative_aesthetic_score": 1}\n' \
+    "$WORK/wide/img-00000-seed9.png" > "$WORK/rf.jsonl"
+  timeout 60 "$BIN" generate --model "$REF" --prompts "$WORK/rf.jsonl" --steps 10 --threads 1 --batch-invariant --quiet \
+    --out "$WORK/rfj" 2> "$WORK/rfj.log" || bad "refiner JSONL failed: $(tail -2 "$WORK/rfj.log")"
+  cmp -s "$WORK/rfa/img-00000-seed3.png" "$WORK/rfj/img-00000-seed3.png" \
+    && ok "JSONL aesthetic_score/negative_aesthetic_score give the flags' image" || bad "refiner JSONL differs from flags"
+  refused aes-base "aesthetic_score: only an SDXL refiner folder" --aesthetic-score 7
+  # serve batches as it likes (not batch-invariant): its image is compared with a run that does the same
+  timeout 60 "$BIN" "${RF_SERVE[@]}" --aesthetic-score 8 --negative-aesthetic-score 1 --out "$WORK/rfs" 2> "$WORK/rfs.log" \
+    || bad "refiner (not batch-invariant) failed: $(tail -2 "$WORK/rfs.log")"
+  serve_up "$WORK/serve.log" --model "$REF" --steps 10 --threads 1
+  if [ -n "$URL" ]; then
+    python3 - "$URL" "$WORK/wide/img-00000-seed9.png" "$WORK/rfs/img-00000-seed3.png" <<'PY' \
+      && ok "serve (refiner): JSON edits with aesthetic_score give the CLI's pixels; a bad score is a 400 naming it" \
+      || bad "serve refiner"
+import base64, sys
+import http_util
+url, inp, cli = sys.argv[1:4]
+body = {"prompt": "a blue square", "seed": 3, "aesthetic_score": 8, "negative_aesthetic_score": 1,
+        "image": base64.b64encode(open(inp, "rb").read()).decode()}
+st, r = http_util.post(url, body, "/v1/images/edits")
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
+assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+st, r = http_util.post(url, {**body, "aesthetic_score": -1}, "/v1/images/edits")
+assert st == 400 and r["error"]["param"] == "aesthetic_score", (st, r)
+PY
+  else bad "refiner serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
+  kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+else
+  echo "note: no refiner folder at $REF (make_img2img_golden.py --sdxl makes it); its checks skipped"
+fi
 
 echo "sdxl: $passed passed, $fails failed"
 [ $fails = 0 ]
