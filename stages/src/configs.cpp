@@ -126,9 +126,19 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
     j.fail("thresholding", "dynamic thresholding is supported with DDPMScheduler only");
   if (c.algorithm_type != "dpmsolver++")
     j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++)");
-  if (c.solver_type != "midpoint" && c.solver_type != "heun")
-    j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun)");
-  if (c.solver_order != 1 && c.solver_order != 2) j.fail("solver_order", "supported: 1 or 2");
+  if (c.solver_type != "midpoint" && c.solver_type != "heun" && c.solver_type != "logrho" && c.solver_type != "bh1" &&
+      c.solver_type != "bh2")
+    j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun, logrho, bh1, bh2)");
+  if (c.solver_order < 1 || c.solver_order > 3) j.fail("solver_order", "supported: 1, 2 or 3 (DPM-Solver++: 1 or 2)");
+  if (j.has("disable_corrector")) {  // UniPC
+    const auto& v = j.json()["disable_corrector"];
+    if (!v.is_array()) j.fail("disable_corrector", "expected a list of step indices");
+    for (const auto& k : v) {
+      if (!k.is_number_integer() || k.get<int64_t>() < 0) j.fail("disable_corrector", "expected step indices >= 0");
+      c.disable_corrector.push_back(k.get<int64_t>());
+    }
+  }
+  if (!j.boolean("predict_x0", true)) j.fail("predict_x0", "false (UniPC on the noise prediction) is not supported");
   if (c.final_sigmas_type != "zero" && c.final_sigmas_type != "sigma_min")
     j.fail("final_sigmas_type", "unsupported '" + c.final_sigmas_type + "' (supported: zero, sigma_min)");
   if (c.interpolation_type != "linear")

@@ -16,9 +16,10 @@ SamplerKind sampler_kind_of_class(const std::string& n) {
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
   if (n == "DDPMScheduler") return SamplerKind::DDPM;
   if (n == "LCMScheduler") return SamplerKind::LCM;
+  if (n == "UniPCMultistepScheduler") return SamplerKind::UniPC;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler)");
+          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler, UniPCMultistepScheduler)");
 }
 
 SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
@@ -34,7 +35,13 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
   if (n == "pndm" || n == "plms") return SamplerKind::PNDM;
   if (n == "ddpm") return SamplerKind::DDPM;
   if (n == "lcm") return SamplerKind::LCM;
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm, lcm)");
+  if (n == "unipc") return SamplerKind::UniPC;
+  if (n == "unipc_karras") {
+    *karras = true;
+    return SamplerKind::UniPC;
+  }
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm, lcm, unipc, "
+          "unipc_karras)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -46,6 +53,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::PNDM: return "pndm";
     case SamplerKind::DDPM: return "ddpm";
     case SamplerKind::LCM: return "lcm";
+    case SamplerKind::UniPC: return "unipc";
   }
   return "?";
 }
@@ -314,38 +322,48 @@ class EulerSampler : public Sampler {
 };
 
 // ---------------------------------------------------------------- DPM-Solver++ (multistep, order <= 2)
+// The schedule of diffusers' multistep solvers (DPMSolverMultistepScheduler, UniPCMultistepScheduler): `steps`
+// integer timesteps (linspace and leading over steps + 1 points, the last dropped; or trailing), their sigmas (or
+// Karras sigmas and the timesteps nearest them), then the final sigma: 0, or the schedule's smallest (sigma_min).
+void multistep_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas, std::vector<double>* timesteps,
+                        std::vector<double>* sigmas) {
+  at::Tensor ac = alphas_cumprod(c);
+  if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
+  const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
+  std::vector<float> log_sigmas(full.size());
+  for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+  const int64_t last = c.num_train_timesteps;  // lambda_min_clipped = -inf
+  const std::string sp = spacing_of(c, "linspace");
+  std::vector<int64_t> ts;
+  if (sp == "linspace") {
+    for (int i = steps; i >= 1; --i)  // linspace(0, last-1, steps+1).round()[::-1][:-1]
+      ts.push_back(static_cast<int64_t>(std::nearbyint(double(last - 1) * i / steps)));
+  } else if (sp == "leading") {
+    const int64_t r = last / (steps + 1);
+    for (int i = steps; i >= 1; --i) ts.push_back(int64_t(i) * r + c.steps_offset);
+  } else {
+    const double r = double(c.num_train_timesteps) / steps;
+    for (double v = double(last); v > 0; v -= r) ts.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
+  }
+  std::vector<double> sig;
+  if (karras_sigmas || c.use_karras_sigmas) {
+    sig = karras(full.front(), full.back(), steps);
+    ts.clear();
+    for (double s : sig) ts.push_back(static_cast<int64_t>(std::nearbyint(sigma_to_t(s, log_sigmas))));
+  } else {
+    for (int64_t t : ts) sig.push_back(full.at(t));
+  }
+  for (double s : sig) sigmas->push_back(double(float(s)));
+  // sigma_min: the first training timestep's sigma (diffusers' ((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5)
+  sigmas->push_back(c.final_sigmas_type == "sigma_min" ? double(full.front()) : 0.0);
+  for (auto t : ts) timesteps->push_back(double(t));
+}
+
 class DPMSolverSampler : public Sampler {
  public:
   DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas) : c_(c) {
-    at::Tensor ac = alphas_cumprod(c);
-    if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
-    const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
-    std::vector<float> log_sigmas(full.size());
-    for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
-    const int64_t last = c.num_train_timesteps;  // lambda_min_clipped = -inf
-    const std::string sp = spacing_of(c, "linspace");
-    std::vector<int64_t> ts;
-    if (sp == "linspace") {
-      for (int i = steps; i >= 1; --i)  // linspace(0, last-1, steps+1).round()[::-1][:-1]
-        ts.push_back(static_cast<int64_t>(std::nearbyint(double(last - 1) * i / steps)));
-    } else if (sp == "leading") {
-      const int64_t r = last / (steps + 1);
-      for (int i = steps; i >= 1; --i) ts.push_back(int64_t(i) * r + c.steps_offset);
-    } else {
-      const double r = double(c.num_train_timesteps) / steps;
-      for (double v = double(last); v > 0; v -= r) ts.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
-    }
-    std::vector<double> sig;
-    if (karras_sigmas || c.use_karras_sigmas) {
-      sig = karras(full.front(), full.back(), steps);
-      ts.clear();
-      for (double s : sig) ts.push_back(static_cast<int64_t>(std::nearbyint(sigma_to_t(s, log_sigmas))));
-    } else {
-      for (int64_t t : ts) sig.push_back(full.at(t));
-    }
-    for (double s : sig) sigmas_.push_back(double(float(s)));
-    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? double(float(sig.back())) : 0.0);
-    for (auto t : ts) timesteps_.push_back(double(t));
+    DP_CHECK(c.solver_order <= 2, "DPM-Solver++: solver_order ", c.solver_order, " is not supported (1 or 2)");
+    multistep_schedule(c, steps, karras_sigmas, &timesteps_, &sigmas_);
     outputs_.resize(c.solver_order);
   }
   SamplerKind kind() const override { return SamplerKind::DPMSolverMultistep; }
@@ -385,7 +403,7 @@ class DPMSolverSampler : public Sampler {
       const at::Tensor& m0 = outputs_[outputs_.size() - 1];
       const at::Tensor& m1 = outputs_[outputs_.size() - 2];
       at::Tensor D1 = (1.0 / r0) * (m0 - m1);
-      if (c_.solver_type == "midpoint")
+      if (c_.solver_type != "heun")  // midpoint (diffusers maps UniPC's bh1, bh2 and logrho to it)
         out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 - 0.5 * (at_ * (std::exp(-h) - 1.0)) * D1;
       else
         out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 + (at_ * ((std::exp(-h) - 1.0) / h + 1.0)) * D1;
@@ -402,6 +420,127 @@ class DPMSolverSampler : public Sampler {
   SchedulerConfig c_;
   std::vector<at::Tensor> outputs_;
   int lower_order_nums_ = 0;
+};
+
+// ---------------------------------------------------------------- UniPC (UniPCMultistepScheduler, predict_x0)
+// A multistep predictor (UniP) with a corrector (UniC) that refines each sample with the model output at it, on the
+// data prediction x0, of order solver_order (warm-up: 1, 2, ...; lower_order_final: lower at the last steps). The
+// schedule is the multistep solvers'. Scalars in double (diffusers: float32 tensors): within rounding of it.
+class UniPCSampler : public Sampler {
+ public:
+  UniPCSampler(const SchedulerConfig& c, int steps, bool karras_sigmas) : c_(c) {
+    multistep_schedule(c, steps, karras_sigmas, &timesteps_, &sigmas_);
+    outputs_.resize(c.solver_order);
+    bh1_ = c.solver_type == "bh1";  // midpoint, heun and logrho mean bh2 (diffusers)
+  }
+  SamplerKind kind() const override { return SamplerKind::UniPC; }
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    const float sigma = static_cast<float>(sigmas_.at(i)), a = 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    return a * x + (sigma * a) * noise;
+  }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x_in, const StepNoise&) override {
+    const auto [alpha, sigma] = alpha_sigma(sigmas_.at(i));
+    at::Tensor x0;  // convert_model_output
+    if (c_.prediction_type == "epsilon") x0 = (x_in - sigma * e) / alpha;
+    else if (c_.prediction_type == "v_prediction") x0 = alpha * x_in - sigma * e;
+    else x0 = e;
+    at::Tensor x = x_in;
+    const bool disabled = std::find(c_.disable_corrector.begin(), c_.disable_corrector.end(), i - 1) !=
+                          c_.disable_corrector.end();
+    if (i > 0 && !disabled && last_sample_.defined()) x = update(i, i - 1, x0, last_sample_, this_order_);
+    for (size_t k = 0; k + 1 < outputs_.size(); ++k) outputs_[k] = outputs_[k + 1];
+    outputs_.back() = x0;
+    const int n = num_calls();
+    int order = c_.lower_order_final ? std::min<int>(static_cast<int>(c_.solver_order), n - i)
+                                     : static_cast<int>(c_.solver_order);
+    this_order_ = std::min(order, lower_order_nums_ + 1);
+    last_sample_ = x;
+    const at::Tensor out = update(i + 1, i, at::Tensor(), x, this_order_);
+    if (lower_order_nums_ < c_.solver_order) ++lower_order_nums_;
+    return out;
+  }
+
+ private:
+  static std::pair<double, double> alpha_sigma(double sigma) {
+    const double a = 1.0 / std::sqrt(sigma * sigma + 1);
+    return {a, sigma * a};
+  }
+  double lambda(int k) const {
+    const auto [a, s] = alpha_sigma(sigmas_.at(k));
+    return std::log(a) - std::log(s);
+  }
+  // From the sample x at index s0 to index t, with the stored x0 outputs (the newest is m0). The predictor
+  // (model_t undefined) extrapolates with the older outputs at s0 - 1, s0 - 2, ...; the corrector (model_t: the x0 at
+  // t) also uses the difference model_t - m0, its older outputs one further back.
+  at::Tensor update(int t, int s0, const at::Tensor& model_t, const at::Tensor& x, int order) const {
+    const bool corrector = model_t.defined();
+    const auto [alpha_t, sigma_t] = alpha_sigma(sigmas_.at(t));
+    const auto [alpha_s0, sigma_s0] = alpha_sigma(sigmas_.at(s0));
+    (void)alpha_s0;
+    const double h = lambda(t) - lambda(s0);
+    const at::Tensor& m0 = outputs_.back();
+    std::vector<double> rks;
+    std::vector<at::Tensor> D1s;
+    for (int k = 1; k < order; ++k) {
+      const int si = s0 - k;
+      const at::Tensor& mk = outputs_.at(outputs_.size() - 1 - k);
+      const double rk = (lambda(si) - lambda(s0)) / h;
+      rks.push_back(rk);
+      D1s.push_back((mk - m0) / rk);
+    }
+    rks.push_back(1.0);
+    const double hh = -h, h_phi_1 = std::expm1(hh), B_h = bh1_ ? hh : std::expm1(hh);
+    double h_phi_k = h_phi_1 / hh - 1, factorial = 1;
+    std::vector<std::vector<double>> R;  // R[p][k] = rks[k]^p
+    std::vector<double> b;
+    for (int p = 1; p <= order; ++p) {
+      std::vector<double> row;
+      for (double r : rks) row.push_back(std::pow(r, p - 1));
+      R.push_back(row);
+      b.push_back(h_phi_k * factorial / B_h);
+      factorial *= p + 1;
+      h_phi_k = h_phi_k / hh - 1 / factorial;
+    }
+    at::Tensor x_t = (sigma_t / sigma_s0) * x - (alpha_t * h_phi_1) * m0;
+    if (corrector) {
+      const std::vector<double> rhos = order == 1 ? std::vector<double>{0.5} : solve(R, b, order);
+      at::Tensor res = rhos.back() * (model_t - m0);
+      for (size_t k = 0; k < D1s.size(); ++k) res = res + rhos[k] * D1s[k];
+      return x_t - (alpha_t * B_h) * res;
+    }
+    if (D1s.empty()) return x_t;
+    const std::vector<double> rhos = order == 2 ? std::vector<double>{0.5} : solve(R, b, order - 1);
+    at::Tensor res = rhos[0] * D1s[0];
+    for (size_t k = 1; k < D1s.size(); ++k) res = res + rhos[k] * D1s[k];
+    return x_t - (alpha_t * B_h) * res;
+  }
+  // The leading n x n block of R x = b by Gaussian elimination with partial pivoting (n <= solver_order).
+  static std::vector<double> solve(std::vector<std::vector<double>> R, std::vector<double> b, int n) {
+    for (int c = 0; c < n; ++c) {
+      int p = c;
+      for (int r = c + 1; r < n; ++r)
+        if (std::abs(R[r][c]) > std::abs(R[p][c])) p = r;
+      std::swap(R[c], R[p]);
+      std::swap(b[c], b[p]);
+      for (int r = c + 1; r < n; ++r) {
+        const double f = R[r][c] / R[c][c];
+        for (int k = c; k < n; ++k) R[r][k] -= f * R[c][k];
+        b[r] -= f * b[c];
+      }
+    }
+    std::vector<double> out(n);
+    for (int r = n - 1; r >= 0; --r) {
+      double v = b[r];
+      for (int k = r + 1; k < n; ++k) v -= R[r][k] * out[k];
+      out[r] = v / R[r][r];
+    }
+    return out;
+  }
+  SchedulerConfig c_;
+  bool bh1_ = false;
+  std::vector<at::Tensor> outputs_;
+  at::Tensor last_sample_;
+  int lower_order_nums_ = 0, this_order_ = 1;
 };
 
 }  // namespace
@@ -492,6 +631,7 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
     case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;
+    case SamplerKind::UniPC: s = std::make_unique<UniPCSampler>(cfg, steps, karras_sigmas); break;
   }
   DP_CHECK(s, "sampler: unknown kind");
   // with steps_offset, as many steps as training timesteps run past the last one

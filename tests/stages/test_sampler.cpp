@@ -3,9 +3,11 @@
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/model_writer.h"
 #include "diffpipe/stages/sampler.h"
+#include "denoise_util.h"
 #include "device_util.h"
 #include "test_util.h"
 
@@ -240,4 +242,59 @@ TEST(GoldenDdpm, EveryVarianceTypeAndThresholding) {
   EXPECT_NE(test::error_of([&] { (void)s.step(at::zeros({1, 3, 4, 4}), 0, at::zeros({1, 3, 4, 4}), at::zeros({1, 3, 4, 4})); })
                 .find("needs a model output of twice the sample's 3 channels"),
             std::string::npos);
+}
+
+// UniPCMultistepScheduler (and DPM-Solver++'s sigma_min end) against diffusers, step by step on recorded trajectories
+// (tests/stages/make_sampler_golden.py; test.sh makes the folder under build/golden): bh2 and bh1, orders 1 to 3,
+// epsilon, v and sample prediction, linspace, leading and trailing spacing, Karras sigmas with a sigma_min end,
+// disable_corrector, a run begun at step 3 (image-to-image); then StableDiffusionPipeline with UniPC on tiny-sd.
+// $DIFFPIPE_GOLDEN_SAMPLERS, default the sibling tiny-samplers of the tiny-sd folder; absent, skipped.
+TEST(GoldenSamplers, UniPcAndDpmSolverSteps) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  for (const auto& c : meta.at("cases")) {
+    const std::string n = c.at("name").get<std::string>();
+    const SchedulerConfig cfg = SchedulerConfig::load(dir + "/" + n + "/scheduler_config.json");
+    auto s = Sampler::create(sampler_kind_of_class(cfg.class_name), cfg, c.at("steps").get<int>());
+    const at::Tensor ts = g.at(n + ".timesteps").to(at::kDouble), sig = g.at(n + ".sigmas").to(at::kDouble);
+    ASSERT_EQ(s->timesteps(), std::vector<double>(ts.data_ptr<double>(), ts.data_ptr<double>() + ts.numel())) << n;
+    ASSERT_EQ(s->sigmas().size(), static_cast<size_t>(sig.numel())) << n;
+    for (int64_t k = 0; k < sig.numel(); ++k) EXPECT_NEAR(s->sigmas()[k], sig[k].item<double>(), 1e-6 * (1 + sig[k].item<double>())) << n;
+    const int begin = c.at("begin").get<int>();
+    double worst = 0;
+    for (int i = begin; i < s->num_calls(); ++i) {
+      const std::string p = n + "." + std::to_string(i - begin) + ".";
+      const at::Tensor prev = s->step(g.at(p + "model_output"), i, g.at(p + "sample"), nullptr);
+      worst = std::max(worst, test::rel_err(prev, g.at(p + "prev_sample")));
+    }
+    std::printf("[golden-samplers] %s: %d steps from %d, worst rel err %.2e\n", n.c_str(), s->num_calls(), begin, worst);
+    EXPECT_LE(worst, 1e-5) << n;
+  }
+  bool karras = false;
+  EXPECT_EQ(parse_sampler_name("unipc_karras", &karras), SamplerKind::UniPC);
+  EXPECT_TRUE(karras);
+  const std::string sd = test::scratch_dir("sched-unipc");
+  write_json(sd + "/x0.json", {{"_class_name", "UniPCMultistepScheduler"}, {"predict_x0", false}});
+  EXPECT_NE(test::error_of([&] { SchedulerConfig::load(sd + "/x0.json"); }).find("x0.json: key 'predict_x0'"),
+            std::string::npos);
+}
+
+TEST(GoldenSamplers, UniPcPipelineMatchesDiffusers) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto run = JsonConfig::load(dir + "/golden.json").json().at("pipeline");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  std::vector<GenerationParams> params;
+  for (const auto& pr : run.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.sampler = "unipc";  // UniPCMultistepScheduler.from_config(the folder's DDIM config)
+    params.push_back(p);
+  }
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
+  EXPECT_EQ(ds[0].sampler->kind(), SamplerKind::UniPC);
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline.images"), "[golden-samplers] unipc pipeline"));
 }

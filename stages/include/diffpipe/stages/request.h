@@ -26,7 +26,7 @@ struct GenerationParams {
   std::string negative_prompt;  // "" = the unconditional embedding of the empty prompt
   int steps = 25;               // inference steps
   double guidance = 7.5;        // classifier-free guidance scale; <= 1 skips the unconditional pass
-  std::string sampler;          // "" = the model's scheduler_config.json class; else ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|pndm|ddpm|lcm
+  std::string sampler;          // "" = the model's scheduler_config.json class; else a sampler name (parse_sampler_name)
   uint64_t seed = 0;
   int width = 0, height = 0;    // 0 = the model's default size
   int clip_skip = 0;            // 0 = last text-encoder layer, 1 = penultimate, ...

@@ -1,5 +1,5 @@
 // Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral,
-// DPM-Solver++ 2M (optionally with Karras sigmas), PNDM/PLMS, DDPM and LCM (Latent Consistency Models). Each request owns its Sampler, so requests
+// DPM-Solver++ 2M (optionally with Karras sigmas), PNDM/PLMS, DDPM, LCM (Latent Consistency Models) and UniPC. Each request owns its Sampler, so requests
 // at different steps and with different samplers share one UNet call (the denoiser batches them).
 // Thread-safety: a Sampler is used by one thread at a time; SchedulerConfig is immutable.
 #pragma once
@@ -13,7 +13,7 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM };
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -35,7 +35,9 @@ struct SchedulerConfig {
   bool skip_prk_steps = true;
   int64_t solver_order = 2;
   std::string algorithm_type = "dpmsolver++";
-  std::string solver_type = "midpoint";
+  std::string solver_type = "midpoint";  // DPM-Solver++: midpoint | heun; UniPC: bh1 | bh2 (each maps the other's to
+                                         // midpoint / bh2, as diffusers)
+  std::vector<int64_t> disable_corrector;  // UniPC: steps whose corrector is skipped
   bool lower_order_final = true;
   bool euler_at_final = false;
   std::string final_sigmas_type = "zero";
@@ -55,8 +57,9 @@ struct SchedulerConfig {
   static SchedulerConfig load_ddpm(const std::string& path);
 };
 
-// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms), ddpm, lcm.
-// Sets *karras for dpmpp_2m_karras. Throws listing the valid names.
+// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms), ddpm, lcm,
+// unipc, unipc_karras.
+// Sets *karras for dpmpp_2m_karras and unipc_karras. Throws listing the valid names.
 SamplerKind parse_sampler_name(const std::string& name, bool* karras);
 // The kind a config's _class_name denotes.
 SamplerKind sampler_kind_of_class(const std::string& class_name);

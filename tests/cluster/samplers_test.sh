@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Latent Consistency Models through `diffpipe generate` and `serve`:
-#   lcm_test.sh DIFFPIPE_BIN WORKDIR   (the folders: $DIFFPIPE_GOLDEN_LCM, made by tests/stages/make_lcm_golden.py)
+# Latent Consistency Models and UniPC through `diffpipe generate` and `serve`:
+#   samplers_test.sh DIFFPIPE_BIN WORKDIR   (the folders: $DIFFPIPE_GOLDEN_LCM, made by tests/stages/make_lcm_golden.py)
 # Checks: an LCM-distilled folder (time_cond_proj_dim UNet, LCMScheduler) gives the same PNG bytes on 1 rank, on
 # 3 pipelined ranks and on 2 replicas; its guidance is an input (another scale, another image) and its negative
 # prompt is not used (the same pixels, as diffusers); `--sampler lcm` on an ordinary SD folder equals the JSONL key
 # and differs from DDIM; image-to-image on the distilled folder gives the same PNG bytes on 1 and 3 ranks, and a
 # strength too small for the steps is refused by name; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
-# gives the CLI's pixels. Exit 77 = skipped (folder absent).
+# gives the CLI's pixels; `--sampler unipc` (text-to-image and image-to-image) gives the same PNG bytes on 1 and 3
+# ranks, equals the JSONL key and differs from DPM-Solver++. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_LCM:-$(dirname "$0")/../../../shared/golden/tiny-lcm}
@@ -59,6 +60,28 @@ same_pixels "$WORK/sdlcm/$P" "$WORK/sdddim/$P" && bad "lcm and ddim gave the sam
 grep -aq "Sampler: lcm" "$WORK/sdlcm/$P" && ok "the PNG records the sampler" || bad "PNG lacks 'Sampler: lcm'"
 refused steps "original_inference_steps (50" --sampler lcm --steps 51
 
+# UniPC on tiny-sd: placements, JSONL, image-to-image
+UC=(generate --model "$SD" --prompts "$WORK/prompts.txt" --sampler unipc --steps 6 --seed 4 --threads 1 --batch-invariant
+    --quiet --timeout 60)
+timeout 60 "$BIN" "${UC[@]}" --out "$WORK/uc1" 2> "$WORK/uc1.log" || bad "unipc failed: $(tail -2 "$WORK/uc1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${UC[@]}" --out "$WORK/uc3" 2> "$WORK/uc3.log" || bad "3-rank unipc failed: $(tail -2 "$WORK/uc3.log")"
+same_pngs "$WORK/uc1" "$WORK/uc3" && ok "unipc: 1 and 3 ranks give the same PNG bytes" || bad "unipc differs across ranks"
+timeout 60 "$BIN" "${UC[@]/unipc/dpmpp_2m}" --out "$WORK/ucd" 2> "$WORK/ucd.log" || bad "dpmpp_2m failed: $(tail -2 "$WORK/ucd.log")"
+[ -f "$WORK/uc1/img-00000-seed4.png" ] && ! same_pixels "$WORK/uc1/img-00000-seed4.png" "$WORK/ucd/img-00000-seed4.png" \
+  && ok "unipc differs from dpmpp_2m" || bad "unipc gave dpmpp_2m's image"
+printf '%s\n' '{"prompt": "a photo of a cat", "seed": 4, "sampler": "unipc"}' > "$WORK/uc.jsonl"
+timeout 60 "$BIN" generate --model "$SD" --prompts "$WORK/uc.jsonl" --steps 6 --threads 1 --batch-invariant --quiet \
+  --out "$WORK/ucj" 2> "$WORK/ucj.log" || bad "JSONL unipc failed: $(tail -2 "$WORK/ucj.log")"
+cmp -s "$WORK/uc1/img-00000-seed4.png" "$WORK/ucj/img-00000-seed4.png" && ok "--sampler unipc equals the JSONL key" \
+  || bad "JSONL unipc differs"
+UI=(generate --model "$SD" --prompt "a blue square" --image "$GOLD/input_0.png" --strength 0.6 --sampler unipc --seed 3
+    --steps 8 --threads 1 --batch-invariant --quiet --timeout 60)
+timeout 60 "$BIN" "${UI[@]}" --out "$WORK/ui1" 2> "$WORK/ui1.log" || bad "unipc img2img failed: $(tail -2 "$WORK/ui1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${UI[@]}" --out "$WORK/ui3" 2> "$WORK/ui3.log" \
+  || bad "3-rank unipc img2img failed: $(tail -2 "$WORK/ui3.log")"
+same_pngs "$WORK/ui1" "$WORK/ui3" && ok "unipc image-to-image: 1 and 3 ranks give the same PNG bytes" \
+  || bad "unipc image-to-image differs across ranks"
+
 serve_up "$WORK/serve.log" --model "$SD" --steps 4 --guidance 1.5 --threads 1
 if [ -n "$URL" ]; then
   python3 - "$URL" "$WORK/sdlcm/$P" <<'PY' && ok "serve: \"sampler\": \"lcm\" gives the CLI's pixels" || bad "serve lcm"
@@ -73,5 +96,5 @@ PY
 else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
 
-echo "lcm: $passed passed, $fails failed"
+echo "samplers: $passed passed, $fails failed"
 [ $fails = 0 ]

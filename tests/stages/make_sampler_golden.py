@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Makes multistep-sampler references with diffusers for the GoldenSamplers tests: UniPCMultistepScheduler step by
+step on recorded trajectories (bh2 and bh1, orders 1 to 3, epsilon and v prediction, spacings, Karras sigmas,
+final_sigmas_type sigma_min, disable_corrector, a run begun part-way as image-to-image begins) and
+DPMSolverMultistepScheduler with final_sigmas_type sigma_min; and StableDiffusionPipeline with UniPC on tiny-sd:
+
+    python3 tests/stages/make_sampler_golden.py --out DIR [--src ../shared/golden/tiny-sd]
+    DIFFPIPE_GOLDEN_SAMPLERS=DIR ./build/tests/test_stages --gtest_filter='GoldenSamplers.*'
+
+For each case C of golden.json: DIR/C/scheduler_config.json (the scheduler's full config) and, in
+DIR/golden.safetensors, C.timesteps (i64), C.sigmas and per step k (from the case's begin): C.k.model_output,
+C.k.sample and C.k.prev_sample. The pipeline run: pipeline.latents (the initial latents) and pipeline.images
+[B, 3, 32, 32] in [0, 1]; DIR/model links to the source model.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from golden_draws import out_linked_to
+
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          steps_offset=1)
+CASES = [
+    dict(name="unipc_default", cls="UniPCMultistepScheduler", steps=10, config=dict(SD)),
+    dict(name="unipc_bh1_order3_v_trailing", cls="UniPCMultistepScheduler", steps=8,
+         config=dict(SD, solver_type="bh1", solver_order=3, prediction_type="v_prediction",
+                     timestep_spacing="trailing")),
+    dict(name="unipc_karras_sigma_min", cls="UniPCMultistepScheduler", steps=7,
+         config=dict(SD, use_karras_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False)),
+    dict(name="unipc_no_corrector_leading", cls="UniPCMultistepScheduler", steps=6,
+         config=dict(SD, disable_corrector=[0, 2], timestep_spacing="leading", solver_order=3)),
+    dict(name="unipc_order1_sample", cls="UniPCMultistepScheduler", steps=5,
+         config=dict(SD, solver_order=1, prediction_type="sample", beta_schedule="linear")),
+    dict(name="unipc_begin3", cls="UniPCMultistepScheduler", steps=8, begin=3, config=dict(SD)),
+    dict(name="dpm_sigma_min", cls="DPMSolverMultistepScheduler", steps=6,
+         config=dict(SD, final_sigmas_type="sigma_min", lower_order_final=False)),
+]
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
+    a = ap.parse_args()
+    import diffusers
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+    from safetensors.torch import save_file
+
+    src = out_linked_to(a.out, a.src)
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for case in CASES:
+        n = case["name"]
+        sched = getattr(diffusers, case["cls"])(**case["config"])
+        sched.save_config(os.path.join(a.out, n))
+        sched.set_timesteps(case["steps"])
+        begin = case.get("begin", 0)
+        if begin:
+            sched.set_begin_index(begin)
+        out[f"{n}.timesteps"] = sched.timesteps.clone()
+        out[f"{n}.sigmas"] = sched.sigmas.clone().float()
+        x = torch.randn(2, 3, 8, 8, generator=g) * 2.0
+        for k, t in enumerate(sched.timesteps[begin:]):
+            mo = torch.randn(2, 3, 8, 8, generator=g) * 0.8 + 0.3 * x
+            prev = sched.step(mo, t, x, return_dict=False)[0]
+            out[f"{n}.{k}.model_output"] = mo
+            out[f"{n}.{k}.sample"] = x
+            out[f"{n}.{k}.prev_sample"] = prev
+            x = prev
+
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        img = pipe(PROMPTS, num_inference_steps=8, guidance_scale=7.5, latents=latents, output_type="pt").images
+    out["pipeline.latents"] = latents
+    out["pipeline.images"] = img
+    save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
+                      for c in CASES],
+            "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc",
+                         "scheduler": dict(pipe.scheduler.config)},
+            "source": f"diffusers {diffusers.__version__}, torch {torch.__version__}, float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    print(json.dumps(meta["cases"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
