@@ -1,8 +1,23 @@
-"""Shared by the golden generators in this folder: records every random draw a diffusers pipeline makes, and sets up
-an output folder beside a source model."""
+"""Shared by the golden generators in this folder: their common options, a recorder of every random draw a diffusers
+pipeline makes, and an output folder beside a source model."""
+import argparse
 import contextlib
 import os
 import shutil
+
+TINY_SD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "golden", "tiny-sd")
+
+
+def tiny_sd_args(sdxl_help=None):
+    """The generators' common options, parsed: --out (required), --seed (0), --src (a tiny-sd folder, default the one in
+    ../shared/golden beside the repository) and, with `sdxl_help`, --sdxl (an SDXL model folder for extra runs)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--src", default=TINY_SD)
+    if sdxl_help:
+        ap.add_argument("--sdxl", help=sdxl_help)
+    return ap.parse_args()
 
 
 def out_linked_to(out, src_folder):

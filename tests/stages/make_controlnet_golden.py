@@ -22,14 +22,13 @@ With --sdxl MODEL (an SDXL folder, e.g. tiny-sdxl's): DIR/sdxl-controlnet made f
 through StableDiffusionXLControlNetPipeline from the same latents (its Euler, 5 steps; golden.json's sdxl.runs) and one
 through StableDiffusionXLControlNetImg2ImgPipeline at strength 0.6 (sdxl_img2img.draws.K).
 """
-import argparse
 import json
 import os
 
 import numpy as np
 import torch
 
-from golden_draws import out_linked_to, recorded_draws
+from golden_draws import out_linked_to, recorded_draws, tiny_sd_args
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -57,13 +56,7 @@ def controlnet_pipe(base, controlnet):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
-    ap.add_argument("--sdxl", help="an SDXL model folder (e.g. tiny-sdxl's) for the sdxl runs")
-    a = ap.parse_args()
+    a = tiny_sd_args("an SDXL model folder (e.g. tiny-sdxl's) for the sdxl runs")
     import diffusers
     from diffusers import StableDiffusionPipeline
     from PIL import Image

@@ -25,7 +25,6 @@ latents, mask and masked-image latents in). DIR/mask_0.png: a white rectangle on
 black and opaque elsewhere, given to diffusers as the equivalent white-on-black mask. Each run records its draws with
 their roles in golden.json ("image": the image's posterior sample, "noise", "masked": the masked image's sample).
 """
-import argparse
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ import shutil
 import numpy as np
 import torch
 
-from golden_draws import out_linked_to, recorded_draws
+from golden_draws import out_linked_to, recorded_draws, tiny_sd_args
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 # diffpipe's sampler name -> the diffusers scheduler class
@@ -47,13 +46,7 @@ RUNS = [dict(name="ddim", sampler="ddim", strength=0.8, steps=6, guidance=7.5, n
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
-    ap.add_argument("--sdxl", help="an SDXL model folder for the sdxl run")
-    a = ap.parse_args()
+    a = tiny_sd_args("an SDXL model folder for the sdxl run")
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.models.autoencoders import vae as vae_module

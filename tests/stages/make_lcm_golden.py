@@ -19,7 +19,6 @@ image-to-image runs LatentConsistencyModelImg2ImgPipeline: every step, over the 
 R.timesteps (i64) and
 R.images [B, 3, 32, 32] in [0, 1]; R.w_embedding for the distilled UNet's runs.
 """
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import shutil
 import numpy as np
 import torch
 
-from golden_draws import out_linked_to, recorded_draws
+from golden_draws import out_linked_to, recorded_draws, tiny_sd_args
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 COND_DIM = 16
@@ -73,13 +72,7 @@ def link_components(src, dst, names):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
-    ap.add_argument("--sdxl", help="an SDXL model folder for the lcm_sdxl run")
-    a = ap.parse_args()
+    a = tiny_sd_args("an SDXL model folder for the lcm_sdxl run")
     import diffusers
     from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline, LCMScheduler,
                            StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)

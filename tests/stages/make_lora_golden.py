@@ -16,13 +16,12 @@ golden.json (a file and a scale, diffusers fuse_lora(lora_scale)), R.images [B, 
 given initial latents `latents` [B, 4, 8, 8] (DDIM, 4 steps, guidance 7.5), and `base.images` without a LoRA.
 Textual inversion (golden.json's textual_inversion, ti.images): see textual_inversion_run.
 """
-import argparse
 import json
 import os
 
 import torch
 
-from golden_draws import out_linked_to
+from golden_draws import out_linked_to, tiny_sd_args
 
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -53,13 +52,7 @@ def textual_inversion_run(a, fresh, latents, res):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
-    ap.add_argument("--sdxl", help="an SDXL model folder for the kohya/SGM-named run")
-    a = ap.parse_args()
+    a = tiny_sd_args("an SDXL model folder for the kohya/SGM-named run")
     import diffusers
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, inject_adapter_in_model

@@ -12,13 +12,12 @@ DIR/golden.safetensors, C.timesteps (i64), C.sigmas and per step k (from the cas
 C.k.sample and C.k.prev_sample. The pipeline run: pipeline.latents (the initial latents) and pipeline.images
 [B, 3, 32, 32] in [0, 1]; DIR/model links to the source model.
 """
-import argparse
 import json
 import os
 
 import torch
 
-from golden_draws import out_linked_to
+from golden_draws import out_linked_to, tiny_sd_args
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           steps_offset=1)
@@ -41,11 +40,7 @@ PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--src", default=os.path.join(here, "..", "..", "..", "shared", "golden", "tiny-sd"))
-    a = ap.parse_args()
+    a = tiny_sd_args()
     import diffusers
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
     from safetensors.torch import save_file
