@@ -44,6 +44,12 @@ const std::vector<cli::Opt> kOptions = {
                                         "use TOKEN (default: the file's key, or its name)"},
     {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that JSONL lines choose by name (key lora:\n"
                                        "\"NAME[:SCALE],...\"); one batch mixes requests with different adapters"},
+    {"ip-adapter", "FILE", "an IP-Adapter (h94/IP-Adapter's ip-adapter_sd15 / ip-adapter_sdxl .safetensors): requests\n"
+                           "bring an image prompt (--ip-adapter-image, JSONL ip_adapter_image)"},
+    {"ip-image-encoder", "DIR", "the IP-Adapter's image encoder (CLIPVisionModelWithProjection; default:\n"
+                                "image_encoder/ beside the --ip-adapter file)"},
+    {"ip-adapter-image", "FILE", "with --ip-adapter: the image prompt (a PNG, any size)"},
+    {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
                                    "requests bring --control-image (JSONL control_image), one image per ControlNet"},
     {"control-image", "FILE[,FILE...]", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"
@@ -61,7 +67,8 @@ const std::vector<cli::Opt> kOptions = {
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
-                        "aesthetic_score, negative_aesthetic_score (unset keys take the command line's values)"},
+                        "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale\n"
+                        "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
@@ -235,6 +242,9 @@ ModelAddons model_addons(const cli::Args& a) {
   m.adapters = parse_lora_adapters(a.str("lora-adapters"));
   m.controlnets = parse_path_list(a.str("controlnet"), "controlnet", "DIR,DIR...");
   m.embeddings = parse_embedding_list(a.str("embeddings"));
+  m.ip_adapter = a.str("ip-adapter");
+  m.ip_image_encoder = a.str("ip-image-encoder");
+  DP_CHECK(m.ip_image_encoder.empty() || !m.ip_adapter.empty(), "--ip-image-encoder: only with --ip-adapter FILE");
   return m;
 }
 
@@ -327,6 +337,8 @@ int generate_main(int argc, char** argv) {
       }
       auto at = [&](const char* f) { return v.count(f) ? &v[f] : nullptr; };
       base.guess_mode = a.flag("guess-mode");
+      base.ip_adapter_image = a.str("ip-adapter-image");
+      if (a.has("ip-adapter-scale")) base.ip_adapter_scale = a.number("ip-adapter-scale", 1.0);
       base.controls = offline::control_fields({}, {at("control-image"), at("control-scale"), at("control-start"),
                                                    at("control-end")},
                                               {"--control-image", "--control-scale", "--control-start", "--control-end"},

@@ -7,7 +7,7 @@ bash scripts/build.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # References made here with diffusers/transformers (a few seconds each) when no folder is given and ../shared/golden
 # has none, so that their tests (image variations, SDXL, T5, DDPM, DeepFloyd IF, the x4 upscaler, image-to-image,
-# LoRA, ControlNet, LCM, UniPC) run instead of skipping.
+# LoRA, ControlNet, LCM, UniPC, IP-Adapter) run instead of skipping.
 GOLD_DIR=${DIFFPIPE_GOLDEN:-$PWD/../shared/golden/tiny-sd}
 UNCLIP_DIR=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$GOLD_DIR")/tiny-unclip}
 PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
@@ -35,6 +35,7 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-t5 DIFFPIPE_GOLDEN_T5 make_t5_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-ddpm DIFFPIPE_GOLDEN_DDPM make_ddpm_golden.py
   make_ref tiny-samplers DIFFPIPE_GOLDEN_SAMPLERS make_sampler_golden.py --src "$GOLD_DIR"
+  make_ref tiny-ip-adapter DIFFPIPE_GOLDEN_IP_ADAPTER make_ip_adapter_golden.py --src "$GOLD_DIR"
   make_ref tiny-if DIFFPIPE_GOLDEN_IF make_if_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-upscale DIFFPIPE_GOLDEN_UPSCALE make_upscale_golden.py --src "$GOLD_DIR"
   make_ref tiny-img2img DIFFPIPE_GOLDEN_IMG2IMG make_img2img_golden.py --src "$GOLD_DIR" \

@@ -139,7 +139,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "original_height", "crop_top", "crop_left", "sr_steps", "sr_guidance",
                                           "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
                                           "control_scale", "control_start", "control_end", "lora",
-                                          "guess_mode", "aesthetic_score", "negative_aesthetic_score"};
+                                          "guess_mode", "aesthetic_score", "negative_aesthetic_score",
+                                          "ip_adapter_image", "ip_adapter_scale"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -163,7 +164,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
                "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
-               "guess_mode, aesthetic_score, negative_aesthetic_score)");
+               "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -205,6 +206,9 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
         *v = get_field<double>(o, key, l.origin, *v);
         DP_CHECK(std::isfinite(*v) && *v >= 0, l.origin, ": key '", key, "' must be a number >= 0");
       }
+    p.ip_adapter_image = get_field<std::string>(o, "ip_adapter_image", l.origin, p.ip_adapter_image);
+    p.ip_adapter_scale = get_field<double>(o, "ip_adapter_scale", l.origin, p.ip_adapter_scale);
+    DP_CHECK(std::isfinite(p.ip_adapter_scale), l.origin, ": key 'ip_adapter_scale' must be a finite number");
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
     p.guess_mode = get_field<bool>(o, "guess_mode", l.origin, p.guess_mode);
@@ -288,6 +292,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Original size: " << (p.original_width > 0 ? p.original_width : width) << "x"
        << (p.original_height > 0 ? p.original_height : height);
   if (p.crop_top > 0 || p.crop_left > 0) os << ", Crop top left: " << p.crop_top << "," << p.crop_left;
+  if (!p.ip_adapter_image.empty())
+    os << ", IP-Adapter image: " << describe_image_ref(p.ip_adapter_image) << ", IP-Adapter scale: " << p.ip_adapter_scale;
   if (p.aesthetic_score >= 0 || p.negative_aesthetic_score >= 0)
     os << ", Aesthetic score: " << p.aesthetic_score_or() << ", Negative aesthetic score: "
        << p.negative_aesthetic_score_or();

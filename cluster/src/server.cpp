@@ -58,13 +58,13 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
                                               "noise_level"};
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
-                                             "negative_aesthetic_score"};
+                                             "negative_aesthetic_score", "ip_adapter_scale"};
   json j = json::object();
   for (const FormPart& p : parts) {
     const std::string name = p.name == "image[]" ? "image" : p.name;
     if (j.contains(name))
       throw BadRequest{name == "image" ? "one image per request" : "field '" + name + "' given twice", name};
-    if (name == "image" || name == "mask" || name == "control_image") {
+    if (name == "image" || name == "mask" || name == "control_image" || name == "ip_adapter_image") {
       // a file part carries the PNG's bytes; a text field may carry base64 or a data URI
       j[name] = p.filename.empty() && p.content_type.empty() ? p.value : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
     } else if (integers.count(name) || numbers.count(name)) {
@@ -331,7 +331,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "strength", "noise_level", "mask", "control_image",
                                             "controlnet_conditioning_scale", "control_guidance_start",
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
-                                            "negative_aesthetic_score"};
+                                            "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -402,6 +402,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         *v = *s;
         if (!(*v >= 0)) throw BadRequest{std::string("'") + key + "' must be a number >= 0", key};
       }
+    if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
+    if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
     if (j.contains("guess_mode")) {  // ControlNets' guess mode
       if (!j["guess_mode"].is_boolean()) throw BadRequest{"'guess_mode' must be true or false", "guess_mode"};
       p.guess_mode = j["guess_mode"].get<bool>();

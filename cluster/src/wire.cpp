@@ -104,6 +104,10 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("strength")) p.strength = r.number(o, "strength", "params.strength");  // sent when not the default
   if (o.contains("aesthetic_score")) p.aesthetic_score = r.number(o, "aesthetic_score", "params.aesthetic_score");
+  if (o.contains("ip_adapter_image")) {
+    p.ip_adapter_image = r.str(o, "ip_adapter_image", "params.ip_adapter_image");
+    p.ip_adapter_scale = r.number(o, "ip_adapter_scale", "params.ip_adapter_scale");
+  }
   if (o.contains("negative_aesthetic_score"))
     p.negative_aesthetic_score = r.number(o, "negative_aesthetic_score", "params.negative_aesthetic_score");
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");

@@ -6,6 +6,7 @@
 
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/stages/ip_adapter.h"
 #include "diffpipe/stages/model.h"
 
 namespace diffpipe {
@@ -33,6 +34,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   // rank: an upper bound); fused ones change weights in place
   double adapter_bytes = 0;
   for (const LoraAdapter& a : addons.adapters) adapter_bytes += weight_bytes(a.path, dtype);
+  const bool ip = !addons.ip_adapter.empty();  // IP-Adapter: its layers beside the UNet, its image encoder on encode
   const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
   const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
   VaeConfig v;
@@ -50,6 +52,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
+      if (ip) m.weights += weight_bytes(path_join(ip_image_encoder_dir(addons), "model.safetensors"), dtype);
       if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
         m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype,
                                   {"encoder.", "quant_conv."});
@@ -59,6 +62,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
     } else if (s == "denoise") {
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);
+      if (ip) m.weights += weight_bytes(addons.ip_adapter, dtype);
       // per UNet row at h x w latents: the skip connections of every level (layers + 1 maps of C_l at hw / 4^l)
       // and a working set of about 12 maps of C_0 at the top level (GEGLU's 8 C_0, residual, norm, concat)
       const double hw = (W / factor) * (H / factor);

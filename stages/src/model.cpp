@@ -1,6 +1,7 @@
 #include "diffpipe/stages/model.h"
 
 #include "diffpipe/stages/embeddings.h"
+#include "diffpipe/stages/ip_adapter.h"
 
 #include <cstdlib>
 #include <fstream>
@@ -320,7 +321,33 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec, lora, rows_2);
     }
   }
-  if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora);
+  IpAdapterFile ip;
+  if (!addons.ip_adapter.empty()) {  // checked on every rank; the layers go to the UNet, the encoder to encode
+    DP_CHECK(!m.upscaler && m.noise_levels == 0 && !m.deepfloyd_if, "ip_adapter: ", dir, " is not a Stable Diffusion ",
+             "1.x/2.x or SDXL folder; an IP-Adapter applies to those");
+    ip = read_ip_adapter(addons.ip_adapter, m.unet_config);
+    const std::string enc = ip_image_encoder_dir(addons);
+    DP_CHECK(dir_exists(enc), enc, ": the IP-Adapter's image encoder folder is not there (--ip-image-encoder DIR, or ",
+             "image_encoder/ beside the adapter file as h94/IP-Adapter lays it out)");
+    const ClipVisionConfig vc = ClipVisionConfig::load(path_join(enc, "config.json"));
+    DP_CHECK(vc.projection_dim == ip.embed_dim, path_join(enc, "config.json"), ": projection_dim ", vc.projection_dim,
+             " does not match ", addons.ip_adapter, "'s image_proj input ", ip.embed_dim);
+    m.ip_adapter = true;
+    // diffusers: the pipeline's feature_extractor, or CLIPImageProcessor(size=crop_size=the encoder's image_size)
+    const std::string fe = path_join(dir, "feature_extractor/preprocessor_config.json");
+    if (file_exists(fe)) {
+      m.ip_image_processor = ClipImageProcessorConfig::load(fe);
+    } else {
+      m.ip_image_processor.shortest_edge = vc.image_size;
+      m.ip_image_processor.crop_height = m.ip_image_processor.crop_width = vc.image_size;
+    }
+    DP_CHECK(m.ip_image_processor.crop_height == vc.image_size && m.ip_image_processor.crop_width == vc.image_size, fe,
+             ": crop_size ", m.ip_image_processor.crop_width, "x", m.ip_image_processor.crop_height,
+             " does not match the IP-Adapter's image encoder (image_size ", vc.image_size, ")");
+    if (components & kTextEncoder) m.ip_image_encoder = ClipVisionModel::load(enc, spec);
+  }
+  if (components & kUNet)
+    m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec, lora, ip.unet_tensors, addons.ip_adapter);
   m.addons = addons;
   for (const std::string& cn : addons.controlnets) {  // configs on every rank (requests are checked against them), weights with the UNet
     DP_CHECK(!m.upscaler && m.noise_levels == 0, "controlnet: ", dir, " is not a Stable Diffusion 1.x/2.x or SDXL ",

@@ -27,6 +27,8 @@ class EncodeStage : public OneShotStage {
     std::vector<const GenerationParams*> ps;
     for (size_t i = 0; i < batch.size(); ++i) {
       ps.push_back(&batch[i]->params);
+      if (!batch[i]->params.ip_adapter_image.empty())  // IP-Adapter: the image prompt's embedding
+        images[i].ip_embeds = ip_image_embeds(model_, batch[i]->params);
       if (!model_.img2img() || batch[i]->params.image_prompt.empty()) continue;
       const ResolvedParams r = resolve_params(model_, batch[i]->params);  // reads and checks the image (and mask)
       images[i].image_latents = img2img_latents(model_, batch[i]->params, r.image);
@@ -54,6 +56,7 @@ class EncodeStage : public OneShotStage {
       // image-to-image: last, in this order
       for (const at::Tensor& x : {images[i].image_latents, images[i].mask, images[i].masked_image_latents})
         if (x.defined()) t.push_back(x.contiguous());
+      if (images[i].ip_embeds.defined()) t.push_back(images[i].ip_embeds.contiguous());  // the very last
       out.push_back(StageEvent::finished(batch[i]->id, std::move(t)));
     }
     return out;
@@ -148,6 +151,11 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "denoise: no embeddings received");
     Embeddings e;
+    if (!r.params.ip_adapter_image.empty()) {  // IP-Adapter: the image prompt's embedding is the very last
+      DP_CHECK(r.inputs.size() >= 2, "denoise: request ", r.id, " has an image prompt, but its embedding did not arrive");
+      e.ip_embeds = r.inputs.back().to(at::kCPU, at::kFloat);
+      r.inputs.pop_back();
+    }
     if (model_.img2img() && !r.params.image_prompt.empty()) {  // image-to-image: the image's latents come last
       const bool inpaint = !r.params.mask.empty();  // then the mask (and the masked image's latents)
       const size_t n = 1 + (inpaint ? 1 : 0) + (inpaint && model_.inpaint_unet ? 1 : 0);

@@ -42,6 +42,9 @@ inline at::Tensor in_layout_of(const at::Tensor& first_conv_weight, const at::Te
 // it did not choose the adapter), or undefined where no row did. Layers with branches add theirs for these rows.
 struct AdapterRows {
   std::vector<at::Tensor> scales;
+  // IP-Adapter: each row's image embedding [rows, E] and scale [rows] (0: no image prompt); ip_tokens [rows, T, D],
+  // the UNet's projection of the embeddings, set by the UNet for its cross-attentions
+  at::Tensor ip_embeds, ip_scales, ip_tokens;
   AdapterRows row(int64_t i) const;  // the same for row i alone (a batch of one)
 };
 const AdapterRows* active_adapter_rows();  // nullptr: no adapter in this pass

@@ -271,6 +271,13 @@ std::vector<float> adapter_scales(const SdModel& model, const GenerationParams& 
   return out;
 }
 
+at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p) {
+  DP_CHECK(model.ip_image_encoder, "ip_adapter_image: the IP-Adapter's image encoder is not loaded here");
+  const at::Tensor px = preprocess_clip_image(model.ip_image_processor,
+                                              read_field_image(p.ip_adapter_image, "ip_adapter_image"));
+  return model.ip_image_encoder->image_embeds(px.to(model.spec.device, model.spec.dtype)).to(at::kCPU, at::kFloat)[0];
+}
+
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, const at::Tensor& image_latents) {
   ResolvedParams r;
   r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
@@ -389,6 +396,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,
            "original_width/original_height/crop_top/crop_left: must be at least 0");
+  DP_CHECK(std::isfinite(p.ip_adapter_scale), "ip_adapter_scale: must be a finite number, got ", p.ip_adapter_scale);
+  if (p.ip_adapter_image.empty()) {
+    DP_CHECK(p.ip_adapter_scale == 1.0, "ip_adapter_scale: only a request with an ip_adapter_image uses it");
+  } else {
+    DP_CHECK(model.ip_adapter, "ip_adapter_image: ", model.dir, " runs without an IP-Adapter (start the run with ",
+             "--ip-adapter FILE)");
+    (void)read_field_image(p.ip_adapter_image, "ip_adapter_image");  // readable, here and now
+  }
   for (const auto& [name, v] : {std::pair<const char*, double>{"aesthetic_score", p.aesthetic_score},
                                 {"negative_aesthetic_score", p.negative_aesthetic_score}}) {
     DP_CHECK(std::isfinite(v), name, ": must be a finite number, got ", v);
@@ -461,6 +476,12 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   s.uncond_class_labels = emb.uncond_class_labels;
   s.time_ids = emb.time_ids;
   s.uncond_time_ids = emb.uncond_time_ids;
+  if (!p.ip_adapter_image.empty()) {
+    DP_CHECK(emb.ip_embeds.defined(), "denoise: request ", id, " has an image prompt, but its embedding did not arrive ",
+             "(the encode stage makes it)");
+    s.ip_embeds = emb.ip_embeds.to(at::kCPU, at::kFloat);
+    s.ip_scale = p.ip_adapter_scale;
+  }
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
   if (model.unet_config.text_time()) {
     DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
@@ -630,8 +651,18 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     ramps.emplace_back(r.data_ptr<float>(), r.data_ptr<float>() + r.numel());
   }
   std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
+  std::vector<at::Tensor> ip_rows;  // IP-Adapter: each UNet row's image embedding (the unconditional row: zeros)
+  std::vector<float> ip_scales;
+  const auto ip_state = std::find_if(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->ip_embeds.defined(); });
+  const at::Tensor ip_zero = ip_state == batch.end() ? at::Tensor() : at::zeros_like((*ip_state)->ip_embeds);
   for (DenoiseState* s : batch) {
-    for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) lora_rows.push_back(&s->adapter_scales);
+    for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {
+      lora_rows.push_back(&s->adapter_scales);
+      if (ip_zero.defined()) {  // diffusers: zeros for the unconditional row, the same scale on both
+        ip_rows.push_back(s->ip_embeds.defined() && (r == 1 || s->guidance <= 1.0) ? s->ip_embeds : ip_zero);
+        ip_scales.push_back(s->ip_embeds.defined() ? static_cast<float>(s->ip_scale) : 0.0f);
+      }
+    }
     DP_CHECK(!s->done(), "denoise: request ", s->id, " already finished");
     at::Tensor in = s->sampler->scale_model_input(s->latents, s->step);
     if (s->concat.defined()) in = at::cat({in, s->concat}, 0);
@@ -721,7 +752,12 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     residuals.mid = residuals.mid + spread(rk.mid);
   }
   const bool control = residuals.mid.defined();
-  const auto lora = adapter_rows(lora_rows, model_.spec.device);
+  auto lora = adapter_rows(lora_rows, model_.spec.device);
+  if (ip_zero.defined()) {
+    if (!lora) lora.emplace();
+    lora->ip_embeds = at::stack(ip_rows).to(model_.spec.device);
+    lora->ip_scales = at::tensor(ip_scales, at::TensorOptions().dtype(at::kFloat)).to(model_.spec.device);
+  }
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
   at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond)
                      .to(at::kFloat);  // [rows, C, h, w]

@@ -1,6 +1,7 @@
 #include "diffpipe/stages/unet.h"
 
 #include <cmath>
+#include <optional>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
@@ -118,6 +119,9 @@ struct UNet2DConditionModel::Impl {
   nn::Linear class_linear_1, class_linear_2;  // class_embed_type "projection" or "timestep"
   at::Tensor class_table;                     // num_class_embeds: [num_class_embeds, temb]
   nn::Linear add_linear_1, add_linear_2;      // addition_embed_type "text_time"
+  nn::Linear ip_proj;                         // IP-Adapter's image_proj: embedding -> ip_tokens x cross_attention_dim
+  nn::LayerNorm ip_norm;
+  int64_t ip_tokens = 0;
   std::vector<Block> down, up;
   nn::ResnetBlock2D mid_res0, mid_res1;
   nn::Transformer2DModel mid_attn;
@@ -158,6 +162,13 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
   }
   if (c.num_class_embeds > 0) m->class_table = w.get("class_embedding.weight", {c.num_class_embeds, temb});
+  if (w.has("ip_image_proj.proj.weight")) {  // an IP-Adapter's (ip_adapter.h), inserted under these names
+    const int64_t D = c.cross_attention_dim[0];
+    const auto shape = w.all().at("ip_image_proj.proj.weight").sizes();
+    m->ip_tokens = shape[0] / D;
+    m->ip_proj = nn::Linear(w, "ip_image_proj.proj", shape[1], m->ip_tokens * D);
+    m->ip_norm = nn::LayerNorm(w, "ip_image_proj.norm", D, 1e-5);
+  }
   if (c.text_time()) {
     m->add_linear_1 = nn::Linear(w, "add_embedding.linear_1", c.projection_class_embeddings_input_dim, temb);
     m->add_linear_2 = nn::Linear(w, "add_embedding.linear_2", temb, temb);
@@ -263,9 +274,13 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
 }
 
 std::shared_ptr<UNet2DConditionModel> UNet2DConditionModel::load(const std::string& dir, const DeviceSpec& spec,
-                                                                 const std::vector<LoraLayer>& lora) {
+                                                                 const std::vector<LoraLayer>& lora,
+                                                                 const std::map<std::string, at::Tensor>& extra,
+                                                                 const std::string& extra_origin) {
   const auto cfg = UNetConfig::load(path_join(dir, "config.json"));
   Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  const auto like = at::TensorOptions().device(spec.device).dtype(spec.dtype);
+  for (const auto& [k, t] : extra) w.insert(k, t, like, extra_origin);
   apply_lora(w, lora, "unet");
   auto m = std::make_shared<UNet2DConditionModel>(cfg, w);
   for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
@@ -302,6 +317,17 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
       return forward(row(sample), row(t), row(context), row(class_labels), row(time_ids), residuals ? &r : nullptr,
                      row(timestep_cond));
     });
+  // IP-Adapter: the rows' image embeddings become tokens for the cross-attentions (ImageProjection)
+  const nn::AdapterRows* rows = nn::active_adapter_rows();
+  std::optional<nn::AdapterRows> with_tokens;
+  std::optional<nn::AdapterScope> ip_scope;
+  if (rows && rows->ip_embeds.defined()) {
+    DP_CHECK(m.ip_proj.weight.defined(), "unet: image prompt embeddings given, but no IP-Adapter is loaded");
+    with_tokens = *rows;
+    const at::Tensor e = rows->ip_embeds.to(sample.device(), m.ip_proj.weight.scalar_type());
+    with_tokens->ip_tokens = m.ip_norm(m.ip_proj(e).view({B, m.ip_tokens, -1}));
+    ip_scope.emplace(&*with_tokens);
+  }
   const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids, timestep_cond);
   // a ControlNet's residuals change with every call, per-request LoRA branches with the batch's adapters: no graph
   if (residuals || nn::active_adapter_rows())

@@ -57,6 +57,10 @@ CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t cont
   to_k = Linear(w, "to_k", context_dim, inner, qkv_bias);
   to_v = Linear(w, "to_v", context_dim, inner, qkv_bias);
   to_out = Linear(w, "to_out.0", inner, query_dim, true);
+  if (w.has("to_k_ip.weight")) {
+    to_k_ip = Linear(w, "to_k_ip", context_dim, inner, false);
+    to_v_ip = Linear(w, "to_v_ip", context_dim, inner, false);
+  }
 }
 
 at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context) const {
@@ -67,6 +71,15 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
   k = k.view({B, L, heads, D}).transpose(1, 2);
   v = v.view({B, L, heads, D}).transpose(1, 2);
   at::Tensor o = attention(q, k, v, at::Tensor());
+  const AdapterRows* rows = to_k_ip.weight.defined() ? active_adapter_rows() : nullptr;
+  if (rows && rows->ip_tokens.defined()) {  // diffusers' IPAdapterAttnProcessor2_0: + scale x attention to the tokens
+    const at::Tensor& ip = rows->ip_tokens;
+    DP_CHECK(ip.size(0) == B, "IP-Adapter: ", ip.size(0), " rows of image tokens for a batch of ", B);
+    const int64_t T = ip.size(1);
+    const at::Tensor ki = to_k_ip(ip).view({B, T, heads, D}).transpose(1, 2);
+    const at::Tensor vi = to_v_ip(ip).view({B, T, heads, D}).transpose(1, 2);
+    o = o + attention(q, ki, vi, at::Tensor()) * rows->ip_scales.to(o.scalar_type()).view({B, 1, 1, 1});
+  }
   return to_out(o.transpose(1, 2).reshape({B, N, inner}));
 }
 

@@ -30,6 +30,9 @@ struct ResnetBlock2D {
 
 struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
   Linear to_q, to_k, to_v, to_out;
+  // IP-Adapter (present when the weights have them): the image tokens' keys and values; each row adds its scale x
+  // attention(query, them) (nn::AdapterRows::ip_tokens / ip_scales in force) before to_out
+  Linear to_k_ip, to_v_ip;
   int64_t heads = 1;
   CrossAttention() = default;
   CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads, int64_t dim_head,

@@ -42,6 +42,12 @@ void Weights::update(const std::string& key, const std::function<at::Tensor(cons
   it->second = fn(it->second);
 }
 
+void Weights::insert(const std::string& key, const at::Tensor& t, const at::TensorOptions& like,
+                     const std::string& from) {
+  DP_CHECK(!state_->tensors.count(prefix_ + key), from, ": tensor '", prefix_ + key, "' is already in ", state_->origin);
+  state_->tensors.emplace(prefix_ + key, t.to(like.device(), like.dtype()).contiguous());
+}
+
 void Weights::add_branch(const std::string& key, LoraBranch b) {
   DP_CHECK(state_->tensors.count(prefix_ + key), state_->origin, ": no tensor '", prefix_ + key, "' for a LoRA branch");
   state_->branches[prefix_ + key].push_back(std::move(b));

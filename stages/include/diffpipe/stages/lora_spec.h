@@ -44,6 +44,9 @@ struct ModelAddons {
   std::vector<std::string> controlnets;
   std::vector<LoraAdapter> adapters;
   std::vector<EmbeddingSpec> embeddings;  // textual inversion: tokens added to the tokenizers and text encoders
+  // IP-Adapter (ip_adapter.h): the adapter file ("" = none) and its image encoder folder ("" = image_encoder/ beside
+  // the file); requests bring their image prompt (GenerationParams::ip_adapter_image)
+  std::string ip_adapter, ip_image_encoder;
 };
 
 }  // namespace diffpipe

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/clip_vision.h"
 #include "diffpipe/stages/controlnet.h"
 #include "diffpipe/stages/request.h"
 #include "diffpipe/stages/sampler.h"
@@ -98,6 +99,11 @@ struct SdModel {
   ModelAddons addons;  // what load() added
   std::vector<std::shared_ptr<ControlNetModel>> controlnets;  // addons.controlnets, loaded with kUNet
   std::vector<std::string> embedding_tokens;  // the tokens addons.embeddings add (known on every rank)
+  // IP-Adapter (addons.ip_adapter, checked on every rank; its layers join the UNet's with kUNet): the image encoder
+  // and its preprocessing (the folder's feature_extractor/, else CLIP's at the encoder's image size), with kTextEncoder
+  bool ip_adapter = false;
+  std::shared_ptr<ClipVisionModel> ip_image_encoder;
+  ClipImageProcessorConfig ip_image_processor;
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.

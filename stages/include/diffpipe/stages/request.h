@@ -63,6 +63,10 @@ struct GenerationParams {
   // SDXL refiner folders only (requires_aesthetics_score): the aesthetic score conditioning the prompt's row and the
   // unconditional row (< 0: the pipeline's defaults, 6 and 2.5; aesthetic_score_or()); other folders refuse them.
   double aesthetic_score = -1, negative_aesthetic_score = -1;
+  // IP-Adapter (a run started with --ip-adapter FILE): the image prompt (a path or a data: URI; "" = none) and how
+  // strongly its tokens act in every cross-attention (diffusers' set_ip_adapter_scale)
+  std::string ip_adapter_image;
+  double ip_adapter_scale = 1.0;
   double aesthetic_score_or() const { return aesthetic_score >= 0 ? aesthetic_score : 6.0; }
   double negative_aesthetic_score_or() const { return negative_aesthetic_score >= 0 ? negative_aesthetic_score : 2.5; }
   // DeepFloyd IF folders with super_resolution/ (stage II) only: its DDPM steps, guidance, and the noise level of the
@@ -116,6 +120,10 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   }
   if (p.strength != d.strength) j["strength"] = p.strength;
   if (p.aesthetic_score != d.aesthetic_score) j["aesthetic_score"] = p.aesthetic_score;
+  if (!p.ip_adapter_image.empty()) {
+    j["ip_adapter_image"] = p.ip_adapter_image;
+    j["ip_adapter_scale"] = p.ip_adapter_scale;
+  }
   if (p.negative_aesthetic_score != d.negative_aesthetic_score) j["negative_aesthetic_score"] = p.negative_aesthetic_score;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
@@ -169,6 +177,8 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.x4_noise_level = j.value("x4_noise_level", p.x4_noise_level);
   p.strength = j.value("strength", p.strength);
   p.aesthetic_score = j.value("aesthetic_score", p.aesthetic_score);
+  p.ip_adapter_image = j.value("ip_adapter_image", std::string());
+  p.ip_adapter_scale = j.value("ip_adapter_scale", p.ip_adapter_scale);
   p.negative_aesthetic_score = j.value("negative_aesthetic_score", p.negative_aesthetic_score);
   p.mask = j.value("mask", std::string());
   p.lora = j.value("lora", std::string());

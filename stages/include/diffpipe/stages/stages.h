@@ -32,6 +32,7 @@ struct Embeddings {
   at::Tensor image_latents;  // image-to-image: the input image's VAE latents, sampled and scaled [C, h, w] float32
   at::Tensor mask;           // inpainting: the mask at the latents' size [1, h, w] (1 = repaint), float32
   at::Tensor masked_image_latents;  // inpainting UNets: the masked image's latents [C, h, w] float32
+  at::Tensor ip_embeds;             // IP-Adapter: the image prompt's embedding [E] float32 (ip_image_embeds)
 };
 
 class TextEncodeStage {
@@ -78,6 +79,8 @@ struct DenoiseState {
     return i / n < c.start || (i + 1) / n > c.end ? 0.0 : c.scale;
   }
   std::vector<float> adapter_scales;  // per-request LoRA: each of the run's adapters' scale (0: not chosen)
+  at::Tensor ip_embeds;      // IP-Adapter: the image prompt's embedding [E] (undefined: none; the unconditional row
+  double ip_scale = 0;       // gets zeros, as diffusers) and the request's ip_adapter_scale
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
@@ -90,6 +93,10 @@ struct DenoiseState {
   int total_steps() const { return sampler->num_calls() - begin; }  // the calls this request makes
   int steps_done() const { return step - begin; }
 };
+
+// IP-Adapter: the request's image prompt (p.ip_adapter_image) through the model's image encoder: [E] float32 on the
+// CPU (diffusers' encode_image: preprocessed by CLIPImageProcessor, image_embeds).
+at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p);
 
 // Resolves the sampler and size of `p` against the model and validates them (errors name the field).
 struct ResolvedParams {

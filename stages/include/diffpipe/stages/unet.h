@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -73,9 +74,12 @@ class UNet2DConditionModel {
  public:
   // encoder_only: conv_in, the time embeddings, the down and mid blocks (a ControlNet's copy of them)
   UNet2DConditionModel(const UNetConfig& cfg, const Weights& w, bool encoder_only = false);
-  // `lora`: layers fused into the weights first (those of component "unet")
+  // `lora`: layers fused into the weights first (those of component "unet"); `extra`: tensors added to the file's
+  // (an IP-Adapter's, IpAdapterFile::unet_tensors, read from `extra_origin`)
   static std::shared_ptr<UNet2DConditionModel> load(const std::string& dir, const DeviceSpec& spec,
-                                                    const std::vector<LoraLayer>& lora = {});
+                                                    const std::vector<LoraLayer>& lora = {},
+                                                    const std::map<std::string, at::Tensor>& extra = {},
+                                                    const std::string& extra_origin = "");
 
   // sample: [B, C, H, W]; timesteps: [B] (float or int; one per sample) or a 0-d scalar for all;
   // encoder_hidden_states: [B, L, cross_attention_dim]; class_labels: [B, projection_class_embeddings_input_dim]

@@ -56,6 +56,9 @@ class Weights {
   void update(const std::string& key, const std::function<at::Tensor(const at::Tensor&)>& fn);
   // Renames keys (legacy checkpoints): the first occurrence of `from` in each key becomes `to`.
   void rename_part(const std::string& from, const std::string& to);
+  // Adds a tensor the model's file lacks (an IP-Adapter's layers, before a model is built): floating tensors become
+  // the set's dtype and device (`like`'s); throws naming both origins when the key exists.
+  void insert(const std::string& key, const at::Tensor& t, const at::TensorOptions& like, const std::string& from);
   // Per-request LoRA: branches attached to the weight `key` (before a model is built), and those of a key.
   void add_branch(const std::string& key, LoraBranch b);
   std::vector<LoraBranch> branches(const std::string& key) const;

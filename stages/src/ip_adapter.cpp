@@ -1,0 +1,88 @@
+#include "diffpipe/stages/ip_adapter.h"
+
+#include <set>
+
+#include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/unet.h"
+
+namespace diffpipe {
+
+std::vector<std::string> cross_attention_layers(const UNetConfig& c) {
+  std::vector<std::string> out;
+  auto add = [&](const std::string& block, int64_t attentions, int64_t depth) {
+    for (int64_t a = 0; a < attentions; ++a)
+      for (int64_t t = 0; t < depth; ++t)
+        out.push_back(block + ".attentions." + std::to_string(a) + ".transformer_blocks." + std::to_string(t) + ".attn2");
+  };
+  const size_t n = c.block_out_channels.size();
+  for (size_t i = 0; i < n; ++i)
+    if (c.down_block_types[i] == "CrossAttnDownBlock2D")
+      add("down_blocks." + std::to_string(i), c.layers_per_block[i], c.transformer_layers_per_block[i]);
+  for (size_t i = 0; i < n; ++i)  // up block i mirrors down block n - 1 - i (one more layer)
+    if (c.up_block_types[i] == "CrossAttnUpBlock2D")
+      add("up_blocks." + std::to_string(i), c.layers_per_block[n - 1 - i] + 1, c.transformer_layers_per_block[n - 1 - i]);
+  if (c.mid_block_type == "UNetMidBlock2DCrossAttn") add("mid_block", 1, c.transformer_layers_per_block[n - 1]);
+  return out;
+}
+
+IpAdapterFile read_ip_adapter(const std::string& path, const UNetConfig& unet) {
+  DP_CHECK(file_exists(path), path, ": IP-Adapter file not found");
+  DP_CHECK(path.size() > 12 && path.substr(path.size() - 12) == ".safetensors", path,
+           ": only .safetensors IP-Adapter files are read (pickled .bin files are not)");
+  std::map<std::string, at::Tensor> t = load_safetensors(path);
+  for (const char* k : {"image_proj.proj.3.weight", "image_proj.latents", "image_proj.perceiver_resampler.proj_in.weight",
+                        "image_proj.proj.0.weight"})
+    DP_CHECK(!t.count(k), path, ": '", k, "' marks an IP-Adapter Plus / Full-face / FaceID file; only the plain ",
+             "IP-Adapter (image_proj.proj and image_proj.norm: 4 tokens from the image embedding) is supported");
+  auto take = [&](const std::string& k, int64_t dim) {
+    const auto it = t.find(k);
+    DP_CHECK(it != t.end(), path, ": tensor '", k, "' missing (an IP-Adapter file has image_proj.proj, image_proj.norm ",
+             "and ip_adapter.K.to_k_ip / to_v_ip)");
+    DP_CHECK(it->second.dim() == dim && at::isFloatingType(it->second.scalar_type()), path, ": tensor '", k, "' must be ",
+             dim, "-D floating, got ", shape_str(it->second.sizes()));
+    at::Tensor v = it->second.to(at::kFloat);
+    t.erase(it);
+    return v;
+  };
+  const int64_t D = unet.cross_attention_dim[0];
+  IpAdapterFile f;
+  const at::Tensor pw = take("image_proj.proj.weight", 2), pb = take("image_proj.proj.bias", 1);
+  const at::Tensor nw = take("image_proj.norm.weight", 1), nb = take("image_proj.norm.bias", 1);
+  DP_CHECK(nw.size(0) == D && nb.size(0) == D, path, ": image_proj.norm is ", nw.size(0), " wide, the UNet's ",
+           "cross_attention_dim ", D, " (an adapter for another model family?)");
+  DP_CHECK(pw.size(0) % D == 0 && pb.size(0) == pw.size(0), path, ": image_proj.proj.weight ", shape_str(pw.sizes()),
+           " must make whole tokens of the UNet's width ", D);
+  f.tokens = pw.size(0) / D;
+  f.embed_dim = pw.size(1);
+  f.unet_tensors = {{"ip_image_proj.proj.weight", pw}, {"ip_image_proj.proj.bias", pb},
+                    {"ip_image_proj.norm.weight", nw}, {"ip_image_proj.norm.bias", nb}};
+  // each cross-attention's width: its block's channels (heads x head width = channels in SD's blocks)
+  const std::vector<std::string> layers = cross_attention_layers(unet);
+  const auto& boc = unet.block_out_channels;
+  for (size_t k = 0; k < layers.size(); ++k) {
+    const std::string& L = layers[k];
+    const size_t dot = L.find('.', L.find('.') + 1);
+    const int64_t b = L.rfind("mid_block", 0) == 0 ? -1 : std::stoll(L.substr(L.find('.') + 1, dot - L.find('.') - 1));
+    const int64_t width = b < 0 ? boc.back() : L.rfind("up_blocks", 0) == 0 ? boc[boc.size() - 1 - b] : boc[b];
+    const std::string id = "ip_adapter." + std::to_string(2 * k + 1);
+    for (const char* kv : {"to_k_ip", "to_v_ip"}) {
+      const at::Tensor w = take(id + "." + kv + ".weight", 2);
+      DP_CHECK(w.size(0) == width && w.size(1) == D, path, ": ", id, ".", kv, ".weight is ", shape_str(w.sizes()),
+               "; the UNet's cross-attention ", L, " needs [", width, ", ", D, "]");
+      f.unet_tensors[L + "." + kv + ".weight"] = w;
+    }
+  }
+  DP_CHECK(t.empty(), path, ": tensor '", t.begin()->first, "' is not one of the ", layers.size(), " cross-attentions' ",
+           "(ip_adapter.1 to ip_adapter.", 2 * layers.size() - 1, ") or image_proj's (an adapter for another UNet?)");
+  return f;
+}
+
+std::string ip_image_encoder_dir(const ModelAddons& a) {
+  if (!a.ip_image_encoder.empty()) return a.ip_image_encoder;
+  const size_t slash = a.ip_adapter.find_last_of('/');
+  return path_join(slash == std::string::npos ? "." : a.ip_adapter.substr(0, slash), "image_encoder");
+}
+
+}  // namespace diffpipe

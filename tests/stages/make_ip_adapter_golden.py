@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Makes an IP-Adapter reference with diffusers (StableDiffusionPipeline.load_ip_adapter) on tiny-sd, for the
+GoldenIpAdapter tests:
+
+    python3 tests/stages/make_ip_adapter_golden.py --out DIR [--src ../shared/golden/tiny-sd]
+    DIFFPIPE_GOLDEN_IP_ADAPTER=DIR ./build/tests/test_stages --gtest_filter='GoldenIpAdapter.*'
+
+DIR/ip/ is laid out as h94/IP-Adapter's models/ folder: ip-adapter.safetensors (random weights in the original
+format: image_proj.proj / image_proj.norm, a Linear of the image embedding to 4 tokens and their LayerNorm, and
+ip_adapter.K.to_k_ip / to_v_ip for every cross-attention, K = 1, 3, 5, ... in diffusers' attention-processor order)
+and image_encoder/ (a random CLIPVisionModelWithProjection, 32x32 images). DIR/image_K.png: the image prompts.
+DIR/golden.safetensors: latents (the initial latents), and per run R of golden.json R.images [B, 3, 32, 32] in [0, 1]
+and R.image_embeds (the image encoder's output for the run's images). DIR/model links to the source model.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from golden_draws import out_linked_to, tiny_sd_args
+
+PROMPTS = ["a red circle above a blue square", "two small green triangles"]
+RUNS = [dict(name="scale_1", scale=1.0, guidance=7.5, negative_prompt=None, steps=5),
+        dict(name="scale_05_negative", scale=0.5, guidance=5.0, negative_prompt="blurry", steps=4),
+        dict(name="no_guidance", scale=0.8, guidance=1.0, negative_prompt=None, steps=4)]
+
+
+def main():
+    a = tiny_sd_args()
+    import diffusers
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    src = out_linked_to(a.out, a.src)
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    torch.manual_seed(a.seed + 5)
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=24)).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ip_dir = os.path.join(a.out, "ip")
+    enc.save_pretrained(os.path.join(ip_dir, "image_encoder"))
+
+    # the adapter: image_proj (embedding -> 4 tokens of the UNet's cross-attention width) and per cross-attention
+    # to_k_ip / to_v_ip, numbered as diffusers' _convert_ip_adapter_attn_to_diffusers reads them
+    cfg = pipe.unet.config
+    D, E, T = cfg.cross_attention_dim, enc.config.projection_dim, 4
+    sd = {"image_proj.proj.weight": torch.randn(T * D, E) * 0.3, "image_proj.proj.bias": torch.randn(T * D) * 0.1,
+          "image_proj.norm.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm.bias": torch.randn(D) * 0.1}
+    key_id = 1
+    for name in pipe.unet.attn_processors.keys():
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = cfg.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = cfg.block_out_channels[int(name[len("down_blocks.")])]
+        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, D) * 0.3
+        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, D) * 0.3
+        key_id += 2
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(ip_dir, "ip-adapter.safetensors"))
+    pipe.load_ip_adapter(ip_dir, subfolder="", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder="image_encoder")
+
+    rng = np.random.default_rng(a.seed)
+    images = []
+    for k in range(len(PROMPTS)):
+        rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # not square: resize and crop matter
+        rgb[:, :, k] = 255
+        Image.fromarray(rgb, "RGB").save(os.path.join(a.out, f"image_{k}.png"))
+        images.append(Image.fromarray(rgb, "RGB"))
+
+    latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(a.seed + 7))
+    res = {"latents": latents}
+    for r in RUNS:
+        pipe.set_ip_adapter_scale(r["scale"])
+        neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+        captured = {}
+        real = pipe.encode_image
+
+        def encode_image(*args, real=real, captured=captured, **kw):
+            out = real(*args, **kw)
+            captured.setdefault("embeds", []).append(out[0].clone())
+            return out
+        pipe.encode_image = encode_image
+        with torch.no_grad():  # one call per prompt: the pipeline takes one image prompt per adapter and call
+            img = torch.cat([pipe(PROMPTS[k], ip_adapter_image=images[k], negative_prompt=neg and neg[k],
+                                  num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+                                  latents=latents[k:k + 1], output_type="pt").images for k in range(len(PROMPTS))])
+        pipe.encode_image = real
+        res[f"{r['name']}.images"] = img
+        res[f"{r['name']}.image_embeds"] = torch.cat(captured["embeds"]).reshape(len(PROMPTS), -1)
+    with torch.no_grad():  # the same requests without the adapter, for comparison
+        pipe.set_ip_adapter_scale(0.0)
+        res["no_adapter.images"] = pipe(PROMPTS, ip_adapter_image=images[0], num_inference_steps=5,
+                                        guidance_scale=7.5, latents=latents, output_type="pt").images
+    save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"prompts": PROMPTS, "images": [f"image_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
+            "adapter": "ip/ip-adapter.safetensors", "tokens": T,
+            "source": f"diffusers {diffusers.__version__} load_ip_adapter on {a.src}, torch {torch.__version__}, "
+                      "float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+// IP-Adapter against diffusers' load_ip_adapter on tiny-sd (tests/stages/make_ip_adapter_golden.py; scripts/test.sh
+// makes the folder under build/golden): a random adapter in h94's format and a random CLIPVisionModelWithProjection;
+// each request brings its own image prompt. $DIFFPIPE_GOLDEN_IP_ADAPTER, default the sibling tiny-ip-adapter of the
+// tiny-sd folder; absent, the tests skip.
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/ip_adapter.h"
+#include "diffpipe/stages/stages.h"
+#include "denoise_util.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+#define DP_REQUIRE_IP(dir) \
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_IP_ADAPTER", "tiny-ip-adapter", "golden.json", "make_ip_adapter_golden.py")
+
+ModelAddons with_adapter(const std::string& dir) {
+  ModelAddons a;
+  a.ip_adapter = dir + "/ip/ip-adapter.safetensors";
+  return a;
+}
+
+// Requests of run `run` (golden.json's settings), request k with image_k.png unless `without` names it.
+std::vector<GenerationParams> run_params(const std::string& dir, const nlohmann::json& meta, const nlohmann::json& run,
+                                         int without = -1) {
+  std::vector<GenerationParams> params;
+  for (size_t k = 0; k < meta.at("prompts").size(); ++k) {
+    GenerationParams p;
+    p.prompt = meta.at("prompts")[k].get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    if (!run.at("negative_prompt").is_null()) p.negative_prompt = run.at("negative_prompt").get<std::string>();
+    if (static_cast<int>(k) != without) {
+      p.ip_adapter_image = dir + "/" + meta.at("images")[k].get<std::string>();
+      p.ip_adapter_scale = run.at("scale").get<double>();
+    }
+    params.push_back(p);
+  }
+  return params;
+}
+
+// States from the reference's latents, each request's image prompt embedded as the encode stage does.
+std::vector<DenoiseState> ip_states(const SdModel& model, const std::vector<GenerationParams>& params,
+                                    const at::Tensor& latents) {
+  auto embs = test::encode_all(model, params);
+  std::vector<DenoiseState> ds;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].ip_adapter_image.empty()) embs[i].ip_embeds = ip_image_embeds(model, params[i]);
+    ds.push_back(make_denoise_state(model, params[i], embs[i], i, latents[static_cast<int64_t>(i)]));
+  }
+  return ds;
+}
+}  // namespace
+
+// The image encoder's embeddings and the images of three runs: scale 1 with guidance, 0.5 with a negative prompt,
+// 0.8 without guidance (every 8-bit value within +-1).
+TEST(GoldenIpAdapter, PipelineMatchesDiffusers) {
+  DP_REQUIRE_IP(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, with_adapter(dir));
+  ASSERT_TRUE(model.ip_adapter && model.ip_image_encoder);
+  for (const auto& run : meta.at("runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    const std::vector<GenerationParams> params = run_params(dir, meta, run);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const double e = rel_err(ip_image_embeds(model, params[k]), g.at(n + ".image_embeds")[static_cast<int64_t>(k)]);
+      EXPECT_LE(e, test::module_tol(model.spec)) << n << " image " << k;
+    }
+    std::vector<DenoiseState> ds = ip_states(model, params, g.at("latents"));
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-ip-adapter] " + n)) << n;
+  }
+}
+
+// One batch mixes a request with an image prompt and one without: each keeps its own image (the first as the
+// scale-1 run, the second as the reference run at scale 0), and the adapter moves the first far from the plain one.
+TEST(GoldenIpAdapter, MixedBatchAndRefusals) {
+  DP_REQUIRE_IP(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, with_adapter(dir));
+  const auto& run = meta.at("runs")[0];  // scale 1, guidance 7.5, 5 steps: the settings of the no_adapter run
+  std::vector<DenoiseState> ds = ip_states(model, run_params(dir, meta, run, /*without=*/1), g.at("latents"));
+  const at::Tensor mixed = test::images_of(model, ds);
+  auto max_diff = [](const at::Tensor& mine, const at::Tensor& ref) {
+    return (mine.to(at::kInt) - ref.permute({1, 2, 0}).mul(255).round().to(at::kInt)).abs().max().item<int>();
+  };
+  EXPECT_LE(max_diff(mixed[0], g.at("scale_1.images")[0]), 1);
+  EXPECT_LE(max_diff(mixed[1], g.at("no_adapter.images")[1]), 1);
+  EXPECT_GT(max_diff(mixed[0], g.at("no_adapter.images")[0]), 20);
+  // refusals: an image prompt without an adapter, a scale without an image, adapters of other kinds or models
+  const SdModel plain = SdModel::load(dir + "/model", test::device_spec(), kUNet);
+  GenerationParams p = run_params(dir, meta, run)[0];
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(plain, p); }).find("ip_adapter_image: "), std::string::npos);
+  GenerationParams q;
+  q.prompt = "x";
+  q.ip_adapter_scale = 0.5;
+  EXPECT_EQ(test::error_of([&] { (void)resolve_params(model, q); }),
+            "ip_adapter_scale: only a request with an ip_adapter_image uses it");
+  auto tensors = load_safetensors(dir + "/ip/ip-adapter.safetensors");
+  const std::string scratch = test::scratch_dir("ip-adapter");
+  auto refused = [&](const std::map<std::string, at::Tensor>& t, const std::string& want) {
+    save_safetensors(scratch + "/bad.safetensors", t);
+    const std::string e = test::error_of([&] { (void)read_ip_adapter(scratch + "/bad.safetensors", model.unet_config); });
+    EXPECT_NE(e.find(want), std::string::npos) << e;
+  };
+  auto plus = tensors;
+  plus["image_proj.latents"] = at::zeros({1, 16, 32});
+  refused(plus, "'image_proj.latents' marks an IP-Adapter Plus");
+  auto missing = tensors;
+  missing.erase("ip_adapter.11.to_v_ip.weight");
+  refused(missing, "bad.safetensors: tensor 'ip_adapter.11.to_v_ip.weight' missing");
+  auto extra = tensors;
+  extra["ip_adapter.13.to_k_ip.weight"] = at::zeros({32, 32});
+  refused(extra, "tensor 'ip_adapter.13.to_k_ip.weight' is not one of the 6 cross-attentions'");
+  auto wide = tensors;
+  wide["ip_adapter.1.to_k_ip.weight"] = at::zeros({32, 40});
+  refused(wide, "ip_adapter.1.to_k_ip.weight is [32, 40]; the UNet's cross-attention "
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2 needs [32, 32]");
+}
