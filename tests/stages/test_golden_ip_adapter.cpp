@@ -89,8 +89,9 @@ TEST(GoldenIpAdapter, MixedBatchAndRefusals) {
   auto max_diff = [](const at::Tensor& mine, const at::Tensor& ref) {
     return (mine.to(at::kInt) - ref.permute({1, 2, 0}).mul(255).round().to(at::kInt)).abs().max().item<int>();
   };
-  EXPECT_LE(max_diff(mixed[0], g.at("scale_1.images")[0]), 1);
-  EXPECT_LE(max_diff(mixed[1], g.at("no_adapter.images")[1]), 1);
+  const int tol = model.spec.dtype == at::kFloat ? 1 : 16;  // 16-bit: the golden images' 10 % band, in levels
+  EXPECT_LE(max_diff(mixed[0], g.at("scale_1.images")[0]), tol);
+  EXPECT_LE(max_diff(mixed[1], g.at("no_adapter.images")[1]), tol);
   EXPECT_GT(max_diff(mixed[0], g.at("no_adapter.images")[0]), 20);
   // refusals: an image prompt without an adapter, a scale without an image, adapters of other kinds or models
   const SdModel plain = SdModel::load(dir + "/model", test::device_spec(), kUNet);
