@@ -132,6 +132,7 @@ int serve_main(int argc, char** argv) {
     for (const LoraAdapter& l : opts.addons.adapters) so.lora_adapters.push_back(l.name);
     so.embedding_tokens = model.embedding_tokens;
     so.controlnets = static_cast<int>(opts.addons.controlnets.size());
+    so.ip_adapter = !opts.addons.ip_adapter.empty();
     so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
     so.count_tokens = [&model](const std::string& s) {
       // the first tokenizer, or the second where the folder has it alone (the SDXL refiner)

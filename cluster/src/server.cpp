@@ -205,6 +205,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       if (!impl.o.lora_adapters.empty()) m["lora_adapters"] = impl.o.lora_adapters;  // what "lora" may name
       if (!impl.o.embedding_tokens.empty()) m["embedding_tokens"] = impl.o.embedding_tokens;
       if (impl.o.controlnets > 0) m["controlnets"] = impl.o.controlnets;
+      if (impl.o.ip_adapter) m["ip_adapter"] = true;  // requests may bring ip_adapter_image
       return send_json(200, {{"object", "list"}, {"data", json::array({m})}}, keep_alive);
     }
     if (req.method() == http::verb::get && path == "/metrics") return send_text(200, impl.metrics_text(), "text/plain; version=0.0.4");

@@ -52,7 +52,7 @@ timeout 60 "$BIN" generate --model "$MODEL" --prompt "a red circle" --seed 1 --s
   || bad "run for serve failed: $(tail -2 "$WORK/flagnb.log")"
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1 --ip-adapter "$IP"
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$GOLD/image_0.png" "$WORK/flagnb/$P" <<'PY' && ok "serve: a base64 ip_adapter_image gives the CLI's pixels; a bad one is a 400 naming it" || bad "serve ip-adapter"
+  python3 - "$URL" "$GOLD/image_0.png" "$WORK/flagnb/$P" <<'PY' && ok "serve: a base64 ip_adapter_image gives the CLI's pixels; a bad one is a 400 naming it; /v1/models says ip_adapter" || bad "serve ip-adapter"
 import base64, sys
 import http_util
 url, img, cli = sys.argv[1:4]
@@ -63,6 +63,9 @@ png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
 st, r = http_util.post(url, {**body, "ip_adapter_image": "bm90IGEgcG5n"})
 assert st == 400 and r["error"]["param"] == "ip_adapter_image", (st, r)
+import json, urllib.request
+models = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=10).read())
+assert models["data"][0]["ip_adapter"] is True, models
 PY
 else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
