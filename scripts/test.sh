@@ -35,7 +35,8 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-t5 DIFFPIPE_GOLDEN_T5 make_t5_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-ddpm DIFFPIPE_GOLDEN_DDPM make_ddpm_golden.py
   make_ref tiny-samplers DIFFPIPE_GOLDEN_SAMPLERS make_sampler_golden.py --src "$GOLD_DIR"
-  make_ref tiny-ip-adapter DIFFPIPE_GOLDEN_IP_ADAPTER make_ip_adapter_golden.py --src "$GOLD_DIR"
+  make_ref tiny-ip-adapter DIFFPIPE_GOLDEN_IP_ADAPTER make_ip_adapter_golden.py --src "$GOLD_DIR" \
+    ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-if DIFFPIPE_GOLDEN_IF make_if_golden.py --clip-vocab "$VOCAB"
   make_ref tiny-upscale DIFFPIPE_GOLDEN_UPSCALE make_upscale_golden.py --src "$GOLD_DIR"
   make_ref tiny-img2img DIFFPIPE_GOLDEN_IMG2IMG make_img2img_golden.py --src "$GOLD_DIR" \

@@ -10,7 +10,9 @@ format: image_proj.proj / image_proj.norm, a Linear of the image embedding to 4 
 ip_adapter.K.to_k_ip / to_v_ip for every cross-attention, K = 1, 3, 5, ... in diffusers' attention-processor order)
 and image_encoder/ (a random CLIPVisionModelWithProjection, 32x32 images). DIR/image_K.png: the image prompts.
 DIR/golden.safetensors: latents (the initial latents), and per run R of golden.json R.images [B, 3, 32, 32] in [0, 1]
-and R.image_embeds (the image encoder's output for the run's images). DIR/model links to the source model.
+and R.image_embeds (the image encoder's output for the run's images). DIR/model links to the source model. With
+--sdxl MODEL: DIR/ip-sdxl/ (an adapter for that SDXL UNet, the same image encoder) and the run "sdxl"
+(StableDiffusionXLPipeline, scale 0.7): sdxl.latents, sdxl.images.
 """
 import json
 import os
@@ -26,8 +28,32 @@ RUNS = [dict(name="scale_1", scale=1.0, guidance=7.5, negative_prompt=None, step
         dict(name="no_guidance", scale=0.8, guidance=1.0, negative_prompt=None, steps=4)]
 
 
+def write_adapter(unet, enc, folder, save_file):
+    """A random adapter for `unet` in h94's format in folder/ip-adapter.safetensors: image_proj (the embedding -> 4
+    tokens of the UNet's cross-attention width) and per cross-attention to_k_ip / to_v_ip, numbered as diffusers'
+    _convert_ip_adapter_attn_to_diffusers reads them (K = 1, 3, 5, ... in attention-processor order)."""
+    cfg = unet.config
+    D, E, T = cfg.cross_attention_dim, enc.config.projection_dim, 4
+    sd = {"image_proj.proj.weight": torch.randn(T * D, E) * 0.3, "image_proj.proj.bias": torch.randn(T * D) * 0.1,
+          "image_proj.norm.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm.bias": torch.randn(D) * 0.1}
+    key_id = 1
+    for name in unet.attn_processors.keys():
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = cfg.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = cfg.block_out_channels[int(name[len("down_blocks.")])]
+        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, D) * 0.3
+        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, D) * 0.3
+        key_id += 2
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "ip-adapter.safetensors"))
+
+
 def main():
-    a = tiny_sd_args()
+    a = tiny_sd_args("an SDXL model folder for the sdxl run (an adapter of its own in DIR/ip-sdxl/)")
     import diffusers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from PIL import Image
@@ -48,26 +74,7 @@ def main():
     ip_dir = os.path.join(a.out, "ip")
     enc.save_pretrained(os.path.join(ip_dir, "image_encoder"))
 
-    # the adapter: image_proj (embedding -> 4 tokens of the UNet's cross-attention width) and per cross-attention
-    # to_k_ip / to_v_ip, numbered as diffusers' _convert_ip_adapter_attn_to_diffusers reads them
-    cfg = pipe.unet.config
-    D, E, T = cfg.cross_attention_dim, enc.config.projection_dim, 4
-    sd = {"image_proj.proj.weight": torch.randn(T * D, E) * 0.3, "image_proj.proj.bias": torch.randn(T * D) * 0.1,
-          "image_proj.norm.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm.bias": torch.randn(D) * 0.1}
-    key_id = 1
-    for name in pipe.unet.attn_processors.keys():
-        if name.endswith("attn1.processor"):
-            continue
-        if name.startswith("mid_block"):
-            hidden = cfg.block_out_channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = cfg.block_out_channels[int(name[len("down_blocks.")])]
-        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, D) * 0.3
-        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, D) * 0.3
-        key_id += 2
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(ip_dir, "ip-adapter.safetensors"))
+    write_adapter(pipe.unet, enc, ip_dir, save_file)
     pipe.load_ip_adapter(ip_dir, subfolder="", weight_name="ip-adapter.safetensors",
                          image_encoder_folder="image_encoder")
 
@@ -103,9 +110,28 @@ def main():
         pipe.set_ip_adapter_scale(0.0)
         res["no_adapter.images"] = pipe(PROMPTS, ip_adapter_image=images[0], num_inference_steps=5,
                                         guidance_scale=7.5, latents=latents, output_type="pt").images
+    sdxl = None
+    if a.sdxl:  # StableDiffusionXLPipeline with an adapter for its UNet (the same image encoder)
+        from diffusers import StableDiffusionXLPipeline
+        xl = StableDiffusionXLPipeline.from_pretrained(a.sdxl)
+        xl.set_progress_bar_config(disable=True)
+        xl_dir = os.path.join(a.out, "ip-sdxl")
+        enc.save_pretrained(os.path.join(xl_dir, "image_encoder"))
+        write_adapter(xl.unet, enc, xl_dir, save_file)
+        xl.load_ip_adapter(xl_dir, subfolder="", weight_name="ip-adapter.safetensors",
+                           image_encoder_folder="image_encoder")
+        xl.set_ip_adapter_scale(0.7)
+        xl_latents = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(a.seed + 8))
+        with torch.no_grad():
+            res["sdxl.images"] = torch.cat([xl(PROMPTS[k], ip_adapter_image=images[k], num_inference_steps=4,
+                                               guidance_scale=5.0, height=32, width=32, latents=xl_latents[k:k + 1],
+                                               output_type="pt").images for k in range(len(PROMPTS))])
+        res["sdxl.latents"] = xl_latents
+        sdxl = {"model": os.path.abspath(a.sdxl), "adapter": "ip-sdxl/ip-adapter.safetensors", "scale": 0.7,
+                "steps": 4, "guidance": 5.0}
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "images": [f"image_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
-            "adapter": "ip/ip-adapter.safetensors", "tokens": T,
+    meta = {"sdxl": sdxl, "prompts": PROMPTS, "images": [f"image_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
+            "adapter": "ip/ip-adapter.safetensors", "tokens": 4,
             "source": f"diffusers {diffusers.__version__} load_ip_adapter on {a.src}, torch {torch.__version__}, "
                       "float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

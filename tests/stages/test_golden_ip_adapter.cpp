@@ -123,3 +123,32 @@ TEST(GoldenIpAdapter, MixedBatchAndRefusals) {
   refused(wide, "ip_adapter.1.to_k_ip.weight is [32, 40]; the UNet's cross-attention "
                 "down_blocks.0.attentions.0.transformer_blocks.0.attn2 needs [32, 32]");
 }
+
+// SDXL (the reference made with --sdxl): an adapter for tiny-sdxl's UNet (its 12 cross-attentions, two transformer
+// blocks deep in places), StableDiffusionXLPipeline at scale 0.7 with the folder's Euler.
+TEST(GoldenIpAdapter, Sdxl) {
+  DP_REQUIRE_IP(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null())
+    GTEST_SKIP() << dir << " has no sdxl run (make_ip_adapter_golden.py --sdxl MODEL makes one)";
+  const auto& run = meta.at("sdxl");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  ModelAddons a;
+  a.ip_adapter = dir + "/" + run.at("adapter").get<std::string>();
+  const SdModel model = SdModel::load(run.at("model").get<std::string>(), test::device_spec(), kAllComponents, a);
+  ASSERT_TRUE(model.sdxl && model.ip_adapter);
+  EXPECT_EQ(cross_attention_layers(model.unet_config).size(), 12u);
+  std::vector<GenerationParams> params;
+  for (size_t k = 0; k < meta.at("prompts").size(); ++k) {
+    GenerationParams p;
+    p.prompt = meta.at("prompts")[k].get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.width = p.height = 32;
+    p.ip_adapter_image = dir + "/" + meta.at("images")[k].get<std::string>();
+    p.ip_adapter_scale = run.at("scale").get<double>();
+    params.push_back(p);
+  }
+  std::vector<DenoiseState> ds = ip_states(model, params, g.at("sdxl.latents"));
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-ip-adapter] sdxl"));
+}
