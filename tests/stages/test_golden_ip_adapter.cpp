@@ -33,7 +33,8 @@ std::vector<GenerationParams> run_params(const std::string& dir, const nlohmann:
     p.prompt = meta.at("prompts")[k].get<std::string>();
     p.steps = run.at("steps").get<int>();
     p.guidance = run.at("guidance").get<double>();
-    if (!run.at("negative_prompt").is_null()) p.negative_prompt = run.at("negative_prompt").get<std::string>();
+    if (run.contains("negative_prompt") && !run.at("negative_prompt").is_null())
+      p.negative_prompt = run.at("negative_prompt").get<std::string>();
     if (static_cast<int>(k) != without) {
       p.ip_adapter_image = dir + "/" + meta.at("images")[k].get<std::string>();
       p.ip_adapter_scale = run.at("scale").get<double>();
@@ -138,17 +139,8 @@ TEST(GoldenIpAdapter, Sdxl) {
   const SdModel model = SdModel::load(run.at("model").get<std::string>(), test::device_spec(), kAllComponents, a);
   ASSERT_TRUE(model.sdxl && model.ip_adapter);
   EXPECT_EQ(cross_attention_layers(model.unet_config).size(), 12u);
-  std::vector<GenerationParams> params;
-  for (size_t k = 0; k < meta.at("prompts").size(); ++k) {
-    GenerationParams p;
-    p.prompt = meta.at("prompts")[k].get<std::string>();
-    p.steps = run.at("steps").get<int>();
-    p.guidance = run.at("guidance").get<double>();
-    p.width = p.height = 32;
-    p.ip_adapter_image = dir + "/" + meta.at("images")[k].get<std::string>();
-    p.ip_adapter_scale = run.at("scale").get<double>();
-    params.push_back(p);
-  }
+  std::vector<GenerationParams> params = run_params(dir, meta, run);
+  for (auto& p : params) p.width = p.height = 32;
   std::vector<DenoiseState> ds = ip_states(model, params, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-ip-adapter] sdxl"));
 }
