@@ -38,7 +38,8 @@ int serve_main(int argc, char** argv) {
                        {"lora-adapters", "NAME=FILE,...", "LoRA files kept beside the weights, that requests choose by\n"
                                                           "name (field lora: \"NAME[:SCALE],...\" or {\"NAME\": SCALE})"},
                        {"controlnet", "DIR[,DIR...]", "ControlNet folders: requests may bring a control_image (a list: one each)"},
-                       {"ip-adapter", "FILE", "an IP-Adapter: requests may bring an ip_adapter_image (and ip_adapter_scale)"},
+                       {"ip-adapter", "FILE", "an IP-Adapter: requests may bring an ip_adapter_image (and\n"
+                                              "ip_adapter_scale)"},
                        {"ip-image-encoder", "DIR", "its image encoder (default: image_encoder/ beside the file)"},
                        {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
                        {"port", "P", "port (default 8000; 0: any free port, printed at start)"},

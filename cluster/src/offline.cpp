@@ -293,7 +293,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
        << (p.original_height > 0 ? p.original_height : height);
   if (p.crop_top > 0 || p.crop_left > 0) os << ", Crop top left: " << p.crop_top << "," << p.crop_left;
   if (!p.ip_adapter_image.empty())
-    os << ", IP-Adapter image: " << describe_image_ref(p.ip_adapter_image) << ", IP-Adapter scale: " << p.ip_adapter_scale;
+    os << ", IP-Adapter image: " << describe_image_ref(p.ip_adapter_image)
+       << ", IP-Adapter scale: " << p.ip_adapter_scale;
   if (p.aesthetic_score >= 0 || p.negative_aesthetic_score >= 0)
     os << ", Aesthetic score: " << p.aesthetic_score_or() << ", Negative aesthetic score: "
        << p.negative_aesthetic_score_or();

@@ -113,7 +113,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   j.positive("clip_sample_range", c.clip_sample_range);
   j.at_least("original_inference_steps", c.original_inference_steps, 1);
   if (c.original_inference_steps > c.num_train_timesteps)
-    j.fail("original_inference_steps", "must be at most num_train_timesteps (" + std::to_string(c.num_train_timesteps) + ")");
+    j.fail("original_inference_steps",
+           "must be at most num_train_timesteps (" + std::to_string(c.num_train_timesteps) + ")");
   j.positive("timestep_scaling", c.timestep_scaling);
   if (c.beta_schedule != "linear" && c.beta_schedule != "scaled_linear" && c.beta_schedule != "squaredcos_cap_v2")
     j.fail("beta_schedule", "unsupported '" + c.beta_schedule + "' (supported: linear, scaled_linear, squaredcos_cap_v2)");

@@ -26,7 +26,8 @@ AdapterScope::~AdapterScope() { g_adapter_rows = prev_; }
 AdapterRows AdapterRows::row(int64_t i) const {
   AdapterRows one;
   for (const auto& s : scales) one.scales.push_back(s.defined() ? s.slice(0, i, i + 1) : s);
-  for (auto [from, to] : {std::pair{&ip_embeds, &one.ip_embeds}, {&ip_scales, &one.ip_scales}, {&ip_tokens, &one.ip_tokens}})
+  for (auto [from, to] :
+       {std::pair{&ip_embeds, &one.ip_embeds}, {&ip_scales, &one.ip_scales}, {&ip_tokens, &one.ip_tokens}})
     if (from->defined()) *to = from->slice(0, i, i + 1);
   return one;
 }

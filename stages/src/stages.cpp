@@ -164,7 +164,8 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
     const GenerationParams& p = *batch[i];
     const auto [width, height] = requested_size(model, p);
     const float h = static_cast<float>(height), w = static_cast<float>(width);
-    const float oh = p.original_height > 0 ? float(p.original_height) : h, ow = p.original_width > 0 ? float(p.original_width) : w;
+    const float oh = p.original_height > 0 ? float(p.original_height) : h;
+    const float ow = p.original_width > 0 ? float(p.original_width) : w;
     if (model.aesthetic) {  // the refiner: (original size, crop, aesthetic score); the negative score for uncond
       e.time_ids = at::tensor(std::vector<float>{oh, ow, float(p.crop_top), float(p.crop_left),
                                                  static_cast<float>(p.aesthetic_score_or())});
@@ -653,7 +654,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   std::vector<const std::vector<float>*> lora_rows;  // per-request LoRA: each UNet row's adapter scales
   std::vector<at::Tensor> ip_rows;  // IP-Adapter: each UNet row's image embedding (the unconditional row: zeros)
   std::vector<float> ip_scales;
-  const auto ip_state = std::find_if(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->ip_embeds.defined(); });
+  const auto ip_state =
+      std::find_if(batch.begin(), batch.end(), [](const DenoiseState* s) { return s->ip_embeds.defined(); });
   const at::Tensor ip_zero = ip_state == batch.end() ? at::Tensor() : at::zeros_like((*ip_state)->ip_embeds);
   for (DenoiseState* s : batch) {
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {

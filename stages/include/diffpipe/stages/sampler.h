@@ -1,6 +1,7 @@
-// Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral,
-// DPM-Solver++ 2M (optionally with Karras sigmas), PNDM/PLMS, DDPM, LCM (Latent Consistency Models) and UniPC. Each request owns its Sampler, so requests
-// at different steps and with different samplers share one UNet call (the denoiser batches them).
+// Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M
+// (optionally with Karras sigmas), PNDM/PLMS, DDPM, LCM (Latent Consistency Models) and UniPC. Each request owns its
+// Sampler, so requests at different steps and with different samplers share one UNet call (the denoiser batches
+// them).
 // Thread-safety: a Sampler is used by one thread at a time; SchedulerConfig is immutable.
 #pragma once
 #include <ATen/ATen.h>
