@@ -6,6 +6,7 @@
 #include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/ip_adapter.h"
+#include "diffpipe/stages/memory.h"
 #include "diffpipe/stages/stages.h"
 #include "denoise_util.h"
 #include "device_util.h"
@@ -143,4 +144,22 @@ TEST(GoldenIpAdapter, Sdxl) {
   for (auto& p : params) p.width = p.height = 32;
   std::vector<DenoiseState> ds = ip_states(model, params, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-ip-adapter] sdxl"));
+}
+
+// The memory estimate counts the adapter's layers on the denoise rank and its image encoder on the encode rank.
+TEST(GoldenIpAdapter, MemoryEstimateCountsTheAdapter) {
+  DP_REQUIRE_IP(dir);
+  auto elems = [](const std::string& file) {
+    const auto f = SafetensorsFile::open(file);
+    double n = 0;
+    for (const auto& k : f->names()) n += static_cast<double>(f->get(k).numel());
+    return n;
+  };
+  const ModelAddons a = with_adapter(dir);
+  for (const auto& [stage, file] : {std::pair<std::string, std::string>{"denoise", a.ip_adapter},
+                                    {"encode", dir + "/ip/image_encoder/model.safetensors"}}) {
+    const MemoryNeed plain = estimate_rank_memory(dir + "/model", {stage}, 32, 32, 2, true, at::kFloat);
+    const MemoryNeed with = estimate_rank_memory(dir + "/model", {stage}, 32, 32, 2, true, at::kFloat, a);
+    EXPECT_EQ(with.weights - plain.weights, 4 * elems(file)) << stage;
+  }
 }
