@@ -5,7 +5,8 @@
 # Checks: a JSONL batch mixing requests with and without an image prompt gives the same PNG bytes on 1 rank, 3
 # pipelined ranks (the image encoder on the encode rank, the adapter's layers on the denoise rank) and 2 replicas;
 # the flags equal the JSONL keys; the image prompt changes the image and the PNG records it; the batch's request
-# without one has the pixels of a run without the adapter; refusals name the
+# without one has the pixels of a run without the adapter; with LoRA adapters and image-to-image in one batch, 1 and 3
+# ranks agree and a request equals its run alone; refusals name the
 # option or file; over HTTP a base64 ip_adapter_image gives the CLI's pixels. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -24,6 +25,26 @@ COMMON=(generate --model "$MODEL" --ip-adapter "$IP" --prompts "$WORK/jobs.jsonl
 one_rank_run 3
 same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
 same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+
+# with per-request LoRA adapters and image-to-image in the same batch (tiny-lora's file fits tiny-sd)
+LORA=${DIFFPIPE_GOLDEN_LORA:-$(dirname "$0")/../../../shared/golden/tiny-lora}/lora_peft.safetensors
+if [ -f "$LORA" ]; then
+  python3 -c "from PIL import Image; Image.open('$GOLD/image_0.png').convert('RGB').resize((32, 32)).save('$WORK/in32.png')"
+  cat > "$WORK/combo.jsonl" <<JSONL
+{"prompt": "a red circle", "seed": 1, "ip_adapter_image": "$GOLD/image_0.png", "lora": "s:0.7"}
+{"prompt": "a blue square", "seed": 2, "lora": "s"}
+{"prompt": "two triangles", "seed": 3, "ip_adapter_image": "$GOLD/image_1.png", "image_prompt": "$WORK/in32.png", "strength": 0.6}
+JSONL
+  sed -n 3p "$WORK/combo.jsonl" > "$WORK/combo3.jsonl"
+  CB=(generate --model "$MODEL" --ip-adapter "$IP" --lora-adapters "s=$LORA" --steps 4 --threads 1 --batch-invariant --quiet)
+  timeout 60 "$BIN" "${CB[@]}" --prompts "$WORK/combo.jsonl" --out "$WORK/cb1" 2> "$WORK/cb1.log" || bad "combo failed"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${CB[@]}" --prompts "$WORK/combo.jsonl" --out "$WORK/cb3" 2> "$WORK/cb3.log" \
+    || bad "3-rank combo failed: $(tail -2 "$WORK/cb3.log")"
+  timeout 60 "$BIN" "${CB[@]}" --prompts "$WORK/combo3.jsonl" --out "$WORK/cbone" 2> "$WORK/cbone.log" || bad "alone failed"
+  same_pngs "$WORK/cb1" "$WORK/cb3" && cmp -s "$WORK/cbone/img-00000-seed3.png" "$WORK/cb1/img-00002-seed3.png" \
+    && ok "image prompts beside LoRA adapters and image-to-image: 1 and 3 ranks alike, each request as alone" \
+    || bad "the mixed batch of image prompts, adapters and image-to-image differs"
+fi
 
 ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 1 --steps 4 --threads 1 --batch-invariant --quiet)
 timeout 60 "$BIN" "${ONE[@]}" --ip-adapter "$IP" --ip-adapter-image "$GOLD/image_0.png" --out "$WORK/flag" \
