@@ -59,14 +59,20 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
                                              "negative_aesthetic_score", "ip_adapter_scale"};
+  // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
+  static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
+                                                    "control_guidance_start", "control_guidance_end"};
   json j = json::object();
   for (const FormPart& p : parts) {
-    const std::string name = p.name == "image[]" ? "image" : p.name;
-    if (j.contains(name))
+    const std::string name = p.name == "image[]" ? "image" : p.name == "control_image[]" ? "control_image" : p.name;
+    if (j.contains(name) && !per_controlnet.count(name))
       throw BadRequest{name == "image" ? "one image per request" : "field '" + name + "' given twice", name};
+    json v;
     if (name == "image" || name == "mask" || name == "control_image" || name == "ip_adapter_image") {
       // a file part carries the PNG's bytes; a text field may carry base64 or a data URI
-      j[name] = p.filename.empty() && p.content_type.empty() ? p.value : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
+      v = p.filename.empty() && p.content_type.empty()
+              ? p.value
+              : "data:image/png;base64," + base64_encode(std::vector<uint8_t>(p.value.begin(), p.value.end()));
     } else if (integers.count(name) || numbers.count(name)) {
       size_t used = 0;
       bool ok = !p.value.empty();
@@ -81,14 +87,20 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
       if (!ok || used != p.value.size())
         throw BadRequest{"'" + name + "' must be " + (integers.count(name) ? "an integer" : "a number") + ", got \"" +
                              p.value.substr(0, 40) + "\"", name};
-      if (integers.count(name)) j[name] = i;
-      else j[name] = d;
+      if (integers.count(name)) v = i;
+      else v = d;
     } else if (name == "stream") {
       if (p.value != "true" && p.value != "false") throw BadRequest{"'stream' must be true or false", "stream"};
-      j[name] = p.value == "true";
+      v = p.value == "true";
     } else {
-      j[name] = p.value;
+      v = p.value;
     }
+    if (!j.contains(name)) {
+      j[name] = std::move(v);
+      continue;
+    }
+    if (!j[name].is_array()) j[name] = json::array({j[name]});
+    j[name].push_back(std::move(v));
   }
   return j.dump();
 }

@@ -143,7 +143,8 @@ fi
 SCN=$CN; [ -d "$GOLD/controlnet2" ] && SCN="$CN,$GOLD/controlnet2"
 serve_up "$WORK/serve.log" --model "$MODEL" --controlnet "$SCN" --steps 4 --threads 1
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" "$GOLD/control2_1.png" "$WORK/two/$P" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels (two ControlNets: lists, too); a wrong size or count is a 400 naming the field" || bad "serve --controlnet"
+  python3 - "$URL" "$GOLD/control_1.png" "$WORK/half/$P" "$WORK/wide.png" "$GOLD/control2_1.png" "$WORK/two/$P" \
+    "$GOLD/start_0.png" <<'PY' && ok "serve --controlnet: a control_image over HTTP gives the CLI's pixels (two ControlNets: lists, too; a multipart edit with two control_image parts = JSON lists); a wrong size or count is a 400 naming the field" || bad "serve --controlnet"
 import base64, io, os, sys
 import http_util
 from PIL import Image
@@ -165,6 +166,26 @@ if os.path.exists(two):  # two ControlNets: lists of images and settings, as dif
     assert got == Image.open(two).convert("RGB").tobytes(), "HTTP two-ControlNet image differs from the CLI's"
     st, r = post({"prompt": "x", "control_image": [b64(ctl), b64(ctl2)], "controlnet_conditioning_scale": [1, 2, 3]})
     assert st == 400 and r["error"]["param"] == "controlnet_conditioning_scale", (st, r)
+    # images.edit as multipart: one control_image part per ControlNet (and per-ControlNet scales), in order
+    import json, urllib.request
+    start = sys.argv[7]
+    fields = [("prompt", None, b"two green triangles"), ("seed", None, b"6"), ("strength", None, b"0.75"),
+              ("image", "start.png", open(start, "rb").read()), ("control_image", "a.png", open(ctl, "rb").read()),
+              ("control_image", "b.png", open(ctl2, "rb").read()), ("controlnet_conditioning_scale", None, b"1"),
+              ("controlnet_conditioning_scale", None, b"0.6")]
+    bnd = "diffpipe-test-boundary"
+    body = b"".join((f'--{bnd}\r\nContent-Disposition: form-data; name="{n}"' + (f'; filename="{f}"\r\n'
+                     'Content-Type: image/png' if f else "") + "\r\n\r\n").encode() + v + b"\r\n" for n, f, v in fields)
+    body += f"--{bnd}--\r\n".encode()
+    req = urllib.request.Request(url + "/v1/images/edits", body, {"Content-Type": f"multipart/form-data; boundary={bnd}"})
+    with urllib.request.urlopen(req, timeout=60) as h:
+        multi = json.loads(h.read())["data"][0]["b64_json"]
+    st, r = http_util.post(url, {"prompt": "two green triangles", "seed": 6, "strength": 0.75, "image": b64(start),
+                                 "control_image": [b64(ctl), b64(ctl2)], "controlnet_conditioning_scale": [1, 0.6]},
+                           "/v1/images/edits")
+    assert st == 200, (st, r)
+    px = lambda b: Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB").tobytes()
+    assert px(multi) == px(r["data"][0]["b64_json"]), "multipart control_image parts differ from JSON lists"
 PY
 else bad "serve --controlnet did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
