@@ -393,6 +393,15 @@ int generate_main(int argc, char** argv) {
     defaults.stage.batching = a.str("batching", "step");
     defaults.batch_invariant = a.flag("batch-invariant");
     SdModel::validate(a.str("model"));
+    // an LCM-distilled UNet embeds the guidance scale: no unconditional row, so negative prompts go unused (diffusers)
+    if (world.rank == 0 && UNetConfig::load(path_join(a.str("model"), "unet/config.json")).time_cond_proj_dim > 0) {
+      const auto it =
+          std::find_if(jobs.begin(), jobs.end(), [](const auto& j) { return !j.params.negative_prompt.empty(); });
+      if (it != jobs.end())
+        std::fprintf(stderr, "diffpipe: warning: %s: the negative prompt is not used: %s's UNet takes the guidance "
+                     "scale as an input (time_cond_proj_dim, a Latent Consistency Model) and runs no unconditional row\n",
+                     it->origin.c_str(), a.str("model").c_str());
+    }
     {  // prompt lengths in tokens: CLIP reads max_length tokens with its start and end (T5: 76 and its end);
        // warn as diffusers does
       const bool t5 = SdModel::is_if(a.str("model"));

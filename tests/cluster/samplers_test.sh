@@ -37,6 +37,8 @@ cmp -s "$WORK/g8/$P" "$WORK/g2/$P" && bad "the guidance scale did not change the
 same_pixels "$WORK/g8/$P" "$WORK/neg/$P" \
   && ok "a negative prompt leaves the distilled UNet's pixels as they are (no unconditional row)" \
   || bad "a negative prompt changed a distilled UNet's image"
+grep -q "the negative prompt is not used" "$WORK/neg.log" && ok "generate warns that the negative prompt is not used" \
+  || bad "no warning about the unused negative prompt"
 
 # image-to-image on the distilled folder (LatentConsistencyModelImg2ImgPipeline: every step, strength's share)
 I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$GOLD/input_0.png" --strength 0.5 --seed 3 --steps 4
