@@ -4,6 +4,7 @@
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/unet.h"
 
@@ -31,19 +32,21 @@ IpAdapterFile read_ip_adapter(const std::string& path, const UNetConfig& unet) {
   DP_CHECK(file_exists(path), path, ": IP-Adapter file not found");
   DP_CHECK(path.size() > 12 && path.substr(path.size() - 12) == ".safetensors", path,
            ": only .safetensors IP-Adapter files are read (pickled .bin files are not)");
-  std::map<std::string, at::Tensor> t = load_safetensors(path);
+  // checked from the header on every rank; the tensors stay mapped, read only where the UNet loads them
+  const auto file = SafetensorsFile::open(path);
+  const std::vector<std::string> names = file->names();
+  std::set<std::string> left(names.begin(), names.end());
   for (const char* k : {"image_proj.proj.3.weight", "image_proj.latents", "image_proj.perceiver_resampler.proj_in.weight",
                         "image_proj.proj.0.weight"})
-    DP_CHECK(!t.count(k), path, ": '", k, "' marks an IP-Adapter Plus / Full-face / FaceID file; only the plain ",
+    DP_CHECK(!file->has(k), path, ": '", k, "' marks an IP-Adapter Plus / Full-face / FaceID file; only the plain ",
              "IP-Adapter (image_proj.proj and image_proj.norm: 4 tokens from the image embedding) is supported");
   auto take = [&](const std::string& k, int64_t dim) {
-    const auto it = t.find(k);
-    DP_CHECK(it != t.end(), path, ": tensor '", k, "' missing (an IP-Adapter file has image_proj.proj, image_proj.norm ",
+    DP_CHECK(file->has(k), path, ": tensor '", k, "' missing (an IP-Adapter file has image_proj.proj, image_proj.norm ",
              "and ip_adapter.K.to_k_ip / to_v_ip)");
-    DP_CHECK(it->second.dim() == dim && at::isFloatingType(it->second.scalar_type()), path, ": tensor '", k, "' must be ",
-             dim, "-D floating, got ", shape_str(it->second.sizes()));
-    at::Tensor v = it->second.to(at::kFloat);
-    t.erase(it);
+    at::Tensor v = tensor_from_view(file, file->get(k));
+    DP_CHECK(v.dim() == dim && at::isFloatingType(v.scalar_type()), path, ": tensor '", k, "' must be ", dim,
+             "-D floating, got ", shape_str(v.sizes()));
+    left.erase(k);
     return v;
   };
   const int64_t D = unet.cross_attention_dim[0];
@@ -74,7 +77,7 @@ IpAdapterFile read_ip_adapter(const std::string& path, const UNetConfig& unet) {
       f.unet_tensors[L + "." + kv + ".weight"] = w;
     }
   }
-  DP_CHECK(t.empty(), path, ": tensor '", t.begin()->first, "' is not one of the ", layers.size(), " cross-attentions' ",
+  DP_CHECK(left.empty(), path, ": tensor '", *left.begin(), "' is not one of the ", layers.size(), " cross-attentions' ",
            "(ip_adapter.1 to ip_adapter.", 2 * layers.size() - 1, ") or image_proj's (an adapter for another UNet?)");
   return f;
 }

@@ -26,7 +26,8 @@ std::vector<std::string> cross_attention_layers(const UNetConfig& c);
 struct IpAdapterFile {
   int64_t tokens = 0, embed_dim = 0;       // image_proj: embed_dim -> tokens x the cross-attention width
   // The tensors as the UNet reads them: "ip_image_proj.proj.weight/bias", "ip_image_proj.norm.weight/bias" and, per
-  // cross-attention, "<prefix>.to_k_ip.weight" / "<prefix>.to_v_ip.weight" (float32, on the CPU).
+  // cross-attention, "<prefix>.to_k_ip.weight" / "<prefix>.to_v_ip.weight" (mapped from the file as stored: the UNet
+  // converts them as it loads, other ranks never read them).
   std::map<std::string, at::Tensor> unet_tensors;
 };
 // Reads and checks `path` against the UNet config (every cross-attention present with its width, no key left over);
