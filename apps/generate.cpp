@@ -49,6 +49,12 @@ const std::vector<cli::Opt> kOptions = {
     {"ip-image-encoder", "DIR", "the IP-Adapter's image encoder (CLIPVisionModelWithProjection; default:\n"
                                 "image_encoder/ beside the --ip-adapter file)"},
     {"ip-adapter-image", "FILE", "with --ip-adapter: the image prompt (a PNG, any size)"},
+    {"refiner", "DIR", "SDXL: a refiner folder (stable-diffusion-xl-refiner-1.0's layout, or any SDXL folder);\n"
+                       "the base's latents go on to its UNet (stage refine) before the VAE decodes them"},
+    {"denoising-end", "F", "with --refiner: the share of the base's schedule before the refiner takes over, in\n"
+                           "(0, 1] (default 0.8; 1: the base finishes, the refiner refines at --refiner-strength)"},
+    {"refiner-steps", "N", "with --refiner: the refiner's schedule (default: --steps)"},
+    {"refiner-strength", "S", "with --refiner and --denoising-end 1: its image-to-image strength (default 0.3)"},
     {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
                                    "requests bring --control-image (JSONL control_image), one image per ControlNet"},
@@ -67,7 +73,8 @@ const std::vector<cli::Opt> kOptions = {
                         "image_prompt, original_width, original_height, crop_top, crop_left, sr_steps,\n"
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
-                        "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale\n"
+                        "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale,\n"
+                        "denoising_end, refiner_steps, refiner_strength\n"
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
@@ -186,6 +193,9 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
   for (const EmbeddingSpec& e : addons.embeddings) mix("embedding:" + e.path + ":" + e.token + "#" + size_of(e.path));
   for (const std::string& cn : addons.controlnets)
     mix("controlnet:" + cn + "#" + size_of(cn + "/diffusion_pytorch_model.safetensors"));
+  if (!addons.ip_adapter.empty()) mix("ip_adapter:" + addons.ip_adapter + "#" + size_of(addons.ip_adapter));
+  if (!addons.refiner.empty())
+    mix("refiner:" + addons.refiner + "#" + size_of(addons.refiner + "/unet/diffusion_pytorch_model.safetensors"));
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -245,6 +255,7 @@ ModelAddons model_addons(const cli::Args& a) {
   m.ip_adapter = a.str("ip-adapter");
   m.ip_image_encoder = a.str("ip-image-encoder");
   DP_CHECK(m.ip_image_encoder.empty() || !m.ip_adapter.empty(), "--ip-image-encoder: only with --ip-adapter FILE");
+  m.refiner = a.str("refiner");
   return m;
 }
 
@@ -356,6 +367,11 @@ int generate_main(int argc, char** argv) {
         *v = a.number(flag, 0);
         DP_CHECK(std::isfinite(*v) && *v >= 0, "generate: --", flag, " must be a number >= 0, got ", *v);
       }
+    if (a.has("denoising-end")) base.denoising_end = a.number("denoising-end", 0);
+    if (a.has("refiner-strength")) base.refiner_strength = a.number("refiner-strength", 0);
+    base.refiner_steps = static_cast<int>(a.integer("refiner-steps", 0));
+    for (const char* flag : {"denoising-end", "refiner-steps", "refiner-strength"})
+      DP_CHECK(!a.has(flag) || a.has("refiner"), "generate: --", flag, " needs --refiner DIR");
     base.sr_steps = static_cast<int>(a.integer("sr-steps", 50));
     base.sr_guidance = a.number("sr-guidance", 4.0);
     base.sr_noise_level = static_cast<int>(a.integer("sr-noise-level", 250));
@@ -432,7 +448,7 @@ int generate_main(int argc, char** argv) {
                        t5 ? "end token" : "start and end tokens", n - max_len);
       }
     }
-    const auto layout = pipeline_layout(a.str("model"));
+    const auto layout = pipeline_layout(a.str("model"), model_addons(a));
     DP_CHECK(!(a.has("pipeline") && a.has("placement")), "generate: --placement and --pipeline exclude each other ",
              "(a pipeline file places every stage itself)");
     if (a.has("pipeline")) {
@@ -530,6 +546,7 @@ int generate_main(int argc, char** argv) {
         oo.model += ", Embedding: " + e.path + (e.token.empty() ? "" : " (" + e.token + ")");
       for (size_t k = 0; k < opts.addons.controlnets.size(); ++k)
         oo.model += (k == 0 ? ", ControlNet: " : ", ") + opts.addons.controlnets[k];
+      if (!opts.addons.refiner.empty()) oo.model += ", Refiner: " + opts.addons.refiner;
       oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
       oo.sdxl = SdModel::is_sdxl(a.str("model"));

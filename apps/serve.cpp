@@ -41,6 +41,8 @@ int serve_main(int argc, char** argv) {
                        {"ip-adapter", "FILE", "an IP-Adapter: requests may bring an ip_adapter_image (and\n"
                                               "ip_adapter_scale)"},
                        {"ip-image-encoder", "DIR", "its image encoder (default: image_encoder/ beside the file)"},
+                       {"refiner", "DIR", "SDXL: a refiner folder; the base's latents go on to its UNet (requests:\n"
+                                          "denoising_end, refiner_steps, refiner_strength)"},
                        {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
                        {"port", "P", "port (default 8000; 0: any free port, printed at start)"},
                        {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},
@@ -83,7 +85,8 @@ int serve_main(int argc, char** argv) {
   GenerationParams defaults;
   run_on_all_ranks_or_fail([&] {
     SdModel::validate(dir);
-    const auto layout = pipeline_layout(dir);
+    opts.addons = model_addons(a);
+    const auto layout = pipeline_layout(dir, opts.addons);
     PlacementDefaults pd;
     pd.rank.device = a.str("device", "cpu");
     pd.rank.dtype = a.str("dtype", "float32");
@@ -103,7 +106,6 @@ int serve_main(int argc, char** argv) {
     const DeviceSpec spec = device_spec_of(opts.placement.ranks.at(world.rank), opts.placement.batch_invariant);
     unsigned comps = components_for(opts.placement.stages_on(world.rank));
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
-    opts.addons = model_addons(a);
     model = SdModel::load(dir, spec, comps, opts.addons);
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);

@@ -28,7 +28,7 @@ SdModel load_rank_model(const RunOptions& opts, Transport& transport, RunOptions
   const RankSpec& rs = opts.placement.ranks.at(me);
   *fitted = opts;
   run_on_all_ranks_or_fail([&] {
-    fitted->placement.fit(pipeline_layout(opts.model_dir), "placement");
+    fitted->placement.fit(pipeline_layout(opts.model_dir, opts.addons), "placement");
     const DeviceSpec spec = device_spec_of(rs, opts.placement.batch_invariant);
     model = SdModel::load(opts.model_dir, spec, components_for(fitted->placement.stages_on(me)), opts.addons);
   });
@@ -51,7 +51,7 @@ RunStats run_pipeline(const RunOptions& opts, Transport& transport, RequestFeed*
 
 RunStats run_pipeline(const RunOptions& opts, Transport& transport, const SdModel& model, RequestFeed* feed) {
   RunOptions o = opts;
-  run_on_all_ranks_or_fail([&] { o.placement.fit(pipeline_layout(model.dir), "placement"); });
+  run_on_all_ranks_or_fail([&] { o.placement.fit(pipeline_layout(model.dir, model.addons), "placement"); });
   const PipelineDef pipeline = model_pipeline(model, o.placement.stage_names());
   return run_stages(o, transport, pipeline, feed);
 }

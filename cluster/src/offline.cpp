@@ -140,7 +140,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "sr_noise_level", "x4_steps", "x4_guidance", "x4_noise_level", "strength", "mask", "control_image",
                                           "control_scale", "control_start", "control_end", "lora",
                                           "guess_mode", "aesthetic_score", "negative_aesthetic_score",
-                                          "ip_adapter_image", "ip_adapter_scale"};
+                                          "ip_adapter_image", "ip_adapter_scale", "denoising_end", "refiner_steps",
+                                          "refiner_strength"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -164,7 +165,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                "sampler, width, height, clip_skip, images, prior_steps, prior_guidance, noise_level, image_prompt, "
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
                "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
-               "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale)");
+               "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale, "
+               "denoising_end, refiner_steps, refiner_strength)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -209,6 +211,14 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.ip_adapter_image = get_field<std::string>(o, "ip_adapter_image", l.origin, p.ip_adapter_image);
     p.ip_adapter_scale = get_field<double>(o, "ip_adapter_scale", l.origin, p.ip_adapter_scale);
     DP_CHECK(std::isfinite(p.ip_adapter_scale), l.origin, ": key 'ip_adapter_scale' must be a finite number");
+    for (const auto& [key, v] : {std::pair<const char*, double*>{"denoising_end", &p.denoising_end},
+                                 {"refiner_strength", &p.refiner_strength}})
+      if (o.contains(key)) {  // the SDXL refiner's (checked against the run later)
+        *v = get_field<double>(o, key, l.origin, *v);
+        DP_CHECK(std::isfinite(*v) && *v > 0 && *v <= 1, l.origin, ": key '", key, "' must be a number in (0, 1]");
+      }
+    p.refiner_steps = get_field<int>(o, "refiner_steps", l.origin, p.refiner_steps);
+    DP_CHECK(p.refiner_steps >= 0, l.origin, ": key 'refiner_steps' must be at least 0 (0: steps)");
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
     p.guess_mode = get_field<bool>(o, "guess_mode", l.origin, p.guess_mode);
@@ -299,6 +309,9 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Aesthetic score: " << p.aesthetic_score_or() << ", Negative aesthetic score: "
        << p.negative_aesthetic_score_or();
   const GenerationParams d;
+  if (p.denoising_end != d.denoising_end || p.refiner_steps != d.refiner_steps || p.refiner_strength != d.refiner_strength)
+    os << ", Refiner from: " << p.denoising_end_or() << ", Refiner steps: " << p.refiner_steps_or()
+       << (p.denoising_end_or() >= 1 ? detail::cat(", Refiner strength: ", p.refiner_strength_or()) : std::string());
   if (p.sr_steps != d.sr_steps || p.sr_guidance != d.sr_guidance || p.sr_noise_level != d.sr_noise_level)
     os << ", SR steps: " << p.sr_steps << ", SR CFG scale: " << p.sr_guidance << ", SR noise level: " << p.sr_noise_level;
   if (p.x4_steps != d.x4_steps || p.x4_guidance != d.x4_guidance || p.x4_noise_level != d.x4_noise_level)

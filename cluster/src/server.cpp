@@ -55,10 +55,11 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
     throw BadRequest{e.what(), ""};
   }
   static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
-                                              "noise_level"};
+                                              "noise_level", "refiner_steps"};
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
-                                             "negative_aesthetic_score", "ip_adapter_scale"};
+                                             "negative_aesthetic_score", "ip_adapter_scale", "denoising_end",
+                                             "refiner_strength"};
   // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
   static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
                                                     "control_guidance_start", "control_guidance_end"};
@@ -344,7 +345,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "strength", "noise_level", "mask", "control_image",
                                             "controlnet_conditioning_scale", "control_guidance_start",
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
-                                            "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale"};
+                                            "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
+                                            "denoising_end", "refiner_steps", "refiner_strength"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -415,6 +417,13 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         *v = *s;
         if (!(*v >= 0)) throw BadRequest{std::string("'") + key + "' must be a number >= 0", key};
       }
+    for (const auto& [key, v] : {std::pair<const char*, double*>{"denoising_end", &p.denoising_end},
+                                 {"refiner_strength", &p.refiner_strength}})
+      if (const auto s = number(key, " in (0, 1]")) {  // the SDXL refiner's (checked against the model later)
+        *v = *s;
+        if (!(*v > 0 && *v <= 1)) throw BadRequest{std::string("'") + key + "' must be a number in (0, 1]", key};
+      }
+    p.refiner_steps = static_cast<int>(integer("refiner_steps", 0, 1000).value_or(p.refiner_steps));
     if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
     if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
     if (j.contains("guess_mode")) {  // ControlNets' guess mode

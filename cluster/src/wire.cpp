@@ -110,6 +110,10 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("negative_aesthetic_score"))
     p.negative_aesthetic_score = r.number(o, "negative_aesthetic_score", "params.negative_aesthetic_score");
+  if (o.contains("denoising_end")) p.denoising_end = r.number(o, "denoising_end", "params.denoising_end");
+  if (o.contains("refiner_steps"))
+    p.refiner_steps = static_cast<int>(r.integer(o, "refiner_steps", "params.refiner_steps", 0, 1 << 20));
+  if (o.contains("refiner_strength")) p.refiner_strength = r.number(o, "refiner_strength", "params.refiner_strength");
   if (o.contains("mask")) p.mask = r.str(o, "mask", "params.mask");
   if (o.contains("lora")) p.lora = r.str(o, "lora", "params.lora");
   if (o.contains("guess_mode")) {

@@ -88,6 +88,14 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       const SuperResConfig sr = SuperResConfig::load(cfg);
       m.weights += weight_bytes(path_join(dir, "super_resolution/diffusion_pytorch_model.safetensors"), vae_dtype);
       m.activations += max_batch * W * H * sr.scale * sr.scale * 4.0 * static_cast<double>(sr.channels) * vbytes;
+    } else if (s == "refine") {  // the SDXL refiner: its text encoder(s) and UNet on the base's latents
+      if (addons.refiner.empty()) continue;
+      for (const char* te : {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors"})
+        m.weights += weight_bytes(path_join(addons.refiner, te), dtype);
+      const MemoryNeed n = estimate_rank_memory(addons.refiner, {"denoise"}, static_cast<int>(W), static_cast<int>(H),
+                                                max_batch, guidance, dtype);
+      m.weights += n.weights;
+      m.activations += n.activations / 1.3;  // the slack is added once, below
     } else if (s == "x4") {  // DeepFloyd IF stage III: the upscaler folder's text encoder, UNet and VAE on stage II's
                               // images (stage I's size times stage II's factor), made 4x larger
       const std::string x4 = path_join(dir, "upscaler");

@@ -198,6 +198,30 @@ static void configure_cuda_numerics() {
   ctx.setBenchmarkCuDNN(bench && std::string(bench) == "1");
 }
 
+// The run's SDXL refiner (ModelAddons::refiner) beside `base`: configs always, its text encoder(s) and UNet with
+// kRefiner. Its latents must be the base's (the base's VAE decodes them).
+static SdModel load_refiner(const SdModel& base, const std::string& dir, unsigned components) {
+  DP_CHECK(base.sdxl, "refiner: ", base.dir, " is not an SDXL folder; a refiner continues an SDXL base's latents");
+  DP_CHECK(!base.inpaint_unet, "refiner: ", base.dir, " is an inpainting folder; the refiner follows text-to-image ",
+           "and image-to-image SDXL folders");
+  DP_CHECK(dir_exists(dir), "refiner: ", dir, ": model folder not found");
+  DP_CHECK(SdModel::is_sdxl(dir), "refiner: ", path_join(dir, "model_index.json"), ": _class_name ",
+           pipeline_class(dir), " is not an SDXL pipeline (StableDiffusionXLImg2ImgPipeline, as the refiner's folder ",
+           "names it, or StableDiffusionXLPipeline)");
+  SdModel r = SdModel::load(dir, base.spec, (components & kRefiner) ? (kTextEncoder | kUNet) : 0u);
+  DP_CHECK(!r.inpaint_unet && r.unet_config.in_channels == base.vae_config.latent_channels, "refiner: ",
+           path_join(dir, "unet/config.json"), ": in_channels ", r.unet_config.in_channels, " is not the base's ",
+           "latent_channels ", base.vae_config.latent_channels, " (", path_join(base.dir, "vae/config.json"), ")");
+  DP_CHECK(r.vae_config.latent_channels == base.vae_config.latent_channels &&
+               r.vae_config.scaling_factor == base.vae_config.scaling_factor &&
+               r.latent_factor() == base.latent_factor(),
+           "refiner: ", path_join(dir, "vae/config.json"), " (latent_channels ", r.vae_config.latent_channels,
+           ", scaling_factor ", r.vae_config.scaling_factor, ", factor ", r.latent_factor(), ") differs from ",
+           path_join(base.dir, "vae/config.json"), " (", base.vae_config.latent_channels, ", ",
+           base.vae_config.scaling_factor, ", ", base.latent_factor(), "): the latents would not mean the same");
+  return r;
+}
+
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components,
                       const ModelAddons& addons) {
   validate(dir);
@@ -205,6 +229,8 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   DP_CHECK((loras.empty() && addons.adapters.empty()) || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
            is_if(dir) ? "DeepFloyd IF" : "x4 upscaler", " folder; LoRA files apply to Stable Diffusion, SDXL and "
            "Stable unCLIP folders");
+  DP_CHECK(addons.refiner.empty() || is_sdxl(dir), "refiner: ", dir, " is not an SDXL folder; a refiner continues an ",
+           "SDXL base's latents");
   std::vector<LoraLayer> lora;  // fused ones, then each adapter's (scale 1: the request's scale multiplies it)
   for (const LoraSpec& l : loras) {
     auto layers = read_lora(l, dir);
@@ -381,6 +407,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   if ((components & kPrior) && is_unclip(dir)) m.unclip = UnclipParts::load(dir, spec);
   if ((components & kSuperRes) && m.has_super_resolution())
     m.super_res = SuperResolution::load(path_join(dir, "super_resolution"), vspec);
+  if (!addons.refiner.empty()) m.refiner = std::make_shared<const SdModel>(load_refiner(m, addons.refiner, components));
   return m;
 }
 

@@ -356,6 +356,41 @@ class X4StageImpl : public CascadeStageImpl {
   DecodeStage dec_;
 };
 
+const SdModel& refiner_of(const SdModel& m) {
+  DP_CHECK(m.refiner && m.refiner->unet && (m.refiner->text_encoder_2 || m.refiner->text_encoder), "refine stage: ",
+           m.dir, " runs without an SDXL refiner loaded (--refiner DIR)");
+  return *m.refiner;
+}
+
+// The SDXL refiner: the base's latents -> latents, by the refiner's UNet (its text encoder on the request's prompts at
+// `add`, its own loop from denoising_end on, step-level batched like the denoiser; make_refine_state). The base's
+// previews (denoised estimates) pass through to decode as they are.
+class RefineStageImpl : public CascadeStageImpl {
+ public:
+  RefineStageImpl(const SdModel& m, const StageConfig& c) : CascadeStageImpl(refiner_of(m), c), enc_(model_) {}
+
+  void add(StageRequest r, double now) override {
+    DP_CHECK(!r.inputs.empty(), "refine: no latents received");
+    if (preview_number(r.id) > 0) return pass(r.id, r.inputs[0]);
+    const at::Tensor& lat = r.inputs[0];
+    DP_CHECK(lat.dim() == 3, "refine: request ", r.id, ": the base's latents must be [C, h, w], got ", lat.sizes());
+    const int64_t f = model_.latent_factor();
+    const GenerationParams q = refiner_request(r.params, static_cast<int>(lat.size(2) * f),
+                                               static_cast<int>(lat.size(1) * f));
+    hold(r.id, make_refine_state(model_, r.params, lat, enc_.run({&q}).at(0), r.id), r.priority, now);
+  }
+
+  std::vector<StageEvent> step(double now) override {
+    std::vector<StageEvent> out = take_passing();
+    if (DenoiseStageImpl::held() == 0) return out;
+    for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
+    return out;
+  }
+
+ private:
+  TextEncodeStage enc_;
+};
+
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch
 class DecodeStageImpl : public OneShotStage {
  public:
@@ -437,6 +472,7 @@ struct Registry {
                                  kSuperRes));
     add(entry<X4StageImpl>("x4", "8-bit image (and the prompt)", "8-bit image, 4x (DeepFloyd IF stage III: the SD x4 "
                            "upscaler)", kStage3));
+    add(entry<RefineStageImpl>("refine", "latents (and the prompt)", "latents, refined (the SDXL refiner)", kRefiner));
   }
   void add(ModelStage s) {
     if (!stages.count(s.def.name)) order.push_back(s.def.name);
@@ -477,6 +513,13 @@ std::vector<std::string> known_stage_names() {
 
 std::vector<PipelineStage> default_pipeline_layout() {
   return {{"encode", false}, {"denoise", true}, {"decode", false}};
+}
+
+std::vector<PipelineStage> pipeline_layout(const std::string& model_dir, const ModelAddons& addons) {
+  std::vector<PipelineStage> p = pipeline_layout(model_dir);
+  // the SDXL refiner: its own loop between the base's and the VAE (SdModel::load checks the folders)
+  if (!addons.refiner.empty()) p.insert(p.end() - 1, PipelineStage{"refine", false, /*own_rank=*/true});
+  return p;
 }
 
 std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {

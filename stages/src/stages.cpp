@@ -405,11 +405,33 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              "--ip-adapter FILE)");
     (void)read_field_image(p.ip_adapter_image, "ip_adapter_image");  // readable, here and now
   }
+  const bool aesthetic = model.aesthetic || (model.refiner && model.refiner->aesthetic);
   for (const auto& [name, v] : {std::pair<const char*, double>{"aesthetic_score", p.aesthetic_score},
                                 {"negative_aesthetic_score", p.negative_aesthetic_score}}) {
     DP_CHECK(std::isfinite(v), name, ": must be a finite number, got ", v);
-    DP_CHECK(v < 0 || model.aesthetic, name, ": only an SDXL refiner folder (model_index.json's ",
-             "requires_aesthetics_score) is conditioned on it; ", model.dir, " is not one");
+    DP_CHECK(v < 0 || aesthetic, name, ": only an SDXL refiner folder (model_index.json's ",
+             "requires_aesthetics_score) is conditioned on it; ", model.dir, " is not one",
+             model.refiner ? detail::cat(", nor is the refiner ", model.refiner->dir) : std::string());
+  }
+  if (model.refiner) {  // the base hands its latents over part-way (denoising_end < 1) or when done
+    const double d = p.denoising_end_or();
+    DP_CHECK(std::isfinite(d) && d > 0 && d <= 1, "denoising_end: must be in (0, 1] (the share of the base's schedule ",
+             "before the refiner takes over), got ", p.denoising_end);
+    DP_CHECK(p.mask.empty(), "mask: a run with a refiner does not inpaint (the refiner would repaint the whole image)");
+    if (d < 1) {
+      r.end = handover_call(*r.sampler, model.scheduler.num_train_timesteps, d);
+      DP_CHECK(r.end > r.begin, "denoising_end: ", d, " leaves the base no step (its first timestep that runs, ",
+               r.sampler->timestep(r.begin), ", is already below the cutoff ",
+               std::nearbyint(model.scheduler.num_train_timesteps * (1 - d)), "); raise denoising_end or steps");
+    }
+    (void)plan_refine(*model.refiner, p, r.width, r.height);
+  } else {
+    const GenerationParams d;
+    DP_CHECK(p.denoising_end == d.denoising_end && p.refiner_steps == d.refiner_steps &&
+                 p.refiner_strength == d.refiner_strength,
+             p.denoising_end != d.denoising_end ? "denoising_end" : p.refiner_steps != d.refiner_steps ? "refiner_steps"
+                                                                                                   : "refiner_strength",
+             ": only a run with an SDXL refiner uses it (start the run with --refiner DIR)");
   }
   if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
   if (model.stage3) check_x4_settings(*model.stage3, {p.x4_steps, p.x4_guidance, p.x4_noise_level});
@@ -496,6 +518,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   }
   DP_CHECK(!model.uses_cfg(p) || s.uncond.defined(), "denoise: request ", id, " needs an unconditional embedding");
   s.sampler = std::move(r.sampler);  // the one resolve_params built and checked
+  s.end = r.end;                     // a run with a refiner: where the base hands over
   if (model.upscaler)  // StableDiffusionUpscalePipeline: the image noised to noise_level by low_res_scheduler
     attach_noised_image(model, s, r.image, p.noise_level, kSrImageNoiseStream, image_noise);
   const int64_t C = model.unet_config.in_channels - (model.upscaler ? 3 : 0) -
@@ -538,6 +561,88 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   DP_CHECK(p.previews >= 0 && p.previews <= 3, "previews: must be in [0, 3], got ", p.previews);
   for (int k = 1; k <= p.previews; ++k)  // evenly spaced, never after the last call (that is the image itself)
     s.preview_at.push_back(s.begin + std::max(0, s.total_steps() * k / (p.previews + 1) - 1));
+  return s;
+}
+
+int handover_call(const Sampler& s, int64_t num_train_timesteps, double denoising_end) {
+  // diffusers: discrete_timestep_cutoff = int(round(T - denoising_end x T)) (round half to even, as nearbyint)
+  const double cutoff = std::nearbyint(static_cast<double>(num_train_timesteps) * (1.0 - denoising_end));
+  int i = 0;
+  while (i < s.num_calls() && s.timestep(i) >= cutoff) ++i;  // the timesteps fall: those >= the cutoff come first
+  return i;
+}
+
+GenerationParams refiner_request(const GenerationParams& p, int width, int height) {
+  GenerationParams q = p;
+  const GenerationParams d;
+  q.steps = p.refiner_steps_or();
+  q.width = width;
+  q.height = height;
+  q.image_prompt.clear();  // it starts from the base's latents, not from a picture
+  q.mask.clear();
+  q.strength = d.strength;
+  q.controls.clear();  // the base's ControlNets, adapters and image prompts stay with the base
+  q.guess_mode = false;
+  q.lora.clear();
+  q.ip_adapter_image.clear();
+  q.ip_adapter_scale = d.ip_adapter_scale;
+  q.previews = 0;  // previews are the base's
+  q.denoising_end = d.denoising_end;
+  q.refiner_steps = d.refiner_steps;
+  q.refiner_strength = d.refiner_strength;
+  return q;
+}
+
+RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int width, int height) {
+  const GenerationParams q = refiner_request(p, width, height);
+  DP_CHECK(p.refiner_steps >= 0, "refiner_steps: must be at least 0 (0: steps), got ", p.refiner_steps);
+  ResolvedParams r;
+  try {
+    r = resolve_params(refiner, q);
+  } catch (const Error& e) {  // name the refiner: the base's settings passed
+    DP_FAIL("refiner ", refiner.dir, ": ", p.refiner_steps > 0 && std::string(e.what()).rfind("steps:", 0) == 0
+                                                ? std::string("refiner_") + e.what() : std::string(e.what()));
+  }
+  RefinePlan plan;
+  plan.sampler = std::move(r.sampler);
+  const int n = plan.sampler->num_calls();
+  const double d = p.denoising_end_or();
+  if (d < 1) {  // diffusers' get_timesteps with denoising_start: the calls whose timestep is below the cutoff
+    DP_CHECK(p.refiner_strength < 0, "refiner_strength: only with denoising_end 1 (the refiner then refines the base's ",
+             "finished latents); with denoising_end ", d, " it continues the base's schedule");
+    plan.begin = handover_call(*plan.sampler, refiner.scheduler.num_train_timesteps, d);
+    DP_CHECK(plan.begin < n, "denoising_end: ", d, " leaves the refiner no step of its ", q.steps, " (its last timestep ",
+             plan.sampler->timestep(n - 1), " is not below the cutoff); lower denoising_end or raise refiner_steps");
+  } else {  // image-to-image on the finished latents
+    const double strength = p.refiner_strength_or();
+    DP_CHECK(std::isfinite(strength) && strength > 0 && strength <= 1, "refiner_strength: must be in (0, 1], got ",
+             p.refiner_strength);
+    const int init = std::min(static_cast<int>(q.steps * strength), q.steps);
+    DP_CHECK(init >= 1, "refiner_strength: ", strength, " x ", q.steps, " refiner steps leaves no step (int(steps x ",
+             "strength) must be at least 1); raise refiner_strength or refiner_steps");
+    plan.begin = q.steps - init;
+    plan.add_noise = true;
+  }
+  return plan;
+}
+
+DenoiseState make_refine_state(const SdModel& refiner, const GenerationParams& p, const at::Tensor& latents,
+                               Embeddings emb, uint64_t id, const at::Tensor& noise) {
+  DP_CHECK(latents.dim() == 3, "refine: request ", id, ": the base's latents must be [C, h, w], got ", latents.sizes());
+  const int64_t f = refiner.latent_factor();
+  const int w = static_cast<int>(latents.size(2) * f), h = static_cast<int>(latents.size(1) * f);
+  RefinePlan plan = plan_refine(refiner, p, w, h);
+  DenoiseState s = make_denoise_state(refiner, refiner_request(p, w, h), std::move(emb), id);
+  s.sampler = std::move(plan.sampler);
+  s.begin = s.step = plan.begin;
+  const at::Tensor x = latents.to(at::kCPU, at::kFloat);
+  if (plan.add_noise) {
+    const at::Tensor z = noise.defined() ? noise.to(at::kCPU, at::kFloat).reshape(x.sizes())
+                                         : seeded_noise(p.seed, kRefinerNoiseStream, x.sizes());
+    s.latents = s.sampler->add_noise(x, z, plan.begin).to(refiner.spec.device);
+  } else {
+    s.latents = x.to(refiner.spec.device);
+  }
   return s;
 }
 

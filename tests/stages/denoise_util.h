@@ -105,9 +105,15 @@ inline at::Tensor images_of(const SdModel& model, std::vector<DenoiseState>& ds)
 
 // The 8-bit images of a run's denoising states, decoded, against the reference's [B, 3, H, W] in [0, 1]: true when
 // (float32) at least 99 % of the 8-bit values are within +-1, (16-bit) the images within 10 % (printed with `what`).
+inline bool matches_reference_images(const at::Tensor& mine, at::ScalarType dtype, const at::Tensor& ref,
+                                     const std::string& what);
 inline bool matches_reference(const SdModel& model, std::vector<DenoiseState>& ds, const at::Tensor& ref,
                               const std::string& what) {
-  const at::Tensor mine = images_of(model, ds);  // [B, H, W, 3]
+  return matches_reference_images(images_of(model, ds), model.spec.dtype, ref, what);
+}
+// ... for 8-bit images [B, H, W, 3] made otherwise (`dtype`: the model's).
+inline bool matches_reference_images(const at::Tensor& mine, at::ScalarType dtype, const at::Tensor& ref,
+                                     const std::string& what) {
   const at::Tensor r = ref.permute({0, 2, 3, 1}).contiguous();
   EXPECT_EQ(mine.sizes(), r.sizes()) << what;
   if (mine.sizes() != r.sizes()) return false;
@@ -115,7 +121,7 @@ inline bool matches_reference(const SdModel& model, std::vector<DenoiseState>& d
   const double within = d.le(1).to(at::kDouble).mean().item<double>();
   const double e = rel_err(mine.to(at::kFloat) / 255.0, r);
   std::printf("%s: 8-bit within +-1: %.4f (max %d), images %.2e\n", what.c_str(), within, d.max().item<int>(), e);
-  return model.spec.dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
+  return dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
 }
 
 }  // namespace diffpipe::test

@@ -16,7 +16,10 @@ SDXL inpainting runs (StableDiffusionXLInpaintPipeline; golden.json's sdxl.inpai
 pipeline's default strength, and DIR/sdxl-inpaint-model (its components with a random 9-channel UNet). And the SDXL
 refiner's runs (golden.json's sdxl.refiner): DIR/sdxl-refiner-model (text_encoder_2 alone, a random UNet conditioned
 on original size, crop and aesthetic score; requires_aesthetics_score) through StableDiffusionXLImg2ImgPipeline at its
-default strength and with its aesthetic scores set, and through StableDiffusionXLInpaintPipeline.
+default strength and with its aesthetic scores set, and through StableDiffusionXLInpaintPipeline. And the base handing
+its latents to that refiner (golden.json's sdxl.handoff): StableDiffusionXLPipeline with denoising_end and
+output_type "latent", then the refiner with denoising_start (or, at denoising_end 1, image-to-image on the finished
+latents at a strength); R.base_latents is what the base handed over.
 
 Inpainting (StableDiffusionInpaintPipeline), the runs of golden.json's "inpaint" list: on tiny-sd itself (a 4-channel
 UNet: the kept region blended back after every step) and on DIR/inpaint-model (tiny-sd with a random 9-channel UNet:
@@ -254,6 +257,54 @@ def main():
                 res[f"{r['name']}.draws.{k}"] = d
             res[f"{r['name']}.images"] = img
         sdxl["refiner"] = ref_runs
+        # the base hands its latents to the refiner (golden.json's sdxl.handoff): StableDiffusionXLPipeline on the SDXL
+        # folder with denoising_end and output_type "latent", then the refiner's StableDiffusionXLImg2ImgPipeline on
+        # those latents with denoising_start (the ensemble of expert denoisers: no noise added), or, at denoising_end
+        # 1, the base's finished latents refined image-to-image at a strength. R.base_latents: what the base handed over.
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
+        xl_base = StableDiffusionXLPipeline(**xl.components)
+        xl_base.set_progress_bar_config(disable=True)
+        euler = xl.scheduler
+        hand_runs = [dict(name="handoff_euler", sampler=None, steps=8, refiner_steps=None, denoising_end=0.75,
+                          refiner_strength=None, guidance=5.0, negative_prompt=None, aesthetic_score=None),
+                     dict(name="handoff_ddim", sampler="ddim", steps=6, refiner_steps=10, denoising_end=0.5,
+                          refiner_strength=None, guidance=6.0, negative_prompt="blurry", aesthetic_score=7.0),
+                     dict(name="refine_after", sampler=None, steps=5, refiner_steps=None, denoising_end=1.0,
+                          refiner_strength=0.4, guidance=5.0, negative_prompt=None, aesthetic_score=None)]
+        for r in hand_runs:
+            sched = euler if r["sampler"] is None else DDIMScheduler.from_config(euler.config)
+            xl_base.scheduler = sched
+            refiner.scheduler = sched
+            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            gen = torch.Generator().manual_seed(a.seed + 16)
+            with torch.no_grad(), recorded_draws(pipeline_stable_diffusion_xl, pipeline_stable_diffusion_xl_img2img,
+                                                 vae_module) as draws:
+                d = r["denoising_end"]
+                calls = []
+
+                def count(pipe, i, t, kw, calls=calls):
+                    calls.append(int(t))
+                    return kw
+                lat = xl_base(PROMPTS, negative_prompt=neg, height=32, width=40, num_inference_steps=r["steps"],
+                              guidance_scale=r["guidance"], output_type="latent", generator=gen,
+                              callback_on_step_end=count, **({"denoising_end": d} if d < 1 else {})).images
+                r["base_calls"] = len(calls)
+                del calls[:]
+                kw = {"denoising_start": d} if d < 1 else {"strength": r["refiner_strength"]}
+                if r["aesthetic_score"] is not None:
+                    kw["aesthetic_score"] = r["aesthetic_score"]
+                img = refiner(PROMPTS, image=lat, negative_prompt=neg,
+                              num_inference_steps=r["refiner_steps"] or r["steps"], guidance_scale=r["guidance"],
+                              output_type="pt", generator=gen, callback_on_step_end=count, **kw).images
+                r["refiner_calls"] = len(calls)
+            r["draw_roles"] = ["noise"] + (["refiner_noise"] if d >= 1 else [])
+            assert len(draws) == len(r["draw_roles"]), (r["name"], len(draws))
+            for role, dr in zip(r["draw_roles"], draws):
+                res[f"{r['name']}.draws.{role}"] = dr
+            res[f"{r['name']}.base_latents"] = lat
+            res[f"{r['name']}.images"] = img
+        sdxl["handoff"] = hand_runs
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "images": [f"input_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS, "sdxl": sdxl,
             "masks": ["mask_0.png", "mask_1.png"], "inpaint": inpaint_runs,

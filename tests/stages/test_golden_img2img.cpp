@@ -277,6 +277,111 @@ TEST(GoldenImg2Img, SdxlRefiner) {
             std::string::npos);
 }
 
+// The SDXL base hands its latents to the refiner (runs made with --sdxl; a run with ModelAddons::refiner): the base
+// stops at denoising_end (StableDiffusionXLPipeline's denoising_end, output_type "latent") and the refiner continues
+// from its first timestep below the cutoff without new noise (StableDiffusionXLImg2ImgPipeline's denoising_start):
+// the folder's Euler at 0.75 (6 + 2 calls), DDIM at 0.5 with 10 refiner steps, a negative prompt and an aesthetic
+// score; and at denoising_end 1 the finished latents refined image-to-image at strength 0.4. The handed-over latents
+// and the images against the reference; the base's VAE decodes.
+TEST(GoldenImg2Img, SdxlHandoffToTheRefiner) {
+  DP_REQUIRE_IMG2IMG(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("sdxl") || meta.at("sdxl").is_null() || !meta.at("sdxl").contains("handoff"))
+    GTEST_SKIP() << dir << " has no base-to-refiner runs (make_img2img_golden.py --sdxl MODEL makes them)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const DeviceSpec spec = test::device_spec();
+  ModelAddons addons;
+  addons.refiner = dir + "/sdxl-refiner-model";
+  const SdModel base = SdModel::load(meta.at("sdxl").at("model").get<std::string>(), spec, kAllComponents, addons);
+  ASSERT_TRUE(base.refiner && base.refiner->unet && base.refiner->text_encoder_2 && !base.refiner->vae);
+  for (const auto& run : meta.at("sdxl").at("handoff")) {
+    const std::string n = run.at("name").get<std::string>();
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      GenerationParams p;
+      p.prompt = meta.at("prompts")[i].get<std::string>();
+      p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+      p.sampler = run.at("sampler").is_null() ? "" : run.at("sampler").get<std::string>();
+      p.steps = run.at("steps").get<int>();
+      p.guidance = run.at("guidance").get<double>();
+      p.width = 40;
+      p.height = 32;
+      p.denoising_end = run.at("denoising_end").get<double>();
+      if (!run.at("refiner_steps").is_null()) p.refiner_steps = run.at("refiner_steps").get<int>();
+      if (!run.at("refiner_strength").is_null()) p.refiner_strength = run.at("refiner_strength").get<double>();
+      if (!run.at("aesthetic_score").is_null()) p.aesthetic_score = run.at("aesthetic_score").get<double>();
+      params.push_back(p);
+    }
+    std::vector<DenoiseState> ds = test::latent_states(base, params, g.at(n + ".draws.noise"));
+    for (const auto& s : ds) EXPECT_EQ(s.total_steps(), run.at("base_calls").get<int>()) << n;
+    const std::vector<at::Tensor> handed = test::denoise_to_end(base, ds);
+    const double e = rel_err(at::stack(handed).to(at::kCPU, at::kFloat), g.at(n + ".base_latents"));
+    std::printf("[golden-img2img] %s: the base's latents at the handover %.2e\n", n.c_str(), e);
+    EXPECT_LE(e, test::pipeline_tol(spec)) << n;
+    std::vector<GenerationParams> rq;
+    for (const auto& p : params) rq.push_back(refiner_request(p, 40, 32));
+    const std::vector<Embeddings> embs = test::encode_all(*base.refiner, rq);
+    std::vector<DenoiseState> rs;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const std::string k = n + ".draws.refiner_noise";
+      rs.push_back(make_refine_state(*base.refiner, params[i], handed[i], embs[i], i,
+                                     g.count(k) ? g.at(k)[static_cast<int64_t>(i)] : at::Tensor()));
+      EXPECT_EQ(rs.back().total_steps(), run.at("refiner_calls").get<int>()) << n;
+    }
+    EXPECT_EQ(rs[0].time_ids.sizes(), (std::vector<int64_t>{5}));  // the refiner's (size, crop, aesthetic score)
+    const at::Tensor images = DecodeStage(base).run_uint8(test::denoise_to_end(*base.refiner, rs)).to(at::kCPU);
+    EXPECT_TRUE(test::matches_reference_images(images, spec.dtype, g.at(n + ".images"), "[golden-img2img] " + n)) << n;
+  }
+  // settings the run checks by name
+  GenerationParams p;
+  p.prompt = "x";
+  p.width = 40;
+  p.height = 32;
+  p.steps = 4;
+  auto refused = [&](GenerationParams q, const std::string& what) {
+    const std::string e = test::error_of([&] { (void)resolve_params(base, q); });
+    EXPECT_NE(e.find(what), std::string::npos) << what << " -> " << e;
+  };
+  GenerationParams q = p;
+  q.denoising_end = 0.05;  // the base's first timestep is already below 950
+  refused(q, "denoising_end: 0.05 leaves the base no step");
+  q = p;
+  q.denoising_end = 0.9995;  // the cutoff round(0.5) = 0: the refiner's last timestep, 1, is not below it
+  refused(q, "denoising_end: 0.9995 leaves the refiner no step");
+  q = p;
+  q.refiner_strength = 0.5;  // only with denoising_end 1
+  refused(q, "refiner_strength: only with denoising_end 1");
+  q.denoising_end = 1;
+  q.refiner_strength = 0.1;  // int(4 x 0.1) = 0 steps
+  refused(q, "refiner_strength: 0.1 x 4 refiner steps leaves no step");
+  q = p;
+  q.refiner_steps = 5000;
+  refused(q, "refiner_steps: must be in [1, 1000]");
+  q = p;
+  q.denoising_end = 1.5;
+  refused(q, "denoising_end: must be in (0, 1]");
+  q = p;
+  q.mask = dir + "/mask_0.png";
+  q.image_prompt = dir + "/input_0.png";
+  q.width = q.height = 0;
+  refused(q, "mask: a run with a refiner does not inpaint");
+  // without a refiner the settings are refused by name; folders that do not fit are refused at load
+  const SdModel plain = SdModel::load(meta.at("sdxl").at("model").get<std::string>(), spec, 0);
+  q = p;
+  q.denoising_end = 0.8;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(plain, q); })
+                .find("denoising_end: only a run with an SDXL refiner uses it (start the run with --refiner DIR)"),
+            std::string::npos);
+  ModelAddons bad;
+  bad.refiner = dir + "/model";  // an SD 1.x folder
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(meta.at("sdxl").at("model").get<std::string>(), spec, 0, bad); })
+                .find("is not an SDXL pipeline"),
+            std::string::npos);
+  bad.refiner = meta.at("sdxl").at("model").get<std::string>();
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/model", spec, 0, bad); }).find("is not an SDXL folder"),
+            std::string::npos);
+}
+
 // Inpainting's masks: binarised at 50 % grey, transparency (when present) marks the repainted region, the mask must
 // cover its image, needs an image, and an inpainting folder needs both.
 TEST(GoldenImg2Img, InpaintingMasksAndRefusals) {

@@ -47,6 +47,9 @@ struct ModelAddons {
   // IP-Adapter (ip_adapter.h): the adapter file ("" = none) and its image encoder folder ("" = image_encoder/ beside
   // the file); requests bring their image prompt (GenerationParams::ip_adapter_image)
   std::string ip_adapter, ip_image_encoder;
+  // SDXL refiner (an SDXL folder, typically stable-diffusion-xl-refiner-1.0; "" = none): the base's latents go on to
+  // its UNet (the refine stage, between denoise and decode; GenerationParams::denoising_end)
+  std::string refiner;
 };
 
 }  // namespace diffpipe

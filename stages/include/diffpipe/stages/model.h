@@ -23,11 +23,11 @@ namespace diffpipe {
 // kVae loads the VAE's decoder, kVaeEncoder its encoder; kImageLatents the encoder only where the folder does
 // image-to-image (SdModel::img2img(): SD and SDXL). kSuperRes loads super_resolution/ when the folder has one, kPrior
 // the Stable unCLIP prior components when the folder is a StableUnCLIPPipeline, kStage3 a DeepFloyd IF folder's
-// upscaler/ (no-ops otherwise).
+// upscaler/, kRefiner the text encoder and UNet of the run's SDXL refiner (ModelAddons::refiner; no-ops otherwise).
 enum Component : unsigned {
   kTextEncoder = 1, kUNet = 2, kVae = 4, kVaeEncoder = 8, kSuperRes = 16, kPrior = 32, kStage3 = 64,
-  kImageLatents = 128,
-  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior | kStage3 | kImageLatents
+  kImageLatents = 128, kRefiner = 256,
+  kAllComponents = kTextEncoder | kUNet | kVae | kSuperRes | kPrior | kStage3 | kImageLatents | kRefiner
 };
 struct UnclipParts;
 
@@ -71,6 +71,9 @@ struct SdModel {
   // the decoded stage-II images with the same prompt; its configs always, its text encoder, UNet and VAE with
   // kStage3.
   std::shared_ptr<const SdModel> stage3;
+  // SDXL with a refiner (addons.refiner, an SDXL folder whose latents match): the refine stage's model, configs
+  // always (requests are checked against them), its text encoder(s) and UNet with kRefiner; the base's VAE decodes.
+  std::shared_ptr<const SdModel> refiner;
   SchedulerConfig image_noising;           // IF stage II, and the x4 upscaler's low_res_scheduler
   // The SD x4 upscaler (StableDiffusionUpscalePipeline folders): a request's image_prompt is the low-resolution
   // image; noised to noise_level (<= max_noise_level) by low_res_scheduler, it joins the latents at every step and

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/stages/lora_spec.h"
+
 namespace diffpipe {
 
 struct PipelineStage {
@@ -16,6 +18,8 @@ struct PipelineStage {
 
 // The folder's pipeline (throws naming the folder when it has none of the known layouts).
 std::vector<PipelineStage> pipeline_layout(const std::string& model_dir);
+// ... with what the run adds: an SDXL refiner (addons.refiner) runs as `refine` between denoise and decode.
+std::vector<PipelineStage> pipeline_layout(const std::string& model_dir, const ModelAddons& addons);
 // The pipeline of a Stable Diffusion folder without super-resolution (encode, denoise, decode).
 std::vector<PipelineStage> default_pipeline_layout();
 // Every stage name registered for model folders (a pipeline file may place only these).

@@ -67,6 +67,17 @@ struct GenerationParams {
   // strongly its tokens act in every cross-attention (diffusers' set_ip_adapter_scale)
   std::string ip_adapter_image;
   double ip_adapter_scale = 1.0;
+  // SDXL with a refiner (a run started with --refiner DIR: the base's latents go on to the refiner's UNet): the
+  // fraction of the base's schedule it runs before handing its latents over, in (0, 1] (diffusers' denoising_end on
+  // the base and denoising_start on the refiner, the "ensemble of expert denoisers"; < 0: 0.8). 1: the base finishes
+  // and the refiner runs image-to-image on its latents at refiner_strength (< 0: 0.3). refiner_steps: the refiner's
+  // schedule (0: steps). Other runs refuse them.
+  double denoising_end = -1;
+  int refiner_steps = 0;
+  double refiner_strength = -1;
+  double denoising_end_or() const { return denoising_end >= 0 ? denoising_end : 0.8; }
+  double refiner_strength_or() const { return refiner_strength >= 0 ? refiner_strength : 0.3; }
+  int refiner_steps_or() const { return refiner_steps > 0 ? refiner_steps : steps; }
   double aesthetic_score_or() const { return aesthetic_score >= 0 ? aesthetic_score : 6.0; }
   double negative_aesthetic_score_or() const { return negative_aesthetic_score >= 0 ? negative_aesthetic_score : 2.5; }
   // DeepFloyd IF folders with super_resolution/ (stage II) only: its DDPM steps, guidance, and the noise level of the
@@ -125,6 +136,9 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
     j["ip_adapter_scale"] = p.ip_adapter_scale;
   }
   if (p.negative_aesthetic_score != d.negative_aesthetic_score) j["negative_aesthetic_score"] = p.negative_aesthetic_score;
+  if (p.denoising_end != d.denoising_end) j["denoising_end"] = p.denoising_end;
+  if (p.refiner_steps != d.refiner_steps) j["refiner_steps"] = p.refiner_steps;
+  if (p.refiner_strength != d.refiner_strength) j["refiner_strength"] = p.refiner_strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
   if (p.guess_mode) j["guess_mode"] = true;
@@ -180,6 +194,9 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.ip_adapter_image = j.value("ip_adapter_image", std::string());
   p.ip_adapter_scale = j.value("ip_adapter_scale", p.ip_adapter_scale);
   p.negative_aesthetic_score = j.value("negative_aesthetic_score", p.negative_aesthetic_score);
+  p.denoising_end = j.value("denoising_end", p.denoising_end);
+  p.refiner_steps = j.value("refiner_steps", p.refiner_steps);
+  p.refiner_strength = j.value("refiner_strength", p.refiner_strength);
   p.mask = j.value("mask", std::string());
   p.lora = j.value("lora", std::string());
   if (j.contains("control_image")) {

@@ -89,8 +89,11 @@ struct DenoiseState {
   std::vector<int> preview_at;  // call indices after which a preview is made (GenerationParams::previews)
   at::Tensor preview;       // set by step(): the denoised estimate x0 [C, h, w] when a preview is due (else undefined)
   int preview_index = 0;    // 1-based number of that preview
-  bool done() const { return step >= sampler->num_calls(); }
-  int total_steps() const { return sampler->num_calls() - begin; }  // the calls this request makes
+  // an SDXL base with a refiner: the call before which its latents go to the refiner (denoising_end; -1: the end)
+  int end = -1;
+  int last() const { return end >= 0 ? end : sampler->num_calls(); }  // one past the last call this request makes
+  bool done() const { return step >= last(); }
+  int total_steps() const { return last() - begin; }  // the calls this request makes
   int steps_done() const { return step - begin; }
 };
 
@@ -110,6 +113,7 @@ struct ResolvedParams {
   at::Tensor mask;                   // inpainting: the mask binarised [1, H, W] (1 = repaint), read with the image
   std::vector<at::Tensor> controls;  // ControlNets: each entry's conditioning image [3, H, W] in [0, 1] (undefined: none)
   std::vector<float> adapter_scales; // per-request LoRA (GenerationParams::lora): each of the run's adapters' scale
+  int end = -1;                      // a run with a refiner: the base's call that hands over (DenoiseState::end)
 };
 // Per-request LoRA: the scale of each of the run's adapters (model.addons.adapters) that `p.lora` chooses, 0 for the
 // others; throws naming the field for an adapter the run does not have, one named twice, or a bad scale.
@@ -139,6 +143,27 @@ void inpaint_conditioning(const SdModel& model, const GenerationParams& p, const
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb,
                                 uint64_t id = 0, const at::Tensor& initial_noise = at::Tensor(),
                                 const at::Tensor& image_noise = at::Tensor());
+
+// The SDXL refiner (SdModel::refiner) on the base's latents. With denoising_end d < 1 (the ensemble of expert
+// denoisers): the base stops before its first timestep below round(T - d x T) (T: num_train_timesteps;
+// handover_call) and the refiner, on its own schedule of refiner_steps, starts at its first timestep below that
+// cutoff, from the latents as they are (diffusers' denoising_start: no noise added). With d = 1: the base finishes
+// and the refiner runs image-to-image at refiner_strength (the latents noised by add_noise, stream
+// kRefinerNoiseStream or `noise`). The request as the refiner sees it (refiner_request): the same prompts, guidance,
+// seed, sampler and aesthetic scores; the base's adapters, image prompts and ControlNets stay with the base.
+constexpr uint64_t kRefinerNoiseStream = (uint64_t(1) << 34) + 6;
+int handover_call(const Sampler& s, int64_t num_train_timesteps, double denoising_end);
+GenerationParams refiner_request(const GenerationParams& p, int width, int height);
+struct RefinePlan {
+  std::unique_ptr<Sampler> sampler;
+  int begin = 0;           // the refiner's first call
+  bool add_noise = false;  // image-to-image (denoising_end 1): the latents are noised to `begin` first
+};
+// Checks the refiner's settings of `p` (errors name the field) and plans its loop for an image of that size.
+RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int width, int height);
+// `latents` [C, h, w]: the base's; `emb`: the refiner's text embeddings of refiner_request(p, ...).
+DenoiseState make_refine_state(const SdModel& refiner, const GenerationParams& p, const at::Tensor& latents,
+                               Embeddings emb, uint64_t id = 0, const at::Tensor& noise = at::Tensor());
 
 // DeepFloyd IF stage II (IFSuperResolutionPipeline), as a denoising state on `stage2` (SdModel::stage2): the
 // stage-I image [3, h, w] in [-1, 1] is enlarged (bilinear, corners aligned) to the target size, noised to
