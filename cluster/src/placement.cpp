@@ -36,7 +36,8 @@ Placement Placement::derive(int n, const RankSpec& defaults, const std::vector<P
   int own = 0;
   for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) own += pipeline[i].own_rank && i != h;
   const bool separate = own > 0 && n >= 3 + own;
-  int next = 1;
+  const int next = separate ? 1 + own : 1;  // the heavy stage's first rank
+  int own_next = 1;                         // own ranks in pipeline order, before or after the heavy stage
   for (int i = 0; i < static_cast<int>(pipeline.size()); ++i) {
     PlacedStage s;
     s.name = pipeline[i].name;
@@ -44,7 +45,7 @@ Placement Placement::derive(int n, const RankSpec& defaults, const std::vector<P
     if (n == 1) {
       s.spec.ranks = {0};
     } else if (separate && pipeline[i].own_rank && i != h) {
-      s.spec.ranks = {next++};
+      s.spec.ranks = {own_next++};
     } else if (i == h) {
       for (int r = next; r < std::max(next + 1, n - 1); ++r) s.spec.ranks.push_back(r);
     } else {

@@ -98,10 +98,14 @@ void StageWorker::emit(std::vector<StageEvent>& events) {
   for (auto& ev : events) {
     auto it = held_.find(ev.id);
     if (it == held_.end()) continue;  // cancelled meanwhile
-    if (preview_number(ev.id) > 0) {  // a partial image went through this stage
+    if (preview_number(ev.id) > 0) {  // a partial image went through this stage: finished, it is the image; passed
+      Held h = std::move(it->second);  // on as a preview (a stage without the means to show it), the next stage makes it
       held_.erase(it);
       if (ev.kind == StageEvent::Kind::Finished && !ev.outputs.empty())
         ctx_.send(0, wire::encode(wire::PreviewImage{request_of(ev.id), preview_number(ev.id), ev.outputs[0]}));
+      else if (ev.kind == StageEvent::Kind::Preview && k_ + 1 < static_cast<int>(ctx_.pipeline.size()) &&
+               !ev.outputs.empty())
+        forward(request_of(ev.id), std::move(h), preview_number(ev.id), std::move(ev.outputs));
       continue;
     }
     switch (ev.kind) {

@@ -247,10 +247,12 @@ class CascadeStageImpl : public DenoiseStageImpl {
 
  protected:
   void pass(uint64_t id, at::Tensor image) { passing_.emplace_back(id, std::move(image)); }
-  // The passing images as finished events (taken), for the start of a step.
-  std::vector<StageEvent> take_passing() {
+  // The passing images as finished events (taken), for the start of a step; `onward`: as previews for the next stage
+  // to make into images (the refiner's: latents the stage after decodes).
+  std::vector<StageEvent> take_passing(bool onward = false) {
     std::vector<StageEvent> out;
-    for (auto& [id, img] : passing_) out.push_back(StageEvent::finished(id, {img}));
+    for (auto& [id, img] : passing_)
+      out.push_back(onward ? StageEvent::preview(id, preview_number(id), {img}) : StageEvent::finished(id, {img}));
     passing_.clear();
     return out;
   }
@@ -381,7 +383,7 @@ class RefineStageImpl : public CascadeStageImpl {
   }
 
   std::vector<StageEvent> step(double now) override {
-    std::vector<StageEvent> out = take_passing();
+    std::vector<StageEvent> out = take_passing(/*onward=*/true);  // the base's previews: decode shows them
     if (DenoiseStageImpl::held() == 0) return out;
     for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
     return out;

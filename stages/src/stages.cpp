@@ -599,9 +599,9 @@ RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int wi
   ResolvedParams r;
   try {
     r = resolve_params(refiner, q);
-  } catch (const Error& e) {  // name the refiner: the base's settings passed
-    DP_FAIL("refiner ", refiner.dir, ": ", p.refiner_steps > 0 && std::string(e.what()).rfind("steps:", 0) == 0
-                                                ? std::string("refiner_") + e.what() : std::string(e.what()));
+  } catch (const Error& e) {  // the field first (as every request error), then which model refused it
+    const std::string m = e.what();
+    DP_FAIL(p.refiner_steps > 0 && m.rfind("steps:", 0) == 0 ? "refiner_" + m : m, " (the refiner, ", refiner.dir, ")");
   }
   RefinePlan plan;
   plan.sampler = std::move(r.sampler);

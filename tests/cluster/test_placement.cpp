@@ -73,6 +73,37 @@ TEST(Placement, PriorGetsItsOwnRankWhenThereAreEnough) {
   for (int n = 1; n <= 8; ++n) EXPECT_NO_THROW(Placement::derive(n, {}, unclip).validate("derived")) << n;
 }
 
+// A stage after the heavy one that wants a rank of its own (the SDXL refiner, IF stage II) gets one as well, never one
+// of the denoiser's replicas (they once shared rank 1).
+TEST(Placement, OwnRankAfterTheHeavyStage) {
+  const std::vector<PipelineStage> refiner{{"encode"}, {"denoise", true}, {"refine", false, true}, {"decode"}};
+  auto p3 = Placement::derive(3, {}, refiner);
+  EXPECT_EQ(p3.stage("denoise").ranks, std::vector<int>{1});
+  EXPECT_EQ(p3.stage("refine").ranks, std::vector<int>{2});  // with decode on the last rank
+  auto p4 = Placement::derive(4, {}, refiner);
+  EXPECT_EQ(p4.stage("encode").ranks, std::vector<int>{0});
+  EXPECT_EQ(p4.stage("refine").ranks, std::vector<int>{1});
+  EXPECT_EQ(p4.stage("denoise").ranks, std::vector<int>{2});
+  EXPECT_EQ(p4.stage("decode").ranks, std::vector<int>{3});
+  auto p6 = Placement::derive(6, {}, refiner);
+  EXPECT_EQ(p6.stage("refine").ranks, std::vector<int>{1});
+  EXPECT_EQ(p6.stage("denoise").ranks, (std::vector<int>{2, 3, 4}));
+  const std::vector<PipelineStage> cascade{{"encode"}, {"denoise", true}, {"superres", false, true}, {"decode"},
+                                           {"x4", false, true}};
+  auto p5 = Placement::derive(5, {}, cascade);
+  EXPECT_EQ(p5.stage("superres").ranks, std::vector<int>{1});
+  EXPECT_EQ(p5.stage("x4").ranks, std::vector<int>{2});
+  EXPECT_EQ(p5.stage("denoise").ranks, std::vector<int>{3});
+  EXPECT_EQ(p5.stage("decode").ranks, std::vector<int>{4});
+  for (int n = 1; n <= 8; ++n) {
+    EXPECT_NO_THROW(Placement::derive(n, {}, refiner).validate("derived")) << n;
+    EXPECT_NO_THROW(Placement::derive(n, {}, cascade).validate("derived")) << n;
+    const Placement p = Placement::derive(n, {}, refiner);
+    if (n >= 4)
+      for (int r : p.stage("denoise").ranks) EXPECT_NE(r, p.stage("refine").ranks[0]) << n;
+  }
+}
+
 TEST(Placement, DataParallelReplicas) {
   const auto p = Placement::replicas(3);
   for (const auto& s : p.stages) EXPECT_EQ(s.spec.ranks, (std::vector<int>{0, 1, 2})) << s.name;
