@@ -136,6 +136,7 @@ int serve_main(int argc, char** argv) {
     so.embedding_tokens = model.embedding_tokens;
     so.controlnets = static_cast<int>(opts.addons.controlnets.size());
     so.ip_adapter = !opts.addons.ip_adapter.empty();
+    so.refiner = opts.addons.refiner;
     so.validate = [&model](const GenerationParams& p) { (void)resolve_params(model, p); };
     so.count_tokens = [&model](const std::string& s) {
       // the first tokenizer, or the second where the folder has it alone (the SDXL refiner)

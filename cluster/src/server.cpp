@@ -219,6 +219,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       if (!impl.o.embedding_tokens.empty()) m["embedding_tokens"] = impl.o.embedding_tokens;
       if (impl.o.controlnets > 0) m["controlnets"] = impl.o.controlnets;
       if (impl.o.ip_adapter) m["ip_adapter"] = true;  // requests may bring ip_adapter_image
+      if (!impl.o.refiner.empty()) m["refiner"] = impl.o.refiner;  // requests may set denoising_end, refiner_steps
       return send_json(200, {{"object", "list"}, {"data", json::array({m})}}, keep_alive);
     }
     if (req.method() == http::verb::get && path == "/metrics") return send_text(200, impl.metrics_text(), "text/plain; version=0.0.4");

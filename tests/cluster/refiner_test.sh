@@ -80,7 +80,7 @@ timeout 60 "$BIN" generate --model "$MODEL" --refiner "$REF" --prompt "a red cir
 serve_up "$WORK/serve.log" --model "$MODEL" --refiner "$REF" --steps 8 --threads 1
 if [ -n "$URL" ]; then
   python3 - "$URL" "$WORK/cli/img-00000-seed9.png" <<'PY' \
-    && ok "serve --refiner: denoising_end/refiner_steps give the CLI's pixels; a bad value is a 400 naming it" \
+    && ok "serve --refiner: denoising_end/refiner_steps give the CLI's pixels; a bad value is a 400 naming it; /v1/models names the refiner" \
     || bad "serve with a refiner"
 import base64, sys
 import http_util
@@ -90,6 +90,9 @@ st, r = http_util.post(url, body)
 assert st == 200, (st, r)
 png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+import json, urllib.request
+models = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=10).read())
+assert models["data"][0].get("refiner", "").endswith("sdxl-refiner-model"), models
 for bad, param in (({"denoising_end": 0}, "denoising_end"), ({"refiner_strength": 2}, "refiner_strength"),
                    ({"denoising_end": 0.01}, "denoising_end")):
     st, r = http_util.post(url, {**body, **bad})

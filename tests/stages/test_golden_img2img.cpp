@@ -4,6 +4,8 @@
 // reference is made by tests/stages/make_img2img_golden.py on the tiny-sd folder (scripts/test.sh makes it under
 // build/golden when it can): $DIFFPIPE_GOLDEN_IMG2IMG, default the sibling tiny-img2img of the tiny-sd folder;
 // absent, the tests skip.
+#include <filesystem>
+
 #include "diffpipe/runtime/image.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/safetensors.h"
@@ -332,6 +334,16 @@ TEST(GoldenImg2Img, SdxlHandoffToTheRefiner) {
     const at::Tensor images = DecodeStage(base).run_uint8(test::denoise_to_end(*base.refiner, rs)).to(at::kCPU);
     EXPECT_TRUE(test::matches_reference_images(images, spec.dtype, g.at(n + ".images"), "[golden-img2img] " + n)) << n;
   }
+  // the refine rank's memory: the refiner's text encoder and UNet (its weights as stored, float32 here), and the
+  // activations of its UNet on the base's latents; nothing without a refiner
+  const std::string xl_dir = meta.at("sdxl").at("model").get<std::string>();
+  const MemoryNeed rm = estimate_rank_memory(xl_dir, {"refine"}, 40, 32, 2, true, at::kFloat, addons);
+  const MemoryNeed ru = estimate_rank_memory(addons.refiner, {"denoise"}, 40, 32, 2, true, at::kFloat);
+  const double te = static_cast<double>(std::filesystem::file_size(addons.refiner + "/text_encoder_2/model.safetensors"));
+  EXPECT_NEAR(rm.weights, ru.weights + te, 0.01 * te) << "the refiner's UNet and text_encoder_2 (float32 files)";
+  EXPECT_DOUBLE_EQ(rm.activations, ru.activations);
+  const MemoryNeed none = estimate_rank_memory(xl_dir, {"refine"}, 40, 32, 2, true, at::kFloat);
+  EXPECT_EQ(none.weights + none.activations, 0.0);
   // settings the run checks by name
   GenerationParams p;
   p.prompt = "x";

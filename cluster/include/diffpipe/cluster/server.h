@@ -44,6 +44,7 @@ struct ServerOptions {
   std::vector<std::string> lora_adapters, embedding_tokens;
   int controlnets = 0;
   bool ip_adapter = false;  // the run has an IP-Adapter (listed in /v1/models)
+  std::string refiner;      // the run's SDXL refiner folder, "" = none (listed in /v1/models)
   // Checks one image's settings against the model (throws naming the field); run on the request's thread.
   std::function<void(const GenerationParams&)> validate;
   // Prompt length in tokens, for `usage`.
