@@ -3,7 +3,8 @@
 # `diffpipe generate` under mpirun and `diffpipe serve`:
 #   refiner_test.sh DIFFPIPE_BIN WORKDIR   (the base: $DIFFPIPE_GOLDEN_SDXL's model; the refiner: $DIFFPIPE_GOLDEN_IMG2IMG's
 #   sdxl-refiner-model, made by tests/stages/make_img2img_golden.py --sdxl)
-# Checks: the same PNG bytes on 1 rank, 3 ranks, 4 ranks (the refiner on a rank of its own) and 2 replicas; the refiner
+# Checks: the same PNG bytes on 1 rank, 3 ranks, 4 ranks (the refiner on a rank of its own), 2 replicas and a pipeline
+# file placing [refine]; the refiner
 # changes the image; previews (the base's) pass the refine rank to decode; --denoising-end/--refiner-steps/
 # --refiner-strength change the image, their JSONL keys give the flags' image and the PNG records them; run.json names
 # the refiner; serve answers with the CLI's pixels and a 400 naming a bad field; bad settings and folders are refused by
@@ -22,6 +23,9 @@ one_rank_run 6
 same_as_one_rank np3 3 "np 3 (encode | denoise | refine, decode)"
 same_as_one_rank np4 4 "np 4 (encode | denoise | refine | decode)"
 same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+printf '[encode]\nranks = [0]\n[denoise]\nranks = [1]\n[refine]\nranks = [2]\nmax_batch = 4\n[decode]\nranks = [0]\n' \
+  > "$WORK/refine.toml"
+same_as_one_rank file3 3 "a pipeline file placing [refine] on rank 2" --pipeline "$WORK/refine.toml"
 grep -q "Refiner: $REF" "$WORK/np1/run.json" && ok "run.json names the refiner" || bad "run.json lacks the refiner"
 
 ONE=(generate --model "$MODEL" --refiner "$REF" --prompt "a red circle" --seed 9 --steps 8 --threads 1 --batch-invariant
