@@ -1,6 +1,7 @@
 #include "diffpipe/stages/clip_vision.h"
 
 #include <cmath>
+#include <mutex>
 
 #include "clip_layer.h"
 #include "diffpipe/runtime/error.h"
@@ -126,6 +127,7 @@ ClipVisionModel::ClipVisionModel(const ClipVisionConfig& c, const Weights& w0) :
                            c.layer_norm_eps, c.hidden_act == "quick_gelu");
   m->projection = nn::Linear(w0, "visual_projection", D, c.projection_dim, false);
   impl_ = m;
+  zero_ = std::make_shared<ZeroCache>();
 }
 
 std::shared_ptr<ClipVisionModel> ClipVisionModel::load(const std::string& dir, const DeviceSpec& spec) {
@@ -137,21 +139,45 @@ std::shared_ptr<ClipVisionModel> ClipVisionModel::load(const std::string& dir, c
   return m;
 }
 
-at::Tensor ClipVisionModel::image_embeds(const at::Tensor& pixel_values) const {
+at::Tensor ClipVisionModel::hidden(const at::Tensor& pixel_values, size_t layers) const {
   const Impl& m = *impl_;
   const int64_t S = cfg_.image_size, D = cfg_.hidden_size, P = cfg_.patch_size;
   DP_CHECK(pixel_values.dim() == 4 && pixel_values.size(1) == 3 && pixel_values.size(2) == S && pixel_values.size(3) == S,
            "image encoder: pixel values must be [B, 3, ", S, ", ", S, "], got ", pixel_values.sizes());
   const int64_t B = pixel_values.size(0);
   if (nn::batch_invariant() && B > 1)
-    return nn::per_sample(B, [&](int64_t i) { return image_embeds(pixel_values.slice(0, i, i + 1)); });
+    return nn::per_sample(B, [&](int64_t i) { return hidden(pixel_values.slice(0, i, i + 1), layers); });
   const at::Tensor px = pixel_values.to(m.patch_weight.device(), m.patch_weight.scalar_type());
   at::Tensor patches = at::conv2d(px, m.patch_weight, {}, {P, P}).flatten(2).transpose(1, 2);  // [B, N, D]
   at::Tensor x = at::cat({m.class_embedding.view({1, 1, D}).expand({B, 1, D}), patches}, 1) +
                  m.position_embedding.unsqueeze(0);
   x = m.pre_ln(x);
-  for (const auto& l : m.layers) x = l(x, at::Tensor());
-  return m.projection(m.post_ln(x.select(1, 0)));
+  for (size_t k = 0; k < layers; ++k) x = m.layers[k](x, at::Tensor());
+  return x;
+}
+
+at::Tensor ClipVisionModel::image_embeds(const at::Tensor& pixel_values) const {
+  const Impl& m = *impl_;
+  return m.projection(m.post_ln(hidden(pixel_values, m.layers.size()).select(1, 0)));
+}
+
+at::Tensor ClipVisionModel::penultimate_hidden_states(const at::Tensor& pixel_values) const {
+  DP_CHECK(impl_->layers.size() >= 2, "image encoder: no penultimate layer (", impl_->layers.size(), " layers)");
+  return hidden(pixel_values, impl_->layers.size() - 1);
+}
+
+struct ClipVisionModel::ZeroCache {
+  std::mutex mu;
+  at::Tensor hidden;
+};
+
+at::Tensor ClipVisionModel::zero_image_hidden_states() const {
+  std::lock_guard<std::mutex> lk(zero_->mu);
+  if (!zero_->hidden.defined()) {
+    const int64_t S = cfg_.image_size;
+    zero_->hidden = penultimate_hidden_states(at::zeros({1, 3, S, S}, at::kFloat))[0].to(at::kCPU, at::kFloat);
+  }
+  return zero_->hidden;
 }
 
 }  // namespace diffpipe

@@ -356,9 +356,15 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     DP_CHECK(dir_exists(enc), enc, ": the IP-Adapter's image encoder folder is not there (--ip-image-encoder DIR, or ",
              "image_encoder/ beside the adapter file as h94/IP-Adapter lays it out)");
     const ClipVisionConfig vc = ClipVisionConfig::load(path_join(enc, "config.json"));
-    DP_CHECK(vc.projection_dim == ip.embed_dim, path_join(enc, "config.json"), ": projection_dim ", vc.projection_dim,
-             " does not match ", addons.ip_adapter, "'s image_proj input ", ip.embed_dim);
+    // the plain adapter projects the image embedding, Plus resamples the hidden states
+    const int64_t in = ip.plus ? vc.hidden_size : vc.projection_dim;
+    DP_CHECK(in == ip.embed_dim, path_join(enc, "config.json"), ": ", ip.plus ? "hidden_size " : "projection_dim ", in,
+             " does not match ", addons.ip_adapter, "'s image_proj input ", ip.embed_dim,
+             ip.plus ? " (IP-Adapter Plus reads the image encoder's hidden states)" : "");
+    DP_CHECK(!ip.plus || vc.num_hidden_layers >= 2, path_join(enc, "config.json"), ": IP-Adapter Plus reads the ",
+             "penultimate layer's hidden states; num_hidden_layers ", vc.num_hidden_layers, " is too few");
     m.ip_adapter = true;
+    m.ip_plus = ip.plus;
     // diffusers: the pipeline's feature_extractor, or CLIPImageProcessor(size=crop_size=the encoder's image_size)
     const std::string fe = path_join(dir, "feature_extractor/preprocessor_config.json");
     if (file_exists(fe)) {

@@ -276,7 +276,11 @@ at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p) {
   DP_CHECK(model.ip_image_encoder, "ip_adapter_image: the IP-Adapter's image encoder is not loaded here");
   const at::Tensor px = preprocess_clip_image(model.ip_image_processor,
                                               read_field_image(p.ip_adapter_image, "ip_adapter_image"));
-  return model.ip_image_encoder->image_embeds(px.to(model.spec.device, model.spec.dtype)).to(at::kCPU, at::kFloat)[0];
+  const at::Tensor x = px.to(model.spec.device, model.spec.dtype);
+  if (!model.ip_plus) return model.ip_image_encoder->image_embeds(x).to(at::kCPU, at::kFloat)[0];
+  // Plus: [the zero image's, the image's] penultimate hidden states (diffusers' encode_image, output_hidden_states)
+  return at::stack({model.ip_image_encoder->zero_image_hidden_states(),
+                    model.ip_image_encoder->penultimate_hidden_states(x).to(at::kCPU, at::kFloat)[0]});
 }
 
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, const at::Tensor& image_latents) {
@@ -502,7 +506,12 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   if (!p.ip_adapter_image.empty()) {
     DP_CHECK(emb.ip_embeds.defined(), "denoise: request ", id, " has an image prompt, but its embedding did not arrive ",
              "(the encode stage makes it)");
-    s.ip_embeds = emb.ip_embeds.to(at::kCPU, at::kFloat);
+    const at::Tensor e = emb.ip_embeds.to(at::kCPU, at::kFloat);
+    DP_CHECK(e.dim() == (model.ip_plus ? 3 : 1) && (!model.ip_plus || e.size(0) == 2), "denoise: request ", id,
+             ": the image prompt's embedding is ", e.sizes(), model.ip_plus ? "; IP-Adapter Plus needs [2, tokens, width]"
+             " (the zero image's hidden states, then the image's)" : "; the IP-Adapter needs [E]");
+    s.ip_embeds = model.ip_plus ? e[1] : e;
+    if (model.ip_plus) s.ip_uncond = e[0];
     s.ip_scale = p.ip_adapter_scale;
   }
   DP_CHECK(s.cond.defined(), "denoise: request ", id, " has no text embedding");
@@ -766,7 +775,11 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {
       lora_rows.push_back(&s->adapter_scales);
       if (ip_zero.defined()) {  // diffusers: zeros for the unconditional row, the same scale on both
-        ip_rows.push_back(s->ip_embeds.defined() && (r == 1 || s->guidance <= 1.0) ? s->ip_embeds : ip_zero);
+        // (IP-Adapter Plus: the unconditional row gets the zero image's hidden states)
+        ip_rows.push_back(!s->ip_embeds.defined()                ? ip_zero
+                          : r == 1 || s->guidance <= 1.0         ? s->ip_embeds
+                          : s->ip_uncond.defined()               ? s->ip_uncond
+                                                                 : ip_zero);
         ip_scales.push_back(s->ip_embeds.defined() ? static_cast<float>(s->ip_scale) : 0.0f);
       }
     }

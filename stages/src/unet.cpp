@@ -96,6 +96,60 @@ at::Tensor to_sample_device(const at::Tensor& cpu, const at::Tensor& sample) {
 }
 }  // namespace
 
+// IP-Adapter Plus's image_proj (diffusers' IPAdapterPlusImageProjection): learned queries attend, block by block, to
+// the image encoder's hidden states (projected to their width) and to themselves; then a GELU feed-forward; finally
+// proj_out to the UNet's width and norm_out. Heads of 64; LayerNorms with eps 1e-5; biases only where the file has them.
+struct IpResampler {
+  struct Block {
+    nn::LayerNorm ln0, ln1, ff_norm;
+    nn::Linear to_q, to_kv, to_out, ff1, ff2;
+  };
+  at::Tensor latents;  // [1, Q, H]
+  nn::Linear proj_in, proj_out;
+  nn::LayerNorm norm_out;
+  std::vector<Block> blocks;
+  int64_t heads = 0;
+
+  // `root`: the UNet's weights, the resampler's under ip_image_proj. (inserted from the adapter file)
+  IpResampler(const Weights& root, int64_t D) {
+    const auto& all = root.all();
+    const std::string P = "ip_image_proj.";
+    const Weights w = root.sub("ip_image_proj");
+    const auto ls = all.at(P + "latents").sizes();
+    const int64_t Q = ls[1], H = ls[2], E = all.at(P + "proj_in.weight").size(1);
+    latents = w.get("latents", {1, Q, H});
+    proj_in = nn::Linear(w, "proj_in", E, H);
+    proj_out = nn::Linear(w, "proj_out", H, D);
+    norm_out = nn::LayerNorm(w, "norm_out", D, 1e-5);
+    for (int64_t k = 0; all.count(P + "layers." + std::to_string(k) + ".to_q.weight"); ++k) {
+      const Weights b = w.sub("layers." + std::to_string(k));
+      const int64_t inner = all.at(P + "layers." + std::to_string(k) + ".to_q.weight").size(0);
+      heads = inner / 64;
+      blocks.push_back({nn::LayerNorm(b, "ln0", H, 1e-5), nn::LayerNorm(b, "ln1", H, 1e-5),
+                        nn::LayerNorm(b, "ff_norm", H, 1e-5), nn::Linear(b, "to_q", H, inner, false),
+                        nn::Linear(b, "to_kv", H, 2 * inner, false), nn::Linear(b, "to_out", inner, H, false),
+                        nn::Linear(b, "ff1", H, 4 * H, false), nn::Linear(b, "ff2", 4 * H, H, false)});
+    }
+  }
+  // x [B, N, E] -> tokens [B, Q, D]
+  at::Tensor operator()(const at::Tensor& x) const {
+    const int64_t B = x.size(0);
+    auto split = [&](const at::Tensor& t) { return t.view({B, t.size(1), heads, 64}).transpose(1, 2); };
+    at::Tensor lat = latents.expand({B, -1, -1});
+    const at::Tensor h = proj_in(x);
+    for (const Block& b : blocks) {
+      const at::Tensor q_in = b.ln1(lat);
+      const at::Tensor kv = b.to_kv(at::cat({b.ln0(h), q_in}, 1));
+      const int64_t inner = kv.size(2) / 2;
+      const at::Tensor q = split(b.to_q(q_in)), k = split(kv.narrow(2, 0, inner)), v = split(kv.narrow(2, inner, inner));
+      const at::Tensor a = at::softmax(at::matmul(q, k.transpose(-1, -2)) * 0.125, -1);  // 1 / sqrt(64)
+      lat = b.to_out(at::matmul(a, v).transpose(1, 2).reshape({B, -1, inner})) + lat;
+      lat = b.ff2(at::gelu(b.ff1(b.ff_norm(lat)))) + lat;
+    }
+    return norm_out(proj_out(lat));
+  }
+};
+
 struct UNet2DConditionModel::Impl {
   struct Block {
     std::vector<nn::ResnetBlock2D> resnets;
@@ -122,6 +176,7 @@ struct UNet2DConditionModel::Impl {
   nn::Linear ip_proj;                         // IP-Adapter's image_proj: embedding -> ip_tokens x cross_attention_dim
   nn::LayerNorm ip_norm;
   int64_t ip_tokens = 0;
+  std::unique_ptr<IpResampler> ip_resampler;  // IP-Adapter Plus's image_proj: hidden states -> tokens
   std::vector<Block> down, up;
   nn::ResnetBlock2D mid_res0, mid_res1;
   nn::Transformer2DModel mid_attn;
@@ -162,6 +217,10 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
     m->class_linear_2 = nn::Linear(w, "class_embedding.linear_2", temb, temb);
   }
   if (c.num_class_embeds > 0) m->class_table = w.get("class_embedding.weight", {c.num_class_embeds, temb});
+  if (w.has("ip_image_proj.latents")) {  // IP-Adapter Plus's resampler (ip_adapter.h)
+    m->ip_resampler = std::make_unique<IpResampler>(w, c.cross_attention_dim[0]);
+    m->ip_tokens = m->ip_resampler->latents.size(1);
+  }
   if (w.has("ip_image_proj.proj.weight")) {  // an IP-Adapter's (ip_adapter.h), inserted under these names
     const int64_t D = c.cross_attention_dim[0];
     const auto shape = w.all().at("ip_image_proj.proj.weight").sizes();
@@ -322,10 +381,18 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   std::optional<nn::AdapterRows> with_tokens;
   std::optional<nn::AdapterScope> ip_scope;
   if (rows && rows->ip_embeds.defined()) {
-    DP_CHECK(m.ip_proj.weight.defined(), "unet: image prompt embeddings given, but no IP-Adapter is loaded");
+    DP_CHECK(m.ip_proj.weight.defined() || m.ip_resampler, "unet: image prompt embeddings given, but no IP-Adapter is "
+             "loaded");
     with_tokens = *rows;
-    const at::Tensor e = rows->ip_embeds.to(sample.device(), m.ip_proj.weight.scalar_type());
-    with_tokens->ip_tokens = m.ip_norm(m.ip_proj(e).view({B, m.ip_tokens, -1}));
+    if (m.ip_resampler) {
+      const at::Tensor e = rows->ip_embeds.to(sample.device(), m.ip_resampler->latents.scalar_type());
+      DP_CHECK(e.dim() == 3 && e.size(0) == B, "unet: IP-Adapter Plus needs hidden states [", B, ", N, E], got ",
+               shape_str(e.sizes()));
+      with_tokens->ip_tokens = (*m.ip_resampler)(e);
+    } else {
+      const at::Tensor e = rows->ip_embeds.to(sample.device(), m.ip_proj.weight.scalar_type());
+      with_tokens->ip_tokens = m.ip_norm(m.ip_proj(e).view({B, m.ip_tokens, -1}));
+    }
     ip_scope.emplace(&*with_tokens);
   }
   const auto [t_emb, cl] = embeddings(sample, t, class_labels, time_ids, timestep_cond);

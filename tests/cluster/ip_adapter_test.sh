@@ -6,7 +6,7 @@
 # pipelined ranks (the image encoder on the encode rank, the adapter's layers on the denoise rank) and 2 replicas;
 # the flags equal the JSONL keys; the image prompt changes the image and the PNG records it; the batch's request
 # without one has the pixels of a run without the adapter; with LoRA adapters and image-to-image in one batch, 1 and 3
-# ranks agree and a request equals its run alone; refusals name the
+# ranks agree and a request equals its run alone; IP-Adapter Plus gives the same bytes on 1 and 3 ranks; refusals name the
 # option or file; over HTTP a base64 ip_adapter_image gives the CLI's pixels. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -25,6 +25,23 @@ COMMON=(generate --model "$MODEL" --ip-adapter "$IP" --prompts "$WORK/jobs.jsonl
 one_rank_run 3
 same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
 same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+
+# IP-Adapter Plus: the image encoder's hidden states (and the zero image's) travel from the encode rank
+PLUS=$GOLD/ip/ip-adapter-plus.safetensors
+if [ -f "$PLUS" ]; then
+  PL=(generate --model "$MODEL" --ip-adapter "$PLUS" --prompts "$WORK/jobs.jsonl" --steps 4 --threads 1 --batch-invariant
+      --quiet --timeout 60)
+  timeout 60 "$BIN" "${PL[@]}" --out "$WORK/plus1" 2> "$WORK/plus1.log" || bad "Plus failed: $(tail -2 "$WORK/plus1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${PL[@]}" --out "$WORK/plus3" 2> "$WORK/plus3.log" \
+    || bad "3-rank Plus failed: $(tail -2 "$WORK/plus3.log")"
+  same_pngs "$WORK/plus1" "$WORK/plus3" && [ -f "$WORK/plus1/img-00000-seed1.png" ] \
+    && ! same_pixels "$WORK/plus1/img-00000-seed1.png" "$WORK/np1/img-00000-seed1.png" \
+    && same_pixels "$WORK/plus1/img-00001-seed2.png" "$WORK/np1/img-00001-seed2.png" \
+    && ok "IP-Adapter Plus: 1 and 3 ranks give the same bytes; its image differs from the plain adapter's, the request without an image prompt does not" \
+    || bad "IP-Adapter Plus across ranks"
+else
+  echo "note: no IP-Adapter Plus file at $PLUS (remake the reference); its checks skipped"
+fi
 
 # with per-request LoRA adapters and image-to-image in the same batch (tiny-lora's file fits tiny-sd)
 LORA=${DIFFPIPE_GOLDEN_LORA:-$(dirname "$0")/../../../shared/golden/tiny-lora}/lora_peft.safetensors

@@ -12,7 +12,10 @@ and image_encoder/ (a random CLIPVisionModelWithProjection, 32x32 images). DIR/i
 DIR/golden.safetensors: latents (the initial latents), and per run R of golden.json R.images [B, 3, 32, 32] in [0, 1]
 and R.image_embeds (the image encoder's output for the run's images). DIR/model links to the source model. With
 --sdxl MODEL: DIR/ip-sdxl/ (an adapter for that SDXL UNet, the same image encoder) and the run "sdxl"
-(StableDiffusionXLPipeline, scale 0.7): sdxl.latents, sdxl.images.
+(StableDiffusionXLPipeline, scale 0.7): sdxl.latents, sdxl.images. IP-Adapter Plus: DIR/ip/ip-adapter-plus.safetensors
+(a random resampler of 4 blocks, 6 queries; the same image encoder) and the runs of golden.json's plus_runs:
+R.images, R.hidden_states (the encoder's penultimate hidden states of each image) and R.uncond_hidden_states (those
+of an all-zero image).
 """
 import json
 import os
@@ -26,16 +29,43 @@ PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 RUNS = [dict(name="scale_1", scale=1.0, guidance=7.5, negative_prompt=None, steps=5),
         dict(name="scale_05_negative", scale=0.5, guidance=5.0, negative_prompt="blurry", steps=4),
         dict(name="no_guidance", scale=0.8, guidance=1.0, negative_prompt=None, steps=4)]
+PLUS_RUNS = [dict(name="plus", scale=0.6, guidance=6.0, negative_prompt=None, steps=4),
+             dict(name="plus_no_guidance", scale=1.0, guidance=1.0, negative_prompt=None, steps=4)]
 
 
-def write_adapter(unet, enc, folder, save_file):
-    """A random adapter for `unet` in h94's format in folder/ip-adapter.safetensors: image_proj (the embedding -> 4
-    tokens of the UNet's cross-attention width) and per cross-attention to_k_ip / to_v_ip, numbered as diffusers'
-    _convert_ip_adapter_attn_to_diffusers reads them (K = 1, 3, 5, ... in attention-processor order)."""
+def plus_image_proj(D, E, H=32, queries=6, depth=4):
+    """IP-Adapter Plus's image_proj in h94's format (a perceiver resampler: learned queries [1, queries, H], proj_in from
+    the image encoder's width E, `depth` blocks of norm1/norm2/to_q/to_kv/to_out and a GELU feed-forward 1.0/1.1/1.3,
+    proj_out to the UNet's width D, norm_out); one head of 64."""
+    sd = {"image_proj.latents": torch.randn(1, queries, H) * 0.5,
+          "image_proj.proj_in.weight": torch.randn(H, E) * 0.2, "image_proj.proj_in.bias": torch.randn(H) * 0.1,
+          "image_proj.proj_out.weight": torch.randn(D, H) * 0.2, "image_proj.proj_out.bias": torch.randn(D) * 0.1,
+          "image_proj.norm_out.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm_out.bias": torch.randn(D) * 0.1}
+    for i in range(depth):
+        b = f"image_proj.layers.{i}"
+        for n in ("0.norm1", "0.norm2", "1.0"):
+            sd[f"{b}.{n}.weight"] = 1 + torch.randn(H) * 0.1
+            sd[f"{b}.{n}.bias"] = torch.randn(H) * 0.1
+        sd[f"{b}.0.to_q.weight"] = torch.randn(64, H) * 0.2
+        sd[f"{b}.0.to_kv.weight"] = torch.randn(128, H) * 0.2
+        sd[f"{b}.0.to_out.weight"] = torch.randn(H, 64) * 0.1
+        sd[f"{b}.1.1.weight"] = torch.randn(4 * H, H) * 0.2
+        sd[f"{b}.1.3.weight"] = torch.randn(H, 4 * H) * 0.1
+    return sd
+
+
+def write_adapter(unet, enc, folder, save_file, plus=False, filename="ip-adapter.safetensors"):
+    """A random adapter for `unet` in h94's format in folder/FILENAME: image_proj (the embedding -> 4 tokens of the UNet's
+    cross-attention width; `plus`: IP-Adapter Plus's resampler over the image encoder's hidden states) and per
+    cross-attention to_k_ip / to_v_ip, numbered as diffusers' _convert_ip_adapter_attn_to_diffusers reads them (K = 1,
+    3, 5, ... in attention-processor order)."""
     cfg = unet.config
     D, E, T = cfg.cross_attention_dim, enc.config.projection_dim, 4
-    sd = {"image_proj.proj.weight": torch.randn(T * D, E) * 0.3, "image_proj.proj.bias": torch.randn(T * D) * 0.1,
-          "image_proj.norm.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm.bias": torch.randn(D) * 0.1}
+    if plus:
+        sd = plus_image_proj(D, enc.config.hidden_size)
+    else:
+        sd = {"image_proj.proj.weight": torch.randn(T * D, E) * 0.3, "image_proj.proj.bias": torch.randn(T * D) * 0.1,
+              "image_proj.norm.weight": 1 + torch.randn(D) * 0.1, "image_proj.norm.bias": torch.randn(D) * 0.1}
     key_id = 1
     for name in unet.attn_processors.keys():
         if name.endswith("attn1.processor"):
@@ -49,7 +79,7 @@ def write_adapter(unet, enc, folder, save_file):
         sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, D) * 0.3
         sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, D) * 0.3
         key_id += 2
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "ip-adapter.safetensors"))
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, filename))
 
 
 def main():
@@ -110,6 +140,34 @@ def main():
         pipe.set_ip_adapter_scale(0.0)
         res["no_adapter.images"] = pipe(PROMPTS, ip_adapter_image=images[0], num_inference_steps=5,
                                         guidance_scale=7.5, latents=latents, output_type="pt").images
+    # IP-Adapter Plus (DIR/ip/ip-adapter-plus.safetensors, the same image encoder): its resampler reads the encoder's
+    # penultimate hidden states, the unconditional row those of an all-zero image
+    plus = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    plus.set_progress_bar_config(disable=True)
+    plus.scheduler = DDIMScheduler.from_config(plus.scheduler.config)
+    torch.manual_seed(a.seed + 6)
+    write_adapter(plus.unet, enc, ip_dir, save_file, plus=True, filename="ip-adapter-plus.safetensors")
+    plus.load_ip_adapter(ip_dir, subfolder="", weight_name="ip-adapter-plus.safetensors",
+                         image_encoder_folder="image_encoder")
+    for r in PLUS_RUNS:
+        plus.set_ip_adapter_scale(r["scale"])
+        captured = {}
+        real = plus.encode_image
+
+        def encode_image(*args, real=real, captured=captured, **kw):
+            out = real(*args, **kw)
+            captured.setdefault("hidden", []).append(out[0].clone())
+            captured.setdefault("uncond", []).append(out[1].clone())
+            return out
+        plus.encode_image = encode_image
+        with torch.no_grad():
+            img = torch.cat([plus(PROMPTS[k], ip_adapter_image=images[k], num_inference_steps=r["steps"],
+                                  guidance_scale=r["guidance"], latents=latents[k:k + 1], output_type="pt").images
+                             for k in range(len(PROMPTS))])
+        plus.encode_image = real
+        res[f"{r['name']}.images"] = img
+        res[f"{r['name']}.hidden_states"] = torch.cat(captured["hidden"])
+        res[f"{r['name']}.uncond_hidden_states"] = captured["uncond"][0][0]
     sdxl = None
     if a.sdxl:  # StableDiffusionXLPipeline with an adapter for its UNet (the same image encoder)
         from diffusers import StableDiffusionXLPipeline
@@ -131,7 +189,8 @@ def main():
                 "steps": 4, "guidance": 5.0}
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"sdxl": sdxl, "prompts": PROMPTS, "images": [f"image_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
-            "adapter": "ip/ip-adapter.safetensors", "tokens": 4,
+            "adapter": "ip/ip-adapter.safetensors", "tokens": 4, "plus_runs": PLUS_RUNS,
+            "plus_adapter": "ip/ip-adapter-plus.safetensors",
             "source": f"diffusers {diffusers.__version__} load_ip_adapter on {a.src}, torch {torch.__version__}, "
                       "float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -111,9 +111,9 @@ TEST(GoldenIpAdapter, MixedBatchAndRefusals) {
     const std::string e = test::error_of([&] { (void)read_ip_adapter(scratch + "/bad.safetensors", model.unet_config); });
     EXPECT_NE(e.find(want), std::string::npos) << e;
   };
-  auto plus = tensors;
-  plus["image_proj.latents"] = at::zeros({1, 16, 32});
-  refused(plus, "'image_proj.latents' marks an IP-Adapter Plus");
+  auto faceid = tensors;
+  faceid["image_proj.proj.0.weight"] = at::zeros({64, 24});
+  refused(faceid, "'image_proj.proj.0.weight' marks an IP-Adapter Full-face / FaceID file");
   auto missing = tensors;
   missing.erase("ip_adapter.11.to_v_ip.weight");
   refused(missing, "bad.safetensors: tensor 'ip_adapter.11.to_v_ip.weight' missing");
@@ -124,6 +124,53 @@ TEST(GoldenIpAdapter, MixedBatchAndRefusals) {
   wide["ip_adapter.1.to_k_ip.weight"] = at::zeros({32, 40});
   refused(wide, "ip_adapter.1.to_k_ip.weight is [32, 40]; the UNet's cross-attention "
                 "down_blocks.0.attentions.0.transformer_blocks.0.attn2 needs [32, 32]");
+}
+
+// IP-Adapter Plus (golden.json's plus_runs): the image encoder's penultimate hidden states (the unconditional row: an
+// all-zero image's) through the resampler's 4 blocks make 6 tokens; scale 0.6 with guidance and 1 without, every 8-bit
+// value within +-1. A resampler whose shapes do not fit is refused naming the tensor.
+TEST(GoldenIpAdapter, PlusMatchesDiffusers) {
+  DP_REQUIRE_IP(dir);
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("plus_runs")) GTEST_SKIP() << dir << " predates IP-Adapter Plus (remake it)";
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  ModelAddons a;
+  a.ip_adapter = dir + "/" + meta.at("plus_adapter").get<std::string>();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), kAllComponents, a);
+  ASSERT_TRUE(model.ip_adapter && model.ip_plus);
+  const IpAdapterFile f = read_ip_adapter(a.ip_adapter, model.unet_config);
+  EXPECT_TRUE(f.plus);
+  EXPECT_EQ(f.tokens, 6);
+  EXPECT_EQ(f.depth, 4);
+  EXPECT_EQ(f.heads, 1);
+  for (const auto& run : meta.at("plus_runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    const std::vector<GenerationParams> params = run_params(dir, meta, run);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const at::Tensor e = ip_image_embeds(model, params[k]);  // [2, 1 + 16 patches, 32]
+      ASSERT_EQ(e.sizes(), (std::vector<int64_t>{2, 17, 32}));
+      const double eh = rel_err(e[1], g.at(n + ".hidden_states")[static_cast<int64_t>(k)]);
+      const double eu = rel_err(e[0], g.at(n + ".uncond_hidden_states"));
+      std::printf("[golden-ip-adapter] %s image %zu: hidden states %.2e, the zero image's %.2e\n", n.c_str(), k, eh, eu);
+      EXPECT_LE(eh, test::module_tol(model.spec)) << n;
+      EXPECT_LE(eu, test::module_tol(model.spec)) << n;
+    }
+    std::vector<DenoiseState> ds = ip_states(model, params, g.at("latents"));
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-ip-adapter] " + n)) << n;
+  }
+  // the tokens act: the same requests at scale 0 are far from the reference's images
+  std::vector<GenerationParams> zero = run_params(dir, meta, meta.at("plus_runs")[0]);
+  for (auto& p : zero) p.ip_adapter_scale = 0.0;
+  std::vector<DenoiseState> zs = ip_states(model, zero, g.at("latents"));
+  const at::Tensor ref = g.at("plus.images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
+  EXPECT_GT((test::images_of(model, zs).to(at::kInt) - ref).abs().max().item<int>(), 20);
+  auto tensors = load_safetensors(a.ip_adapter);
+  const std::string scratch = test::scratch_dir("ip-adapter-plus");
+  tensors["image_proj.layers.2.0.to_kv.weight"] = at::zeros({64, 32});
+  save_safetensors(scratch + "/bad.safetensors", tensors);
+  const std::string e = test::error_of([&] { (void)read_ip_adapter(scratch + "/bad.safetensors", model.unet_config); });
+  EXPECT_NE(e.find("bad.safetensors: tensor 'image_proj.layers.2.0.to_kv.weight' is [64, 32], expected [128, 32]"),
+            std::string::npos) << e;
 }
 
 // SDXL (the reference made with --sdxl): an adapter for tiny-sdxl's UNet (its 12 cross-attentions, two transformer

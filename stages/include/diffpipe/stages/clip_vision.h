@@ -43,11 +43,19 @@ class ClipVisionModel {
   static std::shared_ptr<ClipVisionModel> load(const std::string& dir, const DeviceSpec& spec);
   // pixel_values [B, 3, image_size, image_size] -> image_embeds [B, projection_dim]
   at::Tensor image_embeds(const at::Tensor& pixel_values) const;
+  // pixel_values -> the penultimate encoder layer's output [B, 1 + patches, hidden_size] (transformers'
+  // hidden_states[-2]: IP-Adapter Plus's input)
+  at::Tensor penultimate_hidden_states(const at::Tensor& pixel_values) const;
+  // ... of an all-zero pixel_values image (IP-Adapter Plus's unconditional input), computed once [1 + patches, hidden]
+  at::Tensor zero_image_hidden_states() const;
   const ClipVisionConfig& config() const { return cfg_; }
 
  private:
+  at::Tensor hidden(const at::Tensor& pixel_values, size_t layers) const;  // after `layers` encoder layers
   struct Impl;
   std::shared_ptr<const Impl> impl_;
+  struct ZeroCache;
+  std::shared_ptr<ZeroCache> zero_;
   ClipVisionConfig cfg_;
 };
 

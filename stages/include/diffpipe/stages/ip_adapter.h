@@ -2,7 +2,9 @@
 // load_ip_adapter reads (ip-adapter_sd15, ip-adapter_sdxl): an image encoder (CLIPVisionModelWithProjection) embeds
 // the request's image; image_proj (a Linear to 4 tokens and their LayerNorm) turns the embedding into tokens of the
 // UNet's cross-attention width; every cross-attention gets to_k_ip / to_v_ip and adds scale x attention(query, the
-// tokens' keys, their values) to its text attention. Files of other kinds (Plus, FaceID) are refused by key.
+// tokens' keys, their values) to its text attention. IP-Adapter Plus (ip-adapter-plus_sd15, ip-adapter-plus_sdxl_vit-h,
+// ip-adapter-plus-face_*): the image encoder's penultimate hidden states through a perceiver resampler (learned queries
+// attending to them) make the tokens instead. Files of other kinds (Full-face, FaceID) are refused by key.
 // Thread-safety: read once at load; immutable after.
 #pragma once
 #include <ATen/ATen.h>
@@ -25,6 +27,10 @@ std::vector<std::string> cross_attention_layers(const UNetConfig& c);
 
 struct IpAdapterFile {
   int64_t tokens = 0, embed_dim = 0;       // image_proj: embed_dim -> tokens x the cross-attention width
+  // IP-Adapter Plus (image_proj.latents): a resampler of `depth` blocks with `heads` heads of 64 turns the image
+  // encoder's penultimate hidden states (embed_dim wide) into `tokens` tokens
+  bool plus = false;
+  int64_t depth = 0, heads = 0;
   // The tensors as the UNet reads them: "ip_image_proj.proj.weight/bias", "ip_image_proj.norm.weight/bias" and, per
   // cross-attention, "<prefix>.to_k_ip.weight" / "<prefix>.to_v_ip.weight" (mapped from the file as stored: the UNet
   // converts them as it loads, other ranks never read them).

@@ -105,6 +105,7 @@ struct SdModel {
   // IP-Adapter (addons.ip_adapter, checked on every rank; its layers join the UNet's with kUNet): the image encoder
   // and its preprocessing (the folder's feature_extractor/, else CLIP's at the encoder's image size), with kTextEncoder
   bool ip_adapter = false;
+  bool ip_plus = false;  // IP-Adapter Plus: the image encoder's penultimate hidden states, resampled in the UNet
   std::shared_ptr<ClipVisionModel> ip_image_encoder;
   ClipImageProcessorConfig ip_image_processor;
 

@@ -32,7 +32,8 @@ struct Embeddings {
   at::Tensor image_latents;  // image-to-image: the input image's VAE latents, sampled and scaled [C, h, w] float32
   at::Tensor mask;           // inpainting: the mask at the latents' size [1, h, w] (1 = repaint), float32
   at::Tensor masked_image_latents;  // inpainting UNets: the masked image's latents [C, h, w] float32
-  at::Tensor ip_embeds;             // IP-Adapter: the image prompt's embedding [E] float32 (ip_image_embeds)
+  at::Tensor ip_embeds;             // IP-Adapter: the image prompt's embedding [E] float32 (ip_image_embeds; Plus:
+                                    // [2, tokens, width], the zero image's hidden states, then the image's)
 };
 
 class TextEncodeStage {
@@ -81,6 +82,7 @@ struct DenoiseState {
   std::vector<float> adapter_scales;  // per-request LoRA: each of the run's adapters' scale (0: not chosen)
   at::Tensor ip_embeds;      // IP-Adapter: the image prompt's embedding [E] (undefined: none; the unconditional row
   double ip_scale = 0;       // gets zeros, as diffusers) and the request's ip_adapter_scale
+  at::Tensor ip_uncond;      // IP-Adapter Plus: the unconditional row's input (the zero image's hidden states)
   std::unique_ptr<Sampler> sampler;
   int step = 0;             // next UNet call index
   int begin = 0;            // the first call index (image-to-image starts part-way down the schedule: strength)
@@ -98,7 +100,8 @@ struct DenoiseState {
 };
 
 // IP-Adapter: the request's image prompt (p.ip_adapter_image) through the model's image encoder: [E] float32 on the
-// CPU (diffusers' encode_image: preprocessed by CLIPImageProcessor, image_embeds).
+// CPU (diffusers' encode_image: preprocessed by CLIPImageProcessor, image_embeds); IP-Adapter Plus: [2, 1 + patches,
+// hidden] (the penultimate hidden states of an all-zero image, the unconditional input, then of the image's).
 at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p);
 
 // Resolves the sampler and size of `p` against the model and validates them (errors name the field).
