@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -107,6 +108,7 @@ Pass run_pass(const SdModel& model, const PipelineDef& pipe, const GenerationPar
 int profile_main(int argc, char** argv) {
   cli::Args a("profile", "diffpipe profile --model DIR --out FILE [options]",
               {{"model", "DIR", "model folder"},
+               {"refiner", "DIR", "SDXL: a refiner folder (its refine stage is profiled too)"},
                {"out", "FILE", "where to write the cost profile (JSON)"},
                {"device", "cpu|cuda", "device (default cpu)"},
                {"dtype", "TYPE", "float32 | float16 | bfloat16 (default float32)"},
@@ -143,11 +145,13 @@ int profile_main(int argc, char** argv) {
   base.height = static_cast<int>(a.integer("height", 0));
   base.seed = 1;
 
-  const std::vector<PipelineStage> layout = pipeline_layout(dir);
+  ModelAddons addons;
+  addons.refiner = a.str("refiner");
+  const std::vector<PipelineStage> layout = pipeline_layout(dir, addons);
   std::vector<std::string> names;
   for (const auto& s : layout) names.push_back(s.name);
   const DeviceSpec spec = device_spec_of(rs);
-  const SdModel model = SdModel::load(dir, spec, components_for(names));
+  const SdModel model = SdModel::load(dir, spec, components_for(names), addons);
   const ResolvedParams rp = resolve_params(model, base);
   const PipelineDef pipe = model_pipeline(model, names);
 
@@ -184,7 +188,8 @@ int profile_main(int argc, char** argv) {
       c.multi_step = passes.back().multi_step[k];
       c.calls = static_cast<int>(passes.back().call_s[k].size());
       c.out_bytes = passes.back().out_bytes[k];
-      const MemoryNeed m = estimate_rank_memory(dir, {c.name}, rp.width, rp.height, b, base.guidance > 1, spec.dtype);
+      const MemoryNeed m = estimate_rank_memory(dir, {c.name}, rp.width, rp.height, b, base.guidance > 1, spec.dtype,
+                                                addons);
       c.weight_bytes = m.weights;
       c.activation_bytes.points.push_back({b, m.activations});
       prof.runtime_bytes = m.runtime;
@@ -312,7 +317,10 @@ int plan_main(int argc, char** argv) {
         "diffpipe plan: ", best.shape, "\nfor ", N, " ranks (", cl.nodes, " node(s) x ", cl.ranks_per_node, "), profile ",
         a.str("profile"), " (", prof.device, " ", prof.dtype, ", ", prof.width, "x", prof.height, ", ", steps, " steps)\n",
         "simulated: ", best.images_per_s, " images/s, p99 ",
-        best.sim.latency_p99, " s\nrun: mpirun -np ", N, " diffpipe generate --model MODEL --pipeline THIS_FILE ...");
+        best.sim.latency_p99, " s\nrun: mpirun -np ", N, " diffpipe generate --model MODEL",
+        std::any_of(prof.stages.begin(), prof.stages.end(), [](const StageCost& s) { return s.name == "refine"; })
+            ? " --refiner REFINER" : "",
+        " --pipeline THIS_FILE ...");
     const std::string text = placement_toml(best.placement, prof, comment);
     write_file_atomic(a.str("out"), text.data(), text.size());
     std::printf("wrote %s\n", a.str("out").c_str());

@@ -8,7 +8,8 @@
 # changes the image; previews (the base's) pass the refine rank to decode; --denoising-end/--refiner-steps/
 # --refiner-strength change the image, their JSONL keys give the flags' image and the PNG records them; run.json names
 # the refiner; serve answers with the CLI's pixels and a 400 naming a bad field; bad settings and folders are refused by
-# name, writing nothing. Exit 77 = skipped (folders absent).
+# name, writing nothing; `profile --refiner` measures the refine stage and a plan made from it runs with the same
+# bytes. Exit 77 = skipped (folders absent).
 set -u
 BIN=$1; WORK=$2
 MODEL=${DIFFPIPE_GOLDEN_SDXL:-$(dirname "$0")/../../../shared/golden/tiny-sdxl}/model
@@ -27,6 +28,28 @@ printf '[encode]\nranks = [0]\n[denoise]\nranks = [1]\n[refine]\nranks = [2]\nma
   > "$WORK/refine.toml"
 same_as_one_rank file3 3 "a pipeline file placing [refine] on rank 2" --pipeline "$WORK/refine.toml"
 grep -q "Refiner: $REF" "$WORK/np1/run.json" && ok "run.json names the refiner" || bad "run.json lacks the refiner"
+
+# profile and plan a base + refiner deployment; the planned pipeline file gives the 1-rank bytes
+if timeout 120 "$BIN" profile --model "$MODEL" --refiner "$REF" --batches 1,2 --steps 8 --threads 1 \
+     --out "$WORK/profile.json" 2> "$WORK/profile.log"; then
+  python3 - "$WORK/profile.json" <<'PY' && ok "profile --refiner: the refine stage measured (multi-step, after denoise)" \
+    || bad "profile content: $(head -c 300 "$WORK/profile.json")"
+import json, sys
+p = json.load(open(sys.argv[1]))
+names = [s["name"] for s in p["stages"]]
+assert names == ["encode", "denoise", "refine", "decode"], names
+r = p["stages"][2]
+assert r["multi_step"] and r["calls"] == 2 and r["weight_bytes"] > 0, r  # 8 steps, the refiner's last 20 %
+PY
+  timeout 120 "$BIN" plan --profile "$WORK/profile.json" --nodes 1 --ranks-per-node 3 --out "$WORK/plan3.toml" \
+    > "$WORK/plan3.log" 2>&1 || bad "plan: $(tail -2 "$WORK/plan3.log")"
+  grep -q "refine" "$WORK/plan3.toml" 2>/dev/null && grep -q -- "--refiner REFINER" "$WORK/plan3.toml" \
+    && ok "plan for 3 ranks: a pipeline file that places refine and says to pass --refiner" \
+    || bad "plan file: $(cat "$WORK/plan3.toml" 2>/dev/null | head -20)"
+  same_as_one_rank planned3 3 "the planned pipeline file on 3 ranks" --pipeline "$WORK/plan3.toml"
+else
+  bad "profile --refiner failed: $(tail -2 "$WORK/profile.log")"
+fi
 
 ONE=(generate --model "$MODEL" --refiner "$REF" --prompt "a red circle" --seed 9 --steps 8 --threads 1 --batch-invariant
      --quiet --timeout 60)

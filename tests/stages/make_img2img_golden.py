@@ -261,19 +261,20 @@ def main():
         # folder with denoising_end and output_type "latent", then the refiner's StableDiffusionXLImg2ImgPipeline on
         # those latents with denoising_start (the ensemble of expert denoisers: no noise added), or, at denoising_end
         # 1, the base's finished latents refined image-to-image at a strength. R.base_latents: what the base handed over.
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
         from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl
         xl_base = StableDiffusionXLPipeline(**xl.components)
         xl_base.set_progress_bar_config(disable=True)
         euler = xl.scheduler
         hand_runs = [dict(name="handoff_euler", sampler=None, steps=8, refiner_steps=None, denoising_end=0.75,
                           refiner_strength=None, guidance=5.0, negative_prompt=None, aesthetic_score=None),
-                     dict(name="handoff_ddim", sampler="ddim", steps=6, refiner_steps=10, denoising_end=0.5,
+                     dict(name="handoff_dpmpp", sampler="dpmpp_2m", steps=6, refiner_steps=10, denoising_end=0.5,
                           refiner_strength=None, guidance=6.0, negative_prompt="blurry", aesthetic_score=7.0),
                      dict(name="refine_after", sampler=None, steps=5, refiner_steps=None, denoising_end=1.0,
                           refiner_strength=0.4, guidance=5.0, negative_prompt=None, aesthetic_score=None)]
         for r in hand_runs:
-            sched = euler if r["sampler"] is None else DDIMScheduler.from_config(euler.config)
+            # (DPM-Solver++ rather than DDIM: DDIM on this random SDXL UNet is unstable in bfloat16, diffusers' too)
+            sched = euler if r["sampler"] is None else DPMSolverMultistepScheduler.from_config(euler.config)
             xl_base.scheduler = sched
             refiner.scheduler = sched
             neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)

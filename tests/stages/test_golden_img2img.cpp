@@ -282,8 +282,8 @@ TEST(GoldenImg2Img, SdxlRefiner) {
 // The SDXL base hands its latents to the refiner (runs made with --sdxl; a run with ModelAddons::refiner): the base
 // stops at denoising_end (StableDiffusionXLPipeline's denoising_end, output_type "latent") and the refiner continues
 // from its first timestep below the cutoff without new noise (StableDiffusionXLImg2ImgPipeline's denoising_start):
-// the folder's Euler at 0.75 (6 + 2 calls), DDIM at 0.5 with 10 refiner steps, a negative prompt and an aesthetic
-// score; and at denoising_end 1 the finished latents refined image-to-image at strength 0.4. The handed-over latents
+// the folder's Euler at 0.75 (6 + 2 calls), DPM-Solver++ at 0.5 with 10 refiner steps (its history starts empty at
+// the handover), a negative prompt and an aesthetic score; and at denoising_end 1 the finished latents refined image-to-image at strength 0.4. The handed-over latents
 // and the images against the reference; the base's VAE decodes.
 TEST(GoldenImg2Img, SdxlHandoffToTheRefiner) {
   DP_REQUIRE_IMG2IMG(dir);
