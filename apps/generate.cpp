@@ -79,8 +79,8 @@ const std::vector<cli::Opt> kOptions = {
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
-    {"sampler", "NAME", "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | pndm | ddpm | lcm | unipc |\n"
-                          "unipc_karras (default: the model's)"},
+    {"sampler", "NAME", "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde |\n"
+                          "dpmpp_2m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras (default: the model's)"},
     {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"
                   "unless its JSONL line sets a seed (default 0)"},
     {"width", "W", "image width, a multiple of the model's latent factor x UNet downsampling"},

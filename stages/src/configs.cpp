@@ -125,8 +125,8 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
     j.fail("timestep_spacing", "unsupported '" + c.timestep_spacing + "' (supported: leading, linspace, trailing)");
   if (!ddpm && j.boolean("thresholding", false))
     j.fail("thresholding", "dynamic thresholding is supported with DDPMScheduler only");
-  if (c.algorithm_type != "dpmsolver++")
-    j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++)");
+  if (c.algorithm_type != "dpmsolver++" && c.algorithm_type != "sde-dpmsolver++")
+    j.fail("algorithm_type", "unsupported '" + c.algorithm_type + "' (supported: dpmsolver++, sde-dpmsolver++)");
   if (c.solver_type != "midpoint" && c.solver_type != "heun" && c.solver_type != "logrho" && c.solver_type != "bh1" &&
       c.solver_type != "bh2")
     j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun, logrho, bh1, bh2)");

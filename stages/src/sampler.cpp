@@ -8,11 +8,12 @@
 
 namespace diffpipe {
 
-SamplerKind sampler_kind_of_class(const std::string& n) {
+SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algorithm_type) {
   if (n == "DDIMScheduler") return SamplerKind::DDIM;
   if (n == "EulerDiscreteScheduler") return SamplerKind::Euler;
   if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
-  if (n == "DPMSolverMultistepScheduler") return SamplerKind::DPMSolverMultistep;
+  if (n == "DPMSolverMultistepScheduler")
+    return algorithm_type == "sde-dpmsolver++" ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
   if (n == "DDPMScheduler") return SamplerKind::DDPM;
   if (n == "LCMScheduler") return SamplerKind::LCM;
@@ -32,6 +33,10 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::DPMSolverMultistep;
   }
+  if (n == "dpmpp_2m_sde" || n == "dpmpp_2m_sde_karras") {
+    *karras = n == "dpmpp_2m_sde_karras";
+    return SamplerKind::DPMSolverSDE;
+  }
   if (n == "pndm" || n == "plms") return SamplerKind::PNDM;
   if (n == "ddpm") return SamplerKind::DDPM;
   if (n == "lcm") return SamplerKind::LCM;
@@ -40,8 +45,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::UniPC;
   }
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, ddpm, lcm, unipc, "
-          "unipc_karras)");
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, "
+          "dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -54,6 +59,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::DDPM: return "ddpm";
     case SamplerKind::LCM: return "lcm";
     case SamplerKind::UniPC: return "unipc";
+    case SamplerKind::DPMSolverSDE: return "dpmpp_2m_sde";
   }
   return "?";
 }
@@ -97,6 +103,16 @@ std::string spacing_of(const SchedulerConfig& c, const char* class_default) {
   return c.timestep_spacing.empty() ? class_default : c.timestep_spacing;
 }
 
+// "trailing" spacing: np.arange(N, 0, -N / steps).round() - 1, as numpy computes it: ceil(N / ratio) entries, entry k
+// N - k x ratio (not a running difference, which can leave a last entry just above 0 and a timestep of -1).
+std::vector<double> trailing_timesteps(int64_t N, int steps) {
+  const double ratio = double(N) / steps;
+  const int64_t n = static_cast<int64_t>(std::ceil(double(N) / ratio));
+  std::vector<double> t;
+  for (int64_t k = 0; k < n; ++k) t.push_back(std::nearbyint(double(N) - double(k) * ratio) - 1);
+  return t;
+}
+
 // Integer timesteps as DDIM/PNDM compute them (descending for DDIM; PNDM reorders itself).
 std::vector<int64_t> int_timesteps(const SchedulerConfig& c, int steps, const std::string& spacing) {
   const int64_t N = c.num_train_timesteps;
@@ -108,8 +124,7 @@ std::vector<int64_t> int_timesteps(const SchedulerConfig& c, int steps, const st
     const int64_t ratio = N / steps;
     for (int i = steps - 1; i >= 0; --i) t.push_back(int64_t(i) * ratio + c.steps_offset);
   } else {  // trailing
-    const double ratio = double(N) / steps;
-    for (double v = double(N); v > 0; v -= ratio) t.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
+    for (double v : trailing_timesteps(N, steps)) t.push_back(static_cast<int64_t>(v));
   }
   return t;
 }
@@ -278,8 +293,7 @@ class EulerSampler : public Sampler {
       const int64_t r = N / steps;
       for (int i = steps - 1; i >= 0; --i) ts.push_back(float(double(int64_t(i) * r) + c.steps_offset));
     } else {
-      const double r = double(N) / steps;
-      for (double v = double(N); v > 0; v -= r) ts.push_back(float(std::nearbyint(v) - 1));
+      for (double v : trailing_timesteps(N, steps)) ts.push_back(float(v));
     }
     std::vector<double> sig;
     for (double t : ts) sig.push_back(interp(t, full));
@@ -342,8 +356,7 @@ void multistep_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas,
     const int64_t r = last / (steps + 1);
     for (int i = steps; i >= 1; --i) ts.push_back(int64_t(i) * r + c.steps_offset);
   } else {
-    const double r = double(c.num_train_timesteps) / steps;
-    for (double v = double(last); v > 0; v -= r) ts.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
+    for (double v : trailing_timesteps(last, steps)) ts.push_back(static_cast<int64_t>(v));
   }
   std::vector<double> sig;
   if (karras_sigmas || c.use_karras_sigmas) {
@@ -359,22 +372,29 @@ void multistep_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas,
   for (auto t : ts) timesteps->push_back(double(t));
 }
 
+// DPM-Solver++ (DPMSolverMultistepScheduler, algorithm_type dpmsolver++), or with `sde` its stochastic form
+// (sde-dpmsolver++: DPM++ 2M SDE): each step also adds sigma_t x sqrt(1 - e^-2h) of the request's noise.
 class DPMSolverSampler : public Sampler {
  public:
-  DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas) : c_(c) {
+  DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas, bool sde) : c_(c), sde_(sde) {
     DP_CHECK(c.solver_order <= 2, "DPM-Solver++: solver_order ", c.solver_order, " is not supported (1 or 2)");
     multistep_schedule(c, steps, karras_sigmas, &timesteps_, &sigmas_);
     outputs_.resize(c.solver_order);
   }
-  SamplerKind kind() const override { return SamplerKind::DPMSolverMultistep; }
+  SamplerKind kind() const override { return sde_ ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep; }
   at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
     const float sigma = static_cast<float>(sigmas_.at(i)), a = 1.0f / std::sqrt(sigma * sigma + 1.0f);
     return a * x + (sigma * a) * noise;
   }
-  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise& noise) override {
     const int n = num_calls();
     const bool lower_final = i == n - 1 && (c_.euler_at_final || (c_.lower_order_final && n < 15) ||
                                             c_.final_sigmas_type == "zero");
+    at::Tensor z;  // the SDE's noise, drawn at every step (diffusers draws before choosing the order)
+    if (sde_) {
+      DP_CHECK(noise, "DPM++ 2M SDE: step ", i, " needs noise");
+      z = noise(i, x);
+    }
     // convert_model_output (dpmsolver++): the data prediction x0
     const double sigma = sigmas_.at(i);
     double alpha_t, sigma_t;
@@ -391,7 +411,11 @@ class DPMSolverSampler : public Sampler {
       alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
       alpha_sigma(sigmas_.at(i), &as_, &ss_);
       const double h = (std::log(at_) - std::log(st_)) - (std::log(as_) - std::log(ss_));
-      out = (st_ / ss_) * x - (at_ * (std::exp(-h) - 1.0)) * x0;
+      if (sde_)
+        out = (st_ / ss_ * std::exp(-h)) * x + (at_ * (1.0 - std::exp(-2.0 * h))) * x0 +
+              (st_ * std::sqrt(1.0 - std::exp(-2.0 * h))) * z;
+      else
+        out = (st_ / ss_) * x - (at_ * (std::exp(-h) - 1.0)) * x0;
     } else {
       double at_, st_, a0, s0, a1, s1;
       alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
@@ -403,10 +427,16 @@ class DPMSolverSampler : public Sampler {
       const at::Tensor& m0 = outputs_[outputs_.size() - 1];
       const at::Tensor& m1 = outputs_[outputs_.size() - 2];
       at::Tensor D1 = (1.0 / r0) * (m0 - m1);
-      if (c_.solver_type != "heun")  // midpoint (diffusers maps UniPC's bh1, bh2 and logrho to it)
+      const bool heun = c_.solver_type == "heun";  // else midpoint (diffusers maps UniPC's bh1, bh2 and logrho to it)
+      if (sde_) {
+        const double e2 = 1.0 - std::exp(-2.0 * h);
+        out = (st_ / s0 * std::exp(-h)) * x + (at_ * e2) * m0 +
+              (heun ? at_ * (e2 / (-2.0 * h) + 1.0) : 0.5 * at_ * e2) * D1 + (st_ * std::sqrt(e2)) * z;
+      } else if (!heun) {
         out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 - 0.5 * (at_ * (std::exp(-h) - 1.0)) * D1;
-      else
+      } else {
         out = (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 + (at_ * ((std::exp(-h) - 1.0) / h + 1.0)) * D1;
+      }
     }
     if (lower_order_nums_ < c_.solver_order) ++lower_order_nums_;
     return out;
@@ -418,6 +448,7 @@ class DPMSolverSampler : public Sampler {
     *s = sigma * *a;
   }
   SchedulerConfig c_;
+  bool sde_ = false;
   std::vector<at::Tensor> outputs_;
   int lower_order_nums_ = 0;
 };
@@ -629,7 +660,8 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
       break;
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
-    case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas); break;
+    case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, false); break;
+    case SamplerKind::DPMSolverSDE: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, true); break;
     case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;
     case SamplerKind::UniPC: s = std::make_unique<UniPCSampler>(cfg, steps, karras_sigmas); break;
   }

@@ -285,7 +285,8 @@ at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p) {
 
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, const at::Tensor& image_latents) {
   ResolvedParams r;
-  r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name) : parse_sampler_name(p.sampler, &r.karras);
+  r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name, model.scheduler.algorithm_type)
+                             : parse_sampler_name(p.sampler, &r.karras);
   DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
            model.scheduler.num_train_timesteps, "], got ", p.steps);
   DP_CHECK(!model.scheduler.thresholding || r.kind == SamplerKind::DDPM, "sampler: ", sampler_kind_name(r.kind),
@@ -720,7 +721,8 @@ DenoiseState make_x4_state(const SdModel& m, const UpscaleSettings& st, const at
            image.size(2), "x", image.size(1), ") must be multiples of ", down, " (the upscaler UNet's downsampling)");
   DenoiseState s = cascade_state(id, seed, st.guidance, emb, "x4 upscaler");
   attach_noised_image(m, s, image.to(at::kCPU, at::kFloat), st.noise_level, kX4ImageNoiseStream, image_noise);
-  s.sampler = Sampler::create(sampler_kind_of_class(m.scheduler.class_name), m.scheduler, st.steps);
+  s.sampler = Sampler::create(sampler_kind_of_class(m.scheduler.class_name, m.scheduler.algorithm_type), m.scheduler,
+                              st.steps);
   init_latents(m, s, {m.unet_config.in_channels - 3, image.size(1), image.size(2)}, kX4InitialStream, initial_noise,
                "x4 upscaler");
   return s;

@@ -7,7 +7,8 @@
 # and differs from DDIM; image-to-image on the distilled folder gives the same PNG bytes on 1 and 3 ranks, and a
 # strength too small for the steps is refused by name; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
 # gives the CLI's pixels; `--sampler unipc` (text-to-image and image-to-image) gives the same PNG bytes on 1 and 3
-# ranks, equals the JSONL key and differs from DPM-Solver++. Exit 77 = skipped (folder absent).
+# ranks, equals the JSONL key and differs from DPM-Solver++; `--sampler dpmpp_2m_sde_karras` gives the same bytes on 1
+# rank and 3 replicas. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_LCM:-$(dirname "$0")/../../../shared/golden/tiny-lcm}
@@ -83,6 +84,15 @@ timeout 180 $MPIRUN -np 3 "$BIN" "${UI[@]}" --out "$WORK/ui3" 2> "$WORK/ui3.log"
   || bad "3-rank unipc img2img failed: $(tail -2 "$WORK/ui3.log")"
 same_pngs "$WORK/ui1" "$WORK/ui3" && ok "unipc image-to-image: 1 and 3 ranks give the same PNG bytes" \
   || bad "unipc image-to-image differs across ranks"
+# DPM++ 2M SDE (Karras): stochastic, each request's noise its own seed's, so placement does not change the bytes
+SDE=("${UC[@]/unipc/dpmpp_2m_sde_karras}")
+timeout 60 "$BIN" "${SDE[@]}" --out "$WORK/sde1" 2> "$WORK/sde1.log" || bad "dpmpp_2m_sde_karras failed: $(tail -2 "$WORK/sde1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${SDE[@]}" --placement replicas --out "$WORK/sde3" 2> "$WORK/sde3.log" \
+  || bad "3-rank dpmpp_2m_sde_karras failed: $(tail -2 "$WORK/sde3.log")"
+same_pngs "$WORK/sde1" "$WORK/sde3" && [ -f "$WORK/sde1/img-00000-seed4.png" ] \
+  && ! same_pixels "$WORK/sde1/img-00000-seed4.png" "$WORK/ucd/img-00000-seed4.png" \
+  && ok "dpmpp_2m_sde_karras: 1 rank and 3 replicas give the same PNG bytes, unlike dpmpp_2m's" \
+  || bad "dpmpp_2m_sde_karras across placements"
 
 serve_up "$WORK/serve.log" --model "$SD" --steps 4 --guidance 1.5 --threads 1
 if [ -n "$URL" ]; then

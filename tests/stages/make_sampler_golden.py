@@ -2,7 +2,9 @@
 """Makes multistep-sampler references with diffusers for the GoldenSamplers tests: UniPCMultistepScheduler step by
 step on recorded trajectories (bh2 and bh1, orders 1 to 3, epsilon and v prediction, spacings, Karras sigmas,
 final_sigmas_type sigma_min, disable_corrector, a run begun part-way as image-to-image begins) and
-DPMSolverMultistepScheduler with final_sigmas_type sigma_min; and StableDiffusionPipeline with UniPC on tiny-sd:
+DPMSolverMultistepScheduler with final_sigmas_type sigma_min and as DPM++ 2M SDE (sde-dpmsolver++: midpoint and heun,
+Karras sigmas, v prediction, a run begun part-way; each step's noise recorded as C.k.noise); and StableDiffusionPipeline
+with UniPC and with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) on tiny-sd:
 
     python3 tests/stages/make_sampler_golden.py --out DIR [--src ../shared/golden/tiny-sd]
     DIFFPIPE_GOLDEN_SAMPLERS=DIR ./build/tests/test_stages --gtest_filter='GoldenSamplers.*'
@@ -35,6 +37,13 @@ CASES = [
     dict(name="unipc_begin3", cls="UniPCMultistepScheduler", steps=8, begin=3, config=dict(SD)),
     dict(name="dpm_sigma_min", cls="DPMSolverMultistepScheduler", steps=6,
          config=dict(SD, final_sigmas_type="sigma_min", lower_order_final=False)),
+    # DPM++ 2M SDE (algorithm_type sde-dpmsolver++): every step's noise recorded as C.k.noise
+    dict(name="dpm_sde", cls="DPMSolverMultistepScheduler", steps=8, config=dict(SD, algorithm_type="sde-dpmsolver++")),
+    dict(name="dpm_sde_karras_heun_v", cls="DPMSolverMultistepScheduler", steps=7,
+         config=dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, solver_type="heun",
+                     prediction_type="v_prediction", lower_order_final=False)),
+    dict(name="dpm_sde_begin2", cls="DPMSolverMultistepScheduler", steps=6, begin=2,
+         config=dict(SD, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")),
 ]
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -59,9 +68,13 @@ def main():
         out[f"{n}.timesteps"] = sched.timesteps.clone()
         out[f"{n}.sigmas"] = sched.sigmas.clone().float()
         x = torch.randn(2, 3, 8, 8, generator=g) * 2.0
+        sde = case["config"].get("algorithm_type") == "sde-dpmsolver++"
         for k, t in enumerate(sched.timesteps[begin:]):
             mo = torch.randn(2, 3, 8, 8, generator=g) * 0.8 + 0.3 * x
-            prev = sched.step(mo, t, x, return_dict=False)[0]
+            kw = {}
+            if sde:
+                kw["variance_noise"] = out[f"{n}.{k}.noise"] = torch.randn(2, 3, 8, 8, generator=g)
+            prev = sched.step(mo, t, x, return_dict=False, **kw)[0]
             out[f"{n}.{k}.model_output"] = mo
             out[f"{n}.{k}.sample"] = x
             out[f"{n}.{k}.prev_sample"] = prev
@@ -75,11 +88,25 @@ def main():
         img = pipe(PROMPTS, num_inference_steps=8, guidance_scale=7.5, latents=latents, output_type="pt").images
     out["pipeline.latents"] = latents
     out["pipeline.images"] = img
+    # DPM++ 2M SDE Karras through the pipeline: its per-step noise drawn from the pipeline's generator (recorded)
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers import scheduling_dpmsolver_multistep
+    from golden_draws import recorded_draws
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
+                                                             use_karras_sigmas=True)
+    with torch.no_grad(), recorded_draws(scheduling_dpmsolver_multistep) as draws:
+        img = pipe(PROMPTS, num_inference_steps=6, guidance_scale=7.5, latents=latents, output_type="pt",
+                   generator=torch.Generator().manual_seed(9)).images
+    assert len(draws) == 6, len(draws)
+    for k, d in enumerate(draws):
+        out[f"pipeline_sde.draws.{k}"] = d
+    out["pipeline_sde.images"] = img
     save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
-            "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc",
-                         "scheduler": dict(pipe.scheduler.config)},
+            "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline_sde": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "dpmpp_2m_sde_karras",
+                             "scheduler": dict(pipe.scheduler.config)},
             "source": f"diffusers {diffusers.__version__}, torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)

@@ -35,6 +35,13 @@ TEST(Sampler, TimestepSpacings) {
   // DPM-Solver: linspace over steps + 1 points, the last dropped
   EXPECT_EQ(Sampler::create(SamplerKind::DPMSolverMultistep, sd_config("linspace"), 4)->timesteps(),
             ints({999, 749, 500, 250}));
+  // trailing where 1000 / steps is not exact: np.arange's entry count, not a running difference (6 steps once gave a
+  // 7th timestep, -1); the same for every sampler that spaces so
+  const std::vector<double> six = ints({999, 832, 666, 499, 332, 166});
+  for (SamplerKind k : {SamplerKind::DDIM, SamplerKind::Euler, SamplerKind::DPMSolverMultistep, SamplerKind::UniPC,
+                        SamplerKind::DPMSolverSDE})
+    EXPECT_EQ(Sampler::create(k, sd_config("trailing"), 6)->timesteps(), six) << sampler_kind_name(k);
+  EXPECT_EQ(Sampler::create(SamplerKind::DDIM, sd_config("trailing"), 7)->timesteps().size(), 7u);
 }
 
 TEST(Sampler, EulerSigmasAndInitNoise) {
@@ -256,7 +263,8 @@ TEST(GoldenSamplers, UniPcAndDpmSolverSteps) {
   for (const auto& c : meta.at("cases")) {
     const std::string n = c.at("name").get<std::string>();
     const SchedulerConfig cfg = SchedulerConfig::load(dir + "/" + n + "/scheduler_config.json");
-    auto s = Sampler::create(sampler_kind_of_class(cfg.class_name), cfg, c.at("steps").get<int>());
+    auto s = Sampler::create(sampler_kind_of_class(cfg.class_name, cfg.algorithm_type), cfg, c.at("steps").get<int>());
+    EXPECT_EQ(s->kind() == SamplerKind::DPMSolverSDE, cfg.algorithm_type == "sde-dpmsolver++") << n;
     const at::Tensor ts = g.at(n + ".timesteps").to(at::kDouble), sig = g.at(n + ".sigmas").to(at::kDouble);
     ASSERT_EQ(s->timesteps(), std::vector<double>(ts.data_ptr<double>(), ts.data_ptr<double>() + ts.numel())) << n;
     ASSERT_EQ(s->sigmas().size(), static_cast<size_t>(sig.numel())) << n;
@@ -265,7 +273,9 @@ TEST(GoldenSamplers, UniPcAndDpmSolverSteps) {
     double worst = 0;
     for (int i = begin; i < s->num_calls(); ++i) {
       const std::string p = n + "." + std::to_string(i - begin) + ".";
-      const at::Tensor prev = s->step(g.at(p + "model_output"), i, g.at(p + "sample"), nullptr);
+      StepNoise noise;  // DPM++ 2M SDE: the recorded noise of this step
+      if (g.count(p + "noise")) noise = [&g, p](int, const at::Tensor&) { return g.at(p + "noise"); };
+      const at::Tensor prev = s->step(g.at(p + "model_output"), i, g.at(p + "sample"), noise);
       worst = std::max(worst, test::rel_err(prev, g.at(p + "prev_sample")));
     }
     std::printf("[golden-samplers] %s: %d steps from %d, worst rel err %.2e\n", n.c_str(), s->num_calls(), begin, worst);
@@ -278,6 +288,44 @@ TEST(GoldenSamplers, UniPcAndDpmSolverSteps) {
   write_json(sd + "/x0.json", {{"_class_name", "UniPCMultistepScheduler"}, {"predict_x0", false}});
   EXPECT_NE(test::error_of([&] { SchedulerConfig::load(sd + "/x0.json"); }).find("x0.json: key 'predict_x0'"),
             std::string::npos);
+}
+
+// DPM++ 2M SDE Karras through StableDiffusionPipeline (DPMSolverMultistepScheduler, sde-dpmsolver++), each step's
+// noise the reference's draw for that request's row; without those draws (the request's own noise) the image differs.
+TEST(GoldenSamplers, DpmSdePipelineMatchesDiffusers) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("pipeline_sde")) GTEST_SKIP() << dir << " predates DPM++ 2M SDE (remake it)";
+  const auto run = meta.at("pipeline_sde");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  std::vector<GenerationParams> params;
+  for (const auto& pr : run.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.sampler = run.at("sampler").get<std::string>();
+    params.push_back(p);
+  }
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
+  std::vector<DenoiseState> own = test::latent_states(model, params, g.at("pipeline.latents"));
+  for (size_t i = 0; i < ds.size(); ++i) {
+    EXPECT_EQ(ds[i].sampler->kind(), SamplerKind::DPMSolverSDE);
+    const auto row = static_cast<int64_t>(i);
+    ds[i].step_noise = [&g, row](int step, const at::Tensor& like) {
+      return g.at("pipeline_sde.draws." + std::to_string(step))[row].unsqueeze(0).to(like.device(), like.scalar_type());
+    };
+  }
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_sde.images"), "[golden-samplers] dpmpp_2m_sde_karras"));
+  const at::Tensor ref = g.at("pipeline_sde.images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
+  EXPECT_GT((test::images_of(model, own).to(at::kInt) - ref).abs().max().item<int>(), 1);  // the noise matters
+  bool karras = false;
+  EXPECT_EQ(parse_sampler_name("dpmpp_2m_sde", &karras), SamplerKind::DPMSolverSDE);
+  EXPECT_FALSE(karras);
+  EXPECT_EQ(parse_sampler_name("dpmpp_2m_sde_karras", &karras), SamplerKind::DPMSolverSDE);
+  EXPECT_TRUE(karras);
+  EXPECT_EQ(sampler_kind_of_class("DPMSolverMultistepScheduler", "sde-dpmsolver++"), SamplerKind::DPMSolverSDE);
 }
 
 TEST(GoldenSamplers, UniPcPipelineMatchesDiffusers) {

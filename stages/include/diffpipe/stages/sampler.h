@@ -14,7 +14,7 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC };
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -35,7 +35,7 @@ struct SchedulerConfig {
   bool use_karras_sigmas = false;
   bool skip_prk_steps = true;
   int64_t solver_order = 2;
-  std::string algorithm_type = "dpmsolver++";
+  std::string algorithm_type = "dpmsolver++";  // DPM-Solver++: dpmsolver++ | sde-dpmsolver++ (DPM++ 2M SDE)
   std::string solver_type = "midpoint";  // DPM-Solver++: midpoint | heun; UniPC: bh1 | bh2 (each maps the other's to
                                          // midpoint / bh2, as diffusers)
   std::vector<int64_t> disable_corrector;  // UniPC: steps whose corrector is skipped
@@ -58,12 +58,13 @@ struct SchedulerConfig {
   static SchedulerConfig load_ddpm(const std::string& path);
 };
 
-// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, pndm (plms), ddpm, lcm,
-// unipc, unipc_karras.
-// Sets *karras for dpmpp_2m_karras and unipc_karras. Throws listing the valid names.
+// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde,
+// dpmpp_2m_sde_karras, pndm (plms), ddpm, lcm, unipc, unipc_karras.
+// Sets *karras for the _karras names. Throws listing the valid names.
 SamplerKind parse_sampler_name(const std::string& name, bool* karras);
-// The kind a config's _class_name denotes.
-SamplerKind sampler_kind_of_class(const std::string& class_name);
+// The kind a config's _class_name denotes (DPMSolverMultistepScheduler with algorithm_type sde-dpmsolver++:
+// DPMSolverSDE, given `algorithm_type`).
+SamplerKind sampler_kind_of_class(const std::string& class_name, const std::string& algorithm_type = "");
 const char* sampler_kind_name(SamplerKind k);
 
 // Noise for the sampler step `step` of this request (stochastic samplers only): a tensor shaped like the sample.
