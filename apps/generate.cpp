@@ -74,11 +74,13 @@ const std::vector<cli::Opt> kOptions = {
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
                         "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale,\n"
-                        "denoising_end, refiner_steps, refiner_strength\n"
+                        "denoising_end, refiner_steps, refiner_strength, guidance_rescale\n"
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
+    {"guidance-rescale", "R", "diffusers' guidance_rescale: the guided prediction rescaled toward the conditional\n"
+                              "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
     {"sampler", "NAME", "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde |\n"
                           "dpmpp_2m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras (default: the model's)"},
     {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"
@@ -307,6 +309,9 @@ int generate_main(int argc, char** argv) {
     base.width = static_cast<int>(a.integer("width", 0));
     base.height = static_cast<int>(a.integer("height", 0));
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
+    base.guidance_rescale = a.number("guidance-rescale", 0);
+    DP_CHECK(std::isfinite(base.guidance_rescale) && base.guidance_rescale >= 0 && base.guidance_rescale <= 1,
+             "generate: --guidance-rescale must be in [0, 1], got ", base.guidance_rescale);
     base.previews = static_cast<int>(a.integer("previews", 0));
     base.prior_steps = static_cast<int>(a.integer("prior-steps", 25));
     base.prior_guidance = a.number("prior-guidance", 4.0);

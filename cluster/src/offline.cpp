@@ -141,7 +141,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "control_scale", "control_start", "control_end", "lora",
                                           "guess_mode", "aesthetic_score", "negative_aesthetic_score",
                                           "ip_adapter_image", "ip_adapter_scale", "denoising_end", "refiner_steps",
-                                          "refiner_strength"};
+                                          "refiner_strength", "guidance_rescale"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -166,7 +166,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
                "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
                "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale, "
-               "denoising_end, refiner_steps, refiner_strength)");
+               "denoising_end, refiner_steps, refiner_strength, guidance_rescale)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -218,6 +218,9 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
         DP_CHECK(std::isfinite(*v) && *v > 0 && *v <= 1, l.origin, ": key '", key, "' must be a number in (0, 1]");
       }
     p.refiner_steps = get_field<int>(o, "refiner_steps", l.origin, p.refiner_steps);
+    p.guidance_rescale = get_field<double>(o, "guidance_rescale", l.origin, p.guidance_rescale);
+    DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1, l.origin,
+             ": key 'guidance_rescale' must be a number in [0, 1]");
     DP_CHECK(p.refiner_steps >= 0, l.origin, ": key 'refiner_steps' must be at least 0 (0: steps)");
     p.mask = get_field<std::string>(o, "mask", l.origin, p.mask);
     if (o.contains("lora")) p.lora = lora_field(o["lora"], l.origin + ": key 'lora'");
@@ -269,6 +272,7 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   os << "Steps: " << p.steps << ", Sampler: " << (p.sampler.empty() ? "model default" : p.sampler)
      << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
+  if (p.guidance_rescale > 0) os << ", CFG rescale: " << p.guidance_rescale;
   if (prior && !p.image_prompt.empty())
     os << ", Image prompt: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   else if (prior)

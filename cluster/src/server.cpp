@@ -59,7 +59,7 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
                                              "negative_aesthetic_score", "ip_adapter_scale", "denoising_end",
-                                             "refiner_strength"};
+                                             "refiner_strength", "guidance_rescale"};
   // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
   static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
                                                     "control_guidance_start", "control_guidance_end"};
@@ -347,7 +347,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "controlnet_conditioning_scale", "control_guidance_start",
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
                                             "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
-                                            "denoising_end", "refiner_steps", "refiner_strength"};
+                                            "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -425,6 +425,11 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         if (!(*v > 0 && *v <= 1)) throw BadRequest{std::string("'") + key + "' must be a number in (0, 1]", key};
       }
     p.refiner_steps = static_cast<int>(integer("refiner_steps", 0, 1000).value_or(p.refiner_steps));
+    if (const auto s = number("guidance_rescale", " in [0, 1]")) {  // diffusers' guidance_rescale
+      p.guidance_rescale = *s;
+      if (!(p.guidance_rescale >= 0 && p.guidance_rescale <= 1))
+        throw BadRequest{"'guidance_rescale' must be in [0, 1]", "guidance_rescale"};
+    }
     if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
     if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
     if (j.contains("guess_mode")) {  // ControlNets' guess mode

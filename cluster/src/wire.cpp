@@ -110,6 +110,7 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("negative_aesthetic_score"))
     p.negative_aesthetic_score = r.number(o, "negative_aesthetic_score", "params.negative_aesthetic_score");
+  if (o.contains("guidance_rescale")) p.guidance_rescale = r.number(o, "guidance_rescale", "params.guidance_rescale");
   if (o.contains("denoising_end")) p.denoising_end = r.number(o, "denoising_end", "params.denoising_end");
   if (o.contains("refiner_steps"))
     p.refiner_steps = static_cast<int>(r.integer(o, "refiner_steps", "params.refiner_steps", 0, 1 << 20));

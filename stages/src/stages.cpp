@@ -294,6 +294,11 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            "'s scheduler uses (DDPMScheduler with thresholding): use ddpm (the default)");
   r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);  // checks the schedule itself
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
+  DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1,
+           "guidance_rescale: must be in [0, 1], got ", p.guidance_rescale);
+  DP_CHECK(p.guidance_rescale == 0 || (model.uses_cfg(p) && model.img2img()), "guidance_rescale: only a guided ",
+           "request (guidance > 1, an unconditional row) of a Stable Diffusion or SDXL folder uses it",
+           model.unet_config.time_cond_proj_dim > 0 ? " (this LCM-distilled UNet embeds the guidance instead)" : "");
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
@@ -496,6 +501,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   // unconditional row
   const int64_t cond_dim = model.unet_config.time_cond_proj_dim;
   s.guidance = cond_dim > 0 ? 1.0 : p.guidance;
+  s.guidance_rescale = p.guidance_rescale;
   if (cond_dim > 0) s.timestep_cond = guidance_scale_embedding(p.guidance - 1.0, cond_dim);
   s.seed = p.seed;
   s.cond = emb.cond;
@@ -899,6 +905,10 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
         eps = at::cat({pu + s->guidance * (pc - pu), ec.slice(0, C)}, 0);
       } else {
         eps = eu + s->guidance * (ec - eu);
+        if (s->guidance_rescale > 0) {  // diffusers' rescale_noise_cfg: per request, unbiased std over all its values
+          const at::Tensor rescaled = eps * (ec.std() / eps.std());
+          eps = s->guidance_rescale * rescaled + (1.0 - s->guidance_rescale) * eps;
+        }
       }
       row += 2;
     } else {

@@ -8,7 +8,7 @@
 # strength too small for the steps is refused by name; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
 # gives the CLI's pixels; `--sampler unipc` (text-to-image and image-to-image) gives the same PNG bytes on 1 and 3
 # ranks, equals the JSONL key and differs from DPM-Solver++; `--sampler dpmpp_2m_sde_karras` gives the same bytes on 1
-# rank and 3 replicas. Exit 77 = skipped (folder absent).
+# rank and 3 replicas; --guidance-rescale equals its JSONL and HTTP key and is recorded. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_LCM:-$(dirname "$0")/../../../shared/golden/tiny-lcm}
@@ -94,16 +94,42 @@ same_pngs "$WORK/sde1" "$WORK/sde3" && [ -f "$WORK/sde1/img-00000-seed4.png" ] \
   && ok "dpmpp_2m_sde_karras: 1 rank and 3 replicas give the same PNG bytes, unlike dpmpp_2m's" \
   || bad "dpmpp_2m_sde_karras across placements"
 
+# guidance_rescale: the flag, the JSONL key and the PNG chunk; a guided request only
+RS=(generate --model "$SD" --prompt "a photo of a cat" --seed 4 --steps 5 --threads 1 --quiet --timeout 60)
+timeout 60 "$BIN" "${RS[@]}" --guidance-rescale 0.7 --out "$WORK/rs" 2> "$WORK/rs.log" || bad "rescale failed: $(tail -2 "$WORK/rs.log")"
+timeout 60 "$BIN" "${RS[@]}" --out "$WORK/rs0" 2> "$WORK/rs0.log" || bad "plain run failed"
+printf '%s\n' '{"prompt": "a photo of a cat", "seed": 4, "guidance_rescale": 0.7}' > "$WORK/rs.jsonl"
+timeout 60 "$BIN" generate --model "$SD" --prompts "$WORK/rs.jsonl" --steps 5 --threads 1 --quiet --out "$WORK/rsj" \
+  2> "$WORK/rsj.log" || bad "JSONL rescale failed: $(tail -2 "$WORK/rsj.log")"
+cmp -s "$WORK/rs/img-00000-seed4.png" "$WORK/rsj/img-00000-seed4.png" \
+  && ! same_pixels "$WORK/rs/img-00000-seed4.png" "$WORK/rs0/img-00000-seed4.png" \
+  && grep -aq "CFG rescale: 0.7" "$WORK/rs/img-00000-seed4.png" \
+  && ok "--guidance-rescale 0.7 equals the JSONL key, changes the image and is recorded in the PNG" \
+  || bad "guidance_rescale flag/JSONL/PNG"
+if timeout 60 "$BIN" "${RS[@]}" --guidance 1 --guidance-rescale 0.5 --out "$WORK/rsbad" 2> "$WORK/rsbad.log"; then
+  bad "guidance_rescale without guidance accepted"
+else grep -q "guidance_rescale: only a guided request" "$WORK/rsbad.log" && ok "guidance_rescale without guidance refused by name" \
+  || bad "unclear: $(tail -1 "$WORK/rsbad.log")"; fi
+
 serve_up "$WORK/serve.log" --model "$SD" --steps 4 --guidance 1.5 --threads 1
 if [ -n "$URL" ]; then
-  python3 - "$URL" "$WORK/sdlcm/$P" <<'PY' && ok "serve: \"sampler\": \"lcm\" gives the CLI's pixels" || bad "serve lcm"
+  python3 - "$URL" "$WORK/sdlcm/$P" "$WORK/rs/img-00000-seed4.png" <<'PY' \
+    && ok "serve: \"sampler\": \"lcm\" and \"guidance_rescale\" give the CLI's pixels; a bad rescale is a 400 naming it" \
+    || bad "serve lcm / guidance_rescale"
 import base64, sys
 import http_util
-url, cli = sys.argv[1:3]
+url, cli, rs = sys.argv[1:4]
 st, r = http_util.post(url, {"prompt": "a red circle", "seed": 9, "sampler": "lcm"})
 assert st == 200, (st, r)
 png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+body = {"prompt": "a photo of a cat", "seed": 4, "num_inference_steps": 5, "guidance_scale": 7.5, "guidance_rescale": 0.7}
+st, r = http_util.post(url, body)
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
+assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(rs, "rb").read())[1], "rescale: serve differs"
+st, r = http_util.post(url, {**body, "guidance_rescale": 2})
+assert st == 400 and r["error"]["param"] == "guidance_rescale", (st, r)
 PY
 else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null

@@ -4,7 +4,8 @@ step on recorded trajectories (bh2 and bh1, orders 1 to 3, epsilon and v predict
 final_sigmas_type sigma_min, disable_corrector, a run begun part-way as image-to-image begins) and
 DPMSolverMultistepScheduler with final_sigmas_type sigma_min and as DPM++ 2M SDE (sde-dpmsolver++: midpoint and heun,
 Karras sigmas, v prediction, a run begun part-way; each step's noise recorded as C.k.noise); and StableDiffusionPipeline
-with UniPC and with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) on tiny-sd:
+with UniPC, with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) and with DDIM at
+guidance_rescale 0.7 (pipeline_rescale) on tiny-sd:
 
     python3 tests/stages/make_sampler_golden.py --out DIR [--src ../shared/golden/tiny-sd]
     DIFFPIPE_GOLDEN_SAMPLERS=DIR ./build/tests/test_stages --gtest_filter='GoldenSamplers.*'
@@ -101,10 +102,17 @@ def main():
     for k, d in enumerate(draws):
         out[f"pipeline_sde.draws.{k}"] = d
     out["pipeline_sde.images"] = img
+    # guidance_rescale (rescale_noise_cfg) with the folder's DDIM: no draws beyond the latents
+    pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(src, subfolder="scheduler")
+    with torch.no_grad():
+        out["pipeline_rescale.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, guidance_rescale=0.7,
+                                              latents=latents, output_type="pt").images
     save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
             "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,
+                                 "sampler": "ddim"},
             "pipeline_sde": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "dpmpp_2m_sde_karras",
                              "scheduler": dict(pipe.scheduler.config)},
             "source": f"diffusers {diffusers.__version__}, torch {torch.__version__}, float32 CPU"}

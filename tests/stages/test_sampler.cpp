@@ -328,6 +328,41 @@ TEST(GoldenSamplers, DpmSdePipelineMatchesDiffusers) {
   EXPECT_EQ(sampler_kind_of_class("DPMSolverMultistepScheduler", "sde-dpmsolver++"), SamplerKind::DPMSolverSDE);
 }
 
+// guidance_rescale 0.7 (diffusers' rescale_noise_cfg after the guidance) with the folder's DDIM; 0 gives another image;
+// requests that cannot use it are refused by name.
+TEST(GoldenSamplers, GuidanceRescaleMatchesDiffusers) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("pipeline_rescale")) GTEST_SKIP() << dir << " predates guidance_rescale (remake it)";
+  const auto run = meta.at("pipeline_rescale");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  std::vector<GenerationParams> params;
+  for (const auto& pr : run.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.guidance_rescale = run.at("guidance_rescale").get<double>();
+    p.sampler = run.at("sampler").get<std::string>();
+    params.push_back(p);
+  }
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_rescale.images"), "[golden-samplers] guidance_rescale"));
+  for (auto& p : params) p.guidance_rescale = 0;
+  std::vector<DenoiseState> plain = test::latent_states(model, params, g.at("pipeline.latents"));
+  const at::Tensor ref = g.at("pipeline_rescale.images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
+  EXPECT_GT((test::images_of(model, plain).to(at::kInt) - ref).abs().max().item<int>(), 1);
+  GenerationParams q = params[0];
+  q.guidance_rescale = 1.5;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, q); }).find("guidance_rescale: must be in [0, 1], got 1.5"),
+            std::string::npos);
+  q.guidance_rescale = 0.5;
+  q.guidance = 1.0;
+  EXPECT_NE(test::error_of([&] { (void)resolve_params(model, q); }).find("guidance_rescale: only a guided request"),
+            std::string::npos);
+}
+
 TEST(GoldenSamplers, UniPcPipelineMatchesDiffusers) {
   DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");

@@ -26,6 +26,9 @@ struct GenerationParams {
   std::string negative_prompt;  // "" = the unconditional embedding of the empty prompt
   int steps = 25;               // inference steps
   double guidance = 7.5;        // classifier-free guidance scale; <= 1 skips the unconditional pass
+  // diffusers' guidance_rescale (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the
+  // guided prediction rescaled to the conditional one's standard deviation, mixed in at this share, in [0, 1]
+  double guidance_rescale = 0;
   std::string sampler;          // "" = the model's scheduler_config.json class; else a sampler name (parse_sampler_name)
   uint64_t seed = 0;
   int width = 0, height = 0;    // 0 = the model's default size
@@ -137,6 +140,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   }
   if (p.negative_aesthetic_score != d.negative_aesthetic_score) j["negative_aesthetic_score"] = p.negative_aesthetic_score;
   if (p.denoising_end != d.denoising_end) j["denoising_end"] = p.denoising_end;
+  if (p.guidance_rescale != d.guidance_rescale) j["guidance_rescale"] = p.guidance_rescale;
   if (p.refiner_steps != d.refiner_steps) j["refiner_steps"] = p.refiner_steps;
   if (p.refiner_strength != d.refiner_strength) j["refiner_strength"] = p.refiner_strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
@@ -195,6 +199,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.ip_adapter_scale = j.value("ip_adapter_scale", p.ip_adapter_scale);
   p.negative_aesthetic_score = j.value("negative_aesthetic_score", p.negative_aesthetic_score);
   p.denoising_end = j.value("denoising_end", p.denoising_end);
+  p.guidance_rescale = j.value("guidance_rescale", p.guidance_rescale);
   p.refiner_steps = j.value("refiner_steps", p.refiner_steps);
   p.refiner_strength = j.value("refiner_strength", p.refiner_strength);
   p.mask = j.value("mask", std::string());

@@ -50,6 +50,7 @@ class TextEncodeStage {
 struct DenoiseState {
   uint64_t id = 0;
   double guidance = 7.5;
+  double guidance_rescale = 0;  // GenerationParams::guidance_rescale (guided rows only)
   uint64_t seed = 0;
   at::Tensor cond, uncond;  // [L, D]
   at::Tensor class_labels, uncond_class_labels, time_ids, uncond_time_ids;  // as in Embeddings
