@@ -59,7 +59,8 @@ at::Tensor ClipTextModel::project(const at::Tensor& pooled) const {
   return impl_->projection(pooled);
 }
 
-ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip, const at::Tensor& attention_mask) const {
+ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip, const at::Tensor& attention_mask,
+                                      int sdxl_skip) const {
   const Impl& m = *impl_;
   DP_CHECK(input_ids.dim() == 2, "text encoder: input_ids must be [batch, length]");
   const int64_t B = input_ids.size(0), L = input_ids.size(1), D = cfg_.hidden_size;
@@ -67,12 +68,14 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
            cfg_.max_position_embeddings);
   DP_CHECK(clip_skip >= 0 && clip_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", clip_skip,
            " must be in [0, ", cfg_.num_hidden_layers, ")");
+  DP_CHECK(sdxl_skip >= 0 && sdxl_skip < cfg_.num_hidden_layers, "text encoder: clip_skip ", sdxl_skip,
+           " must be in [0, ", cfg_.num_hidden_layers, ") (SDXL: hidden_states[-(clip_skip + 2)])");
   if (nn::batch_invariant() && B > 1) {
     std::vector<at::Tensor> last, pooled, pen;
     for (int64_t i = 0; i < B; ++i) {
       ClipTextOutput o = nn::at_row(i, [&] {
         return forward(input_ids.slice(0, i, i + 1), clip_skip,
-                       attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask);
+                       attention_mask.defined() ? attention_mask.slice(0, i, i + 1) : attention_mask, sdxl_skip);
       });
       last.push_back(o.last_hidden_state);
       pooled.push_back(o.pooled);
@@ -93,9 +96,9 @@ ClipTextOutput ClipTextModel::forward(const at::Tensor& input_ids, int clip_skip
     mask = at::where(pad, at::full({}, -std::numeric_limits<float>::infinity(), x.options()), mask.view({1, 1, L, L}));
   }
   const int64_t n = static_cast<int64_t>(m.layers.size());
-  at::Tensor skipped, penultimate = x;  // hidden_states[-2]: the embeddings when there is one layer
+  at::Tensor skipped, penultimate = x;  // hidden_states[-(sdxl_skip + 2)]: the input of layer n - 1 - sdxl_skip
   for (int64_t i = 0; i < n; ++i) {
-    if (i == n - 1) penultimate = x;
+    if (i == n - 1 - sdxl_skip) penultimate = x;
     x = m.layers[i](x, mask);
     if (clip_skip > 0 && i == n - 1 - clip_skip) skipped = x;
   }

@@ -130,30 +130,34 @@ std::optional<nn::AdapterRows> text_adapter_rows(const SdModel& model, const std
 std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
   DP_CHECK(model.text_encoder_2 && model.tokenizer_2, "text encoder stage: SDXL's text_encoder_2 not loaded");
   std::vector<Embeddings> out(batch.size());
-  std::vector<const std::string*> texts;
-  std::vector<std::pair<size_t, bool>> rows;  // (request, is_uncond) of each text
+  // (request, is_uncond) of each text, grouped by the hidden state it reads: clip_skip k takes hidden_states[-(k + 2)]
+  // for the prompt; the negative prompt always hidden_states[-2] (diffusers' encode_prompt)
+  std::map<int, std::vector<std::pair<size_t, bool>>> groups;
   for (size_t i = 0; i < batch.size(); ++i) {
-    texts.push_back(&batch[i]->prompt);
-    rows.push_back({i, false});
-    if (model.uses_cfg(*batch[i]) && !(batch[i]->negative_prompt.empty() && model.force_zeros_for_empty_prompt)) {
-      texts.push_back(&batch[i]->negative_prompt);
-      rows.push_back({i, true});
-    }
+    groups[batch[i]->clip_skip].push_back({i, false});
+    if (model.uses_cfg(*batch[i]) && !(batch[i]->negative_prompt.empty() && model.force_zeros_for_empty_prompt))
+      groups[0].push_back({i, true});
   }
   const at::Device dev = model.spec.device;
-  const auto lora = text_adapter_rows(model, batch, rows);
-  nn::AdapterScope scope(lora ? &*lora : nullptr);
-  const ClipTextOutput o2 = model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev));
-  at::Tensor h = o2.penultimate;  // the refiner has the second encoder alone
-  if (!model.second_encoder_only) {
-    DP_CHECK(model.text_encoder && model.tokenizer, "text encoder stage: SDXL's text_encoder not loaded");
-    h = at::cat({model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).penultimate, h}, -1);
-  }
-  const at::Tensor pooled = model.text_encoder_2->project(o2.pooled).to(at::kFloat);
-  for (size_t r = 0; r < rows.size(); ++r) {
-    Embeddings& e = out[rows[r].first];
-    (rows[r].second ? e.uncond : e.cond) = h[r];
-    (rows[r].second ? e.uncond_class_labels : e.class_labels) = pooled[r];
+  for (const auto& [skip, rows] : groups) {
+    std::vector<const std::string*> texts;
+    for (const auto& [i, uncond] : rows) texts.push_back(uncond ? &batch[i]->negative_prompt : &batch[i]->prompt);
+    const auto lora = text_adapter_rows(model, batch, rows);
+    nn::AdapterScope scope(lora ? &*lora : nullptr);
+    const ClipTextOutput o2 =
+        model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev), 0, at::Tensor(), skip);
+    at::Tensor h = o2.penultimate;  // the refiner has the second encoder alone
+    if (!model.second_encoder_only) {
+      DP_CHECK(model.text_encoder && model.tokenizer, "text encoder stage: SDXL's text_encoder not loaded");
+      h = at::cat({model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev), 0, at::Tensor(), skip)
+                       .penultimate, h}, -1);
+    }
+    const at::Tensor pooled = model.text_encoder_2->project(o2.pooled).to(at::kFloat);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      Embeddings& e = out[rows[r].first];
+      (rows[r].second ? e.uncond : e.cond) = h[r];
+      (rows[r].second ? e.uncond_class_labels : e.class_labels) = pooled[r];
+    }
   }
   for (size_t i = 0; i < batch.size(); ++i) {
     Embeddings& e = out[i];
@@ -402,7 +406,12 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
            model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
            "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
-  DP_CHECK(!model.sdxl || p.clip_skip == 0, "clip_skip: not supported for SDXL folders (", model.dir, ")");
+  if (model.sdxl) {  // hidden_states[-(clip_skip + 2)] of each encoder (SDXL indexes from the penultimate layer)
+    int64_t layers = model.text_config_2.num_hidden_layers;
+    if (!model.second_encoder_only) layers = std::min(layers, model.text_config.num_hidden_layers);
+    DP_CHECK(p.clip_skip < layers, "clip_skip: SDXL reads hidden_states[-(clip_skip + 2)]; must be in [0, ", layers,
+             "), got ", p.clip_skip);
+  }
   DP_CHECK(!model.deepfloyd_if || p.clip_skip == 0, "clip_skip: not supported for DeepFloyd IF folders (T5; ",
            model.dir, ")");
   DP_CHECK(p.original_width >= 0 && p.original_height >= 0 && p.crop_top >= 0 && p.crop_left >= 0,

@@ -3,8 +3,8 @@
 #   sdxl_test.sh DIFFPIPE_BIN WORKDIR   (the folder: $DIFFPIPE_GOLDEN_SDXL, made by tests/stages/make_sdxl_golden.py)
 # Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks and with --placement replicas (same threads,
 # --batch-invariant); a non-square size gives that size and differs from the square one (the size ids reach the
-# UNet); a negative prompt changes the image; settings SDXL does not take and a folder missing text_encoder_2/ are
-# refused by name; the size micro-conditioning (--original-width/--original-height/--crop-top/--crop-left and
+# UNet); a negative prompt changes the image; clip_skip changes it (out of range refused); a folder missing
+# text_encoder_2/ is refused by name; the size micro-conditioning (--original-width/--original-height/--crop-top/--crop-left and
 # their JSONL keys) reaches the image and its PNG chunk; inpainting on 1 and 3 ranks alike, at the SDXL pipeline's
 # default strength; the SDXL refiner (from $DIFFPIPE_GOLDEN_IMG2IMG): the same bytes on 1 and 3 ranks at the pipeline's
 # default strength 0.3, aesthetic scores from flags, JSONL and HTTP change the image alike, base folders refuse them.
@@ -58,9 +58,14 @@ grep -aq "Mask: $WORK/mask.png, Denoising strength: 0.9999" "$WORK/ip1/img-00000
   || bad "the PNG lacks the mask or the default strength"
 if timeout 60 "$BIN" "${ONE[@]}" --crop-top -1 --out "$WORK/neg1" 2> "$WORK/neg1.log"; then bad "--crop-top -1 accepted"
 else grep -q "crop-top" "$WORK/neg1.log" && ok "--crop-top -1 refused by name" || bad "unclear: $(tail -1 "$WORK/neg1.log")"; fi
-if timeout 60 "$BIN" "${ONE[@]}" --clip-skip 1 --out "$WORK/skip" 2> "$WORK/skip.log"; then bad "clip_skip accepted"
-else grep -q "clip_skip: not supported for SDXL" "$WORK/skip.log" && ok "clip_skip refused by name" \
-  || bad "clip_skip refusal unclear: $(tail -1 "$WORK/skip.log")"; fi
+# clip_skip (SDXL: hidden_states[-(clip_skip + 2)] of both encoders): changes the image, is recorded; out of range refused
+timeout 60 "$BIN" "${ONE[@]}" --clip-skip 1 --out "$WORK/skip" 2> "$WORK/skip.log" || bad "clip_skip 1 failed: $(tail -2 "$WORK/skip.log")"
+[ -f "$WORK/skip/img-00000-seed9.png" ] && ! same_pixels "$WORK/sq/img-00000-seed9.png" "$WORK/skip/img-00000-seed9.png" \
+  && grep -aq "Clip skip: 2" "$WORK/skip/img-00000-seed9.png" && ok "--clip-skip 1 changes the image and is recorded" \
+  || bad "clip_skip 1 changed nothing or is not recorded"
+if timeout 60 "$BIN" "${ONE[@]}" --clip-skip 3 --out "$WORK/skip3" 2> "$WORK/skip3.log"; then bad "clip_skip 3 accepted"
+else grep -q "clip_skip: must be in \[0, 3)" "$WORK/skip3.log" && ok "clip_skip beyond the encoders refused by name" \
+  || bad "clip_skip refusal unclear: $(tail -1 "$WORK/skip3.log")"; fi
 mkdir -p "$WORK/broken"; for p in "$MODEL"/*; do [ "$(basename "$p")" = text_encoder_2 ] || ln -s "$p" "$WORK/broken/"; done
 if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 2> "$WORK/broken.log"; then
   bad "a folder without text_encoder_2/ accepted"

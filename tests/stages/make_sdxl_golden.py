@@ -122,18 +122,22 @@ def main():
 
         # whole pipeline: "zeros" (no negative prompt: zero unconditional embeddings, force_zeros_for_empty_prompt),
         # "negative" (a negative prompt, encoded like the prompt), "micro" (non-square, with original_size and
-        # crops_coords_top_left, both [height, width] / [top, left] as diffusers takes them)
+        # crops_coords_top_left, both [height, width] / [top, left] as diffusers takes them), "clip_skip"
         runs = [dict(name="zeros", negative_prompt=None, guidance=5.0, steps=8, height=32, width=32),
                 dict(name="negative", negative_prompt="blurry, dark", guidance=6.5, steps=6, height=32, width=32),
                 dict(name="micro", negative_prompt=None, guidance=5.0, steps=5, height=32, width=48,
-                     original_size=[96, 64], crops_coords_top_left=[8, 4])]
+                     original_size=[96, 64], crops_coords_top_left=[8, 4]),
+                # clip_skip 1: the prompt from hidden_states[-3] of both encoders, the negative prompt still from [-2]
+                dict(name="clip_skip", negative_prompt="blurry, dark", guidance=6.5, steps=5, height=32, width=32,
+                     clip_skip=1)]
         for r in runs:
             noise = torch.randn(len(PROMPTS), 4, r["height"] // 4, r["width"] // 4, generator=g)
             lat = pipe(PROMPTS, negative_prompt=None if r["negative_prompt"] is None else [r["negative_prompt"]] * 2,
                        num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
                        width=r["width"], latents=noise.clone(), output_type="latent",
                        original_size=tuple(r.get("original_size", (r["height"], r["width"]))),
-                       crops_coords_top_left=tuple(r.get("crops_coords_top_left", (0, 0)))).images
+                       crops_coords_top_left=tuple(r.get("crops_coords_top_left", (0, 0))),
+                       clip_skip=r.get("clip_skip")).images
             im = vae.decode(lat / vae.config.scaling_factor).sample
             im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             n = r["name"]

@@ -96,6 +96,7 @@ TEST(GoldenSdxl, WholePipelineEveryRun) {
         p.original_height = run.at("original_size")[0].get<int>();
         p.original_width = run.at("original_size")[1].get<int>();
       }
+      if (run.contains("clip_skip")) p.clip_skip = run.at("clip_skip").get<int>();
       if (run.contains("crops_coords_top_left")) {
         p.crop_top = run.at("crops_coords_top_left")[0].get<int>();
         p.crop_left = run.at("crops_coords_top_left")[1].get<int>();

@@ -31,7 +31,7 @@ struct ClipTextOutput {
   at::Tensor last_hidden_state;  // [B, L, D] (after the final layer norm; with clip_skip, of the earlier layer)
   at::Tensor pooled;             // [B, D] at the first end-of-text token of the full model
   at::Tensor penultimate;        // [B, L, D]: transformers' hidden_states[-2] (the last layer's input, no final
-                                 // layer norm), which SDXL's pipelines use
+                                 // layer norm), which SDXL's pipelines use; with sdxl_skip k, hidden_states[-(k + 2)]
 };
 
 class ClipTextModel {
@@ -48,7 +48,9 @@ class ClipTextModel {
   // attention_mask ([B, L], 1 = token, 0 = padding; optional): padding keys are masked too, as transformers does
   // when given one; without it only the causal mask applies (real tokens never see the padding after them, so
   // only the padding positions' states differ).
-  ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0, const at::Tensor& attention_mask = at::Tensor()) const;
+  // sdxl_skip: `penultimate` is hidden_states[-(sdxl_skip + 2)] (SDXL's clip_skip), in [0, num_hidden_layers).
+  ClipTextOutput forward(const at::Tensor& input_ids, int clip_skip = 0, const at::Tensor& attention_mask = at::Tensor(),
+                         int sdxl_skip = 0) const;
   // CLIPTextModelWithProjection's text_embeds: pooled @ text_projection^T ([B, projection_dim]); needs
   // projection_dim > 0 and the text_projection.weight tensor.
   at::Tensor text_embeds(const at::Tensor& input_ids) const;
