@@ -55,6 +55,7 @@ const std::vector<cli::Opt> kOptions = {
                            "(0, 1] (default 0.8; 1: the base finishes, the refiner refines at --refiner-strength)"},
     {"refiner-steps", "N", "with --refiner: the refiner's schedule (default: --steps)"},
     {"refiner-strength", "S", "with --refiner and --denoising-end 1: its image-to-image strength (default 0.3)"},
+    {"skip-refiner", "", "with --refiner: requests skip it unless their JSONL line says \"refiner\": true"},
     {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
                                    "requests bring --control-image (JSONL control_image), one image per ControlNet"},
@@ -74,7 +75,7 @@ const std::vector<cli::Opt> kOptions = {
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
                         "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale,\n"
-                        "denoising_end, refiner_steps, refiner_strength, guidance_rescale\n"
+                        "denoising_end, refiner_steps, refiner_strength, refiner, guidance_rescale\n"
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
@@ -375,7 +376,8 @@ int generate_main(int argc, char** argv) {
     if (a.has("denoising-end")) base.denoising_end = a.number("denoising-end", 0);
     if (a.has("refiner-strength")) base.refiner_strength = a.number("refiner-strength", 0);
     base.refiner_steps = static_cast<int>(a.integer("refiner-steps", 0));
-    for (const char* flag : {"denoising-end", "refiner-steps", "refiner-strength"})
+    base.skip_refiner = a.flag("skip-refiner");
+    for (const char* flag : {"denoising-end", "refiner-steps", "refiner-strength", "skip-refiner"})
       DP_CHECK(!a.has(flag) || a.has("refiner"), "generate: --", flag, " needs --refiner DIR");
     base.sr_steps = static_cast<int>(a.integer("sr-steps", 50));
     base.sr_guidance = a.number("sr-guidance", 4.0);

@@ -141,7 +141,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "control_scale", "control_start", "control_end", "lora",
                                           "guess_mode", "aesthetic_score", "negative_aesthetic_score",
                                           "ip_adapter_image", "ip_adapter_scale", "denoising_end", "refiner_steps",
-                                          "refiner_strength", "guidance_rescale"};
+                                          "refiner_strength", "guidance_rescale", "refiner"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -166,7 +166,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
                "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
                "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale, "
-               "denoising_end, refiner_steps, refiner_strength, guidance_rescale)");
+               "denoising_end, refiner_steps, refiner_strength, guidance_rescale, refiner)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -219,6 +219,7 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
       }
     p.refiner_steps = get_field<int>(o, "refiner_steps", l.origin, p.refiner_steps);
     p.guidance_rescale = get_field<double>(o, "guidance_rescale", l.origin, p.guidance_rescale);
+    p.skip_refiner = !get_field<bool>(o, "refiner", l.origin, !p.skip_refiner);
     DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1, l.origin,
              ": key 'guidance_rescale' must be a number in [0, 1]");
     DP_CHECK(p.refiner_steps >= 0, l.origin, ": key 'refiner_steps' must be at least 0 (0: steps)");
@@ -313,6 +314,7 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Aesthetic score: " << p.aesthetic_score_or() << ", Negative aesthetic score: "
        << p.negative_aesthetic_score_or();
   const GenerationParams d;
+  if (p.skip_refiner) os << ", Refiner: skipped";
   if (p.denoising_end != d.denoising_end || p.refiner_steps != d.refiner_steps || p.refiner_strength != d.refiner_strength)
     os << ", Refiner from: " << p.denoising_end_or() << ", Refiner steps: " << p.refiner_steps_or()
        << (p.denoising_end_or() >= 1 ? detail::cat(", Refiner strength: ", p.refiner_strength_or()) : std::string());

@@ -347,7 +347,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "controlnet_conditioning_scale", "control_guidance_start",
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
                                             "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
-                                            "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale"};
+                                            "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale",
+                                            "refiner"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -432,6 +433,10 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
     }
     if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
     if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
+    if (j.contains("refiner")) {  // false: this request skips the server's refiner
+      if (!j["refiner"].is_boolean()) throw BadRequest{"'refiner' must be true or false", "refiner"};
+      p.skip_refiner = !j["refiner"].get<bool>();
+    }
     if (j.contains("guess_mode")) {  // ControlNets' guess mode
       if (!j["guess_mode"].is_boolean()) throw BadRequest{"'guess_mode' must be true or false", "guess_mode"};
       p.guess_mode = j["guess_mode"].get<bool>();

@@ -110,6 +110,10 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("negative_aesthetic_score"))
     p.negative_aesthetic_score = r.number(o, "negative_aesthetic_score", "params.negative_aesthetic_score");
+  if (o.contains("refiner")) {
+    DP_CHECK(o.at("refiner").is_boolean(), r.where(), "field 'params.refiner' must be true or false");
+    p.skip_refiner = !o.at("refiner").get<bool>();
+  }
   if (o.contains("guidance_rescale")) p.guidance_rescale = r.number(o, "guidance_rescale", "params.guidance_rescale");
   if (o.contains("denoising_end")) p.denoising_end = r.number(o, "denoising_end", "params.denoising_end");
   if (o.contains("refiner_steps"))

@@ -376,6 +376,10 @@ class RefineStageImpl : public CascadeStageImpl {
     if (preview_number(r.id) > 0) return pass(r.id, r.inputs[0]);
     const at::Tensor& lat = r.inputs[0];
     DP_CHECK(lat.dim() == 3, "refine: request ", r.id, ": the base's latents must be [C, h, w], got ", lat.sizes());
+    if (r.params.skip_refiner) {  // finished by the base alone
+      skip_.emplace_back(r.id, lat);
+      return;
+    }
     const int64_t f = model_.latent_factor();
     const GenerationParams q = refiner_request(r.params, static_cast<int>(lat.size(2) * f),
                                                static_cast<int>(lat.size(1) * f));
@@ -384,13 +388,21 @@ class RefineStageImpl : public CascadeStageImpl {
 
   std::vector<StageEvent> step(double now) override {
     std::vector<StageEvent> out = take_passing(/*onward=*/true);  // the base's previews: decode shows them
+    for (auto& [id, lat] : skip_) out.push_back(StageEvent::finished(id, {lat}));
+    skip_.clear();
     if (DenoiseStageImpl::held() == 0) return out;
     for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
     return out;
   }
+  size_t held() const override { return CascadeStageImpl::held() + skip_.size(); }
+  void cancel(uint64_t id) override {
+    skip_.erase(std::remove_if(skip_.begin(), skip_.end(), [id](const auto& s) { return s.first == id; }), skip_.end());
+    CascadeStageImpl::cancel(id);
+  }
 
  private:
   TextEncodeStage enc_;
+  std::vector<std::pair<uint64_t, at::Tensor>> skip_;  // requests that skip the refiner, passed on at the next step
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch

@@ -432,7 +432,13 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              "requires_aesthetics_score) is conditioned on it; ", model.dir, " is not one",
              model.refiner ? detail::cat(", nor is the refiner ", model.refiner->dir) : std::string());
   }
-  if (model.refiner) {  // the base hands its latents over part-way (denoising_end < 1) or when done
+  if (model.refiner && p.skip_refiner) {  // the base alone: the refine stage passes its latents on
+    const GenerationParams d;
+    DP_CHECK(p.denoising_end == d.denoising_end && p.refiner_steps == d.refiner_steps &&
+                 p.refiner_strength == d.refiner_strength,
+             "refiner: a request that skips the refiner (\"refiner\": false) takes no denoising_end, refiner_steps or ",
+             "refiner_strength");
+  } else if (model.refiner) {  // the base hands its latents over part-way (denoising_end < 1) or when done
     const double d = p.denoising_end_or();
     DP_CHECK(std::isfinite(d) && d > 0 && d <= 1, "denoising_end: must be in (0, 1] (the share of the base's schedule ",
              "before the refiner takes over), got ", p.denoising_end);
@@ -446,6 +452,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     (void)plan_refine(*model.refiner, p, r.width, r.height);
   } else {
     const GenerationParams d;
+    DP_CHECK(!p.skip_refiner, "refiner: only a run with an SDXL refiner (--refiner DIR) can skip it");
     DP_CHECK(p.denoising_end == d.denoising_end && p.refiner_steps == d.refiner_steps &&
                  p.refiner_strength == d.refiner_strength,
              p.denoising_end != d.denoising_end ? "denoising_end" : p.refiner_steps != d.refiner_steps ? "refiner_steps"

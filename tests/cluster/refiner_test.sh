@@ -75,6 +75,20 @@ timeout 60 "$BIN" generate --model "$MODEL" --refiner "$REF" --prompts "$WORK/rf
 cmp -s "$WORK/d06/img-00000-seed9.png" "$WORK/rfj/img-00000-seed9.png" \
   && same_pixels "$WORK/after/img-00000-seed9.png" "$WORK/rfj/img-00001-seed9.png" \
   && ok "JSONL denoising_end/refiner_steps/refiner_strength give the flags' images" || bad "JSONL differs from the flags"
+# a request may skip the refiner: the base's own image (the run without --refiner), beside refined ones in one batch
+printf '{"prompt": "a red circle", "seed": 9, "refiner": false}\n{"prompt": "a red circle", "seed": 9}\n' > "$WORK/skip.jsonl"
+timeout 180 $MPIRUN -np 4 "$BIN" generate --model "$MODEL" --refiner "$REF" --prompts "$WORK/skip.jsonl" --steps 8 \
+  --threads 1 --batch-invariant --quiet --out "$WORK/skip" 2> "$WORK/skip.log" || bad "skip run failed: $(tail -2 "$WORK/skip.log")"
+same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/skip/img-00000-seed9.png" \
+  && same_pixels "$WORK/d08/img-00000-seed9.png" "$WORK/skip/img-00001-seed9.png" \
+  && grep -aq "Refiner: skipped" "$WORK/skip/img-00000-seed9.png" \
+  && ok "\"refiner\": false on 4 ranks: the base's own image beside a refined one, recorded in the PNG" \
+  || bad "skipping the refiner"
+timeout 60 "$BIN" "${ONE[@]}" --skip-refiner --out "$WORK/skipflag" 2> "$WORK/skipflag.log" || bad "--skip-refiner failed"
+same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/skipflag/img-00000-seed9.png" \
+  && ok "--skip-refiner gives the base's own image" || bad "--skip-refiner changed the image"
+refused skip-end "refiner: a request that skips the refiner" --skip-refiner --denoising-end 0.7
+
 # previews are the base's: they pass the refine rank and decode shows them
 timeout 180 $MPIRUN -np 4 "$BIN" "${ONE[@]}" --previews 2 --out "$WORK/prev" 2> "$WORK/prev.log" \
   || bad "previews on 4 ranks failed: $(tail -2 "$WORK/prev.log")"
@@ -113,6 +127,8 @@ import base64, sys
 import http_util
 url, cli = sys.argv[1:3]
 body = {"prompt": "a red circle", "seed": 9, "denoising_end": 0.6, "refiner_steps": 10}
+st, r = http_util.post(url, {"prompt": "a red circle", "seed": 9, "refiner": "no"})
+assert st == 400 and r["error"]["param"] == "refiner", (st, r)
 st, r = http_util.post(url, body)
 assert st == 200, (st, r)
 png = base64.b64decode(r["data"][0]["b64_json"])

@@ -77,6 +77,7 @@ struct GenerationParams {
   // schedule (0: steps). Other runs refuse them.
   double denoising_end = -1;
   int refiner_steps = 0;
+  bool skip_refiner = false;  // this request skips the run's refiner: the base runs its whole schedule alone
   double refiner_strength = -1;
   double denoising_end_or() const { return denoising_end >= 0 ? denoising_end : 0.8; }
   double refiner_strength_or() const { return refiner_strength >= 0 ? refiner_strength : 0.3; }
@@ -142,6 +143,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (p.denoising_end != d.denoising_end) j["denoising_end"] = p.denoising_end;
   if (p.guidance_rescale != d.guidance_rescale) j["guidance_rescale"] = p.guidance_rescale;
   if (p.refiner_steps != d.refiner_steps) j["refiner_steps"] = p.refiner_steps;
+  if (p.skip_refiner) j["refiner"] = false;
   if (p.refiner_strength != d.refiner_strength) j["refiner_strength"] = p.refiner_strength;
   if (!p.mask.empty()) j["mask"] = p.mask;
   if (!p.lora.empty()) j["lora"] = p.lora;
@@ -201,6 +203,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.denoising_end = j.value("denoising_end", p.denoising_end);
   p.guidance_rescale = j.value("guidance_rescale", p.guidance_rescale);
   p.refiner_steps = j.value("refiner_steps", p.refiner_steps);
+  p.skip_refiner = !j.value("refiner", true);
   p.refiner_strength = j.value("refiner_strength", p.refiner_strength);
   p.mask = j.value("mask", std::string());
   p.lora = j.value("lora", std::string());
