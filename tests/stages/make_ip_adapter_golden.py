@@ -185,8 +185,22 @@ def main():
                                                guidance_scale=5.0, height=32, width=32, latents=xl_latents[k:k + 1],
                                                output_type="pt").images for k in range(len(PROMPTS))])
         res["sdxl.latents"] = xl_latents
+        # IP-Adapter Plus for the SDXL UNet (as ip-adapter-plus_sdxl_vit-h), the same image encoder
+        torch.manual_seed(a.seed + 9)
+        write_adapter(xl.unet, enc, xl_dir, save_file, plus=True, filename="ip-adapter-plus.safetensors")
+        xl_plus = StableDiffusionXLPipeline.from_pretrained(a.sdxl)
+        xl_plus.set_progress_bar_config(disable=True)
+        xl_plus.load_ip_adapter(xl_dir, subfolder="", weight_name="ip-adapter-plus.safetensors",
+                                image_encoder_folder="image_encoder")
+        xl_plus.set_ip_adapter_scale(0.8)
+        with torch.no_grad():
+            res["sdxl_plus.images"] = torch.cat([xl_plus(PROMPTS[k], ip_adapter_image=images[k], num_inference_steps=4,
+                                                         guidance_scale=5.0, height=32, width=32,
+                                                         latents=xl_latents[k:k + 1], output_type="pt").images
+                                                 for k in range(len(PROMPTS))])
         sdxl = {"model": os.path.abspath(a.sdxl), "adapter": "ip-sdxl/ip-adapter.safetensors", "scale": 0.7,
-                "steps": 4, "guidance": 5.0}
+                "steps": 4, "guidance": 5.0,
+                "plus": {"adapter": "ip-sdxl/ip-adapter-plus.safetensors", "scale": 0.8, "steps": 4, "guidance": 5.0}}
     save_file({k: v.clone().contiguous() for k, v in res.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"sdxl": sdxl, "prompts": PROMPTS, "images": [f"image_{k}.png" for k in range(len(PROMPTS))], "runs": RUNS,
             "adapter": "ip/ip-adapter.safetensors", "tokens": 4, "plus_runs": PLUS_RUNS,

@@ -191,6 +191,16 @@ TEST(GoldenIpAdapter, Sdxl) {
   for (auto& p : params) p.width = p.height = 32;
   std::vector<DenoiseState> ds = ip_states(model, params, g.at("sdxl.latents"));
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("sdxl.images"), "[golden-ip-adapter] sdxl"));
+  if (!run.contains("plus")) return;
+  // IP-Adapter Plus on the SDXL UNet (as ip-adapter-plus_sdxl_vit-h): the resampler's tokens in its 12 cross-attentions
+  const auto& plus = run.at("plus");
+  a.ip_adapter = dir + "/" + plus.at("adapter").get<std::string>();
+  const SdModel xl_plus = SdModel::load(run.at("model").get<std::string>(), test::device_spec(), kAllComponents, a);
+  ASSERT_TRUE(xl_plus.ip_plus);
+  std::vector<GenerationParams> pp = run_params(dir, meta, plus);
+  for (auto& p : pp) p.width = p.height = 32;
+  std::vector<DenoiseState> ps = ip_states(xl_plus, pp, g.at("sdxl.latents"));
+  EXPECT_TRUE(test::matches_reference(xl_plus, ps, g.at("sdxl_plus.images"), "[golden-ip-adapter] sdxl plus"));
 }
 
 // The memory estimate counts the adapter's layers on the denoise rank and its image encoder on the encode rank.
