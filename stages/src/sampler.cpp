@@ -12,6 +12,7 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "DDIMScheduler") return SamplerKind::DDIM;
   if (n == "EulerDiscreteScheduler") return SamplerKind::Euler;
   if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
+  if (n == "HeunDiscreteScheduler") return SamplerKind::Heun;
   if (n == "DPMSolverMultistepScheduler")
     return algorithm_type == "sde-dpmsolver++" ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
@@ -20,7 +21,8 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "UniPCMultistepScheduler") return SamplerKind::UniPC;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler, UniPCMultistepScheduler)");
+          "HeunDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler, "
+          "UniPCMultistepScheduler)");
 }
 
 SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
@@ -28,6 +30,10 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
   if (n == "ddim") return SamplerKind::DDIM;
   if (n == "euler") return SamplerKind::Euler;
   if (n == "euler_a" || n == "euler_ancestral") return SamplerKind::EulerAncestral;
+  if (n == "heun" || n == "heun_karras") {
+    *karras = n == "heun_karras";
+    return SamplerKind::Heun;
+  }
   if (n == "dpmpp_2m" || n == "dpm++2m") return SamplerKind::DPMSolverMultistep;
   if (n == "dpmpp_2m_karras") {
     *karras = true;
@@ -45,8 +51,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::UniPC;
   }
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, "
-          "dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, heun, heun_karras, dpmpp_2m, dpmpp_2m_karras, "
+          "dpmpp_2m_sde, dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -60,6 +66,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::LCM: return "lcm";
     case SamplerKind::UniPC: return "unipc";
     case SamplerKind::DPMSolverSDE: return "dpmpp_2m_sde";
+    case SamplerKind::Heun: return "heun";
   }
   return "?";
 }
@@ -274,39 +281,53 @@ class PNDMSampler : public Sampler {
   at::Tensor cur_sample_;
 };
 
-// ---------------------------------------------------------------- Euler / Euler ancestral
+// ---------------------------------------------------------------- Euler / Euler ancestral / Heun
+// The sigma schedule of diffusers' EulerDiscreteScheduler (and HeunDiscreteScheduler): `steps` timesteps by the
+// spacing, their sigmas interpolated from the training schedule (or Karras sigmas and the timesteps nearest them).
+void euler_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas, std::vector<double>* timesteps,
+                    std::vector<double>* sigmas) {
+  at::Tensor ac = alphas_cumprod(c);
+  if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
+  const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
+  std::vector<float> log_sigmas(full.size());
+  for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+  const std::string sp = spacing_of(c, "linspace");
+  const int64_t N = c.num_train_timesteps;
+  std::vector<double> ts;
+  if (sp == "linspace") {
+    for (int i = steps - 1; i >= 0; --i)
+      ts.push_back(float(i == steps - 1 ? double(N - 1) : (steps == 1 ? 0.0 : double(N - 1) / (steps - 1) * i)));
+  } else if (sp == "leading") {
+    const int64_t r = N / steps;
+    for (int i = steps - 1; i >= 0; --i) ts.push_back(float(double(int64_t(i) * r) + c.steps_offset));
+  } else {
+    for (double v : trailing_timesteps(N, steps)) ts.push_back(float(v));
+  }
+  std::vector<double> sig;
+  for (double t : ts) sig.push_back(interp(t, full));
+  if (karras_sigmas) {
+    sig = karras(sig.back(), sig.front(), steps);
+    ts.clear();
+    for (double s : sig) ts.push_back(float(sigma_to_t(s, log_sigmas)));
+  }
+  for (double s : sig) sigmas->push_back(double(float(s)));
+  *timesteps = ts;
+}
+
+// init_noise_sigma of the Euler-type schedulers: the largest sigma, or sqrt(it^2 + 1) with leading spacing.
+double euler_init_sigma(const SchedulerConfig& c, const std::vector<double>& sigmas) {
+  const std::string sp = spacing_of(c, "linspace");
+  const double mx = *std::max_element(sigmas.begin(), sigmas.end());
+  return (sp == "linspace" || sp == "trailing") ? mx : std::sqrt(mx * mx + 1);
+}
+
 class EulerSampler : public Sampler {
  public:
   EulerSampler(const SchedulerConfig& c, int steps, bool ancestral) : c_(c), ancestral_(ancestral) {
-    at::Tensor ac = alphas_cumprod(c);
-    if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
-    const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
-    std::vector<float> log_sigmas(full.size());
-    for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
-    const std::string sp = spacing_of(c, "linspace");
-    const int64_t N = c.num_train_timesteps;
-    std::vector<double> ts;
-    if (sp == "linspace") {
-      for (int i = steps - 1; i >= 0; --i)
-        ts.push_back(float(i == steps - 1 ? double(N - 1) : (steps == 1 ? 0.0 : double(N - 1) / (steps - 1) * i)));
-    } else if (sp == "leading") {
-      const int64_t r = N / steps;
-      for (int i = steps - 1; i >= 0; --i) ts.push_back(float(double(int64_t(i) * r) + c.steps_offset));
-    } else {
-      for (double v : trailing_timesteps(N, steps)) ts.push_back(float(v));
-    }
-    std::vector<double> sig;
-    for (double t : ts) sig.push_back(interp(t, full));
-    if (c.use_karras_sigmas && !ancestral) {
-      sig = karras(sig.back(), sig.front(), steps);
-      ts.clear();
-      for (double s : sig) ts.push_back(float(sigma_to_t(s, log_sigmas)));
-    }
-    for (double s : sig) sigmas_.push_back(double(float(s)));
-    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? double(float(sig.back())) : 0.0);
-    timesteps_ = ts;
-    const double mx = *std::max_element(sigmas_.begin(), sigmas_.end());
-    init_sigma_ = (sp == "linspace" || sp == "trailing") ? mx : std::sqrt(mx * mx + 1);
+    euler_schedule(c, steps, c.use_karras_sigmas && !ancestral, &timesteps_, &sigmas_);
+    const double last = sigmas_.back();
+    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? last : 0.0);
+    init_sigma_ = euler_init_sigma(c, sigmas_);
   }
   SamplerKind kind() const override { return ancestral_ ? SamplerKind::EulerAncestral : SamplerKind::Euler; }
   double init_noise_sigma() const override { return init_sigma_; }
@@ -333,6 +354,54 @@ class EulerSampler : public Sampler {
   SchedulerConfig c_;
   bool ancestral_;
   double init_sigma_ = 1.0;
+};
+
+// Heun's method (HeunDiscreteScheduler): each step but the last is two UNet calls, an Euler step to the next sigma
+// and a correction with the derivative there, averaged; the schedule's sigmas and timesteps are Euler's, each one after
+// the first repeated (2 x steps - 1 calls), so call i's sigma and timestep are entry i.
+class HeunSampler : public Sampler {
+ public:
+  HeunSampler(const SchedulerConfig& c, int steps) : c_(c) {
+    std::vector<double> ts, sig;
+    euler_schedule(c, steps, c.use_karras_sigmas, &ts, &sig);
+    sig.push_back(0.0);
+    sigmas_ = {sig.front()};
+    timesteps_ = {ts.front()};
+    for (size_t k = 1; k + 1 < sig.size(); ++k) sigmas_.insert(sigmas_.end(), {sig[k], sig[k]});
+    sigmas_.push_back(0.0);
+    for (size_t k = 1; k < ts.size(); ++k) timesteps_.insert(timesteps_.end(), {ts[k], ts[k]});
+    init_sigma_ = euler_init_sigma(c, sigmas_);
+  }
+  SamplerKind kind() const override { return SamplerKind::Heun; }
+  int order() const override { return 2; }
+  double init_noise_sigma() const override { return init_sigma_; }
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    return x + noise * static_cast<float>(sigmas_.at(i));
+  }
+  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
+    const double s = sigmas_.at(i);
+    return x / std::sqrt(s * s + 1);
+  }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+    if (i % 2 == 0) {  // first order: Euler to the next sigma, remembered for the correction
+      const double sigma = sigmas_.at(i), next = sigmas_.at(i + 1);
+      derivative_ = (x - predicted_x0_from_eps_sigma(c_, x, e, sigma)) / sigma;
+      dt_ = next - sigma;
+      sample_ = x;
+      return x + derivative_ * dt_;
+    }
+    DP_CHECK(sample_.defined(), "heun: call ", i, " corrects a step that did not run here");
+    const double sigma_next = sigmas_.at(i);  // the sample's sigma after the first-order step
+    const at::Tensor d = (x - predicted_x0_from_eps_sigma(c_, x, e, sigma_next)) / sigma_next;
+    at::Tensor out = sample_ + (derivative_ + d) / 2 * dt_;
+    sample_ = derivative_ = at::Tensor();
+    return out;
+  }
+
+ private:
+  SchedulerConfig c_;
+  double init_sigma_ = 1.0, dt_ = 0;
+  at::Tensor derivative_, sample_;
 };
 
 // ---------------------------------------------------------------- DPM-Solver++ (multistep, order <= 2)
@@ -660,6 +729,12 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
       break;
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
+    case SamplerKind::Heun: {
+      SchedulerConfig c = cfg;
+      c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;
+      s = std::make_unique<HeunSampler>(c, steps);
+      break;
+    }
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, false); break;
     case SamplerKind::DPMSolverSDE: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, true); break;
     case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;

@@ -340,7 +340,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
       const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
       DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
                "strength) must be at least 1); raise strength or steps");
-      r.begin = p.steps - init;
+      r.begin = (p.steps - init) * r.sampler->order();  // timesteps[t_start * order:]
     }
     if (!p.mask.empty() && !image_latents.defined()) {
       r.mask = input_mask(p);
@@ -643,6 +643,8 @@ RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int wi
     DP_CHECK(p.refiner_strength < 0, "refiner_strength: only with denoising_end 1 (the refiner then refines the base's ",
              "finished latents); with denoising_end ", d, " it continues the base's schedule");
     plan.begin = handover_call(*plan.sampler, refiner.scheduler.num_train_timesteps, d);
+    // a second-order sampler starts on a first-order call: diffusers adds one call when the count is even
+    if (plan.sampler->order() == 2 && (n - plan.begin) % 2 == 0 && plan.begin > 0) --plan.begin;
     DP_CHECK(plan.begin < n, "denoising_end: ", d, " leaves the refiner no step of its ", q.steps, " (its last timestep ",
              plan.sampler->timestep(n - 1), " is not below the cutoff); lower denoising_end or raise refiner_steps");
   } else {  // image-to-image on the finished latents
@@ -652,7 +654,7 @@ RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int wi
     const int init = std::min(static_cast<int>(q.steps * strength), q.steps);
     DP_CHECK(init >= 1, "refiner_strength: ", strength, " x ", q.steps, " refiner steps leaves no step (int(steps x ",
              "strength) must be at least 1); raise refiner_strength or refiner_steps");
-    plan.begin = q.steps - init;
+    plan.begin = (q.steps - init) * plan.sampler->order();
     plan.add_noise = true;
   }
   return plan;

@@ -8,7 +8,7 @@
 # strength too small for the steps is refused by name; too many steps are refused naming original_inference_steps; over HTTP `"sampler": "lcm"`
 # gives the CLI's pixels; `--sampler unipc` (text-to-image and image-to-image) gives the same PNG bytes on 1 and 3
 # ranks, equals the JSONL key and differs from DPM-Solver++; `--sampler dpmpp_2m_sde_karras` gives the same bytes on 1
-# rank and 3 replicas; --guidance-rescale equals its JSONL and HTTP key and is recorded. Exit 77 = skipped (folder absent).
+# rank and 3 replicas; heun image-to-image the same on 1 and 3 ranks; --guidance-rescale equals its JSONL and HTTP key and is recorded. Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_LCM:-$(dirname "$0")/../../../shared/golden/tiny-lcm}
@@ -93,6 +93,14 @@ same_pngs "$WORK/sde1" "$WORK/sde3" && [ -f "$WORK/sde1/img-00000-seed4.png" ] \
   && ! same_pixels "$WORK/sde1/img-00000-seed4.png" "$WORK/ucd/img-00000-seed4.png" \
   && ok "dpmpp_2m_sde_karras: 1 rank and 3 replicas give the same PNG bytes, unlike dpmpp_2m's" \
   || bad "dpmpp_2m_sde_karras across placements"
+
+# Heun (two UNet calls a step): image-to-image from a first-order call, 1 and 3 ranks alike
+HI=("${UI[@]/unipc/heun}")
+timeout 60 "$BIN" "${HI[@]}" --out "$WORK/hi1" 2> "$WORK/hi1.log" || bad "heun img2img failed: $(tail -2 "$WORK/hi1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${HI[@]}" --out "$WORK/hi3" 2> "$WORK/hi3.log" || bad "3-rank heun failed: $(tail -2 "$WORK/hi3.log")"
+same_pngs "$WORK/hi1" "$WORK/hi3" && [ -f "$WORK/hi1/img-00000-seed3.png" ] \
+  && ! same_pixels "$WORK/hi1/img-00000-seed3.png" "$WORK/ui1/img-00000-seed3.png" \
+  && ok "heun image-to-image: 1 and 3 ranks give the same PNG bytes, unlike unipc's" || bad "heun across ranks"
 
 # guidance_rescale: the flag, the JSONL key and the PNG chunk; a guided request only
 RS=(generate --model "$SD" --prompt "a photo of a cat" --seed 4 --steps 5 --threads 1 --quiet --timeout 60)

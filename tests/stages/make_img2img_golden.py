@@ -40,12 +40,13 @@ from golden_draws import out_linked_to, recorded_draws, tiny_sd_args
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 # diffpipe's sampler name -> the diffusers scheduler class
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-              "pndm": "PNDMScheduler"}
+              "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler"}
 RUNS = [dict(name="ddim", sampler="ddim", strength=0.8, steps=6, guidance=7.5, negative_prompt=None),
         dict(name="euler", sampler="euler", strength=0.5, steps=5, guidance=5.0, negative_prompt="blurry, dark"),
         dict(name="dpmpp", sampler="dpmpp_2m", strength=0.75, steps=8, guidance=7.5, negative_prompt=None),
         dict(name="pndm", sampler="pndm", strength=0.6, steps=5, guidance=3.0, negative_prompt=None),
-        dict(name="full", sampler="ddim", strength=1.0, steps=4, guidance=1.0, negative_prompt=None)]
+        dict(name="full", sampler="ddim", strength=1.0, steps=4, guidance=1.0, negative_prompt=None),
+        dict(name="heun", sampler="heun", strength=0.6, steps=5, guidance=5.0, negative_prompt=None)]
 
 
 def main():

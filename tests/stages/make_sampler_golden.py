@@ -45,6 +45,11 @@ CASES = [
                      prediction_type="v_prediction", lower_order_final=False)),
     dict(name="dpm_sde_begin2", cls="DPMSolverMultistepScheduler", steps=6, begin=2,
          config=dict(SD, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")),
+    # Heun (HeunDiscreteScheduler): 2 x steps - 1 calls, each correction after its Euler step
+    dict(name="heun", cls="HeunDiscreteScheduler", steps=6, config=dict(SD)),
+    dict(name="heun_karras_v_leading", cls="HeunDiscreteScheduler", steps=5,
+         config=dict(SD, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="leading")),
+    dict(name="heun_begin4", cls="HeunDiscreteScheduler", steps=5, begin=4, config=dict(SD, timestep_spacing="trailing")),
 ]
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -102,6 +107,11 @@ def main():
     for k, d in enumerate(draws):
         out[f"pipeline_sde.draws.{k}"] = d
     out["pipeline_sde.images"] = img
+    # Heun through the pipeline (9 UNet calls for 5 steps)
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    with torch.no_grad():
+        out["pipeline_heun.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
+                                           output_type="pt").images
     # guidance_rescale (rescale_noise_cfg) with the folder's DDIM: no draws beyond the latents
     pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(src, subfolder="scheduler")
     with torch.no_grad():
@@ -111,6 +121,7 @@ def main():
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
             "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline_heun": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "heun"},
             "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,
                                  "sampler": "ddim"},
             "pipeline_sde": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "dpmpp_2m_sde_karras",

@@ -35,9 +35,11 @@ GenerationParams request(const std::string& dir, const nlohmann::json& meta, con
   return p;
 }
 
-// How many UNet calls diffusers makes: int(steps x strength) of the schedule's end (PNDM's schedule has one more).
+// How many UNet calls diffusers makes: int(steps x strength) of the schedule's end (PNDM's schedule has one more;
+// Heun's steps are two calls each but the last).
 int reference_calls(const GenerationParams& p) {
-  return std::min(static_cast<int>(p.steps * p.strength), p.steps) + (p.sampler == "pndm" ? 1 : 0);
+  const int n = std::min(static_cast<int>(p.steps * p.strength), p.steps);
+  return p.sampler == "heun" ? 2 * n - 1 : n + (p.sampler == "pndm" ? 1 : 0);
 }
 }  // namespace
 
@@ -61,8 +63,9 @@ TEST(GoldenImg2Img, LatentsOfTheImage) {
   }
 }
 
-// The whole pipeline with the reference's draws, five runs: DDIM at strength 0.8, Euler at 0.5 with a negative
-// prompt, DPM-Solver++ at 0.75, PNDM at 0.6, and DDIM at strength 1 without guidance.
+// The whole pipeline with the reference's draws, six runs: DDIM at strength 0.8, Euler at 0.5 with a negative
+// prompt, DPM-Solver++ at 0.75, PNDM at 0.6, DDIM at strength 1 without guidance, and Heun at 0.6 (its correction
+// calls: from timesteps[t_start x 2]).
 TEST(GoldenImg2Img, WholePipeline) {
   DP_REQUIRE_IMG2IMG(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");

@@ -363,6 +363,34 @@ TEST(GoldenSamplers, GuidanceRescaleMatchesDiffusers) {
             std::string::npos);
 }
 
+// Heun through StableDiffusionPipeline (HeunDiscreteScheduler from the folder's config): 5 steps, 9 UNet calls.
+TEST(GoldenSamplers, HeunPipelineMatchesDiffusers) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains("pipeline_heun")) GTEST_SKIP() << dir << " predates Heun (remake it)";
+  const auto run = meta.at("pipeline_heun");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  std::vector<GenerationParams> params;
+  for (const auto& pr : run.at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = run.at("steps").get<int>();
+    p.guidance = run.at("guidance").get<double>();
+    p.sampler = run.at("sampler").get<std::string>();
+    params.push_back(p);
+  }
+  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
+  EXPECT_EQ(ds[0].sampler->kind(), SamplerKind::Heun);
+  EXPECT_EQ(ds[0].total_steps(), 2 * params[0].steps - 1);
+  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_heun.images"), "[golden-samplers] heun pipeline"));
+  bool karras = false;
+  EXPECT_EQ(parse_sampler_name("heun_karras", &karras), SamplerKind::Heun);
+  EXPECT_TRUE(karras);
+  EXPECT_EQ(sampler_kind_of_class("HeunDiscreteScheduler"), SamplerKind::Heun);
+  EXPECT_EQ(Sampler::create(SamplerKind::Heun, model.scheduler, 5)->order(), 2);
+}
+
 TEST(GoldenSamplers, UniPcPipelineMatchesDiffusers) {
   DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");
