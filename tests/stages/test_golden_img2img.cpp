@@ -347,6 +347,18 @@ TEST(GoldenImg2Img, SdxlHandoffToTheRefiner) {
   EXPECT_DOUBLE_EQ(rm.activations, ru.activations);
   const MemoryNeed none = estimate_rank_memory(xl_dir, {"refine"}, 40, 32, 2, true, at::kFloat);
   EXPECT_EQ(none.weights + none.activations, 0.0);
+  {  // Heun on the refiner starts on a first-order call: 4 calls below the cutoff 250 of 11, made 5 (diffusers' +1 for
+     // an even count of an order-2 scheduler), so call 6 (timestep 333, 167, 167, 1, 1 remain)
+    GenerationParams h;
+    h.prompt = "x";
+    h.steps = 6;
+    h.sampler = "heun";
+    h.denoising_end = 0.75;
+    const RefinePlan plan = plan_refine(*base.refiner, h, 40, 32);
+    EXPECT_EQ(plan.sampler->num_calls(), 11);
+    EXPECT_EQ(plan.begin, 6);
+    EXPECT_EQ(plan.sampler->timestep(plan.begin), 333);
+  }
   // settings the run checks by name
   GenerationParams p;
   p.prompt = "x";
