@@ -14,6 +14,7 @@
 #include "diffpipe/cluster/pipeline_runner.h"
 #include "diffpipe/cluster/server.h"
 #include "diffpipe/runtime/error.h"
+#include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/mpi_env.h"
 #include "diffpipe/stages/model.h"
 #include "diffpipe/stages/model_stages.h"
@@ -110,6 +111,14 @@ int serve_main(int argc, char** argv) {
     defaults.steps = static_cast<int>(a.integer("steps", 25));
     defaults.guidance = a.number("guidance", 7.5);
     defaults.sampler = a.str("sampler");
+    if (defaults.sampler.empty()) {  // the folder's own scheduler answers requests that name none
+      try {
+        (void)sampler_kind_of_class(model.scheduler.class_name, model.scheduler.algorithm_type);
+      } catch (const Error& e) {
+        DP_FAIL("serve: ", path_join(dir, "scheduler/scheduler_config.json"), " names ", e.what(),
+                "; start the server with --sampler NAME");
+      }
+    }
     // the x4 upscaler and Stable unCLIP without a prior: each request brings its image ("image"), so the defaults
     // alone cannot be resolved
     if (model.upscaler) defaults.noise_level = 20;  // diffusers' default

@@ -13,6 +13,7 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "EulerDiscreteScheduler") return SamplerKind::Euler;
   if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
   if (n == "HeunDiscreteScheduler") return SamplerKind::Heun;
+  if (n == "LMSDiscreteScheduler") return SamplerKind::LMS;
   if (n == "DPMSolverMultistepScheduler")
     return algorithm_type == "sde-dpmsolver++" ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
@@ -21,8 +22,9 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "UniPCMultistepScheduler") return SamplerKind::UniPC;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "HeunDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, LCMScheduler, "
-          "UniPCMultistepScheduler)");
+          "HeunDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, "
+          "LCMScheduler, UniPCMultistepScheduler); choose a sampler per request (--sampler NAME, JSONL/HTTP "
+          "\"sampler\")");
 }
 
 SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
@@ -30,6 +32,14 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
   if (n == "ddim") return SamplerKind::DDIM;
   if (n == "euler") return SamplerKind::Euler;
   if (n == "euler_a" || n == "euler_ancestral") return SamplerKind::EulerAncestral;
+  if (n == "lms" || n == "lms_karras") {
+    *karras = n == "lms_karras";
+    return SamplerKind::LMS;
+  }
+  if (n == "euler_karras") {
+    *karras = true;
+    return SamplerKind::Euler;
+  }
   if (n == "heun" || n == "heun_karras") {
     *karras = n == "heun_karras";
     return SamplerKind::Heun;
@@ -51,8 +61,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::UniPC;
   }
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_a, heun, heun_karras, dpmpp_2m, dpmpp_2m_karras, "
-          "dpmpp_2m_sde, dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_karras, euler_a, heun, heun_karras, lms, lms_karras, "
+          "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -67,6 +77,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::UniPC: return "unipc";
     case SamplerKind::DPMSolverSDE: return "dpmpp_2m_sde";
     case SamplerKind::Heun: return "heun";
+    case SamplerKind::LMS: return "lms";
   }
   return "?";
 }
@@ -404,6 +415,56 @@ class HeunSampler : public Sampler {
   at::Tensor derivative_, sample_;
 };
 
+// Linear multistep (LMSDiscreteScheduler, order 4): the next sample is this one plus the last derivatives weighted by
+// the integrals over [sigma_i, sigma_i+1] of their Lagrange basis polynomials in sigma (diffusers integrates with
+// scipy's quad; the integrands are polynomials of degree < 4, integrated exactly here by 3-point Gauss-Legendre).
+// diffusers takes the order from the step index (min(i + 1, 4)) and pairs its coefficients with the derivatives it
+// has: a run begun part-way (image-to-image) uses the leading coefficients of the higher order, as here.
+class LmsSampler : public Sampler {
+ public:
+  LmsSampler(const SchedulerConfig& c, int steps) : c_(c) {
+    euler_schedule(c, steps, c.use_karras_sigmas, &timesteps_, &sigmas_);
+    sigmas_.push_back(0.0);
+    init_sigma_ = euler_init_sigma(c, sigmas_);
+  }
+  SamplerKind kind() const override { return SamplerKind::LMS; }
+  double init_noise_sigma() const override { return init_sigma_; }
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    return x + noise * static_cast<float>(sigmas_.at(i));
+  }
+  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
+    const double s = sigmas_.at(i);
+    return x / std::sqrt(s * s + 1);
+  }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+    const double sigma = sigmas_.at(i);
+    derivatives_.push_back((x - predicted_x0_from_eps_sigma(c_, x, e, sigma)) / sigma);
+    if (derivatives_.size() > 4) derivatives_.erase(derivatives_.begin());
+    const int order = std::min(i + 1, 4);
+    at::Tensor out = x;
+    const int n = std::min<int>(order, static_cast<int>(derivatives_.size()));
+    for (int k = 0; k < n; ++k) out = out + coefficient(order, i, k) * derivatives_[derivatives_.size() - 1 - k];
+    return out;
+  }
+
+ private:
+  // integral over [sigma_t, sigma_t+1] of prod_{j != k, j < order} (tau - sigma_{t-j}) / (sigma_{t-k} - sigma_{t-j})
+  double coefficient(int order, int t, int k) const {
+    auto basis = [&](double tau) {
+      double prod = 1.0;
+      for (int j = 0; j < order; ++j)
+        if (j != k) prod *= (tau - sigmas_.at(t - j)) / (sigmas_.at(t - k) - sigmas_.at(t - j));
+      return prod;
+    };
+    const double a = sigmas_.at(t), b = sigmas_.at(t + 1), mid = (a + b) / 2, half = (b - a) / 2;
+    const double x = std::sqrt(0.6);  // Gauss-Legendre, 3 points: exact for degree <= 5
+    return half * (5.0 / 9.0 * basis(mid - half * x) + 8.0 / 9.0 * basis(mid) + 5.0 / 9.0 * basis(mid + half * x));
+  }
+  SchedulerConfig c_;
+  double init_sigma_ = 1.0;
+  std::vector<at::Tensor> derivatives_;
+};
+
 // ---------------------------------------------------------------- DPM-Solver++ (multistep, order <= 2)
 // The schedule of diffusers' multistep solvers (DPMSolverMultistepScheduler, UniPCMultistepScheduler): `steps`
 // integer timesteps (linspace and leading over steps + 1 points, the last dropped; or trailing), their sigmas (or
@@ -729,10 +790,12 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
       break;
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
-    case SamplerKind::Heun: {
+    case SamplerKind::Heun:
+    case SamplerKind::LMS: {
       SchedulerConfig c = cfg;
       c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;
-      s = std::make_unique<HeunSampler>(c, steps);
+      if (kind == SamplerKind::Heun) s = std::make_unique<HeunSampler>(c, steps);
+      else s = std::make_unique<LmsSampler>(c, steps);
       break;
     }
     case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, false); break;

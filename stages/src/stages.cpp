@@ -9,6 +9,7 @@
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/image.h"
+#include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/philox.h"
 #include "diffpipe/runtime/profile.h"
 #include "diffpipe/runtime/torch_tensor.h"
@@ -289,8 +290,15 @@ at::Tensor ip_image_embeds(const SdModel& model, const GenerationParams& p) {
 
 ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, const at::Tensor& image_latents) {
   ResolvedParams r;
-  r.kind = p.sampler.empty() ? sampler_kind_of_class(model.scheduler.class_name, model.scheduler.algorithm_type)
-                             : parse_sampler_name(p.sampler, &r.karras);
+  if (p.sampler.empty()) {
+    try {
+      r.kind = sampler_kind_of_class(model.scheduler.class_name, model.scheduler.algorithm_type);
+    } catch (const Error& e) {
+      DP_FAIL("sampler: ", path_join(model.dir, "scheduler/scheduler_config.json"), " names ", e.what());
+    }
+  } else {
+    r.kind = parse_sampler_name(p.sampler, &r.karras);
+  }
   DP_CHECK(p.steps >= 1 && p.steps <= model.scheduler.num_train_timesteps, "steps: must be in [1, ",
            model.scheduler.num_train_timesteps, "], got ", p.steps);
   DP_CHECK(!model.scheduler.thresholding || r.kind == SamplerKind::DDPM, "sampler: ", sampler_kind_name(r.kind),

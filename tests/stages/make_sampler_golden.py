@@ -4,7 +4,7 @@ step on recorded trajectories (bh2 and bh1, orders 1 to 3, epsilon and v predict
 final_sigmas_type sigma_min, disable_corrector, a run begun part-way as image-to-image begins) and
 DPMSolverMultistepScheduler with final_sigmas_type sigma_min and as DPM++ 2M SDE (sde-dpmsolver++: midpoint and heun,
 Karras sigmas, v prediction, a run begun part-way; each step's noise recorded as C.k.noise); and StableDiffusionPipeline
-with UniPC, with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) and with DDIM at
+with UniPC, Heun, LMS, with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) and with DDIM at
 guidance_rescale 0.7 (pipeline_rescale) on tiny-sd:
 
     python3 tests/stages/make_sampler_golden.py --out DIR [--src ../shared/golden/tiny-sd]
@@ -50,6 +50,11 @@ CASES = [
     dict(name="heun_karras_v_leading", cls="HeunDiscreteScheduler", steps=5,
          config=dict(SD, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="leading")),
     dict(name="heun_begin4", cls="HeunDiscreteScheduler", steps=5, begin=4, config=dict(SD, timestep_spacing="trailing")),
+    # LMS (LMSDiscreteScheduler, order 4: coefficients by scipy's quad)
+    dict(name="lms", cls="LMSDiscreteScheduler", steps=8, config=dict(SD)),
+    dict(name="lms_karras_v_leading", cls="LMSDiscreteScheduler", steps=6,
+         config=dict(SD, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="leading")),
+    dict(name="lms_begin3", cls="LMSDiscreteScheduler", steps=7, begin=3, config=dict(SD)),
 ]
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
@@ -112,6 +117,11 @@ def main():
     with torch.no_grad():
         out["pipeline_heun.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
                                            output_type="pt").images
+    # LMS through the pipeline
+    pipe.scheduler = diffusers.LMSDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    with torch.no_grad():
+        out["pipeline_lms.images"] = pipe(PROMPTS, num_inference_steps=6, guidance_scale=7.5, latents=latents,
+                                          output_type="pt").images
     # guidance_rescale (rescale_noise_cfg) with the folder's DDIM: no draws beyond the latents
     pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(src, subfolder="scheduler")
     with torch.no_grad():
@@ -121,6 +131,7 @@ def main():
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
             "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline_lms": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "lms"},
             "pipeline_heun": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "heun"},
             "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,
                                  "sampler": "ddim"},

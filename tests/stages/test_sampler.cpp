@@ -109,13 +109,16 @@ TEST(Sampler, NamesAndConfigErrors) {
   EXPECT_EQ(parse_sampler_name("dpmpp_2m_karras", &karras), SamplerKind::DPMSolverMultistep);
   EXPECT_TRUE(karras);
   try {
-    parse_sampler_name("heun", &karras);
+    parse_sampler_name("dpm_fast", &karras);
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("unknown sampler 'heun' (valid: ddim"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("unknown sampler 'dpm_fast' (valid: ddim"), std::string::npos);
   }
+  EXPECT_EQ(parse_sampler_name("euler_karras", &karras), SamplerKind::Euler);
+  EXPECT_TRUE(karras);
   const std::string dir = test::scratch_dir("sched");
-  write_json(dir + "/a.json", {{"_class_name", "LMSDiscreteScheduler"}});
+  // a class no sampler here implements loads (a request may choose its sampler); the folder's default refuses
+  write_json(dir + "/a.json", {{"_class_name", "KDPM2DiscreteScheduler"}});
   write_json(dir + "/b.json", {{"_class_name", "DDIMScheduler"}, {"thresholding", true}});
   write_json(dir + "/c.json", {{"_class_name", "DDIMScheduler"}, {"prediction_type", "flow"}});
   auto err = [](const std::string& p) {
@@ -126,7 +129,10 @@ TEST(Sampler, NamesAndConfigErrors) {
     }
     return std::string();
   };
-  EXPECT_NE(err(dir + "/a.json").find("'LMSDiscreteScheduler' is not supported"), std::string::npos);
+  EXPECT_EQ(err(dir + "/a.json"), "");
+  EXPECT_NE(test::error_of([] { (void)sampler_kind_of_class("KDPM2DiscreteScheduler"); })
+                .find("'KDPM2DiscreteScheduler' is not supported"),
+            std::string::npos);
   EXPECT_NE(err(dir + "/b.json").find("b.json: key 'thresholding'"), std::string::npos);
   EXPECT_NE(err(dir + "/c.json").find("c.json: key 'prediction_type': unsupported 'flow'"), std::string::npos);
   EXPECT_THROW(Sampler::create(SamplerKind::DDIM, SchedulerConfig{}, 0), Error);
@@ -363,31 +369,47 @@ TEST(GoldenSamplers, GuidanceRescaleMatchesDiffusers) {
             std::string::npos);
 }
 
-// Heun through StableDiffusionPipeline (HeunDiscreteScheduler from the folder's config): 5 steps, 9 UNet calls.
-TEST(GoldenSamplers, HeunPipelineMatchesDiffusers) {
-  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
-  const auto g = load_safetensors(dir + "/golden.safetensors");
+namespace {
+// The states of golden.json's pipeline run `key` (its prompts, steps, guidance and sampler) from the reference's
+// latents; empty (skipped) when the reference predates it.
+std::vector<DenoiseState> pipeline_run_states(const std::string& dir, const SdModel& model, const std::string& key,
+                                              const std::map<std::string, at::Tensor>& g) {
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  if (!meta.contains("pipeline_heun")) GTEST_SKIP() << dir << " predates Heun (remake it)";
-  const auto run = meta.at("pipeline_heun");
-  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  if (!meta.contains(key)) return {};
   std::vector<GenerationParams> params;
-  for (const auto& pr : run.at("prompts")) {
+  for (const auto& pr : meta.at(key).at("prompts")) {
     GenerationParams p;
     p.prompt = pr.get<std::string>();
-    p.steps = run.at("steps").get<int>();
-    p.guidance = run.at("guidance").get<double>();
-    p.sampler = run.at("sampler").get<std::string>();
+    p.steps = meta.at(key).at("steps").get<int>();
+    p.guidance = meta.at(key).at("guidance").get<double>();
+    p.sampler = meta.at(key).at("sampler").get<std::string>();
     params.push_back(p);
   }
-  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
-  EXPECT_EQ(ds[0].sampler->kind(), SamplerKind::Heun);
-  EXPECT_EQ(ds[0].total_steps(), 2 * params[0].steps - 1);
-  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_heun.images"), "[golden-samplers] heun pipeline"));
+  return test::latent_states(model, params, g.at("pipeline.latents"));
+}
+}  // namespace
+
+// Heun (HeunDiscreteScheduler from the folder's config: 5 steps, 9 UNet calls) and LMS (LMSDiscreteScheduler, 6 steps)
+// through StableDiffusionPipeline.
+TEST(GoldenSamplers, HeunAndLmsPipelinesMatchDiffusers) {
+  DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  for (const auto& [key, kind] : {std::pair<std::string, SamplerKind>{"pipeline_heun", SamplerKind::Heun},
+                                  {"pipeline_lms", SamplerKind::LMS}}) {
+    std::vector<DenoiseState> ds = pipeline_run_states(dir, model, key, g);
+    if (ds.empty()) GTEST_SKIP() << dir << " predates " << key << " (remake it)";
+    EXPECT_EQ(ds[0].sampler->kind(), kind);
+    EXPECT_EQ(ds[0].total_steps(), kind == SamplerKind::Heun ? 9 : 6);
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(key + ".images"), "[golden-samplers] " + key));
+  }
   bool karras = false;
   EXPECT_EQ(parse_sampler_name("heun_karras", &karras), SamplerKind::Heun);
   EXPECT_TRUE(karras);
+  EXPECT_EQ(parse_sampler_name("lms_karras", &karras), SamplerKind::LMS);
+  EXPECT_TRUE(karras);
   EXPECT_EQ(sampler_kind_of_class("HeunDiscreteScheduler"), SamplerKind::Heun);
+  EXPECT_EQ(sampler_kind_of_class("LMSDiscreteScheduler"), SamplerKind::LMS);
   EXPECT_EQ(Sampler::create(SamplerKind::Heun, model.scheduler, 5)->order(), 2);
 }
 

@@ -1,4 +1,4 @@
-// Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral, Heun, DPM-Solver++ 2M
+// Samplers (diffusers schedulers) as per-request state machines: DDIM, Euler, Euler ancestral, Heun, LMS, DPM-Solver++ 2M
 // (optionally with Karras sigmas), PNDM/PLMS, DDPM, LCM (Latent Consistency Models) and UniPC. Each request owns its
 // Sampler, so requests at different steps and with different samplers share one UNet call (the denoiser batches
 // them).
@@ -14,7 +14,7 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun };
+enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -58,7 +58,8 @@ struct SchedulerConfig {
   static SchedulerConfig load_ddpm(const std::string& path);
 };
 
-// Parses a sampler name: ddim, euler, euler_a (euler_ancestral), heun, heun_karras, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde,
+// Parses a sampler name: ddim, euler, euler_karras, euler_a (euler_ancestral), heun, heun_karras, lms, lms_karras,
+// dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde,
 // dpmpp_2m_sde_karras, pndm (plms), ddpm, lcm, unipc, unipc_karras.
 // Sets *karras for the _karras names. Throws listing the valid names.
 SamplerKind parse_sampler_name(const std::string& name, bool* karras);
