@@ -332,15 +332,10 @@ double euler_init_sigma(const SchedulerConfig& c, const std::vector<double>& sig
   return (sp == "linspace" || sp == "trailing") ? mx : std::sqrt(mx * mx + 1);
 }
 
-class EulerSampler : public Sampler {
+// The k-diffusion parametrisation of Euler, Heun and LMS: a sample is x0 + sigma x noise, the UNet sees it divided by
+// sqrt(sigma^2 + 1); sigmas_ holds each call's sigma and the final one.
+class SigmaSampler : public Sampler {
  public:
-  EulerSampler(const SchedulerConfig& c, int steps, bool ancestral) : c_(c), ancestral_(ancestral) {
-    euler_schedule(c, steps, c.use_karras_sigmas && !ancestral, &timesteps_, &sigmas_);
-    const double last = sigmas_.back();
-    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? last : 0.0);
-    init_sigma_ = euler_init_sigma(c, sigmas_);
-  }
-  SamplerKind kind() const override { return ancestral_ ? SamplerKind::EulerAncestral : SamplerKind::Euler; }
   double init_noise_sigma() const override { return init_sigma_; }
   at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
     return x + noise * static_cast<float>(sigmas_.at(i));
@@ -349,6 +344,22 @@ class EulerSampler : public Sampler {
     const double s = sigmas_.at(i);
     return x / std::sqrt(s * s + 1);
   }
+
+ protected:
+  explicit SigmaSampler(const SchedulerConfig& c) : c_(c) {}
+  SchedulerConfig c_;
+  double init_sigma_ = 1.0;
+};
+
+class EulerSampler : public SigmaSampler {
+ public:
+  EulerSampler(const SchedulerConfig& c, int steps, bool ancestral) : SigmaSampler(c), ancestral_(ancestral) {
+    euler_schedule(c, steps, c.use_karras_sigmas && !ancestral, &timesteps_, &sigmas_);
+    const double last = sigmas_.back();
+    sigmas_.push_back(c.final_sigmas_type == "sigma_min" ? last : 0.0);
+    init_sigma_ = euler_init_sigma(c, sigmas_);
+  }
+  SamplerKind kind() const override { return ancestral_ ? SamplerKind::EulerAncestral : SamplerKind::Euler; }
   at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise& noise) override {
     const double sigma = sigmas_.at(i), next = sigmas_.at(i + 1);
     at::Tensor x0 = predicted_x0_from_eps_sigma(c_, x, e, sigma);
@@ -362,17 +373,15 @@ class EulerSampler : public Sampler {
   }
 
  private:
-  SchedulerConfig c_;
   bool ancestral_;
-  double init_sigma_ = 1.0;
 };
 
 // Heun's method (HeunDiscreteScheduler): each step but the last is two UNet calls, an Euler step to the next sigma
 // and a correction with the derivative there, averaged; the schedule's sigmas and timesteps are Euler's, each one after
 // the first repeated (2 x steps - 1 calls), so call i's sigma and timestep are entry i.
-class HeunSampler : public Sampler {
+class HeunSampler : public SigmaSampler {
  public:
-  HeunSampler(const SchedulerConfig& c, int steps) : c_(c) {
+  HeunSampler(const SchedulerConfig& c, int steps) : SigmaSampler(c) {
     std::vector<double> ts, sig;
     euler_schedule(c, steps, c.use_karras_sigmas, &ts, &sig);
     sig.push_back(0.0);
@@ -385,14 +394,6 @@ class HeunSampler : public Sampler {
   }
   SamplerKind kind() const override { return SamplerKind::Heun; }
   int order() const override { return 2; }
-  double init_noise_sigma() const override { return init_sigma_; }
-  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
-    return x + noise * static_cast<float>(sigmas_.at(i));
-  }
-  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
-    const double s = sigmas_.at(i);
-    return x / std::sqrt(s * s + 1);
-  }
   at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
     if (i % 2 == 0) {  // first order: Euler to the next sigma, remembered for the correction
       const double sigma = sigmas_.at(i), next = sigmas_.at(i + 1);
@@ -410,8 +411,7 @@ class HeunSampler : public Sampler {
   }
 
  private:
-  SchedulerConfig c_;
-  double init_sigma_ = 1.0, dt_ = 0;
+  double dt_ = 0;
   at::Tensor derivative_, sample_;
 };
 
@@ -420,22 +420,14 @@ class HeunSampler : public Sampler {
 // scipy's quad; the integrands are polynomials of degree < 4, integrated exactly here by 3-point Gauss-Legendre).
 // diffusers takes the order from the step index (min(i + 1, 4)) and pairs its coefficients with the derivatives it
 // has: a run begun part-way (image-to-image) uses the leading coefficients of the higher order, as here.
-class LmsSampler : public Sampler {
+class LmsSampler : public SigmaSampler {
  public:
-  LmsSampler(const SchedulerConfig& c, int steps) : c_(c) {
+  LmsSampler(const SchedulerConfig& c, int steps) : SigmaSampler(c) {
     euler_schedule(c, steps, c.use_karras_sigmas, &timesteps_, &sigmas_);
     sigmas_.push_back(0.0);
     init_sigma_ = euler_init_sigma(c, sigmas_);
   }
   SamplerKind kind() const override { return SamplerKind::LMS; }
-  double init_noise_sigma() const override { return init_sigma_; }
-  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
-    return x + noise * static_cast<float>(sigmas_.at(i));
-  }
-  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
-    const double s = sigmas_.at(i);
-    return x / std::sqrt(s * s + 1);
-  }
   at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
     const double sigma = sigmas_.at(i);
     derivatives_.push_back((x - predicted_x0_from_eps_sigma(c_, x, e, sigma)) / sigma);
@@ -460,8 +452,6 @@ class LmsSampler : public Sampler {
     const double x = std::sqrt(0.6);  // Gauss-Legendre, 3 points: exact for degree <= 5
     return half * (5.0 / 9.0 * basis(mid - half * x) + 8.0 / 9.0 * basis(mid) + 5.0 / 9.0 * basis(mid + half * x));
   }
-  SchedulerConfig c_;
-  double init_sigma_ = 1.0;
   std::vector<at::Tensor> derivatives_;
 };
 

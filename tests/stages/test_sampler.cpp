@@ -296,26 +296,36 @@ TEST(GoldenSamplers, UniPcAndDpmSolverSteps) {
             std::string::npos);
 }
 
+namespace {
+// The states of golden.json's pipeline run `key` (its prompts, steps, guidance and sampler) from the reference's
+// latents; empty (skipped) when the reference predates it.
+std::vector<DenoiseState> pipeline_run_states(const std::string& dir, const SdModel& model, const std::string& key,
+                                              const std::map<std::string, at::Tensor>& g) {
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  if (!meta.contains(key)) return {};
+  std::vector<GenerationParams> params;
+  for (const auto& pr : meta.at(key).at("prompts")) {
+    GenerationParams p;
+    p.prompt = pr.get<std::string>();
+    p.steps = meta.at(key).at("steps").get<int>();
+    p.guidance = meta.at(key).at("guidance").get<double>();
+    p.sampler = meta.at(key).at("sampler").get<std::string>();
+    p.guidance_rescale = meta.at(key).value("guidance_rescale", 0.0);
+    params.push_back(p);
+  }
+  return test::latent_states(model, params, g.at("pipeline.latents"));
+}
+}  // namespace
+
 // DPM++ 2M SDE Karras through StableDiffusionPipeline (DPMSolverMultistepScheduler, sde-dpmsolver++), each step's
 // noise the reference's draw for that request's row; without those draws (the request's own noise) the image differs.
 TEST(GoldenSamplers, DpmSdePipelineMatchesDiffusers) {
   DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  if (!meta.contains("pipeline_sde")) GTEST_SKIP() << dir << " predates DPM++ 2M SDE (remake it)";
-  const auto run = meta.at("pipeline_sde");
   const SdModel model = SdModel::load(dir + "/model", test::device_spec());
-  std::vector<GenerationParams> params;
-  for (const auto& pr : run.at("prompts")) {
-    GenerationParams p;
-    p.prompt = pr.get<std::string>();
-    p.steps = run.at("steps").get<int>();
-    p.guidance = run.at("guidance").get<double>();
-    p.sampler = run.at("sampler").get<std::string>();
-    params.push_back(p);
-  }
-  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
-  std::vector<DenoiseState> own = test::latent_states(model, params, g.at("pipeline.latents"));
+  std::vector<DenoiseState> ds = pipeline_run_states(dir, model, "pipeline_sde", g);
+  if (ds.empty()) GTEST_SKIP() << dir << " predates DPM++ 2M SDE (remake it)";
+  std::vector<DenoiseState> own = pipeline_run_states(dir, model, "pipeline_sde", g);
   for (size_t i = 0; i < ds.size(); ++i) {
     EXPECT_EQ(ds[i].sampler->kind(), SamplerKind::DPMSolverSDE);
     const auto row = static_cast<int64_t>(i);
@@ -339,27 +349,16 @@ TEST(GoldenSamplers, DpmSdePipelineMatchesDiffusers) {
 TEST(GoldenSamplers, GuidanceRescaleMatchesDiffusers) {
   DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");
-  const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  if (!meta.contains("pipeline_rescale")) GTEST_SKIP() << dir << " predates guidance_rescale (remake it)";
-  const auto run = meta.at("pipeline_rescale");
   const SdModel model = SdModel::load(dir + "/model", test::device_spec());
-  std::vector<GenerationParams> params;
-  for (const auto& pr : run.at("prompts")) {
-    GenerationParams p;
-    p.prompt = pr.get<std::string>();
-    p.steps = run.at("steps").get<int>();
-    p.guidance = run.at("guidance").get<double>();
-    p.guidance_rescale = run.at("guidance_rescale").get<double>();
-    p.sampler = run.at("sampler").get<std::string>();
-    params.push_back(p);
-  }
-  std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline.latents"));
+  std::vector<DenoiseState> ds = pipeline_run_states(dir, model, "pipeline_rescale", g);
+  if (ds.empty()) GTEST_SKIP() << dir << " predates guidance_rescale (remake it)";
   EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_rescale.images"), "[golden-samplers] guidance_rescale"));
-  for (auto& p : params) p.guidance_rescale = 0;
-  std::vector<DenoiseState> plain = test::latent_states(model, params, g.at("pipeline.latents"));
+  std::vector<DenoiseState> plain = pipeline_run_states(dir, model, "pipeline_rescale", g);
+  for (auto& s : plain) s.guidance_rescale = 0;
   const at::Tensor ref = g.at("pipeline_rescale.images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
   EXPECT_GT((test::images_of(model, plain).to(at::kInt) - ref).abs().max().item<int>(), 1);
-  GenerationParams q = params[0];
+  GenerationParams q;
+  q.prompt = "x";
   q.guidance_rescale = 1.5;
   EXPECT_NE(test::error_of([&] { (void)resolve_params(model, q); }).find("guidance_rescale: must be in [0, 1], got 1.5"),
             std::string::npos);
@@ -369,25 +368,6 @@ TEST(GoldenSamplers, GuidanceRescaleMatchesDiffusers) {
             std::string::npos);
 }
 
-namespace {
-// The states of golden.json's pipeline run `key` (its prompts, steps, guidance and sampler) from the reference's
-// latents; empty (skipped) when the reference predates it.
-std::vector<DenoiseState> pipeline_run_states(const std::string& dir, const SdModel& model, const std::string& key,
-                                              const std::map<std::string, at::Tensor>& g) {
-  const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  if (!meta.contains(key)) return {};
-  std::vector<GenerationParams> params;
-  for (const auto& pr : meta.at(key).at("prompts")) {
-    GenerationParams p;
-    p.prompt = pr.get<std::string>();
-    p.steps = meta.at(key).at("steps").get<int>();
-    p.guidance = meta.at(key).at("guidance").get<double>();
-    p.sampler = meta.at(key).at("sampler").get<std::string>();
-    params.push_back(p);
-  }
-  return test::latent_states(model, params, g.at("pipeline.latents"));
-}
-}  // namespace
 
 // Heun (HeunDiscreteScheduler from the folder's config: 5 steps, 9 UNet calls) and LMS (LMSDiscreteScheduler, 6 steps)
 // through StableDiffusionPipeline.
