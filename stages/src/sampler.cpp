@@ -292,16 +292,23 @@ class PNDMSampler : public Sampler {
   at::Tensor cur_sample_;
 };
 
-// ---------------------------------------------------------------- Euler / Euler ancestral / Heun
+// The training schedule's sigmas sqrt((1 - alphas_cumprod) / alphas_cumprod) in float32 (zero terminal SNR: the last
+// alphas_cumprod 2^-24, as diffusers), and their logarithms.
+void training_sigmas(const SchedulerConfig& c, std::vector<float>* sigmas, std::vector<float>* log_sigmas) {
+  at::Tensor ac = alphas_cumprod(c);
+  if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
+  *sigmas = to_vec(((1 - ac) / ac).pow(0.5));
+  log_sigmas->resize(sigmas->size());
+  for (size_t k = 0; k < sigmas->size(); ++k) (*log_sigmas)[k] = std::log((*sigmas)[k]);
+}
+
+// ---------------------------------------------------------------- Euler / Euler ancestral / Heun / LMS
 // The sigma schedule of diffusers' EulerDiscreteScheduler (and HeunDiscreteScheduler): `steps` timesteps by the
 // spacing, their sigmas interpolated from the training schedule (or Karras sigmas and the timesteps nearest them).
 void euler_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas, std::vector<double>* timesteps,
                     std::vector<double>* sigmas) {
-  at::Tensor ac = alphas_cumprod(c);
-  if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
-  const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
-  std::vector<float> log_sigmas(full.size());
-  for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+  std::vector<float> full, log_sigmas;
+  training_sigmas(c, &full, &log_sigmas);
   const std::string sp = spacing_of(c, "linspace");
   const int64_t N = c.num_train_timesteps;
   std::vector<double> ts;
@@ -461,11 +468,8 @@ class LmsSampler : public SigmaSampler {
 // Karras sigmas and the timesteps nearest them), then the final sigma: 0, or the schedule's smallest (sigma_min).
 void multistep_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas, std::vector<double>* timesteps,
                         std::vector<double>* sigmas) {
-  at::Tensor ac = alphas_cumprod(c);
-  if (c.rescale_betas_zero_snr) ac[-1].fill_(std::pow(2.0, -24));
-  const std::vector<float> full = to_vec(((1 - ac) / ac).pow(0.5));
-  std::vector<float> log_sigmas(full.size());
-  for (size_t k = 0; k < full.size(); ++k) log_sigmas[k] = std::log(full[k]);
+  std::vector<float> full, log_sigmas;
+  training_sigmas(c, &full, &log_sigmas);
   const int64_t last = c.num_train_timesteps;  // lambda_min_clipped = -inf
   const std::string sp = spacing_of(c, "linspace");
   std::vector<int64_t> ts;

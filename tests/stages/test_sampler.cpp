@@ -257,7 +257,8 @@ TEST(GoldenDdpm, EveryVarianceTypeAndThresholding) {
             std::string::npos);
 }
 
-// UniPCMultistepScheduler (and DPM-Solver++'s sigma_min end) against diffusers, step by step on recorded trajectories
+// UniPCMultistepScheduler, DPM-Solver++ (its sigma_min end, its SDE form with recorded noise), Heun and LMS against
+// diffusers, step by step on recorded trajectories
 // (tests/stages/make_sampler_golden.py; test.sh makes the folder under build/golden): bh2 and bh1, orders 1 to 3,
 // epsilon, v and sample prediction, linspace, leading and trailing spacing, Karras sigmas with a sigma_min end,
 // disable_corrector, a run begun at step 3 (image-to-image); then StableDiffusionPipeline with UniPC on tiny-sd.
