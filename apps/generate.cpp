@@ -83,8 +83,8 @@ const std::vector<cli::Opt> kOptions = {
     {"guidance-rescale", "R", "diffusers' guidance_rescale: the guided prediction rescaled toward the conditional\n"
                               "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
     {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | lms | lms_karras |\n"
-                          "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | pndm | ddpm | lcm |\n"
-                          "unipc | unipc_karras (default: the model's)"},
+                          "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | dpmpp_3m_sde |\n"
+                          "dpmpp_3m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras (default: the model's)"},
     {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"
                   "unless its JSONL line sets a seed (default 0)"},
     {"width", "W", "image width, a multiple of the model's latent factor x UNet downsampling"},

@@ -129,7 +129,7 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   if (c.solver_type != "midpoint" && c.solver_type != "heun" && c.solver_type != "logrho" && c.solver_type != "bh1" &&
       c.solver_type != "bh2")
     j.fail("solver_type", "unsupported '" + c.solver_type + "' (supported: midpoint, heun, logrho, bh1, bh2)");
-  if (c.solver_order < 1 || c.solver_order > 3) j.fail("solver_order", "supported: 1, 2 or 3 (DPM-Solver++: 1 or 2)");
+  if (c.solver_order < 1 || c.solver_order > 3) j.fail("solver_order", "supported: 1, 2 or 3");
   if (j.has("disable_corrector")) {  // UniPC
     const auto& v = j.json()["disable_corrector"];
     if (!v.is_array()) j.fail("disable_corrector", "expected a list of step indices");

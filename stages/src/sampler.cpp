@@ -49,6 +49,10 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::DPMSolverMultistep;
   }
+  if (n == "dpmpp_3m_sde" || n == "dpmpp_3m_sde_karras") {
+    *karras = n == "dpmpp_3m_sde_karras";
+    return SamplerKind::DPMSolver3MSDE;
+  }
   if (n == "dpmpp_2m_sde" || n == "dpmpp_2m_sde_karras") {
     *karras = n == "dpmpp_2m_sde_karras";
     return SamplerKind::DPMSolverSDE;
@@ -62,7 +66,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     return SamplerKind::UniPC;
   }
   DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_karras, euler_a, heun, heun_karras, lms, lms_karras, "
-          "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, pndm, ddpm, lcm, unipc, unipc_karras)");
+          "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, pndm, ddpm, "
+          "lcm, unipc, unipc_karras)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -78,6 +83,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::DPMSolverSDE: return "dpmpp_2m_sde";
     case SamplerKind::Heun: return "heun";
     case SamplerKind::LMS: return "lms";
+    case SamplerKind::DPMSolver3MSDE: return "dpmpp_3m_sde";
   }
   return "?";
 }
@@ -497,15 +503,16 @@ void multistep_schedule(const SchedulerConfig& c, int steps, bool karras_sigmas,
 }
 
 // DPM-Solver++ (DPMSolverMultistepScheduler, algorithm_type dpmsolver++), or with `sde` its stochastic form
-// (sde-dpmsolver++: DPM++ 2M SDE): each step also adds sigma_t x sqrt(1 - e^-2h) of the request's noise.
+// (sde-dpmsolver++: DPM++ 2M SDE): each step also adds sigma_t x sqrt(1 - e^-2h) of the request's noise. Orders 1 to 3
+// (solver_order; warm-up and lower_order_final lower it at the ends, as diffusers).
 class DPMSolverSampler : public Sampler {
  public:
-  DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas, bool sde) : c_(c), sde_(sde) {
-    DP_CHECK(c.solver_order <= 2, "DPM-Solver++: solver_order ", c.solver_order, " is not supported (1 or 2)");
+  DPMSolverSampler(const SchedulerConfig& c, int steps, bool karras_sigmas, bool sde, SamplerKind kind)
+      : c_(c), sde_(sde), kind_(kind) {
     multistep_schedule(c, steps, karras_sigmas, &timesteps_, &sigmas_);
     outputs_.resize(c.solver_order);
   }
-  SamplerKind kind() const override { return sde_ ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep; }
+  SamplerKind kind() const override { return kind_; }
   at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
     const float sigma = static_cast<float>(sigmas_.at(i)), a = 1.0f / std::sqrt(sigma * sigma + 1.0f);
     return a * x + (sigma * a) * noise;
@@ -529,8 +536,11 @@ class DPMSolverSampler : public Sampler {
     else x0 = e;
     for (size_t k = 0; k + 1 < outputs_.size(); ++k) outputs_[k] = outputs_[k + 1];
     outputs_.back() = x0;
+    const bool lower_second = i == n - 2 && c_.lower_order_final && n < 15;
     at::Tensor out;
-    if (c_.solver_order == 1 || lower_order_nums_ < 1 || lower_final) {
+    if (c_.solver_order >= 3 && lower_order_nums_ >= 2 && !lower_final && !lower_second) {
+      out = third_order(i, x, z);
+    } else if (c_.solver_order == 1 || lower_order_nums_ < 1 || lower_final) {
       double at_, st_, as_, ss_;
       alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
       alpha_sigma(sigmas_.at(i), &as_, &ss_);
@@ -571,8 +581,30 @@ class DPMSolverSampler : public Sampler {
     *a = 1.0 / std::sqrt(sigma * sigma + 1);
     *s = sigma * *a;
   }
+  // diffusers' multistep_dpm_solver_third_order_update (dpmsolver++ and sde-dpmsolver++)
+  at::Tensor third_order(int i, const at::Tensor& x, const at::Tensor& z) const {
+    double at_, st_, a0, s0, a1, s1, a2, s2;
+    alpha_sigma(sigmas_.at(i + 1), &at_, &st_);
+    alpha_sigma(sigmas_.at(i), &a0, &s0);
+    alpha_sigma(sigmas_.at(i - 1), &a1, &s1);
+    alpha_sigma(sigmas_.at(i - 2), &a2, &s2);
+    const double lt = std::log(at_) - std::log(st_), l0 = std::log(a0) - std::log(s0),
+                 l1 = std::log(a1) - std::log(s1), l2 = std::log(a2) - std::log(s2);
+    const double h = lt - l0, h0 = l0 - l1, h1 = l1 - l2, r0 = h0 / h, r1 = h1 / h;
+    const size_t n = outputs_.size();
+    const at::Tensor &m0 = outputs_[n - 1], &m1 = outputs_[n - 2], &m2 = outputs_[n - 3];
+    const at::Tensor D1_0 = (1.0 / r0) * (m0 - m1), D1_1 = (1.0 / r1) * (m1 - m2);
+    const at::Tensor D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1), D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1);
+    if (!sde_)
+      return (st_ / s0) * x - (at_ * (std::exp(-h) - 1.0)) * m0 + (at_ * ((std::exp(-h) - 1.0) / h + 1.0)) * D1 -
+             (at_ * ((std::exp(-h) - 1.0 + h) / (h * h) - 0.5)) * D2;
+    const double e2 = 1.0 - std::exp(-2.0 * h);
+    return (st_ / s0 * std::exp(-h)) * x + (at_ * e2) * m0 + (at_ * (e2 / (-2.0 * h) + 1.0)) * D1 +
+           (at_ * ((e2 - 2.0 * h) / (4.0 * h * h) - 0.5)) * D2 + (st_ * std::sqrt(e2)) * z;
+  }
   SchedulerConfig c_;
   bool sde_ = false;
+  SamplerKind kind_;
   std::vector<at::Tensor> outputs_;
   int lower_order_nums_ = 0;
 };
@@ -792,8 +824,18 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
       else s = std::make_unique<LmsSampler>(c, steps);
       break;
     }
-    case SamplerKind::DPMSolverMultistep: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, false); break;
-    case SamplerKind::DPMSolverSDE: s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, true); break;
+    case SamplerKind::DPMSolverMultistep:
+    case SamplerKind::DPMSolverSDE: {
+      SchedulerConfig c = cfg;  // the named 2M samplers: the folder's order unless it asks for 3
+      s = std::make_unique<DPMSolverSampler>(c, steps, karras_sigmas, kind == SamplerKind::DPMSolverSDE, kind);
+      break;
+    }
+    case SamplerKind::DPMSolver3MSDE: {
+      SchedulerConfig c = cfg;  // DPM++ 3M SDE: third order, stochastic
+      c.solver_order = 3;
+      s = std::make_unique<DPMSolverSampler>(c, steps, karras_sigmas, true, kind);
+      break;
+    }
     case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;
     case SamplerKind::UniPC: s = std::make_unique<UniPCSampler>(cfg, steps, karras_sigmas); break;
   }

@@ -45,6 +45,10 @@ CASES = [
                      prediction_type="v_prediction", lower_order_final=False)),
     dict(name="dpm_sde_begin2", cls="DPMSolverMultistepScheduler", steps=6, begin=2,
          config=dict(SD, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")),
+    # DPM-Solver++ of order 3 (dpmsolver++ and DPM++ 3M SDE with Karras sigmas)
+    dict(name="dpm_order3", cls="DPMSolverMultistepScheduler", steps=9, config=dict(SD, solver_order=3)),
+    dict(name="dpm_3m_sde_karras", cls="DPMSolverMultistepScheduler", steps=16,
+         config=dict(SD, solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
     # Heun (HeunDiscreteScheduler): 2 x steps - 1 calls, each correction after its Euler step
     dict(name="heun", cls="HeunDiscreteScheduler", steps=6, config=dict(SD)),
     dict(name="heun_karras_v_leading", cls="HeunDiscreteScheduler", steps=5,
@@ -112,6 +116,16 @@ def main():
     for k, d in enumerate(draws):
         out[f"pipeline_sde.draws.{k}"] = d
     out["pipeline_sde.images"] = img
+    # DPM++ 3M SDE Karras through the pipeline (its draws recorded)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
+                                                             use_karras_sigmas=True, solver_order=3)
+    with torch.no_grad(), recorded_draws(scheduling_dpmsolver_multistep) as draws:
+        img = pipe(PROMPTS, num_inference_steps=7, guidance_scale=7.5, latents=latents, output_type="pt",
+                   generator=torch.Generator().manual_seed(10)).images
+    assert len(draws) == 7, len(draws)
+    for k, d in enumerate(draws):
+        out[f"pipeline_3m.draws.{k}"] = d
+    out["pipeline_3m.images"] = img
     # Heun through the pipeline (9 UNet calls for 5 steps)
     pipe.scheduler = diffusers.HeunDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
     with torch.no_grad():
@@ -131,6 +145,7 @@ def main():
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
             "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline_3m": {"prompts": PROMPTS, "steps": 7, "guidance": 7.5, "sampler": "dpmpp_3m_sde_karras"},
             "pipeline_lms": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "lms"},
             "pipeline_heun": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "heun"},
             "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,

@@ -318,29 +318,36 @@ std::vector<DenoiseState> pipeline_run_states(const std::string& dir, const SdMo
 }
 }  // namespace
 
-// DPM++ 2M SDE Karras through StableDiffusionPipeline (DPMSolverMultistepScheduler, sde-dpmsolver++), each step's
-// noise the reference's draw for that request's row; without those draws (the request's own noise) the image differs.
-TEST(GoldenSamplers, DpmSdePipelineMatchesDiffusers) {
+// DPM++ 2M SDE Karras and DPM++ 3M SDE Karras through StableDiffusionPipeline (DPMSolverMultistepScheduler,
+// sde-dpmsolver++, solver_order 2 / 3), each step's noise the reference's draw for that request's row; without those
+// draws (the request's own noise) the image differs.
+TEST(GoldenSamplers, DpmSdePipelinesMatchDiffusers) {
   DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_SAMPLERS", "tiny-samplers", "golden.json", "make_sampler_golden.py");
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const SdModel model = SdModel::load(dir + "/model", test::device_spec());
-  std::vector<DenoiseState> ds = pipeline_run_states(dir, model, "pipeline_sde", g);
-  if (ds.empty()) GTEST_SKIP() << dir << " predates DPM++ 2M SDE (remake it)";
-  std::vector<DenoiseState> own = pipeline_run_states(dir, model, "pipeline_sde", g);
-  for (size_t i = 0; i < ds.size(); ++i) {
-    EXPECT_EQ(ds[i].sampler->kind(), SamplerKind::DPMSolverSDE);
-    const auto row = static_cast<int64_t>(i);
-    ds[i].step_noise = [&g, row](int step, const at::Tensor& like) {
-      return g.at("pipeline_sde.draws." + std::to_string(step))[row].unsqueeze(0).to(like.device(), like.scalar_type());
-    };
+  for (const auto& [key, kind] : {std::pair<std::string, SamplerKind>{"pipeline_sde", SamplerKind::DPMSolverSDE},
+                                  {"pipeline_3m", SamplerKind::DPMSolver3MSDE}}) {
+    std::vector<DenoiseState> ds = pipeline_run_states(dir, model, key, g);
+    if (ds.empty()) GTEST_SKIP() << dir << " predates " << key << " (remake it)";
+    std::vector<DenoiseState> own = pipeline_run_states(dir, model, key, g);
+    for (size_t i = 0; i < ds.size(); ++i) {
+      EXPECT_EQ(ds[i].sampler->kind(), kind) << key;
+      const auto row = static_cast<int64_t>(i);
+      const std::string draws = key + ".draws.";
+      ds[i].step_noise = [&g, row, draws](int step, const at::Tensor& like) {
+        return g.at(draws + std::to_string(step))[row].unsqueeze(0).to(like.device(), like.scalar_type());
+      };
+    }
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(key + ".images"), "[golden-samplers] " + key)) << key;
+    const at::Tensor ref = g.at(key + ".images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
+    EXPECT_GT((test::images_of(model, own).to(at::kInt) - ref).abs().max().item<int>(), 1) << key;  // the noise matters
   }
-  EXPECT_TRUE(test::matches_reference(model, ds, g.at("pipeline_sde.images"), "[golden-samplers] dpmpp_2m_sde_karras"));
-  const at::Tensor ref = g.at("pipeline_sde.images").permute({0, 2, 3, 1}).mul(255).round().to(at::kInt);
-  EXPECT_GT((test::images_of(model, own).to(at::kInt) - ref).abs().max().item<int>(), 1);  // the noise matters
   bool karras = false;
   EXPECT_EQ(parse_sampler_name("dpmpp_2m_sde", &karras), SamplerKind::DPMSolverSDE);
   EXPECT_FALSE(karras);
   EXPECT_EQ(parse_sampler_name("dpmpp_2m_sde_karras", &karras), SamplerKind::DPMSolverSDE);
+  EXPECT_TRUE(karras);
+  EXPECT_EQ(parse_sampler_name("dpmpp_3m_sde_karras", &karras), SamplerKind::DPMSolver3MSDE);
   EXPECT_TRUE(karras);
   EXPECT_EQ(sampler_kind_of_class("DPMSolverMultistepScheduler", "sde-dpmsolver++"), SamplerKind::DPMSolverSDE);
 }

@@ -14,7 +14,9 @@
 
 namespace diffpipe {
 
-enum class SamplerKind { DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS };
+enum class SamplerKind {
+  DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS, DPMSolver3MSDE
+};
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
 struct SchedulerConfig {
@@ -59,7 +61,7 @@ struct SchedulerConfig {
 };
 
 // Parses a sampler name: ddim, euler, euler_karras, euler_a (euler_ancestral), heun, heun_karras, lms, lms_karras,
-// dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde,
+// dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_3m_sde_karras,
 // dpmpp_2m_sde_karras, pndm (plms), ddpm, lcm, unipc, unipc_karras.
 // Sets *karras for the _karras names. Throws listing the valid names.
 SamplerKind parse_sampler_name(const std::string& name, bool* karras);
