@@ -82,7 +82,8 @@ const std::vector<cli::Opt> kOptions = {
     {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
     {"guidance-rescale", "R", "diffusers' guidance_rescale: the guided prediction rescaled toward the conditional\n"
                               "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
-    {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | lms | lms_karras |\n"
+    {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | kdpm2 | kdpm2_karras |\n"
+                          "lms | lms_karras |\n"
                           "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | dpmpp_3m_sde |\n"
                           "dpmpp_3m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras (default: the model's)"},
     {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"

@@ -14,6 +14,7 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "EulerAncestralDiscreteScheduler") return SamplerKind::EulerAncestral;
   if (n == "HeunDiscreteScheduler") return SamplerKind::Heun;
   if (n == "LMSDiscreteScheduler") return SamplerKind::LMS;
+  if (n == "KDPM2DiscreteScheduler") return SamplerKind::KDPM2;
   if (n == "DPMSolverMultistepScheduler")
     return algorithm_type == "sde-dpmsolver++" ? SamplerKind::DPMSolverSDE : SamplerKind::DPMSolverMultistep;
   if (n == "PNDMScheduler") return SamplerKind::PNDM;
@@ -22,7 +23,7 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "UniPCMultistepScheduler") return SamplerKind::UniPC;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
-          "HeunDiscreteScheduler, LMSDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, "
+          "HeunDiscreteScheduler, LMSDiscreteScheduler, KDPM2DiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, "
           "LCMScheduler, UniPCMultistepScheduler); choose a sampler per request (--sampler NAME, JSONL/HTTP "
           "\"sampler\")");
 }
@@ -32,6 +33,10 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
   if (n == "ddim") return SamplerKind::DDIM;
   if (n == "euler") return SamplerKind::Euler;
   if (n == "euler_a" || n == "euler_ancestral") return SamplerKind::EulerAncestral;
+  if (n == "kdpm2" || n == "kdpm2_karras" || n == "dpm2" || n == "dpm2_karras") {
+    *karras = n == "kdpm2_karras" || n == "dpm2_karras";
+    return SamplerKind::KDPM2;
+  }
   if (n == "lms" || n == "lms_karras") {
     *karras = n == "lms_karras";
     return SamplerKind::LMS;
@@ -65,7 +70,8 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::UniPC;
   }
-  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_karras, euler_a, heun, heun_karras, lms, lms_karras, "
+  DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_karras, euler_a, heun, heun_karras, kdpm2, "
+          "kdpm2_karras, lms, lms_karras, "
           "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, pndm, ddpm, "
           "lcm, unipc, unipc_karras)");
 }
@@ -83,6 +89,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::DPMSolverSDE: return "dpmpp_2m_sde";
     case SamplerKind::Heun: return "heun";
     case SamplerKind::LMS: return "lms";
+    case SamplerKind::KDPM2: return "kdpm2";
     case SamplerKind::DPMSolver3MSDE: return "dpmpp_3m_sde";
   }
   return "?";
@@ -426,6 +433,66 @@ class HeunSampler : public SigmaSampler {
  private:
   double dt_ = 0;
   at::Tensor derivative_, sample_;
+};
+
+// DPM-Solver-2 (KDPM2DiscreteScheduler): each step but the last is a first-order step to the geometric mean of this
+// sigma and the next (sigma_interpol), then a call there whose derivative carries the sample from this sigma to the
+// next; the timesteps interleave the interpolated sigmas' timesteps (2 x steps - 1 calls). The UNet's input is scaled
+// by the call's own sigma (sigma_interpol at the second calls). Interpolated sigmas in float32, as diffusers.
+class Kdpm2Sampler : public SigmaSampler {
+ public:
+  Kdpm2Sampler(const SchedulerConfig& c, int steps) : SigmaSampler(c) {
+    std::vector<double> ts, sig;
+    euler_schedule(c, steps, c.use_karras_sigmas, &ts, &sig);
+    if (c.use_karras_sigmas)
+      for (double& t : ts) t = std::nearbyint(t);  // KDPM2 rounds its Karras timesteps
+    sig.push_back(0.0);
+    const size_t n = sig.size();  // steps + 1
+    std::vector<double> si(n, 0.0);  // si[k]: exp of log s_k and log s_k-1 lerped halfway (torch's lerp; si[0] unused)
+    for (size_t k = 1; k < n; ++k) {
+      if (sig[k] == 0.0) continue;  // log 0: the lerp is -inf, its exp 0
+      const float lk = std::log(static_cast<float>(sig[k])), lp = std::log(static_cast<float>(sig[k - 1]));
+      si[k] = std::exp(lp - (lp - lk) * 0.5f);
+    }
+    std::vector<float> full, log_sigmas;
+    training_sigmas(c, &full, &log_sigmas);
+    sigmas_ = {sig[0]};
+    interpol_ = {si[0]};
+    for (size_t k = 1; k < n; ++k) {
+      sigmas_.insert(sigmas_.end(), {sig[k], sig[k]});
+      interpol_.insert(interpol_.end(), {si[k], si[k]});
+    }
+    sigmas_.push_back(sig.back());
+    interpol_.push_back(si.back());
+    timesteps_ = {ts[0]};
+    for (size_t k = 1; k + 1 < n; ++k)
+      timesteps_.insert(timesteps_.end(), {double(float(sigma_to_t(si[k], log_sigmas))), ts[k]});
+    init_sigma_ = euler_init_sigma(c, sigmas_);
+  }
+  SamplerKind kind() const override { return SamplerKind::KDPM2; }
+  int order() const override { return 2; }
+  at::Tensor scale_model_input(const at::Tensor& x, int i) const override {
+    const double s = i % 2 == 0 ? sigmas_.at(i) : interpol_.at(i);
+    return x / std::sqrt(s * s + 1);
+  }
+  at::Tensor step(const at::Tensor& e, int i, const at::Tensor& x, const StepNoise&) override {
+    if (i % 2 == 0) {  // first order: to the interpolated sigma, remembered for the second call
+      const double sigma = sigmas_.at(i);
+      const at::Tensor d = (x - predicted_x0_from_eps_sigma(c_, x, e, sigma)) / sigma;
+      sample_ = x;
+      return x + d * (interpol_.at(i + 1) - sigma);
+    }
+    DP_CHECK(sample_.defined(), "kdpm2: call ", i, " completes a step that did not run here");
+    const double si = interpol_.at(i);
+    const at::Tensor d = (x - predicted_x0_from_eps_sigma(c_, x, e, si)) / si;
+    at::Tensor out = sample_ + d * (sigmas_.at(i) - sigmas_.at(i - 1));
+    sample_ = at::Tensor();
+    return out;
+  }
+
+ private:
+  std::vector<double> interpol_;  // each call's interpolated sigma (interleaved as sigmas_)
+  at::Tensor sample_;
 };
 
 // Linear multistep (LMSDiscreteScheduler, order 4): the next sample is this one plus the last derivatives weighted by
@@ -817,10 +884,12 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     }
     case SamplerKind::EulerAncestral: s = std::make_unique<EulerSampler>(cfg, steps, true); break;
     case SamplerKind::Heun:
+    case SamplerKind::KDPM2:
     case SamplerKind::LMS: {
       SchedulerConfig c = cfg;
       c.use_karras_sigmas = cfg.use_karras_sigmas || karras_sigmas;
       if (kind == SamplerKind::Heun) s = std::make_unique<HeunSampler>(c, steps);
+      else if (kind == SamplerKind::KDPM2) s = std::make_unique<Kdpm2Sampler>(c, steps);
       else s = std::make_unique<LmsSampler>(c, steps);
       break;
     }

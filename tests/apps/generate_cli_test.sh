@@ -53,7 +53,7 @@ pid=$!; sleep 2; kill -TERM $pid; wait $pid; rc=$?
   || bad "SIGTERM: rc $rc: $(tail -1 "$WORK/term.log")"
 
 # every sampler through the whole pipeline (PLMS makes steps + 1 model calls)
-for s in ddim euler euler_karras euler_a heun lms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_3m_sde_karras pndm unipc; do
+for s in ddim euler euler_karras euler_a heun kdpm2 lms dpmpp_2m dpmpp_2m_karras dpmpp_2m_sde dpmpp_3m_sde_karras pndm unipc; do
   "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --steps 3 --sampler $s --out "$WORK/s-$s" --quiet 2> "$WORK/s-$s.log" \
     && [ "$(ls "$WORK/s-$s"/img-*.png | wc -l)" = 2 ] && ok "sampler $s" || bad "sampler $s: $(tail -1 "$WORK/s-$s.log")"
 done
@@ -107,7 +107,7 @@ touch "$WORK/a-file"
 expect_error out-is-file "a-file: cannot create folder" generate --model "$WORK/m" --prompt x --steps 2 --out "$WORK/a-file"
 [ ! -e "$WORK/a-file/images.jsonl" ] || bad "out-is-file: wrote into it"
 expect_error width "width: 18 is not a positive multiple of 4" "${G[@]}" --model "$WORK/m" --width 18
-expect_error sampler "unknown sampler 'kdpm2'" "${G[@]}" --model "$WORK/m" --sampler kdpm2
+expect_error sampler "unknown sampler 'deis'" "${G[@]}" --model "$WORK/m" --sampler deis
 expect_error option "unknown option --stepz" "${G[@]}" --model "$WORK/m" --stepz 3
 expect_error steps-value "--steps expects an integer, got 'ten'" "${G[@]}" --model "$WORK/m" --steps ten
 expect_error steps-range "steps: must be in [1, 1000]" "${G[@]}" --model "$WORK/m" --steps 5000

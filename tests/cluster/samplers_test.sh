@@ -103,17 +103,17 @@ same_pngs "$WORK/hi1" "$WORK/hi3" && [ -f "$WORK/hi1/img-00000-seed3.png" ] \
   && ok "heun image-to-image: 1 and 3 ranks give the same PNG bytes, unlike unipc's" || bad "heun across ranks"
 
 # a folder whose scheduler class no sampler implements loads; requests name a sampler, the others are refused
-mkdir -p "$WORK/kdpm/scheduler"; for p in "$SD"/*; do [ "$(basename "$p")" = scheduler ] || ln -s "$p" "$WORK/kdpm/"; done
-python3 -c "import json,sys; c=json.load(open(sys.argv[1])); c['_class_name']='KDPM2DiscreteScheduler'; json.dump(c, open(sys.argv[2],'w'))" \
-  "$SD/scheduler/scheduler_config.json" "$WORK/kdpm/scheduler/scheduler_config.json"
-if timeout 60 "$BIN" generate --model "$WORK/kdpm" --prompt x --steps 4 --threads 1 --out "$WORK/kd0" 2> "$WORK/kd0.log"; then
-  bad "a request without a sampler ran on KDPM2DiscreteScheduler"
-else grep -q "scheduler/scheduler_config.json names scheduler class 'KDPM2DiscreteScheduler' is not supported" "$WORK/kd0.log" \
-  && ok "KDPM2DiscreteScheduler folder: a request without a sampler refused naming the file" \
+mkdir -p "$WORK/deis/scheduler"; for p in "$SD"/*; do [ "$(basename "$p")" = scheduler ] || ln -s "$p" "$WORK/deis/"; done
+python3 -c "import json,sys; c=json.load(open(sys.argv[1])); c['_class_name']='DEISMultistepScheduler'; json.dump(c, open(sys.argv[2],'w'))" \
+  "$SD/scheduler/scheduler_config.json" "$WORK/deis/scheduler/scheduler_config.json"
+if timeout 60 "$BIN" generate --model "$WORK/deis" --prompt x --steps 4 --threads 1 --out "$WORK/kd0" 2> "$WORK/kd0.log"; then
+  bad "a request without a sampler ran on DEISMultistepScheduler"
+else grep -q "scheduler/scheduler_config.json names scheduler class 'DEISMultistepScheduler' is not supported" "$WORK/kd0.log" \
+  && ok "DEISMultistepScheduler folder: a request without a sampler refused naming the file" \
   || bad "unclear: $(tail -1 "$WORK/kd0.log")"; fi
-timeout 60 "$BIN" generate --model "$WORK/kdpm" --prompt x --steps 4 --threads 1 --sampler lms --quiet --out "$WORK/kd1" \
+timeout 60 "$BIN" generate --model "$WORK/deis" --prompt x --steps 4 --threads 1 --sampler lms --quiet --out "$WORK/kd1" \
   2> "$WORK/kd1.log" && [ -f "$WORK/kd1/img-00000-seed0.png" ] && ok "... and runs with --sampler lms" \
-  || bad "--sampler lms on the KDPM2 folder: $(tail -1 "$WORK/kd1.log")"
+  || bad "--sampler lms on the DEIS folder: $(tail -1 "$WORK/kd1.log")"
 
 # guidance_rescale: the flag, the JSONL key and the PNG chunk; a guided request only
 RS=(generate --model "$SD" --prompt "a photo of a cat" --seed 4 --steps 5 --threads 1 --quiet --timeout 60)

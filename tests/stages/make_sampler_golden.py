@@ -4,7 +4,7 @@ step on recorded trajectories (bh2 and bh1, orders 1 to 3, epsilon and v predict
 final_sigmas_type sigma_min, disable_corrector, a run begun part-way as image-to-image begins) and
 DPMSolverMultistepScheduler with final_sigmas_type sigma_min and as DPM++ 2M SDE (sde-dpmsolver++: midpoint and heun,
 Karras sigmas, v prediction, a run begun part-way; each step's noise recorded as C.k.noise); and StableDiffusionPipeline
-with UniPC, Heun, LMS, with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) and with DDIM at
+with UniPC, Heun, KDPM2, LMS, with DPM++ 2M SDE Karras (its per-step draws recorded as pipeline_sde.draws.K) and with DDIM at
 guidance_rescale 0.7 (pipeline_rescale) on tiny-sd:
 
     python3 tests/stages/make_sampler_golden.py --out DIR [--src ../shared/golden/tiny-sd]
@@ -54,6 +54,11 @@ CASES = [
     dict(name="heun_karras_v_leading", cls="HeunDiscreteScheduler", steps=5,
          config=dict(SD, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="leading")),
     dict(name="heun_begin4", cls="HeunDiscreteScheduler", steps=5, begin=4, config=dict(SD, timestep_spacing="trailing")),
+    # KDPM2 (KDPM2DiscreteScheduler, DPM-Solver-2): 2 x steps - 1 calls through the interpolated sigmas
+    dict(name="kdpm2", cls="KDPM2DiscreteScheduler", steps=6, config=dict(SD)),
+    dict(name="kdpm2_karras_v_leading", cls="KDPM2DiscreteScheduler", steps=5,
+         config=dict(SD, use_karras_sigmas=True, prediction_type="v_prediction", timestep_spacing="leading")),
+    dict(name="kdpm2_begin4", cls="KDPM2DiscreteScheduler", steps=5, begin=4, config=dict(SD)),
     # LMS (LMSDiscreteScheduler, order 4: coefficients by scipy's quad)
     dict(name="lms", cls="LMSDiscreteScheduler", steps=8, config=dict(SD)),
     dict(name="lms_karras_v_leading", cls="LMSDiscreteScheduler", steps=6,
@@ -131,6 +136,11 @@ def main():
     with torch.no_grad():
         out["pipeline_heun.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
                                            output_type="pt").images
+    # KDPM2 through the pipeline
+    pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    with torch.no_grad():
+        out["pipeline_kdpm2.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
+                                            output_type="pt").images
     # LMS through the pipeline
     pipe.scheduler = diffusers.LMSDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
     with torch.no_grad():
@@ -146,6 +156,7 @@ def main():
                       for c in CASES],
             "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
             "pipeline_3m": {"prompts": PROMPTS, "steps": 7, "guidance": 7.5, "sampler": "dpmpp_3m_sde_karras"},
+            "pipeline_kdpm2": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "kdpm2"},
             "pipeline_lms": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "lms"},
             "pipeline_heun": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "heun"},
             "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,

@@ -15,7 +15,7 @@
 namespace diffpipe {
 
 enum class SamplerKind {
-  DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS, DPMSolver3MSDE
+  DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS, DPMSolver3MSDE, KDPM2
 };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
