@@ -247,12 +247,13 @@ class CascadeStageImpl : public DenoiseStageImpl {
 
  protected:
   void pass(uint64_t id, at::Tensor image) { passing_.emplace_back(id, std::move(image)); }
-  // The passing images as finished events (taken), for the start of a step; `onward`: as previews for the next stage
-  // to make into images (the refiner's: latents the stage after decodes).
+  // What passes through as finished events (taken), for the start of a step; with `onward`, previews go on as
+  // previews for the next stage to make into images (the refiner's: latents that decode shows).
   std::vector<StageEvent> take_passing(bool onward = false) {
     std::vector<StageEvent> out;
     for (auto& [id, img] : passing_)
-      out.push_back(onward ? StageEvent::preview(id, preview_number(id), {img}) : StageEvent::finished(id, {img}));
+      out.push_back(onward && preview_number(id) > 0 ? StageEvent::preview(id, preview_number(id), {img})
+                                                     : StageEvent::finished(id, {img}));
     passing_.clear();
     return out;
   }
@@ -376,10 +377,7 @@ class RefineStageImpl : public CascadeStageImpl {
     if (preview_number(r.id) > 0) return pass(r.id, r.inputs[0]);
     const at::Tensor& lat = r.inputs[0];
     DP_CHECK(lat.dim() == 3, "refine: request ", r.id, ": the base's latents must be [C, h, w], got ", lat.sizes());
-    if (r.params.skip_refiner) {  // finished by the base alone
-      skip_.emplace_back(r.id, lat);
-      return;
-    }
+    if (r.params.skip_refiner) return pass(r.id, lat);  // finished by the base alone
     const int64_t f = model_.latent_factor();
     const GenerationParams q = refiner_request(r.params, static_cast<int>(lat.size(2) * f),
                                                static_cast<int>(lat.size(1) * f));
@@ -387,22 +385,15 @@ class RefineStageImpl : public CascadeStageImpl {
   }
 
   std::vector<StageEvent> step(double now) override {
-    std::vector<StageEvent> out = take_passing(/*onward=*/true);  // the base's previews: decode shows them
-    for (auto& [id, lat] : skip_) out.push_back(StageEvent::finished(id, {lat}));
-    skip_.clear();
+    // the base's previews (decode shows them) and the requests that skip the refiner
+    std::vector<StageEvent> out = take_passing(/*onward=*/true);
     if (DenoiseStageImpl::held() == 0) return out;
     for (auto& ev : DenoiseStageImpl::step(now)) out.push_back(std::move(ev));
     return out;
   }
-  size_t held() const override { return CascadeStageImpl::held() + skip_.size(); }
-  void cancel(uint64_t id) override {
-    skip_.erase(std::remove_if(skip_.begin(), skip_.end(), [id](const auto& s) { return s.first == id; }), skip_.end());
-    CascadeStageImpl::cancel(id);
-  }
 
  private:
   TextEncodeStage enc_;
-  std::vector<std::pair<uint64_t, at::Tensor>> skip_;  // requests that skip the refiner, passed on at the next step
 };
 
 // latents -> 8-bit base images [H, W, 3], one VAE call per same-size batch

@@ -893,12 +893,10 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
       else s = std::make_unique<LmsSampler>(c, steps);
       break;
     }
-    case SamplerKind::DPMSolverMultistep:
-    case SamplerKind::DPMSolverSDE: {
-      SchedulerConfig c = cfg;  // the named 2M samplers: the folder's order unless it asks for 3
-      s = std::make_unique<DPMSolverSampler>(c, steps, karras_sigmas, kind == SamplerKind::DPMSolverSDE, kind);
+    case SamplerKind::DPMSolverMultistep:  // the folder's solver_order (1 to 3)
+    case SamplerKind::DPMSolverSDE:
+      s = std::make_unique<DPMSolverSampler>(cfg, steps, karras_sigmas, kind == SamplerKind::DPMSolverSDE, kind);
       break;
-    }
     case SamplerKind::DPMSolver3MSDE: {
       SchedulerConfig c = cfg;  // DPM++ 3M SDE: third order, stochastic
       c.solver_order = 3;

@@ -440,12 +440,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              "requires_aesthetics_score) is conditioned on it; ", model.dir, " is not one",
              model.refiner ? detail::cat(", nor is the refiner ", model.refiner->dir) : std::string());
   }
+  const GenerationParams dflt;  // which of the refiner's settings the request sets (the first, for messages)
+  const char* refiner_set = p.denoising_end != dflt.denoising_end       ? "denoising_end"
+                            : p.refiner_steps != dflt.refiner_steps       ? "refiner_steps"
+                            : p.refiner_strength != dflt.refiner_strength ? "refiner_strength"
+                                                                          : nullptr;
   if (model.refiner && p.skip_refiner) {  // the base alone: the refine stage passes its latents on
-    const GenerationParams d;
-    DP_CHECK(p.denoising_end == d.denoising_end && p.refiner_steps == d.refiner_steps &&
-                 p.refiner_strength == d.refiner_strength,
-             "refiner: a request that skips the refiner (\"refiner\": false) takes no denoising_end, refiner_steps or ",
-             "refiner_strength");
+    DP_CHECK(!refiner_set, "refiner: a request that skips the refiner (\"refiner\": false) takes no denoising_end, ",
+             "refiner_steps or refiner_strength");
   } else if (model.refiner) {  // the base hands its latents over part-way (denoising_end < 1) or when done
     const double d = p.denoising_end_or();
     DP_CHECK(std::isfinite(d) && d > 0 && d <= 1, "denoising_end: must be in (0, 1] (the share of the base's schedule ",
@@ -459,12 +461,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     }
     (void)plan_refine(*model.refiner, p, r.width, r.height);
   } else {
-    const GenerationParams d;
     DP_CHECK(!p.skip_refiner, "refiner: only a run with an SDXL refiner (--refiner DIR) can skip it");
-    DP_CHECK(p.denoising_end == d.denoising_end && p.refiner_steps == d.refiner_steps &&
-                 p.refiner_strength == d.refiner_strength,
-             p.denoising_end != d.denoising_end ? "denoising_end" : p.refiner_steps != d.refiner_steps ? "refiner_steps"
-                                                                                                   : "refiner_strength",
+    DP_CHECK(!refiner_set, refiner_set ? refiner_set : "",
              ": only a run with an SDXL refiner uses it (start the run with --refiner DIR)");
   }
   if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
@@ -633,38 +631,46 @@ GenerationParams refiner_request(const GenerationParams& p, int width, int heigh
   return q;
 }
 
-RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int width, int height) {
-  const GenerationParams q = refiner_request(p, width, height);
-  DP_CHECK(p.refiner_steps >= 0, "refiner_steps: must be at least 0 (0: steps), got ", p.refiner_steps);
-  ResolvedParams r;
-  try {
-    r = resolve_params(refiner, q);
-  } catch (const Error& e) {  // the field first (as every request error), then which model refused it
-    const std::string m = e.what();
-    DP_FAIL(p.refiner_steps > 0 && m.rfind("steps:", 0) == 0 ? "refiner_" + m : m, " (the refiner, ", refiner.dir, ")");
-  }
+namespace {
+// Where the refiner's loop on `s` (its schedule for the request's refiner_steps) starts, and whether the latents are
+// noised there; checks the settings that decide it (errors name the field).
+RefinePlan refine_start(const SdModel& refiner, const GenerationParams& p, const Sampler& s) {
   RefinePlan plan;
-  plan.sampler = std::move(r.sampler);
-  const int n = plan.sampler->num_calls();
+  const int n = s.num_calls(), steps = p.refiner_steps_or();
   const double d = p.denoising_end_or();
   if (d < 1) {  // diffusers' get_timesteps with denoising_start: the calls whose timestep is below the cutoff
     DP_CHECK(p.refiner_strength < 0, "refiner_strength: only with denoising_end 1 (the refiner then refines the base's ",
              "finished latents); with denoising_end ", d, " it continues the base's schedule");
-    plan.begin = handover_call(*plan.sampler, refiner.scheduler.num_train_timesteps, d);
+    plan.begin = handover_call(s, refiner.scheduler.num_train_timesteps, d);
     // a second-order sampler starts on a first-order call: diffusers adds one call when the count is even
-    if (plan.sampler->order() == 2 && (n - plan.begin) % 2 == 0 && plan.begin > 0) --plan.begin;
-    DP_CHECK(plan.begin < n, "denoising_end: ", d, " leaves the refiner no step of its ", q.steps, " (its last timestep ",
-             plan.sampler->timestep(n - 1), " is not below the cutoff); lower denoising_end or raise refiner_steps");
+    if (s.order() == 2 && (n - plan.begin) % 2 == 0 && plan.begin > 0) --plan.begin;
+    DP_CHECK(plan.begin < n, "denoising_end: ", d, " leaves the refiner no step of its ", steps, " (its last timestep ",
+             s.timestep(n - 1), " is not below the cutoff); lower denoising_end or raise refiner_steps");
   } else {  // image-to-image on the finished latents
     const double strength = p.refiner_strength_or();
     DP_CHECK(std::isfinite(strength) && strength > 0 && strength <= 1, "refiner_strength: must be in (0, 1], got ",
              p.refiner_strength);
-    const int init = std::min(static_cast<int>(q.steps * strength), q.steps);
-    DP_CHECK(init >= 1, "refiner_strength: ", strength, " x ", q.steps, " refiner steps leaves no step (int(steps x ",
+    const int init = std::min(static_cast<int>(steps * strength), steps);
+    DP_CHECK(init >= 1, "refiner_strength: ", strength, " x ", steps, " refiner steps leaves no step (int(steps x ",
              "strength) must be at least 1); raise refiner_strength or refiner_steps");
-    plan.begin = (q.steps - init) * plan.sampler->order();
+    plan.begin = (steps - init) * s.order();
     plan.add_noise = true;
   }
+  return plan;
+}
+}  // namespace
+
+RefinePlan plan_refine(const SdModel& refiner, const GenerationParams& p, int width, int height) {
+  DP_CHECK(p.refiner_steps >= 0, "refiner_steps: must be at least 0 (0: steps), got ", p.refiner_steps);
+  ResolvedParams r;
+  try {
+    r = resolve_params(refiner, refiner_request(p, width, height));
+  } catch (const Error& e) {  // the field first (as every request error), then which model refused it
+    const std::string m = e.what();
+    DP_FAIL(p.refiner_steps > 0 && m.rfind("steps:", 0) == 0 ? "refiner_" + m : m, " (the refiner, ", refiner.dir, ")");
+  }
+  RefinePlan plan = refine_start(refiner, p, *r.sampler);
+  plan.sampler = std::move(r.sampler);
   return plan;
 }
 
@@ -673,9 +679,9 @@ DenoiseState make_refine_state(const SdModel& refiner, const GenerationParams& p
   DP_CHECK(latents.dim() == 3, "refine: request ", id, ": the base's latents must be [C, h, w], got ", latents.sizes());
   const int64_t f = refiner.latent_factor();
   const int w = static_cast<int>(latents.size(2) * f), h = static_cast<int>(latents.size(1) * f);
-  RefinePlan plan = plan_refine(refiner, p, w, h);
+  // the refiner's request resolved once (its sampler is the state's), then where its loop starts on that sampler
   DenoiseState s = make_denoise_state(refiner, refiner_request(p, w, h), std::move(emb), id);
-  s.sampler = std::move(plan.sampler);
+  const RefinePlan plan = refine_start(refiner, p, *s.sampler);
   s.begin = s.step = plan.begin;
   const at::Tensor x = latents.to(at::kCPU, at::kFloat);
   if (plan.add_noise) {
@@ -808,12 +814,11 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   for (DenoiseState* s : batch) {
     for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r) {
       lora_rows.push_back(&s->adapter_scales);
-      if (ip_zero.defined()) {  // diffusers: zeros for the unconditional row, the same scale on both
-        // (IP-Adapter Plus: the unconditional row gets the zero image's hidden states)
-        ip_rows.push_back(!s->ip_embeds.defined()                ? ip_zero
-                          : r == 1 || s->guidance <= 1.0         ? s->ip_embeds
-                          : s->ip_uncond.defined()               ? s->ip_uncond
-                                                                 : ip_zero);
+      if (ip_zero.defined()) {  // diffusers: zeros for the unconditional row (IP-Adapter Plus: the zero image's hidden
+                                // states), the same scale on both
+        const bool cond_row = r == 1 || s->guidance <= 1.0;
+        const at::Tensor& uncond = s->ip_uncond.defined() ? s->ip_uncond : ip_zero;
+        ip_rows.push_back(!s->ip_embeds.defined() ? ip_zero : cond_row ? s->ip_embeds : uncond);
         ip_scales.push_back(s->ip_embeds.defined() ? static_cast<float>(s->ip_scale) : 0.0f);
       }
     }

@@ -108,7 +108,6 @@ struct IpResampler {
   nn::Linear proj_in, proj_out;
   nn::LayerNorm norm_out;
   std::vector<Block> blocks;
-  int64_t heads = 0;
 
   // `root`: the UNet's weights, the resampler's under ip_image_proj. (inserted from the adapter file)
   IpResampler(const Weights& root, int64_t D) {
@@ -124,7 +123,6 @@ struct IpResampler {
     for (int64_t k = 0; all.count(P + "layers." + std::to_string(k) + ".to_q.weight"); ++k) {
       const Weights b = w.sub("layers." + std::to_string(k));
       const int64_t inner = all.at(P + "layers." + std::to_string(k) + ".to_q.weight").size(0);
-      heads = inner / 64;
       blocks.push_back({nn::LayerNorm(b, "ln0", H, 1e-5), nn::LayerNorm(b, "ln1", H, 1e-5),
                         nn::LayerNorm(b, "ff_norm", H, 1e-5), nn::Linear(b, "to_q", H, inner, false),
                         nn::Linear(b, "to_kv", H, 2 * inner, false), nn::Linear(b, "to_out", inner, H, false),
@@ -134,16 +132,16 @@ struct IpResampler {
   // x [B, N, E] -> tokens [B, Q, D]
   at::Tensor operator()(const at::Tensor& x) const {
     const int64_t B = x.size(0);
-    auto split = [&](const at::Tensor& t) { return t.view({B, t.size(1), heads, 64}).transpose(1, 2); };
+    auto heads = [&](const at::Tensor& t) { return t.view({B, t.size(1), -1, 64}).transpose(1, 2); };  // heads of 64
     at::Tensor lat = latents.expand({B, -1, -1});
     const at::Tensor h = proj_in(x);
     for (const Block& b : blocks) {
       const at::Tensor q_in = b.ln1(lat);
       const at::Tensor kv = b.to_kv(at::cat({b.ln0(h), q_in}, 1));
       const int64_t inner = kv.size(2) / 2;
-      const at::Tensor q = split(b.to_q(q_in)), k = split(kv.narrow(2, 0, inner)), v = split(kv.narrow(2, inner, inner));
-      const at::Tensor a = at::softmax(at::matmul(q, k.transpose(-1, -2)) * 0.125, -1);  // 1 / sqrt(64)
-      lat = b.to_out(at::matmul(a, v).transpose(1, 2).reshape({B, -1, inner})) + lat;
+      const at::Tensor a = nn::attention(heads(b.to_q(q_in)), heads(kv.narrow(2, 0, inner)),
+                                         heads(kv.narrow(2, inner, inner)), at::Tensor());
+      lat = b.to_out(a.transpose(1, 2).reshape({B, -1, inner})) + lat;
       lat = b.ff2(at::gelu(b.ff1(b.ff_norm(lat)))) + lat;
     }
     return norm_out(proj_out(lat));

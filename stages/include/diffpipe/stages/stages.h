@@ -159,7 +159,7 @@ constexpr uint64_t kRefinerNoiseStream = (uint64_t(1) << 34) + 6;
 int handover_call(const Sampler& s, int64_t num_train_timesteps, double denoising_end);
 GenerationParams refiner_request(const GenerationParams& p, int width, int height);
 struct RefinePlan {
-  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<Sampler> sampler;  // plan_refine's (make_refine_state uses its state's own)
   int begin = 0;           // the refiner's first call
   bool add_noise = false;  // image-to-image (denoising_end 1): the latents are noised to `begin` first
 };
