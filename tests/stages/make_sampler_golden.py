@@ -103,34 +103,28 @@ def main():
     pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    unipc_config = dict(pipe.scheduler.config)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         img = pipe(PROMPTS, num_inference_steps=8, guidance_scale=7.5, latents=latents, output_type="pt").images
     out["pipeline.latents"] = latents
     out["pipeline.images"] = img
-    # DPM++ 2M SDE Karras through the pipeline: its per-step noise drawn from the pipeline's generator (recorded)
+    # DPM++ 2M SDE Karras and 3M SDE Karras through the pipeline: each step's noise drawn from the pipeline's generator
+    # (recorded)
     from diffusers import DPMSolverMultistepScheduler
     from diffusers.schedulers import scheduling_dpmsolver_multistep
     from golden_draws import recorded_draws
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
-                                                             use_karras_sigmas=True)
-    with torch.no_grad(), recorded_draws(scheduling_dpmsolver_multistep) as draws:
-        img = pipe(PROMPTS, num_inference_steps=6, guidance_scale=7.5, latents=latents, output_type="pt",
-                   generator=torch.Generator().manual_seed(9)).images
-    assert len(draws) == 6, len(draws)
-    for k, d in enumerate(draws):
-        out[f"pipeline_sde.draws.{k}"] = d
-    out["pipeline_sde.images"] = img
-    # DPM++ 3M SDE Karras through the pipeline (its draws recorded)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
-                                                             use_karras_sigmas=True, solver_order=3)
-    with torch.no_grad(), recorded_draws(scheduling_dpmsolver_multistep) as draws:
-        img = pipe(PROMPTS, num_inference_steps=7, guidance_scale=7.5, latents=latents, output_type="pt",
-                   generator=torch.Generator().manual_seed(10)).images
-    assert len(draws) == 7, len(draws)
-    for k, d in enumerate(draws):
-        out[f"pipeline_3m.draws.{k}"] = d
-    out["pipeline_3m.images"] = img
+    for name, steps, order, seed in (("pipeline_sde", 6, None, 9), ("pipeline_3m", 7, 3, 10)):
+        kw = {} if order is None else {"solver_order": order}
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                 algorithm_type="sde-dpmsolver++",
+                                                                 use_karras_sigmas=True, **kw)
+        with torch.no_grad(), recorded_draws(scheduling_dpmsolver_multistep) as draws:
+            out[f"{name}.images"] = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=7.5, latents=latents,
+                                         output_type="pt", generator=torch.Generator().manual_seed(seed)).images
+        assert len(draws) == steps, (name, len(draws))
+        for k, d in enumerate(draws):
+            out[f"{name}.draws.{k}"] = d
     # Heun through the pipeline (9 UNet calls for 5 steps)
     pipe.scheduler = diffusers.HeunDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
     with torch.no_grad():
@@ -154,15 +148,15 @@ def main():
     save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
-            "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc"},
+            "pipeline": {"prompts": PROMPTS, "steps": 8, "guidance": 7.5, "sampler": "unipc",
+                         "scheduler": unipc_config},
             "pipeline_3m": {"prompts": PROMPTS, "steps": 7, "guidance": 7.5, "sampler": "dpmpp_3m_sde_karras"},
             "pipeline_kdpm2": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "kdpm2"},
             "pipeline_lms": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "lms"},
             "pipeline_heun": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "sampler": "heun"},
             "pipeline_rescale": {"prompts": PROMPTS, "steps": 5, "guidance": 7.5, "guidance_rescale": 0.7,
                                  "sampler": "ddim"},
-            "pipeline_sde": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "dpmpp_2m_sde_karras",
-                             "scheduler": dict(pipe.scheduler.config)},
+            "pipeline_sde": {"prompts": PROMPTS, "steps": 6, "guidance": 7.5, "sampler": "dpmpp_2m_sde_karras"},
             "source": f"diffusers {diffusers.__version__}, torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)
