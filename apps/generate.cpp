@@ -49,6 +49,7 @@ const std::vector<cli::Opt> kOptions = {
     {"ip-image-encoder", "DIR", "the IP-Adapter's image encoder (CLIPVisionModelWithProjection; default:\n"
                                 "image_encoder/ beside the --ip-adapter file)"},
     {"ip-adapter-image", "FILE", "with --ip-adapter: the image prompt (a PNG, any size)"},
+    {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"refiner", "DIR", "SDXL: a refiner folder (stable-diffusion-xl-refiner-1.0's layout, or any SDXL folder);\n"
                        "the base's latents go on to its UNet (stage refine) before the VAE decodes them"},
     {"denoising-end", "F", "with --refiner: the share of the base's schedule before the refiner takes over, in\n"
@@ -56,7 +57,6 @@ const std::vector<cli::Opt> kOptions = {
     {"refiner-steps", "N", "with --refiner: the refiner's schedule (default: --steps)"},
     {"refiner-strength", "S", "with --refiner and --denoising-end 1: its image-to-image strength (default 0.3)"},
     {"skip-refiner", "", "with --refiner: requests skip it unless their JSONL line says \"refiner\": true"},
-    {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"controlnet", "DIR[,DIR...]", "ControlNet folders (ControlNetModel, SD 1.x/2.x or SDXL) loaded with the UNet;\n"
                                    "requests bring --control-image (JSONL control_image), one image per ControlNet"},
     {"control-image", "FILE[,FILE...]", "with --controlnet: the conditioning image (edges, depth, pose... as the ControlNet was\n"

@@ -125,26 +125,16 @@ def main():
         assert len(draws) == steps, (name, len(draws))
         for k, d in enumerate(draws):
             out[f"{name}.draws.{k}"] = d
-    # Heun through the pipeline (9 UNet calls for 5 steps)
-    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-    with torch.no_grad():
-        out["pipeline_heun.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
-                                           output_type="pt").images
-    # KDPM2 through the pipeline
-    pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-    with torch.no_grad():
-        out["pipeline_kdpm2.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, latents=latents,
-                                            output_type="pt").images
-    # LMS through the pipeline
-    pipe.scheduler = diffusers.LMSDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
-    with torch.no_grad():
-        out["pipeline_lms.images"] = pipe(PROMPTS, num_inference_steps=6, guidance_scale=7.5, latents=latents,
-                                          output_type="pt").images
-    # guidance_rescale (rescale_noise_cfg) with the folder's DDIM: no draws beyond the latents
-    pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(src, subfolder="scheduler")
-    with torch.no_grad():
-        out["pipeline_rescale.images"] = pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5, guidance_rescale=0.7,
-                                              latents=latents, output_type="pt").images
+    # Heun and KDPM2 (9 UNet calls for 5 steps), LMS, and guidance_rescale (rescale_noise_cfg) with the folder's DDIM,
+    # each scheduler from the folder's config; no draws beyond the latents
+    for name, cls, steps, kw in (("pipeline_heun", "HeunDiscreteScheduler", 5, {}),
+                                 ("pipeline_kdpm2", "KDPM2DiscreteScheduler", 5, {}),
+                                 ("pipeline_lms", "LMSDiscreteScheduler", 6, {}),
+                                 ("pipeline_rescale", "DDIMScheduler", 5, {"guidance_rescale": 0.7})):
+        pipe.scheduler = getattr(diffusers, cls).from_pretrained(src, subfolder="scheduler")
+        with torch.no_grad():
+            out[f"{name}.images"] = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=7.5, latents=latents,
+                                         output_type="pt", **kw).images
     save_file({k: v.clone().contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"cases": [{"name": c["name"], "class": c["cls"], "steps": c["steps"], "begin": c.get("begin", 0)}
                       for c in CASES],
