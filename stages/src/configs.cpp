@@ -51,12 +51,17 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
   SchedulerConfig c;
   c.class_name = j.string("_class_name", ddpm ? "DDPMScheduler" : c.class_name);
   ddpm = ddpm || c.class_name == "DDPMScheduler";
-  if (ddpm) {  // DeepFloyd IF's scheduler, Stable unCLIP's prior's
-    if (c.class_name != "DDPMScheduler") j.fail("_class_name", "expected DDPMScheduler, got '" + c.class_name + "'");
-    c.beta_schedule = "linear";  // DDPMScheduler's defaults
+  if (ddpm) {  // DeepFloyd IF's scheduler, Stable unCLIP's prior's, Kandinsky 2.2's prior's (UnCLIPScheduler)
+    const bool unclip = c.class_name == "UnCLIPScheduler";
+    if (c.class_name != "DDPMScheduler" && !unclip)
+      j.fail("_class_name", "expected DDPMScheduler or UnCLIPScheduler, got '" + c.class_name + "'");
+    c.beta_schedule = unclip ? "squaredcos_cap_v2" : "linear";  // their defaults
     c.beta_start = 0.0001;
     c.beta_end = 0.02;
-    c.variance_type = j.string("variance_type", "fixed_small");
+    c.variance_type = j.string("variance_type", unclip ? "fixed_small_log" : "fixed_small");
+    if (unclip && c.variance_type != "fixed_small_log" && c.variance_type != "learned_range")
+      j.fail("variance_type", "unsupported '" + c.variance_type + "' for UnCLIPScheduler (supported: fixed_small_log, "
+             "learned_range)");
     // (fixed_large_log is refused: diffusers' step takes the square root of a negative log there, NaN noise)
     if (c.variance_type != "fixed_small" && c.variance_type != "fixed_small_log" && c.variance_type != "fixed_large" &&
         c.variance_type != "learned" && c.variance_type != "learned_range")
@@ -224,8 +229,9 @@ UNetConfig UNetConfig::from(const JsonConfig& j) {
   c.encoder_hid_dim = j.has("encoder_hid_dim") && !j.json()["encoder_hid_dim"].is_null() ? j.integer("encoder_hid_dim", 0) : 0;
   if (c.encoder_hid_dim > 0) {
     const std::string t = nullable_string("encoder_hid_dim_type");
-    if (t != "text_proj" && !t.empty())
-      j.fail("encoder_hid_dim_type", "unsupported '" + t + "' (supported: text_proj)");
+    if (t != "text_proj" && t != "image_proj" && !t.empty())
+      j.fail("encoder_hid_dim_type", "unsupported '" + t + "' (supported: text_proj, image_proj)");
+    c.image_proj = t == "image_proj";
   }
   const std::string xnorm = nullable_string("cross_attention_norm");
   if (!xnorm.empty() && xnorm != "group_norm")
@@ -251,11 +257,17 @@ UNetConfig UNetConfig::from(const JsonConfig& j) {
     if (!c.class_embed_type.empty()) j.fail("num_class_embeds", "must be null when class_embed_type is set");
   }
   c.addition_embed_type = nullable_string("addition_embed_type");
-  if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time" && c.addition_embed_type != "text")
+  if (!c.addition_embed_type.empty() && c.addition_embed_type != "text_time" && c.addition_embed_type != "text" &&
+      c.addition_embed_type != "image")
     j.fail("addition_embed_type", "unsupported value \"" + c.addition_embed_type +
-           "\" (supported: null, \"text_time\", \"text\")");
+           "\" (supported: null, \"text_time\", \"text\", \"image\")");
+  // both read the image embedding (Kandinsky 2.2), which arrives in place of the text states
+  if ((c.addition_embed_type == "image") != c.image_proj)
+    j.fail("addition_embed_type", "\"image\" goes with encoder_hid_dim_type \"image_proj\" (Kandinsky 2.2), and only "
+           "with it");
   if (c.addition_embed_type == "text") {
-    if (c.encoder_hid_dim <= 0) j.fail("addition_embed_type", "\"text\" needs encoder_hid_dim (the T5 width)");
+    if (c.encoder_hid_dim <= 0 || c.image_proj)
+      j.fail("addition_embed_type", "\"text\" needs encoder_hid_dim (the T5 width) and text_proj");
     if (c.addition_embed_type_num_heads <= 0 || c.encoder_hid_dim % c.addition_embed_type_num_heads != 0)
       j.fail("addition_embed_type_num_heads", "must divide encoder_hid_dim " + std::to_string(c.encoder_hid_dim));
   }
@@ -348,16 +360,31 @@ VaeConfig VaeConfig::load(const std::string& path) {
   c.mid_block_add_attention = j.boolean("mid_block_add_attention", true);
   c.force_upcast = j.boolean("force_upcast", true);
   if (j.has("act_fn") && j.string("act_fn") != "silu") j.fail("act_fn", "unsupported activation (supported: silu)");
-  if (j.has("down_block_types"))
-    for (const auto& t : j.string_list("down_block_types"))
-      if (t != "DownEncoderBlock2D") j.fail("down_block_types", "unsupported block type '" + t + "'");
-  if (j.has("up_block_types"))
-    for (const auto& t : j.string_list("up_block_types"))
-      if (t != "UpDecoderBlock2D") j.fail("up_block_types", "unsupported block type '" + t + "'");
-  if (j.has("down_block_types") && j.string_list("down_block_types").size() != c.block_out_channels.size())
-    j.fail("down_block_types", "needs one entry per block_out_channels entry");
-  if (j.has("up_block_types") && j.string_list("up_block_types").size() != c.block_out_channels.size())
-    j.fail("up_block_types", "needs one entry per block_out_channels entry");
+  c.vq = j.string("_class_name", "AutoencoderKL") == "VQModel";
+  const std::string norm = j.string("norm_type", "group");
+  if (norm != "group" && norm != "spatial") j.fail("norm_type", "unsupported '" + norm + "' (supported: group, spatial)");
+  c.spatial_norm = norm == "spatial";
+  if (c.vq) {
+    const int64_t vq_dim = j.has("vq_embed_dim") && !j.json()["vq_embed_dim"].is_null()
+                               ? j.integer("vq_embed_dim", c.latent_channels) : c.latent_channels;
+    if (vq_dim != c.latent_channels)
+      j.fail("vq_embed_dim", std::to_string(vq_dim) + " differs from latent_channels " + std::to_string(c.latent_channels) +
+             " (not supported)");
+    if (j.boolean("lookup_from_codebook", false)) j.fail("lookup_from_codebook", "is not supported (true)");
+  }
+  auto block_types = [&](const char* key, const char* plain, const char* attn, std::vector<bool>& attention) {
+    attention.assign(c.block_out_channels.size(), false);
+    if (!j.has(key)) return;
+    const auto types = j.string_list(key);
+    if (types.size() != c.block_out_channels.size()) j.fail(key, "needs one entry per block_out_channels entry");
+    for (size_t i = 0; i < types.size(); ++i) {
+      if (types[i] != plain && types[i] != attn)
+        j.fail(key, "unsupported block type '" + types[i] + "' (supported: " + plain + ", " + attn + ")");
+      attention[i] = types[i] == attn;
+    }
+  };
+  block_types("down_block_types", "DownEncoderBlock2D", "AttnDownEncoderBlock2D", c.down_attention);
+  block_types("up_block_types", "UpDecoderBlock2D", "AttnUpDecoderBlock2D", c.up_attention);
   if (j.has("latents_mean") || j.has("latents_std")) j.fail("latents_mean", "per-channel latent statistics are not supported");
   j.at_least("in_channels", c.in_channels, 1);
   j.at_least("out_channels", c.out_channels, 1);
@@ -367,9 +394,12 @@ VaeConfig VaeConfig::load(const std::string& path) {
   j.at_least("norm_num_groups", c.norm_num_groups, 1);
   j.positive("scaling_factor", c.scaling_factor);  // 0 would divide the latents into inf (black images)
   j.finite("shift_factor", c.shift_factor);
-  for (auto ch : c.block_out_channels)
+  for (auto ch : c.block_out_channels) {
     if (ch % c.norm_num_groups != 0)
       j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by norm_num_groups");
+    if (c.spatial_norm && ch % 32 != 0)  // SpatialNorm's group norm has 32 groups whatever norm_num_groups says
+      j.fail("block_out_channels", std::to_string(ch) + " channels are not divisible by 32 (norm_type spatial)");
+  }
   return c;
 }
 

@@ -4,6 +4,7 @@
 #include "diffpipe/stages/ip_adapter.h"
 
 #include <cstdlib>
+#include <numeric>
 #include <fstream>
 #include <string>
 
@@ -75,6 +76,32 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
     DP_FAIL(path_join(dir, "upscaler"), ": not a StableDiffusionUpscalePipeline folder (model_index.json's ",
             "_class_name), which a DeepFloyd IF folder's stage III must be");
 }
+
+// Kandinsky 2.2 (KandinskyV22CombinedPipeline): the prior's components (UnclipParts::validate_kandinsky), the decoder's
+// unet/ (conditioned on the prior's image embedding), scheduler/ and movq/ (VQModel).
+void validate_kandinsky(const std::string& dir, const JsonConfig& index) {
+  for (const char* c : {"unet", "scheduler", "movq"})
+    if (!index.has(c)) index.fail(c, "component of a Kandinsky 2.2 pipeline missing from model_index.json");
+  UnclipParts::validate_kandinsky(dir);
+  const std::string uc = path_join(dir, "unet/config.json"), mc = path_join(dir, "movq/config.json");
+  const auto u = UNetConfig::load(uc);
+  const auto v = VaeConfig::load(mc);
+  const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  const auto p = PriorConfig::load(path_join(dir, "prior_prior/config.json"));
+  SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
+  SafetensorsFile::open(weights_file(dir, "movq/diffusion_pytorch_model.safetensors"));
+  DP_CHECK(v.vq, mc, ": _class_name must be VQModel (Kandinsky 2.2's MoVQ)");
+  DP_CHECK(u.image_conditioned() && u.encoder_hid_dim == p.embedding_dim, uc, ": a Kandinsky 2.2 UNet needs ",
+           "encoder_hid_dim_type \"image_proj\" with encoder_hid_dim the prior's embedding_dim ", p.embedding_dim);
+  const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
+  DP_CHECK(u.in_channels == v.latent_channels && (u.out_channels == v.latent_channels ||
+                                                  u.out_channels == 2 * v.latent_channels),
+           uc, ": in_channels/out_channels ", u.in_channels, "/", u.out_channels, " do not fit ", mc,
+           "'s latent_channels ", v.latent_channels, " (out: the same, or twice with the variance)");
+  DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
+           ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
+           u.out_channels, ")");
+}
 }  // namespace
 
 // The SDXL refiner's layout: model_index.json names neither tokenizer nor text_encoder (absent, null or [null, null],
@@ -94,6 +121,7 @@ void SdModel::validate(const std::string& dir) {
   DP_CHECK(dir_exists(dir), dir, ": model folder not found");
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
   if (is_if(dir)) return validate_if(dir, index);
+  if (is_kandinsky(dir)) return validate_kandinsky(dir, index);
   const bool second_only = second_encoder_only_folder(dir);
   std::vector<const char*> needed{"unet", "vae", "scheduler"};
   if (!second_only) needed.insert(needed.end(), {"tokenizer", "text_encoder"});
@@ -226,9 +254,13 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
                       const ModelAddons& addons) {
   validate(dir);
   const std::vector<LoraSpec>& loras = addons.loras;
-  DP_CHECK((loras.empty() && addons.adapters.empty()) || (!is_if(dir) && !is_upscaler(dir)), "lora: ", dir, " is a ",
-           is_if(dir) ? "DeepFloyd IF" : "x4 upscaler", " folder; LoRA files apply to Stable Diffusion, SDXL and "
-           "Stable unCLIP folders");
+  const bool kandinsky = is_kandinsky(dir);
+  DP_CHECK((loras.empty() && addons.adapters.empty()) || (!is_if(dir) && !is_upscaler(dir) && !kandinsky), "lora: ",
+           dir, " is a ", is_if(dir) ? "DeepFloyd IF" : kandinsky ? "Kandinsky 2.2" : "x4 upscaler",
+           " folder; LoRA files apply to Stable Diffusion, SDXL and Stable unCLIP folders");
+  DP_CHECK(!kandinsky || (addons.embeddings.empty() && addons.ip_adapter.empty() && addons.controlnets.empty()),
+           dir, " is a Kandinsky 2.2 folder: textual inversion, IP-Adapter and ControlNet files apply to Stable ",
+           "Diffusion and SDXL folders");
   DP_CHECK(addons.refiner.empty() || is_sdxl(dir), "refiner: ", dir, " is not an SDXL folder; a refiner continues an ",
            "SDXL base's latents");
   std::vector<LoraLayer> lora;  // fused ones, then each adapter's (scale 1: the request's scale multiplies it)
@@ -282,6 +314,20 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     if (has_if_stage3(dir))  // configs always (requests are checked against them); the weights with kStage3
       m.stage3 = std::make_shared<const SdModel>(
           load(path_join(dir, "upscaler"), spec, (components & kStage3) ? (kTextEncoder | kUNet | kVae) : 0u));
+    return m;
+  }
+  if (kandinsky) {  // prior parts as the components say; the decoder's UNet and MoVQ
+    m.kandinsky = true;
+    m.text_config = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
+    m.vae_config = VaeConfig::load(path_join(dir, "movq/config.json"));
+    m.prior_train_timesteps =
+        SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
+    m.vae_dtype = spec.dtype;  // MoVQ's config says force_upcast false
+    if (components & (kTextEncoder | kPrior))
+      m.unclip = UnclipParts::load_kandinsky(dir, spec, (components & kTextEncoder) != 0, (components & kPrior) != 0);
+    if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
+    if (components & kVae) m.vae = AutoencoderKL::load(path_join(dir, "movq"), spec, false, true);
+    m.addons = addons;
     return m;
   }
   m.sdxl = is_sdxl(dir);
@@ -418,10 +464,11 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 }
 
 bool SdModel::is_img2img_folder(const std::string& dir) {
-  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir);
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir);
 }
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
+bool SdModel::is_kandinsky(const std::string& dir) { return UnclipParts::is_kandinsky_folder(dir); }
 bool SdModel::has_if_stage2(const std::string& dir) {
   return pipeline_class(path_join(dir, "super_resolution")) == "IFSuperResolutionPipeline";
 }
@@ -439,7 +486,11 @@ bool SdModel::is_lcm_pipeline(const std::string& dir) {
 bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 
 int64_t SdModel::size_multiple() const {
-  return latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));
+  const int64_t m = latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));
+  // Kandinsky 2.2's pipelines round a size up to a multiple of the MoVQ factor squared (downscale_height_and_width):
+  // sizes that are multiples of it mean the same image there
+  const int64_t f2 = latent_factor() * latent_factor();
+  return kandinsky ? std::lcm(m, f2) : m;
 }
 
 void device_sync(const at::Device& device) {

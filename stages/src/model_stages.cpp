@@ -20,6 +20,7 @@ class EncodeStage : public OneShotStage {
 
  protected:
   std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
+    if (model_.kandinsky) return prior_text(batch);
     // image-to-image: the input image's latents (its size is the image's: SDXL's size conditioning needs it);
     // inpainting: the mask at the latents' size (and the masked image's latents for an inpainting UNet)
     std::vector<Embeddings> images(batch.size());
@@ -63,6 +64,31 @@ class EncodeStage : public OneShotStage {
   }
 
  private:
+  // Kandinsky 2.2: the prior's text encoder, one call: per request [text_embeds, last_hidden_state, mask (float32)],
+  // then the same of its unconditional text (the negative prompt) where the prior needs it
+  std::vector<StageEvent> prior_text(const std::vector<const StageRequest*>& batch) const {
+    DP_CHECK(model_.unclip, "encode: ", model_.dir, "'s prior text encoder was not loaded");
+    const PriorRunner runner(*model_.unclip, model_.spec);
+    std::vector<PriorState> states(batch.size());
+    std::vector<PriorState*> ptrs;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      states[i].id = batch[i]->id;
+      states[i].prompt = batch[i]->params.prompt;
+      states[i].negative_prompt = batch[i]->params.negative_prompt;
+      states[i].guidance = batch[i]->params.prior_guidance;
+      ptrs.push_back(&states[i]);
+    }
+    runner.encode(ptrs);
+    std::vector<StageEvent> out;
+    for (const PriorState& s : states) {
+      std::vector<at::Tensor> t{s.embeds.contiguous(), s.hidden.contiguous(), s.mask.to(at::kFloat).contiguous()};
+      if (s.needs_uncond())
+        t.insert(t.end(), {s.u_embeds.contiguous(), s.u_hidden.contiguous(), s.u_mask.to(at::kFloat).contiguous()});
+      out.push_back(StageEvent::finished(s.id, std::move(t)));
+    }
+    return out;
+  }
+
   const SdModel& model_;
   TextEncodeStage enc_;
 };
@@ -101,13 +127,30 @@ class SteppedStage : public Stage {
 // PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
 class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at::Tensor>>> {
  public:
-  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c) {
-    DP_CHECK(m.unclip, "prior stage: ", m.dir, " is not a Stable unCLIP folder (or its prior was not loaded)");
+  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), spec_(m.spec) {
+    DP_CHECK(m.unclip && m.unclip->prior, "prior stage: ", m.dir, " is not a Stable unCLIP or Kandinsky 2.2 folder (or ",
+             "its prior was not loaded)");
     runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
+    kandinsky_ = m.kandinsky;
   }
 
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
+    if (kandinsky_) {  // the encode stage's prior text embeddings (EncodeStage::prior_text); nothing passes on
+      PriorState s = runner_->make_state(r.params, r.id);
+      const size_t n = s.needs_uncond() ? 6 : 3;
+      DP_CHECK(r.inputs.size() == n, "prior: request ", r.id, " needs ", n, " text tensors, got ", r.inputs.size());
+      auto take = [&](size_t k, at::Tensor& embeds, at::Tensor& hidden, at::Tensor& mask) {
+        embeds = r.inputs[k].to(spec_.device, spec_.dtype);
+        hidden = r.inputs[k + 1].to(spec_.device, spec_.dtype);
+        mask = r.inputs[k + 2].to(spec_.device, at::kLong);
+      };
+      take(0, s.embeds, s.hidden, s.mask);
+      if (n == 6) take(3, s.u_embeds, s.u_hidden, s.u_mask);
+      s.encoded = true;
+      hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>{}), r.priority, now);
+      return;
+    }
     // the state, and the text embeddings passed on to the denoiser
     hold(r.id, {runner_->make_state(r.params, r.id), std::move(r.inputs)}, r.priority, now);
   }
@@ -123,12 +166,15 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
       auto& [state, passthrough] = held_.at(id);
       out.push_back(StageEvent::progress(id, state.step, state.total_steps()));
       if (!state.done()) continue;
-      const at::Tensor labels = runner_->class_labels(state).contiguous();
+      // Kandinsky 2.2: [image embedding, negative image embedding]; Stable unCLIP: the class labels, then the text
+      const at::Tensor labels = (kandinsky_ ? runner_->image_embeds(state) : runner_->class_labels(state)).contiguous();
       if (!at::isfinite(labels).all().item<bool>()) {
         out.push_back(StageEvent::failed(id, detail::cat("request ", id, ": non-finite values (NaN or Inf) in the ",
                                                          "prior's image embedding (the prior's weights or settings)")));
       } else {
-        std::vector<at::Tensor> next{labels.cpu()};
+        std::vector<at::Tensor> next;
+        if (kandinsky_) next = {labels[0].cpu(), labels[1].cpu()};
+        else next.push_back(labels.cpu());
         for (auto& t : passthrough) next.push_back(t);
         out.push_back(StageEvent::finished(id, std::move(next)));
       }
@@ -139,6 +185,8 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
 
  private:
   std::unique_ptr<PriorRunner> runner_;
+  DeviceSpec spec_;
+  bool kandinsky_ = false;
 };
 
 // embeddings -> final latents [C, h, w]: step-level batching over requests at different steps, one UNet call
@@ -467,8 +515,8 @@ struct Registry {
   Registry() {
     add(entry<EncodeStage>("encode", "prompt (and an image to start from)", "text embeddings (conditional, "
                            "unconditional; image-to-image: the image's latents)", kTextEncoder | kImageLatents));
-    add(entry<PriorStageImpl>("prior", "text embeddings", "image embedding (noise-augmented), text embeddings",
-                              kPrior));
+    add(entry<PriorStageImpl>("prior", "text embeddings", "image embedding (Stable unCLIP: noise-augmented, with the "
+                              "text embeddings; Kandinsky 2.2: with the negative one)", kPrior));
     add(entry<DenoiseStageImpl>("denoise", "text embeddings (and an image embedding)", "latents", kUNet,
                                 /*heavy=*/true));
     add(entry<DecodeStageImpl>("decode", "latents", "8-bit image", kVae));
@@ -529,7 +577,7 @@ std::vector<PipelineStage> pipeline_layout(const std::string& model_dir, const M
 
 std::vector<PipelineStage> pipeline_layout(const std::string& model_dir) {
   std::vector<PipelineStage> p = default_pipeline_layout();
-  if (SdModel::is_unclip(model_dir))  // Stable unCLIP: the prior turns the prompt into an image embedding
+  if (SdModel::is_unclip(model_dir) || SdModel::is_kandinsky(model_dir))  // the prior: prompt -> image embedding
     p.insert(p.begin() + 1, PipelineStage{"prior", false, /*own_rank=*/true});
   if (SdModel::is_if(model_dir)) {  // DeepFloyd IF: stage II (its own diffusion loop) before the pixels are written
     if (SdModel::has_if_stage2(model_dir)) p.insert(p.end() - 1, PipelineStage{"superres", false, /*own_rank=*/true});

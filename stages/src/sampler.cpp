@@ -95,7 +95,7 @@ const char* sampler_kind_name(SamplerKind k) {
   return "?";
 }
 
-at::Tensor alphas_cumprod(const SchedulerConfig& c) {
+at::Tensor train_betas(const SchedulerConfig& c) {
   const int64_t N = c.num_train_timesteps;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor betas;
@@ -120,8 +120,10 @@ at::Tensor alphas_cumprod(const SchedulerConfig& c) {
     at::Tensor alphas = at::cat({bar.slice(0, 0, 1), bar.slice(0, 1) / bar.slice(0, 0, -1)});
     betas = 1.0 - alphas;
   }
-  return at::cumprod(1.0 - betas, 0);
+  return betas;
 }
+
+at::Tensor alphas_cumprod(const SchedulerConfig& c) { return at::cumprod(1.0 - train_betas(c), 0); }
 
 namespace {
 
@@ -923,7 +925,15 @@ at::Tensor Sampler::add_noise(const at::Tensor& x, const at::Tensor& noise, int 
 DdpmSampler::DdpmSampler(const SchedulerConfig& cfg, int steps) : cfg_(cfg) {
   DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "prior_steps: must be in [1, ", cfg.num_train_timesteps,
            "], got ", steps);
-  timesteps_ = int_timesteps(cfg, steps, spacing_of(cfg, "leading"));
+  if (unclip()) {  // UnCLIPScheduler (Karlo's): round(i x (T - 1) / (n - 1)) for i = n - 1 .. 0, ending at 0
+    DP_CHECK(steps >= 2, "prior_steps: must be at least 2 with UnCLIPScheduler (its step ratio divides by steps - 1)");
+    const double ratio = double(cfg.num_train_timesteps - 1) / (steps - 1);
+    for (int i = steps - 1; i >= 0; --i) timesteps_.push_back(static_cast<int64_t>(std::nearbyint(i * ratio)));
+    const at::Tensor b = train_betas(cfg).contiguous();
+    betas_.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+  } else {
+    timesteps_ = int_timesteps(cfg, steps, spacing_of(cfg, "leading"));
+  }
   for (int64_t t : timesteps_)
     DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "DDPM schedule: timestep ", t, " outside [0, ",
              cfg.num_train_timesteps, ") for ", steps, " steps");
@@ -946,7 +956,9 @@ at::Tensor DdpmSampler::step(const at::Tensor& model_output_in, int i, const at:
   // float32 scalars, as diffusers computes them from its float32 alphas_cumprod
   const float a = alphas_cumprod_[t], a_prev = prev >= 0 ? alphas_cumprod_[prev] : 1.0f;
   const float beta = 1.0f - a, beta_prev = 1.0f - a_prev;
-  const float alpha_t = a / a_prev, beta_t = 1.0f - alpha_t;
+  // UnCLIPScheduler takes the schedule's own beta for a step to the adjacent timestep
+  const bool adjacent = unclip() && prev == t - 1;
+  const float beta_t = adjacent ? betas_[t] : 1.0f - a / a_prev, alpha_t = adjacent ? 1.0f - betas_[t] : 1.0f - beta_t;
   at::Tensor x0;
   if (cfg_.prediction_type == "sample") x0 = model_output;
   else if (cfg_.prediction_type == "v_prediction") x0 = std::sqrt(a) * sample - std::sqrt(beta) * model_output;

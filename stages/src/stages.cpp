@@ -412,8 +412,11 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
   DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
-           model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
-           "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
+           model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise"
+           : model.kandinsky ? "Kandinsky 2.2 runs text to image here"
+           : "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
+  DP_CHECK(!model.kandinsky || p.clip_skip == 0, "clip_skip: not supported for Kandinsky 2.2 folders (its prior ",
+           "reads the text encoder's last layer; ", model.dir, ")");
   if (model.sdxl) {  // hidden_states[-(clip_skip + 2)] of each encoder (SDXL indexes from the penultimate layer)
     int64_t layers = model.text_config_2.num_hidden_layers;
     if (!model.second_encoder_only) layers = std::min(layers, model.text_config.num_hidden_layers);
@@ -467,7 +470,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   }
   if (model.stage2) check_sr_settings(*model.stage2, p.sr_steps, p.sr_guidance, p.sr_noise_level);
   if (model.stage3) check_x4_settings(*model.stage3, {p.x4_steps, p.x4_guidance, p.x4_noise_level});
-  if (model.noise_levels > 0)  // Stable unCLIP: the prior's settings
+  if (model.noise_levels > 0 || model.kandinsky)  // Stable unCLIP, Kandinsky 2.2: the prior's settings
     check_prior_params(p, model.prior_train_timesteps, model.noise_levels, model.dir);
   return r;
 }

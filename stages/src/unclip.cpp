@@ -92,6 +92,49 @@ std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, con
   return u;
 }
 
+bool UnclipParts::is_kandinsky_folder(const std::string& dir) {
+  const std::string index = path_join(dir, "model_index.json");
+  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "KandinskyV22CombinedPipeline";
+}
+
+void UnclipParts::validate_kandinsky(const std::string& dir) {
+  const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+  for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior_prior", "prior_scheduler", "prior_image_encoder"})
+    if (!index.has(c)) index.fail(c, "component of a Kandinsky 2.2 pipeline missing from model_index.json");
+  for (const char* f : {"prior_tokenizer/vocab.json", "prior_tokenizer/merges.txt"})
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found (the CLIP tokenizer's vocabulary)");
+  const auto tcfg = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
+  const auto pcfg = PriorConfig::load(path_join(dir, "prior_prior/config.json"));
+  const auto vcfg = ClipVisionConfig::load(path_join(dir, "prior_image_encoder/config.json"));
+  (void)SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  for (const char* f : {"prior_text_encoder/model.safetensors", "prior_prior/diffusion_pytorch_model.safetensors",
+                        "prior_image_encoder/model.safetensors"}) {
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": weights file not found");
+    SafetensorsFile::open(path_join(dir, f));
+  }
+  DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_text_encoder/config.json"),
+           ": projection_dim ", tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
+  DP_CHECK(vcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_image_encoder/config.json"),
+           ": projection_dim ", vcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim,
+           " (its zero image's embedding is the negative image embedding)");
+}
+
+std::shared_ptr<const UnclipParts> UnclipParts::load_kandinsky(const std::string& dir, const DeviceSpec& spec,
+                                                               bool text, bool prior) {
+  auto u = std::make_shared<UnclipParts>();
+  u->kandinsky = true;
+  u->prior_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  if (text) {
+    u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
+    u->prior_text_encoder = ClipTextModel::load(path_join(dir, "prior_text_encoder"), spec);
+  }
+  if (prior) {
+    u->prior = PriorTransformer::load(path_join(dir, "prior_prior"), spec);
+    u->image_encoder = ClipVisionModel::load(path_join(dir, "prior_image_encoder"), spec);
+  }
+  return u;
+}
+
 at::Tensor noise_image_embeds(const at::Tensor& embeds, const at::Tensor& levels, const at::Tensor& noise,
                               const at::Tensor& mean, const at::Tensor& std, const at::Tensor& alphas_cumprod) {
   const int64_t B = embeds.size(0);
@@ -115,8 +158,10 @@ at::Tensor UnclipParts::noise_image_embeds(const at::Tensor& embeds, int noise_l
 
 void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps, int64_t noise_levels,
                         const std::string& folder) {
-  DP_CHECK(p.noise_level >= 0 && p.noise_level < noise_levels, "noise_level: must be in [0, ", noise_levels,
-           ") (the image_noising_scheduler's steps), got ", p.noise_level);
+  DP_CHECK(noise_levels == 0 || (p.noise_level >= 0 && p.noise_level < noise_levels), "noise_level: must be in [0, ",
+           noise_levels, ") (the image_noising_scheduler's steps), got ", p.noise_level);
+  DP_CHECK(noise_levels > 0 || p.prior_steps >= 2, "prior_steps: must be at least 2 (Kandinsky 2.2's UnCLIPScheduler ",
+           "divides by prior_steps - 1), got ", p.prior_steps);
   if (!p.image_prompt.empty()) return;
   DP_CHECK(prior_train_timesteps > 0, folder, " makes image variations only (it has no prior/): give an image ",
            "prompt (--image-prompt FILE, or \"image_prompt\" in a JSONL line)");
@@ -129,13 +174,14 @@ void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps
 PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
                                    std::function<at::Tensor(uint64_t, const at::Tensor&)> noise) const {
   check_prior_params(p, parts_.prior ? parts_.prior_scheduler.num_train_timesteps : 0,
-                     parts_.image_noising_scheduler.num_train_timesteps, "this folder");
+                     parts_.kandinsky ? 0 : parts_.image_noising_scheduler.num_train_timesteps, "this folder");
   PriorState s;
   s.id = id;
   s.seed = p.seed;
   s.guidance = p.prior_guidance;
   s.noise_level = p.noise_level;
   s.prompt = p.prompt;
+  if (parts_.kandinsky) s.negative_prompt = p.negative_prompt;
   const uint64_t seed = p.seed;
   s.noise = noise ? std::move(noise) : [seed](uint64_t stream, const at::Tensor& like) {
     return seeded_noise(seed, stream, like.sizes());
@@ -149,21 +195,25 @@ PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
   s.sampler = std::make_unique<DdpmSampler>(parts_.prior_scheduler, p.prior_steps);
   const at::Tensor like = at::empty({parts_.embedding_dim()}, at::kFloat);
   s.latents = s.noise(kPriorLatentStream, like).to(spec_.device, at::kFloat);  // init_noise_sigma is 1 for DDPM
+  if (!s.negative_prompt.empty())  // Kandinsky 2.2: the negative prompt's own run
+    s.negative_latents = s.noise(kPriorNegativeLatentStream, like).to(spec_.device, at::kFloat);
   return s;
 }
 
 void PriorRunner::encode(const std::vector<PriorState*>& states) const {
-  // Rows: each state's prompt, then "" for the guided ones (diffusers' prior always uses the empty prompt).
+  // Rows: each state's prompt, then the unconditional text where needed: "" (Stable unCLIP's prior always uses the
+  // empty prompt), the negative prompt (Kandinsky 2.2's)
+  DP_CHECK(parts_.prior_tokenizer && parts_.prior_text_encoder, "prior: its text encoder was not loaded");
   const ClipTokenizer& tok = *parts_.prior_tokenizer;
   const int L = tok.max_length();
   std::vector<std::pair<PriorState*, bool>> rows;
   for (PriorState* s : states) {
     rows.push_back({s, false});
-    if (s->guidance > 1.0) rows.push_back({s, true});
+    if (s->needs_uncond()) rows.push_back({s, true});
   }
   std::vector<int64_t> ids, mask;
   for (const auto& [s, uncond] : rows) {
-    const std::string& text = uncond ? std::string() : s->prompt;
+    const std::string& text = uncond ? s->negative_prompt : s->prompt;
     const auto t = tok.encode(text);
     ids.insert(ids.end(), t.begin(), t.end());
     // CLIPTokenizer's attention mask: 1 for the real tokens (start, text, end), 0 for the padding after them
@@ -221,6 +271,13 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
     proj.push_back(s->embeds);
     hid.push_back(s->hidden);
     mask.push_back(s->mask);
+    if (s->negative_latents.defined()) {  // Kandinsky 2.2: the negative prompt's run, one row
+      x.push_back(s->negative_latents);
+      t.push_back(at::scalar_tensor(ts, at::kLong));
+      proj.push_back(s->u_embeds);
+      hid.push_back(s->u_hidden);
+      mask.push_back(s->u_mask);
+    }
   }
   const auto dt = spec_.dtype;
   const at::Tensor out = parts_.prior
@@ -237,13 +294,29 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
     } else {
       pred = out[row++];
     }
-    at::Tensor noise;
-    if (s->sampler->adds_noise(s->step)) noise = s->noise(prior_step_stream(s->step), s->latents);
-    s->latents = s->sampler->step(pred.unsqueeze(0), s->step, s->latents.unsqueeze(0),
-                                  noise.defined() ? noise.unsqueeze(0) : noise)
-                     .squeeze(0);
+    auto advance = [&](at::Tensor& latents, const at::Tensor& prediction, uint64_t stream) {
+      at::Tensor noise;
+      if (s->sampler->adds_noise(s->step)) noise = s->noise(stream, latents).unsqueeze(0);
+      latents = s->sampler->step(prediction.unsqueeze(0), s->step, latents.unsqueeze(0), noise).squeeze(0);
+    };
+    advance(s->latents, pred, prior_step_stream(s->step));
+    if (s->negative_latents.defined()) advance(s->negative_latents, out[row++], prior_negative_step_stream(s->step));
     ++s->step;
   }
+}
+
+at::Tensor PriorRunner::image_embeds(const PriorState& s) const {
+  DP_CHECK(parts_.kandinsky && s.done() && !s.image_mode(), "prior: request ", s.id, " has no Kandinsky image embedding");
+  auto post = [&](const at::Tensor& l) {
+    return parts_.prior->post_process_latents(l.unsqueeze(0).to(spec_.dtype)).to(at::kFloat)[0];
+  };
+  if (!s.negative_latents.defined() && !zero_embeds_.defined()) {  // diffusers' get_zero_embed: zeros, unprocessed
+    const int64_t S = parts_.image_encoder->config().image_size;
+    zero_embeds_ = parts_.image_encoder->image_embeds(at::zeros({1, 3, S, S}, at::TensorOptions().dtype(spec_.dtype)
+                                                                              .device(spec_.device)))
+                       .to(at::kFloat)[0];
+  }
+  return at::stack({post(s.latents), s.negative_latents.defined() ? post(s.negative_latents) : zero_embeds_});
 }
 
 at::Tensor PriorRunner::class_labels(const PriorState& s) const {

@@ -162,6 +162,11 @@ struct UNet2DConditionModel::Impl {
   bool gelu = false;                      // act_fn
   std::string time_act;                   // time_embedding_act_fn
   nn::Linear encoder_hid_proj;            // T5 states -> cross_attention_dim (IF)
+  // image_proj (Kandinsky 2.2): the image embedding -> image_tokens x cross_attention_dim, layer-normed; and the
+  // time embedding's addition from it (ImageTimeEmbedding)
+  nn::Linear image_proj, add_image_proj;
+  nn::LayerNorm image_proj_norm, add_image_norm;
+  int64_t image_tokens = 0;
   std::unique_ptr<TextTimeEmbedding> add_text;  // addition_embed_type "text"
   bool simple_mid = false;
   nn::AddedKVAttention mid_simple;
@@ -191,7 +196,16 @@ UNet2DConditionModel::UNet2DConditionModel(const UNetConfig& c, const Weights& w
   m->gelu = c.act_fn == "gelu";
   m->time_act = c.time_embedding_act_fn;
   const int64_t ctx_dim = c.cross_attention_dim[0];
-  if (c.encoder_hid_dim > 0) m->encoder_hid_proj = nn::Linear(w, "encoder_hid_proj", c.encoder_hid_dim, ctx_dim);
+  if (c.image_proj) {
+    DP_CHECK(w.has("encoder_hid_proj.image_embeds.weight"), w.origin(), ": encoder_hid_proj.image_embeds.weight missing");
+    m->image_tokens = w.all().at("encoder_hid_proj.image_embeds.weight").size(0) / ctx_dim;
+    m->image_proj = nn::Linear(w, "encoder_hid_proj.image_embeds", c.encoder_hid_dim, m->image_tokens * ctx_dim);
+    m->image_proj_norm = nn::LayerNorm(w, "encoder_hid_proj.norm", ctx_dim, 1e-5);
+    m->add_image_proj = nn::Linear(w, "add_embedding.image_proj", c.encoder_hid_dim, temb);
+    m->add_image_norm = nn::LayerNorm(w, "add_embedding.image_norm", temb, 1e-5);
+  } else if (c.encoder_hid_dim > 0) {
+    m->encoder_hid_proj = nn::Linear(w, "encoder_hid_proj", c.encoder_hid_dim, ctx_dim);
+  }
   if (c.addition_embed_type == "text")
     m->add_text = std::make_unique<TextTimeEmbedding>(w.sub("add_embedding"), c.encoder_hid_dim, temb,
                                                       c.addition_embed_type_num_heads);
@@ -359,8 +373,13 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
   DP_CHECK(sample.dim() == 4 && sample.size(1) == cfg_.in_channels, "unet: sample must be [B, ", cfg_.in_channels,
            ", H, W], got ", shape_str(sample.sizes()));
   const int64_t B = sample.size(0);
-  DP_CHECK(context.dim() == 3 && context.size(0) == B, "unet: encoder_hidden_states must be [", B,
-           ", L, D], got ", shape_str(context.sizes()));
+  if (cfg_.image_conditioned())
+    DP_CHECK(context.dim() == 2 && context.size(0) == B && context.size(1) == cfg_.encoder_hid_dim,
+             "unet: this UNet is conditioned on an image embedding [", B, ", ", cfg_.encoder_hid_dim, "], got ",
+             shape_str(context.sizes()));
+  else
+    DP_CHECK(context.dim() == 3 && context.size(0) == B, "unet: encoder_hidden_states must be [", B,
+             ", L, D], got ", shape_str(context.sizes()));
   const at::Tensor t = per_sample_timesteps(timesteps, B, "unet");
   // timesteps: [B] -> t_emb [B, C0] -> emb [B, 4*C0]
   if (nn::batch_invariant() && B > 1)
@@ -504,6 +523,11 @@ at::Tensor UNet2DConditionModel::forward_embedded(const at::Tensor& sample, cons
                                            : m.class_linear_2(act(m.class_linear_1(class_labels))));
   at::Tensor context = context_in;
   if (m.add_text) emb = emb + (*m.add_text)(context);  // from the text encoder's own states
+  if (m.image_proj.weight.defined()) {  // Kandinsky 2.2: `context` is the image embedding [B, E]
+    const at::Tensor e = context.to(m.image_proj.weight.scalar_type());
+    emb = emb + m.add_image_norm(m.add_image_proj(e));
+    context = m.image_proj_norm(m.image_proj(e).view({e.size(0), m.image_tokens, -1}));
+  }
   if (m.time_act == "gelu") emb = at::gelu(emb);
   else if (m.time_act == "silu") emb = at::silu(emb);
   if (m.encoder_hid_proj.weight.defined()) context = m.encoder_hid_proj(context);

@@ -10,10 +10,15 @@ namespace diffpipe::nn {
 ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t temb_channels, int64_t groups,
                              double eps, double output_scale, const ResnetOptions& options)
     : output_scale_factor(output_scale), opt(options) {
-  norm1 = GroupNorm(w, "norm1", groups, in, eps);
+  if (opt.spatial_channels > 0) {
+    spatial1 = SpatialNorm(w.sub("norm1"), in, opt.spatial_channels);
+    spatial2 = SpatialNorm(w.sub("norm2"), out, opt.spatial_channels);
+  } else {
+    norm1 = GroupNorm(w, "norm1", groups, in, eps);
+    norm2 = GroupNorm(w, "norm2", groups, out, eps);
+  }
   conv1 = Conv2d(w, "conv1", in, out, 3, 1, 1);
   if (temb_channels > 0) time_emb_proj = Linear(w, "time_emb_proj", temb_channels, opt.scale_shift ? 2 * out : out);
-  norm2 = GroupNorm(w, "norm2", groups, out, eps);
   conv2 = Conv2d(w, "conv2", out, out, 3, 1, 1);
   has_shortcut = in != out;
   if (has_shortcut) conv_shortcut = Conv2d(w, "conv_shortcut", in, out, 1, 1, 0);
@@ -22,6 +27,12 @@ ResnetBlock2D::ResnetBlock2D(const Weights& w, int64_t in, int64_t out, int64_t 
 // As diffusers' ResnetBlock2D orders it; Stable Diffusion's blocks take the defaults (silu, the time embedding added
 // before norm2, no resampling).
 at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb) const {
+  if (opt.spatial_channels > 0) {  // ResnetBlockCondNorm2D: `temb` is the conditioning map
+    DP_CHECK(temb.defined(), "resnet: a spatially normalised block needs its conditioning map");
+    at::Tensor h = conv2(at::silu(spatial2(conv1(at::silu(spatial1(x, temb))), temb)));
+    const at::Tensor out = (has_shortcut ? conv_shortcut(x) : x) + h;
+    return output_scale_factor == 1.0 ? out : out / output_scale_factor;
+  }
   auto act = [&](const at::Tensor& t) { return opt.gelu ? at::gelu(t) : at::silu(t); };
   auto norm_act = [&](const GroupNorm& n, const at::Tensor& t) { return opt.gelu ? at::gelu(n(t)) : n.silu(t); };
   at::Tensor in = x, h = norm_act(norm1, x);
@@ -228,18 +239,35 @@ at::Tensor Upsample2D::operator()(const at::Tensor& x, at::IntArrayRef size) con
   return conv(at::upsample_nearest2d(x, out_size));
 }
 
-SpatialSelfAttention::SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps) {
-  group_norm = GroupNorm(w, "group_norm", groups, channels, eps);
+SpatialNorm::SpatialNorm(const Weights& w, int64_t channels, int64_t zq_channels) {
+  norm_layer = GroupNorm(w, "norm_layer", 32, channels, 1e-6);
+  conv_y = Conv2d(w, "conv_y", zq_channels, channels, 1);
+  conv_b = Conv2d(w, "conv_b", zq_channels, channels, 1);
+}
+
+at::Tensor SpatialNorm::operator()(const at::Tensor& f, const at::Tensor& zq_in) const {
+  const at::Tensor zq = zq_in.size(2) == f.size(2) && zq_in.size(3) == f.size(3)
+                            ? zq_in
+                            : at::upsample_nearest2d(zq_in, {f.size(2), f.size(3)});
+  return norm_layer(f) * conv_y(zq) + conv_b(zq);
+}
+
+SpatialSelfAttention::SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps,
+                                           int64_t zq_channels)
+    : spatial(zq_channels > 0) {
+  if (spatial) spatial_norm = SpatialNorm(w.sub("spatial_norm"), channels, zq_channels);
+  else group_norm = GroupNorm(w, "group_norm", groups, channels, eps);
   to_q = Linear(w, "to_q", channels, channels);
   to_k = Linear(w, "to_k", channels, channels);
   to_v = Linear(w, "to_v", channels, channels);
   to_out = Linear(w, "to_out.0", channels, channels);
 }
 
-at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x) const {
+at::Tensor SpatialSelfAttention::operator()(const at::Tensor& x, const at::Tensor& zq) const {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  DP_CHECK(!spatial || zq.defined(), "attention: a spatially normalised attention needs its conditioning map");
   // h: [B, HW, C], pixel-major (free for channels-last input; one copy for NCHW; see pointwise_rows)
-  at::Tensor h = group_norm(x).permute({0, 2, 3, 1}).reshape({B, H * W, C});
+  at::Tensor h = (spatial ? spatial_norm(x, zq) : group_norm(x)).permute({0, 2, 3, 1}).reshape({B, H * W, C});
   at::Tensor q = to_q(h).unsqueeze(1), k = to_k(h).unsqueeze(1), v = to_v(h).unsqueeze(1);
   at::Tensor o = attention(q, k, v, at::Tensor()).squeeze(1);
   return x + to_out(o).view({B, H, W, C}).permute({0, 3, 1, 2});  // in x's layout

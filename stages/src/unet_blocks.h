@@ -12,10 +12,24 @@ struct ResnetOptions {
                                // applied after norm2 (time_emb_proj has 2 x out outputs)
   bool skip_time_act = false;  // resnet_skip_time_act: no activation before time_emb_proj
   int resample = 0;            // 1: 2x2 average pool (down=True), 2: nearest x2 (up=True), of both paths
+  // > 0: ResnetBlockCondNorm2D with SpatialNorm (a MoVQ decoder's, norm_type "spatial"): norm1 and norm2 are
+  // modulated by a conditioning map of this many channels, passed as the block's `temb`; no time embedding
+  int64_t spatial_channels = 0;
+};
+
+// diffusers' SpatialNorm (MoVQ): group_norm(f) (32 groups, eps 1e-6) x conv_y(zq) + conv_b(zq), zq (the latents)
+// resized to f's size by nearest neighbour.
+struct SpatialNorm {
+  GroupNorm norm_layer;
+  Conv2d conv_y, conv_b;
+  SpatialNorm() = default;
+  SpatialNorm(const Weights& w, int64_t channels, int64_t zq_channels);
+  at::Tensor operator()(const at::Tensor& f, const at::Tensor& zq) const;
 };
 
 struct ResnetBlock2D {
   GroupNorm norm1, norm2;
+  SpatialNorm spatial1, spatial2;  // ResnetOptions::spatial_channels
   Conv2d conv1, conv2, conv_shortcut;
   Linear time_emb_proj;  // absent (undefined) when temb_channels == 0
   bool has_shortcut = false;
@@ -100,12 +114,16 @@ struct Upsample2D {
   at::Tensor operator()(const at::Tensor& x, at::IntArrayRef size = {}) const;
 };
 
-struct SpatialSelfAttention {  // the VAE mid-block Attention (group_norm, one head, residual)
+// The VAE's Attention (group_norm, one head, residual); a MoVQ decoder's normalises with a SpatialNorm instead
+// (spatial_norm_dim = zq_channels > 0), whose conditioning map is `zq`.
+struct SpatialSelfAttention {
   GroupNorm group_norm;
+  SpatialNorm spatial_norm;
+  bool spatial = false;
   Linear to_q, to_k, to_v, to_out;
   SpatialSelfAttention() = default;
-  SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps);
-  at::Tensor operator()(const at::Tensor& x) const;
+  SpatialSelfAttention(const Weights& w, int64_t channels, int64_t groups, double eps, int64_t zq_channels = 0);
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& zq = {}) const;
 };
 
 }  // namespace diffpipe::nn

@@ -8,18 +8,27 @@
 namespace diffpipe {
 
 struct AutoencoderKL::Impl {
+  // zq: a MoVQ decoder's conditioning map (its latents), undefined otherwise
   struct Mid {
     nn::ResnetBlock2D res0, res1;
     bool has_attn = false;
     nn::SpatialSelfAttention attn;
-    at::Tensor operator()(const at::Tensor& x) const {
-      at::Tensor h = res0(x, at::Tensor());
-      if (has_attn) h = attn(h);
-      return res1(h, at::Tensor());
+    at::Tensor operator()(const at::Tensor& x, const at::Tensor& zq) const {
+      at::Tensor h = res0(x, zq);
+      if (has_attn) h = attn(h, zq);
+      return res1(h, zq);
     }
   };
   struct Block {
     std::vector<nn::ResnetBlock2D> resnets;
+    std::vector<nn::SpatialSelfAttention> attentions;  // Attn*Block2D: one after each resnet
+    at::Tensor resnets_and_attentions(at::Tensor x, const at::Tensor& zq) const {
+      for (size_t j = 0; j < resnets.size(); ++j) {
+        x = resnets[j](x, zq);
+        if (!attentions.empty()) x = attentions[j](x, zq);
+      }
+      return x;
+    }
     bool has_sampler = false;
     nn::Downsample2D down;
     nn::Upsample2D up;
@@ -33,7 +42,8 @@ struct AutoencoderKL::Impl {
   std::vector<Block> dec_blocks;
   Mid dec_mid;
   nn::GroupNorm dec_norm_out;
-  bool use_quant_conv = true, use_post_quant_conv = true;
+  nn::SpatialNorm dec_spatial_out;
+  bool use_quant_conv = true, use_post_quant_conv = true, spatial = false;
 };
 
 AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_encoder, bool with_decoder) : cfg_(c) {
@@ -54,18 +64,26 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
   const size_t n = boc.size();
   const int64_t G = c.norm_num_groups, L = c.latent_channels;
   const double eps = 1e-6;
-  auto make_mid = [&](const Weights& mw, int64_t ch) {
+  // zq_channels > 0: the MoVQ decoder's spatially normalised blocks
+  auto make_mid = [&](const Weights& mw, int64_t ch, int64_t zq_channels) {
     Impl::Mid mid;
-    mid.res0 = nn::ResnetBlock2D(mw.sub("resnets.0"), ch, ch, 0, G, eps, 1.0);
+    nn::ResnetOptions o;
+    o.spatial_channels = zq_channels;
+    mid.res0 = nn::ResnetBlock2D(mw.sub("resnets.0"), ch, ch, 0, G, eps, 1.0, o);
     mid.has_attn = c.mid_block_add_attention;
-    if (mid.has_attn) mid.attn = nn::SpatialSelfAttention(mw.sub("attentions.0"), ch, G, eps);
-    mid.res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), ch, ch, 0, G, eps, 1.0);
+    if (mid.has_attn) mid.attn = nn::SpatialSelfAttention(mw.sub("attentions.0"), ch, G, eps, zq_channels);
+    mid.res1 = nn::ResnetBlock2D(mw.sub("resnets.1"), ch, ch, 0, G, eps, 1.0, o);
     return mid;
+  };
+  auto add_attentions = [&](Impl::Block& b, const Weights& bw, int64_t ch, int64_t zq_channels) {
+    for (size_t j = 0; j < b.resnets.size(); ++j)
+      b.attentions.emplace_back(bw.sub("attentions." + std::to_string(j)), ch, G, eps, zq_channels);
   };
   m->use_quant_conv = c.use_quant_conv;
   m->use_post_quant_conv = c.use_post_quant_conv;
   m->has_encoder = with_encoder;
   if (with_encoder) {
+    DP_CHECK(!c.vq, "vae: a VQModel's encoder is not supported (diffpipe decodes with MoVQ; it does not encode images)");
     const Weights e = w.sub("encoder");
     m->enc_conv_in = nn::Conv2d(e, "conv_in", c.in_channels, boc[0], 3, 1, 1);
     int64_t out = boc[0];
@@ -76,13 +94,14 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
       const Weights bw = e.sub("down_blocks." + std::to_string(i));
       for (int64_t j = 0; j < c.layers_per_block; ++j)
         b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? in : out, out, 0, G, eps, 1.0);
+      if (c.down_attention.at(i)) add_attentions(b, bw, out, 0);
       if (i + 1 < n) {
         b.has_sampler = true;
         b.down = nn::Downsample2D(bw.sub("downsamplers.0"), out, 0);
       }
       m->enc_blocks.push_back(std::move(b));
     }
-    m->enc_mid = make_mid(e.sub("mid_block"), boc[n - 1]);
+    m->enc_mid = make_mid(e.sub("mid_block"), boc[n - 1], 0);
     m->enc_norm_out = nn::GroupNorm(e, "conv_norm_out", G, boc[n - 1], eps);
     m->enc_conv_out = nn::Conv2d(e, "conv_out", boc[n - 1], 2 * L, 3, 1, 1);
     if (c.use_quant_conv) m->quant_conv = nn::Conv2d(w, "quant_conv", 2 * L, 2 * L, 1);
@@ -94,8 +113,12 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
   }
   if (c.use_post_quant_conv) m->post_quant_conv = nn::Conv2d(w, "post_quant_conv", L, L, 1);
   const Weights d = w.sub("decoder");
+  m->spatial = c.spatial_norm;
+  const int64_t zq = c.spatial_norm ? L : 0;
+  nn::ResnetOptions o;
+  o.spatial_channels = zq;
   m->dec_conv_in = nn::Conv2d(d, "conv_in", L, boc[n - 1], 3, 1, 1);
-  m->dec_mid = make_mid(d.sub("mid_block"), boc[n - 1]);
+  m->dec_mid = make_mid(d.sub("mid_block"), boc[n - 1], zq);
   int64_t out = boc[n - 1];
   for (size_t i = 0; i < n; ++i) {
     const int64_t prev = out;
@@ -103,14 +126,16 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
     Impl::Block b;
     const Weights bw = d.sub("up_blocks." + std::to_string(i));
     for (int64_t j = 0; j < c.layers_per_block + 1; ++j)
-      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? prev : out, out, 0, G, eps, 1.0);
+      b.resnets.emplace_back(bw.sub("resnets." + std::to_string(j)), j == 0 ? prev : out, out, 0, G, eps, 1.0, o);
+    if (c.up_attention.at(i)) add_attentions(b, bw, out, zq);
     if (i + 1 < n) {
       b.has_sampler = true;
       b.up = nn::Upsample2D(bw.sub("upsamplers.0"), out);
     }
     m->dec_blocks.push_back(std::move(b));
   }
-  m->dec_norm_out = nn::GroupNorm(d, "conv_norm_out", G, boc[0], eps);
+  if (m->spatial) m->dec_spatial_out = nn::SpatialNorm(d.sub("conv_norm_out"), boc[0], zq);
+  else m->dec_norm_out = nn::GroupNorm(d, "conv_norm_out", G, boc[0], eps);
   m->dec_conv_out = nn::Conv2d(d, "conv_out", boc[0], c.out_channels, 3, 1, 1);
   impl_ = m;
 }
@@ -146,10 +171,10 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
   }
   at::Tensor x = m.enc_conv_in(nn::in_layout_of(m.enc_conv_in.weight, image));
   for (const auto& b : m.enc_blocks) {
-    for (const auto& r : b.resnets) x = r(x, at::Tensor());
+    x = b.resnets_and_attentions(x, at::Tensor());
     if (b.has_sampler) x = b.down(x);
   }
-  x = m.enc_mid(x);
+  x = m.enc_mid(x, at::Tensor());
   x = m.enc_conv_out(m.enc_norm_out.silu(x));
   if (m.use_quant_conv) x = m.quant_conv(x);
   auto parts = x.contiguous().chunk(2, 1);
@@ -165,15 +190,19 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
     return nn::per_sample(latents.size(0), [&](int64_t i) { return decode(latents.slice(0, i, i + 1)); });
   at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
   x = m.dec_conv_in(nn::in_layout_of(m.dec_conv_in.weight, x));
-  x = m.dec_mid(x);
+  // MoVQ: the norms are conditioned on the latents before post_quant_conv (VQModel.decode's `quant`)
+  const at::Tensor zq = m.spatial ? nn::in_layout_of(m.dec_conv_in.weight, latents) : at::Tensor();
+  x = m.dec_mid(x, zq);
   for (const auto& b : m.dec_blocks) {
-    for (const auto& r : b.resnets) x = r(x, at::Tensor());
+    x = b.resnets_and_attentions(x, zq);
     if (b.has_sampler) x = b.up(x);
   }
-  return m.dec_conv_out(m.dec_norm_out.silu(x)).contiguous();
+  x = m.spatial ? at::silu(m.dec_spatial_out(x, zq)) : m.dec_norm_out.silu(x);
+  return m.dec_conv_out(x).contiguous();
 }
 
 at::Tensor AutoencoderKL::decode_scaled(const at::Tensor& latents) const {
+  if (cfg_.vq) return decode(latents);
   return decode(latents / cfg_.scaling_factor + cfg_.shift_factor);
 }
 

@@ -63,6 +63,11 @@ struct SdModel {
   bool aesthetic = false;
   bool second_encoder_only = false;        // SDXL without text_encoder/ (the refiner): tokenizer_2 + text_encoder_2
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
+  // Kandinsky 2.2 (model_index.json names KandinskyV22CombinedPipeline; the DALL-E 2 design): the encode stage
+  // runs the prior's text encoder (kTextEncoder loads it into `unclip`), the prior stage the diffusion prior and
+  // the image encoder (kPrior), the decoder's UNet is conditioned on the image embedding alone, and vae is its
+  // MoVQ (movq/, kVae), decoding the latents as they are.
+  bool kandinsky = false;
   // DeepFloyd IF stage I with super_resolution/ (an IFSuperResolutionPipeline folder): its configs (always) and
   // UNet (with kSuperRes), scheduler and image-noising schedule, as a model of its own (no text encoder: stage I's
   // embeddings).
@@ -111,7 +116,7 @@ struct SdModel {
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
-  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations; }
+  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
   int64_t latent_factor() const {
     return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
   }
@@ -125,6 +130,7 @@ struct SdModel {
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
+  static bool is_kandinsky(const std::string& dir);  // model_index.json names KandinskyV22CombinedPipeline
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
   static bool is_lcm_pipeline(const std::string& dir);

@@ -56,7 +56,8 @@ struct SchedulerConfig {
   double dynamic_thresholding_ratio = 0.995, sample_max_value = 1.0;
   // Loads and validates (unsupported values are errors naming the key).
   static SchedulerConfig load(const std::string& path);
-  // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults.
+  // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults, or an
+  // UnCLIPScheduler's (Kandinsky 2.2's prior_scheduler: fixed_small_log or learned_range variance).
   static SchedulerConfig load_ddpm(const std::string& path);
 };
 
@@ -127,14 +128,20 @@ class DdpmSampler {
   at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample, const at::Tensor& noise,
                   at::Tensor* x0 = nullptr) const;
   bool learned_variance() const { return cfg_.variance_type == "learned" || cfg_.variance_type == "learned_range"; }
+  // UnCLIPScheduler (Karlo, Kandinsky 2.2's prior): the same step on its own timesteps (evenly spaced from
+  // num_train_timesteps - 1 down to 0), with the schedule's beta for a step between adjacent timesteps
+  bool unclip() const { return cfg_.class_name == "UnCLIPScheduler"; }
 
  private:
   SchedulerConfig cfg_;
   std::vector<int64_t> timesteps_;
+  std::vector<float> betas_;  // UnCLIPScheduler: the schedule's betas
   std::vector<float> alphas_cumprod_;  // the previous timestep is the next entry (diffusers' previous_timestep)
 };
 
-// alphas_cumprod of a config as a float32 tensor [num_train_timesteps] (diffusers' computation).
+// alphas_cumprod of a config as a float32 tensor [num_train_timesteps] (diffusers' computation), and the betas
+// it is the cumulative product of one minus.
 at::Tensor alphas_cumprod(const SchedulerConfig& cfg);
+at::Tensor train_betas(const SchedulerConfig& cfg);
 
 }  // namespace diffpipe

@@ -28,7 +28,13 @@
 
 namespace diffpipe {
 
+// Kandinsky 2.2 (KandinskyV22CombinedPipeline folders: prior_tokenizer/, prior_text_encoder/, prior_prior/,
+// prior_scheduler/ (UnCLIPScheduler), prior_image_encoder/, prior_image_processor/ beside the decoder's unet/,
+// scheduler/ and movq/) fills the same parts (`kandinsky`): its prior's image embedding conditions the decoder's
+// UNet as it is (no noise augmentation); the negative prompt's own prior run, or without one the image encoder's
+// embedding of an all-zero image, is the unconditional row's.
 struct UnclipParts {
+  bool kandinsky = false;
   std::shared_ptr<ClipTokenizer> prior_tokenizer;      // the prior (null in an image-variations folder)
   std::shared_ptr<ClipTextModel> prior_text_encoder;
   std::shared_ptr<PriorTransformer> prior;
@@ -45,6 +51,12 @@ struct UnclipParts {
   // Checks the prior components' files and configs (cheap), naming what is wrong.
   static void validate(const std::string& dir);
   static std::shared_ptr<const UnclipParts> load(const std::string& dir, const DeviceSpec& spec);
+  static bool is_kandinsky_folder(const std::string& dir);  // model_index.json names KandinskyV22CombinedPipeline
+  static void validate_kandinsky(const std::string& dir);   // the prior's components (files, configs, widths)
+  // A Kandinsky folder's prior parts: the tokenizer and text encoder with `text`, the prior and image encoder
+  // with `prior`.
+  static std::shared_ptr<const UnclipParts> load_kandinsky(const std::string& dir, const DeviceSpec& spec, bool text,
+                                                           bool prior);
 
   int64_t embedding_dim() const { return prior ? prior->config().embedding_dim : image_encoder->config().projection_dim; }
   // noise_image_embeds (below) with this folder's normaliser and noising schedule, every row at noise_level
@@ -61,6 +73,7 @@ at::Tensor noise_image_embeds(const at::Tensor& embeds, const at::Tensor& levels
 // A request's prior settings against a Stable unCLIP folder's schedules (errors name the field): noise_level in
 // [0, noise_levels); without an image prompt also that the folder has a prior (prior_train_timesteps > 0, else
 // an image prompt is asked for, naming `folder`), prior_steps in [1, prior_train_timesteps] and prior_guidance.
+// noise_levels 0 (Kandinsky 2.2: no noise augmentation) checks the prior's settings alone.
 void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps, int64_t noise_levels,
                         const std::string& folder);
 
@@ -68,6 +81,11 @@ void check_prior_params(const GenerationParams& p, int64_t prior_train_timesteps
 constexpr uint64_t kPriorLatentStream = uint64_t(1) << 32;        // the prior's initial latents
 inline uint64_t prior_step_stream(int step) { return kPriorLatentStream + 1 + static_cast<uint64_t>(step); }
 constexpr uint64_t kImageEmbedNoiseStream = uint64_t(1) << 33;    // the image embedding's noise augmentation
+// Kandinsky 2.2 with a negative prompt: the negative prompt's own prior run (initial latents, then per step)
+constexpr uint64_t kPriorNegativeLatentStream = kPriorLatentStream + (uint64_t(1) << 24);
+inline uint64_t prior_negative_step_stream(int step) {
+  return kPriorNegativeLatentStream + 1 + static_cast<uint64_t>(step);
+}
 
 // One request's prior loop.
 struct PriorState {
@@ -78,9 +96,14 @@ struct PriorState {
   std::unique_ptr<DdpmSampler> sampler;
   bool encoded = false;      // prior text encoder run (PriorRunner::step does it for new requests, batched)
   std::string prompt;
+  std::string negative_prompt;  // Kandinsky 2.2: the unconditional rows' text, and a prior run of its own
   at::Tensor embeds, hidden, mask;        // conditional: text_embeds [E], last_hidden_state [L, E], mask [L]
-  at::Tensor u_embeds, u_hidden, u_mask;  // unconditional (the empty prompt), when guided
+  // unconditional (the empty prompt; Kandinsky 2.2: the negative prompt), when needs_uncond()
+  at::Tensor u_embeds, u_hidden, u_mask;
   at::Tensor latents;        // [E] float32
+  at::Tensor negative_latents;  // Kandinsky 2.2 with a negative prompt: its run's latents [E] (unguided: its
+                                // guided rows would be the same text twice)
+  bool needs_uncond() const { return guidance > 1.0 || !negative_prompt.empty(); }
   at::Tensor pixel_values;   // image variations: the image prompt as the image encoder takes it [1, 3, S, S]
   at::Tensor image_embeds;   // image variations: the image encoder's embedding [E] (set by the first step)
   int step = 0;
@@ -106,9 +129,14 @@ class PriorRunner {
   // After the last step: post_process_latents (or the image encoder's embedding), then the noise augmentation:
   // the UNet's class labels [2E].
   at::Tensor class_labels(const PriorState& s) const;
+  // Kandinsky 2.2, after the last step: [image embedding, negative image embedding] [2, E] float32.
+  at::Tensor image_embeds(const PriorState& s) const;
+  // The prior text encoder over the states' prompts (and unconditional texts where needs_uncond()), one call;
+  // sets their embeds/hidden/mask fields and `encoded`. Needs only the tokenizer and text encoder.
+  void encode(const std::vector<PriorState*>& states) const;
 
  private:
-  void encode(const std::vector<PriorState*>& states) const;
+  mutable at::Tensor zero_embeds_;  // Kandinsky 2.2: the all-zero image's embedding [E] (computed once)
   const UnclipParts& parts_;
   DeviceSpec spec_;
 };

@@ -53,6 +53,12 @@ struct UNetConfig {
   bool resnet_skip_time_act = false;
   double resnet_out_scale_factor = 1.0;
   int64_t encoder_hid_dim = 0;               // > 0: encoder_hid_proj (text_proj) from this width
+  // Kandinsky 2.2's decoder UNet (encoder_hid_dim_type "image_proj" with addition_embed_type "image"): conditioned
+  // on an image embedding [B, encoder_hid_dim] alone, passed as the encoder_hidden_states: ImageProjection makes
+  // its cross-attention tokens (a linear layer to 10 tokens, layer-normed), ImageTimeEmbedding adds it to the time
+  // embedding (linear, layer norm).
+  bool image_proj = false;
+  bool image_conditioned() const { return image_proj; }
   int64_t addition_embed_type_num_heads = 64;  // addition_embed_type "text": attention-pooling heads
   bool cross_attention_norm = false;         // cross_attention_norm "group_norm" (SimpleCrossAttn blocks)
   // > 0: a Latent Consistency Model's UNet: time_embedding.cond_proj adds a projection of the guidance scale's

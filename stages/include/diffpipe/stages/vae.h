@@ -1,5 +1,5 @@
 // AutoencoderKL (diffusers) on ATen: encoder -> quant_conv -> diagonal Gaussian (mean, logvar);
-// post_quant_conv -> decoder. Loads vae/config.json + diffusion_pytorch_model.safetensors (legacy attention
+// post_quant_conv -> decoder. Also VQModel's decoder (MoVQ, Kandinsky 2.2), which VaeConfig::vq marks. Loads vae/config.json + diffusion_pytorch_model.safetensors (legacy attention
 // key names query/key/value/proj_attn are accepted). Thread-safety: encode()/decode() are const and reentrant.
 #pragma once
 #include <ATen/ATen.h>
@@ -21,6 +21,13 @@ struct VaeConfig {
   double shift_factor = 0.0;
   bool use_quant_conv = true, use_post_quant_conv = true, mid_block_add_attention = true;
   bool force_upcast = true;  // run in float32 when the pipeline is float16/bfloat16
+  // AttnDownEncoderBlock2D / AttnUpDecoderBlock2D: a one-head attention after each resnet of that block
+  std::vector<bool> down_attention, up_attention;
+  // VQModel (Kandinsky 2.2's MoVQ, decoder only): its pipelines decode the latents as they are (no scaling factor,
+  // no quantisation: force_not_quantize); with norm_type "spatial" every decoder norm is a SpatialNorm
+  // conditioned on those latents.
+  bool vq = false;
+  bool spatial_norm = false;
   static VaeConfig load(const std::string& config_json);
 };
 
@@ -37,7 +44,8 @@ class AutoencoderKL {
 
   GaussianLatent encode(const at::Tensor& image) const;  // image: [B, 3, H, W] in [-1, 1]
   at::Tensor decode(const at::Tensor& latents) const;    // raw: [B, L, h, w] -> [B, 3, H, W] (no scaling/clamp)
-  // Pipeline convention: decode(latents / scaling_factor + shift_factor).
+  // Pipeline convention: decode(latents / scaling_factor + shift_factor); a VQModel's pipelines decode the latents
+  // as they are.
   at::Tensor decode_scaled(const at::Tensor& latents) const;
   const VaeConfig& config() const { return cfg_; }
   int64_t downscale() const { return int64_t(1) << (cfg_.block_out_channels.size() - 1); }
