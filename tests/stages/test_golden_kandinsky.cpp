@@ -125,8 +125,10 @@ TEST(GoldenKandinsky, WholePipelineWithTheReferenceDraws) {
       const double en = rel_err(e[1], g.at("pipeline." + n + ".negative_image_embeds")[i]);
       std::printf("[golden-kandinsky] %s, request %lld: image embedding %.2e, negative %.2e\n", n.c_str(),
                   static_cast<long long>(i), ee, en);
-      EXPECT_LE(ee, 1e-3) << n;
-      EXPECT_LE(en, 1e-3) << n;
+      // a prior run in 16 bits: module-level rounding through its steps (bfloat16: 1-3 %)
+      const double tol = spec.dtype == at::kFloat ? 1e-3 : 6e-2;
+      EXPECT_LE(ee, tol) << n;
+      EXPECT_LE(en, tol) << n;
       Embeddings emb;
       emb.cond = e[0].to(spec.device, spec.dtype);
       emb.uncond = e[1].to(spec.device, spec.dtype);
@@ -144,6 +146,7 @@ TEST(GoldenKandinsky, WholePipelineWithTheReferenceDraws) {
     const double within = d.le(1).to(at::kDouble).mean().item<double>();
     std::printf("[golden-kandinsky] whole pipeline (%s): final latents %.2e, 8-bit values within +-1: %.4f (max %d)\n",
                 n.c_str(), e, within, d.max().item<int>());
+    // 16 bits: the random tiny decoder amplifies rounding as DeepFloyd IF's does (GoldenIf): finiteness only there
     EXPECT_TRUE(at::isfinite(at::stack(lat)).all().item<bool>()) << n;
     if (spec.dtype == at::kFloat) {
       EXPECT_LE(e, 1e-3) << n;
