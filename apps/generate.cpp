@@ -433,9 +433,8 @@ int generate_main(int argc, char** argv) {
       std::unique_ptr<ClipTokenizer> clip;
       std::unique_ptr<T5Tokenizer> t5tok;
       if (t5) t5tok = std::make_unique<T5Tokenizer>(T5Tokenizer::load(path_join(a.str("model"), "tokenizer")));
-      else  // the SDXL refiner has the second tokenizer alone
-        clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(path_join(
-            a.str("model"), dir_exists(path_join(a.str("model"), "tokenizer")) ? "tokenizer" : "tokenizer_2")));
+      else
+        clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(SdModel::prompt_tokenizer_dir(a.str("model"))));
       const size_t max_len = t5 ? 77 : static_cast<size_t>(clip->max_length());
       std::vector<PromptLine> all;
       std::set<std::string> seen_negative;
@@ -556,7 +555,8 @@ int generate_main(int argc, char** argv) {
       for (size_t k = 0; k < opts.addons.controlnets.size(); ++k)
         oo.model += (k == 0 ? ", ControlNet: " : ", ") + opts.addons.controlnets[k];
       if (!opts.addons.refiner.empty()) oo.model += ", Refiner: " + opts.addons.refiner;
-      oo.prior = std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; });
+      if (std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; }))
+        oo.prior = SdModel::is_kandinsky(a.str("model")) ? offline::kPlainPrior : offline::kNoisedPrior;
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
       oo.sdxl = SdModel::is_sdxl(a.str("model"));
       oo.total = requests.size();

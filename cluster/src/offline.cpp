@@ -265,7 +265,7 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
   return out;
 }
 
-std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, bool prior,
+std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, int prior,
                             bool img2img, bool sdxl, const std::map<std::string, std::string>& adapters) {
   std::ostringstream os;
   os << p.prompt << "\n";
@@ -278,7 +278,7 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
     os << ", Image prompt: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
-       << ", Noise level: " << p.noise_level;
+       << (prior == kNoisedPrior ? ", Noise level: " + std::to_string(p.noise_level) : std::string());
   else if (!p.image_prompt.empty() && img2img)  // image-to-image's starting image
     os << ", Image: " << describe_image_ref(p.image_prompt)
        << (p.mask.empty() ? "" : ", Mask: " + describe_image_ref(p.mask)) << ", Denoising strength: "

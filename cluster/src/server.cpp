@@ -55,11 +55,11 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
     throw BadRequest{e.what(), ""};
   }
   static const std::set<std::string> integers{"n", "num_inference_steps", "seed", "partial_images", "width", "height",
-                                              "noise_level", "refiner_steps"};
+                                              "noise_level", "refiner_steps", "prior_num_inference_steps"};
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
                                              "negative_aesthetic_score", "ip_adapter_scale", "denoising_end",
-                                             "refiner_strength", "guidance_rescale"};
+                                             "refiner_strength", "guidance_rescale", "prior_guidance_scale"};
   // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
   static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
                                                     "control_guidance_start", "control_guidance_end"};
@@ -348,7 +348,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
                                             "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
                                             "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale",
-                                            "refiner"};
+                                            "refiner", "prior_num_inference_steps", "prior_guidance_scale"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -426,6 +426,9 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         if (!(*v > 0 && *v <= 1)) throw BadRequest{std::string("'") + key + "' must be a number in (0, 1]", key};
       }
     p.refiner_steps = static_cast<int>(integer("refiner_steps", 0, 1000).value_or(p.refiner_steps));
+    // the diffusion prior's (Stable unCLIP, Kandinsky 2.2; diffusers' combined pipelines' names; checked by the model)
+    p.prior_steps = static_cast<int>(integer("prior_num_inference_steps", 1, 1000).value_or(p.prior_steps));
+    p.prior_guidance = number("prior_guidance_scale", "").value_or(p.prior_guidance);
     if (const auto s = number("guidance_rescale", " in [0, 1]")) {  // diffusers' guidance_rescale
       p.guidance_rescale = *s;
       if (!(p.guidance_rescale >= 0 && p.guidance_rescale <= 1))

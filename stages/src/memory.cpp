@@ -37,8 +37,10 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   const bool ip = !addons.ip_adapter.empty();  // IP-Adapter: its layers beside the UNet, its image encoder on encode
   const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
   const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
+  const bool kandinsky = SdModel::is_kandinsky(dir);  // Kandinsky 2.2: the prior's text encoder, MoVQ for the VAE
+  const std::string vae_dir = path_join(dir, kandinsky ? "movq" : "vae");
   VaeConfig v;
-  if (!pixel) v = VaeConfig::load(path_join(dir, "vae/config.json"));
+  if (!pixel) v = VaeConfig::load(path_join(vae_dir, "config.json"));
   else v.block_out_channels = {u.block_out_channels[0]};
   const int64_t factor = pixel ? 1 : int64_t(1) << (v.block_out_channels.size() - 1);
   const double W = width > 0 ? width : static_cast<double>(u.sample_size * factor);
@@ -52,6 +54,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
+      m.weights += weight_bytes(path_join(dir, "prior_text_encoder/model.safetensors"), dtype);  // Kandinsky's
       if (ip) m.weights += weight_bytes(path_join(ip_image_encoder_dir(addons), "model.safetensors"), dtype);
       if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
         m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype,
@@ -76,8 +79,13 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       for (const std::string& cn : controlnets)  // each encoder half's weights
         m.weights += weight_bytes(path_join(cn, "diffusion_pytorch_model.safetensors"), dtype);
       if (!controlnets.empty()) m.activations += act / 2;  // their summed skips alive beside the UNet's
+    } else if (s == "prior") {  // the diffusion prior and its image encoder (Stable unCLIP: with its text encoder)
+      for (const char* f : {"prior/diffusion_pytorch_model.safetensors", "image_encoder/model.safetensors",
+                            "prior_prior/diffusion_pytorch_model.safetensors", "prior_image_encoder/model.safetensors"})
+        m.weights += weight_bytes(path_join(dir, f), dtype);
+      if (!kandinsky) m.weights += weight_bytes(path_join(dir, "prior_text_encoder/model.safetensors"), dtype);
     } else if (s == "decode") {
-      m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype);
+      m.weights += weight_bytes(path_join(vae_dir, "diffusion_pytorch_model.safetensors"), vae_dtype);
       // the decoder's last levels at full resolution: about 2 maps of C_1 and 4 of C_0
       const auto& c = v.block_out_channels;
       const double top = 4.0 * static_cast<double>(c[0]) + 2.0 * static_cast<double>(c.size() > 1 ? c[1] : c[0]);

@@ -323,6 +323,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.prior_train_timesteps =
         SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
     m.vae_dtype = spec.dtype;  // MoVQ's config says force_upcast false
+    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
     if (components & (kTextEncoder | kPrior))
       m.unclip = UnclipParts::load_kandinsky(dir, spec, (components & kTextEncoder) != 0, (components & kPrior) != 0);
     if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
@@ -469,6 +470,10 @@ bool SdModel::is_img2img_folder(const std::string& dir) {
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
 bool SdModel::is_kandinsky(const std::string& dir) { return UnclipParts::is_kandinsky_folder(dir); }
+std::string SdModel::prompt_tokenizer_dir(const std::string& dir) {
+  if (is_kandinsky(dir)) return path_join(dir, "prior_tokenizer");
+  return path_join(dir, dir_exists(path_join(dir, "tokenizer")) ? "tokenizer" : "tokenizer_2");
+}
 bool SdModel::has_if_stage2(const std::string& dir) {
   return pipeline_class(path_join(dir, "super_resolution")) == "IFSuperResolutionPipeline";
 }

@@ -63,8 +63,11 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 
 // The A1111-style "parameters" text: prompt, negative prompt, then "Steps: …, Sampler: …, CFG scale: …, Seed: …,
 // Size: WxH, Model: …".
+// The diffusion prior of a run's model, whose settings join the parameters: Stable unCLIP's (its image embedding
+// noised to noise_level) or Kandinsky 2.2's (no noise level).
+enum PriorKind : int { kNoPrior = 0, kNoisedPrior = 1, kPlainPrior = 2 };
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model,
-                            bool prior = false, bool img2img = false, bool sdxl = false,
+                            int prior = kNoPrior, bool img2img = false, bool sdxl = false,
                             const std::map<std::string, std::string>& adapters = {});
 
 struct OutputOptions {
@@ -73,7 +76,7 @@ struct OutputOptions {
   int shard_size = 1000;       // files per folder, or samples per tar shard
   bool overwrite = false;
   std::string model;           // for run.json and the parameters chunk
-  bool prior = false;          // the model has a diffusion prior (Stable unCLIP): its settings join the chunk
+  int prior = kNoPrior;        // the model's diffusion prior (PriorKind): its settings join the chunk
   bool img2img = false;        // an image_prompt is image-to-image's starting image (SD, SDXL): strength joins it
   bool sdxl = false;           // an SDXL folder (its inpainting's default strength differs)
   std::map<std::string, std::string> adapters;  // per-request LoRA adapters by name: their files, for the PNG text

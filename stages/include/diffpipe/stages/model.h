@@ -34,7 +34,7 @@ struct UnclipParts;
 struct SdModel {
   std::string dir;
   DeviceSpec spec;
-  std::shared_ptr<ClipTokenizer> tokenizer;
+  std::shared_ptr<ClipTokenizer> tokenizer;  // Kandinsky 2.2: the prior's (always loaded: prompt lengths)
   std::shared_ptr<ClipTextModel> text_encoder;
   // SDXL (StableDiffusionXLPipeline folders): the second tokenizer and text encoder (CLIPTextModelWithProjection);
   // prompt embeddings are both encoders' penultimate states side by side, the pooled embedding is the second's.
@@ -131,6 +131,9 @@ struct SdModel {
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
   static bool is_kandinsky(const std::string& dir);  // model_index.json names KandinskyV22CombinedPipeline
+  // The CLIP tokenizer that reads a folder's prompts: tokenizer/, else tokenizer_2/ (the SDXL refiner) or
+  // prior_tokenizer/ (Kandinsky 2.2)
+  static std::string prompt_tokenizer_dir(const std::string& dir);
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
   static bool is_lcm_pipeline(const std::string& dir);

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Kandinsky 2.2 (encode: the prior's text encoder -> prior -> denoise: the image-conditioned UNet -> decode: MoVQ)
+# through `diffpipe generate` under mpirun and `diffpipe serve`:
+#   kandinsky_test.sh DIFFPIPE_BIN WORKDIR    (the folder: $DIFFPIPE_GOLDEN_KANDINSKY, made by make_kandinsky_golden.py)
+# Checks: the same PNG bytes on 1 rank, on placements with the prior on its own rank (derived at 4 ranks, a pipeline
+# file at 3) and with 2 denoiser replicas; the settings reach the images (negative prompt, prior guidance and steps,
+# guidance), a JSONL line equals the flags, the PNG records the prior's settings (no noise level); refusals name the
+# setting and write nothing; serve gives the CLI's pixels for the same request. Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_KANDINSKY:-$(dirname "$0")/../../build/golden/tiny-kandinsky}
+MODEL=$GOLD/model
+[ -d "$MODEL" ] || { echo "SKIP: Kandinsky 2.2 folder $MODEL is absent (set DIFFPIPE_GOLDEN_KANDINSKY)"; exit 77; }
+source "$(dirname "$0")/lib.sh"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 5 --prior-steps 6 --width 32
+        --height 32 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
+
+one_rank_run 6
+same_as_one_rank np4 4 "np 4"
+grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
+  && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
+same_as_one_rank replicas 3 "2 denoiser replicas" --placement replicas
+cat > "$WORK/pipe.toml" <<'TOML'
+[encode]
+ranks = [0]
+[prior]
+ranks = [1]
+max_batch = 4
+[denoise]
+ranks = [2]
+[decode]
+ranks = [0]
+TOML
+same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
+
+one() { timeout 60 "$BIN" generate --model "$MODEL" --seed 5 --steps 4 --width 32 --height 32 --threads 1 --quiet "$@"; }
+ONE=(generate --model "$MODEL" --prompt "a red circle" --steps 2 --width 32 --height 32 --threads 1 --quiet)
+P=(--prompt "a photo of a cat")
+one "${P[@]}" --prior-steps 5 --out "$WORK/s-base" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 5 --negative-prompt "blurry" --out "$WORK/s-neg" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 5 --prior-guidance 1 --out "$WORK/s-pg1" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 3 --out "$WORK/s-p3" 2>> "$WORK/settings.log"
+one "${P[@]}" --prior-steps 5 --guidance 1 --out "$WORK/s-g1" 2>> "$WORK/settings.log"
+printf '{"prompt": "a photo of a cat", "prior_steps": 3}\n' > "$WORK/p3.jsonl"
+one --prompts "$WORK/p3.jsonl" --out "$WORK/s-p3j" 2>> "$WORK/settings.log"
+img() { ls "$1"/img-*.png 2>/dev/null | head -1; }
+[ -n "$(img "$WORK/s-base")" ] && ok "a single prompt on 1 rank" || bad "single run failed: $(tail -2 "$WORK/settings.log")"
+for d in s-neg s-pg1 s-p3 s-g1; do
+  cmp -s "$(img "$WORK/s-base")" "$(img "$WORK/$d")" && bad "$d: same image as the default settings" \
+    || ok "$d: the setting changes the image"
+done
+cmp -s "$(img "$WORK/s-p3")" "$(img "$WORK/s-p3j")" && ok "JSONL prior_steps = --prior-steps" || bad "JSONL prior_steps differs from the flag"
+python3 - "$(img "$WORK/s-neg")" <<'PY' && ok "PNG parameters record the prior settings, no noise level" || bad "PNG parameters"
+import sys
+data = open(sys.argv[1], "rb").read()
+i, text = 8, ""
+while i < len(data):
+    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
+    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
+    i += 12 + n
+ok = "Prior steps: 5" in text and "Prior CFG scale: 4" in text and "Negative prompt: blurry" in text
+sys.exit(0 if ok and "Noise level" not in text else 1)
+PY
+echo x > "$WORK/in.png"
+refused r-img "takes no input image" --image-prompt "$WORK/in.png"
+refused r-prior "prior_steps: must be at least 2" --prior-steps 1
+refused r-size "width: 40 is not a positive multiple of 16" --width 40
+refused r-skip "clip_skip" --clip-skip 2
+printf '{"prompt": "a cat", "prior_guidance": -1}\n' > "$WORK/badg.jsonl"
+one --prompts "$WORK/badg.jsonl" --out "$WORK/badj" > /dev/null 2> "$WORK/badj.log" && bad "JSONL prior_guidance -1 accepted" \
+  || { grep -q "badg.jsonl:1: key 'prior_guidance'" "$WORK/badj.log" && ok "JSONL prior_guidance -1 refused naming line and key" \
+       || bad "JSONL prior_guidance: $(tail -1 "$WORK/badj.log")"; }
+
+# serve: one request alone, as the CLI's run of it
+one --prompt "a red circle" --negative-prompt "dark" --seed 9 --prior-steps 4 --out "$WORK/cli" 2> "$WORK/cli.log" \
+  || bad "CLI run failed"
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 4 --threads 1
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$(img "$WORK/cli")" <<'PY' \
+    && ok "serve: a Kandinsky request (prior_num_inference_steps) gives the CLI's pixels; one prior step is a 400 naming prior_steps" || bad "serve"
+import base64, sys
+import http_util
+url, cli = sys.argv[1:3]
+st, r = http_util.post(url, {"prompt": "a red circle", "negative_prompt": "dark", "seed": 9,
+                             "prior_num_inference_steps": 4})
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
+assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+st, r = http_util.post(url, {"prompt": "a red circle", "prior_num_inference_steps": 1})
+assert st == 400 and "prior_steps: must be at least 2" in r["error"]["message"], (st, r)
+PY
+  kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
+else
+  bad "serve did not come up: $(tail -3 "$WORK/serve.log")"
+fi
+echo "kandinsky: $passed passed, $fails failed"
+[ $fails = 0 ]
