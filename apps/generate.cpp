@@ -52,6 +52,8 @@ const std::vector<cli::Opt> kOptions = {
     {"ip-adapter-scale", "S", "with --ip-adapter-image: how strongly it acts (default 1)"},
     {"refiner", "DIR", "SDXL: a refiner folder (stable-diffusion-xl-refiner-1.0's layout, or any SDXL folder);\n"
                        "the base's latents go on to its UNet (stage refine) before the VAE decodes them"},
+    {"prior", "DIR", "Kandinsky 2.2: the prior folder (kandinsky-2-2-prior's layout) of a decoder folder\n"
+                     "(kandinsky-2-2-decoder's); a combined folder has its own"},
     {"denoising-end", "F", "with --refiner: the share of the base's schedule before the refiner takes over, in\n"
                            "(0, 1] (default 0.8; 1: the base finishes, the refiner refines at --refiner-strength)"},
     {"refiner-steps", "N", "with --refiner: the refiner's schedule (default: --steps)"},
@@ -201,6 +203,8 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
   if (!addons.ip_adapter.empty()) mix("ip_adapter:" + addons.ip_adapter + "#" + size_of(addons.ip_adapter));
   if (!addons.refiner.empty())
     mix("refiner:" + addons.refiner + "#" + size_of(addons.refiner + "/unet/diffusion_pytorch_model.safetensors"));
+  if (!addons.prior.empty())
+    mix("prior:" + addons.prior + "#" + size_of(addons.prior + "/prior/diffusion_pytorch_model.safetensors"));
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -261,6 +265,7 @@ ModelAddons model_addons(const cli::Args& a) {
   m.ip_image_encoder = a.str("ip-image-encoder");
   DP_CHECK(m.ip_image_encoder.empty() || !m.ip_adapter.empty(), "--ip-image-encoder: only with --ip-adapter FILE");
   m.refiner = a.str("refiner");
+  m.prior = a.str("prior");
   return m;
 }
 
@@ -434,7 +439,8 @@ int generate_main(int argc, char** argv) {
       std::unique_ptr<T5Tokenizer> t5tok;
       if (t5) t5tok = std::make_unique<T5Tokenizer>(T5Tokenizer::load(path_join(a.str("model"), "tokenizer")));
       else
-        clip = std::make_unique<ClipTokenizer>(ClipTokenizer::load(SdModel::prompt_tokenizer_dir(a.str("model"))));
+        clip = std::make_unique<ClipTokenizer>(
+            ClipTokenizer::load(SdModel::prompt_tokenizer_dir(a.str("model"), a.str("prior"))));
       const size_t max_len = t5 ? 77 : static_cast<size_t>(clip->max_length());
       std::vector<PromptLine> all;
       std::set<std::string> seen_negative;
@@ -555,6 +561,7 @@ int generate_main(int argc, char** argv) {
       for (size_t k = 0; k < opts.addons.controlnets.size(); ++k)
         oo.model += (k == 0 ? ", ControlNet: " : ", ") + opts.addons.controlnets[k];
       if (!opts.addons.refiner.empty()) oo.model += ", Refiner: " + opts.addons.refiner;
+      if (!opts.addons.prior.empty()) oo.model += ", Prior: " + opts.addons.prior;
       if (std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; }))
         oo.prior = SdModel::is_kandinsky(a.str("model")) ? offline::kPlainPrior : offline::kNoisedPrior;
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));

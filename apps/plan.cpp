@@ -109,6 +109,7 @@ int profile_main(int argc, char** argv) {
   cli::Args a("profile", "diffpipe profile --model DIR --out FILE [options]",
               {{"model", "DIR", "model folder"},
                {"refiner", "DIR", "SDXL: a refiner folder (its refine stage is profiled too)"},
+               {"prior", "DIR", "Kandinsky 2.2: the prior folder of a decoder folder"},
                {"out", "FILE", "where to write the cost profile (JSON)"},
                {"device", "cpu|cuda", "device (default cpu)"},
                {"dtype", "TYPE", "float32 | float16 | bfloat16 (default float32)"},
@@ -147,6 +148,7 @@ int profile_main(int argc, char** argv) {
 
   ModelAddons addons;
   addons.refiner = a.str("refiner");
+  addons.prior = a.str("prior");
   const std::vector<PipelineStage> layout = pipeline_layout(dir, addons);
   std::vector<std::string> names;
   for (const auto& s : layout) names.push_back(s.name);

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# the tests' python3 (their PNG and HTTP checks use numpy and Pillow) is the project's virtual environment, whatever
+# the machine's own python3 has
+export PATH="${DIFFPIPE_VENV:-$PWD/.venv}/bin:$PATH"
 # References made here with diffusers/transformers (a few seconds each) when no folder is given and ../shared/golden
 # has none, so that their tests (image variations, SDXL, T5, DDPM, DeepFloyd IF, the x4 upscaler, image-to-image,
 # LoRA, ControlNet, LCM, UniPC, IP-Adapter, Kandinsky 2.2) run instead of skipping.

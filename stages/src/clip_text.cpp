@@ -56,6 +56,10 @@ at::Tensor ClipTextModel::text_embeds(const at::Tensor& input_ids) const { retur
 
 at::Tensor ClipTextModel::project(const at::Tensor& pooled) const {
   DP_CHECK(impl_->projection.weight.defined(), "text encoder: no text_projection in this checkpoint");
+  // a matrix product's rows depend on how many there are on some CPUs (AVX-512 GEMM kernels chosen by size): one
+  // row at a time where results must not depend on the batch
+  if (nn::batch_invariant() && pooled.dim() == 2 && pooled.size(0) > 1)
+    return nn::per_sample(pooled.size(0), [&](int64_t i) { return impl_->projection(pooled.slice(0, i, i + 1)); });
   return impl_->projection(pooled);
 }
 

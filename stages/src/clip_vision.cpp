@@ -158,6 +158,8 @@ at::Tensor ClipVisionModel::hidden(const at::Tensor& pixel_values, size_t layers
 
 at::Tensor ClipVisionModel::image_embeds(const at::Tensor& pixel_values) const {
   const Impl& m = *impl_;
+  if (nn::batch_invariant() && pixel_values.size(0) > 1)  // the projection's rows too (ClipTextModel::project)
+    return nn::per_sample(pixel_values.size(0), [&](int64_t i) { return image_embeds(pixel_values.slice(0, i, i + 1)); });
   return m.projection(m.post_ln(hidden(pixel_values, m.layers.size()).select(1, 0)));
 }
 

@@ -8,6 +8,7 @@
 #include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/stages/ip_adapter.h"
 #include "diffpipe/stages/model.h"
+#include "diffpipe/stages/unclip.h"
 
 namespace diffpipe {
 namespace {
@@ -54,7 +55,9 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
-      m.weights += weight_bytes(path_join(dir, "prior_text_encoder/model.safetensors"), dtype);  // Kandinsky's
+      if (kandinsky)  // the prior's text encoder
+        m.weights += weight_bytes(UnclipParts::kandinsky_part(dir, addons.prior, "text_encoder") + "/model.safetensors",
+                                  dtype);
       if (ip) m.weights += weight_bytes(path_join(ip_image_encoder_dir(addons), "model.safetensors"), dtype);
       if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
         m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype,
@@ -79,11 +82,15 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       for (const std::string& cn : controlnets)  // each encoder half's weights
         m.weights += weight_bytes(path_join(cn, "diffusion_pytorch_model.safetensors"), dtype);
       if (!controlnets.empty()) m.activations += act / 2;  // their summed skips alive beside the UNet's
-    } else if (s == "prior") {  // the diffusion prior and its image encoder (Stable unCLIP: with its text encoder)
+    } else if (s == "prior" && kandinsky) {  // the diffusion prior and its image encoder
+      m.weights += weight_bytes(UnclipParts::kandinsky_part(dir, addons.prior, "prior") +
+                                "/diffusion_pytorch_model.safetensors", dtype);
+      m.weights += weight_bytes(UnclipParts::kandinsky_part(dir, addons.prior, "image_encoder") + "/model.safetensors",
+                                dtype);
+    } else if (s == "prior") {  // Stable unCLIP: the prior, its text encoder and the image encoder
       for (const char* f : {"prior/diffusion_pytorch_model.safetensors", "image_encoder/model.safetensors",
-                            "prior_prior/diffusion_pytorch_model.safetensors", "prior_image_encoder/model.safetensors"})
+                            "prior_text_encoder/model.safetensors"})
         m.weights += weight_bytes(path_join(dir, f), dtype);
-      if (!kandinsky) m.weights += weight_bytes(path_join(dir, "prior_text_encoder/model.safetensors"), dtype);
     } else if (s == "decode") {
       m.weights += weight_bytes(path_join(vae_dir, "diffusion_pytorch_model.safetensors"), vae_dtype);
       // the decoder's last levels at full resolution: about 2 maps of C_1 and 4 of C_0

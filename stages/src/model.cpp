@@ -77,22 +77,21 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
             "_class_name), which a DeepFloyd IF folder's stage III must be");
 }
 
-// Kandinsky 2.2 (KandinskyV22CombinedPipeline): the prior's components (UnclipParts::validate_kandinsky), the decoder's
-// unet/ (conditioned on the prior's image embedding), scheduler/ and movq/ (VQModel).
+// Kandinsky 2.2: the decoder's unet/ (conditioned on the prior's image embedding), scheduler/ and movq/ (VQModel);
+// a KandinskyV22CombinedPipeline folder's prior components too (a decoder folder's prior comes with the run:
+// check_kandinsky_prior).
 void validate_kandinsky(const std::string& dir, const JsonConfig& index) {
   for (const char* c : {"unet", "scheduler", "movq"})
     if (!index.has(c)) index.fail(c, "component of a Kandinsky 2.2 pipeline missing from model_index.json");
-  UnclipParts::validate_kandinsky(dir);
+  if (pipeline_class(dir) == "KandinskyV22CombinedPipeline") UnclipParts::validate_kandinsky(dir, "");
   const std::string uc = path_join(dir, "unet/config.json"), mc = path_join(dir, "movq/config.json");
   const auto u = UNetConfig::load(uc);
   const auto v = VaeConfig::load(mc);
   const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
-  const auto p = PriorConfig::load(path_join(dir, "prior_prior/config.json"));
   SafetensorsFile::open(weights_file(dir, "unet/diffusion_pytorch_model.safetensors"));
   SafetensorsFile::open(weights_file(dir, "movq/diffusion_pytorch_model.safetensors"));
   DP_CHECK(v.vq, mc, ": _class_name must be VQModel (Kandinsky 2.2's MoVQ)");
-  DP_CHECK(u.image_conditioned() && u.encoder_hid_dim == p.embedding_dim, uc, ": a Kandinsky 2.2 UNet needs ",
-           "encoder_hid_dim_type \"image_proj\" with encoder_hid_dim the prior's embedding_dim ", p.embedding_dim);
+  DP_CHECK(u.image_conditioned(), uc, ": a Kandinsky 2.2 UNet needs encoder_hid_dim_type \"image_proj\"");
   const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
   DP_CHECK(u.in_channels == v.latent_channels && (u.out_channels == v.latent_channels ||
                                                   u.out_channels == 2 * v.latent_channels),
@@ -101,6 +100,22 @@ void validate_kandinsky(const std::string& dir, const JsonConfig& index) {
   DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
            ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
            u.out_channels, ")");
+}
+
+// The run's Kandinsky prior (addons.prior, or the folder's own prior_* components): there, checked, and of the
+// embedding width the decoder's UNet takes.
+void check_kandinsky_prior(const std::string& dir, const std::string& prior_dir) {
+  if (prior_dir.empty())
+    DP_CHECK(pipeline_class(dir) == "KandinskyV22CombinedPipeline", dir, " is a Kandinsky 2.2 decoder folder ",
+             "(KandinskyV22Pipeline): give its prior with --prior DIR (a KandinskyV22PriorPipeline folder, ",
+             "kandinsky-2-2-prior's layout)");
+  else
+    UnclipParts::validate_kandinsky(dir, prior_dir);
+  const std::string pc = UnclipParts::kandinsky_part(dir, prior_dir, "prior") + "/config.json";
+  const auto p = PriorConfig::load(pc);
+  const auto u = UNetConfig::load(path_join(dir, "unet/config.json"));
+  DP_CHECK(u.encoder_hid_dim == p.embedding_dim, path_join(dir, "unet/config.json"), ": encoder_hid_dim ",
+           u.encoder_hid_dim, " does not match the prior's embedding_dim ", p.embedding_dim, " (", pc, ")");
 }
 }  // namespace
 
@@ -258,6 +273,8 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   DP_CHECK((loras.empty() && addons.adapters.empty()) || (!is_if(dir) && !is_upscaler(dir) && !kandinsky), "lora: ",
            dir, " is a ", is_if(dir) ? "DeepFloyd IF" : kandinsky ? "Kandinsky 2.2" : "x4 upscaler",
            " folder; LoRA files apply to Stable Diffusion, SDXL and Stable unCLIP folders");
+  DP_CHECK(addons.prior.empty() || kandinsky, "prior: ", dir, " is not a Kandinsky 2.2 folder; --prior gives a ",
+           "Kandinsky 2.2 decoder its prior");
   DP_CHECK(!kandinsky || (addons.embeddings.empty() && addons.ip_adapter.empty() && addons.controlnets.empty()),
            dir, " is a Kandinsky 2.2 folder: textual inversion, IP-Adapter and ControlNet files apply to Stable ",
            "Diffusion and SDXL folders");
@@ -317,15 +334,17 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     return m;
   }
   if (kandinsky) {  // prior parts as the components say; the decoder's UNet and MoVQ
+    check_kandinsky_prior(dir, addons.prior);
+    auto part = [&](const char* p) { return UnclipParts::kandinsky_part(dir, addons.prior, p); };
     m.kandinsky = true;
-    m.text_config = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
+    m.text_config = ClipTextConfig::load(part("text_encoder") + "/config.json");
     m.vae_config = VaeConfig::load(path_join(dir, "movq/config.json"));
-    m.prior_train_timesteps =
-        SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json")).num_train_timesteps;
+    m.prior_train_timesteps = SchedulerConfig::load_ddpm(part("scheduler") + "/scheduler_config.json").num_train_timesteps;
     m.vae_dtype = spec.dtype;  // MoVQ's config says force_upcast false
-    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
+    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(part("tokenizer")));
     if (components & (kTextEncoder | kPrior))
-      m.unclip = UnclipParts::load_kandinsky(dir, spec, (components & kTextEncoder) != 0, (components & kPrior) != 0);
+      m.unclip = UnclipParts::load_kandinsky(dir, addons.prior, spec, (components & kTextEncoder) != 0,
+                                             (components & kPrior) != 0);
     if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
     if (components & kVae) m.vae = AutoencoderKL::load(path_join(dir, "movq"), spec, false, true);
     m.addons = addons;
@@ -470,8 +489,11 @@ bool SdModel::is_img2img_folder(const std::string& dir) {
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
 bool SdModel::is_kandinsky(const std::string& dir) { return UnclipParts::is_kandinsky_folder(dir); }
-std::string SdModel::prompt_tokenizer_dir(const std::string& dir) {
-  if (is_kandinsky(dir)) return path_join(dir, "prior_tokenizer");
+std::string SdModel::prompt_tokenizer_dir(const std::string& dir, const std::string& prior_dir) {
+  if (is_kandinsky(dir)) {
+    check_kandinsky_prior(dir, prior_dir);
+    return UnclipParts::kandinsky_part(dir, prior_dir, "tokenizer");
+  }
   return path_join(dir, dir_exists(path_join(dir, "tokenizer")) ? "tokenizer" : "tokenizer_2");
 }
 bool SdModel::has_if_stage2(const std::string& dir) {

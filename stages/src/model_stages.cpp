@@ -128,8 +128,8 @@ class SteppedStage : public Stage {
 class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at::Tensor>>> {
  public:
   PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), spec_(m.spec) {
-    DP_CHECK(m.unclip && m.unclip->prior, "prior stage: ", m.dir, " is not a Stable unCLIP or Kandinsky 2.2 folder (or ",
-             "its prior was not loaded)");
+    DP_CHECK(m.unclip && (m.unclip->prior || m.unclip->image_encoder), "prior stage: ", m.dir, " is not a Stable ",
+             "unCLIP or Kandinsky 2.2 folder (or its prior was not loaded)");
     runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
     kandinsky_ = m.kandinsky;
   }

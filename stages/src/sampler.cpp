@@ -956,9 +956,13 @@ at::Tensor DdpmSampler::step(const at::Tensor& model_output_in, int i, const at:
   // float32 scalars, as diffusers computes them from its float32 alphas_cumprod
   const float a = alphas_cumprod_[t], a_prev = prev >= 0 ? alphas_cumprod_[prev] : 1.0f;
   const float beta = 1.0f - a, beta_prev = 1.0f - a_prev;
-  // UnCLIPScheduler takes the schedule's own beta for a step to the adjacent timestep
-  const bool adjacent = unclip() && prev == t - 1;
-  const float beta_t = adjacent ? betas_[t] : 1.0f - a / a_prev, alpha_t = adjacent ? 1.0f - betas_[t] : 1.0f - beta_t;
+  // DDPMScheduler: alpha_t = a / a_prev, beta_t = 1 - alpha_t; UnCLIPScheduler: beta_t = 1 - a / a_prev (the
+  // schedule's own beta for a step to the adjacent timestep), alpha_t = 1 - beta_t (float32, each as diffusers)
+  float alpha_t = a / a_prev, beta_t = 1.0f - alpha_t;
+  if (unclip()) {
+    beta_t = prev == t - 1 ? betas_[t] : 1.0f - a / a_prev;
+    alpha_t = 1.0f - beta_t;
+  }
   at::Tensor x0;
   if (cfg_.prediction_type == "sample") x0 = model_output;
   else if (cfg_.prediction_type == "v_prediction") x0 = std::sqrt(a) * sample - std::sqrt(beta) * model_output;

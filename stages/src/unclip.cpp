@@ -94,43 +94,62 @@ std::shared_ptr<const UnclipParts> UnclipParts::load(const std::string& dir, con
 
 bool UnclipParts::is_kandinsky_folder(const std::string& dir) {
   const std::string index = path_join(dir, "model_index.json");
-  return file_exists(index) && JsonConfig::load(index).string("_class_name", "") == "KandinskyV22CombinedPipeline";
+  if (!file_exists(index)) return false;
+  const std::string c = JsonConfig::load(index).string("_class_name", "");
+  return c == "KandinskyV22CombinedPipeline" || c == "KandinskyV22Pipeline";
 }
 
-void UnclipParts::validate_kandinsky(const std::string& dir) {
-  const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
-  for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior_prior", "prior_scheduler", "prior_image_encoder"})
-    if (!index.has(c)) index.fail(c, "component of a Kandinsky 2.2 pipeline missing from model_index.json");
-  for (const char* f : {"prior_tokenizer/vocab.json", "prior_tokenizer/merges.txt"})
-    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found (the CLIP tokenizer's vocabulary)");
-  const auto tcfg = ClipTextConfig::load(path_join(dir, "prior_text_encoder/config.json"));
-  const auto pcfg = PriorConfig::load(path_join(dir, "prior_prior/config.json"));
-  const auto vcfg = ClipVisionConfig::load(path_join(dir, "prior_image_encoder/config.json"));
-  (void)SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
-  for (const char* f : {"prior_text_encoder/model.safetensors", "prior_prior/diffusion_pytorch_model.safetensors",
-                        "prior_image_encoder/model.safetensors"}) {
-    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": weights file not found");
-    SafetensorsFile::open(path_join(dir, f));
+std::string UnclipParts::kandinsky_part(const std::string& dir, const std::string& prior_dir, const std::string& part) {
+  return prior_dir.empty() ? path_join(dir, "prior_" + part) : path_join(prior_dir, part);
+}
+
+void UnclipParts::validate_kandinsky(const std::string& dir, const std::string& prior_dir) {
+  auto part = [&](const char* p) { return kandinsky_part(dir, prior_dir, p); };
+  if (prior_dir.empty()) {
+    const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
+    for (const char* c : {"prior_tokenizer", "prior_text_encoder", "prior_prior", "prior_scheduler", "prior_image_encoder"})
+      if (!index.has(c)) index.fail(c, "component of a Kandinsky 2.2 pipeline missing from model_index.json");
+  } else {
+    DP_CHECK(dir_exists(prior_dir), "prior: ", prior_dir, ": folder not found");
+    const JsonConfig index = JsonConfig::load(path_join(prior_dir, "model_index.json"));
+    const std::string c = index.string("_class_name", "");
+    if (c != "KandinskyV22PriorPipeline")
+      index.fail("_class_name", "'" + c + "' is not KandinskyV22PriorPipeline (kandinsky-2-2-prior's layout)");
+    for (const char* k : {"tokenizer", "text_encoder", "prior", "scheduler", "image_encoder"})
+      if (!index.has(k)) index.fail(k, "component of a Kandinsky 2.2 prior missing from model_index.json");
   }
-  DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_text_encoder/config.json"),
-           ": projection_dim ", tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
-  DP_CHECK(vcfg.projection_dim == pcfg.embedding_dim, path_join(dir, "prior_image_encoder/config.json"),
-           ": projection_dim ", vcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim,
+  for (const std::string f : {part("tokenizer") + "/vocab.json", part("tokenizer") + "/merges.txt"})
+    DP_CHECK(file_exists(f), f, ": file not found (the CLIP tokenizer's vocabulary)");
+  const auto tcfg = ClipTextConfig::load(part("text_encoder") + "/config.json");
+  const auto pcfg = PriorConfig::load(part("prior") + "/config.json");
+  const auto vcfg = ClipVisionConfig::load(part("image_encoder") + "/config.json");
+  (void)SchedulerConfig::load_ddpm(part("scheduler") + "/scheduler_config.json");
+  for (const std::string f : {part("text_encoder") + "/model.safetensors",
+                              part("prior") + "/diffusion_pytorch_model.safetensors",
+                              part("image_encoder") + "/model.safetensors"}) {
+    DP_CHECK(file_exists(f), f, ": weights file not found");
+    SafetensorsFile::open(f);
+  }
+  DP_CHECK(tcfg.projection_dim == pcfg.embedding_dim, part("text_encoder"), "/config.json: projection_dim ",
+           tcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim);
+  DP_CHECK(vcfg.projection_dim == pcfg.embedding_dim, part("image_encoder"), "/config.json: projection_dim ",
+           vcfg.projection_dim, " does not match the prior's embedding_dim ", pcfg.embedding_dim,
            " (its zero image's embedding is the negative image embedding)");
 }
 
-std::shared_ptr<const UnclipParts> UnclipParts::load_kandinsky(const std::string& dir, const DeviceSpec& spec,
-                                                               bool text, bool prior) {
+std::shared_ptr<const UnclipParts> UnclipParts::load_kandinsky(const std::string& dir, const std::string& prior_dir,
+                                                               const DeviceSpec& spec, bool text, bool prior) {
+  auto part = [&](const char* p) { return kandinsky_part(dir, prior_dir, p); };
   auto u = std::make_shared<UnclipParts>();
   u->kandinsky = true;
-  u->prior_scheduler = SchedulerConfig::load_ddpm(path_join(dir, "prior_scheduler/scheduler_config.json"));
+  u->prior_scheduler = SchedulerConfig::load_ddpm(part("scheduler") + "/scheduler_config.json");
   if (text) {
-    u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "prior_tokenizer")));
-    u->prior_text_encoder = ClipTextModel::load(path_join(dir, "prior_text_encoder"), spec);
+    u->prior_tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(part("tokenizer")));
+    u->prior_text_encoder = ClipTextModel::load(part("text_encoder"), spec);
   }
   if (prior) {
-    u->prior = PriorTransformer::load(path_join(dir, "prior_prior"), spec);
-    u->image_encoder = ClipVisionModel::load(path_join(dir, "prior_image_encoder"), spec);
+    u->prior = PriorTransformer::load(part("prior"), spec);
+    u->image_encoder = ClipVisionModel::load(part("image_encoder"), spec);
   }
   return u;
 }

@@ -17,6 +17,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$BIN" init-model --out "$WORK/m" --seed 4 2>/dev/null || { echo "FAIL: init-model"; exit 1; }
 "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --seed 5 --steps 3 --width 16 --height 16 \
   --out "$WORK/ref" --quiet 2>/dev/null || { echo "FAIL: reference generate"; exit 1; }
+# the streamed request is one image alone (serve batches as requests come: not batch-invariant): its own reference
+"$BIN" generate --model "$WORK/m" --prompt "a red circle" --seed 5 --steps 3 --width 16 --height 16 \
+  --out "$WORK/ref/single" --quiet 2>/dev/null || { echo "FAIL: reference generate (one image)"; exit 1; }
 
 start() {  # NP LOG extra-args...: starts the server on a free port, sets PID and URL
   local np=$1 log=$2; shift 2

@@ -116,16 +116,20 @@ if ! "$PY" -c 'import openai, PIL' 2> /dev/null; then
   echo "note: $PY lacks openai/PIL (scripts/install.sh installs them): HTTP checks skipped"
 else
   IPMASK=""; [ -f "$WORK/ip-one/img-00000-seed6.png" ] && IPMASK=$GOLD/mask_1.png
+  # serve batches as it likes (not batch-invariant): its n=2 edit is compared with a CLI run of the same two images
+  timeout 60 "$BIN" "${ONE[@]}" --image "$GOLD/input_1.png" --strength 0.5 --images 2 --out "$WORK/a2" 2> "$WORK/a2.log" \
+    || bad "--images 2 run failed: $(tail -1 "$WORK/a2.log")"
   serve_up "$WORK/serve.log" --model "$MODEL" --steps 8 --threads 1
   if [ -n "$URL" ]; then
-    "$PY" -W ignore::DeprecationWarning - "$URL" "$GOLD/input_1.png" "$WORK/a/img-00000-seed3.png" "$WORK/odd.png" \
+    ALONE="$WORK/a/img-00000-seed3.png" "$PY" -W ignore::DeprecationWarning - "$URL" "$GOLD/input_1.png" \
+      "$WORK/a2/img-00000-seed3.png" "$WORK/odd.png" \
       ${IPMASK:+"$IPMASK" "$WORK/ip-one/img-00000-seed6.png" "$GOLD/input_1.png"} <<'PY' \
       && ok "serve: images.edit (multipart; with a mask: inpainting) and JSON edits give the CLI's images; bad uploads are 400s naming the field" \
       || bad "serve: image edits"
-import base64, io, json, sys, urllib.error, urllib.request
+import base64, io, json, os, sys, urllib.error, urllib.request
 import openai
 from PIL import Image
-url, inp, cli = sys.argv[1:4]
+url, inp, cli = sys.argv[1:4]  # cli: the first of two images made together; ALONE: the same image made alone
 c = openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
 want = Image.open(cli).convert("RGB").tobytes()
 px = lambda b64: Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
@@ -137,7 +141,8 @@ assert px(r.data[1].b64_json).tobytes() != want, "the second image (seed 4) equa
 body = json.dumps({"prompt": "two green triangles", "seed": 3, "strength": 0.5,
                    "image": base64.b64encode(open(inp, "rb").read()).decode()}).encode()
 with urllib.request.urlopen(urllib.request.Request(url + "/v1/images/edits", body, {"Content-Type": "application/json"}), timeout=60) as h:
-    assert px(json.loads(h.read())["data"][0]["b64_json"]).tobytes() == want, "JSON edits differ"
+    alone = Image.open(os.environ["ALONE"]).convert("RGB").tobytes()
+    assert px(json.loads(h.read())["data"][0]["b64_json"]).tobytes() == alone, "JSON edits differ"
 def refused(call, param, text):
     try:
         call()

@@ -5,7 +5,8 @@
 # Checks: the same PNG bytes on 1 rank, on placements with the prior on its own rank (derived at 4 ranks, a pipeline
 # file at 3) and with 2 denoiser replicas; the settings reach the images (negative prompt, prior guidance and steps,
 # guidance), a JSONL line equals the flags, the PNG records the prior's settings (no noise level); refusals name the
-# setting and write nothing; serve gives the CLI's pixels for the same request. Exit 77 = skipped (folder absent).
+# setting and write nothing; serve gives the CLI's pixels for the same request; the hub's two folders (decoder +
+# --prior) give the combined folder's pixels (the PNG text names the prior folder). Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_KANDINSKY:-$(dirname "$0")/../../build/golden/tiny-kandinsky}
@@ -32,6 +33,18 @@ ranks = [2]
 ranks = [0]
 TOML
 same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
+
+# the hub's layout: the decoder folder with --prior gives the combined folder's bytes (4 ranks)
+SEP=()
+for x in "${COMMON[@]}"; do [ "$x" = "$MODEL" ] && SEP+=("$GOLD/decoder" --prior "$GOLD/prior") || SEP+=("$x"); done
+timeout 180 $MPIRUN -np 4 "$BIN" "${SEP[@]}" --out "$WORK/sep" 2> "$WORK/sep.log" || bad "decoder + --prior failed: $(tail -2 "$WORK/sep.log")"
+n=0; for f in "$WORK"/np1/img-*.png; do same_pixels "$f" "$WORK/sep/$(basename "$f")" && n=$((n+1)); done
+[ $n = 6 ] && ok "decoder folder + --prior prior folder, 4 ranks: the combined folder's pixels (6 images)" \
+  || bad "decoder + --prior differs from the combined folder ($n of 6 the same)"
+timeout 60 "$BIN" generate --model "$GOLD/decoder" --prompt x --steps 2 --width 32 --height 32 --out "$WORK/nop" \
+  > /dev/null 2> "$WORK/nop.log" && bad "a decoder folder without --prior accepted" \
+  || { grep -q -- "--prior DIR" "$WORK/nop.log" && ok "a decoder folder without --prior refused naming --prior" \
+       || bad "decoder without prior: $(tail -1 "$WORK/nop.log")"; }
 
 one() { timeout 60 "$BIN" generate --model "$MODEL" --seed 5 --steps 4 --width 32 --height 32 --threads 1 --quiet "$@"; }
 ONE=(generate --model "$MODEL" --prompt "a red circle" --steps 2 --width 32 --height 32 --threads 1 --quiet)

@@ -12,7 +12,9 @@ image's embedding is the negative image embedding), prior_image_processor/; the 
 (UNet2DConditionModel conditioned on the image embedding alone: encoder_hid_dim_type "image_proj" makes its 10
 cross-attention tokens, addition_embed_type "image" adds it to the time embedding; 8 output channels of which the
 pipeline keeps 4), scheduler/ (DDPMScheduler as kandinsky-2-2-decoder ships it) and movq/ (VQModel with
-norm_type "spatial": the decoder's norms are modulated by the latents, MoVQ). Random weights.
+norm_type "spatial": the decoder's norms are modulated by the latents, MoVQ). Random weights. The same parts also
+as the hub publishes them: DIR/decoder/ (KandinskyV22Pipeline: unet/, scheduler/, movq/) and DIR/prior/
+(KandinskyV22PriorPipeline: prior/, text_encoder/, tokenizer/, image_encoder/, scheduler/, image_processor/).
 
 DIR/golden.safetensors: unet.{sample, timesteps, image_embeds} -> unet.out; movq.latents -> movq.decoded (decode
 with force_not_quantize); for each run R of golden.json (KandinskyV22PriorPipeline then KandinskyV22Pipeline with
@@ -96,9 +98,12 @@ def main():
                                         prior_scheduler=prior_sched, prior_image_processor=processor)
     model = os.path.join(a.out, "model")
     pipe.save_pretrained(model)
-    for f in ("vocab.json", "merges.txt"):  # as the hub's kandinsky-2-2-prior/tokenizer has them (transformers 5
-        shutil.copy(os.path.join(tok_dir, f),  # writes tokenizer.json alone)
-                    os.path.join(model, "prior_tokenizer", f))
+    # the same parts as the hub publishes them: kandinsky-2-2-decoder's layout and kandinsky-2-2-prior's
+    pipe.decoder_pipe.save_pretrained(os.path.join(a.out, "decoder"))
+    pipe.prior_pipe.save_pretrained(os.path.join(a.out, "prior"))
+    for t in (os.path.join(model, "prior_tokenizer"), os.path.join(a.out, "prior", "tokenizer")):
+        for f in ("vocab.json", "merges.txt"):  # as the hub's kandinsky-2-2-prior/tokenizer has them (transformers 5
+            shutil.copy(os.path.join(tok_dir, f), os.path.join(t, f))  # writes tokenizer.json alone)
     pipe.set_progress_bar_config(disable=True)
 
     g = torch.Generator().manual_seed(a.seed + 1)

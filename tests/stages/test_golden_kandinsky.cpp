@@ -78,12 +78,12 @@ TEST(GoldenKandinsky, UnclipSchedulerTimesteps) {
 // order: the prior's initial latents (the negative prompts' rows after the prompts'), its variance noise per step
 // but the last, the decoder's initial latents, each DDPM step's noise. Runs: guided with the zero image's embedding
 // as the negative, a negative prompt (its own prior run; the prompts' unconditional rows read it), and unguided.
-TEST(GoldenKandinsky, WholePipelineWithTheReferenceDraws) {
-  DP_REQUIRE_KANDINSKY(dir);
+namespace {
+// Each golden.json run through diffpipe's prior and denoise stages and MoVQ on `model`, against the reference.
+void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
-  const DeviceSpec spec = test::device_spec();
-  const SdModel model = SdModel::load(dir + "/model", spec);
+  const DeviceSpec spec = model.spec;
   ASSERT_TRUE(model.kandinsky && model.unclip && model.unclip->prior && model.vae && !model.img2img());
   const PriorRunner prior(*model.unclip, spec);
   const int64_t B = static_cast<int64_t>(meta.at("prompts").size());
@@ -153,6 +153,30 @@ TEST(GoldenKandinsky, WholePipelineWithTheReferenceDraws) {
       EXPECT_GE(within, 0.99) << n;
     }
   }
+}
+}  // namespace
+
+TEST(GoldenKandinsky, WholePipelineWithTheReferenceDraws) {
+  DP_REQUIRE_KANDINSKY(dir);
+  expect_the_reference_runs(dir, SdModel::load(dir + "/model", test::device_spec()));
+}
+
+// The hub's layout: a KandinskyV22Pipeline decoder folder and its prior (--prior, a KandinskyV22PriorPipeline
+// folder) give the combined folder's runs; the decoder alone is refused naming --prior, a prior beside a folder
+// that has its own or beside another kind of model is checked.
+TEST(GoldenKandinsky, DecoderFolderWithItsPriorFolder) {
+  DP_REQUIRE_KANDINSKY(dir);
+  ModelAddons with;
+  with.prior = dir + "/prior";
+  expect_the_reference_runs(dir, SdModel::load(dir + "/decoder", test::device_spec(), kAllComponents, with));
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/decoder", test::device_spec(), 0u); }).find("--prior DIR"),
+            std::string::npos);
+  ModelAddons wrong;
+  wrong.prior = dir + "/decoder";  // not a prior folder
+  EXPECT_NE(test::error_of([&] { (void)SdModel::load(dir + "/decoder", test::device_spec(), 0u, wrong); })
+                .find("is not KandinskyV22PriorPipeline"),
+            std::string::npos);
+  EXPECT_EQ(SdModel::prompt_tokenizer_dir(dir + "/decoder", with.prior), dir + "/prior/tokenizer");
 }
 
 // What a Kandinsky folder refuses, by name: an input image, clip_skip, one prior step, a size off the MoVQ grid.

@@ -50,6 +50,9 @@ struct ModelAddons {
   // SDXL refiner (an SDXL folder, typically stable-diffusion-xl-refiner-1.0; "" = none): the base's latents go on to
   // its UNet (the refine stage, between denoise and decode; GenerationParams::denoising_end)
   std::string refiner;
+  // Kandinsky 2.2: the prior's folder (a KandinskyV22PriorPipeline, kandinsky-2-2-prior's layout) beside a decoder
+  // folder (KandinskyV22Pipeline); "" = the model folder's own prior_* components (KandinskyV22CombinedPipeline)
+  std::string prior;
 };
 
 }  // namespace diffpipe

@@ -63,7 +63,8 @@ struct SdModel {
   bool aesthetic = false;
   bool second_encoder_only = false;        // SDXL without text_encoder/ (the refiner): tokenizer_2 + text_encoder_2
   bool deepfloyd_if = false;               // model_index.json names IFPipeline (or IFSuperResolutionPipeline)
-  // Kandinsky 2.2 (model_index.json names KandinskyV22CombinedPipeline; the DALL-E 2 design): the encode stage
+  // Kandinsky 2.2 (model_index.json names KandinskyV22CombinedPipeline, or KandinskyV22Pipeline with
+  // ModelAddons::prior; the DALL-E 2 design): the encode stage
   // runs the prior's text encoder (kTextEncoder loads it into `unclip`), the prior stage the diffusion prior and
   // the image encoder (kPrior), the decoder's UNet is conditioned on the image embedding alone, and vae is its
   // MoVQ (movq/, kVae), decoding the latents as they are.
@@ -130,10 +131,12 @@ struct SdModel {
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
   static bool is_unclip(const std::string& dir);  // model_index.json names StableUnCLIPPipeline
-  static bool is_kandinsky(const std::string& dir);  // model_index.json names KandinskyV22CombinedPipeline
-  // The CLIP tokenizer that reads a folder's prompts: tokenizer/, else tokenizer_2/ (the SDXL refiner) or
-  // prior_tokenizer/ (Kandinsky 2.2)
-  static std::string prompt_tokenizer_dir(const std::string& dir);
+  // model_index.json names KandinskyV22CombinedPipeline, or KandinskyV22Pipeline (a decoder: its prior comes from
+  // ModelAddons::prior)
+  static bool is_kandinsky(const std::string& dir);
+  // The CLIP tokenizer that reads a folder's prompts: tokenizer/, else tokenizer_2/ (the SDXL refiner) or the
+  // Kandinsky prior's (ModelAddons::prior's, or the folder's prior_tokenizer/)
+  static std::string prompt_tokenizer_dir(const std::string& dir, const std::string& prior_dir = "");
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
   static bool is_lcm_pipeline(const std::string& dir);

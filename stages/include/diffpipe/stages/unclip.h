@@ -30,7 +30,8 @@ namespace diffpipe {
 
 // Kandinsky 2.2 (KandinskyV22CombinedPipeline folders: prior_tokenizer/, prior_text_encoder/, prior_prior/,
 // prior_scheduler/ (UnCLIPScheduler), prior_image_encoder/, prior_image_processor/ beside the decoder's unet/,
-// scheduler/ and movq/) fills the same parts (`kandinsky`): its prior's image embedding conditions the decoder's
+// scheduler/ and movq/; or a KandinskyV22Pipeline decoder folder with a KandinskyV22PriorPipeline folder of
+// tokenizer/, text_encoder/, prior/, scheduler/, image_encoder/) fills the same parts (`kandinsky`): its prior's image embedding conditions the decoder's
 // UNet as it is (no noise augmentation); the negative prompt's own prior run, or without one the image encoder's
 // embedding of an all-zero image, is the unconditional row's.
 struct UnclipParts {
@@ -51,12 +52,16 @@ struct UnclipParts {
   // Checks the prior components' files and configs (cheap), naming what is wrong.
   static void validate(const std::string& dir);
   static std::shared_ptr<const UnclipParts> load(const std::string& dir, const DeviceSpec& spec);
-  static bool is_kandinsky_folder(const std::string& dir);  // model_index.json names KandinskyV22CombinedPipeline
-  static void validate_kandinsky(const std::string& dir);   // the prior's components (files, configs, widths)
-  // A Kandinsky folder's prior parts: the tokenizer and text encoder with `text`, the prior and image encoder
-  // with `prior`.
-  static std::shared_ptr<const UnclipParts> load_kandinsky(const std::string& dir, const DeviceSpec& spec, bool text,
-                                                           bool prior);
+  // model_index.json names KandinskyV22CombinedPipeline or KandinskyV22Pipeline (the decoder alone)
+  static bool is_kandinsky_folder(const std::string& dir);
+  // The path of a Kandinsky prior's component `part` (prior, tokenizer, text_encoder, image_encoder, scheduler):
+  // prior_dir/part, or without a prior folder dir/prior_part (the combined layout).
+  static std::string kandinsky_part(const std::string& dir, const std::string& prior_dir, const std::string& part);
+  // The prior's components (files, configs, widths), in `prior_dir` or `dir`'s combined layout.
+  static void validate_kandinsky(const std::string& dir, const std::string& prior_dir);
+  // A Kandinsky prior's parts: the tokenizer and text encoder with `text`, the prior and image encoder with `prior`.
+  static std::shared_ptr<const UnclipParts> load_kandinsky(const std::string& dir, const std::string& prior_dir,
+                                                           const DeviceSpec& spec, bool text, bool prior);
 
   int64_t embedding_dim() const { return prior ? prior->config().embedding_dim : image_encoder->config().projection_dim; }
   // noise_image_embeds (below) with this folder's normaliser and noising schedule, every row at noise_level
