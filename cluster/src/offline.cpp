@@ -275,7 +275,8 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
   if (p.guidance_rescale > 0) os << ", CFG rescale: " << p.guidance_rescale;
   if (prior && !p.image_prompt.empty())
-    os << ", Image prompt: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
+    os << ", Image prompt: " << describe_image_ref(p.image_prompt)
+       << (prior == kNoisedPrior ? ", Noise level: " + std::to_string(p.noise_level) : std::string());
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << (prior == kNoisedPrior ? ", Noise level: " + std::to_string(p.noise_level) : std::string());

@@ -341,6 +341,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.vae_config = VaeConfig::load(path_join(dir, "movq/config.json"));
     m.prior_train_timesteps = SchedulerConfig::load_ddpm(part("scheduler") + "/scheduler_config.json").num_train_timesteps;
     m.vae_dtype = spec.dtype;  // MoVQ's config says force_upcast false
+    m.image_variations = true;  // an image prompt's embedding from the prior's image encoder
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(part("tokenizer")));
     if (components & (kTextEncoder | kPrior))
       m.unclip = UnclipParts::load_kandinsky(dir, addons.prior, spec, (components & kTextEncoder) != 0,

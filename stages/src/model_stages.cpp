@@ -138,6 +138,10 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
     DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
     if (kandinsky_) {  // the encode stage's prior text embeddings (EncodeStage::prior_text); nothing passes on
       PriorState s = runner_->make_state(r.params, r.id);
+      if (s.image_mode()) {  // an image prompt: the image encoder's embedding replaces the prior's (no text)
+        hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>{}), r.priority, now);
+        return;
+      }
       const size_t n = s.needs_uncond() ? 6 : 3;
       DP_CHECK(r.inputs.size() == n, "prior: request ", r.id, " needs ", n, " text tensors, got ", r.inputs.size());
       auto take = [&](size_t k, at::Tensor& embeds, at::Tensor& hidden, at::Tensor& mask) {

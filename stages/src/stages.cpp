@@ -412,9 +412,13 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
   DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
-           model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise"
-           : model.kandinsky ? "Kandinsky 2.2 runs text to image here"
-           : "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
+           model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
+           "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
+  // Kandinsky 2.2's variations: the decoder sees the image's embedding alone (diffusers' interpolate of one image);
+  // a prompt or a negative prompt beside it would be silently unused
+  DP_CHECK(!model.kandinsky || p.image_prompt.empty() || (p.prompt.empty() && p.negative_prompt.empty()),
+           p.prompt.empty() ? "negative_prompt" : "prompt", ": a Kandinsky 2.2 image prompt (a variation of the image) ",
+           "takes its embedding from the image alone; leave the prompt and negative prompt empty");
   DP_CHECK(!model.kandinsky || p.clip_skip == 0, "clip_skip: not supported for Kandinsky 2.2 folders (its prior ",
            "reads the text encoder's last layer; ", model.dir, ")");
   if (model.sdxl) {  // hidden_states[-(clip_skip + 2)] of each encoder (SDXL indexes from the penultimate layer)

@@ -150,6 +150,15 @@ std::shared_ptr<const UnclipParts> UnclipParts::load_kandinsky(const std::string
   if (prior) {
     u->prior = PriorTransformer::load(part("prior"), spec);
     u->image_encoder = ClipVisionModel::load(part("image_encoder"), spec);
+    // image prompts (variations): the folder's image processor, else CLIP's at the encoder's image size
+    const std::string ip = part("image_processor") + "/preprocessor_config.json";
+    if (file_exists(ip)) {
+      u->image_processor = ClipImageProcessorConfig::load(ip);
+    } else {
+      const int64_t S = u->image_encoder->config().image_size;
+      u->image_processor.shortest_edge = S;
+      u->image_processor.crop_height = u->image_processor.crop_width = S;
+    }
   }
   return u;
 }
@@ -325,7 +334,7 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
 }
 
 at::Tensor PriorRunner::image_embeds(const PriorState& s) const {
-  DP_CHECK(parts_.kandinsky && s.done() && !s.image_mode(), "prior: request ", s.id, " has no Kandinsky image embedding");
+  DP_CHECK(parts_.kandinsky && s.done(), "prior: request ", s.id, " has no Kandinsky image embedding");
   auto post = [&](const at::Tensor& l) {
     return parts_.prior->post_process_latents(l.unsqueeze(0).to(spec_.dtype)).to(at::kFloat)[0];
   };
@@ -335,7 +344,9 @@ at::Tensor PriorRunner::image_embeds(const PriorState& s) const {
                                                                               .device(spec_.device)))
                        .to(at::kFloat)[0];
   }
-  return at::stack({post(s.latents), s.negative_latents.defined() ? post(s.negative_latents) : zero_embeds_});
+  // an image prompt (variations, diffusers' interpolate of one image): the image encoder's embedding as it is
+  const at::Tensor e = s.image_mode() ? s.image_embeds.to(at::kFloat) : post(s.latents);
+  return at::stack({e, s.negative_latents.defined() ? post(s.negative_latents) : zero_embeds_});
 }
 
 at::Tensor PriorRunner::class_labels(const PriorState& s) const {

@@ -74,8 +74,16 @@ while i < len(data):
 ok = "Prior steps: 5" in text and "Prior CFG scale: 4" in text and "Negative prompt: blurry" in text
 sys.exit(0 if ok and "Noise level" not in text else 1)
 PY
-echo x > "$WORK/in.png"
-refused r-img "takes no input image" --image-prompt "$WORK/in.png"
+refused r-img "takes its embedding from the image alone" --image-prompt "$GOLD/input.png"
+# variations: an image prompt's embedding (the prior's image encoder) instead of the prior's, on 1 and 4 ranks
+V=(generate --model "$MODEL" --prompt "" --image-prompt "$GOLD/input.png" --images 2 --steps 4 --width 32 --height 32
+   --seed 2 --threads 1 --batch-invariant --quiet)
+timeout 60 "$BIN" "${V[@]}" --out "$WORK/v1" 2> "$WORK/v1.log" || bad "variation, 1 rank: $(tail -1 "$WORK/v1.log")"
+timeout 120 $MPIRUN -np 4 "$BIN" "${V[@]}" --out "$WORK/v4" 2> "$WORK/v4.log" || bad "variation, 4 ranks failed"
+same_pngs "$WORK/v1" "$WORK/v4" && ok "image variations: 2 images, the same PNG bytes on 1 and 4 ranks" \
+  || bad "variations differ between 1 and 4 ranks"
+cmp -s "$WORK/v1/img-00000-seed2.png" "$WORK/v1/img-00001-seed3.png" && bad "two seeds gave one variation" \
+  || ok "variations of one image differ by seed"
 refused r-prior "prior_steps: must be at least 2" --prior-steps 1
 refused r-size "width: 40 is not a positive multiple of 16" --width 40
 refused r-skip "clip_skip" --clip-skip 2
@@ -101,6 +109,19 @@ png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
 st, r = http_util.post(url, {"prompt": "a red circle", "prior_num_inference_steps": 1})
 assert st == 400 and "prior_steps: must be at least 2" in r["error"]["message"], (st, r)
+PY
+  # /v1/images/variations (no prompt): the CLI's variation of the same image and seed, made alone
+  timeout 60 "$BIN" generate --model "$MODEL" --prompt "" --image-prompt "$GOLD/input.png" --steps 4 --seed 7 \
+    --threads 1 --quiet --out "$WORK/vcli" 2> "$WORK/vcli.log" || bad "CLI variation failed"
+  python3 - "$URL" "$GOLD/input.png" "$(img "$WORK/vcli")" <<'PY' \
+    && ok "serve: /v1/images/variations gives the CLI's variation" || bad "serve variations"
+import base64, sys
+import http_util
+url, inp, cli = sys.argv[1:4]
+uri = "data:image/png;base64," + base64.b64encode(open(inp, "rb").read()).decode()
+st, r = http_util.post(url, {"image": uri, "seed": 7}, route="/v1/images/variations")
+assert st == 200, (st, r)
+assert http_util.png_pixels(base64.b64decode(r["data"][0]["b64_json"]))[1] == http_util.png_pixels(open(cli, "rb").read())[1]
 PY
   kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
 else

@@ -20,7 +20,9 @@ DIR/golden.safetensors: unet.{sample, timesteps, image_embeds} -> unet.out; movq
 with force_not_quantize); for each run R of golden.json (KandinskyV22PriorPipeline then KandinskyV22Pipeline with
 one generator, as the combined pipeline calls them): pipeline.R.draws.K (every random draw in order: the prior's
 initial latents [B or 2B, E] (2B: the negative prompts' rows after the prompts'), each prior step's variance noise but
-the last's, the decoder's initial latents, each DDPM step's variance noise but the last's), pipeline.R.image_embeds
+the last's, the decoder's initial latents, each DDPM step's variance noise but the last's; run "variation" varies
+DIR/input.png (KandinskyV22PriorPipeline.interpolate of the one image: its draws are those of the prior run on ""
+that makes the negative embedding, then the decoder's)), pipeline.R.image_embeds
 and .negative_image_embeds (the prior's outputs), pipeline.R.final_latents and pipeline.R.image_uint8
 (round(clamp(decoded / 2 + 0.5) x 255), HWC).
 """
@@ -123,7 +125,15 @@ def main():
             dict(name="negative", negative_prompt="Blurry, DARK", prior_guidance=3.0, prior_steps=5, guidance=5.0,
                  steps=4, size=32),
             dict(name="unguided", negative_prompt=None, prior_guidance=1.0, prior_steps=4, guidance=1.0, steps=3,
-                 size=48)]
+                 size=48),
+            # a variation of an image (interpolate of one image, weight 1): its embedding from the image encoder; the
+            # negative from a prior run on "" (the zero image's embedding), whose draws come first
+            dict(name="variation", image="input.png", negative_prompt=None, prior_guidance=4.0, prior_steps=3,
+                 guidance=4.0, steps=4, size=32)]
+    from PIL import Image
+    yy, xx = np.mgrid[0:40, 0:48]
+    rgb = np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) + np.random.default_rng(a.seed).integers(0, 40, (40, 48, 3))
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(os.path.join(a.out, "input.png"))
     for r in runs:
         n = r["name"]
         last = {}
@@ -135,9 +145,15 @@ def main():
                                              scheduling_ddpm) as draws:
             gen_run = torch.Generator().manual_seed(a.seed + 7)
             neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
-            emb, neg_emb = pipe.prior_pipe(PROMPTS, negative_prompt=neg, num_inference_steps=r["prior_steps"],
-                                           guidance_scale=r["prior_guidance"], generator=gen_run, output_type="pt",
-                                           return_dict=False)
+            if "image" in r:
+                out = pipe.prior_pipe.interpolate([Image.open(os.path.join(a.out, r["image"]))], [1.0],
+                                                  num_inference_steps=r["prior_steps"], generator=gen_run,
+                                                  guidance_scale=r["prior_guidance"])
+                emb, neg_emb = out.image_embeds, out.negative_image_embeds
+            else:
+                emb, neg_emb = pipe.prior_pipe(PROMPTS, negative_prompt=neg, num_inference_steps=r["prior_steps"],
+                                               guidance_scale=r["prior_guidance"], generator=gen_run,
+                                               output_type="pt", return_dict=False)
             img = pipe.decoder_pipe(image_embeds=emb, negative_image_embeds=neg_emb, width=r["size"],
                                     height=r["size"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
                                     generator=gen_run, output_type="np", callback_on_step_end=keep).images

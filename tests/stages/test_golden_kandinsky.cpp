@@ -77,7 +77,8 @@ TEST(GoldenKandinsky, UnclipSchedulerTimesteps) {
 // calls them, one generator) through diffpipe's prior and denoise stages and MoVQ, fed the reference's draws in its
 // order: the prior's initial latents (the negative prompts' rows after the prompts'), its variance noise per step
 // but the last, the decoder's initial latents, each DDPM step's noise. Runs: guided with the zero image's embedding
-// as the negative, a negative prompt (its own prior run; the prompts' unconditional rows read it), and unguided.
+// as the negative, a negative prompt (its own prior run; the prompts' unconditional rows read it), unguided, and a
+// variation of an image (the prior's image encoder on the image prompt; the zero image's embedding as the negative).
 namespace {
 // Each golden.json run through diffpipe's prior and denoise stages and MoVQ on `model`, against the reference.
 void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
@@ -86,9 +87,10 @@ void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
   const DeviceSpec spec = model.spec;
   ASSERT_TRUE(model.kandinsky && model.unclip && model.unclip->prior && model.vae && !model.img2img());
   const PriorRunner prior(*model.unclip, spec);
-  const int64_t B = static_cast<int64_t>(meta.at("prompts").size());
   for (const auto& run : meta.at("runs")) {
     const std::string n = run.at("name").get<std::string>();
+    const bool variation = run.contains("image");  // one image, no prompt
+    const int64_t B = variation ? 1 : static_cast<int64_t>(meta.at("prompts").size());
     const std::string pre = "pipeline." + n + ".draws.";
     auto draw = [&](int k) { return g.at(pre + std::to_string(k)); };
     const int prior_steps = run.at("prior_steps").get<int>();
@@ -98,7 +100,8 @@ void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
     std::vector<PriorState> states;
     for (int64_t i = 0; i < B; ++i) {
       GenerationParams p;
-      p.prompt = meta.at("prompts")[static_cast<size_t>(i)].get<std::string>();
+      if (variation) p.image_prompt = dir + "/" + run.at("image").get<std::string>();
+      else p.prompt = meta.at("prompts")[static_cast<size_t>(i)].get<std::string>();
       p.negative_prompt = negative ? run.at("negative_prompt").get<std::string>() : "";
       p.prior_steps = prior_steps;
       p.prior_guidance = run.at("prior_guidance").get<double>();
@@ -179,7 +182,8 @@ TEST(GoldenKandinsky, DecoderFolderWithItsPriorFolder) {
   EXPECT_EQ(SdModel::prompt_tokenizer_dir(dir + "/decoder", with.prior), dir + "/prior/tokenizer");
 }
 
-// What a Kandinsky folder refuses, by name: an input image, clip_skip, one prior step, a size off the MoVQ grid.
+// What a Kandinsky folder refuses, by name: an image prompt beside a prompt, clip_skip, one prior step, a size off
+// the MoVQ grid.
 TEST(GoldenKandinsky, RequestsCheckedByName) {
   DP_REQUIRE_KANDINSKY(dir);
   const SdModel model = SdModel::load(dir + "/model", test::device_spec(), 0u);
@@ -192,7 +196,15 @@ TEST(GoldenKandinsky, RequestsCheckedByName) {
     return test::error_of([&] { (void)resolve_params(model, p); });
   };
   EXPECT_EQ(error([](GenerationParams&) {}), "");
-  EXPECT_NE(error([](GenerationParams& p) { p.image_prompt = "x.png"; }).find("takes no input image"), std::string::npos);
+  // an image prompt is a variation of the image: no prompt or negative prompt beside it
+  EXPECT_NE(error([&](GenerationParams& p) { p.image_prompt = dir + "/input.png"; }).find("prompt: a Kandinsky 2.2 image "
+                                                                                       "prompt"),
+            std::string::npos);
+  EXPECT_EQ(error([&](GenerationParams& p) {
+              p.prompt = "";
+              p.image_prompt = dir + "/input.png";
+            }),
+            "");
   EXPECT_NE(error([](GenerationParams& p) { p.clip_skip = 1; }).find("clip_skip"), std::string::npos);
   EXPECT_NE(error([](GenerationParams& p) { p.prior_steps = 1; }).find("prior_steps: must be at least 2"),
             std::string::npos);
