@@ -17,22 +17,8 @@ COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --ste
         --height 32 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
 
 one_rank_run 6
-same_as_one_rank np4 4 "np 4"
-grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
-  && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
+prior_placements
 same_as_one_rank replicas 3 "2 denoiser replicas" --placement replicas
-cat > "$WORK/pipe.toml" <<'TOML'
-[encode]
-ranks = [0]
-[prior]
-ranks = [1]
-max_batch = 4
-[denoise]
-ranks = [2]
-[decode]
-ranks = [0]
-TOML
-same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
 
 # the hub's layout: the decoder folder with --prior gives the combined folder's bytes (4 ranks)
 SEP=()

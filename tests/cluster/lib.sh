@@ -24,6 +24,24 @@ same_as_one_rank() {  # same_as_one_rank NAME NP LABEL [ARGS...]: NP ranks with 
     || bad "$label failed: $(tail -2 "$WORK/$name.log")"
   same_pngs "$WORK/np1" "$WORK/$name" && ok "$label: the same PNG bytes as 1 rank" || bad "$label: images differ from 1 rank"
 }
+prior_placements() {  # the prior models' (Stable unCLIP, Kandinsky 2.2): at 4 ranks the derived placement gives the
+                      # prior a rank of its own, and a pipeline file places [prior] alone on rank 1 of 3; each as np1
+  same_as_one_rank np4 4 "np 4"
+  grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
+    && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
+  cat > "$WORK/pipe.toml" <<'TOML'
+[encode]
+ranks = [0]
+[prior]
+ranks = [1]
+max_batch = 4
+[denoise]
+ranks = [2]
+[decode]
+ranks = [0]
+TOML
+  same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
+}
 same_pixels() {  # same_pixels A.png B.png: the same decoded pixel rows (the PNG text chunks may differ)
   python3 - "$1" "$2" <<'PY'
 import sys, zlib, struct

@@ -15,21 +15,8 @@ COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --ste
         --height 16 --seed 3 --threads 1 --batch-invariant --quiet --timeout 60)
 
 one_rank_run 6
-for np in 2 4; do same_as_one_rank np$np $np "np $np"; done
-grep -q "rank 1 \[.*\]: prior(" "$WORK/np4.log" && ! grep -q "rank 1 \[.*\]: prior(.*denoise" "$WORK/np4.log" \
-  && ok "np 4: the derived placement gives the prior a rank of its own" || bad "np 4: prior not on its own rank: $(grep 'rank 1' "$WORK/np4.log")"
-cat > "$WORK/pipe.toml" <<'TOML'
-[encode]
-ranks = [0]
-[prior]
-ranks = [1]
-max_batch = 4
-[denoise]
-ranks = [2]
-[decode]
-ranks = [0]
-TOML
-same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
+same_as_one_rank np2 2 "np 2"
+prior_placements
 
 # the n-th image alone, from its JSON line's seed
 seed=$(sed -n 4p "$WORK/np1/images.jsonl" | python3 -c 'import json,sys;print(json.load(sys.stdin)["seed"])')
