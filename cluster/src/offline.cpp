@@ -274,17 +274,19 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
      << ", CFG scale: " << p.guidance << ", Seed: " << p.seed << ", Size: " << width << "x" << height;
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
   if (p.guidance_rescale > 0) os << ", CFG rescale: " << p.guidance_rescale;
-  if (prior && !p.image_prompt.empty())
+  // Kandinsky 2.2 (kPlainPrior) starts from its image when the request has a prompt too, and varies it otherwise
+  const bool starts_from_image = !p.image_prompt.empty() && (prior == kPlainPrior ? !p.prompt.empty() : img2img);
+  if (prior && !p.image_prompt.empty() && !starts_from_image)
     os << ", Image prompt: " << describe_image_ref(p.image_prompt)
        << (prior == kNoisedPrior ? ", Noise level: " + std::to_string(p.noise_level) : std::string());
   else if (prior)
     os << ", Prior steps: " << p.prior_steps << ", Prior CFG scale: " << p.prior_guidance
        << (prior == kNoisedPrior ? ", Noise level: " + std::to_string(p.noise_level) : std::string());
-  else if (!p.image_prompt.empty() && img2img)  // image-to-image's starting image
+  if (starts_from_image)  // image-to-image's starting image
     os << ", Image: " << describe_image_ref(p.image_prompt)
        << (p.mask.empty() ? "" : ", Mask: " + describe_image_ref(p.mask)) << ", Denoising strength: "
-       << p.effective_strength(sdxl);
-  else if (!p.image_prompt.empty())  // the x4 upscaler's input image
+       << p.effective_strength(sdxl || prior == kPlainPrior);
+  else if (!p.image_prompt.empty() && !prior)  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (!p.lora.empty()) {  // the request's adapters, each with its file where the run knows it
     os << ", LoRA adapters: " << p.lora;

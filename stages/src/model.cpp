@@ -347,7 +347,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
       m.unclip = UnclipParts::load_kandinsky(dir, addons.prior, spec, (components & kTextEncoder) != 0,
                                              (components & kPrior) != 0);
     if (components & kUNet) m.unet = UNet2DConditionModel::load(path_join(dir, "unet"), spec);
-    if (components & kVae) m.vae = AutoencoderKL::load(path_join(dir, "movq"), spec, false, true);
+    // MoVQ: its decoder for decode, its encoder where image-to-image's starting images become latents (encode)
+    const bool encoder = (components & (kVaeEncoder | kImageLatents)) != 0;
+    if ((components & kVae) || encoder)
+      m.vae = AutoencoderKL::load(path_join(dir, "movq"), spec, encoder, (components & kVae) != 0);
     m.addons = addons;
     return m;
   }

@@ -30,7 +30,7 @@ class EncodeStage : public OneShotStage {
       ps.push_back(&batch[i]->params);
       if (!batch[i]->params.ip_adapter_image.empty())  // IP-Adapter: the image prompt's embedding
         images[i].ip_embeds = ip_image_embeds(model_, batch[i]->params);
-      if (!model_.img2img() || batch[i]->params.image_prompt.empty()) continue;
+      if (!model_.starts_from_image(batch[i]->params)) continue;
       const ResolvedParams r = resolve_params(model_, batch[i]->params);  // reads and checks the image (and mask)
       images[i].image_latents = img2img_latents(model_, batch[i]->params, r.image);
       if (r.mask.defined()) inpaint_conditioning(model_, batch[i]->params, r.image, r.mask, images[i]);
@@ -65,7 +65,8 @@ class EncodeStage : public OneShotStage {
 
  private:
   // Kandinsky 2.2: the prior's text encoder, one call: per request [text_embeds, last_hidden_state, mask (float32)],
-  // then the same of its unconditional text (the negative prompt) where the prior needs it
+  // then the same of its unconditional text (the negative prompt) where the prior needs it; image-to-image: the
+  // starting image's MoVQ latents last (the prior stage passes them on)
   std::vector<StageEvent> prior_text(const std::vector<const StageRequest*>& batch) const {
     DP_CHECK(model_.unclip, "encode: ", model_.dir, "'s prior text encoder was not loaded");
     const PriorRunner runner(*model_.unclip, model_.spec);
@@ -84,6 +85,9 @@ class EncodeStage : public OneShotStage {
       std::vector<at::Tensor> t{s.embeds.contiguous(), s.hidden.contiguous(), s.mask.to(at::kFloat).contiguous()};
       if (s.needs_uncond())
         t.insert(t.end(), {s.u_embeds.contiguous(), s.u_hidden.contiguous(), s.u_mask.to(at::kFloat).contiguous()});
+      const GenerationParams& p = batch[static_cast<size_t>(&s - states.data())]->params;
+      if (model_.starts_from_image(p))
+        t.push_back(img2img_latents(model_, p, resolve_params(model_, p).image).contiguous());
       out.push_back(StageEvent::finished(s.id, std::move(t)));
     }
     return out;
@@ -127,7 +131,7 @@ class SteppedStage : public Stage {
 // PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
 class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at::Tensor>>> {
  public:
-  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), spec_(m.spec) {
+  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), model_(m), spec_(m.spec) {
     DP_CHECK(m.unclip && (m.unclip->prior || m.unclip->image_encoder), "prior stage: ", m.dir, " is not a Stable ",
              "unCLIP or Kandinsky 2.2 folder (or its prior was not loaded)");
     runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
@@ -143,7 +147,9 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
         return;
       }
       const size_t n = s.needs_uncond() ? 6 : 3;
-      DP_CHECK(r.inputs.size() == n, "prior: request ", r.id, " needs ", n, " text tensors, got ", r.inputs.size());
+      // image-to-image: the starting image's latents follow, for the denoiser
+      const size_t want = n + (model_.starts_from_image(r.params) ? 1 : 0);
+      DP_CHECK(r.inputs.size() == want, "prior: request ", r.id, " needs ", want, " tensors, got ", r.inputs.size());
       auto take = [&](size_t k, at::Tensor& embeds, at::Tensor& hidden, at::Tensor& mask) {
         embeds = r.inputs[k].to(spec_.device, spec_.dtype);
         hidden = r.inputs[k + 1].to(spec_.device, spec_.dtype);
@@ -152,7 +158,8 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
       take(0, s.embeds, s.hidden, s.mask);
       if (n == 6) take(3, s.u_embeds, s.u_hidden, s.u_mask);
       s.encoded = true;
-      hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>{}), r.priority, now);
+      hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>(r.inputs.begin() + n, r.inputs.end())),
+           r.priority, now);
       return;
     }
     // the state, and the text embeddings passed on to the denoiser
@@ -188,6 +195,7 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
   }
 
  private:
+  const SdModel& model_;
   std::unique_ptr<PriorRunner> runner_;
   DeviceSpec spec_;
   bool kandinsky_ = false;
@@ -208,7 +216,7 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
       e.ip_embeds = r.inputs.back().to(at::kCPU, at::kFloat);
       r.inputs.pop_back();
     }
-    if (model_.img2img() && !r.params.image_prompt.empty()) {  // image-to-image: the image's latents come last
+    if (model_.starts_from_image(r.params)) {  // image-to-image: the image's latents come last
       const bool inpaint = !r.params.mask.empty();  // then the mask (and the masked image's latents)
       const size_t n = 1 + (inpaint ? 1 : 0) + (inpaint && model_.inpaint_unet ? 1 : 0);
       DP_CHECK(r.inputs.size() >= n + 1, "denoise: request ", r.id, " starts from an image, but its latents",

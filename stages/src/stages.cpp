@@ -314,7 +314,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
   std::tie(r.width, r.height) = requested_size(model, p);
-  const bool img2img = model.img2img() && !p.image_prompt.empty();
+  const bool img2img = model.starts_from_image(p);
+  DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
+           "diffpipe does not load; ", model.dir, " takes no mask");
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
            "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
   DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",
@@ -340,7 +342,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
              " x the UNet's downsampling)");
     r.width = static_cast<int>(W);
     r.height = static_cast<int>(H);
-    const double strength = p.effective_strength(model.sdxl);
+    const double strength = model.strength(p);
     if (model.lcm_pipeline && r.kind == SamplerKind::LCM && p.mask.empty()) {
       // LatentConsistencyModelImg2ImgPipeline: every step runs, over the strength's share of the LCM schedule
       r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, false, strength);
@@ -414,11 +416,12 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
            model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
            "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
-  // Kandinsky 2.2's variations: the decoder sees the image's embedding alone (diffusers' interpolate of one image);
-  // a prompt or a negative prompt beside it would be silently unused
-  DP_CHECK(!model.kandinsky || p.image_prompt.empty() || (p.prompt.empty() && p.negative_prompt.empty()),
-           p.prompt.empty() ? "negative_prompt" : "prompt", ": a Kandinsky 2.2 image prompt (a variation of the image) ",
-           "takes its embedding from the image alone; leave the prompt and negative prompt empty");
+  // Kandinsky 2.2: an image prompt without a prompt is a variation (the decoder sees the image's embedding alone,
+  // diffusers' interpolate of one image), where a negative prompt would be silently unused; with a prompt it is the
+  // starting image (image-to-image)
+  DP_CHECK(!model.kandinsky || p.image_prompt.empty() || !p.prompt.empty() || p.negative_prompt.empty(),
+           "negative_prompt: a Kandinsky 2.2 image variation (an image prompt without a prompt) takes its embedding from ",
+           "the image alone; leave the negative prompt empty (or give a prompt: image-to-image)");
   DP_CHECK(!model.kandinsky || p.clip_skip == 0, "clip_skip: not supported for Kandinsky 2.2 folders (its prior ",
            "reads the text encoder's last layer; ", model.dir, ")");
   if (model.sdxl) {  // hidden_states[-(clip_skip + 2)] of each encoder (SDXL indexes from the penultimate layer)
@@ -493,6 +496,7 @@ at::Tensor sampled_latents(const SdModel& model, const at::Tensor& image, uint64
   DP_CHECK(model.vae && model.vae->has_encoder(), "image-to-image: ", model.dir, "'s VAE encoder is not loaded here");
   DP_CHECK(image.dim() == 3 && image.size(0) == 3, "image-to-image: the image must be [3, H, W], got ", image.sizes());
   const GaussianLatent g = model.vae->encode(image.unsqueeze(0).to(model.spec.device, model.vae_dtype));
+  if (model.vae_config.vq) return g.mean[0].to(at::kCPU, at::kFloat);  // MoVQ (Kandinsky 2.2): the latents as they are
   const at::Tensor mean = g.mean[0].to(at::kCPU, at::kFloat), logvar = g.logvar[0].to(at::kCPU, at::kFloat);
   const at::Tensor z = sample_noise.defined() ? sample_noise.to(at::kCPU, at::kFloat).reshape(mean.sizes())
                                               : seeded_noise(seed, stream, mean.sizes());
@@ -517,7 +521,7 @@ void inpaint_conditioning(const SdModel& model, const GenerationParams& p, const
 
 DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p, Embeddings emb, uint64_t id,
                                 const at::Tensor& initial_noise, const at::Tensor& image_noise) {
-  const bool img2img = model.img2img() && !p.image_prompt.empty(), inpaint = img2img && !p.mask.empty();
+  const bool img2img = model.starts_from_image(p), inpaint = img2img && !p.mask.empty();
   DP_CHECK(!img2img || emb.image_latents.defined(), "denoise: request ", id, " starts from an image, but its latents ",
            "did not arrive (the encode stage makes them)");
   DP_CHECK(!inpaint || (emb.mask.defined() && (!model.inpaint_unet || emb.masked_image_latents.defined())),
@@ -578,7 +582,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
              " does not match the image's latents ", image.sizes());
     s.begin = s.step = r.begin;
     // inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); image-to-image never does
-    s.latents = (inpaint && p.effective_strength(model.sdxl) == 1.0 ? noise * s.sampler->init_noise_sigma()
+    s.latents = (inpaint && model.strength(p) == 1.0 ? noise * s.sampler->init_noise_sigma()
                                                           : s.sampler->add_noise(image, noise, r.begin))
                     .to(model.spec.device);
     if (inpaint && model.inpaint_unet) {  // [mask, masked image latents] after the latents at every call

@@ -214,7 +214,9 @@ PriorState PriorRunner::make_state(const GenerationParams& p, uint64_t id,
   s.noise = noise ? std::move(noise) : [seed](uint64_t stream, const at::Tensor& like) {
     return seeded_noise(seed, stream, like.sizes());
   };
-  if (!p.image_prompt.empty()) {  // image variations: the image encoder's embedding replaces the prior's
+  // image variations: the image encoder's embedding replaces the prior's (Kandinsky 2.2: without a prompt; with one
+  // the image is image-to-image's start, the decoder's business)
+  if (!p.image_prompt.empty() && !(parts_.kandinsky && !p.prompt.empty())) {
     DP_CHECK(parts_.image_encoder, "image_prompt: this folder has no image_encoder/ (image variations need a ",
              "StableUnCLIPImg2ImgPipeline folder)");
     s.pixel_values = preprocess_clip_image(parts_.image_processor, read_image_ref(p.image_prompt));

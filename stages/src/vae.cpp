@@ -83,7 +83,6 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
   m->use_post_quant_conv = c.use_post_quant_conv;
   m->has_encoder = with_encoder;
   if (with_encoder) {
-    DP_CHECK(!c.vq, "vae: a VQModel's encoder is not supported (diffpipe decodes with MoVQ; it does not encode images)");
     const Weights e = w.sub("encoder");
     m->enc_conv_in = nn::Conv2d(e, "conv_in", c.in_channels, boc[0], 3, 1, 1);
     int64_t out = boc[0];
@@ -103,8 +102,10 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
     }
     m->enc_mid = make_mid(e.sub("mid_block"), boc[n - 1], 0);
     m->enc_norm_out = nn::GroupNorm(e, "conv_norm_out", G, boc[n - 1], eps);
-    m->enc_conv_out = nn::Conv2d(e, "conv_out", boc[n - 1], 2 * L, 3, 1, 1);
-    if (c.use_quant_conv) m->quant_conv = nn::Conv2d(w, "quant_conv", 2 * L, 2 * L, 1);
+    // a VQModel's encoder makes the latents themselves (double_z false), an AutoencoderKL's mean and log-variance
+    const int64_t Z = c.vq ? L : 2 * L;
+    m->enc_conv_out = nn::Conv2d(e, "conv_out", boc[n - 1], Z, 3, 1, 1);
+    if (c.use_quant_conv) m->quant_conv = nn::Conv2d(w, "quant_conv", Z, Z, 1);
   }
   m->has_decoder = with_decoder;
   if (!with_decoder) {
@@ -177,6 +178,7 @@ GaussianLatent AutoencoderKL::encode(const at::Tensor& image) const {
   x = m.enc_mid(x, at::Tensor());
   x = m.enc_conv_out(m.enc_norm_out.silu(x));
   if (m.use_quant_conv) x = m.quant_conv(x);
+  if (cfg_.vq) return {x.contiguous(), at::Tensor()};  // VQModel.encode: the latents, not quantised
   auto parts = x.contiguous().chunk(2, 1);
   return {parts[0], at::clamp(parts[1], -30.0, 20.0)};
 }

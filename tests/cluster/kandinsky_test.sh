@@ -6,7 +6,8 @@
 # file at 3) and with 2 denoiser replicas; the settings reach the images (negative prompt, prior guidance and steps,
 # guidance), a JSONL line equals the flags, the PNG records the prior's settings (no noise level); refusals name the
 # setting and write nothing; serve gives the CLI's pixels for the same request; the hub's two folders (decoder +
-# --prior) give the combined folder's pixels (the PNG text names the prior folder). Exit 77 = skipped (folder absent).
+# --prior) give the combined folder's pixels (the PNG text names the prior folder); image variations (an image prompt
+# alone) and image-to-image (with a prompt) on 1 and 4 ranks, and over HTTP (variations, edits). Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
 GOLD=${DIFFPIPE_GOLDEN_KANDINSKY:-$(dirname "$0")/../../build/golden/tiny-kandinsky}
@@ -60,7 +61,11 @@ while i < len(data):
 ok = "Prior steps: 5" in text and "Prior CFG scale: 4" in text and "Negative prompt: blurry" in text
 sys.exit(0 if ok and "Noise level" not in text else 1)
 PY
-refused r-img "takes its embedding from the image alone" --image-prompt "$GOLD/input.png"
+refused r-i2i-size "image-to-image makes an image of its input's size, 48x40" --image-prompt "$GOLD/input.png"
+timeout 60 "$BIN" generate --model "$MODEL" --prompt "" --negative-prompt "dark" --image-prompt "$GOLD/input.png" \
+  --steps 2 --out "$WORK/r-varneg" > /dev/null 2> "$WORK/r-varneg.log" && bad "a variation with a negative prompt accepted" \
+  || { grep -q "negative_prompt: a Kandinsky 2.2 image variation" "$WORK/r-varneg.log" \
+       && ok "a variation with a negative prompt refused naming negative_prompt" || bad "r-varneg: $(tail -1 "$WORK/r-varneg.log")"; }
 # variations: an image prompt's embedding (the prior's image encoder) instead of the prior's, on 1 and 4 ranks
 V=(generate --model "$MODEL" --prompt "" --image-prompt "$GOLD/input.png" --images 2 --steps 4 --width 32 --height 32
    --seed 2 --threads 1 --batch-invariant --quiet)
@@ -70,6 +75,27 @@ same_pngs "$WORK/v1" "$WORK/v4" && ok "image variations: 2 images, the same PNG 
   || bad "variations differ between 1 and 4 ranks"
 cmp -s "$WORK/v1/img-00000-seed2.png" "$WORK/v1/img-00001-seed3.png" && bad "two seeds gave one variation" \
   || ok "variations of one image differ by seed"
+# image-to-image: a prompt and a starting image (MoVQ latents noised at the strength), on 1 and 4 ranks
+I=(generate --model "$MODEL" --prompt "a red circle" --image-prompt "$GOLD/input32.png" --images 2 --steps 5 --seed 2
+   --threads 1 --batch-invariant --quiet)
+timeout 60 "$BIN" "${I[@]}" --out "$WORK/i1" 2> "$WORK/i1.log" || bad "image-to-image, 1 rank: $(tail -1 "$WORK/i1.log")"
+timeout 120 $MPIRUN -np 4 "$BIN" "${I[@]}" --out "$WORK/i4" 2> "$WORK/i4.log" || bad "image-to-image, 4 ranks failed"
+same_pngs "$WORK/i1" "$WORK/i4" && ok "image-to-image: 2 images, the same PNG bytes on 1 and 4 ranks" \
+  || bad "image-to-image differs between 1 and 4 ranks"
+timeout 60 "$BIN" "${I[@]}" --strength 0.9 --out "$WORK/i9" 2> "$WORK/i9.log" || bad "strength 0.9 failed"
+same_pixels "$WORK/i1/img-00000-seed2.png" "$WORK/i9/img-00000-seed2.png" && bad "--strength changed nothing" \
+  || ok "image-to-image: --strength changes the image"
+python3 - "$WORK/i1/img-00000-seed2.png" <<'PY' && ok "image-to-image PNG records the image and the default strength 0.3" \
+  || bad "image-to-image PNG parameters"
+import sys
+data = open(sys.argv[1], "rb").read()
+i, text = 8, ""
+while i < len(data):
+    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
+    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
+    i += 12 + n
+sys.exit(0 if "input32.png, Denoising strength: 0.3" in text and "Prior steps:" in text else 1)
+PY
 refused r-prior "prior_steps: must be at least 2" --prior-steps 1
 refused r-size "width: 40 is not a positive multiple of 16" --width 40
 refused r-skip "clip_skip" --clip-skip 2
@@ -95,6 +121,19 @@ png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
 st, r = http_util.post(url, {"prompt": "a red circle", "prior_num_inference_steps": 1})
 assert st == 400 and "prior_steps: must be at least 2" in r["error"]["message"], (st, r)
+PY
+  # /v1/images/edits (a prompt and an image): the CLI's image-to-image of the same image and seed, made alone
+  timeout 60 "$BIN" generate --model "$MODEL" --prompt "a red circle" --image-prompt "$GOLD/input32.png" --steps 4 \
+    --seed 7 --threads 1 --quiet --out "$WORK/ecli" 2> "$WORK/ecli.log" || bad "CLI image-to-image failed"
+  python3 - "$URL" "$GOLD/input32.png" "$(img "$WORK/ecli")" <<'PY' \
+    && ok "serve: /v1/images/edits gives the CLI's image-to-image" || bad "serve edits"
+import base64, sys
+import http_util
+url, inp, cli = sys.argv[1:4]
+uri = "data:image/png;base64," + base64.b64encode(open(inp, "rb").read()).decode()
+st, r = http_util.post(url, {"prompt": "a red circle", "image": uri, "seed": 7}, route="/v1/images/edits")
+assert st == 200, (st, r)
+assert http_util.png_pixels(base64.b64decode(r["data"][0]["b64_json"]))[1] == http_util.png_pixels(open(cli, "rb").read())[1]
 PY
   # /v1/images/variations (no prompt): the CLI's variation of the same image and seed, made alone
   timeout 60 "$BIN" generate --model "$MODEL" --prompt "" --image-prompt "$GOLD/input.png" --steps 4 --seed 7 \

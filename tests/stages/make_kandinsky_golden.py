@@ -22,7 +22,9 @@ one generator, as the combined pipeline calls them): pipeline.R.draws.K (every r
 initial latents [B or 2B, E] (2B: the negative prompts' rows after the prompts'), each prior step's variance noise but
 the last's, the decoder's initial latents, each DDPM step's variance noise but the last's; run "variation" varies
 DIR/input.png (KandinskyV22PriorPipeline.interpolate of the one image: its draws are those of the prior run on ""
-that makes the negative embedding, then the decoder's)), pipeline.R.image_embeds
+that makes the negative embedding, then the decoder's); run "img2img" starts KandinskyV22Img2ImgPipeline from
+DIR/input32.png at its strength (the decoder's draws: the noise of the MoVQ latents, then each step's)),
+movq.image -> movq.encoded (VQModel.encode: the latents, not quantised), pipeline.R.image_embeds
 and .negative_image_embeds (the prior's outputs), pipeline.R.final_latents and pipeline.R.image_uint8
 (round(clamp(decoded / 2 + 0.5) x 255), HWC).
 """
@@ -119,6 +121,8 @@ def main():
                                      added_cond_kwargs={"image_embeds": emb}).sample})
         lat = torch.randn(2, 4, 8, 8, generator=g)
         res.update({"movq.latents": lat, "movq.decoded": movq.decode(lat, force_not_quantize=True).sample})
+        img = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+        res.update({"movq.image": img, "movq.encoded": movq.encode(img).latents})
 
     runs = [dict(name="plain", negative_prompt=None, prior_guidance=4.0, prior_steps=6, guidance=4.0, steps=5,
                  size=32),
@@ -129,11 +133,19 @@ def main():
             # a variation of an image (interpolate of one image, weight 1): its embedding from the image encoder; the
             # negative from a prior run on "" (the zero image's embedding), whose draws come first
             dict(name="variation", image="input.png", negative_prompt=None, prior_guidance=4.0, prior_steps=3,
-                 guidance=4.0, steps=4, size=32)]
+                 guidance=4.0, steps=4, size=32),
+            # image-to-image (KandinskyV22Img2ImgPipeline) from a 32x32 image (its own size: no resize) at strength 0.6
+            dict(name="img2img", start="input32.png", strength=0.6, negative_prompt=None, prior_guidance=4.0,
+                 prior_steps=3, guidance=4.0, steps=5, size=32)]
+    from diffusers import KandinskyV22Img2ImgPipeline
+    from diffusers.pipelines.kandinsky2_2 import pipeline_kandinsky2_2_img2img
+    i2i = KandinskyV22Img2ImgPipeline(unet=unet, scheduler=sched, movq=movq)
+    i2i.set_progress_bar_config(disable=True)
     from PIL import Image
     yy, xx = np.mgrid[0:40, 0:48]
     rgb = np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) + np.random.default_rng(a.seed).integers(0, 40, (40, 48, 3))
     Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(os.path.join(a.out, "input.png"))
+    Image.fromarray(rgb[4:36, 8:40].clip(0, 255).astype(np.uint8)).save(os.path.join(a.out, "input32.png"))
     for r in runs:
         n = r["name"]
         last = {}
@@ -142,7 +154,7 @@ def main():
             last["latents"] = kw["latents"]
             return kw
         with torch.no_grad(), recorded_draws(pipeline_kandinsky2_2_prior, scheduling_unclip, pipeline_kandinsky2_2,
-                                             scheduling_ddpm) as draws:
+                                             pipeline_kandinsky2_2_img2img, scheduling_ddpm) as draws:
             gen_run = torch.Generator().manual_seed(a.seed + 7)
             neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
             if "image" in r:
@@ -154,9 +166,16 @@ def main():
                 emb, neg_emb = pipe.prior_pipe(PROMPTS, negative_prompt=neg, num_inference_steps=r["prior_steps"],
                                                guidance_scale=r["prior_guidance"], generator=gen_run,
                                                output_type="pt", return_dict=False)
-            img = pipe.decoder_pipe(image_embeds=emb, negative_image_embeds=neg_emb, width=r["size"],
-                                    height=r["size"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
-                                    generator=gen_run, output_type="np", callback_on_step_end=keep).images
+            if "start" in r:
+                start = Image.open(os.path.join(a.out, r["start"]))
+                img = i2i(image_embeds=emb, negative_image_embeds=neg_emb, image=[start] * len(PROMPTS),
+                          width=r["size"], height=r["size"], num_inference_steps=r["steps"], strength=r["strength"],
+                          guidance_scale=r["guidance"], generator=gen_run, output_type="np",
+                          callback_on_step_end=keep).images
+            else:
+                img = pipe.decoder_pipe(image_embeds=emb, negative_image_embeds=neg_emb, width=r["size"],
+                                        height=r["size"], num_inference_steps=r["steps"], guidance_scale=r["guidance"],
+                                        generator=gen_run, output_type="np", callback_on_step_end=keep).images
         for k, d in enumerate(draws):
             res[f"pipeline.{n}.draws.{k}"] = d
         res[f"pipeline.{n}.image_embeds"] = emb

@@ -22,8 +22,9 @@ namespace {
 }  // namespace
 
 // MoVQ (VQModel with norm_type "spatial"): every decoder norm is a SpatialNorm conditioned on the latents themselves
-// (resized to each resolution), attention in the lowest-resolution up block; decoded without quantisation.
-TEST(GoldenKandinsky, MovqDecoder) {
+// (resized to each resolution), attention in the lowest-resolution up block; decoded without quantisation. Its
+// encoder (attention in the last down block) gives the latents as they are.
+TEST(GoldenKandinsky, MovqDecoderAndEncoder) {
   DP_REQUIRE_KANDINSKY(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const DeviceSpec spec = test::device_spec();
@@ -35,9 +36,13 @@ TEST(GoldenKandinsky, MovqDecoder) {
   EXPECT_LE(e, test::module_tol(spec));
   // the pipelines decode the latents as they are (no scaling factor)
   EXPECT_TRUE(at::equal(movq->decode_scaled(lat), movq->decode(lat)));
-  EXPECT_NE(test::error_of([&] { (void)AutoencoderKL::load(dir + "/model/movq", spec, /*with_encoder=*/true); })
-                .find("VQModel's encoder is not supported"),
-            std::string::npos);
+  // its encoder (image-to-image): VQModel.encode's latents, not quantised, no sampling
+  const auto both = AutoencoderKL::load(dir + "/model/movq", spec, /*with_encoder=*/true);
+  const GaussianLatent enc = both->encode(test::on_device(g.at("movq.image"), spec));
+  const double ee = rel_err(enc.mean, g.at("movq.encoded"));
+  std::printf("[golden-kandinsky] MoVQ encoder: %.2e\n", ee);
+  EXPECT_LE(ee, test::module_tol(spec));
+  EXPECT_FALSE(enc.logvar.defined());
 }
 
 // The decoder's UNet: the image embedding becomes 10 cross-attention tokens (encoder_hid_proj, image_proj) and joins
@@ -77,8 +82,9 @@ TEST(GoldenKandinsky, UnclipSchedulerTimesteps) {
 // calls them, one generator) through diffpipe's prior and denoise stages and MoVQ, fed the reference's draws in its
 // order: the prior's initial latents (the negative prompts' rows after the prompts'), its variance noise per step
 // but the last, the decoder's initial latents, each DDPM step's noise. Runs: guided with the zero image's embedding
-// as the negative, a negative prompt (its own prior run; the prompts' unconditional rows read it), unguided, and a
-// variation of an image (the prior's image encoder on the image prompt; the zero image's embedding as the negative).
+// as the negative, a negative prompt (its own prior run; the prompts' unconditional rows read it), unguided, a
+// variation of an image (the prior's image encoder on the image prompt; the zero image's embedding as the negative),
+// and image-to-image (the prompts, from a starting image's MoVQ latents noised at strength 0.6).
 namespace {
 // Each golden.json run through diffpipe's prior and denoise stages and MoVQ on `model`, against the reference.
 void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
@@ -90,12 +96,15 @@ void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
   for (const auto& run : meta.at("runs")) {
     const std::string n = run.at("name").get<std::string>();
     const bool variation = run.contains("image");  // one image, no prompt
+    const bool img2img = run.contains("start");     // the prompts, from a starting image
     const int64_t B = variation ? 1 : static_cast<int64_t>(meta.at("prompts").size());
     const std::string pre = "pipeline." + n + ".draws.";
     auto draw = [&](int k) { return g.at(pre + std::to_string(k)); };
     const int prior_steps = run.at("prior_steps").get<int>();
     const bool negative = !run.at("negative_prompt").is_null();
-    ASSERT_EQ(run.at("draws").get<int>(), prior_steps + 1 + run.at("steps").get<int>()) << n;
+    const int steps = run.at("steps").get<int>();
+    const int calls = img2img ? static_cast<int>(steps * run.at("strength").get<double>()) : steps;
+    ASSERT_EQ(run.at("draws").get<int>(), prior_steps + 1 + calls) << n;
     std::vector<GenerationParams> params;
     std::vector<PriorState> states;
     for (int64_t i = 0; i < B; ++i) {
@@ -107,7 +116,12 @@ void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
       p.prior_guidance = run.at("prior_guidance").get<double>();
       p.steps = run.at("steps").get<int>();
       p.guidance = run.at("guidance").get<double>();
-      p.width = p.height = run.at("size").get<int>();
+      if (img2img) {  // the output has the image's size
+        p.image_prompt = dir + "/" + run.at("start").get<std::string>();
+        p.strength = run.at("strength").get<double>();
+      } else {
+        p.width = p.height = run.at("size").get<int>();
+      }
       params.push_back(p);
       // stream -> this request's row of the reference's draw (the negative run's rows follow the prompts')
       auto noise = [&, i, prior_steps](uint64_t stream, const at::Tensor&) -> at::Tensor {
@@ -135,10 +149,13 @@ void expect_the_reference_runs(const std::string& dir, const SdModel& model) {
       Embeddings emb;
       emb.cond = e[0].to(spec.device, spec.dtype);
       emb.uncond = e[1].to(spec.device, spec.dtype);
-      ds.push_back(make_denoise_state(model, params[static_cast<size_t>(i)], emb, static_cast<uint64_t>(i),
-                                      draw(prior_steps)[i]));
-      ds.back().step_noise = [&g, pre, i, prior_steps](int step, const at::Tensor& like) {
-        return g.at(pre + std::to_string(prior_steps + 1 + step))[i].reshape(like.sizes()).to(like.device());
+      const GenerationParams& p = params[static_cast<size_t>(i)];
+      if (img2img) emb.image_latents = img2img_latents(model, p, resolve_params(model, p).image);
+      // the decoder's first draw: its initial latents, or image-to-image's noise on the image's latents
+      ds.push_back(make_denoise_state(model, p, emb, static_cast<uint64_t>(i), draw(prior_steps)[i]));
+      const int begin = ds.back().begin;
+      ds.back().step_noise = [&g, pre, i, prior_steps, begin](int step, const at::Tensor& like) {
+        return g.at(pre + std::to_string(prior_steps + 1 + step - begin))[i].reshape(like.sizes()).to(like.device());
       };
     }
     ASSERT_EQ(ds[0].sampler->kind(), SamplerKind::DDPM);
@@ -182,8 +199,8 @@ TEST(GoldenKandinsky, DecoderFolderWithItsPriorFolder) {
   EXPECT_EQ(SdModel::prompt_tokenizer_dir(dir + "/decoder", with.prior), dir + "/prior/tokenizer");
 }
 
-// What a Kandinsky folder refuses, by name: an image prompt beside a prompt, clip_skip, one prior step, a size off
-// the MoVQ grid.
+// What a Kandinsky folder refuses, by name: a negative prompt beside a variation's image, an image off the MoVQ grid
+// or a mask (image-to-image), clip_skip, one prior step, a size off the MoVQ grid.
 TEST(GoldenKandinsky, RequestsCheckedByName) {
   DP_REQUIRE_KANDINSKY(dir);
   const SdModel model = SdModel::load(dir + "/model", test::device_spec(), 0u);
@@ -196,9 +213,28 @@ TEST(GoldenKandinsky, RequestsCheckedByName) {
     return test::error_of([&] { (void)resolve_params(model, p); });
   };
   EXPECT_EQ(error([](GenerationParams&) {}), "");
-  // an image prompt is a variation of the image: no prompt or negative prompt beside it
-  EXPECT_NE(error([&](GenerationParams& p) { p.image_prompt = dir + "/input.png"; }).find("prompt: a Kandinsky 2.2 image "
-                                                                                       "prompt"),
+  // an image prompt without a prompt is a variation (no negative prompt beside it), with one image-to-image's start
+  EXPECT_NE(error([&](GenerationParams& p) {
+              p.prompt = "";
+              p.negative_prompt = "blurry";
+              p.image_prompt = dir + "/input.png";
+            }).find("negative_prompt: a Kandinsky 2.2 image variation"),
+            std::string::npos);
+  EXPECT_NE(error([&](GenerationParams& p) {
+              p.image_prompt = dir + "/input.png";
+              p.width = p.height = 0;
+            }).find("multiples of 16"),
+            std::string::npos);  // 48x40: image-to-image keeps the image's size, off the MoVQ grid
+  EXPECT_EQ(error([&](GenerationParams& p) {
+              p.image_prompt = dir + "/input32.png";
+              p.width = p.height = 0;
+            }),
+            "");
+  EXPECT_NE(error([&](GenerationParams& p) {
+              p.image_prompt = dir + "/input32.png";
+              p.width = p.height = 0;
+              p.mask = dir + "/input32.png";
+            }).find("mask: inpainting needs a Kandinsky 2.2 inpainting folder"),
             std::string::npos);
   EXPECT_EQ(error([&](GenerationParams& p) {
               p.prompt = "";

@@ -118,6 +118,13 @@ struct SdModel {
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
   bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
+  // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
+  // folders when it also has a prompt (without one the image is varied instead)
+  bool starts_from_image(const GenerationParams& p) const {
+    return !p.image_prompt.empty() && (img2img() || (kandinsky && !p.prompt.empty()));
+  }
+  // Image-to-image's strength: the request's, or the pipeline's default (SDXL and Kandinsky 2.2: 0.3)
+  double strength(const GenerationParams& p) const { return p.effective_strength(sdxl || kandinsky); }
   int64_t latent_factor() const {
     return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
   }

@@ -1,6 +1,6 @@
 // AutoencoderKL (diffusers) on ATen: encoder -> quant_conv -> diagonal Gaussian (mean, logvar);
-// post_quant_conv -> decoder. Also VQModel's decoder (MoVQ, Kandinsky 2.2), which VaeConfig::vq marks. Loads vae/config.json + diffusion_pytorch_model.safetensors (legacy attention
-// key names query/key/value/proj_attn are accepted). Thread-safety: encode()/decode() are const and reentrant.
+// post_quant_conv -> decoder. Also VQModel (MoVQ, Kandinsky 2.2), which VaeConfig::vq marks. Loads vae/config.json +
+// diffusion_pytorch_model.safetensors (legacy attention key names query/key/value/proj_attn are accepted). Thread-safety: encode()/decode() are const and reentrant.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -23,16 +23,17 @@ struct VaeConfig {
   bool force_upcast = true;  // run in float32 when the pipeline is float16/bfloat16
   // AttnDownEncoderBlock2D / AttnUpDecoderBlock2D: a one-head attention after each resnet of that block
   std::vector<bool> down_attention, up_attention;
-  // VQModel (Kandinsky 2.2's MoVQ, decoder only): its pipelines decode the latents as they are (no scaling factor,
-  // no quantisation: force_not_quantize); with norm_type "spatial" every decoder norm is a SpatialNorm
-  // conditioned on those latents.
+  // VQModel (Kandinsky 2.2's MoVQ): its pipelines encode images to latents and decode latents as they are (no
+  // scaling factor, no sampling, no quantisation: force_not_quantize); with norm_type "spatial" every decoder norm
+  // is a SpatialNorm conditioned on those latents.
   bool vq = false;
   bool spatial_norm = false;
   static VaeConfig load(const std::string& config_json);
 };
 
 struct GaussianLatent {
-  at::Tensor mean, logvar;  // [B, latent_channels, h, w]; logvar clamped to [-30, 20]
+  at::Tensor mean, logvar;  // [B, latent_channels, h, w]; logvar clamped to [-30, 20] (a VQModel: the latents as
+                            // mean, logvar undefined)
 };
 
 class AutoencoderKL {
