@@ -60,6 +60,8 @@ int serve_main(int argc, char** argv) {
                        {"device", "cpu|cuda", "device of every rank (default cpu)"},
                        {"dtype", "TYPE", "float32 | float16 | bfloat16"},
                        {"threads", "N", "CPU threads per rank (default: cores / ranks on the node)"},
+                       {"batch-invariant", "", "CPU: an image is byte-identical whatever the batch its request joins\n"
+                                               "(generate --batch-invariant's image; slower batching)"},
                        {"timeout", "S", "fail when admitted work makes no progress for S s (default 600)"},
                        {"inject-failure", "STAGE:IMAGE", "testing aid: the IMAGE-th image served (from 1) fails in STAGE"}},
                    argc, argv, "POST /v1/images/generations, /v1/images/edits, /v1/images/variations, GET /healthz, /v1/models, /metrics; SIGTERM drains");
@@ -93,11 +95,13 @@ int serve_main(int argc, char** argv) {
     pd.rank.device = a.str("device", "cpu");
     pd.rank.dtype = a.str("dtype", "float32");
     pd.stage.max_batch = static_cast<int>(a.integer("max-batch", 8));
+    pd.batch_invariant = a.flag("batch-invariant");
     if (a.has("pipeline")) {
       opts.placement = Placement::load(a.str("pipeline"), world.size, layout, pd);
     } else {
       opts.placement = Placement::derive(world.size, pd.rank, layout);
       for (auto& s : opts.placement.stages) s.spec.max_batch = pd.stage.max_batch;
+      opts.placement.batch_invariant = pd.batch_invariant;
     }
     opts.placement.queue_capacity = static_cast<size_t>(a.integer("queue", 64));
     opts.placement.validate(a.has("pipeline") ? a.str("pipeline") : "command line");

@@ -35,6 +35,14 @@ ClipVisionConfig ClipVisionConfig::load(const std::string& path) {
   return c;
 }
 
+ClipImageProcessorConfig ClipImageProcessorConfig::load_or_default(const std::string& path, int64_t image_size) {
+  if (file_exists(path)) return load(path);
+  ClipImageProcessorConfig c;
+  c.shortest_edge = image_size;
+  c.crop_height = c.crop_width = image_size;
+  return c;
+}
+
 ClipImageProcessorConfig ClipImageProcessorConfig::load(const std::string& path) {
   const JsonConfig j = JsonConfig::load(path);
   ClipImageProcessorConfig c;

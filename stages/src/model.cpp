@@ -437,12 +437,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
     m.ip_plus = ip.plus;
     // diffusers: the pipeline's feature_extractor, or CLIPImageProcessor(size=crop_size=the encoder's image_size)
     const std::string fe = path_join(dir, "feature_extractor/preprocessor_config.json");
-    if (file_exists(fe)) {
-      m.ip_image_processor = ClipImageProcessorConfig::load(fe);
-    } else {
-      m.ip_image_processor.shortest_edge = vc.image_size;
-      m.ip_image_processor.crop_height = m.ip_image_processor.crop_width = vc.image_size;
-    }
+    m.ip_image_processor = ClipImageProcessorConfig::load_or_default(fe, vc.image_size);
     DP_CHECK(m.ip_image_processor.crop_height == vc.image_size && m.ip_image_processor.crop_width == vc.image_size, fe,
              ": crop_size ", m.ip_image_processor.crop_width, "x", m.ip_image_processor.crop_height,
              " does not match the IP-Adapter's image encoder (image_size ", vc.image_size, ")");

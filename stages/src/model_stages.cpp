@@ -81,11 +81,12 @@ class EncodeStage : public OneShotStage {
     }
     runner.encode(ptrs);
     std::vector<StageEvent> out;
-    for (const PriorState& s : states) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const PriorState& s = states[i];
       std::vector<at::Tensor> t{s.embeds.contiguous(), s.hidden.contiguous(), s.mask.to(at::kFloat).contiguous()};
       if (s.needs_uncond())
         t.insert(t.end(), {s.u_embeds.contiguous(), s.u_hidden.contiguous(), s.u_mask.to(at::kFloat).contiguous()});
-      const GenerationParams& p = batch[static_cast<size_t>(&s - states.data())]->params;
+      const GenerationParams& p = batch[i]->params;
       if (model_.starts_from_image(p))
         t.push_back(img2img_latents(model_, p, resolve_params(model_, p).image).contiguous());
       out.push_back(StageEvent::finished(s.id, std::move(t)));

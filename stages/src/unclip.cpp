@@ -151,14 +151,8 @@ std::shared_ptr<const UnclipParts> UnclipParts::load_kandinsky(const std::string
     u->prior = PriorTransformer::load(part("prior"), spec);
     u->image_encoder = ClipVisionModel::load(part("image_encoder"), spec);
     // image prompts (variations): the folder's image processor, else CLIP's at the encoder's image size
-    const std::string ip = part("image_processor") + "/preprocessor_config.json";
-    if (file_exists(ip)) {
-      u->image_processor = ClipImageProcessorConfig::load(ip);
-    } else {
-      const int64_t S = u->image_encoder->config().image_size;
-      u->image_processor.shortest_edge = S;
-      u->image_processor.crop_height = u->image_processor.crop_width = S;
-    }
+    u->image_processor = ClipImageProcessorConfig::load_or_default(part("image_processor") + "/preprocessor_config.json",
+                                                                   u->image_encoder->config().image_size);
   }
   return u;
 }

@@ -50,17 +50,9 @@ for d in s-neg s-pg1 s-p3 s-g1; do
     || ok "$d: the setting changes the image"
 done
 cmp -s "$(img "$WORK/s-p3")" "$(img "$WORK/s-p3j")" && ok "JSONL prior_steps = --prior-steps" || bad "JSONL prior_steps differs from the flag"
-python3 - "$(img "$WORK/s-neg")" <<'PY' && ok "PNG parameters record the prior settings, no noise level" || bad "PNG parameters"
-import sys
-data = open(sys.argv[1], "rb").read()
-i, text = 8, ""
-while i < len(data):
-    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
-    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
-    i += 12 + n
-ok = "Prior steps: 5" in text and "Prior CFG scale: 4" in text and "Negative prompt: blurry" in text
-sys.exit(0 if ok and "Noise level" not in text else 1)
-PY
+t=$(png_text "$(img "$WORK/s-neg")")
+[[ $t == *"Prior steps: 5"* && $t == *"Prior CFG scale: 4"* && $t == *"Negative prompt: blurry"* && $t != *"Noise level"* ]] \
+  && ok "PNG parameters record the prior settings, no noise level" || bad "PNG parameters: $t"
 refused r-i2i-size "image-to-image makes an image of its input's size, 48x40" --image-prompt "$GOLD/input.png"
 timeout 60 "$BIN" generate --model "$MODEL" --prompt "" --negative-prompt "dark" --image-prompt "$GOLD/input.png" \
   --steps 2 --out "$WORK/r-varneg" > /dev/null 2> "$WORK/r-varneg.log" && bad "a variation with a negative prompt accepted" \
@@ -85,17 +77,9 @@ same_pngs "$WORK/i1" "$WORK/i4" && ok "image-to-image: 2 images, the same PNG by
 timeout 60 "$BIN" "${I[@]}" --strength 0.9 --out "$WORK/i9" 2> "$WORK/i9.log" || bad "strength 0.9 failed"
 same_pixels "$WORK/i1/img-00000-seed2.png" "$WORK/i9/img-00000-seed2.png" && bad "--strength changed nothing" \
   || ok "image-to-image: --strength changes the image"
-python3 - "$WORK/i1/img-00000-seed2.png" <<'PY' && ok "image-to-image PNG records the image and the default strength 0.3" \
-  || bad "image-to-image PNG parameters"
-import sys
-data = open(sys.argv[1], "rb").read()
-i, text = 8, ""
-while i < len(data):
-    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
-    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
-    i += 12 + n
-sys.exit(0 if "input32.png, Denoising strength: 0.3" in text and "Prior steps:" in text else 1)
-PY
+t=$(png_text "$WORK/i1/img-00000-seed2.png")
+[[ $t == *"input32.png, Denoising strength: 0.3"* && $t == *"Prior steps:"* ]] \
+  && ok "image-to-image PNG records the image and the default strength 0.3" || bad "image-to-image PNG parameters: $t"
 refused r-prior "prior_steps: must be at least 2" --prior-steps 1
 refused r-size "width: 40 is not a positive multiple of 16" --width 40
 refused r-skip "clip_skip" --clip-skip 2

@@ -42,6 +42,18 @@ ranks = [0]
 TOML
   same_as_one_rank file3 3 "pipeline file (prior alone on rank 1 of 3)" --pipeline "$WORK/pipe.toml"
 }
+png_text() {  # png_text FILE: the PNG's text chunks (the "parameters" generate writes)
+  python3 - "$1" <<'PY'
+import sys
+data = open(sys.argv[1], "rb").read()
+i, text = 8, ""
+while i < len(data):
+    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
+    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
+    i += 12 + n
+print(text)
+PY
+}
 same_pixels() {  # same_pixels A.png B.png: the same decoded pixel rows (the PNG text chunks may differ)
   python3 - "$1" "$2" <<'PY'
 import sys, zlib, struct

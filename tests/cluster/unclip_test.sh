@@ -42,16 +42,9 @@ for d in s-g1 s-n500 s-p3; do
     || ok "$d: the setting changes the image"
 done
 cmp -s "$(img "$WORK/s-p3")" "$(img "$WORK/s-p3j")" && ok "JSONL prior_steps = --prior-steps" || bad "JSONL prior_steps differs from the flag"
-python3 - "$(img "$WORK/s-n500")" <<'PY' && ok "PNG parameters record the prior settings" || bad "PNG parameters lack the prior settings"
-import sys, zlib
-data = open(sys.argv[1], "rb").read()
-i, text = 8, ""
-while i < len(data):
-    n = int.from_bytes(data[i:i + 4], "big"); kind = data[i + 4:i + 8]; body = data[i + 8:i + 8 + n]
-    if kind in (b"tEXt", b"iTXt"): text += body.decode("latin-1")
-    i += 12 + n
-sys.exit(0 if "Prior steps: 6" in text and "Noise level: 500" in text else 1)
-PY
+t=$(png_text "$(img "$WORK/s-n500")")
+[[ $t == *"Prior steps: 6"* && $t == *"Noise level: 500"* ]] && ok "PNG parameters record the prior settings" \
+  || bad "PNG parameters lack the prior settings: $t"
 for bad_args in "--noise-level 1000:noise_level" "--prior-steps 0:prior-steps" "--prior-guidance -1:prior-guidance"; do
   args=${bad_args%%:*}; key=${bad_args##*:}
   if one "${P[@]}" $args --out "$WORK/bad" > "$WORK/bad.out" 2> "$WORK/bad.log"; then bad "$args accepted"

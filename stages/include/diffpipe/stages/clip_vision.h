@@ -32,6 +32,8 @@ struct ClipImageProcessorConfig {
   double mean[3] = {0.48145466, 0.4578275, 0.40821073};
   double std[3] = {0.26862954, 0.26130258, 0.27577711};
   static ClipImageProcessorConfig load(const std::string& preprocessor_config_json);
+  // The file when it is there, else what diffusers builds without one: CLIPImageProcessor(size=crop_size=image_size)
+  static ClipImageProcessorConfig load_or_default(const std::string& preprocessor_config_json, int64_t image_size);
 };
 
 // One RGB image -> pixel values [1, 3, crop_height, crop_width] float32 on the CPU.
