@@ -55,12 +55,12 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
-      if (kandinsky)  // MoVQ's encoder (image-to-image)
+      if (kandinsky) {  // MoVQ's encoder (image-to-image) and the prior's text encoder
         m.weights += weight_bytes(path_join(vae_dir, "diffusion_pytorch_model.safetensors"), vae_dtype,
                                   {"encoder.", "quant_conv."});
-      if (kandinsky)  // the prior's text encoder
         m.weights += weight_bytes(UnclipParts::kandinsky_part(dir, addons.prior, "text_encoder") + "/model.safetensors",
                                   dtype);
+      }
       if (ip) m.weights += weight_bytes(path_join(ip_image_encoder_dir(addons), "model.safetensors"), dtype);
       if (SdModel::is_img2img_folder(dir)) {  // image-to-image: the VAE's encoder, one image at a time
         m.weights += weight_bytes(path_join(dir, "vae/diffusion_pytorch_model.safetensors"), vae_dtype,

@@ -34,6 +34,15 @@ std::string pipeline_class(const std::string& dir) {
   return file_exists(index) ? JsonConfig::load(index).string("_class_name", "") : std::string();
 }
 
+// A scheduler whose variance the model predicts (learned, learned_range) needs a UNet of twice in_channels outputs
+// (DeepFloyd IF, Kandinsky 2.2's decoder).
+void check_learned_variance(const std::string& dir, const SchedulerConfig& s, const UNetConfig& u) {
+  const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
+  DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
+           ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (",
+           path_join(dir, "unet/config.json"), " has ", u.out_channels, ")");
+}
+
 // DeepFloyd IF stage I: tokenizer/ (T5, tokenizer.json), text_encoder/ (T5EncoderModel), unet/ (pixel space),
 // scheduler/ (DDPMScheduler); no VAE.
 void validate_if(const std::string& dir, const JsonConfig& index) {
@@ -49,12 +58,9 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
   const std::string uc = path_join(dir, "unet/config.json");
   DP_CHECK(u.encoder_hid_dim == t5.d_model || (u.encoder_hid_dim == 0 && u.cross_attention_dim[0] == t5.d_model), uc,
            ": encoder_hid_dim ", u.encoder_hid_dim, " does not match the T5 encoder's d_model ", t5.d_model);
-  const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
   DP_CHECK(u.out_channels == u.in_channels || u.out_channels == 2 * u.in_channels, uc, ": out_channels ",
            u.out_channels, " must be in_channels ", u.in_channels, " (or twice, with a learned variance)");
-  DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
-           ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
-           u.out_channels, ")");
+  check_learned_variance(dir, s, u);
   if (SdModel::has_if_stage2(dir)) {  // stage II: its UNet (fitting stage I's), scheduler and image-noising schedule
     const std::string sr = path_join(dir, "super_resolution"), src = path_join(sr, "unet/config.json");
     const auto s2 = UNetConfig::load(src);
@@ -92,14 +98,11 @@ void validate_kandinsky(const std::string& dir, const JsonConfig& index) {
   SafetensorsFile::open(weights_file(dir, "movq/diffusion_pytorch_model.safetensors"));
   DP_CHECK(v.vq, mc, ": _class_name must be VQModel (Kandinsky 2.2's MoVQ)");
   DP_CHECK(u.image_conditioned(), uc, ": a Kandinsky 2.2 UNet needs encoder_hid_dim_type \"image_proj\"");
-  const bool learned = s.variance_type == "learned" || s.variance_type == "learned_range";
   DP_CHECK(u.in_channels == v.latent_channels && (u.out_channels == v.latent_channels ||
                                                   u.out_channels == 2 * v.latent_channels),
            uc, ": in_channels/out_channels ", u.in_channels, "/", u.out_channels, " do not fit ", mc,
            "'s latent_channels ", v.latent_channels, " (out: the same, or twice with the variance)");
-  DP_CHECK(!learned || u.out_channels == 2 * u.in_channels, path_join(dir, "scheduler/scheduler_config.json"),
-           ": variance_type ", s.variance_type, " needs a UNet with twice in_channels outputs (", uc, " has ",
-           u.out_channels, ")");
+  check_learned_variance(dir, s, u);
 }
 
 // The run's Kandinsky prior (addons.prior, or the folder's own prior_* components): there, checked, and of the

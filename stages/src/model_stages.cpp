@@ -20,7 +20,6 @@ class EncodeStage : public OneShotStage {
 
  protected:
   std::vector<StageEvent> run(const std::vector<const StageRequest*>& batch) override {
-    if (model_.kandinsky) return prior_text(batch);
     // image-to-image: the input image's latents (its size is the image's: SDXL's size conditioning needs it);
     // inpainting: the mask at the latents' size (and the masked image's latents for an inpainting UNet)
     std::vector<Embeddings> images(batch.size());
@@ -39,6 +38,7 @@ class EncodeStage : public OneShotStage {
       sized[i].height = r.height;
       ps.back() = &sized[i];
     }
+    if (model_.kandinsky) return prior_text(batch, images);
     auto embs = enc_.run(ps);
     std::vector<StageEvent> out;
     for (size_t i = 0; i < batch.size(); ++i) {
@@ -66,8 +66,9 @@ class EncodeStage : public OneShotStage {
  private:
   // Kandinsky 2.2: the prior's text encoder, one call: per request [text_embeds, last_hidden_state, mask (float32)],
   // then the same of its unconditional text (the negative prompt) where the prior needs it; image-to-image: the
-  // starting image's MoVQ latents last (the prior stage passes them on)
-  std::vector<StageEvent> prior_text(const std::vector<const StageRequest*>& batch) const {
+  // starting image's MoVQ latents (`images`, made as for the other folders) last, which the prior stage passes on
+  std::vector<StageEvent> prior_text(const std::vector<const StageRequest*>& batch,
+                                     const std::vector<Embeddings>& images) const {
     DP_CHECK(model_.unclip, "encode: ", model_.dir, "'s prior text encoder was not loaded");
     const PriorRunner runner(*model_.unclip, model_.spec);
     std::vector<PriorState> states(batch.size());
@@ -86,9 +87,7 @@ class EncodeStage : public OneShotStage {
       std::vector<at::Tensor> t{s.embeds.contiguous(), s.hidden.contiguous(), s.mask.to(at::kFloat).contiguous()};
       if (s.needs_uncond())
         t.insert(t.end(), {s.u_embeds.contiguous(), s.u_hidden.contiguous(), s.u_mask.to(at::kFloat).contiguous()});
-      const GenerationParams& p = batch[i]->params;
-      if (model_.starts_from_image(p))
-        t.push_back(img2img_latents(model_, p, resolve_params(model_, p).image).contiguous());
+      if (images[i].image_latents.defined()) t.push_back(images[i].image_latents.contiguous());
       out.push_back(StageEvent::finished(s.id, std::move(t)));
     }
     return out;
@@ -132,35 +131,33 @@ class SteppedStage : public Stage {
 // PriorTransformer call); its text encoder runs once per request, batched over the requests that arrived.
 class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at::Tensor>>> {
  public:
-  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), model_(m), spec_(m.spec) {
+  PriorStageImpl(const SdModel& m, const StageConfig& c) : SteppedStage(c), model_(m) {
     DP_CHECK(m.unclip && (m.unclip->prior || m.unclip->image_encoder), "prior stage: ", m.dir, " is not a Stable ",
              "unCLIP or Kandinsky 2.2 folder (or its prior was not loaded)");
     runner_ = std::make_unique<PriorRunner>(*m.unclip, m.spec);
-    kandinsky_ = m.kandinsky;
   }
 
   void add(StageRequest r, double now) override {
     DP_CHECK(!r.inputs.empty(), "prior: no text embeddings received");
-    if (kandinsky_) {  // the encode stage's prior text embeddings (EncodeStage::prior_text); nothing passes on
+    if (model_.kandinsky) {  // the encode stage's prior text embeddings (EncodeStage::prior_text)
       PriorState s = runner_->make_state(r.params, r.id);
-      if (s.image_mode()) {  // an image prompt: the image encoder's embedding replaces the prior's (no text)
-        hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>{}), r.priority, now);
-        return;
+      std::vector<at::Tensor> onward;  // image-to-image: the starting image's latents, for the denoiser
+      if (!s.image_mode()) {  // (an image prompt alone: the image encoder's embedding replaces the prior's, no text)
+        const size_t n = s.needs_uncond() ? 6 : 3;
+        const size_t want = n + (model_.starts_from_image(r.params) ? 1 : 0);
+        DP_CHECK(r.inputs.size() == want, "prior: request ", r.id, " needs ", want, " tensors, got ", r.inputs.size());
+        const DeviceSpec& spec = model_.spec;
+        auto take = [&](size_t k, at::Tensor& embeds, at::Tensor& hidden, at::Tensor& mask) {
+          embeds = r.inputs[k].to(spec.device, spec.dtype);
+          hidden = r.inputs[k + 1].to(spec.device, spec.dtype);
+          mask = r.inputs[k + 2].to(spec.device, at::kLong);
+        };
+        take(0, s.embeds, s.hidden, s.mask);
+        if (n == 6) take(3, s.u_embeds, s.u_hidden, s.u_mask);
+        s.encoded = true;
+        onward.assign(r.inputs.begin() + n, r.inputs.end());
       }
-      const size_t n = s.needs_uncond() ? 6 : 3;
-      // image-to-image: the starting image's latents follow, for the denoiser
-      const size_t want = n + (model_.starts_from_image(r.params) ? 1 : 0);
-      DP_CHECK(r.inputs.size() == want, "prior: request ", r.id, " needs ", want, " tensors, got ", r.inputs.size());
-      auto take = [&](size_t k, at::Tensor& embeds, at::Tensor& hidden, at::Tensor& mask) {
-        embeds = r.inputs[k].to(spec_.device, spec_.dtype);
-        hidden = r.inputs[k + 1].to(spec_.device, spec_.dtype);
-        mask = r.inputs[k + 2].to(spec_.device, at::kLong);
-      };
-      take(0, s.embeds, s.hidden, s.mask);
-      if (n == 6) take(3, s.u_embeds, s.u_hidden, s.u_mask);
-      s.encoded = true;
-      hold(r.id, std::make_pair(std::move(s), std::vector<at::Tensor>(r.inputs.begin() + n, r.inputs.end())),
-           r.priority, now);
+      hold(r.id, std::make_pair(std::move(s), std::move(onward)), r.priority, now);
       return;
     }
     // the state, and the text embeddings passed on to the denoiser
@@ -179,13 +176,14 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
       out.push_back(StageEvent::progress(id, state.step, state.total_steps()));
       if (!state.done()) continue;
       // Kandinsky 2.2: [image embedding, negative image embedding]; Stable unCLIP: the class labels, then the text
-      const at::Tensor labels = (kandinsky_ ? runner_->image_embeds(state) : runner_->class_labels(state)).contiguous();
+      const bool kandinsky = model_.kandinsky;
+      const at::Tensor labels = (kandinsky ? runner_->image_embeds(state) : runner_->class_labels(state)).contiguous();
       if (!at::isfinite(labels).all().item<bool>()) {
         out.push_back(StageEvent::failed(id, detail::cat("request ", id, ": non-finite values (NaN or Inf) in the ",
                                                          "prior's image embedding (the prior's weights or settings)")));
       } else {
         std::vector<at::Tensor> next;
-        if (kandinsky_) next = {labels[0].cpu(), labels[1].cpu()};
+        if (kandinsky) next = {labels[0].cpu(), labels[1].cpu()};
         else next.push_back(labels.cpu());
         for (auto& t : passthrough) next.push_back(t);
         out.push_back(StageEvent::finished(id, std::move(next)));
@@ -198,8 +196,6 @@ class PriorStageImpl : public SteppedStage<std::pair<PriorState, std::vector<at:
  private:
   const SdModel& model_;
   std::unique_ptr<PriorRunner> runner_;
-  DeviceSpec spec_;
-  bool kandinsky_ = false;
 };
 
 // embeddings -> final latents [C, h, w]: step-level batching over requests at different steps, one UNet call

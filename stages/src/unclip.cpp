@@ -283,25 +283,18 @@ void PriorRunner::step(const std::vector<PriorState*>& batch) const {
   std::vector<at::Tensor> x, t, proj, hid, mask;
   for (PriorState* s : loop) {
     const int64_t ts = s->sampler->timestep(s->step);
-    if (s->guidance > 1.0) {
-      x.push_back(s->latents);
+    // one PriorTransformer row: latents at this step's timestep under a text's embedding, hidden states and mask
+    auto row = [&](const at::Tensor& latents, bool uncond) {
+      x.push_back(latents);
       t.push_back(at::scalar_tensor(ts, at::kLong));
-      proj.push_back(s->u_embeds);
-      hid.push_back(s->u_hidden);
-      mask.push_back(s->u_mask);
-    }
-    x.push_back(s->latents);
-    t.push_back(at::scalar_tensor(ts, at::kLong));
-    proj.push_back(s->embeds);
-    hid.push_back(s->hidden);
-    mask.push_back(s->mask);
-    if (s->negative_latents.defined()) {  // Kandinsky 2.2: the negative prompt's run, one row
-      x.push_back(s->negative_latents);
-      t.push_back(at::scalar_tensor(ts, at::kLong));
-      proj.push_back(s->u_embeds);
-      hid.push_back(s->u_hidden);
-      mask.push_back(s->u_mask);
-    }
+      proj.push_back(uncond ? s->u_embeds : s->embeds);
+      hid.push_back(uncond ? s->u_hidden : s->hidden);
+      mask.push_back(uncond ? s->u_mask : s->mask);
+    };
+    if (s->guidance > 1.0) row(s->latents, true);
+    row(s->latents, false);
+    // Kandinsky 2.2: the negative prompt's run, one row
+    if (s->negative_latents.defined()) row(s->negative_latents, true);
   }
   const auto dt = spec_.dtype;
   const at::Tensor out = parts_.prior

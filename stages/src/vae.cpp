@@ -43,7 +43,7 @@ struct AutoencoderKL::Impl {
   Mid dec_mid;
   nn::GroupNorm dec_norm_out;
   nn::SpatialNorm dec_spatial_out;
-  bool use_quant_conv = true, use_post_quant_conv = true, spatial = false;
+  bool use_quant_conv = true, use_post_quant_conv = true;
 };
 
 AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_encoder, bool with_decoder) : cfg_(c) {
@@ -114,7 +114,6 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
   }
   if (c.use_post_quant_conv) m->post_quant_conv = nn::Conv2d(w, "post_quant_conv", L, L, 1);
   const Weights d = w.sub("decoder");
-  m->spatial = c.spatial_norm;
   const int64_t zq = c.spatial_norm ? L : 0;
   nn::ResnetOptions o;
   o.spatial_channels = zq;
@@ -135,7 +134,7 @@ AutoencoderKL::AutoencoderKL(const VaeConfig& c, const Weights& w0, bool with_en
     }
     m->dec_blocks.push_back(std::move(b));
   }
-  if (m->spatial) m->dec_spatial_out = nn::SpatialNorm(d.sub("conv_norm_out"), boc[0], zq);
+  if (c.spatial_norm) m->dec_spatial_out = nn::SpatialNorm(d.sub("conv_norm_out"), boc[0], zq);
   else m->dec_norm_out = nn::GroupNorm(d, "conv_norm_out", G, boc[0], eps);
   m->dec_conv_out = nn::Conv2d(d, "conv_out", boc[0], c.out_channels, 3, 1, 1);
   impl_ = m;
@@ -193,13 +192,13 @@ at::Tensor AutoencoderKL::decode(const at::Tensor& latents) const {
   at::Tensor x = m.use_post_quant_conv ? m.post_quant_conv(latents) : latents;
   x = m.dec_conv_in(nn::in_layout_of(m.dec_conv_in.weight, x));
   // MoVQ: the norms are conditioned on the latents before post_quant_conv (VQModel.decode's `quant`)
-  const at::Tensor zq = m.spatial ? nn::in_layout_of(m.dec_conv_in.weight, latents) : at::Tensor();
+  const at::Tensor zq = cfg_.spatial_norm ? nn::in_layout_of(m.dec_conv_in.weight, latents) : at::Tensor();
   x = m.dec_mid(x, zq);
   for (const auto& b : m.dec_blocks) {
     x = b.resnets_and_attentions(x, zq);
     if (b.has_sampler) x = b.up(x);
   }
-  x = m.spatial ? at::silu(m.dec_spatial_out(x, zq)) : m.dec_norm_out.silu(x);
+  x = cfg_.spatial_norm ? at::silu(m.dec_spatial_out(x, zq)) : m.dec_norm_out.silu(x);
   return m.dec_conv_out(x).contiguous();
 }
 
