@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export PATH="${DIFFPIPE_VENV:-$PWD/.venv}/bin:$PATH"
 # References made here with diffusers/transformers (a few seconds each) when no folder is given and ../shared/golden
 # has none, so that their tests (image variations, SDXL, T5, DDPM, DeepFloyd IF, the x4 upscaler, image-to-image,
-# LoRA, ControlNet, LCM, UniPC, IP-Adapter, Kandinsky 2.2) run instead of skipping.
+# LoRA, ControlNet, LCM, UniPC, IP-Adapter, Kandinsky 2.2, Stable Diffusion 3) run instead of skipping.
 GOLD_DIR=${DIFFPIPE_GOLDEN:-$PWD/../shared/golden/tiny-sd}
 UNCLIP_DIR=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$GOLD_DIR")/tiny-unclip}
 PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
@@ -51,6 +51,7 @@ if [ -d "$GOLD_DIR/model" ]; then
   make_ref tiny-lcm DIFFPIPE_GOLDEN_LCM make_lcm_golden.py --src "$GOLD_DIR" \
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-kandinsky DIFFPIPE_GOLDEN_KANDINSKY make_kandinsky_golden.py --src "$GOLD_DIR"
+  make_ref tiny-sd3 DIFFPIPE_GOLDEN_SD3 make_sd3_golden.py --src "$GOLD_DIR"
 fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -148,9 +148,29 @@ static SchedulerConfig parse_scheduler(const std::string& path, bool ddpm) {
     j.fail("final_sigmas_type", "unsupported '" + c.final_sigmas_type + "' (supported: zero, sigma_min)");
   if (c.interpolation_type != "linear")
     j.fail("interpolation_type", "unsupported '" + c.interpolation_type + "' (supported: linear)");
-  for (const char* k : {"use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                        "use_dynamic_shifting"})
+  for (const char* k : {"use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"})
     if (j.boolean(k, false)) j.fail(k, "not supported");
+  if (c.flow_matching()) {  // FlowMatchEulerDiscreteScheduler (Stable Diffusion 3): sigmas shifted toward noise
+    c.shift = j.number("shift", 1.0);
+    c.use_dynamic_shifting = j.boolean("use_dynamic_shifting", false);
+    c.base_shift = j.number("base_shift", c.base_shift);
+    c.max_shift = j.number("max_shift", c.max_shift);
+    c.base_image_seq_len = j.integer("base_image_seq_len", c.base_image_seq_len);
+    c.max_image_seq_len = j.integer("max_image_seq_len", c.max_image_seq_len);
+    j.positive("shift", c.shift);
+    j.finite("base_shift", c.base_shift);
+    j.finite("max_shift", c.max_shift);
+    j.at_least("base_image_seq_len", c.base_image_seq_len, 1);
+    if (c.max_image_seq_len <= c.base_image_seq_len)
+      j.fail("max_image_seq_len", "must exceed base_image_seq_len (" + std::to_string(c.base_image_seq_len) + ")");
+    for (const char* k : {"invert_sigmas", "stochastic_sampling", "use_karras_sigmas"})
+      if (j.boolean(k, false)) j.fail(k, "not supported for FlowMatchEulerDiscreteScheduler");
+    if (j.has("shift_terminal")) j.fail("shift_terminal", "not supported (null only)");
+    if (j.string("time_shift_type", "exponential") != "exponential")
+      j.fail("time_shift_type", "supported: exponential");
+  } else if (j.boolean("use_dynamic_shifting", false)) {
+    j.fail("use_dynamic_shifting", "not supported");
+  }
   if (j.has("timestep_type") && j.string("timestep_type") != "discrete") j.fail("timestep_type", "supported: discrete");
   if (j.has("variance_type") && c.class_name == "DPMSolverMultistepScheduler")
     j.fail("variance_type", "learned variance is not supported");

@@ -83,6 +83,60 @@ void validate_if(const std::string& dir, const JsonConfig& index) {
             "_class_name), which a DeepFloyd IF folder's stage III must be");
 }
 
+// Whether model_index.json lists component `k` (present, and not saved as unset: null or [null, null])
+bool lists_component(const JsonConfig& index, const char* k) {
+  if (!index.has(k)) return false;
+  const auto& v = index.json()[k];
+  return !(v.is_array() && !v.empty() && v[0].is_null());
+}
+
+// Stable Diffusion 3: tokenizer/ + text_encoder/ and tokenizer_2/ + text_encoder_2/ (CLIP with projections),
+// optionally tokenizer_3/ + text_encoder_3/ (T5), transformer/ (SD3Transformer2DModel), vae/, scheduler/
+// (FlowMatchEulerDiscreteScheduler); the widths must join up as the pipeline joins the embeddings.
+void validate_sd3(const std::string& dir, const JsonConfig& index) {
+  for (const char* c : {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler"})
+    if (!lists_component(index, c)) index.fail(c, "component missing from model_index.json (an SD3 folder needs it)");
+  int64_t clip_width = 0, pooled = 0;
+  for (const char* te : {"text_encoder", "text_encoder_2"}) {
+    const std::string cfg = path_join(dir, std::string(te) + "/config.json");
+    const auto t = ClipTextConfig::load(cfg);
+    DP_CHECK(t.projection_dim > 0, cfg, ": projection_dim must be > 0 (SD3's pooled embedding is both encoders' ",
+             "projected ones)");
+    clip_width += t.hidden_size;
+    pooled += t.projection_dim;
+    SafetensorsFile::open(weights_file(dir, (std::string(te) + "/model.safetensors").c_str()));
+  }
+  for (const char* f : {"tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt"})
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+  const std::string tc = path_join(dir, "transformer/config.json");
+  const auto tr = Sd3TransformerConfig::load(tc);
+  const auto v = VaeConfig::load(path_join(dir, "vae/config.json"));
+  const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  SafetensorsFile::open(weights_file(dir, "transformer/diffusion_pytorch_model.safetensors"));
+  SafetensorsFile::open(weights_file(dir, "vae/diffusion_pytorch_model.safetensors"));
+  DP_CHECK(s.flow_matching(), path_join(dir, "scheduler/scheduler_config.json"), ": _class_name ", s.class_name,
+           " is not FlowMatchEulerDiscreteScheduler (SD3's transformer predicts a flow-matching velocity)");
+  DP_CHECK(tr.pooled_projection_dim == pooled, tc, ": pooled_projection_dim ", tr.pooled_projection_dim,
+           " should be the two text encoders' projection_dim together, ", pooled);
+  DP_CHECK(tr.joint_attention_dim >= clip_width, tc, ": joint_attention_dim ", tr.joint_attention_dim,
+           " is narrower than the two CLIP encoders' hidden sizes together, ", clip_width,
+           " (their states are zero-padded to it)");
+  if (lists_component(index, "text_encoder_3")) {
+    if (!lists_component(index, "tokenizer_3")) index.fail("tokenizer_3", "missing beside text_encoder_3");
+    DP_CHECK(file_exists(path_join(dir, "tokenizer_3/tokenizer.json")) ||
+                 file_exists(path_join(dir, "tokenizer_3/spiece.model")),
+             path_join(dir, "tokenizer_3"), ": neither tokenizer.json nor spiece.model found (T5's tokenizer)");
+    const std::string t5c = path_join(dir, "text_encoder_3/config.json");
+    const auto t5 = T5Config::load(t5c);
+    SafetensorsFile::open(weights_file(dir, "text_encoder_3/model.safetensors"));
+    DP_CHECK(t5.d_model == tr.joint_attention_dim, t5c, ": d_model ", t5.d_model, " does not match ", tc,
+             "'s joint_attention_dim ", tr.joint_attention_dim);
+  }
+  DP_CHECK(tr.in_channels == v.latent_channels && tr.out_channels == v.latent_channels, tc, ": in_channels/",
+           "out_channels ", tr.in_channels, "/", tr.out_channels, " and ", path_join(dir, "vae/config.json"),
+           " latent_channels ", v.latent_channels, " disagree");
+}
+
 // Kandinsky 2.2: the decoder's unet/ (conditioned on the prior's image embedding), scheduler/ and movq/ (VQModel);
 // a KandinskyV22CombinedPipeline folder's prior components too (a decoder folder's prior comes with the run:
 // check_kandinsky_prior).
@@ -127,12 +181,7 @@ void check_kandinsky_prior(const std::string& dir, const std::string& prior_dir)
 static bool second_encoder_only_folder(const std::string& dir) {
   if (!SdModel::is_sdxl(dir)) return false;
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
-  auto unset = [&](const char* k) {
-    if (!index.has(k)) return true;
-    const auto& v = index.json()[k];
-    return v.is_array() && !v.empty() && v[0].is_null();
-  };
-  return unset("text_encoder") && unset("tokenizer");
+  return !lists_component(index, "text_encoder") && !lists_component(index, "tokenizer");
 }
 
 void SdModel::validate(const std::string& dir) {
@@ -140,6 +189,7 @@ void SdModel::validate(const std::string& dir) {
   const JsonConfig index = JsonConfig::load(path_join(dir, "model_index.json"));
   if (is_if(dir)) return validate_if(dir, index);
   if (is_kandinsky(dir)) return validate_kandinsky(dir, index);
+  if (is_sd3(dir)) return validate_sd3(dir, index);
   const bool second_only = second_encoder_only_folder(dir);
   std::vector<const char*> needed{"unet", "vae", "scheduler"};
   if (!second_only) needed.insert(needed.end(), {"tokenizer", "text_encoder"});
@@ -268,6 +318,47 @@ static SdModel load_refiner(const SdModel& base, const std::string& dir, unsigne
   return r;
 }
 
+// Stable Diffusion 3 (validated): the text encoders with kTextEncoder, the transformer with kUNet, the VAE's halves
+// as for Stable Diffusion.
+static SdModel load_sd3(SdModel m, unsigned components, const ModelAddons& addons) {
+  const std::string& dir = m.dir;
+  const DeviceSpec& spec = m.spec;
+  DP_CHECK(addons.loras.empty() && addons.adapters.empty() && addons.embeddings.empty() && addons.ip_adapter.empty() &&
+               addons.controlnets.empty() && addons.refiner.empty() && addons.prior.empty(),
+           dir, " is a Stable Diffusion 3 folder: LoRA, textual inversion, IP-Adapter, ControlNet, refiner and prior ",
+           "files apply to other folders");
+  m.sd3 = true;
+  m.sd3_t5 = dir_exists(path_join(dir, "text_encoder_3")) &&
+             lists_component(JsonConfig::load(path_join(dir, "model_index.json")), "text_encoder_3");
+  m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  m.transformer_config = Sd3TransformerConfig::load(path_join(dir, "transformer/config.json"));
+  m.unet_config.in_channels = m.transformer_config.in_channels;
+  m.unet_config.out_channels = m.transformer_config.out_channels;
+  m.unet_config.sample_size = m.transformer_config.sample_size;
+  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
+  if (m.sd3_t5) m.t5_config = T5Config::load(path_join(dir, "text_encoder_3/config.json"));
+  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
+  if (components & kTextEncoder) {
+    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
+    m.tokenizer_2 = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer_2")));
+    m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec);
+    if (m.sd3_t5) {
+      m.t5_tokenizer = std::make_shared<T5Tokenizer>(T5Tokenizer::load(path_join(dir, "tokenizer_3")));
+      m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder_3"), spec);
+    }
+  }
+  if (components & kUNet) m.transformer = Sd3Transformer2DModel::load(path_join(dir, "transformer"), spec);
+  m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
+  DeviceSpec vspec = spec;
+  vspec.dtype = m.vae_dtype;
+  if (components & (kVae | kVaeEncoder))
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0, (components & kVae) != 0);
+  m.addons = addons;
+  return m;
+}
+
 SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned components,
                       const ModelAddons& addons) {
   validate(dir);
@@ -307,6 +398,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   SdModel m;
   m.dir = dir;
   m.spec = spec;
+  if (is_sd3(dir)) return load_sd3(std::move(m), components, addons);
   m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   if (is_if(dir)) {  // DeepFloyd IF stage I: T5 + the pixel-space UNet; no VAE, no super-resolution here
@@ -486,7 +578,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 }
 
 bool SdModel::is_img2img_folder(const std::string& dir) {
-  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir);
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir) && !is_sd3(dir);
 }
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
@@ -508,6 +600,7 @@ bool SdModel::is_sdxl(const std::string& dir) {
   return c == "StableDiffusionXLPipeline" || c == "StableDiffusionXLImg2ImgPipeline" ||
          c == "StableDiffusionXLInpaintPipeline";
 }
+bool SdModel::is_sd3(const std::string& dir) { return pipeline_class(dir) == "StableDiffusion3Pipeline"; }
 bool SdModel::is_lcm_pipeline(const std::string& dir) {
   const std::string c = pipeline_class(dir);
   return c == "LatentConsistencyModelPipeline" || c == "LatentConsistencyModelImg2ImgPipeline";
@@ -515,7 +608,7 @@ bool SdModel::is_lcm_pipeline(const std::string& dir) {
 bool SdModel::is_upscaler(const std::string& dir) { return pipeline_class(dir) == "StableDiffusionUpscalePipeline"; }
 
 int64_t SdModel::size_multiple() const {
-  const int64_t m = latent_factor() * (int64_t(1) << (unet_config.block_out_channels.size() - 1));
+  const int64_t m = latent_factor() * denoiser_downscale();
   // Kandinsky 2.2's pipelines round a size up to a multiple of the MoVQ factor squared (downscale_height_and_width):
   // sizes that are multiples of it mean the same image there
   const int64_t f2 = latent_factor() * latent_factor();

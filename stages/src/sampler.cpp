@@ -21,10 +21,11 @@ SamplerKind sampler_kind_of_class(const std::string& n, const std::string& algor
   if (n == "DDPMScheduler") return SamplerKind::DDPM;
   if (n == "LCMScheduler") return SamplerKind::LCM;
   if (n == "UniPCMultistepScheduler") return SamplerKind::UniPC;
+  if (n == "FlowMatchEulerDiscreteScheduler") return SamplerKind::FlowMatchEuler;
   DP_FAIL("scheduler class '", n,
           "' is not supported (supported: DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
           "HeunDiscreteScheduler, LMSDiscreteScheduler, KDPM2DiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, DDPMScheduler, "
-          "LCMScheduler, UniPCMultistepScheduler); choose a sampler per request (--sampler NAME, JSONL/HTTP "
+          "LCMScheduler, UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler); choose a sampler per request (--sampler NAME, JSONL/HTTP "
           "\"sampler\")");
 }
 
@@ -70,10 +71,11 @@ SamplerKind parse_sampler_name(const std::string& n, bool* karras) {
     *karras = true;
     return SamplerKind::UniPC;
   }
+  if (n == "flow_euler") return SamplerKind::FlowMatchEuler;
   DP_FAIL("unknown sampler '", n, "' (valid: ddim, euler, euler_karras, euler_a, heun, heun_karras, kdpm2, "
           "kdpm2_karras, lms, lms_karras, "
           "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, dpmpp_3m_sde_karras, pndm, ddpm, "
-          "lcm, unipc, unipc_karras)");
+          "lcm, unipc, unipc_karras, flow_euler)");
 }
 
 const char* sampler_kind_name(SamplerKind k) {
@@ -91,6 +93,7 @@ const char* sampler_kind_name(SamplerKind k) {
     case SamplerKind::LMS: return "lms";
     case SamplerKind::KDPM2: return "kdpm2";
     case SamplerKind::DPMSolver3MSDE: return "dpmpp_3m_sde";
+    case SamplerKind::FlowMatchEuler: return "flow_euler";
   }
   return "?";
 }
@@ -866,10 +869,54 @@ class DdpmStepSampler : public Sampler {
  private:
   DdpmSampler ddpm_;
 };
+// FlowMatchEulerDiscreteScheduler (Stable Diffusion 3): a sample at sigma is (1 - sigma) x0 + sigma noise and the
+// model predicts the velocity; a step moves the sample by (sigma_next - sigma) x velocity. Sigmas run evenly from 1
+// to the training schedule's smallest (its shifted 1 / num_train_timesteps), then are shifted: by `shift`, or by
+// exp(mu) / (exp(mu) + 1 / s - 1) with use_dynamic_shifting, mu interpolated from the image's token count (the SD3
+// pipelines' calculate_shift). Arithmetic in diffusers' precisions: the schedule in float64, stored in float32.
+class FlowMatchEulerSampler : public Sampler {
+ public:
+  FlowMatchEulerSampler(const SchedulerConfig& c, int steps, int64_t image_seq_len) {
+    const int64_t N = c.num_train_timesteps;
+    float smallest = 1.0f / static_cast<float>(N);  // the training schedule's last sigma (float32, as diffusers)
+    if (!c.use_dynamic_shifting) {
+      const float sh = static_cast<float>(c.shift);
+      smallest = sh * smallest / (1.0f + (sh - 1.0f) * smallest);
+    }
+    const double t_max = 1.0 * static_cast<double>(N), t_min = static_cast<double>(smallest) * static_cast<double>(N);
+    double mu = 0;
+    if (c.use_dynamic_shifting) {
+      DP_CHECK(image_seq_len > 0, "sampler: use_dynamic_shifting needs the image's token count");
+      const double m = (c.max_shift - c.base_shift) / static_cast<double>(c.max_image_seq_len - c.base_image_seq_len);
+      mu = static_cast<double>(image_seq_len) * m + (c.base_shift - m * static_cast<double>(c.base_image_seq_len));
+    }
+    for (int i = 0; i < steps; ++i) {
+      // np.linspace(t_max, t_min, steps)
+      const double t = steps == 1 ? t_max : (i == steps - 1 ? t_min : t_max + i * ((t_min - t_max) / (steps - 1)));
+      double sigma = t / static_cast<double>(N);
+      sigma = c.use_dynamic_shifting ? std::exp(mu) / (std::exp(mu) + (1.0 / sigma - 1.0))
+                                     : c.shift * sigma / (1.0 + (c.shift - 1.0) * sigma);
+      const float s32 = static_cast<float>(sigma);
+      sigmas_.push_back(s32);
+      timesteps_.push_back(s32 * static_cast<float>(N));
+    }
+    sigmas_.push_back(0.0);
+  }
+  // diffusers' scale_noise: sigma x noise + (1 - sigma) x sample
+  at::Tensor add_noise(const at::Tensor& x, const at::Tensor& noise, int i) const override {
+    const float s = static_cast<float>(sigmas_.at(i));
+    return s * noise + (1.0f - s) * x;
+  }
+  at::Tensor step(const at::Tensor& v, int i, const at::Tensor& x, const StepNoise&) override {
+    const float dt = static_cast<float>(sigmas_.at(i + 1)) - static_cast<float>(sigmas_.at(i));
+    return x.to(at::kFloat) + v * dt;
+  }
+  SamplerKind kind() const override { return SamplerKind::FlowMatchEuler; }
+};
 }  // namespace
 
 std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras_sigmas,
-                                         double strength) {
+                                         double strength, int64_t image_seq_len) {
   DP_CHECK(steps >= 1 && steps <= cfg.num_train_timesteps, "sampler: steps must be in [1, ", cfg.num_train_timesteps,
            "], got ", steps);
   DP_CHECK(strength == 1.0 || kind == SamplerKind::LCM, "sampler: only LCM takes a strength");
@@ -907,11 +954,16 @@ std::unique_ptr<Sampler> Sampler::create(SamplerKind kind, const SchedulerConfig
     }
     case SamplerKind::LCM: s = std::make_unique<LCMSampler>(cfg, steps, strength); break;
     case SamplerKind::UniPC: s = std::make_unique<UniPCSampler>(cfg, steps, karras_sigmas); break;
+    case SamplerKind::FlowMatchEuler:
+      DP_CHECK(!karras_sigmas, "sampler: flow_euler has no Karras sigmas");
+      s = std::make_unique<FlowMatchEulerSampler>(cfg, steps, image_seq_len);
+      break;
   }
   DP_CHECK(s, "sampler: unknown kind");
   // with steps_offset, as many steps as training timesteps run past the last one
-  for (double t : s->timesteps())
-    DP_CHECK(t >= 0 && t < cfg.num_train_timesteps, "steps: ", steps, " steps give timestep ", t,
+  const double top = kind == SamplerKind::FlowMatchEuler ? cfg.num_train_timesteps + 0.5 : cfg.num_train_timesteps;
+  for (double t : s->timesteps())  // (flow matching starts at sigma 1: timestep num_train_timesteps)
+    DP_CHECK(t >= 0 && t < top, "steps: ", steps, " steps give timestep ", t,
              ", beyond the scheduler's ", cfg.num_train_timesteps, " training timesteps (steps_offset ",
              cfg.steps_offset, "); use fewer steps");
   return s;

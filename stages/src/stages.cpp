@@ -183,6 +183,56 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
   return out;
 }
 
+// Stable Diffusion 3 (StableDiffusion3Pipeline.encode_prompt): both CLIP encoders' hidden_states[-2] (clip_skip k:
+// [-(k + 2)] for the prompt; the negative prompt always [-2]) side by side, zero-padded to the transformer's
+// joint_attention_dim, then T5's max_sequence_length tokens (no attention mask, as the pipeline; zeros without
+// text_encoder_3) after them; the pooled embedding is both encoders' projected ones side by side. A guided request
+// without a negative prompt encodes "".
+std::vector<Embeddings> encode_sd3(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
+  DP_CHECK(model.text_encoder && model.text_encoder_2 && model.tokenizer && model.tokenizer_2,
+           "text encoder stage: SD3's CLIP text encoders are not loaded");
+  DP_CHECK(!model.sd3_t5 || (model.t5 && model.t5_tokenizer), "text encoder stage: SD3's T5 encoder is not loaded");
+  std::vector<Embeddings> out(batch.size());
+  std::map<int, std::vector<std::pair<size_t, bool>>> groups;  // clip_skip -> (request, is_uncond)
+  for (size_t i = 0; i < batch.size(); ++i) {
+    groups[batch[i]->clip_skip].push_back({i, false});
+    if (model.uses_cfg(*batch[i])) groups[0].push_back({i, true});
+  }
+  const at::Device dev = model.spec.device;
+  const int64_t joint = model.transformer_config.joint_attention_dim, L = model.max_sequence_length;
+  for (const auto& [skip, rows] : groups) {
+    std::vector<const std::string*> texts;
+    for (const auto& [i, uncond] : rows) texts.push_back(uncond ? &batch[i]->negative_prompt : &batch[i]->prompt);
+    const ClipTextOutput o1 = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev), 0, at::Tensor(), skip);
+    const ClipTextOutput o2 =
+        model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev), 0, at::Tensor(), skip);
+    at::Tensor clip = at::cat({o1.penultimate, o2.penultimate}, -1);
+    clip = at::constant_pad_nd(clip, {0, joint - clip.size(-1)}, 0.0);
+    const auto n = static_cast<int64_t>(texts.size());
+    at::Tensor t5;
+    if (model.sd3_t5) {
+      std::vector<int64_t> ids;
+      for (const std::string* t : texts) {
+        const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(*t, static_cast<int>(L));
+        ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+      }
+      const at::Tensor id = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({n, L}).to(dev);
+      t5 = model.t5->forward(id, at::ones_like(id)).to(clip.scalar_type());
+    } else {
+      t5 = at::zeros({n, L, joint}, clip.options());
+    }
+    const at::Tensor h = at::cat({clip, t5}, 1);
+    const at::Tensor pooled = at::cat({model.text_encoder->project(o1.pooled), model.text_encoder_2->project(o2.pooled)},
+                                      -1).to(at::kFloat);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      Embeddings& e = out[rows[r].first];
+      (rows[r].second ? e.uncond : e.cond) = h[static_cast<int64_t>(r)];
+      (rows[r].second ? e.uncond_class_labels : e.class_labels) = pooled[static_cast<int64_t>(r)];
+    }
+  }
+  return out;
+}
+
 // IFPipeline._text_preprocessing without clean_caption (which needs bs4 and ftfy): lower case, surrounding white
 // space removed (Python's str.lower and str.strip).
 std::string if_preprocess(const std::string& text) {
@@ -231,6 +281,11 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     if (batch.empty()) return {};
     profile::Scope prof(profile::Section::TextEncoder);
     return encode_sdxl(model_, batch);
+  }
+  if (model_.sd3) {
+    if (batch.empty()) return {};
+    profile::Scope prof(profile::Section::TextEncoder);
+    return encode_sd3(model_, batch);
   }
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
@@ -304,7 +359,19 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(!model.scheduler.thresholding || r.kind == SamplerKind::DDPM, "sampler: ", sampler_kind_name(r.kind),
            " does not apply the dynamic thresholding that ", model.dir,
            "'s scheduler uses (DDPMScheduler with thresholding): use ddpm (the default)");
-  r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras);  // checks the schedule itself
+  const bool flow = model.scheduler.flow_matching();
+  DP_CHECK(flow == (r.kind == SamplerKind::FlowMatchEuler), "sampler: ", sampler_kind_name(r.kind),
+           flow ? " does not apply to " : " applies to flow-matching models only, not ", model.dir,
+           flow ? "'s flow-matching model (FlowMatchEulerDiscreteScheduler): use flow_euler (the default)"
+                : " (its scheduler is a diffusion one)");
+  std::tie(r.width, r.height) = requested_size(model, p);
+  // the image's tokens, for a schedule shifted by resolution (use_dynamic_shifting)
+  auto tokens = [&](int64_t w, int64_t h) {
+    const int64_t f = model.latent_factor() * model.denoiser_downscale();
+    return (w / f) * (h / f);
+  };
+  // checks the schedule itself
+  r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras, 1.0, tokens(r.width, r.height));
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1,
            "guidance_rescale: must be in [0, 1], got ", p.guidance_rescale);
@@ -313,7 +380,6 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            model.unet_config.time_cond_proj_dim > 0 ? " (this LCM-distilled UNet embeds the guidance instead)" : "");
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);
-  std::tie(r.width, r.height) = requested_size(model, p);
   const bool img2img = model.starts_from_image(p);
   DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
            "diffpipe does not load; ", model.dir, " takes no mask");
@@ -413,6 +479,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(p.height >= 0 && r.height % m == 0, "height: ", r.height, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
+  DP_CHECK(!model.sd3 || (p.image_prompt.empty() && p.mask.empty()), "image_prompt: ", model.dir, " is a Stable ",
+           "Diffusion 3 folder; diffpipe runs its text-to-image pipeline (StableDiffusion3Pipeline) only");
+  if (model.sd3) {  // the transformer's position table covers pos_embed_max_size patches a side
+    const int64_t most = model.transformer_config.pos_embed_max_size * model.denoiser_downscale() * model.latent_factor();
+    DP_CHECK(r.width <= most && r.height <= most, "width/height: ", r.width, "x", r.height, " exceeds ", most,
+             " pixels a side, the most ", model.dir, "'s transformer covers (pos_embed_max_size ",
+             model.transformer_config.pos_embed_max_size, " patches)");
+  }
   DP_CHECK(p.image_prompt.empty() || model.image_variations || model.upscaler || model.img2img(), "image_prompt: ",
            model.dir, " takes no input image (", model.deepfloyd_if ? "DeepFloyd IF starts from noise" :
            "image variations need a StableUnCLIPImg2ImgPipeline folder, with image_encoder/", ")");
@@ -424,10 +498,11 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            "the image alone; leave the negative prompt empty (or give a prompt: image-to-image)");
   DP_CHECK(!model.kandinsky || p.clip_skip == 0, "clip_skip: not supported for Kandinsky 2.2 folders (its prior ",
            "reads the text encoder's last layer; ", model.dir, ")");
-  if (model.sdxl) {  // hidden_states[-(clip_skip + 2)] of each encoder (SDXL indexes from the penultimate layer)
+  if (model.sdxl || model.sd3) {  // hidden_states[-(clip_skip + 2)] of each encoder (indexed from the penultimate)
     int64_t layers = model.text_config_2.num_hidden_layers;
     if (!model.second_encoder_only) layers = std::min(layers, model.text_config.num_hidden_layers);
-    DP_CHECK(p.clip_skip < layers, "clip_skip: SDXL reads hidden_states[-(clip_skip + 2)]; must be in [0, ", layers,
+    DP_CHECK(p.clip_skip < layers, "clip_skip: ", model.sd3 ? "SD3" : "SDXL",
+             " reads hidden_states[-(clip_skip + 2)]; must be in [0, ", layers,
              "), got ", p.clip_skip);
   }
   DP_CHECK(!model.deepfloyd_if || p.clip_skip == 0, "clip_skip: not supported for DeepFloyd IF folders (T5; ",
@@ -558,6 +633,9 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   if (model.unet_config.text_time()) {
     DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
              " has no pooled text embedding or size conditioning (an SDXL UNet needs both)");
+  } else if (model.sd3) {
+    DP_CHECK(s.class_labels.defined() && (!model.uses_cfg(p) || s.uncond_class_labels.defined()), "denoise: request ",
+             id, " has no pooled text embedding (SD3's transformer needs one per row)");
   } else {
     const bool wants_class = model.unet_config.class_embed_type == "projection";
     DP_CHECK(wants_class == s.class_labels.defined(), "denoise: request ", id,
@@ -796,7 +874,7 @@ at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, cons
 }
 
 void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_failure) const {
-  DP_CHECK(model_.unet, "denoise stage: UNet not loaded");
+  DP_CHECK(model_.unet || model_.transformer, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx, cls, tids, tconds;
@@ -929,7 +1007,9 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     lora->ip_scales = at::tensor(ip_scales, at::TensorOptions().dtype(at::kFloat)).to(model_.spec.device);
   }
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
-  at::Tensor e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond)
+  at::Tensor e = (model_.transformer ? model_.transformer->forward(x, t, c, labels)
+                                     : model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr,
+                                                            timestep_cond))
                      .to(at::kFloat);  // [rows, C, h, w]
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step

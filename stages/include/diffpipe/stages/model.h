@@ -12,6 +12,7 @@
 #include "diffpipe/stages/controlnet.h"
 #include "diffpipe/stages/request.h"
 #include "diffpipe/stages/sampler.h"
+#include "diffpipe/stages/sd3.h"
 #include "diffpipe/stages/super_res.h"
 #include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/tokenizer.h"
@@ -45,6 +46,16 @@ struct SdModel {
   std::shared_ptr<T5Tokenizer> t5_tokenizer;
   std::shared_ptr<T5EncoderModel> t5;
   std::shared_ptr<UNet2DConditionModel> unet;
+  // Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline folders): two CLIP text encoders with projections (tokenizer,
+  // text_encoder, tokenizer_2, text_encoder_2) and T5 (tokenizer_3, text_encoder_3: t5_tokenizer, t5; optional, as
+  // diffusers: without it the T5 tokens are zeros); the MMDiT transformer/ denoises (kUNet loads it) with the
+  // flow-matching sampler; the VAE decodes latents / scaling_factor + shift_factor. unet_config carries the
+  // transformer's in/out channels and sample_size for the shared code; transformer_config the rest.
+  bool sd3 = false;
+  bool sd3_t5 = false;  // the folder has text_encoder_3
+  int64_t max_sequence_length = 256;  // T5 tokens per prompt (the SD3 pipelines' default)
+  std::shared_ptr<Sd3Transformer2DModel> transformer;
+  Sd3TransformerConfig transformer_config;
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
   std::shared_ptr<const UnclipParts> unclip;   // Stable unCLIP's prior components (kPrior; stages/unclip.h)
@@ -117,7 +128,9 @@ struct SdModel {
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
-  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
+  bool img2img() const {
+    return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky && !sd3;
+  }
   // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
   // folders when it also has a prompt (without one the image is varied instead)
   bool starts_from_image(const GenerationParams& p) const {
@@ -125,6 +138,10 @@ struct SdModel {
   }
   // Image-to-image's strength: the request's, or the pipeline's default (SDXL and Kandinsky 2.2: 0.3)
   double strength(const GenerationParams& p) const { return p.effective_strength(sdxl || kandinsky); }
+  // The denoiser's own downsampling of the latents: the UNet's (2 per downsampler) or the transformer's patch size
+  int64_t denoiser_downscale() const {
+    return sd3 ? transformer_config.patch_size : int64_t(1) << (unet_config.block_out_channels.size() - 1);
+  }
   int64_t latent_factor() const {
     return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
   }
@@ -146,6 +163,7 @@ struct SdModel {
   static std::string prompt_tokenizer_dir(const std::string& dir, const std::string& prior_dir = "");
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
+  static bool is_sd3(const std::string& dir);  // model_index.json names StableDiffusion3Pipeline
   static bool is_lcm_pipeline(const std::string& dir);
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)

@@ -15,7 +15,8 @@
 namespace diffpipe {
 
 enum class SamplerKind {
-  DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS, DPMSolver3MSDE, KDPM2
+  DDIM, Euler, EulerAncestral, DPMSolverMultistep, PNDM, DDPM, LCM, UniPC, DPMSolverSDE, Heun, LMS, DPMSolver3MSDE, KDPM2,
+  FlowMatchEuler  // Stable Diffusion 3's; the only kind for flow-matching models, which no other kind fits
 };
 
 // Every key a diffusers scheduler_config.json may carry that these samplers read. Defaults follow diffusers.
@@ -54,6 +55,14 @@ struct SchedulerConfig {
   std::string variance_type = "fixed_small";
   bool thresholding = false;                // DDPMScheduler: Imagen's dynamic thresholding of the predicted x0
   double dynamic_thresholding_ratio = 0.995, sample_max_value = 1.0;
+  // FlowMatchEulerDiscreteScheduler (Stable Diffusion 3's rectified flow: a sample is (1 - sigma) x0 + sigma noise,
+  // the model predicts the velocity noise - x0): sigmas shifted by shift x s / (1 + (shift - 1) s), or with
+  // use_dynamic_shifting by mu, interpolated from the image's token count between base_ and max_image_seq_len.
+  double shift = 1.0;
+  bool use_dynamic_shifting = false;
+  double base_shift = 0.5, max_shift = 1.15;
+  int64_t base_image_seq_len = 256, max_image_seq_len = 4096;
+  bool flow_matching() const { return class_name == "FlowMatchEulerDiscreteScheduler"; }
   // Loads and validates (unsupported values are errors naming the key).
   static SchedulerConfig load(const std::string& path);
   // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults, or an
@@ -80,8 +89,9 @@ class Sampler {
   // Builds a sampler for `steps` inference steps. `karras` forces Karras sigmas (DPM-Solver++). `strength` < 1 (LCM
   // only: LatentConsistencyModelImg2ImgPipeline): the steps spread over the first int(original_inference_steps x
   // strength) entries of the distillation's schedule, counted from its clean end.
+  // `image_seq_len`: the image's token count, where the config's use_dynamic_shifting reads it (FlowMatchEuler).
   static std::unique_ptr<Sampler> create(SamplerKind kind, const SchedulerConfig& cfg, int steps, bool karras = false,
-                                         double strength = 1.0);
+                                         double strength = 1.0, int64_t image_seq_len = 0);
 
   // Number of UNet evaluations (PNDM with skip_prk_steps makes steps + 1).
   int num_calls() const { return static_cast<int>(timesteps_.size()); }
