@@ -36,7 +36,15 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   double adapter_bytes = 0;
   for (const LoraAdapter& a : addons.adapters) adapter_bytes += weight_bytes(a.path, dtype);
   const bool ip = !addons.ip_adapter.empty();  // IP-Adapter: its layers beside the UNet, its image encoder on encode
-  const UNetConfig u = UNetConfig::load(path_join(dir, "unet/config.json"));
+  const bool sd3 = SdModel::is_sd3(dir);  // Stable Diffusion 3: the MMDiT transformer instead of a UNet
+  Sd3TransformerConfig tr;
+  UNetConfig u;
+  if (sd3) {
+    tr = Sd3TransformerConfig::load(path_join(dir, "transformer/config.json"));
+    u.sample_size = tr.sample_size;
+  } else {
+    u = UNetConfig::load(path_join(dir, "unet/config.json"));
+  }
   const bool pixel = SdModel::is_if(dir);  // DeepFloyd IF: no VAE, the UNet works on pixels
   const bool kandinsky = SdModel::is_kandinsky(dir);  // Kandinsky 2.2: the prior's text encoder, MoVQ for the VAE
   const std::string vae_dir = path_join(dir, kandinsky ? "movq" : "vae");
@@ -55,6 +63,7 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "text_encoder/model.safetensors"), dtype);
       m.weights += weight_bytes(path_join(dir, "text_encoder_2/model.safetensors"), dtype);  // SDXL (0 if absent)
+      m.weights += weight_bytes(path_join(dir, "text_encoder_3/model.safetensors"), dtype);  // SD3's T5 (0 if absent)
       if (kandinsky) {  // MoVQ's encoder (image-to-image) and the prior's text encoder
         m.weights += weight_bytes(path_join(vae_dir, "diffusion_pytorch_model.safetensors"), vae_dtype,
                                   {"encoder.", "quant_conv."});
@@ -68,6 +77,13 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
         const auto& c = v.block_out_channels;
         m.activations += W * H * (3.0 * static_cast<double>(c[0]) + 3.0) * vbytes;
       }
+    } else if (s == "denoise" && sd3) {
+      m.weights += weight_bytes(path_join(dir, "transformer/diffusion_pytorch_model.safetensors"), dtype);
+      // per row: the image's patches and the 333 text tokens, each about 14 x the inner width alive at once (the
+      // residual streams, adaLN-modulated copies, q/k/v, the 4x-wide feed forward); attention keeps no L x L scores
+      const double tokens = (W / factor / static_cast<double>(tr.patch_size)) *
+                                (H / factor / static_cast<double>(tr.patch_size)) + 333.0;
+      m.activations += max_batch * (guidance ? 2.0 : 1.0) * tokens * 14.0 * static_cast<double>(tr.inner_dim()) * bytes;
     } else if (s == "denoise") {
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);

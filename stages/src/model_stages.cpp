@@ -44,13 +44,16 @@ class EncodeStage : public OneShotStage {
     for (size_t i = 0; i < batch.size(); ++i) {
       const Embeddings& e = embs[i];
       std::vector<at::Tensor> t;
-      // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond, (the refiner: uncond time_ids))]
+      // SDXL: [time_ids, pooled, cond, (uncond pooled, uncond, (the refiner: uncond time_ids))]; SD3: [pooled, cond,
+      // (uncond pooled, uncond)]
       if (e.time_ids.defined())
         t = {e.time_ids.contiguous(), e.class_labels.contiguous(), e.cond.contiguous()};
+      else if (model_.sd3)
+        t = {e.class_labels.contiguous(), e.cond.contiguous()};
       else
         t = {e.cond.contiguous()};
       if (e.uncond.defined()) {
-        if (e.time_ids.defined()) t.push_back(e.uncond_class_labels.contiguous());
+        if (e.time_ids.defined() || model_.sd3) t.push_back(e.uncond_class_labels.contiguous());
         t.push_back(e.uncond.contiguous());
         if (e.uncond_time_ids.defined()) t.push_back(e.uncond_time_ids.contiguous());
       }
@@ -241,6 +244,18 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
         e.uncond = r.inputs[4].to(model_.spec.device, model_.spec.dtype);
       }
       if (r.inputs.size() == 6) e.uncond_time_ids = r.inputs[5].to(at::kCPU, at::kFloat);
+      hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
+      return;
+    }
+    if (model_.sd3) {  // [pooled, cond, (uncond pooled, uncond)]
+      DP_CHECK(r.inputs.size() == 2 || r.inputs.size() == 4, "denoise: an SD3 request needs 2 or 4 tensors (pooled ",
+               "and full text embeddings, and their unconditional ones), got ", r.inputs.size());
+      e.class_labels = r.inputs[0].to(model_.spec.device, at::kFloat);
+      e.cond = r.inputs[1].to(model_.spec.device, model_.spec.dtype);
+      if (r.inputs.size() == 4) {
+        e.uncond_class_labels = r.inputs[2].to(model_.spec.device, at::kFloat);
+        e.uncond = r.inputs[3].to(model_.spec.device, model_.spec.dtype);
+      }
       hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
       return;
     }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Stable Diffusion 3 (three text encoders, the MMDiT transformer, flow matching) through `diffpipe generate` under
+# mpirun and `diffpipe serve`:
+#   sd3_test.sh DIFFPIPE_BIN WORKDIR   (the folder: $DIFFPIPE_GOLDEN_SD3, made by tests/stages/make_sd3_golden.py)
+# Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks (encode | denoise | decode) and with --placement replicas
+# (--batch-invariant); the folder without T5 runs and differs; a negative prompt, guidance, clip_skip and the size
+# change the image; --sampler flow_euler is the default and recorded; JSONL = flags; refusals by name (a diffusion sampler, an image prompt,
+# a size beyond the position table, a folder missing transformer/); serve gives the CLI's pixels.
+# Exit 77 = skipped (folder absent).
+set -u
+BIN=$1; WORK=$2
+GOLD=${DIFFPIPE_GOLDEN_SD3:-$(dirname "$0")/../../../shared/golden/tiny-sd3}
+MODEL=$GOLD/model
+[ -d "$MODEL" ] || { echo "SKIP: SD3 folder $MODEL is absent (set DIFFPIPE_GOLDEN_SD3)"; exit 77; }
+source "$(dirname "$0")/lib.sh"
+COMMON=(generate --model "$MODEL" --prompts "$WORK/prompts.txt" --images 2 --steps 5 --seed 5 --width 32 --height 32
+        --threads 1 --batch-invariant --quiet --timeout 60)
+
+one_rank_run 6
+same_as_one_rank np3 3 "np 3 (encode | denoise | decode)"
+same_as_one_rank rep2 2 "np 2 --placement replicas" --placement replicas
+grep -q "rank 1 \[.*\]: denoise" "$WORK/np3.log" && ok "np 3: the transformer runs on a rank of its own" \
+  || bad "np 3 placement not as expected: $(grep 'rank 1' "$WORK/np3.log" | head -1)"
+
+ONE=(generate --model "$MODEL" --prompt "a red circle" --seed 9 --steps 5 --width 32 --height 32 --threads 1 --quiet)
+run_one() {  # run_one NAME ARGS...: one image into $WORK/NAME
+  local name=$1; shift
+  timeout 60 "$BIN" "${ONE[@]}" "$@" --out "$WORK/$name" 2> "$WORK/$name.log" || bad "$name failed: $(tail -2 "$WORK/$name.log")"
+}
+run_one base
+run_one neg --negative-prompt "blurry, dark"
+run_one g3 --guidance 3
+run_one skip --clip-skip 1
+for v in neg g3 skip; do
+  [ -f "$WORK/$v/img-00000-seed9.png" ] && ! same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/$v/img-00000-seed9.png" \
+    && ok "$v changes the image" || bad "$v changed nothing"
+done
+run_one flow --sampler flow_euler
+same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/flow/img-00000-seed9.png" \
+  && png_text "$WORK/flow/img-00000-seed9.png" | grep -aq "Sampler: flow_euler" \
+  && ok "--sampler flow_euler is the folder's default (the same pixels), recorded in the PNG" \
+  || bad "--sampler flow_euler: other pixels or not recorded"
+timeout 60 "$BIN" "${ONE[@]/$MODEL/$GOLD/model_no_t5}" --out "$WORK/not5" 2> "$WORK/not5.log" \
+  || bad "the folder without T5 failed: $(tail -2 "$WORK/not5.log")"
+[ -f "$WORK/not5/img-00000-seed9.png" ] && ! same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/not5/img-00000-seed9.png" \
+  && ok "the folder without text_encoder_3 runs (zero T5 tokens) and differs" || bad "no-T5 folder: no image or the same"
+timeout 60 "$BIN" "${ONE[@]}" --width 48 --height 32 --out "$WORK/wide" 2> "$WORK/wide.log" || bad "wide run failed"
+[ "$(png_size "$WORK/wide/img-00000-seed9.png" 2>/dev/null)" = "48 32" ] && ok "--width 48 --height 32 gives 48x32" \
+  || bad "wide image size"
+echo '{"prompt": "a red circle", "seed": 9, "negative_prompt": "blurry, dark"}' > "$WORK/j.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/j.jsonl" --steps 5 --width 32 --height 32 --threads 1 \
+  --quiet --out "$WORK/jsonl" 2> "$WORK/jsonl.log" || bad "JSONL run failed: $(tail -2 "$WORK/jsonl.log")"
+cmp -s "$WORK/neg/img-00000-seed9.png" "$WORK/jsonl/img-00000-seed9.png" && ok "JSONL gives the flags' PNG bytes" \
+  || bad "JSONL differs from the flags"
+
+refused ddim "flow_euler (the default)" --sampler ddim
+refused img "text-to-image pipeline (StableDiffusion3Pipeline) only" --image "$WORK/base/img-00000-seed9.png"
+refused big "pos_embed_max_size 12" --width 128 --height 128
+mkdir -p "$WORK/broken"; for p in "$MODEL"/*; do [ "$(basename "$p")" = transformer ] || ln -s "$p" "$WORK/broken/"; done
+if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 2> "$WORK/broken.log"; then
+  bad "a folder without transformer/ accepted"
+else grep -q "transformer" "$WORK/broken.log" && ok "a folder without transformer/ refused naming it" \
+  || bad "missing transformer error unclear: $(tail -1 "$WORK/broken.log")"; fi
+
+# serve: one request at a time here, so its batch is the CLI's
+serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1
+if [ -n "$URL" ]; then
+  python3 - "$URL" "$WORK/neg/img-00000-seed9.png" <<'PY' && ok "serve: the CLI's pixels for the same request" || bad "serve"
+import base64, sys
+import http_util
+url, cli = sys.argv[1:3]
+st, r = http_util.post(url, {"prompt": "a red circle", "negative_prompt": "blurry, dark", "seed": 9, "size": "32x32"})
+assert st == 200, (st, r)
+png = base64.b64decode(r["data"][0]["b64_json"])
+assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
+st, r = http_util.post(url, {"prompt": "x", "sampler": "euler"})
+assert st == 400 and "flow_euler" in r["error"]["message"], (st, r)
+PY
+else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
+kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
+
+echo "sd3: $passed passed, $fails failed"
+[ $fails = 0 ]
