@@ -87,7 +87,7 @@ const std::vector<cli::Opt> kOptions = {
     {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | kdpm2 | kdpm2_karras |\n"
                           "lms | lms_karras |\n"
                           "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | dpmpp_3m_sde |\n"
-                          "dpmpp_3m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras (default: the model's)"},
+                          "dpmpp_3m_sde_karras | pndm | ddpm | lcm | unipc | unipc_karras | flow_euler (default: the model's)"},
     {"seed", "S", "base seed: the run's n-th image (input order, a prompt's images together) uses S + n,\n"
                   "unless its JSONL line sets a seed (default 0)"},
     {"width", "W", "image width, a multiple of the model's latent factor x UNet downsampling"},
@@ -566,7 +566,7 @@ int generate_main(int argc, char** argv) {
       if (std::any_of(layout.begin(), layout.end(), [](const PipelineStage& s) { return s.name == "prior"; }))
         oo.prior = SdModel::is_kandinsky(a.str("model")) ? offline::kPlainPrior : offline::kNoisedPrior;
       oo.img2img = SdModel::is_img2img_folder(a.str("model"));
-      oo.sdxl = SdModel::is_sdxl(a.str("model"));
+      oo.strengths = SdModel::strength_defaults(a.str("model"));
       oo.total = requests.size();
       oo.identity = run_identity(requests, placement, opts.addons);
       sink.emplace(oo);

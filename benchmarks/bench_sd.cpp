@@ -243,7 +243,22 @@ int main(int argc, char** argv) {
       res["loop_steps_per_s"] = steps_per_s;
     }
     const int64_t rows = o.guidance > 1 ? 2 * o.images : o.images;
-    if (parts.count("unet")) {
+    if (parts.count("unet") && model.sd3) {  // SD3: the transformer on CLIP + T5 tokens and the pooled embedding
+      const Sd3TransformerConfig& tc = model.transformer_config;
+      const int64_t L = model.tokenizer->max_length() + model.max_sequence_length;
+      at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, L, tc.joint_attention_dim});
+      at::Tensor pooled = seeded_noise(7, 2, {rows, tc.pooled_projection_dim});
+      at::Tensor ts = at::full({rows}, 500.0, at::kFloat);
+      saved["unet.sample"] = x;
+      saved["unet.encoder_hidden_states"] = ctx;
+      saved["unet.timesteps"] = ts;
+      saved["unet.text_embeds"] = pooled;
+      const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
+      const at::Tensor pd = pooled.to(spec.device, spec.dtype);
+      at::Tensor out = model.transformer->forward(xd, ts, cd, pd);  // warm-up
+      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.transformer->forward(xd, ts, cd, pd); });
+      saved["unet.out"] = out.to(at::kCPU, at::kFloat);
+    } else if (parts.count("unet")) {
       const UNetConfig& uc = model.unet_config;
       const int64_t L = model.tokenizer->max_length(), D = uc.cross_attention_dim[0];
       at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, L, D});

@@ -6,7 +6,8 @@
         [--compile] [--bench build/benchmarks/bench_sd]
 
 Runs build/benchmarks/bench_sd (diffpipe: model loaded once, timed rounds, its inputs and outputs saved), then
-diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders; default attention processor, i.e.
+diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders, StableDiffusion3Pipeline for SD3
+ones: their "unet" part is the MMDiT transformer, their sampler flow matching; default attention processor, i.e.
 scaled_dot_product_attention) on the very
 same inputs: each request's initial noise, the UNet and VAE inputs. It checks the numbers first -- UNet and VAE
 outputs by max|a-b|/max|b|, the final 8-bit images within +-1 -- and fails (exit 1) when they disagree; then it
@@ -52,10 +53,18 @@ def parse():
     return ap.parse_args()
 
 
+def pipeline_class(model):
+    return json.load(open(os.path.join(model, "model_index.json"))).get("_class_name")
+
+
+def sampler_of(model):  # DDIM on both sides; SD3 folders: their flow-matching Euler
+    return "flow_euler" if pipeline_class(model) == "StableDiffusion3Pipeline" else "ddim"
+
+
 def run_diffpipe(a, out_file):
     cmd = [a.bench, "--model", a.model, "--size", str(a.size), "--steps", str(a.steps), "--images", str(a.images),
            "--guidance", str(a.guidance), "--threads", str(a.threads), "--device", a.device, "--dtype", a.dtype,
-           "--rounds", str(a.rounds), "--parts", a.parts, "--sampler", "ddim", "--out", out_file]
+           "--rounds", str(a.rounds), "--parts", a.parts, "--sampler", sampler_of(a.model), "--out", out_file]
     print("[diffpipe] " + " ".join(cmd), flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
@@ -65,18 +74,26 @@ def run_diffpipe(a, out_file):
 
 class Diffusers:
     def __init__(self, a, torch):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import (DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                               StableDiffusionXLPipeline)
         self.a, self.torch = a, torch
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
         t0 = time.perf_counter()
-        index = json.load(open(os.path.join(a.model, "model_index.json")))
-        self.xl = index.get("_class_name") == "StableDiffusionXLPipeline"
+        cls = pipeline_class(a.model)
+        self.xl, self.sd3 = cls == "StableDiffusionXLPipeline", cls == "StableDiffusion3Pipeline"
         if self.xl:  # no watermark: diffpipe does not add one
             pipe = StableDiffusionXLPipeline.from_pretrained(a.model, dtype=self.dtype, add_watermarker=False)
+        elif self.sd3:
+            absent = {}  # a folder saved without T5 (or an image encoder) names them null: diffusers wants None
+            for k in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+                if not os.path.isdir(os.path.join(a.model, k)):
+                    absent[k] = None
+            pipe = StableDiffusion3Pipeline.from_pretrained(a.model, dtype=self.dtype, **absent)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=self.dtype, safety_checker=None,
                                                            requires_safety_checker=False)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if not self.sd3:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(a.device)
         self.load_s = time.perf_counter() - t0
@@ -105,7 +122,8 @@ class Diffusers:
 
     def e2e(self, noise):
         torch, a = self.torch, self.a
-        sigma = self.pipe.scheduler.init_noise_sigma  # diffusers multiplies given latents by it, as diffpipe does
+        # diffusers multiplies given latents by it, as diffpipe does (flow matching starts at sigma 1: none)
+        sigma = getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
         lat = noise.to(a.device, self.dtype)
 
         def run():
@@ -140,6 +158,11 @@ class Diffusers:
         torch, a = self.torch, self.a
         x, t = saved["unet.sample"].to(a.device, self.dtype), saved["unet.timesteps"].to(a.device)
         ctx = saved["unet.encoder_hidden_states"].to(a.device, self.dtype)
+        if self.sd3:
+            pooled = saved["unet.text_embeds"].to(a.device, self.dtype)
+            with torch.no_grad():
+                return self.timed(lambda: self.pipe.transformer(x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                                                                timestep=t).sample)
         kw = {}
         if self.xl:  # the pooled text embedding and size ids bench_sd fed
             kw["added_cond_kwargs"] = {"text_embeds": saved["unet.text_embeds"].to(a.device, self.dtype),
@@ -212,7 +235,10 @@ def main():
     theirs["peak_bytes"], kind = ref.peak()
     compiled = {}
     if a.compile:
-        ref.pipe.unet = torch.compile(ref.pipe.unet)
+        if ref.sd3:
+            ref.pipe.transformer = torch.compile(ref.pipe.transformer)
+        else:
+            ref.pipe.unet = torch.compile(ref.pipe.unet)
         ref.pipe.vae.decoder = torch.compile(ref.pipe.vae.decoder)
         if "e2e" in parts:
             compiled["e2e_s"], _ = ref.e2e(saved["noise"])
@@ -222,7 +248,8 @@ def main():
             compiled["unet_s"], _ = ref.unet(saved)
 
     print()
-    print(f"model {a.model}: {a.images} image(s) {a.size}x{a.size}, {a.steps} DDIM steps, guidance {a.guidance}, "
+    print(f"model {a.model}: {a.images} image(s) {a.size}x{a.size}, {a.steps} {sampler_of(a.model)} steps, "
+          f"guidance {a.guidance}, "
           f"{a.device} {a.dtype}, {a.threads} threads; min over {a.rounds} rounds")
     for k, v in checks.items():
         print(f"check: {k} = {v:.3g}" if isinstance(v, float) else f"check: {k} = {v}")

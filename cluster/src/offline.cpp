@@ -266,7 +266,8 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 }
 
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model, int prior,
-                            bool img2img, bool sdxl, const std::map<std::string, std::string>& adapters) {
+                            bool img2img, const StrengthDefaults& strengths,
+                            const std::map<std::string, std::string>& adapters) {
   std::ostringstream os;
   os << p.prompt << "\n";
   if (!p.negative_prompt.empty()) os << "Negative prompt: " << p.negative_prompt << "\n";
@@ -285,7 +286,7 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   if (starts_from_image)  // image-to-image's starting image
     os << ", Image: " << describe_image_ref(p.image_prompt)
        << (p.mask.empty() ? "" : ", Mask: " + describe_image_ref(p.mask)) << ", Denoising strength: "
-       << p.effective_strength(sdxl || prior == kPlainPrior);
+       << p.effective_strength(strengths);
   else if (!p.image_prompt.empty() && !prior)  // the x4 upscaler's input image
     os << ", Image: " << describe_image_ref(p.image_prompt) << ", Noise level: " << p.noise_level;
   if (!p.lora.empty()) {  // the request's adapters, each with its file where the run knows it
@@ -480,7 +481,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
       const std::string file = file_for(index, gi.params.seed);
       const auto slash = file.rfind('/');
       if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters)}});
+      write_png(file, gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.strengths, o_.adapters)}});
       line["file"] = file;
       done_files_[index] = file;
       if (static_cast<int>(done_files_.size()) > o_.sheet_max) done_files_.erase(std::prev(done_files_.end()));
@@ -507,7 +508,7 @@ void OutputSink::write(uint64_t index, const GeneratedImage& gi, json line, bool
   line["shard"] = sname;
   line["key"] = key;
   if (done) {
-    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters)}});
+    const auto png = encode_png(gi.image, {{"parameters", parameters_text(gi.params, gi.image.width, gi.image.height, o_.model, o_.prior, o_.img2img, o_.strengths, o_.adapters)}});
     const std::string meta = line.dump();
     for (const auto& [name, bytes] : {std::pair<std::string, std::string>{std::string(key) + ".png", std::string(png.begin(), png.end())},
                                       std::pair<std::string, std::string>{std::string(key) + ".json", meta}}) {
@@ -529,7 +530,7 @@ void OutputSink::write_preview(uint64_t index, int k, const GenerationParams& p,
   file = file.substr(0, file.size() - 4) + "-preview-" + std::to_string(k) + ".png";
   const auto slash = file.rfind('/');
   if (slash != std::string::npos) make_dirs(file.substr(0, slash));
-  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior, o_.img2img, o_.sdxl, o_.adapters) + ", Preview: " + std::to_string(k)}});
+  write_png(file, image, {{"parameters", parameters_text(p, image.width, image.height, o_.model, o_.prior, o_.img2img, o_.strengths, o_.adapters) + ", Preview: " + std::to_string(k)}});
 }
 
 void OutputSink::flush_shard(int64_t k, bool complete) {

@@ -353,8 +353,9 @@ static SdModel load_sd3(SdModel m, unsigned components, const ModelAddons& addon
   m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;
   vspec.dtype = m.vae_dtype;
-  if (components & (kVae | kVaeEncoder))
-    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, (components & kVaeEncoder) != 0, (components & kVae) != 0);
+  const bool encoder = (components & (kVaeEncoder | kImageLatents)) != 0;  // image-to-image's encode stage
+  if ((components & kVae) || encoder)
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
   m.addons = addons;
   return m;
 }
@@ -578,7 +579,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 }
 
 bool SdModel::is_img2img_folder(const std::string& dir) {
-  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir) && !is_sd3(dir);
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir);
 }
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }

@@ -383,6 +383,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   const bool img2img = model.starts_from_image(p);
   DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
            "diffpipe does not load; ", model.dir, " takes no mask");
+  DP_CHECK(p.mask.empty() || !model.sd3, "mask: ", model.dir, " is a Stable Diffusion 3 folder; diffpipe runs its ",
+           "text-to-image and image-to-image pipelines, not inpainting");
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
            "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
   DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",
@@ -413,10 +415,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
       // LatentConsistencyModelImg2ImgPipeline: every step runs, over the strength's share of the LCM schedule
       r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, false, strength);
     } else {
-      const int init = std::min(static_cast<int>(p.steps * strength), p.steps);  // diffusers' get_timesteps
+      // diffusers' get_timesteps: int(steps x strength) run; SD3's pipelines skip int(steps - steps x strength)
+      const int init = model.sd3 ? p.steps - static_cast<int>(std::max(p.steps - p.steps * strength, 0.0))
+                                 : std::min(static_cast<int>(p.steps * strength), p.steps);
       DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
                "strength) must be at least 1); raise strength or steps");
       r.begin = (p.steps - init) * r.sampler->order();  // timesteps[t_start * order:]
+      if (model.scheduler.use_dynamic_shifting)  // the schedule shifted for the image's size, not the default's
+        r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, r.karras, 1.0, tokens(W, H));
     }
     if (!p.mask.empty() && !image_latents.defined()) {
       r.mask = input_mask(p);
@@ -424,7 +430,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
                "x", r.mask.size(1), ", the image ", W, "x", H, " (a mask covers its image pixel for pixel)");
     }
   } else {
-    DP_CHECK(p.strength < 0, "strength: only image-to-image uses it (an image_prompt with a Stable Diffusion or SDXL ",
+    DP_CHECK(p.strength < 0, "strength: only image-to-image uses it (an image_prompt with a Stable Diffusion, SDXL or SD3 ",
              "folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
   }
   if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
@@ -479,8 +485,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(p.height >= 0 && r.height % m == 0, "height: ", r.height, " is not a positive multiple of ", m,
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
-  DP_CHECK(!model.sd3 || (p.image_prompt.empty() && p.mask.empty()), "image_prompt: ", model.dir, " is a Stable ",
-           "Diffusion 3 folder; diffpipe runs its text-to-image pipeline (StableDiffusion3Pipeline) only");
+
   if (model.sd3) {  // the transformer's position table covers pos_embed_max_size patches a side
     const int64_t most = model.transformer_config.pos_embed_max_size * model.denoiser_downscale() * model.latent_factor();
     DP_CHECK(r.width <= most && r.height <= most, "width/height: ", r.width, "x", r.height, " exceeds ", most,
@@ -575,7 +580,8 @@ at::Tensor sampled_latents(const SdModel& model, const at::Tensor& image, uint64
   const at::Tensor mean = g.mean[0].to(at::kCPU, at::kFloat), logvar = g.logvar[0].to(at::kCPU, at::kFloat);
   const at::Tensor z = sample_noise.defined() ? sample_noise.to(at::kCPU, at::kFloat).reshape(mean.sizes())
                                               : seeded_noise(seed, stream, mean.sizes());
-  return (mean + at::exp(0.5 * logvar) * z) * model.vae_config.scaling_factor;
+  // (SD3's VAE: the latents shifted first, (sample - shift_factor) x scaling_factor; 0 elsewhere)
+  return (mean + at::exp(0.5 * logvar) * z - model.vae_config.shift_factor) * model.vae_config.scaling_factor;
 }
 }  // namespace
 

@@ -4,8 +4,9 @@
 #   sd3_test.sh DIFFPIPE_BIN WORKDIR   (the folder: $DIFFPIPE_GOLDEN_SD3, made by tests/stages/make_sd3_golden.py)
 # Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks (encode | denoise | decode) and with --placement replicas
 # (--batch-invariant); the folder without T5 runs and differs; a negative prompt, guidance, clip_skip and the size
-# change the image; --sampler flow_euler is the default and recorded; JSONL = flags; refusals by name (a diffusion sampler, an image prompt,
-# a size beyond the position table, a folder missing transformer/); serve gives the CLI's pixels.
+# change the image; --sampler flow_euler is the default and recorded; JSONL = flags; image-to-image on 1 and 3 ranks
+# alike at the default strength 0.6; refusals by name (a diffusion sampler, a mask, a size beyond the position table,
+# a folder missing transformer/); serve gives the CLI's pixels.
 # Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -54,7 +55,20 @@ cmp -s "$WORK/neg/img-00000-seed9.png" "$WORK/jsonl/img-00000-seed9.png" && ok "
   || bad "JSONL differs from the flags"
 
 refused ddim "flow_euler (the default)" --sampler ddim
-refused img "text-to-image pipeline (StableDiffusion3Pipeline) only" --image "$WORK/base/img-00000-seed9.png"
+# image-to-image (StableDiffusion3Img2ImgPipeline): 1 and 3 ranks alike, the pipeline's default strength 0.6 recorded
+I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$WORK/wide/img-00000-seed9.png" --seed 3 --steps 5
+     --threads 1 --batch-invariant --quiet --timeout 60)
+timeout 60 "$BIN" "${I2I[@]}" --out "$WORK/i2i1" 2> "$WORK/i2i1.log" || bad "img2img failed: $(tail -2 "$WORK/i2i1.log")"
+timeout 180 $MPIRUN -np 3 "$BIN" "${I2I[@]}" --out "$WORK/i2i3" 2> "$WORK/i2i3.log" \
+  || bad "3-rank img2img failed: $(tail -2 "$WORK/i2i3.log")"
+same_pngs "$WORK/i2i1" "$WORK/i2i3" && ok "image-to-image: 1 and 3 ranks give the same PNG bytes" \
+  || bad "image-to-image differs across ranks"
+[ "$(png_size "$WORK/i2i1/img-00000-seed3.png" 2>/dev/null)" = "48 32" ] \
+  && png_text "$WORK/i2i1/img-00000-seed3.png" | grep -aq "Denoising strength: 0.6" \
+  && ok "image-to-image keeps the image's size; the default strength 0.6 (SD3's pipeline) is recorded" \
+  || bad "image-to-image size or strength: $(png_text "$WORK/i2i1/img-00000-seed3.png")"
+write_mask "$WORK/mask.png" 48 32 8 8 24 24
+refused mask "not inpainting" --image "$WORK/wide/img-00000-seed9.png" --mask "$WORK/mask.png" --width 48
 refused big "pos_embed_max_size 12" --width 128 --height 128
 mkdir -p "$WORK/broken"; for p in "$MODEL"/*; do [ "$(basename "$p")" = transformer ] || ln -s "$p" "$WORK/broken/"; done
 if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 2> "$WORK/broken.log"; then

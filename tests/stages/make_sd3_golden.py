@@ -21,7 +21,9 @@ DIR/golden.safetensors (float32 unless noted, batch first):
   transformer_sd30.out for the same inputs, at 8x8 latents: transformer_sd30.sample);
   scheduler.R.timesteps / scheduler.R.sigmas for the sampler schedules in golden.json;
   for each pipeline run R: pipeline.R.initial_noise, pipeline.R.prompt_embeds (the conditional rows),
-  pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC).
+  pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC); for each image-to-image run R of
+  golden.json's img2img_runs (StableDiffusion3Img2ImgPipeline from DIR/input_K.png): R.draws.0 (the VAE posterior's
+  sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]).
 """
 import json
 import os
@@ -184,8 +186,42 @@ def main():
             out[f"pipeline.{n}.pooled"] = pp
             out[f"pipeline.{n}.final_latents"] = lat
             out[f"pipeline.{n}.image_uint8"] = torch.from_numpy((im * 255).round().clip(0, 255).astype(np.uint8))
+        # image-to-image (StableDiffusion3Img2ImgPipeline, the same components): 48x32 starting images; every random
+        # draw recorded (the posterior sample, the initial noise); strength 0.6 (the default) and 0.3 (5 x 0.3 = 1.5
+        # steps: int(5 - 1.5) = 3 skipped, 2 run -- not SD's int(1.5) = 1)
+        from diffusers import StableDiffusion3Img2ImgPipeline
+        from diffusers.models.autoencoders import vae as vae_module
+        from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as img2img_module
+        from golden_draws import recorded_draws
+        from PIL import Image
+        i2i = StableDiffusion3Img2ImgPipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                                              text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3,
+                                              tokenizer_3=tok3)
+        i2i.set_progress_bar_config(disable=True)
+        yy, xx = np.mgrid[0:32, 0:48].astype(np.float32)
+        rng = np.random.default_rng(a.seed)
+        images = []
+        for k in range(len(PROMPTS)):
+            rgb = np.stack([xx / 47, yy / 31, (xx / 47 + yy / 31) / 2 if k == 0 else 1 - xx / 47], -1) * 200 + 30
+            im = Image.fromarray((rgb + rng.normal(0, 12, rgb.shape)).clip(0, 255).astype(np.uint8), "RGB")
+            im.save(os.path.join(a.out, f"input_{k}.png"))
+            images.append(im)
+        img2img_runs = [dict(name="i2i_default", strength=None, steps=5, guidance=5.0, negative_prompt=None),
+                        dict(name="i2i_03", strength=0.3, steps=5, guidance=4.0, negative_prompt="blurry, dark")]
+        for r in img2img_runs:
+            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            kw = {} if r["strength"] is None else {"strength": r["strength"]}
+            with recorded_draws(vae_module, img2img_module) as draws:
+                # (height/width: the images' own size; the pipeline resizes them to these, by default to 64x64)
+                img = i2i(PROMPTS, image=images, negative_prompt=neg, num_inference_steps=r["steps"], height=32, width=48,
+                          guidance_scale=r["guidance"], output_type="pt", generator=torch.Generator().manual_seed(5),
+                          **kw).images
+            assert len(draws) == 2, f"{r['name']}: expected 2 draws (posterior sample, noise), got {len(draws)}"
+            for k, d in enumerate(draws):
+                out[f"{r['name']}.draws.{k}"] = d
+            out[f"{r['name']}.images"] = img
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "runs": runs, "schedules": schedules,
+    meta = {"prompts": PROMPTS, "runs": runs, "schedules": schedules, "img2img_runs": img2img_runs,
             "source": f"diffusers {diffusers.__version__} StableDiffusion3Pipeline, transformers "
                       f"{transformers.__version__}, torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

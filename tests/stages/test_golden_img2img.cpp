@@ -222,7 +222,7 @@ TEST(GoldenImg2Img, SdxlInpaintingWholePipeline) {
   const SdModel xl = SdModel::load(runs[0].at("model").get<std::string>(), test::device_spec(), kUNet);
   GenerationParams p = request(dir, meta, runs[0], 0);  // no strength: the pipeline's default
   p.mask = dir + "/mask_0.png";
-  EXPECT_EQ(p.effective_strength(true), 0.9999);
+  EXPECT_EQ(xl.strength(p), 0.9999);
   EXPECT_EQ(resolve_params(xl, p).begin, 1);  // int(5 x 0.9999) = 4 of 5 steps
   check_inpainting_runs(dir, meta, runs);
 }

@@ -157,6 +157,39 @@ TEST(GoldenSd3, WholePipelineEveryRun) {
   }
 }
 
+// Image-to-image (StableDiffusion3Img2ImgPipeline) with the reference's draws: the image's latents shifted and
+// scaled, scale_noise at the first timestep that runs; the default strength 0.6 and 0.3 (SD3's pipelines skip
+// int(steps - steps x strength) steps: 3 of 5 at 0.3, where SD's rule would skip 4).
+TEST(GoldenSd3, ImageToImage) {
+  DP_REQUIRE_SD3(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  ASSERT_TRUE(model.img2img());
+  for (const auto& run : meta.at("img2img_runs")) {
+    const std::string n = run.at("name").get<std::string>();
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      GenerationParams p;
+      p.prompt = meta.at("prompts")[i].get<std::string>();
+      p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
+      p.steps = run.at("steps").get<int>();
+      p.guidance = run.at("guidance").get<double>();
+      if (!run.at("strength").is_null()) p.strength = run.at("strength").get<double>();
+      p.image_prompt = dir + "/input_" + std::to_string(i) + ".png";
+      params.push_back(p);
+    }
+    std::vector<DenoiseState> ds = test::img2img_states(model, params, g, n);
+    const int runs = run.at("strength").is_null() ? 3 : 2;  // 5 x 0.6 = 3; int(5 - 1.5) = 3 skipped at 0.3
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_EQ(params[i].width, 48);  // the image's size
+      EXPECT_EQ(ds[i].total_steps(), runs) << n;
+    }
+    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-sd3] " + n));
+  }
+}
+
 // Requests SD3 cannot serve are refused before any work, naming the setting.
 TEST(GoldenSd3, Refusals) {
   DP_REQUIRE_SD3(dir);
@@ -173,10 +206,20 @@ TEST(GoldenSd3, Refusals) {
   EXPECT_NE(refused(p).find("pos_embed_max_size 12"), std::string::npos) << refused(p);
   p.width = p.height = 36;  // not a multiple of 8 (the VAE's 4 x patch 2)
   EXPECT_NE(refused(p).find("multiple of 8"), std::string::npos) << "[" << refused(p) << "]";
-  p.width = p.height = 32;
-  p.image_prompt = dir + "/nonexistent.png";
-  EXPECT_NE(refused(p).find("text-to-image"), std::string::npos) << refused(p);
+  p.width = p.height = 0;  // image-to-image: the image's size
+  p.image_prompt = dir + "/input_0.png";
+  p.mask = dir + "/input_1.png";
+  EXPECT_NE(refused(p).find("not inpainting"), std::string::npos) << refused(p);
+  p.mask.clear();
+  p.strength = 0.1;  // SD3 skips int(steps - steps x strength): 0.1 of 1 step still runs it, 0 runs none
+  p.steps = 1;
+  EXPECT_EQ(resolve_params(model, p).begin, 0);
+  p.strength = 0;
+  EXPECT_NE(refused(p).find("leaves no denoising step"), std::string::npos) << refused(p);
+  p.steps = 25;
+  p.strength = -1;
   p.image_prompt.clear();
+  p.width = p.height = 32;
   p.clip_skip = 3;  // both encoders have 3 layers (4 hidden states): hidden_states[-(k + 2)] needs k < 3
   EXPECT_NE(refused(p).find("clip_skip"), std::string::npos) << "[" << refused(p) << "]";
   p.clip_skip = 0;

@@ -67,7 +67,7 @@ std::vector<GenerationParams> expand_job(const std::vector<JobLine>& lines, uint
 // noised to noise_level) or Kandinsky 2.2's (no noise level).
 enum PriorKind : int { kNoPrior = 0, kNoisedPrior = 1, kPlainPrior = 2 };
 std::string parameters_text(const GenerationParams& p, int width, int height, const std::string& model,
-                            int prior = kNoPrior, bool img2img = false, bool sdxl = false,
+                            int prior = kNoPrior, bool img2img = false, const StrengthDefaults& strengths = {},
                             const std::map<std::string, std::string>& adapters = {});
 
 struct OutputOptions {
@@ -77,8 +77,8 @@ struct OutputOptions {
   bool overwrite = false;
   std::string model;           // for run.json and the parameters chunk
   int prior = kNoPrior;        // the model's diffusion prior (PriorKind): its settings join the chunk
-  bool img2img = false;        // an image_prompt is image-to-image's starting image (SD, SDXL): strength joins it
-  bool sdxl = false;           // an SDXL folder (its inpainting's default strength differs)
+  bool img2img = false;        // an image_prompt is image-to-image's starting image (SD, SDXL, SD3): strength joins it
+  StrengthDefaults strengths;  // the folder's default strengths
   std::map<std::string, std::string> adapters;  // per-request LoRA adapters by name: their files, for the PNG text
   std::string identity;        // everything that decides the pixels (compared with run.json on a rerun)
   size_t total = 0;            // images in the run

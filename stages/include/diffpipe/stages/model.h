@@ -127,17 +127,23 @@ struct SdModel {
   ClipImageProcessorConfig ip_image_processor;
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
-  // Stable Diffusion and SDXL folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
-  bool img2img() const {
-    return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky && !sd3;
-  }
+  // Stable Diffusion, SDXL and SD3 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
+  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
   // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
   // folders when it also has a prompt (without one the image is varied instead)
   bool starts_from_image(const GenerationParams& p) const {
     return !p.image_prompt.empty() && (img2img() || (kandinsky && !p.prompt.empty()));
   }
-  // Image-to-image's strength: the request's, or the pipeline's default (SDXL and Kandinsky 2.2: 0.3)
-  double strength(const GenerationParams& p) const { return p.effective_strength(sdxl || kandinsky); }
+  // Image-to-image's strength: the request's, or the folder's pipeline default
+  double strength(const GenerationParams& p) const { return p.effective_strength(strength_defaults()); }
+  StrengthDefaults strength_defaults() const { return strength_defaults(sdxl, kandinsky, sd3); }
+  static StrengthDefaults strength_defaults(const std::string& dir) {
+    return strength_defaults(is_sdxl(dir), is_kandinsky(dir), is_sd3(dir));
+  }
+  static StrengthDefaults strength_defaults(bool sdxl, bool kandinsky, bool sd3) {
+    return sdxl ? StrengthDefaults{0.3, 0.9999} : kandinsky ? StrengthDefaults{0.3, 1.0}
+                                                : sd3 ? StrengthDefaults{0.6, 1.0} : StrengthDefaults{};
+  }
   // The denoiser's own downsampling of the latents: the UNet's (2 per downsampler) or the transformer's patch size
   int64_t denoiser_downscale() const {
     return sd3 ? transformer_config.patch_size : int64_t(1) << (unet_config.block_out_channels.size() - 1);

@@ -21,6 +21,13 @@ struct ControlInput {
   }
 };
 
+// Image-to-image's default strength, without and with a mask, as the folder's diffusers pipelines set it:
+// StableDiffusionImg2ImgPipeline 0.8 / StableDiffusionInpaintPipeline 1; SDXL 0.3 / 0.9999 (the image's latents
+// noised to the second timestep); Kandinsky 2.2 0.3; SD3 0.6.
+struct StrengthDefaults {
+  double image = 0.8, inpaint = 1.0;
+};
+
 struct GenerationParams {
   std::string prompt;
   std::string negative_prompt;  // "" = the unconditional embedding of the empty prompt
@@ -41,10 +48,9 @@ struct GenerationParams {
   std::string image_prompt;     // image variations: a PNG whose CLIP image embedding replaces the prior's ("" = none);
                                 // read where the prior stage runs (a path every node sees, or a data: URI). SD and
                                 // SDXL folders: image-to-image's starting image; the x4 upscaler: the image to enlarge
-  // Image-to-image (SD and SDXL folders with an image_prompt): how much of the schedule runs on the noised image,
+  // Image-to-image (SD, SDXL and SD3 folders with an image_prompt): how much of the schedule runs on the noised image,
   // in [0, 1] (diffusers' strength; 1 keeps the least of the image, small values keep most); < 0: the pipeline's
-  // default, 0.8 for image-to-image, 1 for inpainting (0.9999 on SDXL folders, as StableDiffusionXLInpaintPipeline:
-  // the image's latents noised to the second timestep) (effective_strength())
+  // default (StrengthDefaults, effective_strength())
   double strength = -1;
   // Inpainting (SD 1.x/2.x and SDXL folders, with an image_prompt): a PNG as large as the image whose white (>= 50 % grey)
   // pixels are repainted and black ones kept; a path or a data: URI ("" = none)
@@ -96,10 +102,9 @@ struct GenerationParams {
   int x4_noise_level = 20;
 
   bool uses_cfg() const { return guidance > 1.0; }
-  // The pipelines' defaults: 0.8 (StableDiffusionImg2ImgPipeline), 0.3 (StableDiffusionXLImg2ImgPipeline), with a
-  // mask 1 (StableDiffusionInpaintPipeline) or 0.9999 (StableDiffusionXLInpaintPipeline).
-  double effective_strength(bool sdxl) const {
-    return strength >= 0 ? strength : mask.empty() ? (sdxl ? 0.3 : 0.8) : sdxl ? 0.9999 : 1.0;
+  // The strength, or the folder's pipeline default without and with a mask (SdModel::strength_defaults)
+  double effective_strength(const StrengthDefaults& d) const {
+    return strength >= 0 ? strength : mask.empty() ? d.image : d.inpaint;
   }
 };
 
