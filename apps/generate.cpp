@@ -424,7 +424,7 @@ int generate_main(int argc, char** argv) {
     defaults.batch_invariant = a.flag("batch-invariant");
     SdModel::validate(a.str("model"));
     // an LCM-distilled UNet embeds the guidance scale: no unconditional row, so negative prompts go unused (diffusers)
-    if (world.rank == 0 && !SdModel::is_sd3(a.str("model")) &&
+    if (world.rank == 0 && !SdModel::is_sd3(a.str("model")) && !SdModel::is_flux(a.str("model")) &&
         UNetConfig::load(path_join(a.str("model"), "unet/config.json")).time_cond_proj_dim > 0) {
       const auto it =
           std::find_if(jobs.begin(), jobs.end(), [](const auto& j) { return !j.params.negative_prompt.empty(); });

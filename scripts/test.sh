@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export PATH="${DIFFPIPE_VENV:-$PWD/.venv}/bin:$PATH"
 # References made here with diffusers/transformers (a few seconds each) when no folder is given and ../shared/golden
 # has none, so that their tests (image variations, SDXL, T5, DDPM, DeepFloyd IF, the x4 upscaler, image-to-image,
-# LoRA, ControlNet, LCM, UniPC, IP-Adapter, Kandinsky 2.2, Stable Diffusion 3) run instead of skipping.
+# LoRA, ControlNet, LCM, UniPC, IP-Adapter, Kandinsky 2.2, Stable Diffusion 3, FLUX.1) run instead of skipping.
 GOLD_DIR=${DIFFPIPE_GOLDEN:-$PWD/../shared/golden/tiny-sd}
 UNCLIP_DIR=${DIFFPIPE_GOLDEN_UNCLIP:-$(dirname "$GOLD_DIR")/tiny-unclip}
 PY=${DIFFPIPE_VENV:-$PWD/.venv}/bin/python
@@ -52,6 +52,7 @@ if [ -d "$GOLD_DIR/model" ]; then
     ${DIFFPIPE_GOLDEN_SDXL:+--sdxl "$DIFFPIPE_GOLDEN_SDXL/model"}
   make_ref tiny-kandinsky DIFFPIPE_GOLDEN_KANDINSKY make_kandinsky_golden.py --src "$GOLD_DIR"
   make_ref tiny-sd3 DIFFPIPE_GOLDEN_SD3 make_sd3_golden.py --src "$GOLD_DIR"
+  make_ref tiny-flux DIFFPIPE_GOLDEN_FLUX make_flux_golden.py --src "$GOLD_DIR"
 fi
 cd build
 ctest --output-on-failure -j1 --timeout 1200 "$@"

@@ -37,11 +37,18 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
   for (const LoraAdapter& a : addons.adapters) adapter_bytes += weight_bytes(a.path, dtype);
   const bool ip = !addons.ip_adapter.empty();  // IP-Adapter: its layers beside the UNet, its image encoder on encode
   const bool sd3 = SdModel::is_sd3(dir);  // Stable Diffusion 3: the MMDiT transformer instead of a UNet
+  const bool flux = SdModel::is_flux(dir);  // FLUX.1: its transformer on 2x2-packed latents and 512 T5 tokens
   Sd3TransformerConfig tr;
   UNetConfig u;
   if (sd3) {
     tr = Sd3TransformerConfig::load(path_join(dir, "transformer/config.json"));
     u.sample_size = tr.sample_size;
+  } else if (flux) {
+    const FluxTransformerConfig fc = FluxTransformerConfig::load(path_join(dir, "transformer/config.json"));
+    tr.patch_size = 2;  // the packing
+    tr.num_attention_heads = fc.num_attention_heads;
+    tr.attention_head_dim = fc.attention_head_dim;
+    u.sample_size = 128;
   } else {
     u = UNetConfig::load(path_join(dir, "unet/config.json"));
   }
@@ -77,13 +84,14 @@ MemoryNeed estimate_rank_memory(const std::string& dir, const std::vector<std::s
         const auto& c = v.block_out_channels;
         m.activations += W * H * (3.0 * static_cast<double>(c[0]) + 3.0) * vbytes;
       }
-    } else if (s == "denoise" && sd3) {
+    } else if (s == "denoise" && (sd3 || flux)) {
       m.weights += weight_bytes(path_join(dir, "transformer/diffusion_pytorch_model.safetensors"), dtype);
-      // per row: the image's patches and the 333 text tokens, each about 14 x the inner width alive at once (the
+      // per row: the image's patches and the text tokens (SD3 333, Flux 512), each about 14 x the inner width alive at once (the
       // residual streams, adaLN-modulated copies, q/k/v, the 4x-wide feed forward); attention keeps no L x L scores
       const double tokens = (W / factor / static_cast<double>(tr.patch_size)) *
-                                (H / factor / static_cast<double>(tr.patch_size)) + 333.0;
-      m.activations += max_batch * (guidance ? 2.0 : 1.0) * tokens * 14.0 * static_cast<double>(tr.inner_dim()) * bytes;
+                                (H / factor / static_cast<double>(tr.patch_size)) + (flux ? 512.0 : 333.0);
+      const double rows = guidance && !flux ? 2.0 : 1.0;  // Flux embeds the guidance: one row
+      m.activations += max_batch * rows * tokens * 14.0 * static_cast<double>(tr.inner_dim()) * bytes;
     } else if (s == "denoise") {
       m.weights += adapter_bytes;
       m.weights += weight_bytes(path_join(dir, "unet/diffusion_pytorch_model.safetensors"), dtype);

@@ -137,6 +137,37 @@ void validate_sd3(const std::string& dir, const JsonConfig& index) {
            " latent_channels ", v.latent_channels, " disagree");
 }
 
+// FLUX.1: tokenizer/ + text_encoder/ (CLIP: the pooled output), tokenizer_2/ + text_encoder_2/ (T5), transformer/
+// (FluxTransformer2DModel), vae/, scheduler/ (FlowMatchEulerDiscreteScheduler); the widths must join up.
+void validate_flux(const std::string& dir, const JsonConfig& index) {
+  for (const char* c : {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler"})
+    if (!lists_component(index, c)) index.fail(c, "component missing from model_index.json (a Flux folder needs it)");
+  for (const char* f : {"tokenizer/vocab.json", "tokenizer/merges.txt"})
+    DP_CHECK(file_exists(path_join(dir, f)), path_join(dir, f), ": file not found");
+  DP_CHECK(file_exists(path_join(dir, "tokenizer_2/tokenizer.json")) ||
+               file_exists(path_join(dir, "tokenizer_2/spiece.model")),
+           path_join(dir, "tokenizer_2"), ": neither tokenizer.json nor spiece.model found (T5's tokenizer)");
+  const auto clip = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  const std::string t5c = path_join(dir, "text_encoder_2/config.json");
+  const auto t5 = T5Config::load(t5c);
+  const std::string tc = path_join(dir, "transformer/config.json");
+  const auto tr = FluxTransformerConfig::load(tc);
+  const auto v = VaeConfig::load(path_join(dir, "vae/config.json"));
+  const auto s = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  for (const char* w : {"text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                        "transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"})
+    SafetensorsFile::open(weights_file(dir, w));
+  DP_CHECK(s.flow_matching(), path_join(dir, "scheduler/scheduler_config.json"), ": _class_name ", s.class_name,
+           " is not FlowMatchEulerDiscreteScheduler (Flux's transformer predicts a flow-matching velocity)");
+  DP_CHECK(tr.pooled_projection_dim == clip.hidden_size, tc, ": pooled_projection_dim ", tr.pooled_projection_dim,
+           " should be the CLIP text encoder's hidden_size ", clip.hidden_size, " (its pooled output)");
+  DP_CHECK(t5.d_model == tr.joint_attention_dim, t5c, ": d_model ", t5.d_model, " does not match ", tc,
+           "'s joint_attention_dim ", tr.joint_attention_dim);
+  DP_CHECK(tr.in_channels == 4 * v.latent_channels && tr.out_channels == tr.in_channels, tc, ": in_channels/",
+           "out_channels ", tr.in_channels, "/", tr.out_channels, " should be 4 x ", path_join(dir, "vae/config.json"),
+           "'s latent_channels ", v.latent_channels, " (2x2-packed latents)");
+}
+
 // Kandinsky 2.2: the decoder's unet/ (conditioned on the prior's image embedding), scheduler/ and movq/ (VQModel);
 // a KandinskyV22CombinedPipeline folder's prior components too (a decoder folder's prior comes with the run:
 // check_kandinsky_prior).
@@ -190,6 +221,7 @@ void SdModel::validate(const std::string& dir) {
   if (is_if(dir)) return validate_if(dir, index);
   if (is_kandinsky(dir)) return validate_kandinsky(dir, index);
   if (is_sd3(dir)) return validate_sd3(dir, index);
+  if (is_flux(dir)) return validate_flux(dir, index);
   const bool second_only = second_encoder_only_folder(dir);
   std::vector<const char*> needed{"unet", "vae", "scheduler"};
   if (!second_only) needed.insert(needed.end(), {"tokenizer", "text_encoder"});
@@ -318,27 +350,65 @@ static SdModel load_refiner(const SdModel& base, const std::string& dir, unsigne
   return r;
 }
 
-// Stable Diffusion 3 (validated): the text encoders with kTextEncoder, the transformer with kUNet, the VAE's halves
-// as for Stable Diffusion.
-static SdModel load_sd3(SdModel m, unsigned components, const ModelAddons& addons) {
+// The diffusion-transformer folders (validated): Stable Diffusion 3 and FLUX.1. The text encoders with kTextEncoder,
+// the transformer with kUNet, the VAE's halves as for Stable Diffusion.
+static SdModel load_flux(SdModel m, unsigned components);
+static SdModel load_sd3(SdModel m, unsigned components);
+static SdModel load_transformer_folder(SdModel m, unsigned components, const ModelAddons& addons) {
   const std::string& dir = m.dir;
   const DeviceSpec& spec = m.spec;
+  const bool flux = SdModel::is_flux(dir);
   DP_CHECK(addons.loras.empty() && addons.adapters.empty() && addons.embeddings.empty() && addons.ip_adapter.empty() &&
                addons.controlnets.empty() && addons.refiner.empty() && addons.prior.empty(),
-           dir, " is a Stable Diffusion 3 folder: LoRA, textual inversion, IP-Adapter, ControlNet, refiner and prior ",
-           "files apply to other folders");
+           dir, " is a ", flux ? "FLUX.1" : "Stable Diffusion 3", " folder: LoRA, textual inversion, IP-Adapter, ",
+           "ControlNet, refiner and prior files apply to other folders");
+  m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
+  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
+  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
+  m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
+  DeviceSpec vspec = spec;
+  vspec.dtype = m.vae_dtype;
+  const bool encoder = !flux && (components & (kVaeEncoder | kImageLatents)) != 0;  // image-to-image's encode stage
+  if ((components & kVae) || encoder)
+    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
+  m.addons = addons;
+  return flux ? load_flux(std::move(m), components) : load_sd3(std::move(m), components);
+}
+
+// FLUX.1: CLIP (pooled) and T5, the Flux transformer, the pipelines' own sigmas
+static SdModel load_flux(SdModel m, unsigned components) {
+  const std::string& dir = m.dir;
+  m.flux = true;
+  m.scheduler.linspace_sigmas = true;
+  m.max_sequence_length = 512;  // FluxPipeline's default
+  m.flux_config = FluxTransformerConfig::load(path_join(dir, "transformer/config.json"));
+  m.unet_config.in_channels = m.flux_config.in_channels / 4;
+  m.unet_config.out_channels = m.flux_config.out_channels / 4;
+  m.unet_config.sample_size = 128;  // FluxPipeline's default_sample_size
+  m.t5_config = T5Config::load(path_join(dir, "text_encoder_2/config.json"));
+  if (components & kTextEncoder) {
+    m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), m.spec);
+    m.t5_tokenizer = std::make_shared<T5Tokenizer>(T5Tokenizer::load(path_join(dir, "tokenizer_2")));
+    m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder_2"), m.spec);
+  }
+  if (components & kUNet) m.flux_transformer = FluxTransformer2DModel::load(path_join(dir, "transformer"), m.spec);
+  return m;
+}
+
+// Stable Diffusion 3: two CLIP encoders with projections and the optional T5, the MMDiT transformer
+static SdModel load_sd3(SdModel m, unsigned components) {
+  const std::string& dir = m.dir;
+  const DeviceSpec& spec = m.spec;
   m.sd3 = true;
   m.sd3_t5 = dir_exists(path_join(dir, "text_encoder_3")) &&
              lists_component(JsonConfig::load(path_join(dir, "model_index.json")), "text_encoder_3");
-  m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   m.transformer_config = Sd3TransformerConfig::load(path_join(dir, "transformer/config.json"));
   m.unet_config.in_channels = m.transformer_config.in_channels;
   m.unet_config.out_channels = m.transformer_config.out_channels;
   m.unet_config.sample_size = m.transformer_config.sample_size;
-  m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
   m.text_config_2 = ClipTextConfig::load(path_join(dir, "text_encoder_2/config.json"));
   if (m.sd3_t5) m.t5_config = T5Config::load(path_join(dir, "text_encoder_3/config.json"));
-  m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
     m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
@@ -350,13 +420,6 @@ static SdModel load_sd3(SdModel m, unsigned components, const ModelAddons& addon
     }
   }
   if (components & kUNet) m.transformer = Sd3Transformer2DModel::load(path_join(dir, "transformer"), spec);
-  m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
-  DeviceSpec vspec = spec;
-  vspec.dtype = m.vae_dtype;
-  const bool encoder = (components & (kVaeEncoder | kImageLatents)) != 0;  // image-to-image's encode stage
-  if ((components & kVae) || encoder)
-    m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
-  m.addons = addons;
   return m;
 }
 
@@ -399,7 +462,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   SdModel m;
   m.dir = dir;
   m.spec = spec;
-  if (is_sd3(dir)) return load_sd3(std::move(m), components, addons);
+  if (is_sd3(dir) || is_flux(dir)) return load_transformer_folder(std::move(m), components, addons);
   m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   if (is_if(dir)) {  // DeepFloyd IF stage I: T5 + the pixel-space UNet; no VAE, no super-resolution here
@@ -579,7 +642,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 }
 
 bool SdModel::is_img2img_folder(const std::string& dir) {
-  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir);
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir) && !is_flux(dir);
 }
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }
@@ -602,6 +665,7 @@ bool SdModel::is_sdxl(const std::string& dir) {
          c == "StableDiffusionXLInpaintPipeline";
 }
 bool SdModel::is_sd3(const std::string& dir) { return pipeline_class(dir) == "StableDiffusion3Pipeline"; }
+bool SdModel::is_flux(const std::string& dir) { return pipeline_class(dir) == "FluxPipeline"; }
 bool SdModel::is_lcm_pipeline(const std::string& dir) {
   const std::string c = pipeline_class(dir);
   return c == "LatentConsistencyModelPipeline" || c == "LatentConsistencyModelImg2ImgPipeline";

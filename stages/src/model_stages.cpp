@@ -48,7 +48,7 @@ class EncodeStage : public OneShotStage {
       // (uncond pooled, uncond)]
       if (e.time_ids.defined())
         t = {e.time_ids.contiguous(), e.class_labels.contiguous(), e.cond.contiguous()};
-      else if (model_.sd3)
+      else if (model_.sd3 || model_.flux)
         t = {e.class_labels.contiguous(), e.cond.contiguous()};
       else
         t = {e.cond.contiguous()};
@@ -247,8 +247,8 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
       hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
       return;
     }
-    if (model_.sd3) {  // [pooled, cond, (uncond pooled, uncond)]
-      DP_CHECK(r.inputs.size() == 2 || r.inputs.size() == 4, "denoise: an SD3 request needs 2 or 4 tensors (pooled ",
+    if (model_.sd3 || model_.flux) {  // [pooled, cond, (uncond pooled, uncond)]
+      DP_CHECK(r.inputs.size() == 2 || r.inputs.size() == 4, "denoise: an SD3 or Flux request needs 2 or 4 tensors (pooled ",
                "and full text embeddings, and their unconditional ones), got ", r.inputs.size());
       e.class_labels = r.inputs[0].to(model_.spec.device, at::kFloat);
       e.cond = r.inputs[1].to(model_.spec.device, model_.spec.dtype);

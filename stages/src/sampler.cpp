@@ -890,6 +890,18 @@ class FlowMatchEulerSampler : public Sampler {
       const double m = (c.max_shift - c.base_shift) / static_cast<double>(c.max_image_seq_len - c.base_image_seq_len);
       mu = static_cast<double>(image_seq_len) * m + (c.base_shift - m * static_cast<double>(c.base_image_seq_len));
     }
+    if (c.linspace_sigmas) {  // the Flux pipelines' sigmas, shifted in float32 (numpy's float32 arithmetic)
+      const float em = static_cast<float>(std::exp(mu)), sh = static_cast<float>(c.shift);
+      for (int i = 0; i < steps; ++i) {
+        const double step = (1.0 / steps - 1.0) / (steps - 1 > 0 ? steps - 1 : 1);
+        float s = static_cast<float>(steps == 1 ? 1.0 : (i == steps - 1 ? 1.0 / steps : 1.0 + i * step));
+        s = c.use_dynamic_shifting ? em / (em + (1.0f / s - 1.0f)) : sh * s / (1.0f + (sh - 1.0f) * s);
+        sigmas_.push_back(s);
+        timesteps_.push_back(s * static_cast<float>(N));
+      }
+      sigmas_.push_back(0.0);
+      return;
+    }
     for (int i = 0; i < steps; ++i) {
       // np.linspace(t_max, t_min, steps)
       const double t = steps == 1 ? t_max : (i == steps - 1 ? t_min : t_max + i * ((t_min - t_max) / (steps - 1)));

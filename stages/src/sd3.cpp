@@ -6,9 +6,11 @@
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/log.h"
 #include "diffpipe/stages/unet.h"
-#include "nn.h"
+#include "dit_blocks.h"
 
 namespace diffpipe {
+using nn::modulate;
+using nn::plain_norm;
 
 Sd3TransformerConfig Sd3TransformerConfig::load(const std::string& path) {
   const JsonConfig j = JsonConfig::load(path);
@@ -52,21 +54,6 @@ struct RmsNorm {
     const at::Tensor f = x.to(at::kFloat);
     return (f * at::rsqrt(f.pow(2).mean(-1, true) + 1e-6)).to(x.scalar_type()) * weight;
   }
-};
-
-// LayerNorm without affine parameters, eps 1e-6 (every norm of the MMDiT blocks)
-at::Tensor plain_norm(const at::Tensor& x) { return at::layer_norm(x, {x.size(-1)}, {}, {}, 1e-6); }
-// x * (1 + scale) + shift, with [B, D] modulations broadcast over the tokens
-at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
-  return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
-}
-
-struct FeedForward {  // GELU(approximate "tanh") between two linear layers, 4x wide
-  nn::Linear proj, out;
-  FeedForward() = default;
-  FeedForward(const Weights& w, const std::string& p, int64_t dim)
-      : proj(w, p + ".net.0.proj", dim, 4 * dim), out(w, p + ".net.2", 4 * dim, dim) {}
-  at::Tensor operator()(const at::Tensor& x) const { return out(at::gelu(proj(x), "tanh")); }
 };
 
 struct Attention {  // to_q/k/v, to_out.0; with added projections (the text stream) when `joint`
@@ -117,14 +104,15 @@ struct Attention {  // to_q/k/v, to_out.0; with added projections (the text stre
 struct Block {  // JointTransformerBlock
   nn::Linear norm1, norm1_context;  // adaLN-Zero: 6 (dual: 9) modulations; the last block's text side: 2
   Attention attn, attn2;
-  FeedForward ff, ff_context;
+  nn::GeluFeedForward ff, ff_context;
   bool dual = false, context_pre_only = false;
 };
 }  // namespace
 
 struct Sd3Transformer2DModel::Impl {
   at::Tensor patch_w, patch_b, pos_embed;  // pos_embed [M * M, D]
-  nn::Linear time_1, time_2, text_1, text_2, context_embedder, norm_out, proj_out;
+  nn::SiluMlp time, text;
+  nn::Linear context_embedder, norm_out, proj_out;
   std::vector<Block> blocks;
 };
 
@@ -135,10 +123,8 @@ Sd3Transformer2DModel::Sd3Transformer2DModel(const Sd3TransformerConfig& c, cons
   m.patch_w = w.get("pos_embed.proj.weight", {D, c.in_channels, P, P});
   m.patch_b = w.get("pos_embed.proj.bias", {D});
   m.pos_embed = w.get("pos_embed.pos_embed", {1, M * M, D})[0];
-  m.time_1 = nn::Linear(w, "time_text_embed.timestep_embedder.linear_1", 256, D);
-  m.time_2 = nn::Linear(w, "time_text_embed.timestep_embedder.linear_2", D, D);
-  m.text_1 = nn::Linear(w, "time_text_embed.text_embedder.linear_1", c.pooled_projection_dim, D);
-  m.text_2 = nn::Linear(w, "time_text_embed.text_embedder.linear_2", D, D);
+  m.time = nn::SiluMlp(w, "time_text_embed.timestep_embedder", 256, D);
+  m.text = nn::SiluMlp(w, "time_text_embed.text_embedder", c.pooled_projection_dim, D);
   m.context_embedder = nn::Linear(w, "context_embedder", c.joint_attention_dim, c.caption_projection_dim);
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = "transformer_blocks." + std::to_string(i) + ".";
@@ -150,8 +136,8 @@ Sd3Transformer2DModel::Sd3Transformer2DModel(const Sd3TransformerConfig& c, cons
     b.norm1_context = nn::Linear(w, p + "norm1_context.linear", D, (b.context_pre_only ? 2 : 6) * D);
     b.attn = Attention(w, p + "attn", c, true, !b.context_pre_only);
     if (b.dual) b.attn2 = Attention(w, p + "attn2", c, false, false);
-    b.ff = FeedForward(w, p + "ff", D);
-    if (!b.context_pre_only) b.ff_context = FeedForward(w, p + "ff_context", D);
+    b.ff = nn::GeluFeedForward(w, p + "ff", D);
+    if (!b.context_pre_only) b.ff_context = nn::GeluFeedForward(w, p + "ff_context", D);
     m.blocks.push_back(std::move(b));
   }
   m.norm_out = nn::Linear(w, "norm_out.linear", D, 2 * D);
@@ -203,7 +189,7 @@ at::Tensor Sd3Transformer2DModel::forward(const at::Tensor& hidden_states, const
   x = (x + pos.to(dt)).contiguous();
   // conditioning: the timestep's 256-wide sinusoid (cos first) embedded, plus the pooled text projection
   const at::Tensor t_emb = timestep_embedding(t, 256, /*flip_sin_to_cos=*/true, 0).to(x.device(), dt);
-  const at::Tensor temb = m.time_2(at::silu(m.time_1(t_emb))) + m.text_2(at::silu(m.text_1(pooled_projections.to(dt))));
+  const at::Tensor temb = m.time(t_emb) + m.text(pooled_projections.to(dt));
   const at::Tensor act = at::silu(temb);
   at::Tensor ctx = m.context_embedder(encoder_hidden_states.to(dt));
   for (const Block& b : m.blocks) {

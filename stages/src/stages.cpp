@@ -233,6 +233,32 @@ std::vector<Embeddings> encode_sd3(const SdModel& model, const std::vector<const
   return out;
 }
 
+// FLUX.1 (FluxPipeline.encode_prompt): CLIP's pooled output (the final layer norm's end-of-text token) and T5's
+// max_sequence_length tokens without a mask; no unconditional rows (the [dev] transformer embeds the guidance).
+std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
+  DP_CHECK(model.text_encoder && model.tokenizer && model.t5 && model.t5_tokenizer,
+           "text encoder stage: Flux's text encoders are not loaded");
+  std::vector<const std::string*> texts;
+  for (const GenerationParams* p : batch) texts.push_back(&p->prompt);
+  const at::Device dev = model.spec.device;
+  const at::Tensor pooled =
+      model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).pooled.to(at::kFloat);
+  const int64_t L = model.max_sequence_length, n = static_cast<int64_t>(texts.size());
+  std::vector<int64_t> ids;
+  for (const std::string* t : texts) {
+    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(*t, static_cast<int>(L));
+    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+  }
+  const at::Tensor id = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({n, L}).to(dev);
+  const at::Tensor h = model.t5->forward(id, at::ones_like(id));
+  std::vector<Embeddings> out(batch.size());
+  for (int64_t r = 0; r < n; ++r) {
+    out[static_cast<size_t>(r)].cond = h[r];
+    out[static_cast<size_t>(r)].class_labels = pooled[r];
+  }
+  return out;
+}
+
 // IFPipeline._text_preprocessing without clean_caption (which needs bs4 and ftfy): lower case, surrounding white
 // space removed (Python's str.lower and str.strip).
 std::string if_preprocess(const std::string& text) {
@@ -282,10 +308,10 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     profile::Scope prof(profile::Section::TextEncoder);
     return encode_sdxl(model_, batch);
   }
-  if (model_.sd3) {
+  if (model_.sd3 || model_.flux) {
     if (batch.empty()) return {};
     profile::Scope prof(profile::Section::TextEncoder);
-    return encode_sd3(model_, batch);
+    return model_.flux ? encode_flux(model_, batch) : encode_sd3(model_, batch);
   }
   DP_CHECK(model_.text_encoder && model_.tokenizer, "text encoder stage: text encoder not loaded");
   std::vector<Embeddings> out(batch.size());
@@ -486,6 +512,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
 
+  if (model.flux) {  // FluxPipeline without true CFG: one row per request, CLIP's pooled output, text to image
+    DP_CHECK(p.negative_prompt.empty(), "negative_prompt: ", model.dir, " is a FLUX.1 folder: it runs no ",
+             "unconditional row (the guidance scale is embedded), so a negative prompt would go unused");
+    DP_CHECK(p.clip_skip == 0, "clip_skip: not supported for FLUX.1 folders (CLIP's pooled output only; ", model.dir,
+             ")");
+    DP_CHECK(p.image_prompt.empty(), "image_prompt: ", model.dir, " is a FLUX.1 folder; diffpipe runs its ",
+             "text-to-image pipeline (FluxPipeline) only");
+  }
   if (model.sd3) {  // the transformer's position table covers pos_embed_max_size patches a side
     const int64_t most = model.transformer_config.pos_embed_max_size * model.denoiser_downscale() * model.latent_factor();
     DP_CHECK(r.width <= most && r.height <= most, "width/height: ", r.width, "x", r.height, " exceeds ", most,
@@ -614,9 +648,11 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   // an LCM UNet takes the guidance scale as an input (w = guidance - 1, as diffusers' pipelines) instead of an
   // unconditional row
   const int64_t cond_dim = model.unet_config.time_cond_proj_dim;
-  s.guidance = cond_dim > 0 ? 1.0 : p.guidance;
+  s.guidance = cond_dim > 0 || model.flux ? 1.0 : p.guidance;
   s.guidance_rescale = p.guidance_rescale;
   if (cond_dim > 0) s.timestep_cond = guidance_scale_embedding(p.guidance - 1.0, cond_dim);
+  // FLUX.1 [dev]: the guidance scale itself, embedded by the transformer
+  if (model.flux && model.flux_config.guidance_embeds) s.timestep_cond = at::full({1}, p.guidance, at::kFloat);
   s.seed = p.seed;
   s.cond = emb.cond;
   s.uncond = emb.uncond;
@@ -639,7 +675,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   if (model.unet_config.text_time()) {
     DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
              " has no pooled text embedding or size conditioning (an SDXL UNet needs both)");
-  } else if (model.sd3) {
+  } else if (model.sd3 || model.flux) {
     DP_CHECK(s.class_labels.defined() && (!model.uses_cfg(p) || s.uncond_class_labels.defined()), "denoise: request ",
              id, " has no pooled text embedding (SD3's transformer needs one per row)");
   } else {
@@ -880,7 +916,7 @@ at::Tensor predicted_original(const SdModel& model, const Sampler& sampler, cons
 }
 
 void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_failure) const {
-  DP_CHECK(model_.unet || model_.transformer, "denoise stage: UNet not loaded");
+  DP_CHECK(model_.unet || model_.transformer || model_.flux_transformer, "denoise stage: UNet not loaded");
   if (batch.empty()) return;
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx, cls, tids, tconds;
@@ -1013,10 +1049,15 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     lora->ip_scales = at::tensor(ip_scales, at::TensorOptions().dtype(at::kFloat)).to(model_.spec.device);
   }
   nn::AdapterScope lora_scope(lora ? &*lora : nullptr);
-  at::Tensor e = (model_.transformer ? model_.transformer->forward(x, t, c, labels)
-                                     : model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr,
-                                                            timestep_cond))
-                     .to(at::kFloat);  // [rows, C, h, w]
+  at::Tensor e;  // [rows, C, h, w]
+  if (model_.flux_transformer)  // the pipelines pass t / 1000; the guidance scale per row (guidance_embeds)
+    e = model_.flux_transformer->forward(x, t / 1000, c, labels,
+                                         timestep_cond.defined() ? timestep_cond.flatten() : timestep_cond);
+  else if (model_.transformer)
+    e = model_.transformer->forward(x, t, c, labels);
+  else
+    e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond);
+  e = e.to(at::kFloat);
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;

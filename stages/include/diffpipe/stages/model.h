@@ -10,6 +10,7 @@
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/clip_vision.h"
 #include "diffpipe/stages/controlnet.h"
+#include "diffpipe/stages/flux.h"
 #include "diffpipe/stages/request.h"
 #include "diffpipe/stages/sampler.h"
 #include "diffpipe/stages/sd3.h"
@@ -56,6 +57,13 @@ struct SdModel {
   int64_t max_sequence_length = 256;  // T5 tokens per prompt (the SD3 pipelines' default)
   std::shared_ptr<Sd3Transformer2DModel> transformer;
   Sd3TransformerConfig transformer_config;
+  // FLUX.1 (FluxPipeline folders): CLIP's pooled output (tokenizer, text_encoder) and T5's 512 tokens (tokenizer_2,
+  // text_encoder_2: t5_tokenizer, t5); the Flux transformer (kUNet) on 2x2-packed latents, its guidance scale embedded
+  // ([dev]; no unconditional row); flow matching with the pipelines' sigmas linspace(1, 1/n, n) shifted by the image's
+  // token count. unet_config carries the latent channels and the pipelines' default sample size (128).
+  bool flux = false;
+  std::shared_ptr<FluxTransformer2DModel> flux_transformer;
+  FluxTransformerConfig flux_config;
   std::shared_ptr<AutoencoderKL> vae;
   std::shared_ptr<SuperResolution> super_res;  // optional super_resolution/ (kSuperRes): enlarges decoded images
   std::shared_ptr<const UnclipParts> unclip;   // Stable unCLIP's prior components (kPrior; stages/unclip.h)
@@ -128,7 +136,9 @@ struct SdModel {
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
   // Stable Diffusion, SDXL and SD3 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
-  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
+  bool img2img() const {
+    return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky && !flux;
+  }
   // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
   // folders when it also has a prompt (without one the image is varied instead)
   bool starts_from_image(const GenerationParams& p) const {
@@ -146,7 +156,7 @@ struct SdModel {
   }
   // The denoiser's own downsampling of the latents: the UNet's (2 per downsampler) or the transformer's patch size
   int64_t denoiser_downscale() const {
-    return sd3 ? transformer_config.patch_size : int64_t(1) << (unet_config.block_out_channels.size() - 1);
+    return sd3 ? transformer_config.patch_size : flux ? 2 : int64_t(1) << (unet_config.block_out_channels.size() - 1);
   }
   int64_t latent_factor() const {
     return deepfloyd_if ? 1 : int64_t(1) << (vae_config.block_out_channels.size() - 1);
@@ -156,7 +166,10 @@ struct SdModel {
   // Whether request `p` runs classifier-free guidance here (an unconditional row beside its own): guidance above 1
   // and a UNet without time_cond_proj_dim; a Latent Consistency Model's UNet embeds the guidance scale instead
   // (diffusers' do_classifier_free_guidance), so it ignores the negative prompt.
-  bool uses_cfg(const GenerationParams& p) const { return p.uses_cfg() && unet_config.time_cond_proj_dim == 0; }
+  // FLUX.1 likewise runs none (its [dev] transformer embeds the guidance scale).
+  bool uses_cfg(const GenerationParams& p) const {
+    return p.uses_cfg() && unet_config.time_cond_proj_dim == 0 && !flux;
+  }
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)
@@ -170,6 +183,7 @@ struct SdModel {
   // model_index.json names StableDiffusionXLPipeline, or its Img2Img or Inpaint variant (same components)
   static bool is_sdxl(const std::string& dir);
   static bool is_sd3(const std::string& dir);  // model_index.json names StableDiffusion3Pipeline
+  static bool is_flux(const std::string& dir);  // model_index.json names FluxPipeline
   static bool is_lcm_pipeline(const std::string& dir);
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)

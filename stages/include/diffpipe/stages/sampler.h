@@ -63,6 +63,8 @@ struct SchedulerConfig {
   double base_shift = 0.5, max_shift = 1.15;
   int64_t base_image_seq_len = 256, max_image_seq_len = 4096;
   bool flow_matching() const { return class_name == "FlowMatchEulerDiscreteScheduler"; }
+  // Not a file key: the FLUX.1 pipelines pass sigmas = linspace(1, 1/n, n) (float32) instead of the scheduler's own
+  bool linspace_sigmas = false;
   // Loads and validates (unsupported values are errors naming the key).
   static SchedulerConfig load(const std::string& path);
   // A DDPMScheduler config (Stable unCLIP's prior_scheduler and image_noising_scheduler), with its defaults, or an

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Makes a tiny FLUX.1 reference folder with diffusers (FluxPipeline), for the GoldenFlux tests:
+
+    python3 tests/stages/make_flux_golden.py --out DIR [--seed 0]
+    DIFFPIPE_GOLDEN_FLUX=DIR ./build/tests/test_stages --gtest_filter='GoldenFlux.*'
+
+DIR/model/ is a diffusers Flux folder (random weights) laid out as FLUX.1-dev at a tiny size: tokenizer/ +
+text_encoder/ (CLIPTextModel, hidden 32: its pooled output), tokenizer_2/ + text_encoder_2/ (make_t5_golden.make_t5,
+d_model 48: the prompt's tokens), transformer/ (FluxTransformer2DModel: 2 double-stream and 2 single-stream blocks, 2
+heads of 16, rotary axes (4, 6, 6), guidance_embeds), vae/ (AutoencoderKL, 4 latent channels, no quant convs, Flux's
+scaling 0.3611 and shift 0.1159), scheduler/ (FlowMatchEulerDiscreteScheduler as FLUX.1-dev ships it: shift 3,
+use_dynamic_shifting). DIR/transformer_schnell/: the same without guidance_embeds (FLUX.1-schnell's form).
+DIR/golden.safetensors (float32 unless noted):
+  text_encoder.input_ids (i64) -> text_encoder.pooled; text_encoder_2.input_ids (i64, 512) -> text_encoder_2.out;
+  transformer.{latents [B, 4, h, w] (unpacked), timestep (sigma), encoder_hidden_states, pooled, guidance} ->
+  transformer.out (unpacked), transformer_schnell.out (no guidance);
+  for each pipeline run R: pipeline.R.initial_noise [B, 4, h, w], pipeline.R.final_latents (unpacked),
+  pipeline.R.image_uint8 (u8, HWC).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from golden_draws import tiny_sd_args
+from make_t5_golden import make_t5
+
+PROMPTS = ["a red circle on a blue square", "a small green triangle, top left"]
+
+
+def main():
+    a = tiny_sd_args()
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    src = os.path.join(a.src, "model")
+    model = os.path.join(a.out, "model")
+    if os.path.exists(a.out):
+        shutil.rmtree(a.out)
+    os.makedirs(os.path.join(model, "tokenizer"))
+    torch.manual_seed(a.seed)
+
+    def nudged(m, scale=0.02):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        return m.eval()
+
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(model, "tokenizer", f))
+    tok = CLIPTokenizer.from_pretrained(os.path.join(model, "tokenizer"))
+    te = nudged(CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                             num_attention_heads=4, hidden_act="quick_gelu", vocab_size=49408,
+                                             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                                             pad_token_id=1)))
+    tok2, te2 = make_t5(os.path.join(a.out, "t5tmp", "tokenizer"), os.path.join(a.out, "t5tmp", "text_encoder"),
+                        a.seed, os.path.join(src, "tokenizer", "vocab.json"), d_model=48)
+    torch.manual_seed(a.seed + 10)
+    shape = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    tr = nudged(FluxTransformer2DModel(guidance_embeds=True, **shape), 0.05)
+    schnell = nudged(FluxTransformer2DModel(guidance_embeds=False, **shape), 0.05)
+    schnell.save_pretrained(os.path.join(a.out, "transformer_schnell"))
+    vae = nudged(AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True), 0.02)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                            max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                        tokenizer_2=tok2, transformer=tr)
+    pipe.save_pretrained(model)
+    shutil.rmtree(os.path.join(a.out, "t5tmp"))
+    for f in os.listdir(os.path.join(model, "tokenizer")):  # the slow tokenizer's files, as the source ships them
+        os.remove(os.path.join(model, "tokenizer", f))
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(model, "tokenizer", f))
+    pipe.set_progress_bar_config(disable=True)
+
+    out = {}
+    g = torch.Generator().manual_seed(a.seed + 1)
+    with torch.no_grad():
+        ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out["text_encoder.input_ids"] = ids
+        out["text_encoder.pooled"] = te(ids, output_hidden_states=False).pooler_output
+        ids2 = tok2(PROMPTS, padding="max_length", max_length=512, truncation=True, add_special_tokens=True,
+                    return_tensors="pt").input_ids
+        out["text_encoder_2.input_ids"] = ids2
+        out["text_encoder_2.out"] = te2(ids2, output_hidden_states=False)[0]
+
+        # the transformer alone on unpacked 8x6 latents (4x3 tokens), three timesteps and guidance scales
+        lat = torch.randn(3, 4, 8, 6, generator=g)
+        ts = torch.tensor([1.0, 0.53125, 0.0125])
+        ehs = torch.randn(3, 11, 48, generator=g)
+        pooled = torch.randn(3, 32, generator=g)
+        gd = torch.tensor([3.5, 1.0, 7.25])
+        packed = FluxPipeline._pack_latents(lat, 3, 4, 8, 6)
+        img_ids = FluxPipeline._prepare_latent_image_ids(3, 4, 3, "cpu", torch.float32)
+        txt_ids = torch.zeros(11, 3)
+        for name, m, guid in (("transformer", tr, gd), ("transformer_schnell", schnell, None)):
+            o = m(packed, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=ts, img_ids=img_ids,
+                  txt_ids=txt_ids, guidance=guid).sample
+            out[f"{name}.out"] = FluxPipeline._unpack_latents(o, 32, 24, 4)  # (pixel size, vae_scale_factor)
+        out.update({"transformer.latents": lat, "transformer.timestep": ts, "transformer.encoder_hidden_states": ehs,
+                    "transformer.pooled": pooled, "transformer.guidance": gd})
+
+        runs = [dict(name="plain", guidance=3.5, steps=4, height=32, width=32),
+                dict(name="wide", guidance=5.0, steps=3, height=32, width=48)]
+        for r in runs:
+            noise = torch.randn(len(PROMPTS), 4, r["height"] // 4, r["width"] // 4, generator=g)
+            packed = FluxPipeline._pack_latents(noise, len(PROMPTS), 4, r["height"] // 4, r["width"] // 4)
+            lat = pipe(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
+                       width=r["width"], latents=packed.clone(), output_type="latent").images
+            lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
+            im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+            im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            n = r["name"]
+            out[f"pipeline.{n}.initial_noise"] = noise
+            out[f"pipeline.{n}.final_latents"] = lat
+            out[f"pipeline.{n}.image_uint8"] = torch.from_numpy((im * 255).round().clip(0, 255).astype(np.uint8))
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
+    meta = {"prompts": PROMPTS, "runs": runs,
+            "source": f"diffusers {diffusers.__version__} FluxPipeline, transformers {transformers.__version__}, "
+                      f"torch {torch.__version__}, float32 CPU"}
+    with open(os.path.join(a.out, "golden.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

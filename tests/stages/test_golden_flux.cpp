@@ -1,0 +1,133 @@
+// FLUX.1 against diffusers' FluxPipeline, module by module and whole. The reference folder is made by
+// tests/stages/make_flux_golden.py (scripts/test.sh makes it under build/golden when it can): $DIFFPIPE_GOLDEN_FLUX,
+// default the sibling tiny-flux of the tiny-sd folder; absent, the tests skip.
+// Tolerances from the golden README: modules max|a-b|/max|b| <= 1e-4; whole pipeline latents <= 1e-3, images
+// within +-1 on >= 99 % of values.
+#include "diffpipe/runtime/json_config.h"
+#include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/clip_text.h"
+#include "diffpipe/stages/flux.h"
+#include "diffpipe/stages/stages.h"
+#include "diffpipe/stages/t5.h"
+#include "diffpipe/stages/tokenizer.h"
+#include "denoise_util.h"
+#include "device_util.h"
+#include "test_util.h"
+
+using namespace diffpipe;
+using diffpipe::test::rel_err;
+
+namespace {
+#define DP_REQUIRE_FLUX(dir) DP_REQUIRE_GENERATED(dir, "DIFFPIPE_GOLDEN_FLUX", "tiny-flux", "model", "make_flux_golden.py")
+}  // namespace
+
+// CLIP's pooled output (final layer norm at the end-of-text token) and T5's 512 tokens without a mask.
+TEST(GoldenFlux, TextEncoders) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto prompts = JsonConfig::load(dir + "/golden.json").json().at("prompts");
+  const auto tok = ClipTokenizer::load(dir + "/model/tokenizer");
+  const auto tok2 = T5Tokenizer::load(dir + "/model/tokenizer_2");
+  for (int64_t i = 0; i < static_cast<int64_t>(prompts.size()); ++i) {
+    const std::string p = prompts[i].get<std::string>();
+    EXPECT_TRUE(at::equal(at::tensor(tok.encode(p), at::kLong), g.at("text_encoder.input_ids")[i])) << p;
+    EXPECT_TRUE(at::equal(at::tensor(tok2.encode(p, 512).ids, at::kLong), g.at("text_encoder_2.input_ids")[i])) << p;
+  }
+  const DeviceSpec spec = test::device_spec();
+  const auto clip = ClipTextModel::load(dir + "/model/text_encoder", spec);
+  const double a = rel_err(clip->forward(test::on_device(g.at("text_encoder.input_ids"), spec)).pooled,
+                           g.at("text_encoder.pooled"));
+  const auto t5 = T5EncoderModel::load(dir + "/model/text_encoder_2", spec);
+  const at::Tensor ids = test::on_device(g.at("text_encoder_2.input_ids"), spec);
+  const double b = rel_err(t5->forward(ids, at::ones_like(ids)), g.at("text_encoder_2.out"));
+  std::printf("[golden-flux] CLIP pooled %.2e, T5 (512 tokens) %.2e\n", a, b);
+  EXPECT_LE(a, test::module_tol(spec));
+  EXPECT_LE(b, test::module_tol(spec));
+}
+
+// The transformer on unpacked latents (packed 2x2 inside, rotary ids over rows and columns): [dev]'s form with the
+// guidance embedding at three timesteps and scales, [schnell]'s without; a missing or extra guidance is refused.
+TEST(GoldenFlux, Transformer) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const DeviceSpec spec = test::device_spec();
+  auto in = [&](const char* k) { return test::on_device(g.at(k), spec); };
+  const auto dev = FluxTransformer2DModel::load(dir + "/model/transformer", spec);
+  const auto schnell = FluxTransformer2DModel::load(dir + "/transformer_schnell", spec);
+  ASSERT_TRUE(dev->config().guidance_embeds && !schnell->config().guidance_embeds);
+  const at::Tensor x = in("transformer.latents"), c = in("transformer.encoder_hidden_states");
+  const at::Tensor pooled = in("transformer.pooled"), t = g.at("transformer.timestep");
+  const double e = rel_err(dev->forward(x, t, c, pooled, g.at("transformer.guidance")), g.at("transformer.out"));
+  const double s = rel_err(schnell->forward(x, t, c, pooled), g.at("transformer_schnell.out"));
+  std::printf("[golden-flux] transformer: [dev] form %.2e, [schnell] form %.2e\n", e, s);
+  EXPECT_LE(e, test::module_tol(spec));
+  EXPECT_LE(s, test::module_tol(spec));
+  EXPECT_NE(test::error_of([&] { (void)dev->forward(x, t, c, pooled); }).find("guidance_embeds"), std::string::npos);
+  EXPECT_NE(test::error_of([&] { (void)schnell->forward(x, t, c, pooled, g.at("transformer.guidance")); })
+                .find("guidance_embeds"),
+            std::string::npos);
+}
+
+// The whole pipeline through diffpipe's stages with the reference's initial noise (unpacked): FluxPipeline's sigmas
+// linspace(1, 1/n, n) shifted by mu of the image's token count, the guidance embedded, one row per request.
+TEST(GoldenFlux, WholePipelineEveryRun) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const DeviceSpec spec = test::device_spec();
+  const SdModel model = SdModel::load(dir + "/model", spec);
+  ASSERT_TRUE(model.flux && model.flux_transformer && !model.unet && model.scheduler.use_dynamic_shifting);
+  for (const auto& run : meta.at("runs")) {
+    const std::string name = run.at("name").get<std::string>();
+    std::vector<GenerationParams> params;
+    for (const auto& pr : meta.at("prompts")) {
+      GenerationParams p;
+      p.prompt = pr.get<std::string>();
+      p.steps = run.at("steps").get<int>();
+      p.guidance = run.at("guidance").get<double>();
+      p.width = run.at("width").get<int>();
+      p.height = run.at("height").get<int>();
+      params.push_back(p);
+    }
+    EXPECT_FALSE(model.uses_cfg(params[0]));
+    std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline." + name + ".initial_noise"));
+    EXPECT_EQ(ds[0].sampler->kind(), SamplerKind::FlowMatchEuler);
+    const std::vector<at::Tensor> lat = test::denoise_to_end(model, ds);
+    const double e = rel_err(at::stack(lat), g.at("pipeline." + name + ".final_latents"));
+    const at::Tensor img = DecodeStage(model).run_uint8(lat);
+    const at::Tensor d = (img.to(at::kInt) - g.at("pipeline." + name + ".image_uint8").to(at::kInt)).abs();
+    const double within = d.le(1).to(at::kDouble).mean().item<double>();
+    std::printf("[golden-flux] whole pipeline (%s): final latents %.2e, image values within +-1: %.4f (max %d)\n",
+                name.c_str(), e, within, d.max().item<int>());
+    EXPECT_LE(e, test::pipeline_tol(spec)) << name;
+    if (spec.dtype == at::kFloat) EXPECT_GE(within, 0.99) << name;
+  }
+}
+
+// Requests Flux cannot serve are refused before any work, naming the setting.
+TEST(GoldenFlux, Refusals) {
+  DP_REQUIRE_FLUX(dir);
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec(), 0u);
+  auto refused = [&](const GenerationParams& p) {
+    return test::error_of([&] { (void)resolve_params(model, p, at::Tensor()); });
+  };
+  GenerationParams p;
+  p.prompt = "a red circle";
+  p.width = p.height = 32;
+  EXPECT_EQ(refused(p), "");
+  EXPECT_EQ(model.default_size(), 512);  // FluxPipeline: 128 x the VAE's factor (4 here; 1024 px for FLUX.1)
+  p.negative_prompt = "blurry";
+  EXPECT_NE(refused(p).find("no unconditional row"), std::string::npos) << refused(p);
+  p.negative_prompt.clear();
+  p.sampler = "euler";
+  EXPECT_NE(refused(p).find("flow_euler"), std::string::npos) << refused(p);
+  p.sampler.clear();
+  p.clip_skip = 1;
+  EXPECT_NE(refused(p).find("clip_skip"), std::string::npos) << refused(p);
+  p.clip_skip = 0;
+  p.width = 36;  // not a multiple of 8 (the VAE's 4 x the 2x2 packing)
+  EXPECT_NE(refused(p).find("multiple of 8"), std::string::npos) << refused(p);
+  p.width = 32;
+  p.image_prompt = dir + "/nothing.png";
+  EXPECT_NE(refused(p).find("text-to-image"), std::string::npos) << refused(p);
+}
