@@ -81,7 +81,8 @@ const std::vector<cli::Opt> kOptions = {
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
-    {"guidance", "G", "classifier-free guidance scale (default 7.5; 1 skips the unconditional pass)"},
+    {"guidance", "G", "classifier-free guidance scale (default: the folder's diffusers pipeline's, 7.5 for Stable "
+                      "Diffusion, 5 SDXL, 7 SD3, 3.5 Flux, 4 Kandinsky; 1 skips the unconditional pass)"},
     {"guidance-rescale", "R", "diffusers' guidance_rescale: the guided prediction rescaled toward the conditional\n"
                               "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
     {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | kdpm2 | kdpm2_karras |\n"
@@ -312,7 +313,7 @@ int generate_main(int argc, char** argv) {
     GenerationParams base;
     base.negative_prompt = a.str("negative-prompt");
     base.steps = static_cast<int>(a.integer("steps", 25));
-    base.guidance = a.number("guidance", 7.5);
+    base.guidance = a.number("guidance", SdModel::default_guidance(a.str("model")));
     base.sampler = a.str("sampler");
     base.width = static_cast<int>(a.integer("width", 0));
     base.height = static_cast<int>(a.integer("height", 0));

@@ -53,7 +53,7 @@ int serve_main(int argc, char** argv) {
                        {"max-body-mb", "MB", "largest request body; uploaded images travel in it (default 16)"},
                        {"timeout-request", "S", "an image not finished S s after it arrived answers 504 (default: none)"},
                        {"steps", "N", "default num_inference_steps (default 25)"},
-                       {"guidance", "G", "default guidance_scale (default 7.5)"},
+                       {"guidance", "G", "default guidance_scale (default: the folder's pipeline's, as generate)"},
                        {"sampler", "NAME", "default sampler (default: the model's)"},
                        {"max-batch", "N", "per-stage batch limit (default 8)"},
                        {"pipeline", "FILE", "placement of stages on ranks (TOML)"},
@@ -114,7 +114,7 @@ int serve_main(int argc, char** argv) {
     if (world.rank == 0) comps |= kTextEncoder;  // the tokenizer counts prompt tokens for `usage`
     model = SdModel::load(dir, spec, comps, opts.addons);
     defaults.steps = static_cast<int>(a.integer("steps", 25));
-    defaults.guidance = a.number("guidance", 7.5);
+    defaults.guidance = a.number("guidance", SdModel::default_guidance(dir));
     defaults.sampler = a.str("sampler");
     if (defaults.sampler.empty()) {  // the folder's own scheduler answers requests that name none
       try {

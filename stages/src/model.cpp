@@ -666,6 +666,13 @@ bool SdModel::is_sdxl(const std::string& dir) {
 }
 bool SdModel::is_sd3(const std::string& dir) { return pipeline_class(dir) == "StableDiffusion3Pipeline"; }
 bool SdModel::is_flux(const std::string& dir) { return pipeline_class(dir) == "FluxPipeline"; }
+double SdModel::default_guidance(const std::string& dir) {
+  if (is_flux(dir)) return 3.5;
+  if (is_kandinsky(dir)) return 4.0;
+  if (is_sdxl(dir)) return 5.0;
+  if (is_sd3(dir) || is_if(dir)) return 7.0;
+  return 7.5;
+}
 bool SdModel::is_lcm_pipeline(const std::string& dir) {
   const std::string c = pipeline_class(dir);
   return c == "LatentConsistencyModelPipeline" || c == "LatentConsistencyModelImg2ImgPipeline";

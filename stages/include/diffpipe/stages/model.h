@@ -184,6 +184,9 @@ struct SdModel {
   static bool is_sdxl(const std::string& dir);
   static bool is_sd3(const std::string& dir);  // model_index.json names StableDiffusion3Pipeline
   static bool is_flux(const std::string& dir);  // model_index.json names FluxPipeline
+  // The guidance scale a request without one gets: the folder's diffusers pipeline default (FluxPipeline 3.5,
+  // Kandinsky 2.2's 4, SDXL's 5, SD3's and DeepFloyd IF's 7), else Stable Diffusion's 7.5
+  static double default_guidance(const std::string& dir);
   static bool is_lcm_pipeline(const std::string& dir);
   static bool is_upscaler(const std::string& dir);  // model_index.json names StableDiffusionUpscalePipeline
   static bool is_if(const std::string& dir);      // model_index.json names IFPipeline (DeepFloyd IF stage I)
