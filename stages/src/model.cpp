@@ -368,7 +368,7 @@ static SdModel load_transformer_folder(SdModel m, unsigned components, const Mod
   m.vae_dtype = m.vae_config.force_upcast && spec.dtype == at::kHalf ? at::kFloat : spec.dtype;
   DeviceSpec vspec = spec;
   vspec.dtype = m.vae_dtype;
-  const bool encoder = !flux && (components & (kVaeEncoder | kImageLatents)) != 0;  // image-to-image's encode stage
+  const bool encoder = (components & (kVaeEncoder | kImageLatents)) != 0;  // image-to-image's encode stage
   if ((components & kVae) || encoder)
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
   m.addons = addons;
@@ -642,7 +642,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
 }
 
 bool SdModel::is_img2img_folder(const std::string& dir) {
-  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir) && !is_flux(dir);
+  return !is_if(dir) && !is_upscaler(dir) && !is_unclip(dir) && !is_kandinsky(dir);
 }
 bool SdModel::has_super_resolution(const std::string& dir) { return dir_exists(path_join(dir, "super_resolution")); }
 bool SdModel::is_unclip(const std::string& dir) { return UnclipParts::is_unclip_folder(dir); }

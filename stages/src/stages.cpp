@@ -409,8 +409,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   const bool img2img = model.starts_from_image(p);
   DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
            "diffpipe does not load; ", model.dir, " takes no mask");
-  DP_CHECK(p.mask.empty() || !model.sd3, "mask: ", model.dir, " is a Stable Diffusion 3 folder; diffpipe runs its ",
-           "text-to-image and image-to-image pipelines, not inpainting");
+  DP_CHECK(p.mask.empty() || !(model.sd3 || model.flux), "mask: ", model.dir, " is a ",
+           model.sd3 ? "Stable Diffusion 3" : "FLUX.1", " folder; diffpipe runs its text-to-image and image-to-image ",
+           "pipelines, not inpainting");
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
            "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
   DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",
@@ -441,9 +442,11 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
       // LatentConsistencyModelImg2ImgPipeline: every step runs, over the strength's share of the LCM schedule
       r.sampler = Sampler::create(r.kind, model.scheduler, p.steps, false, strength);
     } else {
-      // diffusers' get_timesteps: int(steps x strength) run; SD3's pipelines skip int(steps - steps x strength)
-      const int init = model.sd3 ? p.steps - static_cast<int>(std::max(p.steps - p.steps * strength, 0.0))
-                                 : std::min(static_cast<int>(p.steps * strength), p.steps);
+      // diffusers' get_timesteps: int(steps x strength) run; SD3's and Flux's pipelines skip
+      // int(steps - steps x strength)
+      const bool dit = model.sd3 || model.flux;
+      const int init = dit ? p.steps - static_cast<int>(std::max(p.steps - p.steps * strength, 0.0))
+                           : std::min(static_cast<int>(p.steps * strength), p.steps);
       DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
                "strength) must be at least 1); raise strength or steps");
       r.begin = (p.steps - init) * r.sampler->order();  // timesteps[t_start * order:]
@@ -456,8 +459,8 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
                "x", r.mask.size(1), ", the image ", W, "x", H, " (a mask covers its image pixel for pixel)");
     }
   } else {
-    DP_CHECK(p.strength < 0, "strength: only image-to-image uses it (an image_prompt with a Stable Diffusion, SDXL or SD3 ",
-             "folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
+    DP_CHECK(p.strength < 0, "strength: only image-to-image uses it (an image_prompt with a Stable Diffusion, SDXL, ",
+             "SD3 or Flux folder); ", model.dir, " ", p.image_prompt.empty() ? "got no image" : "is not one");
   }
   if (model.upscaler) {  // the output is the image enlarged by the VAE's factor
     DP_CHECK(!p.image_prompt.empty(), "image_prompt: the x4 upscaler needs the low-resolution image to enlarge ",
@@ -512,13 +515,11 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
 
-  if (model.flux) {  // FluxPipeline without true CFG: one row per request, CLIP's pooled output, text to image
+  if (model.flux) {  // FluxPipeline without true CFG: one row per request, CLIP's pooled output
     DP_CHECK(p.negative_prompt.empty(), "negative_prompt: ", model.dir, " is a FLUX.1 folder: it runs no ",
              "unconditional row (the guidance scale is embedded), so a negative prompt would go unused");
     DP_CHECK(p.clip_skip == 0, "clip_skip: not supported for FLUX.1 folders (CLIP's pooled output only; ", model.dir,
              ")");
-    DP_CHECK(p.image_prompt.empty(), "image_prompt: ", model.dir, " is a FLUX.1 folder; diffpipe runs its ",
-             "text-to-image pipeline (FluxPipeline) only");
   }
   if (model.sd3) {  // the transformer's position table covers pos_embed_max_size patches a side
     const int64_t most = model.transformer_config.pos_embed_max_size * model.denoiser_downscale() * model.latent_factor();

@@ -96,4 +96,28 @@ serve_up() {  # serve_up LOG ARGS...: "$BIN" serve --port 0 ARGS in the backgrou
   done
   URL=""
 }
+dit_img2img() {  # dit_img2img IMAGE: SD3/Flux image-to-image from IMAGE (48x32) on 1 and 3 ranks: the same bytes, the
+                 # image's size, the pipelines' default strength 0.6 recorded; a mask refused by name
+  local I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$1" --seed 3 --steps 5 --threads 1
+             --batch-invariant --quiet --timeout 60)
+  timeout 60 "$BIN" "${I2I[@]}" --out "$WORK/i2i1" 2> "$WORK/i2i1.log" || bad "img2img failed: $(tail -2 "$WORK/i2i1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${I2I[@]}" --out "$WORK/i2i3" 2> "$WORK/i2i3.log" \
+    || bad "3-rank img2img failed: $(tail -2 "$WORK/i2i3.log")"
+  same_pngs "$WORK/i2i1" "$WORK/i2i3" && ok "image-to-image: 1 and 3 ranks give the same PNG bytes" \
+    || bad "image-to-image differs across ranks"
+  [ "$(png_size "$WORK/i2i1/img-00000-seed3.png" 2>/dev/null)" = "48 32" ] \
+    && png_text "$WORK/i2i1/img-00000-seed3.png" | grep -aq "Denoising strength: 0.6" \
+    && ok "image-to-image keeps the image's size; the pipeline's default strength 0.6 is recorded" \
+    || bad "image-to-image size or strength: $(png_text "$WORK/i2i1/img-00000-seed3.png")"
+  write_mask "$WORK/mask.png" 48 32 8 8 24 24
+  refused mask "not inpainting" --image "$1" --mask "$WORK/mask.png" --width 48
+}
+missing_component() {  # missing_component NAME: $MODEL without NAME/ (links to the rest) is refused naming it
+  mkdir -p "$WORK/no-$1"; for p in "$MODEL"/*; do [ "$(basename "$p")" = "$1" ] || ln -s "$p" "$WORK/no-$1/"; done
+  if timeout 60 "$BIN" generate --model "$WORK/no-$1" --prompt x --out "$WORK/no-$1-out" 2> "$WORK/no-$1.log"; then
+    bad "a folder without $1/ accepted"
+  else grep -q "$1" "$WORK/no-$1.log" && [ -z "$(ls "$WORK/no-$1-out" 2>/dev/null | grep '^img-')" ] \
+    && ok "a folder without $1/ refused naming it, no image written" \
+    || bad "missing $1 error unclear: $(tail -1 "$WORK/no-$1.log")"; fi
+}
 printf 'a photo of a cat\na red circle above a blue square\nthree small triangles\n' > "$WORK/prompts.txt"

@@ -55,26 +55,9 @@ cmp -s "$WORK/neg/img-00000-seed9.png" "$WORK/jsonl/img-00000-seed9.png" && ok "
   || bad "JSONL differs from the flags"
 
 refused ddim "flow_euler (the default)" --sampler ddim
-# image-to-image (StableDiffusion3Img2ImgPipeline): 1 and 3 ranks alike, the pipeline's default strength 0.6 recorded
-I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$WORK/wide/img-00000-seed9.png" --seed 3 --steps 5
-     --threads 1 --batch-invariant --quiet --timeout 60)
-timeout 60 "$BIN" "${I2I[@]}" --out "$WORK/i2i1" 2> "$WORK/i2i1.log" || bad "img2img failed: $(tail -2 "$WORK/i2i1.log")"
-timeout 180 $MPIRUN -np 3 "$BIN" "${I2I[@]}" --out "$WORK/i2i3" 2> "$WORK/i2i3.log" \
-  || bad "3-rank img2img failed: $(tail -2 "$WORK/i2i3.log")"
-same_pngs "$WORK/i2i1" "$WORK/i2i3" && ok "image-to-image: 1 and 3 ranks give the same PNG bytes" \
-  || bad "image-to-image differs across ranks"
-[ "$(png_size "$WORK/i2i1/img-00000-seed3.png" 2>/dev/null)" = "48 32" ] \
-  && png_text "$WORK/i2i1/img-00000-seed3.png" | grep -aq "Denoising strength: 0.6" \
-  && ok "image-to-image keeps the image's size; the default strength 0.6 (SD3's pipeline) is recorded" \
-  || bad "image-to-image size or strength: $(png_text "$WORK/i2i1/img-00000-seed3.png")"
-write_mask "$WORK/mask.png" 48 32 8 8 24 24
-refused mask "not inpainting" --image "$WORK/wide/img-00000-seed9.png" --mask "$WORK/mask.png" --width 48
+dit_img2img "$WORK/wide/img-00000-seed9.png"  # StableDiffusion3Img2ImgPipeline
 refused big "pos_embed_max_size 12" --width 128 --height 128
-mkdir -p "$WORK/broken"; for p in "$MODEL"/*; do [ "$(basename "$p")" = transformer ] || ln -s "$p" "$WORK/broken/"; done
-if timeout 60 "$BIN" generate --model "$WORK/broken" --prompt x --out "$WORK/b" 2> "$WORK/broken.log"; then
-  bad "a folder without transformer/ accepted"
-else grep -q "transformer" "$WORK/broken.log" && ok "a folder without transformer/ refused naming it" \
-  || bad "missing transformer error unclear: $(tail -1 "$WORK/broken.log")"; fi
+missing_component transformer
 
 # serve: one request at a time here, so its batch is the CLI's
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1

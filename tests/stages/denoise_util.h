@@ -124,4 +124,35 @@ inline bool matches_reference_images(const at::Tensor& mine, at::ScalarType dtyp
   return dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
 }
 
+// The image-to-image runs of an SD3 or Flux reference (golden.json's img2img_runs; make_sd3_golden.py and
+// make_flux_golden.py write them alike): each run's requests from DIR/input_K.png with the reference's draws, 48x32
+// images, 5 steps at the default strength 0.6 (3 run) or 0.3 (int(5 - 1.5) = 3 skipped: 2 run, where SD's rule runs
+// 1), the images compared with the reference's. `tag` prefixes the printed figures.
+template <class Json>
+void check_dit_img2img_runs(const SdModel& model, const std::string& dir, const Json& meta,
+                            const std::map<std::string, at::Tensor>& g, const std::string& tag) {
+  for (const auto& run : meta.at("img2img_runs")) {
+    const std::string n = run.at("name").template get<std::string>();
+    std::vector<GenerationParams> params;
+    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
+      GenerationParams p;
+      p.prompt = meta.at("prompts")[i].template get<std::string>();
+      if (run.contains("negative_prompt") && !run.at("negative_prompt").is_null())
+        p.negative_prompt = run.at("negative_prompt").template get<std::string>();
+      p.steps = run.at("steps").template get<int>();
+      p.guidance = run.at("guidance").template get<double>();
+      if (!run.at("strength").is_null()) p.strength = run.at("strength").template get<double>();
+      p.image_prompt = dir + "/input_" + std::to_string(i) + ".png";
+      params.push_back(p);
+    }
+    std::vector<DenoiseState> ds = img2img_states(model, params, g, n);
+    const int runs = run.at("strength").is_null() ? 3 : 2;
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_EQ(params[i].width, 48) << n;  // the image's size
+      EXPECT_EQ(ds[i].total_steps(), runs) << n;
+    }
+    EXPECT_TRUE(matches_reference(model, ds, g.at(n + ".images"), tag + " " + n));
+  }
+}
+
 }  // namespace diffpipe::test

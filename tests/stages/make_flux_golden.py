@@ -15,7 +15,9 @@ DIR/golden.safetensors (float32 unless noted):
   transformer.{latents [B, 4, h, w] (unpacked), timestep (sigma), encoder_hidden_states, pooled, guidance} ->
   transformer.out (unpacked), transformer_schnell.out (no guidance);
   for each pipeline run R: pipeline.R.initial_noise [B, 4, h, w], pipeline.R.final_latents (unpacked),
-  pipeline.R.image_uint8 (u8, HWC).
+  pipeline.R.image_uint8 (u8, HWC); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
+  from DIR/input_K.png): R.draws.0 (the VAE posterior's sample), R.draws.1 (the initial noise, unpacked), R.images
+  ([B, 3, H, W] in [0, 1]).
 """
 import json
 import os
@@ -125,8 +127,39 @@ def main():
             out[f"pipeline.{n}.initial_noise"] = noise
             out[f"pipeline.{n}.final_latents"] = lat
             out[f"pipeline.{n}.image_uint8"] = torch.from_numpy((im * 255).round().clip(0, 255).astype(np.uint8))
+        # image-to-image (FluxImg2ImgPipeline, the same components): 48x32 starting images, both random draws
+        # recorded (the posterior sample, the initial noise); the default strength 0.6 and 0.3
+        from diffusers import FluxImg2ImgPipeline
+        from diffusers.models.autoencoders import vae as vae_module
+        from diffusers.pipelines.flux import pipeline_flux_img2img as img2img_module
+        from golden_draws import recorded_draws
+        from PIL import Image
+        i2i = FluxImg2ImgPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                                  tokenizer_2=tok2, transformer=tr)
+        i2i.set_progress_bar_config(disable=True)
+        yy, xx = np.mgrid[0:32, 0:48].astype(np.float32)
+        rng = np.random.default_rng(a.seed)
+        images = []
+        for k in range(len(PROMPTS)):
+            rgb = np.stack([xx / 47, yy / 31, (xx / 47 + yy / 31) / 2 if k == 0 else 1 - xx / 47], -1) * 200 + 30
+            im = Image.fromarray((rgb + rng.normal(0, 12, rgb.shape)).clip(0, 255).astype(np.uint8), "RGB")
+            im.save(os.path.join(a.out, f"input_{k}.png"))
+            images.append(im)
+        img2img_runs = [dict(name="i2i_default", strength=None, steps=5, guidance=3.5),
+                        dict(name="i2i_03", strength=0.3, steps=5, guidance=5.0)]
+        for r in img2img_runs:
+            kw = {} if r["strength"] is None else {"strength": r["strength"]}
+            with recorded_draws(vae_module, img2img_module) as draws:
+                # (height/width: the images' own size; the pipeline resizes them to these)
+                img = i2i(PROMPTS, image=images, num_inference_steps=r["steps"], height=32, width=48,
+                          guidance_scale=r["guidance"], output_type="pt", generator=torch.Generator().manual_seed(5),
+                          **kw).images
+            assert len(draws) == 2, f"{r['name']}: expected 2 draws (posterior sample, noise), got {len(draws)}"
+            for k, d in enumerate(draws):
+                out[f"{r['name']}.draws.{k}"] = d
+            out[f"{r['name']}.images"] = img
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "runs": runs,
+    meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs,
             "source": f"diffusers {diffusers.__version__} FluxPipeline, transformers {transformers.__version__}, "
                       f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -104,6 +104,17 @@ TEST(GoldenFlux, WholePipelineEveryRun) {
   }
 }
 
+// Image-to-image (FluxImg2ImgPipeline) with the reference's draws: the image's latents shifted and scaled,
+// scale_noise at the first step that runs, the sigmas shifted for the image's tokens; the default strength 0.6 and 0.3.
+TEST(GoldenFlux, ImageToImage) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  const auto meta = JsonConfig::load(dir + "/golden.json").json();
+  const SdModel model = SdModel::load(dir + "/model", test::device_spec());
+  ASSERT_TRUE(model.img2img() && model.strength(GenerationParams{}) == 0.6);
+  test::check_dit_img2img_runs(model, dir, meta, g, "[golden-flux]");
+}
+
 // Requests Flux cannot serve are refused before any work, naming the setting.
 TEST(GoldenFlux, Refusals) {
   DP_REQUIRE_FLUX(dir);
@@ -127,7 +138,8 @@ TEST(GoldenFlux, Refusals) {
   p.clip_skip = 0;
   p.width = 36;  // not a multiple of 8 (the VAE's 4 x the 2x2 packing)
   EXPECT_NE(refused(p).find("multiple of 8"), std::string::npos) << refused(p);
-  p.width = 32;
-  p.image_prompt = dir + "/nothing.png";
-  EXPECT_NE(refused(p).find("text-to-image"), std::string::npos) << refused(p);
+  p.width = p.height = 0;  // image-to-image: the image's size
+  p.image_prompt = dir + "/input_0.png";
+  p.mask = dir + "/input_1.png";
+  EXPECT_NE(refused(p).find("not inpainting"), std::string::npos) << refused(p);
 }

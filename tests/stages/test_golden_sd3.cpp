@@ -167,27 +167,7 @@ TEST(GoldenSd3, ImageToImage) {
   const DeviceSpec spec = test::device_spec();
   const SdModel model = SdModel::load(dir + "/model", spec);
   ASSERT_TRUE(model.img2img());
-  for (const auto& run : meta.at("img2img_runs")) {
-    const std::string n = run.at("name").get<std::string>();
-    std::vector<GenerationParams> params;
-    for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
-      GenerationParams p;
-      p.prompt = meta.at("prompts")[i].get<std::string>();
-      p.negative_prompt = run.at("negative_prompt").is_null() ? "" : run.at("negative_prompt").get<std::string>();
-      p.steps = run.at("steps").get<int>();
-      p.guidance = run.at("guidance").get<double>();
-      if (!run.at("strength").is_null()) p.strength = run.at("strength").get<double>();
-      p.image_prompt = dir + "/input_" + std::to_string(i) + ".png";
-      params.push_back(p);
-    }
-    std::vector<DenoiseState> ds = test::img2img_states(model, params, g, n);
-    const int runs = run.at("strength").is_null() ? 3 : 2;  // 5 x 0.6 = 3; int(5 - 1.5) = 3 skipped at 0.3
-    for (size_t i = 0; i < params.size(); ++i) {
-      EXPECT_EQ(params[i].width, 48);  // the image's size
-      EXPECT_EQ(ds[i].total_steps(), runs) << n;
-    }
-    EXPECT_TRUE(test::matches_reference(model, ds, g.at(n + ".images"), "[golden-sd3] " + n));
-  }
+  test::check_dit_img2img_runs(model, dir, meta, g, "[golden-sd3]");
 }
 
 // Requests SD3 cannot serve are refused before any work, naming the setting.

@@ -135,10 +135,8 @@ struct SdModel {
   ClipImageProcessorConfig ip_image_processor;
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
-  // Stable Diffusion, SDXL and SD3 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
-  bool img2img() const {
-    return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky && !flux;
-  }
+  // Stable Diffusion, SDXL, SD3 and FLUX.1 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
+  bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
   // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
   // folders when it also has a prompt (without one the image is varied instead)
   bool starts_from_image(const GenerationParams& p) const {
@@ -146,13 +144,14 @@ struct SdModel {
   }
   // Image-to-image's strength: the request's, or the folder's pipeline default
   double strength(const GenerationParams& p) const { return p.effective_strength(strength_defaults()); }
-  StrengthDefaults strength_defaults() const { return strength_defaults(sdxl, kandinsky, sd3); }
+  StrengthDefaults strength_defaults() const { return strength_defaults(sdxl, kandinsky, sd3 || flux); }
   static StrengthDefaults strength_defaults(const std::string& dir) {
-    return strength_defaults(is_sdxl(dir), is_kandinsky(dir), is_sd3(dir));
+    return strength_defaults(is_sdxl(dir), is_kandinsky(dir), is_sd3(dir) || is_flux(dir));
   }
-  static StrengthDefaults strength_defaults(bool sdxl, bool kandinsky, bool sd3) {
+  // (`dit`: SD3 and FLUX.1, whose image-to-image pipelines default to 0.6)
+  static StrengthDefaults strength_defaults(bool sdxl, bool kandinsky, bool dit) {
     return sdxl ? StrengthDefaults{0.3, 0.9999} : kandinsky ? StrengthDefaults{0.3, 1.0}
-                                                : sd3 ? StrengthDefaults{0.6, 1.0} : StrengthDefaults{};
+                                                : dit ? StrengthDefaults{0.6, 1.0} : StrengthDefaults{};
   }
   // The denoiser's own downsampling of the latents: the UNet's (2 per downsampler) or the transformer's patch size
   int64_t denoiser_downscale() const {
