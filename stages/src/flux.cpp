@@ -170,9 +170,11 @@ FluxTransformer2DModel::FluxTransformer2DModel(const FluxTransformerConfig& c, c
   m.proj_out = nn::Linear(w, "proj_out", D, c.out_channels);
 }
 
-std::shared_ptr<FluxTransformer2DModel> FluxTransformer2DModel::load(const std::string& dir, const DeviceSpec& spec) {
+std::shared_ptr<FluxTransformer2DModel> FluxTransformer2DModel::load(const std::string& dir, const DeviceSpec& spec,
+                                         const std::vector<LoraLayer>& lora) {
   const auto cfg = FluxTransformerConfig::load(path_join(dir, "config.json"));
-  const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  apply_lora(w, lora, "transformer");
   auto m = std::make_shared<FluxTransformer2DModel>(cfg, w);
   for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
   return m;

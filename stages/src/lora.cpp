@@ -103,7 +103,8 @@ std::vector<Component> components_of(const std::string& dir) {
   for (const auto& [name, file] : std::vector<std::pair<std::string, std::string>>{
            {"unet", "unet/diffusion_pytorch_model.safetensors"},
            {"text_encoder", "text_encoder/model.safetensors"},
-           {"text_encoder_2", "text_encoder_2/model.safetensors"}}) {
+           {"text_encoder_2", "text_encoder_2/model.safetensors"},
+           {"transformer", "transformer/diffusion_pytorch_model.safetensors"}}) {  // SD3, FLUX.1
     const std::string path = path_join(dir, file);
     if (!file_exists(path)) continue;
     Component c{name, path, {}, {}};
@@ -120,7 +121,7 @@ std::vector<Component> components_of(const std::string& dir) {
       };
       add(m);
       // CLIP's weights are named with or without "text_model." (transformers 4 / 5); LoRAs either way
-      if (name != "unet") add(m.rfind("text_model.", 0) == 0 ? m.substr(11) : "text_model." + m);
+      if (name.rfind("text_encoder", 0) == 0) add(m.rfind("text_model.", 0) == 0 ? m.substr(11) : "text_model." + m);
       // UNet layers also by their original-layout (SGM) names, as kohya-ss names SDXL LoRAs
       if (unet)
         if (const std::string s = sgm_name(m, *unet); !s.empty()) add(s);
@@ -244,8 +245,9 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
     } else {  // diffusers / peft: <component>.<module>.lora_A.weight
       const size_t dot = key.find('.');
       comp = key.substr(0, dot);
-      DP_CHECK(comp == "unet" || comp == "text_encoder" || comp == "text_encoder_2", file, ": key '", key,
-               "': unknown LoRA format (diffusers' unet./text_encoder./text_encoder_2. keys or kohya's lora_unet_/lora_te_)");
+      DP_CHECK(comp == "unet" || comp == "text_encoder" || comp == "text_encoder_2" || comp == "transformer", file,
+               ": key '", key, "': unknown LoRA format (diffusers' unet./transformer./text_encoder./text_encoder_2. ",
+               "keys or kohya's lora_unet_/lora_te_)");
       if (ends_with(key, ".lora_A.weight")) kind = "down";
       else if (ends_with(key, ".lora_B.weight")) kind = "up";
       else DP_FAIL(file, ": key '", key, "': expected .lora_A.weight or .lora_B.weight (biases and DoRA magnitudes are not supported)");

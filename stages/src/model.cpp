@@ -352,16 +352,22 @@ static SdModel load_refiner(const SdModel& base, const std::string& dir, unsigne
 
 // The diffusion-transformer folders (validated): Stable Diffusion 3 and FLUX.1. The text encoders with kTextEncoder,
 // the transformer with kUNet, the VAE's halves as for Stable Diffusion.
-static SdModel load_flux(SdModel m, unsigned components);
-static SdModel load_sd3(SdModel m, unsigned components);
-static SdModel load_transformer_folder(SdModel m, unsigned components, const ModelAddons& addons) {
+static SdModel load_flux(SdModel m, unsigned components, const std::vector<LoraLayer>& lora);
+static SdModel load_sd3(SdModel m, unsigned components, const std::vector<LoraLayer>& lora);
+// `lora`: the run's LoRA layers (fused and per-request), for the transformer and the CLIP text encoders
+static SdModel load_transformer_folder(SdModel m, unsigned components, const ModelAddons& addons,
+                                       const std::vector<LoraLayer>& lora) {
   const std::string& dir = m.dir;
   const DeviceSpec& spec = m.spec;
   const bool flux = SdModel::is_flux(dir);
-  DP_CHECK(addons.loras.empty() && addons.adapters.empty() && addons.embeddings.empty() && addons.ip_adapter.empty() &&
-               addons.controlnets.empty() && addons.refiner.empty() && addons.prior.empty(),
-           dir, " is a ", flux ? "FLUX.1" : "Stable Diffusion 3", " folder: LoRA, textual inversion, IP-Adapter, ",
+  DP_CHECK(addons.embeddings.empty() && addons.ip_adapter.empty() && addons.controlnets.empty() &&
+               addons.refiner.empty() && addons.prior.empty(),
+           dir, " is a ", flux ? "FLUX.1" : "Stable Diffusion 3", " folder: textual inversion, IP-Adapter, ",
            "ControlNet, refiner and prior files apply to other folders");
+  for (const LoraLayer& l : lora)  // Flux's text_encoder_2 is T5, which takes no LoRA here
+    DP_CHECK(!flux || l.component != "text_encoder_2", "lora: a layer of text_encoder_2 (", l.weight_key, ") in ",
+             dir, ": FLUX.1's second text encoder is T5, which diffpipe does not adapt (transformer and CLIP layers ",
+             "only)");
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   m.text_config = ClipTextConfig::load(path_join(dir, "text_encoder/config.json"));
   m.vae_config = VaeConfig::load(path_join(dir, "vae/config.json"));
@@ -372,11 +378,11 @@ static SdModel load_transformer_folder(SdModel m, unsigned components, const Mod
   if ((components & kVae) || encoder)
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
   m.addons = addons;
-  return flux ? load_flux(std::move(m), components) : load_sd3(std::move(m), components);
+  return flux ? load_flux(std::move(m), components, lora) : load_sd3(std::move(m), components, lora);
 }
 
 // FLUX.1: CLIP (pooled) and T5, the Flux transformer, the pipelines' own sigmas
-static SdModel load_flux(SdModel m, unsigned components) {
+static SdModel load_flux(SdModel m, unsigned components, const std::vector<LoraLayer>& lora) {
   const std::string& dir = m.dir;
   m.flux = true;
   m.scheduler.linspace_sigmas = true;
@@ -388,16 +394,17 @@ static SdModel load_flux(SdModel m, unsigned components) {
   m.t5_config = T5Config::load(path_join(dir, "text_encoder_2/config.json"));
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
-    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), m.spec);
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), m.spec, lora);
     m.t5_tokenizer = std::make_shared<T5Tokenizer>(T5Tokenizer::load(path_join(dir, "tokenizer_2")));
     m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder_2"), m.spec);
   }
-  if (components & kUNet) m.flux_transformer = FluxTransformer2DModel::load(path_join(dir, "transformer"), m.spec);
+  if (components & kUNet)
+    m.flux_transformer = FluxTransformer2DModel::load(path_join(dir, "transformer"), m.spec, lora);
   return m;
 }
 
 // Stable Diffusion 3: two CLIP encoders with projections and the optional T5, the MMDiT transformer
-static SdModel load_sd3(SdModel m, unsigned components) {
+static SdModel load_sd3(SdModel m, unsigned components, const std::vector<LoraLayer>& lora) {
   const std::string& dir = m.dir;
   const DeviceSpec& spec = m.spec;
   m.sd3 = true;
@@ -411,15 +418,15 @@ static SdModel load_sd3(SdModel m, unsigned components) {
   if (m.sd3_t5) m.t5_config = T5Config::load(path_join(dir, "text_encoder_3/config.json"));
   if (components & kTextEncoder) {
     m.tokenizer = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer")));
-    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec);
+    m.text_encoder = ClipTextModel::load(path_join(dir, "text_encoder"), spec, lora);
     m.tokenizer_2 = std::make_shared<ClipTokenizer>(ClipTokenizer::load(path_join(dir, "tokenizer_2")));
-    m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec);
+    m.text_encoder_2 = ClipTextModel::load(path_join(dir, "text_encoder_2"), spec, lora);
     if (m.sd3_t5) {
       m.t5_tokenizer = std::make_shared<T5Tokenizer>(T5Tokenizer::load(path_join(dir, "tokenizer_3")));
       m.t5 = T5EncoderModel::load(path_join(dir, "text_encoder_3"), spec);
     }
   }
-  if (components & kUNet) m.transformer = Sd3Transformer2DModel::load(path_join(dir, "transformer"), spec);
+  if (components & kUNet) m.transformer = Sd3Transformer2DModel::load(path_join(dir, "transformer"), spec, lora);
   return m;
 }
 
@@ -462,7 +469,7 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
   SdModel m;
   m.dir = dir;
   m.spec = spec;
-  if (is_sd3(dir) || is_flux(dir)) return load_transformer_folder(std::move(m), components, addons);
+  if (is_sd3(dir) || is_flux(dir)) return load_transformer_folder(std::move(m), components, addons, lora);
   m.unet_config = UNetConfig::load(path_join(dir, "unet/config.json"));
   m.scheduler = SchedulerConfig::load(path_join(dir, "scheduler/scheduler_config.json"));
   if (is_if(dir)) {  // DeepFloyd IF stage I: T5 + the pixel-space UNet; no VAE, no super-resolution here

@@ -144,9 +144,11 @@ Sd3Transformer2DModel::Sd3Transformer2DModel(const Sd3TransformerConfig& c, cons
   m.proj_out = nn::Linear(w, "proj_out", D, P * P * c.out_channels);
 }
 
-std::shared_ptr<Sd3Transformer2DModel> Sd3Transformer2DModel::load(const std::string& dir, const DeviceSpec& spec) {
+std::shared_ptr<Sd3Transformer2DModel> Sd3Transformer2DModel::load(const std::string& dir, const DeviceSpec& spec,
+                                         const std::vector<LoraLayer>& lora) {
   const auto cfg = Sd3TransformerConfig::load(path_join(dir, "config.json"));
-  const Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  Weights w = Weights::load(path_join(dir, "diffusion_pytorch_model.safetensors"), spec);
+  apply_lora(w, lora, "transformer");
   auto m = std::make_shared<Sd3Transformer2DModel>(cfg, w);
   for (const auto& k : w.unused()) DP_LOG(Warn, w.origin(), ": unused tensor '", k, "'");
   return m;

@@ -203,6 +203,8 @@ std::vector<Embeddings> encode_sd3(const SdModel& model, const std::vector<const
   for (const auto& [skip, rows] : groups) {
     std::vector<const std::string*> texts;
     for (const auto& [i, uncond] : rows) texts.push_back(uncond ? &batch[i]->negative_prompt : &batch[i]->prompt);
+    const auto lora = text_adapter_rows(model, batch, rows);  // per-request LoRA adapters of the CLIP encoders
+    nn::AdapterScope scope(lora ? &*lora : nullptr);
     const ClipTextOutput o1 = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev), 0, at::Tensor(), skip);
     const ClipTextOutput o2 =
         model.text_encoder_2->forward(token_ids(*model.tokenizer_2, texts).to(dev), 0, at::Tensor(), skip);
@@ -239,10 +241,18 @@ std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<cons
   DP_CHECK(model.text_encoder && model.tokenizer && model.t5 && model.t5_tokenizer,
            "text encoder stage: Flux's text encoders are not loaded");
   std::vector<const std::string*> texts;
-  for (const GenerationParams* p : batch) texts.push_back(&p->prompt);
+  std::vector<std::pair<size_t, bool>> rows;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    texts.push_back(&batch[i]->prompt);
+    rows.push_back({i, false});
+  }
   const at::Device dev = model.spec.device;
-  const at::Tensor pooled =
-      model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).pooled.to(at::kFloat);
+  at::Tensor pooled;
+  {
+    const auto lora = text_adapter_rows(model, batch, rows);  // per-request LoRA adapters of CLIP
+    nn::AdapterScope scope(lora ? &*lora : nullptr);
+    pooled = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).pooled.to(at::kFloat);
+  }
   const int64_t L = model.max_sequence_length, n = static_cast<int64_t>(texts.size());
   std::vector<int64_t> ids;
   for (const std::string* t : texts) {

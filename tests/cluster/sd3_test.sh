@@ -5,7 +5,7 @@
 # Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks (encode | denoise | decode) and with --placement replicas
 # (--batch-invariant); the folder without T5 runs and differs; a negative prompt, guidance, clip_skip and the size
 # change the image; --sampler flow_euler is the default and recorded; JSONL = flags; image-to-image on 1 and 3 ranks
-# alike at the default strength 0.6; refusals by name (a diffusion sampler, a mask, a size beyond the position table,
+# alike at the default strength 0.6; a LoRA fused and per request; refusals by name (a diffusion sampler, a mask, a size beyond the position table,
 # a folder missing transformer/); serve gives the CLI's pixels.
 # Exit 77 = skipped (folder absent).
 set -u
@@ -58,6 +58,21 @@ refused ddim "flow_euler (the default)" --sampler ddim
 dit_img2img "$WORK/wide/img-00000-seed9.png"  # StableDiffusion3Img2ImgPipeline
 refused big "pos_embed_max_size 12" --width 128 --height 128
 missing_component transformer
+# LoRA (the reference's diffusers file: transformer and CLIP layers): fused with --lora, or per request with
+# --lora-adapters; a request choosing the adapter gets the fused run's pixels, one choosing none the base's
+LORA=$GOLD/lora.safetensors
+if [ -f "$LORA" ]; then
+  run_one lora --lora "$LORA"
+  printf '{"prompt": "a red circle", "seed": 9, "lora": "style"}\n{"prompt": "a red circle", "seed": 9}\n' > "$WORK/l.jsonl"
+  timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/l.jsonl" --steps 5 --width 32 --height 32 --threads 1 \
+    --batch-invariant --quiet --lora-adapters "style=$LORA" --out "$WORK/adapters" 2> "$WORK/adapters.log" \
+    || bad "per-request LoRA failed: $(tail -2 "$WORK/adapters.log")"
+  [ -f "$WORK/lora/img-00000-seed9.png" ] && ! same_pixels "$WORK/lora/img-00000-seed9.png" "$WORK/base/img-00000-seed9.png" \
+    && same_pixels "$WORK/lora/img-00000-seed9.png" "$WORK/adapters/img-00000-seed9.png" \
+    && same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/adapters/img-00001-seed9.png" \
+    && ok "LoRA: --lora changes the image; a per-request adapter gives the fused pixels, none the base's" \
+    || bad "LoRA: fused, per-request and base images do not relate as expected"
+else echo "note: no $LORA (make_sd3_golden.py makes it); the LoRA checks skipped"; fi
 
 # serve: one request at a time here, so its batch is the CLI's
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1

@@ -23,7 +23,8 @@ DIR/golden.safetensors (float32 unless noted, batch first):
   for each pipeline run R: pipeline.R.initial_noise, pipeline.R.prompt_embeds (the conditional rows),
   pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC); for each image-to-image run R of
   golden.json's img2img_runs (StableDiffusion3Img2ImgPipeline from DIR/input_K.png): R.draws.0 (the VAE posterior's
-  sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]).
+  sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and
+  .image_uint8: run "plain" with DIR/lora.safetensors active (transformer and first CLIP encoder, scale 1).
 """
 import json
 import os
@@ -220,6 +221,31 @@ def main():
             for k, d in enumerate(draws):
                 out[f"{r['name']}.draws.{k}"] = d
             out[f"{r['name']}.images"] = img
+        # LoRA (last: it changes the shared models): peft adapters on the transformer (rank 4, alpha 8) and the first
+        # CLIP encoder (rank 2, alpha 4), saved as diffusers saves them (lora.safetensors, with their metadata); the
+        # "plain" run again with them active (scale 1)
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.utils import get_peft_model_state_dict
+        torch.manual_seed(a.seed + 500)
+        tcfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.0.proj"])
+        ecfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
+        tr.add_adapter(tcfg)
+        inject_adapter_in_model(ecfg, te)
+        for n, prm in list(tr.named_parameters()) + list(te.named_parameters()):
+            if "lora_" in n:
+                prm.mul_(0.5)
+        StableDiffusion3Pipeline.save_lora_weights(a.out, transformer_lora_layers=get_peft_model_state_dict(tr),
+                                     text_encoder_lora_layers=get_peft_model_state_dict(te),
+                                     weight_name="lora.safetensors", transformer_lora_adapter_metadata=tcfg.to_dict(),
+                                     text_encoder_lora_adapter_metadata=ecfg.to_dict())
+        r = runs[0]
+        lat = pipe(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
+                   width=r["width"], latents=out["pipeline.plain.initial_noise"].clone(), output_type="latent").images
+        out["pipeline.lora.final_latents"] = lat
+        im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+        out["pipeline.lora.image_uint8"] = torch.from_numpy(
+            ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "runs": runs, "schedules": schedules, "img2img_runs": img2img_runs,
             "source": f"diffusers {diffusers.__version__} StableDiffusion3Pipeline, transformers "

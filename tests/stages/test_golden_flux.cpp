@@ -115,6 +115,13 @@ TEST(GoldenFlux, ImageToImage) {
   test::check_dit_img2img_runs(model, dir, meta, g, "[golden-flux]");
 }
 
+// A diffusers LoRA file (transformer and CLIP layers, peft metadata) fused at load, against diffusers with the adapters.
+TEST(GoldenFlux, Lora) {
+  DP_REQUIRE_FLUX(dir);
+  test::check_dit_lora_run(dir, JsonConfig::load(dir + "/golden.json").json(),
+                           load_safetensors(dir + "/golden.safetensors"), test::device_spec(), "[golden-flux]");
+}
+
 // Requests Flux cannot serve are refused before any work, naming the setting.
 TEST(GoldenFlux, Refusals) {
   DP_REQUIRE_FLUX(dir);

@@ -170,6 +170,13 @@ TEST(GoldenSd3, ImageToImage) {
   test::check_dit_img2img_runs(model, dir, meta, g, "[golden-sd3]");
 }
 
+// A diffusers LoRA file (transformer and CLIP layers, peft metadata) fused at load, against diffusers with the adapters.
+TEST(GoldenSd3, Lora) {
+  DP_REQUIRE_SD3(dir);
+  test::check_dit_lora_run(dir, JsonConfig::load(dir + "/golden.json").json(),
+                           load_safetensors(dir + "/golden.safetensors"), test::device_spec(), "[golden-sd3]");
+}
+
 // Requests SD3 cannot serve are refused before any work, naming the setting.
 TEST(GoldenSd3, Refusals) {
   DP_REQUIRE_SD3(dir);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/weights.h"
 
 namespace diffpipe {
@@ -28,7 +29,9 @@ struct FluxTransformerConfig {
 class FluxTransformer2DModel {
  public:
   FluxTransformer2DModel(const FluxTransformerConfig& cfg, const Weights& w);
-  static std::shared_ptr<FluxTransformer2DModel> load(const std::string& dir, const DeviceSpec& spec);
+  // `lora`: layers fused into the weights first (those of component "transformer"; per-request adapters attach)
+  static std::shared_ptr<FluxTransformer2DModel> load(const std::string& dir, const DeviceSpec& spec,
+                                                      const std::vector<LoraLayer>& lora = {});
 
   // latents [B, in_channels / 4, H, W] (H, W even; packed into (H/2)(W/2) tokens here, image ids (0, row, column));
   // timestep [B] or 0-d as the Flux pipelines pass it (sigma: t / 1000); encoder_hidden_states [B, L,

@@ -1,6 +1,7 @@
 // LoRA (low-rank adaptation) files fused into a model folder's weights at load time: W += scale x alpha / rank x
-// up @ down for every layer a file names (linear layers and convolutions, the UNet and the text encoders). Reads
-// diffusers' own format (peft keys "unet.<module>.lora_A.weight" / "lora_B.weight", "text_encoder.<module>...",
+// up @ down for every layer a file names (linear layers and convolutions, the UNet or SD3/Flux transformer and the text
+// encoders). Reads diffusers' own format (peft keys "unet.<module>.lora_A.weight" / "lora_B.weight",
+// "transformer.<module>...", "text_encoder.<module>...",
 // ranks and alphas in the "lora_adapter_metadata" header; none: alpha = rank) and kohya-ss's
 // ("lora_unet_<module_with_underscores>.lora_down.weight" / "lora_up.weight" / ".alpha", "lora_te_...",
 // "lora_te1_"/"lora_te2_" for SDXL's two text encoders), resolving modules against the folder's own weight names.
@@ -19,7 +20,7 @@ class Weights;
 
 // One layer's update, scale and alpha / rank already folded in: weight += scale_alpha x up @ down.
 struct LoraLayer {
-  std::string component;   // "unet", "text_encoder", "text_encoder_2"
+  std::string component;   // "unet", "transformer", "text_encoder", "text_encoder_2"
   std::string weight_key;  // the weight it changes, e.g. "down_blocks.0.attentions.0.proj_in.weight"
   at::Tensor down, up;     // [r, in], [out, r] (convolutions flattened), as the file stores them (mapped, not read
                            // until applied)

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/weights.h"
 
 namespace diffpipe {
@@ -30,7 +31,9 @@ struct Sd3TransformerConfig {
 class Sd3Transformer2DModel {
  public:
   Sd3Transformer2DModel(const Sd3TransformerConfig& cfg, const Weights& w);
-  static std::shared_ptr<Sd3Transformer2DModel> load(const std::string& dir, const DeviceSpec& spec);
+  // `lora`: layers fused into the weights first (those of component "transformer"; per-request adapters attach)
+  static std::shared_ptr<Sd3Transformer2DModel> load(const std::string& dir, const DeviceSpec& spec,
+                                                     const std::vector<LoraLayer>& lora = {});
 
   // hidden_states [B, C, H, W] (H and W multiples of patch_size, at most pos_embed_max_size patches each way);
   // timestep [B] (float: sigma x num_train_timesteps) or 0-d; encoder_hidden_states [B, L, joint_attention_dim];
