@@ -242,7 +242,7 @@ int main(int argc, char** argv) {
       res["loop_s"] = t;
       res["loop_steps_per_s"] = steps_per_s;
     }
-    const int64_t rows = o.guidance > 1 ? 2 * o.images : o.images;
+    const int64_t rows = model.uses_cfg(reqs[0]) ? 2 * o.images : o.images;  // (Flux: one row, the guidance embedded)
     if (parts.count("unet") && model.sd3) {  // SD3: the transformer on CLIP + T5 tokens and the pooled embedding
       const Sd3TransformerConfig& tc = model.transformer_config;
       const int64_t L = model.tokenizer->max_length() + model.max_sequence_length;
@@ -257,6 +257,22 @@ int main(int argc, char** argv) {
       const at::Tensor pd = pooled.to(spec.device, spec.dtype);
       at::Tensor out = model.transformer->forward(xd, ts, cd, pd);  // warm-up
       res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.transformer->forward(xd, ts, cd, pd); });
+      saved["unet.out"] = out.to(at::kCPU, at::kFloat);
+    } else if (parts.count("unet") && model.flux) {  // Flux: the transformer on T5 tokens, CLIP's pooled, the guidance
+      const FluxTransformerConfig& fc = model.flux_config;
+      at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, model.max_sequence_length,
+                                                                                     fc.joint_attention_dim});
+      at::Tensor pooled = seeded_noise(7, 2, {rows, fc.pooled_projection_dim});
+      at::Tensor ts = at::full({rows}, 0.5, at::kFloat), gs = at::full({rows}, o.guidance, at::kFloat);
+      saved["unet.sample"] = x;
+      saved["unet.encoder_hidden_states"] = ctx;
+      saved["unet.timesteps"] = ts;
+      saved["unet.text_embeds"] = pooled;
+      saved["unet.guidance"] = gs;
+      const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
+      const at::Tensor pd = pooled.to(spec.device, spec.dtype), g = fc.guidance_embeds ? gs : at::Tensor();
+      at::Tensor out = model.flux_transformer->forward(xd, ts, cd, pd, g);  // warm-up
+      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.flux_transformer->forward(xd, ts, cd, pd, g); });
       saved["unet.out"] = out.to(at::kCPU, at::kFloat);
     } else if (parts.count("unet")) {
       const UNetConfig& uc = model.unet_config;

@@ -57,8 +57,8 @@ def pipeline_class(model):
     return json.load(open(os.path.join(model, "model_index.json"))).get("_class_name")
 
 
-def sampler_of(model):  # DDIM on both sides; SD3 folders: their flow-matching Euler
-    return "flow_euler" if pipeline_class(model) == "StableDiffusion3Pipeline" else "ddim"
+def sampler_of(model):  # DDIM on both sides; SD3 and Flux folders: their flow-matching Euler
+    return "flow_euler" if pipeline_class(model) in ("StableDiffusion3Pipeline", "FluxPipeline") else "ddim"
 
 
 def run_diffpipe(a, out_file):
@@ -74,14 +74,17 @@ def run_diffpipe(a, out_file):
 
 class Diffusers:
     def __init__(self, a, torch):
-        from diffusers import (DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline,
+        from diffusers import (DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                                StableDiffusionXLPipeline)
         self.a, self.torch = a, torch
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
         t0 = time.perf_counter()
         cls = pipeline_class(a.model)
         self.xl, self.sd3 = cls == "StableDiffusionXLPipeline", cls == "StableDiffusion3Pipeline"
-        if self.xl:  # no watermark: diffpipe does not add one
+        self.flux = cls == "FluxPipeline"
+        if self.flux:
+            pipe = FluxPipeline.from_pretrained(a.model, dtype=self.dtype)
+        elif self.xl:  # no watermark: diffpipe does not add one
             pipe = StableDiffusionXLPipeline.from_pretrained(a.model, dtype=self.dtype, add_watermarker=False)
         elif self.sd3:
             absent = {}  # a folder saved without T5 (or an image encoder) names them null: diffusers wants None
@@ -92,7 +95,7 @@ class Diffusers:
         else:
             pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=self.dtype, safety_checker=None,
                                                            requires_safety_checker=False)
-        if not self.sd3:
+        if not (self.sd3 or self.flux):
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(a.device)
@@ -125,6 +128,9 @@ class Diffusers:
         # diffusers multiplies given latents by it, as diffpipe does (flow matching starts at sigma 1: none)
         sigma = getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
         lat = noise.to(a.device, self.dtype)
+        if self.flux:  # FluxPipeline takes its latents 2x2-packed
+            b, c, h, w = lat.shape
+            lat = self.pipe._pack_latents(lat, b, c, h, w)
 
         def run():
             with torch.no_grad():
@@ -158,6 +164,21 @@ class Diffusers:
         torch, a = self.torch, self.a
         x, t = saved["unet.sample"].to(a.device, self.dtype), saved["unet.timesteps"].to(a.device)
         ctx = saved["unet.encoder_hidden_states"].to(a.device, self.dtype)
+        if self.flux:  # packed latents, the ids FluxPipeline makes, timestep as sigma, the guidance scale
+            pooled = saved["unet.text_embeds"].to(a.device, self.dtype)
+            b, c, h, w = x.shape
+            packed = self.pipe._pack_latents(x, b, c, h, w)
+            img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, a.device, self.dtype)
+            txt_ids = torch.zeros(ctx.shape[1], 3, device=a.device, dtype=self.dtype)
+            g = saved["unet.guidance"].to(a.device) if self.pipe.transformer.config.guidance_embeds else None
+
+            def run():
+                out = self.pipe.transformer(packed, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                                            img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample
+                return self.pipe._unpack_latents(out, h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor,
+                                                 self.pipe.vae_scale_factor)
+            with torch.no_grad():
+                return self.timed(run)
         if self.sd3:
             pooled = saved["unet.text_embeds"].to(a.device, self.dtype)
             with torch.no_grad():
@@ -235,7 +256,7 @@ def main():
     theirs["peak_bytes"], kind = ref.peak()
     compiled = {}
     if a.compile:
-        if ref.sd3:
+        if ref.sd3 or ref.flux:
             ref.pipe.transformer = torch.compile(ref.pipe.transformer)
         else:
             ref.pipe.unet = torch.compile(ref.pipe.unet)
