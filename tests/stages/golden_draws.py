@@ -50,3 +50,36 @@ def recorded_draws(*modules):
     finally:
         for m, f in saved:
             m.randn_tensor = f
+
+
+def clip_tokenizers(model, src, pads):
+    """Writes model/NAME/ for each (NAME, PAD) of `pads` from the tiny-sd source's CLIP BPE files (its vocab.json,
+    merges.txt and tokenizer_config.json with pad_token PAD: "!" for SDXL's and SD3's second tokenizer) and returns
+    transformers' CLIPTokenizers read from them, in order."""
+    import json
+    from transformers import CLIPTokenizer
+    out = []
+    for name, pad in pads:
+        d = os.path.join(model, name)
+        os.makedirs(d, exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(d, f))
+        cfg = json.load(open(os.path.join(src, "tokenizer", "tokenizer_config.json")))
+        cfg["pad_token"] = pad
+        json.dump(cfg, open(os.path.join(d, "tokenizer_config.json"), "w"), indent=1)
+        out.append(CLIPTokenizer.from_pretrained(d))
+    return out
+
+
+def keep_slow_tokenizer_files(model, pads):
+    """After a pipeline's save_pretrained: each CLIP tokenizer folder of `pads` (NAME, PAD) holds the slow tokenizer's
+    three files only, its pad_token PAD, as the source ships them (diffpipe reads vocab.json and merges.txt)."""
+    import json
+    for name, pad in pads:
+        d = os.path.join(model, name)
+        for f in os.listdir(d):
+            if f not in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+                os.remove(os.path.join(d, f))
+        cfg = json.load(open(os.path.join(d, "tokenizer_config.json")))
+        cfg["pad_token"] = pad
+        json.dump(cfg, open(os.path.join(d, "tokenizer_config.json"), "w"), indent=1)

@@ -33,10 +33,11 @@ import shutil
 import numpy as np
 import torch
 
-from golden_draws import tiny_sd_args
+from golden_draws import clip_tokenizers, keep_slow_tokenizer_files, tiny_sd_args
 from make_t5_golden import make_t5
 
 PROMPTS = ["a red circle on a blue square", "a small green triangle, top left"]
+PADS = [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]  # the second CLIP tokenizer pads with "!" (id 0)
 
 
 def main():
@@ -46,7 +47,7 @@ def main():
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     src = os.path.join(a.src, "model")
     model = os.path.join(a.out, "model")
@@ -61,15 +62,7 @@ def main():
                 p.add_(torch.randn_like(p) * scale)
         return m.eval()
 
-    for t, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-        os.makedirs(os.path.join(model, t))
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(model, t, f))
-        cfg = json.load(open(os.path.join(src, "tokenizer", "tokenizer_config.json")))
-        cfg["pad_token"] = pad
-        json.dump(cfg, open(os.path.join(model, t, "tokenizer_config.json"), "w"), indent=1)
-    tok = CLIPTokenizer.from_pretrained(os.path.join(model, "tokenizer"))
-    tok2 = CLIPTokenizer.from_pretrained(os.path.join(model, "tokenizer_2"))
+    tok, tok2 = clip_tokenizers(model, src, PADS)
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                   pad_token_id=1)
     te = nudged(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3,
@@ -102,17 +95,13 @@ def main():
                                     text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
     pipe.save_pretrained(model)
     shutil.rmtree(os.path.join(a.out, "t5tmp"))
-    for t in ("tokenizer", "tokenizer_2"):  # the slow tokenizer's files only, as the source ships them
-        for f in os.listdir(os.path.join(model, t)):
-            if f not in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-                os.remove(os.path.join(model, t, f))
-        cfg = json.load(open(os.path.join(model, t, "tokenizer_config.json")))
-        cfg["pad_token"] = "!" if t == "tokenizer_2" else "<|endoftext|>"
-        json.dump(cfg, open(os.path.join(model, t, "tokenizer_config.json"), "w"), indent=1)
+    keep_slow_tokenizer_files(model, PADS)
     # the folder without T5 (stable-diffusion-3-medium-diffusers loaded with text_encoder_3=None, saved)
     no_t5 = os.path.join(a.out, "model_no_t5")
-    shutil.copytree(model, no_t5, ignore=shutil.ignore_patterns("tokenizer_3", "text_encoder_3"))
-    index = json.load(open(os.path.join(no_t5, "model_index.json")))
+    # (files linked, relative, to model/'s: the same weights; model_index.json a file of its own)
+    shutil.copytree(model, no_t5, ignore=shutil.ignore_patterns("tokenizer_3", "text_encoder_3", "model_index.json"),
+                    copy_function=lambda s, d: os.symlink(os.path.relpath(s, os.path.dirname(d)), d))
+    index = json.load(open(os.path.join(model, "model_index.json")))
     index["tokenizer_3"] = index["text_encoder_3"] = [None, None]
     json.dump(index, open(os.path.join(no_t5, "model_index.json"), "w"), indent=1)
     pipe.set_progress_bar_config(disable=True)

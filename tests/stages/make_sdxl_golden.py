@@ -26,7 +26,10 @@ import shutil
 import numpy as np
 import torch
 
+from golden_draws import clip_tokenizers, keep_slow_tokenizer_files
+
 PROMPTS = ["a red circle on a blue square", "a small green triangle, top left"]
+PADS = [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]  # the second CLIP tokenizer pads with "!" (id 0)
 
 
 def main():
@@ -40,7 +43,7 @@ def main():
     import transformers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     src = os.path.join(a.src, "model")
     model = os.path.join(a.out, "model")
@@ -55,16 +58,7 @@ def main():
                 p.add_(torch.randn_like(p) * scale)
         return m.eval()
 
-    # tokenizers: the source's BPE files; tokenizer_2 pads with "!" (id 0), as SDXL's second tokenizer does
-    for t, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-        os.makedirs(os.path.join(model, t))
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(src, "tokenizer", f), os.path.join(model, t, f))
-        cfg = json.load(open(os.path.join(src, "tokenizer", "tokenizer_config.json")))
-        cfg["pad_token"] = pad
-        json.dump(cfg, open(os.path.join(model, t, "tokenizer_config.json"), "w"), indent=1)
-    tok = CLIPTokenizer.from_pretrained(os.path.join(model, "tokenizer"))
-    tok2 = CLIPTokenizer.from_pretrained(os.path.join(model, "tokenizer_2"))
+    tok, tok2 = clip_tokenizers(model, src, PADS)
 
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                   pad_token_id=1)
@@ -89,13 +83,7 @@ def main():
                                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True,
                                      add_watermarker=False)
     pipe.save_pretrained(model)
-    for t in ("tokenizer", "tokenizer_2"):  # keep the slow tokenizer's files only, as the source ships them
-        for f in os.listdir(os.path.join(model, t)):
-            if f not in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-                os.remove(os.path.join(model, t, f))
-        cfg = json.load(open(os.path.join(model, t, "tokenizer_config.json")))
-        cfg["pad_token"] = "!" if t == "tokenizer_2" else "<|endoftext|>"
-        json.dump(cfg, open(os.path.join(model, t, "tokenizer_config.json"), "w"), indent=1)
+    keep_slow_tokenizer_files(model, PADS)
     pipe.set_progress_bar_config(disable=True)
 
     out = {}
