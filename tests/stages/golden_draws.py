@@ -83,3 +83,57 @@ def keep_slow_tokenizer_files(model, pads):
         cfg = json.load(open(os.path.join(d, "tokenizer_config.json")))
         cfg["pad_token"] = pad
         json.dump(cfg, open(os.path.join(d, "tokenizer_config.json"), "w"), indent=1)
+
+
+def img2img_ramp_runs(pipe, out_dir, seed, prompts, runs, modules, res):
+    """SD3's and Flux's image-to-image references: colour ramps with a little noise (48 wide, 32 high), one per prompt,
+    written to out_dir/input_K.png, through `pipe` (an Img2Img pipeline) for each run of `runs` (name, steps,
+    guidance, strength or None for the pipeline's default, optional negative_prompt) with every random draw of
+    `modules` recorded (the VAE posterior's sample, then the initial noise) into res[NAME.draws.K], the images into
+    res[NAME.images]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    yy, xx = np.mgrid[0:32, 0:48].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    images = []
+    for k in range(len(prompts)):
+        rgb = np.stack([xx / 47, yy / 31, (xx / 47 + yy / 31) / 2 if k == 0 else 1 - xx / 47], -1) * 200 + 30
+        im = Image.fromarray((rgb + rng.normal(0, 12, rgb.shape)).clip(0, 255).astype(np.uint8), "RGB")
+        im.save(os.path.join(out_dir, f"input_{k}.png"))
+        images.append(im)
+    for r in runs:
+        kw = {} if r["strength"] is None else {"strength": r["strength"]}
+        if r.get("negative_prompt") is not None:
+            kw["negative_prompt"] = [r["negative_prompt"]] * len(prompts)
+        with recorded_draws(*modules) as draws:
+            # (height/width: the images' own size; the pipelines resize them to these, by default to their own)
+            img = pipe(prompts, image=images, num_inference_steps=r["steps"], height=32, width=48,
+                       guidance_scale=r["guidance"], output_type="pt", generator=torch.Generator().manual_seed(5),
+                       **kw).images
+        assert len(draws) == 2, f"{r['name']}: expected 2 draws (posterior sample, noise), got {len(draws)}"
+        for k, d in enumerate(draws):
+            res[f"{r['name']}.draws.{k}"] = d
+        res[f"{r['name']}.images"] = img
+
+
+def save_random_lora(pipeline_class, out_dir, transformer, text_encoder, targets, seed):
+    """SD3's and Flux's LoRA references: peft adapters with random deltas (halved) on `transformer` (rank 4, alpha 8,
+    modules `targets`) and `text_encoder` (CLIP: rank 2, alpha 4 on q_proj, v_proj, fc1), left active, saved by
+    pipeline_class.save_lora_weights as out_dir/lora.safetensors with their metadata."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    torch.manual_seed(seed)
+    tcfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    ecfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
+    transformer.add_adapter(tcfg)
+    inject_adapter_in_model(ecfg, text_encoder)
+    with torch.no_grad():
+        for n, prm in list(transformer.named_parameters()) + list(text_encoder.named_parameters()):
+            if "lora_" in n:
+                prm.mul_(0.5)
+    pipeline_class.save_lora_weights(out_dir, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                     text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
+                                     weight_name="lora.safetensors", transformer_lora_adapter_metadata=tcfg.to_dict(),
+                                     text_encoder_lora_adapter_metadata=ecfg.to_dict())

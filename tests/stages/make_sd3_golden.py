@@ -182,52 +182,19 @@ def main():
         from diffusers import StableDiffusion3Img2ImgPipeline
         from diffusers.models.autoencoders import vae as vae_module
         from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as img2img_module
-        from golden_draws import recorded_draws
-        from PIL import Image
+        from golden_draws import img2img_ramp_runs
         i2i = StableDiffusion3Img2ImgPipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
                                               text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3,
                                               tokenizer_3=tok3)
         i2i.set_progress_bar_config(disable=True)
-        yy, xx = np.mgrid[0:32, 0:48].astype(np.float32)
-        rng = np.random.default_rng(a.seed)
-        images = []
-        for k in range(len(PROMPTS)):
-            rgb = np.stack([xx / 47, yy / 31, (xx / 47 + yy / 31) / 2 if k == 0 else 1 - xx / 47], -1) * 200 + 30
-            im = Image.fromarray((rgb + rng.normal(0, 12, rgb.shape)).clip(0, 255).astype(np.uint8), "RGB")
-            im.save(os.path.join(a.out, f"input_{k}.png"))
-            images.append(im)
         img2img_runs = [dict(name="i2i_default", strength=None, steps=5, guidance=5.0, negative_prompt=None),
                         dict(name="i2i_03", strength=0.3, steps=5, guidance=4.0, negative_prompt="blurry, dark")]
-        for r in img2img_runs:
-            neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
-            kw = {} if r["strength"] is None else {"strength": r["strength"]}
-            with recorded_draws(vae_module, img2img_module) as draws:
-                # (height/width: the images' own size; the pipeline resizes them to these, by default to 64x64)
-                img = i2i(PROMPTS, image=images, negative_prompt=neg, num_inference_steps=r["steps"], height=32, width=48,
-                          guidance_scale=r["guidance"], output_type="pt", generator=torch.Generator().manual_seed(5),
-                          **kw).images
-            assert len(draws) == 2, f"{r['name']}: expected 2 draws (posterior sample, noise), got {len(draws)}"
-            for k, d in enumerate(draws):
-                out[f"{r['name']}.draws.{k}"] = d
-            out[f"{r['name']}.images"] = img
+        img2img_ramp_runs(i2i, a.out, a.seed, PROMPTS, img2img_runs, (vae_module, img2img_module), out)
         # LoRA (last: it changes the shared models): peft adapters on the transformer (rank 4, alpha 8) and the first
         # CLIP encoder (rank 2, alpha 4), saved as diffusers saves them (lora.safetensors, with their metadata); the
         # "plain" run again with them active (scale 1)
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.utils import get_peft_model_state_dict
-        torch.manual_seed(a.seed + 500)
-        tcfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.0.proj"])
-        ecfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
-        tr.add_adapter(tcfg)
-        inject_adapter_in_model(ecfg, te)
-        for n, prm in list(tr.named_parameters()) + list(te.named_parameters()):
-            if "lora_" in n:
-                prm.mul_(0.5)
-        StableDiffusion3Pipeline.save_lora_weights(a.out, transformer_lora_layers=get_peft_model_state_dict(tr),
-                                     text_encoder_lora_layers=get_peft_model_state_dict(te),
-                                     weight_name="lora.safetensors", transformer_lora_adapter_metadata=tcfg.to_dict(),
-                                     text_encoder_lora_adapter_metadata=ecfg.to_dict())
+        from golden_draws import save_random_lora
+        save_random_lora(StableDiffusion3Pipeline, a.out, tr, te, ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.0.proj"], a.seed + 500)
         r = runs[0]
         lat = pipe(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
                    width=r["width"], latents=out["pipeline.plain.initial_noise"].clone(), output_type="latent").images
