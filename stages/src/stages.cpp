@@ -183,6 +183,19 @@ std::vector<Embeddings> encode_sdxl(const SdModel& model, const std::vector<cons
   return out;
 }
 
+// T5's last hidden state of `texts` at `length` tokens each (</s> then <pad>), without an attention mask, as the SD3
+// and Flux pipelines call text_encoder_3 / text_encoder_2: [n, length, d_model]
+at::Tensor t5_states_unmasked(const SdModel& model, const std::vector<const std::string*>& texts, int64_t length) {
+  std::vector<int64_t> ids;
+  for (const std::string* t : texts) {
+    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(*t, static_cast<int>(length));
+    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
+  }
+  const auto n = static_cast<int64_t>(texts.size());
+  const at::Tensor id = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({n, length}).to(model.spec.device);
+  return model.t5->forward(id, at::ones_like(id));
+}
+
 // Stable Diffusion 3 (StableDiffusion3Pipeline.encode_prompt): both CLIP encoders' hidden_states[-2] (clip_skip k:
 // [-(k + 2)] for the prompt; the negative prompt always [-2]) side by side, zero-padded to the transformer's
 // joint_attention_dim, then T5's max_sequence_length tokens (no attention mask, as the pipeline; zeros without
@@ -213,13 +226,7 @@ std::vector<Embeddings> encode_sd3(const SdModel& model, const std::vector<const
     const auto n = static_cast<int64_t>(texts.size());
     at::Tensor t5;
     if (model.sd3_t5) {
-      std::vector<int64_t> ids;
-      for (const std::string* t : texts) {
-        const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(*t, static_cast<int>(L));
-        ids.insert(ids.end(), e.ids.begin(), e.ids.end());
-      }
-      const at::Tensor id = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({n, L}).to(dev);
-      t5 = model.t5->forward(id, at::ones_like(id)).to(clip.scalar_type());
+      t5 = t5_states_unmasked(model, texts, L).to(clip.scalar_type());
     } else {
       t5 = at::zeros({n, L, joint}, clip.options());
     }
@@ -253,16 +260,9 @@ std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<cons
     nn::AdapterScope scope(lora ? &*lora : nullptr);
     pooled = model.text_encoder->forward(token_ids(*model.tokenizer, texts).to(dev)).pooled.to(at::kFloat);
   }
-  const int64_t L = model.max_sequence_length, n = static_cast<int64_t>(texts.size());
-  std::vector<int64_t> ids;
-  for (const std::string* t : texts) {
-    const T5Tokenizer::Encoded e = model.t5_tokenizer->encode(*t, static_cast<int>(L));
-    ids.insert(ids.end(), e.ids.begin(), e.ids.end());
-  }
-  const at::Tensor id = at::tensor(ids, at::TensorOptions().dtype(at::kLong)).view({n, L}).to(dev);
-  const at::Tensor h = model.t5->forward(id, at::ones_like(id));
+  const at::Tensor h = t5_states_unmasked(model, texts, model.max_sequence_length);
   std::vector<Embeddings> out(batch.size());
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = 0; r < static_cast<int64_t>(texts.size()); ++r) {
     out[static_cast<size_t>(r)].cond = h[r];
     out[static_cast<size_t>(r)].class_labels = pooled[r];
   }
