@@ -11,12 +11,15 @@
 // compares times. Prints one JSON object on stdout: times per round, the profile of the e2e rounds, peak memory.
 //   bench_sd --model DIR [--size PX] [--steps K] [--images N] [--guidance G] [--sampler ddim] [--rounds R]
 //            [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--threads T] [--parts e2e,loop,unet,vae]
-//            [--cpu-cache-mb N] [--out FILE]
+//            [--cpu-cache-mb N] [--out FILE] [--trace PREFIX]
 #include <ATen/Parallel.h>
 #include <sys/resource.h>
 
+#include <torch/csrc/autograd/profiler_kineto.h>
+
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -39,7 +42,7 @@ using namespace diffpipe;
 namespace {
 
 struct Options {
-  std::string model, device = "cpu", dtype = "float32", sampler = "ddim", out, parts = "e2e,loop,unet,vae";
+  std::string model, device = "cpu", dtype = "float32", sampler = "ddim", out, parts = "e2e,loop,unet,vae", trace;
   int size = 0, steps = 6, images = 2, rounds = 2, threads = 0;
   int64_t cpu_cache_mb = -1;  // -1: diffpipe's default (as `diffpipe generate`); 0: no caching
   double guidance = 7.5;
@@ -60,7 +63,9 @@ Options parse(int argc, char** argv, bool* help) {
                {"rounds", "N", "timed rounds after one warm-up (default 2)"},
                {"threads", "N", "CPU threads (default: all cores)"},
                {"guidance", "G", "guidance scale (default 7.5)"},
-               {"cpu-cache-mb", "N", "CPU block cache (default: as diffpipe generate; 0: none)"}},
+               {"cpu-cache-mb", "N", "CPU block cache (default: as diffpipe generate; 0: none)"},
+               {"trace", "PREFIX", "profile one more UNet / VAE call each (CPU ops and GPU kernels) into "
+                                   "PREFIX.unet.json / PREFIX.vae.json (Chrome trace; benchmarks/kernel_breakdown.py)"}},
               argc - 1, argv + 1, "prints one JSON object: times, profile and peak memory of diffpipe's side");
   *help = a.help_requested();
   if (*help) {
@@ -80,6 +85,7 @@ Options parse(int argc, char** argv, bool* help) {
   o.threads = static_cast<int>(a.integer("threads", o.threads));
   o.guidance = a.number("guidance", o.guidance);
   o.cpu_cache_mb = a.integer("cpu-cache-mb", o.cpu_cache_mb);
+  o.trace = a.str("trace");
   DP_CHECK(!o.model.empty(), "bench_sd: --model DIR is required");
   DP_CHECK(o.images >= 1 && o.rounds >= 1 && o.steps >= 1, "bench_sd: --images, --rounds, --steps must be >= 1");
   return o;
@@ -98,6 +104,23 @@ double peak_bytes(const at::Device& d) {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return ru.ru_maxrss * 1024.0;  // process peak resident set
+}
+
+// One more call of f under LibTorch's Kineto profiler (the CPU ops and, on CUDA, every kernel with its duration),
+// saved as a Chrome trace: what benchmarks/kernel_breakdown.py reads, from both sides of vs_diffusers.py.
+void trace_call(const std::string& file, const at::Device& dev, const std::function<void()>& f) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const prof::ProfilerConfig cfg(prof::ProfilerState::KINETO);
+  std::set<ActivityType> acts{ActivityType::CPU};
+  if (dev.is_cuda()) acts.insert(ActivityType::CUDA);
+  sync(dev);
+  prof::prepareProfiler(cfg, acts);
+  prof::enableProfiler(cfg, acts);
+  f();
+  sync(dev);
+  prof::disableProfiler()->save(file);
+  std::fprintf(stderr, "bench_sd: trace of one call in %s\n", file.c_str());
 }
 
 template <typename F>
@@ -243,6 +266,7 @@ int main(int argc, char** argv) {
       res["loop_steps_per_s"] = steps_per_s;
     }
     const int64_t rows = model.uses_cfg(reqs[0]) ? 2 * o.images : o.images;  // (Flux: one row, the guidance embedded)
+    std::function<at::Tensor()> unet_call;  // the denoiser's forward on fixed inputs (UNet or transformer)
     if (parts.count("unet") && model.sd3) {  // SD3: the transformer on CLIP + T5 tokens and the pooled embedding
       const Sd3TransformerConfig& tc = model.transformer_config;
       const int64_t L = model.tokenizer->max_length() + model.max_sequence_length;
@@ -255,9 +279,7 @@ int main(int argc, char** argv) {
       saved["unet.text_embeds"] = pooled;
       const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
       const at::Tensor pd = pooled.to(spec.device, spec.dtype);
-      at::Tensor out = model.transformer->forward(xd, ts, cd, pd);  // warm-up
-      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.transformer->forward(xd, ts, cd, pd); });
-      saved["unet.out"] = out.to(at::kCPU, at::kFloat);
+      unet_call = [&model, xd, ts, cd, pd] { return model.transformer->forward(xd, ts, cd, pd); };
     } else if (parts.count("unet") && model.flux) {  // Flux: the transformer on T5 tokens, CLIP's pooled, the guidance
       const FluxTransformerConfig& fc = model.flux_config;
       at::Tensor x = seeded_noise(7, 0, {rows, C, h, w}), ctx = seeded_noise(7, 1, {rows, model.max_sequence_length,
@@ -271,9 +293,7 @@ int main(int argc, char** argv) {
       saved["unet.guidance"] = gs;
       const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
       const at::Tensor pd = pooled.to(spec.device, spec.dtype), g = fc.guidance_embeds ? gs : at::Tensor();
-      at::Tensor out = model.flux_transformer->forward(xd, ts, cd, pd, g);  // warm-up
-      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.flux_transformer->forward(xd, ts, cd, pd, g); });
-      saved["unet.out"] = out.to(at::kCPU, at::kFloat);
+      unet_call = [&model, xd, ts, cd, pd, g] { return model.flux_transformer->forward(xd, ts, cd, pd, g); };
     } else if (parts.count("unet")) {
       const UNetConfig& uc = model.unet_config;
       const int64_t L = model.tokenizer->max_length(), D = uc.cross_attention_dim[0];
@@ -292,8 +312,12 @@ int main(int argc, char** argv) {
         saved["unet.time_ids"] = time_ids;
       }
       const at::Tensor xd = x.to(spec.device, spec.dtype), cd = ctx.to(spec.device, spec.dtype);
-      at::Tensor out = model.unet->forward(xd, ts, cd, pooled, time_ids);  // warm-up
-      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = model.unet->forward(xd, ts, cd, pooled, time_ids); });
+      unet_call = [&model, xd, ts, cd, pooled, time_ids] { return model.unet->forward(xd, ts, cd, pooled, time_ids); };
+    }
+    if (unet_call) {
+      at::Tensor out = unet_call();  // warm-up
+      res["unet_s"] = timed(o.rounds, spec.device, [&] { out = unet_call(); });
+      if (!o.trace.empty()) trace_call(o.trace + ".unet.json", spec.device, [&] { out = unet_call(); });
       saved["unet.out"] = out.to(at::kCPU, at::kFloat);
     }
     if (parts.count("vae")) {
@@ -302,6 +326,7 @@ int main(int argc, char** argv) {
       const at::Tensor zd = z.to(spec.device, model.vae_dtype);
       at::Tensor out = model.vae->decode(zd);
       res["vae_s"] = timed(o.rounds, spec.device, [&] { out = model.vae->decode(zd); });
+      if (!o.trace.empty()) trace_call(o.trace + ".vae.json", spec.device, [&] { out = model.vae->decode(zd); });
       saved["vae.out"] = out.to(at::kCPU, at::kFloat);
     }
     res["peak_bytes"] = peak_bytes(spec.device);

@@ -3,7 +3,7 @@
 
     python3 benchmarks/vs_diffusers.py --model DIR [--size 256] [--steps 6] [--images 2] [--threads 2]
         [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--rounds 2] [--parts e2e,loop,unet,vae]
-        [--compile] [--bench build/benchmarks/bench_sd]
+        [--compile] [--bench build/benchmarks/bench_sd] [--trace DIR]
 
 Runs build/benchmarks/bench_sd (diffpipe: model loaded once, timed rounds, its inputs and outputs saved), then
 diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders, StableDiffusion3Pipeline for SD3
@@ -20,8 +20,9 @@ prints both times and the ratio diffusers/diffpipe (> 1: diffpipe is faster) for
    compute lane; printed as the lane's speed-up)
 plus diffpipe's per-module breakdown of the e2e run and peak memory of both. Times are the minimum over rounds
 (after one warm-up); each side runs alone with the same thread count. --compile adds diffusers with
-torch.compile (UNet and VAE decoder) as a second reference. The reference is only a benchmark dependency:
-diffpipe itself never runs Python.
+torch.compile (UNet and VAE decoder) as a second reference. --trace DIR profiles one more UNet and VAE call of
+each side (Chrome traces in DIR) and prints where the GPU time goes, kind by kind (benchmarks/kernel_breakdown.py).
+The reference is only a benchmark dependency: diffpipe itself never runs Python.
 """
 import argparse
 import json
@@ -50,6 +51,7 @@ def parse():
     ap.add_argument("--compile", action="store_true", help="also time diffusers + torch.compile")
     ap.add_argument("--bench", default=os.path.join(os.path.dirname(__file__), "..", "build", "benchmarks", "bench_sd"))
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--trace", help="profile one UNet / VAE call of each side into this folder, print the breakdown")
     return ap.parse_args()
 
 
@@ -65,6 +67,8 @@ def run_diffpipe(a, out_file):
     cmd = [a.bench, "--model", a.model, "--size", str(a.size), "--steps", str(a.steps), "--images", str(a.images),
            "--guidance", str(a.guidance), "--threads", str(a.threads), "--device", a.device, "--dtype", a.dtype,
            "--rounds", str(a.rounds), "--parts", a.parts, "--sampler", sampler_of(a.model), "--out", out_file]
+    if a.trace:
+        cmd += ["--trace", os.path.join(a.trace, "diffpipe")]
     print("[diffpipe] " + " ".join(cmd), flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
@@ -77,6 +81,7 @@ class Diffusers:
         from diffusers import (DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                                StableDiffusionXLPipeline)
         self.a, self.torch = a, torch
+        self.tag = "diffusers"  # the traces' name ("diffusers_compiled" once compiled)
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
         t0 = time.perf_counter()
         cls = pipeline_class(a.model)
@@ -109,7 +114,7 @@ class Diffusers:
         if self.a.device == "cuda":
             self.torch.cuda.synchronize()
 
-    def timed(self, f):
+    def timed(self, f, trace=None):
         f()  # warm-up
         ts = []
         for _ in range(self.a.rounds):
@@ -118,6 +123,14 @@ class Diffusers:
             out = f()
             self.sync()
             ts.append(time.perf_counter() - t0)
+        if trace and self.a.trace:  # one more call under the profiler, as bench_sd --trace does
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.a.device == "cuda" else [])
+            self.sync()
+            with profile(activities=acts) as p:
+                f()
+                self.sync()
+            p.export_chrome_trace(os.path.join(self.a.trace, f"{self.tag}.{trace}.json"))
         return ts, out
 
     def prompts(self):
@@ -178,25 +191,25 @@ class Diffusers:
                 return self.pipe._unpack_latents(out, h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor,
                                                  self.pipe.vae_scale_factor)
             with torch.no_grad():
-                return self.timed(run)
+                return self.timed(run, "unet")
         if self.sd3:
             pooled = saved["unet.text_embeds"].to(a.device, self.dtype)
             with torch.no_grad():
                 return self.timed(lambda: self.pipe.transformer(x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                                                                timestep=t).sample)
+                                                                timestep=t).sample, "unet")
         kw = {}
         if self.xl:  # the pooled text embedding and size ids bench_sd fed
             kw["added_cond_kwargs"] = {"text_embeds": saved["unet.text_embeds"].to(a.device, self.dtype),
                                        "time_ids": saved["unet.time_ids"].to(a.device, self.dtype)}
         with torch.no_grad():
-            return self.timed(lambda: self.pipe.unet(x, t, encoder_hidden_states=ctx, **kw).sample)
+            return self.timed(lambda: self.pipe.unet(x, t, encoder_hidden_states=ctx, **kw).sample, "unet")
 
     def vae(self, z):
         torch, a = self.torch, self.a
         vae = self.pipe.vae.to(self.vae_dtype)
         z = z.to(a.device, self.vae_dtype)
         with torch.no_grad():
-            r = self.timed(lambda: vae.decode(z).sample)
+            r = self.timed(lambda: vae.decode(z).sample, "vae")
         vae.to(self.dtype)
         return r
 
@@ -215,6 +228,8 @@ def rel_err(a, b):
 def main():
     a = parse()
     parts = set(a.parts.split(","))
+    if a.trace:
+        os.makedirs(a.trace, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     with tempfile.TemporaryDirectory() as tmp:
         io_file = os.path.join(tmp, "diffpipe.safetensors")
@@ -261,12 +276,15 @@ def main():
         else:
             ref.pipe.unet = torch.compile(ref.pipe.unet)
         ref.pipe.vae.decoder = torch.compile(ref.pipe.vae.decoder)
+        ref.tag = "diffusers_compiled"
         if "e2e" in parts:
             compiled["e2e_s"], _ = ref.e2e(saved["noise"])
         if "loop" in parts:
             compiled["loop_s"] = ref.loop()
         if "unet" in parts:
             compiled["unet_s"], _ = ref.unet(saved)
+        if "vae" in parts:
+            compiled["vae_s"], _ = ref.vae(saved["vae.latents"])
 
     print()
     print(f"model {a.model}: {a.images} image(s) {a.size}x{a.size}, {a.steps} {sampler_of(a.model)} steps, "
@@ -310,6 +328,14 @@ def main():
         print(f"diffpipe e2e with each stage computing on its own thread: {th:.3f} s; "
               f"the one-thread compute lane is {th / min(ours['e2e_s']):.2f}x faster")
     print(f"peak memory ({kind}): diffpipe {ours['peak_bytes'] / 2**30:.2f} GiB, diffusers {theirs['peak_bytes'] / 2**30:.2f} GiB")
+    if a.trace:
+        for part in ("unet", "vae"):
+            files = [f"{n}={os.path.join(a.trace, f'{n}.{part}.json')}" for n in ("diffpipe", "diffusers", "diffusers_compiled")]
+            files = [f for f in files if os.path.exists(f.split("=", 1)[1])]
+            if files:
+                print(f"\n--- GPU time of one {part} call, by kernel kind (traces in {a.trace})", flush=True)
+                subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "kernel_breakdown.py"), *files,
+                                "--json", os.path.join(a.trace, f"breakdown.{part}.json")])
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "diffpipe": ours, "diffusers": theirs, "compiled": compiled, "checks": checks,

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
 #   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
-#                                  pipeline, sd15, scheduler, sdxl, plan). The build is kept in build-gpu/ while the
+#                                  pipeline, sd15, scheduler, sdxl, plan, profile: kernel time by kind, both sides). The build is kept in build-gpu/ while the
 #                                  machine is warm, so a second call (other parts) skips it.
 # With 15 minutes of device time a session, run it in two calls back to back (a machine stays warm ~30 s):
 #   GPU_CHECK_PARTS=vs_b8 (build ~70 s, init-model 34 s, torch.compile ~4 min), then golden,variants,vs_b1.
@@ -34,7 +34,8 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=
   || { tail -40 "$OUT/configure.log"; exit 1; }
 grep -E "diffpipe:" "$OUT/configure.log"
 # Only what the parts asked for use (the whole tree takes longer): the app, the stage tests, the benchmarks.
-TARGETS="diffpipe test_stages bench_sd"
+TARGETS="diffpipe bench_sd"
+want golden && TARGETS="$TARGETS test_stages"
 want transport && TARGETS="$TARGETS test_transport bench_transport"
 want sd15 && TARGETS="$TARGETS bench_pipeline"
 want scheduler && TARGETS="$TARGETS bench_scheduler"
@@ -76,7 +77,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan; then
+if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan || want profile; then
 # kept on a warm machine between calls (34 s to write)
 [ -f /tmp/sd15/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"; }
 # The same folder with "force_upcast": false: the VAE decodes in float16, as diffusers' StableDiffusionPipeline
@@ -158,10 +159,27 @@ PYTHONPATH=/tmp/site timeout 400 python3 benchmarks/vs_diffusers.py --model /tmp
   --size 1024 --images 1 --steps 20 --parts loop,unet,vae --rounds 2 --bench $B/benchmarks/bench_sd \
   --json $OUT/speed_sdxl.json 2>&1 | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi
-if want vs_b1 || want vs_b8; then
+if want vs_b1 || want vs_b8 || want profile; then
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site
 VS="python3 benchmarks/vs_diffusers.py --model /tmp/sd15 --device cuda --dtype float16 --size 512 --bench $B/benchmarks/bench_sd"
+fi
+if want profile; then
+step "where the GPU time goes: one UNet call and one VAE decode, diffpipe vs diffusers eager (kernel traces)"
+# batch 8 (UNet batch 16, VAE 8 latents, both VAEs in float16), then batch 1 (UNet batch 2); traces in $OUT/traces.tar.xz
+timeout 240 $VS --images 8 --steps 2 --parts unet,vae --rounds 3 --model /tmp/sd15-vae16 --trace /tmp/trace_b8 \
+  --json $OUT/profile_b8.json 2>&1 | grep -v -E "Loading|deprecat|accelerate|it/s\]|should be kept in float32"
+timeout 120 $VS --images 1 --steps 2 --parts unet --rounds 3 --trace /tmp/trace_b1 --json $OUT/profile_b1.json 2>&1 \
+  | grep -v -E "Loading|deprecat|accelerate|it/s\]|should be kept in float32"
+tar -C /tmp -cJf $OUT/traces.tar.xz trace_b8 trace_b1 2>/dev/null; ls -la $OUT/traces.tar.xz
+echo "--- diffpipe alone, one UNet call (batch 16) and one VAE decode (8 latents, float16), by switch"
+for v in X=1 DIFFPIPE_CHANNELS_LAST=0 DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_CUDNN_BENCHMARK=1 ${PROFILE_VARIANTS:-}; do
+  env $v timeout 90 $B/benchmarks/bench_sd --model /tmp/sd15-vae16 --size 512 --device cuda --dtype float16 --images 8 \
+    --parts unet,vae --rounds 3 2> $OUT/v.err | python3 -c 'import json, sys
+d = json.loads(sys.stdin.read().strip().splitlines()[-1])
+print(f"{sys.argv[1]:<30} unet b16 {1000 * min(d['unet_s']):7.2f} ms  vae b8 {1000 * min(d['vae_s']):7.2f} ms  peak {d['peak_bytes'] / 2**30:5.2f} GiB")' "$v" \
+    || { echo "$v: FAILED"; tail -3 $OUT/v.err; }
+done
 fi
 if want vs_b1; then
 step "vs diffusers (eager and torch.compile), batch 1: denoising steps/s with guidance (target >= 105 on an H100)"
