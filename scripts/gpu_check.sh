@@ -17,6 +17,8 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 PARTS=${GPU_CHECK_PARTS:-golden,variants,vs_b1,vs_b8}
 want() { case ",$PARTS," in *",$1,"*) return 0;; *) return 1;; esac; }
 ROOT=$PWD
+T_START=$(date +%s)
+left() { echo $(( ${GPU_CHECK_BUDGET_S:-570} - ($(date +%s) - T_START) )); }  # seconds left of this call
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 MPIRUN="mpirun --oversubscribe"
 step "machine"; nvidia-smi -L; nproc; python3 -c 'import torch;print(torch.__version__, torch.cuda.get_device_name(0))'
@@ -50,7 +52,7 @@ if want golden; then
 step "golden checks (and CUDA graphs / fused kernels): cuda float16, float32, bfloat16"
 for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   echo "--- cuda $dt"
-  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter='Golden*:Cuda.*' 2>&1 \
+  DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter="${GOLDEN_FILTER:-Golden*:Cuda.*}" 2>&1 \
     | grep -E "golden[-a-z0-9]*\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
 echo "--- cuda float16, GroupNorm kernel on channels-last activations (DIFFPIPE_FUSED_NHWC=1)"
@@ -77,7 +79,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan || want profile; then
+if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan || want profile || want switches; then
 # kept on a warm machine between calls (34 s to write)
 [ -f /tmp/sd15/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"; }
 # The same folder with "force_upcast": false: the VAE decodes in float16, as diffusers' StableDiffusionPipeline
@@ -172,24 +174,32 @@ timeout 240 $VS --images 8 --steps 2 --parts unet,vae --rounds 3 --model /tmp/sd
 timeout 120 $VS --images 1 --steps 2 --parts unet --rounds 3 --trace /tmp/trace_b1 --json $OUT/profile_b1.json 2>&1 \
   | grep -v -E "Loading|deprecat|accelerate|it/s\]|should be kept in float32"
 tar -C /tmp -cJf $OUT/traces.tar.xz trace_b8 trace_b1 2>/dev/null; ls -la $OUT/traces.tar.xz
-echo "--- diffpipe alone, one UNet call (batch 16) and one VAE decode (8 latents, float16), by switch"
-for v in X=1 DIFFPIPE_CHANNELS_LAST=0 DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_CUDNN_BENCHMARK=1 ${PROFILE_VARIANTS:-}; do
+fi
+if want switches; then
+step "diffpipe alone, one UNet call (batch 16) and one VAE decode (8 latents, float16), by switch"
+cat > /tmp/unet_vae_line.py <<'PY'
+import json, sys
+d = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+print(f"{sys.argv[1]:<30} unet b16 {1000 * min(d['unet_s']):7.2f} ms  vae b8 {1000 * min(d['vae_s']):7.2f} ms  "
+      f"peak {d['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
+PY
+for v in DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_CHANNELS_LAST=0 ${SWITCH_VARIANTS:-}; do
   env $v timeout 90 $B/benchmarks/bench_sd --model /tmp/sd15-vae16 --size 512 --device cuda --dtype float16 --images 8 \
-    --parts unet,vae --rounds 3 2> $OUT/v.err | python3 -c 'import json, sys
-d = json.loads(sys.stdin.read().strip().splitlines()[-1])
-print(f"{sys.argv[1]:<30} unet b16 {1000 * min(d['unet_s']):7.2f} ms  vae b8 {1000 * min(d['vae_s']):7.2f} ms  peak {d['peak_bytes'] / 2**30:5.2f} GiB")' "$v" \
+    --parts unet,vae --rounds 3 > $OUT/v.json 2> $OUT/v.err && python3 /tmp/unet_vae_line.py "$v" $OUT/v.json \
     || { echo "$v: FAILED"; tail -3 $OUT/v.err; }
 done
 fi
 if want vs_b1; then
 step "vs diffusers (eager and torch.compile), batch 1: denoising steps/s with guidance (target >= 105 on an H100)"
-timeout 300 $VS --images 1 --steps 50 --parts ${VS_B1_PARTS:-loop,unet} --rounds 3 --compile --json $OUT/speed_b1.json 2>&1 \
+timeout 300 $VS --images 1 --steps 50 --parts ${VS_B1_PARTS:-loop,unet} --rounds 3 ${VS_B1_COMPILE---compile} \
+  --json $OUT/speed_b1.json 2>&1 \
   | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi
 if want vs_b8; then
 step "vs diffusers (eager and torch.compile), batch 8 x 50 steps: images/s end to end (target >= 1.2x + torch.compile)"
 # both decode in float16 here (see /tmp/sd15-vae16); VS_B8_MODEL=/tmp/sd15 keeps diffpipe's float32 VAE
-timeout 420 $VS --images 8 --steps 50 --parts e2e --rounds 2 --compile --json $OUT/speed_b8.json \
+timeout $(( $(left) > 60 ? $(left) : 60 )) $VS --images 8 --steps 50 --parts e2e --rounds ${VS_B8_ROUNDS:-2} --compile \
+  --json $OUT/speed_b8.json \
   --model ${VS_B8_MODEL:-/tmp/sd15-vae16} 2>&1 \
   | grep -v -E "Loading|deprecat|accelerate|it/s\]"
 fi

@@ -170,22 +170,38 @@ void check_launch(int code, const char* what) {
 }  // namespace
 
 at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
-                            double eps, bool silu) {
+                            double eps, bool silu, const at::Tensor& add) {
   if (!fused_kernels_enabled() || !x.is_cuda() || x.dim() != 4) return at::Tensor();
-  // A [N, C, 1, 1] tensor is both; the NCHW kernel serves it.
-  const bool nchw = x.is_contiguous();
+  // A [N, C, 1, 1] tensor is both; the NCHW kernel serves it (without an addend: that is the NHWC kernels' alone).
+  const bool nchw = x.is_contiguous() && !add.defined();
   if (!nchw && !(fused_nhwc_enabled() && x.is_contiguous(at::MemoryFormat::ChannelsLast))) return at::Tensor();
   const auto dt = fused_dtype(x.scalar_type());
   if (!dt || weight.scalar_type() != x.scalar_type() || bias.scalar_type() != x.scalar_type()) return at::Tensor();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   if (groups <= 0 || C % groups != 0) return at::Tensor();
-  // One block per (sample, group): worth it while there are enough groups to fill the GPU and each group's data
-  // stays in L2 between the passes; ATen's two kernels do better on few, huge groups (the VAE at full size).
-  const int64_t M = (C / groups) * HW;
-  if (N * groups < 64 || M > 131072) return at::Tensor();
+  at::Tensor a;  // the addend as a contiguous [N, C] of x's dtype
+  if (add.defined()) {
+    if (add.numel() != N * C || add.scalar_type() != x.scalar_type() || add.device() != x.device()) return at::Tensor();
+    a = add.reshape({N, C}).contiguous();
+  }
+  fused::NhwcPlan plan;
+  if (nchw) {
+    // One block per (sample, group): worth it while there are enough groups to fill the GPU and each group's data
+    // stays in L2 between the passes; ATen's two kernels do better on few, huge groups (the VAE at full size).
+    const int64_t M = (C / groups) * HW;
+    if (N * groups < 64 || M > 131072) return at::Tensor();
+  } else {
+    plan = fused::group_norm_nhwc_plan(C, HW, N, static_cast<int>(x.element_size()));
+    const auto bytes = static_cast<uintptr_t>(plan.width * x.element_size());
+    if (plan.splits == 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % bytes != 0) return at::Tensor();
+  }
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
   at::Tensor y = at::empty_like(x, nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast);
-  check_launch(fused::group_norm(*dt, x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), N, C, HW, groups,
+  at::Tensor work;
+  if (!nchw) work = at::empty({fused::group_norm_nhwc_work(plan, N, C)}, x.options().dtype(at::kFloat));
+  check_launch(fused::group_norm(*dt, x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(),
+                                 a.defined() ? a.data_ptr() : nullptr,
+                                 work.defined() ? work.data_ptr<float>() : nullptr, N, C, HW, groups,
                                  static_cast<float>(eps), silu, /*nhwc=*/!nchw,
                                  c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                "group_norm");
@@ -215,7 +231,8 @@ GraphCache::~GraphCache() = default;
 size_t GraphCache::graphs() const { return 0; }
 at::Tensor GraphCache::run(const std::vector<at::Tensor>& inputs, const Fn& fn) { return fn(inputs); }
 void sync_current_stream(const at::Device&) {}
-at::Tensor fused_group_norm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, bool) {
+at::Tensor fused_group_norm(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, bool,
+                            const at::Tensor&) {
   return at::Tensor();
 }
 at::Tensor fused_geglu(const at::Tensor&) { return at::Tensor(); }

@@ -50,11 +50,12 @@ void set_fused_kernels(bool on);
 // measured on a GPU; DIFFPIPE_FUSED_NHWC=1 turns it on (read once); set_fused_nhwc overrides it (tests).
 bool fused_nhwc_enabled();
 void set_fused_nhwc(bool on);
-// silu(group_norm(x)) (or group_norm(x) when !silu) in one kernel, when x is a CUDA tensor, NCHW-contiguous (or
-// channels-last, when fused_nhwc_enabled()), of a size the kernel serves well; otherwise an undefined tensor (the
-// caller runs ATen's). The result has x's memory format.
+// silu(group_norm(x + add)) (or group_norm(x + add) when !silu; add: optional, N x C values broadcast over the
+// positions) in fused kernels, when x is a CUDA tensor, NCHW-contiguous without an addend (or channels-last, when
+// fused_nhwc_enabled()), of a size the kernels serve well; otherwise an undefined tensor (the caller runs ATen's).
+// The result has x's memory format.
 at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
-                            double eps, bool silu);
+                            double eps, bool silu, const at::Tensor& add = at::Tensor());
 // a * gelu(b) for [a | b] = h.chunk(2, -1), in one kernel, when h is a contiguous CUDA tensor; else undefined.
 at::Tensor fused_geglu(const at::Tensor& h);
 

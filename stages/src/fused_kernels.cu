@@ -51,33 +51,28 @@ __device__ float block_sum(float s) {
   return r;
 }
 
-// One block per (sample, group). In NCHW the group's M = (C / G) * HW elements are one contiguous run; in NHWC
-// (channels-last) they are HW runs of C / G channels, C apart. Element i of the group (i < M, channel-major in NCHW,
-// position-major in NHWC) lives at `offset(i)` from the group's first element. Loads and stores move W elements at
-// once; W divides the contiguous run, so a vector never leaves its run. Two-pass statistics in float32 (mean, then
-// the mean squared deviation: no cancellation), then the normalised, affine and optionally SiLU-activated output,
-// written once. The group's data (<= 256 KB) stays in L2 between the three passes.
-template <typename T, int W, bool kNhwc>
+// NCHW: one block per (sample, group), whose M = (C / G) * HW elements are one contiguous run. Loads and stores
+// move W elements at once (W divides HW, so a vector never leaves its channel). Two-pass statistics in float32
+// (mean, then the mean squared deviation: no cancellation), then the normalised, affine and optionally
+// SiLU-activated output, written once. The group's data (<= 256 KB) stays in L2 between the three passes.
+template <typename T, int W>
 __global__ void __launch_bounds__(kThreads) group_norm_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                               const T* __restrict__ gamma, const T* __restrict__ beta,
                                                               int64_t C, int64_t HW, int64_t G, float eps, bool silu) {
-  const int64_t ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G, M = cpg * HW;
-  const int64_t base = kNhwc ? n * HW * C + g * cpg : ng * M;
-  const T* xp = x + base;
-  T* yp = y + base;
-  auto offset = [&](int64_t i) { return kNhwc ? (i / cpg) * C + i % cpg : i; };
-  auto channel = [&](int64_t i) { return g * cpg + (kNhwc ? i % cpg : i / HW); };  // of i's first vector element
+  const int64_t ng = blockIdx.x, g = ng % G, cpg = C / G, M = cpg * HW;
+  const T* xp = x + ng * M;
+  T* yp = y + ng * M;
   using P = Pack<T, W>;
   float s = 0.f;
   for (int64_t i = threadIdx.x * W; i < M; i += kThreads * W) {
-    const P a = *reinterpret_cast<const P*>(xp + offset(i));
+    const P a = *reinterpret_cast<const P*>(xp + i);
 #pragma unroll
     for (int k = 0; k < W; ++k) s += to_f(a.v[k]);
   }
   const float mean = block_sum(s) / static_cast<float>(M);
   float q = 0.f;
   for (int64_t i = threadIdx.x * W; i < M; i += kThreads * W) {
-    const P a = *reinterpret_cast<const P*>(xp + offset(i));
+    const P a = *reinterpret_cast<const P*>(xp + i);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float d = to_f(a.v[k]) - mean;
@@ -86,17 +81,144 @@ __global__ void __launch_bounds__(kThreads) group_norm_kernel(const T* __restric
   }
   const float rstd = rsqrtf(block_sum(q) / static_cast<float>(M) + eps);
   for (int64_t i = threadIdx.x * W; i < M; i += kThreads * W) {
-    const int64_t o = offset(i), c = channel(i);
-    const P a = *reinterpret_cast<const P*>(xp + o);
+    const int64_t c = g * cpg + i / HW;
+    const float a_c = rstd * to_f(gamma[c]), b_c = to_f(beta[c]) - mean * a_c;
+    const P a = *reinterpret_cast<const P*>(xp + i);
     P b;
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      const int64_t ck = kNhwc ? c + k : c;  // NHWC: the vector runs along channels; NCHW: along positions
-      float v = (to_f(a.v[k]) - mean) * rstd * to_f(gamma[ck]) + to_f(beta[ck]);
+      float v = to_f(a.v[k]) * a_c + b_c;
       if (silu) v = v / (1.f + expf(-v));
       b.v[k] = from_f<T>(v);
     }
-    *reinterpret_cast<P*>(yp + o) = b;
+    *reinterpret_cast<P*>(yp + i) = b;
+  }
+}
+
+// NHWC (channels-last), in three coalesced passes instead of a block per group (a group is C / G channels of
+// every position: with 320 channels and 32 groups, 20-byte runs 640 bytes apart).
+// 1. Statistics: block (split s, sample n) reads positions [s * rows, (s + 1) * rows) of its sample, whole rows of C
+//    channels, each thread W adjacent channels of every `rpi`-th position; Welford per channel in float32 (no
+//    cancellation however large the mean), merged across the block's threads (Chan's formula) into a partial
+//    (mean, M2) per (n, s, channel).
+// 2. Finalise: block (n, g) merges its group's partials (splits x channels) into mean and 1/std, and writes each
+//    channel's scale and shift: y = x * a + b, a = gamma / std, b = beta + (add - mean) * a.
+// 3. Apply: every element once, 16-byte vectors, y = x * a[n, c] + b[n, c], SiLU when asked.
+// `add` (optional, [N, C]) is added to x before the normalisation, as if x + add had been written first (the
+// ResNet block's time embedding): one pass over the activation fewer.
+__device__ __forceinline__ void chan_merge(float& n, float& m, float& q, float nb, float mb, float qb) {
+  if (nb == 0.f) return;
+  const float nn = n + nb, d = mb - m;
+  m += d * (nb / nn);
+  q += qb + d * d * (n * nb / nn);
+  n = nn;
+}
+
+template <typename T, int W>
+__global__ void gn_nhwc_stats(const T* __restrict__ x, const T* __restrict__ add, float* __restrict__ part,
+                              int64_t C, int64_t HW, int64_t rows, int rpi) {
+  extern __shared__ float sh[];  // mean [rpi][C], M2 [rpi][C], count [rpi]
+  const int64_t s = blockIdx.x, n = blockIdx.y, S = gridDim.x;
+  const int lanes = static_cast<int>(C / W), v = threadIdx.x % lanes, rr = threadIdx.x / lanes;
+  const int64_t r0 = s * rows, r1 = r0 + rows < HW ? r0 + rows : HW;
+  float addv[W], mean[W], m2[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    addv[k] = add ? to_f(add[n * C + v * W + k]) : 0.f;
+    mean[k] = 0.f;
+    m2[k] = 0.f;
+  }
+  float cnt = 0.f;
+  using P = Pack<T, W>;
+  const T* xp = x + n * HW * C + v * W;
+  for (int64_t r = r0 + rr; r < r1; r += rpi) {
+    const P a = *reinterpret_cast<const P*>(xp + r * C);
+    cnt += 1.f;
+    const float inv = 1.f / cnt;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float val = to_f(a.v[k]) + addv[k], d = val - mean[k];
+      mean[k] += d * inv;
+      m2[k] += d * (val - mean[k]);
+    }
+  }
+  float* sh_mean = sh;
+  float* sh_m2 = sh + rpi * C;
+  float* sh_cnt = sh + 2 * rpi * C;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    sh_mean[rr * C + v * W + k] = mean[k];
+    sh_m2[rr * C + v * W + k] = m2[k];
+  }
+  if (v == 0) sh_cnt[rr] = cnt;
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float nn = 0.f, m = 0.f, q = 0.f;
+    for (int j = 0; j < rpi; ++j) chan_merge(nn, m, q, sh_cnt[j], sh_mean[j * C + c], sh_m2[j * C + c]);
+    float* o = part + ((n * S + s) * C + c) * 2;
+    o[0] = m;
+    o[1] = q;
+  }
+}
+
+constexpr int kFinalThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kFinalThreads) gn_nhwc_finalize(const float* __restrict__ part,
+                                                                  const T* __restrict__ gamma,
+                                                                  const T* __restrict__ beta, const T* __restrict__ add,
+                                                                  float* __restrict__ ab, int64_t C, int64_t HW,
+                                                                  int64_t G, int64_t S, int64_t rows, float eps) {
+  __shared__ float sn[kFinalThreads], sm[kFinalThreads], sq[kFinalThreads];
+  const int64_t ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G;
+  float nn = 0.f, m = 0.f, q = 0.f;
+  for (int64_t j = threadIdx.x; j < S * cpg; j += kFinalThreads) {
+    const int64_t s = j / cpg, c = g * cpg + j % cpg;
+    const int64_t r0 = s * rows, r1 = r0 + rows < HW ? r0 + rows : HW;
+    const float* p = part + ((n * S + s) * C + c) * 2;
+    chan_merge(nn, m, q, static_cast<float>(r1 - r0), p[0], p[1]);
+  }
+  sn[threadIdx.x] = nn;
+  sm[threadIdx.x] = m;
+  sq[threadIdx.x] = q;
+  __syncthreads();
+  for (int h = kFinalThreads / 2; h > 0; h >>= 1) {
+    if (threadIdx.x < h) {
+      float a = sn[threadIdx.x], b = sm[threadIdx.x], d = sq[threadIdx.x];
+      chan_merge(a, b, d, sn[threadIdx.x + h], sm[threadIdx.x + h], sq[threadIdx.x + h]);
+      sn[threadIdx.x] = a;
+      sm[threadIdx.x] = b;
+      sq[threadIdx.x] = d;
+    }
+    __syncthreads();
+  }
+  const float mean = sm[0], rstd = rsqrtf(sq[0] / sn[0] + eps);
+  for (int64_t k = threadIdx.x; k < cpg; k += kFinalThreads) {
+    const int64_t c = g * cpg + k;
+    const float a = rstd * to_f(gamma[c]);
+    const float shift = (add ? to_f(add[n * C + c]) : 0.f) - mean;
+    ab[(n * C + c) * 2] = a;
+    ab[(n * C + c) * 2 + 1] = to_f(beta[c]) + shift * a;
+  }
+}
+
+template <typename T, int W>
+__global__ void gn_nhwc_apply(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ ab, int64_t C,
+                              int64_t HWC, int64_t vectors, bool silu) {
+  using P = Pack<T, W>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i * W, n = e / HWC, c = e % C;
+    const float2* f = reinterpret_cast<const float2*>(ab) + n * C + c;
+    const P a = *reinterpret_cast<const P*>(x + e);
+    P b;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float2 s = f[k];
+      float v = to_f(a.v[k]) * s.x + s.y;
+      if (silu) v = v / (1.f + expf(-v));
+      b.v[k] = from_f<T>(v);
+    }
+    *reinterpret_cast<P*>(y + e) = b;
   }
 }
 
@@ -111,44 +233,102 @@ __global__ void geglu_kernel(const T* __restrict__ h, T* __restrict__ out, int64
   }
 }
 
-template <typename T, bool kNhwc>
-int launch_group_norm(const T* x, T* y, const T* gamma, const T* beta, int64_t N, int64_t C, int64_t HW, int64_t G,
-                      float eps, bool silu, cudaStream_t stream) {
-  // The widest vector (<= 16 bytes) that divides the contiguous run and keeps every access aligned.
-  const int64_t run = kNhwc ? C / G : HW, stride = kNhwc ? C : HW;
+template <typename T>
+int launch_group_norm_nchw(const T* x, T* y, const T* gamma, const T* beta, int64_t N, int64_t C, int64_t HW,
+                           int64_t G, float eps, bool silu, cudaStream_t stream) {
+  // The widest vector (<= 16 bytes) that divides the channel's run and keeps every access aligned.
   int W = 16 / static_cast<int>(sizeof(T));
   auto aligned = [&](int w) {
     const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
-    return run % w == 0 && stride % w == 0 && reinterpret_cast<uintptr_t>(x) % bytes == 0 &&
-           reinterpret_cast<uintptr_t>(y) % bytes == 0;
+    return HW % w == 0 && reinterpret_cast<uintptr_t>(x) % bytes == 0 && reinterpret_cast<uintptr_t>(y) % bytes == 0;
   };
   while (W > 1 && !aligned(W)) W /= 2;
   const dim3 grid(static_cast<unsigned>(N * G));
   switch (W) {
-#define DP_GN_LAUNCH(w)                                                                                     \
-  case w:                                                                                                  \
-    group_norm_kernel<T, w, kNhwc><<<grid, kThreads, 0, stream>>>(x, y, gamma, beta, C, HW, G, eps, silu); \
+#define DP_GN_LAUNCH(w)                                                                                   \
+  case w:                                                                                                \
+    group_norm_kernel<T, w><<<grid, kThreads, 0, stream>>>(x, y, gamma, beta, C, HW, G, eps, silu);       \
     break;
     DP_GN_LAUNCH(1)
     DP_GN_LAUNCH(2)
     DP_GN_LAUNCH(4)
 #undef DP_GN_LAUNCH
     default:  // 16 / sizeof(T) == 8 only for 2-byte types; float stops at 4 above
-      group_norm_kernel<T, 16 / sizeof(T), kNhwc><<<grid, kThreads, 0, stream>>>(x, y, gamma, beta, C, HW, G, eps,
-                                                                                silu);
+      group_norm_kernel<T, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(x, y, gamma, beta, C, HW, G, eps, silu);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+// The widest vector width (elements, <= 16 bytes) dividing C with every pointer aligned to it.
+template <typename T>
+int nhwc_width(int64_t C, const void* x, const void* y) {
+  int W = 16 / static_cast<int>(sizeof(T));
+  auto ok = [&](int w) {
+    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
+    return C % w == 0 && reinterpret_cast<uintptr_t>(x) % bytes == 0 && reinterpret_cast<uintptr_t>(y) % bytes == 0;
+  };
+  while (W > 1 && !ok(W)) W /= 2;
+  return W;
+}
+
+template <typename T>
+int launch_group_norm_nhwc(const T* x, T* y, const T* gamma, const T* beta, const T* add, float* work, int64_t N,
+                           int64_t C, int64_t HW, int64_t G, float eps, bool silu, cudaStream_t stream) {
+  const NhwcPlan p = group_norm_nhwc_plan(C, HW, N, static_cast<int>(sizeof(T)));
+  if (p.splits == 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int W = nhwc_width<T>(C, x, y);
+  if (W != p.width) return static_cast<int>(cudaErrorMisalignedAddress);  // the caller planned for aligned tensors
+  float* part = work;
+  float* ab = work + N * p.splits * C * 2;
+  const dim3 sgrid(static_cast<unsigned>(p.splits), static_cast<unsigned>(N));
+  const int threads = static_cast<int>(C / W) * p.rpi;
+  const size_t shm = (2 * static_cast<size_t>(p.rpi) * C + p.rpi) * sizeof(float);
+  switch (W) {
+#define DP_GN_STATS(w)                                                                                      \
+  case w:                                                                                                  \
+    gn_nhwc_stats<T, w><<<sgrid, threads, shm, stream>>>(x, add, part, C, HW, p.rows, p.rpi);             \
+    break;
+    DP_GN_STATS(1)
+    DP_GN_STATS(2)
+    DP_GN_STATS(4)
+#undef DP_GN_STATS
+    default:
+      gn_nhwc_stats<T, 16 / sizeof(T)><<<sgrid, threads, shm, stream>>>(x, add, part, C, HW, p.rows, p.rpi);
+  }
+  gn_nhwc_finalize<T><<<static_cast<unsigned>(N * G), kFinalThreads, 0, stream>>>(part, gamma, beta, add, ab, C, HW, G,
+                                                                                  p.splits, p.rows, eps);
+  const int64_t vectors = N * HW * C / W;
+  const int at = 256;
+  int64_t blocks = (vectors + at - 1) / at;
+  if (blocks > 132 * 16) blocks = 132 * 16;  // grid-stride beyond a few waves
+  switch (W) {
+#define DP_GN_APPLY(w)                                                                                                 \
+  case w:                                                                                                             \
+    gn_nhwc_apply<T, w><<<static_cast<unsigned>(blocks), at, 0, stream>>>(x, y, ab, C, HW * C, vectors, silu);        \
+    break;
+    DP_GN_APPLY(1)
+    DP_GN_APPLY(2)
+    DP_GN_APPLY(4)
+#undef DP_GN_APPLY
+    default:
+      gn_nhwc_apply<T, 16 / sizeof(T)><<<static_cast<unsigned>(blocks), at, 0, stream>>>(x, y, ab, C, HW * C, vectors,
+                                                                                         silu);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
-int launch_group_norm(const void* x, void* y, const void* gamma, const void* beta, int64_t N, int64_t C, int64_t HW,
-                      int64_t G, float eps, bool silu, bool nhwc, cudaStream_t stream) {
+int launch_group_norm(const void* x, void* y, const void* gamma, const void* beta, const void* add, float* work,
+                      int64_t N, int64_t C, int64_t HW, int64_t G, float eps, bool silu, bool nhwc,
+                      cudaStream_t stream) {
   auto xs = static_cast<const T*>(x);
   auto ys = static_cast<T*>(y);
   auto gs = static_cast<const T*>(gamma);
   auto bs = static_cast<const T*>(beta);
-  return nhwc ? launch_group_norm<T, true>(xs, ys, gs, bs, N, C, HW, G, eps, silu, stream)
-              : launch_group_norm<T, false>(xs, ys, gs, bs, N, C, HW, G, eps, silu, stream);
+  if (nhwc)
+    return launch_group_norm_nhwc<T>(xs, ys, gs, bs, static_cast<const T*>(add), work, N, C, HW, G, eps, silu, stream);
+  if (add) return static_cast<int>(cudaErrorInvalidValue);  // the NCHW kernel takes no addend
+  return launch_group_norm_nchw<T>(xs, ys, gs, bs, N, C, HW, G, eps, silu, stream);
 }
 
 template <typename T>
@@ -163,13 +343,14 @@ int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t
 
 }  // namespace
 
-int group_norm(DType t, const void* x, void* y, const void* gamma, const void* beta, int64_t N, int64_t C,
-               int64_t HW, int64_t G, float eps, bool silu, bool nhwc, void* stream) {
+int group_norm(DType t, const void* x, void* y, const void* gamma, const void* beta, const void* add, float* work,
+               int64_t N, int64_t C, int64_t HW, int64_t G, float eps, bool silu, bool nhwc, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (t) {
-    case DType::F32: return launch_group_norm<float>(x, y, gamma, beta, N, C, HW, G, eps, silu, nhwc, s);
-    case DType::F16: return launch_group_norm<__half>(x, y, gamma, beta, N, C, HW, G, eps, silu, nhwc, s);
-    case DType::BF16: return launch_group_norm<__nv_bfloat16>(x, y, gamma, beta, N, C, HW, G, eps, silu, nhwc, s);
+    case DType::F32: return launch_group_norm<float>(x, y, gamma, beta, add, work, N, C, HW, G, eps, silu, nhwc, s);
+    case DType::F16: return launch_group_norm<__half>(x, y, gamma, beta, add, work, N, C, HW, G, eps, silu, nhwc, s);
+    case DType::BF16:
+      return launch_group_norm<__nv_bfloat16>(x, y, gamma, beta, add, work, N, C, HW, G, eps, silu, nhwc, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

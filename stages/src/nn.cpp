@@ -102,6 +102,11 @@ at::Tensor GroupNorm::silu(const at::Tensor& x) const {
   at::Tensor y = fused_group_norm(x, weight, bias, groups, eps, /*silu=*/true);
   return y.defined() ? y : at::silu(at::group_norm(x, groups, weight, bias, eps));
 }
+
+at::Tensor GroupNorm::silu_after_add(const at::Tensor& x, const at::Tensor& add) const {
+  at::Tensor y = fused_group_norm(x, weight, bias, groups, eps, /*silu=*/true, add);
+  return y.defined() ? y : silu(x + add);
+}
 bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {

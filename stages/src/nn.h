@@ -149,6 +149,9 @@ struct GroupNorm {
   }
   at::Tensor operator()(const at::Tensor& x) const;
   at::Tensor silu(const at::Tensor& x) const;  // silu(group_norm(x)); one fused kernel on a GPU
+  // silu(group_norm(x + add)), add [N, C, 1, 1] (the ResNet block's time embedding): on a GPU with channels-last
+  // activations the addition happens inside the fused kernels instead of a pass of its own.
+  at::Tensor silu_after_add(const at::Tensor& x, const at::Tensor& add) const;
 };
 
 struct LayerNorm {

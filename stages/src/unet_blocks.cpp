@@ -51,6 +51,8 @@ at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb
     DP_CHECK(t.defined(), "resnet: scale_shift needs a time embedding");
     auto ss = t.chunk(2, 1);
     h = act(norm2(h) * (1 + ss[0]) + ss[1]);
+  } else if (t.defined() && !opt.gelu) {
+    h = norm2.silu_after_add(h, t);  // silu(norm2(h + t))
   } else {
     if (t.defined()) h = h + t;
     h = norm_act(norm2, h);

@@ -147,6 +147,32 @@ TEST(Cuda, FusedKernelsMatchAten) {
         EXPECT_LE(e, tol) << at::IntArrayRef(c.shape) << (silu ? " with silu" : "") << (nhwc ? " channels-last" : "");
       }
   }
+  // Channels-last alone: groups too large for one block (the VAE at full size), many splits of the positions
+  // (batch 16 at 64 x 64), 2560 channels, odd widths; a large mean (Welford statistics keep it exact); the addend
+  // (the ResNet block's time embedding) added inside.
+  nn::set_fused_nhwc(true);
+  for (const Case& c : {Case{{2, 128, 256, 256}, 32}, Case{{16, 320, 64, 64}, 32}, Case{{2, 2560, 8, 8}, 32},
+                        Case{{3, 45, 6, 6}, 9}, Case{{1, 512, 64, 64}, 32}}) {
+    const at::Tensor w = at::randn({c.shape[1]}, opt), b = at::randn({c.shape[1]}, opt);
+    const at::Tensor x = (at::randn(c.shape, opt) * 3 + 20).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor add = at::randn({c.shape[0], c.shape[1], 1, 1}, opt);
+    for (bool with_add : {false, true}) {
+      const at::Tensor y = nn::fused_group_norm(x, w, b, c.groups, 1e-5, true, with_add ? add : at::Tensor());
+      ASSERT_TRUE(y.defined()) << "the channels-last kernels should serve " << at::IntArrayRef(c.shape);
+      EXPECT_TRUE(y.is_contiguous(at::MemoryFormat::ChannelsLast));
+      at::Tensor xf = x.to(at::kFloat);
+      if (with_add) xf = xf + add.to(at::kFloat);
+      const at::Tensor ref = at::silu(at::group_norm(xf, c.groups, w.to(at::kFloat), b.to(at::kFloat), 1e-5));
+      const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+      std::printf("[cuda] fused group_norm+silu %s channels-last%s, mean 20: rel err %.2e\n",
+                  c10::str(at::IntArrayRef(c.shape)).c_str(), with_add ? " + addend" : "", e);
+      EXPECT_LE(e, tol) << at::IntArrayRef(c.shape) << (with_add ? " with the addend" : "");
+    }
+  }
+  EXPECT_FALSE(nn::fused_group_norm(at::randn({2, 320, 8, 8}, opt), at::ones({320}, opt), at::zeros({320}, opt), 32,
+                                    1e-5, true, at::ones({2, 320, 1, 1}, opt))
+                   .defined())
+      << "an NCHW input with an addend goes to ATen (the NCHW kernel takes none)";
   nn::set_fused_nhwc(false);
   EXPECT_FALSE(nn::fused_group_norm(at::randn({2, 320, 64, 64}, opt).contiguous(at::MemoryFormat::ChannelsLast),
                                     at::ones({320}, opt), at::zeros({320}, opt), 32, 1e-5, true)
