@@ -79,7 +79,7 @@ same=0; for f in $OUT/gpu-np1/img-*.png; do cmp -s $f $OUT/gpu-np3/$(basename $f
 echo "np3 vs np1 (cuda float16, max_batch 1): $same/6 images byte-identical"
 rm -rf $OUT/gpu-np1 $OUT/gpu-np3
 fi
-if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan || want profile || want switches; then
+if want sd15 || want scheduler || want variants || want vs_b1 || want vs_b8 || want plan || want profile || want switches || want now; then
 # kept on a warm machine between calls (34 s to write)
 [ -f /tmp/sd15/model_index.json ] || { t0=$(date +%s); $B/apps/diffpipe init-model --out /tmp/sd15 --preset sd15 --save-dtype float16; echo "init-model: $(( $(date +%s) - t0 )) s"; }
 # The same folder with "force_upcast": false: the VAE decodes in float16, as diffusers' StableDiffusionPipeline
@@ -183,11 +183,25 @@ d = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
 print(f"{sys.argv[1]:<30} unet b16 {1000 * min(d['unet_s']):7.2f} ms  vae b8 {1000 * min(d['vae_s']):7.2f} ms  "
       f"peak {d['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
 PY
-for v in DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_CHANNELS_LAST=0 ${SWITCH_VARIANTS:-}; do
+for v in ${SWITCHES:-X=1 DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_CHANNELS_LAST=0 DIFFPIPE_SDP_CUDNN=0}; do
   env $v timeout 90 $B/benchmarks/bench_sd --model /tmp/sd15-vae16 --size 512 --device cuda --dtype float16 --images 8 \
     --parts unet,vae --rounds 3 > $OUT/v.json 2> $OUT/v.err && python3 /tmp/unet_vae_line.py "$v" $OUT/v.json \
     || { echo "$v: FAILED"; tail -3 $OUT/v.err; }
 done
+fi
+if want now; then
+step "diffpipe alone: one UNet call's kernels by kind (batch 16), then batch 8 x 50 steps end to end"
+S15="$B/benchmarks/bench_sd --model /tmp/sd15-vae16 --size 512 --device cuda --dtype float16 --images 8"
+timeout 60 $S15 --parts unet --rounds 2 --trace /tmp/now > /dev/null 2> $OUT/v.err \
+  && python3 benchmarks/kernel_breakdown.py diffpipe=/tmp/now.unet.json --top 16 || tail -3 $OUT/v.err
+timeout 90 $S15 --steps 50 --parts e2e --rounds 2 > $OUT/e2e_b8.json 2> $OUT/v.err && python3 - $OUT/e2e_b8.json <<'PY' || tail -3 $OUT/v.err
+import json, sys
+d = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+w = min(d["e2e_s"])
+print(f"batch 8 x 50 steps e2e: {w:.3f} s = {8 / w:.3f} img/s; breakdown " +
+      ", ".join(f"{k} {v:.3f} s" for k, v in d.get("e2e_profile_s", {}).items() if v > 0) +
+      f"; peak {d['peak_bytes'] / 2**30:.2f} GiB", flush=True)
+PY
 fi
 if want vs_b1; then
 step "vs diffusers (eager and torch.compile), batch 1: denoising steps/s with guidance (target >= 105 on an H100)"

@@ -42,7 +42,7 @@ bool cuda_graphs_enabled() { return env_switch(g_graphs, "DIFFPIPE_CUDA_GRAPHS")
 void set_cuda_graphs(bool on) { g_graphs = on ? 1 : 0; }
 bool fused_kernels_enabled() { return env_switch(g_fused, "DIFFPIPE_FUSED_KERNELS"); }
 void set_fused_kernels(bool on) { g_fused = on ? 1 : 0; }
-bool fused_nhwc_enabled() { return env_switch(g_fused_nhwc, "DIFFPIPE_FUSED_NHWC", /*default_on=*/false); }
+bool fused_nhwc_enabled() { return env_switch(g_fused_nhwc, "DIFFPIPE_FUSED_NHWC"); }
 void set_fused_nhwc(bool on) { g_fused_nhwc = on ? 1 : 0; }
 
 #ifdef DIFFPIPE_WITH_CUDA_OPS

@@ -46,8 +46,10 @@ class GraphCache {
 // DIFFPIPE_FUSED_KERNELS=0 turns them off (read once); set_fused_kernels overrides it (tests).
 bool fused_kernels_enabled();
 void set_fused_kernels(bool on);
-// The GroupNorm kernel on channels-last tensors (where ATen's CUDA GroupNorm copies to NCHW and back): off until
-// measured on a GPU; DIFFPIPE_FUSED_NHWC=1 turns it on (read once); set_fused_nhwc overrides it (tests).
+// The GroupNorm kernels on channels-last tensors (where ATen's CUDA GroupNorm copies to NCHW and back, and SiLU
+// and the time embedding's addition are passes of their own): on by default (H200, batch 16: UNet call 48.7 ->
+// 38.2 ms, VAE decode of 8 latents 121.6 -> 60.1 ms); DIFFPIPE_FUSED_NHWC=0 turns them off (read once);
+// set_fused_nhwc overrides it (tests).
 bool fused_nhwc_enabled();
 void set_fused_nhwc(bool on);
 // silu(group_norm(x + add)) (or group_norm(x + add) when !silu; add: optional, N x C values broadcast over the

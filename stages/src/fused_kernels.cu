@@ -223,13 +223,22 @@ __global__ void gn_nhwc_apply(const T* __restrict__ x, T* __restrict__ y, const 
 }
 
 // GEGLU: h [rows, 2D] -> out [rows, D], out = h[:, :D] * gelu(h[:, D:]) (exact, erf-based GELU), in float32.
-template <typename T>
+// W output elements a thread (16-byte vectors where D allows): one index division per vector, not per element.
+template <typename T, int W>
 __global__ void geglu_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t D) {
-  const int64_t n = rows * D;
+  using P = Pack<T, W>;
+  const int64_t per_row = D / W, n = rows * per_row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / D, j = i % D;
-    const float a = to_f(h[r * 2 * D + j]), b = to_f(h[r * 2 * D + D + j]);
-    out[i] = from_f<T>(a * (0.5f * b * (1.f + erff(b * 0.70710678118654752f))));
+    const int64_t r = i / per_row, j = (i - r * per_row) * W;
+    const P a = *reinterpret_cast<const P*>(h + r * 2 * D + j);
+    const P b = *reinterpret_cast<const P*>(h + r * 2 * D + D + j);
+    P o;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float x = to_f(a.v[k]), g = to_f(b.v[k]);
+      o.v[k] = from_f<T>(x * (0.5f * g * (1.f + erff(g * 0.70710678118654752f))));
+    }
+    *reinterpret_cast<P*>(out + r * D + j) = o;
   }
 }
 
@@ -333,11 +342,24 @@ int launch_group_norm(const void* x, void* y, const void* gamma, const void* bet
 
 template <typename T>
 int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t stream) {
-  const int64_t n = rows * D;
+  int W = 16 / static_cast<int>(sizeof(T));
+  auto ok = [&](int w) {
+    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
+    return D % w == 0 && reinterpret_cast<uintptr_t>(h) % bytes == 0 && reinterpret_cast<uintptr_t>(out) % bytes == 0;
+  };
+  while (W > 1 && !ok(W)) W /= 2;
+  const int64_t n = rows * D / W;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(blocks < 65535 * 16 ? blocks : 65535 * 16);
-  geglu_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(h), static_cast<T*>(out), rows, D);
+  const unsigned grid = static_cast<unsigned>(blocks < 132 * 32 ? blocks : 132 * 32);
+  auto hs = static_cast<const T*>(h);
+  auto os = static_cast<T*>(out);
+  switch (W) {
+    case 1: geglu_kernel<T, 1><<<grid, threads, 0, stream>>>(hs, os, rows, D); break;
+    case 2: geglu_kernel<T, 2><<<grid, threads, 0, stream>>>(hs, os, rows, D); break;
+    case 4: geglu_kernel<T, 4><<<grid, threads, 0, stream>>>(hs, os, rows, D); break;
+    default: geglu_kernel<T, 16 / sizeof(T)><<<grid, threads, 0, stream>>>(hs, os, rows, D);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -324,6 +324,10 @@ static void configure_cuda_numerics() {
   // between processes, and with it the last bits of an image, so the default keeps cuDNN's heuristic choice.
   const char* bench = std::getenv("DIFFPIPE_CUDNN_BENCHMARK");
   ctx.setBenchmarkCuDNN(bench && std::string(bench) == "1");
+  // Attention kernels: LibTorch picks cuDNN's fused attention on Hopper where it applies; DIFFPIPE_SDP_CUDNN=0 leaves
+  // it out (then the flash / memory-efficient kernels), to compare them on a GPU.
+  const char* sdp = std::getenv("DIFFPIPE_SDP_CUDNN");
+  if (sdp && std::string(sdp) == "0") ctx.setSDPUseCuDNN(false);
 }
 
 // The run's SDXL refiner (ModelAddons::refiner) beside `base`: configs always, its text encoder(s) and UNet with

@@ -178,7 +178,7 @@ TEST(Cuda, FusedKernelsMatchAten) {
                                     at::ones({320}, opt), at::zeros({320}, opt), 32, 1e-5, true)
                    .defined())
       << "channels-last input without the NHWC switch must give ATen's path";
-  for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 4096, 2560}, {3, 77, 10}}) {
+  for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 4096, 2560}, {3, 77, 10}, {4, 9, 12}, {5, 3, 2}}) {
     const at::Tensor h = at::randn(shape, opt);
     const at::Tensor y = nn::fused_geglu(h);
     ASSERT_TRUE(y.defined());
