@@ -2,10 +2,15 @@
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
 #   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
-#                                  pipeline, sd15, scheduler, sdxl, plan, profile: kernel time by kind, both sides). The build is kept in build-gpu/ while the
-#                                  machine is warm, so a second call (other parts) skips it.
-# With 15 minutes of device time a session, run it in two calls back to back (a machine stays warm ~30 s):
-#   GPU_CHECK_PARTS=vs_b8 (build ~70 s, init-model 34 s, torch.compile ~4 min), then golden,variants,vs_b1.
+#                                  pipeline, sd15, scheduler, sdxl, plan; profile: one UNet / VAE call of each side
+#                                  traced, GPU time by kernel kind; switches: diffpipe's UNet and VAE call per
+#                                  environment switch (SWITCHES="A=0 B=1"); now: diffpipe's kernels by kind and
+#                                  batch 8 end to end, alone). The build is kept in build-gpu/ while the machine
+#                                  is warm (~30 s after a call); a fresh machine starts in ~40 s.
+# With 15 minutes of device time a session (2026-11-28: three calls fitted, see docs/results.md):
+#   GOLDEN_DTYPES=float16 VS_B1_COMPILE= VS_B8_ROUNDS=1 GPU_CHECK_PARTS=golden,switches,vs_b1,vs_b8 (about 5 min:
+#   build 76 s, init-model 33 s, torch.compile of the batch-16 UNet and the VAE inside vs_b8, which gets the time
+#   left of GPU_CHECK_BUDGET_S), and GPU_CHECK_PARTS=profile (about 3.5 min) when a change needs a breakdown.
 # Libraries the GPU image lacks (ICU, libpng, nlohmann-json, GoogleTest headers) come from .gpu/deps.tar.xz,
 # built from this project's Debian machine; the reference folder from .gpu/golden; diffusers' wheel from .gpu/wheels.
 set -u
@@ -55,8 +60,8 @@ for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter="${GOLDEN_FILTER:-Golden*:Cuda.*}" 2>&1 \
     | grep -E "golden[-a-z0-9]*\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
-echo "--- cuda float16, GroupNorm kernel on channels-last activations (DIFFPIPE_FUSED_NHWC=1)"
-DIFFPIPE_FUSED_NHWC=1 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
+echo "--- cuda float16, ATen's GroupNorm on channels-last activations (DIFFPIPE_FUSED_NHWC=0)"
+DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
   --gtest_filter='Golden.*' 2>&1 | grep -E "golden[-a-z0-9]*\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 fi
 if want transport; then
@@ -135,14 +140,13 @@ variant "b1 no fused kernels" DIFFPIPE_FUSED_KERNELS=0 -- $B1
 variant "b1 none (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 DIFFPIPE_CHANNELS_LAST=0 -- $B1
 variant "b1 +cudnn benchmark" DIFFPIPE_CUDNN_BENCHMARK=1 -- $B1
 variant "b1 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B1
-variant "b1 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B1
+variant "b1 ATen NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=0 -- $B1
 echo "--- batch 8 (UNet batch 16), 50 steps, end to end"
 variant "b8 default" X=1 -- $B8
 variant "b8 none (before)" DIFFPIPE_CUDA_GRAPHS=0 DIFFPIPE_FUSED_KERNELS=0 DIFFPIPE_CHANNELS_LAST=0 -- $B8
 variant "b8 NCHW" DIFFPIPE_CHANNELS_LAST=0 -- $B8
-variant "b8 +fused NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=1 -- $B8
+variant "b8 ATen NHWC GroupNorm" DIFFPIPE_FUSED_NHWC=0 -- $B8
 variant "b8 VAE float16" X=1 -- $B8 --model /tmp/sd15-vae16
-variant "b8 VAE f16 + NHWC GN" DIFFPIPE_FUSED_NHWC=1 -- $B8 --model /tmp/sd15-vae16
 fi
 if want plan; then
 step "placement planning: SD 1.5 architecture profile (512 px, float16, 50 steps), a plan for 16 x 8 GPUs, prediction vs measured"
