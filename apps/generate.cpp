@@ -77,7 +77,8 @@ const std::vector<cli::Opt> kOptions = {
                         "sr_guidance, sr_noise_level, x4_steps, x4_guidance, x4_noise_level, strength, mask,\n"
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
                         "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale,\n"
-                        "denoising_end, refiner_steps, refiner_strength, refiner, guidance_rescale\n"
+                        "denoising_end, refiner_steps, refiner_strength, refiner, guidance_rescale,\n"
+                        "true_cfg_scale\n"
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
@@ -85,6 +86,8 @@ const std::vector<cli::Opt> kOptions = {
                       "Diffusion, 5 SDXL, 7 SD3, 3.5 Flux, 4 Kandinsky; 1 skips the unconditional pass)"},
     {"guidance-rescale", "R", "diffusers' guidance_rescale: the guided prediction rescaled toward the conditional\n"
                               "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
+    {"true-cfg", "S", "FLUX.1 folders: FluxPipeline's true_cfg_scale; above 1 runs an unconditional row on the\n"
+                       "negative prompt (empty when none) and mixes the two with S (default 1: off)"},
     {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | kdpm2 | kdpm2_karras |\n"
                           "lms | lms_karras |\n"
                           "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | dpmpp_3m_sde |\n"
@@ -319,6 +322,7 @@ int generate_main(int argc, char** argv) {
     base.height = static_cast<int>(a.integer("height", 0));
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
     base.guidance_rescale = a.number("guidance-rescale", 0);
+    base.true_cfg_scale = a.number("true-cfg", 1.0);  // checked by the model (FLUX.1 folders only)
     DP_CHECK(std::isfinite(base.guidance_rescale) && base.guidance_rescale >= 0 && base.guidance_rescale <= 1,
              "generate: --guidance-rescale must be in [0, 1], got ", base.guidance_rescale);
     base.previews = static_cast<int>(a.integer("previews", 0));
@@ -492,8 +496,10 @@ int generate_main(int argc, char** argv) {
         if (std::count(st.spec.ranks.begin(), st.spec.ranks.end(), world.rank))
           batch = std::max(batch, std::min<int>(st.spec.max_batch, static_cast<int>(requests.size())));
       const auto here = placement.stages_on(world.rank);
+      // two denoiser rows a request when guided (FLUX.1: only with true CFG; its guidance scale is embedded)
+      const bool guided = SdModel::is_flux(a.str("model")) ? base.true_cfg_scale > 1.0 : base.uses_cfg();
       const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
-                                                   base.uses_cfg(), rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
+                                                   guided, rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
                                                    model_addons(a));
       const double avail = available_host_memory() / std::max(1, world.local_size);
       std::string names;
@@ -507,7 +513,7 @@ int generate_main(int argc, char** argv) {
                     "pass --skip-memory-check",
                     world.rank, names.c_str(), need.total() / gb,
                     base.width > 0 || base.height > 0 ? detail::cat(base.width, "x", base.height).c_str() : "default-size",
-                    batch, base.uses_cfg() ? " (x2 UNet rows for guidance)" : "", need.weights / gb,
+                    batch, guided ? " (x2 UNet rows for guidance)" : "", need.weights / gb,
                     need.activations / gb, avail / gb, std::max(1, world.local_size));
       DP_CHECK(avail <= 0 || need.total() <= avail, buf);
     }

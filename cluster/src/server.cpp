@@ -59,7 +59,8 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
   static const std::set<std::string> numbers{"guidance_scale", "strength", "controlnet_conditioning_scale",
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
                                              "negative_aesthetic_score", "ip_adapter_scale", "denoising_end",
-                                             "refiner_strength", "guidance_rescale", "prior_guidance_scale"};
+                                             "refiner_strength", "guidance_rescale", "prior_guidance_scale",
+                                             "true_cfg_scale"};
   // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
   static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
                                                     "control_guidance_start", "control_guidance_end"};
@@ -348,7 +349,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "control_guidance_end", "lora", "guess_mode", "aesthetic_score",
                                             "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
                                             "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale",
-                                            "refiner", "prior_num_inference_steps", "prior_guidance_scale"};
+                                            "refiner", "prior_num_inference_steps", "prior_guidance_scale",
+                                            "true_cfg_scale"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -434,6 +436,7 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
       if (!(p.guidance_rescale >= 0 && p.guidance_rescale <= 1))
         throw BadRequest{"'guidance_rescale' must be in [0, 1]", "guidance_rescale"};
     }
+    if (const auto s = number("true_cfg_scale", "")) p.true_cfg_scale = *s;  // FLUX.1's true CFG (checked by the model)
     if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
     if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
     if (j.contains("refiner")) {  // false: this request skips the server's refiner

@@ -115,6 +115,7 @@ GenerationParams read_params(const Reader& r, const json& o) {
     p.skip_refiner = !o.at("refiner").get<bool>();
   }
   if (o.contains("guidance_rescale")) p.guidance_rescale = r.number(o, "guidance_rescale", "params.guidance_rescale");
+  if (o.contains("true_cfg_scale")) p.true_cfg_scale = r.number(o, "true_cfg_scale", "params.true_cfg_scale");
   if (o.contains("denoising_end")) p.denoising_end = r.number(o, "denoising_end", "params.denoising_end");
   if (o.contains("refiner_steps"))
     p.refiner_steps = static_cast<int>(r.integer(o, "refiner_steps", "params.refiner_steps", 0, 1 << 20));

@@ -48,12 +48,12 @@ class EncodeStage : public OneShotStage {
       // (uncond pooled, uncond)]
       if (e.time_ids.defined())
         t = {e.time_ids.contiguous(), e.class_labels.contiguous(), e.cond.contiguous()};
-      else if (model_.sd3 || model_.flux)
+      else if (model_.dit())
         t = {e.class_labels.contiguous(), e.cond.contiguous()};
       else
         t = {e.cond.contiguous()};
       if (e.uncond.defined()) {
-        if (e.time_ids.defined() || model_.sd3) t.push_back(e.uncond_class_labels.contiguous());
+        if (e.time_ids.defined() || model_.dit()) t.push_back(e.uncond_class_labels.contiguous());
         t.push_back(e.uncond.contiguous());
         if (e.uncond_time_ids.defined()) t.push_back(e.uncond_time_ids.contiguous());
       }
@@ -247,7 +247,7 @@ class DenoiseStageImpl : public SteppedStage<DenoiseState> {
       hold(r.id, make_denoise_state(model_, r.params, e, r.id), r.priority, now);
       return;
     }
-    if (model_.sd3 || model_.flux) {  // [pooled, cond, (uncond pooled, uncond)]
+    if (model_.dit()) {  // [pooled, cond, (uncond pooled, uncond)]
       DP_CHECK(r.inputs.size() == 2 || r.inputs.size() == 4, "denoise: an SD3 or Flux request needs 2 or 4 tensors (pooled ",
                "and full text embeddings, and their unconditional ones), got ", r.inputs.size());
       e.class_labels = r.inputs[0].to(model_.spec.device, at::kFloat);

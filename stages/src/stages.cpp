@@ -243,7 +243,8 @@ std::vector<Embeddings> encode_sd3(const SdModel& model, const std::vector<const
 }
 
 // FLUX.1 (FluxPipeline.encode_prompt): CLIP's pooled output (the final layer norm's end-of-text token) and T5's
-// max_sequence_length tokens without a mask; no unconditional rows (the [dev] transformer embeds the guidance).
+// max_sequence_length tokens without a mask; the negative prompt likewise for a request with true CFG (the [dev]
+// transformer embeds the guidance: no unconditional row otherwise).
 std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<const GenerationParams*>& batch) {
   DP_CHECK(model.text_encoder && model.tokenizer && model.t5 && model.t5_tokenizer,
            "text encoder stage: Flux's text encoders are not loaded");
@@ -252,6 +253,10 @@ std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<cons
   for (size_t i = 0; i < batch.size(); ++i) {
     texts.push_back(&batch[i]->prompt);
     rows.push_back({i, false});
+    if (model.uses_cfg(*batch[i])) {
+      texts.push_back(&batch[i]->negative_prompt);
+      rows.push_back({i, true});
+    }
   }
   const at::Device dev = model.spec.device;
   at::Tensor pooled;
@@ -262,9 +267,11 @@ std::vector<Embeddings> encode_flux(const SdModel& model, const std::vector<cons
   }
   const at::Tensor h = t5_states_unmasked(model, texts, model.max_sequence_length);
   std::vector<Embeddings> out(batch.size());
-  for (int64_t r = 0; r < static_cast<int64_t>(texts.size()); ++r) {
-    out[static_cast<size_t>(r)].cond = h[r];
-    out[static_cast<size_t>(r)].class_labels = pooled[r];
+  for (size_t r = 0; r < rows.size(); ++r) {
+    Embeddings& e = out[rows[r].first];
+    const auto k = static_cast<int64_t>(r);
+    (rows[r].second ? e.uncond : e.cond) = h[k];
+    (rows[r].second ? e.uncond_class_labels : e.class_labels) = pooled[k];
   }
   return out;
 }
@@ -318,7 +325,7 @@ std::vector<Embeddings> TextEncodeStage::run(const std::vector<const GenerationP
     profile::Scope prof(profile::Section::TextEncoder);
     return encode_sdxl(model_, batch);
   }
-  if (model_.sd3 || model_.flux) {
+  if (model_.dit()) {
     if (batch.empty()) return {};
     profile::Scope prof(profile::Section::TextEncoder);
     return model_.flux ? encode_flux(model_, batch) : encode_sd3(model_, batch);
@@ -411,7 +418,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1,
            "guidance_rescale: must be in [0, 1], got ", p.guidance_rescale);
-  DP_CHECK(p.guidance_rescale == 0 || (model.uses_cfg(p) && model.img2img()), "guidance_rescale: only a guided ",
+  DP_CHECK(p.guidance_rescale == 0 || (model.uses_cfg(p) && model.img2img() && !model.dit()), "guidance_rescale: only a guided ",
            "request (guidance > 1, an unconditional row) of a Stable Diffusion or SDXL folder uses it",
            model.unet_config.time_cond_proj_dim > 0 ? " (this LCM-distilled UNet embeds the guidance instead)" : "");
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
@@ -419,7 +426,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   const bool img2img = model.starts_from_image(p);
   DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
            "diffpipe does not load; ", model.dir, " takes no mask");
-  DP_CHECK(p.mask.empty() || !(model.sd3 || model.flux), "mask: ", model.dir, " is a ",
+  DP_CHECK(p.mask.empty() || !model.dit(), "mask: ", model.dir, " is a ",
            model.sd3 ? "Stable Diffusion 3" : "FLUX.1", " folder; diffpipe runs its text-to-image and image-to-image ",
            "pipelines, not inpainting");
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
@@ -454,7 +461,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
     } else {
       // diffusers' get_timesteps: int(steps x strength) run; SD3's and Flux's pipelines skip
       // int(steps - steps x strength)
-      const bool dit = model.sd3 || model.flux;
+      const bool dit = model.dit();
       const int init = dit ? p.steps - static_cast<int>(std::max(p.steps - p.steps * strength, 0.0))
                            : std::min(static_cast<int>(p.steps * strength), p.steps);
       DP_CHECK(init >= 1, "strength: ", strength, " x ", p.steps, " steps leaves no denoising step (int(steps x ",
@@ -525,9 +532,14 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            " (the latent factor ", model.latent_factor(), " x the UNet's downsampling)");
   DP_CHECK(r.width <= 8192 && r.height <= 8192, "width/height: at most 8192");
 
-  if (model.flux) {  // FluxPipeline without true CFG: one row per request, CLIP's pooled output
-    DP_CHECK(p.negative_prompt.empty(), "negative_prompt: ", model.dir, " is a FLUX.1 folder: it runs no ",
-             "unconditional row (the guidance scale is embedded), so a negative prompt would go unused");
+  DP_CHECK(std::isfinite(p.true_cfg_scale) && p.true_cfg_scale >= 1.0 && p.true_cfg_scale <= 100.0,
+           "true_cfg_scale: must be in [1, 100], got ", p.true_cfg_scale);
+  DP_CHECK(model.flux || p.true_cfg_scale == 1.0, "true_cfg_scale: FLUX.1 folders only (their classifier-free ",
+           "guidance beside the embedded guidance scale); ", model.dir, " mixes its rows with the guidance scale");
+  if (model.flux) {  // FluxPipeline: one row per request, CLIP's pooled output; true CFG adds the negative prompt's
+    DP_CHECK(p.negative_prompt.empty() || model.uses_cfg(p), "negative_prompt: ", model.dir, " is a FLUX.1 folder: ",
+             "without true CFG it runs no unconditional row (the guidance scale is embedded), so a negative prompt ",
+             "would go unused; set true_cfg_scale above 1 (FluxPipeline's true_cfg_scale)");
     DP_CHECK(p.clip_skip == 0, "clip_skip: not supported for FLUX.1 folders (CLIP's pooled output only; ", model.dir,
              ")");
   }
@@ -659,7 +671,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   // an LCM UNet takes the guidance scale as an input (w = guidance - 1, as diffusers' pipelines) instead of an
   // unconditional row
   const int64_t cond_dim = model.unet_config.time_cond_proj_dim;
-  s.guidance = cond_dim > 0 || model.flux ? 1.0 : p.guidance;
+  s.guidance = model.uses_cfg(p) ? model.cfg_scale(p) : 1.0;  // (LCM and FLUX.1 without true CFG: one row)
   s.guidance_rescale = p.guidance_rescale;
   if (cond_dim > 0) s.timestep_cond = guidance_scale_embedding(p.guidance - 1.0, cond_dim);
   // FLUX.1 [dev]: the guidance scale itself, embedded by the transformer
@@ -686,7 +698,7 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
   if (model.unet_config.text_time()) {
     DP_CHECK(s.class_labels.defined() && s.time_ids.defined(), "denoise: request ", id,
              " has no pooled text embedding or size conditioning (an SDXL UNet needs both)");
-  } else if (model.sd3 || model.flux) {
+  } else if (model.dit()) {
     DP_CHECK(s.class_labels.defined() && (!model.uses_cfg(p) || s.uncond_class_labels.defined()), "denoise: request ",
              id, " has no pooled text embedding (SD3's transformer needs one per row)");
   } else {
@@ -996,7 +1008,8 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     ts.push_back(t);
     if (s->class_labels.defined()) cls.push_back(s->class_labels);
     if (s->time_ids.defined()) tids.push_back(s->time_ids);
-    if (s->timestep_cond.defined()) tconds.push_back(s->timestep_cond);
+    for (int r = 0; r < (s->guidance > 1.0 ? 2 : 1); ++r)  // both rows of a guided request (FLUX.1's true CFG)
+      if (s->timestep_cond.defined()) tconds.push_back(s->timestep_cond);
   }
   const auto dt = model_.spec.dtype;
   at::Tensor x = at::stack(xs).to(dt);

@@ -15,7 +15,7 @@ DIR/golden.safetensors (float32 unless noted):
   transformer.{latents [B, 4, h, w] (unpacked), timestep (sigma), encoder_hidden_states, pooled, guidance} ->
   transformer.out (unpacked), transformer_schnell.out (no guidance);
   for each pipeline run R: pipeline.R.initial_noise [B, 4, h, w], pipeline.R.final_latents (unpacked),
-  pipeline.R.image_uint8 (u8, HWC); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
+  pipeline.R.image_uint8 (u8, HWC) (run "true_cfg": a negative prompt and true_cfg_scale 4); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
   from DIR/input_K.png): R.draws.0 (the VAE posterior's sample), R.draws.1 (the initial noise, unpacked), R.images
   ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and .image_uint8: run "plain" with DIR/lora.safetensors active
   (transformer and CLIP, scale 1).
@@ -114,13 +114,20 @@ def main():
         out.update({"transformer.latents": lat, "transformer.timestep": ts, "transformer.encoder_hidden_states": ehs,
                     "transformer.pooled": pooled, "transformer.guidance": gd})
 
+        # "true_cfg": FluxPipeline's true CFG (an unconditional pass on the negative prompt, mixed at true_cfg_scale,
+        # the guidance still embedded in both passes)
         runs = [dict(name="plain", guidance=3.5, steps=4, height=32, width=32),
-                dict(name="wide", guidance=5.0, steps=3, height=32, width=48)]
+                dict(name="wide", guidance=5.0, steps=3, height=32, width=48),
+                dict(name="true_cfg", guidance=3.5, steps=3, height=32, width=32,
+                     negative_prompt="a blurry dark photograph", true_cfg_scale=4.0)]
         for r in runs:
             noise = torch.randn(len(PROMPTS), 4, r["height"] // 4, r["width"] // 4, generator=g)
             packed = FluxPipeline._pack_latents(noise, len(PROMPTS), 4, r["height"] // 4, r["width"] // 4)
+            kw = {}
+            if "true_cfg_scale" in r:
+                kw = dict(negative_prompt=[r["negative_prompt"]] * len(PROMPTS), true_cfg_scale=r["true_cfg_scale"])
             lat = pipe(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
-                       width=r["width"], latents=packed.clone(), output_type="latent").images
+                       width=r["width"], latents=packed.clone(), output_type="latent", **kw).images
             lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
             im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
             im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()

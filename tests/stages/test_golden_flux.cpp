@@ -69,7 +69,8 @@ TEST(GoldenFlux, Transformer) {
 }
 
 // The whole pipeline through diffpipe's stages with the reference's initial noise (unpacked): FluxPipeline's sigmas
-// linspace(1, 1/n, n) shifted by mu of the image's token count, the guidance embedded, one row per request.
+// linspace(1, 1/n, n) shifted by mu of the image's token count, the guidance embedded, one row per request; run
+// "true_cfg" adds the negative prompt's row (FluxPipeline's true CFG, mixed at true_cfg_scale).
 TEST(GoldenFlux, WholePipelineEveryRun) {
   DP_REQUIRE_FLUX(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
@@ -87,9 +88,11 @@ TEST(GoldenFlux, WholePipelineEveryRun) {
       p.guidance = run.at("guidance").get<double>();
       p.width = run.at("width").get<int>();
       p.height = run.at("height").get<int>();
+      p.negative_prompt = run.value("negative_prompt", std::string());
+      p.true_cfg_scale = run.value("true_cfg_scale", 1.0);
       params.push_back(p);
     }
-    EXPECT_FALSE(model.uses_cfg(params[0]));
+    EXPECT_EQ(model.uses_cfg(params[0]), run.contains("true_cfg_scale")) << name;
     std::vector<DenoiseState> ds = test::latent_states(model, params, g.at("pipeline." + name + ".initial_noise"));
     EXPECT_EQ(ds[0].sampler->kind(), SamplerKind::FlowMatchEuler);
     const std::vector<at::Tensor> lat = test::denoise_to_end(model, ds);
@@ -135,7 +138,16 @@ TEST(GoldenFlux, Refusals) {
   EXPECT_EQ(refused(p), "");
   EXPECT_EQ(model.default_size(), 512);  // FluxPipeline: 128 x the VAE's factor (4 here; 1024 px for FLUX.1)
   p.negative_prompt = "blurry";
-  EXPECT_NE(refused(p).find("no unconditional row"), std::string::npos) << refused(p);
+  EXPECT_NE(refused(p).find("without true CFG it runs no unconditional row"), std::string::npos) << refused(p);
+  p.true_cfg_scale = 4;  // true CFG: the negative prompt is used
+  EXPECT_EQ(refused(p), "");
+  EXPECT_TRUE(model.uses_cfg(p));
+  p.guidance_rescale = 0.7;  // FluxPipeline has no guidance_rescale
+  EXPECT_NE(refused(p).find("guidance_rescale: only a guided"), std::string::npos) << refused(p);
+  p.guidance_rescale = 0;
+  p.true_cfg_scale = 0.5;
+  EXPECT_NE(refused(p).find("true_cfg_scale: must be in [1, 100]"), std::string::npos) << refused(p);
+  p.true_cfg_scale = 1;
   p.negative_prompt.clear();
   p.sampler = "euler";
   EXPECT_NE(refused(p).find("flow_euler"), std::string::npos) << refused(p);

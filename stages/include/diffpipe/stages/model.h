@@ -59,9 +59,11 @@ struct SdModel {
   Sd3TransformerConfig transformer_config;
   // FLUX.1 (FluxPipeline folders): CLIP's pooled output (tokenizer, text_encoder) and T5's 512 tokens (tokenizer_2,
   // text_encoder_2: t5_tokenizer, t5); the Flux transformer (kUNet) on 2x2-packed latents, its guidance scale embedded
-  // ([dev]; no unconditional row); flow matching with the pipelines' sigmas linspace(1, 1/n, n) shifted by the image's
+  // ([dev]; an unconditional row only for true CFG); flow matching with the pipelines' sigmas linspace(1, 1/n, n) shifted by the image's
   // token count. unet_config carries the latent channels and the pipelines' default sample size (128).
   bool flux = false;
+  // a diffusion-transformer folder (SD3 or FLUX.1): pooled + token embeddings, flow matching, 16-channel-style VAE
+  bool dit() const { return sd3 || flux; }
   std::shared_ptr<FluxTransformer2DModel> flux_transformer;
   FluxTransformerConfig flux_config;
   std::shared_ptr<AutoencoderKL> vae;
@@ -144,7 +146,7 @@ struct SdModel {
   }
   // Image-to-image's strength: the request's, or the folder's pipeline default
   double strength(const GenerationParams& p) const { return p.effective_strength(strength_defaults()); }
-  StrengthDefaults strength_defaults() const { return strength_defaults(sdxl, kandinsky, sd3 || flux); }
+  StrengthDefaults strength_defaults() const { return strength_defaults(sdxl, kandinsky, dit()); }
   static StrengthDefaults strength_defaults(const std::string& dir) {
     return strength_defaults(is_sdxl(dir), is_kandinsky(dir), is_sd3(dir) || is_flux(dir));
   }
@@ -165,10 +167,14 @@ struct SdModel {
   // Whether request `p` runs classifier-free guidance here (an unconditional row beside its own): guidance above 1
   // and a UNet without time_cond_proj_dim; a Latent Consistency Model's UNet embeds the guidance scale instead
   // (diffusers' do_classifier_free_guidance), so it ignores the negative prompt.
-  // FLUX.1 likewise runs none (its [dev] transformer embeds the guidance scale).
+  // FLUX.1 runs one only for true CFG (true_cfg_scale above 1, FluxPipeline's do_true_cfg: its [dev] transformer
+  // embeds the guidance scale).
   bool uses_cfg(const GenerationParams& p) const {
-    return p.uses_cfg() && unet_config.time_cond_proj_dim == 0 && !flux;
+    if (flux) return p.true_cfg_scale > 1.0;
+    return p.uses_cfg() && unet_config.time_cond_proj_dim == 0;
   }
+  // The scale that mixes a request's unconditional and conditional predictions (FLUX.1: true_cfg_scale)
+  double cfg_scale(const GenerationParams& p) const { return flux ? p.true_cfg_scale : p.guidance; }
   int64_t default_size() const { return unet_config.sample_size * latent_factor(); }
   bool has_super_resolution() const { return has_super_resolution(dir); }
   static bool has_super_resolution(const std::string& dir);  // the folder has super_resolution/ (a cascade model)

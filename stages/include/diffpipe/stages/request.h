@@ -36,6 +36,9 @@ struct GenerationParams {
   // diffusers' guidance_rescale (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the
   // guided prediction rescaled to the conditional one's standard deviation, mixed in at this share, in [0, 1]
   double guidance_rescale = 0;
+  // FLUX.1 folders only (FluxPipeline's true_cfg_scale): > 1 adds an unconditional row on the negative prompt ("" when
+  // none) and mixes the two predictions with this scale, beside the embedded `guidance`; 1 = one row per request
+  double true_cfg_scale = 1.0;
   std::string sampler;          // "" = the model's scheduler_config.json class; else a sampler name (parse_sampler_name)
   uint64_t seed = 0;
   int width = 0, height = 0;    // 0 = the model's default size
@@ -147,6 +150,7 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (p.negative_aesthetic_score != d.negative_aesthetic_score) j["negative_aesthetic_score"] = p.negative_aesthetic_score;
   if (p.denoising_end != d.denoising_end) j["denoising_end"] = p.denoising_end;
   if (p.guidance_rescale != d.guidance_rescale) j["guidance_rescale"] = p.guidance_rescale;
+  if (p.true_cfg_scale != d.true_cfg_scale) j["true_cfg_scale"] = p.true_cfg_scale;
   if (p.refiner_steps != d.refiner_steps) j["refiner_steps"] = p.refiner_steps;
   if (p.skip_refiner) j["refiner"] = false;
   if (p.refiner_strength != d.refiner_strength) j["refiner_strength"] = p.refiner_strength;
@@ -207,6 +211,7 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.negative_aesthetic_score = j.value("negative_aesthetic_score", p.negative_aesthetic_score);
   p.denoising_end = j.value("denoising_end", p.denoising_end);
   p.guidance_rescale = j.value("guidance_rescale", p.guidance_rescale);
+  p.true_cfg_scale = j.value("true_cfg_scale", p.true_cfg_scale);
   p.refiner_steps = j.value("refiner_steps", p.refiner_steps);
   p.skip_refiner = !j.value("refiner", true);
   p.refiner_strength = j.value("refiner_strength", p.refiner_strength);
