@@ -5,12 +5,14 @@
 #include <numeric>
 #include <optional>
 #include <map>
+#include <regex>
 #include <nlohmann/json.hpp>
 
 #include "diffpipe/runtime/error.h"
 #include "diffpipe/runtime/json_config.h"
 #include "diffpipe/runtime/safetensors.h"
 #include "diffpipe/runtime/torch_tensor.h"
+#include "diffpipe/stages/model.h"
 #include "diffpipe/stages/unet.h"
 #include "diffpipe/stages/weights.h"
 
@@ -21,8 +23,8 @@ bool ends_with(const std::string& s, const std::string& t) {
   return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
 }
 
-// A component's weight names and shapes, from its safetensors header (nothing loaded).
-struct Component {
+// A component's weight file: its weight names and shapes, from the safetensors header (nothing loaded).
+struct WeightFile {
   std::string name, file;
   std::map<std::string, std::vector<int64_t>> shapes;       // weight key -> shape
   std::map<std::string, std::string> by_underscores;          // kohya's module name -> module
@@ -98,8 +100,8 @@ std::string sgm_name(const std::string& module, const UNetConfig& c) {
   return "";
 }
 
-std::vector<Component> components_of(const std::string& dir) {
-  std::vector<Component> out;
+std::vector<WeightFile> components_of(const std::string& dir) {
+  std::vector<WeightFile> out;
   for (const auto& [name, file] : std::vector<std::pair<std::string, std::string>>{
            {"unet", "unet/diffusion_pytorch_model.safetensors"},
            {"text_encoder", "text_encoder/model.safetensors"},
@@ -107,7 +109,7 @@ std::vector<Component> components_of(const std::string& dir) {
            {"transformer", "transformer/diffusion_pytorch_model.safetensors"}}) {  // SD3, FLUX.1
     const std::string path = path_join(dir, file);
     if (!file_exists(path)) continue;
-    Component c{name, path, {}, {}};
+    WeightFile c{name, path, {}, {}};
     std::optional<UNetConfig> unet;
     if (name == "unet") unet = UNetConfig::load(path_join(dir, "unet/config.json"));
     const auto f = SafetensorsFile::open(path);
@@ -136,6 +138,53 @@ struct Pair {
   double alpha = -1;  // kohya's .alpha; < 0: from metadata or the rank
   std::string down_key, up_key;
 };
+
+// FLUX.1 LoRAs as kohya-ss (sd-scripts) saves them, in the original (BFL) model's layer names
+// (lora_unet_double_blocks_3_img_attn_qkv, ..._single_blocks_7_linear1, ...): the diffusers transformer modules each
+// names, in order. A fused projection (qkv; a single block's linear1 = q, k, v and the MLP's input) is one LoRA whose
+// up rows are split among its modules, the down matrix shared -- exactly the fused update (diffusers'
+// _convert_kohya_flux_lora_to_diffusers splits them so too, or block-wise when the file is block-sparse: the same
+// product). The final layer's modulation stores (shift, scale) where diffusers' norm_out has (scale, shift): its up
+// rows swap halves. Alphas apply everywhere, as kohya-ss means them (diffusers 0.42's converter drops the embedders'
+// and the final layer's LoRAs: it names them without the "transformer." prefix its loader filters on).
+struct FluxKohyaTarget {
+  std::vector<std::string> modules;
+  bool swap_halves = false;
+};
+std::optional<FluxKohyaTarget> flux_kohya_target(const std::string& name) {
+  static const std::regex dbl(R"(double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin))");
+  static const std::regex sgl(R"(single_blocks_(\d+)_(linear1|linear2|modulation_lin))");
+  std::smatch m;
+  if (std::regex_match(name, m, dbl)) {
+    const std::string b = "transformer_blocks." + m[1].str() + ".", part = m[3].str();
+    const bool img = m[2].str() == "img";
+    if (part == "attn_qkv")
+      return img ? FluxKohyaTarget{{b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"}}
+                 : FluxKohyaTarget{{b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"}};
+    if (part == "attn_proj") return FluxKohyaTarget{{b + (img ? "attn.to_out.0" : "attn.to_add_out")}};
+    if (part == "mlp_0") return FluxKohyaTarget{{b + (img ? "ff.net.0.proj" : "ff_context.net.0.proj")}};
+    if (part == "mlp_2") return FluxKohyaTarget{{b + (img ? "ff.net.2" : "ff_context.net.2")}};
+    return FluxKohyaTarget{{b + (img ? "norm1.linear" : "norm1_context.linear")}};
+  }
+  if (std::regex_match(name, m, sgl)) {
+    const std::string b = "single_transformer_blocks." + m[1].str() + ".", part = m[2].str();
+    if (part == "linear1") return FluxKohyaTarget{{b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"}};
+    return FluxKohyaTarget{{b + (part == "linear2" ? "proj_out" : "norm.linear")}};
+  }
+  static const std::map<std::string, std::string> fixed{
+      {"img_in", "x_embedder"},
+      {"txt_in", "context_embedder"},
+      {"time_in_in_layer", "time_text_embed.timestep_embedder.linear_1"},
+      {"time_in_out_layer", "time_text_embed.timestep_embedder.linear_2"},
+      {"vector_in_in_layer", "time_text_embed.text_embedder.linear_1"},
+      {"vector_in_out_layer", "time_text_embed.text_embedder.linear_2"},
+      {"guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"},
+      {"guidance_in_out_layer", "time_text_embed.guidance_embedder.linear_2"}};
+  if (fixed.count(name)) return FluxKohyaTarget{{fixed.at(name)}};
+  if (name == "final_layer_linear") return FluxKohyaTarget{{"proj_out"}};
+  if (name == "final_layer_adaLN_modulation_1") return FluxKohyaTarget{{"norm_out.linear"}, true};
+  return std::nullopt;
+}
 
 }  // namespace
 
@@ -204,8 +253,8 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
   const std::string& file = spec.path;
   DP_CHECK(file_exists(file), file, ": LoRA file not found");
   const auto f = SafetensorsFile::open(file);
-  const std::vector<Component> comps = components_of(model_dir);
-  auto component = [&](const std::string& name) -> const Component* {
+  const std::vector<WeightFile> comps = components_of(model_dir);
+  auto component = [&](const std::string& name) -> const WeightFile* {
     for (const auto& c : comps)
       if (c.name == name) return &c;
     return nullptr;
@@ -220,28 +269,48 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
     }
   }
   std::map<std::pair<std::string, std::string>, Pair> pairs;  // (component, module) -> down/up
+  std::map<std::string, Pair> flux_kohya;  // FLUX.1 kohya name -> its (possibly fused) LoRA, split below
+  // a FLUX.1 folder: its transformer takes kohya's lora_unet_ keys, in the original model's names
+  const bool flux = !component("unet") && component("transformer") &&
+                    SdModel::is_flux(model_dir);
   for (const auto& key : f->names()) {
     std::string comp, module, kind;
     if (key.rfind("lora_unet_", 0) == 0 || key.rfind("lora_te", 0) == 0) {  // kohya-ss
       const size_t dot = key.find('.');
       DP_CHECK(dot != std::string::npos, file, ": key '", key, "' has no .lora_down/.lora_up/.alpha suffix");
       const std::string name = key.substr(0, dot), suffix = key.substr(dot + 1);
+      if (suffix == "lora_down.weight") kind = "down";
+      else if (suffix == "lora_up.weight") kind = "up";
+      else if (suffix == "alpha") kind = "alpha";
+      else DP_FAIL(file, ": key '", key, "': unsupported suffix '", suffix, "' (lora_down.weight, lora_up.weight, alpha)");
       std::string under;
       if (name.rfind("lora_unet_", 0) == 0) comp = "unet", under = name.substr(10);
       else if (name.rfind("lora_te1_", 0) == 0) comp = "text_encoder", under = name.substr(9);
       else if (name.rfind("lora_te2_", 0) == 0) comp = "text_encoder_2", under = name.substr(9);
       else if (name.rfind("lora_te_", 0) == 0) comp = "text_encoder", under = name.substr(8);
       else DP_FAIL(file, ": key '", key, "': unknown kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_)");
-      const Component* c = component(comp);
+      if (comp == "unet" && flux) {
+        DP_CHECK(flux_kohya_target(under), file, ": key '", key, "' names no layer of the FLUX.1 transformer (kohya's ",
+                 "names of the original model: double_blocks_N_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2,mod_lin}, ",
+                 "single_blocks_N_{linear1,linear2,modulation_lin}, img_in, txt_in, {time,vector,guidance}_in_",
+                 "{in,out}_layer, final_layer_linear, final_layer_adaLN_modulation_1)");
+        Pair& p = flux_kohya[under];
+        const at::Tensor t = tensor_from_view(f, f->get(key));
+        if (kind == "alpha") {
+          DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");
+          p.alpha = t.to(at::kDouble).item<double>();
+        } else {
+          (kind == "down" ? p.down : p.up) = t;
+          (kind == "down" ? p.down_key : p.up_key) = key;
+        }
+        continue;
+      }
+      const WeightFile* c = component(comp);
       DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
       const auto it = c->by_underscores.find(under);
       DP_CHECK(it != c->by_underscores.end(), file, ": key '", key, "' names no layer of ", c->file,
                " (kohya names are the folder's module paths, in diffusers' or the original layout's names, with '_' for '.')");
       module = it->second;
-      if (suffix == "lora_down.weight") kind = "down";
-      else if (suffix == "lora_up.weight") kind = "up";
-      else if (suffix == "alpha") kind = "alpha";
-      else DP_FAIL(file, ": key '", key, "': unsupported suffix '", suffix, "' (lora_down.weight, lora_up.weight, alpha)");
     } else {  // diffusers / peft: <component>.<module>.lora_A.weight
       const size_t dot = key.find('.');
       comp = key.substr(0, dot);
@@ -252,7 +321,7 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
       else if (ends_with(key, ".lora_B.weight")) kind = "up";
       else DP_FAIL(file, ": key '", key, "': expected .lora_A.weight or .lora_B.weight (biases and DoRA magnitudes are not supported)");
       module = key.substr(dot + 1, key.size() - dot - 1 - 14);
-      const Component* c = component(comp);
+      const WeightFile* c = component(comp);
       DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
       // transformers 5 names CLIP's modules without "text_model."; the weight files (and older LoRAs) with it
       if (!c->shapes.count(module + ".weight") && c->shapes.count("text_model." + module + ".weight"))
@@ -273,6 +342,34 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
     } else {
       p.up = t;
       p.up_key = key;
+    }
+  }
+  for (auto& [name, p] : flux_kohya) {  // each FLUX.1 kohya LoRA onto its modules, up rows split in order
+    const FluxKohyaTarget t = *flux_kohya_target(name);
+    const std::string what = "lora_unet_" + name;
+    DP_CHECK(p.down.defined() && p.up.defined(), file, ": ", what, " has no ",
+             p.down.defined() ? "lora_up" : "lora_down", " partner");
+    const WeightFile* c = component("transformer");
+    std::vector<int64_t> rows;
+    for (const std::string& m : t.modules) {
+      DP_CHECK(c->shapes.count(m + ".weight"), file, ": ", what, " is for ", m, ", which ", c->file, " does not have");
+      rows.push_back(c->shapes.at(m + ".weight")[0]);
+    }
+    const int64_t total = std::accumulate(rows.begin(), rows.end(), int64_t(0));
+    DP_CHECK(p.up.dim() >= 1 && p.up.size(0) == total, file, ": ", p.up_key, " has ", p.up.dim() ? p.up.size(0) : 0,
+             " rows; ", what, " is ", t.modules.size() == 1 ? "" : "the fused ", t.modules.front(),
+             t.modules.size() == 1 ? "" : "...", " with ", total, " outputs");
+    int64_t at_row = 0;
+    for (size_t k = 0; k < t.modules.size(); ++k) {
+      Pair q = p;
+      q.up = p.up.narrow(0, at_row, rows[k]);
+      if (t.swap_halves) {
+        const int64_t h = rows[k] / 2;
+        q.up = at::cat({q.up.narrow(0, h, rows[k] - h), q.up.narrow(0, 0, h)}, 0);
+      }
+      at_row += rows[k];
+      DP_CHECK(pairs.emplace(std::make_pair(std::string("transformer"), t.modules[k]), q).second, file, ": ",
+               t.modules[k], " is named twice (", what, " and a diffusers key)");
     }
   }
   DP_CHECK(!pairs.empty(), file, ": no LoRA layers in it");

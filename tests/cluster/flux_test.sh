@@ -7,7 +7,8 @@
 # true CFG (a negative prompt with --true-cfg: its unconditional row crosses the wire alike on 1 and 3 ranks, changes
 # the image, JSONL = flags, recorded in the PNG text); image-to-image on 1 and 3 ranks alike at the default strength
 # 0.6; refusals by name (a negative prompt without true CFG, --true-cfg on a Stable Diffusion folder, a diffusion
-# sampler, a mask, a folder missing transformer/); serve gives the CLI's pixels, true CFG included.
+# sampler, a mask, a folder missing transformer/); LoRA files in diffusers' and kohya-ss's formats, fused and per
+# request; serve gives the CLI's pixels, true CFG included.
 # Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -69,6 +70,11 @@ if [ -d "$SD_MODEL" ]; then
     || bad "unclear --true-cfg refusal: $(tail -1 "$WORK/sd_tcfg.log")"; fi
 fi
 refused ddim "flow_euler (the default)" --sampler ddim
+# LoRA files fused or per request: diffusers' format and kohya-ss's (the original model's names, fused projections)
+for f in lora lora_kohya; do
+  if [ -f "$GOLD/$f.safetensors" ]; then dit_lora "$GOLD/$f.safetensors" "$f" "$WORK/g35/img-00000-seed9.png"
+  else echo "note: no $GOLD/$f.safetensors (make_flux_golden.py makes it); its LoRA checks skipped"; fi
+done
 dit_img2img "$WORK/wide/img-00000-seed9.png"  # FluxImg2ImgPipeline
 missing_component transformer
 

@@ -96,6 +96,22 @@ serve_up() {  # serve_up LOG ARGS...: "$BIN" serve --port 0 ARGS in the backgrou
   done
   URL=""
 }
+dit_lora() {  # dit_lora FILE NAME BASE.png: SD3/Flux LoRA FILE fused (--lora, "${ONE[@]}" into $WORK/NAME) changes
+              # BASE's image; a JSONL request choosing it per request (--lora-adapters) gets the fused run's pixels,
+              # one choosing none BASE's (the same settings as ONE: its --steps and the folder's default guidance)
+  local lora=$1 name=$2 base=$3 steps
+  steps=$(printf '%s\n' "${ONE[@]}" | grep -A1 -x -- --steps | tail -1)
+  run_one "$name" --lora "$lora"
+  printf '{"prompt": "a red circle", "seed": 9, "lora": "style"}\n{"prompt": "a red circle", "seed": 9}\n' > "$WORK/$name.jsonl"
+  timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/$name.jsonl" --steps "$steps" --width 32 --height 32 \
+    --threads 1 --batch-invariant --quiet --lora-adapters "style=$lora" --out "$WORK/$name-adapters" \
+    2> "$WORK/$name-adapters.log" || bad "per-request LoRA failed: $(tail -2 "$WORK/$name-adapters.log")"
+  [ -f "$WORK/$name/img-00000-seed9.png" ] && ! same_pixels "$WORK/$name/img-00000-seed9.png" "$base" \
+    && same_pixels "$WORK/$name/img-00000-seed9.png" "$WORK/$name-adapters/img-00000-seed9.png" \
+    && same_pixels "$base" "$WORK/$name-adapters/img-00001-seed9.png" \
+    && ok "LoRA $(basename "$lora"): --lora changes the image; a per-request adapter gives the fused pixels, none the base's" \
+    || bad "LoRA $(basename "$lora"): fused, per-request and base images do not relate as expected"
+}
 dit_img2img() {  # dit_img2img IMAGE: SD3/Flux image-to-image from IMAGE (48x32) on 1 and 3 ranks: the same bytes, the
                  # image's size, the pipelines' default strength 0.6 recorded; a mask refused by name
   local I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$1" --seed 3 --steps 5 --threads 1

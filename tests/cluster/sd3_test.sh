@@ -61,17 +61,7 @@ missing_component transformer
 # LoRA (the reference's diffusers file: transformer and CLIP layers): fused with --lora, or per request with
 # --lora-adapters; a request choosing the adapter gets the fused run's pixels, one choosing none the base's
 LORA=$GOLD/lora.safetensors
-if [ -f "$LORA" ]; then
-  run_one lora --lora "$LORA"
-  printf '{"prompt": "a red circle", "seed": 9, "lora": "style"}\n{"prompt": "a red circle", "seed": 9}\n' > "$WORK/l.jsonl"
-  timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/l.jsonl" --steps 5 --width 32 --height 32 --threads 1 \
-    --batch-invariant --quiet --lora-adapters "style=$LORA" --out "$WORK/adapters" 2> "$WORK/adapters.log" \
-    || bad "per-request LoRA failed: $(tail -2 "$WORK/adapters.log")"
-  [ -f "$WORK/lora/img-00000-seed9.png" ] && ! same_pixels "$WORK/lora/img-00000-seed9.png" "$WORK/base/img-00000-seed9.png" \
-    && same_pixels "$WORK/lora/img-00000-seed9.png" "$WORK/adapters/img-00000-seed9.png" \
-    && same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/adapters/img-00001-seed9.png" \
-    && ok "LoRA: --lora changes the image; a per-request adapter gives the fused pixels, none the base's" \
-    || bad "LoRA: fused, per-request and base images do not relate as expected"
+if [ -f "$LORA" ]; then dit_lora "$LORA" lora "$WORK/base/img-00000-seed9.png"
 else echo "note: no $LORA (make_sd3_golden.py makes it); the LoRA checks skipped"; fi
 
 # serve: one request at a time here, so its batch is the CLI's

@@ -157,11 +157,13 @@ void check_dit_img2img_runs(const SdModel& model, const std::string& dir, const 
 }
 
 // The LoRA run of an SD3 or Flux reference: golden.json's first run ("plain", no negative prompt) with
-// DIR/lora.safetensors fused at scale 1 against pipeline.lora.* (diffusers with the peft adapters active), and at scale
-// 0 against the plain run's own latents (the file then changes nothing). `tag` prefixes the printed figures.
+// DIR/`file` fused at scale 1 against `ref`.* (diffusers with the adapters active; default DIR/lora.safetensors and
+// pipeline.lora), and at scale 0 against the plain run's own latents (the file then changes nothing). `tag` prefixes
+// the printed figures.
 template <class Json>
 void check_dit_lora_run(const std::string& dir, const Json& meta, const std::map<std::string, at::Tensor>& g,
-                        const DeviceSpec& spec, const std::string& tag) {
+                        const DeviceSpec& spec, const std::string& tag, const std::string& file = "lora.safetensors",
+                        const std::string& ref = "pipeline.lora") {
   const auto& run = meta.at("runs")[0];
   std::vector<GenerationParams> params;
   for (const auto& pr : meta.at("prompts")) {
@@ -175,21 +177,21 @@ void check_dit_lora_run(const std::string& dir, const Json& meta, const std::map
   }
   for (const double scale : {1.0, 0.0}) {
     ModelAddons addons;
-    addons.loras.push_back({dir + "/lora.safetensors", scale});
+    addons.loras.push_back({dir + "/" + file, scale});
     const SdModel model = SdModel::load(dir + "/model", spec, kAllComponents, addons);
     std::vector<DenoiseState> ds = latent_states(model, params, g.at("pipeline.plain.initial_noise"));
     const std::vector<at::Tensor> lat = denoise_to_end(model, ds);
-    const std::string want = scale > 0 ? "pipeline.lora" : "pipeline.plain";
+    const std::string want = scale > 0 ? ref : "pipeline.plain";
     const double e = rel_err(at::stack(lat), g.at(want + ".final_latents"));
     const at::Tensor d = (DecodeStage(model).run_uint8(lat).to(at::kInt) - g.at(want + ".image_uint8").to(at::kInt)).abs();
     const double within = d.le(1).to(at::kDouble).mean().item<double>();
-    std::printf("%s LoRA at scale %.0f (vs %s): final latents %.2e, image values within +-1: %.4f (max %d)\n",
-                tag.c_str(), scale, want.c_str(), e, within, d.max().item<int>());
+    std::printf("%s %s at scale %.0f (vs %s): final latents %.2e, image values within +-1: %.4f (max %d)\n",
+                tag.c_str(), file.c_str(), scale, want.c_str(), e, within, d.max().item<int>());
     EXPECT_LE(e, pipeline_tol(spec)) << scale;
     if (spec.dtype == at::kFloat) EXPECT_GE(within, 0.99) << scale;
   }
   // the LoRA does change the run
-  EXPECT_GT(rel_err(g.at("pipeline.lora.final_latents"), g.at("pipeline.plain.final_latents")), 1e-2);
+  EXPECT_GT(rel_err(g.at(ref + ".final_latents"), g.at("pipeline.plain.final_latents")), 1e-2);
 }
 
 }  // namespace diffpipe::test

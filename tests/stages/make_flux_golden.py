@@ -18,7 +18,8 @@ DIR/golden.safetensors (float32 unless noted):
   pipeline.R.image_uint8 (u8, HWC) (run "true_cfg": a negative prompt and true_cfg_scale 4); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
   from DIR/input_K.png): R.draws.0 (the VAE posterior's sample), R.draws.1 (the initial noise, unpacked), R.images
   ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and .image_uint8: run "plain" with DIR/lora.safetensors active
-  (transformer and CLIP, scale 1).
+  (transformer and CLIP, scale 1); pipeline.lora_kohya.*: the same with DIR/lora_kohya.safetensors (kohya-ss's format
+  of FLUX.1 LoRAs, converted by diffusers' load_lora_weights).
 """
 import json
 import os
@@ -31,6 +32,36 @@ from golden_draws import tiny_sd_args
 from make_t5_golden import make_t5
 
 PROMPTS = ["a red circle on a blue square", "a small green triangle, top left"]
+
+
+def kohya_flux_lora(seed, D=32, r=4):
+    """A FLUX.1 LoRA as kohya-ss's sd-scripts saves one (the original model's layer names, fused projections, alphas)
+    for the tiny transformer (inner width D): a block-sparse fused img qkv (each projection its own rank-r block), a
+    dense fused txt qkv (one rank-r down shared), single layers of either block kind, the modulations and a layer
+    without alpha. Not the embedders or the final layer: diffusers 0.42's converter names those without the
+    "transformer." prefix and its loader then drops them silently (diffpipe applies them; test_golden_flux.cpp checks
+    them against equivalent diffusers keys), nor a single block's linear1 (its converter assumes FLUX.1's widths)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+    sd = {}
+
+    def add(name, down, up, alpha):
+        sd[f"lora_unet_{name}.lora_down.weight"] = down
+        sd[f"lora_unet_{name}.lora_up.weight"] = up
+        if alpha is not None:
+            sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(alpha))
+    up = torch.zeros(3 * D, 3 * r)
+    for k in range(3):
+        up[k * D:(k + 1) * D, k * r:(k + 1) * r] = rnd(D, r)
+    add("double_blocks_0_img_attn_qkv", rnd(3 * r, D), up, 6)
+    for name, out, inn, alpha in (("double_blocks_0_txt_attn_qkv", 3 * D, D, 4), ("double_blocks_1_img_attn_proj", D, D, 2),
+                                  ("double_blocks_1_txt_mlp_0", 4 * D, D, None), ("double_blocks_0_img_mod_lin", 6 * D, D, 8),
+                                  ("single_blocks_1_linear2", D, 5 * D, 4), ("single_blocks_0_modulation_lin", 3 * D, D, 4)):
+        add(name, rnd(r, inn), rnd(out, r), alpha)
+    return sd
 
 
 def main():
@@ -160,6 +191,20 @@ def main():
         out["pipeline.lora.final_latents"] = lat
         im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
         out["pipeline.lora.image_uint8"] = torch.from_numpy(
+            ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
+        # kohya-ss's FLUX.1 format (lora_kohya.safetensors), through diffusers' own converter on a fresh pipeline:
+        # run "plain" again with it (pipeline.lora_kohya.*)
+        save_file(kohya_flux_lora(a.seed + 600), os.path.join(a.out, "lora_kohya.safetensors"))
+        fresh = FluxPipeline.from_pretrained(model)
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(os.path.join(a.out, "lora_kohya.safetensors"))
+        lat = fresh(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
+                    width=r["width"], output_type="latent",
+                    latents=FluxPipeline._pack_latents(out["pipeline.plain.initial_noise"].clone(), 2, 4, 8, 8)).images
+        lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
+        out["pipeline.lora_kohya.final_latents"] = lat
+        im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+        out["pipeline.lora_kohya.image_uint8"] = torch.from_numpy(
             ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs,

@@ -7,6 +7,7 @@
 #include "diffpipe/runtime/torch_tensor.h"
 #include "diffpipe/stages/clip_text.h"
 #include "diffpipe/stages/flux.h"
+#include "diffpipe/stages/lora.h"
 #include "diffpipe/stages/stages.h"
 #include "diffpipe/stages/t5.h"
 #include "diffpipe/stages/tokenizer.h"
@@ -123,6 +124,86 @@ TEST(GoldenFlux, Lora) {
   DP_REQUIRE_FLUX(dir);
   test::check_dit_lora_run(dir, JsonConfig::load(dir + "/golden.json").json(),
                            load_safetensors(dir + "/golden.safetensors"), test::device_spec(), "[golden-flux]");
+}
+
+// kohya-ss's FLUX.1 LoRA format (the original model's layer names: fused qkv, block-sparse and dense, the blocks'
+// modulations, single-block and feed-forward layers), against diffusers' load_lora_weights of the same file.
+TEST(GoldenFlux, LoraKohyaFormat) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  if (!g.count("pipeline.lora_kohya.final_latents")) GTEST_SKIP() << dir << " predates the kohya LoRA run (remake it)";
+  test::check_dit_lora_run(dir, JsonConfig::load(dir + "/golden.json").json(), g, test::device_spec(), "[golden-flux]",
+                           "lora_kohya.safetensors", "pipeline.lora_kohya");
+}
+
+// The kohya layers the reference run above leaves out, against the equivalent diffusers-format file: a single
+// block's fused linear1 (q, k, v and the MLP's input: up rows split in order, the down matrix shared; diffusers'
+// converter assumes FLUX.1's full widths), an embedder, and the final layer (its modulation's up rows swap halves:
+// (shift, scale) -> diffusers' (scale, shift)); every alpha applied. Wrong widths and unknown names are refused.
+TEST(GoldenFlux, LoraKohyaFusedAndFinalLayers) {
+  DP_REQUIRE_FLUX(dir);
+  const std::string model = dir + "/model";
+  const FluxTransformerConfig c = FluxTransformerConfig::load(model + "/transformer/config.json");
+  const int64_t D = c.num_attention_heads * c.attention_head_dim, M = 4 * D, r = 3;
+  struct Case {
+    std::string kohya;
+    std::vector<std::pair<std::string, int64_t>> modules;  // diffusers module, its rows
+    int64_t in;
+    bool swap;
+  };
+  const std::string s1 = "single_transformer_blocks.1.";
+  const std::vector<Case> cases{
+      {"single_blocks_1_linear1", {{s1 + "attn.to_q", D}, {s1 + "attn.to_k", D}, {s1 + "attn.to_v", D}, {s1 + "proj_mlp", M}},
+       D, false},
+      {"time_in_in_layer", {{"time_text_embed.timestep_embedder.linear_1", D}}, 256, false},
+      {"final_layer_adaLN_modulation_1", {{"norm_out.linear", 2 * D}}, D, true},
+      {"final_layer_linear", {{"proj_out", c.out_channels}}, D, false}};
+  at::manual_seed(3);
+  std::map<std::string, at::Tensor> kohya, diffusers;
+  for (const Case& k : cases) {
+    int64_t rows = 0;
+    for (const auto& m : k.modules) rows += m.second;
+    const at::Tensor down = at::randn({r, k.in}), up = at::randn({rows, r});
+    kohya["lora_unet_" + k.kohya + ".lora_down.weight"] = down;
+    kohya["lora_unet_" + k.kohya + ".lora_up.weight"] = up;
+    kohya["lora_unet_" + k.kohya + ".alpha"] = at::full({}, 1.5);
+    int64_t row = 0;
+    for (const auto& [m, n] : k.modules) {  // no alpha in a diffusers file without metadata: the scale folded into up
+      at::Tensor u = up.narrow(0, row, n) * (1.5 / r);
+      if (k.swap) u = at::cat({u.narrow(0, n / 2, n - n / 2), u.narrow(0, 0, n / 2)});
+      diffusers["transformer." + m + ".lora_A.weight"] = down;
+      diffusers["transformer." + m + ".lora_B.weight"] = u;
+      row += n;
+    }
+  }
+  const std::string tmp = ::testing::TempDir();
+  save_safetensors(tmp + "/kohya.safetensors", kohya);
+  save_safetensors(tmp + "/diffusers.safetensors", diffusers);
+  auto updates = [&](const std::string& f) {
+    std::map<std::string, at::Tensor> out;
+    for (const LoraLayer& l : read_lora(LoraSpec{f, 1.0}, model))
+      out[l.weight_key] = at::matmul(l.up.to(at::kDouble), l.down.to(at::kDouble)) * l.factor;
+    return out;
+  };
+  const auto a = updates(tmp + "/kohya.safetensors"), b = updates(tmp + "/diffusers.safetensors");
+  ASSERT_EQ(a.size(), 7u);
+  ASSERT_EQ(b.size(), 7u);
+  for (const auto& [k, v] : a) {
+    ASSERT_TRUE(b.count(k)) << k;
+    EXPECT_LE((v - b.at(k)).abs().max().item<double>(), 1e-12) << k;
+  }
+  // refusals: up rows that do not add up to the fused widths, a name of no layer
+  const at::Tensor down = at::randn({r, D}), up = at::randn({3 * D, r});
+  save_safetensors(tmp + "/bad_rows.safetensors", {{"lora_unet_single_blocks_1_linear1.lora_down.weight", down},
+                                                   {"lora_unet_single_blocks_1_linear1.lora_up.weight", up}});
+  EXPECT_NE(test::error_of([&] { (void)read_lora(LoraSpec{tmp + "/bad_rows.safetensors", 1.0}, model); })
+                .find("lora_unet_single_blocks_1_linear1.lora_up.weight has " + std::to_string(3 * D) + " rows"),
+            std::string::npos);
+  save_safetensors(tmp + "/bad_name.safetensors", {{"lora_unet_double_blocks_0_img_attn_norm.lora_down.weight", down},
+                                                   {"lora_unet_double_blocks_0_img_attn_norm.lora_up.weight", up}});
+  EXPECT_NE(test::error_of([&] { (void)read_lora(LoraSpec{tmp + "/bad_name.safetensors", 1.0}, model); })
+                .find("names no layer of the FLUX.1 transformer"),
+            std::string::npos);
 }
 
 // Requests Flux cannot serve are refused before any work, naming the setting.
