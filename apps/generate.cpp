@@ -54,6 +54,8 @@ const std::vector<cli::Opt> kOptions = {
                        "the base's latents go on to its UNet (stage refine) before the VAE decodes them"},
     {"prior", "DIR", "Kandinsky 2.2: the prior folder (kandinsky-2-2-prior's layout) of a decoder folder\n"
                      "(kandinsky-2-2-decoder's); a combined folder has its own"},
+    {"max-sequence-length", "N", "SD3 and FLUX.1: T5 tokens per prompt, in [1, 512] (default: the pipeline's, SD3 256,\n"
+                                 "FLUX.1 512; 256 is usual for FLUX.1-schnell and runs a shorter sequence)"},
     {"denoising-end", "F", "with --refiner: the share of the base's schedule before the refiner takes over, in\n"
                            "(0, 1] (default 0.8; 1: the base finishes, the refiner refines at --refiner-strength)"},
     {"refiner-steps", "N", "with --refiner: the refiner's schedule (default: --steps)"},
@@ -209,6 +211,7 @@ std::string run_identity(const std::vector<GenerationParams>& requests, const Pl
     mix("refiner:" + addons.refiner + "#" + size_of(addons.refiner + "/unet/diffusion_pytorch_model.safetensors"));
   if (!addons.prior.empty())
     mix("prior:" + addons.prior + "#" + size_of(addons.prior + "/prior/diffusion_pytorch_model.safetensors"));
+  if (addons.max_sequence_length > 0) mix("max_sequence_length:" + std::to_string(addons.max_sequence_length));
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
   return buf;
@@ -270,6 +273,7 @@ ModelAddons model_addons(const cli::Args& a) {
   DP_CHECK(m.ip_image_encoder.empty() || !m.ip_adapter.empty(), "--ip-image-encoder: only with --ip-adapter FILE");
   m.refiner = a.str("refiner");
   m.prior = a.str("prior");
+  m.max_sequence_length = static_cast<int>(a.integer("max-sequence-length", 0));  // checked by the model
   return m;
 }
 

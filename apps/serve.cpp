@@ -45,6 +45,7 @@ int serve_main(int argc, char** argv) {
                        {"refiner", "DIR", "SDXL: a refiner folder; the base's latents go on to its UNet (requests:\n"
                                           "denoising_end, refiner_steps, refiner_strength)"},
                        {"prior", "DIR", "Kandinsky 2.2: the prior folder of a decoder folder"},
+                       {"max-sequence-length", "N", "SD3 and FLUX.1: T5 tokens per prompt (as generate)"},
                        {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"},
                        {"port", "P", "port (default 8000; 0: any free port, printed at start)"},
                        {"name", "NAME", "model id in /v1/models and responses (default: the folder's name)"},

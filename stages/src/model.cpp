@@ -382,7 +382,9 @@ static SdModel load_transformer_folder(SdModel m, unsigned components, const Mod
   if ((components & kVae) || encoder)
     m.vae = AutoencoderKL::load(path_join(dir, "vae"), vspec, encoder, (components & kVae) != 0);
   m.addons = addons;
-  return flux ? load_flux(std::move(m), components, lora) : load_sd3(std::move(m), components, lora);
+  SdModel out = flux ? load_flux(std::move(m), components, lora) : load_sd3(std::move(m), components, lora);
+  if (addons.max_sequence_length > 0) out.max_sequence_length = addons.max_sequence_length;
+  return out;
 }
 
 // FLUX.1: CLIP (pooled) and T5, the Flux transformer, the pipelines' own sigmas
@@ -449,6 +451,10 @@ SdModel SdModel::load(const std::string& dir, const DeviceSpec& spec, unsigned c
            "Diffusion and SDXL folders");
   DP_CHECK(addons.refiner.empty() || is_sdxl(dir), "refiner: ", dir, " is not an SDXL folder; a refiner continues an ",
            "SDXL base's latents");
+  DP_CHECK(addons.max_sequence_length == 0 || is_sd3(dir) || is_flux(dir), "max-sequence-length: ", dir, " is not an ",
+           "SD3 or FLUX.1 folder (it sets their T5 tokens per prompt)");
+  DP_CHECK(addons.max_sequence_length >= 0 && addons.max_sequence_length <= 512, "max-sequence-length: must be in ",
+           "[1, 512] (the pipelines' limit), got ", addons.max_sequence_length);
   std::vector<LoraLayer> lora;  // fused ones, then each adapter's (scale 1: the request's scale multiplies it)
   for (const LoraSpec& l : loras) {
     auto layers = read_lora(l, dir);

@@ -62,12 +62,21 @@ timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/t.jsonl" --steps 4 
 cmp -s "$WORK/tcfg/img-00000-seed9.png" "$WORK/tjsonl/img-00000-seed9.png" && ok "true CFG: JSONL = flags" \
   || bad "true CFG JSONL differs from the flags"
 refused tcfg_low "true_cfg_scale: must be in [1, 100]" --true-cfg 0.5
+# T5 tokens per prompt (--max-sequence-length, the pipelines' max_sequence_length): 256 gives another image
+run_one t5_256 --guidance 3.5 --max-sequence-length 256
+[ -f "$WORK/t5_256/img-00000-seed9.png" ] && ! same_pixels "$WORK/g35/img-00000-seed9.png" "$WORK/t5_256/img-00000-seed9.png" \
+  && ok "--max-sequence-length 256 runs T5 at 256 tokens (another image)" || bad "--max-sequence-length changed nothing"
+refused msl_big "max-sequence-length: must be in [1, 512]" --max-sequence-length 600
 SD_MODEL=${DIFFPIPE_GOLDEN:-$(dirname "$0")/../../../shared/golden/tiny-sd}/model
 if [ -d "$SD_MODEL" ]; then
   if timeout 60 "$BIN" generate --model "$SD_MODEL" --prompt x --steps 2 --width 64 --height 64 --true-cfg 3 --quiet \
        --out "$WORK/sd_tcfg" 2> "$WORK/sd_tcfg.log"; then bad "--true-cfg accepted on a Stable Diffusion folder"
   else grep -q "true_cfg_scale: FLUX.1 folders only" "$WORK/sd_tcfg.log" && ok "--true-cfg on an SD folder: refused by name" \
     || bad "unclear --true-cfg refusal: $(tail -1 "$WORK/sd_tcfg.log")"; fi
+  if timeout 60 "$BIN" generate --model "$SD_MODEL" --prompt x --steps 2 --width 64 --height 64 --max-sequence-length 77 \
+       --quiet --out "$WORK/sd_msl" 2> "$WORK/sd_msl.log"; then bad "--max-sequence-length accepted on an SD folder"
+  else grep -q "max-sequence-length: .* is not an SD3 or FLUX.1 folder" "$WORK/sd_msl.log" \
+    && ok "--max-sequence-length on an SD folder: refused by name" || bad "unclear refusal: $(tail -1 "$WORK/sd_msl.log")"; fi
 fi
 refused ddim "flow_euler (the default)" --sampler ddim
 # LoRA files fused or per request: diffusers' format and kohya-ss's (the original model's names, fused projections)

@@ -63,6 +63,10 @@ missing_component transformer
 LORA=$GOLD/lora.safetensors
 if [ -f "$LORA" ]; then dit_lora "$LORA" lora "$WORK/base/img-00000-seed9.png"
 else echo "note: no $LORA (make_sd3_golden.py makes it); the LoRA checks skipped"; fi
+# T5 tokens per prompt (--max-sequence-length; StableDiffusion3Pipeline's default 256): 512 gives another image
+run_one t5_512 --max-sequence-length 512
+[ -f "$WORK/t5_512/img-00000-seed9.png" ] && ! same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/t5_512/img-00000-seed9.png" \
+  && ok "--max-sequence-length 512 runs T5 at 512 tokens (another image)" || bad "--max-sequence-length changed nothing"
 
 # serve: one request at a time here, so its batch is the CLI's
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1

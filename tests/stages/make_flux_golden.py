@@ -15,7 +15,7 @@ DIR/golden.safetensors (float32 unless noted):
   transformer.{latents [B, 4, h, w] (unpacked), timestep (sigma), encoder_hidden_states, pooled, guidance} ->
   transformer.out (unpacked), transformer_schnell.out (no guidance);
   for each pipeline run R: pipeline.R.initial_noise [B, 4, h, w], pipeline.R.final_latents (unpacked),
-  pipeline.R.image_uint8 (u8, HWC) (run "true_cfg": a negative prompt and true_cfg_scale 4); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
+  pipeline.R.image_uint8 (u8, HWC) (run "true_cfg": a negative prompt and true_cfg_scale 4; "t5_256": 256 T5 tokens); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
   from DIR/input_K.png): R.draws.0 (the VAE posterior's sample), R.draws.1 (the initial noise, unpacked), R.images
   ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and .image_uint8: run "plain" with DIR/lora.safetensors active
   (transformer and CLIP, scale 1); pipeline.lora_kohya.*: the same with DIR/lora_kohya.safetensors (kohya-ss's format
@@ -150,13 +150,16 @@ def main():
         runs = [dict(name="plain", guidance=3.5, steps=4, height=32, width=32),
                 dict(name="wide", guidance=5.0, steps=3, height=32, width=48),
                 dict(name="true_cfg", guidance=3.5, steps=3, height=32, width=32,
-                     negative_prompt="a blurry dark photograph", true_cfg_scale=4.0)]
+                     negative_prompt="a blurry dark photograph", true_cfg_scale=4.0),
+                dict(name="t5_256", guidance=3.5, steps=3, height=32, width=32, max_sequence_length=256)]
         for r in runs:
             noise = torch.randn(len(PROMPTS), 4, r["height"] // 4, r["width"] // 4, generator=g)
             packed = FluxPipeline._pack_latents(noise, len(PROMPTS), 4, r["height"] // 4, r["width"] // 4)
             kw = {}
             if "true_cfg_scale" in r:
                 kw = dict(negative_prompt=[r["negative_prompt"]] * len(PROMPTS), true_cfg_scale=r["true_cfg_scale"])
+            if "max_sequence_length" in r:  # T5 tokens per prompt (FluxPipeline's max_sequence_length)
+                kw["max_sequence_length"] = r["max_sequence_length"]
             lat = pipe(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
                        width=r["width"], latents=packed.clone(), output_type="latent", **kw).images
             lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)

@@ -71,16 +71,25 @@ TEST(GoldenFlux, Transformer) {
 
 // The whole pipeline through diffpipe's stages with the reference's initial noise (unpacked): FluxPipeline's sigmas
 // linspace(1, 1/n, n) shifted by mu of the image's token count, the guidance embedded, one row per request; run
-// "true_cfg" adds the negative prompt's row (FluxPipeline's true CFG, mixed at true_cfg_scale).
+// "true_cfg" adds the negative prompt's row (FluxPipeline's true CFG, mixed at true_cfg_scale); "t5_256" runs T5 at 256
+// tokens (max_sequence_length).
 TEST(GoldenFlux, WholePipelineEveryRun) {
   DP_REQUIRE_FLUX(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
   const auto meta = JsonConfig::load(dir + "/golden.json").json();
   const DeviceSpec spec = test::device_spec();
-  const SdModel model = SdModel::load(dir + "/model", spec);
-  ASSERT_TRUE(model.flux && model.flux_transformer && !model.unet && model.scheduler.use_dynamic_shifting);
+  const SdModel base = SdModel::load(dir + "/model", spec);
+  ASSERT_TRUE(base.flux && base.flux_transformer && !base.unet && base.scheduler.use_dynamic_shifting);
+  EXPECT_EQ(base.max_sequence_length, 512);
   for (const auto& run : meta.at("runs")) {
     const std::string name = run.at("name").get<std::string>();
+    // run "t5_256": the run's T5 length (--max-sequence-length), a model of its own
+    ModelAddons addons;
+    addons.max_sequence_length = run.value("max_sequence_length", 0);
+    const SdModel own = addons.max_sequence_length > 0 ? SdModel::load(dir + "/model", spec, kAllComponents, addons)
+                                                       : SdModel();
+    const SdModel& model = addons.max_sequence_length > 0 ? own : base;
+    if (addons.max_sequence_length > 0) EXPECT_EQ(model.max_sequence_length, addons.max_sequence_length);
     std::vector<GenerationParams> params;
     for (const auto& pr : meta.at("prompts")) {
       GenerationParams p;

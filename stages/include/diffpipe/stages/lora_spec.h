@@ -53,6 +53,9 @@ struct ModelAddons {
   // Kandinsky 2.2: the prior's folder (a KandinskyV22PriorPipeline, kandinsky-2-2-prior's layout) beside a decoder
   // folder (KandinskyV22Pipeline); "" = the model folder's own prior_* components (KandinskyV22CombinedPipeline)
   std::string prior;
+  // SD3 and FLUX.1: T5 tokens per prompt, the pipelines' max_sequence_length, in [1, 512] (0 = their default: SD3 256,
+  // FLUX.1 512; FLUX.1-schnell is commonly run at 256). Fewer tokens: a shorter joint sequence, a faster transformer.
+  int max_sequence_length = 0;
 };
 
 }  // namespace diffpipe
