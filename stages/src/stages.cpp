@@ -418,8 +418,9 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   DP_CHECK(std::isfinite(p.guidance) && p.guidance >= 0, "guidance: must be a finite number >= 0, got ", p.guidance);
   DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1,
            "guidance_rescale: must be in [0, 1], got ", p.guidance_rescale);
-  DP_CHECK(p.guidance_rescale == 0 || (model.uses_cfg(p) && model.img2img() && !model.dit()), "guidance_rescale: only a guided ",
-           "request (guidance > 1, an unconditional row) of a Stable Diffusion or SDXL folder uses it",
+  DP_CHECK(p.guidance_rescale == 0 || (model.uses_cfg(p) && model.img2img() && !model.dit()),
+           "guidance_rescale: only a guided request (guidance > 1, an unconditional row) of a Stable Diffusion or ",
+           "SDXL folder uses it",
            model.unet_config.time_cond_proj_dim > 0 ? " (this LCM-distilled UNet embeds the guidance instead)" : "");
   DP_CHECK(p.clip_skip >= 0 && p.clip_skip < model.text_config.num_hidden_layers, "clip_skip: must be in [0, ",
            model.text_config.num_hidden_layers, "), got ", p.clip_skip);

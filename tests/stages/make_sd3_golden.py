@@ -21,7 +21,8 @@ DIR/golden.safetensors (float32 unless noted, batch first):
   transformer_sd30.out for the same inputs, at 8x8 latents: transformer_sd30.sample);
   scheduler.R.timesteps / scheduler.R.sigmas for the sampler schedules in golden.json;
   for each pipeline run R: pipeline.R.initial_noise, pipeline.R.prompt_embeds (the conditional rows),
-  pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC); for each image-to-image run R of
+  pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC) (run "t5_512": T5 at 512 tokens, the
+  pipeline's max_sequence_length); for each image-to-image run R of
   golden.json's img2img_runs (StableDiffusion3Img2ImgPipeline from DIR/input_K.png): R.draws.0 (the VAE posterior's
   sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and
   .image_uint8: run "plain" with DIR/lora.safetensors active (transformer and first CLIP encoder, scale 1).
@@ -158,16 +159,19 @@ def main():
                 dict(name="unguided", negative_prompt=None, guidance=1.0, steps=4, height=32, width=48),
                 dict(name="clip_skip", negative_prompt="blurry, dark", guidance=6.0, steps=4, height=32, width=32,
                      clip_skip=1),
-                dict(name="no_t5", negative_prompt=None, guidance=5.0, steps=5, height=32, width=32, model="no_t5")]
+                dict(name="no_t5", negative_prompt=None, guidance=5.0, steps=5, height=32, width=32, model="no_t5"),
+                dict(name="t5_512", negative_prompt="blurry, dark", guidance=5.0, steps=4, height=32, width=32,
+                     max_sequence_length=512)]  # T5 at 512 tokens (the pipeline's max_sequence_length; default 256)
         for r in runs:
             p = pipe_no_t5 if r.get("model") == "no_t5" else pipe
             noise = torch.randn(len(PROMPTS), 16, r["height"] // 4, r["width"] // 4, generator=g)
             neg = None if r["negative_prompt"] is None else [r["negative_prompt"]] * len(PROMPTS)
+            msl = r.get("max_sequence_length", 256)
             pe, _, pp, _ = p.encode_prompt(PROMPTS, None, None, negative_prompt=neg, do_classifier_free_guidance=False,
-                                           clip_skip=r.get("clip_skip"))
+                                           clip_skip=r.get("clip_skip"), max_sequence_length=msl)
             lat = p(PROMPTS, negative_prompt=neg, num_inference_steps=r["steps"], guidance_scale=r["guidance"],
                     height=r["height"], width=r["width"], latents=noise.clone(), output_type="latent",
-                    clip_skip=r.get("clip_skip")).images
+                    clip_skip=r.get("clip_skip"), max_sequence_length=msl).images
             im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
             im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             n = r["name"]
