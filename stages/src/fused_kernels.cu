@@ -242,16 +242,23 @@ __global__ void geglu_kernel(const T* __restrict__ h, T* __restrict__ out, int64
   }
 }
 
+// The widest vector width (elements of T, <= 16 bytes) that divides `run` with both pointers aligned to it: a
+// vector never leaves its run and every access is aligned.
+template <typename T>
+int vector_width(int64_t run, const void* a, const void* b) {
+  int W = 16 / static_cast<int>(sizeof(T));
+  auto ok = [&](int w) {
+    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
+    return run % w == 0 && reinterpret_cast<uintptr_t>(a) % bytes == 0 && reinterpret_cast<uintptr_t>(b) % bytes == 0;
+  };
+  while (W > 1 && !ok(W)) W /= 2;
+  return W;
+}
+
 template <typename T>
 int launch_group_norm_nchw(const T* x, T* y, const T* gamma, const T* beta, int64_t N, int64_t C, int64_t HW,
                            int64_t G, float eps, bool silu, cudaStream_t stream) {
-  // The widest vector (<= 16 bytes) that divides the channel's run and keeps every access aligned.
-  int W = 16 / static_cast<int>(sizeof(T));
-  auto aligned = [&](int w) {
-    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
-    return HW % w == 0 && reinterpret_cast<uintptr_t>(x) % bytes == 0 && reinterpret_cast<uintptr_t>(y) % bytes == 0;
-  };
-  while (W > 1 && !aligned(W)) W /= 2;
+  const int W = vector_width<T>(HW, x, y);  // along a channel's positions
   const dim3 grid(static_cast<unsigned>(N * G));
   switch (W) {
 #define DP_GN_LAUNCH(w)                                                                                   \
@@ -268,24 +275,12 @@ int launch_group_norm_nchw(const T* x, T* y, const T* gamma, const T* beta, int6
   return static_cast<int>(cudaGetLastError());
 }
 
-// The widest vector width (elements, <= 16 bytes) dividing C with every pointer aligned to it.
-template <typename T>
-int nhwc_width(int64_t C, const void* x, const void* y) {
-  int W = 16 / static_cast<int>(sizeof(T));
-  auto ok = [&](int w) {
-    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
-    return C % w == 0 && reinterpret_cast<uintptr_t>(x) % bytes == 0 && reinterpret_cast<uintptr_t>(y) % bytes == 0;
-  };
-  while (W > 1 && !ok(W)) W /= 2;
-  return W;
-}
-
 template <typename T>
 int launch_group_norm_nhwc(const T* x, T* y, const T* gamma, const T* beta, const T* add, float* work, int64_t N,
                            int64_t C, int64_t HW, int64_t G, float eps, bool silu, cudaStream_t stream) {
   const NhwcPlan p = group_norm_nhwc_plan(C, HW, N, static_cast<int>(sizeof(T)));
   if (p.splits == 0) return static_cast<int>(cudaErrorInvalidValue);
-  const int W = nhwc_width<T>(C, x, y);
+  const int W = vector_width<T>(C, x, y);  // along a position's channels
   if (W != p.width) return static_cast<int>(cudaErrorMisalignedAddress);  // the caller planned for aligned tensors
   float* part = work;
   float* ab = work + N * p.splits * C * 2;
@@ -342,12 +337,7 @@ int launch_group_norm(const void* x, void* y, const void* gamma, const void* bet
 
 template <typename T>
 int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t stream) {
-  int W = 16 / static_cast<int>(sizeof(T));
-  auto ok = [&](int w) {
-    const auto bytes = static_cast<uintptr_t>(w * sizeof(T));
-    return D % w == 0 && reinterpret_cast<uintptr_t>(h) % bytes == 0 && reinterpret_cast<uintptr_t>(out) % bytes == 0;
-  };
-  while (W > 1 && !ok(W)) W /= 2;
+  const int W = vector_width<T>(D, h, out);  // along a row's D outputs (and each half of its input)
   const int64_t n = rows * D / W;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;

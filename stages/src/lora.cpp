@@ -271,10 +271,10 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
   std::map<std::pair<std::string, std::string>, Pair> pairs;  // (component, module) -> down/up
   std::map<std::string, Pair> flux_kohya;  // FLUX.1 kohya name -> its (possibly fused) LoRA, split below
   // a FLUX.1 folder: its transformer takes kohya's lora_unet_ keys, in the original model's names
-  const bool flux = !component("unet") && component("transformer") &&
-                    SdModel::is_flux(model_dir);
+  const bool flux = SdModel::is_flux(model_dir);
   for (const auto& key : f->names()) {
     std::string comp, module, kind;
+    Pair* fused = nullptr;  // a FLUX.1 kohya key's entry in flux_kohya (not yet a module's)
     if (key.rfind("lora_unet_", 0) == 0 || key.rfind("lora_te", 0) == 0) {  // kohya-ss
       const size_t dot = key.find('.');
       DP_CHECK(dot != std::string::npos, file, ": key '", key, "' has no .lora_down/.lora_up/.alpha suffix");
@@ -294,23 +294,16 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
                  "names of the original model: double_blocks_N_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2,mod_lin}, ",
                  "single_blocks_N_{linear1,linear2,modulation_lin}, img_in, txt_in, {time,vector,guidance}_in_",
                  "{in,out}_layer, final_layer_linear, final_layer_adaLN_modulation_1)");
-        Pair& p = flux_kohya[under];
-        const at::Tensor t = tensor_from_view(f, f->get(key));
-        if (kind == "alpha") {
-          DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");
-          p.alpha = t.to(at::kDouble).item<double>();
-        } else {
-          (kind == "down" ? p.down : p.up) = t;
-          (kind == "down" ? p.down_key : p.up_key) = key;
-        }
-        continue;
+        fused = &flux_kohya[under];
+      } else {
+        const WeightFile* c = component(comp);
+        DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
+        const auto it = c->by_underscores.find(under);
+        DP_CHECK(it != c->by_underscores.end(), file, ": key '", key, "' names no layer of ", c->file,
+                 " (kohya names are the folder's module paths, in diffusers' or the original layout's names, with '_' ",
+                 "for '.')");
+        module = it->second;
       }
-      const WeightFile* c = component(comp);
-      DP_CHECK(c, file, ": key '", key, "' is for ", comp, ", which ", model_dir, " does not have");
-      const auto it = c->by_underscores.find(under);
-      DP_CHECK(it != c->by_underscores.end(), file, ": key '", key, "' names no layer of ", c->file,
-               " (kohya names are the folder's module paths, in diffusers' or the original layout's names, with '_' for '.')");
-      module = it->second;
     } else {  // diffusers / peft: <component>.<module>.lora_A.weight
       const size_t dot = key.find('.');
       comp = key.substr(0, dot);
@@ -331,7 +324,7 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
         module = module.substr(11);
       DP_CHECK(c->shapes.count(module + ".weight"), file, ": key '", key, "' names no layer of ", c->file);
     }
-    Pair& p = pairs[{comp, module}];
+    Pair& p = fused ? *fused : pairs[{comp, module}];
     const at::Tensor t = tensor_from_view(f, f->get(key));  // mapped, as stored: converted where it is applied
     if (kind == "alpha") {
       DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");

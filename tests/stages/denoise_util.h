@@ -157,6 +157,18 @@ void check_dit_img2img_runs(const SdModel& model, const std::string& dir, const 
 }
 
 // The LoRA run of an SD3 or Flux reference: golden.json's first run ("plain", no negative prompt) with
+// A golden run's own model when the run sets the run-level T5 length ("max_sequence_length", --max-sequence-length):
+// MODEL_DIR loaded with it; otherwise an empty SdModel (no folder: the caller's model serves the run).
+template <class Json>
+SdModel t5_length_model(const std::string& model_dir, const DeviceSpec& spec, const Json& run) {
+  ModelAddons addons;
+  addons.max_sequence_length = run.value("max_sequence_length", 0);
+  if (addons.max_sequence_length == 0) return SdModel();
+  SdModel m = SdModel::load(model_dir, spec, kAllComponents, addons);
+  EXPECT_EQ(m.max_sequence_length, addons.max_sequence_length);
+  return m;
+}
+
 // DIR/`file` fused at scale 1 against `ref`.* (diffusers with the adapters active; default DIR/lora.safetensors and
 // pipeline.lora), and at scale 0 against the plain run's own latents (the file then changes nothing). `tag` prefixes
 // the printed figures.

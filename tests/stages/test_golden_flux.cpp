@@ -83,13 +83,8 @@ TEST(GoldenFlux, WholePipelineEveryRun) {
   EXPECT_EQ(base.max_sequence_length, 512);
   for (const auto& run : meta.at("runs")) {
     const std::string name = run.at("name").get<std::string>();
-    // run "t5_256": the run's T5 length (--max-sequence-length), a model of its own
-    ModelAddons addons;
-    addons.max_sequence_length = run.value("max_sequence_length", 0);
-    const SdModel own = addons.max_sequence_length > 0 ? SdModel::load(dir + "/model", spec, kAllComponents, addons)
-                                                       : SdModel();
-    const SdModel& model = addons.max_sequence_length > 0 ? own : base;
-    if (addons.max_sequence_length > 0) EXPECT_EQ(model.max_sequence_length, addons.max_sequence_length);
+    const SdModel own = test::t5_length_model(dir + "/model", spec, run);  // run "t5_256"
+    const SdModel& model = own.dir.empty() ? base : own;
     std::vector<GenerationParams> params;
     for (const auto& pr : meta.at("prompts")) {
       GenerationParams p;

@@ -120,11 +120,8 @@ TEST(GoldenSd3, WholePipelineEveryRun) {
   ASSERT_TRUE(no_t5.sd3 && !no_t5.sd3_t5 && !no_t5.t5);
   for (const auto& run : meta.at("runs")) {
     const std::string name = run.at("name").get<std::string>();
-    ModelAddons addons;  // run "t5_512": the run's T5 length (--max-sequence-length), a model of its own
-    addons.max_sequence_length = run.value("max_sequence_length", 0);
-    const SdModel own = addons.max_sequence_length > 0 ? SdModel::load(dir + "/model", spec, kAllComponents, addons)
-                                                       : SdModel();
-    const SdModel& m = addons.max_sequence_length > 0 ? own : run.value("model", "") == "no_t5" ? no_t5 : model;
+    const SdModel own = test::t5_length_model(dir + "/model", spec, run);  // run "t5_512"
+    const SdModel& m = !own.dir.empty() ? own : run.value("model", "") == "no_t5" ? no_t5 : model;
     std::vector<GenerationParams> params;
     for (const auto& pr : meta.at("prompts")) {
       GenerationParams p;

@@ -59,8 +59,9 @@ struct SdModel {
   Sd3TransformerConfig transformer_config;
   // FLUX.1 (FluxPipeline folders): CLIP's pooled output (tokenizer, text_encoder) and T5's 512 tokens (tokenizer_2,
   // text_encoder_2: t5_tokenizer, t5); the Flux transformer (kUNet) on 2x2-packed latents, its guidance scale embedded
-  // ([dev]; an unconditional row only for true CFG); flow matching with the pipelines' sigmas linspace(1, 1/n, n) shifted by the image's
-  // token count. unet_config carries the latent channels and the pipelines' default sample size (128).
+  // ([dev]; an unconditional row only for true CFG); flow matching with the pipelines' sigmas linspace(1, 1/n, n)
+  // shifted by the image's token count. unet_config carries the latent channels and the pipelines' default sample
+  // size (128).
   bool flux = false;
   // a diffusion-transformer folder (SD3 or FLUX.1): pooled + token embeddings, flow matching, 16-channel-style VAE
   bool dit() const { return sd3 || flux; }
@@ -137,7 +138,8 @@ struct SdModel {
   ClipImageProcessorConfig ip_image_processor;
 
   // Image-to-image (a request's image_prompt is the starting image, encoded by the VAE and noised to `strength`):
-  // Stable Diffusion, SDXL, SD3 and FLUX.1 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images otherwise.
+  // Stable Diffusion, SDXL, SD3 and FLUX.1 folders; the upscaler, Stable unCLIP and DeepFloyd IF read their images
+  // otherwise.
   bool img2img() const { return !deepfloyd_if && !upscaler && noise_levels == 0 && !image_variations && !kandinsky; }
   // Whether request `p` starts from its image_prompt (image-to-image): on img2img() folders, and on Kandinsky 2.2
   // folders when it also has a prompt (without one the image is varied instead)
