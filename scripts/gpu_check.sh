@@ -187,7 +187,9 @@ d = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
 print(f"{sys.argv[1]:<30} unet b16 {1000 * min(d['unet_s']):7.2f} ms  vae b8 {1000 * min(d['vae_s']):7.2f} ms  "
       f"peak {d['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
 PY
-for v in ${SWITCHES:-X=1 DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_CHANNELS_LAST=0 DIFFPIPE_SDP_CUDNN=0}; do
+# the defaults first (X=1: no switch), then the folded biases and the fused q/k/v projection off, the residual kernel
+# (off by default until measured) on, and cuBLAS's reduced-precision reductions allowed (PyTorch's default)
+for v in ${SWITCHES:-X=1 DIFFPIPE_FOLD_BIAS=0 DIFFPIPE_FUSED_QKV=0 DIFFPIPE_FUSED_RESIDUAL=1 DIFFPIPE_FP16_REDUCTION=1}; do
   env $v timeout 90 $B/benchmarks/bench_sd --model /tmp/sd15-vae16 --size 512 --device cuda --dtype float16 --images 8 \
     --parts unet,vae --rounds 3 > $OUT/v.json 2> $OUT/v.err && python3 /tmp/unet_vae_line.py "$v" $OUT/v.json \
     || { echo "$v: FAILED"; tail -3 $OUT/v.err; }

@@ -35,8 +35,45 @@ bool env_switch(std::atomic<int>& v, const char* name, bool default_on = true) {
   }
   return x == 1;
 }
-std::atomic<int> g_graphs{-1}, g_fused{-1}, g_fused_nhwc{-1};  // -1: not read yet
+std::atomic<int> g_graphs{-1}, g_fused{-1}, g_fused_nhwc{-1}, g_fused_residual{-1};  // -1: not read yet
+std::atomic<int> g_fold_bias{-1}, g_fuse_qkv{-1};  // modes 0, 1, 2 (cuda_ops.h); -1: not read yet
+// A mode switch: "0" in the environment turns it off, anything else leaves the default (1); tests set 0, 1 or 2.
+int env_mode(std::atomic<int>& v, const char* name) {
+  int x = v.load();
+  if (x < 0) {
+    const char* e = std::getenv(name);
+    x = e && std::strcmp(e, "0") == 0 ? 0 : 1;
+    v = x;
+  }
+  return x;
+}
 }  // namespace
+
+bool fold_conv_bias(const at::Tensor& x) {
+  const int m = env_mode(g_fold_bias, "DIFFPIPE_FOLD_BIAS");
+  if (m != 1) return m == 2;
+  return x.is_cuda() && fused_kernels_enabled() && fused_nhwc_enabled() && x.dim() == 4 &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+void set_fold_conv_bias(int mode) { g_fold_bias = mode; }
+bool fuse_qkv(const at::Tensor& weight) {
+  const int m = env_mode(g_fuse_qkv, "DIFFPIPE_FUSED_QKV");
+  return m == 2 || (m == 1 && weight.is_cuda());
+}
+void set_fuse_qkv(int mode) { g_fuse_qkv = mode; }
+void set_fused_residual(bool on) { g_fused_residual = on ? 1 : 0; }
+
+at::Tensor add_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div) {
+  const int64_t C = bias.numel();
+  at::Tensor y = fused_bias_residual(x, bias, r, div);
+  if (!y.defined()) {
+    std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+    shape[x.dim() == 4 ? 1 : x.dim() - 1] = C;
+    y = r + (x + bias.view(shape));
+    if (div != 1.0) y = y / div;
+  }
+  return y;
+}
 
 bool cuda_graphs_enabled() { return env_switch(g_graphs, "DIFFPIPE_CUDA_GRAPHS"); }
 void set_cuda_graphs(bool on) { g_graphs = on ? 1 : 0; }
@@ -223,6 +260,29 @@ at::Tensor fused_geglu(const at::Tensor& h) {
   return out;
 }
 
+at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div) {
+  if (!fused_kernels_enabled() || !env_switch(g_fused_residual, "DIFFPIPE_FUSED_RESIDUAL", /*default_on=*/false) ||
+      !x.is_cuda() || x.dim() < 2)
+    return at::Tensor();
+  const auto dt = fused_dtype(x.scalar_type());
+  if (!dt || r.scalar_type() != x.scalar_type() || bias.scalar_type() != x.scalar_type() || r.sizes() != x.sizes() ||
+      r.device() != x.device() || bias.device() != x.device())
+    return at::Tensor();
+  // channels innermost in memory: channels-last 4-D, or a contiguous tensor of rows
+  const bool four = x.dim() == 4;
+  const auto mf = four ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (!x.is_contiguous(mf) || !r.is_contiguous(mf)) return at::Tensor();
+  const int64_t C = four ? x.size(1) : x.size(-1);
+  if (bias.numel() != C || C == 0) return at::Tensor();
+  const at::Tensor b = bias.contiguous();
+  at::Tensor y = at::empty_like(x, mf);
+  check_launch(fused::bias_residual(*dt, x.data_ptr(), b.data_ptr(), r.data_ptr(), y.data_ptr(), x.numel() / C, C,
+                                    static_cast<float>(div),
+                                    c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+               "bias_residual");
+  return y;
+}
+
 #else  // no CUDA in this build: always eager
 
 struct GraphCache::State {};
@@ -236,6 +296,7 @@ at::Tensor fused_group_norm(const at::Tensor&, const at::Tensor&, const at::Tens
   return at::Tensor();
 }
 at::Tensor fused_geglu(const at::Tensor&) { return at::Tensor(); }
+at::Tensor fused_bias_residual(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) { return at::Tensor(); }
 
 #endif
 

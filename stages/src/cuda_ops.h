@@ -61,6 +61,28 @@ at::Tensor fused_group_norm(const at::Tensor& x, const at::Tensor& weight, const
 // a * gelu(b) for [a | b] = h.chunk(2, -1), in one kernel, when h is a contiguous CUDA tensor; else undefined.
 at::Tensor fused_geglu(const at::Tensor& h);
 
+// Rearrangements of the UNet's arithmetic that save passes over the activations on a GPU. Each is a mode: 0 off,
+// 1 where it pays (the default), 2 on every device (tests: the rearranged arithmetic checked on the CPU too).
+//
+// Convolution biases folded into the next fused pass: cuDNN convolutions leave the bias to an elementwise pass of
+// its own in ATen (read and write the whole activation), so a ResNet block runs conv1 without bias and adds the bias
+// to norm2's addend (the time embedding, added inside the GroupNorm kernels), and conv2 without bias, its bias
+// added in the residual's pass (add_bias_residual). Mode 1: CUDA activations in channels-last with the fused
+// GroupNorm kernels on. DIFFPIPE_FOLD_BIAS=0 turns it off (read once).
+bool fold_conv_bias(const at::Tensor& x);
+void set_fold_conv_bias(int mode);
+// Self-attention's q, k and v projections as one matrix product on the concatenated weights (one launch, a wider
+// product), the three layers' weights views of the fused one. Mode 1: weights on CUDA. DIFFPIPE_FUSED_QKV=0 off.
+bool fuse_qkv(const at::Tensor& weight);
+void set_fuse_qkv(int mode);
+// (r + (x + bias)) / div, bias [C] broadcast over x's channels (dim 1 of a 4-D x, else the last): one kernel on CUDA
+// for channels-last 4-D (or contiguous) tensors when DIFFPIPE_FUSED_RESIDUAL=1 (off by default until measured on a
+// GPU; set_fused_residual overrides it), else ATen's two passes.
+at::Tensor add_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div = 1.0);
+void set_fused_residual(bool on);
+// The kernel alone: undefined where it does not apply (or is off).
+at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div);
+
 // Waits for the work queued on the calling thread's current stream of that GPU (not the whole device: another
 // thread's graph capture must not be disturbed). No-op without CUDA.
 void sync_current_stream(const at::Device& device);

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "fused_kernels.h"
@@ -242,6 +243,25 @@ __global__ void geglu_kernel(const T* __restrict__ h, T* __restrict__ out, int64
   }
 }
 
+// y = (x + bias[c] + r) / div over positions of C channels each (C innermost: channels-last activations), in
+// float32: a convolution's bias (cuDNN's convolutions leave it to a pass of its own in ATen) and the ResNet block's
+// residual in one pass.
+template <typename T, int W>
+__global__ void bias_residual_kernel(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ r,
+                                     T* __restrict__ y, int64_t C, int64_t vectors, float div) {
+  using P = Pack<T, W>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i * W, c = e % C;
+    const P a = *reinterpret_cast<const P*>(x + e);
+    const P b = *reinterpret_cast<const P*>(r + e);
+    const P k = *reinterpret_cast<const P*>(bias + c);
+    P o;
+#pragma unroll
+    for (int j = 0; j < W; ++j) o.v[j] = from_f<T>((to_f(a.v[j]) + to_f(k.v[j]) + to_f(b.v[j])) / div);
+    *reinterpret_cast<P*>(y + e) = o;
+  }
+}
+
 // The widest vector width (elements of T, <= 16 bytes) that divides `run` with both pointers aligned to it: a
 // vector never leaves its run and every access is aligned.
 template <typename T>
@@ -353,6 +373,27 @@ int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int launch_bias_residual(const void* x, const void* bias, const void* r, void* y, int64_t positions, int64_t C,
+                         float div, cudaStream_t stream) {
+  const int W = std::min(vector_width<T>(C, x, y), vector_width<T>(C, r, bias));  // along a position's channels
+  const int64_t n = positions * C / W;
+  const int threads = 256;
+  const int64_t blocks = (n + threads - 1) / threads;
+  const unsigned grid = static_cast<unsigned>(blocks < 132 * 32 ? blocks : 132 * 32);
+  auto xs = static_cast<const T*>(x);
+  auto bs = static_cast<const T*>(bias);
+  auto rs = static_cast<const T*>(r);
+  auto ys = static_cast<T*>(y);
+  switch (W) {
+    case 1: bias_residual_kernel<T, 1><<<grid, threads, 0, stream>>>(xs, bs, rs, ys, C, n, div); break;
+    case 2: bias_residual_kernel<T, 2><<<grid, threads, 0, stream>>>(xs, bs, rs, ys, C, n, div); break;
+    case 4: bias_residual_kernel<T, 4><<<grid, threads, 0, stream>>>(xs, bs, rs, ys, C, n, div); break;
+    default: bias_residual_kernel<T, 16 / sizeof(T)><<<grid, threads, 0, stream>>>(xs, bs, rs, ys, C, n, div);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 int group_norm(DType t, const void* x, void* y, const void* gamma, const void* beta, const void* add, float* work,
@@ -373,6 +414,17 @@ int geglu(DType t, const void* h, void* out, int64_t rows, int64_t D, void* stre
     case DType::F32: return launch_geglu<float>(h, out, rows, D, s);
     case DType::F16: return launch_geglu<__half>(h, out, rows, D, s);
     case DType::BF16: return launch_geglu<__nv_bfloat16>(h, out, rows, D, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int bias_residual(DType t, const void* x, const void* bias, const void* r, void* y, int64_t positions, int64_t C,
+                  float div, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (t) {
+    case DType::F32: return launch_bias_residual<float>(x, bias, r, y, positions, C, div, s);
+    case DType::F16: return launch_bias_residual<__half>(x, bias, r, y, positions, C, div, s);
+    case DType::BF16: return launch_bias_residual<__nv_bfloat16>(x, bias, r, y, positions, C, div, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

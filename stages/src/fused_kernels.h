@@ -43,6 +43,9 @@ inline int64_t group_norm_nhwc_work(const NhwcPlan& p, int64_t N, int64_t C) { r
 
 // GEGLU: h [rows, 2D] contiguous -> out [rows, D] = h[:, :D] * gelu(h[:, D:]).
 int geglu(DType t, const void* h, void* out, int64_t rows, int64_t D, void* stream);
+// y = (x + bias[c] + r) / div for `positions` runs of C channels (x, r, y contiguous with C innermost, bias [C]).
+int bias_residual(DType t, const void* x, const void* bias, const void* r, void* y, int64_t positions, int64_t C,
+                  float div, void* stream);
 const char* error_string(int code);
 
 }  // namespace diffpipe::fused

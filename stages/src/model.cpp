@@ -318,8 +318,11 @@ static void configure_cuda_numerics() {
   auto& ctx = at::globalContext();
   ctx.setAllowTF32CuDNN(false);
   ctx.setFloat32MatmulPrecision("highest");
-  ctx.setAllowFP16ReductionCuBLAS(false);
-  ctx.setAllowBF16ReductionCuBLAS(false);
+  // DIFFPIPE_FP16_REDUCTION=1 allows them (PyTorch's default, so diffusers' too), to compare the two on a GPU.
+  const char* reduce = std::getenv("DIFFPIPE_FP16_REDUCTION");
+  const bool reduced = reduce && std::string(reduce) == "1";
+  ctx.setAllowFP16ReductionCuBLAS(reduced);
+  ctx.setAllowBF16ReductionCuBLAS(reduced);
   // cuDNN's autotuner (DIFFPIPE_CUDNN_BENCHMARK=1) times the algorithms for each new shape; its choice can differ
   // between processes, and with it the last bits of an image, so the default keeps cuDNN's heuristic choice.
   const char* bench = std::getenv("DIFFPIPE_CUDNN_BENCHMARK");

@@ -121,18 +121,25 @@ struct Conv2d {
   bool is_pointwise() const { return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0; }
   // A 1x1 convolution of x [B, C, H, W] as rows [B*H*W, out] (pixel-major). The product runs on a contiguous 2-D
   // matrix: LibTorch's linear on a permuted 4-D view takes a generic batched path, ~30x slower in bfloat16.
-  at::Tensor pointwise_rows(const at::Tensor& x) const {
-    at::Tensor y = at::linear(x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), weight.flatten(1), bias);
+  at::Tensor pointwise_rows(const at::Tensor& x, bool with_bias = true) const {
+    at::Tensor y = at::linear(x.permute({0, 2, 3, 1}).reshape({-1, x.size(1)}), weight.flatten(1),
+                              with_bias ? bias : at::Tensor());
     return lora.empty() ? y : add_branches_rows(y, x, lora);
   }
-  at::Tensor operator()(const at::Tensor& x) const {
+  at::Tensor operator()(const at::Tensor& x) const { return apply(x, true); }
+  // The convolution without its bias: the caller adds it in a pass it runs anyway (cuda_ops.h's fold_conv_bias).
+  at::Tensor without_bias(const at::Tensor& x) const { return apply(x, false); }
+  at::Tensor apply(const at::Tensor& x, bool with_bias) const {
     if (is_pointwise()) {
       // 1x1: a matrix product over channels. LibTorch's NCHW 1x1 convolution gives results that depend on the
       // intra-op thread count when the batch has more than one sample; this form does not.
       const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
-      return pointwise_rows(x).view({B, H, W, weight.size(0)}).permute({0, 3, 1, 2}).contiguous(x.suggest_memory_format());
+      return pointwise_rows(x, with_bias)
+          .view({B, H, W, weight.size(0)})
+          .permute({0, 3, 1, 2})
+          .contiguous(x.suggest_memory_format());
     }
-    at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding});
+    at::Tensor y = at::conv2d(x, weight, with_bias ? bias : at::Tensor(), {stride, stride}, {padding, padding});
     return lora.empty() ? y : add_branches(y, x, lora, stride, padding);
   }
 };

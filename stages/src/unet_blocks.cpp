@@ -35,6 +35,9 @@ at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb
   }
   auto act = [&](const at::Tensor& t) { return opt.gelu ? at::gelu(t) : at::silu(t); };
   auto norm_act = [&](const GroupNorm& n, const at::Tensor& t) { return opt.gelu ? at::gelu(n(t)) : n.silu(t); };
+  // Both convolutions' biases join passes that run anyway (cuda_ops.h's fold_conv_bias): conv1's the addend of
+  // silu(norm2(h + t)), conv2's the residual's addition.
+  const bool fold = !opt.gelu && !opt.scale_shift && fold_conv_bias(x);
   at::Tensor in = x, h = norm_act(norm1, x);
   if (opt.resample == 1) {
     in = at::avg_pool2d(in, {2, 2}, {2, 2});
@@ -43,10 +46,16 @@ at::Tensor ResnetBlock2D::operator()(const at::Tensor& x, const at::Tensor& temb
     in = at::upsample_nearest2d(in, {2 * x.size(2), 2 * x.size(3)});
     h = at::upsample_nearest2d(h, {2 * x.size(2), 2 * x.size(3)});
   }
-  h = conv1(h);
+  h = conv1.apply(h, !fold);
   at::Tensor t;
   if (time_emb_proj.weight.defined() && temb.defined())
     t = time_emb_proj(opt.skip_time_act ? temb : act(temb)).unsqueeze(-1).unsqueeze(-1);
+  if (fold) {
+    const at::Tensor b1 = conv1.bias.view({1, -1, 1, 1});
+    h = norm2.silu_after_add(h, t.defined() ? t + b1 : b1.expand({h.size(0), -1, 1, 1}));
+    const at::Tensor r = has_shortcut ? conv_shortcut(in) : in;
+    return add_bias_residual(conv2.without_bias(h), conv2.bias, r, output_scale_factor);
+  }
   if (opt.scale_shift) {
     DP_CHECK(t.defined(), "resnet: scale_shift needs a time embedding");
     auto ss = t.chunk(2, 1);
@@ -70,6 +79,16 @@ CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t cont
   to_k = Linear(w, "to_k", context_dim, inner, qkv_bias);
   to_v = Linear(w, "to_v", context_dim, inner, qkv_bias);
   to_out = Linear(w, "to_out.0", inner, query_dim, true);
+  if (query_dim == context_dim && to_q.lora.empty() && to_k.lora.empty() && to_v.lora.empty() &&
+      fuse_qkv(to_q.weight)) {
+    auto fuse = [&](at::Tensor& cat, at::Tensor Linear::*member) {
+      cat = at::cat({to_q.*member, to_k.*member, to_v.*member});
+      int64_t k = 0;
+      for (Linear* l : {&to_q, &to_k, &to_v}) (l->*member) = cat.narrow(0, inner * k++, inner);
+    };
+    fuse(qkv_w, &Linear::weight);
+    if (qkv_bias) fuse(qkv_b, &Linear::bias);
+  }
   if (w.has("to_k_ip.weight")) {
     to_k_ip = Linear(w, "to_k_ip", context_dim, inner, false);
     to_v_ip = Linear(w, "to_v_ip", context_dim, inner, false);
@@ -78,7 +97,14 @@ CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t cont
 
 at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context) const {
   const int64_t B = x.size(0), N = x.size(1), L = context.size(1);
-  at::Tensor q = to_q(x), k = to_k(context), v = to_v(context);
+  at::Tensor q, k, v;
+  // views into one [B, N, 3 x inner] product (strided rows: the attention kernels take them as they are)
+  if (qkv_w.defined() && context.is_same(x) && !to_q.weight.requires_grad()) {
+    auto parts = at::linear(x, qkv_w, qkv_b).chunk(3, -1);
+    q = parts[0], k = parts[1], v = parts[2];
+  } else {
+    q = to_q(x), k = to_k(context), v = to_v(context);
+  }
   const int64_t inner = q.size(-1), D = inner / heads;
   q = q.view({B, N, heads, D}).transpose(1, 2);
   k = k.view({B, L, heads, D}).transpose(1, 2);

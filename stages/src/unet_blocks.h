@@ -47,6 +47,9 @@ struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
   // IP-Adapter (present when the weights have them): the image tokens' keys and values; each row adds its scale x
   // attention(query, them) (nn::AdapterRows::ip_tokens / ip_scales in force) before to_out
   Linear to_k_ip, to_v_ip;
+  // Self-attention's projections as one product (cuda_ops.h's fuse_qkv): [to_q; to_k; to_v] rows, of which the
+  // three layers' weights (and biases) are views. Undefined where not fused (adapter branches, other widths).
+  at::Tensor qkv_w, qkv_b;
   int64_t heads = 1;
   CrossAttention() = default;
   CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads, int64_t dim_head,

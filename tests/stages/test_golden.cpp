@@ -13,6 +13,7 @@
 #include "device_util.h"
 #include "test_util.h"
 #include "cuda_ops.h"  // stages/src: the graph toggle
+#include "unet_blocks.h"  // stages/src: the fused attention projections
 
 using namespace diffpipe;
 using diffpipe::test::rel_err;
@@ -188,12 +189,83 @@ TEST(Cuda, FusedKernelsMatchAten) {
     std::printf("[cuda] fused geglu %s: rel err %.2e\n", c10::str(at::IntArrayRef(shape)).c_str(), e);
     EXPECT_LE(e, tol);
   }
+  // A convolution's bias and the ResNet block's residual in one pass (DIFFPIPE_FUSED_RESIDUAL=1): channels-last
+  // activations and rows of channels, odd channel counts (scalar loads), the output scale applied.
+  nn::set_fused_residual(true);
+  for (const auto& shape :
+       std::vector<std::vector<int64_t>>{{16, 320, 64, 64}, {2, 1280, 8, 8}, {3, 45, 5, 7}, {4096, 640}, {7, 9}}) {
+    const bool four = shape.size() == 4;
+    const auto mf = four ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const int64_t C = four ? shape[1] : shape.back();
+    const at::Tensor x = at::randn(shape, opt).contiguous(mf), r = at::randn(shape, opt).contiguous(mf);
+    const at::Tensor b = at::randn({C}, opt);
+    for (double div : {1.0, 2.0}) {
+      const at::Tensor y = nn::fused_bias_residual(x, b, r, div);
+      ASSERT_TRUE(y.defined()) << "the residual kernel should serve " << at::IntArrayRef(shape);
+      EXPECT_TRUE(y.is_contiguous(mf));
+      std::vector<int64_t> bshape(shape.size(), 1);
+      bshape[four ? 1 : shape.size() - 1] = C;
+      const at::Tensor ref = (r.to(at::kFloat) + x.to(at::kFloat) + b.to(at::kFloat).view(bshape)) / div;
+      const double e = (y.to(at::kFloat) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+      std::printf("[cuda] fused bias+residual %s / %g: rel err %.2e\n", c10::str(at::IntArrayRef(shape)).c_str(), div, e);
+      EXPECT_LE(e, tol) << at::IntArrayRef(shape);
+    }
+  }
+  EXPECT_FALSE(nn::fused_bias_residual(at::randn({2, 320, 8, 8}, opt), at::randn({320}, opt),
+                                       at::randn({2, 320, 8, 8}, opt), 1.0)
+                   .defined())
+      << "NCHW activations (channels not innermost) go to ATen";
+  nn::set_fused_residual(false);
   nn::set_fused_kernels(false);
   EXPECT_FALSE(nn::fused_group_norm(at::randn({2, 320, 64, 64}, opt), at::ones({320}, opt), at::zeros({320}, opt), 32,
                                     1e-5, true)
                    .defined())
       << "DIFFPIPE_FUSED_KERNELS=0 / set_fused_kernels(false) must give ATen's path";
   nn::set_fused_kernels(true);
+}
+
+// The rearranged arithmetic of cuda_ops.h (convolution biases folded into the GroupNorm's addend and the
+// residual's pass; self-attention's q, k and v as one product on views of the fused weights) is on by default on
+// CUDA only. Forced on the CPU here (mode 2), the UNet and the VAE must still match diffusers, match the plain path
+// to rounding, and differ from it by some rounding (the rearranged code ran).
+TEST(Golden, FoldedBiasesAndFusedQkv) {
+  DP_REQUIRE_GOLDEN(dir);
+  Golden g(dir);
+  struct Modes {
+    Modes(int m) { nn::set_fold_conv_bias(m), nn::set_fuse_qkv(m); }
+    ~Modes() { nn::set_fold_conv_bias(1), nn::set_fuse_qkv(1); }
+  };
+  const at::Tensor x = in(g["unet.sample"]), t = in(g["unet.timesteps"]), c = in(g["unet.encoder_hidden_states"]);
+  at::Tensor plain, plain_dec, out, dec;
+  for (int mode : {0, 2}) {
+    Modes m(mode);
+    auto unet = UNet2DConditionModel::load(dir + "/model/unet", kCpu);
+    SdModel model = SdModel::load(dir + "/model", kCpu, kVae);
+    (mode ? out : plain) = unet->forward(x, t, c).cpu();
+    (mode ? dec : plain_dec) = model.vae->decode(g["vae.latents"].to(kCpu.device, model.vae_dtype)).cpu();
+  }
+  const double e_unet = rel_err(out, g["unet.out"]), e_vae = rel_err(dec, g["vae.decoded"]);
+  const double d_unet = rel_err(out, plain), d_vae = rel_err(dec, plain_dec);
+  std::printf("[golden] folded biases + fused qkv: unet rel err %.2e (vs plain %.2e), vae decode %.2e (vs plain %.2e)\n",
+              e_unet, d_unet, e_vae, d_vae);
+  EXPECT_LE(e_unet, kModuleTol);
+  EXPECT_LE(e_vae, kModuleTol);
+  EXPECT_LE(d_unet, kModuleTol / 4);
+  EXPECT_LE(d_vae, kModuleTol / 4);
+  EXPECT_GT(d_unet, 0.0) << "the forced UNet path gave the plain path's bits: the rearrangement did not run";
+  EXPECT_GT(d_vae, 0.0) << "the forced VAE path gave the plain path's bits: the rearrangement did not run";
+  // The fused projection (bit-identical to the three on this CPU, so checked by its structure): the layers'
+  // weights are views of the fused one; a cross-attention call (context != x) takes the three layers.
+  Modes m(2);
+  const nn::CrossAttention attn(Weights::initializer(5).sub("attn"), 64, 64, 4, 16, true);
+  ASSERT_TRUE(attn.qkv_w.defined() && attn.qkv_b.defined()) << "mode 2 must fuse a self-attention's projections";
+  EXPECT_EQ(attn.to_k.weight.data_ptr(), attn.qkv_w[64].data_ptr());
+  EXPECT_EQ(attn.to_v.bias.data_ptr(), attn.qkv_b[128].data_ptr());
+  const at::Tensor h = at::randn({2, 10, 64}), ctx = at::randn({2, 7, 64});
+  EXPECT_LE(rel_err(attn(h, h), attn(h, h.clone())), 1e-6) << "fused (context is x) vs the three products";
+  EXPECT_EQ(attn(h, ctx).sizes(), h.sizes());
+  nn::set_fuse_qkv(0);
+  EXPECT_FALSE(nn::CrossAttention(Weights::initializer(5).sub("attn"), 64, 64, 4, 16, true).qkv_w.defined());
 }
 
 TEST(Golden, VaeDecodeAndEncode) {
