@@ -60,8 +60,8 @@ for dt in ${GOLDEN_DTYPES:-float16 float32 bfloat16}; do
   DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt timeout 120 $B/tests/test_stages --gtest_filter="${GOLDEN_FILTER:-Golden*:Cuda.*}" 2>&1 \
     | grep -E "golden[-a-z0-9]*\]|cuda\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 done
-echo "--- cuda float16, ATen's GroupNorm on channels-last activations (DIFFPIPE_FUSED_NHWC=0)"
-DIFFPIPE_FUSED_NHWC=0 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
+echo "--- cuda float16, the residual kernel and cuBLASLt epilogue on (DIFFPIPE_FUSED_RESIDUAL=1, off by default)"
+DIFFPIPE_FUSED_RESIDUAL=1 DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=float16 timeout 120 $B/tests/test_stages \
   --gtest_filter='Golden.*' 2>&1 | grep -E "golden[-a-z0-9]*\]|OK|FAILED|PASSED|Failure|Which|rel_err|differs|Expected|actual"
 fi
 if want transport; then

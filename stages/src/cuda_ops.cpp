@@ -13,8 +13,11 @@
 #include "diffpipe/runtime/log.h"
 
 #ifdef DIFFPIPE_WITH_CUDA_OPS
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <cublasLt.h>
+#include <dlfcn.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -283,6 +286,116 @@ at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, cons
   return y;
 }
 
+namespace {
+// cuBLASLt's entry points, found in the process (LibTorch's CUDA library loaded its copy) rather than linked: the
+// handle LibTorch hands out must meet the same library, whatever toolkit this was built against.
+struct LtApi {
+  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set = nullptr;
+  decltype(&cublasLtMatmulDescDestroy) desc_destroy = nullptr;
+  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
+  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy = nullptr;
+  decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
+  decltype(&cublasLtMatmul) matmul = nullptr;
+  bool ok = false;
+};
+const LtApi& lt_api() {
+  static const LtApi api = [] {
+    LtApi a;
+    auto get = [](auto& f, const char* name) { f = reinterpret_cast<std::decay_t<decltype(f)>>(dlsym(RTLD_DEFAULT, name)); };
+    get(a.desc_create, "cublasLtMatmulDescCreate");
+    get(a.desc_set, "cublasLtMatmulDescSetAttribute");
+    get(a.desc_destroy, "cublasLtMatmulDescDestroy");
+    get(a.layout_create, "cublasLtMatrixLayoutCreate");
+    get(a.layout_destroy, "cublasLtMatrixLayoutDestroy");
+    get(a.pref_create, "cublasLtMatmulPreferenceCreate");
+    get(a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+    get(a.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+    get(a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    get(a.matmul, "cublasLtMatmul");
+    a.ok = a.desc_create && a.desc_set && a.desc_destroy && a.layout_create && a.layout_destroy && a.pref_create &&
+           a.pref_set && a.pref_destroy && a.heuristic && a.matmul;
+    if (!a.ok) DP_LOG(Warn, "cuBLASLt's entry points not found in the process: residual additions stay separate passes");
+    return a;
+  }();
+  return api;
+}
+uint32_t alignment_of(const void* p) {
+  uint32_t a = 16;
+  while (a > 1 && reinterpret_cast<uintptr_t>(p) % a != 0) a /= 2;
+  return a;
+}
+}  // namespace
+
+at::Tensor fused_linear_residual(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& r) {
+  if (!fused_kernels_enabled() || !env_switch(g_fused_residual, "DIFFPIPE_FUSED_RESIDUAL", /*default_on=*/false) ||
+      !x.is_cuda() || x.dim() < 2 || weight.dim() != 2)
+    return at::Tensor();
+  const at::ScalarType st = x.scalar_type();
+  if ((st != at::kHalf && st != at::kBFloat16) || weight.scalar_type() != st || r.scalar_type() != st ||
+      (bias.defined() && bias.scalar_type() != st))
+    return at::Tensor();
+  const int64_t N = weight.size(0), K = weight.size(1), M = x.numel() / std::max<int64_t>(K, 1);
+  if (x.size(-1) != K || r.numel() != M * N || !x.is_contiguous() || !weight.is_contiguous() || !r.is_contiguous() ||
+      (bias.defined() && (!bias.is_contiguous() || bias.numel() != N)) || M == 0 || r.device() != x.device() ||
+      weight.device() != x.device())
+    return at::Tensor();
+  const LtApi& lt = lt_api();
+  if (!lt.ok) return at::Tensor();
+  const cudaDataType_t type = st == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  at::Tensor d = at::empty({M, N}, x.options());
+  // Row-major d [M, N] is column-major D [N, M] = W [N, K] (row-major weight read as K x N, transposed) x X^T
+  // [K, M] (row-major x read as K x M) + bias (per row of D) + R (r, like d), in one product and epilogue.
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  bool done = false;
+  if (lt.desc_create(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS) {
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtEpilogue_t epi = bias.defined() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+    const uint64_t ws = at::cuda::getCUDABlasLtWorkspaceSize();
+    const uint32_t al_a = alignment_of(weight.data_ptr()), al_b = alignment_of(x.data_ptr());
+    const uint32_t al_c = std::min(alignment_of(r.data_ptr()), alignment_of(d.data_ptr()));
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    const bool set =
+        lt.desc_set(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
+        lt.desc_set(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
+        lt.desc_set(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)) == CUBLAS_STATUS_SUCCESS &&
+        (!bias_ptr || (lt.desc_set(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)) ==
+                           CUBLAS_STATUS_SUCCESS &&
+                       lt.desc_set(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &type, sizeof(type)) ==
+                           CUBLAS_STATUS_SUCCESS)) &&
+        lt.layout_create(&la, type, K, N, K) == CUBLAS_STATUS_SUCCESS &&
+        lt.layout_create(&lb, type, K, M, K) == CUBLAS_STATUS_SUCCESS &&
+        lt.layout_create(&lc, type, N, M, N) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_create(&pref) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)) == CUBLAS_STATUS_SUCCESS &&
+        lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)) == CUBLAS_STATUS_SUCCESS;
+    cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+    if (set && lt.heuristic(handle, desc, la, lb, lc, lc, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS &&
+        found > 0) {
+      const float alpha = 1.f, beta = 1.f;
+      done = lt.matmul(handle, desc, &alpha, weight.data_ptr(), la, x.data_ptr(), lb, &beta, r.data_ptr(), lc,
+                       d.data_ptr(), lc, &heur.algo, at::cuda::getCUDABlasLtWorkspace(), ws,
+                       c10::cuda::getCurrentCUDAStream(x.device().index()).stream()) == CUBLAS_STATUS_SUCCESS;
+    }
+  }
+  if (pref) lt.pref_destroy(pref);
+  for (cublasLtMatrixLayout_t l : {la, lb, lc})
+    if (l) lt.layout_destroy(l);
+  if (desc) lt.desc_destroy(desc);
+  return done ? d : at::Tensor();
+}
+
 #else  // no CUDA in this build: always eager
 
 struct GraphCache::State {};
@@ -297,6 +410,9 @@ at::Tensor fused_group_norm(const at::Tensor&, const at::Tensor&, const at::Tens
 }
 at::Tensor fused_geglu(const at::Tensor&) { return at::Tensor(); }
 at::Tensor fused_bias_residual(const at::Tensor&, const at::Tensor&, const at::Tensor&, double) { return at::Tensor(); }
+at::Tensor fused_linear_residual(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return at::Tensor();
+}
 
 #endif
 

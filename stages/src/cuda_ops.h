@@ -82,6 +82,11 @@ at::Tensor add_bias_residual(const at::Tensor& x, const at::Tensor& bias, const 
 void set_fused_residual(bool on);
 // The kernel alone: undefined where it does not apply (or is off).
 at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div);
+// r + linear(x, weight, bias) as one cuBLASLt product whose epilogue adds the bias and r (beta = 1): the residual
+// stream's addition without a pass of its own. 16-bit CUDA tensors, x and r contiguous (r: x's rows by weight's
+// rows, any shape of that size), under the same switch (DIFFPIPE_FUSED_RESIDUAL=1); else undefined. Result [rows, out].
+at::Tensor fused_linear_residual(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const at::Tensor& r);
 
 // Waits for the work queued on the calling thread's current stream of that GPU (not the whole device: another
 // thread's graph capture must not be disturbed). No-op without CUDA.

@@ -107,6 +107,11 @@ at::Tensor GroupNorm::silu_after_add(const at::Tensor& x, const at::Tensor& add)
   at::Tensor y = fused_group_norm(x, weight, bias, groups, eps, /*silu=*/true, add);
   return y.defined() ? y : silu(x + add);
 }
+at::Tensor linear_plus(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& r) {
+  const at::Tensor y = fused_linear_residual(x, weight, bias, r);
+  return y.defined() ? y.view(r.sizes()) : r + at::linear(x, weight, bias).reshape(r.sizes());
+}
+
 bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {

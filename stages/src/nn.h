@@ -90,6 +90,10 @@ at::Tensor add_branches(const at::Tensor& y, const at::Tensor& x, const std::vec
 // The same for a pointwise convolution's rows (Conv2d::pointwise_rows): x [B, C, H, W], y [B*H*W, out].
 at::Tensor add_branches_rows(const at::Tensor& y, const at::Tensor& x, const std::vector<LoraBranch>& branches);
 
+// r + linear(x, weight, bias), r of x's rows by weight's rows: on CUDA the addition can happen in the product's
+// epilogue (cuda_ops.h's fused_linear_residual); r's shape is kept.
+at::Tensor linear_plus(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& r);
+
 struct Linear {
   at::Tensor weight, bias;  // weight: [out, in]
   std::vector<LoraBranch> lora;  // per-request adapters' branches (none: the plain layer)
@@ -102,6 +106,10 @@ struct Linear {
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y = at::linear(x, weight, bias);
     return lora.empty() ? y : add_branches(y, x, lora);
+  }
+  // r + this(x): the residual stream's addition (see linear_plus)
+  at::Tensor plus(const at::Tensor& x, const at::Tensor& r) const {
+    return lora.empty() ? linear_plus(x, weight, bias, r) : r + (*this)(x).reshape(r.sizes());
   }
 };
 

@@ -95,7 +95,7 @@ CrossAttention::CrossAttention(const Weights& w, int64_t query_dim, int64_t cont
   }
 }
 
-at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context) const {
+at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& context, const at::Tensor& residual) const {
   const int64_t B = x.size(0), N = x.size(1), L = context.size(1);
   at::Tensor q, k, v;
   // views into one [B, N, 3 x inner] product (strided rows: the attention kernels take them as they are)
@@ -119,7 +119,8 @@ at::Tensor CrossAttention::operator()(const at::Tensor& x, const at::Tensor& con
     const at::Tensor vi = to_v_ip(ip).view({B, T, heads, D}).transpose(1, 2);
     o = o + attention(q, ki, vi, at::Tensor()) * rows->ip_scales.to(o.scalar_type()).view({B, 1, 1, 1});
   }
-  return to_out(o.transpose(1, 2).reshape({B, N, inner}));
+  const at::Tensor merged = o.transpose(1, 2).reshape({B, N, inner});
+  return residual.defined() ? to_out.plus(merged, residual) : to_out(merged);
 }
 
 AddedKVAttention::AddedKVAttention(const Weights& w, int64_t channels, int64_t context_dim, int64_t heads_,
@@ -165,15 +166,15 @@ BasicTransformerBlock::BasicTransformerBlock(const Weights& w, int64_t dim, int6
 
 at::Tensor BasicTransformerBlock::operator()(const at::Tensor& x0, const at::Tensor& context) const {
   at::Tensor y = norm1(x0);
-  at::Tensor x = x0 + attn1(y, only_cross ? context : y);
-  x = x + attn2(norm2(x), context);
+  at::Tensor x = attn1(y, only_cross ? context : y, x0);  // x0 + attn1(...)
+  x = attn2(norm2(x), context, x);
   const at::Tensor h = ff_proj(norm3(x));
   at::Tensor g = fused_geglu(h);  // GEGLU: a * gelu(b) for [a | b]; one kernel on a GPU
   if (!g.defined()) {
     auto parts = h.chunk(2, -1);
     g = parts[0] * at::gelu(parts[1]);
   }
-  return x + ff_out(g);
+  return ff_out.plus(g, x);
 }
 
 Transformer2DModel::Transformer2DModel(const Weights& w, int64_t channels, int64_t heads, int64_t layers,
@@ -204,6 +205,14 @@ at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor&
   else h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B, H * W, C}));
   h = h.view({B, H * W, h.size(-1)});
   for (const auto& b : blocks) h = b(h, context);
+  const Linear& po = proj_out_linear;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.dim() == 4 && (linear ? po.lora : proj_out_conv.lora).empty()) {
+    // x's memory is already the tokens' [B*H*W, C] rows: the residual joins proj_out's epilogue (linear_plus)
+    const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({B * H * W, C});
+    const at::Tensor out = linear ? po.plus(h, rows)
+                                  : linear_plus(h, proj_out_conv.weight.flatten(1), proj_out_conv.bias, rows);
+    return out.view({B, H, W, C}).permute({0, 3, 1, 2});  // channels-last like x
+  }
   if (linear) {
     h = proj_out_linear(h);
   } else {  // the 1x1 convolution on the tokens as they are (rows first: its branches apply per row too)

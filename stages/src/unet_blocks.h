@@ -54,8 +54,9 @@ struct CrossAttention {  // diffusers Attention with to_q/to_k/to_v/to_out.0
   CrossAttention() = default;
   CrossAttention(const Weights& w, int64_t query_dim, int64_t context_dim, int64_t heads, int64_t dim_head,
                  bool qkv_bias);
-  // x: [B, N, query_dim], context: [B, L, context_dim] (or x itself)
-  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context) const;
+  // x: [B, N, query_dim], context: [B, L, context_dim] (or x itself); residual (optional, [B, N, query_dim]) is
+  // added to the output (in to_out's epilogue where cuda_ops.h's fused_linear_residual applies)
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& context, const at::Tensor& residual = {}) const;
 };
 
 // diffusers' Attention with added key/value projections (AttnAddedKVProcessor2_0), in DeepFloyd IF's
