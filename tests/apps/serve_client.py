@@ -136,7 +136,7 @@ elif part == "disconnect":
     r = client.images.generate(prompt="after", size="16x16", extra_body={"num_inference_steps": 2})
     check(len(r.data) == 1, "the server goes on")
 
-elif part == "faults":  # server started with --timeout-request 1 --inject-failure denoise:2
+elif part == "faults":  # server started with --timeout-request 2 --inject-failure denoise:2
     r = client.images.generate(prompt="first", size="16x16", extra_body={"num_inference_steps": 2})
     check(len(r.data) == 1, "image 1: 200")
     try:
@@ -145,7 +145,7 @@ elif part == "faults":  # server started with --timeout-request 1 --inject-failu
     except openai.InternalServerError as e:
         check(e.status_code == 500 and "injected failure" in e.body.get("message", ""), f"a failed image: 500 for itself ({e.body})")
     try:
-        client.images.generate(prompt="slow", size="16x16", extra_body={"num_inference_steps": 900})
+        client.images.generate(prompt="slow", size="32x32", extra_body={"num_inference_steps": 900})
         check(False, "a request past its deadline answered 200")
     except openai.APIStatusError as e:
         check(e.status_code == 504 and e.body.get("code") == "timeout", f"past --timeout-request: 504 ({e.status_code})")

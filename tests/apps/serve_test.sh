@@ -15,11 +15,12 @@ ok()  { echo "ok: $*"; passed=$((passed+1)); }
 bad() { echo "FAIL: $*"; fails=$((fails+1)); }
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 "$BIN" init-model --out "$WORK/m" --seed 4 2>/dev/null || { echo "FAIL: init-model"; exit 1; }
+# The servers below batch as requests come: a request's two images may share a denoising batch or not, with other
+# requests or not. With --batch-invariant (servers and references) an image's bytes cannot depend on that timing.
 "$BIN" generate --model "$WORK/m" --prompt "a red circle" --images 2 --seed 5 --steps 3 --width 16 --height 16 \
-  --out "$WORK/ref" --quiet 2>/dev/null || { echo "FAIL: reference generate"; exit 1; }
-# the streamed request is one image alone (serve batches as requests come: not batch-invariant): its own reference
+  --batch-invariant --out "$WORK/ref" --quiet 2>/dev/null || { echo "FAIL: reference generate"; exit 1; }
 "$BIN" generate --model "$WORK/m" --prompt "a red circle" --seed 5 --steps 3 --width 16 --height 16 \
-  --out "$WORK/ref/single" --quiet 2>/dev/null || { echo "FAIL: reference generate (one image)"; exit 1; }
+  --batch-invariant --out "$WORK/ref/single" --quiet 2>/dev/null || { echo "FAIL: reference generate (one image)"; exit 1; }
 
 start() {  # NP LOG extra-args...: starts the server on a free port, sets PID and URL
   local np=$1 log=$2; shift 2
@@ -43,7 +44,7 @@ stop_and_check() {  # LOG NAME: SIGTERM to rank 0 (which drains), then every ran
 }
 
 for np in 1 3; do
-  if start $np "$WORK/serve$np.log" --queue 8 --max-n 8 --max-body-mb 1; then
+  if start $np "$WORK/serve$np.log" --queue 8 --max-n 8 --max-body-mb 1 --batch-invariant; then
     rss() { local p=$PID; [ "$np" != 1 ] && for q in $(pgrep -f "serve --model $WORK/m --port 0"); do
               tr '\0' '\n' < /proc/$q/environ 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && p=$q; done
             awk '/VmRSS/ {print int($2 / 1024)}' /proc/$p/status; }
@@ -70,7 +71,7 @@ for np in 1 3; do
 done
 
 # a failed image (500 for itself) and a request past its deadline (504); the server goes on
-if start 1 "$WORK/serve-faults.log" --timeout-request 1 --inject-failure denoise:2; then
+if start 1 "$WORK/serve-faults.log" --timeout-request 2 --inject-failure denoise:2; then
   $PY "$HERE/serve_client.py" "$URL" "$WORK/ref" faults > "$WORK/client-faults.log" 2>&1 \
     && ok "faults: $(grep -c '^ok:' "$WORK/client-faults.log") checks (500 for a failed image, 504 past the deadline)" \
     || { bad "faults"; grep FAIL "$WORK/client-faults.log"; tail -3 "$WORK/client-faults.log"; }
