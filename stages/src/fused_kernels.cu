@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "fused_kernels.h"
@@ -262,6 +263,21 @@ __global__ void bias_residual_kernel(const T* __restrict__ x, const T* __restric
   }
 }
 
+// The current GPU's multiprocessor count (grid sizes: a few waves, then grid-stride loops), read once per device.
+int sm_count() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> counts[kDevices];  // 0: not read yet (threads may race to read it: the same value)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) return 132;
+  int c = counts[dev].load(std::memory_order_relaxed);
+  if (c == 0) {
+    int n = 0;
+    c = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0 ? n : 132;
+    counts[dev].store(c, std::memory_order_relaxed);
+  }
+  return c;
+}
+
 // The widest vector width (elements of T, <= 16 bytes) that divides `run` with both pointers aligned to it: a
 // vector never leaves its run and every access is aligned.
 template <typename T>
@@ -324,7 +340,7 @@ int launch_group_norm_nhwc(const T* x, T* y, const T* gamma, const T* beta, cons
   const int64_t vectors = N * HW * C / W;
   const int at = 256;
   int64_t blocks = (vectors + at - 1) / at;
-  if (blocks > 132 * 16) blocks = 132 * 16;  // grid-stride beyond a few waves
+  blocks = std::min<int64_t>(blocks, int64_t(sm_count()) * 16);  // grid-stride beyond a few waves
   switch (W) {
 #define DP_GN_APPLY(w)                                                                                                 \
   case w:                                                                                                             \
@@ -361,7 +377,7 @@ int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t
   const int64_t n = rows * D / W;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(blocks < 132 * 32 ? blocks : 132 * 32);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(sm_count()) * 32));
   auto hs = static_cast<const T*>(h);
   auto os = static_cast<T*>(out);
   switch (W) {
@@ -380,7 +396,7 @@ int launch_bias_residual(const void* x, const void* bias, const void* r, void* y
   const int64_t n = positions * C / W;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(blocks < 132 * 32 ? blocks : 132 * 32);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(sm_count()) * 32));
   auto xs = static_cast<const T*>(x);
   auto bs = static_cast<const T*>(bias);
   auto rs = static_cast<const T*>(r);
