@@ -427,9 +427,6 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   const bool img2img = model.starts_from_image(p);
   DP_CHECK(p.mask.empty() || !model.kandinsky, "mask: inpainting needs a Kandinsky 2.2 inpainting folder, which ",
            "diffpipe does not load; ", model.dir, " takes no mask");
-  DP_CHECK(p.mask.empty() || !model.dit(), "mask: ", model.dir, " is a ",
-           model.sd3 ? "Stable Diffusion 3" : "FLUX.1", " folder; diffpipe runs its text-to-image and image-to-image ",
-           "pipelines, not inpainting");
   DP_CHECK(p.mask.empty() || img2img, "mask: inpainting needs an image to paint into (image_prompt) and a Stable ",
            "Diffusion folder; ", model.dir, p.image_prompt.empty() ? " got no image" : " takes its image otherwise");
   DP_CHECK(!model.inpaint_unet || (img2img && !p.mask.empty()), "mask: ", model.dir, " is an inpainting folder (its ",

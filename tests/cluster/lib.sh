@@ -113,7 +113,7 @@ dit_lora() {  # dit_lora FILE NAME BASE.png: SD3/Flux LoRA FILE fused (--lora, "
     || bad "LoRA $(basename "$lora"): fused, per-request and base images do not relate as expected"
 }
 dit_img2img() {  # dit_img2img IMAGE: SD3/Flux image-to-image from IMAGE (48x32) on 1 and 3 ranks: the same bytes, the
-                 # image's size, the pipelines' default strength 0.6 recorded; a mask refused by name
+                 # image's size, the pipelines' default strength 0.6 recorded; then inpainting (a mask) alike
   local I2I=(generate --model "$MODEL" --prompt "a blue square" --image "$1" --seed 3 --steps 5 --threads 1
              --batch-invariant --quiet --timeout 60)
   timeout 60 "$BIN" "${I2I[@]}" --out "$WORK/i2i1" 2> "$WORK/i2i1.log" || bad "img2img failed: $(tail -2 "$WORK/i2i1.log")"
@@ -126,7 +126,15 @@ dit_img2img() {  # dit_img2img IMAGE: SD3/Flux image-to-image from IMAGE (48x32)
     && ok "image-to-image keeps the image's size; the pipeline's default strength 0.6 is recorded" \
     || bad "image-to-image size or strength: $(png_text "$WORK/i2i1/img-00000-seed3.png")"
   write_mask "$WORK/mask.png" 48 32 8 8 24 24
-  refused mask "not inpainting" --image "$1" --mask "$WORK/mask.png" --width 48
+  timeout 60 "$BIN" "${I2I[@]}" --mask "$WORK/mask.png" --out "$WORK/inp1" 2> "$WORK/inp1.log" \
+    || bad "inpainting failed: $(tail -2 "$WORK/inp1.log")"
+  timeout 180 $MPIRUN -np 3 "$BIN" "${I2I[@]}" --mask "$WORK/mask.png" --out "$WORK/inp3" 2> "$WORK/inp3.log" \
+    || bad "3-rank inpainting failed: $(tail -2 "$WORK/inp3.log")"
+  same_pngs "$WORK/inp1" "$WORK/inp3" && [ -f "$WORK/inp1/img-00000-seed3.png" ] \
+    && ! same_pixels "$WORK/inp1/img-00000-seed3.png" "$WORK/i2i1/img-00000-seed3.png" \
+    && png_text "$WORK/inp1/img-00000-seed3.png" | grep -aq "Denoising strength: 0.6" \
+    && ok "inpainting: 1 and 3 ranks give the same PNG bytes, not image-to-image's; the default strength 0.6 recorded" \
+    || bad "inpainting: ranks differ, the mask changed nothing, or the strength is not 0.6"
 }
 missing_component() {  # missing_component NAME: $MODEL without NAME/ (links to the rest) is refused naming it
   mkdir -p "$WORK/no-$1"; for p in "$MODEL"/*; do [ "$(basename "$p")" = "$1" ] || ln -s "$p" "$WORK/no-$1/"; done

@@ -1,5 +1,6 @@
 // Shared by the golden pipeline tests: runs denoising states to their end in one batch, as the denoise stage does.
 #pragma once
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -125,15 +126,18 @@ inline bool matches_reference_images(const at::Tensor& mine, at::ScalarType dtyp
   return dtype == at::kFloat ? within >= 0.99 : e <= 0.1;
 }
 
-// The image-to-image runs of an SD3 or Flux reference (golden.json's img2img_runs; make_sd3_golden.py and
-// make_flux_golden.py write them alike): each run's requests from DIR/input_K.png with the reference's draws, 48x32
-// images, 5 steps at the default strength 0.6 (3 run) or 0.3 (int(5 - 1.5) = 3 skipped: 2 run, where SD's rule runs
-// 1), the images compared with the reference's. `tag` prefixes the printed figures.
+// The image-to-image or inpainting runs of an SD3 or Flux reference (golden.json's `key`: img2img_runs or
+// inpaint_runs; make_sd3_golden.py and make_flux_golden.py write them alike): each run's requests from
+// DIR/input_K.png (and the run's mask) with the reference's draws, 48x32 images at the run's strength (default 0.6):
+// of S steps, S - int(S - S x strength) run (0.3 of 5: 2, where SD's rule runs 1), the images compared with the
+// reference's. `tag` prefixes the printed figures.
 template <class Json>
 void check_dit_img2img_runs(const SdModel& model, const std::string& dir, const Json& meta,
-                            const std::map<std::string, at::Tensor>& g, const std::string& tag) {
-  for (const auto& run : meta.at("img2img_runs")) {
+                            const std::map<std::string, at::Tensor>& g, const std::string& tag,
+                            const char* key = "img2img_runs") {
+  for (const auto& run : meta.at(key)) {
     const std::string n = run.at("name").template get<std::string>();
+    const bool mask = run.contains("mask");
     std::vector<GenerationParams> params;
     for (size_t i = 0; i < meta.at("prompts").size(); ++i) {
       GenerationParams p;
@@ -144,13 +148,17 @@ void check_dit_img2img_runs(const SdModel& model, const std::string& dir, const 
       p.guidance = run.at("guidance").template get<double>();
       if (!run.at("strength").is_null()) p.strength = run.at("strength").template get<double>();
       p.image_prompt = dir + "/input_" + std::to_string(i) + ".png";
+      if (mask) p.mask = dir + "/" + run.at("mask").template get<std::string>();
       params.push_back(p);
     }
-    std::vector<DenoiseState> ds = img2img_states(model, params, g, n);
-    const int runs = run.at("strength").is_null() ? 3 : 2;
+    const double strength = run.at("strength").is_null() ? 0.6 : run.at("strength").template get<double>();
+    const int steps = params[0].steps, runs = steps - static_cast<int>(std::max(steps - steps * strength, 0.0));
+    EXPECT_EQ(model.strength(params[0]), strength) << n << ": the pipeline's default strength";
+    std::vector<DenoiseState> ds = mask ? inpaint_states(model, params, g, n) : img2img_states(model, params, g, n);
     for (size_t i = 0; i < params.size(); ++i) {
       EXPECT_EQ(params[i].width, 48) << n;  // the image's size
       EXPECT_EQ(ds[i].total_steps(), runs) << n;
+      EXPECT_EQ(ds[i].blend_mask.defined(), mask) << n << ": inpainting blends the kept region back after each step";
     }
     EXPECT_TRUE(matches_reference(model, ds, g.at(n + ".images"), tag + " " + n));
   }

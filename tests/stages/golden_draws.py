@@ -117,6 +117,45 @@ def img2img_ramp_runs(pipe, out_dir, seed, prompts, runs, modules, res):
         res[f"{r['name']}.images"] = img
 
 
+def inpaint_ramp_runs(pipe, out_dir, prompts, runs, modules, res, decode=None):
+    """SD3's and Flux's inpainting references (StableDiffusion3InpaintPipeline, FluxInpaintPipeline: a 16-channel
+    transformer, the kept region blended back after every step): img2img_ramp_runs' images (out_dir/input_K.png, made
+    first) with out_dir/inpaint_mask.png (white where repainted: a 24x16 rectangle at (8, 8) of the 48x32 image, and a
+    2-pixel column of grey 127, kept, beside one of 128, repainted), for each run of `runs` (name, steps, guidance,
+    strength or None for the pipeline's default, optional negative_prompt), every random draw of `modules` recorded
+    by role into res[NAME.draws.ROLE] ("image": the image's posterior sample, "noise", "masked": the masked image's
+    sample, which these pipelines draw but their transformers do not read), the images into res[NAME.images].
+    `decode` (latents -> images in [-1, 1]), when given, decodes the pipeline's final latents instead of its own
+    decoder call (StableDiffusion3InpaintPipeline in diffusers 0.42 decodes without the VAE's shift_factor, which its
+    encoder and every other SD3 pipeline apply: diffusers issue #13611, item 1)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    m = np.zeros((32, 48), np.uint8)
+    m[8:24, 8:32] = 255
+    m[8:24, 32:34] = 127
+    m[8:24, 34:36] = 128
+    Image.fromarray(m, "L").save(os.path.join(out_dir, "inpaint_mask.png"))
+    images = [Image.open(os.path.join(out_dir, f"input_{k}.png")).convert("RGB") for k in range(len(prompts))]
+    masks = [Image.fromarray(m, "L")] * len(prompts)
+    for r in runs:
+        kw = {} if r["strength"] is None else {"strength": r["strength"]}
+        if r.get("negative_prompt") is not None:
+            kw["negative_prompt"] = [r["negative_prompt"]] * len(prompts)
+        with recorded_draws(*modules) as draws:
+            img = pipe(prompts, image=images, mask_image=masks, num_inference_steps=r["steps"], height=32, width=48,
+                       guidance_scale=r["guidance"], output_type="latent" if decode else "pt",
+                       generator=torch.Generator().manual_seed(6), **kw).images
+        if decode:
+            with torch.no_grad():
+                img = (decode(img) / 2 + 0.5).clamp(0, 1)
+        assert len(draws) == 3, f"{r['name']}: expected 3 draws (posterior, noise, masked image), got {len(draws)}"
+        for role, d in zip(("image", "noise", "masked"), draws):
+            res[f"{r['name']}.draws.{role}"] = d
+        res[f"{r['name']}.images"] = img
+        r["mask"] = "inpaint_mask.png"
+
+
 def save_random_lora(pipeline_class, out_dir, transformer, text_encoder, targets, seed):
     """SD3's and Flux's LoRA references: peft adapters with random deltas (halved) on `transformer` (rank 4, alpha 8,
     modules `targets`) and `text_encoder` (CLIP: rank 2, alpha 4 on q_proj, v_proj, fc1), left active, saved by

@@ -17,7 +17,8 @@ DIR/golden.safetensors (float32 unless noted):
   for each pipeline run R: pipeline.R.initial_noise [B, 4, h, w], pipeline.R.final_latents (unpacked),
   pipeline.R.image_uint8 (u8, HWC) (run "true_cfg": a negative prompt and true_cfg_scale 4; "t5_256": 256 T5 tokens); for each image-to-image run R of golden.json's img2img_runs (FluxImg2ImgPipeline
   from DIR/input_K.png): R.draws.0 (the VAE posterior's sample), R.draws.1 (the initial noise, unpacked), R.images
-  ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and .image_uint8: run "plain" with DIR/lora.safetensors active
+  ([B, 3, H, W] in [0, 1]); for each inpainting run R of golden.json's inpaint_runs (the same images, DIR/inpaint_mask.png):
+  R.draws.image / .noise / .masked, R.images; pipeline.lora.final_latents and .image_uint8: run "plain" with DIR/lora.safetensors active
   (transformer and CLIP, scale 1); pipeline.lora_kohya.*: the same with DIR/lora_kohya.safetensors (kohya-ss's format
   of FLUX.1 LoRAs, converted by diffusers' load_lora_weights).
 """
@@ -181,6 +182,17 @@ def main():
         img2img_runs = [dict(name="i2i_default", strength=None, steps=5, guidance=3.5),
                         dict(name="i2i_03", strength=0.3, steps=5, guidance=5.0)]
         img2img_ramp_runs(i2i, a.out, a.seed, PROMPTS, img2img_runs, (vae_module, img2img_module), out)
+        # inpainting (FluxInpaintPipeline, the same components): the default strength 0.6, and 1 (from pure noise)
+        # with 4 steps
+        from diffusers import FluxInpaintPipeline
+        from diffusers.pipelines.flux import pipeline_flux_inpaint as inpaint_module
+        from golden_draws import inpaint_ramp_runs
+        inp = FluxInpaintPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                                  tokenizer_2=tok2, transformer=tr)
+        inp.set_progress_bar_config(disable=True)
+        inpaint_runs = [dict(name="inp_default", strength=None, steps=5, guidance=3.5),
+                        dict(name="inp_full", strength=1.0, steps=4, guidance=3.5)]
+        inpaint_ramp_runs(inp, a.out, PROMPTS, inpaint_runs, (vae_module, inpaint_module), out)
         # LoRA (last: it changes the shared models): peft adapters on the transformer (rank 4, alpha 8) and the first
         # CLIP encoder (rank 2, alpha 4), saved as diffusers saves them (lora.safetensors, with their metadata); the
         # "plain" run again with them active (scale 1)
@@ -210,7 +222,7 @@ def main():
         out["pipeline.lora_kohya.image_uint8"] = torch.from_numpy(
             ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs,
+    meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs, "inpaint_runs": inpaint_runs,
             "source": f"diffusers {diffusers.__version__} FluxPipeline, transformers {transformers.__version__}, "
                       f"torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

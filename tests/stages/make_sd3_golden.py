@@ -24,7 +24,8 @@ DIR/golden.safetensors (float32 unless noted, batch first):
   pipeline.R.pooled, pipeline.R.final_latents, pipeline.R.image_uint8 (u8, HWC) (run "t5_512": T5 at 512 tokens, the
   pipeline's max_sequence_length); for each image-to-image run R of
   golden.json's img2img_runs (StableDiffusion3Img2ImgPipeline from DIR/input_K.png): R.draws.0 (the VAE posterior's
-  sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]); pipeline.lora.final_latents and
+  sample), R.draws.1 (the initial noise), R.images ([B, 3, H, W] in [0, 1]); for each inpainting run R of golden.json's inpaint_runs (the same images, DIR/inpaint_mask.png):
+  R.draws.image / .noise / .masked, R.images; pipeline.lora.final_latents and
   .image_uint8: run "plain" with DIR/lora.safetensors active (transformer and first CLIP encoder, scale 1).
 """
 import json
@@ -194,6 +195,20 @@ def main():
         img2img_runs = [dict(name="i2i_default", strength=None, steps=5, guidance=5.0, negative_prompt=None),
                         dict(name="i2i_03", strength=0.3, steps=5, guidance=4.0, negative_prompt="blurry, dark")]
         img2img_ramp_runs(i2i, a.out, a.seed, PROMPTS, img2img_runs, (vae_module, img2img_module), out)
+        # inpainting (StableDiffusion3InpaintPipeline, the same components): the default strength 0.6, and 1 (from
+        # pure noise) with 4 steps and a negative prompt; its final latents decoded as the other SD3 pipelines do
+        # (its own decode drops the VAE's shift_factor: diffusers issue #13611)
+        from diffusers import StableDiffusion3InpaintPipeline
+        from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_inpaint as inpaint_module
+        from golden_draws import inpaint_ramp_runs
+        inp = StableDiffusion3InpaintPipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                                              text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3,
+                                              tokenizer_3=tok3)
+        inp.set_progress_bar_config(disable=True)
+        inpaint_runs = [dict(name="inp_default", strength=None, steps=5, guidance=5.0, negative_prompt=None),
+                        dict(name="inp_full", strength=1.0, steps=4, guidance=4.0, negative_prompt="blurry, dark")]
+        inpaint_ramp_runs(inp, a.out, PROMPTS, inpaint_runs, (vae_module, inpaint_module), out,
+                          decode=lambda lat: vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample)
         # LoRA (last: it changes the shared models): peft adapters on the transformer (rank 4, alpha 8) and the first
         # CLIP encoder (rank 2, alpha 4), saved as diffusers saves them (lora.safetensors, with their metadata); the
         # "plain" run again with them active (scale 1)
@@ -207,7 +222,7 @@ def main():
         out["pipeline.lora.image_uint8"] = torch.from_numpy(
             ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
-    meta = {"prompts": PROMPTS, "runs": runs, "schedules": schedules, "img2img_runs": img2img_runs,
+    meta = {"prompts": PROMPTS, "runs": runs, "schedules": schedules, "img2img_runs": img2img_runs, "inpaint_runs": inpaint_runs,
             "source": f"diffusers {diffusers.__version__} StableDiffusion3Pipeline, transformers "
                       f"{transformers.__version__}, torch {torch.__version__}, float32 CPU"}
     with open(os.path.join(a.out, "golden.json"), "w") as f:

@@ -152,10 +152,10 @@ struct SdModel {
   static StrengthDefaults strength_defaults(const std::string& dir) {
     return strength_defaults(is_sdxl(dir), is_kandinsky(dir), is_sd3(dir) || is_flux(dir));
   }
-  // (`dit`: SD3 and FLUX.1, whose image-to-image pipelines default to 0.6)
+  // (`dit`: SD3 and FLUX.1, whose image-to-image and inpainting pipelines default to 0.6)
   static StrengthDefaults strength_defaults(bool sdxl, bool kandinsky, bool dit) {
     return sdxl ? StrengthDefaults{0.3, 0.9999} : kandinsky ? StrengthDefaults{0.3, 1.0}
-                                                : dit ? StrengthDefaults{0.6, 1.0} : StrengthDefaults{};
+                                                : dit ? StrengthDefaults{0.6, 0.6} : StrengthDefaults{};
   }
   // The denoiser's own downsampling of the latents: the UNet's (2 per downsampler) or the transformer's patch size
   int64_t denoiser_downscale() const {
