@@ -124,9 +124,10 @@ const std::vector<cli::Opt> kOptions = {
                       "x4 upscaler folders (StableDiffusionUpscalePipeline): the PNG to enlarge 4x. Stored as\n"
                       "image_prompt; a data:image/png;base64 URI works too"},
     {"strength", "S", "image-to-image: how much of the schedule runs on the noised image, in [0, 1]: int(steps x S)\n"
-                      "steps run (the pipelines' defaults: 0.8, 0.3 on SDXL; inpainting 1, 0.9999 on SDXL)"},
-    {"mask", "FILE", "inpainting (SD 1.x/2.x and SDXL folders, with --image): a PNG of the image's size; white repainted,\n"
-                     "black kept (an inpainting folder's 9-channel UNet, or any SD UNet by blending)"},
+                      "steps run (the pipelines' defaults: 0.8, 0.3 on SDXL, 0.6 on SD3/FLUX.1; inpainting 1,\n"
+                      "0.9999 on SDXL, 0.6 on SD3/FLUX.1)"},
+    {"mask", "FILE", "inpainting (SD 1.x/2.x, SDXL, SD3 and FLUX.1 folders, with --image): a PNG of the image's size;\n"
+                     "white repainted, black kept (an inpainting folder's 9-channel UNet, or by blending)"},
     {"previews", "K", "also write K partial images per image (0-3): the denoised estimate decoded on the way,\n"
                       "as IMAGE-preview-k.png (default 0)"},
     {"out", "DIR", "output folder (default out/). A rerun of the same command continues an interrupted run:\n"
