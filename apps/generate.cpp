@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -80,7 +81,8 @@ const std::vector<cli::Opt> kOptions = {
                         "control_image, control_scale, control_start, control_end, guess_mode, lora,\n"
                         "aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale,\n"
                         "denoising_end, refiner_steps, refiner_strength, refiner, guidance_rescale,\n"
-                        "true_cfg_scale\n"
+                        "true_cfg_scale, skip_guidance_layers, skip_layer_guidance_scale,\n"
+                        "skip_layer_guidance_start, skip_layer_guidance_stop\n"
                         "(unset keys take the command line's values)"},
     {"negative-prompt", "TEXT", "negative prompt (default: empty)"},
     {"steps", "N", "inference steps (default 25)"},
@@ -90,6 +92,12 @@ const std::vector<cli::Opt> kOptions = {
                               "one's standard deviation, in [0, 1] (default 0; 0.7 for zero-SNR v-prediction models)"},
     {"true-cfg", "S", "FLUX.1 folders: FluxPipeline's true_cfg_scale; above 1 runs an unconditional row on the\n"
                        "negative prompt (empty when none) and mixes the two with S (default 1: off)"},
+    {"skip-layers", "L,L,...", "SD3 folders: StableDiffusion3Pipeline's skip-layer guidance (skip_guidance_layers;\n"
+                               "SD3.5 Medium: 7,8,9): a third row without these transformer blocks, its difference\n"
+                               "from the prompt's row added at --skip-layer-scale (default: off)"},
+    {"skip-layer-scale", "S", "with --skip-layers: skip_layer_guidance_scale (default 2.8)"},
+    {"skip-layer-start", "F", "with --skip-layers: the loop's share where it starts (skip_layer_guidance_start, 0.01)"},
+    {"skip-layer-stop", "F", "with --skip-layers: the loop's share where it stops (skip_layer_guidance_stop, 0.2)"},
     {"sampler", "NAME", "ddim | euler | euler_karras | euler_a | heun | heun_karras | kdpm2 | kdpm2_karras |\n"
                           "lms | lms_karras |\n"
                           "dpmpp_2m | dpmpp_2m_karras | dpmpp_2m_sde | dpmpp_2m_sde_karras | dpmpp_3m_sde |\n"
@@ -328,6 +336,20 @@ int generate_main(int argc, char** argv) {
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
     base.guidance_rescale = a.number("guidance-rescale", 0);
     base.true_cfg_scale = a.number("true-cfg", 1.0);  // checked by the model (FLUX.1 folders only)
+    // SD3's skip-layer guidance (checked by the model): --skip-layers 7,8,9
+    for (std::string rest = a.str("skip-layers"); !rest.empty();) {
+      const size_t comma = rest.find(',');
+      const std::string item = rest.substr(0, comma);
+      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      char* end = nullptr;
+      const long v = std::strtol(item.c_str(), &end, 10);
+      DP_CHECK(!item.empty() && end && *end == '\0' && v >= 0 && v <= (1 << 20), "generate: --skip-layers: '", item,
+               "' is not a block index (a comma-separated list like 7,8,9)");
+      base.skip_guidance_layers.push_back(static_cast<int>(v));
+    }
+    base.skip_layer_guidance_scale = a.number("skip-layer-scale", base.skip_layer_guidance_scale);
+    base.skip_layer_guidance_start = a.number("skip-layer-start", base.skip_layer_guidance_start);
+    base.skip_layer_guidance_stop = a.number("skip-layer-stop", base.skip_layer_guidance_stop);
     DP_CHECK(std::isfinite(base.guidance_rescale) && base.guidance_rescale >= 0 && base.guidance_rescale <= 1,
              "generate: --guidance-rescale must be in [0, 1], got ", base.guidance_rescale);
     base.previews = static_cast<int>(a.integer("previews", 0));

@@ -141,7 +141,9 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                                           "control_scale", "control_start", "control_end", "lora",
                                           "guess_mode", "aesthetic_score", "negative_aesthetic_score",
                                           "ip_adapter_image", "ip_adapter_scale", "denoising_end", "refiner_steps",
-                                          "refiner_strength", "guidance_rescale", "refiner", "true_cfg_scale"};
+                                          "refiner_strength", "guidance_rescale", "refiner", "true_cfg_scale",
+                                          "skip_guidance_layers", "skip_layer_guidance_scale",
+                                          "skip_layer_guidance_start", "skip_layer_guidance_stop"};
   for (const auto& l : lines) {
     JobLine j;
     j.params = base;
@@ -166,7 +168,8 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
                "original_width, original_height, crop_top, crop_left, sr_steps, sr_guidance, sr_noise_level, x4_steps, "
                "x4_guidance, x4_noise_level, strength, mask, control_image, control_scale, control_start, control_end, lora, "
                "guess_mode, aesthetic_score, negative_aesthetic_score, ip_adapter_image, ip_adapter_scale, "
-               "denoising_end, refiner_steps, refiner_strength, guidance_rescale, refiner, true_cfg_scale)");
+               "denoising_end, refiner_steps, refiner_strength, guidance_rescale, refiner, true_cfg_scale, "
+               "skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop)");
     DP_CHECK(o.contains("prompt") && o["prompt"].is_string(), l.origin, ": key 'prompt' (a string) is required");
     auto& p = j.params;
     p.prompt = o["prompt"].get<std::string>();
@@ -220,6 +223,11 @@ std::vector<JobLine> parse_job_lines(const std::vector<PromptLine>& lines, bool 
     p.refiner_steps = get_field<int>(o, "refiner_steps", l.origin, p.refiner_steps);
     p.guidance_rescale = get_field<double>(o, "guidance_rescale", l.origin, p.guidance_rescale);
     p.true_cfg_scale = get_field<double>(o, "true_cfg_scale", l.origin, p.true_cfg_scale);  // checked by the model
+    // SD3's skip-layer guidance (checked by the model)
+    p.skip_guidance_layers = get_field<std::vector<int>>(o, "skip_guidance_layers", l.origin, p.skip_guidance_layers);
+    p.skip_layer_guidance_scale = get_field<double>(o, "skip_layer_guidance_scale", l.origin, p.skip_layer_guidance_scale);
+    p.skip_layer_guidance_start = get_field<double>(o, "skip_layer_guidance_start", l.origin, p.skip_layer_guidance_start);
+    p.skip_layer_guidance_stop = get_field<double>(o, "skip_layer_guidance_stop", l.origin, p.skip_layer_guidance_stop);
     p.skip_refiner = !get_field<bool>(o, "refiner", l.origin, !p.skip_refiner);
     DP_CHECK(std::isfinite(p.guidance_rescale) && p.guidance_rescale >= 0 && p.guidance_rescale <= 1, l.origin,
              ": key 'guidance_rescale' must be a number in [0, 1]");
@@ -277,6 +285,12 @@ std::string parameters_text(const GenerationParams& p, int width, int height, co
   if (p.clip_skip > 0) os << ", Clip skip: " << p.clip_skip + 1;
   if (p.guidance_rescale > 0) os << ", CFG rescale: " << p.guidance_rescale;
   if (p.true_cfg_scale != 1.0) os << ", True CFG scale: " << p.true_cfg_scale;
+  if (!p.skip_guidance_layers.empty()) {
+    os << ", Skip layers: ";
+    for (size_t k = 0; k < p.skip_guidance_layers.size(); ++k) os << (k ? " " : "") << p.skip_guidance_layers[k];
+    os << " (scale " << p.skip_layer_guidance_scale << ", from " << p.skip_layer_guidance_start << " to "
+       << p.skip_layer_guidance_stop << ")";
+  }
   // Kandinsky 2.2 (kPlainPrior) starts from its image when the request has a prompt too, and varies it otherwise
   const bool starts_from_image = !p.image_prompt.empty() && (prior == kPlainPrior ? !p.prompt.empty() : img2img);
   if (prior && !p.image_prompt.empty() && !starts_from_image)

@@ -60,7 +60,8 @@ std::string form_to_json(const std::string& body, const std::string& content_typ
                                              "control_guidance_start", "control_guidance_end", "aesthetic_score",
                                              "negative_aesthetic_score", "ip_adapter_scale", "denoising_end",
                                              "refiner_strength", "guidance_rescale", "prior_guidance_scale",
-                                             "true_cfg_scale"};
+                                             "true_cfg_scale", "skip_layer_guidance_scale",
+                                             "skip_layer_guidance_start", "skip_layer_guidance_stop"};
   // several ControlNets: these fields may come once per ControlNet (in --controlnet order) and become a list
   static const std::set<std::string> per_controlnet{"control_image", "controlnet_conditioning_scale",
                                                     "control_guidance_start", "control_guidance_end"};
@@ -350,7 +351,8 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
                                             "negative_aesthetic_score", "ip_adapter_image", "ip_adapter_scale",
                                             "denoising_end", "refiner_steps", "refiner_strength", "guidance_rescale",
                                             "refiner", "prior_num_inference_steps", "prior_guidance_scale",
-                                            "true_cfg_scale"};
+                                            "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale",
+                                            "skip_layer_guidance_start", "skip_layer_guidance_stop"};
     static const std::set<std::string> ignored{"quality", "style", "background", "moderation", "output_compression"};
     for (auto& [k, v] : j.items())
       if (!used.count(k) && !ignored.count(k)) throw BadRequest{"unknown field '" + k + "'", k};
@@ -437,6 +439,20 @@ struct ImageServer::Impl::Session : std::enable_shared_from_this<Session> {
         throw BadRequest{"'guidance_rescale' must be in [0, 1]", "guidance_rescale"};
     }
     if (const auto s = number("true_cfg_scale", "")) p.true_cfg_scale = *s;  // FLUX.1's true CFG (checked by the model)
+    if (j.contains("skip_guidance_layers") && !j["skip_guidance_layers"].is_null()) {  // SD3's skip-layer guidance
+      const json& v = j["skip_guidance_layers"];
+      if (!v.is_array()) throw BadRequest{"'skip_guidance_layers' must be a list of integers", "skip_guidance_layers"};
+      p.skip_guidance_layers.clear();
+      for (const json& x : v) {
+        if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > (1 << 20))
+          throw BadRequest{"'skip_guidance_layers' must be a list of integers >= 0", "skip_guidance_layers"};
+        p.skip_guidance_layers.push_back(x.get<int>());
+      }
+    }
+    for (const auto& [key, v] : {std::pair<const char*, double*>{"skip_layer_guidance_scale", &p.skip_layer_guidance_scale},
+                                 {"skip_layer_guidance_start", &p.skip_layer_guidance_start},
+                                 {"skip_layer_guidance_stop", &p.skip_layer_guidance_stop}})
+      if (const auto s = number(key, "")) *v = *s;  // (checked by the model)
     if (const auto ip = image_ref("ip_adapter_image")) p.ip_adapter_image = *ip;  // IP-Adapter's image prompt
     if (const auto s = number("ip_adapter_scale", "")) p.ip_adapter_scale = *s;
     if (j.contains("refiner")) {  // false: this request skips the server's refiner

@@ -61,6 +61,17 @@ class Reader {
     }
     return out;
   }
+  std::vector<int> int_list(const json& o, const char* k, const std::string& path, int lo, int hi) const {
+    const json& v = at(o, k, path);
+    DP_CHECK(v.is_array(), where(), "field '", path, "' must be a list of integers");
+    std::vector<int> out;
+    for (const auto& x : v) {
+      DP_CHECK(x.is_number_integer() && x.get<int64_t>() >= lo && x.get<int64_t>() <= hi, where(), "field '", path,
+               "' must be a list of integers in [", lo, ", ", hi, "]");
+      out.push_back(x.get<int>());
+    }
+    return out;
+  }
   const json& f() const { return m_.fields; }
   std::string where() const { return detail::cat("rank ", m_.src, " sent a malformed ", msg_kind_name(m_.kind), " message: "); }
 
@@ -116,6 +127,12 @@ GenerationParams read_params(const Reader& r, const json& o) {
   }
   if (o.contains("guidance_rescale")) p.guidance_rescale = r.number(o, "guidance_rescale", "params.guidance_rescale");
   if (o.contains("true_cfg_scale")) p.true_cfg_scale = r.number(o, "true_cfg_scale", "params.true_cfg_scale");
+  if (o.contains("skip_guidance_layers")) {  // SD3's skip-layer guidance, sent with its three numbers
+    p.skip_guidance_layers = r.int_list(o, "skip_guidance_layers", "params.skip_guidance_layers", 0, 1 << 20);
+    p.skip_layer_guidance_scale = r.number(o, "skip_layer_guidance_scale", "params.skip_layer_guidance_scale");
+    p.skip_layer_guidance_start = r.number(o, "skip_layer_guidance_start", "params.skip_layer_guidance_start");
+    p.skip_layer_guidance_stop = r.number(o, "skip_layer_guidance_stop", "params.skip_layer_guidance_stop");
+  }
   if (o.contains("denoising_end")) p.denoising_end = r.number(o, "denoising_end", "params.denoising_end");
   if (o.contains("refiner_steps"))
     p.refiner_steps = static_cast<int>(r.integer(o, "refiner_steps", "params.refiner_steps", 0, 1 << 20));

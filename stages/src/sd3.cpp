@@ -155,8 +155,8 @@ std::shared_ptr<Sd3Transformer2DModel> Sd3Transformer2DModel::load(const std::st
 }
 
 at::Tensor Sd3Transformer2DModel::forward(const at::Tensor& hidden_states, const at::Tensor& timestep,
-                                          const at::Tensor& encoder_hidden_states,
-                                          const at::Tensor& pooled_projections) const {
+                                          const at::Tensor& encoder_hidden_states, const at::Tensor& pooled_projections,
+                                          const std::vector<int64_t>& skip_layers) const {
   const Impl& m = *impl_;
   const Sd3TransformerConfig& c = cfg_;
   DP_CHECK(hidden_states.dim() == 4 && hidden_states.size(1) == c.in_channels, "SD3 transformer: hidden_states must be [B, ",
@@ -181,7 +181,7 @@ at::Tensor Sd3Transformer2DModel::forward(const at::Tensor& hidden_states, const
   if (nn::batch_invariant() && B > 1)  // each sample alone: its result does not depend on its batch neighbours
     return nn::per_sample(B, [&](int64_t i) {
       return forward(hidden_states.slice(0, i, i + 1), t.slice(0, i, i + 1), encoder_hidden_states.slice(0, i, i + 1),
-                     pooled_projections.slice(0, i, i + 1));
+                     pooled_projections.slice(0, i, i + 1), skip_layers);
     });
   const auto dt = hidden_states.scalar_type();
   // patches + the centre crop of the position table
@@ -194,7 +194,9 @@ at::Tensor Sd3Transformer2DModel::forward(const at::Tensor& hidden_states, const
   const at::Tensor temb = m.time(t_emb) + m.text(pooled_projections.to(dt));
   const at::Tensor act = at::silu(temb);
   at::Tensor ctx = m.context_embedder(encoder_hidden_states.to(dt));
-  for (const Block& b : m.blocks) {
+  for (size_t bi = 0; bi < m.blocks.size(); ++bi) {
+    if (std::find(skip_layers.begin(), skip_layers.end(), static_cast<int64_t>(bi)) != skip_layers.end()) continue;
+    const Block& b = m.blocks[bi];
     const std::vector<at::Tensor> e = b.norm1(act).chunk(b.dual ? 9 : 6, 1);  // shift, scale, gate (msa, mlp[, msa2])
     const at::Tensor nx = plain_norm(x);
     at::Tensor nc;

@@ -3,6 +3,7 @@
 #include <unicode/locid.h>
 #include <unicode/unistr.h>
 
+#include <map>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -534,6 +535,24 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
            "true_cfg_scale: must be in [1, 100], got ", p.true_cfg_scale);
   DP_CHECK(model.flux || p.true_cfg_scale == 1.0, "true_cfg_scale: FLUX.1 folders only (their classifier-free ",
            "guidance beside the embedded guidance scale); ", model.dir, " mixes its rows with the guidance scale");
+  if (!p.skip_guidance_layers.empty()) {  // StableDiffusion3Pipeline's skip-layer guidance
+    DP_CHECK(model.sd3, "skip_guidance_layers: SD3 folders only (StableDiffusion3Pipeline's skip-layer guidance); ",
+             model.dir, " is not one");
+    DP_CHECK(!model.starts_from_image(p), "skip_guidance_layers: text-to-image only (StableDiffusion3Pipeline's; ",
+             "its image-to-image and inpainting pipelines have none)");
+    DP_CHECK(model.uses_cfg(p), "skip_guidance_layers: needs classifier-free guidance (guidance above 1): it acts ",
+             "on the guided prediction, as StableDiffusion3Pipeline does only then");
+    for (int l : p.skip_guidance_layers)
+      DP_CHECK(l >= 0 && l < model.transformer_config.num_layers, "skip_guidance_layers: block ", l, " is not in [0, ",
+               model.transformer_config.num_layers, ") (the transformer's num_layers, ", model.dir, ")");
+    DP_CHECK(std::isfinite(p.skip_layer_guidance_scale) && p.skip_layer_guidance_scale >= 0 &&
+                 p.skip_layer_guidance_scale <= 100,
+             "skip_layer_guidance_scale: must be in [0, 100], got ", p.skip_layer_guidance_scale);
+    DP_CHECK(p.skip_layer_guidance_start >= 0 && p.skip_layer_guidance_start <= p.skip_layer_guidance_stop &&
+                 p.skip_layer_guidance_stop <= 1,
+             "skip_layer_guidance_start/stop: need 0 <= start <= stop <= 1, got ", p.skip_layer_guidance_start, " and ",
+             p.skip_layer_guidance_stop);
+  }
   if (model.flux) {  // FluxPipeline: one row per request, CLIP's pooled output; true CFG adds the negative prompt's
     DP_CHECK(p.negative_prompt.empty() || model.uses_cfg(p), "negative_prompt: ", model.dir, " is a FLUX.1 folder: ",
              "without true CFG it runs no unconditional row (the guidance scale is embedded), so a negative prompt ",
@@ -737,6 +756,10 @@ DenoiseState make_denoise_state(const SdModel& model, const GenerationParams& p,
     s.latents = (noise * s.sampler->init_noise_sigma()).to(model.spec.device);
   }
   s.adapter_scales = r.adapter_scales;
+  s.skip_layers.assign(p.skip_guidance_layers.begin(), p.skip_guidance_layers.end());
+  s.skip_scale = p.skip_layer_guidance_scale;
+  s.skip_start = p.skip_layer_guidance_start;
+  s.skip_stop = p.skip_layer_guidance_stop;
   s.guess_mode = p.guess_mode;
   for (size_t k = 0; k < r.controls.size(); ++k) {
     DenoiseState::Control c;
@@ -1080,10 +1103,39 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   else
     e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond);
   e = e.to(at::kFloat);
+  // SD3's skip-layer guidance: the prompt's row again without the chosen blocks, for the requests at such a step (one
+  // transformer call per distinct list of blocks)
+  std::vector<at::Tensor> skipped(batch.size());
+  std::map<std::vector<int64_t>, std::vector<size_t>> skip_groups;
+  for (size_t k = 0; k < batch.size(); ++k)
+    if (batch[k]->skip_now()) skip_groups[batch[k]->skip_layers].push_back(k);
+  DP_CHECK(skip_groups.empty() || model_.transformer, "denoise: skip-layer guidance needs an SD3 transformer");
+  for (const auto& [layers, idx] : skip_groups) {
+    std::vector<at::Tensor> sx, sc, sp;
+    std::vector<double> st;
+    std::vector<const std::vector<float>*> rows;
+    for (size_t k : idx) {
+      DenoiseState* s = batch[k];
+      sx.push_back(s->sampler->scale_model_input(s->latents, s->step));
+      st.push_back(s->sampler->timestep(s->step));
+      sc.push_back(s->cond);
+      sp.push_back(s->class_labels);
+      rows.push_back(&s->adapter_scales);
+    }
+    auto adapters = adapter_rows(rows, model_.spec.device);
+    nn::AdapterScope scope(adapters ? &*adapters : nullptr);
+    const at::Tensor out =
+        model_.transformer
+            ->forward(at::stack(sx).to(dt), at::tensor(st, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat),
+                      at::stack(sc).to(dt), at::stack(sp).to(model_.spec.device, dt), layers)
+            .to(at::kFloat);
+    for (size_t j = 0; j < idx.size(); ++j) skipped[idx[j]] = out[static_cast<int64_t>(j)];
+  }
   prof.reset();
   prof.emplace(profile::Section::Sampler);  // guidance and each request's sampler step
   int64_t row = 0;
-  for (DenoiseState* s : batch) {
+  for (size_t k = 0; k < batch.size(); ++k) {
+    DenoiseState* s = batch[k];
     at::Tensor eps;
     // a UNet that also predicts the variance (DeepFloyd IF: 2C channels): guidance mixes the prediction only, the
     // variance comes from the conditional row (IFPipeline); a sampler without a learned variance drops it
@@ -1096,6 +1148,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
         eps = at::cat({pu + s->guidance * (pc - pu), ec.slice(0, C)}, 0);
       } else {
         eps = eu + s->guidance * (ec - eu);
+        if (skipped[k].defined()) eps = eps + (ec - skipped[k]) * s->skip_scale;  // StableDiffusion3Pipeline's order
         if (s->guidance_rescale > 0) {  // diffusers' rescale_noise_cfg: per request, unbiased std over all its values
           const at::Tensor rescaled = eps * (ec.std() / eps.std());
           eps = s->guidance_rescale * rescaled + (1.0 - s->guidance_rescale) * eps;

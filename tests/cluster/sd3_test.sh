@@ -5,8 +5,9 @@
 # Checks: the same PNG bytes on 1 rank, pipelined on 3 ranks (encode | denoise | decode) and with --placement replicas
 # (--batch-invariant); the folder without T5 runs and differs; a negative prompt, guidance, clip_skip and the size
 # change the image; --sampler flow_euler is the default and recorded; JSONL = flags; image-to-image on 1 and 3 ranks
-# alike at the default strength 0.6; a LoRA fused and per request; refusals by name (a diffusion sampler, a mask, a size beyond the position table,
-# a folder missing transformer/); serve gives the CLI's pixels.
+# alike at the default strength 0.6, inpainting too; a LoRA fused and per request; skip-layer guidance (flags = JSONL,
+# 1 rank = 3 ranks, recorded); refusals by name (a diffusion sampler, a size beyond the position table, a folder
+# missing transformer/, skip-layer guidance without guidance or on a block it lacks); serve gives the CLI's pixels.
 # Exit 77 = skipped (folder absent).
 set -u
 BIN=$1; WORK=$2
@@ -67,6 +68,24 @@ else echo "note: no $LORA (make_sd3_golden.py makes it); the LoRA checks skipped
 run_one t5_512 --max-sequence-length 512
 [ -f "$WORK/t5_512/img-00000-seed9.png" ] && ! same_pixels "$WORK/base/img-00000-seed9.png" "$WORK/t5_512/img-00000-seed9.png" \
   && ok "--max-sequence-length 512 runs T5 at 512 tokens (another image)" || bad "--max-sequence-length changed nothing"
+# skip-layer guidance (StableDiffusion3Pipeline's skip_guidance_layers): block 1 left out of a third row on loop steps
+# 1-3 of 5 (5 x 0.01 < i < 5 x 0.8); flags = JSONL, 1 rank = 3 ranks, recorded in the PNG
+SLG=(--skip-layers 1 --skip-layer-scale 3 --skip-layer-stop 0.8)
+run_one slg --negative-prompt "blurry, dark" "${SLG[@]}"
+timeout 180 $MPIRUN -np 3 "$BIN" "${ONE[@]}" --negative-prompt "blurry, dark" "${SLG[@]}" --batch-invariant \
+  --out "$WORK/slg3" 2> "$WORK/slg3.log" || bad "3-rank skip-layer guidance failed: $(tail -2 "$WORK/slg3.log")"
+echo '{"prompt": "a red circle", "seed": 9, "negative_prompt": "blurry, dark", "skip_guidance_layers": [1], "skip_layer_guidance_scale": 3, "skip_layer_guidance_stop": 0.8}' > "$WORK/slg.jsonl"
+timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/slg.jsonl" --steps 5 --width 32 --height 32 --threads 1 \
+  --quiet --out "$WORK/slg_jsonl" 2> "$WORK/slg_jsonl.log" || bad "JSONL skip-layer run failed: $(tail -2 "$WORK/slg_jsonl.log")"
+[ -f "$WORK/slg/img-00000-seed9.png" ] && ! same_pixels "$WORK/neg/img-00000-seed9.png" "$WORK/slg/img-00000-seed9.png" \
+  && same_pixels "$WORK/slg/img-00000-seed9.png" "$WORK/slg3/img-00000-seed9.png" \
+  && cmp -s "$WORK/slg/img-00000-seed9.png" "$WORK/slg_jsonl/img-00000-seed9.png" \
+  && png_text "$WORK/slg/img-00000-seed9.png" | grep -aq "Skip layers: 1 (scale 3, from 0.01 to 0.8)" \
+  && ok "skip-layer guidance changes the image; 3 ranks and JSONL give its pixels; recorded in the PNG" \
+  || bad "skip-layer guidance: no change, ranks or JSONL differ, or not recorded"
+refused slg_unguided "needs classifier-free guidance" --skip-layers 1 --guidance 1
+refused slg_block "skip_guidance_layers: block 7 is not in [0, 3)" --skip-layers 7
+refused slg_list "--skip-layers: 'x' is not a block index" --skip-layers 1,x
 
 # serve: one request at a time here, so its batch is the CLI's
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1
@@ -81,6 +100,15 @@ png = base64.b64decode(r["data"][0]["b64_json"])
 assert http_util.png_pixels(png)[1] == http_util.png_pixels(open(cli, "rb").read())[1], "serve differs from the CLI"
 st, r = http_util.post(url, {"prompt": "x", "sampler": "euler"})
 assert st == 400 and "flow_euler" in r["error"]["message"], (st, r)
+st, r = http_util.post(url, {"prompt": "a red circle", "negative_prompt": "blurry, dark", "seed": 9, "size": "32x32",
+                             "skip_guidance_layers": [1], "skip_layer_guidance_scale": 3, "skip_layer_guidance_stop": 0.8})
+assert st == 200, (st, r)
+slg = open(sys.argv[2].replace("/neg/", "/slg/"), "rb").read()
+assert http_util.png_pixels(base64.b64decode(r["data"][0]["b64_json"]))[1] == http_util.png_pixels(slg)[1], "serve SLG"
+st, r = http_util.post(url, {"prompt": "x", "skip_guidance_layers": [9]})
+assert st == 400 and "skip_guidance_layers" in r["error"]["message"], (st, r)
+st, r = http_util.post(url, {"prompt": "x", "skip_guidance_layers": "1"})
+assert st == 400 and "list of integers" in r["error"]["message"], (st, r)
 PY
 else bad "serve did not come up: $(tail -2 "$WORK/serve.log")"; fi
 kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null

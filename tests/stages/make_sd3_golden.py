@@ -162,7 +162,11 @@ def main():
                      clip_skip=1),
                 dict(name="no_t5", negative_prompt=None, guidance=5.0, steps=5, height=32, width=32, model="no_t5"),
                 dict(name="t5_512", negative_prompt="blurry, dark", guidance=5.0, steps=4, height=32, width=32,
-                     max_sequence_length=512)]  # T5 at 512 tokens (the pipeline's max_sequence_length; default 256)
+                     max_sequence_length=512),  # T5 at 512 tokens (the pipeline's max_sequence_length; default 256)
+                # skip-layer guidance: block 1 of 3 skipped in a third row on loop steps 1-3 of 8 (8 x 0.01 < i < 8 x 0.5)
+                dict(name="slg", negative_prompt="blurry, dark", guidance=5.0, steps=8, height=32, width=32,
+                     skip_guidance_layers=[1], skip_layer_guidance_scale=3.5, skip_layer_guidance_start=0.01,
+                     skip_layer_guidance_stop=0.5)]
         for r in runs:
             p = pipe_no_t5 if r.get("model") == "no_t5" else pipe
             noise = torch.randn(len(PROMPTS), 16, r["height"] // 4, r["width"] // 4, generator=g)
@@ -170,9 +174,11 @@ def main():
             msl = r.get("max_sequence_length", 256)
             pe, _, pp, _ = p.encode_prompt(PROMPTS, None, None, negative_prompt=neg, do_classifier_free_guidance=False,
                                            clip_skip=r.get("clip_skip"), max_sequence_length=msl)
+            slg = {k: r[k] for k in ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                                     "skip_layer_guidance_stop") if k in r}
             lat = p(PROMPTS, negative_prompt=neg, num_inference_steps=r["steps"], guidance_scale=r["guidance"],
                     height=r["height"], width=r["width"], latents=noise.clone(), output_type="latent",
-                    clip_skip=r.get("clip_skip"), max_sequence_length=msl).images
+                    clip_skip=r.get("clip_skip"), max_sequence_length=msl, **slg).images
             im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
             im = (im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             n = r["name"]

@@ -246,6 +246,9 @@ TEST(GoldenFlux, Refusals) {
   EXPECT_NE(refused(p).find("true_cfg_scale: must be in [1, 100]"), std::string::npos) << refused(p);
   p.true_cfg_scale = 1;
   p.negative_prompt.clear();
+  p.skip_guidance_layers = {1};  // SD3's skip-layer guidance
+  EXPECT_NE(refused(p).find("skip_guidance_layers: SD3 folders only"), std::string::npos) << refused(p);
+  p.skip_guidance_layers.clear();
   p.sampler = "euler";
   EXPECT_NE(refused(p).find("flow_euler"), std::string::npos) << refused(p);
   p.sampler.clear();

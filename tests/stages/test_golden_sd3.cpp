@@ -108,7 +108,8 @@ TEST(GoldenSd3, FlowMatchSchedules) {
 
 // The whole pipeline through diffpipe's stages (encode, step-level denoise, decode) with the reference's initial
 // noise, for each run of golden.json: guided without a negative prompt (""), a negative prompt, unguided and
-// non-square, clip_skip 1, and the folder without T5 (zero T5 tokens).
+// non-square, clip_skip 1, the folder without T5 (zero T5 tokens), T5 at 512 tokens, and skip-layer guidance ("slg":
+// block 1 left out of a third row on loop steps 1-3 of 8).
 TEST(GoldenSd3, WholePipelineEveryRun) {
   DP_REQUIRE_SD3(dir);
   const auto g = load_safetensors(dir + "/golden.safetensors");
@@ -132,6 +133,12 @@ TEST(GoldenSd3, WholePipelineEveryRun) {
       p.width = run.at("width").get<int>();
       p.height = run.at("height").get<int>();
       if (run.contains("clip_skip")) p.clip_skip = run.at("clip_skip").get<int>();
+      if (run.contains("skip_guidance_layers")) {  // run "slg"
+        p.skip_guidance_layers = run.at("skip_guidance_layers").get<std::vector<int>>();
+        p.skip_layer_guidance_scale = run.at("skip_layer_guidance_scale").get<double>();
+        p.skip_layer_guidance_start = run.at("skip_layer_guidance_start").get<double>();
+        p.skip_layer_guidance_stop = run.at("skip_layer_guidance_stop").get<double>();
+      }
       params.push_back(p);
     }
     std::vector<const GenerationParams*> ptrs;
@@ -202,6 +209,27 @@ TEST(GoldenSd3, Refusals) {
   p.sampler = "ddim";
   EXPECT_NE(refused(p).find("flow_euler"), std::string::npos) << refused(p);
   p.sampler = "";
+  // skip-layer guidance: blocks of this transformer (3), guided text-to-image only, a window in [0, 1]
+  p.guidance = 5;
+  p.skip_guidance_layers = {0, 2};
+  EXPECT_EQ(refused(p), "");
+  p.skip_guidance_layers = {3};
+  EXPECT_NE(refused(p).find("skip_guidance_layers: block 3 is not in [0, 3)"), std::string::npos) << refused(p);
+  p.skip_guidance_layers = {1};
+  p.guidance = 1;
+  EXPECT_NE(refused(p).find("needs classifier-free guidance"), std::string::npos) << refused(p);
+  p.guidance = 5;
+  p.skip_layer_guidance_start = 0.5;
+  p.skip_layer_guidance_stop = 0.2;
+  EXPECT_NE(refused(p).find("0 <= start <= stop <= 1"), std::string::npos) << refused(p);
+  p.skip_layer_guidance_start = 0.01;
+  p.skip_layer_guidance_scale = -1;
+  EXPECT_NE(refused(p).find("skip_layer_guidance_scale: must be in [0, 100]"), std::string::npos) << refused(p);
+  p.skip_layer_guidance_scale = 2.8;
+  p.image_prompt = dir + "/input_0.png";
+  EXPECT_NE(refused(p).find("text-to-image only"), std::string::npos) << refused(p);
+  p.image_prompt.clear();
+  p.skip_guidance_layers.clear();
   p.width = p.height = 1024;  // 12 patches x 2 x the VAE's 4 = 96 pixels at most
   EXPECT_NE(refused(p).find("pos_embed_max_size 12"), std::string::npos) << refused(p);
   p.width = p.height = 36;  // not a multiple of 8 (the VAE's 4 x patch 2)

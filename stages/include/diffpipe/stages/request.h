@@ -39,6 +39,11 @@ struct GenerationParams {
   // FLUX.1 folders only (FluxPipeline's true_cfg_scale): > 1 adds an unconditional row on the negative prompt ("" when
   // none) and mixes the two predictions with this scale, beside the embedded `guidance`; 1 = one row per request
   double true_cfg_scale = 1.0;
+  // SD3 folders only (StableDiffusion3Pipeline's skip-layer guidance; SD3.5 Medium recommends [7, 8, 9]): at loop
+  // steps i with steps x start < i < steps x stop a third row runs the prompt with these transformer blocks skipped,
+  // and the guided prediction adds scale x (conditional - skipped). Empty: off.
+  std::vector<int> skip_guidance_layers;
+  double skip_layer_guidance_scale = 2.8, skip_layer_guidance_start = 0.01, skip_layer_guidance_stop = 0.2;
   std::string sampler;          // "" = the model's scheduler_config.json class; else a sampler name (parse_sampler_name)
   uint64_t seed = 0;
   int width = 0, height = 0;    // 0 = the model's default size
@@ -151,6 +156,12 @@ inline nlohmann::json params_to_json(const GenerationParams& p) {
   if (p.denoising_end != d.denoising_end) j["denoising_end"] = p.denoising_end;
   if (p.guidance_rescale != d.guidance_rescale) j["guidance_rescale"] = p.guidance_rescale;
   if (p.true_cfg_scale != d.true_cfg_scale) j["true_cfg_scale"] = p.true_cfg_scale;
+  if (!p.skip_guidance_layers.empty()) {
+    j["skip_guidance_layers"] = p.skip_guidance_layers;
+    j["skip_layer_guidance_scale"] = p.skip_layer_guidance_scale;
+    j["skip_layer_guidance_start"] = p.skip_layer_guidance_start;
+    j["skip_layer_guidance_stop"] = p.skip_layer_guidance_stop;
+  }
   if (p.refiner_steps != d.refiner_steps) j["refiner_steps"] = p.refiner_steps;
   if (p.skip_refiner) j["refiner"] = false;
   if (p.refiner_strength != d.refiner_strength) j["refiner_strength"] = p.refiner_strength;
@@ -212,6 +223,10 @@ inline GenerationParams params_from_json(const nlohmann::json& j) {
   p.denoising_end = j.value("denoising_end", p.denoising_end);
   p.guidance_rescale = j.value("guidance_rescale", p.guidance_rescale);
   p.true_cfg_scale = j.value("true_cfg_scale", p.true_cfg_scale);
+  p.skip_guidance_layers = j.value("skip_guidance_layers", std::vector<int>{});
+  p.skip_layer_guidance_scale = j.value("skip_layer_guidance_scale", p.skip_layer_guidance_scale);
+  p.skip_layer_guidance_start = j.value("skip_layer_guidance_start", p.skip_layer_guidance_start);
+  p.skip_layer_guidance_stop = j.value("skip_layer_guidance_stop", p.skip_layer_guidance_stop);
   p.refiner_steps = j.value("refiner_steps", p.refiner_steps);
   p.skip_refiner = !j.value("refiner", true);
   p.refiner_strength = j.value("refiner_strength", p.refiner_strength);

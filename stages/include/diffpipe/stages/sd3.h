@@ -38,8 +38,9 @@ class Sd3Transformer2DModel {
   // hidden_states [B, C, H, W] (H and W multiples of patch_size, at most pos_embed_max_size patches each way);
   // timestep [B] (float: sigma x num_train_timesteps) or 0-d; encoder_hidden_states [B, L, joint_attention_dim];
   // pooled_projections [B, pooled_projection_dim]. Returns the velocity prediction [B, out_channels, H, W].
+  // `skip_layers`: transformer blocks left out (skip-layer guidance's row; diffusers' skip_layers).
   at::Tensor forward(const at::Tensor& hidden_states, const at::Tensor& timestep, const at::Tensor& encoder_hidden_states,
-                     const at::Tensor& pooled_projections) const;
+                     const at::Tensor& pooled_projections, const std::vector<int64_t>& skip_layers = {}) const;
   const Sd3TransformerConfig& config() const { return cfg_; }
 
  private:

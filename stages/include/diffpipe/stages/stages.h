@@ -81,6 +81,16 @@ struct DenoiseState {
     return i / n < c.start || (i + 1) / n > c.end ? 0.0 : c.scale;
   }
   std::vector<float> adapter_scales;  // per-request LoRA: each of the run's adapters' scale (0: not chosen)
+  // SD3's skip-layer guidance (GenerationParams::skip_guidance_layers): the blocks a third row skips (empty: off),
+  // the scale of its difference from the prompt's row, and the share of the loop it acts on
+  std::vector<int64_t> skip_layers;
+  double skip_scale = 0, skip_start = 0, skip_stop = 0;
+  // Whether the next call runs the skipped row: loop step i with n x start < i < n x stop (StableDiffusion3Pipeline's
+  // window, n its num_inference_steps: this text-to-image request's calls)
+  bool skip_now() const {
+    const double i = steps_done(), n = total_steps();
+    return !skip_layers.empty() && i > n * skip_start && i < n * skip_stop;
+  }
   at::Tensor ip_embeds;      // IP-Adapter: the image prompt's embedding [E] (undefined: none; the unconditional row
   double ip_scale = 0;       // gets zeros, as diffusers) and the request's ip_adapter_scale
   at::Tensor ip_uncond;      // IP-Adapter Plus: the unconditional row's input (the zero image's hidden states)
