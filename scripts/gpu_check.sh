@@ -2,7 +2,8 @@
 # One call on the GPU machine: build against its LibTorch+CUDA, then check and time. Writes $OUT/gpu_log.txt.
 #   bash scripts/gpu_prepare.sh   (here, once)   then the device tool with carry [".gpu"]:
 #   bash scripts/gpu_check.sh     (GPU_CHECK_PARTS=golden,variants,vs_b1,vs_b8 by default; also transport,
-#                                  pipeline, sd15, scheduler, sdxl, plan; profile: one UNet / VAE call of each side
+#                                  pipeline, sd15, scheduler, sdxl, plan; dit: SD3 / FLUX.1 golden checks on CUDA
+#                                  (references made there); profile: one UNet / VAE call of each side
 #                                  traced, GPU time by kernel kind; switches: diffpipe's UNet and VAE call per
 #                                  environment switch (SWITCHES="A=0 B=1"); now: diffpipe's kernels by kind and
 #                                  batch 8 end to end, alone). The build is kept in build-gpu/ while the machine
@@ -164,6 +165,21 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/di
 PYTHONPATH=/tmp/site timeout 400 python3 benchmarks/vs_diffusers.py --model /tmp/sdxl --device cuda --dtype float16 \
   --size 1024 --images 1 --steps 20 --parts loop,unet,vae --rounds 2 --bench $B/benchmarks/bench_sd \
   --json $OUT/speed_sdxl.json 2>&1 | grep -v -E "Loading|deprecat|accelerate|it/s\]"
+fi
+if want dit; then
+step "SD3 and FLUX.1 on CUDA: their tiny references made here (diffusers from the wheel, ~20 s), golden checks"
+# (their random weights do not compress: made on the machine instead of carried, from the tiny-sd folder's tokenizer)
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
+for r in sd3 flux; do
+  [ -f /tmp/tiny-$r/golden.json ] || PYTHONPATH=/tmp/site timeout 120 python3 tests/stages/make_${r}_golden.py \
+    --src "$DIFFPIPE_GOLDEN" --out /tmp/tiny-$r > $OUT/make_$r.log 2>&1 || { echo "make_${r}_golden failed"; tail -3 $OUT/make_$r.log; }
+done
+for dt in ${DIT_DTYPES:-float32 bfloat16 float16}; do
+  echo "--- cuda $dt"
+  DIFFPIPE_GOLDEN_SD3=/tmp/tiny-sd3 DIFFPIPE_GOLDEN_FLUX=/tmp/tiny-flux DIFFPIPE_TEST_DEVICE=cuda DIFFPIPE_TEST_DTYPE=$dt \
+    timeout 150 $B/tests/test_stages --gtest_filter='GoldenSd3.*:GoldenFlux.*' 2>&1 \
+    | grep -E "golden-[a-z0-9]*\]|OK|FAILED|PASSED|Failure|Expected|actual"
+done
 fi
 if want vs_b1 || want vs_b8 || want profile; then
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/diffusers-*.whl 2>&1 | tail -1
