@@ -187,8 +187,7 @@ def main():
         from diffusers import FluxInpaintPipeline
         from diffusers.pipelines.flux import pipeline_flux_inpaint as inpaint_module
         from golden_draws import inpaint_ramp_runs
-        inp = FluxInpaintPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
-                                  tokenizer_2=tok2, transformer=tr)
+        inp = FluxInpaintPipeline.from_pipe(i2i)
         inp.set_progress_bar_config(disable=True)
         inpaint_runs = [dict(name="inp_default", strength=None, steps=5, guidance=3.5),
                         dict(name="inp_full", strength=1.0, steps=4, guidance=3.5)]

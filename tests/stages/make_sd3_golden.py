@@ -207,9 +207,7 @@ def main():
         from diffusers import StableDiffusion3InpaintPipeline
         from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_inpaint as inpaint_module
         from golden_draws import inpaint_ramp_runs
-        inp = StableDiffusion3InpaintPipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
-                                              text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3,
-                                              tokenizer_3=tok3)
+        inp = StableDiffusion3InpaintPipeline.from_pipe(i2i)
         inp.set_progress_bar_config(disable=True)
         inpaint_runs = [dict(name="inp_default", strength=None, steps=5, guidance=5.0, negative_prompt=None),
                         dict(name="inp_full", strength=1.0, steps=4, guidance=4.0, negative_prompt="blurry, dark")]
