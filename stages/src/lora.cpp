@@ -153,7 +153,7 @@ struct FluxKohyaTarget {
 };
 std::optional<FluxKohyaTarget> flux_kohya_target(const std::string& name) {
   static const std::regex dbl(R"(double_blocks_(\d+)_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin))");
-  static const std::regex sgl(R"(single_blocks_(\d+)_(linear1|linear2|modulation_lin))");
+  static const std::regex sgl(R"(single_blocks_(\d+)_(linear1|linear2|modulation_lin|attn_qkv))");
   std::smatch m;
   if (std::regex_match(name, m, dbl)) {
     const std::string b = "transformer_blocks." + m[1].str() + ".", part = m[3].str();
@@ -169,6 +169,7 @@ std::optional<FluxKohyaTarget> flux_kohya_target(const std::string& name) {
   if (std::regex_match(name, m, sgl)) {
     const std::string b = "single_transformer_blocks." + m[1].str() + ".", part = m[2].str();
     if (part == "linear1") return FluxKohyaTarget{{b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"}};
+    if (part == "attn_qkv") return FluxKohyaTarget{{b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"}};  // XLabs
     return FluxKohyaTarget{{b + (part == "linear2" ? "proj_out" : "norm.linear")}};
   }
   static const std::map<std::string, std::string> fixed{
@@ -184,6 +185,33 @@ std::optional<FluxKohyaTarget> flux_kohya_target(const std::string& name) {
   if (name == "final_layer_linear") return FluxKohyaTarget{{"proj_out"}};
   if (name == "final_layer_adaLN_modulation_1") return FluxKohyaTarget{{"norm_out.linear"}, true};
   return std::nullopt;
+}
+
+// FLUX.1 LoRAs as XLabs-AI's x-flux trainer saves them: its attention processors' layers
+// ([diffusion_model.]double_blocks.N.processor.{qkv_lora1,qkv_lora2,proj_lora1,proj_lora2}.{down,up}.weight,
+// single_blocks.N.processor.qkv_lora...), no alphas (its lora_weight 1). Each is a kohya-style fused LoRA: `key`'s
+// name in flux_kohya_target's terms ("double_blocks_N_img_attn_qkv", ...; a single block's qkv is q, k and v alone),
+// and *kind "down"/"up"; nullopt when `key` is not an XLabs key. A single block's proj_lora is refused: x-flux adds
+// it to linear2's output (proj_lora(linear2(h))), which no change of a weight expresses (diffusers 0.42's converter
+// maps it onto proj_out, whose input is 5x wider).
+std::optional<std::string> flux_xlabs_name(const std::string& key, std::string* kind, const std::string& file) {
+  static const std::regex re(
+      R"((?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight)");
+  std::smatch m;
+  if (!std::regex_match(key, m, re)) return std::nullopt;
+  const std::string n = m[2].str(), layer = m[3].str();
+  *kind = m[4].str();
+  if (m[1].str() == "single") {
+    DP_CHECK(layer == "qkv_lora" || layer == "proj_lora", file, ": key '", key, "': a single block has qkv_lora and ",
+             "proj_lora (XLabs' names)");
+    DP_CHECK(layer == "qkv_lora", file, ": key '", key, "': XLabs' single-block proj_lora acts on linear2's output ",
+             "(added after it), not on a weight: no LoRA of the model's layers expresses it");
+    return "single_blocks_" + n + "_attn_qkv";
+  }
+  static const std::map<std::string, std::string> part{{"qkv_lora1", "img_attn_qkv"}, {"qkv_lora2", "txt_attn_qkv"},
+                                                       {"proj_lora1", "img_attn_proj"}, {"proj_lora2", "txt_attn_proj"}};
+  DP_CHECK(part.count(layer), file, ": key '", key, "': a double block has qkv_lora1/2 and proj_lora1/2 (XLabs' names)");
+  return "double_blocks_" + n + "_" + part.at(layer);
 }
 
 }  // namespace
@@ -274,8 +302,11 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
   const bool flux = SdModel::is_flux(model_dir);
   for (const auto& key : f->names()) {
     std::string comp, module, kind;
-    Pair* fused = nullptr;  // a FLUX.1 kohya key's entry in flux_kohya (not yet a module's)
-    if (key.rfind("lora_unet_", 0) == 0 || key.rfind("lora_te", 0) == 0) {  // kohya-ss
+    Pair* fused = nullptr;  // a FLUX.1 kohya (or XLabs) key's entry in flux_kohya (not yet a module's)
+    std::optional<std::string> xlabs;
+    if (flux && (xlabs = flux_xlabs_name(key, &kind, file))) {  // XLabs-AI's x-flux
+      fused = &flux_kohya[*xlabs];
+    } else if (key.rfind("lora_unet_", 0) == 0 || key.rfind("lora_te", 0) == 0) {  // kohya-ss
       const size_t dot = key.find('.');
       DP_CHECK(dot != std::string::npos, file, ": key '", key, "' has no .lora_down/.lora_up/.alpha suffix");
       const std::string name = key.substr(0, dot), suffix = key.substr(dot + 1);
@@ -309,7 +340,7 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
       comp = key.substr(0, dot);
       DP_CHECK(comp == "unet" || comp == "text_encoder" || comp == "text_encoder_2" || comp == "transformer", file,
                ": key '", key, "': unknown LoRA format (diffusers' unet./transformer./text_encoder./text_encoder_2. ",
-               "keys or kohya's lora_unet_/lora_te_)");
+               "keys, kohya's lora_unet_/lora_te_, or on FLUX.1 folders XLabs' double_blocks.N.processor.*_lora*)");
       if (ends_with(key, ".lora_A.weight")) kind = "down";
       else if (ends_with(key, ".lora_B.weight")) kind = "up";
       else DP_FAIL(file, ": key '", key, "': expected .lora_A.weight or .lora_B.weight (biases and DoRA magnitudes are not supported)");
@@ -330,18 +361,20 @@ std::vector<LoraLayer> read_lora(const LoraSpec& spec, const std::string& model_
       DP_CHECK(t.numel() == 1, file, ": key '", key, "' must be a scalar");
       p.alpha = t.to(at::kDouble).item<double>();
     } else if (kind == "down") {
+      DP_CHECK(!p.down.defined(), file, ": keys '", p.down_key, "' and '", key, "' name the same layer");
       p.down = t;
       p.down_key = key;
     } else {
+      DP_CHECK(!p.up.defined(), file, ": keys '", p.up_key, "' and '", key, "' name the same layer");
       p.up = t;
       p.up_key = key;
     }
   }
   for (auto& [name, p] : flux_kohya) {  // each FLUX.1 kohya LoRA onto its modules, up rows split in order
     const FluxKohyaTarget t = *flux_kohya_target(name);
-    const std::string what = "lora_unet_" + name;
+    const std::string what = p.down.defined() ? p.down_key : p.up_key;  // kohya's or XLabs' key
     DP_CHECK(p.down.defined() && p.up.defined(), file, ": ", what, " has no ",
-             p.down.defined() ? "lora_up" : "lora_down", " partner");
+             p.down.defined() ? "up (lora_up / .up)" : "down (lora_down / .down)", " partner");
     const WeightFile* c = component("transformer");
     std::vector<int64_t> rows;
     for (const std::string& m : t.modules) {

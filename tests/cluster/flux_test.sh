@@ -79,8 +79,9 @@ if [ -d "$SD_MODEL" ]; then
     && ok "--max-sequence-length on an SD folder: refused by name" || bad "unclear refusal: $(tail -1 "$WORK/sd_msl.log")"; fi
 fi
 refused ddim "flow_euler (the default)" --sampler ddim
-# LoRA files fused or per request: diffusers' format and kohya-ss's (the original model's names, fused projections)
-for f in lora lora_kohya; do
+# LoRA files fused or per request: diffusers' format, kohya-ss's (the original model's names, fused projections) and
+# XLabs-AI's (x-flux's attention processors' layers)
+for f in lora lora_kohya lora_xlabs; do
   if [ -f "$GOLD/$f.safetensors" ]; then dit_lora "$GOLD/$f.safetensors" "$f" "$WORK/g35/img-00000-seed9.png"
   else echo "note: no $GOLD/$f.safetensors (make_flux_golden.py makes it); its LoRA checks skipped"; fi
 done

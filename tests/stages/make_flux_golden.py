@@ -65,6 +65,26 @@ def kohya_flux_lora(seed, D=32, r=4):
     return sd
 
 
+def xlabs_flux_lora(seed, D=32, r=4):
+    """A FLUX.1 LoRA as XLabs-AI's trainer saves one (x-flux: its attention processors' qkv_lora / proj_lora, no
+    alphas, lora_weight 1) for the tiny transformer (inner width D): both double blocks' image and text qkv (fused:
+    one down, up rows split q/k/v) and output projections, block 1 under the "diffusion_model." prefix some files
+    carry, and single block 0's qkv (three parts, not kohya's linear1 of four)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+    sd = {}
+    for b, prefix in ((0, ""), (1, "diffusion_model.")):
+        for name, out in (("qkv_lora1", 3 * D), ("qkv_lora2", 3 * D), ("proj_lora1", D), ("proj_lora2", D)):
+            sd[f"{prefix}double_blocks.{b}.processor.{name}.down.weight"] = rnd(r, D)
+            sd[f"{prefix}double_blocks.{b}.processor.{name}.up.weight"] = rnd(out, r)
+    sd["single_blocks.0.processor.qkv_lora.down.weight"] = rnd(r, D)
+    sd["single_blocks.0.processor.qkv_lora.up.weight"] = rnd(3 * D, r)
+    return sd
+
+
 def main():
     a = tiny_sd_args()
     import diffusers
@@ -219,6 +239,20 @@ def main():
         out["pipeline.lora_kohya.final_latents"] = lat
         im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
         out["pipeline.lora_kohya.image_uint8"] = torch.from_numpy(
+            ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
+        # XLabs-AI's format (lora_xlabs.safetensors), through diffusers' own converter on a fresh pipeline: run
+        # "plain" again with it (pipeline.lora_xlabs.*)
+        save_file(xlabs_flux_lora(a.seed + 700), os.path.join(a.out, "lora_xlabs.safetensors"))
+        fresh = FluxPipeline.from_pretrained(model)
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(os.path.join(a.out, "lora_xlabs.safetensors"))
+        lat = fresh(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
+                    width=r["width"], output_type="latent",
+                    latents=FluxPipeline._pack_latents(out["pipeline.plain.initial_noise"].clone(), 2, 4, 8, 8)).images
+        lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
+        out["pipeline.lora_xlabs.final_latents"] = lat
+        im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+        out["pipeline.lora_xlabs.image_uint8"] = torch.from_numpy(
             ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs, "inpaint_runs": inpaint_runs,

@@ -152,6 +152,33 @@ TEST(GoldenFlux, LoraKohyaFormat) {
                            "lora_kohya.safetensors", "pipeline.lora_kohya");
 }
 
+// A FLUX.1 LoRA in XLabs-AI's format (x-flux's attention processors: fused image and text qkv split q/k/v, the
+// output projections, a single block's qkv, keys with and without the "diffusion_model." prefix, no alphas),
+// against diffusers with the same file loaded by its own converter. x-flux's single-block proj_lora (added to
+// linear2's output, no weight's change) and a layer named twice are refused.
+TEST(GoldenFlux, LoraXlabsFormat) {
+  DP_REQUIRE_FLUX(dir);
+  const auto g = load_safetensors(dir + "/golden.safetensors");
+  if (!g.count("pipeline.lora_xlabs.final_latents")) GTEST_SKIP() << dir << " predates the XLabs LoRA run (remake it)";
+  test::check_dit_lora_run(dir, JsonConfig::load(dir + "/golden.json").json(), g, test::device_spec(), "[golden-flux]",
+                           "lora_xlabs.safetensors", "pipeline.lora_xlabs");
+  const std::string model = dir + "/model", tmp = ::testing::TempDir();
+  const FluxTransformerConfig c = FluxTransformerConfig::load(model + "/transformer/config.json");
+  const int64_t D = c.num_attention_heads * c.attention_head_dim;
+  const at::Tensor down = at::randn({2, D}), up = at::randn({D, 2});
+  save_safetensors(tmp + "/xlabs_proj.safetensors", {{"single_blocks.0.processor.proj_lora.down.weight", down},
+                                               {"single_blocks.0.processor.proj_lora.up.weight", up}});
+  EXPECT_NE(test::error_of([&] { (void)read_lora(LoraSpec{tmp + "/xlabs_proj.safetensors", 1.0}, model); })
+                .find("acts on linear2's output"),
+            std::string::npos);
+  save_safetensors(tmp + "/xlabs_twice.safetensors", {{"double_blocks.0.processor.proj_lora1.down.weight", down},
+                                                {"diffusion_model.double_blocks.0.processor.proj_lora1.down.weight", down},
+                                                {"double_blocks.0.processor.proj_lora1.up.weight", up}});
+  EXPECT_NE(test::error_of([&] { (void)read_lora(LoraSpec{tmp + "/xlabs_twice.safetensors", 1.0}, model); })
+                .find("name the same layer"),
+            std::string::npos);
+}
+
 // The kohya layers the reference run above leaves out, against the equivalent diffusers-format file: a single
 // block's fused linear1 (q, k, v and the MLP's input: up rows split in order, the down matrix shared; diffusers'
 // converter assumes FLUX.1's full widths), an embedder, and the final layer (its modulation's up rows swap halves:
