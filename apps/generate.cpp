@@ -523,8 +523,9 @@ int generate_main(int argc, char** argv) {
         if (std::count(st.spec.ranks.begin(), st.spec.ranks.end(), world.rank))
           batch = std::max(batch, std::min<int>(st.spec.max_batch, static_cast<int>(requests.size())));
       const auto here = placement.stages_on(world.rank);
-      // two denoiser rows a request when guided (FLUX.1: only with true CFG; its guidance scale is embedded)
-      const bool guided = SdModel::is_flux(a.str("model")) ? base.true_cfg_scale > 1.0 : base.uses_cfg();
+      // two denoiser rows a request when guided (FLUX.1: only with true CFG; its guidance scale is embedded; an LCM
+      // UNet's embedded guidance is not known before its config loads, so its estimate is the guided one: an upper bound)
+      const bool guided = SdModel::uses_cfg(SdModel::is_flux(a.str("model")), false, base);
       const MemoryNeed need = estimate_rank_memory(a.str("model"), here, base.width, base.height, batch,
                                                    guided, rs.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat,
                                                    model_addons(a));

@@ -171,9 +171,10 @@ struct SdModel {
   // (diffusers' do_classifier_free_guidance), so it ignores the negative prompt.
   // FLUX.1 runs one only for true CFG (true_cfg_scale above 1, FluxPipeline's do_true_cfg: its [dev] transformer
   // embeds the guidance scale).
-  bool uses_cfg(const GenerationParams& p) const {
-    if (flux) return p.true_cfg_scale > 1.0;
-    return p.uses_cfg() && unet_config.time_cond_proj_dim == 0;
+  bool uses_cfg(const GenerationParams& p) const { return uses_cfg(flux, unet_config.time_cond_proj_dim > 0, p); }
+  // The same rule from what a folder is (`flux`, `lcm`: its UNet embeds the guidance), before any model loads.
+  static bool uses_cfg(bool flux, bool lcm, const GenerationParams& p) {
+    return flux ? p.true_cfg_scale > 1.0 : p.uses_cfg() && !lcm;
   }
   // The scale that mixes a request's unconditional and conditional predictions (FLUX.1: true_cfg_scale)
   double cfg_scale(const GenerationParams& p) const { return flux ? p.true_cfg_scale : p.guidance; }
