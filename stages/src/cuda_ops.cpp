@@ -16,8 +16,11 @@
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#if __has_include(<cublasLt.h>)  // (a toolkit without cuBLAS headers: the residual stays a pass of its own)
 #include <cublasLt.h>
 #include <dlfcn.h>
+#define DIFFPIPE_HAVE_CUBLASLT 1
+#endif
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -286,6 +289,7 @@ at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, cons
   return y;
 }
 
+#ifdef DIFFPIPE_HAVE_CUBLASLT
 namespace {
 // cuBLASLt's entry points, found in the process (LibTorch's CUDA library loaded its copy) rather than linked: the
 // handle LibTorch hands out must meet the same library, whatever toolkit this was built against.
@@ -395,6 +399,12 @@ at::Tensor fused_linear_residual(const at::Tensor& x, const at::Tensor& weight, 
   if (desc) lt.desc_destroy(desc);
   return done ? d : at::Tensor();
 }
+
+#else
+at::Tensor fused_linear_residual(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return at::Tensor();
+}
+#endif  // DIFFPIPE_HAVE_CUBLASLT
 
 #else  // no CUDA in this build: always eager
 
