@@ -226,34 +226,22 @@ def main():
         im = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
         out["pipeline.lora.image_uint8"] = torch.from_numpy(
             ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
-        # kohya-ss's FLUX.1 format (lora_kohya.safetensors), through diffusers' own converter on a fresh pipeline:
-        # run "plain" again with it (pipeline.lora_kohya.*)
-        save_file(kohya_flux_lora(a.seed + 600), os.path.join(a.out, "lora_kohya.safetensors"))
-        fresh = FluxPipeline.from_pretrained(model)
-        fresh.set_progress_bar_config(disable=True)
-        fresh.load_lora_weights(os.path.join(a.out, "lora_kohya.safetensors"))
-        lat = fresh(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
-                    width=r["width"], output_type="latent",
-                    latents=FluxPipeline._pack_latents(out["pipeline.plain.initial_noise"].clone(), 2, 4, 8, 8)).images
-        lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
-        out["pipeline.lora_kohya.final_latents"] = lat
-        im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
-        out["pipeline.lora_kohya.image_uint8"] = torch.from_numpy(
-            ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
-        # XLabs-AI's format (lora_xlabs.safetensors), through diffusers' own converter on a fresh pipeline: run
-        # "plain" again with it (pipeline.lora_xlabs.*)
-        save_file(xlabs_flux_lora(a.seed + 700), os.path.join(a.out, "lora_xlabs.safetensors"))
-        fresh = FluxPipeline.from_pretrained(model)
-        fresh.set_progress_bar_config(disable=True)
-        fresh.load_lora_weights(os.path.join(a.out, "lora_xlabs.safetensors"))
-        lat = fresh(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
-                    width=r["width"], output_type="latent",
-                    latents=FluxPipeline._pack_latents(out["pipeline.plain.initial_noise"].clone(), 2, 4, 8, 8)).images
-        lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
-        out["pipeline.lora_xlabs.final_latents"] = lat
-        im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
-        out["pipeline.lora_xlabs.image_uint8"] = torch.from_numpy(
-            ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
+        # kohya-ss's FLUX.1 format (lora_kohya.safetensors) and XLabs-AI's (lora_xlabs.safetensors), each through
+        # diffusers' own converter on a fresh pipeline: run "plain" again with it (pipeline.lora_kohya.*, .lora_xlabs.*)
+        for name, sd in (("lora_kohya", kohya_flux_lora(a.seed + 600)), ("lora_xlabs", xlabs_flux_lora(a.seed + 700))):
+            save_file(sd, os.path.join(a.out, f"{name}.safetensors"))
+            fresh = FluxPipeline.from_pretrained(model)
+            fresh.set_progress_bar_config(disable=True)
+            fresh.load_lora_weights(os.path.join(a.out, f"{name}.safetensors"))
+            lat = fresh(PROMPTS, num_inference_steps=r["steps"], guidance_scale=r["guidance"], height=r["height"],
+                        width=r["width"], output_type="latent",
+                        latents=FluxPipeline._pack_latents(out["pipeline.plain.initial_noise"].clone(), 2, 4, 8,
+                                                           8)).images
+            lat = FluxPipeline._unpack_latents(lat, r["height"], r["width"], 4)
+            out[f"pipeline.{name}.final_latents"] = lat
+            im = fresh.vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample
+            out[f"pipeline.{name}.image_uint8"] = torch.from_numpy(
+                ((im / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "golden.safetensors"))
     meta = {"prompts": PROMPTS, "runs": runs, "img2img_runs": img2img_runs, "inpaint_runs": inpaint_runs,
             "source": f"diffusers {diffusers.__version__} FluxPipeline, transformers {transformers.__version__}, "
