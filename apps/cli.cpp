@@ -105,6 +105,24 @@ int64_t Args::integer(const std::string& k, int64_t def) const {
   return v;
 }
 
+std::vector<int64_t> Args::integers(const std::string& k, int64_t lo, int64_t hi) const {
+  std::vector<int64_t> out;
+  if (!values_.count(k)) return out;
+  const std::string s = str(k);
+  for (size_t at = 0; at != std::string::npos;) {
+    const size_t comma = s.find(',', at);
+    const std::string tok = s.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(tok.c_str(), &end, 10);
+    DP_CHECK(!tok.empty() && *end == 0 && errno == 0 && v >= lo && v <= hi, command_, ": --", k, ": '", tok,
+             "' is not an integer in [", lo, ", ", hi, "] (a comma-separated list)");
+    out.push_back(v);
+    at = comma == std::string::npos ? comma : comma + 1;
+  }
+  return out;
+}
+
 uint64_t Args::u64(const std::string& k, uint64_t def) const {
   if (!values_.count(k)) return def;
   const std::string s = str(k);

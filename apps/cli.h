@@ -31,6 +31,8 @@ class Args {
   std::string str(const std::string& k, const std::string& def = "") const;
   std::vector<std::string> all(const std::string& k) const;  // every value of a repeated option
   int64_t integer(const std::string& k, int64_t def) const;
+  // A comma-separated list of integers in [lo, hi] ("7,8,9"); empty when the option is absent, never when given.
+  std::vector<int64_t> integers(const std::string& k, int64_t lo, int64_t hi) const;
   uint64_t u64(const std::string& k, uint64_t def) const;
   double number(const std::string& k, double def) const;
   bool flag(const std::string& k) const { return flags_.count(k) != 0; }

@@ -336,17 +336,9 @@ int generate_main(int argc, char** argv) {
     base.clip_skip = static_cast<int>(a.integer("clip-skip", 0));
     base.guidance_rescale = a.number("guidance-rescale", 0);
     base.true_cfg_scale = a.number("true-cfg", 1.0);  // checked by the model (FLUX.1 folders only)
-    // SD3's skip-layer guidance (checked by the model): --skip-layers 7,8,9
-    for (std::string rest = a.str("skip-layers"); !rest.empty();) {
-      const size_t comma = rest.find(',');
-      const std::string item = rest.substr(0, comma);
-      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-      char* end = nullptr;
-      const long v = std::strtol(item.c_str(), &end, 10);
-      DP_CHECK(!item.empty() && end && *end == '\0' && v >= 0 && v <= (1 << 20), "generate: --skip-layers: '", item,
-               "' is not a block index (a comma-separated list like 7,8,9)");
-      base.skip_guidance_layers.push_back(static_cast<int>(v));
-    }
+    // SD3's skip-layer guidance (the blocks checked by the model): --skip-layers 7,8,9 ("": off)
+    if (!a.str("skip-layers").empty())
+      for (int64_t v : a.integers("skip-layers", 0, 1 << 20)) base.skip_guidance_layers.push_back(static_cast<int>(v));
     base.skip_layer_guidance_scale = a.number("skip-layer-scale", base.skip_layer_guidance_scale);
     base.skip_layer_guidance_start = a.number("skip-layer-start", base.skip_layer_guidance_start);
     base.skip_layer_guidance_stop = a.number("skip-layer-stop", base.skip_layer_guidance_stop);

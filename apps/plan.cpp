@@ -11,7 +11,6 @@
 #include <chrono>
 #include <cstdio>
 #include <map>
-#include <sstream>
 
 #include "cli.h"
 #include "commands.h"
@@ -34,18 +33,14 @@ int heavy_batch(const Placement& p) {
   return p.stages.front().spec.max_batch;
 }
 
-std::vector<int> parse_ints(const std::string& s, const char* what) {
+// --WHAT's batch sizes: a list of integers in [1, 4096] that ascends (`def` when the option is absent)
+std::vector<int> batch_sizes(const cli::Args& a, const char* what, std::vector<int> def) {
+  if (!a.has(what)) return def;
   std::vector<int> out;
-  std::stringstream ss(s);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) {
-    char* end = nullptr;
-    const long v = std::strtol(tok.c_str(), &end, 10);
-    DP_CHECK(!tok.empty() && *end == 0 && v >= 1 && v <= 4096, "--", what, ": '", tok, "' is not an integer in [1, 4096]");
-    DP_CHECK(out.empty() || v > out.back(), "--", what, ": sizes must ascend ('", s, "')");
+  for (int64_t v : a.integers(what, 1, 4096)) {
+    DP_CHECK(out.empty() || v > out.back(), "--", what, ": sizes must ascend ('", a.str(what), "')");
     out.push_back(static_cast<int>(v));
   }
-  DP_CHECK(!out.empty(), "--", what, ": empty list");
   return out;
 }
 
@@ -131,7 +126,7 @@ int profile_main(int argc, char** argv) {
   DP_CHECK(mpi::world().size == 1, "profile: run it as one process (it measures one device)");
   const int threads = static_cast<int>(a.integer("threads", 0));
   if (threads > 0) at::set_num_threads(threads);
-  const std::vector<int> batches = parse_ints(a.str("batches", "1,2,4,8"), "batches");
+  const std::vector<int> batches = batch_sizes(a, "batches", {1, 2, 4, 8});
   const int rounds = static_cast<int>(a.integer("rounds", 2));
   DP_CHECK(rounds >= 2 && rounds <= 20, "profile: --rounds must be in [2, 20]");
   RankSpec rs;
@@ -247,7 +242,7 @@ int plan_main(int argc, char** argv) {
   PlanOptions o;
   o.steps = static_cast<int>(a.integer("steps", 0));
   DP_CHECK(o.steps >= 0 && o.steps <= 10000, "plan: --steps must be in [1, 10000] (left out: the profile's)");
-  if (a.has("batch-sizes")) o.batch_sizes = parse_ints(a.str("batch-sizes"), "batch-sizes");
+  if (a.has("batch-sizes")) o.batch_sizes = batch_sizes(a, "batch-sizes", {});
   o.rate = a.number("rate", 0);
   DP_CHECK(o.rate >= 0, "plan: --rate must be >= 0");
   o.requests = static_cast<int>(a.integer("requests", 0));

@@ -31,39 +31,33 @@
 namespace diffpipe::nn {
 
 namespace {
-// A switch that the environment variable sets ("0" off, "1" on; unset: the default), read once, or as a test set it.
-bool env_switch(std::atomic<int>& v, const char* name, bool default_on = true) {
+// A setting that the environment variable sets ("0" off, "1" on; unset or other: the default), read once, or as a
+// test set it (switches 0 or 1; modes, cuda_ops.h, also 2).
+int env_value(std::atomic<int>& v, const char* name, bool default_on = true) {
   int x = v.load();
   if (x < 0) {
     const char* e = std::getenv(name);
     x = e && std::strcmp(e, "0") == 0 ? 0 : e && std::strcmp(e, "1") == 0 ? 1 : default_on ? 1 : 0;
     v = x;
   }
-  return x == 1;
+  return x;
+}
+bool env_switch(std::atomic<int>& v, const char* name, bool default_on = true) {
+  return env_value(v, name, default_on) == 1;
 }
 std::atomic<int> g_graphs{-1}, g_fused{-1}, g_fused_nhwc{-1}, g_fused_residual{-1};  // -1: not read yet
 std::atomic<int> g_fold_bias{-1}, g_fuse_qkv{-1};  // modes 0, 1, 2 (cuda_ops.h); -1: not read yet
-// A mode switch: "0" in the environment turns it off, anything else leaves the default (1); tests set 0, 1 or 2.
-int env_mode(std::atomic<int>& v, const char* name) {
-  int x = v.load();
-  if (x < 0) {
-    const char* e = std::getenv(name);
-    x = e && std::strcmp(e, "0") == 0 ? 0 : 1;
-    v = x;
-  }
-  return x;
-}
 }  // namespace
 
 bool fold_conv_bias(const at::Tensor& x) {
-  const int m = env_mode(g_fold_bias, "DIFFPIPE_FOLD_BIAS");
+  const int m = env_value(g_fold_bias, "DIFFPIPE_FOLD_BIAS");
   if (m != 1) return m == 2;
   return x.is_cuda() && fused_kernels_enabled() && fused_nhwc_enabled() && x.dim() == 4 &&
          x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 void set_fold_conv_bias(int mode) { g_fold_bias = mode; }
 bool fuse_qkv(const at::Tensor& weight) {
-  const int m = env_mode(g_fuse_qkv, "DIFFPIPE_FUSED_QKV");
+  const int m = env_value(g_fuse_qkv, "DIFFPIPE_FUSED_QKV");
   return m == 2 || (m == 1 && weight.is_cuda());
 }
 void set_fuse_qkv(int mode) { g_fuse_qkv = mode; }
@@ -266,9 +260,15 @@ at::Tensor fused_geglu(const at::Tensor& h) {
   return out;
 }
 
+namespace {
+// the bias+residual kernel and the cuBLASLt epilogue: off by default until measured on a GPU
+bool fused_residual_enabled() {
+  return fused_kernels_enabled() && env_switch(g_fused_residual, "DIFFPIPE_FUSED_RESIDUAL", /*default_on=*/false);
+}
+}  // namespace
+
 at::Tensor fused_bias_residual(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& r, double div) {
-  if (!fused_kernels_enabled() || !env_switch(g_fused_residual, "DIFFPIPE_FUSED_RESIDUAL", /*default_on=*/false) ||
-      !x.is_cuda() || x.dim() < 2)
+  if (!fused_residual_enabled() || !x.is_cuda() || x.dim() < 2)
     return at::Tensor();
   const auto dt = fused_dtype(x.scalar_type());
   if (!dt || r.scalar_type() != x.scalar_type() || bias.scalar_type() != x.scalar_type() || r.sizes() != x.sizes() ||
@@ -336,8 +336,7 @@ uint32_t alignment_of(const void* p) {
 
 at::Tensor fused_linear_residual(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  const at::Tensor& r) {
-  if (!fused_kernels_enabled() || !env_switch(g_fused_residual, "DIFFPIPE_FUSED_RESIDUAL", /*default_on=*/false) ||
-      !x.is_cuda() || x.dim() < 2 || weight.dim() != 2)
+  if (!fused_residual_enabled() || !x.is_cuda() || x.dim() < 2 || weight.dim() != 2)
     return at::Tensor();
   const at::ScalarType st = x.scalar_type();
   if ((st != at::kHalf && st != at::kBFloat16) || weight.scalar_type() != st || r.scalar_type() != st ||

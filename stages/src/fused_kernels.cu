@@ -278,6 +278,11 @@ int sm_count() {
   return c;
 }
 
+// Blocks of `threads` for n grid-stride items: enough for all of them, at most `waves` blocks per multiprocessor.
+unsigned capped_grid(int64_t n, int threads, int waves) {
+  return static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, int64_t(sm_count()) * waves));
+}
+
 // The widest vector width (elements of T, <= 16 bytes) that divides `run` with both pointers aligned to it: a
 // vector never leaves its run and every access is aligned.
 template <typename T>
@@ -339,20 +344,18 @@ int launch_group_norm_nhwc(const T* x, T* y, const T* gamma, const T* beta, cons
                                                                                   p.splits, p.rows, eps);
   const int64_t vectors = N * HW * C / W;
   const int at = 256;
-  int64_t blocks = (vectors + at - 1) / at;
-  blocks = std::min<int64_t>(blocks, int64_t(sm_count()) * 16);  // grid-stride beyond a few waves
+  const unsigned blocks = capped_grid(vectors, at, 16);  // grid-stride beyond a few waves
   switch (W) {
 #define DP_GN_APPLY(w)                                                                                                 \
   case w:                                                                                                             \
-    gn_nhwc_apply<T, w><<<static_cast<unsigned>(blocks), at, 0, stream>>>(x, y, ab, C, HW * C, vectors, silu);        \
+    gn_nhwc_apply<T, w><<<blocks, at, 0, stream>>>(x, y, ab, C, HW * C, vectors, silu);                              \
     break;
     DP_GN_APPLY(1)
     DP_GN_APPLY(2)
     DP_GN_APPLY(4)
 #undef DP_GN_APPLY
     default:
-      gn_nhwc_apply<T, 16 / sizeof(T)><<<static_cast<unsigned>(blocks), at, 0, stream>>>(x, y, ab, C, HW * C, vectors,
-                                                                                         silu);
+      gn_nhwc_apply<T, 16 / sizeof(T)><<<blocks, at, 0, stream>>>(x, y, ab, C, HW * C, vectors, silu);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -376,8 +379,7 @@ int launch_geglu(const void* h, void* out, int64_t rows, int64_t D, cudaStream_t
   const int W = vector_width<T>(D, h, out);  // along a row's D outputs (and each half of its input)
   const int64_t n = rows * D / W;
   const int threads = 256;
-  const int64_t blocks = (n + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(sm_count()) * 32));
+  const unsigned grid = capped_grid(n, threads, 32);
   auto hs = static_cast<const T*>(h);
   auto os = static_cast<T*>(out);
   switch (W) {
@@ -395,8 +397,7 @@ int launch_bias_residual(const void* x, const void* bias, const void* r, void* y
   const int W = std::min(vector_width<T>(C, x, y), vector_width<T>(C, r, bias));  // along a position's channels
   const int64_t n = positions * C / W;
   const int threads = 256;
-  const int64_t blocks = (n + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(sm_count()) * 32));
+  const unsigned grid = capped_grid(n, threads, 32);
   auto xs = static_cast<const T*>(x);
   auto bs = static_cast<const T*>(bias);
   auto rs = static_cast<const T*>(r);

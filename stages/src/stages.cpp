@@ -538,7 +538,7 @@ ResolvedParams resolve_params(const SdModel& model, const GenerationParams& p, c
   if (!p.skip_guidance_layers.empty()) {  // StableDiffusion3Pipeline's skip-layer guidance
     DP_CHECK(model.sd3, "skip_guidance_layers: SD3 folders only (StableDiffusion3Pipeline's skip-layer guidance); ",
              model.dir, " is not one");
-    DP_CHECK(!model.starts_from_image(p), "skip_guidance_layers: text-to-image only (StableDiffusion3Pipeline's; ",
+    DP_CHECK(!img2img, "skip_guidance_layers: text-to-image only (StableDiffusion3Pipeline's; ",
              "its image-to-image and inpainting pipelines have none)");
     DP_CHECK(model.uses_cfg(p), "skip_guidance_layers: needs classifier-free guidance (guidance above 1): it acts ",
              "on the guided prediction, as StableDiffusion3Pipeline does only then");
@@ -965,6 +965,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   std::optional<profile::Scope> prof(std::in_place, profile::Section::Sampler);  // inputs of the UNet call
   std::vector<at::Tensor> xs, ctx, cls, tids, tconds;
   std::vector<double> ts;
+  std::vector<int64_t> cond_row;  // each request's conditional row of the call
   // ControlNets: for each one some request of the batch uses, each row's conditioning image and scale (rows without
   // one: zeros at scale 0, adding nothing)
   std::vector<size_t> nets;
@@ -1024,6 +1025,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
         cls.push_back(s->uncond_class_labels.defined() ? s->uncond_class_labels : at::zeros_like(s->class_labels));
       if (s->time_ids.defined()) tids.push_back(s->uncond_time_ids.defined() ? s->uncond_time_ids : s->time_ids);
     }
+    cond_row.push_back(static_cast<int64_t>(xs.size()));
     xs.push_back(in);
     ctx.push_back(s->cond);
     ts.push_back(t);
@@ -1103,7 +1105,7 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
   else
     e = model_.unet->forward(x, t, c, labels, time_ids, control ? &residuals : nullptr, timestep_cond);
   e = e.to(at::kFloat);
-  // SD3's skip-layer guidance: the prompt's row again without the chosen blocks, for the requests at such a step (one
+  // SD3's skip-layer guidance: the requests' conditional rows of this call again, without the chosen blocks (one
   // transformer call per distinct list of blocks)
   std::vector<at::Tensor> skipped(batch.size());
   std::map<std::vector<int64_t>, std::vector<size_t>> skip_groups;
@@ -1111,24 +1113,20 @@ void DenoiseStage::step(const std::vector<DenoiseState*>& batch, bool throw_on_f
     if (batch[k]->skip_now()) skip_groups[batch[k]->skip_layers].push_back(k);
   DP_CHECK(skip_groups.empty() || model_.transformer, "denoise: skip-layer guidance needs an SD3 transformer");
   for (const auto& [layers, idx] : skip_groups) {
-    std::vector<at::Tensor> sx, sc, sp;
-    std::vector<double> st;
+    std::vector<int64_t> pick;
     std::vector<const std::vector<float>*> rows;
     for (size_t k : idx) {
-      DenoiseState* s = batch[k];
-      sx.push_back(s->sampler->scale_model_input(s->latents, s->step));
-      st.push_back(s->sampler->timestep(s->step));
-      sc.push_back(s->cond);
-      sp.push_back(s->class_labels);
-      rows.push_back(&s->adapter_scales);
+      pick.push_back(cond_row[k]);
+      rows.push_back(&batch[k]->adapter_scales);
     }
+    const at::Tensor sel = at::tensor(pick, at::TensorOptions().dtype(at::kLong));
     auto adapters = adapter_rows(rows, model_.spec.device);
     nn::AdapterScope scope(adapters ? &*adapters : nullptr);
-    const at::Tensor out =
-        model_.transformer
-            ->forward(at::stack(sx).to(dt), at::tensor(st, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat),
-                      at::stack(sc).to(dt), at::stack(sp).to(model_.spec.device, dt), layers)
-            .to(at::kFloat);
+    const at::Tensor out = model_.transformer
+                               ->forward(x.index_select(0, sel.to(x.device())), t.index_select(0, sel),
+                                         c.index_select(0, sel.to(c.device())),
+                                         labels.index_select(0, sel.to(labels.device())), layers)
+                               .to(at::kFloat);
     for (size_t j = 0; j < idx.size(); ++j) skipped[idx[j]] = out[static_cast<int64_t>(j)];
   }
   prof.reset();

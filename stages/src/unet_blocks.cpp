@@ -205,22 +205,19 @@ at::Tensor Transformer2DModel::operator()(const at::Tensor& x, const at::Tensor&
   else h = proj_in_linear(h.permute({0, 2, 3, 1}).reshape({B, H * W, C}));
   h = h.view({B, H * W, h.size(-1)});
   for (const auto& b : blocks) h = b(h, context);
-  const Linear& po = proj_out_linear;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.dim() == 4 && (linear ? po.lora : proj_out_conv.lora).empty()) {
+  // proj_out on the tokens as they are: the linear layer, or the 1x1 convolution's weight as one (rows first: its
+  // branches apply per row too)
+  const at::Tensor pw = linear ? proj_out_linear.weight : proj_out_conv.weight.flatten(1);
+  const at::Tensor& pb = linear ? proj_out_linear.bias : proj_out_conv.bias;
+  const std::vector<LoraBranch>& branches = linear ? proj_out_linear.lora : proj_out_conv.lora;
+  if (branches.empty() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // x's memory is already the tokens' [B*H*W, C] rows: the residual joins proj_out's epilogue (linear_plus)
     const at::Tensor rows = x.permute({0, 2, 3, 1}).reshape({B * H * W, C});
-    const at::Tensor out = linear ? po.plus(h, rows)
-                                  : linear_plus(h, proj_out_conv.weight.flatten(1), proj_out_conv.bias, rows);
-    return out.view({B, H, W, C}).permute({0, 3, 1, 2});  // channels-last like x
+    return linear_plus(h, pw, pb, rows).view({B, H, W, C}).permute({0, 3, 1, 2});  // channels-last like x
   }
-  if (linear) {
-    h = proj_out_linear(h);
-  } else {  // the 1x1 convolution on the tokens as they are (rows first: its branches apply per row too)
-    const at::Tensor t = h;
-    h = at::linear(t, proj_out_conv.weight.flatten(1), proj_out_conv.bias);
-    if (!proj_out_conv.lora.empty()) h = add_branches(h, t, proj_out_conv.lora);
-  }
-  return x + h.view({B, H, W, C}).permute({0, 3, 1, 2});  // NCHW like x (its first operand): no separate copy
+  at::Tensor o = at::linear(h, pw, pb);
+  if (!branches.empty()) o = add_branches(o, h, branches);
+  return x + o.view({B, H, W, C}).permute({0, 3, 1, 2});  // NCHW like x (its first operand): no separate copy
 }
 
 Downsample2D::Downsample2D(const Weights& w, int64_t channels, int64_t padding_) : padding(padding_) {

@@ -85,7 +85,7 @@ timeout 60 "$BIN" generate --model "$MODEL" --prompts "$WORK/slg.jsonl" --steps 
   || bad "skip-layer guidance: no change, ranks or JSONL differ, or not recorded"
 refused slg_unguided "needs classifier-free guidance" --skip-layers 1 --guidance 1
 refused slg_block "skip_guidance_layers: block 7 is not in [0, 3)" --skip-layers 7
-refused slg_list "--skip-layers: 'x' is not a block index" --skip-layers 1,x
+refused slg_list "--skip-layers: 'x' is not an integer in [0, 1048576]" --skip-layers 1,x
 
 # serve: one request at a time here, so its batch is the CLI's
 serve_up "$WORK/serve.log" --model "$MODEL" --steps 5 --threads 1 --max-batch 1
